@@ -1,0 +1,288 @@
+"""The `ordo` command line.
+
+    ordo dev [--demo N]            embedded NATS + Postgres, migrate, deploy the examples, run workers
+    ordo run [--workers N | --worker-index I]
+    ordo migrate
+    ordo workflow deploy FILE...   ordo workflow validate FILE...   ordo workflow list
+    ordo signal EXECUTION_ID NAME [--data JSON]
+    ordo execution show ID [--json]
+    ordo dlq list [--reason R]
+    ordo bench SCENARIO ...
+
+Servers come from ORDO_NATS_URL / ORDO_PG_DSN (or the config file), never from
+the command line: a DSN with a password must not show up in `ps`.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import orjson
+
+from . import config as config_module
+
+
+def _setup_logging(level: str) -> None:
+    from .logs import configure
+
+    configure(level)
+
+
+def _require(config, *names) -> None:
+    missing = [n for n in names if not getattr(config, n)]
+    if missing:
+        env = ", ".join(f"ORDO_{n.upper()}" for n in missing)
+        sys.exit(f"ordo: {env} is not set (or use `ordo dev`, which starts embedded servers)")
+
+
+def _run_async(coro):
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_run(args, config) -> int:
+    _require(config, "nats_url", "pg_dsn")
+    if args.worker_index is not None:
+        from .worker import run_worker
+
+        workers = args.workers or config.workers or os.cpu_count() or 1
+        return _run_async(run_worker(config, args.worker_index, workers))
+    from .supervisor import run_supervisor
+
+    return run_supervisor(args.workers or config.workers or os.cpu_count() or 1)
+
+
+def cmd_migrate(args, config) -> int:
+    _require(config, "pg_dsn")
+    from ledger.schema import migrate
+
+    async def go():
+        import asyncpg
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            applied = await migrate(conn)
+        finally:
+            await conn.close()
+        print(f"applied: {', '.join(applied)}" if applied else "the ledger is up to date")
+
+    _run_async(go())
+    return 0
+
+
+def _read_definition(path: str) -> dict:
+    with open(path, "rb") as fh:
+        try:
+            return orjson.loads(fh.read())
+        except orjson.JSONDecodeError as exc:
+            raise SystemExit(f"ordo: {path}: not valid JSON ({exc})") from None
+
+
+def cmd_workflow(args, config) -> int:
+    from hotpath.definition import DefinitionError, validate
+
+    if args.action == "validate":
+        failed = 0
+        for path in args.files:
+            try:
+                validate(_read_definition(path))
+                print(f"{path}: valid")
+            except DefinitionError as exc:
+                failed += 1
+                print(f"{path}: invalid\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        return 1 if failed else 0
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        from ledger import workflows
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            if args.action == "list":
+                rows = await conn.fetch(
+                    "SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions"
+                    " FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2"
+                )
+                for r in rows:
+                    print(f"{r['tenant']}/{r['workflow_id']}  latest v{r['latest']}  ({r['versions']} versions)")
+                return 0
+            failed = 0
+            for path in args.files:
+                try:
+                    version, new = await workflows.deploy(conn, _read_definition(path))
+                    print(f"{path}: {'deployed' if new else 'unchanged'} as version {version}")
+                except DefinitionError as exc:
+                    failed += 1
+                    print(f"{path}: rejected\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+            return 1 if failed else 0
+        finally:
+            await conn.close()
+
+    return _run_async(go())
+
+
+def cmd_signal(args, config) -> int:
+    _require(config, "nats_url")
+    from .topology import Topology
+
+    async def go():
+        import uuid
+
+        import nats
+
+        nc = await nats.connect(config.nats_url)
+        try:
+            js = nc.jetstream()
+            signal_id = args.signal_id or str(uuid.uuid4())
+            body = {"v": 1, "kind": "signal", "execution_id": args.execution_id, "signal_id": signal_id,
+                    "name": args.name, "data": orjson.loads(args.data) if args.data else None}
+            ack = await js.publish(Topology(config).exec_subject(args.execution_id), orjson.dumps(body),
+                                   headers={"Nats-Msg-Id": f"signal:{args.execution_id}:{signal_id}"})
+            print(f"signal {args.name!r} sent to {args.execution_id} (stream seq {ack.seq})")
+        finally:
+            await nc.close()
+
+    _run_async(go())
+    return 0
+
+
+def cmd_execution(args, config) -> int:
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            ex = await conn.fetchrow("SELECT * FROM ordo.executions WHERE execution_id = $1::uuid", args.execution_id)
+            if ex is None:
+                print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
+                return 1
+            transitions = await conn.fetch(
+                "SELECT seq, step_id, kind, at, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+                args.execution_id,
+            )
+            if args.json:
+                doc = {k: (str(v) if not isinstance(v, (int, str, type(None))) else v) for k, v in dict(ex).items()}
+                doc["transitions"] = [
+                    {"seq": t["seq"], "step_id": t["step_id"], "kind": t["kind"], "at": t["at"].isoformat(),
+                     "detail": orjson.loads(t["detail"]) if t["detail"] else None}
+                    for t in transitions
+                ]
+                print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+                return 0
+            print(f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
+                  f"  contact {ex['contact_id']}  status {ex['status']}")
+            for t in transitions:
+                detail = t["detail"] or ""
+                print(f"  {t['seq']:>4}  {t['at'].isoformat(timespec='milliseconds')}  {t['kind']:<10} "
+                      f"{t['step_id']:<20} {detail}")
+            return 0
+        finally:
+            await conn.close()
+
+    return _run_async(go())
+
+
+def cmd_dlq(args, config) -> int:
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT id, at, reason, tenant, workflow_id, stream, stream_seq, error FROM ordo.dead_letters"
+                " WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) ORDER BY id LIMIT $2",
+                args.reason,
+                args.limit,
+            )
+            for r in rows:
+                print(f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
+                      f"{r['tenant'] or '-':<12} {r['stream']}:{r['stream_seq']}  {r['error']}")
+            return 0
+        finally:
+            await conn.close()
+
+    return _run_async(go())
+
+
+def cmd_dev(args, config) -> int:
+    from .dev import run_dev
+
+    return _run_async(run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir))
+
+
+def cmd_bench(args, config) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.rest)
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ordo", description="Ordo workflow execution engine")
+    parser.add_argument("--config", help="TOML config file (default: $ORDO_CONFIG or /etc/ordo/ordo.toml)")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run workers (one per core by default)")
+    p.add_argument("--workers", type=int, default=None, help="number of worker processes")
+    p.add_argument("--worker-index", type=int, default=None, help="run only this worker (for systemd)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dev", help="run on embedded servers unless ORDO_NATS_URL / ORDO_PG_DSN are set")
+    p.add_argument("--demo", type=int, default=None, metavar="N", help="publish N demo triggers, report, exit")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="where the embedded servers keep their data (default .ordo)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("migrate", help="apply the ledger's schema migrations (idempotent)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("workflow", help="deploy, validate or list workflow definitions")
+    p.add_argument("action", choices=["deploy", "validate", "list"])
+    p.add_argument("files", nargs="*")
+    p.set_defaults(func=cmd_workflow)
+
+    p = sub.add_parser("signal", help="send a signal to an execution")
+    p.add_argument("execution_id")
+    p.add_argument("name")
+    p.add_argument("--data", help="JSON payload")
+    p.add_argument("--signal-id", help="idempotency id (default: random)")
+    p.set_defaults(func=cmd_signal)
+
+    p = sub.add_parser("execution", help="show an execution and its transitions")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("execution_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_execution)
+
+    p = sub.add_parser("dlq", help="dead letters")
+    p.add_argument("action", choices=["list"])
+    p.add_argument("--reason")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("bench", help="run a bench scenario (python -m bench)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_module.load(args.config)
+    _setup_logging(args.log_level or config.log_level)
+    return args.func(args, config) or 0

@@ -1,0 +1,71 @@
+"""Configuration: defaults, then a TOML file, then ORDO_* environment variables.
+
+Secrets (the NATS credentials and the Postgres DSN) come from the file or the
+environment only, never from the command line, so they do not show up in `ps`.
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+
+DEFAULT_CONFIG_FILE = "/etc/ordo/ordo.toml"
+
+
+@dataclass(frozen=True)
+class Config:
+    nats_url: str = ""
+    pg_dsn: str = ""
+    #: Subject and stream prefix: subjects are `<prefix>.triggers.…`, streams `<PREFIX>_TRIGGERS`.
+    prefix: str = "ordo"
+    #: Fixed at set-up: an execution's partition is crc32(execution id) % partitions.
+    partitions: int = 16
+    workers: int = 0  # 0: one per core
+    worker_index: int = -1  # -1: the supervisor; >= 0: one worker
+    #: JetStream fetch size and the bound on messages held by one worker (backpressure).
+    fetch_batch: int = 512
+    max_ack_pending: int = 8192
+    ring_capacity: int = 16384
+    ack_wait_s: float = 30.0
+    #: The ledger batcher flushes at this many transition rows or after this long.
+    batch_max_rows: int = 8000
+    batch_max_ms: float = 5.0
+    max_message_bytes: int = 256 * 1024
+    metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
+    log_level: str = "info"
+    data_dir: str = ".ordo"
+
+    @property
+    def stream_prefix(self) -> str:
+        return self.prefix.upper().replace(".", "_").replace("-", "_")
+
+    def with_(self, **changes) -> "Config":
+        return replace(self, **changes)
+
+
+def _coerce(kind, raw: str):
+    if kind is int or kind == "int":
+        return int(raw)
+    if kind is float or kind == "float":
+        return float(raw)
+    return raw
+
+
+def load(path: str | None = None, **overrides) -> Config:
+    """Defaults < TOML file (`ORDO_CONFIG` or /etc/ordo/ordo.toml if present) < ORDO_* env < overrides."""
+    values: dict = {}
+    path = path or os.environ.get("ORDO_CONFIG")
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path:
+        with open(path, "rb") as fh:
+            values.update(tomllib.load(fh))
+    known = {f.name: f.type for f in fields(Config)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+    for name, kind in known.items():
+        raw = os.environ.get(f"ORDO_{name.upper()}")
+        if raw is not None and raw != "":
+            values[name] = _coerce(kind, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)

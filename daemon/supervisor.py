@@ -1,0 +1,83 @@
+"""The per-core supervisor: one worker process per core, restarted when it dies.
+
+`ordo run` uses it; under systemd each worker is its own unit instance
+(`ordo run --worker-index I`) and systemd is the supervisor instead.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("ordo.supervisor")
+
+
+class Supervisor:
+    def __init__(self, workers: int, extra_env: dict | None = None):
+        self.workers = workers
+        self.env = dict(os.environ, **(extra_env or {}))
+        self.children: dict[int, subprocess.Popen] = {}
+        self._restarts: dict[int, float] = {}
+        self.stopping = False
+
+    def _spawn(self, index: int) -> None:
+        cmd = [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(self.workers)]
+        self.children[index] = subprocess.Popen(cmd, env=self.env)
+        log.info("worker %d started (pid %d)", index, self.children[index].pid)
+
+    def start(self) -> None:
+        for index in range(self.workers):
+            self._spawn(index)
+
+    def check(self) -> None:
+        """Restart workers that exited, with a short back-off against crash loops."""
+        for index, child in list(self.children.items()):
+            code = child.poll()
+            if code is None or self.stopping:
+                continue
+            last = self._restarts.get(index, 0.0)
+            if time.monotonic() - last < 1.0:
+                continue
+            log.warning("worker %d exited with %s; restarting", index, code)
+            self._restarts[index] = time.monotonic()
+            self._spawn(index)
+
+    async def watch(self) -> None:
+        """Keep the workers alive from an event loop (used by `ordo dev`)."""
+        import asyncio
+
+        while not self.stopping:
+            self.check()
+            await asyncio.sleep(0.2)
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """SIGTERM every worker (they drain) and wait; SIGKILL what is left. True if all drained."""
+        self.stopping = True
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        clean = True
+        for child in self.children.values():
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                clean = False
+            clean = clean and child.returncode == 0
+        return clean
+
+
+def run_supervisor(workers: int) -> int:
+    supervisor = Supervisor(workers)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+    supervisor.start()
+    while not stop:
+        supervisor.check()
+        time.sleep(0.2)
+    return 0 if supervisor.stop() else 1

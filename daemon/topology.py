@@ -1,0 +1,112 @@
+"""Where things live on NATS: stream names, subjects, consumers and partitions.
+
+One place that knows the naming, so that publishers, workers and tests agree.
+"""
+
+import uuid
+import zlib
+
+import nats.js.api as jsapi
+from nats.js.errors import BadRequestError, NotFoundError
+
+from .config import Config
+
+#: Namespace of the deterministic execution ids (uuid5).
+EXECUTION_NAMESPACE = uuid.UUID("6f7a6e4e-0b1d-4d55-9a8e-0e7d0c0f0a11")
+
+
+def execution_id_for(tenant: str, workflow_id: str, event_id: str) -> str:
+    """The same trigger event enrols a contact into a workflow once: its id is derived."""
+    return str(uuid.uuid5(EXECUTION_NAMESPACE, f"{tenant}\x1f{workflow_id}\x1f{event_id}"))
+
+
+def partition_of(execution_id: str, partitions: int) -> int:
+    return zlib.crc32(execution_id.encode()) % partitions
+
+
+class Topology:
+    """Stream, subject and consumer names under one configured prefix."""
+
+    def __init__(self, config: Config):
+        self.prefix = config.prefix
+        self.partitions = config.partitions
+        sp = config.stream_prefix
+        self.triggers_stream = f"{sp}_TRIGGERS"
+        self.exec_stream = f"{sp}_EXEC"
+        self.dlq_stream = f"{sp}_DLQ"
+        self.triggers_consumer = "triggers"
+        self._config = config
+
+    def trigger_subject(self, tenant: str, event_type: str) -> str:
+        return f"{self.prefix}.triggers.{tenant}.{event_type}"
+
+    def exec_subject(self, execution_id: str) -> str:
+        return f"{self.prefix}.exec.{partition_of(execution_id, self.partitions)}.{execution_id}"
+
+    def partition_filter(self, partition: int) -> str:
+        return f"{self.prefix}.exec.{partition}.>"
+
+    def partition_consumer(self, partition: int) -> str:
+        return f"exec-p{partition}"
+
+    def dlq_subject(self, reason: str) -> str:
+        return f"{self.prefix}.dlq.{reason}"
+
+    def owned_partitions(self, worker_index: int, workers: int) -> list[int]:
+        return [p for p in range(self.partitions) if p % workers == worker_index]
+
+    async def ensure(self, js) -> None:
+        """Create the streams and durable consumers if they are missing (idempotent)."""
+        day = 24 * 3600
+        streams = [
+            (self.triggers_stream, f"{self.prefix}.triggers.>", 1 * day),
+            (self.exec_stream, f"{self.prefix}.exec.>", 7 * day),
+            (self.dlq_stream, f"{self.prefix}.dlq.>", 30 * day),
+        ]
+        for name, subject, max_age in streams:
+            config = jsapi.StreamConfig(
+                name=name,
+                subjects=[subject],
+                storage=jsapi.StorageType.FILE,
+                retention=jsapi.RetentionPolicy.LIMITS,
+                max_age=max_age,
+                duplicate_window=120,
+                max_msg_size=self._config.max_message_bytes * 4,
+            )
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                try:
+                    await js.add_stream(config)
+                except BadRequestError as exc:  # created concurrently by another worker
+                    if "already in use" not in str(exc):
+                        raise
+        await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
+        for p in range(self.partitions):
+            await self._ensure_consumer(
+                js, self.exec_stream, self.partition_consumer(p), self.partition_filter(p)
+            )
+
+    async def _ensure_consumer(self, js, stream: str, durable: str, filter_subject) -> None:
+        try:
+            await js.consumer_info(stream, durable)
+            return
+        except NotFoundError:
+            pass
+        config = jsapi.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=jsapi.AckPolicy.EXPLICIT,
+            deliver_policy=jsapi.DeliverPolicy.ALL,
+            ack_wait=self._config.ack_wait_s,
+            max_ack_pending=self._config.max_ack_pending,
+            # Never drop a message after N deliveries: a poison message is
+            # dead-lettered by the worker, with its reason, not by the server.
+            max_deliver=-1,
+            filter_subject=filter_subject,
+            max_waiting=512,
+        )
+        try:
+            await js.add_consumer(stream, config)
+        except BadRequestError as exc:
+            if "already in use" not in str(exc) and "exists" not in str(exc):
+                raise

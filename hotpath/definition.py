@@ -1,0 +1,372 @@
+"""Workflow definitions: the published JSON Schema, validation, and resolution.
+
+`validate` is what deploy runs: the schema first (exact error paths from the
+jsonschema library), then the semantic rules a schema cannot express. Every
+error names the offending step, e.g. ``steps[2] (id 'check'): 'then' points at
+unknown step 'nope'``, and all of them are reported at once.
+
+`resolve` turns a definition into the neutral, checked form that both
+dispatchers (pure and compiled) are built from: step targets become indexes,
+templates and conditions become nested tuples. Keeping the semantic rules here,
+in one place, is what makes the two dispatchers agree on what is valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import re
+from typing import Any, NamedTuple
+
+ROOTS = ("context", "contact", "event")
+DEFAULT_MAX_STEPS = 1000
+MAX_MAX_STEPS = 100_000
+
+
+class DefinitionError(ValueError):
+    """A workflow definition that cannot run; `.errors` lists every problem found."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+# -- schema --------------------------------------------------------------------
+def load_schema() -> dict:
+    """The published JSON Schema (draft 2020-12), read from the package data."""
+    text = importlib.resources.files("hotpath").joinpath("workflow.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _path_sort_key(error) -> tuple:
+    # Paths mix list indexes and property names; order ints numerically.
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in error.absolute_path)
+
+
+def validate(definition: dict) -> None:
+    """Raise DefinitionError listing every schema and semantic problem of `definition`."""
+    schema_errors = sorted(_validator().iter_errors(definition), key=_path_sort_key)
+    messages = [f"{_pointer(definition, list(e.absolute_path))}: {e.message}" for e in schema_errors]
+    try:
+        resolve(definition)
+    except _Problems as exc:
+        # The resolver also notices malformed parts, which the schema has then
+        # already reported (more precisely); add only what a schema cannot see.
+        messages += [m for semantic, m in exc.problems if semantic or not schema_errors]
+    if messages:
+        raise DefinitionError(messages)
+
+
+def _step_pointer(definition: Any, index: int) -> str:
+    steps = definition.get("steps") if isinstance(definition, dict) else None
+    step = steps[index] if isinstance(steps, list) and 0 <= index < len(steps) else None
+    step_id = step.get("id") if isinstance(step, dict) else None
+    return f"steps[{index}] (id {step_id!r})" if isinstance(step_id, str) else f"steps[{index}]"
+
+
+def _pointer(definition: Any, path: list) -> str:
+    """'steps[1] (id 'greet').values' for ['steps', 1, 'values']; 'definition' for []."""
+    if len(path) >= 2 and path[0] == "steps" and isinstance(path[1], int):
+        text, rest = _step_pointer(definition, path[1]), path[2:]
+    elif path:
+        text, rest = str(path[0]), path[1:]
+    else:
+        return "definition"
+    for part in rest:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+# -- resolved form ---------------------------------------------------------------
+# Templates (operands and values):
+#   ("lit", value)                  a JSON scalar, used as is
+#   ("path", root, segments)        the raw value at root.seg.seg; segments are (key, index|-1)
+#   ("interp", parts)               parts are str or path nodes, joined with str(value)
+#   ("dict", ((key, node), ...))    rendered into a new dict (never shared with the program)
+#   ("list", (node, ...))           rendered into a new list
+# Conditions:
+#   ("all"|"any", (cond, ...)), ("not", cond), ("exists", path node),
+#   (op, template, template) for op in COMPARISONS.
+
+COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "contains")
+OPERATORS = ("all", "any", "not", "exists") + COMPARISONS
+
+
+class SetStep(NamedTuple):
+    id: str
+    next: int
+    assignments: tuple  # ((context key path tuple, template), ...)
+
+
+class IfStep(NamedTuple):
+    id: str
+    condition: tuple
+    then: int  # step index; len(steps) means "the end"
+    else_: int
+
+
+class EndStep(NamedTuple):
+    id: str
+    status: str  # "completed" | "failed"
+    reason: str | None
+
+
+class WaitForSignalStep(NamedTuple):
+    id: str
+    next: int
+    signal: str
+
+
+class ResolvedDefinition(NamedTuple):
+    workflow_id: str
+    version: int  # 0 when not yet deployed (deploy assigns versions from 1)
+    tenant: str
+    trigger_event: str
+    trigger_filter: tuple | None
+    max_steps: int
+    steps: tuple
+
+
+class _Problems(DefinitionError):
+    """DefinitionError that also says which problems are semantic (beyond the schema's reach)."""
+
+    def __init__(self, problems: list[tuple[bool, str]]):
+        self.problems = problems
+        super().__init__([message for _, message in problems])
+
+
+_EXACT = re.compile(r"^\{\{\s*([^{}]*?)\s*\}\}$")
+_EMBEDDED = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+
+
+class _Resolver:
+    """Collects problems while walking one definition.
+
+    `where` is the current location: a step index or a name such as 'trigger.filter'.
+    `error` is for malformed parts (the schema reports those too), `semantic` for
+    rules only the resolver checks (unique ids, targets, template paths).
+    """
+
+    def __init__(self, definition: Any):
+        self.definition = definition
+        self.problems: list[tuple[bool, str]] = []
+        self.where: int | str = "definition"
+
+    def _report(self, semantic: bool, message: str) -> None:
+        where = self.where
+        prefix = _step_pointer(self.definition, where) if isinstance(where, int) else where
+        self.problems.append((semantic, f"{prefix}: {message}"))
+
+    def error(self, message: str) -> None:
+        self._report(False, message)
+
+    def semantic(self, message: str) -> None:
+        self._report(True, message)
+
+    # templates
+    def path(self, text: str, source: str) -> tuple:
+        segments = text.split(".")
+        root = segments[0]
+        if root not in ROOTS:
+            self.semantic(f"template {source!r} uses unknown root {root!r} (expected context, contact or event)")
+        elif any(not s or s != s.strip() for s in segments):
+            self.semantic(f"template {source!r} has an empty or blank path segment")
+        return ("path", root, tuple((s, int(s) if s.isascii() and s.isdigit() else -1) for s in segments[1:]))
+
+    def template(self, value: Any) -> tuple:
+        if isinstance(value, str):
+            exact = _EXACT.match(value)
+            if exact:
+                return self.path(exact.group(1), value)
+            parts, pos = [], 0
+            for match in _EMBEDDED.finditer(value):
+                if match.start() > pos:
+                    parts.append(value[pos : match.start()])
+                parts.append(self.path(match.group(1), value))
+                pos = match.end()
+            if not parts:
+                return ("lit", value)
+            if pos < len(value):
+                parts.append(value[pos:])
+            return ("interp", tuple(parts))
+        if isinstance(value, dict):
+            return ("dict", tuple((key, self.template(item)) for key, item in value.items()))
+        if isinstance(value, list):
+            return ("list", tuple(self.template(item) for item in value))
+        return ("lit", value)
+
+    # conditions
+    def condition(self, cond: Any) -> tuple:
+        if not isinstance(cond, dict) or len(cond) != 1:
+            self.error(f"a condition must be an object with exactly one operator, got {cond!r}")
+            return ("all", ())
+        (op, arg), = cond.items()
+        if op not in OPERATORS:
+            self.error(f"unknown condition operator {op!r} (expected one of {', '.join(OPERATORS)})")
+            return ("all", ())
+        if op in ("all", "any"):
+            if not isinstance(arg, list):
+                self.error(f"'{op}' takes a list of conditions")
+                return (op, ())
+            return (op, tuple(self.condition(c) for c in arg))
+        if op == "not":
+            return ("not", self.condition(arg))
+        if op == "exists":
+            if not isinstance(arg, str) or not arg:
+                self.error(f"'exists' takes a path such as 'contact.email', got {arg!r}")
+                return ("exists", ("lit", None))
+            exact = _EXACT.match(arg)
+            return ("exists", self.path(exact.group(1), arg) if exact else self.path(arg, arg))
+        if not isinstance(arg, list) or len(arg) != 2:
+            self.error(f"'{op}' takes a list of two operands, got {arg!r}")
+            return (op, ("lit", None), ("lit", None))
+        return (op, self.template(arg[0]), self.template(arg[1]))
+
+    # steps
+    def target(self, step: dict, field: str, default: int, index_of: dict) -> int:
+        if field not in step:
+            return default
+        name = step[field]
+        if name not in index_of:
+            self.semantic(f"{field!r} points at unknown step {name!r}")
+            return default
+        return index_of[name]
+
+    def set_step(self, step: dict, following: int, index_of: dict) -> SetStep:
+        values = step.get("values")
+        assignments = []
+        if values is None:
+            self.error("'values' is a required property")
+        elif not isinstance(values, dict) or not values:
+            self.error("'values' must be a non-empty object of context paths")
+        else:
+            for key, value in values.items():
+                path = tuple(key.split(".")) if isinstance(key, str) else ("",)
+                if any(not s or s != s.strip() for s in path):
+                    self.error(f"'values' key {key!r} is not a dotted context path")
+                assignments.append((path, self.template(value)))
+        return SetStep(step["id"], self.target(step, "next", following, index_of), tuple(assignments))
+
+    def if_step(self, step: dict, following: int, index_of: dict) -> IfStep:
+        if "condition" not in step:
+            self.error("'condition' is a required property")
+        condition = self.condition(step.get("condition", {"all": []}))
+        fallthrough = self.target(step, "next", following, index_of)
+        return IfStep(
+            step["id"],
+            condition,
+            self.target(step, "then", fallthrough, index_of),
+            self.target(step, "else", fallthrough, index_of),
+        )
+
+    def end_step(self, step: dict, following: int, index_of: dict) -> EndStep:
+        status = step.get("status", "completed")
+        if status not in ("completed", "failed"):
+            self.error(f"'status' must be 'completed' or 'failed', got {status!r}")
+            status = "failed"
+        reason = step.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            self.error("'reason' must be a string")
+            reason = str(reason)
+        return EndStep(step["id"], status, reason)
+
+    def wait_for_signal_step(self, step: dict, following: int, index_of: dict) -> WaitForSignalStep:
+        signal = step.get("signal")
+        if not isinstance(signal, str) or not signal:
+            self.error("'signal' must be a non-empty string")
+            signal = ""
+        return WaitForSignalStep(step["id"], self.target(step, "next", following, index_of), signal)
+
+    #: Step type -> resolver method; a new step type is one entry here (and one in the schema).
+    STEP_TYPES = {
+        "set": set_step,
+        "if": if_step,
+        "end": end_step,
+        "wait_for_signal": wait_for_signal_step,
+    }
+
+
+def resolve(definition: dict) -> ResolvedDefinition:
+    """Check the semantic rules and return the resolved form; DefinitionError lists all problems."""
+    r = _Resolver(definition)
+    if not isinstance(definition, dict):
+        r.error(f"a workflow definition must be an object, got {type(definition).__name__}")
+        raise _Problems(r.problems)
+
+    header = {}
+    for field in ("id", "tenant"):
+        r.where = field
+        header[field] = definition.get(field)
+        if not isinstance(header[field], str):
+            r.error(f"{field!r} must be a string")
+
+    r.where = "version"
+    version = definition.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        r.error(f"'version' must be an integer >= 1, got {version!r}")
+
+    r.where = "limits"
+    limits = definition.get("limits") or {}
+    max_steps = limits.get("max_steps", DEFAULT_MAX_STEPS) if isinstance(limits, dict) else None
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 1 <= max_steps <= MAX_MAX_STEPS:
+        r.error(f"'max_steps' must be an integer from 1 to {MAX_MAX_STEPS}, got {max_steps!r}")
+
+    r.where = "trigger"
+    trigger = definition.get("trigger")
+    trigger_event, trigger_filter = "", None
+    if not isinstance(trigger, dict) or not isinstance(trigger.get("event"), str):
+        r.error("'trigger' must be an object with an 'event' string")
+    else:
+        trigger_event = trigger["event"]
+        if "filter" in trigger:
+            r.where = "trigger.filter"
+            trigger_filter = r.condition(trigger["filter"])
+
+    r.where = "steps"
+    raw_steps = definition.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        r.error("'steps' must be a non-empty list")
+        raise _Problems(r.problems)
+
+    index_of: dict[str, int] = {}
+    usable = []
+    for i, step in enumerate(raw_steps):
+        r.where = i
+        if not isinstance(step, dict) or not isinstance(step.get("id"), str):
+            r.error("a step must be an object with an 'id' string")
+        elif step["id"] in index_of:
+            r.semantic(f"duplicate step id {step['id']!r} (first used by steps[{index_of[step['id']]}])")
+        elif step.get("type") not in _Resolver.STEP_TYPES:
+            index_of[step["id"]] = i
+            r.error(f"unknown step type {step.get('type')!r} (expected one of {', '.join(_Resolver.STEP_TYPES)})")
+        else:
+            index_of[step["id"]] = i
+            usable.append(i)
+
+    steps = [None] * len(raw_steps)
+    for i in usable:
+        r.where = i
+        step = raw_steps[i]
+        steps[i] = _Resolver.STEP_TYPES[step["type"]](r, step, i + 1, index_of)
+
+    if r.problems:
+        raise _Problems(r.problems)
+    return ResolvedDefinition(
+        workflow_id=header["id"],
+        version=version,
+        tenant=header["tenant"],
+        trigger_event=trigger_event,
+        trigger_filter=trigger_filter,
+        max_steps=max_steps,
+        steps=tuple(steps),
+    )

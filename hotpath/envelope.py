@@ -1,0 +1,125 @@
+"""Decoding of the versioned message contracts (DESIGN.md, "Contracts").
+
+Every message carries `v`, an integer major version or a "major.minor" string.
+A message this engine cannot take raises `BadMessage` whose `reason` is a short
+stable code (it labels a metric and a dead-letter entry) and whose text names
+exactly what was wrong. Decoding is done once, with orjson.
+"""
+
+import orjson
+
+SUPPORTED_MAJOR = 1
+
+#: Stable reason codes; metrics and dead letters are labelled with these.
+REASONS = (
+    "oversized",
+    "invalid_utf8",
+    "malformed_json",
+    "not_an_object",
+    "unsupported_version",
+    "missing_field",
+    "wrong_type",
+    "unknown_kind",
+    "unknown_tenant",
+    "invalid_definition",
+    "unknown_execution",
+    "execution_closed",
+    "dispatch_error",
+)
+
+
+class BadMessage(ValueError):
+    """A message that cannot be processed; never retried, always dead-lettered."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def _load(body: bytes, max_bytes: int) -> dict:
+    if len(body) > max_bytes:
+        raise BadMessage("oversized", f"body is {len(body)} bytes, the limit is {max_bytes}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson reports invalid UTF-8 as a decode error too; name it apart,
+        # it usually means a producer with the wrong encoding, not bad JSON.
+        if "utf-8" in str(exc).lower():
+            raise BadMessage("invalid_utf8", f"body is not valid UTF-8 ({exc})") from None
+        raise BadMessage("malformed_json", f"body is not valid JSON ({exc})") from None
+    if type(doc) is not dict:
+        raise BadMessage("not_an_object", f"body is a JSON {type(doc).__name__}, an object is required")
+    _check_version(doc)
+    return doc
+
+
+def _check_version(doc: dict) -> None:
+    if "v" not in doc:
+        raise BadMessage("missing_field", "field 'v' (contract version) is missing")
+    v = doc["v"]
+    if type(v) is int:
+        major = v
+    elif type(v) is str and v.split(".", 1)[0].isdigit():
+        major = int(v.split(".", 1)[0])
+    else:
+        raise BadMessage("wrong_type", f"field 'v' must be an integer or 'major.minor' string, got {v!r}")
+    if major != SUPPORTED_MAJOR:
+        raise BadMessage(
+            "unsupported_version",
+            f"contract version {v!r} is not supported (this engine speaks major {SUPPORTED_MAJOR})",
+        )
+
+
+def _field(doc: dict, name: str, types, what: str):
+    if name not in doc:
+        raise BadMessage("missing_field", f"field '{name}' is missing")
+    value = doc[name]
+    if type(value) not in types:
+        raise BadMessage("wrong_type", f"field '{name}' must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _text(doc: dict, name: str, limit: int = 256) -> str:
+    value = _field(doc, name, (str,), "a string")
+    if not value or len(value) > limit:
+        raise BadMessage("wrong_type", f"field '{name}' must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def decode_trigger(body: bytes, max_bytes: int) -> dict:
+    """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
+    doc = _load(body, max_bytes)
+    _text(doc, "event_id")
+    _text(doc, "tenant", 128)
+    _text(doc, "type", 128)
+    contact = _field(doc, "contact", (dict,), "an object")
+    contact_id = contact.get("id")
+    if type(contact_id) not in (str, int) or contact_id == "":
+        raise BadMessage("missing_field", "field 'contact.id' must be a non-empty string or an integer")
+    if "data" in doc and type(doc["data"]) is not dict:
+        raise BadMessage("wrong_type", f"field 'data' must be an object, got {type(doc['data']).__name__}")
+    _field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string")
+    return doc
+
+
+#: Message kinds carried on an execution's subject, with their required text fields.
+EXEC_KINDS = {
+    "signal": ("signal_id", "name"),
+}
+
+
+def decode_exec(body: bytes, max_bytes: int) -> dict:
+    """A message addressed to one execution: {v, kind, execution_id, ...}."""
+    doc = _load(body, max_bytes)
+    kind = _text(doc, "kind", 64)
+    if kind not in EXEC_KINDS:
+        raise BadMessage("unknown_kind", f"kind {kind!r} is not one of {sorted(EXEC_KINDS)}")
+    _text(doc, "execution_id", 64)
+    for name in EXEC_KINDS[kind]:
+        _text(doc, name)
+    return doc
+
+
+def encode(doc: dict) -> bytes:
+    return orjson.dumps(doc)

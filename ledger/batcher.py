@@ -1,0 +1,351 @@
+"""The commit protocol: many executions' transitions in one transaction.
+
+The worker hands the batcher one `Unit` per JetStream message: the execution
+changes and dead letters that message caused. A batch of units is written in
+ONE transaction:
+
+1. If the batch updates executions of owned partitions, lock those partitions'
+   rows (FOR SHARE) and compare their epochs with the ones this worker claimed:
+   a worker whose partition was taken over is fenced out (`Fenced`).
+2. COPY (binary) the executions' new state into `stage_exec` and their
+   transitions into `stage_tr`, two per-session temp tables.
+3. One merge statement: insert new executions (a duplicate enrolment loses on
+   the primary key), update existing ones only where the stored `seq` is the
+   one the change was computed from (optimistic concurrency), and append the
+   transitions of exactly the executions accepted.
+4. Insert the dead letters.
+
+Only after COMMIT returns does the worker ack the messages. A crash anywhere
+before that leaves the messages unacked; their redelivery recomputes the same
+changes, which the unique keys and the seq check turn into no-ops.
+
+A batch that fails for a reason other than the connection is split in halves
+until the unit that causes the failure is alone; that unit is dead-lettered
+with the database's error and everything else commits (bad input never blocks
+good input).
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+log = logging.getLogger("ordo.ledger")
+
+EXEC_COLUMNS = (
+    "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
+    "partition", "status", "seq", "pc", "steps", "waiting", "last_stream_seq",
+    "context", "contact", "event", "created_at", "updated_at", "finished_at", "prev_seq",
+)
+TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail")
+_PREV_SEQ = len(EXEC_COLUMNS) - 1
+
+_CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS stage_exec
+    (LIKE ordo.executions, prev_seq int NOT NULL) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tr
+    (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
+"""
+
+_MERGE = """
+WITH inserted AS (
+    INSERT INTO ordo.executions
+    SELECT execution_id, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
+           status, seq, pc, steps, waiting, last_stream_seq, context, contact, event,
+           created_at, updated_at,
+           -- The time the commit merges it, not the time it was dispatched:
+           -- end-to-end latency is measured to the commit.
+           CASE WHEN finished_at IS NULL THEN NULL ELSE clock_timestamp() END
+    FROM stage_exec WHERE prev_seq = 0
+    ON CONFLICT (execution_id) DO NOTHING
+    RETURNING execution_id
+), updated AS (
+    UPDATE ordo.executions e
+    SET status = s.status, seq = s.seq, pc = s.pc, steps = s.steps, waiting = s.waiting,
+        last_stream_seq = s.last_stream_seq, context = s.context,
+        updated_at = s.updated_at,
+        finished_at = CASE WHEN s.finished_at IS NULL THEN NULL ELSE clock_timestamp() END
+    FROM stage_exec s
+    WHERE s.prev_seq > 0 AND e.execution_id = s.execution_id AND e.seq = s.prev_seq
+    RETURNING e.execution_id
+), accepted AS (
+    SELECT execution_id FROM inserted UNION ALL SELECT execution_id FROM updated
+), appended AS (
+    INSERT INTO ordo.transitions
+    SELECT t.* FROM stage_tr t JOIN accepted a USING (execution_id)
+    ON CONFLICT DO NOTHING
+)
+SELECT execution_id::text FROM accepted
+"""
+
+_INSERT_DEAD_LETTER = """
+INSERT INTO ordo.dead_letters
+    (reason, error, tenant, workflow_id, execution_id, subject, stream, stream_seq, payload)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT DO NOTHING
+"""
+
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+class Fenced(RuntimeError):
+    """This worker's claim on a partition is stale: another worker owns it now."""
+
+    def __init__(self, partitions: list[int]):
+        super().__init__(f"ownership of partition(s) {partitions} moved to another worker; commits refused")
+        self.partitions = partitions
+
+
+@dataclass(slots=True)
+class ExecutionChange:
+    """One execution's new state (a row in EXEC_COLUMNS order) and its new transitions."""
+
+    execution_id: str
+    partition: int
+    row: tuple
+    transitions: list
+    is_new: bool
+    #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
+    duplicate: bool = False
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    reason: str
+    error: str
+    subject: str
+    stream: str
+    stream_seq: int
+    payload: bytes
+    tenant: str | None = None
+    workflow_id: str | None = None
+    execution_id: str | None = None
+
+
+@dataclass(slots=True)
+class Unit:
+    """Everything one message caused; acked only when all of it has committed."""
+
+    token: object
+    changes: list = field(default_factory=list)
+    dead_letters: list = field(default_factory=list)
+    #: Set by the batcher when the unit itself could not commit and was dead-lettered.
+    failed: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return 1 + sum(1 + len(c.transitions) for c in self.changes) + len(self.dead_letters)
+
+
+@dataclass(slots=True)
+class CommitResult:
+    units: list
+    accepted: set
+    seconds: float
+    rows: int
+    attempts: int
+
+
+class LedgerBatcher:
+    """Gathers units for a few milliseconds or N rows, then commits them in one transaction."""
+
+    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, epochs: dict | None = None):
+        self._dsn = dsn
+        self.max_rows = max_rows
+        self.max_delay = max_ms / 1000.0
+        #: partition -> epoch this worker claimed; checked by every commit that updates them.
+        self.epochs = epochs if epochs is not None else {}
+        self._units: list = []
+        self._rows = 0
+        self._first_at = 0.0
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._conn: asyncpg.Connection | None = None
+
+    # -- intake ---------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        return self._rows
+
+    def add(self, unit: Unit) -> None:
+        if not self._units:
+            self._first_at = time.monotonic()
+        self._units.append(unit)
+        self._rows += unit.rows
+        if self._rows >= self.max_rows:
+            self._wakeup.set()
+            # Backpressure: past two batches' worth, intake waits for a commit.
+            if self._rows >= 2 * self.max_rows:
+                self._space.clear()
+
+    async def wait_for_space(self) -> None:
+        await self._space.wait()
+
+    async def next_batch(self, stop: asyncio.Event | None = None) -> list:
+        """Wait until a batch is due (full, old enough, or stopping) and take it.
+
+        While stopping, an empty batcher returns [] after a short wait so that
+        the caller can check whether anything is still in flight.
+        """
+        while True:
+            stopping = stop is not None and stop.is_set()
+            if self._units:
+                age = time.monotonic() - self._first_at
+                if self._rows >= self.max_rows or age >= self.max_delay or stopping:
+                    break
+                timeout = self.max_delay - age
+            else:
+                timeout = 0.05 if stopping else 0.25
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                if stopping and not self._units:
+                    return []
+        units, self._units, self._rows = self._units, [], 0
+        self._space.set()
+        return units
+
+    def nudge(self) -> None:
+        """Wake next_batch (used on shutdown)."""
+        self._wakeup.set()
+
+    # -- commit ---------------------------------------------------------------
+
+    async def connect(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            await self._conn.execute(_CREATE_STAGING)
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+        self._conn = None
+
+    async def commit(self, units: list, stop: asyncio.Event | None = None) -> CommitResult:
+        """Commit the units; retries lost connections with backoff (a slow or
+        restarting Postgres slows intake, it loses nothing)."""
+        started = time.monotonic()
+        attempts = 0
+        delay = 0.05
+        while True:
+            attempts += 1
+            try:
+                accepted = await self._commit_isolating_poison(units)
+                rows = sum(u.rows for u in units)
+                return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
+            except _CONNECTION_ERRORS as exc:
+                log.warning("ledger commit failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
+                await self.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _commit_isolating_poison(self, units: list) -> set:
+        try:
+            return await self._commit_once(units)
+        except (Fenced, *_CONNECTION_ERRORS):
+            raise
+        except asyncpg.PostgresError as exc:
+            if len(units) == 1:
+                unit = units[0]
+                log.error("a message's changes cannot be committed, dead-lettering it: %s", exc)
+                unit.failed = f"{type(exc).__name__}: {exc}"
+                unit.changes = []
+                unit.dead_letters = [_commit_error_letter(unit, exc)]
+                return await self._commit_once(units)
+            half = len(units) // 2
+            return await self._commit_isolating_poison(units[:half]) | await self._commit_isolating_poison(units[half:])
+
+    async def _commit_once(self, units: list) -> set:
+        conn = await self.connect()
+        exec_rows, transition_rows, letters, touched, enrolled = [], [], [], set(), set()
+        for unit in units:
+            for change in unit.changes:
+                if change.is_new:
+                    # Two deliveries of one trigger in one batch: the first one enrols.
+                    if change.execution_id in enrolled:
+                        change.duplicate = True
+                        continue
+                    enrolled.add(change.execution_id)
+                exec_rows.append(change.row)
+                transition_rows.extend(change.transitions)
+                if not change.is_new:
+                    touched.add(change.partition)
+            letters.extend(unit.dead_letters)
+        async with conn.transaction():
+            if touched:
+                await self._check_epochs(conn, sorted(touched))
+            accepted = set()
+            if exec_rows:
+                await conn.copy_records_to_table("stage_exec", records=exec_rows, columns=EXEC_COLUMNS)
+                if transition_rows:
+                    await conn.copy_records_to_table("stage_tr", records=transition_rows, columns=TRANSITION_COLUMNS)
+                accepted = {r[0] for r in await conn.fetch(_MERGE)}
+            if letters:
+                await conn.executemany(
+                    _INSERT_DEAD_LETTER,
+                    [
+                        (d.reason, d.error, d.tenant, d.workflow_id, d.execution_id, d.subject,
+                         d.stream, d.stream_seq, d.payload)
+                        for d in letters
+                    ],
+                )
+        return accepted
+
+    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int]) -> None:
+        # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
+        # commit after the claim sees the new epoch. Either order is safe.
+        rows = await conn.fetch(
+            "SELECT partition, epoch FROM ordo.partitions WHERE partition = ANY($1::int[]) FOR SHARE",
+            partitions,
+        )
+        current = {r["partition"]: r["epoch"] for r in rows}
+        stale = [p for p in partitions if current.get(p) != self.epochs.get(p)]
+        if stale:
+            raise Fenced(stale)
+
+
+def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
+    source = unit.token
+    return DeadLetter(
+        reason="commit_error",
+        error=f"{type(exc).__name__}: {exc}",
+        subject=getattr(source, "subject", ""),
+        stream=getattr(source, "stream", ""),
+        stream_seq=getattr(source, "stream_seq", 0),
+        payload=getattr(source, "data", b""),
+    )
+
+
+async def claim_partitions(conn: asyncpg.Connection, partitions: list[int], owner: str) -> dict:
+    """Take ownership of partitions by bumping their epochs; returns partition -> epoch.
+
+    Any commit by a previous owner that runs after this is refused (Fenced).
+    """
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO ordo.partitions (partition) SELECT unnest($1::int[]) ON CONFLICT DO NOTHING",
+            partitions,
+        )
+        rows = await conn.fetch(
+            """
+            UPDATE ordo.partitions SET epoch = epoch + 1, owner = $2, claimed_at = now()
+            WHERE partition = ANY($1::int[]) RETURNING partition, epoch
+            """,
+            partitions,
+            owner,
+        )
+    return {r["partition"]: r["epoch"] for r in rows}

@@ -1,0 +1,78 @@
+"""Workflow definitions in the ledger: deploy a version, load them for the workers.
+
+Deploying is idempotent: the same content deploys once. A definition without a
+`version` gets the next one; with one, it must be new or identical.
+"""
+
+import hashlib
+
+import asyncpg
+import orjson
+
+from hotpath.definition import DefinitionError, validate
+
+#: Workers LISTEN on this channel to reload definitions after a deploy.
+DEPLOY_CHANNEL = "ordo_workflows"
+
+
+def digest(definition: dict) -> str:
+    """A content digest that ignores the version number."""
+    body = {k: v for k, v in definition.items() if k != "version"}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def ensure_tenant(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("INSERT INTO ordo.tenants (tenant) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
+
+
+async def deploy(conn: asyncpg.Connection, definition: dict) -> tuple[int, bool]:
+    """Validate and store a definition; returns (version, newly_deployed).
+
+    Raises DefinitionError (pointing at the offending step) for an invalid one.
+    """
+    validate(definition)
+    tenant, workflow_id = definition["tenant"], definition["id"]
+    body_digest = digest(definition)
+    async with conn.transaction():
+        await ensure_tenant(conn, tenant)
+        # Serialise deploys of one workflow so that version numbers do not race.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{tenant}/{workflow_id}")
+        rows = await conn.fetch(
+            "SELECT version, digest FROM ordo.workflows WHERE tenant = $1 AND workflow_id = $2 ORDER BY version",
+            tenant,
+            workflow_id,
+        )
+        versions = {r["version"]: r["digest"] for r in rows}
+        wanted = definition.get("version")
+        if wanted is None:
+            if rows and rows[-1]["digest"] == body_digest:
+                return rows[-1]["version"], False
+            wanted = (rows[-1]["version"] + 1) if rows else 1
+        elif wanted in versions:
+            if versions[wanted] == body_digest:
+                return wanted, False
+            raise DefinitionError(
+                [f"version {wanted} of workflow '{workflow_id}' is already deployed with other content; "
+                 "deploy without 'version' to get the next one"]
+            )
+        stored = dict(definition, version=wanted)
+        await conn.execute(
+            "INSERT INTO ordo.workflows (tenant, workflow_id, version, definition, digest) VALUES ($1, $2, $3, $4, $5)",
+            tenant,
+            workflow_id,
+            wanted,
+            orjson.dumps(stored).decode(),
+            body_digest,
+        )
+        await conn.execute(f"NOTIFY {DEPLOY_CHANNEL}")
+    return wanted, True
+
+
+async def load_all(conn: asyncpg.Connection) -> list[dict]:
+    """Every stored definition (all versions), as stored."""
+    rows = await conn.fetch("SELECT definition FROM ordo.workflows ORDER BY tenant, workflow_id, version")
+    return [orjson.loads(r["definition"]) for r in rows]
+
+
+async def tenants(conn: asyncpg.Connection) -> set[str]:
+    return {r["tenant"] for r in await conn.fetch("SELECT tenant FROM ordo.tenants")}
