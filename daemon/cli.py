@@ -282,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .servers import ServerVersionError
+
     args = build_parser().parse_args(argv)
-    config = config_module.load(args.config)
+    try:
+        config = config_module.load(args.config)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"ordo: bad configuration: {exc}")
     _setup_logging(args.log_level or config.log_level)
-    return args.func(args, config) or 0
+    try:
+        return args.func(args, config) or 0
+    except ServerVersionError as exc:
+        sys.exit(f"ordo: {exc}")

@@ -14,6 +14,7 @@ exec_messages = Counter("ordo_exec_messages_total", "Messages on execution subje
 transitions = Counter("ordo_transitions_total", "Transitions committed to the ledger.")
 executions_finished = Counter("ordo_executions_finished_total", "Executions that reached an end.", ["status"])
 dead_letters = Counter("ordo_dead_letters_total", "Dead-letter entries by reason.", ["reason"])
+redeliveries = Counter("ordo_redeliveries_total", "Messages JetStream delivered more than once.", ["stream"])
 commit_seconds = Histogram("ordo_ledger_commit_seconds", "Ledger batch commit latency.", buckets=COMMIT_BUCKETS)
 commit_rows = Histogram(
     "ordo_ledger_batch_rows", "Rows per ledger batch.", buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000)

@@ -57,6 +57,8 @@ class Inbound:
         meta = msg.metadata
         self.stream = meta.stream
         self.stream_seq = meta.sequence.stream
+        if meta.num_delivered > 1:
+            metrics.redeliveries.labels(meta.stream).inc()
         #: The ordering-ring key (an execution id) while the message holds it.
         self.key = None
 
@@ -82,6 +84,8 @@ class Worker:
         self._room = asyncio.Event()
         self._room.set()
         self._ring_ready = asyncio.Event()
+        #: Set once every fetch loop has returned: nothing new can come in.
+        self._intake_closed = False
         self._nc = None
         self._js = None
         self._pool = None
@@ -134,10 +138,14 @@ class Worker:
         for task in done:
             if task is not stop and task.exception() is not None:
                 self.fatal = task.exception()
-        # Drain: no new fetches; let the ring and the batcher empty out.
+        # Drain: each fetch loop finishes the fetch it has open (at most its
+        # 1 s expiry) and hands over what it got; then the ring and the
+        # batcher empty out and the last batch commits and is acked.
+        await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:
             task.cancel()
         await asyncio.gather(*fetchers, return_exceptions=True)
+        self._intake_closed = True
         self._ring_ready.set()
         self.batcher.nudge()
         if self.fatal is None:
@@ -173,6 +181,8 @@ class Worker:
                 self._room.clear()
                 await self._room.wait()
             await self.batcher.wait_for_space()
+            if self.stopping.is_set():
+                break
             started = time.monotonic()
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
@@ -324,7 +334,7 @@ class Worker:
         while True:
             units = await self.batcher.next_batch(self.stopping)
             if not units:
-                if self.stopping.is_set() and self._in_flight == 0:
+                if self._intake_closed and self._in_flight == 0:
                     return
                 continue
             try:

@@ -1,0 +1,181 @@
+"""A test's own Ordo: config on the session's servers, workers in-process or as
+real processes (to kill -9), publishing, and reading the ledger back.
+
+Every harness has its own database and subject/stream prefix (the `pg_dsn` and
+`prefix` fixtures), so tests never see each other's data.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+
+import asyncpg
+import nats
+import orjson
+
+from bench.generator import publish_events
+from daemon import config as config_module
+from daemon.topology import Topology, execution_id_for
+from daemon.worker import Worker
+from ledger import workflows
+from ledger.schema import migrate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fault_scale(ci: int, full: int) -> int:
+    """Counts for fault tests: reduced in CI (ORDO_FAULT_SCALE=ci), full otherwise when asked."""
+    return full if os.environ.get("ORDO_FAULT_SCALE") == "full" else ci
+
+
+class Harness:
+    def __init__(self, nats_url: str, pg_dsn: str, prefix: str, **settings):
+        settings.setdefault("partitions", 4)
+        settings.setdefault("batch_max_ms", 2.0)
+        self.config = config_module.Config(nats_url=nats_url, pg_dsn=pg_dsn, prefix=prefix, **settings)
+        self.topology = Topology(self.config)
+        self.nc = None
+        self.js = None
+        self.db = None
+        self.processes: list[subprocess.Popen] = []
+
+    async def __aenter__(self):
+        self.nc = await nats.connect(self.config.nats_url)
+        self.js = self.nc.jetstream(timeout=10)
+        await self.topology.ensure(self.js)
+        self.db = await asyncpg.connect(self.config.pg_dsn)
+        await migrate(self.db)
+        return self
+
+    async def __aexit__(self, *exc):
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await self.db.close()
+        await self.nc.close()
+
+    # -- set-up ---------------------------------------------------------------
+
+    async def deploy(self, definition: dict) -> int:
+        version, _ = await workflows.deploy(self.db, definition)
+        return version
+
+    # -- workers --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def worker(self, index: int = 0, workers: int = 1, **settings):
+        """A worker running in this test's event loop; drained on exit."""
+        worker = Worker(self.config.with_(**settings), worker_index=index, workers=workers)
+        await worker.start()
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 10)
+        try:
+            yield worker
+        finally:
+            worker.stopping.set()
+            await asyncio.wait_for(task, 60)
+
+    def env(self, **settings) -> dict:
+        config = self.config.with_(**settings)
+        env = dict(os.environ)
+        for name in ("nats_url", "pg_dsn", "prefix", "partitions", "batch_max_ms", "batch_max_rows",
+                     "ack_wait_s", "fetch_batch", "max_ack_pending"):
+            env[f"ORDO_{name.upper()}"] = str(getattr(config, name))
+        env["ORDO_LOG_LEVEL"] = "warning"
+        return env
+
+    def spawn_worker(self, index: int = 0, workers: int = 1, **settings) -> subprocess.Popen:
+        """A worker as a real process (`ordo run --worker-index`), to be killed for real."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(workers)],
+            env=self.env(**settings),
+            cwd=ROOT,
+        )
+        self.processes.append(proc)
+        return proc
+
+    async def wait_claimed(self, since: float, count: int | None = None, timeout: float = 20.0) -> None:
+        """Until `count` partitions (all by default) were claimed after `since` (epoch seconds)."""
+        count = self.config.partitions if count is None else count
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            claimed = await self.db.fetchval(
+                "SELECT count(*) FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)", since
+            )
+            if claimed >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("workers did not claim their partitions")
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish_triggers(self, events: list[dict]) -> None:
+        await publish_events(self.js, self.topology, iter(events))
+
+    async def publish_raw(self, subject: str, body: bytes, msg_id: str | None = None) -> int:
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        ack = await self.js.publish(subject, body, headers=headers)
+        return ack.seq
+
+    async def signal(self, execution_id: str, name: str, data=None, signal_id: str | None = None) -> int:
+        body = {"v": 1, "kind": "signal", "execution_id": execution_id,
+                "signal_id": signal_id or f"{name}-{time.monotonic_ns()}", "name": name, "data": data}
+        return await self.publish_raw(self.topology.exec_subject(execution_id), orjson.dumps(body),
+                                      msg_id=f"{execution_id}:{body['signal_id']}")
+
+    def execution_id(self, tenant: str, workflow_id: str, event_id: str) -> str:
+        return execution_id_for(tenant, workflow_id, event_id)
+
+    # -- reading the ledger back ----------------------------------------------
+
+    async def wait_until(self, sql: str, *args, expect, timeout: float = 60.0):
+        """Poll a scalar query until it equals `expect`; returns the last value."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = await self.db.fetchval(sql, *args)
+            if value == expect:
+                return value
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{sql!r} is {value!r}, expected {expect!r} after {timeout}s")
+
+    async def ledger_problems(self) -> dict:
+        """The ledger's invariants; every count must be zero."""
+        q = self.db.fetchval
+        return {
+            # seq of each execution is exactly 1..n
+            "seq_gaps": await q(
+                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions GROUP BY execution_id"
+                " HAVING min(seq) <> 1 OR max(seq) <> count(*)) g"
+            ),
+            # the execution row agrees with its history
+            "seq_mismatch": await q(
+                "SELECT count(*) FROM ordo.executions e WHERE e.seq <>"
+                " (SELECT coalesce(max(seq), 0) FROM ordo.transitions t WHERE t.execution_id = e.execution_id)"
+            ),
+            "orphan_transitions": await q(
+                "SELECT count(*) FROM ordo.transitions t WHERE NOT EXISTS"
+                " (SELECT 1 FROM ordo.executions e WHERE e.execution_id = t.execution_id)"
+            ),
+            # one start per execution, one end at most, and the end is last
+            "double_start": await q(
+                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions WHERE kind = 'started'"
+                " GROUP BY execution_id HAVING count(*) <> 1) g"
+            ),
+            "double_end": await q(
+                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions"
+                " WHERE kind IN ('completed', 'failed') GROUP BY execution_id HAVING count(*) > 1) g"
+            ),
+        }
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+NO_PROBLEMS = {"seq_gaps": 0, "seq_mismatch": 0, "orphan_transitions": 0, "double_start": 0, "double_end": 0}

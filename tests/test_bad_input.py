@@ -1,0 +1,120 @@
+"""Bad input gets a clear error, a metric and a dead-letter entry; good input keeps flowing."""
+
+import orjson
+
+from bench.generator import trigger_event
+from daemon import metrics
+from harness import NO_PROBLEMS, Harness
+from test_pipeline import WAITER, WELCOME
+
+MAX_BYTES = 4096
+
+
+def _good(i: int) -> dict:
+    return trigger_event("good", i, tenant="acme", event_type="contact.created")
+
+
+def _bad_triggers() -> list[tuple[str, bytes, str]]:
+    """(expected reason, body, a phrase the error must contain)."""
+    missing_event_id = _good(9000)
+    del missing_event_id["event_id"]
+    wrong_contact = _good(9001)
+    wrong_contact["contact"] = "not-an-object"
+    future = _good(9002)
+    future["v"] = 2
+    stranger = trigger_event("bad", 1, tenant="nobody", event_type="contact.created")
+    huge = _good(9003)
+    huge["data"] = {"blob": "x" * (MAX_BYTES * 2)}
+    broken_wf = trigger_event("bad", 2, tenant="acme", event_type="broken.thing")
+    nul = _good(9004)
+    nul["contact"]["first_name"] = "nul\u0000byte"
+    return [
+        ("malformed_json", b'{"v": 1, "event_id": ', "not valid JSON"),
+        ("invalid_utf8", b'{"v": 1, "event_id": "\xff\xfe"}', "UTF-8"),
+        ("not_an_object", b"[1, 2, 3]", "object is required"),
+        ("unsupported_version", orjson.dumps(future), "contract version 2"),
+        ("missing_field", orjson.dumps(missing_event_id), "'event_id'"),
+        ("wrong_type", orjson.dumps(wrong_contact), "'contact'"),
+        ("oversized", orjson.dumps(huge), "the limit is 4096"),
+        ("unknown_tenant", orjson.dumps(stranger), "'nobody'"),
+        ("invalid_definition", orjson.dumps(broken_wf), "points at unknown step"),
+        # Postgres refuses a NUL in jsonb: the batch is split until this one is
+        # alone, it is dead-lettered, and its batch-mates commit.
+        ("commit_error", orjson.dumps(nul), "\\u0000"),
+    ]
+
+
+async def test_bad_triggers_are_dead_lettered_and_good_ones_complete(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix, max_message_bytes=MAX_BYTES) as h:
+        await h.deploy(WELCOME)
+        # A definition that cannot load, stored behind deploy's back (as a
+        # hand edit or an older engine's schema would leave it).
+        broken = {"id": "broken", "tenant": "acme", "version": 1, "trigger": {"event": "broken.thing"},
+                  "steps": [{"id": "a", "type": "if", "condition": {"exists": "{{contact.id}}"}, "then": "nope"}]}
+        await h.db.execute(
+            "INSERT INTO ordo.workflows (tenant, workflow_id, version, definition, digest) VALUES ($1,$2,1,$3,'x')",
+            "acme", "broken", orjson.dumps(broken).decode(),
+        )
+        bad = _bad_triggers()
+        before = {reason: metrics.dead_letters.labels(reason)._value.get() for reason, _, _ in bad}
+        good = 0
+        subject = h.topology.trigger_subject("acme", "contact.created")
+        for n, (reason, body, _) in enumerate(bad):
+            for _ in range(20):
+                await h.publish_raw(subject, orjson.dumps(_good(good)))
+                good += 1
+            await h.publish_raw(subject, body, msg_id=f"bad-{n}")
+        for _ in range(20):
+            await h.publish_raw(subject, orjson.dumps(_good(good)))
+            good += 1
+
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=good)
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=len(bad))
+
+        letters = {r["reason"]: r for r in await h.db.fetch("SELECT * FROM ordo.dead_letters")}
+        for reason, body, phrase in bad:
+            assert reason in letters, f"no dead letter for {reason}"
+            letter = letters[reason]
+            assert phrase in letter["error"], (reason, letter["error"])
+            assert bytes(letter["payload"]) == body, reason
+            assert letter["stream"] == h.topology.triggers_stream
+            assert metrics.dead_letters.labels(reason)._value.get() == before[reason] + 1, reason
+        assert letters["invalid_definition"]["workflow_id"] == "broken"
+        assert letters["unknown_tenant"]["tenant"] == "nobody"
+
+        # The DLQ stream holds a copy of each, labelled with its reason.
+        sub = await h.js.pull_subscribe(f"{h.config.prefix}.dlq.>", durable=None, stream=h.topology.dlq_stream)
+        copies = await sub.fetch(len(bad), timeout=5)
+        assert sorted(m.headers["Ordo-Reason"] for m in copies) == sorted(r for r, _, _ in bad)
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_bad_messages_for_executions_are_dead_lettered(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WAITER)
+        async with h.worker():
+            await h.publish_triggers([
+                trigger_event("x", 1, tenant="acme", event_type="contact.created"),
+                trigger_event("x", 2, tenant="acme", event_type="session.started"),
+            ])
+            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=2)
+            finished = h.execution_id("acme", "welcome", "x-1")
+            waiting = h.execution_id("acme", "waiter", "x-2")
+            ghost = h.execution_id("acme", "welcome", "never-published")
+            await h.publish_raw(h.topology.exec_subject(waiting), b"{nope")
+            await h.publish_raw(h.topology.exec_subject(waiting), orjson.dumps(
+                {"v": 1, "kind": "teleport", "execution_id": waiting}))
+            await h.signal(ghost, "tick", {"i": 0})
+            await h.signal(finished, "tick", {"i": 0})
+            await h.signal(waiting, "done", {"ok": True})
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
+            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", waiting,
+                               expect="completed")
+        reasons = {r["reason"]: r for r in await h.db.fetch("SELECT * FROM ordo.dead_letters")}
+        assert set(reasons) == {"malformed_json", "unknown_kind", "unknown_execution", "execution_closed"}
+        assert "teleport" in reasons["unknown_kind"]["error"]
+        assert str(reasons["execution_closed"]["execution_id"]) == finished
+        assert str(reasons["unknown_execution"]["execution_id"]) == ghost
+        assert await h.ledger_problems() == NO_PROBLEMS

@@ -1,0 +1,102 @@
+"""The `ordo` command line against real servers, as an operator would use it."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from bench.generator import trigger_event
+from harness import ROOT, Harness
+from test_pipeline import WAITER
+
+
+def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=check)
+
+
+def test_validate_points_at_the_offending_step(tmp_path):
+    bad = dict(WAITER, steps=[{"id": "wait", "type": "wait_for_signal"},
+                              {"id": "go", "type": "if", "condition": {"eq": ["{{contact.x}}", 1]}, "then": "nowhere"}])
+    path = tmp_path / "bad.json"
+    path.write_bytes(orjson.dumps(bad))
+    result = ordo("workflow", "validate", str(path))
+    assert result.returncode == 1
+    assert "steps[0] (id 'wait')" in result.stderr and "'signal'" in result.stderr
+    assert "steps[1] (id 'go'): 'then' points at unknown step 'nowhere'" in result.stderr
+
+
+async def test_migrate_and_deploy_are_idempotent(pg_dsn, tmp_path):
+    env = {"ORDO_PG_DSN": pg_dsn}
+    first = ordo("migrate", env_extra=env)
+    assert first.returncode == 0 and "applied: 001_initial.sql" in first.stdout
+    again = ordo("migrate", env_extra=env)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+    path = tmp_path / "waiter.json"
+    path.write_bytes(orjson.dumps(WAITER))
+    assert "deployed as version 1" in ordo("workflow", "deploy", str(path), env_extra=env).stdout
+    assert "unchanged as version 1" in ordo("workflow", "deploy", str(path), env_extra=env).stdout
+    changed = dict(WAITER, name="renamed")
+    path.write_bytes(orjson.dumps(changed))
+    assert "deployed as version 2" in ordo("workflow", "deploy", str(path), env_extra=env).stdout
+    listed = ordo("workflow", "list", env_extra=env).stdout
+    assert "acme/waiter  latest v2  (2 versions)" in listed
+
+
+async def test_a_running_execution_keeps_the_version_it_started_on(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker() as worker:
+            await h.publish_triggers([trigger_event("ver", 1, tenant="acme", event_type="session.started")])
+            old = h.execution_id("acme", "waiter", "ver-1")
+            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", old,
+                               expect="waiting")
+            v2 = dict(WAITER, steps=[{"id": "wait", "type": "wait_for_signal", "signal": "done"},
+                                     {"id": "v2-only", "type": "set", "values": {"v2": True}}])
+            assert await h.deploy(v2) == 2
+            # The worker reloads on the deploy's NOTIFY; new enrolments take v2.
+            for _ in range(100):
+                if worker.registry.version("acme", "waiter", 2) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the worker did not pick up version 2")
+            await h.publish_triggers([trigger_event("ver", 2, tenant="acme", event_type="session.started")])
+            new = h.execution_id("acme", "waiter", "ver-2")
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=2)
+            await h.signal(old, "done", {})
+            await h.signal(new, "done", {})
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2)
+        rows = {r["execution_id"]: r for r in await h.db.fetch(
+            "SELECT execution_id::text, workflow_version, context FROM ordo.executions")}
+        assert rows[old]["workflow_version"] == 1
+        assert json.loads(rows[old]["context"]).get("v2") is None
+        assert rows[new]["workflow_version"] == 2
+        assert json.loads(rows[new]["context"])["v2"] is True
+
+
+def _debian_nats_version() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=1) as sock:
+            info = json.loads(sock.recv(4096).decode().split(" ", 1)[1])
+            return info["version"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+
+
+def test_a_worker_refuses_a_nats_server_older_than_2_10(pg_dsn):
+    version = _debian_nats_version()
+    if version is None or tuple(int(x) for x in version.split("-")[0].split(".")) >= (2, 10):
+        pytest.skip("no nats-server older than 2.10 listens on 127.0.0.1:4222 to try this against")
+    result = ordo("run", "--worker-index", "0", "--workers", "1",
+                  env_extra={"ORDO_NATS_URL": "nats://127.0.0.1:4222", "ORDO_PG_DSN": pg_dsn})
+    assert result.returncode != 0
+    assert version in result.stderr and "2.10.0" in result.stderr
+    assert "Traceback" not in result.stderr

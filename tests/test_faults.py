@@ -1,0 +1,90 @@
+"""Kill, stop and restart real worker processes; the ledger must not notice."""
+
+import asyncio
+import signal
+import time
+
+import orjson
+
+from bench.generator import trigger_event
+from harness import NO_PROBLEMS, Harness, fault_scale
+from test_pipeline import WAITER, WELCOME
+
+
+async def _completed(h: Harness) -> int:
+    return await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
+
+
+async def _wait_progress(h: Harness, proc, at_least: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = await _completed(h)
+        if done >= at_least:
+            return done
+        assert proc.poll() is None, f"the worker exited with {proc.returncode}"
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no progress to {at_least} executions")
+
+
+async def test_kill_9_mid_batch_again_and_again_loses_and_duplicates_nothing(nats_server_url, pg_dsn, prefix):
+    kills = fault_scale(ci=5, full=50)
+    step = 150
+    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=2.0) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WAITER)
+        waiters = [trigger_event("crash-w", i, tenant="acme", event_type="session.started") for i in range(20)]
+        waiter_ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in waiters]
+        async with h.worker():
+            await h.publish_triggers(waiters)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=20)
+        base = await _completed(h)
+
+        count = kills * step + 1000
+        events = [trigger_event("crash", i, tenant="acme", event_type="contact.created") for i in range(count)]
+        await h.publish_triggers(events)
+        ticks = 10
+        for i in range(ticks):
+            for execution_id in waiter_ids:
+                await h.signal(execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
+        for execution_id in waiter_ids:
+            await h.signal(execution_id, "done", None, signal_id="done")
+
+        # Small batches and a slow flush so that a kill lands inside a batch.
+        for k in range(kills):
+            proc = h.spawn_worker(batch_max_ms=15.0, fetch_batch=50)
+            await _wait_progress(h, proc, base + (k + 1) * step)
+            h.kill(proc)
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
+                               expect=count + len(waiters), timeout=120)
+
+        rows = await h.db.fetch("SELECT event_id FROM ordo.executions WHERE workflow_id = 'welcome'")
+        assert sorted(r["event_id"] for r in rows) == sorted(e["event_id"] for e in events)
+        assert await h.ledger_problems() == NO_PROBLEMS
+        for execution_id in waiter_ids:
+            details = await h.db.fetch(
+                "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
+                execution_id,
+            )
+            names = [orjson.loads(d["detail"]) for d in details]
+            assert [n["data"]["i"] for n in names[:-1]] == list(range(ticks))
+            assert names[-1]["name"] == "done"
+
+
+async def test_sigterm_drains_commits_acks_and_exits_zero(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        events = [trigger_event("drain", i, tenant="acme", event_type="contact.created") for i in range(3000)]
+        await h.publish_triggers(events)
+        proc = h.spawn_worker(batch_max_ms=10.0, fetch_batch=100)
+        await _wait_progress(h, proc, 300)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        # Drained: nothing the worker took is left unacked on the server.
+        info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+        assert info.num_ack_pending == 0
+        done_at_stop = await _completed(h)
+        assert done_at_stop + info.num_pending == len(events)
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(events))
+        assert await h.ledger_problems() == NO_PROBLEMS

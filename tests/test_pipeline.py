@@ -1,0 +1,170 @@
+"""End to end on real NATS JetStream and real Postgres: enrolment, dedupe, ordering."""
+
+import asyncio
+import random
+
+import asyncpg
+import orjson
+
+from bench.generator import trigger_event
+
+from daemon import metrics
+from harness import NO_PROBLEMS, Harness
+
+
+def _counter(counter, label: str) -> float:
+    return counter.labels(label)._value.get()
+
+WELCOME = {
+    "id": "welcome",
+    "tenant": "acme",
+    "trigger": {"event": "contact.created"},
+    "steps": [
+        {"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}},
+        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "DE"]},
+         "then": "german"},
+        {"id": "english", "type": "set", "values": {"locale": "en"}, "next": "done"},
+        {"id": "german", "type": "set", "values": {"locale": "de"}},
+        {"id": "done", "type": "end"},
+    ],
+}
+
+BIG_ORDER = {
+    "id": "big-order",
+    "tenant": "acme",
+    "trigger": {"event": "order.placed", "filter": {"gte": ["{{event.data.amount}}", 100]}},
+    "steps": [{"id": "flag", "type": "set", "values": {"vip": True, "amount": "{{event.data.amount}}"}}],
+}
+
+WAITER = {
+    "id": "waiter",
+    "tenant": "acme",
+    "trigger": {"event": "session.started"},
+    "steps": [
+        {"id": "wait", "type": "wait_for_signal", "signal": "done"},
+        {"id": "finish", "type": "set", "values": {"finished": True}},
+    ],
+}
+
+
+def _events(run_id: str, count: int) -> list[dict]:
+    """contact.created, order.placed (half of them big) and page.viewed (matches nothing)."""
+    events = []
+    for i in range(count):
+        kind = ("contact.created", "order.placed", "page.viewed")[i % 3]
+        events.append(trigger_event(run_id, i, tenant="acme", event_type=kind, data={"amount": (i * 7) % 200}))
+    return events
+
+
+def _expected(h: Harness, events: list[dict]) -> set[tuple[str, str]]:
+    expected = set()
+    for e in events:
+        if e["type"] == "contact.created":
+            expected.add(("welcome", e["event_id"]))
+        elif e["type"] == "order.placed" and e["data"]["amount"] >= 100:
+            expected.add(("big-order", e["event_id"]))
+    return expected
+
+
+async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(BIG_ORDER)
+        events = _events("e2e", 2000)
+        rng = random.Random(7)
+        duplicates = rng.sample(events, 200)
+        await h.publish_triggers(events)
+        # Half the duplicates are exact re-publishes (JetStream's duplicate
+        # window drops them); the other half slip past it with another
+        # Nats-Msg-Id, so the ledger's unique key has to absorb them.
+        for i, event in enumerate(duplicates):
+            msg_id = event["event_id"] if i % 2 else f"{event['event_id']}-again"
+            await h.publish_raw(h.topology.trigger_subject("acme", event["type"]), orjson.dumps(event), msg_id)
+        expected = _expected(h, events)
+
+        async with h.worker(0, 2), h.worker(1, 2):
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
+                               expect=len(expected))
+            # Let every duplicate and non-matching trigger settle as well.
+            await _wait_consumer_drained(h)
+
+        rows = await h.db.fetch("SELECT workflow_id, event_id, status, seq FROM ordo.executions")
+        assert {(r["workflow_id"], r["event_id"]) for r in rows} == expected
+        assert len(rows) == len(expected), "an execution exists twice"
+        assert {r["status"] for r in rows} == {"completed"}
+        assert await h.ledger_problems() == NO_PROBLEMS
+        german = await h.db.fetchval(
+            "SELECT count(*) FROM ordo.executions WHERE workflow_id = 'welcome' AND context->>'locale' = 'de'"
+        )
+        assert german == sum(1 for e in events if e["type"] == "contact.created" and e["contact"]["country"] == "DE")
+        # Every transition of the welcome workflow, in order, for one execution.
+        kinds = await h.db.fetch(
+            "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+            h.execution_id("acme", "welcome", "e2e-3"),  # a US contact
+        )
+        assert [(k["step_id"], k["kind"]) for k in kinds] == [
+            ("", "started"), ("greet", "set"), ("by-country", "branch"), ("english", "set"), ("done", "completed"),
+        ]
+
+
+async def _wait_consumer_drained(h: Harness, timeout: float = 30.0) -> None:
+    """Until the trigger consumer has nothing pending or unacked."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the trigger consumer did not drain")
+
+
+async def test_signals_are_applied_in_publish_order_per_execution(nats_server_url, pg_dsn, prefix):
+    """Many executions, signals interleaved across them, redeliveries in the middle."""
+    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=1.0) as h:
+        await h.deploy(WAITER)
+        executions = 40
+        ticks = 25
+        events = [trigger_event("ord", i, tenant="acme", event_type="session.started") for i in range(executions)]
+        ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in events]
+        async with h.worker():
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=executions)
+        # Publish with no worker running, interleaved across executions in a
+        # shuffled execution order each round; the per-execution order is i.
+        rng = random.Random(3)
+        for i in range(ticks):
+            order = list(range(executions))
+            rng.shuffle(order)
+            for n in order:
+                await h.signal(ids[n], "tick", {"i": i}, signal_id=f"tick-{i}")
+        for n in range(executions):
+            await h.signal(ids[n], "done", {"ok": True}, signal_id="done")
+
+        # Hold the ledger's transitions table locked for longer than AckWait
+        # (1 s) while the worker has signals in flight: JetStream redelivers
+        # them while their originals wait to commit. The redelivered copies
+        # must queue behind their originals and then commit nothing.
+        redelivered_before = _counter(metrics.redeliveries, h.topology.exec_stream)
+        duplicates_before = _counter(metrics.exec_messages, "duplicate")
+        async with h.worker():
+            blocker = await asyncpg.connect(h.config.pg_dsn)
+            try:
+                async with blocker.transaction():
+                    await blocker.execute("LOCK TABLE ordo.transitions IN SHARE ROW EXCLUSIVE MODE")
+                    await asyncio.sleep(2.5)
+            finally:
+                await blocker.close()
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
+                               expect=executions)
+        assert _counter(metrics.redeliveries, h.topology.exec_stream) > redelivered_before
+        assert _counter(metrics.exec_messages, "duplicate") > duplicates_before
+
+        for execution_id in ids:
+            rows = await h.db.fetch(
+                "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
+                execution_id,
+            )
+            applied = [orjson.loads(r["detail"]) for r in rows]
+            assert [d["data"]["i"] for d in applied[:-1]] == list(range(ticks)), execution_id
+            assert applied[-1]["name"] == "done"
+        assert await h.ledger_problems() == NO_PROBLEMS
