@@ -49,7 +49,7 @@ def _run_async(coro):
 def cmd_run(args, config) -> int:
     _require(config, "nats_url", "pg_dsn")
     if args.worker_index is not None:
-        from .worker import run_worker
+        from .service import run_worker
 
         workers = args.workers or config.workers or os.cpu_count() or 1
         return _run_async(run_worker(config, args.worker_index, workers))

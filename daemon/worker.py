@@ -408,20 +408,3 @@ class Worker:
 
 def _looks_like_uuid(value) -> bool:
     return isinstance(value, str) and len(value) == 36 and value.count("-") == 4
-
-
-async def run_worker(config: Config, worker_index: int, workers: int) -> int:
-    """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
-    import signal
-
-    worker = Worker(config, worker_index=worker_index, workers=workers)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stopping.set)
-    await worker.start()
-    try:
-        await worker.run()
-    except Fenced as exc:
-        log.error("%s; exiting so that the supervisor restarts this worker", exc)
-        return 3
-    return 0
