@@ -25,3 +25,12 @@ fetch_seconds = Histogram("ordo_nats_fetch_seconds", "JetStream fetch latency.",
 in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
 ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")
+
+
+# Children bound once: `.labels()` on every message showed up in profiles.
+enrolled = enrolments.labels("enrolled")
+deduplicated = enrolments.labels("deduplicated")
+exec_applied = exec_messages.labels("applied")
+exec_duplicate = exec_messages.labels("duplicate")
+fetch_triggers_seconds = fetch_seconds.labels("triggers")
+fetch_exec_seconds = fetch_seconds.labels("exec")

@@ -3,6 +3,7 @@
 One place that knows the naming, so that publishers, workers and tests agree.
 """
 
+import hashlib
 import uuid
 import zlib
 
@@ -15,9 +16,21 @@ from .config import Config
 EXECUTION_NAMESPACE = uuid.UUID("6f7a6e4e-0b1d-4d55-9a8e-0e7d0c0f0a11")
 
 
+_NAMESPACE_BYTES = EXECUTION_NAMESPACE.bytes
+
+
 def execution_id_for(tenant: str, workflow_id: str, event_id: str) -> str:
-    """The same trigger event enrols a contact into a workflow once: its id is derived."""
-    return str(uuid.uuid5(EXECUTION_NAMESPACE, f"{tenant}\x1f{workflow_id}\x1f{event_id}"))
+    """The same trigger event enrols a contact into a workflow once: its id is derived.
+
+    This is uuid.uuid5(EXECUTION_NAMESPACE, "tenant\\x1fworkflow\\x1fevent") spelled
+    out without UUID objects, which cost more than the hash on the enrolment path.
+    """
+    name = f"{tenant}\x1f{workflow_id}\x1f{event_id}".encode()
+    raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def partition_of(execution_id: str, partitions: int) -> int:

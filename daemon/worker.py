@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 import asyncpg
 import nats
 import nats.errors
-import nats.js.errors
 
 from hotpath import ExecutionState, OrderingRing, advance
 from hotpath.envelope import BadMessage, decode_exec, decode_trigger
@@ -37,30 +36,11 @@ from ledger.schema import require_current
 from . import metrics
 from .config import Config
 from .definitions import WorkflowRegistry
+from .pull import Delivery, PullConsumer
 from .servers import check_nats_server
 from .topology import Topology, execution_id_for, partition_of
 
 log = logging.getLogger("ordo.worker")
-
-_FETCH_ERRORS = (nats.errors.TimeoutError, asyncio.TimeoutError)
-
-
-class Inbound:
-    """A JetStream message as the pipeline carries it."""
-
-    __slots__ = ("msg", "subject", "data", "stream", "stream_seq", "key")
-
-    def __init__(self, msg):
-        self.msg = msg
-        self.subject = msg.subject
-        self.data = msg.data
-        meta = msg.metadata
-        self.stream = meta.stream
-        self.stream_seq = meta.sequence.stream
-        if meta.num_delivered > 1:
-            metrics.redeliveries.labels(meta.stream).inc()
-        #: The ordering-ring key (an execution id) while the message holds it.
-        self.key = None
 
 
 def _now() -> datetime:
@@ -123,11 +103,15 @@ class Worker:
 
     async def run(self) -> None:
         """Run until `stopping` is set, then drain: stop fetching, commit and ack what is in flight."""
-        subs = [await self._js.pull_subscribe_bind(self.topology.triggers_consumer, self.topology.triggers_stream)]
-        for p in self.partitions:
-            subs.append(await self._js.pull_subscribe_bind(self.topology.partition_consumer(p), self.topology.exec_stream))
-        fetchers = [asyncio.create_task(self._fetch_loop(subs[0], self._take_triggers, "triggers"))]
-        fetchers += [asyncio.create_task(self._fetch_loop(s, self._take_exec_messages, "exec")) for s in subs[1:]]
+        t = self.topology
+        consumers = [PullConsumer(self._nc, t.triggers_stream, t.triggers_consumer)]
+        consumers += [PullConsumer(self._nc, t.exec_stream, t.partition_consumer(p)) for p in self.partitions]
+        for consumer in consumers:
+            await consumer.subscribe()
+        fetchers = [asyncio.create_task(
+            self._fetch_loop(consumers[0], self._take_triggers, metrics.fetch_triggers_seconds))]
+        fetchers += [asyncio.create_task(self._fetch_loop(c, self._take_exec_messages, metrics.fetch_exec_seconds))
+                     for c in consumers[1:]]
         pump = asyncio.create_task(self._pump())
         committer = asyncio.create_task(self._commit_loop())
         self._tasks = fetchers + [pump, committer]
@@ -173,45 +157,52 @@ class Worker:
 
     # -- fetch ----------------------------------------------------------------
 
-    async def _fetch_loop(self, sub, take, stream_label: str) -> None:
+    async def _fetch_loop(self, consumer: PullConsumer, take, fetch_seconds) -> None:
         batch = self.config.fetch_batch
-        while not self.stopping.is_set():
-            # Backpressure: never hold more than max_ack_pending messages.
-            while self._in_flight + batch > self.config.max_ack_pending:
-                self._room.clear()
-                await self._room.wait()
-            await self.batcher.wait_for_space()
-            if self.stopping.is_set():
-                break
+        while True:
+            stopping = self.stopping.is_set()
+            if consumer.outstanding == 0:
+                if stopping:
+                    return  # drained: no pull request left open to deliver into nowhere
+                # Backpressure: a new request never takes in_flight past max_ack_pending.
+                while self._in_flight + batch > self.config.max_ack_pending:
+                    self._room.clear()
+                    await self._room.wait()
+                await self.batcher.wait_for_space()
             started = time.monotonic()
             try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except _FETCH_ERRORS:
-                continue
-            except (nats.errors.ConnectionClosedError, nats.js.errors.ServiceUnavailableError) as exc:
-                log.warning("fetch failed (%s); retrying", exc)
+                deliveries = await consumer.take(batch, request_more=not self.stopping.is_set())
+            except nats.errors.ConnectionClosedError:
+                return
+            except nats.errors.Error as exc:
+                log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc)
                 await asyncio.sleep(0.5)
                 continue
-            metrics.fetch_seconds.labels(stream_label).observe(time.monotonic() - started)
-            self._in_flight += len(msgs)
+            if not deliveries:
+                continue
+            fetch_seconds.observe(time.monotonic() - started)
+            self._in_flight += len(deliveries)
             metrics.in_flight.set(self._in_flight)
-            take([Inbound(m) for m in msgs])
+            metrics.ring_occupancy.set(len(self.ring))
+            for d in deliveries:
+                if d.delivered > 1:
+                    metrics.redeliveries.labels(d.stream).inc()
+            take(deliveries)
 
     def _release(self, count: int) -> None:
         self._in_flight -= count
-        metrics.in_flight.set(self._in_flight)
         if self._in_flight + self.config.fetch_batch <= self.config.max_ack_pending:
             self._room.set()
 
     # -- enrol: triggers ------------------------------------------------------
 
-    def _take_triggers(self, batch: list[Inbound]) -> None:
+    def _take_triggers(self, batch: list[Delivery]) -> None:
         now = _now()
+        metrics.triggers_received.inc(len(batch))
         for inbound in batch:
-            metrics.triggers_received.inc()
             self.batcher.add(self._enrol(inbound, now))
 
-    def _enrol(self, inbound: Inbound, now: datetime) -> Unit:
+    def _enrol(self, inbound: Delivery, now: datetime) -> Unit:
         """A trigger's outcome: a new execution per matching workflow, run until it suspends."""
         unit = Unit(inbound)
         try:
@@ -252,7 +243,7 @@ class Worker:
 
     # -- order and dispatch: messages addressed to executions -----------------
 
-    def _take_exec_messages(self, batch: list[Inbound]) -> None:
+    def _take_exec_messages(self, batch: list[Delivery]) -> None:
         for inbound in batch:
             try:
                 doc = decode_exec(inbound.data, self.config.max_message_bytes)
@@ -287,7 +278,7 @@ class Worker:
                 if self.stopping.is_set() and not self.ring:
                     self.batcher.nudge()
 
-    def _apply(self, record, inbound: Inbound, doc: dict, now: datetime) -> Unit | None:
+    def _apply(self, record, inbound: Delivery, doc: dict, now: datetime) -> Unit | None:
         """One message applied to one execution; None when it is a redelivery of a committed one."""
         unit = Unit(inbound)
         if record is None:
@@ -295,7 +286,7 @@ class Worker:
             return unit
         if inbound.stream_seq <= record.last_stream_seq:
             # Committed before (a redelivery): nothing to apply, just settle it.
-            metrics.exec_messages.labels("duplicate").inc()
+            metrics.exec_duplicate.inc()
             self._settle_now(inbound)
             return None
         state = record.state
@@ -353,40 +344,47 @@ class Worker:
         letters = [(u.token, d) for u in result.units for d in u.dead_letters]
         if letters:
             await self._publish_dead_letters(letters)
+        enrolled = deduplicated = applied = transitions = 0
+        finished: dict = {}
+        publish = self._nc.publish
         for unit in result.units:
             inbound = unit.token
             stale = False
             for change in unit.changes:
                 if change.is_new:
-                    enrolled = change.execution_id in accepted and not change.duplicate
-                    metrics.enrolments.labels("enrolled" if enrolled else "deduplicated").inc()
-                    if not enrolled:
+                    if change.execution_id not in accepted or change.duplicate:
+                        deduplicated += 1
                         continue
+                    enrolled += 1
                 elif change.execution_id not in accepted:
                     # The ledger moved on since this state was loaded: let the
                     # redelivery re-read it (it dedupes if this already applied).
                     stale = True
                     continue
                 else:
-                    metrics.exec_messages.labels("applied").inc()
-                metrics.transitions.inc(len(change.transitions))
-                status = change.row[7]
-                if status in executions.CLOSED:
-                    metrics.executions_finished.labels(status).inc()
+                    applied += 1
+                transitions += len(change.transitions)
+                if change.finished:
+                    finished[change.status] = finished.get(change.status, 0) + 1
             if stale:
-                await inbound.msg.nak(delay=0.1)
+                await publish(inbound.reply, b'-NAK {"delay": 100000000}')
             else:
-                await inbound.msg.ack()
+                await publish(inbound.reply, b"+ACK")
             self._settled(inbound)
+        metrics.enrolled.inc(enrolled)
+        metrics.deduplicated.inc(deduplicated)
+        metrics.exec_applied.inc(applied)
+        metrics.transitions.inc(transitions)
+        for status, count in finished.items():
+            metrics.executions_finished.labels(status).inc(count)
 
-    def _settle_now(self, inbound: Inbound) -> None:
-        asyncio.get_running_loop().create_task(inbound.msg.ack())
+    def _settle_now(self, inbound: Delivery) -> None:
+        asyncio.get_running_loop().create_task(self._nc.publish(inbound.reply, b"+ACK"))
         self._settled(inbound)
 
-    def _settled(self, inbound: Inbound) -> None:
+    def _settled(self, inbound: Delivery) -> None:
         if inbound.key is not None:
             self.ring.complete(inbound.key)
-            metrics.ring_occupancy.set(len(self.ring))
             self._ring_ready.set()
         self._release(1)
 

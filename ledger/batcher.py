@@ -34,39 +34,42 @@ import asyncpg
 
 log = logging.getLogger("ordo.ledger")
 
+#: An execution row as the worker builds it; updated_at and finished_at are
+#: the ledger's commit clock (column defaults), see the migration.
 EXEC_COLUMNS = (
     "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
     "partition", "status", "seq", "pc", "steps", "waiting", "last_stream_seq",
-    "context", "contact", "event", "created_at", "updated_at", "finished_at", "prev_seq",
+    "context", "contact", "event", "created_at",
 )
 TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail")
-_PREV_SEQ = len(EXEC_COLUMNS) - 1
+_STATUS = EXEC_COLUMNS.index("status")
 
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_exec
-    (LIKE ordo.executions, prev_seq int NOT NULL) ON COMMIT DELETE ROWS;
+    (LIKE ordo.executions INCLUDING DEFAULTS, finished boolean NOT NULL, prev_seq int NOT NULL)
+    ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_tr
     (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
 """
+_STAGE_COLUMNS = EXEC_COLUMNS + ("finished", "prev_seq")
 
+# The slow path, for updates and for a batch whose fast path hit a duplicate:
+# insert new executions unless they exist, update existing ones only where the
+# stored seq is the one the change was computed from, and append the
+# transitions of exactly the executions accepted.
 _MERGE = """
 WITH inserted AS (
-    INSERT INTO ordo.executions
-    SELECT execution_id, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
-           status, seq, pc, steps, waiting, last_stream_seq, context, contact, event,
-           created_at, updated_at,
-           -- The time the commit merges it, not the time it was dispatched:
-           -- end-to-end latency is measured to the commit.
-           CASE WHEN finished_at IS NULL THEN NULL ELSE clock_timestamp() END
+    INSERT INTO ordo.executions (""" + ", ".join(EXEC_COLUMNS) + """, updated_at, finished_at)
+    SELECT """ + ", ".join(EXEC_COLUMNS) + """, clock_timestamp(),
+           CASE WHEN finished THEN clock_timestamp() END
     FROM stage_exec WHERE prev_seq = 0
     ON CONFLICT (execution_id) DO NOTHING
     RETURNING execution_id
 ), updated AS (
     UPDATE ordo.executions e
     SET status = s.status, seq = s.seq, pc = s.pc, steps = s.steps, waiting = s.waiting,
-        last_stream_seq = s.last_stream_seq, context = s.context,
-        updated_at = s.updated_at,
-        finished_at = CASE WHEN s.finished_at IS NULL THEN NULL ELSE clock_timestamp() END
+        last_stream_seq = s.last_stream_seq, context = s.context, updated_at = clock_timestamp(),
+        finished_at = CASE WHEN s.finished THEN clock_timestamp() END
     FROM stage_exec s
     WHERE s.prev_seq > 0 AND e.execution_id = s.execution_id AND e.seq = s.prev_seq
     RETURNING e.execution_id
@@ -114,9 +117,19 @@ class ExecutionChange:
     partition: int
     row: tuple
     transitions: list
-    is_new: bool
+    #: The seq the state was computed from (0: a new execution).
+    prev_seq: int
+    finished: bool
     #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
     duplicate: bool = False
+
+    @property
+    def is_new(self) -> bool:
+        return self.prev_seq == 0
+
+    @property
+    def status(self) -> str:
+        return self.row[_STATUS]
 
 
 @dataclass(slots=True)
@@ -271,7 +284,7 @@ class LedgerBatcher:
 
     async def _commit_once(self, units: list) -> set:
         conn = await self.connect()
-        exec_rows, transition_rows, letters, touched, enrolled = [], [], [], set(), set()
+        new, updates, letters, touched, enrolled = [], [], [], set(), set()
         for unit in units:
             for change in unit.changes:
                 if change.is_new:
@@ -280,20 +293,28 @@ class LedgerBatcher:
                         change.duplicate = True
                         continue
                     enrolled.add(change.execution_id)
-                exec_rows.append(change.row)
-                transition_rows.extend(change.transitions)
-                if not change.is_new:
+                    new.append(change)
+                else:
+                    updates.append(change)
                     touched.add(change.partition)
             letters.extend(unit.dead_letters)
+        accepted = set()
         async with conn.transaction():
             if touched:
                 await self._check_epochs(conn, sorted(touched))
-            accepted = set()
-            if exec_rows:
-                await conn.copy_records_to_table("stage_exec", records=exec_rows, columns=EXEC_COLUMNS)
-                if transition_rows:
-                    await conn.copy_records_to_table("stage_tr", records=transition_rows, columns=TRANSITION_COLUMNS)
-                accepted = {r[0] for r in await conn.fetch(_MERGE)}
+            if new and not await self._copy_new(conn, new):
+                updates = new + updates  # a duplicate among them: take the slow path
+            elif new:
+                accepted.update(enrolled)
+            if updates:
+                await conn.copy_records_to_table(
+                    "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in updates],
+                    columns=_STAGE_COLUMNS,
+                )
+                await conn.copy_records_to_table(
+                    "stage_tr", records=[t for c in updates for t in c.transitions], columns=TRANSITION_COLUMNS
+                )
+                accepted.update(r[0] for r in await conn.fetch(_MERGE))
             if letters:
                 await conn.executemany(
                     _INSERT_DEAD_LETTER,
@@ -304,6 +325,33 @@ class LedgerBatcher:
                     ],
                 )
         return accepted
+
+    async def _copy_new(self, conn: asyncpg.Connection, new: list) -> bool:
+        """The fast path: COPY new executions straight into the ledger's tables.
+
+        Duplicates are rare (a redelivered trigger), so try without a staging
+        table first; a unique violation rolls back to the savepoint and the
+        caller merges instead. False when that happened.
+        """
+        finished = [c.row for c in new if c.finished]
+        running = [c.row + (None,) for c in new if not c.finished]
+        try:
+            async with conn.transaction():  # a savepoint inside the batch's transaction
+                if finished:
+                    await conn.copy_records_to_table(
+                        "executions", schema_name="ordo", records=finished, columns=EXEC_COLUMNS
+                    )
+                if running:
+                    await conn.copy_records_to_table(
+                        "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
+                    )
+                await conn.copy_records_to_table(
+                    "transitions", schema_name="ordo", records=[t for c in new for t in c.transitions],
+                    columns=TRANSITION_COLUMNS,
+                )
+        except asyncpg.UniqueViolationError:
+            return False
+        return True
 
     async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int]) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a

@@ -54,13 +54,13 @@ class ExecutionRecord:
             self.last_stream_seq, _json(state.context),
             _json(state.contact) if is_new else "{}",
             (self.event_json or _json(state.event)) if is_new else "{}",
-            self.created_at, now, now if state.status in CLOSED else None, self.loaded_seq,
+            self.created_at,
         )
         rows = [
             (eid, seq, step_id, kind, now, None if detail is None else _json(detail))
             for seq, step_id, kind, detail in transitions
         ]
-        return ExecutionChange(eid, self.partition, row, rows, is_new)
+        return ExecutionChange(eid, self.partition, row, rows, self.loaded_seq, state.status in CLOSED)
 
 
 _LOAD = """

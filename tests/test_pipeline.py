@@ -81,6 +81,10 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             msg_id = event["event_id"] if i % 2 else f"{event['event_id']}-again"
             await h.publish_raw(h.topology.trigger_subject("acme", event["type"]), orjson.dumps(event), msg_id)
         expected = _expected(h, events)
+        enrolling = {event_id for _, event_id in expected}
+        other_msg_id = [e for i, e in enumerate(duplicates) if i % 2 == 0]
+        slipped_past_jetstream = sum(1 for e in other_msg_id if e["event_id"] in enrolling)
+        deduplicated_before = metrics.deduplicated._value.get()
 
         async with h.worker(0, 2), h.worker(1, 2):
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
@@ -88,6 +92,8 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             # Let every duplicate and non-matching trigger settle as well.
             await _wait_consumer_drained(h)
 
+        # The ledger, not JetStream, absorbed the duplicates with another msg id.
+        assert metrics.deduplicated._value.get() - deduplicated_before == slipped_past_jetstream
         rows = await h.db.fetch("SELECT workflow_id, event_id, status, seq FROM ordo.executions")
         assert {(r["workflow_id"], r["event_id"]) for r in rows} == expected
         assert len(rows) == len(expected), "an execution exists twice"

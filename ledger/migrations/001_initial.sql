@@ -39,8 +39,12 @@ CREATE TABLE ordo.executions (
     contact           jsonb NOT NULL,
     event             jsonb NOT NULL,
     created_at        timestamptz NOT NULL,
-    updated_at        timestamptz NOT NULL,
-    finished_at       timestamptz
+    -- Both are the ledger's clock at commit time, filled in by these defaults
+    -- during the batch's COPY (the engine omits the columns), so latency is
+    -- measured to the commit. finished_at is given explicitly as NULL for an
+    -- execution that has not ended.
+    updated_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at       timestamptz DEFAULT clock_timestamp()
 );
 CREATE INDEX executions_by_workflow ON ordo.executions (tenant, workflow_id, status);
 CREATE INDEX executions_by_contact ON ordo.executions (tenant, contact_id);
