@@ -8,6 +8,7 @@
     ordo execution show ID [--json]
     ordo dlq list [--reason R]
     ordo bench SCENARIO ...
+    ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
 
 Servers come from ORDO_NATS_URL / ORDO_PG_DSN (or the config file), never from
 the command line: a DSN with a password must not show up in `ps`.
@@ -52,7 +53,7 @@ def cmd_run(args, config) -> int:
         from .service import run_worker
 
         workers = args.workers or config.workers or os.cpu_count() or 1
-        return _run_async(run_worker(config, args.worker_index, workers))
+        return _run_async(run_worker(config, args.worker_index, workers, config_path=args.config))
     from .supervisor import run_supervisor
 
     return run_supervisor(args.workers or config.workers or os.cpu_count() or 1)
@@ -222,6 +223,19 @@ def cmd_dev(args, config) -> int:
     return _run_async(run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir))
 
 
+def cmd_profile(args, config) -> int:
+    from .profile import ProfileError, find_worker_pid, profile
+
+    try:
+        pid = args.pid or find_worker_pid(args.worker)
+        who = f"pid {pid}" if args.pid else f"worker {args.worker} (pid {pid})"
+        out = args.out or (f"ordo-pid{pid}.svg" if args.pid else f"ordo-w{args.worker}-{pid}.svg")
+        print(f"recording {who} for {args.seconds} s into {out}", file=sys.stderr, flush=True)
+        return profile(pid, args.seconds, out, native=not args.no_native)
+    except ProfileError as exc:
+        sys.exit(f"ordo: {exc}")
+
+
 def cmd_bench(args, config) -> int:
     from bench.__main__ import main as bench_main
 
@@ -275,7 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_dlq)
 
-    p = sub.add_parser("bench", help="run a bench scenario (python -m bench)")
+    p = sub.add_parser("profile", help="record a flame graph of a live worker with py-spy (needs root)")
+    p.add_argument("--worker", type=int, default=0, metavar="I", help="worker index (default 0)")
+    p.add_argument("--pid", type=int, default=None, help="profile this pid instead of looking the worker up")
+    p.add_argument("--seconds", type=int, default=30, metavar="S", help="how long to record (default 30)")
+    p.add_argument("--out", default=None, metavar="FILE", help="the SVG to write (default ordo-wI-PID.svg)")
+    p.add_argument("--no-native", action="store_true", help="leave out C and Cython frames")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="run a bench scenario (python -m bench)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
@@ -284,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .servers import ServerVersionError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command != "bench":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # REMAINDER does not take options that come first (`ordo bench --list`).
+        args.rest = unknown + args.rest
     try:
         config = config_module.load(args.config)
     except (OSError, ValueError) as exc:

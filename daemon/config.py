@@ -31,6 +31,8 @@ class Config:
     batch_max_ms: float = 5.0
     max_message_bytes: int = 256 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
+    #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
+    metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     data_dir: str = ".ordo"
 

@@ -1,0 +1,350 @@
+"""The worker as a service: the systemd notify protocol, the watchdog, the health
+endpoint, signals, and `ordo profile`, against a real worker process.
+
+Timing is never asserted: the watchdog test counts pings in windows that the
+test itself opens and closes, and proves a blocked loop by the count dropping
+to zero while the same window on a live loop holds several.
+"""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from daemon.health import HealthServer
+from daemon.notify import notify, watchdog, watchdog_interval
+from daemon.profile import ProfileError, find_worker_pid, is_worker_cmdline, profile
+from harness import ROOT, Harness
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class NotifyListener:
+    """A bound AF_UNIX datagram socket standing in for systemd; a thread collects what arrives."""
+
+    def __init__(self, abstract: bool = False):
+        self._dir = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"ordo-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind(b"\0" + name.encode())
+            self.address = "@" + name
+        else:
+            # A short directory: sun_path holds 107 bytes, pytest's tmp_path can be longer.
+            self._dir = tempfile.mkdtemp(prefix="ordo-n")
+            self.address = os.path.join(self._dir, "notify.sock")
+            self.sock.bind(self.address)
+        self.sock.settimeout(0.1)
+        self.messages: list[bytes] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(data)
+
+    def snapshot(self) -> list[bytes]:
+        with self._lock:
+            return list(self.messages)
+
+    def lines(self, start: int = 0) -> list[str]:
+        """Every KEY=value line received, from message `start` on."""
+        return [line for m in self.snapshot()[start:] for line in m.decode().split("\n")]
+
+    def count(self, line: str, start: int = 0) -> int:
+        return self.lines(start).count(line)
+
+    async def wait_for(self, predicate, timeout: float = 30.0, start: int = 0, proc=None) -> int:
+        """Until some message from `start` on satisfies `predicate`; returns the index after it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            messages = self.snapshot()
+            for i in range(start, len(messages)):
+                if predicate(messages[i].decode().split("\n")):
+                    return i + 1
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the worker exited with {proc.returncode}")
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"nothing matching arrived; got {self.lines(start)[-20:]}")
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join()
+        self.sock.close()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, raw: bytes | None = None):
+    """(status, headers text, body) of one HTTP/1.1 request to 127.0.0.1:port."""
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        return data
+
+    data = await asyncio.wait_for(go(), timeout)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, head.decode(), body
+
+
+def spawn_service(h: Harness, listener: NotifyListener, port: int, **extra_env) -> subprocess.Popen:
+    """`python -m daemon run --worker-index 0 --workers 1` as systemd would start it."""
+    env = h.env()
+    env.update(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000", ORDO_METRICS_PORT=str(port), **extra_env)
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"], env=env, cwd=ROOT
+    )
+    h.processes.append(proc)
+    return proc
+
+
+# -- notify -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+async def test_notify_sends_exactly_the_states_in_one_datagram(abstract, monkeypatch):
+    listener = NotifyListener(abstract=abstract)
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", listener.address)
+        assert notify("READY=1", "STATUS=consuming: partitions 0,1") is True
+        assert notify("WATCHDOG=1") is True
+        await listener.wait_for(lambda lines: lines == ["WATCHDOG=1"])
+        assert listener.snapshot() == [b"READY=1\nSTATUS=consuming: partitions 0,1", b"WATCHDOG=1"]
+    finally:
+        listener.close()
+
+
+def test_notify_without_a_socket_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+    # A socket nobody listens on: reported as False, never raised.
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/ordo/notify.sock")
+    assert notify("READY=1") is False
+
+
+def test_watchdog_interval_reads_watchdog_usec_for_this_process_only(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "10000000")
+    assert watchdog_interval() == 10.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 10.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    for bad in ("0", "-5", "ten"):
+        monkeypatch.setenv("WATCHDOG_USEC", bad)
+        assert watchdog_interval() is None
+
+
+async def test_watchdog_task_pings_until_cancelled(monkeypatch):
+    listener = NotifyListener()
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", listener.address)
+        task = asyncio.create_task(watchdog(0.05))
+        await listener.wait_for(lambda lines: True, start=2)  # a third ping arrived
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert set(listener.snapshot()) == {b"WATCHDOG=1"}
+        settled = len(listener.snapshot())
+        await asyncio.sleep(0.2)
+        assert len(listener.snapshot()) <= settled + 1  # at most one datagram was still in flight
+    finally:
+        listener.close()
+
+
+# -- the health endpoint, in process ----------------------------------------------------------
+
+
+async def test_health_server_routes():
+    ready = {"value": False}
+    server = HealthServer("127.0.0.1", 0, lambda: ready["value"])
+    await server.start()
+    try:
+        status, head, body = await http(server.port, "/metrics")
+        assert status == 200 and f"Content-Type: {CONTENT_TYPE_LATEST}" in head
+        assert b"# TYPE ordo_transitions_total counter" in body
+        assert "Connection: close" in head
+        assert (await http(server.port, "/healthz"))[0] == 200
+        assert (await http(server.port, "/readyz"))[0] == 503
+        ready["value"] = True
+        assert (await http(server.port, "/readyz?verbose=1"))[0] == 200
+        assert (await http(server.port, "/nope"))[0] == 404
+        assert (await http(server.port, "/metrics", method="POST"))[0] == 405
+        assert (await http(server.port, "/", raw=b"garbage\r\n\r\n"))[0] == 400
+        status, head, body = await http(server.port, "/healthz", method="HEAD")
+        assert status == 200 and body == b"" and "Content-Length: 3" in head
+    finally:
+        await server.close()
+
+
+# -- a real worker process under a stand-in systemd ------------------------------------------
+
+
+async def test_worker_notifies_pings_serves_health_and_drains(nats_server_url, pg_dsn, prefix):
+    listener = NotifyListener()
+    port = free_port()
+    try:
+        async with Harness(nats_server_url, pg_dsn, prefix) as h:
+            proc = spawn_service(h, listener, port, ORDO_BLOCK_LOOP_ON_SIGUSR2="1", ORDO_BLOCK_SECONDS="4")
+
+            after_ready = await listener.wait_for(lambda lines: "READY=1" in lines, proc=proc)
+            ready_message = listener.snapshot()[after_ready - 1].decode().split("\n")
+            assert any(line.startswith("STATUS=consuming: worker 0 of 1") for line in ready_message)
+            # Pings keep coming after READY=1.
+            await listener.wait_for(lambda lines: lines == ["WATCHDOG=1"], start=after_ready + 2, proc=proc)
+
+            status, head, body = await http(port, "/metrics")
+            assert status == 200 and "text/plain" in head
+            series = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()
+                      if line.startswith("ordo_")}
+            assert {"ordo_transitions_total", "ordo_owned_partitions", "ordo_messages_in_flight"} <= series
+            assert "ordo_owned_partitions 4.0" in body.decode()
+            assert (await http(port, "/readyz"))[0] == 200
+            assert (await http(port, "/healthz"))[0] == 200
+
+            # SIGHUP reloads and the worker runs on: RELOADING=1, then READY=1 again.
+            mark = len(listener.snapshot())
+            proc.send_signal(signal.SIGHUP)
+            reloading = await listener.wait_for(lambda lines: "RELOADING=1" in lines, start=mark, proc=proc)
+            assert any(line.startswith("MONOTONIC_USEC=") for line in listener.lines(reloading - 1))
+            await listener.wait_for(lambda lines: "READY=1" in lines, start=reloading, proc=proc)
+            assert (await http(port, "/healthz"))[0] == 200
+            assert (await http(port, "/readyz"))[0] == 200
+            assert proc.poll() is None
+
+            # A live loop: several pings in a window.
+            mark = len(listener.snapshot())
+            await asyncio.sleep(1.5)
+            live = listener.count("WATCHDOG=1", start=mark)
+            assert live >= 3
+
+            # A blocked loop: the worker says so just before time.sleep(4), then no ping in the same window.
+            mark = len(listener.snapshot())
+            proc.send_signal(signal.SIGUSR2)
+            blocked_at = await listener.wait_for(
+                lambda lines: any(line.startswith("STATUS=blocking the event loop") for line in lines),
+                start=mark, proc=proc)
+            with pytest.raises(asyncio.TimeoutError):
+                await http(port, "/healthz", timeout=1.0)  # the loop that serves it is stuck
+            await asyncio.sleep(0.5)
+            assert listener.count("WATCHDOG=1", start=blocked_at) == 0 < live
+            # Unblocked, it pings and answers again.
+            await listener.wait_for(lambda lines: lines == ["WATCHDOG=1"], start=blocked_at, proc=proc)
+            assert (await http(port, "/healthz"))[0] == 200
+
+            mark = len(listener.snapshot())
+            proc.send_signal(signal.SIGTERM)
+            await listener.wait_for(lambda lines: "STOPPING=1" in lines, start=mark)
+            assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        listener.close()
+
+
+async def test_worker_exits_nonzero_when_its_metrics_port_is_taken(nats_server_url, pg_dsn, prefix):
+    listener = NotifyListener()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        async with Harness(nats_server_url, pg_dsn, prefix) as h:
+            proc = spawn_service(h, listener, taken.getsockname()[1])
+            assert await asyncio.to_thread(proc.wait, 60) == 1
+            assert "READY=1" not in listener.lines()
+    finally:
+        taken.close()
+        listener.close()
+
+
+# -- ordo profile -----------------------------------------------------------------------------
+
+
+def test_worker_command_lines_are_recognised():
+    assert is_worker_cmdline(["/opt/ordo/.venv/bin/python3", "/opt/ordo/.venv/bin/ordo", "run",
+                              "--worker-index", "3"], 3)
+    assert is_worker_cmdline(["python", "-m", "daemon", "run", "--worker-index", "3", "--workers", "4"], 3)
+    assert is_worker_cmdline(["ordo", "run", "--worker-index=3"], 3)
+    assert not is_worker_cmdline(["ordo", "run", "--worker-index", "13"], 3)
+    assert not is_worker_cmdline(["ordo", "run", "--workers", "3"], 3)
+    assert not is_worker_cmdline(["ordo", "profile", "--worker", "3"], 3)
+    assert not is_worker_cmdline(["python", "-m", "other", "run", "--worker-index", "3"], 3)
+
+
+@pytest.fixture
+def fake_worker():
+    """A sleeping Python whose command line reads like worker 97's."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)",
+                             "-m", "daemon", "run", "--worker-index", "97"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_find_worker_pid_and_profile_record_a_flame_graph(fake_worker, tmp_path):
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("booted with systemd: find_worker_pid asks systemctl for ordo@97, not /proc")
+    with pytest.raises(ProfileError, match="no running worker 96"):
+        find_worker_pid(96)
+    assert find_worker_pid(97) == fake_worker.pid
+    out = tmp_path / "flame.svg"
+    try:
+        code = profile(fake_worker.pid, 1, str(out))
+    except ProfileError as exc:
+        pytest.skip(f"ptrace is not permitted here: {exc}")
+    assert code == 0
+    assert b"<svg" in out.read_bytes()[:2000]
+
+
+def test_profile_explains_a_refused_ptrace(fake_worker, tmp_path):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run py-spy as an unprivileged user")
+    # py-spy as `nobody`, against a worker owned by root: the kernel refuses the attach.
+    code = (
+        "import sys\n"
+        "from daemon.profile import ProfileError, profile\n"
+        "try:\n"
+        f"    profile({fake_worker.pid}, 1, '/tmp/ordo-never.svg')\n"
+        "except ProfileError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(7)\n"
+    )
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    probe = subprocess.run([*as_nobody, "import daemon.profile"], cwd="/", capture_output=True, env=env, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("this Python or checkout is not readable by nobody")
+    result = subprocess.run([*as_nobody, code], cwd="/", capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 7, result.stderr
+    assert "root or CAP_SYS_PTRACE" in result.stdout
+
