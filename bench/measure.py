@@ -35,6 +35,11 @@ SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
 FROM runs
 """
 
+_FINISHED = """
+SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::float8 AS ts, steps
+FROM ordo.executions WHERE tenant = $1 AND event_id LIKE $2 AND finished_at IS NOT NULL
+"""
+
 
 @dataclass
 class Summary:
@@ -91,6 +96,16 @@ async def wait_until_finished(pool, tenant: str, run_id: str, expected: int, *, 
     if tty:
         out.write("\n")
     return finished
+
+
+async def count_finished(pool, tenant: str, run_id: str) -> int:
+    """Executions of run `run_id` that have reached a final state in the ledger."""
+    return (await pool.fetchrow(_COUNT, tenant, f"{run_id}-%"))["finished"]
+
+
+async def finish_times(pool, tenant: str, run_id: str) -> list:
+    """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the run."""
+    return await pool.fetch(_FINISHED, tenant, f"{run_id}-%")
 
 
 async def summarise(pool, tenant: str, run_id: str, started_wall: float) -> Summary:

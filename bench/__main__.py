@@ -1,0 +1,385 @@
+"""`python -m bench SCENARIO` (also `ordo bench`): run a scenario end to end and report.
+
+    python -m bench w1 [-n 20000] [--workers N] [--repeat K] [--json] [--plot FILE.png]
+    python -m bench w1 --rate 3500 --duration 20        open mode: a fixed offered rate
+    python -m bench --list
+
+Servers are those of ORDO_NATS_URL / ORDO_PG_DSN when set, else embedded ones
+in a temporary data dir (`--data-dir` keeps it). Each run gets its own
+subject/stream prefix and run id, its own worker processes (the per-core
+Supervisor) and its own generator process (`bench.publisher`); the ledger
+may be shared, since a run reads back only the executions of its event ids
+(`<run_id>-<i>`). Other ORDO_* settings (batch sizes, fetch batch) reach the
+workers through the environment.
+
+Closed mode publishes N events as fast as the generator can and measures
+from the first publish to the last commit. Open mode publishes at --rate for
+--duration seconds, each event stamped with its intended send time, and
+measures latency from that time to the commit that finished the execution.
+Every run is then verified in the ledger: each execution exactly once, with
+its steps and a gap-free history. The exit status is 0 only if every run
+finished and verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import orjson
+
+from . import report
+from .histogram import Histogram
+from .measure import count_finished, finish_times
+from .report import ProcessSampler, RunResult
+from .scenarios import SCENARIOS, Scenario
+from .scenarios import get as get_scenario
+
+#: How often the ledger is polled for progress while a run goes.
+POLL_S = 0.25
+#: A run that makes no progress for this long is given up (it reports incomplete).
+DEFAULT_STALL_S = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Ordo's bench scenarios.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("scenario", nargs="?", help="scenario name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("-n", "--count", type=int, default=20000, help="closed mode: trigger events (default 20000)")
+    parser.add_argument("--rate", type=float, default=None, help="open mode: offered events/s")
+    parser.add_argument("--duration", type=float, default=None, help="open mode: seconds of offered load")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    parser.add_argument("--partitions", type=int, default=None, help="partitions (default: the config's)")
+    parser.add_argument("--repeat", type=int, default=1, help="run K times and report each and the median")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw throughput over time and latency (matplotlib)")
+    parser.add_argument("--data-dir", help="keep the embedded servers' data here (default: a temp dir)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="give a run up after this many seconds (default: from the load)")
+    parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S,
+                        help=f"give a run up after this long without progress (default {DEFAULT_STALL_S:.0f} s)")
+    parser.add_argument("--log-level", default="warning", help="the workers' log level (default warning)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, cls in sorted(SCENARIOS.items()):
+            print(f"{name:<12} {cls.description}")
+        return 0
+    if not args.scenario:
+        parser.error("a scenario is required (see --list)")
+    if (args.rate is None) != (args.duration is None):
+        parser.error("open mode needs both --rate and --duration")
+    if args.rate is not None and (args.rate <= 0 or args.duration <= 0):
+        parser.error("--rate and --duration must be positive")
+    if args.count <= 0 or args.repeat <= 0:
+        parser.error("-n and --repeat must be positive")
+    scenario = get_scenario(args.scenario)
+    if args.plot:
+        from .plot import require
+
+        require()
+    import uvloop
+
+    try:
+        return uvloop.run(_main(args, scenario))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; workers and servers stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError) as exc:  # servers or workers did not come up, a server went away
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- the whole invocation ---------------------------------------------------------------
+async def _main(args, scenario: Scenario) -> int:
+    import asyncpg
+
+    from daemon import config as config_module
+    from daemon.dev import Environment
+
+    # Ctrl-C and SIGTERM cancel the run; the finally clauses stop the generator,
+    # the workers and the servers. Installed here rather than left to the
+    # runner, which skips SIGINT when it was inherited as ignored (`cmd &`).
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main_task.cancel)
+
+    config = config_module.load(partitions=args.partitions, log_level=args.log_level)
+    temp_dir = None
+    if args.data_dir:
+        data_dir = Path(args.data_dir).resolve()
+    else:
+        data_dir = Path(temp_dir := tempfile.mkdtemp(prefix="ordo-bench-"))
+    env = Environment(config, data_dir)
+    runs: list[RunResult] = []
+    try:
+        print(f"bench {scenario.name}", file=sys.stderr)
+        with redirect_stdout(sys.stderr):
+            config = env.start()
+        pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2, command_timeout=120)
+        try:
+            workers = args.workers or config.workers or os.cpu_count() or 1
+            for number in range(1, args.repeat + 1):
+                run = await run_once(args, scenario, config, env, pool, workers)
+                runs.append(run)
+                if not args.json:
+                    mode = f"open {args.rate:,.0f}/s for {args.duration:g} s" if run.mode == "open" else "closed"
+                    print(report.run_table(run, f"{scenario.name} {mode}  run {number}/{args.repeat}  {run.run_id}"))
+                    sys.stdout.flush()
+        finally:
+            await pool.close()
+    finally:
+        env.stop()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    med = report.median(runs)
+    ok = all(run.ok for run in runs)
+    if args.plot:
+        from .plot import draw
+
+        draw(runs, args.plot, f"Ordo bench {scenario.name} ({'open' if args.rate else 'closed'} mode, "
+                              f"{workers} workers, {report.machine()['cores']} cores)")
+    if args.json:
+        doc = {
+            "scenario": scenario.name,
+            "description": scenario.description,
+            "mode": "open" if args.rate else "closed",
+            "ok": ok,
+            "verified": all(run.verified for run in runs),
+            "complete": all(run.complete for run in runs),
+            "config": {
+                "count": runs[0].expected if runs else None, "rate": args.rate, "duration": args.duration,
+                "repeat": args.repeat, "workers": workers, "partitions": config.partitions,
+                "fetch_batch": config.fetch_batch, "max_ack_pending": config.max_ack_pending,
+                "batch_max_rows": config.batch_max_rows, "batch_max_ms": config.batch_max_ms,
+                "servers": "embedded" if env.embedded else "configured",
+                "embedded": [type(server).__name__ for server in env.embedded],
+            },
+            "machine": report.machine(),
+            "runs": [run.as_dict() for run in runs],
+            "median": med,
+        }
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        if len(runs) > 1:
+            print(report.median_table(med))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+        if not ok:
+            print("bench: FAILED: not every run finished and verified", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# -- one run ------------------------------------------------------------------------------
+async def run_once(args, scenario: Scenario, config, env, pool, workers: int) -> RunResult:
+    """Fresh prefix, fresh workers and generator; publish, wait, verify, clean up."""
+    from daemon.dev import prepare, wait_for_workers
+    from daemon.supervisor import Supervisor
+    from daemon.topology import Topology
+
+    token = uuid.uuid4().hex[:10]
+    run_id = f"{scenario.name}-{token}"
+    run_config = config.with_(prefix=f"bench{token}")
+    open_mode = args.rate is not None
+    expected = round(args.rate * args.duration) if open_mode else args.count
+    run = RunResult(scenario=scenario.name, mode="open" if open_mode else "closed", run_id=run_id,
+                    prefix=run_config.prefix, expected=expected, offered_rate=args.rate)
+    timeout = args.timeout or (args.duration + 120.0 if open_mode else max(120.0, expected / 100.0))
+
+    with redirect_stdout(sys.stderr):
+        await asyncio.wait_for(prepare(run_config), 60)
+    settings = {"ORDO_NATS_URL": run_config.nats_url, "ORDO_PG_DSN": run_config.pg_dsn,
+                "ORDO_PREFIX": run_config.prefix, "ORDO_PARTITIONS": str(run_config.partitions)}
+    supervisor = Supervisor(workers, extra_env={**settings, "ORDO_LOG_LEVEL": args.log_level})
+    publisher = None
+    watcher = None
+    sampler = ProcessSampler()
+    try:
+        # The ledger's clock: claimed_at is Postgres' now(), and the servers may be elsewhere.
+        since = await pool.fetchval("SELECT extract(epoch FROM now())::float8")
+        supervisor.start()
+        watcher = asyncio.create_task(supervisor.watch())
+        await wait_for_workers(pool, run_config, since)
+
+        sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
+        sampler.add("generator", lambda: [publisher.pid] if publisher else [])
+        for server in env.embedded:
+            name = "nats" if type(server).__name__ == "EmbeddedNats" else "postgres"
+            sampler.add(name, lambda server=server: [server.pid], children=(name == "postgres"))
+        sampler.start()
+
+        publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout)
+        run.first_publish = time.time()  # replaced by the generator's own clock when it reports
+        await _wait(run, pool, scenario, publisher, outcome, sampler, timeout, args.stall_timeout)
+        sampler.sample()
+        try:
+            await asyncio.wait_for(publisher.wait(), 30)
+            await asyncio.wait_for(outcome["reader"], 5)
+        except asyncio.TimeoutError:
+            run.failure = run.failure or "the generator did not exit"
+        done = outcome.get("done")
+        if done:
+            run.first_publish = done["first_publish"] or run.first_publish
+            run.last_ack = done["last_ack"]
+            run.published = done["published"]
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if publisher is not None and publisher.returncode is None:
+            publisher.kill()
+            await publisher.wait()
+        if publisher is not None:
+            outcome["reader"].cancel()
+        # Workers drain before the ledger is read: what they commit late is checked too.
+        drained = supervisor.stop(timeout=30)
+        if not drained and run.failure is None:
+            run.failure = "a worker did not stop cleanly"
+        try:
+            await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
+        except Exception as exc:  # noqa: BLE001 - clean-up is best effort
+            print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+
+    verification = await scenario.verify(pool, run_id, expected)
+    run.verification = verification.as_dict()
+    run.verified = verification.ok
+    rows = await finish_times(pool, scenario.tenant, run_id)
+    run.finished = len(rows)
+    run.complete = run.finished >= expected and run.failure is None
+    _collect(run, rows)
+    run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
+    return run
+
+
+async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float):
+    """Start the generator process; a task fills `outcome` from its stdout lines."""
+    env = dict(os.environ, **settings)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "bench.publisher", "--scenario", scenario.name, "--run-id", run_id,
+            "--count", str(count), "--timeout", str(timeout)]
+    if rate:
+        argv += ["--rate", str(rate)]
+    # Its own session: a Ctrl-C reaches the bench, which stops it, not the generator directly.
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                start_new_session=True)
+    outcome: dict = {"published": 0}
+
+    async def read():
+        async for line in proc.stdout:
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            outcome["published"] = doc.get("published", outcome["published"])
+            if doc.get("done"):
+                outcome["done"] = doc
+
+    outcome["reader"] = asyncio.create_task(read())
+    return proc, outcome
+
+
+async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: dict, sampler,
+                timeout: float, stall_timeout: float) -> None:
+    """Poll the ledger until the run's executions have all finished, or give up; live progress on stderr."""
+    out = sys.stderr
+    tty = out.isatty()
+    started = last_change = time.monotonic()
+    last_line = 0.0
+    finished = prev = 0
+    prev_t = started
+    while True:
+        finished = await count_finished(pool, scenario.tenant, run.run_id)
+        now = time.monotonic()
+        sampler.sample()
+        if finished != prev:
+            last_change = now
+        rate = (finished - prev) / max(now - prev_t, 1e-6)
+        prev, prev_t = finished, now
+        published = outcome["published"]
+        line = (f"  {now - started:6.1f} s  published {published:>9,}  finished {finished:>9,}/{run.expected:,}"
+                f"  {rate:>8,.0f}/s  lag {max(published - finished, 0):>8,}")
+        if tty:
+            out.write("\r" + line + "  ")
+            out.flush()
+        elif now - last_line >= 5.0 or finished >= run.expected:
+            out.write(line + "\n")
+            last_line = now
+        if finished >= run.expected:
+            break
+        if publisher.returncode not in (None, 0):
+            run.failure = f"the generator exited with {publisher.returncode}"
+            break
+        if now - last_change > stall_timeout:
+            run.failure = f"no progress for {stall_timeout:.0f} s ({finished:,} of {run.expected:,} finished)"
+            break
+        if now - started > timeout:
+            run.failure = f"timed out after {timeout:.0f} s ({finished:,} of {run.expected:,} finished)"
+            break
+        await asyncio.sleep(POLL_S)
+    if tty:
+        out.write("\n")
+    run.published = outcome["published"]
+
+
+def _collect(run: RunResult, rows) -> None:
+    """Latency histogram, steps, last commit and per-second completions from the ledger's rows."""
+    hist = Histogram()
+    timeline: list[int] = []
+    offsets: list[float] = []
+    steps = 0
+    last = None
+    t0 = run.first_publish
+    for row in rows:
+        finished, ts = row["finished"], row["ts"]
+        steps += row["steps"]
+        if ts is not None:
+            hist.record(finished * 1000.0 - ts)
+        last = finished if last is None or finished > last else last
+        if t0 is not None:
+            offsets.append(finished - t0)
+            second = max(0, int(finished - t0))
+            if second >= len(timeline):
+                timeline.extend([0] * (second + 1 - len(timeline)))
+            timeline[second] += 1
+    run.latency = hist
+    run.steps = steps
+    run.last_commit = last
+    run.timeline = timeline
+    run.finish_offsets = offsets
+
+
+async def _delete_streams(nats_url: str, topology) -> None:
+    import nats
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream):
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                pass
+    finally:
+        await nc.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

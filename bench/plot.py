@@ -1,0 +1,72 @@
+"""`--plot FILE.png`: throughput over time and the latency distribution of each run.
+
+matplotlib is optional (`pip install matplotlib`, or the `[plot]` extra):
+`require()` is called before a run starts so that a missing one fails fast.
+"""
+
+from __future__ import annotations
+
+from .report import RunResult
+
+MISSING = "bench: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')"
+
+#: Percentiles of the latency plot (HDR style: the tail spread out on a log axis).
+_PERCENTILES = (0, 10, 25, 50, 75, 90, 95, 98, 99, 99.5, 99.9, 99.95, 99.99, 100)
+
+
+def require() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(MISSING) from None
+
+
+def _throughput(run: RunResult) -> tuple[list[float], list[float]]:
+    """Completions per second, in bins of 0.1 s for runs shorter than 20 s (else 1 s)."""
+    offsets = run.finish_offsets
+    if not offsets:
+        return [], []
+    width = 0.1 if max(offsets) < 20 else 1.0
+    counts = [0] * (int(max(offsets) / width) + 1)
+    for offset in offsets:
+        counts[int(max(offset, 0.0) / width)] += 1
+    xs = [i * width for i in range(len(counts) + 1)]
+    ys = [c / width for c in counts]
+    return xs, ys + ys[-1:]
+
+
+def draw(runs: list[RunResult], path: str, title: str) -> None:
+    require()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    fig.suptitle(title)
+    for number, run in enumerate(runs, 1):
+        label = f"run {number} ({run.executions_per_s:,.0f}/s)"
+        xs, ys = _throughput(run)
+        top.step(xs, ys, where="post", label=label)
+        hist = run.latency
+        if hist.total:
+            xs = [1.0 / (1.0 - min(p, 99.999) / 100.0) for p in _PERCENTILES]
+            ys = [hist.percentile(p) for p in _PERCENTILES]
+            bottom.plot(xs, ys, marker=".", label=f"run {number} (p99 {hist.percentile(99):.1f} ms)")
+        if run.offered_rate:
+            top.axhline(run.offered_rate, linestyle=":", color="grey")
+    top.set_xlabel("seconds since the first publish")
+    top.set_ylabel("executions committed per second")
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right")
+    bottom.set_xscale("log")
+    ticks = (50, 90, 99, 99.9, 99.99)
+    bottom.set_xticks([1.0 / (1.0 - p / 100.0) for p in ticks], [f"{p:g}%" for p in ticks])
+    bottom.set_xlabel("percentile")
+    bottom.set_ylabel("latency, ms (trigger ts -> committed)")
+    bottom.grid(alpha=0.3, which="both")
+    if any(run.latency.total for run in runs):
+        bottom.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""The generator process: publishes a scenario's trigger events, apart from the bench.
+
+    python -m bench.publisher --scenario w1 --run-id R --count N [--rate R]
+
+NATS comes from ORDO_NATS_URL, the subject prefix and partitions from
+ORDO_PREFIX / ORDO_PARTITIONS (the same settings as the workers). It runs in
+its own process so that publishing does not compete with the bench's own
+polling for one event loop, as a Triggers service would not.
+
+On stdout it writes one JSON object per line: `{"published": n}` now and
+then, and at the end `{"done": true, "published": n, "first_publish": t0,
+"last_ack": t1}` with epoch seconds. Without --rate events go out as fast as
+the PubAck window allows; with --rate each event's `ts` is its scheduled send
+time, so lateness of the publisher counts in the latency (no coordinated
+omission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import orjson
+
+from daemon import config as config_module
+from daemon.topology import Topology
+
+from .generator import publish_events
+from .scenarios import get as get_scenario
+
+#: How often a progress line goes to the parent.
+_PROGRESS_EVERY_S = 0.25
+
+
+def _emit(doc: dict) -> None:
+    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def run(scenario_name: str, run_id: str, count: int, rate: float | None, window: int,
+              timeout: float) -> int:
+    import nats
+
+    config = config_module.load()
+    if not config.nats_url:
+        raise SystemExit("bench.publisher: ORDO_NATS_URL is not set")
+    scenario = get_scenario(scenario_name)
+    topology = Topology(config)
+    nc = await nats.connect(config.nats_url, max_reconnect_attempts=3)
+    js = nc.jetstream(timeout=30)
+    last_emit = 0.0
+    first_publish = None
+
+    def progress(n: int) -> None:
+        nonlocal last_emit
+        now = time.monotonic()
+        if now - last_emit >= _PROGRESS_EVERY_S:
+            last_emit = now
+            _emit({"published": n})
+
+    def events():
+        nonlocal first_publish
+        for i in range(count):
+            event = scenario.event(run_id, i)
+            if first_publish is None:
+                first_publish = time.time()
+            yield event
+
+    try:
+        sent = await asyncio.wait_for(
+            publish_events(js, topology, events(), window=window, rate=rate, on_progress=progress), timeout)
+        last_ack = time.time()
+    finally:
+        await nc.close()
+    _emit({"done": True, "published": sent, "first_publish": first_publish, "last_ack": last_ack})
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.publisher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="w1")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=None, help="events/s on a fixed schedule (open mode)")
+    parser.add_argument("--window", type=int, default=256, help="publishes awaiting their PubAck at most")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up publishing after this long (s)")
+    args = parser.parse_args(argv)
+    import uvloop
+
+    return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

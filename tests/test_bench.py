@@ -1,0 +1,160 @@
+"""The bench suite works: each scenario run tiny end to end, and the histogram's
+percentiles against exact ones. Benchmarks are not tests: nothing here asserts
+on speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import sys
+
+import orjson
+import pytest
+
+from bench.histogram import PRECISION, Histogram, _bounds, _index
+from harness import ROOT
+
+
+async def _bench(nats_url: str, pg_dsn: str, *argv: str, timeout: float = 240.0) -> tuple[int, dict | None, str]:
+    env = dict(os.environ, ORDO_NATS_URL=nats_url, ORDO_PG_DSN=pg_dsn, ORDO_LOG_LEVEL="warning")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench", *argv, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    try:
+        doc = orjson.loads(out)
+    except orjson.JSONDecodeError:
+        doc = None
+    return proc.returncode, doc, err.decode(errors="replace") + out.decode(errors="replace")
+
+
+# -- end to end ---------------------------------------------------------------------
+
+
+async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "200", "--workers", "1", "--json")
+    assert code == 0, output
+    assert doc is not None, output
+    assert doc["ok"] and doc["verified"] and doc["complete"]
+    assert doc["config"]["workers"] == 1 and doc["config"]["servers"] == "configured"
+    assert doc["machine"]["cores"] >= 1
+    (run,) = doc["runs"]
+    assert run["mode"] == "closed"
+    assert run["published"] == 200 and run["executions"] == 200 and run["steps"] == 1000
+    assert run["verification"]["problems"] == []
+    assert run["latency"]["count"] == 200
+    assert sum(run["completions_per_s"]) == 200
+    assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
+    assert run["resources"]["workers"]["processes"] == 1
+    assert doc["median"]["runs"] == 1
+
+
+async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "--rate", "200", "--duration", "2",
+                                     "--workers", "1", "--json")
+    assert code == 0, output
+    (run,) = doc["runs"]
+    assert run["mode"] == "open" and run["offered_rate"] == 200
+    assert run["executions"] == 400 and run["verified"]
+    lat = run["latency"]
+    assert lat["count"] == 400
+    assert 0 <= lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+
+
+async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "50", "--workers", "1",
+                                     "--repeat", "2", "--json")
+    assert code == 0, output
+    assert len(doc["runs"]) == 2 and doc["median"]["runs"] == 2
+    assert doc["runs"][0]["run_id"] != doc["runs"][1]["run_id"]
+    assert doc["runs"][0]["prefix"] != doc["runs"][1]["prefix"]
+    assert all(run["executions"] == 50 and run["verified"] for run in doc["runs"])
+
+
+async def test_list_and_unknown_scenario():
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "--list", cwd=ROOT,
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 and out.decode().startswith("w1 ")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "nope", cwd=ROOT,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode != 0 and b"unknown scenario" in err
+
+
+# -- the histogram ------------------------------------------------------------------
+
+
+def _exact(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+def _close(got: float, want: float, scale: float = 1000.0) -> bool:
+    # Relative precision above the linear range, one unit (1 µs) below it.
+    return abs(got - want) <= max(want * PRECISION * 1.01, 1.0 / scale)
+
+
+@pytest.mark.parametrize("shape", ["lognormal", "uniform", "bimodal"])
+def test_histogram_percentiles_match_exact_ones(shape):
+    rng = random.Random(6)
+    if shape == "lognormal":
+        values = [rng.lognormvariate(2.0, 1.2) for _ in range(50_000)]
+    elif shape == "uniform":
+        values = [rng.uniform(0.0, 5_000.0) for _ in range(20_000)]
+    else:
+        values = [rng.gauss(3.0, 0.2) if rng.random() < 0.98 else rng.gauss(900.0, 50.0) for _ in range(20_000)]
+    values = [max(v, 0.0) for v in values]
+    hist = Histogram()
+    hist.record_many(values)
+    assert hist.total == len(values)
+    for p in (1, 10, 50, 90, 95, 98, 99, 99.9, 99.99):
+        want = _exact(values, p)
+        assert _close(hist.percentile(p), want), (p, hist.percentile(p), want)
+    assert hist.percentile(100) == max(values) == hist.max
+    assert hist.mean() == pytest.approx(sum(values) / len(values))
+
+
+def test_histogram_merge_equals_recording_everything():
+    rng = random.Random(7)
+    values = [rng.expovariate(1 / 40.0) for _ in range(10_000)]
+    whole, left, right = Histogram(), Histogram(), Histogram()
+    whole.record_many(values)
+    left.record_many(values[:3000])
+    right.record_many(values[3000:])
+    merged = left.merge(right)
+    assert merged.counts == whole.counts and merged.total == whole.total
+    assert merged.max == whole.max and merged.min == whole.min
+    for p in (50, 99, 99.9):
+        assert merged.percentile(p) == whole.percentile(p)
+    with pytest.raises(ValueError):
+        Histogram(scale=1.0).merge(Histogram())
+
+
+def test_histogram_small_exact_and_edge_cases():
+    hist = Histogram()
+    assert hist.percentile(99) == 0.0 and hist.summary()["max_ms"] == 0.0
+    for v in (1.0, 2.0, 3.0, 4.0):
+        hist.record(v)
+    assert [hist.percentile(p) for p in (25, 50, 75, 100)] == pytest.approx([1.0, 2.0, 3.0, 4.0], rel=PRECISION)
+    hist.record(-5.0)  # clock skew: counted as zero, never a negative latency
+    assert hist.min == 0.0 and hist.percentile(0) == 0.0
+
+
+def test_histogram_buckets_tile_the_value_range():
+    previous_high = 0
+    for index in range(_index(10**12) + 1):
+        low, high = _bounds(index)
+        assert low == previous_high, index
+        assert _index(low) == index and _index(high - 1) == index
+        assert (high - low) / max(low, 1) <= 1 / 128 or high - low == 1
+        previous_high = high
