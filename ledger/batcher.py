@@ -194,7 +194,10 @@ class LedgerBatcher:
 
     def add(self, unit: Unit) -> None:
         if not self._units:
+            # The first unit starts the batch's clock: wake next_batch so it
+            # waits max_ms from now rather than sleeping out its idle timeout.
             self._first_at = time.monotonic()
+            self._wakeup.set()
         self._units.append(unit)
         self._rows += unit.rows
         if self._rows >= self.max_rows:
