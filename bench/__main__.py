@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S,
                         help=f"give a run up after this long without progress (default {DEFAULT_STALL_S:.0f} s)")
     parser.add_argument("--log-level", default="warning", help="the workers' log level (default warning)")
+    parser.add_argument("--publish-batch", type=int, default=200, metavar="N",
+                        help="closed mode: the generator publishes JetStream atomic batches of N events "
+                             "(nats-server 2.12+; 0 or 1: one publish per event; default 200)")
     return parser
 
 
@@ -225,7 +228,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             sampler.add(name, lambda server=server: [server.pid], children=(name == "postgres"))
         sampler.start()
 
-        publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout)
+        publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout,
+                                                       args.publish_batch)
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
         await _wait(run, pool, scenario, publisher, outcome, sampler, timeout, args.stall_timeout)
         sampler.sample()
@@ -267,7 +271,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     return run
 
 
-async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float):
+async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float,
+                           publish_batch: int = 0):
     """Start the generator process; a task fills `outcome` from its stdout lines."""
     env = dict(os.environ, **settings)
     root = str(Path(__file__).resolve().parent.parent)
@@ -276,6 +281,8 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
             "--count", str(count), "--timeout", str(timeout)]
     if rate:
         argv += ["--rate", str(rate)]
+    elif publish_batch > 1:
+        argv += ["--atomic-batch", str(publish_batch)]
     # Its own session: a Ctrl-C reaches the bench, which stops it, not the generator directly.
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
                                                 start_new_session=True)

@@ -40,7 +40,7 @@ def _emit(doc: dict) -> None:
 
 
 async def run(scenario_name: str, run_id: str, count: int, rate: float | None, window: int,
-              timeout: float) -> int:
+              timeout: float, atomic_batch: int = 0) -> int:
     import nats
 
     config = config_module.load()
@@ -70,7 +70,8 @@ async def run(scenario_name: str, run_id: str, count: int, rate: float | None, w
 
     try:
         sent = await asyncio.wait_for(
-            publish_events(js, topology, events(), window=window, rate=rate, on_progress=progress), timeout)
+            publish_events(js, topology, events(), window=window, rate=rate, on_progress=progress,
+                           atomic_batch=atomic_batch), timeout)
         last_ack = time.time()
     finally:
         await nc.close()
@@ -86,10 +87,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=None, help="events/s on a fixed schedule (open mode)")
     parser.add_argument("--window", type=int, default=256, help="publishes awaiting their PubAck at most")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up publishing after this long (s)")
+    parser.add_argument("--atomic-batch", type=int, default=0,
+                        help="closed mode: publish in JetStream atomic batches of this size (0: one by one)")
     args = parser.parse_args(argv)
     import uvloop
 
-    return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout))
+    return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout,
+                         args.atomic_batch))
 
 
 if __name__ == "__main__":

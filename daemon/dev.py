@@ -154,7 +154,8 @@ async def _demo(config: Config, pool, count: int) -> int:
     try:
         js = nc.jetstream()
         events = (trigger_event(run_id, i) for i in range(count))
-        publisher = asyncio.create_task(publish_events(js, topology, events, on_progress=progress))
+        publisher = asyncio.create_task(publish_events(js, topology, events, on_progress=progress,
+                                                     atomic_batch=200))
         finished = await wait_until_finished(pool, "demo", run_id, count, timeout=max(120.0, count / 50),
                                              published=lambda: published)
         await publisher

@@ -7,6 +7,8 @@ import hashlib
 import uuid
 import zlib
 
+from dataclasses import replace
+
 import nats.js.api as jsapi
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -17,6 +19,10 @@ EXECUTION_NAMESPACE = uuid.UUID("6f7a6e4e-0b1d-4d55-9a8e-0e7d0c0f0a11")
 
 
 _NAMESPACE_BYTES = EXECUTION_NAMESPACE.bytes
+
+
+#: The first nats-server with atomic batch publish (Nats-Batch-Id headers).
+ATOMIC_PUBLISH_SERVER = (2, 12, 0)
 
 
 def execution_id_for(tenant: str, workflow_id: str, event_id: str) -> str:
@@ -69,7 +75,16 @@ class Topology:
         return [p for p in range(self.partitions) if p % workers == worker_index]
 
     async def ensure(self, js) -> None:
-        """Create the streams and durable consumers if they are missing (idempotent)."""
+        """Create the streams and durable consumers if they are missing (idempotent).
+
+        On nats-server 2.12+ the triggers stream accepts atomic batch publishes:
+        a Triggers service that publishes its events in batches pays one fsync
+        per batch under `sync_interval: always` instead of one per event, and
+        each event is still its own message (with its own Nats-Msg-Id).
+        """
+        from .servers import parse_version
+
+        atomic = parse_version(js._nc._server_info.get("version", "0.0.0")) >= ATOMIC_PUBLISH_SERVER
         day = 24 * 3600
         streams = [
             (self.triggers_stream, f"{self.prefix}.triggers.>", 1 * day),
@@ -85,9 +100,12 @@ class Topology:
                 max_age=max_age,
                 duplicate_window=120,
                 max_msg_size=self._config.max_message_bytes * 4,
+                allow_atomic=True if atomic and name == self.triggers_stream else None,
             )
             try:
-                await js.stream_info(name)
+                info = await js.stream_info(name)
+                if config.allow_atomic and not info.config.allow_atomic:
+                    await js.update_stream(replace(info.config, allow_atomic=True))
             except NotFoundError:
                 try:
                     await js.add_stream(config)

@@ -174,3 +174,21 @@ async def test_signals_are_applied_in_publish_order_per_execution(nats_server_ur
             assert [d["data"]["i"] for d in applied[:-1]] == list(range(ticks)), execution_id
             assert applied[-1]["name"] == "done"
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_atomic_batches_of_triggers_enrol_like_single_publishes(nats_server_url, pg_dsn, prefix):
+    """A Triggers service may publish atomic batches (one fsync per batch); each event is still one message."""
+    from bench.generator import publish_events, supports_atomic_batches
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        assert await supports_atomic_batches(h.js, h.topology)
+        events = [trigger_event("atomic", i, tenant="acme", event_type="contact.created") for i in range(450)]
+        # An exact duplicate inside a later batch: JetStream's msg-id window drops it.
+        events.append(dict(events[3]))
+        assert await publish_events(h.js, h.topology, iter(events), atomic_batch=100) == 451
+        info = await h.js.stream_info(h.topology.triggers_stream)
+        assert info.state.messages == 450
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=450)
+        assert await h.ledger_problems() == NO_PROBLEMS
