@@ -303,8 +303,9 @@ def test_worker_command_lines_are_recognised():
 
 @pytest.fixture
 def fake_worker():
-    """A sleeping Python whose command line reads like worker 97's."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)",
+    """A busy Python whose command line reads like worker 97's (busy: an idle
+    process can leave py-spy with no stacks to draw in a one-second recording)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: sum(range(100000))",
                              "-m", "daemon", "run", "--worker-index", "97"])
     yield proc
     proc.kill()
