@@ -53,6 +53,7 @@ class Topology:
         self.triggers_stream = f"{sp}_TRIGGERS"
         self.exec_stream = f"{sp}_EXEC"
         self.dlq_stream = f"{sp}_DLQ"
+        self.actions_stream = f"{sp}_ACTIONS"
         self.triggers_consumer = "triggers"
         self._config = config
 
@@ -67,6 +68,13 @@ class Topology:
 
     def partition_consumer(self, partition: int) -> str:
         return f"exec-p{partition}"
+
+    def action_subject(self, action: str, major: int) -> str:
+        """Where requests for an external action go: a work queue per action and major version."""
+        return f"{self.prefix}.actions.{action}.v{major}"
+
+    def action_consumer(self, action: str, major: int) -> str:
+        return f"action-{action.replace('.', '-')}-v{major}"
 
     def dlq_subject(self, reason: str) -> str:
         return f"{self.prefix}.dlq.{reason}"
@@ -91,12 +99,15 @@ class Topology:
             (self.exec_stream, f"{self.prefix}.exec.>", 7 * day),
             (self.dlq_stream, f"{self.prefix}.dlq.>", 30 * day),
         ]
+        streams.append((self.actions_stream, f"{self.prefix}.actions.>", 7 * day))
         for name, subject, max_age in streams:
             config = jsapi.StreamConfig(
                 name=name,
                 subjects=[subject],
                 storage=jsapi.StorageType.FILE,
-                retention=jsapi.RetentionPolicy.LIMITS,
+                # Action requests are a work queue: a request is gone once an action worker acked it.
+                retention=jsapi.RetentionPolicy.WORK_QUEUE if name == self.actions_stream
+                else jsapi.RetentionPolicy.LIMITS,
                 max_age=max_age,
                 duplicate_window=120,
                 max_msg_size=self._config.max_message_bytes * 4,
