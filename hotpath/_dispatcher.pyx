@@ -5,7 +5,10 @@ The resolved definition from `hotpath.definition.resolve` (the same one the
 pure twin interprets) is lowered into cdef nodes: steps with a C-int kind and
 C-int targets, templates with C arrays of list indexes, conditions with a
 C-int operator. The run loop keeps pc/seq/step counts in C locals and writes
-them back to the state when it stops (also when it raises).
+them back to the state when it stops (also when it raises); the steps that
+park the execution (action, wait, wait_for_event) and the event handlers work
+on the state directly, as the pure twin does, since they run once per wait.
+The module docstring of `hotpath.dispatcher` lists the event kinds and effects.
 """
 
 from cpython.dict cimport PyDict_Check
@@ -14,7 +17,20 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
-from hotpath.definition import EndStep, IfStep, SetStep, WaitForSignalStep, resolve
+from hotpath.definition import (
+    ActionStep,
+    EmitStep,
+    EndStep,
+    GotoStep,
+    IfStep,
+    SetStep,
+    SwitchStep,
+    WaitForEventStep,
+    WaitForSignalStep,
+    WaitStep,
+    resolve,
+)
+from hotpath.durations import parse_instant, retry_delay_ms
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
@@ -29,7 +45,7 @@ cdef enum Op:
     OP_ALL, OP_ANY, OP_NOT, OP_EXISTS, OP_EQ, OP_NE, OP_GT, OP_GTE, OP_LT, OP_LTE, OP_IN, OP_CONTAINS
 
 cdef enum StepKind:
-    S_SET, S_IF, S_END, S_WAIT_FOR_SIGNAL
+    S_SET, S_IF, S_END, S_WAIT_FOR_SIGNAL, S_ACTION, S_WAIT, S_WAIT_FOR_EVENT, S_SWITCH, S_GOTO, S_EMIT
 
 cdef dict _ROOTS = {"context": R_CONTEXT, "contact": R_CONTACT, "event": R_EVENT}
 cdef dict _OPS = {
@@ -38,6 +54,11 @@ cdef dict _OPS = {
     "in": OP_IN, "contains": OP_CONTAINS,
 }
 cdef dict _NO_CONTEXT = {}  # the context trigger filters see; conditions never write to it
+EVENT_KINDS = ("start", "signal", "action_result", "timer", "event", "cancel", "retry")
+cdef str WAIT_ACTION = "action"
+cdef str WAIT_RETRY = "retry"
+cdef str WAIT_TIMER = "timer"
+cdef str WAIT_EVENT = "event:"
 
 
 # -- templates -----------------------------------------------------------------
@@ -240,7 +261,7 @@ cdef bint _holds(_Condition c, object context, object contact, object event) exc
 cdef class _Step:
     cdef StepKind kind
     cdef str id
-    cdef Py_ssize_t next       # set, wait_for_signal: where to go after
+    cdef Py_ssize_t next       # where to go after (all but if, end, goto)
     cdef Py_ssize_t then, else_
     cdef tuple paths           # set: per assignment, the context key path
     cdef tuple values          # set: per assignment, the _Template
@@ -248,6 +269,29 @@ cdef class _Step:
     cdef str status            # end
     cdef object reason         # end
     cdef str signal            # wait_for_signal
+    cdef str action            # action: name, major, input and policy
+    cdef object major
+    cdef _Template input
+    cdef object timeout_ms     # action, wait_for_event
+    cdef str timeout_text
+    cdef object max_attempts
+    cdef object initial_ms
+    cdef object coefficient
+    cdef object max_interval_ms
+    cdef object jitter
+    cdef tuple non_retryable
+    cdef Py_ssize_t on_failure  # action, wait: -1 when not set
+    cdef object duration_ms    # wait
+    cdef _Template until       # wait: None when it waits a duration
+    cdef str event             # wait_for_event, emit
+    cdef str wait_key          # wait_for_event: "event:<type>"
+    cdef _Condition filter     # wait_for_event: None when not set
+    cdef Py_ssize_t on_timeout # wait_for_event
+    cdef tuple cases           # switch: _Condition per case
+    cdef tuple targets         # switch: step index per case
+    cdef Py_ssize_t default    # switch
+    cdef Py_ssize_t target     # goto
+    cdef _Template data        # emit
 
 
 cdef _Step _lower_step(object step):
@@ -271,6 +315,48 @@ cdef _Step _lower_step(object step):
         s.kind = S_WAIT_FOR_SIGNAL
         s.next = step.next
         s.signal = step.signal
+    elif type(step) is ActionStep:
+        s.kind = S_ACTION
+        s.next = step.next
+        s.action = step.action
+        s.major = step.major
+        s.input = _lower_template(step.input)
+        s.timeout_ms = step.timeout_ms
+        s.timeout_text = step.timeout_text
+        s.max_attempts = step.max_attempts
+        s.initial_ms = step.initial_ms
+        s.coefficient = step.coefficient
+        s.max_interval_ms = step.max_interval_ms
+        s.jitter = step.jitter
+        s.non_retryable = step.non_retryable
+        s.on_failure = step.on_failure
+    elif type(step) is WaitStep:
+        s.kind = S_WAIT
+        s.next = step.next
+        s.duration_ms = step.duration_ms
+        s.until = None if step.until is None else _lower_template(step.until)
+        s.on_failure = step.on_failure
+    elif type(step) is WaitForEventStep:
+        s.kind = S_WAIT_FOR_EVENT
+        s.next = step.next
+        s.event = step.event
+        s.wait_key = WAIT_EVENT + step.event
+        s.filter = None if step.filter is None else _lower_condition(step.filter)
+        s.timeout_ms = step.timeout_ms
+        s.on_timeout = step.on_timeout
+    elif type(step) is SwitchStep:
+        s.kind = S_SWITCH
+        s.cases = tuple([_lower_condition(condition) for condition, _ in step.cases])
+        s.targets = tuple([target for _, target in step.cases])
+        s.default = step.default
+    elif type(step) is GotoStep:
+        s.kind = S_GOTO
+        s.target = step.target
+    elif type(step) is EmitStep:
+        s.kind = S_EMIT
+        s.next = step.next
+        s.event = step.event
+        s.data = _lower_template(step.data)
     else:
         raise TypeError(f"unknown step {step!r}")
     return s
@@ -284,6 +370,8 @@ cdef class Program:
     cdef readonly str tenant
     cdef readonly str trigger_event
     cdef readonly Py_ssize_t max_steps
+    cdef readonly Py_ssize_t max_visits
+    cdef readonly Py_ssize_t on_failure  # workflow-level failure branch: a step index, or -1
     cdef readonly tuple step_ids
     cdef _Condition _filter
     cdef tuple _steps
@@ -295,6 +383,8 @@ cdef class Program:
         self.tenant = resolved.tenant
         self.trigger_event = resolved.trigger_event
         self.max_steps = resolved.max_steps
+        self.max_visits = resolved.max_visits
+        self.on_failure = resolved.on_failure
         self.step_ids = tuple([step.id for step in resolved.steps])
         self._filter = None if resolved.trigger_filter is None else _lower_condition(resolved.trigger_filter)
         self._steps = tuple([_lower_step(step) for step in resolved.steps])
@@ -312,20 +402,46 @@ cdef class Program:
 
 
 cdef class ExecutionState:
-    """One execution's mutable state; the dispatcher reads and writes it in place."""
+    """One execution's mutable state; the dispatcher reads and writes it in place.
+
+    The worker persists every attribute but `effects` and passes them back as
+    constructor keywords:
+      status    running | waiting | completed | failed | cancelled
+      pc        index of the step to run next, or of the step being waited on / that failed
+      seq       the last transition seq written
+      steps     steps executed over the execution's life
+      waiting   while status == "waiting": the awaited signal's name (wait_for_signal),
+                "action" (a result), "retry" (a back-off), "timer" (a wait step) or
+                "event:<type>" (wait_for_event)
+      attempt   the current attempt of the action step at pc (1-based; 0 elsewhere)
+      timer     the id of the one timer the execution waits on, or None
+      visits    {step id: times entered}; the action idempotency key and emitted
+                event ids use it, and limits.max_visits bounds it
+      failures  the failed attempts of the current action step visit,
+                [{"attempt", "error"}], reset when the step is left or retried
+      tenant    the execution's tenant (set by the caller; emitted events carry it)
+      effects   appended to by advance; the caller reads and clears it (not persisted)
+    """
 
     cdef public object execution_id
-    cdef public object status      # running | waiting | completed | failed | cancelled
-    cdef public long long pc       # index of the next step to run
-    cdef public long long seq      # last transition seq written
+    cdef public object status
+    cdef public long long pc
+    cdef public long long seq
     cdef public object context
     cdef public object contact
     cdef public object event
-    cdef public long long steps    # steps executed over the execution's life
-    cdef public object waiting     # name of the awaited signal while status == "waiting"
+    cdef public long long steps
+    cdef public object waiting
+    cdef public long long attempt
+    cdef public object timer
+    cdef public object visits
+    cdef public object failures
+    cdef public object tenant
+    cdef public object effects
 
     def __init__(self, execution_id, status="running", pc=0, seq=0, context=None, contact=None,
-                 event=None, steps=0, waiting=None):
+                 event=None, steps=0, waiting=None, attempt=0, timer=None, visits=None, failures=None,
+                 tenant="", effects=None):
         self.execution_id = execution_id
         self.status = status
         self.pc = pc
@@ -335,14 +451,20 @@ cdef class ExecutionState:
         self.event = {} if event is None else event
         self.steps = steps
         self.waiting = waiting
+        self.attempt = attempt
+        self.timer = timer
+        self.visits = {} if visits is None else visits
+        self.failures = [] if failures is None else failures
+        self.tenant = tenant
+        self.effects = [] if effects is None else effects
 
     def __repr__(self):
         return f"<ExecutionState {self.execution_id} {self.status} pc={self.pc} seq={self.seq}>"
 
 
 # -- advancing -----------------------------------------------------------------
-def advance(Program program, ExecutionState state, kind, payload):
-    """Apply one event to `state`; return the transitions made."""
+def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
+    """Apply one event to `state`; return the transitions made (effects go to state.effects)."""
     cdef list out = []
     cdef _Step step
     if kind == "start":
@@ -350,7 +472,7 @@ def advance(Program program, ExecutionState state, kind, payload):
             raise ValueError(f"execution {state.execution_id} has already started (seq {state.seq})")
         state.seq += 1
         out.append((state.seq, "", "started", {"workflow_id": program.workflow_id, "version": program.version}))
-        _run(program, state, out)
+        _run(program, state, out, now_ms)
     elif kind == "signal":
         status = state.status
         if status == "completed" or status == "failed" or status == "cancelled":
@@ -365,14 +487,24 @@ def advance(Program program, ExecutionState state, kind, payload):
             step = <_Step>program._steps[state.pc]
         state.seq += 1
         out.append((state.seq, step.id if step is not None else "", "signal", {"name": name, "data": data}))
-        if step is not None and name == state.waiting:
+        if step is not None and step.kind == S_WAIT_FOR_SIGNAL and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
             state.status = "running"
             state.pc = step.next
-            _run(program, state, out)
+            _run(program, state, out, now_ms)
+    elif kind == "action_result":
+        _on_action_result(program, state, out, payload, now_ms)
+    elif kind == "timer":
+        _on_timer(program, state, out, payload, now_ms)
+    elif kind == "event":
+        _on_event(program, state, out, payload, now_ms)
+    elif kind == "cancel":
+        _on_cancel(state, out, payload)
+    elif kind == "retry":
+        _on_retry(program, state, out, now_ms)
     else:
-        raise ValueError(f"unknown event kind {kind!r} (expected 'start' or 'signal')")
+        raise ValueError(f"unknown event kind {kind!r} (expected one of {', '.join(EVENT_KINDS)})")
     return out
 
 
@@ -381,6 +513,250 @@ cdef int _check_pc(Program program, ExecutionState state) except -1:
     if not 0 <= state.pc <= len(program._steps) or (state.status == "waiting" and state.pc == len(program._steps)):
         raise ValueError(f"execution {state.execution_id} has pc {state.pc} outside the program's steps")
     return 0
+
+
+cdef inline int _emit(ExecutionState state, list out, object step_id, object kind, object detail) except -1:
+    state.seq += 1
+    out.append((state.seq, step_id, kind, detail))
+    return 0
+
+
+cdef _Step _waiting_step(Program program, ExecutionState state, StepKind kind):
+    """The step at pc when the execution waits there and it is of `kind`, else None."""
+    if state.status != "waiting":
+        return None
+    _check_pc(program, state)
+    cdef _Step step = <_Step>program._steps[state.pc]
+    return step if step.kind == kind else None
+
+
+cdef inline dict _roots(ExecutionState state):
+    return {"context": state.context, "contact": state.contact, "event": state.event}
+
+
+cdef int _resume(Program program, ExecutionState state, list out, Py_ssize_t pc, object now_ms) except -1:
+    state.status = "running"
+    state.waiting = None
+    state.pc = pc
+    return _run(program, state, out, now_ms)
+
+
+# -- timers, waits and actions ---------------------------------------------------
+cdef int _set_timer(ExecutionState state, str step_id, str purpose, object fire_at_ms) except -1:
+    # The seq makes the id unique also across an operator retry's new attempt series.
+    timer_id = f"{step_id}:{state.visits.get(step_id, 0)}:{state.attempt}:{purpose}:{state.seq}"
+    state.timer = timer_id
+    state.effects.append(
+        ("set_timer", {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
+    )
+    return 0
+
+
+cdef inline int _clear_timer(ExecutionState state) except -1:
+    if state.timer is not None:
+        state.timer = None
+        state.effects.append(("clear_timer", None))
+    return 0
+
+
+cdef int _request(ExecutionState state, list out, _Step step, object now_ms) except -1:
+    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout."""
+    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
+    state.effects.append(("action", {
+        "step_id": step.id,
+        "attempt": state.attempt,
+        "action": step.action,
+        "major": step.major,
+        "input": _render(step.input, state.context, state.contact, state.event),
+        "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
+        "timeout_ms": step.timeout_ms,
+    }))
+    _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
+    state.status = "waiting"
+    state.waiting = WAIT_ACTION
+    return 0
+
+
+cdef int _on_action_result(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
+    if (
+        not PyDict_Check(payload)
+        or not isinstance(payload.get("step_id"), str)
+        or type(payload.get("attempt")) is not int
+        or type(payload.get("ok")) is not bool
+    ):
+        raise ValueError(f"an action result needs 'step_id', 'attempt' and 'ok', got {payload!r}")
+    step_id = payload["step_id"]
+    attempt = payload["attempt"]
+    ok = payload["ok"]
+    cdef _Step step = _waiting_step(program, state, S_ACTION)
+    if step is None or state.waiting != WAIT_ACTION or step.id != step_id or state.attempt != attempt:
+        # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
+        _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
+        return 0
+    if ok:
+        state.context[step.id] = payload.get("output")
+        _emit(state, out, step.id, "action_completed", {"attempt": attempt})
+        _clear_timer(state)
+        state.attempt = 0
+        state.failures = []
+        return _resume(program, state, out, step.next, now_ms)
+    error = payload.get("error")
+    if not PyDict_Check(error):
+        error = {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
+    return _action_failed(program, state, out, step, error, now_ms)
+
+
+cdef int _action_failed(Program program, ExecutionState state, list out, _Step step, dict error, object now_ms) except -1:
+    attempt = state.attempt
+    _emit(state, out, step.id, "action_failed", {"attempt": attempt, "error": error})
+    state.failures.append({"attempt": attempt, "error": error})
+    code = error.get("code")
+    if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
+        delay = retry_delay_ms(
+            state.execution_id, step.id, attempt, step.initial_ms, step.coefficient, step.max_interval_ms, step.jitter
+        )
+        _set_timer(state, step.id, "retry", now_ms + delay)  # replaces the action timeout
+        state.waiting = WAIT_RETRY
+        return 0
+    _clear_timer(state)
+    if _step_failed(program, state, out, step, error, attempt):
+        _run(program, state, out, now_ms)
+    return 0
+
+
+cdef int _on_timer(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
+    if not PyDict_Check(payload) or not isinstance(payload.get("timer_id"), str):
+        raise ValueError(f"a timer payload needs a 'timer_id' string, got {payload!r}")
+    if state.timer is None or payload["timer_id"] != state.timer:
+        return 0  # stale: replaced, cleared, or already fired
+    _check_pc(program, state)
+    cdef _Step step = <_Step>program._steps[state.pc] if state.status == "waiting" else None
+    waiting = state.waiting
+    if step is not None and step.kind == S_ACTION and waiting == WAIT_ACTION:
+        state.timer = None
+        error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
+        return _action_failed(program, state, out, step, error, now_ms)
+    if step is not None and step.kind == S_ACTION and waiting == WAIT_RETRY:
+        state.timer = None
+        state.attempt += 1
+        return _request(state, out, step, now_ms)
+    if step is not None and step.kind == S_WAIT and waiting == WAIT_TIMER:
+        state.timer = None
+        _emit(state, out, step.id, "timer_fired", {"purpose": "wait"})
+        return _resume(program, state, out, step.next, now_ms)
+    if step is not None and step.kind == S_WAIT_FOR_EVENT and waiting == step.wait_key:
+        state.timer = None
+        _emit(state, out, step.id, "timed_out", {"event": step.event})
+        state.effects.append(("clear_wait", None))
+        return _resume(program, state, out, step.on_timeout, now_ms)
+    raise ValueError(f"execution {state.execution_id} has timer {state.timer!r} but waits on {waiting!r}")
+
+
+cdef int _on_event(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
+    if not PyDict_Check(payload) or not isinstance(payload.get("type"), str):
+        raise ValueError(f"an event payload needs a 'type' string, got {payload!r}")
+    cdef _Step step = _waiting_step(program, state, S_WAIT_FOR_EVENT)
+    if step is None or state.waiting != WAIT_EVENT + payload["type"]:
+        return 0  # not for us: nothing recorded
+    if step.filter is not None and not _holds(step.filter, state.context, state.contact, payload):
+        return 0
+    state.context[step.id] = payload.get("data")
+    _emit(state, out, step.id, "event_received", {"event_id": payload.get("event_id"), "type": payload["type"]})
+    state.effects.append(("clear_wait", None))
+    _clear_timer(state)
+    return _resume(program, state, out, step.next, now_ms)
+
+
+cdef int _on_cancel(ExecutionState state, list out, object payload) except -1:
+    status = state.status
+    if status == "completed" or status == "failed" or status == "cancelled":
+        return 0
+    reason = payload.get("reason") if PyDict_Check(payload) else None
+    _emit(state, out, "", "cancelled", {"reason": reason})
+    _clear_timer(state)
+    if status == "waiting" and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
+        state.effects.append(("clear_wait", None))
+    state.status = "cancelled"
+    state.waiting = None
+    return 0
+
+
+cdef int _on_retry(Program program, ExecutionState state, list out, object now_ms) except -1:
+    cdef tuple steps = program._steps
+    if (
+        state.status != "failed"
+        or not 0 <= state.pc < len(steps)
+        or (<_Step>steps[state.pc]).kind != S_ACTION
+    ):
+        raise ValueError("execution is not failed at an action step")
+    cdef _Step step = <_Step>steps[state.pc]
+    state.status = "running"
+    state.attempt = 0
+    state.failures = []
+    _emit(state, out, step.id, "retried", None)
+    # The same step visit again (visits unchanged): the idempotency key stays the same.
+    state.steps += 1
+    state.attempt = 1
+    return _request(state, out, step, now_ms)
+
+
+cdef bint _step_failed(Program program, ExecutionState state, list out, _Step step, dict error, object attempts) except -1:
+    """A step failed for good: take its on_failure branch, else the workflow's, else fail the execution.
+
+    True when a branch was taken (the execution is running again at its target).
+    """
+    _emit(state, out, step.id, "step_failed", {"error": error, "attempts": attempts})
+    cdef Py_ssize_t target = step.on_failure
+    if target < 0 and program.on_failure != state.pc:  # a failing failure branch does not re-enter itself
+        target = program.on_failure
+    if target >= 0:
+        state.attempt = 0
+        state.failures = []
+        state.status = "running"
+        state.waiting = None
+        state.pc = target
+        return True
+    _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
+    state.status = "failed"
+    state.waiting = None
+    if step.kind == S_ACTION:
+        state.effects.append(("dead_letter", {
+            "reason": "step_failed",
+            "step_id": step.id,
+            "error": error,
+            "attempts": list(state.failures),
+        }))
+    return False
+
+
+cdef bint _park(Program program, ExecutionState state, list out, _Step step, object now_ms) except -1:
+    """Enter an action, wait or wait_for_event step; True when the run goes on (a failure branch)."""
+    if step.kind == S_ACTION:
+        state.attempt = 1
+        state.failures = []
+        _request(state, out, step, now_ms)
+        return False
+    if step.kind == S_WAIT:
+        if step.until is None:
+            until_ms = now_ms + step.duration_ms
+        else:
+            try:
+                until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event))
+            except ValueError as exc:
+                error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
+                return _step_failed(program, state, out, step, error, 1)
+        _emit(state, out, step.id, "waiting", {"until_ms": until_ms})
+        _set_timer(state, step.id, "wait", until_ms)
+        state.status = "waiting"
+        state.waiting = WAIT_TIMER
+        return False
+    # S_WAIT_FOR_EVENT
+    _emit(state, out, step.id, "waiting", {"event": step.event})
+    state.effects.append(("wait_event", {"event_type": step.event, "step_id": step.id}))
+    _set_timer(state, step.id, "event_timeout", now_ms + step.timeout_ms)
+    state.status = "waiting"
+    state.waiting = step.wait_key
+    return False
 
 
 cdef inline void _assign(dict context, tuple path, object value) except *:
@@ -400,14 +776,17 @@ cdef inline void _assign(dict context, tuple path, object value) except *:
     target[<object>PyTuple_GET_ITEM(path, last)] = value
 
 
-cdef int _run(Program program, ExecutionState state, list out) except -1:
+cdef int _run(Program program, ExecutionState state, list out, object now_ms) except -1:
     cdef tuple steps = program._steps
     cdef Py_ssize_t n = PyTuple_GET_SIZE(steps)
     cdef Py_ssize_t ran = 0, i, pc = state.pc
-    cdef long long seq = state.seq, executed = state.steps
+    cdef long long seq = state.seq, executed = state.steps, visit
     cdef _Step step
     cdef _Template template
     cdef dict context = state.context
+    cdef dict visits = state.visits
+    cdef PyObject* found
+    cdef bint goes_on
     contact = state.contact
     event = state.event
     if state.status != "running":
@@ -419,6 +798,7 @@ cdef int _run(Program program, ExecutionState state, list out) except -1:
                 seq += 1
                 out.append((seq, "", "completed", None))
                 state.status = "completed"
+                _clear_timer(state)
                 return 0
             step = <_Step>PyTuple_GET_ITEM(steps, pc)
             if ran == program.max_steps:
@@ -427,6 +807,15 @@ cdef int _run(Program program, ExecutionState state, list out) except -1:
                 out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
                 state.status = "failed"
                 return 0
+            found = PyDict_GetItemWithError(visits, step.id)
+            visit = 1 if found == NULL else <long long>(<object>found) + 1
+            if visit > program.max_visits:
+                seq += 1
+                error = f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
+                out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
+                state.status = "failed"
+                return 0
+            visits[step.id] = visit
             ran += 1
             executed += 1
             if step.kind == S_SET:
@@ -453,17 +842,57 @@ cdef int _run(Program program, ExecutionState state, list out) except -1:
                     "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
                     "taken": taken,
                 }))
+            elif step.kind == S_SWITCH:
+                pc = step.default
+                case = "default"
+                for i in range(PyTuple_GET_SIZE(step.cases)):
+                    if _holds(<_Condition>PyTuple_GET_ITEM(step.cases, i), context, contact, event):
+                        pc = <Py_ssize_t>(<object>PyTuple_GET_ITEM(step.targets, i))
+                        case = i
+                        break
+                seq += 1
+                out.append((seq, step.id, "branch", {
+                    "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
+                    "case": case,
+                }))
+            elif step.kind == S_GOTO:
+                pc = step.target
+                seq += 1
+                out.append((seq, step.id, "goto", {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
+            elif step.kind == S_EMIT:
+                event_id = f"{state.execution_id}:{step.id}:{visit}"
+                state.effects.append(("emit", {"event": {
+                    "v": 1,
+                    "event_id": event_id,
+                    "tenant": state.tenant,
+                    "type": step.event,
+                    "contact": _copy_json(contact),
+                    "data": _render(step.data, context, contact, event),
+                    "ts": now_ms,
+                }}))
+                seq += 1
+                out.append((seq, step.id, "emitted", {"event_id": event_id, "type": step.event}))
+                pc = step.next
             elif step.kind == S_END:
                 seq += 1
                 out.append((seq, step.id, step.status, None if step.reason is None else {"reason": step.reason}))
                 state.status = step.status
+                _clear_timer(state)
                 return 0
-            else:  # S_WAIT_FOR_SIGNAL
+            elif step.kind == S_WAIT_FOR_SIGNAL:
                 seq += 1
                 out.append((seq, step.id, "waiting", {"signal": step.signal}))
                 state.status = "waiting"
                 state.waiting = step.signal
                 return 0
+            else:  # action, wait, wait_for_event: these work on the state itself
+                state.pc = pc
+                state.seq = seq
+                goes_on = _park(program, state, out, step, now_ms)
+                pc = state.pc
+                seq = state.seq
+                if not goes_on:
+                    return 0
     finally:
         state.pc = pc
         state.seq = seq

@@ -19,9 +19,15 @@ import json
 import re
 from typing import Any, NamedTuple
 
+from hotpath.durations import format_duration, parse_duration, parse_instant
+
 ROOTS = ("context", "contact", "event")
 DEFAULT_MAX_STEPS = 1000
 MAX_MAX_STEPS = 100_000
+DEFAULT_MAX_VISITS = 100
+MAX_MAX_VISITS = 1_000_000
+NO_STEP = -1  # a target that is not set (on_failure, on_timeout)
+ACTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 class DefinitionError(ValueError):
@@ -127,6 +133,58 @@ class WaitForSignalStep(NamedTuple):
     signal: str
 
 
+class ActionStep(NamedTuple):
+    id: str
+    next: int
+    action: str
+    major: int
+    input: tuple  # a ("dict", ...) template
+    timeout_ms: int
+    timeout_text: str  # the timeout as written, for error messages
+    max_attempts: int
+    initial_ms: int
+    coefficient: float
+    max_interval_ms: int
+    jitter: float
+    non_retryable: tuple  # error codes that are never retried
+    on_failure: int  # step index or NO_STEP
+
+
+class WaitStep(NamedTuple):
+    id: str
+    next: int
+    duration_ms: int  # NO_STEP when the step waits `until` a time
+    until: tuple | None  # a template yielding an ISO-8601 string or epoch ms
+    on_failure: int
+
+
+class WaitForEventStep(NamedTuple):
+    id: str
+    next: int
+    event: str
+    filter: tuple | None  # condition over event (the arriving one), contact and context
+    timeout_ms: int
+    on_timeout: int  # defaults to next
+
+
+class SwitchStep(NamedTuple):
+    id: str
+    cases: tuple  # ((condition, step index), ...), first that holds wins
+    default: int  # defaults to next
+
+
+class GotoStep(NamedTuple):
+    id: str
+    target: int
+
+
+class EmitStep(NamedTuple):
+    id: str
+    next: int
+    event: str
+    data: tuple  # a ("dict", ...) template
+
+
 class ResolvedDefinition(NamedTuple):
     workflow_id: str
     version: int  # 0 when not yet deployed (deploy assigns versions from 1)
@@ -135,6 +193,8 @@ class ResolvedDefinition(NamedTuple):
     trigger_filter: tuple | None
     max_steps: int
     steps: tuple
+    max_visits: int = DEFAULT_MAX_VISITS
+    on_failure: int = NO_STEP  # the workflow-level failure branch
 
 
 class _Problems(DefinitionError):
@@ -237,6 +297,9 @@ class _Resolver:
         if field not in step:
             return default
         name = step[field]
+        if not isinstance(name, str):
+            self.error(f"{field!r} must be a step id, got {name!r}")
+            return default
         if name not in index_of:
             self.semantic(f"{field!r} points at unknown step {name!r}")
             return default
@@ -287,12 +350,165 @@ class _Resolver:
             signal = ""
         return WaitForSignalStep(step["id"], self.target(step, "next", following, index_of), signal)
 
+    # durations and policies
+    def duration(self, owner: dict, field: str, default, positive: bool, label: str = "") -> int:
+        value = owner.get(field, default)
+        name = label + field
+        try:
+            ms = parse_duration(value)
+        except ValueError as exc:
+            # The schema checks only the type; the form of a duration is ours to report.
+            report = self.semantic if isinstance(value, (int, str)) and not isinstance(value, bool) else self.error
+            report(f"{name!r}: {exc}")
+            return 1
+        if positive and ms <= 0:
+            self.semantic(f"{name!r} must be a positive duration, got {value!r}")
+            return 1
+        return ms
+
+    def number(self, policy: dict, field: str, default, low: float, high: float | None) -> float:
+        value = policy.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            self.error(f"'retry.{field}' must be a number {bounds}, got {value!r}")
+            return default
+        return float(value)
+
+    def action_step(self, step: dict, following: int, index_of: dict) -> ActionStep:
+        action = step.get("action")
+        if not isinstance(action, str) or not ACTION_NAME.match(action):
+            self.error(f"'action' must be an action name such as 'webhook' or 'sms.send', got {action!r}")
+            action = ""
+        major = step.get("version", 1)
+        if not isinstance(major, int) or isinstance(major, bool) or major < 1:
+            self.error(f"'version' must be an action major version >= 1, got {major!r}")
+            major = 1
+        raw_input = step.get("input", {})
+        if not isinstance(raw_input, dict):
+            self.error("'input' must be an object of templates")
+            raw_input = {}
+        timeout = step.get("timeout", "30s")
+        timeout_ms = self.duration(step, "timeout", "30s", positive=True)
+        policy = step.get("retry", {})
+        if not isinstance(policy, dict):
+            self.error("'retry' must be an object")
+            policy = {}
+        max_attempts = policy.get("max_attempts", 3)
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
+            self.error(f"'retry.max_attempts' must be an integer >= 1, got {max_attempts!r}")
+            max_attempts = 1
+        initial_ms = self.duration(policy, "initial_interval", "1s", positive=True, label="retry.")
+        max_interval_ms = self.duration(policy, "max_interval", "5m", positive=True, label="retry.")
+        if max_interval_ms < initial_ms:
+            self.semantic("'retry.max_interval' must not be shorter than 'retry.initial_interval'")
+        non_retryable = policy.get("non_retryable", [])
+        if not isinstance(non_retryable, list) or not all(isinstance(code, str) for code in non_retryable):
+            self.error("'retry.non_retryable' must be a list of error codes")
+            non_retryable = []
+        return ActionStep(
+            id=step["id"],
+            next=self.target(step, "next", following, index_of),
+            action=action,
+            major=major,
+            input=self.template(raw_input),
+            timeout_ms=timeout_ms,
+            timeout_text=timeout if isinstance(timeout, str) else format_duration(timeout_ms),
+            max_attempts=max_attempts,
+            initial_ms=initial_ms,
+            coefficient=self.number(policy, "backoff_coefficient", 2.0, 1.0, None),
+            max_interval_ms=max_interval_ms,
+            jitter=self.number(policy, "jitter", 0.2, 0.0, 1.0),
+            non_retryable=tuple(non_retryable),
+            on_failure=self.target(step, "on_failure", NO_STEP, index_of),
+        )
+
+    def wait_step(self, step: dict, following: int, index_of: dict) -> WaitStep:
+        duration_ms, until = NO_STEP, None
+        if ("duration" in step) == ("until" in step):
+            self.semantic("a wait step needs exactly one of 'duration' and 'until'")
+        elif "duration" in step:
+            duration_ms = self.duration(step, "duration", 0, positive=False)
+        else:
+            raw = step["until"]
+            if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+                self.error(f"'until' must be an ISO-8601 time, a template, or epoch milliseconds, got {raw!r}")
+            else:
+                until = self.template(raw)
+                if until[0] == "lit":
+                    try:
+                        parse_instant(raw)
+                    except ValueError as exc:
+                        self.semantic(f"'until': {exc}")
+        return WaitStep(
+            step["id"],
+            self.target(step, "next", following, index_of),
+            duration_ms,
+            until,
+            self.target(step, "on_failure", NO_STEP, index_of),
+        )
+
+    def wait_for_event_step(self, step: dict, following: int, index_of: dict) -> WaitForEventStep:
+        event = step.get("event")
+        if not isinstance(event, str) or not event:
+            self.error("'event' must be a non-empty event type")
+            event = ""
+        if "timeout" not in step:
+            self.error("'timeout' is a required property")
+        following = self.target(step, "next", following, index_of)
+        return WaitForEventStep(
+            step["id"],
+            following,
+            event,
+            self.condition(step["filter"]) if "filter" in step else None,
+            self.duration(step, "timeout", 1, positive=True),
+            self.target(step, "on_timeout", following, index_of),
+        )
+
+    def switch_step(self, step: dict, following: int, index_of: dict) -> SwitchStep:
+        cases = step.get("cases")
+        resolved = []
+        if not isinstance(cases, list) or not cases:
+            self.error("'cases' must be a non-empty list of {'when', 'next'}")
+            cases = []
+        for i, case in enumerate(cases):
+            if not isinstance(case, dict) or "when" not in case or not isinstance(case.get("next"), str):
+                self.error(f"'cases[{i}]' must be an object with 'when' and 'next'")
+                continue
+            target = case["next"]
+            if target not in index_of:
+                self.semantic(f"'cases[{i}].next' points at unknown step {target!r}")
+            resolved.append((self.condition(case["when"]), index_of.get(target, following)))
+        following = self.target(step, "next", following, index_of)
+        return SwitchStep(step["id"], tuple(resolved), self.target(step, "default", following, index_of))
+
+    def goto_step(self, step: dict, following: int, index_of: dict) -> GotoStep:
+        if "target" not in step:
+            self.error("'target' is a required property")
+        return GotoStep(step["id"], self.target(step, "target", following, index_of))
+
+    def emit_step(self, step: dict, following: int, index_of: dict) -> EmitStep:
+        event = step.get("event")
+        if not isinstance(event, str) or not event:
+            self.error("'event' must be a non-empty event type")
+            event = ""
+        data = step.get("data", {})
+        if not isinstance(data, dict):
+            self.error("'data' must be an object of templates")
+            data = {}
+        return EmitStep(step["id"], self.target(step, "next", following, index_of), event, self.template(data))
+
     #: Step type -> resolver method; a new step type is one entry here (and one in the schema).
     STEP_TYPES = {
         "set": set_step,
         "if": if_step,
         "end": end_step,
         "wait_for_signal": wait_for_signal_step,
+        "action": action_step,
+        "wait": wait_step,
+        "wait_for_event": wait_for_event_step,
+        "switch": switch_step,
+        "goto": goto_step,
+        "emit": emit_step,
     }
 
 
@@ -320,6 +536,9 @@ def resolve(definition: dict) -> ResolvedDefinition:
     max_steps = limits.get("max_steps", DEFAULT_MAX_STEPS) if isinstance(limits, dict) else None
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 1 <= max_steps <= MAX_MAX_STEPS:
         r.error(f"'max_steps' must be an integer from 1 to {MAX_MAX_STEPS}, got {max_steps!r}")
+    max_visits = limits.get("max_visits", DEFAULT_MAX_VISITS) if isinstance(limits, dict) else None
+    if not isinstance(max_visits, int) or isinstance(max_visits, bool) or not 1 <= max_visits <= MAX_MAX_VISITS:
+        r.error(f"'max_visits' must be an integer from 1 to {MAX_MAX_VISITS}, got {max_visits!r}")
 
     r.where = "trigger"
     trigger = definition.get("trigger")
@@ -359,6 +578,9 @@ def resolve(definition: dict) -> ResolvedDefinition:
         step = raw_steps[i]
         steps[i] = _Resolver.STEP_TYPES[step["type"]](r, step, i + 1, index_of)
 
+    r.where = "definition"
+    on_failure = r.target(definition, "on_failure", NO_STEP, index_of)
+
     if r.problems:
         raise _Problems(r.problems)
     return ResolvedDefinition(
@@ -369,4 +591,6 @@ def resolve(definition: dict) -> ResolvedDefinition:
         trigger_filter=trigger_filter,
         max_steps=max_steps,
         steps=tuple(steps),
+        max_visits=max_visits,
+        on_failure=on_failure,
     )

@@ -1,24 +1,51 @@
 """The step dispatcher, pure-Python twin of `hotpath._dispatcher` (same API, same behaviour).
 
-`advance(program, state, kind, payload)` applies one event ("start" or
-"signal") to one execution: it mutates `state` in place and returns the
-transitions it made, each `(seq, step_id, kind, detail)` with `seq`
-contiguous from 1. It is a pure state machine (no I/O, no clock, no
-randomness) so that the ledger can replay an execution through it and get the
-same transitions again.
+`advance(program, state, kind, payload, now_ms=0)` applies one event to one
+execution: it mutates `state` in place, returns the transitions it made, each
+`(seq, step_id, kind, detail)` with `seq` contiguous, and appends to
+`state.effects` what the worker must do once those transitions have committed
+(request an action, set or clear the execution's timer, register or drop an
+event wait, emit an event, dead-letter a failed step). It is a pure state
+machine (no I/O, no clock: time is `now_ms`; no randomness: retry jitter is a
+hash) so that the ledger can replay an execution through it and get the same
+transitions and effects again.
+
+Event kinds and payloads:
+  "start" None; "signal" {"name", "data"?}; "action_result" {"step_id", "attempt",
+  "ok", "output"?, "error"?}; "timer" {"timer_id"}; "event" a trigger event;
+  "cancel" {"reason"?}; "retry" {} (operator retry of a failed action step).
 """
 
 from __future__ import annotations
 
-from hotpath.definition import EndStep, IfStep, SetStep, WaitForSignalStep, resolve
+from hotpath.definition import (
+    ActionStep,
+    EmitStep,
+    EndStep,
+    GotoStep,
+    IfStep,
+    SetStep,
+    SwitchStep,
+    WaitForEventStep,
+    WaitForSignalStep,
+    WaitStep,
+    resolve,
+)
+from hotpath.durations import parse_instant, retry_delay_ms
 
 CLOSED = ("completed", "failed", "cancelled")
+EVENT_KINDS = ("start", "signal", "action_result", "timer", "event", "cancel", "retry")
+# What a waiting execution waits for (state.waiting), besides a signal's name.
+WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "event:"
 
 
 class Program:
     """A workflow definition compiled for the dispatcher (DefinitionError if it cannot run)."""
 
-    __slots__ = ("workflow_id", "version", "tenant", "trigger_event", "max_steps", "step_ids", "_filter", "_steps")
+    __slots__ = (
+        "workflow_id", "version", "tenant", "trigger_event", "max_steps", "max_visits", "on_failure", "step_ids",
+        "_filter", "_steps",
+    )
 
     def __init__(self, definition: dict):
         resolved = resolve(definition)
@@ -27,6 +54,8 @@ class Program:
         self.tenant = resolved.tenant
         self.trigger_event = resolved.trigger_event
         self.max_steps = resolved.max_steps
+        self.max_visits = resolved.max_visits
+        self.on_failure = resolved.on_failure  # workflow-level failure branch: a step index, or -1
         self.step_ids = tuple(step.id for step in resolved.steps)
         self._filter = resolved.trigger_filter
         self._steps = resolved.steps
@@ -44,9 +73,31 @@ class Program:
 
 
 class ExecutionState:
-    """One execution's mutable state; the dispatcher reads and writes it in place."""
+    """One execution's mutable state; the dispatcher reads and writes it in place.
 
-    __slots__ = ("execution_id", "status", "pc", "seq", "context", "contact", "event", "steps", "waiting")
+    The worker persists every attribute but `effects` and passes them back as
+    constructor keywords:
+      status    running | waiting | completed | failed | cancelled
+      pc        index of the step to run next, or of the step being waited on / that failed
+      seq       the last transition seq written
+      steps     steps executed over the execution's life
+      waiting   while status == "waiting": the awaited signal's name (wait_for_signal),
+                "action" (a result), "retry" (a back-off), "timer" (a wait step) or
+                "event:<type>" (wait_for_event)
+      attempt   the current attempt of the action step at pc (1-based; 0 elsewhere)
+      timer     the id of the one timer the execution waits on, or None
+      visits    {step id: times entered}; the action idempotency key and emitted
+                event ids use it, and limits.max_visits bounds it
+      failures  the failed attempts of the current action step visit,
+                [{"attempt", "error"}], reset when the step is left or retried
+      tenant    the execution's tenant (set by the caller; emitted events carry it)
+      effects   appended to by advance; the caller reads and clears it (not persisted)
+    """
+
+    __slots__ = (
+        "execution_id", "status", "pc", "seq", "context", "contact", "event", "steps", "waiting",
+        "attempt", "timer", "visits", "failures", "tenant", "effects",
+    )
 
     def __init__(
         self,
@@ -59,30 +110,42 @@ class ExecutionState:
         event: dict | None = None,
         steps: int = 0,
         waiting: str | None = None,
+        attempt: int = 0,
+        timer: str | None = None,
+        visits: dict | None = None,
+        failures: list | None = None,
+        tenant: str = "",
+        effects: list | None = None,
     ):
         self.execution_id = execution_id
-        self.status = status  # running | waiting | completed | failed | cancelled
-        self.pc = pc  # index of the next step to run
-        self.seq = seq  # last transition seq written
+        self.status = status
+        self.pc = pc
+        self.seq = seq
         self.context = {} if context is None else context
         self.contact = {} if contact is None else contact
         self.event = {} if event is None else event
-        self.steps = steps  # steps executed over the execution's life
-        self.waiting = waiting  # name of the awaited signal while status == "waiting"
+        self.steps = steps
+        self.waiting = waiting
+        self.attempt = attempt
+        self.timer = timer
+        self.visits = {} if visits is None else visits
+        self.failures = [] if failures is None else failures
+        self.tenant = tenant
+        self.effects = [] if effects is None else effects
 
     def __repr__(self) -> str:
         return f"<ExecutionState {self.execution_id} {self.status} pc={self.pc} seq={self.seq}>"
 
 
 # -- advancing -----------------------------------------------------------------
-def advance(program: Program, state: ExecutionState, kind: str, payload) -> list:
-    """Apply one event to `state`; return the transitions made."""
+def advance(program: Program, state: ExecutionState, kind: str, payload, now_ms: int = 0) -> list:
+    """Apply one event to `state`; return the transitions made (effects go to state.effects)."""
     out: list = []
     if kind == "start":
         if state.seq != 0:
             raise ValueError(f"execution {state.execution_id} has already started (seq {state.seq})")
         _emit(state, out, "", "started", {"workflow_id": program.workflow_id, "version": program.version})
-        _run(program, state, out)
+        _run(program, state, out, now_ms)
     elif kind == "signal":
         if state.status in CLOSED:
             return out
@@ -92,14 +155,24 @@ def advance(program: Program, state: ExecutionState, kind: str, payload) -> list
             _check_pc(program, state)
             step = program._steps[state.pc]
         _emit(state, out, step.id if step else "", "signal", {"name": name, "data": data})
-        if step is not None and name == state.waiting:
+        if type(step) is WaitForSignalStep and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
             state.status = "running"
             state.pc = step.next
-            _run(program, state, out)
+            _run(program, state, out, now_ms)
+    elif kind == "action_result":
+        _on_action_result(program, state, out, payload, now_ms)
+    elif kind == "timer":
+        _on_timer(program, state, out, payload, now_ms)
+    elif kind == "event":
+        _on_event(program, state, out, payload, now_ms)
+    elif kind == "cancel":
+        _on_cancel(state, out, payload)
+    elif kind == "retry":
+        _on_retry(program, state, out, now_ms)
     else:
-        raise ValueError(f"unknown event kind {kind!r} (expected 'start' or 'signal')")
+        raise ValueError(f"unknown event kind {kind!r} (expected one of {', '.join(EVENT_KINDS)})")
     return out
 
 
@@ -120,8 +193,213 @@ def _emit(state: ExecutionState, out: list, step_id: str, kind: str, detail) -> 
     out.append((state.seq, step_id, kind, detail))
 
 
-def _run(program: Program, state: ExecutionState, out: list) -> None:
+def _waiting_step(program: Program, state: ExecutionState, step_type):
+    """The step at pc when the execution waits there and it is a `step_type`, else None."""
+    if state.status != "waiting":
+        return None
+    _check_pc(program, state)
+    step = program._steps[state.pc]
+    return step if type(step) is step_type else None
+
+
+def _resume(program: Program, state: ExecutionState, out: list, pc: int, now_ms: int) -> None:
+    state.status = "running"
+    state.waiting = None
+    state.pc = pc
+    _run(program, state, out, now_ms)
+
+
+# -- timers, waits and actions ---------------------------------------------------
+def _set_timer(state: ExecutionState, step_id: str, purpose: str, fire_at_ms: int) -> None:
+    # The seq makes the id unique also across an operator retry's new attempt series.
+    timer_id = f"{step_id}:{state.visits.get(step_id, 0)}:{state.attempt}:{purpose}:{state.seq}"
+    state.timer = timer_id
+    state.effects.append(
+        ("set_timer", {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
+    )
+
+
+def _clear_timer(state: ExecutionState) -> None:
+    if state.timer is not None:
+        state.timer = None
+        state.effects.append(("clear_timer", None))
+
+
+def _request(state: ExecutionState, out: list, step: ActionStep, now_ms: int) -> None:
+    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout."""
+    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
+    roots = {"context": state.context, "contact": state.contact, "event": state.event}
+    state.effects.append(("action", {
+        "step_id": step.id,
+        "attempt": state.attempt,
+        "action": step.action,
+        "major": step.major,
+        "input": render(step.input, roots),
+        "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
+        "timeout_ms": step.timeout_ms,
+    }))
+    _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
+    state.status = "waiting"
+    state.waiting = WAIT_ACTION
+
+
+def _on_action_result(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("step_id"), str)
+        or type(payload.get("attempt")) is not int
+        or type(payload.get("ok")) is not bool
+    ):
+        raise ValueError(f"an action result needs 'step_id', 'attempt' and 'ok', got {payload!r}")
+    step_id, attempt, ok = payload["step_id"], payload["attempt"], payload["ok"]
+    step = _waiting_step(program, state, ActionStep)
+    if step is None or state.waiting != WAIT_ACTION or step.id != step_id or state.attempt != attempt:
+        # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
+        _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
+        return
+    if ok:
+        state.context[step.id] = payload.get("output")
+        _emit(state, out, step.id, "action_completed", {"attempt": attempt})
+        _clear_timer(state)
+        state.attempt = 0
+        state.failures = []
+        _resume(program, state, out, step.next, now_ms)
+    else:
+        _action_failed(program, state, out, step, _error_of(payload.get("error")), now_ms)
+
+
+def _error_of(error) -> dict:
+    if isinstance(error, dict):
+        return error
+    return {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
+
+
+def _action_failed(program: Program, state: ExecutionState, out: list, step: ActionStep, error: dict, now_ms: int) -> None:
+    attempt = state.attempt
+    _emit(state, out, step.id, "action_failed", {"attempt": attempt, "error": error})
+    state.failures.append({"attempt": attempt, "error": error})
+    code = error.get("code")
+    if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
+        delay = retry_delay_ms(
+            state.execution_id, step.id, attempt, step.initial_ms, step.coefficient, step.max_interval_ms, step.jitter
+        )
+        _set_timer(state, step.id, "retry", now_ms + delay)  # replaces the action timeout
+        state.waiting = WAIT_RETRY
+        return
+    _clear_timer(state)
+    if _step_failed(program, state, out, step, error, attempt):
+        _run(program, state, out, now_ms)
+
+
+def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("timer_id"), str):
+        raise ValueError(f"a timer payload needs a 'timer_id' string, got {payload!r}")
+    if state.timer is None or payload["timer_id"] != state.timer:
+        return  # stale: replaced, cleared, or already fired
+    _check_pc(program, state)
+    step = program._steps[state.pc] if state.status == "waiting" else None
+    waiting = state.waiting
+    if type(step) is ActionStep and waiting == WAIT_ACTION:
+        state.timer = None
+        error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
+        _action_failed(program, state, out, step, error, now_ms)
+    elif type(step) is ActionStep and waiting == WAIT_RETRY:
+        state.timer = None
+        state.attempt += 1
+        _request(state, out, step, now_ms)
+    elif type(step) is WaitStep and waiting == WAIT_TIMER:
+        state.timer = None
+        _emit(state, out, step.id, "timer_fired", {"purpose": "wait"})
+        _resume(program, state, out, step.next, now_ms)
+    elif type(step) is WaitForEventStep and waiting == WAIT_EVENT + step.event:
+        state.timer = None
+        _emit(state, out, step.id, "timed_out", {"event": step.event})
+        state.effects.append(("clear_wait", None))
+        _resume(program, state, out, step.on_timeout, now_ms)
+    else:
+        raise ValueError(f"execution {state.execution_id} has timer {state.timer!r} but waits on {waiting!r}")
+
+
+def _on_event(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+        raise ValueError(f"an event payload needs a 'type' string, got {payload!r}")
+    step = _waiting_step(program, state, WaitForEventStep)
+    if step is None or state.waiting != WAIT_EVENT + payload["type"]:
+        return  # not for us: nothing recorded
+    if step.filter is not None and not holds(step.filter, {"context": state.context, "contact": state.contact, "event": payload}):
+        return
+    state.context[step.id] = payload.get("data")
+    _emit(state, out, step.id, "event_received", {"event_id": payload.get("event_id"), "type": payload["type"]})
+    state.effects.append(("clear_wait", None))
+    _clear_timer(state)
+    _resume(program, state, out, step.next, now_ms)
+
+
+def _on_cancel(state: ExecutionState, out: list, payload) -> None:
+    if state.status in CLOSED:
+        return
+    reason = payload.get("reason") if isinstance(payload, dict) else None
+    _emit(state, out, "", "cancelled", {"reason": reason})
+    _clear_timer(state)
+    if state.status == "waiting" and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
+        state.effects.append(("clear_wait", None))
+    state.status = "cancelled"
+    state.waiting = None
+
+
+def _on_retry(program: Program, state: ExecutionState, out: list, now_ms: int) -> None:
     steps = program._steps
+    if state.status != "failed" or not 0 <= state.pc < len(steps) or type(steps[state.pc]) is not ActionStep:
+        raise ValueError("execution is not failed at an action step")
+    step = steps[state.pc]
+    state.status = "running"
+    state.attempt = 0
+    state.failures = []
+    _emit(state, out, step.id, "retried", None)
+    # The same step visit again (visits unchanged): the idempotency key stays the same.
+    state.steps += 1
+    state.attempt = 1
+    _request(state, out, step, now_ms)
+
+
+def _step_failed(program: Program, state: ExecutionState, out: list, step, error: dict, attempts: int) -> bool:
+    """A step failed for good: take its on_failure branch, else the workflow's, else fail the execution.
+
+    True when a branch was taken (the execution is running again at its target).
+    """
+    _emit(state, out, step.id, "step_failed", {"error": error, "attempts": attempts})
+    target = step.on_failure
+    if target < 0 and program.on_failure != state.pc:  # a failing failure branch does not re-enter itself
+        target = program.on_failure
+    if target >= 0:
+        state.attempt = 0
+        state.failures = []
+        state.status = "running"
+        state.waiting = None
+        state.pc = target
+        return True
+    _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
+    state.status = "failed"
+    state.waiting = None
+    if type(step) is ActionStep:
+        state.effects.append(("dead_letter", {
+            "reason": "step_failed",
+            "step_id": step.id,
+            "error": error,
+            "attempts": list(state.failures),
+        }))
+    return False
+
+
+# -- running ---------------------------------------------------------------------
+def _loop_guard(state: ExecutionState, out: list, step_id: str, error: str) -> None:
+    _emit(state, out, step_id, "failed", {"error": error, "code": "loop_guard"})
+    state.status = "failed"
+
+
+def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) -> None:
+    steps = program._steps
+    visits = state.visits
     ran = 0
     if state.status == "running":
         _check_pc(program, state)
@@ -129,35 +407,91 @@ def _run(program: Program, state: ExecutionState, out: list) -> None:
         if state.pc == len(steps):
             _emit(state, out, "", "completed", None)
             state.status = "completed"
+            _clear_timer(state)
             return
         step = steps[state.pc]
         if ran == program.max_steps:
-            error = f"loop guard: more than {program.max_steps} steps in one run"
-            _emit(state, out, step.id, "failed", {"error": error, "code": "loop_guard"})
-            state.status = "failed"
-            return
+            return _loop_guard(state, out, step.id, f"loop guard: more than {program.max_steps} steps in one run")
+        visit = visits.get(step.id, 0) + 1
+        if visit > program.max_visits:
+            return _loop_guard(
+                state, out, step.id, f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
+            )
+        visits[step.id] = visit
         ran += 1
         state.steps += 1
         roots = {"context": state.context, "contact": state.contact, "event": state.event}
-        if type(step) is SetStep:
+        kind = type(step)
+        if kind is SetStep:
             for path, template in step.assignments:
                 _assign(state.context, path, render(template, roots))
             _emit(state, out, step.id, "set", None)
             state.pc = step.next
-        elif type(step) is IfStep:
+        elif kind is IfStep:
             taken = "then" if holds(step.condition, roots) else "else"
             state.pc = step.then if taken == "then" else step.else_
-            to = steps[state.pc].id if state.pc < len(steps) else ""
-            _emit(state, out, step.id, "branch", {"to": to, "taken": taken})
-        elif type(step) is EndStep:
+            _emit(state, out, step.id, "branch", {"to": _id_at(steps, state.pc), "taken": taken})
+        elif kind is SwitchStep:
+            state.pc, case = step.default, "default"
+            for index, (condition, target) in enumerate(step.cases):
+                if holds(condition, roots):
+                    state.pc, case = target, index
+                    break
+            _emit(state, out, step.id, "branch", {"to": _id_at(steps, state.pc), "case": case})
+        elif kind is GotoStep:
+            state.pc = step.target
+            _emit(state, out, step.id, "goto", {"to": _id_at(steps, state.pc)})
+        elif kind is EndStep:
             _emit(state, out, step.id, step.status, None if step.reason is None else {"reason": step.reason})
             state.status = step.status
-        elif type(step) is WaitForSignalStep:
+            _clear_timer(state)
+        elif kind is WaitForSignalStep:
             _emit(state, out, step.id, "waiting", {"signal": step.signal})
             state.status = "waiting"
             state.waiting = step.signal
+        elif kind is ActionStep:
+            state.attempt = 1
+            state.failures = []
+            _request(state, out, step, now_ms)
+        elif kind is WaitStep:
+            if step.until is None:
+                until_ms = now_ms + step.duration_ms
+            else:
+                try:
+                    until_ms = parse_instant(render(step.until, roots))
+                except ValueError as exc:
+                    error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
+                    _step_failed(program, state, out, step, error, 1)
+                    continue  # at the failure branch, or failed
+            _emit(state, out, step.id, "waiting", {"until_ms": until_ms})
+            _set_timer(state, step.id, "wait", until_ms)
+            state.status = "waiting"
+            state.waiting = WAIT_TIMER
+        elif kind is WaitForEventStep:
+            _emit(state, out, step.id, "waiting", {"event": step.event})
+            state.effects.append(("wait_event", {"event_type": step.event, "step_id": step.id}))
+            _set_timer(state, step.id, "event_timeout", now_ms + step.timeout_ms)
+            state.status = "waiting"
+            state.waiting = WAIT_EVENT + step.event
+        elif kind is EmitStep:
+            event_id = f"{state.execution_id}:{step.id}:{visit}"
+            state.effects.append(("emit", {"event": {
+                "v": 1,
+                "event_id": event_id,
+                "tenant": state.tenant,
+                "type": step.event,
+                "contact": copy_json(state.contact),
+                "data": render(step.data, roots),
+                "ts": now_ms,
+            }}))
+            _emit(state, out, step.id, "emitted", {"event_id": event_id, "type": step.event})
+            state.pc = step.next
         else:  # pragma: no cover - resolve() only produces the types above
             raise TypeError(f"unknown step {step!r}")
+
+
+def _id_at(steps: tuple, pc: int) -> str:
+    return steps[pc].id if pc < len(steps) else ""
 
 
 def _assign(context: dict, path: tuple, value) -> None:

@@ -106,6 +106,10 @@ def decode_trigger(body: bytes, max_bytes: int) -> dict:
 #: Message kinds carried on an execution's subject, with their required text fields.
 EXEC_KINDS = {
     "signal": ("signal_id", "name"),
+    "action_result": ("step_id",),
+    "event": (),
+    "cancel": (),
+    "retry": (),
 }
 
 
@@ -118,6 +122,17 @@ def decode_exec(body: bytes, max_bytes: int) -> dict:
     _text(doc, "execution_id", 64)
     for name in EXEC_KINDS[kind]:
         _text(doc, name)
+    if kind == "action_result":
+        _field(doc, "attempt", (int,), "an integer")
+        ok = _field(doc, "ok", (bool,), "a boolean")
+        if not ok:
+            error = _field(doc, "error", (dict,), "an object {code, retryable, message}")
+            if type(error.get("code")) is not str or type(error.get("retryable")) is not bool:
+                raise BadMessage("wrong_type", "field 'error' needs a string 'code' and a boolean 'retryable'")
+    elif kind == "event":
+        event = _field(doc, "event", (dict,), "an object (a trigger event)")
+        if type(event.get("type")) is not str or type(event.get("event_id")) is not str:
+            raise BadMessage("wrong_type", "field 'event' needs string 'type' and 'event_id'")
     return doc
 
 

@@ -363,6 +363,428 @@ def test_pc_outside_the_program_is_refused(impl):
         impl.advance(program, state, "signal", {"name": "reply"})
 
 
+# -- actions, timers and events -------------------------------------------------------
+import zlib  # noqa: E402
+
+
+def drain(state) -> list:
+    """The effects advance appended, cleared as the worker does after reading them."""
+    effects = list(state.effects)
+    state.effects.clear()
+    return effects
+
+
+def action(step_id="send", **more) -> dict:
+    return {"id": step_id, "type": "action", "action": "sms.send", "input": {"to": "{{contact.phone}}"}, **more}
+
+
+def failure(code="unavailable", retryable=True, message="try later") -> dict:
+    return {"code": code, "retryable": retryable, "message": message}
+
+
+def result(state, ok=True, step_id=None, attempt=None, **more) -> dict:
+    """An action result for the attempt the execution waits on (unless told otherwise)."""
+    payload = {"step_id": step_id or "send", "attempt": state.attempt if attempt is None else attempt, "ok": ok}
+    payload.update(more)
+    return payload
+
+
+def begin(impl, definition, now_ms=1_000, **state_args):
+    program = impl.Program(definition)
+    state_args.setdefault("contact", {"phone": "+49"})
+    state = impl.ExecutionState("exec-1", tenant="acme", **state_args)
+    out = impl.advance(program, state, "start", None, now_ms)
+    return program, state, out
+
+
+def test_new_state_fields_and_round_trip(impl):
+    state = impl.ExecutionState("e")
+    assert (state.attempt, state.timer, state.visits, state.failures, state.tenant, state.effects) == (0, None, {}, [], "", [])
+    fields = dict(status="waiting", pc=1, seq=4, steps=2, waiting="retry", attempt=2, timer="t", visits={"a": 1},
+                  failures=[{"attempt": 1, "error": {"code": "x"}}], tenant="acme")
+    copy = impl.ExecutionState("e", **fields)
+    assert {name: getattr(copy, name) for name in fields} == fields
+    copy.attempt, copy.timer, copy.tenant = 3, None, "other"
+    assert (copy.attempt, copy.timer, copy.tenant) == (3, None, "other")
+
+
+def test_program_on_failure_and_max_visits(impl):
+    program = impl.Program(workflow(set_step("a", {"x": 1}), {"id": "oops", "type": "end"}, on_failure="oops",
+                                    limits={"max_visits": 7}))
+    assert (program.on_failure, program.max_visits) == (1, 7)
+    program = impl.Program(workflow(set_step("a", {"x": 1})))
+    assert (program.on_failure, program.max_visits) == (-1, 100)
+
+
+def test_action_requested_then_completed(impl):
+    definition = workflow(action(timeout="10s", version=2), set_step("after", {"id": "{{context.send.id}}"}))
+    program, state, out = begin(impl, definition)
+    assert out[1:] == [(2, "send", "action_requested", {"attempt": 1, "action": "sms.send"})]
+    assert drain(state) == [
+        ("action", {"step_id": "send", "attempt": 1, "action": "sms.send", "major": 2, "input": {"to": "+49"},
+                    "idempotency_key": "exec-1:send:1", "timeout_ms": 10_000}),
+        ("set_timer", {"timer_id": state.timer, "fire_at_ms": 11_000, "purpose": "action_timeout", "step_id": "send"}),
+    ]
+    assert (state.status, state.waiting, state.attempt, state.visits) == ("waiting", "action", 1, {"send": 1})
+    out = impl.advance(program, state, "action_result", result(state, output={"id": "m-1"}), 2_000)
+    assert out == [(3, "send", "action_completed", {"attempt": 1}), (4, "after", "set", None), (5, "", "completed", None)]
+    assert drain(state) == [("clear_timer", None)]
+    assert state.context == {"send": {"id": "m-1"}, "id": "m-1"}
+    assert (state.status, state.timer, state.attempt, state.failures) == ("completed", None, 0, [])
+
+
+def test_retry_delays_are_exact_without_jitter_and_exhaustion_dead_letters(impl):
+    policy = {"max_attempts": 4, "initial_interval": "1s", "backoff_coefficient": 2, "max_interval": "3s", "jitter": 0}
+    program, state, _ = begin(impl, workflow(action(retry=policy)))
+    drain(state)
+    keys, fire_at = [], []
+    now = 1_000
+    for attempt in (1, 2, 3):
+        now += 500
+        out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), now)
+        assert out == [(state.seq, "send", "action_failed", {"attempt": attempt, "error": failure()})]
+        ((kind, timer),) = drain(state)
+        assert (kind, timer["purpose"], state.waiting) == ("set_timer", "retry", "retry")
+        fire_at.append(timer["fire_at_ms"] - now)
+        now = timer["fire_at_ms"]
+        out = impl.advance(program, state, "timer", {"timer_id": timer["timer_id"]}, now)
+        assert out == [(state.seq, "send", "action_requested", {"attempt": attempt + 1, "action": "sms.send"})]
+        request, _ = drain(state)
+        keys.append(request[1]["idempotency_key"])
+    assert fire_at == [1_000, 2_000, 3_000]  # 1s, 2s, then capped at max_interval
+    assert keys == ["exec-1:send:1"] * 3
+    out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), now + 1)
+    assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("send", "failed")]
+    assert out[1][3] == {"error": failure(), "attempts": 4}
+    assert out[2][3] == {"error": "try later", "code": "unavailable"}
+    assert drain(state) == [
+        ("clear_timer", None),
+        ("dead_letter", {"reason": "step_failed", "step_id": "send", "error": failure(),
+                         "attempts": [{"attempt": n, "error": failure()} for n in (1, 2, 3, 4)]}),
+    ]
+    assert (state.status, state.pc, state.visits, state.timer, state.waiting) == ("failed", 0, {"send": 1}, None, None)
+
+
+def test_retry_delay_with_jitter_is_deterministic(impl):
+    policy = {"initial_interval": "10s", "jitter": 0.5}
+    delays = []
+    for execution_id in ("exec-1", "exec-1", "exec-2"):
+        program = impl.Program(workflow(action(retry=policy)))
+        state = impl.ExecutionState(execution_id, contact={"phone": "1"})
+        impl.advance(program, state, "start", None, 0)
+        drain(state)
+        impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 100)
+        ((_, timer),) = drain(state)
+        delays.append(timer["fire_at_ms"] - 100)
+    fraction = zlib.crc32(b"exec-1:send:1") / 2**32
+    assert delays[0] == delays[1] == int(10_000 * (1 - 0.5 * fraction))
+    assert 5_000 <= delays[2] <= 10_000 and delays[2] != delays[0]
+
+
+def test_action_timeout_is_a_retryable_failure(impl):
+    program, state, _ = begin(impl, workflow(action(timeout="PT5S", retry={"jitter": 0})))
+    timeout = drain(state)[1][1]
+    out = impl.advance(program, state, "timer", {"timer_id": timeout["timer_id"]}, 6_000)
+    error = {"code": "timeout", "retryable": True, "message": "no result within PT5S"}
+    assert out == [(3, "send", "action_failed", {"attempt": 1, "error": error})]
+    ((_, retry),) = drain(state)  # no clear_timer: the timeout timer fired, the retry timer replaces it
+    assert (retry["purpose"], retry["fire_at_ms"], state.timer) == ("retry", 7_000, retry["timer_id"])
+    assert state.failures == [{"attempt": 1, "error": error}]
+
+
+def test_stale_timers_are_ignored(impl):
+    program, state, _ = begin(impl, workflow(action(retry={"jitter": 0})))
+    timeout = drain(state)[1][1]["timer_id"]
+    impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
+    retry = drain(state)[0][1]["timer_id"]
+    assert retry != timeout
+    before = (state.seq, state.status, state.waiting, state.timer)
+    assert impl.advance(program, state, "timer", {"timer_id": timeout}, 40_000) == []
+    assert impl.advance(program, state, "timer", {"timer_id": "nonsense"}, 40_000) == []
+    assert (state.seq, state.status, state.waiting, state.timer) == before and state.effects == []
+    impl.advance(program, state, "timer", {"timer_id": retry}, 3_000)
+    assert impl.advance(program, state, "timer", {"timer_id": retry}, 3_000) == []  # fires once
+    with pytest.raises(ValueError):
+        impl.advance(program, state, "timer", {"id": retry})
+
+
+def test_late_results_are_recorded_and_change_nothing(impl):
+    program, state, _ = begin(impl, workflow(action(retry={"jitter": 0})))
+    impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
+    drain(state)
+    # Backing off: a result for attempt 1 is late, even a success.
+    out = impl.advance(program, state, "action_result", result(state, ok=True, attempt=1, output=1), 2_100)
+    assert out == [(state.seq, "send", "late_result", {"attempt": 1, "ok": True})]
+    assert (state.waiting, state.attempt, state.effects, "send" in state.context) == ("retry", 1, [], False)
+    impl.advance(program, state, "timer", {"timer_id": state.timer}, 3_000)
+    drain(state)
+    for late in (result(state, attempt=1), result(state, step_id="other")):
+        seq = state.seq
+        assert impl.advance(program, state, "action_result", late, 3_100) == [(seq + 1, late["step_id"], "late_result", {"attempt": late["attempt"], "ok": True})]
+    assert (state.status, state.waiting, state.attempt, state.effects) == ("waiting", "action", 2, [])
+    impl.advance(program, state, "action_result", result(state), 3_200)
+    out = impl.advance(program, state, "action_result", result(state, attempt=2), 3_300)
+    assert kinds(out) == [("send", "late_result")] and state.status == "completed"
+    with pytest.raises(ValueError):
+        impl.advance(program, state, "action_result", {"step_id": "send", "ok": True})
+
+
+@pytest.mark.parametrize("error", [failure(code="bad_request"), failure(code="invalid", retryable=False)])
+def test_non_retryable_errors_fail_at_once(impl, error):
+    program, state, _ = begin(impl, workflow(action(retry={"non_retryable": ["bad_request"], "max_attempts": 5})))
+    drain(state)
+    out = impl.advance(program, state, "action_result", result(state, ok=False, error=error), 2_000)
+    assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("send", "failed")]
+    assert out[1][3]["attempts"] == 1
+    assert [kind for kind, _ in drain(state)] == ["clear_timer", "dead_letter"]
+
+
+def test_step_on_failure_branch(impl):
+    definition = workflow(
+        action(retry={"max_attempts": 1}, on_failure="apologise"),
+        set_step("thank", {"done": True}, next="end"),
+        set_step("apologise", {"sorry": True}),
+        {"id": "end", "type": "end"},
+        on_failure="never",
+    )
+    definition["steps"].append(set_step("never", {"never": True}))
+    program, state, _ = begin(impl, definition)
+    drain(state)
+    out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
+    assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("apologise", "set"), ("end", "completed")]
+    assert drain(state) == [("clear_timer", None)]  # no dead letter: the failure was handled
+    assert state.context == {"sorry": True} and (state.attempt, state.failures) == (0, [])
+
+
+def test_workflow_on_failure_branch(impl):
+    definition = workflow(action(retry={"max_attempts": 1}), {"id": "handler", "type": "end", "status": "failed",
+                                                                "reason": "send failed"}, on_failure="handler")
+    program, state, _ = begin(impl, definition)
+    out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
+    assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("handler", "failed")]
+    assert out[-1][3] == {"reason": "send failed"}
+    assert "dead_letter" not in [kind for kind, _ in drain(state)]
+
+
+def test_a_failing_workflow_failure_branch_does_not_loop(impl):
+    definition = workflow(set_step("a", {"x": 1}), action("alert", retry={"max_attempts": 1}), on_failure="alert")
+    program, state, _ = begin(impl, definition)
+    out = impl.advance(program, state, "action_result", result(state, step_id="alert", ok=False, error=failure()), 2_000)
+    assert kinds(out) == [("alert", "action_failed"), ("alert", "step_failed"), ("alert", "failed")]
+    assert state.status == "failed"
+
+
+def test_operator_retry_keeps_the_idempotency_key(impl):
+    definition = workflow(set_step("a", {"x": 1}), action(retry={"max_attempts": 2, "jitter": 0}))
+    program, state, _ = begin(impl, definition)
+    first_key = drain(state)[0][1]["idempotency_key"]
+    impl.advance(program, state, "action_result", result(state, step_id="send", ok=False, error=failure(retryable=False)), 2_000)
+    assert state.status == "failed"
+    drain(state)
+    with pytest.raises(ValueError, match="not failed at an action step"):
+        impl.advance(program, impl.ExecutionState("x"), "retry", {})
+    out = impl.advance(program, state, "retry", {}, 9_000)
+    assert out == [(state.seq - 1, "send", "retried", None), (state.seq, "send", "action_requested", {"attempt": 1, "action": "sms.send"})]
+    request, timer = drain(state)
+    assert request[1]["idempotency_key"] == first_key == "exec-1:send:1"
+    assert (request[1]["attempt"], timer[1]["fire_at_ms"]) == (1, 39_000)
+    assert (state.status, state.waiting, state.visits, state.failures) == ("waiting", "action", {"a": 1, "send": 1}, [])
+    impl.advance(program, state, "action_result", result(state), 9_100)
+    assert state.status == "completed" and state.context["send"] is None
+    with pytest.raises(ValueError):
+        impl.advance(program, state, "retry", {})
+
+
+def test_operator_retry_refuses_other_failures(impl):
+    program, state, _ = begin(impl, workflow({"id": "stop", "type": "end", "status": "failed"}))
+    with pytest.raises(ValueError, match="not failed at an action step"):
+        impl.advance(program, state, "retry", {})
+
+
+def test_wait_for_a_duration(impl):
+    program, state, out = begin(impl, workflow({"id": "pause", "type": "wait", "duration": "1h30m"}, set_step("after", {"x": 1})))
+    assert out[1:] == [(2, "pause", "waiting", {"until_ms": 1_000 + 5_400_000})]
+    ((kind, timer),) = drain(state)
+    assert (kind, timer["purpose"], timer["fire_at_ms"], state.waiting) == ("set_timer", "wait", 5_401_000, "timer")
+    out = impl.advance(program, state, "timer", {"timer_id": timer["timer_id"]}, 5_401_050)
+    assert out == [(3, "pause", "timer_fired", {"purpose": "wait"}), (4, "after", "set", None), (5, "", "completed", None)]
+    assert (state.timer, state.effects) == (None, [])
+
+
+@pytest.mark.parametrize(
+    "until, context, expected",
+    [
+        ("2030-01-02T03:04:05Z", {}, 1_893_553_445_000),
+        ("2030-01-02T04:04:05.250+01:00", {}, 1_893_553_445_250),
+        ("2030-01-02T03:04:05", {}, 1_893_553_445_000),  # no offset: UTC
+        ("{{context.when}}", {"when": "2030-01-02T03:04:05Z"}, 1_893_553_445_000),
+        ("{{context.when}}", {"when": 1_893_553_445_123}, 1_893_553_445_123),
+        (1_893_553_445_000, {}, 1_893_553_445_000),
+    ],
+)
+def test_wait_until(impl, until, context, expected):
+    program, state, out = begin(impl, workflow({"id": "pause", "type": "wait", "until": until}), context=context)
+    assert out[-1] == (2, "pause", "waiting", {"until_ms": expected})
+    assert drain(state)[0][1]["fire_at_ms"] == expected
+
+
+def test_wait_until_that_is_not_a_time_fails_the_step(impl):
+    steps = ({"id": "pause", "type": "wait", "until": "{{context.when}}"}, set_step("after", {"x": 1}))
+    program, state, out = begin(impl, workflow(*steps), context={"when": "next tuesday"})
+    assert kinds(out[1:]) == [("pause", "step_failed"), ("pause", "failed")]
+    assert out[1][3]["error"]["code"] == "bad_time" and out[1][3]["attempts"] == 1
+    assert out[2][3]["code"] == "bad_time"
+    assert (state.status, state.effects) == ("failed", [])  # no dead letter for a wait
+    branched = ({**steps[0], "on_failure": "after"}, steps[1])
+    program, state, out = begin(impl, workflow(*branched), context={"when": None})
+    assert kinds(out[1:]) == [("pause", "step_failed"), ("after", "set"), ("", "completed")]
+
+
+EVENT_WAIT = workflow(
+    {"id": "reply", "type": "wait_for_event", "event": "sms.received", "timeout": "3d",
+     "filter": {"contains": ["{{event.data.text}}", "{{context.keyword}}"]}, "on_timeout": "nudge"},
+    set_step("thank", {"replied": "{{context.reply.text}}"}, next="end"),
+    set_step("nudge", {"nudged": True}),
+    {"id": "end", "type": "end"},
+)
+
+
+def test_wait_for_event_received(impl):
+    program, state, out = begin(impl, EVENT_WAIT, context={"keyword": "YES"})
+    assert out[1:] == [(2, "reply", "waiting", {"event": "sms.received"})]
+    assert drain(state) == [
+        ("wait_event", {"event_type": "sms.received", "step_id": "reply"}),
+        ("set_timer", {"timer_id": state.timer, "fire_at_ms": 1_000 + 3 * 86_400_000, "purpose": "event_timeout", "step_id": "reply"}),
+    ]
+    assert state.waiting == "event:sms.received"
+    event = {"v": 1, "event_id": "ev-1", "tenant": "acme", "type": "sms.received", "contact": {"phone": "+49"}}
+    assert impl.advance(program, state, "event", {**event, "type": "email.opened", "data": {"text": "YES"}}) == []
+    assert impl.advance(program, state, "event", {**event, "data": {"text": "no"}}) == []  # the filter says no
+    assert (state.seq, state.effects) == (2, [])
+    out = impl.advance(program, state, "event", {**event, "data": {"text": "YES please"}}, 5_000)
+    assert out == [(3, "reply", "event_received", {"event_id": "ev-1", "type": "sms.received"}), (4, "thank", "set", None),
+                   (5, "end", "completed", None)]
+    assert drain(state) == [("clear_wait", None), ("clear_timer", None)]
+    assert state.context == {"keyword": "YES", "reply": {"text": "YES please"}, "replied": "YES please"}
+    assert impl.advance(program, state, "event", {**event, "data": {"text": "YES"}}) == []
+    with pytest.raises(ValueError):
+        impl.advance(program, state, "event", {"event_id": "no type"})
+
+
+def test_wait_for_event_times_out(impl):
+    program, state, _ = begin(impl, EVENT_WAIT)
+    timer = drain(state)[1][1]["timer_id"]
+    out = impl.advance(program, state, "timer", {"timer_id": timer}, 9_000)
+    assert out == [(3, "reply", "timed_out", {"event": "sms.received"}), (4, "nudge", "set", None), (5, "end", "completed", None)]
+    assert drain(state) == [("clear_wait", None)]
+    assert impl.advance(program, state, "event", {"type": "sms.received", "data": {"text": ""}}) == []
+
+
+def test_wait_for_event_timeout_defaults_to_next(impl):
+    definition = workflow({"id": "reply", "type": "wait_for_event", "event": "x", "timeout": 500, "next": "b"},
+                          set_step("a", {"a": 1}), set_step("b", {"b": 1}))
+    program, state, _ = begin(impl, definition)
+    assert drain(state)[1][1]["fire_at_ms"] == 1_500
+    out = impl.advance(program, state, "timer", {"timer_id": state.timer}, 1_500)
+    assert kinds(out) == [("reply", "timed_out"), ("b", "set"), ("", "completed")]
+
+
+def test_switch(impl):
+    definition = workflow(
+        {"id": "route", "type": "switch", "cases": [
+            {"when": {"eq": ["{{contact.country}}", "DE"]}, "next": "de"},
+            {"when": {"in": ["{{contact.country}}", ["AT", "CH"]]}, "next": "dach"},
+        ], "default": "other"},
+        set_step("de", {"r": "de"}, next="end"),
+        set_step("dach", {"r": "dach"}, next="end"),
+        set_step("other", {"r": "other"}),
+        {"id": "end", "type": "end"},
+    )
+    for country, to, case in (("DE", "de", 0), ("CH", "dach", 1), ("FR", "other", "default")):
+        _, state, out = run(impl, definition, contact={"country": country})
+        assert out[1] == (2, "route", "branch", {"to": to, "case": case})
+        assert state.context == {"r": to}
+    fallthrough = workflow({"id": "route", "type": "switch", "cases": [{"when": {"eq": [1, 2]}, "next": "b"}]},
+                           set_step("a", {"a": 1}), set_step("b", {"b": 1}))
+    _, state, out = run(impl, fallthrough)
+    assert out[1] == (2, "route", "branch", {"to": "a", "case": "default"})
+
+
+def test_goto_and_the_visit_loop_guard(impl):
+    definition = workflow(set_step("count", {"n": 1}), {"id": "again", "type": "goto", "target": "count"},
+                          limits={"max_visits": 3})
+    _, state, out = run(impl, definition)
+    assert out[1:3] == [(2, "count", "set", None), (3, "again", "goto", {"to": "count"})]
+    assert kinds(out[1:]) == [("count", "set"), ("again", "goto")] * 3 + [("count", "failed")]
+    assert out[-1][3] == {"error": "loop guard: step 'count' entered more than 3 times", "code": "loop_guard"}
+    assert (state.status, state.visits, state.pc) == ("failed", {"count": 3, "again": 3}, 0)
+
+
+def test_visits_count_across_advances(impl):
+    definition = workflow(
+        {"id": "w", "type": "wait_for_signal", "signal": "go"},
+        {"id": "back", "type": "goto", "target": "w"},
+        limits={"max_visits": 2},
+    )
+    program, state, _ = run(impl, definition)
+    impl.advance(program, state, "signal", {"name": "go"})
+    assert (state.status, state.visits) == ("waiting", {"w": 2, "back": 1})
+    out = impl.advance(program, state, "signal", {"name": "go"})
+    assert out[-1] == (8, "w", "failed", {"error": "loop guard: step 'w' entered more than 2 times", "code": "loop_guard"})
+
+
+def test_emit(impl):
+    definition = workflow(
+        {"id": "tell", "type": "emit", "event": "lead.qualified", "data": {"who": "{{contact.phone}}", "n": 1}},
+        {"id": "w", "type": "wait_for_signal", "signal": "again"},
+        {"id": "back", "type": "goto", "target": "tell"},
+    )
+    program, state, out = begin(impl, definition, now_ms=42)
+    assert out[1] == (2, "tell", "emitted", {"event_id": "exec-1:tell:1", "type": "lead.qualified"})
+    assert drain(state) == [("emit", {"event": {"v": 1, "event_id": "exec-1:tell:1", "tenant": "acme", "type": "lead.qualified",
+                                                "contact": {"phone": "+49"}, "data": {"who": "+49", "n": 1}, "ts": 42}})]
+    # The id derives from the execution and the visit: the same on a replay, new on the next loop iteration.
+    _, replayed, _ = begin(impl, definition, now_ms=42)
+    assert drain(replayed)[0][1]["event"]["event_id"] == "exec-1:tell:1"
+    impl.advance(program, state, "signal", {"name": "again"}, 50)
+    assert drain(state)[0][1]["event"]["event_id"] == "exec-1:tell:2"
+
+
+@pytest.mark.parametrize(
+    "definition, effects",
+    [
+        (workflow(action()), [("clear_timer", None)]),
+        (EVENT_WAIT, [("clear_timer", None), ("clear_wait", None)]),
+        (workflow({"id": "pause", "type": "wait", "duration": "2d"}), [("clear_timer", None)]),
+        (WAITING, []),
+    ],
+    ids=["action", "wait_for_event", "wait", "wait_for_signal"],
+)
+def test_cancel_clears_timers_and_waits(impl, definition, effects):
+    program, state, _ = begin(impl, definition)
+    drain(state)
+    out = impl.advance(program, state, "cancel", {"reason": "operator"})
+    assert out == [(state.seq, "", "cancelled", {"reason": "operator"})]
+    assert drain(state) == effects
+    assert (state.status, state.timer, state.waiting) == ("cancelled", None, None)
+    assert impl.advance(program, state, "cancel", {}) == []
+    assert impl.advance(program, state, "timer", {"timer_id": "any"}) == []
+
+
+def test_cancel_a_running_execution_without_a_reason(impl):
+    program = impl.Program(WAITING)
+    state = impl.ExecutionState("e")
+    assert impl.advance(program, state, "cancel", {}) == [(1, "", "cancelled", {"reason": None})]
+    assert (state.status, state.effects) == ("cancelled", [])
+
+
+def test_a_signal_does_not_resume_other_waits(impl):
+    program, state, _ = begin(impl, workflow(action()))
+    out = impl.advance(program, state, "signal", {"name": "action"})
+    assert out == [(3, "send", "signal", {"name": "action", "data": None})]
+    assert (state.status, state.waiting) == ("waiting", "action")
+
+
 # -- trigger matching --------------------------------------------------------------
 def test_matches_without_filter(impl):
     program = impl.Program(workflow({"id": "e", "type": "end"}))
@@ -421,8 +843,10 @@ def random_workflows(draw):
     ids = [f"s{i}" for i in range(count)]
     target = st.sampled_from(ids)
     steps = []
+    kinds_ = ["set", "set", "if", "if", "end", "wait_for_signal", "action", "action", "wait", "wait_for_event",
+              "switch", "goto", "emit"]
     for step_id in ids:
-        kind = draw(st.sampled_from(["set", "set", "if", "if", "end", "wait_for_signal"]))
+        kind = draw(st.sampled_from(kinds_))
         step = {"id": step_id, "type": kind}
         if kind == "set":
             keys = draw(st.lists(st.sampled_from(["a", "b.c", "a.x", "w"]), min_size=1, max_size=3, unique=True))
@@ -436,33 +860,111 @@ def random_workflows(draw):
             step["status"] = draw(st.sampled_from(["completed", "failed"]))
             if draw(st.booleans()):
                 step["reason"] = "why"
-        else:
+        elif kind == "wait_for_signal":
             step["signal"] = draw(st.sampled_from(["go", "stop"]))
-        if kind != "end" and draw(st.booleans()):
+        elif kind == "action":
+            step["action"] = "sms.send"
+            step["input"] = {"v": draw(TEMPLATES)}
+            step["timeout"] = draw(st.sampled_from(["1s", 2500, "PT1M"]))
+            step["retry"] = {
+                "max_attempts": draw(st.integers(1, 3)),
+                "jitter": draw(st.sampled_from([0, 0.3, 1])),
+                "backoff_coefficient": draw(st.sampled_from([1, 1.5, 3])),
+                "non_retryable": ["bad"],
+            }
+            if draw(st.booleans()):
+                step["on_failure"] = draw(target)
+        elif kind == "wait":
+            if draw(st.booleans()):
+                step["duration"] = draw(st.sampled_from(["0s", "5m", "P1D", 10]))
+            else:
+                step["until"] = draw(st.sampled_from(["2030-01-01T00:00:00Z", "{{context.a}}", "{{event.data.k}}", 5]))
+                if draw(st.booleans()):
+                    step["on_failure"] = draw(target)
+        elif kind == "wait_for_event":
+            step["event"] = draw(st.sampled_from(["ping", "pong"]))
+            step["timeout"] = draw(st.sampled_from(["1m", 30]))
+            if draw(st.integers(0, 3)) == 0:
+                step["filter"] = draw(CONDITIONS)
+            if draw(st.booleans()):
+                step["on_timeout"] = draw(target)
+        elif kind == "switch":
+            step["cases"] = [{"when": draw(CONDITIONS), "next": draw(target)} for _ in range(draw(st.integers(1, 2)))]
+            if draw(st.booleans()):
+                step["default"] = draw(target)
+        elif kind == "goto":
+            step["target"] = draw(target)
+        else:
+            step["event"] = "lead.qualified"
+            step["data"] = {"v": draw(TEMPLATES)}
+        if kind not in ("end", "goto") and draw(st.booleans()):
             step["next"] = draw(target)
         steps.append(step)
-    return workflow(*steps, max_steps=draw(st.integers(1, 12)))
+    extra = {"limits": {"max_steps": draw(st.integers(1, 20)), "max_visits": draw(st.integers(1, 5))}}
+    if draw(st.booleans()):
+        extra["on_failure"] = draw(target)
+    return workflow(*steps, **extra)
+
+
+EVENTS = st.one_of(
+    st.tuples(st.just("signal"), st.sampled_from(["go", "stop", "other"]), JSON),
+    st.tuples(st.just("action_result"), st.booleans(), st.sampled_from([0, 0, -1]),
+              st.sampled_from(["x", "bad"]), st.booleans(), JSON),
+    st.tuples(st.just("timer"), st.booleans()),
+    st.tuples(st.just("timer"), st.just(True)),
+    st.tuples(st.just("event"), st.sampled_from(["ping", "pong", "other"]), JSON),
+    st.tuples(st.just("event"), st.just("awaited"), JSON),
+    st.tuples(st.just("cancel")),
+    st.tuples(st.just("retry")),
+)
+
+
+def payload_for(program, state, event) -> tuple:
+    """The (kind, payload) of a drawn event, addressed from the state (both states must be equal anyway)."""
+    kind = event[0]
+    if kind == "signal":
+        return kind, {"name": event[1], "data": event[2]}
+    if kind == "action_result":
+        _, ok, offset, code, retryable, value = event
+        step_id = program.step_ids[state.pc] if 0 <= state.pc < len(program.step_ids) else "s0"
+        body = {"output": value} if ok else {"error": {"code": code, "retryable": retryable, "message": "m"}}
+        return kind, {"step_id": step_id, "attempt": state.attempt + offset, "ok": ok, **body}
+    if kind == "timer":
+        return kind, {"timer_id": state.timer if event[1] and state.timer else "stale"}
+    if kind == "event":
+        awaited = state.waiting[6:] if str(state.waiting).startswith("event:") else "ping"
+        event_type = awaited if event[1] == "awaited" else event[1]
+        return kind, {"v": 1, "event_id": "ev", "type": event_type, "contact": {}, "data": {"k": event[2]}}
+    return kind, {"reason": "r"} if kind == "cancel" else {}
 
 
 def snapshot(state) -> tuple:
-    return (state.status, state.pc, state.seq, state.steps, state.waiting, state.context)
+    return (state.status, state.pc, state.seq, state.steps, state.waiting, state.context,
+            state.attempt, state.timer, state.visits, state.failures, state.effects)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     definition=random_workflows(),
     contact=st.fixed_dictionaries({"n": JSON, "tags": st.lists(JSON, max_size=3)}),
     data=st.fixed_dictionaries({"k": JSON, "items": st.lists(JSON, max_size=3)}),
-    signals=st.lists(st.tuples(st.sampled_from(["go", "stop", "other"]), JSON), max_size=4),
+    events=st.lists(st.tuples(EVENTS, st.integers(0, 100_000)), max_size=10),
 )
-def test_compiled_and_pure_agree(impl, definition, contact, data, signals):
+def test_compiled_and_pure_agree(impl, definition, contact, data, events):
     pure = dict(hotpath.implementations())["pure"]
     results = []
     for ns in (impl, pure):
         program = ns.Program(definition)
-        state = ns.ExecutionState("e", contact=contact, event={"type": "contact.created", "data": data})
-        trail = [ns.advance(program, state, "start", None)]
-        for name, value in signals:
-            trail.append(ns.advance(program, state, "signal", {"name": name, "data": value}))
+        state = ns.ExecutionState("e", contact=contact, event={"type": "contact.created", "data": data}, tenant="t")
+        now = 1_000
+        trail = [ns.advance(program, state, "start", None, now), list(state.effects)]
+        for event, elapsed in events:
+            now += elapsed
+            kind, payload = payload_for(program, state, event)
+            try:
+                trail.append(ns.advance(program, state, kind, payload, now))
+            except ValueError as exc:
+                trail.append(("ValueError", str(exc)))
+            trail.append(list(state.effects))
         results.append((trail, snapshot(state), program.matches({"type": "contact.created", "contact": contact})))
     assert results[0] == results[1]
