@@ -1,0 +1,1 @@
+"""Example external actions, served by `python -m actions.worker --example NAME`."""
