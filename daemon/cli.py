@@ -6,7 +6,9 @@
     ordo workflow deploy FILE...   ordo workflow validate FILE...   ordo workflow list
     ordo signal EXECUTION_ID NAME [--data JSON]
     ordo execution show ID [--json]
-    ordo dlq list [--reason R]
+    ordo dlq list|show ID|retry ID|--all
+    ordo execution cancel ID
+    ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
     ordo bench SCENARIO ...
     ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
 
@@ -23,6 +25,7 @@ import sys
 import orjson
 
 from . import config as config_module
+from .topology import Topology
 
 
 def _setup_logging(level: str) -> None:
@@ -130,9 +133,27 @@ def cmd_workflow(args, config) -> int:
     return _run_async(go())
 
 
+def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> int:
+    _require(config, "nats_url")
+
+    async def go():
+        import nats
+
+        nc = await nats.connect(config.nats_url)
+        try:
+            message = dict(body, v=1, execution_id=execution_id)
+            ack = await nc.jetstream().publish(Topology(config).exec_subject(execution_id), orjson.dumps(message),
+                                               headers={"Nats-Msg-Id": msg_id})
+            print(f"{body['kind']} sent to {execution_id} (stream seq {ack.seq})")
+        finally:
+            await nc.close()
+
+    _run_async(go())
+    return 0
+
+
 def cmd_signal(args, config) -> int:
     _require(config, "nats_url")
-    from .topology import Topology
 
     async def go():
         import uuid
@@ -156,6 +177,9 @@ def cmd_signal(args, config) -> int:
 
 
 def cmd_execution(args, config) -> int:
+    if args.action == "cancel":
+        return _send_to_execution(config, args.execution_id, {"kind": "cancel", "reason": args.reason},
+                                  f"cancel:{args.execution_id}")
     _require(config, "pg_dsn")
 
     async def go():
@@ -199,20 +223,62 @@ def cmd_dlq(args, config) -> int:
     async def go():
         import asyncpg
 
+        from .dlq import list_letters, retry_letters, show_letter
+
         conn = await asyncpg.connect(config.pg_dsn)
         try:
-            rows = await conn.fetch(
-                "SELECT id, at, reason, tenant, workflow_id, stream, stream_seq, error FROM ordo.dead_letters"
-                " WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) ORDER BY id LIMIT $2",
-                args.reason,
-                args.limit,
-            )
-            for r in rows:
-                print(f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
-                      f"{r['tenant'] or '-':<12} {r['stream']}:{r['stream_seq']}  {r['error']}")
+            if args.action == "list":
+                for line in await list_letters(conn, reason=args.reason, tenant=args.tenant, limit=args.limit):
+                    print(line)
+                return 0
+            if args.action == "show":
+                if not args.id:
+                    sys.exit("ordo: dlq show needs an ID")
+                text = await show_letter(conn, int(args.id), tenant=args.tenant)
+                if text is None:
+                    print(f"ordo: no dead letter {args.id}", file=sys.stderr)
+                    return 1
+                print(text)
+                return 0
+            _require(config, "nats_url")
+            if not args.id and not args.all:
+                sys.exit("ordo: dlq retry needs an ID or --all")
+            import nats
+
+            nc = await nats.connect(config.nats_url)
+            try:
+                retried = await retry_letters(
+                    conn, nc.jetstream(), Topology(config), letter_id=int(args.id) if args.id else None,
+                    reason=args.reason, action=args.only_action, tenant=args.tenant,
+                )
+            finally:
+                await nc.close()
+            for line in retried:
+                print(line)
+            print(f"{len(retried)} dead letter(s) retried")
             return 0
         finally:
             await conn.close()
+
+    return _run_async(go())
+
+
+def cmd_check(args, config) -> int:
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        from ledger.check import check, report
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            result = await check(conn, overdue_after_s=args.overdue_after)
+        finally:
+            await conn.close()
+        print("ledger invariants")
+        print(report(result))
+        return 1 if any(result.values()) else 0
 
     return _run_async(go())
 
@@ -277,15 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-id", help="idempotency id (default: random)")
     p.set_defaults(func=cmd_signal)
 
-    p = sub.add_parser("execution", help="show an execution and its transitions")
-    p.add_argument("action", choices=["show"])
+    p = sub.add_parser("execution", help="show or cancel an execution")
+    p.add_argument("action", choices=["show", "cancel"])
     p.add_argument("execution_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--reason", help="why it is cancelled (recorded)")
     p.set_defaults(func=cmd_execution)
 
-    p = sub.add_parser("dlq", help="dead letters")
-    p.add_argument("action", choices=["list"])
+    p = sub.add_parser("dlq", help="dead letters: list, show ID, retry ID | --all")
+    p.add_argument("action", choices=["list", "show", "retry"])
+    p.add_argument("id", nargs="?", help="a dead letter's id")
+    p.add_argument("--all", action="store_true", help="retry every open letter (narrow it with --reason/--action)")
     p.add_argument("--reason")
+    p.add_argument("--action", dest="only_action", metavar="ACTION", help="only failed steps of this action")
+    p.add_argument("--tenant", help="only this tenant's letters")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_dlq)
 
@@ -296,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE", help="the SVG to write (default ordo-wI-PID.svg)")
     p.add_argument("--no-native", action="store_true", help="leave out C and Cython frames")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("check", help="check the ledger's invariants (exit 1 on any violation)")
+    p.add_argument("--overdue-after", type=float, default=300.0, metavar="S",
+                   help="a timer this many seconds past due counts as never fired (default 300)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="run a bench scenario (python -m bench)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -30,6 +30,13 @@ class Config:
     batch_max_rows: int = 8000
     batch_max_ms: float = 5.0
     max_message_bytes: int = 256 * 1024
+    #: Timers due within this horizon are held in memory; the rest stay on disk.
+    timer_horizon_s: float = 60.0
+    timer_load_interval_ms: int = 1000
+    timer_tick_ms: int = 20
+    #: Comma-separated CIDRs the webhook action may reach although they are
+    #: private, loopback or link-local (the SSRF guard refuses those otherwise).
+    webhook_allow: str = ""
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"

@@ -22,6 +22,8 @@ class WorkflowEntry:
     trigger_event: str | None
     program: Program | None
     error: str | None
+    #: step id -> action name, to label a failed step's dead letter.
+    step_actions: dict | None = None
 
 
 def compile_entry(definition: dict) -> WorkflowEntry:
@@ -36,7 +38,8 @@ def compile_entry(definition: dict) -> WorkflowEntry:
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
         log.error("workflow %s/%s v%s cannot be loaded: %s", tenant, workflow_id, version, exc)
         return WorkflowEntry(tenant, workflow_id, version, event, None, f"invalid definition: {exc}")
-    return WorkflowEntry(tenant, workflow_id, version, event, program, None)
+    step_actions = {s["id"]: s["action"] for s in definition["steps"] if s.get("type") == "action"}
+    return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions)
 
 
 class WorkflowRegistry:

@@ -27,6 +27,10 @@ ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring."
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")
 
 
+events_routed = Counter("ordo_events_routed_total", "Trigger events handed to executions waiting for them.")
+timers_pending = Gauge("ordo_timers_pending", "Timers due within the horizon, held in memory.")
+timer_lateness = Histogram("ordo_timer_lateness_seconds", "How late a timer fired.", buckets=COMMIT_BUCKETS)
+
 # Children bound once: `.labels()` on every message showed up in profiles.
 enrolled = enrolments.labels("enrolled")
 deduplicated = enrolments.labels("deduplicated")

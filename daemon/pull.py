@@ -27,7 +27,7 @@ _STATUS = "Status"
 class Delivery:
     """A message as the pipeline carries it: payload, ack subject, position in the stream."""
 
-    __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "key")
+    __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "key", "partition")
 
     def __init__(self, msg):
         self.subject = msg.subject
@@ -46,6 +46,8 @@ class Delivery:
             self.stream_seq = int(tokens[7])
         #: The ordering-ring key (an execution id) while the message holds it.
         self.key = None
+        #: The execution-stream partition it came from (-1: not an execution message).
+        self.partition = -1
 
 
 class PullConsumer:

@@ -129,7 +129,23 @@ class Topology:
                 js, self.exec_stream, self.partition_consumer(p), self.partition_filter(p)
             )
 
-    async def _ensure_consumer(self, js, stream: str, durable: str, filter_subject) -> None:
+    async def resume_partition(self, js, partition: int, after_seq: int) -> None:
+        """Recreate the partition's consumer to deliver from `after_seq + 1`, in stream order.
+
+        Called by the worker that just claimed the partition, with the ledger's
+        watermark: whatever the previous owner left unacked is forgotten by
+        JetStream and delivered again in order, instead of being redelivered
+        after AckWait behind younger messages of the same execution.
+        """
+        durable = self.partition_consumer(partition)
+        try:
+            await js.delete_consumer(self.exec_stream, durable)
+        except NotFoundError:
+            pass
+        await self._ensure_consumer(js, self.exec_stream, durable, self.partition_filter(partition),
+                                    start_seq=after_seq + 1)
+
+    async def _ensure_consumer(self, js, stream: str, durable: str, filter_subject, start_seq: int = 0) -> None:
         try:
             await js.consumer_info(stream, durable)
             return
@@ -138,7 +154,8 @@ class Topology:
         config = jsapi.ConsumerConfig(
             durable_name=durable,
             ack_policy=jsapi.AckPolicy.EXPLICIT,
-            deliver_policy=jsapi.DeliverPolicy.ALL,
+            deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else jsapi.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
             ack_wait=self._config.ack_wait_s,
             max_ack_pending=self._config.max_ack_pending,
             # Never drop a message after N deliveries: a poison message is

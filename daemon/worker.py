@@ -22,25 +22,36 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
+from functools import partial
 
 import asyncpg
 import nats
 import nats.errors
 
-from hotpath import ExecutionState, OrderingRing, advance
-from hotpath.envelope import BadMessage, decode_exec, decode_trigger
+from hotpath import OrderingRing
+from hotpath.envelope import BadMessage, decode_exec
 from ledger import executions, workflows
-from ledger.batcher import DeadLetter, Fenced, LedgerBatcher, Unit, claim_partitions
+from ledger.batcher import Fenced, LedgerBatcher, Unit, claim_partitions
 from ledger.schema import require_current
 
-from . import metrics
+from . import advance, enrolment, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
+from .effects import Effects
+from .progress import PartitionProgress
 from .pull import Delivery, PullConsumer
 from .servers import check_nats_server
-from .topology import Topology, execution_id_for, partition_of
+from .timers import DueTimers
+from .topology import Topology
 
 log = logging.getLogger("ordo.worker")
+
+
+def _in_process_actions(config: Config):
+    """The built-in actions, with the webhook's SSRF allow-list (CIDR strings) from the config."""
+    from actions.contract import default_registry
+
+    return default_registry(webhook_allow=[c.strip() for c in config.webhook_allow.split(",") if c.strip()])
 
 
 def _now() -> datetime:
@@ -48,7 +59,7 @@ def _now() -> datetime:
 
 
 class Worker:
-    def __init__(self, config: Config, *, worker_index: int = 0, workers: int = 1):
+    def __init__(self, config: Config, *, worker_index: int = 0, workers: int = 1, clock_ms=None, actions=None):
         self.config = config
         self.topology = Topology(config)
         self.index = worker_index
@@ -56,7 +67,14 @@ class Worker:
         self.name = f"{socket.gethostname()}/{os.getpid()}/w{worker_index}"
         self.partitions = self.topology.owned_partitions(worker_index, workers)
         self.registry = WorkflowRegistry()
-        self.ring = OrderingRing(max(config.ring_capacity, config.max_ack_pending + config.fetch_batch))
+        # Room for every fetched message plus a share of due timers.
+        self.ring = OrderingRing(max(config.ring_capacity, 2 * (config.max_ack_pending + config.fetch_batch)))
+        #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.timers = DueTimers(self.partitions, horizon_s=config.timer_horizon_s)
+        self._actions = actions
+        self.effects: Effects | None = None
+        self.progress: dict[int, PartitionProgress] = {}
         self.batcher = LedgerBatcher(config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -82,10 +100,18 @@ class Worker:
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)
         await self.topology.ensure(self._js)
+        if self._actions is None:
+            self._actions = _in_process_actions(self.config)
+        self.effects = Effects(self._js, self.topology, self._actions)
         self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=3)
         async with self._pool.acquire() as conn:
             await require_current(conn)
-            self.batcher.epochs = await claim_partitions(conn, self.partitions, self.name)
+            claimed = await claim_partitions(conn, self.partitions, self.name)
+        self.batcher.epochs = {p: epoch for p, (epoch, _) in claimed.items()}
+        # Resume each partition right after its watermark, in stream order.
+        for p, (_, watermark) in claimed.items():
+            await self.topology.resume_partition(self._js, p, watermark)
+            self.progress[p] = PartitionProgress(watermark)
         await self.reload_definitions()
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
@@ -110,14 +136,17 @@ class Worker:
             await consumer.subscribe()
         fetchers = [asyncio.create_task(
             self._fetch_loop(consumers[0], self._take_triggers, metrics.fetch_triggers_seconds))]
-        fetchers += [asyncio.create_task(self._fetch_loop(c, self._take_exec_messages, metrics.fetch_exec_seconds))
-                     for c in consumers[1:]]
+        fetchers += [asyncio.create_task(self._fetch_loop(c, partial(self._take_exec_messages, p),
+                                                          metrics.fetch_exec_seconds))
+                     for p, c in zip(self.partitions, consumers[1:])]
         pump = asyncio.create_task(self._pump())
         committer = asyncio.create_task(self._commit_loop())
-        self._tasks = fetchers + [pump, committer]
+        timer_loop = asyncio.create_task(self._timer_loop())
+        self._tasks = fetchers + [pump, committer, timer_loop]
         self.ready.set()
         stop = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait([stop, committer, pump, *fetchers], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([stop, committer, pump, timer_loop, *fetchers],
+                                     return_when=asyncio.FIRST_COMPLETED)
         self.stopping.set()
         for task in done:
             if task is not stop and task.exception() is not None:
@@ -134,9 +163,10 @@ class Worker:
         self.batcher.nudge()
         if self.fatal is None:
             await asyncio.wait([committer], timeout=self.config.ack_wait_s)
-        for task in (pump, committer):
+        for task in (pump, committer, timer_loop):
             task.cancel()
-        await asyncio.gather(pump, committer, return_exceptions=True)
+        await asyncio.gather(pump, committer, timer_loop, return_exceptions=True)
+        await self.effects.close()
         await self.close()
         if self.fatal is not None:
             raise self.fatal
@@ -187,7 +217,7 @@ class Worker:
             for d in deliveries:
                 if d.delivered > 1:
                     metrics.redeliveries.labels(d.stream).inc()
-            take(deliveries)
+            await take(deliveries)
 
     def _release(self, count: int) -> None:
         self._in_flight -= count
@@ -196,68 +226,69 @@ class Worker:
 
     # -- enrol: triggers ------------------------------------------------------
 
-    def _take_triggers(self, batch: list[Delivery]) -> None:
-        now = _now()
+    async def _take_triggers(self, batch: list[Delivery]) -> None:
+        now, now_ms = _now(), self.clock_ms()
         metrics.triggers_received.inc(len(batch))
-        for inbound in batch:
-            self.batcher.add(self._enrol(inbound, now))
+        decoded = []
+        for delivery in batch:
+            event, bad = enrolment.decode(delivery, self.config.max_message_bytes)
+            if bad is not None:
+                self.batcher.add(bad)
+            else:
+                decoded.append((delivery, event))
+        # Executions waiting for these events get them on their own subjects
+        # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
+        async with self._pool.acquire() as conn:
+            routes = await enrolment.waiting_for(conn, [event for _, event in decoded])
+        if routes:
+            await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
+        for delivery, event in decoded:
+            self.batcher.add(enrolment.enrol(self.registry, self.topology, delivery, event, now, now_ms))
 
-    def _enrol(self, inbound: Delivery, now: datetime) -> Unit:
-        """A trigger's outcome: a new execution per matching workflow, run until it suspends."""
-        unit = Unit(inbound)
-        try:
-            event = decode_trigger(inbound.data, self.config.max_message_bytes)
-        except BadMessage as exc:
-            self._dead_letter(unit, exc.reason, str(exc))
-            return unit
-        tenant = event["tenant"]
-        if not self.registry.knows_tenant(tenant):
-            self._dead_letter(unit, "unknown_tenant", f"tenant {tenant!r} is not known to this engine", tenant=tenant)
-            return unit
-        matched = False
-        for entry in self.registry.candidates(tenant, event["type"]):
-            if entry.program is None:
-                self._dead_letter(unit, "invalid_definition", entry.error, tenant=tenant, workflow_id=entry.workflow_id)
-                continue
+    async def _route(self, execution_id: str, event: dict) -> None:
+        body, msg_id = enrolment.event_message(execution_id, event)
+        await self._js.publish(self.topology.exec_subject(execution_id), body, headers={"Nats-Msg-Id": msg_id})
+        metrics.events_routed.inc()
+
+    # -- order and dispatch: messages and timers addressed to executions -----
+
+    async def _take_exec_messages(self, partition: int, batch: list[Delivery]) -> None:
+        progress = self.progress[partition]
+        for delivery in batch:
+            delivery.partition = partition
+            progress.fetched(delivery.stream_seq)
             try:
-                if not entry.program.matches(event):
-                    continue
-                matched = True
-                execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
-                record = executions.ExecutionRecord(
-                    execution_id, tenant, entry.workflow_id, entry.version, str(event["contact"]["id"]),
-                    event["event_id"], partition_of(execution_id, self.topology.partitions), now, 0,
-                    ExecutionState(execution_id, contact=event["contact"], event=event),
-                    event_json=inbound.data.decode(),
-                )
-                transitions = advance(entry.program, record.state, "start", None)
-            except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
-                log.exception("dispatch failed for %s/%s", tenant, entry.workflow_id)
-                self._dead_letter(unit, "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant,
-                                  workflow_id=entry.workflow_id)
-                continue
-            unit.changes.append(record.change(transitions, now))
-        if not matched and not unit.dead_letters:
-            metrics.triggers_unmatched.inc()
-        return unit
-
-    # -- order and dispatch: messages addressed to executions -----------------
-
-    def _take_exec_messages(self, batch: list[Delivery]) -> None:
-        for inbound in batch:
-            try:
-                doc = decode_exec(inbound.data, self.config.max_message_bytes)
+                doc = decode_exec(delivery.data, self.config.max_message_bytes)
             except BadMessage as exc:
-                unit = Unit(inbound)
-                self._dead_letter(unit, exc.reason, str(exc))
+                unit = Unit(delivery)
+                unit.dead_letter(exc.reason, str(exc))
                 self.batcher.add(unit)
                 continue
-            inbound.key = doc["execution_id"]
-            # The ring is sized above max_ack_pending, so a push cannot fail here.
-            if not self.ring.push(inbound.key, (inbound, doc)):
+            delivery.key = doc["execution_id"]
+            # The ring is sized above max_ack_pending plus the timer share, so a push cannot fail here.
+            if not self.ring.push(delivery.key, (delivery, doc)):
                 raise RuntimeError("ordering ring overflow: ring_capacity must exceed max_ack_pending")
-        metrics.ring_occupancy.set(len(self.ring))
         self._ring_ready.set()
+
+    async def _timer_loop(self) -> None:
+        """Load the owned partitions' near-term timers and hand due ones to the ring."""
+        next_load = 0
+        while not self.stopping.is_set():
+            now_ms = self.clock_ms()
+            if now_ms >= next_load:
+                async with self._pool.acquire() as conn:
+                    await self.timers.load(conn, now_ms)
+                next_load = now_ms + self.config.timer_load_interval_ms
+                metrics.timers_pending.set(len(self.timers))
+            room = self.ring.capacity - len(self.ring) - self.config.max_ack_pending - self.config.fetch_batch
+            fires = self.timers.pop_due(now_ms, max(room, 0))
+            for fire in fires:
+                metrics.timer_lateness.observe(max(0, now_ms - fire.fire_at_ms) / 1000.0)
+                self.ring.push(fire.key, (fire, {"kind": "timer", "execution_id": fire.key,
+                                                 "timer_id": fire.timer_id}))
+            if fires:
+                self._ring_ready.set()
+            await asyncio.sleep(self.config.timer_tick_ms / 1000.0)
 
     async def _pump(self) -> None:
         """Dispatch every message whose execution has nothing else in flight."""
@@ -270,54 +301,16 @@ class Worker:
                     break
                 async with self._pool.acquire() as conn:
                     records = await executions.load(conn, list({key for key, _ in items}))
-                now = _now()
-                for key, (inbound, doc) in items:
-                    unit = self._apply(records.get(key), inbound, doc, now)
-                    if unit is not None:
+                now, now_ms = _now(), self.clock_ms()
+                for key, (source, doc) in items:
+                    unit = advance.apply(self.registry, records.get(key), source, doc, now, now_ms)
+                    if unit is None:
+                        metrics.exec_duplicate.inc()
+                        self._settle_now(source)
+                    else:
                         self.batcher.add(unit)
                 if self.stopping.is_set() and not self.ring:
                     self.batcher.nudge()
-
-    def _apply(self, record, inbound: Delivery, doc: dict, now: datetime) -> Unit | None:
-        """One message applied to one execution; None when it is a redelivery of a committed one."""
-        unit = Unit(inbound)
-        if record is None:
-            self._dead_letter(unit, "unknown_execution", f"no execution {doc['execution_id']!r}")
-            return unit
-        if inbound.stream_seq <= record.last_stream_seq:
-            # Committed before (a redelivery): nothing to apply, just settle it.
-            metrics.exec_duplicate.inc()
-            self._settle_now(inbound)
-            return None
-        state = record.state
-        if state.status in executions.CLOSED:
-            self._dead_letter(unit, "execution_closed", f"execution {record.execution_id} is {state.status}",
-                              tenant=record.tenant, workflow_id=record.workflow_id)
-            return unit
-        entry = self.registry.version(record.tenant, record.workflow_id, record.workflow_version)
-        if entry is None or entry.program is None:
-            error = entry.error if entry else f"workflow {record.workflow_id} v{record.workflow_version} is not deployed"
-            self._dead_letter(unit, "invalid_definition", error, tenant=record.tenant, workflow_id=record.workflow_id)
-            return unit
-        try:
-            transitions = advance(entry.program, state, doc["kind"], {"name": doc["name"], "data": doc.get("data")})
-        except Exception as exc:
-            log.exception("dispatch failed for execution %s", record.execution_id)
-            self._dead_letter(unit, "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,
-                              workflow_id=record.workflow_id)
-            return unit
-        record.last_stream_seq = inbound.stream_seq
-        unit.changes.append(record.change(transitions, now))
-        return unit
-
-    def _dead_letter(self, unit: Unit, reason: str, error: str, **where) -> None:
-        inbound = unit.token
-        log.warning("dead letter (%s) from %s seq %s: %s", reason, inbound.stream, inbound.stream_seq, error)
-        execution_id = inbound.key
-        unit.dead_letters.append(
-            DeadLetter(reason, error, inbound.subject, inbound.stream, inbound.stream_seq, inbound.data,
-                       execution_id=execution_id if _looks_like_uuid(execution_id) else None, **where)
-        )
 
     # -- commit and ack -------------------------------------------------------
 
@@ -328,6 +321,7 @@ class Worker:
                 if self._intake_closed and self._in_flight == 0:
                     return
                 continue
+            self.batcher.watermarks = {p: progress.watermark for p, progress in self.progress.items()}
             try:
                 result = await self.batcher.commit(units)
             except Fenced:
@@ -342,13 +336,15 @@ class Worker:
     async def _settle(self, result) -> None:
         accepted = result.accepted
         letters = [(u.token, d) for u in result.units for d in u.dead_letters]
+        letters += [(u.token, d) for u in result.units for c in u.changes
+                    if c.execution_id in accepted for d in c.letters]
         if letters:
             await self._publish_dead_letters(letters)
         enrolled = deduplicated = applied = transitions = 0
         finished: dict = {}
         publish = self._nc.publish
         for unit in result.units:
-            inbound = unit.token
+            source = unit.token
             stale = False
             for change in unit.changes:
                 if change.is_new:
@@ -366,11 +362,19 @@ class Worker:
                 transitions += len(change.transitions)
                 if change.finished:
                     finished[change.status] = finished.get(change.status, 0) + 1
-            if stale:
-                await publish(inbound.reply, b'-NAK {"delay": 100000000}')
+                if change.timer is not None:
+                    self.timers.add(change.execution_id, change.timer[0], int(change.timer[1].timestamp() * 1000))
+                if change.after_commit:
+                    await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
+            if source.reply is None:  # a timer fire: its row went with the commit
+                self.timers.done(source)
+            elif stale:
+                await publish(source.reply, b'-NAK {"delay": 100000000}')
+                self._settled(source, done=False)  # it comes back; progress waits for it
+                continue
             else:
-                await publish(inbound.reply, b"+ACK")
-            self._settled(inbound)
+                await publish(source.reply, b"+ACK")
+            self._settled(source)
         metrics.enrolled.inc(enrolled)
         metrics.deduplicated.inc(deduplicated)
         metrics.exec_applied.inc(applied)
@@ -378,31 +382,34 @@ class Worker:
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
 
-    def _settle_now(self, inbound: Delivery) -> None:
-        asyncio.get_running_loop().create_task(self._nc.publish(inbound.reply, b"+ACK"))
-        self._settled(inbound)
+    def _settle_now(self, source) -> None:
+        if source.reply is not None:
+            asyncio.get_running_loop().create_task(self._nc.publish(source.reply, b"+ACK"))
+        else:
+            self.timers.done(source)
+        self._settled(source)
 
-    def _settled(self, inbound: Delivery) -> None:
-        if inbound.key is not None:
-            self.ring.complete(inbound.key)
+    def _settled(self, source, done: bool = True) -> None:
+        if done and source.partition >= 0:
+            self.progress[source.partition].settled(source.stream_seq)
+        if source.key is not None:
+            self.ring.complete(source.key)
             self._ring_ready.set()
-        self._release(1)
+        if source.reply is not None:
+            self._release(1)
 
     async def _publish_dead_letters(self, letters) -> None:
         """Copy committed dead letters onto the DLQ stream (the ledger row is the record)."""
-        for inbound, letter in letters:
+        for source, letter in letters:
             metrics.dead_letters.labels(letter.reason).inc()
             headers = {
-                "Nats-Msg-Id": f"{inbound.stream}:{inbound.stream_seq}:{letter.reason}:{letter.workflow_id or ''}",
+                "Nats-Msg-Id": f"{letter.stream}:{letter.stream_seq}:{letter.reason}:{letter.workflow_id or ''}"
+                               f":{letter.execution_id or ''}",
                 "Ordo-Reason": letter.reason,
                 "Ordo-Error": letter.error[:1024].replace("\r", " ").replace("\n", " "),
-                "Ordo-Source": f"{inbound.stream}:{inbound.stream_seq}",
+                "Ordo-Source": f"{letter.stream}:{letter.stream_seq}",
             }
             try:
-                await self._js.publish(self.topology.dlq_subject(letter.reason), inbound.data, headers=headers)
+                await self._js.publish(self.topology.dlq_subject(letter.reason), letter.payload, headers=headers)
             except Exception as exc:  # the ledger row is committed; the stream copy is best effort
                 log.warning("dead letter not copied to the DLQ stream: %s", exc)
-
-
-def _looks_like_uuid(value) -> bool:
-    return isinstance(value, str) and len(value) == 36 and value.count("-") == 4

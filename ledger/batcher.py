@@ -39,9 +39,9 @@ log = logging.getLogger("ordo.ledger")
 EXEC_COLUMNS = (
     "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
     "partition", "status", "seq", "pc", "steps", "waiting", "last_stream_seq",
-    "context", "contact", "event", "created_at",
+    "context", "contact", "event", "created_at", "runtime",
 )
-TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail")
+TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail", "source_seq")
 _STATUS = EXEC_COLUMNS.index("status")
 
 _CREATE_STAGING = """
@@ -68,7 +68,8 @@ WITH inserted AS (
 ), updated AS (
     UPDATE ordo.executions e
     SET status = s.status, seq = s.seq, pc = s.pc, steps = s.steps, waiting = s.waiting,
-        last_stream_seq = s.last_stream_seq, context = s.context, updated_at = clock_timestamp(),
+        last_stream_seq = s.last_stream_seq, context = s.context, runtime = s.runtime,
+        updated_at = clock_timestamp(),
         finished_at = CASE WHEN s.finished THEN clock_timestamp() END
     FROM stage_exec s
     WHERE s.prev_seq > 0 AND e.execution_id = s.execution_id AND e.seq = s.prev_seq
@@ -85,10 +86,42 @@ SELECT execution_id::text FROM accepted
 
 _INSERT_DEAD_LETTER = """
 INSERT INTO ordo.dead_letters
-    (reason, error, tenant, workflow_id, execution_id, subject, stream, stream_seq, payload)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    (reason, error, tenant, workflow_id, execution_id, subject, stream, stream_seq, payload, step_id, attempts)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT DO NOTHING
 """
+
+_SET_WATERMARKS = """
+UPDATE ordo.partitions p SET watermark = w.watermark
+FROM unnest($1::int[], $2::bigint[]) AS w(partition, watermark)
+WHERE p.partition = w.partition AND p.watermark < w.watermark
+"""
+
+_SET_TIMERS = """
+INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id)
+SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+ON CONFLICT (execution_id) DO UPDATE
+SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED.purpose, step_id = EXCLUDED.step_id
+"""
+
+_SET_WAITS = """
+INSERT INTO ordo.event_waits (execution_id, tenant, contact_id, event_type, step_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+ON CONFLICT (execution_id) DO UPDATE
+SET tenant = EXCLUDED.tenant, contact_id = EXCLUDED.contact_id, event_type = EXCLUDED.event_type,
+    step_id = EXCLUDED.step_id
+"""
+
+
+async def _insert_letters(conn: asyncpg.Connection, letters: list) -> None:
+    await conn.executemany(
+        _INSERT_DEAD_LETTER,
+        [
+            (d.reason, d.error, d.tenant, d.workflow_id, d.execution_id, d.subject, d.stream, d.stream_seq,
+             d.payload, d.step_id, d.attempts)
+            for d in letters
+        ],
+    )
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -120,6 +153,17 @@ class ExecutionChange:
     #: The seq the state was computed from (0: a new execution).
     prev_seq: int
     finished: bool
+    #: Ledger side effects, applied in the same transaction when the change is accepted:
+    #: the timer to set (timer_id, fire_at, purpose, step_id), whether to drop the
+    #: execution's timer, the event wait to register (tenant, contact_id, event_type,
+    #: step_id) or drop, and dead letters (a step that failed for good).
+    timer: tuple | None = None
+    drop_timer: bool = False
+    wait: tuple | None = None
+    drop_wait: bool = False
+    letters: list = field(default_factory=list)
+    #: Effects on the world (action requests, emitted events), for after the commit.
+    after_commit: list = field(default_factory=list)
     #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
     duplicate: bool = False
 
@@ -143,6 +187,9 @@ class DeadLetter:
     tenant: str | None = None
     workflow_id: str | None = None
     execution_id: str | None = None
+    step_id: str | None = None
+    #: JSON text: the attempt history of a failed step.
+    attempts: str | None = None
 
 
 @dataclass(slots=True)
@@ -154,6 +201,18 @@ class Unit:
     dead_letters: list = field(default_factory=list)
     #: Set by the batcher when the unit itself could not commit and was dead-lettered.
     failed: str | None = None
+    #: (execution_id, timer_id) of stale timer rows to delete (a fire nothing wanted).
+    stale_timers: list = field(default_factory=list)
+
+    def dead_letter(self, reason: str, error: str, **where) -> None:
+        """Dead-letter the message this unit stands for (it names its source)."""
+        source = self.token
+        log.warning("dead letter (%s) from %s seq %s: %s", reason, source.stream, source.stream_seq, error)
+        execution_id = where.pop("execution_id", None) or source.key
+        self.dead_letters.append(
+            DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
+                       execution_id=execution_id if _is_uuid(execution_id) else None, **where)
+        )
 
     @property
     def rows(self) -> int:
@@ -185,6 +244,9 @@ class LedgerBatcher:
         self._space = asyncio.Event()
         self._space.set()
         self._conn: asyncpg.Connection | None = None
+        #: partition -> watermark to record with the next commit (set by the worker).
+        self.watermarks: dict = {}
+        self._written: dict = {}
 
     # -- intake ---------------------------------------------------------------
 
@@ -287,7 +349,7 @@ class LedgerBatcher:
 
     async def _commit_once(self, units: list) -> set:
         conn = await self.connect()
-        new, updates, letters, touched, enrolled = [], [], [], set(), set()
+        new, updates, letters, touched, enrolled, stale = [], [], [], set(), set(), []
         for unit in units:
             for change in unit.changes:
                 if change.is_new:
@@ -301,33 +363,60 @@ class LedgerBatcher:
                     updates.append(change)
                     touched.add(change.partition)
             letters.extend(unit.dead_letters)
+            stale.extend(unit.stale_timers)
         accepted = set()
+        progress = {p: w for p, w in self.watermarks.items() if w > self._written.get(p, -1)}
+        touched.update(progress)
         async with conn.transaction():
             if touched:
                 await self._check_epochs(conn, sorted(touched))
-            if new and not await self._copy_new(conn, new):
-                updates = new + updates  # a duplicate among them: take the slow path
-            elif new:
-                accepted.update(enrolled)
-            if updates:
+            if progress:
+                await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
+            merged = updates
+            if new:
+                if await self._copy_new(conn, new):
+                    accepted.update(enrolled)
+                    await self._apply_effects(conn, new)
+                else:
+                    merged = new + updates  # a duplicate among them: take the slow path
+            if merged:
                 await conn.copy_records_to_table(
-                    "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in updates],
+                    "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in merged],
                     columns=_STAGE_COLUMNS,
                 )
                 await conn.copy_records_to_table(
-                    "stage_tr", records=[t for c in updates for t in c.transitions], columns=TRANSITION_COLUMNS
+                    "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
                 )
                 accepted.update(r[0] for r in await conn.fetch(_MERGE))
+                await self._apply_effects(conn, [c for c in merged if c.execution_id in accepted])
             if letters:
-                await conn.executemany(
-                    _INSERT_DEAD_LETTER,
-                    [
-                        (d.reason, d.error, d.tenant, d.workflow_id, d.execution_id, d.subject,
-                         d.stream, d.stream_seq, d.payload)
-                        for d in letters
-                    ],
+                await _insert_letters(conn, letters)
+            if stale:
+                await conn.execute(
+                    "DELETE FROM ordo.timers t USING unnest($1::uuid[], $2::text[]) AS s(execution_id, timer_id)"
+                    " WHERE t.execution_id = s.execution_id AND t.timer_id = s.timer_id",
+                    *map(list, zip(*stale)),
                 )
+        self._written.update(progress)
         return accepted
+
+    async def _apply_effects(self, conn: asyncpg.Connection, changes: list) -> None:
+        """Timers, event waits and step dead letters of the accepted changes."""
+        drop_timers = [c.execution_id for c in changes if c.drop_timer]
+        timers = [(c.execution_id, c.partition, *c.timer) for c in changes if c.timer]
+        drop_waits = [c.execution_id for c in changes if c.drop_wait]
+        waits = [(c.execution_id, *c.wait) for c in changes if c.wait]
+        letters = [d for c in changes for d in c.letters]
+        if drop_timers:
+            await conn.execute("DELETE FROM ordo.timers WHERE execution_id = ANY($1::uuid[])", drop_timers)
+        if timers:
+            await conn.execute(_SET_TIMERS, *map(list, zip(*timers)))
+        if drop_waits:
+            await conn.execute("DELETE FROM ordo.event_waits WHERE execution_id = ANY($1::uuid[])", drop_waits)
+        if waits:
+            await conn.execute(_SET_WAITS, *map(list, zip(*waits)))
+        if letters:
+            await _insert_letters(conn, letters)
 
     async def _copy_new(self, conn: asyncpg.Connection, new: list) -> bool:
         """The fast path: COPY new executions straight into the ledger's tables.
@@ -369,6 +458,10 @@ class LedgerBatcher:
             raise Fenced(stale)
 
 
+def _is_uuid(value) -> bool:
+    return isinstance(value, str) and len(value) == 36 and value.count("-") == 4
+
+
 def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
     source = unit.token
     return DeadLetter(
@@ -382,7 +475,7 @@ def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
 
 
 async def claim_partitions(conn: asyncpg.Connection, partitions: list[int], owner: str) -> dict:
-    """Take ownership of partitions by bumping their epochs; returns partition -> epoch.
+    """Take ownership of partitions by bumping their epochs; returns partition -> (epoch, watermark).
 
     Any commit by a previous owner that runs after this is refused (Fenced).
     """
@@ -394,9 +487,9 @@ async def claim_partitions(conn: asyncpg.Connection, partitions: list[int], owne
         rows = await conn.fetch(
             """
             UPDATE ordo.partitions SET epoch = epoch + 1, owner = $2, claimed_at = now()
-            WHERE partition = ANY($1::int[]) RETURNING partition, epoch
+            WHERE partition = ANY($1::int[]) RETURNING partition, epoch, watermark
             """,
             partitions,
             owner,
         )
-    return {r["partition"]: r["epoch"] for r in rows}
+    return {r["partition"]: (r["epoch"], r["watermark"]) for r in rows}

@@ -22,6 +22,7 @@ from daemon import config as config_module
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
 from ledger import workflows
+from ledger.check import CHECKS, check
 from ledger.schema import migrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +69,9 @@ class Harness:
     # -- workers --------------------------------------------------------------
 
     @asynccontextmanager
-    async def worker(self, index: int = 0, workers: int = 1, **settings):
+    async def worker(self, index: int = 0, workers: int = 1, *, clock_ms=None, **settings):
         """A worker running in this test's event loop; drained on exit."""
-        worker = Worker(self.config.with_(**settings), worker_index=index, workers=workers)
+        worker = Worker(self.config.with_(**settings), worker_index=index, workers=workers, clock_ms=clock_ms)
         await worker.start()
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 10)
@@ -84,7 +85,7 @@ class Harness:
         config = self.config.with_(**settings)
         env = dict(os.environ)
         for name in ("nats_url", "pg_dsn", "prefix", "partitions", "batch_max_ms", "batch_max_rows",
-                     "ack_wait_s", "fetch_batch", "max_ack_pending"):
+                     "ack_wait_s", "fetch_batch", "max_ack_pending", "webhook_allow"):
             env[f"ORDO_{name.upper()}"] = str(getattr(config, name))
         env["ORDO_LOG_LEVEL"] = "warning"
         return env
@@ -145,37 +146,12 @@ class Harness:
         raise AssertionError(f"{sql!r} is {value!r}, expected {expect!r} after {timeout}s")
 
     async def ledger_problems(self) -> dict:
-        """The ledger's invariants; every count must be zero."""
-        q = self.db.fetchval
-        return {
-            # seq of each execution is exactly 1..n
-            "seq_gaps": await q(
-                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions GROUP BY execution_id"
-                " HAVING min(seq) <> 1 OR max(seq) <> count(*)) g"
-            ),
-            # the execution row agrees with its history
-            "seq_mismatch": await q(
-                "SELECT count(*) FROM ordo.executions e WHERE e.seq <>"
-                " (SELECT coalesce(max(seq), 0) FROM ordo.transitions t WHERE t.execution_id = e.execution_id)"
-            ),
-            "orphan_transitions": await q(
-                "SELECT count(*) FROM ordo.transitions t WHERE NOT EXISTS"
-                " (SELECT 1 FROM ordo.executions e WHERE e.execution_id = t.execution_id)"
-            ),
-            # one start per execution, one end at most, and the end is last
-            "double_start": await q(
-                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions WHERE kind = 'started'"
-                " GROUP BY execution_id HAVING count(*) <> 1) g"
-            ),
-            "double_end": await q(
-                "SELECT count(*) FROM (SELECT execution_id FROM ordo.transitions"
-                " WHERE kind IN ('completed', 'failed') GROUP BY execution_id HAVING count(*) > 1) g"
-            ),
-        }
+        """The ledger's invariants (ledger.check); every count must be zero."""
+        return await check(self.db)
 
     def kill(self, proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
 
-NO_PROBLEMS = {"seq_gaps": 0, "seq_mismatch": 0, "orphan_transitions": 0, "double_start": 0, "double_end": 0}
+NO_PROBLEMS = {name: 0 for name in CHECKS}

@@ -88,3 +88,45 @@ async def test_sigterm_drains_commits_acks_and_exits_zero(nats_server_url, pg_ds
         async with h.worker():
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(events))
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_successor(nats_server_url, pg_dsn, prefix):
+    """k is fetched by a worker that dies before committing it; k+1 arrives; a new
+    worker starts long before AckWait (30 s) would redeliver k. k+1 must not go first."""
+    import asyncpg
+
+    from daemon.topology import partition_of
+
+    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=30.0) as h:
+        await h.deploy(WAITER)
+        start = trigger_event("held", 1, tenant="acme", event_type="session.started")
+        execution_id = h.execution_id("acme", "waiter", start["event_id"])
+        async with h.worker():
+            await h.publish_triggers([start])
+            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
+                               expect="waiting")
+        consumer = h.topology.partition_consumer(partition_of(execution_id, h.config.partitions))
+        proc = h.spawn_worker()
+        blocker = await asyncpg.connect(h.config.pg_dsn)
+        try:
+            async with blocker.transaction():
+                # Commits of worker A block on this lock: k is fetched, dispatched, never committed.
+                await blocker.execute("LOCK TABLE ordo.transitions IN SHARE ROW EXCLUSIVE MODE")
+                await h.signal(execution_id, "tick", {"i": 0}, signal_id="k")
+                deadline = time.monotonic() + 20
+                while (await h.js.consumer_info(h.topology.exec_stream, consumer)).num_ack_pending < 1:
+                    assert time.monotonic() < deadline, "worker A never took k"
+                    await asyncio.sleep(0.05)
+                h.kill(proc)
+        finally:
+            await blocker.close()
+        await h.signal(execution_id, "tick", {"i": 1}, signal_id="k+1")
+        async with h.worker():
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'",
+                execution_id, expect=2, timeout=20)
+        details = await h.db.fetch(
+            "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
+            execution_id)
+        assert [orjson.loads(d["detail"])["data"]["i"] for d in details] == [0, 1]
+        assert await h.ledger_problems() == NO_PROBLEMS

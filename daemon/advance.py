@@ -1,0 +1,89 @@
+"""One message (or one due timer) applied to one execution.
+
+The ordering ring guarantees the caller holds the only in-flight message of
+this execution and that the record was read after its previous message
+committed; this module decides what the message does: nothing (a redelivery
+of a committed message, a stale timer), a dead letter (an execution that does
+not exist or has ended, a definition that cannot run), or the dispatcher's
+transitions and effects as one change for the batcher.
+"""
+
+import logging
+from datetime import datetime
+
+from hotpath import advance
+from ledger.batcher import Unit
+from ledger.executions import CLOSED, ExecutionRecord, take_effects
+
+
+log = logging.getLogger("ordo.advance")
+
+#: Kinds an operator may send to an execution that has ended.
+_FOR_ENDED = frozenset(("retry",))
+
+
+def payload_of(doc: dict):
+    """What the dispatcher needs of an exec-subject message, by kind."""
+    kind = doc["kind"]
+    if kind == "signal":
+        return {"name": doc["name"], "data": doc.get("data")}
+    if kind == "event":
+        return doc["event"]
+    if kind == "cancel":
+        return {"reason": doc.get("reason")}
+    if kind == "retry":
+        return {}
+    return doc  # action_result: step_id, attempt, ok, output | error
+
+
+def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: datetime, now_ms: int) -> Unit | None:
+    """The unit this message commits; None when it is a redelivery of a committed one."""
+    unit = Unit(source)
+    is_timer = source.reply is None
+    if record is None:
+        if is_timer:
+            unit.stale_timers.append((source.key, source.timer_id))
+            return unit
+        unit.dead_letter("unknown_execution", f"no execution {doc['execution_id']!r}")
+        return unit
+    if not is_timer and source.stream_seq <= record.last_stream_seq:
+        return None  # committed before: a redelivery, nothing to apply
+    state = record.state
+    kind = doc["kind"]
+    if state.status in CLOSED and kind not in _FOR_ENDED:
+        if is_timer:
+            unit.stale_timers.append((source.key, source.timer_id))
+            return unit
+        if kind == "event":
+            return unit  # a routed copy of a trigger event, late: the trigger itself is intact
+        unit.dead_letter("execution_closed", f"execution {record.execution_id} is {state.status}",
+                         tenant=record.tenant, workflow_id=record.workflow_id)
+        return unit
+    entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)
+    if entry is None or entry.program is None:
+        error = entry.error if entry else f"workflow {record.workflow_id} v{record.workflow_version} is not deployed"
+        unit.dead_letter("invalid_definition", error, tenant=record.tenant, workflow_id=record.workflow_id)
+        return unit
+    try:
+        transitions = advance(entry.program, state, kind, payload_of(doc), now_ms)
+    except Exception as exc:
+        log.exception("dispatch failed for execution %s", record.execution_id)
+        unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,
+                         workflow_id=record.workflow_id)
+        return unit
+    effects = take_effects(state)
+    for effect_kind, data in effects:
+        if effect_kind == "dead_letter" and entry.step_actions:
+            data["action"] = entry.step_actions.get(data.get("step_id"))
+    if not transitions:
+        # Not for this execution's current state (a stale timer, an event it
+        # does not wait for): nothing to record.
+        if is_timer:
+            unit.stale_timers.append((source.key, source.timer_id))
+        return unit
+    if is_timer:
+        unit.changes.append(record.change(transitions, now, effects))
+    else:
+        record.last_stream_seq = source.stream_seq
+        unit.changes.append(record.change(transitions, now, effects, source.stream_seq))
+    return unit

@@ -1,0 +1,90 @@
+"""Operator tools over the dead-letter table: list, show, retry.
+
+Two kinds of letters, two kinds of retry:
+- a step that failed for good (`step_failed`, it names an execution and a
+  step): a `retry` message goes onto the execution's subject, ordered with its
+  other messages; the execution resumes at that step with the same
+  idempotency key;
+- a message that could not be taken (bad input, an unknown tenant, a
+  definition that could not load): its original payload is published again
+  to its original subject, under a new message id, after the operator fixed
+  what was wrong.
+A retried letter is marked `retried`, so `--all` does not retry it twice.
+"""
+
+import orjson
+
+_LIST = """
+SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, error
+FROM ordo.dead_letters
+WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR tenant = $2)
+ORDER BY id LIMIT $3
+"""
+
+
+async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str]:
+    lines = []
+    for r in await conn.fetch(_LIST, reason, tenant, limit):
+        where = f"{r['execution_id']} step {r['step_id']}" if r["step_id"] else f"{r['stream']}:{r['stream_seq']}"
+        lines.append(f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
+                     f"{r['tenant'] or '-':<12} {where}  {r['error']}")
+    return lines
+
+
+async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
+    r = await conn.fetchrow(
+        "SELECT * FROM ordo.dead_letters WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", letter_id, tenant
+    )
+    if r is None:
+        return None
+    payload = bytes(r["payload"])
+    try:
+        body = payload.decode()
+    except UnicodeDecodeError:
+        body = repr(payload)
+    lines = [f"dead letter {r['id']}  ({r['status']})"]
+    for name in ("at", "reason", "error", "tenant", "workflow_id", "execution_id", "step_id", "subject",
+                 "stream", "stream_seq", "retried_at"):
+        if r[name] is not None and r[name] != "":
+            lines.append(f"  {name:<13} {r[name]}")
+    if r["attempts"]:
+        lines.append("  attempts")
+        for attempt in orjson.loads(r["attempts"]):
+            lines.append(f"    {orjson.dumps(attempt).decode()}")
+    lines.append(f"  payload       {body}")
+    return "\n".join(lines)
+
+
+_PICK = """
+SELECT id, reason, execution_id::text, step_id, subject, payload
+FROM ordo.dead_letters
+WHERE status = 'open'
+  AND ($1::bigint IS NULL OR id = $1)
+  AND ($2::text IS NULL OR reason = $2)
+  AND ($3::text IS NULL OR tenant = $3)
+  AND ($4::text IS NULL OR (reason = 'step_failed' AND convert_from(payload, 'UTF8')::jsonb->>'action' = $4))
+ORDER BY id
+FOR UPDATE SKIP LOCKED
+"""
+
+
+async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None) -> list[str]:
+    """Retry open letters (one by id, or all that match); returns a line per letter."""
+    done = []
+    async with conn.transaction():
+        for r in await conn.fetch(_PICK, letter_id, reason, tenant, action):
+            if r["reason"] == "step_failed" and r["execution_id"]:
+                body = {"v": 1, "kind": "retry", "execution_id": r["execution_id"], "step_id": r["step_id"]}
+                await js.publish(topology.exec_subject(r["execution_id"]), orjson.dumps(body),
+                                 headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
+                done.append(f"{r['id']}: execution {r['execution_id']} resumes at step {r['step_id']}")
+            elif r["subject"]:
+                await js.publish(r["subject"], bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
+                done.append(f"{r['id']}: republished to {r['subject']}")
+            else:
+                done.append(f"{r['id']}: nothing to retry it with (no subject)")
+                continue
+            await conn.execute(
+                "UPDATE ordo.dead_letters SET status = 'retried', retried_at = now() WHERE id = $1", r["id"]
+            )
+    return done

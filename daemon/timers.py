@@ -1,0 +1,84 @@
+"""Durable timers, near term in memory: what a worker fires and when.
+
+The ledger's `ordo.timers` holds one row per waiting execution; this keeps
+only the owned partitions' timers due within `horizon_s`, in a heap, so that
+a million executions waiting for days cost rows on disk and nothing here. A
+due timer is handed to the ordering ring like any message of its execution;
+the commit of the transition it causes deletes (or replaces) its row, which is
+what makes it fire once across restarts.
+"""
+
+import heapq
+
+_LOAD = """
+SELECT execution_id::text, timer_id, (extract(epoch FROM fire_at) * 1000)::bigint
+FROM ordo.timers
+WHERE partition = ANY($1::int[]) AND fire_at <= to_timestamp($2 / 1000.0)
+ORDER BY fire_at
+LIMIT $3
+"""
+
+
+class TimerFire:
+    """A due timer travelling through the pipeline in place of a JetStream message."""
+
+    __slots__ = ("key", "timer_id", "fire_at_ms")
+    subject = "timer"
+    stream = "ordo.timers"
+    stream_seq = 0
+    data = b""
+    reply = None
+    delivered = 1
+    partition = -1
+
+    def __init__(self, execution_id: str, timer_id: str, fire_at_ms: int):
+        self.key = execution_id
+        self.timer_id = timer_id
+        self.fire_at_ms = fire_at_ms
+
+
+class DueTimers:
+    def __init__(self, partitions: list[int], *, horizon_s: float = 60.0, load_limit: int = 100_000):
+        self.partitions = partitions
+        self.horizon_ms = int(horizon_s * 1000)
+        self.load_limit = load_limit
+        self._heap: list = []
+        #: (execution_id, timer_id) in the heap or in flight: loaded once.
+        self._known: set = set()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    async def load(self, conn, now_ms: int) -> int:
+        """Bring in the timers due before now + horizon that are not here yet."""
+        added = 0
+        for execution_id, timer_id, fire_at_ms in await conn.fetch(
+            _LOAD, self.partitions, now_ms + self.horizon_ms, self.load_limit
+        ):
+            added += self.add(execution_id, timer_id, fire_at_ms)
+        return added
+
+    def add(self, execution_id: str, timer_id: str, fire_at_ms: int) -> bool:
+        if fire_at_ms is None:
+            return False
+        key = (execution_id, timer_id)
+        if key in self._known:
+            return False
+        self._known.add(key)
+        heapq.heappush(self._heap, (fire_at_ms, execution_id, timer_id))
+        return True
+
+    def next_due_ms(self) -> int | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now_ms: int, limit: int) -> list[TimerFire]:
+        fires = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ms and len(fires) < limit:
+            fire_at_ms, execution_id, timer_id = heapq.heappop(heap)
+            fires.append(TimerFire(execution_id, timer_id, fire_at_ms))
+        return fires
+
+    def done(self, fire: TimerFire) -> None:
+        """The fire has committed (or was stale): a later load may not bring it back."""
+        self._known.discard((fire.key, fire.timer_id))

@@ -1,0 +1,422 @@
+"""The workflow language end to end: actions, waits, events, retries, timers, cancel.
+
+Real NATS, real Postgres, a real local HTTP server as the webhook target, and
+an injected clock so that "wait 2 days" passes when the test says so.
+"""
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from aiohttp import web
+
+from bench.generator import trigger_event
+from harness import NO_PROBLEMS, Harness, fault_scale
+
+DAY_MS = 24 * 3600 * 1000
+
+
+class Clock:
+    """Epoch milliseconds that move only when the test says (plus real time, slowly)."""
+
+    def __init__(self):
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return int(time.time() * 1000) + self.offset_ms
+
+    def advance(self, ms: int) -> None:
+        self.offset_ms += ms
+
+
+class Target:
+    """A local HTTP endpoint that records every call and answers from a script."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.script: dict[str, list[int]] = {}
+        self.runner = None
+        self.port = None
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_route("*", "/{name}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, request):
+        name = request.match_info["name"]
+        body = await request.read()
+        self.calls.append({"name": name, "key": request.headers.get("Idempotency-Key"),
+                           "body": orjson.loads(body) if body else None, "at": time.monotonic()})
+        statuses = self.script.get(name) or [200]
+        status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        return web.json_response({"ok": status < 300, "n": len(self.calls)}, status=status)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def named(self, name: str) -> list[dict]:
+        return [c for c in self.calls if c["name"] == name]
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def target():
+    t = await Target().start()
+    yield t
+    await t.stop()
+
+
+def engine(nats_server_url, pg_dsn, prefix):
+    # Loopback is refused by the webhook's SSRF guard unless allowed: the test target lives there.
+    return Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8")
+
+
+async def _status(h: Harness, execution_id: str) -> str | None:
+    return await h.db.fetchval("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+
+
+async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
+    rows = await h.db.fetch(
+        "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
+    return [(r["step_id"], r["kind"]) for r in rows]
+
+
+async def _until(h: Harness, execution_id: str, status: str, timeout: float = 30.0) -> None:
+    try:
+        await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
+                           expect=status, timeout=timeout)
+    except AssertionError as exc:
+        history = await h.db.fetch(
+            "SELECT seq, step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+            execution_id)
+        letters = await h.db.fetch("SELECT reason, error FROM ordo.dead_letters")
+        raise AssertionError(f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}")
+
+
+async def _timer_stored(h: Harness, execution_id: str, purpose: str, timeout: float = 30.0) -> None:
+    await h.wait_until("SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid", execution_id,
+                       expect=purpose, timeout=timeout)
+
+
+async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, prefix, target):
+    follow_up = {
+        "id": "follow-up", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [
+            {"id": "welcome", "type": "action", "action": "webhook",
+             "input": {"url": target.url("welcome"), "body": {"name": "{{contact.first_name}}"}}},
+            {"id": "pause", "type": "wait", "duration": "2d"},
+            {"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "3d",
+             "on_timeout": "nudge"},
+            {"id": "replied", "type": "if", "condition": {"exists": "{{context.reply.text}}"},
+             "then": "thank", "else": "nudge"},
+            {"id": "thank", "type": "action", "action": "webhook",
+             "input": {"url": target.url("thank"), "body": {"text": "{{context.reply.text}}"}}, "next": "done"},
+            {"id": "nudge", "type": "action", "action": "webhook", "input": {"url": target.url("nudge")}},
+            {"id": "done", "type": "end"},
+        ],
+    }
+    clock = Clock()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(follow_up)
+        replies, silent = (trigger_event("fu", i, tenant="acme", event_type="contact.created") for i in (1, 2))
+        a = h.execution_id("acme", "follow-up", replies["event_id"])
+        b = h.execution_id("acme", "follow-up", silent["event_id"])
+        async with h.worker(clock_ms=clock):
+            await h.publish_triggers([replies, silent])
+            for execution_id in (a, b):
+                await _timer_stored(h, execution_id, "wait")
+            assert len(target.named("welcome")) == 2
+            # Two days later both wait for a reply; only one contact replies.
+            clock.advance(2 * DAY_MS + 1000)
+            for execution_id in (a, b):
+                await _timer_stored(h, execution_id, "event_timeout")
+            reply = trigger_event("fu-reply", 1, tenant="acme", event_type="contact.replied",
+                                  data={"text": "sounds good"})
+            reply["contact"] = replies["contact"]
+            await h.publish_triggers([reply])
+            await _until(h, a, "completed")
+            assert await _status(h, b) == "waiting"
+            clock.advance(3 * DAY_MS + 1000)
+            await _until(h, b, "completed")
+
+        assert [c["body"] for c in target.named("thank")] == [{"text": "sounds good"}]
+        assert len(target.named("nudge")) == 1
+        kinds_a = await _kinds(h, a)
+        assert [k for _, k in kinds_a] == [
+            "started", "action_requested", "action_completed", "waiting", "timer_fired", "waiting",
+            "event_received", "branch", "action_requested", "action_completed", "completed",
+        ]
+        kinds_b = await _kinds(h, b)
+        assert ("reply", "timed_out") in kinds_b and ("nudge", "action_completed") in kinds_b
+        # Nothing is left waiting: no timer row, no event wait.
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
+        nats_server_url, pg_dsn, prefix, target):
+    flaky = {
+        "id": "flaky", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "steps": [
+            {"id": "charge", "type": "action", "action": "webhook", "input": {"url": target.url("charge")},
+             "retry": {"max_attempts": 5, "initial_interval": "10s", "backoff_coefficient": 2, "jitter": 0}},
+        ],
+    }
+    target.script["charge"] = [503, 503, 200]
+    clock = Clock()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(flaky)
+        event = trigger_event("flaky", 1, tenant="acme", event_type="order.placed")
+        execution_id = h.execution_id("acme", "flaky", event["event_id"])
+        async with h.worker(clock_ms=clock):
+            await h.publish_triggers([event])
+            await _timer_stored(h, execution_id, "retry")
+            assert len(target.named("charge")) == 1
+            # The first back-off is 10 s: 9 s later nothing has been retried.
+            clock.advance(9_000)
+            await asyncio.sleep(0.5)
+            assert len(target.named("charge")) == 1
+            clock.advance(1_500)
+            await h.wait_until("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'", expect=2)
+            # The second back-off is 20 s.
+            clock.advance(19_000)
+            await asyncio.sleep(0.5)
+            assert len(target.named("charge")) == 2
+            clock.advance(1_500)
+            await _until(h, execution_id, "completed")
+        calls = target.named("charge")
+        assert len(calls) == 3
+        assert len({c["key"] for c in calls}) == 1 and calls[0]["key"].startswith(execution_id)
+        kinds = [k for _, k in await _kinds(h, execution_id)]
+        assert kinds.count("action_requested") == 3 and kinds.count("action_completed") == 1
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_retry_resumes(
+        nats_server_url, pg_dsn, prefix, target):
+    from daemon.dlq import retry_letters
+
+    strict = {
+        "id": "strict", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "steps": [
+            {"id": "charge", "type": "action", "action": "webhook", "input": {"url": target.url("charge")}},
+            {"id": "after", "type": "set", "values": {"charged": True}},
+        ],
+    }
+    target.script["charge"] = [400, 200]
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(strict)
+        event = trigger_event("strict", 1, tenant="acme", event_type="order.placed")
+        execution_id = h.execution_id("acme", "strict", event["event_id"])
+        async with h.worker():
+            await h.publish_triggers([event])
+            await _until(h, execution_id, "failed")
+            letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE reason = 'step_failed'")
+            assert letter["step_id"] == "charge" and str(letter["execution_id"]) == execution_id
+            assert "http_400" in letter["error"]
+            assert len(orjson.loads(letter["attempts"])) == 1
+            assert len(target.named("charge")) == 1
+            retried = await retry_letters(h.db, h.js, h.topology, letter_id=letter["id"])
+            assert len(retried) == 1
+            await _until(h, execution_id, "completed")
+        calls = target.named("charge")
+        assert len(calls) == 2 and calls[0]["key"] == calls[1]["key"]
+        assert await h.db.fetchval("SELECT status FROM ordo.dead_letters WHERE id = $1", letter["id"]) == "retried"
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, prefix):
+    waits = {
+        "id": "waits", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [{"id": "pause", "type": "wait", "duration": "1h"}, {"id": "after", "type": "set",
+                                                                       "values": {"woke": True}}],
+    }
+    clock = Clock()
+    count = 30
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(waits)
+        events = [trigger_event("tw", i, tenant="acme", event_type="contact.created") for i in range(count)]
+        async with h.worker(clock_ms=clock):
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.timers", expect=count)
+        # The worker is gone; the timers are in the ledger. An hour later a new worker fires them.
+        clock.advance(3600_000 + 1000)
+        async with h.worker(clock_ms=clock):
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
+        async with h.worker(clock_ms=clock):
+            await asyncio.sleep(1.0)  # a third worker finds nothing left to fire
+        fired = await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired'")
+        assert fired == count
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_many_timers_due_in_the_same_second_all_fire_in_order(nats_server_url, pg_dsn, prefix):
+    """Each execution waits twice; all first waits are due in the same second."""
+    count = fault_scale(ci=3000, full=100_000)
+    twice = {
+        "id": "twice", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [{"id": "first", "type": "wait", "duration": "10m"},
+                  {"id": "second", "type": "wait", "duration": "1m"}],
+    }
+    clock = Clock()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(twice)
+        events = [trigger_event("burst", i, tenant="acme", event_type="contact.created") for i in range(count)]
+        async with h.worker(clock_ms=clock):
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.timers", expect=count, timeout=120)
+            clock.advance(10 * 60_000 + 1000)
+            await h.wait_until("SELECT count(*) FROM ordo.timers WHERE step_id = 'second'", expect=count,
+                               timeout=180)
+            clock.advance(60_000 + 1000)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
+                               timeout=180)
+        out_of_order = await h.db.fetchval(
+            "SELECT count(*) FROM (SELECT execution_id, array_agg(step_id ORDER BY seq) AS steps"
+            " FROM ordo.transitions WHERE kind = 'timer_fired' GROUP BY execution_id) t"
+            " WHERE steps <> ARRAY['first', 'second']"
+        )
+        assert out_of_order == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_server_url, pg_dsn, prefix):
+    collect = {
+        "id": "collect", "tenant": "acme", "trigger": {"event": "session.started"},
+        "steps": [
+            {"id": "first", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
+            {"id": "second", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
+            {"id": "third", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
+        ],
+    }
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(collect)
+        start = trigger_event("ev", 0, tenant="acme", event_type="session.started")
+        execution_id = h.execution_id("acme", "collect", start["event_id"])
+        async with h.worker() as worker:
+            await h.publish_triggers([start])
+            await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=1)
+            views = []
+            for i in range(3):
+                view = trigger_event("view", i, tenant="acme", event_type="page.viewed", data={"page": i})
+                view["contact"] = start["contact"]
+                views.append(view)
+            # Each view goes out twice (a redelivery in effect); they are routed one at a time.
+            for view in views:
+                await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view))
+                await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view),
+                                    msg_id=view["event_id"] + "-again")
+                await asyncio.sleep(0.3)
+            await _until(h, execution_id, "completed")
+            del worker
+        context = orjson.loads(await h.db.fetchval(
+            "SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id))
+        assert [context[s]["page"] for s in ("first", "second", "third")] == [0, 1, 2]
+        received = [k for _, k in await _kinds(h, execution_id) if k == "event_received"]
+        assert len(received) == 3
+
+
+async def test_a_goto_loop_without_an_exit_fails_with_a_loop_guard_error(nats_server_url, pg_dsn, prefix):
+    loop = {
+        "id": "loop", "tenant": "acme", "trigger": {"event": "contact.created"}, "limits": {"max_visits": 20},
+        "steps": [{"id": "spin", "type": "set", "values": {"x": 1}}, {"id": "again", "type": "goto",
+                                                                       "target": "spin"}],
+    }
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(loop)
+        event = trigger_event("loop", 1, tenant="acme", event_type="contact.created")
+        execution_id = h.execution_id("acme", "loop", event["event_id"])
+        async with h.worker():
+            await h.publish_triggers([event])
+            await _until(h, execution_id, "failed")
+        detail = await h.db.fetchval(
+            "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'failed'", execution_id)
+        assert orjson.loads(detail)["code"] == "loop_guard"
+
+
+async def test_cancel_drops_the_timer_and_the_wait(nats_server_url, pg_dsn, prefix):
+    waiting = {
+        "id": "waiting", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [{"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "7d"}],
+    }
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(waiting)
+        event = trigger_event("cancel", 1, tenant="acme", event_type="contact.created")
+        execution_id = h.execution_id("acme", "waiting", event["event_id"])
+        async with h.worker():
+            await h.publish_triggers([event])
+            await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=1)
+            await h.publish_raw(h.topology.exec_subject(execution_id), orjson.dumps(
+                {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": "unsubscribed"}))
+            await _until(h, execution_id, "cancelled")
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
+
+
+async def test_an_external_action_worker_killed_mid_request_completes_the_step_once(
+        nats_server_url, pg_dsn, prefix, target):
+    """sms.send runs in an external worker process; it dies while the provider is answering."""
+    import subprocess
+    import sys
+
+    from harness import ROOT
+
+    texting = {
+        "id": "texting", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [{"id": "text", "type": "action", "action": "sms.send",
+                   "input": {"to": "+4915100000", "body": "Hi {{contact.first_name}}"}, "timeout": "2m"}],
+    }
+    hold = asyncio.Event()
+    first_call = asyncio.Event()
+
+    async def slow_provider(request):  # the first call hangs until the worker has been killed
+        body = await request.json()
+        target.calls.append({"name": "sms", "key": request.headers.get("Idempotency-Key"), "body": body})
+        if len(target.named("sms")) == 1:
+            first_call.set()
+            await hold.wait()
+        return web.json_response({"id": f"msg-{len(target.calls)}"})
+
+    app = web.Application()
+    app.router.add_post("/sms", slow_provider)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    provider = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(texting)
+        env = dict(h.env(), ORDO_PROVIDER_URL=provider)
+        command = [sys.executable, "-m", "actions.worker", "--example", "messaging", "--ack-wait", "1.5"]
+        event = trigger_event("sms", 1, tenant="acme", event_type="contact.created")
+        execution_id = h.execution_id("acme", "texting", event["event_id"])
+        try:
+            async with h.worker():
+                first = subprocess.Popen(command, env=env, cwd=ROOT)
+                h.processes.append(first)
+                await h.publish_triggers([event])
+                await asyncio.wait_for(first_call.wait(), 30)
+                h.kill(first)
+                hold.set()
+                second = subprocess.Popen(command, env=env, cwd=ROOT)
+                h.processes.append(second)
+                await _until(h, execution_id, "completed", timeout=60)
+        finally:
+            await runner.cleanup()
+        calls = target.named("sms")
+        assert len(calls) == 2, "the request was redelivered to the new worker"
+        assert calls[0]["key"] == calls[1]["key"] == f"{execution_id}:text:1"
+        kinds = [k for _, k in await _kinds(h, execution_id)]
+        assert kinds.count("action_completed") == 1
+        assert await h.ledger_problems() == NO_PROBLEMS
