@@ -486,7 +486,8 @@ def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
             _check_pc(program, state)
             step = <_Step>program._steps[state.pc]
         state.seq += 1
-        out.append((state.seq, step.id if step is not None else "", "signal", {"name": name, "data": data}))
+        # The detail holds a copy: a later set step may write into context[step.id].
+        out.append((state.seq, step.id if step is not None else "", "signal", {"name": name, "data": _copy_json(data)}))
         if step is not None and step.kind == S_WAIT_FOR_SIGNAL and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
@@ -594,8 +595,10 @@ cdef int _on_action_result(Program program, ExecutionState state, list out, obje
         _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
         return 0
     if ok:
-        state.context[step.id] = payload.get("output")
-        _emit(state, out, step.id, "action_completed", {"attempt": attempt})
+        output = payload.get("output")
+        state.context[step.id] = output
+        # The output is an input of the run: replay reads it back from the detail (a copy, see signal).
+        _emit(state, out, step.id, "action_completed", {"attempt": attempt, "output": _copy_json(output)})
         _clear_timer(state)
         state.attempt = 0
         state.failures = []
@@ -603,12 +606,16 @@ cdef int _on_action_result(Program program, ExecutionState state, list out, obje
     error = payload.get("error")
     if not PyDict_Check(error):
         error = {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
-    return _action_failed(program, state, out, step, error, now_ms)
+    return _action_failed(program, state, out, step, error, now_ms, None)
 
 
-cdef int _action_failed(Program program, ExecutionState state, list out, _Step step, dict error, object now_ms) except -1:
+cdef int _action_failed(Program program, ExecutionState state, list out, _Step step, dict error, object now_ms,
+                        object timer_id) except -1:
     attempt = state.attempt
-    _emit(state, out, step.id, "action_failed", {"attempt": attempt, "error": error})
+    detail = {"attempt": attempt, "error": error}
+    if timer_id is not None:  # a timeout: the timer that fired, not a result, is the input
+        detail["timer_id"] = timer_id
+    _emit(state, out, step.id, "action_failed", detail)
     state.failures.append({"attempt": attempt, "error": error})
     code = error.get("code")
     if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
@@ -632,21 +639,22 @@ cdef int _on_timer(Program program, ExecutionState state, list out, object paylo
     _check_pc(program, state)
     cdef _Step step = <_Step>program._steps[state.pc] if state.status == "waiting" else None
     waiting = state.waiting
+    timer_id = state.timer
     if step is not None and step.kind == S_ACTION and waiting == WAIT_ACTION:
         state.timer = None
         error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
-        return _action_failed(program, state, out, step, error, now_ms)
+        return _action_failed(program, state, out, step, error, now_ms, timer_id)
     if step is not None and step.kind == S_ACTION and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
         return _request(state, out, step, now_ms)
     if step is not None and step.kind == S_WAIT and waiting == WAIT_TIMER:
         state.timer = None
-        _emit(state, out, step.id, "timer_fired", {"purpose": "wait"})
+        _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
         return _resume(program, state, out, step.next, now_ms)
     if step is not None and step.kind == S_WAIT_FOR_EVENT and waiting == step.wait_key:
         state.timer = None
-        _emit(state, out, step.id, "timed_out", {"event": step.event})
+        _emit(state, out, step.id, "timed_out", {"event": step.event, "timer_id": timer_id})
         state.effects.append(("clear_wait", None))
         return _resume(program, state, out, step.on_timeout, now_ms)
     raise ValueError(f"execution {state.execution_id} has timer {state.timer!r} but waits on {waiting!r}")
@@ -660,8 +668,10 @@ cdef int _on_event(Program program, ExecutionState state, list out, object paylo
         return 0  # not for us: nothing recorded
     if step.filter is not None and not _holds(step.filter, state.context, state.contact, payload):
         return 0
-    state.context[step.id] = payload.get("data")
-    _emit(state, out, step.id, "event_received", {"event_id": payload.get("event_id"), "type": payload["type"]})
+    data = payload.get("data")
+    state.context[step.id] = data
+    _emit(state, out, step.id, "event_received",
+          {"event_id": payload.get("event_id"), "type": payload["type"], "data": _copy_json(data)})
     state.effects.append(("clear_wait", None))
     _clear_timer(state)
     return _resume(program, state, out, step.next, now_ms)

@@ -14,6 +14,14 @@ Event kinds and payloads:
   "start" None; "signal" {"name", "data"?}; "action_result" {"step_id", "attempt",
   "ok", "output"?, "error"?}; "timer" {"timer_id"}; "event" a trigger event;
   "cancel" {"reason"?}; "retry" {} (operator retry of a failed action step).
+
+The transitions an input makes first carry the input itself, so that the
+history alone replays the run (`daemon/replay.py`): "signal" {name, data},
+"action_completed" {attempt, output}, "action_failed" {attempt, error} (plus
+"timer_id" when a timeout made it), "late_result" {attempt, ok},
+"event_received" {event_id, type, data}, "timer_fired" and "timed_out" the
+"timer_id", "cancelled" {reason}. Data in a detail is a copy, never an alias of
+the context, which later steps of the same advance may write into.
 """
 
 from __future__ import annotations
@@ -154,7 +162,8 @@ def advance(program: Program, state: ExecutionState, kind: str, payload, now_ms:
         if state.status == "waiting":
             _check_pc(program, state)
             step = program._steps[state.pc]
-        _emit(state, out, step.id if step else "", "signal", {"name": name, "data": data})
+        # The detail holds a copy: a later set step may write into context[step.id].
+        _emit(state, out, step.id if step else "", "signal", {"name": name, "data": copy_json(data)})
         if type(step) is WaitForSignalStep and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
@@ -258,8 +267,10 @@ def _on_action_result(program: Program, state: ExecutionState, out: list, payloa
         _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
         return
     if ok:
-        state.context[step.id] = payload.get("output")
-        _emit(state, out, step.id, "action_completed", {"attempt": attempt})
+        output = payload.get("output")
+        state.context[step.id] = output
+        # The output is an input of the run: replay reads it back from the detail (a copy, see signal).
+        _emit(state, out, step.id, "action_completed", {"attempt": attempt, "output": copy_json(output)})
         _clear_timer(state)
         state.attempt = 0
         state.failures = []
@@ -274,9 +285,14 @@ def _error_of(error) -> dict:
     return {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
 
 
-def _action_failed(program: Program, state: ExecutionState, out: list, step: ActionStep, error: dict, now_ms: int) -> None:
+def _action_failed(
+    program: Program, state: ExecutionState, out: list, step: ActionStep, error: dict, now_ms: int, timer_id=None
+) -> None:
     attempt = state.attempt
-    _emit(state, out, step.id, "action_failed", {"attempt": attempt, "error": error})
+    detail = {"attempt": attempt, "error": error}
+    if timer_id is not None:  # a timeout: the timer that fired, not a result, is the input
+        detail["timer_id"] = timer_id
+    _emit(state, out, step.id, "action_failed", detail)
     state.failures.append({"attempt": attempt, "error": error})
     code = error.get("code")
     if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
@@ -299,21 +315,22 @@ def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_m
     _check_pc(program, state)
     step = program._steps[state.pc] if state.status == "waiting" else None
     waiting = state.waiting
+    timer_id = state.timer
     if type(step) is ActionStep and waiting == WAIT_ACTION:
         state.timer = None
         error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
-        _action_failed(program, state, out, step, error, now_ms)
+        _action_failed(program, state, out, step, error, now_ms, timer_id)
     elif type(step) is ActionStep and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
         _request(state, out, step, now_ms)
     elif type(step) is WaitStep and waiting == WAIT_TIMER:
         state.timer = None
-        _emit(state, out, step.id, "timer_fired", {"purpose": "wait"})
+        _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
         _resume(program, state, out, step.next, now_ms)
     elif type(step) is WaitForEventStep and waiting == WAIT_EVENT + step.event:
         state.timer = None
-        _emit(state, out, step.id, "timed_out", {"event": step.event})
+        _emit(state, out, step.id, "timed_out", {"event": step.event, "timer_id": timer_id})
         state.effects.append(("clear_wait", None))
         _resume(program, state, out, step.on_timeout, now_ms)
     else:
@@ -328,8 +345,10 @@ def _on_event(program: Program, state: ExecutionState, out: list, payload, now_m
         return  # not for us: nothing recorded
     if step.filter is not None and not holds(step.filter, {"context": state.context, "contact": state.contact, "event": payload}):
         return
-    state.context[step.id] = payload.get("data")
-    _emit(state, out, step.id, "event_received", {"event_id": payload.get("event_id"), "type": payload["type"]})
+    data = payload.get("data")
+    state.context[step.id] = data
+    _emit(state, out, step.id, "event_received",
+          {"event_id": payload.get("event_id"), "type": payload["type"], "data": copy_json(data)})
     state.effects.append(("clear_wait", None))
     _clear_timer(state)
     _resume(program, state, out, step.next, now_ms)

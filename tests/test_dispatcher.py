@@ -427,7 +427,8 @@ def test_action_requested_then_completed(impl):
     ]
     assert (state.status, state.waiting, state.attempt, state.visits) == ("waiting", "action", 1, {"send": 1})
     out = impl.advance(program, state, "action_result", result(state, output={"id": "m-1"}), 2_000)
-    assert out == [(3, "send", "action_completed", {"attempt": 1}), (4, "after", "set", None), (5, "", "completed", None)]
+    assert out == [(3, "send", "action_completed", {"attempt": 1, "output": {"id": "m-1"}}), (4, "after", "set", None),
+                   (5, "", "completed", None)]
     assert drain(state) == [("clear_timer", None)]
     assert state.context == {"send": {"id": "m-1"}, "id": "m-1"}
     assert (state.status, state.timer, state.attempt, state.failures) == ("completed", None, 0, [])
@@ -486,7 +487,7 @@ def test_action_timeout_is_a_retryable_failure(impl):
     timeout = drain(state)[1][1]
     out = impl.advance(program, state, "timer", {"timer_id": timeout["timer_id"]}, 6_000)
     error = {"code": "timeout", "retryable": True, "message": "no result within PT5S"}
-    assert out == [(3, "send", "action_failed", {"attempt": 1, "error": error})]
+    assert out == [(3, "send", "action_failed", {"attempt": 1, "error": error, "timer_id": timeout["timer_id"]})]
     ((_, retry),) = drain(state)  # no clear_timer: the timeout timer fired, the retry timer replaces it
     assert (retry["purpose"], retry["fire_at_ms"], state.timer) == ("retry", 7_000, retry["timer_id"])
     assert state.failures == [{"attempt": 1, "error": error}]
@@ -607,7 +608,8 @@ def test_wait_for_a_duration(impl):
     ((kind, timer),) = drain(state)
     assert (kind, timer["purpose"], timer["fire_at_ms"], state.waiting) == ("set_timer", "wait", 5_401_000, "timer")
     out = impl.advance(program, state, "timer", {"timer_id": timer["timer_id"]}, 5_401_050)
-    assert out == [(3, "pause", "timer_fired", {"purpose": "wait"}), (4, "after", "set", None), (5, "", "completed", None)]
+    assert out == [(3, "pause", "timer_fired", {"purpose": "wait", "timer_id": timer["timer_id"]}), (4, "after", "set", None),
+                   (5, "", "completed", None)]
     assert (state.timer, state.effects) == (None, [])
 
 
@@ -662,7 +664,8 @@ def test_wait_for_event_received(impl):
     assert impl.advance(program, state, "event", {**event, "data": {"text": "no"}}) == []  # the filter says no
     assert (state.seq, state.effects) == (2, [])
     out = impl.advance(program, state, "event", {**event, "data": {"text": "YES please"}}, 5_000)
-    assert out == [(3, "reply", "event_received", {"event_id": "ev-1", "type": "sms.received"}), (4, "thank", "set", None),
+    assert out == [(3, "reply", "event_received", {"event_id": "ev-1", "type": "sms.received", "data": {"text": "YES please"}}),
+                   (4, "thank", "set", None),
                    (5, "end", "completed", None)]
     assert drain(state) == [("clear_wait", None), ("clear_timer", None)]
     assert state.context == {"keyword": "YES", "reply": {"text": "YES please"}, "replied": "YES please"}
@@ -675,7 +678,8 @@ def test_wait_for_event_times_out(impl):
     program, state, _ = begin(impl, EVENT_WAIT)
     timer = drain(state)[1][1]["timer_id"]
     out = impl.advance(program, state, "timer", {"timer_id": timer}, 9_000)
-    assert out == [(3, "reply", "timed_out", {"event": "sms.received"}), (4, "nudge", "set", None), (5, "end", "completed", None)]
+    assert out == [(3, "reply", "timed_out", {"event": "sms.received", "timer_id": timer}), (4, "nudge", "set", None),
+                   (5, "end", "completed", None)]
     assert drain(state) == [("clear_wait", None)]
     assert impl.advance(program, state, "event", {"type": "sms.received", "data": {"text": ""}}) == []
 
@@ -783,6 +787,51 @@ def test_a_signal_does_not_resume_other_waits(impl):
     out = impl.advance(program, state, "signal", {"name": "action"})
     assert out == [(3, "send", "signal", {"name": "action", "data": None})]
     assert (state.status, state.waiting) == ("waiting", "action")
+
+
+# -- the history holds every input (replay reads them back) -------------------------
+def test_details_carry_the_inputs_as_copies(impl):
+    """Output, event data and signal data are in the details, and the set step that runs right after
+    (in the same advance, before the transitions are serialised) does not reach into them."""
+    definition = workflow(
+        action(), set_step("mark-send", {"send.seen": True}),
+        {"id": "reply", "type": "wait_for_event", "event": "sms.received", "timeout": "1h"},
+        set_step("mark-reply", {"reply.seen": True}),
+        {"id": "ok", "type": "wait_for_signal", "signal": "ok"},
+        set_step("mark-ok", {"ok.seen": True}),
+    )
+    program, state, _ = begin(impl, definition)
+    out = impl.advance(program, state, "action_result", result(state, output={"id": "m-1"}), 2_000)
+    assert out[0] == (3, "send", "action_completed", {"attempt": 1, "output": {"id": "m-1"}})
+    event = {"v": 1, "event_id": "ev-1", "type": "sms.received", "contact": {}, "data": {"text": "hi"}}
+    out = impl.advance(program, state, "event", event, 3_000)
+    assert out[0] == (out[0][0], "reply", "event_received", {"event_id": "ev-1", "type": "sms.received", "data": {"text": "hi"}})
+    out = impl.advance(program, state, "signal", {"name": "ok", "data": {"by": "ops"}}, 4_000)
+    assert out[0][2:] == ("signal", {"name": "ok", "data": {"by": "ops"}})
+    assert state.status == "completed"
+    assert [state.context[k] for k in ("send", "reply", "ok")] == [
+        {"id": "m-1", "seen": True}, {"text": "hi", "seen": True}, {"by": "ops", "seen": True}]
+
+
+def test_a_failed_result_has_no_timer_id_and_null_output_is_recorded(impl):
+    program, state, _ = begin(impl, workflow(action(retry={"jitter": 0})))
+    out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
+    assert out == [(3, "send", "action_failed", {"attempt": 1, "error": failure()})]
+    impl.advance(program, state, "timer", {"timer_id": state.timer}, 3_000)
+    out = impl.advance(program, state, "action_result", result(state), 3_100)
+    assert out[0] == (5, "send", "action_completed", {"attempt": 2, "output": None})
+
+
+def test_timer_details_name_the_timer_that_fired(impl):
+    program, state, _ = begin(impl, workflow({"id": "pause", "type": "wait", "duration": "1m"},
+                                             {"id": "reply", "type": "wait_for_event", "event": "x", "timeout": "1m"}))
+    pause = state.timer
+    out = impl.advance(program, state, "timer", {"timer_id": pause}, 61_000)
+    assert out[0] == (3, "pause", "timer_fired", {"purpose": "wait", "timer_id": pause})
+    reply = state.timer
+    assert reply != pause
+    out = impl.advance(program, state, "timer", {"timer_id": reply}, 121_000)
+    assert out[0] == (5, "reply", "timed_out", {"event": "x", "timer_id": reply})
 
 
 # -- trigger matching --------------------------------------------------------------
