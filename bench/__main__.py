@@ -2,6 +2,9 @@
 
     python -m bench w1 [-n 20000] [--workers N] [--repeat K] [--json] [--plot FILE.png]
     python -m bench w1 --rate 3500 --duration 20        open mode: a fixed offered rate
+    python -m bench w2-signals [-n 10000] [--signals 20]
+    python -m bench w3-timers [-n 1000000] [--wait 1-60] [--hold S]
+    python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
     python -m bench --list
 
 Servers are those of ORDO_NATS_URL / ORDO_PG_DSN when set, else embedded ones
@@ -19,6 +22,11 @@ measures latency from that time to the commit that finished the execution.
 Every run is then verified in the ledger: each execution exactly once, with
 its steps and a gap-free history. The exit status is 0 only if every run
 finished and verified.
+
+The scenarios other than w1 deploy their own workflow per run (bench/workflows/)
+and add their own numbers to the table and the JSON (`metrics`): w2 applied
+signals/s, w3 fire lateness, enrolment rate and worker RSS against waiting
+executions, w4 retries and dead letters (see bench/scenarios.py).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import asyncio
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +48,6 @@ import orjson
 
 from . import report
 from .histogram import Histogram
-from .measure import count_finished, finish_times
 from .report import ProcessSampler, RunResult
 from .scenarios import SCENARIOS, Scenario
 from .scenarios import get as get_scenario
@@ -56,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("scenario", nargs="?", help="scenario name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    parser.add_argument("-n", "--count", type=int, default=20000, help="closed mode: trigger events (default 20000)")
+    parser.add_argument("-n", "--count", type=int, default=None,
+                        help="closed mode: trigger events (default: the scenario's, 20000 for w1)")
     parser.add_argument("--rate", type=float, default=None, help="open mode: offered events/s")
     parser.add_argument("--duration", type=float, default=None, help="open mode: seconds of offered load")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
@@ -73,7 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--publish-batch", type=int, default=200, metavar="N",
                         help="closed mode: the generator publishes JetStream atomic batches of N events "
                              "(nats-server 2.12+; 0 or 1: one publish per event; default 200)")
+    options = parser.add_argument_group("scenario options")
+    options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
+    options.add_argument("--wait", default=None, metavar="MIN-MAX",
+                         help="w3-timers: whole seconds each execution waits, uniform (default 1-60)")
+    options.add_argument("--hold", type=int, default=None, metavar="S",
+                         help="w3-timers: add S seconds to every wait, so that all executions wait at once "
+                              "(default 0)")
+    options.add_argument("--transient", type=float, default=None,
+                         help="w4-retries: share of provider calls answered 503 (default 0.05)")
+    options.add_argument("--permanent", type=float, default=None,
+                         help="w4-retries: share of executions whose calls are answered 400 (default 0.005)")
     return parser
+
+
+def scenario_options(args) -> dict:
+    return {name: getattr(args, name) for name in ("signals", "wait", "hold", "transient", "permanent")
+            if getattr(args, name) is not None}
 
 
 def main(argv=None) -> int:
@@ -89,9 +114,22 @@ def main(argv=None) -> int:
         parser.error("open mode needs both --rate and --duration")
     if args.rate is not None and (args.rate <= 0 or args.duration <= 0):
         parser.error("--rate and --duration must be positive")
+    scenario = get_scenario(args.scenario, scenario_options(args))
+    if args.count is None:
+        args.count = scenario.default_count
     if args.count <= 0 or args.repeat <= 0:
         parser.error("-n and --repeat must be positive")
-    scenario = get_scenario(args.scenario)
+    if args.rate is not None and scenario.name == "w2-signals":
+        parser.error("w2-signals runs in closed mode only")
+    if args.signals is not None and args.signals < 1:
+        parser.error("--signals must be positive")
+    if args.hold is not None and args.hold < 0:
+        parser.error("--hold must not be negative")
+    if args.wait is not None and hasattr(type(scenario), "wait_range"):
+        try:
+            scenario.wait_range
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.plot:
         from .plot import require
 
@@ -144,6 +182,8 @@ async def _main(args, scenario: Scenario) -> int:
                 if not args.json:
                     mode = f"open {args.rate:,.0f}/s for {args.duration:g} s" if run.mode == "open" else "closed"
                     print(report.run_table(run, f"{scenario.name} {mode}  run {number}/{args.repeat}  {run.run_id}"))
+                    for line in scenario.summary(run.metrics) if run.metrics else ():
+                        print(line)
                     sys.stdout.flush()
         finally:
             await pool.close()
@@ -153,6 +193,11 @@ async def _main(args, scenario: Scenario) -> int:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
     med = report.median(runs)
+    for name in scenario.median_fields:
+        values = [run.metrics[name] for run in runs if getattr(run, "metrics", None)
+                  and isinstance(run.metrics.get(name), (int, float))]
+        if values:
+            med[name] = statistics.median(values)
     ok = all(run.ok for run in runs)
     if args.plot:
         from .plot import draw
@@ -169,6 +214,7 @@ async def _main(args, scenario: Scenario) -> int:
             "complete": all(run.complete for run in runs),
             "config": {
                 "count": runs[0].expected if runs else None, "rate": args.rate, "duration": args.duration,
+                "options": scenario.options,
                 "repeat": args.repeat, "workers": workers, "partitions": config.partitions,
                 "fetch_batch": config.fetch_batch, "max_ack_pending": config.max_ack_pending,
                 "batch_max_rows": config.batch_max_rows, "batch_max_ms": config.batch_max_ms,
@@ -176,13 +222,16 @@ async def _main(args, scenario: Scenario) -> int:
                 "embedded": [type(server).__name__ for server in env.embedded],
             },
             "machine": report.machine(),
-            "runs": [run.as_dict() for run in runs],
+            "runs": [{**run.as_dict(), "metrics": run.metrics} for run in runs],
             "median": med,
         }
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     else:
         if len(runs) > 1:
             print(report.median_table(med))
+            extra = [f"{name} {med[name]:,.1f}" for name in scenario.median_fields if name in med]
+            if extra:
+                print("  scenario     " + "  ".join(extra))
         if args.plot:
             print(f"plot written to {args.plot}")
         if not ok:
@@ -204,17 +253,35 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     expected = round(args.rate * args.duration) if open_mode else args.count
     run = RunResult(scenario=scenario.name, mode="open" if open_mode else "closed", run_id=run_id,
                     prefix=run_config.prefix, expected=expected, offered_rate=args.rate)
-    timeout = args.timeout or (args.duration + 120.0 if open_mode else max(120.0, expected / 100.0))
+    run.metrics = {}
+    run.trace = []
+    timeout = args.timeout or (args.duration + 120.0 if open_mode else scenario.timeout(expected))
 
     with redirect_stdout(sys.stderr):
         await asyncio.wait_for(prepare(run_config), 60)
     settings = {"ORDO_NATS_URL": run_config.nats_url, "ORDO_PG_DSN": run_config.pg_dsn,
                 "ORDO_PREFIX": run_config.prefix, "ORDO_PARTITIONS": str(run_config.partitions)}
-    supervisor = Supervisor(workers, extra_env={**settings, "ORDO_LOG_LEVEL": args.log_level})
+    supervisor = Supervisor(workers, extra_env={**settings, **scenario.worker_env(), "ORDO_LOG_LEVEL": args.log_level})
     publisher = None
     watcher = None
     sampler = ProcessSampler()
+    outcome: dict = {}
+    await scenario.start()
     try:
+        # The run's streams are new, so the partitions' watermarks in a shared ledger
+        # (the stream sequences a previous run's workers committed up to) do not
+        # apply to them: a worker would resume its partitions after them and skip
+        # this run's first messages. Runs on one ledger are one at a time.
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE ordo.partitions SET watermark = 0 WHERE watermark <> 0")
+        # The run's own workflow(s): deployed before the workers start, so they load them.
+        definitions = scenario.definitions(run_id)
+        if definitions:
+            from ledger import workflows
+
+            async with pool.acquire() as conn:
+                for definition in definitions:
+                    await workflows.deploy(conn, definition)
         # The ledger's clock: claimed_at is Postgres' now(), and the servers may be elsewhere.
         since = await pool.fetchval("SELECT extract(epoch FROM now())::float8")
         supervisor.start()
@@ -231,7 +298,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout,
                                                        args.publish_batch)
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
-        await _wait(run, pool, scenario, publisher, outcome, sampler, timeout, args.stall_timeout)
+        await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
+                    args.stall_timeout + scenario.stall_grace())
         sampler.sample()
         try:
             await asyncio.wait_for(publisher.wait(), 30)
@@ -255,19 +323,21 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         drained = supervisor.stop(timeout=30)
         if not drained and run.failure is None:
             run.failure = "a worker did not stop cleanly"
+        await scenario.stop()
         try:
             await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
         except Exception as exc:  # noqa: BLE001 - clean-up is best effort
             print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
 
-    verification = await scenario.verify(pool, run_id, expected)
+    verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
     run.verification = verification.as_dict()
     run.verified = verification.ok
-    rows = await finish_times(pool, scenario.tenant, run_id)
+    rows = await scenario.finish_times(pool, run_id)
     run.finished = len(rows)
     run.complete = run.finished >= expected and run.failure is None
     _collect(run, rows)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
+    run.metrics = await scenario.measure(pool, run, outcome.get("done"))
     return run
 
 
@@ -278,7 +348,7 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     argv = [sys.executable, "-m", "bench.publisher", "--scenario", scenario.name, "--run-id", run_id,
-            "--count", str(count), "--timeout", str(timeout)]
+            "--count", str(count), "--timeout", str(timeout), "--options", orjson.dumps(scenario.options).decode()]
     if rate:
         argv += ["--rate", str(rate)]
     elif publish_batch > 1:
@@ -311,17 +381,29 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
     last_line = 0.0
     finished = prev = 0
     prev_t = started
+    marker = None
+    poll_s = POLL_S
     while True:
-        finished = await count_finished(pool, scenario.tenant, run.run_id)
+        asked = time.monotonic()
+        state = await scenario.progress(pool, run.run_id)
+        # The ledger is read every POLL_S, or less often when reading it is slow
+        # (a million executions): the bench must not compete with the workers.
+        poll_s = max(POLL_S, 10.0 * (time.monotonic() - asked))
+        finished = state["finished"]
         now = time.monotonic()
         sampler.sample()
-        if finished != prev:
+        rss = sampler.rss.get("workers")
+        run.trace.append({"t": time.time(), **state, "workers_rss_mb": rss[-1] if rss else None})
+        published = outcome["published"]
+        # Progress is anything moving: publishing, enrolling, finishing.
+        if (finished, state.get("total"), published) != marker:
             last_change = now
+            marker = (finished, state.get("total"), published)
         rate = (finished - prev) / max(now - prev_t, 1e-6)
         prev, prev_t = finished, now
-        published = outcome["published"]
+        waiting = f"  waiting {state['waiting']:>9,}" if "waiting" in state else ""
         line = (f"  {now - started:6.1f} s  published {published:>9,}  finished {finished:>9,}/{run.expected:,}"
-                f"  {rate:>8,.0f}/s  lag {max(published - finished, 0):>8,}")
+                f"  {rate:>8,.0f}/s  lag {max(published - finished, 0):>8,}{waiting}")
         if tty:
             out.write("\r" + line + "  ")
             out.flush()
@@ -339,7 +421,7 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         if now - started > timeout:
             run.failure = f"timed out after {timeout:.0f} s ({finished:,} of {run.expected:,} finished)"
             break
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(poll_s)
     if tty:
         out.write("\n")
     run.published = outcome["published"]
@@ -379,7 +461,7 @@ async def _delete_streams(nats_url: str, topology) -> None:
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream):
+        for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream, topology.actions_stream):
             try:
                 await js.delete_stream(name)
             except NotFoundError:

@@ -9,7 +9,8 @@ polling for one event loop, as a Triggers service would not.
 
 On stdout it writes one JSON object per line: `{"published": n}` now and
 then, and at the end `{"done": true, "published": n, "first_publish": t0,
-"last_ack": t1}` with epoch seconds. Without --rate events go out as fast as
+"last_ack": t1}` with epoch seconds (plus what the scenario's
+`generate` adds, e.g. w2's signal phase). Without --rate events go out as fast as
 the PubAck window allows; with --rate each event's `ts` is its scheduled send
 time, so lateness of the publisher counts in the latency (no coordinated
 omission).
@@ -27,7 +28,6 @@ import orjson
 from daemon import config as config_module
 from daemon.topology import Topology
 
-from .generator import publish_events
 from .scenarios import get as get_scenario
 
 #: How often a progress line goes to the parent.
@@ -40,18 +40,17 @@ def _emit(doc: dict) -> None:
 
 
 async def run(scenario_name: str, run_id: str, count: int, rate: float | None, window: int,
-              timeout: float, atomic_batch: int = 0) -> int:
+              timeout: float, atomic_batch: int = 0, options: dict | None = None) -> int:
     import nats
 
     config = config_module.load()
     if not config.nats_url:
         raise SystemExit("bench.publisher: ORDO_NATS_URL is not set")
-    scenario = get_scenario(scenario_name)
+    scenario = get_scenario(scenario_name, options)
     topology = Topology(config)
     nc = await nats.connect(config.nats_url, max_reconnect_attempts=3)
     js = nc.jetstream(timeout=30)
     last_emit = 0.0
-    first_publish = None
 
     def progress(n: int) -> None:
         nonlocal last_emit
@@ -60,22 +59,14 @@ async def run(scenario_name: str, run_id: str, count: int, rate: float | None, w
             last_emit = now
             _emit({"published": n})
 
-    def events():
-        nonlocal first_publish
-        for i in range(count):
-            event = scenario.event(run_id, i)
-            if first_publish is None:
-                first_publish = time.time()
-            yield event
-
     try:
-        sent = await asyncio.wait_for(
-            publish_events(js, topology, events(), window=window, rate=rate, on_progress=progress,
-                           atomic_batch=atomic_batch), timeout)
+        outcome = await asyncio.wait_for(
+            scenario.generate(js, topology, run_id, count, rate=rate, window=window, atomic_batch=atomic_batch,
+                              on_progress=progress), timeout)
         last_ack = time.time()
     finally:
         await nc.close()
-    _emit({"done": True, "published": sent, "first_publish": first_publish, "last_ack": last_ack})
+    _emit({"last_ack": last_ack, **outcome, "done": True})
     return 0
 
 
@@ -89,11 +80,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="give up publishing after this long (s)")
     parser.add_argument("--atomic-batch", type=int, default=0,
                         help="closed mode: publish in JetStream atomic batches of this size (0: one by one)")
+    parser.add_argument("--options", default="{}", help="the scenario's options, a JSON object")
     args = parser.parse_args(argv)
     import uvloop
 
     return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout,
-                         args.atomic_batch))
+                         args.atomic_batch, orjson.loads(args.options)))
 
 
 if __name__ == "__main__":

@@ -2,16 +2,38 @@
 
 A scenario is a class registered in `SCENARIOS` under its name; the runner
 (`bench.__main__`) and the generator process (`bench.publisher`) look it up by
-name. W1 needs nothing but trigger events and the ledger check below; the
-scenarios with waits, signals or failures (w2-signals, w3-timers,
-w4-retries) will bring their own events and their own `verify()`.
+name. W1 needs nothing but trigger events and the ledger check below (its
+workflow is one of daemon/examples, deployed by `prepare`).
+
+The other scenarios deploy their own workflow per run (bench/workflows/,
+with the run id as workflow id and `bench.<run id>` as trigger event, so that
+runs on a shared ledger never enrol into each other's workflows and the
+ledger is read through its (tenant, workflow_id, status) index), bring their
+own events (`generate`, run in the generator process), their own ledger
+checks (`verify`) and their own numbers (`measure`):
+
+  w2-signals  N executions each apply S signals, published onto their
+              subjects interleaved across executions; applied signals/s, and
+              every execution applied exactly S, in publish order
+  w3-timers   N executions each wait a whole number of seconds (--wait
+              MIN-MAX, plus --hold); fire lateness, enrolment rate, worker RSS
+              against the number of waiting executions
+  w4-retries  N executions each call a flaky local HTTP provider through the
+              webhook action; throughput, retries, dead letters as expected
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .generator import trigger_event
+import orjson
+
+from .generator import publish_events, trigger_event
+
+WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
 
 @dataclass
@@ -74,6 +96,49 @@ FROM e LEFT JOIN t USING (execution_id)
 """
 
 
+@dataclass
+class Checks:
+    """Named ledger facts against what they must be; `ok` when every one matches.
+
+    Same interface as Verification (ok, problems(), as_dict()); `facts` are
+    reported but not checked.
+    """
+
+    expected: int
+    checks: dict = field(default_factory=dict)  # name -> (found, wanted)
+    facts: dict = field(default_factory=dict)
+
+    def add(self, name: str, found, wanted) -> None:
+        self.checks[name] = (found, wanted)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(found == wanted for found, wanted in self.checks.values())
+
+    def problems(self) -> list[str]:
+        return [f"{name} {found} (expected {wanted})" for name, (found, wanted) in self.checks.items()
+                if found != wanted]
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "expected": self.expected,
+                **{name: found for name, (found, _) in self.checks.items()},
+                "expected_values": {name: wanted for name, (_, wanted) in self.checks.items()},
+                "facts": self.facts, "problems": self.problems()}
+
+
+_PROGRESS = """
+SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished,
+       count(*) FILTER (WHERE status = 'waiting') AS waiting,
+       count(*) AS total
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+_FINISHED = """
+SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::float8 AS ts, steps
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
+"""
+
+
 class Scenario:
     """The base: trigger events of one type for one tenant, each running `steps` steps."""
 
@@ -81,19 +146,112 @@ class Scenario:
     description = ""
     tenant = "bench"
     event_type = ""
-    #: Steps each execution runs, and the transition kind each step writes.
+    #: Steps each execution runs, and the transition kind each step writes (w1's check).
     steps = 0
     step_kind = "set"
+    #: -n when not given.
+    default_count = 20000
+    #: bench/workflows/<file> deployed per run (id = run id, trigger = bench.<run id>);
+    #: None: the workflow is one of daemon/examples (deployed by `prepare`).
+    workflow_file: str | None = None
+    #: The scenario's options (CLI flags) and their defaults.
+    defaults: dict = {}
+    #: Scenario numbers (keys of `measure()`) the median over repeated runs is taken of.
+    median_fields: tuple = ()
 
+    def __init__(self, options: dict | None = None):
+        given = {k: v for k, v in (options or {}).items() if k in self.defaults and v is not None}
+        self.options = {**self.defaults, **given}
+
+    # -- the run's workflow ---------------------------------------------------------
+    def workflow_id(self, run_id: str) -> str | None:
+        return run_id if self.workflow_file else None
+
+    def trigger_type(self, run_id: str) -> str:
+        return f"bench.{run_id}" if self.workflow_file else self.event_type
+
+    def definitions(self, run_id: str) -> list[dict]:
+        """The workflow(s) this run deploys (after `start()`), shaped by the options."""
+        if not self.workflow_file:
+            return []
+        definition = orjson.loads((WORKFLOWS / self.workflow_file).read_bytes())
+        definition.pop("version", None)
+        definition["id"] = self.workflow_id(run_id)
+        definition["tenant"] = self.tenant
+        definition["trigger"]["event"] = self.trigger_type(run_id)
+        return [self.shape(definition)]
+
+    def shape(self, definition: dict) -> dict:
+        return definition
+
+    def worker_env(self) -> dict:
+        """Extra ORDO_* settings for the run's workers."""
+        return {}
+
+    async def start(self) -> None:
+        """Servers the run needs in the bench process (w4's provider); before deploying."""
+
+    async def stop(self) -> None:
+        pass
+
+    # -- load --------------------------------------------------------------------------
     def event(self, run_id: str, i: int) -> dict:
         """Trigger event `i` of run `run_id`; its event id is `<run_id>-<i>`."""
-        return trigger_event(run_id, i, tenant=self.tenant, event_type=self.event_type)
+        return trigger_event(run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id))
 
-    async def verify(self, conn, run_id: str, expected: int) -> Verification:
+    def timeout(self, expected: int) -> float:
+        return max(120.0, expected / 100.0)
+
+    def stall_grace(self) -> float:
+        """Seconds a run may legitimately show no progress beyond the stall timeout (long waits)."""
+        return 0.0
+
+    async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
+                       atomic_batch: int = 0, on_progress=None) -> dict:
+        """Publish the run's load (in the generator process); {"published", "first_publish", ...}."""
+        first = []
+
+        def events():
+            for i in range(count):
+                event = self.event(run_id, i)
+                if not first:
+                    first.append(time.time())
+                yield event
+
+        sent = await publish_events(js, topology, events(), window=window, rate=rate, on_progress=on_progress,
+                                    atomic_batch=atomic_batch)
+        return {"published": sent, "first_publish": first[0] if first else None}
+
+    # -- reading the ledger ------------------------------------------------------------
+    async def progress(self, pool, run_id: str) -> dict:
+        """{"finished", "waiting", "total"} executions of the run now."""
+        if not self.workflow_file:
+            from .measure import count_finished
+
+            return {"finished": await count_finished(pool, self.tenant, run_id)}
+        row = await pool.fetchrow(_PROGRESS, self.tenant, self.workflow_id(run_id))
+        return dict(row)
+
+    async def finish_times(self, pool, run_id: str) -> list:
+        if not self.workflow_file:
+            from .measure import finish_times
+
+            return await finish_times(pool, self.tenant, run_id)
+        return await pool.fetch(_FINISHED, self.tenant, self.workflow_id(run_id))
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None):
         r = await conn.fetchrow(_VERIFY, self.tenant, f"{run_id}-%", self.steps, self.step_kind)
         return Verification(expected=expected, executions=r["executions"], distinct_events=r["distinct_events"],
                             completed=r["completed"], expected_steps=r["expected_steps"],
                             expected_history=r["expected_history"])
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        """The scenario's own numbers for the report (after verify)."""
+        return {}
+
+    def summary(self, metrics: dict) -> list[str]:
+        """Lines for the text table, from `measure()`'s numbers."""
+        return []
 
 
 class LinearFive(Scenario):
@@ -103,12 +261,527 @@ class LinearFive(Scenario):
     steps = 5
 
 
+# -- publishing onto execution subjects ----------------------------------------------------
+async def _allow_atomic(js, stream: str) -> bool:
+    """Let the run's execution stream take atomic batch publishes (nats-server 2.12+).
+
+    Signals from a service that sends many at once go out as atomic batches,
+    one fsync per batch under `sync_interval: always`, as the generator's
+    trigger events do; the engine enables that only on the triggers stream.
+    """
+    from dataclasses import replace
+
+    from daemon.servers import parse_version
+    from daemon.topology import ATOMIC_PUBLISH_SERVER
+
+    if parse_version(js._nc._server_info.get("version", "0.0.0")) < ATOMIC_PUBLISH_SERVER:
+        return False
+    info = await js.stream_info(stream)
+    if not info.config.allow_atomic:
+        await js.update_stream(replace(info.config, allow_atomic=True))
+    return True
+
+
+async def _publish_acked(js, messages, *, window: int, on_progress=None) -> int:
+    """(subject, body, msg id) one publish each, at most `window` awaiting their PubAck."""
+    pending: set = set()
+    sent = 0
+    for subject, body, msg_id in messages:
+        pending.add(asyncio.ensure_future(js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})))
+        sent += 1
+        if len(pending) >= window:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            if on_progress:
+                on_progress(sent)
+    for task in asyncio.as_completed(pending):
+        await task
+    if on_progress:
+        on_progress(sent)
+    return sent
+
+
+async def _publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_progress=None) -> int:
+    """(subject, body, msg id) in JetStream atomic batches: each still its own message and msg id."""
+    import uuid
+
+    from .generator import _DUPLICATE_IN_BATCH
+
+    nc = js._nc
+    pending: list = []
+    sent = 0
+
+    async def flush(chunk):
+        batch_id = uuid.uuid4().hex
+        for n, (subject, body, msg_id) in enumerate(chunk, 1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": msg_id}
+            if n < len(chunk):
+                await nc.publish(subject, body, headers=headers)
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                pending.append((asyncio.ensure_future(nc.request(subject, body, timeout=30, headers=headers)), chunk))
+
+    async def settle(future, chunk):
+        reply = await future
+        error = (orjson.loads(reply.data) if reply.data else {}).get("error")
+        if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
+            await _publish_acked(js, iter(chunk), window=64)  # the duplicate window drops the duplicates
+        elif error:
+            raise RuntimeError(f"atomic batch publish refused: {error}")
+
+    chunk: list = []
+    for message in messages:
+        chunk.append(message)
+        if len(chunk) == batch:
+            await flush(chunk)
+            sent += len(chunk)
+            chunk = []
+            while len(pending) >= in_flight:
+                await settle(*pending.pop(0))
+            if on_progress:
+                on_progress(sent)
+    if chunk:
+        await flush(chunk)
+        sent += len(chunk)
+    for future, chunk in pending:
+        await settle(future, chunk)
+    if on_progress:
+        on_progress(sent)
+    return sent
+
+
+# -- w2: signals ------------------------------------------------------------------------
+_W2_VERIFY = """
+WITH e AS (
+    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+), t AS (
+    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
+           count(*) FILTER (WHERE tr.kind = 'signal') AS signals,
+           count(*) FILTER (WHERE tr.kind = 'signal' AND tr.source_seq IS NOT NULL) AS with_source,
+           array_agg((tr.detail->'data'->>'i')::int ORDER BY tr.seq) FILTER (WHERE tr.kind = 'signal') AS order_i,
+           count(*) FILTER (WHERE tr.kind = 'completed') AS completed
+    FROM ordo.transitions tr JOIN e USING (execution_id)
+    GROUP BY tr.execution_id
+)
+SELECT count(*) AS executions,
+       count(*) FILTER (WHERE e.status = 'completed' AND t.completed = 1) AS completed,
+       count(*) FILTER (WHERE t.signals = $3 AND t.with_source = $3) AS exact_signals,
+       count(*) FILTER (WHERE t.order_i = $4::int[]) AS in_publish_order,
+       count(*) FILTER (WHERE t.n = 2 + 3 * $3 AND t.hi = t.n AND e.seq = t.n) AS full_history,
+       coalesce(sum(t.signals), 0) AS applied
+FROM e LEFT JOIN t USING (execution_id)
+"""
+
+# Signals of one execution whose stream sequence is not above the previous one's.
+_W2_SOURCE_ORDER = """
+SELECT count(*) FROM (
+    SELECT tr.source_seq, lag(tr.source_seq) OVER (PARTITION BY tr.execution_id ORDER BY tr.seq) AS previous
+    FROM ordo.transitions tr
+    JOIN ordo.executions e USING (execution_id)
+    WHERE e.tenant = $1 AND e.workflow_id = $2 AND tr.kind = 'signal'
+) s WHERE s.previous >= s.source_seq
+"""
+
+_LAST_COMMIT = """
+SELECT extract(epoch FROM max(finished_at))::float8 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+
+class Signals(Scenario):
+    """N executions, each looping on wait_for_signal until the signal marked last.
+
+    Signals, not routed trigger events: a signal is published straight onto
+    the execution's own subject, so its order is the execution stream's, the
+    path that promises per-execution order (guarantee 1). Trigger events
+    reach a waiting execution only through the shared triggers consumer and a
+    lookup of the waits, so two events for one contact fetched by two
+    workers are routed in either order: not an ordering test.
+
+    The generator enrols N executions, waits until all of them wait for their
+    first signal, then publishes round after round: signal 0 of every
+    execution, then signal 1 of every execution, ... (interleaved). Each
+    signal carries {i, last}; the ledger must show, per execution, exactly S
+    `signal` transitions with i = 0..S-1 in seq order and increasing
+    `source_seq`, and the execution completed.
+    """
+
+    name = "w2-signals"
+    description = "N executions each apply S signals (default 20) interleaved across executions, in order"
+    workflow_file = "w2-signals.json"
+    default_count = 10_000
+    defaults = {"signals": 20}
+    median_fields = ("applied_per_s", "signal_publish_rate", "seconds_signals")
+
+    def timeout(self, expected: int) -> float:
+        return max(180.0, expected * self.options["signals"] / 500.0)
+
+    async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
+                       atomic_batch: int = 0, on_progress=None) -> dict:
+        import asyncpg
+
+        from daemon import config as config_module
+        from daemon.topology import execution_id_for
+
+        enrolled = await super().generate(js, topology, run_id, count, window=window, atomic_batch=atomic_batch,
+                                          on_progress=on_progress)
+        # A signal for an execution that has not committed its enrolment would be
+        # dead-lettered (unknown execution): wait until all wait for the first one.
+        conn = await asyncpg.connect(config_module.load().pg_dsn)
+        try:
+            while (await conn.fetchrow(_PROGRESS, self.tenant, run_id))["waiting"] < count:
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
+        ids = [execution_id_for(self.tenant, run_id, f"{run_id}-{i}") for i in range(count)]
+        subjects = [topology.exec_subject(x) for x in ids]
+        total = self.options["signals"]
+
+        def messages():
+            for r in range(total):
+                last = r == total - 1
+                for execution_id, subject in zip(ids, subjects):
+                    body = orjson.dumps({"v": 1, "kind": "signal", "execution_id": execution_id,
+                                         "signal_id": f"tick-{r}", "name": "tick", "data": {"i": r, "last": last}})
+                    yield subject, body, f"{execution_id}:tick-{r}"
+
+        def progress(n):
+            if on_progress:
+                on_progress(count + n)
+
+        atomic = atomic_batch > 1 and await _allow_atomic(js, topology.exec_stream)
+        signals_first = time.time()
+        if atomic:
+            sent = await _publish_atomic(js, messages(), batch=atomic_batch, on_progress=progress)
+        else:
+            sent = await _publish_acked(js, messages(), window=window, on_progress=progress)
+        return {**enrolled, "published": count + sent, "signals_published": sent, "signals_atomic": atomic,
+                "signals_first_publish": signals_first, "signals_last_ack": time.time()}
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
+        total = self.options["signals"]
+        r = await conn.fetchrow(_W2_VERIFY, self.tenant, run_id, total, list(range(total)))
+        checks = Checks(expected)
+        checks.add("executions", r["executions"], expected)
+        checks.add("completed", r["completed"], expected)
+        checks.add("exact_signals", r["exact_signals"], expected)
+        checks.add("in_publish_order", r["in_publish_order"], expected)
+        checks.add("full_history", r["full_history"], expected)
+        checks.add("source_seq_regressions", await conn.fetchval(_W2_SOURCE_ORDER, self.tenant, run_id), 0)
+        checks.facts["applied_signals"] = int(r["applied"])
+        return checks
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        done = done or {}
+        applied = run.verification.get("facts", {}).get("applied_signals", 0)
+        first, last_ack = done.get("signals_first_publish"), done.get("signals_last_ack")
+        last_commit = await pool.fetchval(_LAST_COMMIT, self.tenant, run.run_id)
+        seconds = (last_commit - first) if first and last_commit else 0.0
+        published = done.get("signals_published", 0)
+        return {
+            "signals_per_execution": self.options["signals"],
+            "applied_signals": applied,
+            "seconds_signals": seconds,
+            "applied_per_s": applied / seconds if seconds > 0 else 0.0,
+            "signals_published": published,
+            "signal_publish_rate": published / (last_ack - first) if first and last_ack and last_ack > first else 0.0,
+            "signals_atomic": bool(done.get("signals_atomic")),
+        }
+
+    def summary(self, m: dict) -> list[str]:
+        return [f"  signals      {m['applied_signals']:,} applied ({m['signals_per_execution']} per execution) in "
+                f"{m['seconds_signals']:.2f} s: {m['applied_per_s']:,.0f} applied/s   (published at "
+                f"{m['signal_publish_rate']:,.0f}/s{' in atomic batches' if m.get('signals_atomic') else ''}; "
+                "first signal publish -> last commit)"]
+
+
+# -- w3: timers ---------------------------------------------------------------------------
+_W3_VERIFY = """
+WITH e AS (
+    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+), t AS (
+    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
+           array_agg(tr.kind ORDER BY tr.seq) AS kinds
+    FROM ordo.transitions tr JOIN e USING (execution_id)
+    GROUP BY tr.execution_id
+)
+SELECT count(*) AS executions,
+       count(*) FILTER (WHERE e.status = 'completed') AS completed,
+       count(*) FILTER (WHERE t.kinds = ARRAY['started', 'branch', 'waiting', 'timer_fired', 'completed']
+                        AND t.n = 5 AND t.hi = 5 AND e.seq = 5) AS expected_history,
+       (SELECT count(*) FROM ordo.timers tm JOIN e USING (execution_id)) AS timers_left
+FROM e LEFT JOIN t USING (execution_id)
+"""
+
+# Lateness of each fire: from the intended time (the `waiting` transition's
+# until_ms) to the `timer_fired` transition (dispatch) and to its commit.
+_W3_LATENESS = """
+WITH e AS (
+    SELECT execution_id, finished_at FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+), l AS (
+    SELECT extract(epoch FROM f.at) * 1000.0 - (w.detail->>'until_ms')::float8 AS fired,
+           extract(epoch FROM e.finished_at) * 1000.0 - (w.detail->>'until_ms')::float8 AS committed
+    FROM e
+    JOIN ordo.transitions w ON w.execution_id = e.execution_id AND w.kind = 'waiting'
+    JOIN ordo.transitions f ON f.execution_id = e.execution_id AND f.kind = 'timer_fired'
+)
+SELECT count(*) AS fires,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY fired) AS fired_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY fired) AS fired_p99,
+       max(fired) AS fired_max, min(fired) AS fired_min,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY committed) AS committed_p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY committed) AS committed_p99,
+       max(committed) AS committed_max
+FROM l
+"""
+
+_W3_ENROLLED = """
+SELECT count(*) AS n, extract(epoch FROM max(created_at))::float8 AS last
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+
+def _range(text) -> tuple[int, int]:
+    lo, _, hi = str(text).partition("-")
+    lo, hi = int(lo), int(hi or lo)
+    if not 0 < lo <= hi or hi - lo > 3600:
+        raise ValueError(f"--wait wants MIN-MAX whole seconds, 0 < MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+class Timers(Scenario):
+    """N executions, each waiting a whole number of seconds in MIN..MAX (plus --hold), then completing.
+
+    The duration is picked per event (`data.wait_s`, uniform by a hash of the
+    event id) and the workflow has one `wait` step per duration behind a
+    `switch`: the timer starts at enrolment, so lateness measures the timers,
+    not the enrolment backlog. --hold S adds S seconds to every wait, so that
+    all N executions wait at once (enrolment takes longer than MAX seconds
+    at a million) while the worker RSS is sampled.
+    """
+
+    name = "w3-timers"
+    description = "N executions each wait MIN-MAX s (default 1-60) then complete: fire lateness, worker RSS"
+    workflow_file = "w3-timers.json"
+    default_count = 1_000_000
+    defaults = {"wait": "1-60", "hold": 0}
+    median_fields = ("fired_p50_ms", "fired_p99_ms", "committed_p50_ms", "committed_p99_ms", "enrolment_per_s",
+                     "peak_waiting", "workers_rss_at_peak_mb", "workers_rss_max_mb", "workers_rss_end_mb")
+
+    @property
+    def wait_range(self) -> tuple[int, int]:
+        return _range(self.options["wait"])
+
+    def shape(self, definition: dict) -> dict:
+        lo, hi = self.wait_range
+        hold = int(self.options["hold"])
+        steps = [{"id": "pick", "type": "switch",
+                  "cases": [{"when": {"eq": ["{{event.data.wait_s}}", d]}, "next": f"wait-{d}"}
+                            for d in range(lo, hi + 1)],
+                  "default": f"wait-{lo}"}]
+        steps += [{"id": f"wait-{d}", "type": "wait", "duration": f"{hold + d}s", "next": "done"}
+                  for d in range(lo, hi + 1)]
+        steps.append({"id": "done", "type": "end"})
+        definition["steps"] = steps
+        return definition
+
+    def event(self, run_id: str, i: int) -> dict:
+        import zlib
+
+        lo, hi = self.wait_range
+        event_id = f"{run_id}-{i}"
+        wait_s = lo + zlib.crc32(event_id.encode()) % (hi - lo + 1)
+        return trigger_event(run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id),
+                             data={"wait_s": wait_s})
+
+    def timeout(self, expected: int) -> float:
+        return 180.0 + int(self.options["hold"]) + self.wait_range[1] + expected / 500.0
+
+    def stall_grace(self) -> float:
+        return float(int(self.options["hold"]) + self.wait_range[1])
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
+        r = await conn.fetchrow(_W3_VERIFY, self.tenant, run_id)
+        checks = Checks(expected)
+        checks.add("executions", r["executions"], expected)
+        checks.add("completed", r["completed"], expected)
+        checks.add("expected_history", r["expected_history"], expected)
+        checks.add("timers_left", r["timers_left"], 0)
+        return checks
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        lat = await pool.fetchrow(_W3_LATENESS, self.tenant, run.run_id)
+        enrolled = await pool.fetchrow(_W3_ENROLLED, self.tenant, run.run_id)
+        first = run.first_publish
+        enrol_s = (enrolled["last"] - first) if enrolled["last"] and first else 0.0
+        trace = getattr(run, "trace", [])
+        peak = max(trace, key=lambda s: s["waiting"], default=None)
+        rss = [s["workers_rss_mb"] for s in trace if s.get("workers_rss_mb") is not None]
+        lo, hi = self.wait_range
+
+        def ms(v):
+            return float(v) if v is not None else None
+
+        return {
+            "wait_s": f"{lo}-{hi}", "hold_s": int(self.options["hold"]), "fires": lat["fires"],
+            "fired_p50_ms": ms(lat["fired_p50"]), "fired_p99_ms": ms(lat["fired_p99"]),
+            "fired_max_ms": ms(lat["fired_max"]), "fired_min_ms": ms(lat["fired_min"]),
+            "committed_p50_ms": ms(lat["committed_p50"]), "committed_p99_ms": ms(lat["committed_p99"]),
+            "committed_max_ms": ms(lat["committed_max"]),
+            "enrolled": enrolled["n"], "enrolment_seconds": enrol_s,
+            "enrolment_per_s": enrolled["n"] / enrol_s if enrol_s > 0 else 0.0,
+            "peak_waiting": peak["waiting"] if peak else 0,
+            "peak_waiting_at_s": (peak["t"] - first) if peak and first else None,
+            "workers_rss_at_peak_mb": peak.get("workers_rss_mb") if peak else None,
+            "workers_rss_max_mb": max(rss) if rss else None,
+            "workers_rss_end_mb": rss[-1] if rss else None,
+        }
+
+    def summary(self, m: dict) -> list[str]:
+        def f(v, fmt=".1f"):
+            return "-" if v is None else format(v, fmt)
+
+        return [
+            f"  timers       {m['fires']:,} fired (wait {m['wait_s']} s + hold {m['hold_s']} s)",
+            f"  lateness     fired p50 {f(m['fired_p50_ms'])} ms  p99 {f(m['fired_p99_ms'])} ms  "
+            f"max {f(m['fired_max_ms'])} ms   committed p50 {f(m['committed_p50_ms'])} ms  "
+            f"p99 {f(m['committed_p99_ms'])} ms  (intended fire time -> timer_fired / its commit)",
+            f"  enrolment    {m['enrolled']:,} in {m['enrolment_seconds']:.1f} s: {m['enrolment_per_s']:,.0f}/s",
+            f"  waiting      peak {m['peak_waiting']:,} at {f(m['peak_waiting_at_s'], '.0f')} s; worker RSS "
+            f"{f(m['workers_rss_at_peak_mb'], '.0f')} MB then, max {f(m['workers_rss_max_mb'], '.0f')} MB, "
+            f"end {f(m['workers_rss_end_mb'], '.0f')} MB (all workers)",
+        ]
+
+
+# -- w4: retries ---------------------------------------------------------------------------
+_W4_VERIFY = """
+WITH e AS (
+    SELECT execution_id, status, event_id FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+)
+SELECT count(*) AS executions,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       array_agg(event_id) FILTER (WHERE status = 'failed') AS failed_events,
+       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
+        WHERE t.kind = 'action_failed' AND (t.detail->'error'->>'retryable')::boolean) AS retries,
+       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
+        WHERE t.kind = 'action_failed' AND t.detail->'error'->>'code' = 'timeout') AS timeouts,
+       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
+        WHERE t.kind = 'action_requested') AS requests,
+       (SELECT count(*) FROM ordo.dead_letters d
+        WHERE d.reason = 'step_failed' AND d.workflow_id = $2) AS dead_letters
+FROM e
+"""
+
+
+class Retries(Scenario):
+    """N executions, each one webhook call to a flaky provider (bench/provider.py) with retries.
+
+    5% of calls get a 503 (retryable: a retry on a durable timer after
+    100 ms, 200 ms, ...), 0.5% of executions a 400 on every call (not
+    retryable: the step fails, the execution fails and a `step_failed` dead
+    letter is written). Which ones is a hash of the event id, so the ledger is
+    checked exactly: the failed executions are the permanently failing ones,
+    their number is the DLQ count, and every other execution completed. The
+    retries (retryable `action_failed` transitions) are reported beside the
+    503s the provider answered and the action timeouts: when the offered load
+    exceeds what the provider answers, calls queue in the worker past their
+    deadline and time out (each is retried, and the late call still reaches
+    the provider: a duplicate success, deduped downstream by its key).
+    """
+
+    name = "w4-retries"
+    description = "N executions call a local provider (5% transient 503, 0.5% permanent 400): retries, DLQ"
+    workflow_file = "w4-retries.json"
+    default_count = 20_000
+    defaults = {"transient": 0.05, "permanent": 0.005}
+    median_fields = ("calls_per_s", "retries", "dead_letters", "expected_dead_letters")
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self.provider = None
+
+    async def start(self) -> None:
+        from .provider import Provider
+
+        self.provider = await Provider(transient=float(self.options["transient"]),
+                                       permanent=float(self.options["permanent"])).start()
+
+    async def stop(self) -> None:
+        if self.provider is not None:
+            await self.provider.stop()
+
+    def shape(self, definition: dict) -> dict:
+        call = definition["steps"][0]
+        if self.provider is not None:
+            call["input"]["url"] = self.provider.url
+        # A transient failure hits one key at most max_transient times: never all attempts.
+        assert call["retry"]["max_attempts"] > 2
+        return definition
+
+    def worker_env(self) -> dict:
+        # The provider listens on loopback, which the webhook's SSRF guard refuses unless allowed.
+        return {"ORDO_WEBHOOK_ALLOW": "127.0.0.0/8"}
+
+    def timeout(self, expected: int) -> float:
+        return max(180.0, expected / 100.0)
+
+    def permanent_events(self, run_id: str, count: int) -> set[str]:
+        from .provider import fails_permanently
+
+        share = float(self.options["permanent"])
+        return {e for e in (f"{run_id}-{i}" for i in range(count)) if fails_permanently(e, share)}
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
+        r = await conn.fetchrow(_W4_VERIFY, self.tenant, run_id)
+        doomed = self.permanent_events(run_id, expected)
+        checks = Checks(expected)
+        checks.add("executions", r["executions"], expected)
+        checks.add("completed", r["completed"], expected - len(doomed))
+        checks.add("failed", r["failed"], len(doomed))
+        checks.add("failed_are_the_permanent_ones", set(r["failed_events"] or ()) == doomed, True)
+        checks.add("dead_letters", r["dead_letters"], len(doomed))
+        if self.provider is not None:
+            # Not a check: under overload a call can also time out (a retryable
+            # failure the provider never answered), and a 503 that comes back after
+            # its step timed out is recorded as a late result, not a failure.
+            checks.facts["provider"] = self.provider.stats()
+        checks.facts.update(retries=r["retries"], timeouts=r["timeouts"], requests=r["requests"],
+                            expected_dead_letters=len(doomed))
+        return checks
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        facts = run.verification.get("facts", {})
+        provider = facts.get("provider", {})
+        seconds = run.seconds
+        return {
+            "transient_share": float(self.options["transient"]), "permanent_share": float(self.options["permanent"]),
+            "requests": facts.get("requests"), "calls": provider.get("calls"),
+            "calls_per_s": provider.get("calls", 0) / seconds if seconds else 0.0,
+            "retries": facts.get("retries"), "timeouts": facts.get("timeouts"),
+            "provider_503": provider.get("transient_503"), "provider_400": provider.get("permanent_400"),
+            "duplicate_successes": provider.get("duplicate_successes"),
+            "dead_letters": run.verification.get("dead_letters"),
+            "expected_dead_letters": facts.get("expected_dead_letters"),
+        }
+
+    def summary(self, m: dict) -> list[str]:
+        return [
+            f"  actions      {m['requests'] or 0:,} requests, {m['calls'] or 0:,} provider calls "
+            f"({m['calls_per_s']:,.0f}/s): {m['provider_503'] or 0:,} x 503, {m['provider_400'] or 0:,} x 400, "
+            f"{m['timeouts'] or 0:,} timeouts, {m['duplicate_successes'] or 0:,} duplicate successes",
+            f"  retries      {m['retries'] or 0:,} retryable failures retried   dead letters "
+            f"{m['dead_letters']} (expected {m['expected_dead_letters']})",
+        ]
+
+
 #: Every scenario by name; `python -m bench --list` prints them.
-SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (LinearFive,)}
+SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (LinearFive, Signals, Timers, Retries)}
 
 
-def get(name: str) -> Scenario:
+def get(name: str, options: dict | None = None) -> Scenario:
     try:
-        return SCENARIOS[name]()
+        cls = SCENARIOS[name]
     except KeyError:
         raise SystemExit(f"bench: unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}") from None
+    return cls(options)

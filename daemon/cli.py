@@ -6,6 +6,9 @@
     ordo workflow deploy FILE...   ordo workflow validate FILE...   ordo workflow list
     ordo signal EXECUTION_ID NAME [--data JSON]
     ordo execution show ID [--json]
+    ordo inspect EXECUTION_ID [--json]     the timeline, current state, pending timer and wait, dead letters
+    ordo replay EXECUTION_ID [--definition FILE | --version N] [--json]
+    ordo replay --sample N --workflow W [--tenant T] [--definition FILE | --version N] [--json]
     ordo dlq list|show ID|retry ID|--all
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
@@ -217,6 +220,60 @@ def cmd_execution(args, config) -> int:
     return _run_async(go())
 
 
+def cmd_inspect(args, config) -> int:
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        from .inspect import inspect, render
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            doc = await inspect(conn, args.execution_id)
+        finally:
+            await conn.close()
+        if doc is None:
+            print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
+            return 1
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else render(doc))
+        return 0
+
+    return _run_async(go())
+
+
+def cmd_replay(args, config) -> int:
+    """Exit 0 when every replay makes the recorded decisions, 1 when one diverges, 2 when one cannot run."""
+    _require(config, "pg_dsn")
+    if (args.execution_id is None) == (args.sample is None):
+        sys.exit("ordo: replay needs an EXECUTION_ID or --sample N --workflow W")
+    if args.sample is not None and not args.workflow:
+        sys.exit("ordo: replay --sample needs --workflow")
+    if args.definition and args.version is not None:
+        sys.exit("ordo: replay takes --definition FILE or --version N, not both")
+    definition = _read_definition(args.definition) if args.definition else args.version
+
+    async def go():
+        import asyncpg
+
+        from .replay import render, render_summary, replay, replay_sample
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            if args.execution_id is not None:
+                result = await replay(conn, args.execution_id, definition)
+                print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json
+                      else render(result))
+                return {"identical": 0, "diverged": 1}.get(result.outcome, 2)
+            summary = await replay_sample(conn, args.tenant, args.workflow, args.sample, definition)
+        finally:
+            await conn.close()
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json else render_summary(summary))
+        return 2 if summary["errors"] else 1 if summary["diverged"] else 0
+
+    return _run_async(go())
+
+
 def cmd_dlq(args, config) -> int:
     _require(config, "pg_dsn")
 
@@ -349,6 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--reason", help="why it is cancelled (recorded)")
     p.set_defaults(func=cmd_execution)
+
+    p = sub.add_parser("inspect", help="an execution's timeline, state, pending timer and wait, dead letters")
+    p.add_argument("execution_id")
+    p.add_argument("--json", action="store_true", help="the same facts as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("replay", help="re-run recorded inputs through the dispatcher (no side effects) and diff")
+    p.add_argument("execution_id", nargs="?", help="the execution to replay (or --sample)")
+    p.add_argument("--definition", metavar="FILE", help="replay against this definition (need not be deployed)")
+    p.add_argument("--version", type=int, metavar="N", help="replay against this deployed version")
+    p.add_argument("--sample", type=int, metavar="N", help="replay N finished executions picked at random")
+    p.add_argument("--workflow", metavar="W", help="with --sample: the workflow id")
+    p.add_argument("--tenant", metavar="T", help="with --sample: only this tenant's executions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("dlq", help="dead letters: list, show ID, retry ID | --all")
     p.add_argument("action", choices=["list", "show", "retry"])

@@ -26,6 +26,10 @@ class Config:
     max_ack_pending: int = 8192
     ring_capacity: int = 16384
     ack_wait_s: float = 30.0
+    #: A partition's lease: a worker that stops renewing loses it after lease_ttl_s
+    #: (takeover within lease_ttl_s + lease_renew_s).
+    lease_ttl_s: float = 10.0
+    lease_renew_s: float = 2.0
     #: The ledger batcher flushes at this many transition rows or after this long.
     batch_max_rows: int = 8000
     batch_max_ms: float = 5.0

@@ -57,7 +57,7 @@ class _Service:
 
     def status(self) -> str:
         w = self.worker
-        return f"STATUS=consuming: worker {w.index} of {w.workers}, partitions {','.join(map(str, w.partitions))}"
+        return f"STATUS=consuming: worker {w.index} of {w.workers}, partitions {','.join(map(str, sorted(w.ownership.owned)))}"
 
     def announce_ready(self) -> None:
         if self.worker.stopping.is_set():

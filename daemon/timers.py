@@ -11,7 +11,7 @@ what makes it fire once across restarts.
 import heapq
 
 _LOAD = """
-SELECT execution_id::text, timer_id, (extract(epoch FROM fire_at) * 1000)::bigint
+SELECT execution_id::text, timer_id, (extract(epoch FROM fire_at) * 1000)::bigint, partition
 FROM ordo.timers
 WHERE partition = ANY($1::int[]) AND fire_at <= to_timestamp($2 / 1000.0)
 ORDER BY fire_at
@@ -38,8 +38,9 @@ class TimerFire:
 
 
 class DueTimers:
-    def __init__(self, partitions: list[int], *, horizon_s: float = 60.0, load_limit: int = 100_000):
-        self.partitions = partitions
+    def __init__(self, *, horizon_s: float = 60.0, load_limit: int = 100_000):
+        #: The partitions this worker owns now; ownership moves, the heap follows.
+        self.partitions: set = set()
         self.horizon_ms = int(horizon_s * 1000)
         self.load_limit = load_limit
         self._heap: list = []
@@ -49,23 +50,32 @@ class DueTimers:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def own(self, partition: int) -> None:
+        self.partitions.add(partition)
+
+    def disown(self, partition: int) -> None:
+        """Another worker fires this partition's timers now (those in the heap are skipped)."""
+        self.partitions.discard(partition)
+
     async def load(self, conn, now_ms: int) -> int:
         """Bring in the timers due before now + horizon that are not here yet."""
+        if not self.partitions:
+            return 0
         added = 0
-        for execution_id, timer_id, fire_at_ms in await conn.fetch(
-            _LOAD, self.partitions, now_ms + self.horizon_ms, self.load_limit
+        for execution_id, timer_id, fire_at_ms, partition in await conn.fetch(
+            _LOAD, list(self.partitions), now_ms + self.horizon_ms, self.load_limit
         ):
-            added += self.add(execution_id, timer_id, fire_at_ms)
+            added += self.add(execution_id, timer_id, fire_at_ms, partition)
         return added
 
-    def add(self, execution_id: str, timer_id: str, fire_at_ms: int) -> bool:
-        if fire_at_ms is None:
+    def add(self, execution_id: str, timer_id: str, fire_at_ms: int, partition: int) -> bool:
+        if fire_at_ms is None or partition not in self.partitions:
             return False
         key = (execution_id, timer_id)
         if key in self._known:
             return False
         self._known.add(key)
-        heapq.heappush(self._heap, (fire_at_ms, execution_id, timer_id))
+        heapq.heappush(self._heap, (fire_at_ms, execution_id, timer_id, partition))
         return True
 
     def next_due_ms(self) -> int | None:
@@ -75,7 +85,10 @@ class DueTimers:
         fires = []
         heap = self._heap
         while heap and heap[0][0] <= now_ms and len(fires) < limit:
-            fire_at_ms, execution_id, timer_id = heapq.heappop(heap)
+            fire_at_ms, execution_id, timer_id, partition = heapq.heappop(heap)
+            if partition not in self.partitions:
+                self._known.discard((execution_id, timer_id))
+                continue
             fires.append(TimerFire(execution_id, timer_id, fire_at_ms))
         return fires
 

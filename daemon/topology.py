@@ -79,9 +79,6 @@ class Topology:
     def dlq_subject(self, reason: str) -> str:
         return f"{self.prefix}.dlq.{reason}"
 
-    def owned_partitions(self, worker_index: int, workers: int) -> list[int]:
-        return [p for p in range(self.partitions) if p % workers == worker_index]
-
     async def ensure(self, js) -> None:
         """Create the streams and durable consumers if they are missing (idempotent).
 

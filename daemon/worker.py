@@ -31,13 +31,14 @@ import nats.errors
 from hotpath import OrderingRing
 from hotpath.envelope import BadMessage, decode_exec
 from ledger import executions, workflows
-from ledger.batcher import Fenced, LedgerBatcher, Unit, claim_partitions
+from ledger.batcher import Fenced, LedgerBatcher, Unit
 from ledger.schema import require_current
 
 from . import advance, enrolment, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
 from .effects import Effects
+from .ownership import Ownership
 from .progress import PartitionProgress
 from .pull import Delivery, PullConsumer
 from .servers import check_nats_server
@@ -65,16 +66,21 @@ class Worker:
         self.index = worker_index
         self.workers = workers
         self.name = f"{socket.gethostname()}/{os.getpid()}/w{worker_index}"
-        self.partitions = self.topology.owned_partitions(worker_index, workers)
+        self.ownership = Ownership(self.name, config.partitions, lease_ttl_s=config.lease_ttl_s,
+                                   lease_renew_s=config.lease_renew_s)
         self.registry = WorkflowRegistry()
         # Room for every fetched message plus a share of due timers.
         self.ring = OrderingRing(max(config.ring_capacity, 2 * (config.max_ack_pending + config.fetch_batch)))
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        self.timers = DueTimers(self.partitions, horizon_s=config.timer_horizon_s)
+        self.timers = DueTimers(horizon_s=config.timer_horizon_s)
         self._actions = actions
         self.effects: Effects | None = None
         self.progress: dict[int, PartitionProgress] = {}
+        self._fetchers: dict = {}
+        #: Partitions being given back or lost: their fetch loops finish and stop.
+        self._closing: set = set()
+        self._releasing: set = set()
         self.batcher = LedgerBatcher(config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -106,17 +112,10 @@ class Worker:
         self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=3)
         async with self._pool.acquire() as conn:
             await require_current(conn)
-            claimed = await claim_partitions(conn, self.partitions, self.name)
-        self.batcher.epochs = {p: epoch for p, (epoch, _) in claimed.items()}
-        # Resume each partition right after its watermark, in stream order.
-        for p, (_, watermark) in claimed.items():
-            await self.topology.resume_partition(self._js, p, watermark)
-            self.progress[p] = PartitionProgress(watermark)
+            await self.ownership.prepare(conn)
         await self.reload_definitions()
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
-        metrics.owned_partitions.set(len(self.partitions))
-        log.info("worker %s owns partitions %s", self.name, self.partitions)
 
     async def reload_definitions(self) -> None:
         async with self._pool.acquire() as conn:
@@ -130,22 +129,16 @@ class Worker:
     async def run(self) -> None:
         """Run until `stopping` is set, then drain: stop fetching, commit and ack what is in flight."""
         t = self.topology
-        consumers = [PullConsumer(self._nc, t.triggers_stream, t.triggers_consumer)]
-        consumers += [PullConsumer(self._nc, t.exec_stream, t.partition_consumer(p)) for p in self.partitions]
-        for consumer in consumers:
-            await consumer.subscribe()
-        fetchers = [asyncio.create_task(
-            self._fetch_loop(consumers[0], self._take_triggers, metrics.fetch_triggers_seconds))]
-        fetchers += [asyncio.create_task(self._fetch_loop(c, partial(self._take_exec_messages, p),
-                                                          metrics.fetch_exec_seconds))
-                     for p, c in zip(self.partitions, consumers[1:])]
+        triggers = PullConsumer(self._nc, t.triggers_stream, t.triggers_consumer)
+        await triggers.subscribe()
+        self._fetchers["triggers"] = asyncio.create_task(
+            self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers"))
         pump = asyncio.create_task(self._pump())
         committer = asyncio.create_task(self._commit_loop())
         timer_loop = asyncio.create_task(self._timer_loop())
-        self._tasks = fetchers + [pump, committer, timer_loop]
-        self.ready.set()
+        owner = asyncio.create_task(self._ownership_loop())
         stop = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait([stop, committer, pump, timer_loop, *fetchers],
+        done, _ = await asyncio.wait([stop, committer, pump, timer_loop, owner, self._fetchers["triggers"]],
                                      return_when=asyncio.FIRST_COMPLETED)
         self.stopping.set()
         for task in done:
@@ -154,6 +147,9 @@ class Worker:
         # Drain: each fetch loop finishes the fetch it has open (at most its
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
+        owner.cancel()
+        await asyncio.gather(owner, return_exceptions=True)
+        fetchers = list(self._fetchers.values())
         await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:
             task.cancel()
@@ -167,9 +163,75 @@ class Worker:
             task.cancel()
         await asyncio.gather(pump, committer, timer_loop, return_exceptions=True)
         await self.effects.close()
+        if self.fatal is None:
+            # Everything settled: hand the partitions back now rather than when the leases run out.
+            async with self._pool.acquire() as conn:
+                await self.ownership.leave(conn)
         await self.close()
         if self.fatal is not None:
             raise self.fatal
+
+    # -- ownership ------------------------------------------------------------
+
+    async def _ownership_loop(self) -> None:
+        """Keep leases, take a fair share, give back the surplus (see daemon/ownership.py)."""
+        while not self.stopping.is_set():
+            async with self._pool.acquire() as conn:
+                share = await self.ownership.fair_share(conn)
+                lost = await self.ownership.renew_leases(conn)
+                gained = await self.ownership.claim(conn, share)
+            if lost:
+                # Another worker holds them under a newer epoch: whatever of
+                # theirs is still in flight here will be fenced at commit.
+                log.error("lost partition(s) %s to another worker", lost)
+                for p in lost:
+                    self._stop_partition(p)
+            for p, (epoch, watermark) in sorted(gained.items()):
+                await self._start_partition(p, epoch, watermark)
+            for p in self.ownership.surplus(share):
+                if p not in self._releasing:
+                    self._releasing.add(p)
+                    asyncio.get_running_loop().create_task(self._release_partition(p))
+            metrics.owned_partitions.set(len(self.ownership.owned))
+            self.ready.set()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _start_partition(self, p: int, epoch: int, watermark: int) -> None:
+        """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
+        self.batcher.epochs[p] = epoch
+        self.progress[p] = PartitionProgress(watermark)
+        await self.topology.resume_partition(self._js, p, watermark)
+        consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p))
+        await consumer.subscribe()
+        self.timers.own(p)
+        self._fetchers[p] = asyncio.create_task(
+            self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p))
+        log.info("worker %s owns partition %d (epoch %d, resuming after %d)", self.name, p, epoch, watermark)
+
+    def _stop_partition(self, p: int) -> None:
+        self._closing.add(p)
+        self.timers.disown(p)
+
+    async def _release_partition(self, p: int) -> None:
+        """Above the fair share: stop fetching, let what is in flight settle, then give it back."""
+        self._stop_partition(p)
+        fetcher = self._fetchers.pop(p, None)
+        if fetcher is not None:
+            await asyncio.gather(fetcher, return_exceptions=True)
+        while len(self.progress.get(p, ())) and not self.stopping.is_set():
+            await asyncio.sleep(0.05)
+        if self.stopping.is_set():
+            return
+        async with self._pool.acquire() as conn:
+            await self.ownership.release(conn, p)
+        self.batcher.epochs.pop(p, None)
+        self.progress.pop(p, None)
+        self._closing.discard(p)
+        self._releasing.discard(p)
+        log.info("worker %s gave partition %d back (above its fair share)", self.name, p)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -187,10 +249,10 @@ class Worker:
 
     # -- fetch ----------------------------------------------------------------
 
-    async def _fetch_loop(self, consumer: PullConsumer, take, fetch_seconds) -> None:
+    async def _fetch_loop(self, consumer: PullConsumer, take, fetch_seconds, name) -> None:
         batch = self.config.fetch_batch
         while True:
-            stopping = self.stopping.is_set()
+            stopping = self.stopping.is_set() or name in self._closing
             if consumer.outstanding == 0:
                 if stopping:
                     return  # drained: no pull request left open to deliver into nowhere
@@ -201,7 +263,7 @@ class Worker:
                 await self.batcher.wait_for_space()
             started = time.monotonic()
             try:
-                deliveries = await consumer.take(batch, request_more=not self.stopping.is_set())
+                deliveries = await consumer.take(batch, request_more=not stopping)
             except nats.errors.ConnectionClosedError:
                 return
             except nats.errors.Error as exc:
@@ -363,7 +425,8 @@ class Worker:
                 if change.finished:
                     finished[change.status] = finished.get(change.status, 0) + 1
                 if change.timer is not None:
-                    self.timers.add(change.execution_id, change.timer[0], int(change.timer[1].timestamp() * 1000))
+                    self.timers.add(change.execution_id, change.timer[0], int(change.timer[1].timestamp() * 1000),
+                                    change.partition)
                 if change.after_commit:
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
             if source.reply is None:  # a timer fire: its row went with the commit

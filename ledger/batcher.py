@@ -472,24 +472,3 @@ def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
         stream_seq=getattr(source, "stream_seq", 0),
         payload=getattr(source, "data", b""),
     )
-
-
-async def claim_partitions(conn: asyncpg.Connection, partitions: list[int], owner: str) -> dict:
-    """Take ownership of partitions by bumping their epochs; returns partition -> (epoch, watermark).
-
-    Any commit by a previous owner that runs after this is refused (Fenced).
-    """
-    async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO ordo.partitions (partition) SELECT unnest($1::int[]) ON CONFLICT DO NOTHING",
-            partitions,
-        )
-        rows = await conn.fetch(
-            """
-            UPDATE ordo.partitions SET epoch = epoch + 1, owner = $2, claimed_at = now()
-            WHERE partition = ANY($1::int[]) RETURNING partition, epoch, watermark
-            """,
-            partitions,
-            owner,
-        )
-    return {r["partition"]: (r["epoch"], r["watermark"]) for r in rows}

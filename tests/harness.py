@@ -6,6 +6,7 @@ Every harness has its own database and subject/stream prefix (the `pg_dsn` and
 """
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -37,6 +38,9 @@ class Harness:
     def __init__(self, nats_url: str, pg_dsn: str, prefix: str, **settings):
         settings.setdefault("partitions", 4)
         settings.setdefault("batch_max_ms", 2.0)
+        # Workers come and go within seconds here: short leases keep takeovers quick.
+        settings.setdefault("lease_ttl_s", 3.0)
+        settings.setdefault("lease_renew_s", 0.5)
         self.config = config_module.Config(nats_url=nats_url, pg_dsn=pg_dsn, prefix=prefix, **settings)
         self.topology = Topology(self.config)
         self.nc = None
@@ -82,11 +86,14 @@ class Harness:
             await asyncio.wait_for(task, 60)
 
     def env(self, **settings) -> dict:
+        """The environment of a worker process with this harness's settings (every one that differs)."""
         config = self.config.with_(**settings)
         env = dict(os.environ)
-        for name in ("nats_url", "pg_dsn", "prefix", "partitions", "batch_max_ms", "batch_max_rows",
-                     "ack_wait_s", "fetch_batch", "max_ack_pending", "webhook_allow"):
-            env[f"ORDO_{name.upper()}"] = str(getattr(config, name))
+        defaults = config_module.Config()
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            if value != getattr(defaults, field.name) or field.name in ("nats_url", "pg_dsn", "prefix"):
+                env[f"ORDO_{field.name.upper()}"] = str(value)
         env["ORDO_LOG_LEVEL"] = "warning"
         return env
 

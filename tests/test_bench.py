@@ -80,11 +80,62 @@ async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
     assert all(run["executions"] == 50 and run["verified"] for run in doc["runs"])
 
 
+async def test_w2_signals_apply_in_publish_order(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w2-signals", "-n", "50", "--signals", "5",
+                                     "--workers", "1", "--json")
+    assert code == 0, output
+    assert doc["ok"] and doc["config"]["options"] == {"signals": 5}
+    (run,) = doc["runs"]
+    assert run["executions"] == 50 and run["published"] == 50 + 250
+    check = run["verification"]
+    assert check["problems"] == []
+    assert check["in_publish_order"] == check["exact_signals"] == check["completed"] == 50
+    assert check["source_seq_regressions"] == 0
+    metrics = run["metrics"]
+    assert metrics["applied_signals"] == metrics["signals_published"] == 250
+    assert metrics["applied_per_s"] > 0
+
+
+async def test_w3_timers_fire_and_report_lateness(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w3-timers", "-n", "200", "--wait", "1-3",
+                                     "--workers", "1", "--json")
+    assert code == 0, output
+    (run,) = doc["runs"]
+    assert run["executions"] == 200 and run["verified"], run["verification"]
+    assert run["verification"]["expected_history"] == 200 and run["verification"]["timers_left"] == 0
+    metrics = run["metrics"]
+    assert metrics["fires"] == 200 and metrics["enrolled"] == 200 and metrics["wait_s"] == "1-3"
+    # Lateness is measured from the intended fire time: a timer never fires early.
+    assert 0 <= metrics["fired_min_ms"] <= metrics["fired_p50_ms"] <= metrics["fired_p99_ms"] <= metrics["fired_max_ms"]
+    assert metrics["committed_p50_ms"] >= metrics["fired_p50_ms"]
+    assert 0 <= metrics["peak_waiting"] <= 200 and metrics["workers_rss_max_mb"] > 0
+
+
+async def test_w4_retries_match_the_provider_and_the_dead_letters(nats_server_url, pg_dsn):
+    from bench.provider import fails_permanently
+
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w4-retries", "-n", "200", "--transient", "0.1",
+                                     "--permanent", "0.03", "--workers", "1", "--json")
+    assert code == 0, output
+    (run,) = doc["runs"]
+    doomed = sum(fails_permanently(f"{run['run_id']}-{i}", 0.03) for i in range(200))
+    check = run["verification"]
+    assert check["problems"] == [] and check["failed_are_the_permanent_ones"]
+    assert check["dead_letters"] == check["failed"] == doomed and check["completed"] == 200 - doomed
+    metrics = run["metrics"]
+    assert metrics["dead_letters"] == metrics["expected_dead_letters"] == doomed
+    # Every retry is a 503 the provider answered or an action deadline.
+    assert metrics["provider_503"] <= metrics["retries"] + metrics["timeouts"]
+    assert metrics["retries"] <= metrics["provider_503"] + metrics["timeouts"]
+    assert metrics["calls"] >= 200
+
+
 async def test_list_and_unknown_scenario():
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "--list", cwd=ROOT,
                                                 stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     assert proc.returncode == 0 and out.decode().startswith("w1 ")
+    assert [line.split()[0] for line in out.decode().splitlines()] == ["w1", "w2-signals", "w3-timers", "w4-retries"]
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "nope", cwd=ROOT,
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()

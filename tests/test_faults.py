@@ -11,6 +11,10 @@ from harness import NO_PROBLEMS, Harness, fault_scale
 from test_pipeline import WAITER, WELCOME
 
 
+#: A killed worker's partitions are claimable when its lease runs out: keep that short here.
+QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
+
+
 async def _completed(h: Harness) -> int:
     return await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
 
@@ -29,7 +33,7 @@ async def _wait_progress(h: Harness, proc, at_least: int, timeout: float = 60.0)
 async def test_kill_9_mid_batch_again_and_again_loses_and_duplicates_nothing(nats_server_url, pg_dsn, prefix):
     kills = fault_scale(ci=5, full=50)
     step = 150
-    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=2.0) as h:
+    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=2.0, **QUICK_LEASES) as h:
         await h.deploy(WELCOME)
         await h.deploy(WAITER)
         waiters = [trigger_event("crash-w", i, tenant="acme", event_type="session.started") for i in range(20)]
@@ -97,7 +101,7 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
 
     from daemon.topology import partition_of
 
-    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=30.0) as h:
+    async with Harness(nats_server_url, pg_dsn, prefix, ack_wait_s=30.0, **QUICK_LEASES) as h:
         await h.deploy(WAITER)
         start = trigger_event("held", 1, tenant="acme", event_type="session.started")
         execution_id = h.execution_id("acme", "waiter", start["event_id"])
@@ -129,4 +133,82 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
             "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
             execution_id)
         assert [orjson.loads(d["detail"])["data"]["i"] for d in details] == [0, 1]
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def _owners(h: Harness) -> dict:
+    rows = await h.db.fetch("SELECT owner, count(*) AS n FROM ordo.partitions WHERE owner IS NOT NULL GROUP BY owner")
+    return {r["owner"]: r["n"] for r in rows}
+
+
+async def test_a_worker_that_joins_takes_its_fair_share(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix, partitions=8, lease_ttl_s=3.0, lease_renew_s=0.3) as h:
+        await h.deploy(WAITER)
+        async with h.worker(0, 2) as first:
+            assert len(first.ownership.owned) == 8
+            async with h.worker(1, 2) as second:
+                deadline = time.monotonic() + 20
+                while sorted((await _owners(h)).values()) != [4, 4]:
+                    assert time.monotonic() < deadline, await _owners(h)
+                    await asyncio.sleep(0.1)
+                assert len(first.ownership.owned) == len(second.ownership.owned) == 4
+                # Work flows through both owners.
+                events = [trigger_event("share", i, tenant="acme", event_type="session.started") for i in range(40)]
+                await h.publish_triggers(events)
+                await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=40)
+                for e in events:
+                    await h.signal(h.execution_id("acme", "waiter", e["event_id"]), "done", {})
+                await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=40)
+        # Clean exits give every partition back at once.
+        assert await _owners(h) == {}
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fenced(nats_server_url, pg_dsn, prefix):
+    """SIGSTOP a worker holding an uncommitted batch for longer than its lease; another
+    worker takes over and applies the message; SIGCONT: the old commit is refused."""
+    from daemon.topology import partition_of
+
+    async with Harness(nats_server_url, pg_dsn, prefix, **QUICK_LEASES) as h:
+        await h.deploy(WAITER)
+        start = trigger_event("stall", 1, tenant="acme", event_type="session.started")
+        execution_id = h.execution_id("acme", "waiter", start["event_id"])
+        async with h.worker():
+            await h.publish_triggers([start])
+            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
+                               expect="waiting")
+        partition = partition_of(execution_id, h.config.partitions)
+        since = time.time()
+        # Worker A holds what it dispatched for 4 s before committing: room to stop it mid-batch.
+        old = h.spawn_worker(batch_max_ms=4000.0)
+        await h.wait_claimed(since)
+        await h.signal(execution_id, "tick", {"i": 0}, signal_id="k")
+        consumer = h.topology.partition_consumer(partition)
+        deadline = time.monotonic() + 10
+        while (await h.js.consumer_info(h.topology.exec_stream, consumer)).num_ack_pending < 1:
+            assert time.monotonic() < deadline, "worker A never took the message"
+            await asyncio.sleep(0.02)
+        # Let A dispatch it into the batch that waits 4 s (a fetched message A had
+        # not dispatched yet would be re-read after SIGCONT and settled as applied).
+        await asyncio.sleep(0.5)
+        old.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        try:
+            async with h.worker():
+                await h.wait_until(
+                    "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'",
+                    execution_id, expect=1, timeout=30)
+                taken_at = await h.db.fetchval(
+                    "SELECT extract(epoch FROM claimed_at) FROM ordo.partitions WHERE partition = $1", partition)
+                print(f"failover: partition {partition} claimed {float(taken_at) - stopped_at:.2f} s after SIGSTOP")
+                old.send_signal(signal.SIGCONT)
+                # A wakes up, its 4 s batch comes due and its commit meets a newer epoch.
+                code = await asyncio.to_thread(old.wait, 30)
+        finally:
+            if old.poll() is None:
+                old.send_signal(signal.SIGCONT)
+        assert code == 3, "the old owner must stop on a fenced commit"
+        applied = await h.db.fetchval(
+            "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'", execution_id)
+        assert applied == 1
         assert await h.ledger_problems() == NO_PROBLEMS
