@@ -28,7 +28,7 @@ import typing
 
 import orjson
 
-from hotpath.envelope import BadMessage
+from hotpath.envelope import BadMessage, load_versioned
 
 #: The contract major version this code speaks.
 CONTRACT_MAJOR = 1
@@ -186,29 +186,7 @@ def encode(doc: dict) -> bytes:
 
 
 def _load(body: bytes, max_bytes: int) -> dict:
-    if len(body) > max_bytes:
-        raise BadMessage("oversized", f"body is {len(body)} bytes, the limit is {max_bytes}")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if "utf-8" in str(exc).lower():
-            raise BadMessage("invalid_utf8", f"body is not valid UTF-8 ({exc})") from None
-        raise BadMessage("malformed_json", f"body is not valid JSON ({exc})") from None
-    if type(doc) is not dict:
-        raise BadMessage("not_an_object", f"body is a JSON {type(doc).__name__}, an object is required")
-    if "v" not in doc:
-        raise BadMessage("missing_field", "field 'v' (contract version) is missing")
-    v = doc["v"]
-    if type(v) is int:
-        major = v
-    elif type(v) is str and v.split(".", 1)[0].isdigit():
-        major = int(v.split(".", 1)[0])
-    else:
-        raise BadMessage("wrong_type", f"field 'v' must be an integer or 'major.minor' string, got {v!r}")
-    if major != CONTRACT_MAJOR:
-        raise BadMessage("unsupported_version",
-                         f"action contract version {v!r} is not supported (this code speaks major {CONTRACT_MAJOR})")
-    return doc
+    return load_versioned(body, max_bytes, major=CONTRACT_MAJOR, contract="action contract")
 
 
 def _field(doc: dict, name: str, types: tuple, what: str, path: str = ""):

@@ -20,8 +20,6 @@ the command line: a DSN with a password must not show up in `ps`.
 """
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 
@@ -42,6 +40,22 @@ def _require(config, *names) -> None:
     if missing:
         env = ", ".join(f"ORDO_{n.upper()}" for n in missing)
         sys.exit(f"ordo: {env} is not set (or use `ordo dev`, which starts embedded servers)")
+
+
+def _on_ledger(config, work) -> int:
+    """Run `await work(conn)` on a connection to the ledger; its result is the exit code."""
+    _require(config, "pg_dsn")
+
+    async def go():
+        import asyncpg
+
+        conn = await asyncpg.connect(config.pg_dsn)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return _run_async(go()) or 0
 
 
 def _run_async(coro):
@@ -66,21 +80,13 @@ def cmd_run(args, config) -> int:
 
 
 def cmd_migrate(args, config) -> int:
-    _require(config, "pg_dsn")
     from ledger.schema import migrate
 
-    async def go():
-        import asyncpg
-
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            applied = await migrate(conn)
-        finally:
-            await conn.close()
+    async def go(conn):
+        applied = await migrate(conn)
         print(f"applied: {', '.join(applied)}" if applied else "the ledger is up to date")
 
-    _run_async(go())
-    return 0
+    return _on_ledger(config, go)
 
 
 def _read_definition(path: str) -> dict:
@@ -104,36 +110,29 @@ def cmd_workflow(args, config) -> int:
                 failed += 1
                 print(f"{path}: invalid\n  " + "\n  ".join(exc.errors), file=sys.stderr)
         return 1 if failed else 0
-    _require(config, "pg_dsn")
 
-    async def go():
-        import asyncpg
-
+    async def go(conn):
         from ledger import workflows
 
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            if args.action == "list":
-                rows = await conn.fetch(
-                    "SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions"
-                    " FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2"
-                )
-                for r in rows:
-                    print(f"{r['tenant']}/{r['workflow_id']}  latest v{r['latest']}  ({r['versions']} versions)")
-                return 0
-            failed = 0
-            for path in args.files:
-                try:
-                    version, new = await workflows.deploy(conn, _read_definition(path))
-                    print(f"{path}: {'deployed' if new else 'unchanged'} as version {version}")
-                except DefinitionError as exc:
-                    failed += 1
-                    print(f"{path}: rejected\n  " + "\n  ".join(exc.errors), file=sys.stderr)
-            return 1 if failed else 0
-        finally:
-            await conn.close()
+        if args.action == "list":
+            rows = await conn.fetch(
+                "SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions"
+                " FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2"
+            )
+            for r in rows:
+                print(f"{r['tenant']}/{r['workflow_id']}  latest v{r['latest']}  ({r['versions']} versions)")
+            return 0
+        failed = 0
+        for path in args.files:
+            try:
+                version, new = await workflows.deploy(conn, _read_definition(path))
+                print(f"{path}: {'deployed' if new else 'unchanged'} as version {version}")
+            except DefinitionError as exc:
+                failed += 1
+                print(f"{path}: rejected\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        return 1 if failed else 0
 
-    return _run_async(go())
+    return _on_ledger(config, go)
 
 
 def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> int:
@@ -183,68 +182,53 @@ def cmd_execution(args, config) -> int:
     if args.action == "cancel":
         return _send_to_execution(config, args.execution_id, {"kind": "cancel", "reason": args.reason},
                                   f"cancel:{args.execution_id}")
-    _require(config, "pg_dsn")
 
-    async def go():
-        import asyncpg
-
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            ex = await conn.fetchrow("SELECT * FROM ordo.executions WHERE execution_id = $1::uuid", args.execution_id)
-            if ex is None:
-                print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
-                return 1
-            transitions = await conn.fetch(
-                "SELECT seq, step_id, kind, at, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-                args.execution_id,
-            )
-            if args.json:
-                doc = {k: (str(v) if not isinstance(v, (int, str, type(None))) else v) for k, v in dict(ex).items()}
-                doc["transitions"] = [
-                    {"seq": t["seq"], "step_id": t["step_id"], "kind": t["kind"], "at": t["at"].isoformat(),
-                     "detail": orjson.loads(t["detail"]) if t["detail"] else None}
-                    for t in transitions
-                ]
-                print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-                return 0
-            print(f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
-                  f"  contact {ex['contact_id']}  status {ex['status']}")
-            for t in transitions:
-                detail = t["detail"] or ""
-                print(f"  {t['seq']:>4}  {t['at'].isoformat(timespec='milliseconds')}  {t['kind']:<10} "
-                      f"{t['step_id']:<20} {detail}")
+    async def go(conn):
+        ex = await conn.fetchrow("SELECT * FROM ordo.executions WHERE execution_id = $1::uuid", args.execution_id)
+        if ex is None:
+            print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
+            return 1
+        transitions = await conn.fetch(
+            "SELECT seq, step_id, kind, at, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+            args.execution_id,
+        )
+        if args.json:
+            doc = {k: (str(v) if not isinstance(v, (int, str, type(None))) else v) for k, v in dict(ex).items()}
+            doc["transitions"] = [
+                {"seq": t["seq"], "step_id": t["step_id"], "kind": t["kind"], "at": t["at"].isoformat(),
+                 "detail": orjson.loads(t["detail"]) if t["detail"] else None}
+                for t in transitions
+            ]
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
             return 0
-        finally:
-            await conn.close()
+        print(f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
+              f"  contact {ex['contact_id']}  status {ex['status']}")
+        for t in transitions:
+            detail = t["detail"] or ""
+            print(f"  {t['seq']:>4}  {t['at'].isoformat(timespec='milliseconds')}  {t['kind']:<10} "
+                  f"{t['step_id']:<20} {detail}")
+        return 0
 
-    return _run_async(go())
+    return _on_ledger(config, go)
 
 
 def cmd_inspect(args, config) -> int:
-    _require(config, "pg_dsn")
 
-    async def go():
-        import asyncpg
-
+    async def go(conn):
         from .inspect import inspect, render
 
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            doc = await inspect(conn, args.execution_id)
-        finally:
-            await conn.close()
+        doc = await inspect(conn, args.execution_id)
         if doc is None:
             print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
             return 1
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else render(doc))
         return 0
 
-    return _run_async(go())
+    return _on_ledger(config, go)
 
 
 def cmd_replay(args, config) -> int:
     """Exit 0 when every replay makes the recorded decisions, 1 when one diverges, 2 when one cannot run."""
-    _require(config, "pg_dsn")
     if (args.execution_id is None) == (args.sample is None):
         sys.exit("ordo: replay needs an EXECUTION_ID or --sample N --workflow W")
     if args.sample is not None and not args.workflow:
@@ -253,91 +237,71 @@ def cmd_replay(args, config) -> int:
         sys.exit("ordo: replay takes --definition FILE or --version N, not both")
     definition = _read_definition(args.definition) if args.definition else args.version
 
-    async def go():
-        import asyncpg
-
+    async def go(conn):
         from .replay import render, render_summary, replay, replay_sample
 
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            if args.execution_id is not None:
-                result = await replay(conn, args.execution_id, definition)
-                print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json
-                      else render(result))
-                return {"identical": 0, "diverged": 1}.get(result.outcome, 2)
-            summary = await replay_sample(conn, args.tenant, args.workflow, args.sample, definition)
-        finally:
-            await conn.close()
+        if args.execution_id is not None:
+            result = await replay(conn, args.execution_id, definition)
+            print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json
+                  else render(result))
+            return {"identical": 0, "diverged": 1}.get(result.outcome, 2)
+        summary = await replay_sample(conn, args.tenant, args.workflow, args.sample, definition)
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json else render_summary(summary))
         return 2 if summary["errors"] else 1 if summary["diverged"] else 0
 
-    return _run_async(go())
+    return _on_ledger(config, go)
 
 
 def cmd_dlq(args, config) -> int:
-    _require(config, "pg_dsn")
 
-    async def go():
-        import asyncpg
-
+    async def go(conn):
         from .dlq import list_letters, retry_letters, show_letter
 
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            if args.action == "list":
-                for line in await list_letters(conn, reason=args.reason, tenant=args.tenant, limit=args.limit):
-                    print(line)
-                return 0
-            if args.action == "show":
-                if not args.id:
-                    sys.exit("ordo: dlq show needs an ID")
-                text = await show_letter(conn, int(args.id), tenant=args.tenant)
-                if text is None:
-                    print(f"ordo: no dead letter {args.id}", file=sys.stderr)
-                    return 1
-                print(text)
-                return 0
-            _require(config, "nats_url")
-            if not args.id and not args.all:
-                sys.exit("ordo: dlq retry needs an ID or --all")
-            import nats
-
-            nc = await nats.connect(config.nats_url)
-            try:
-                retried = await retry_letters(
-                    conn, nc.jetstream(), Topology(config), letter_id=int(args.id) if args.id else None,
-                    reason=args.reason, action=args.only_action, tenant=args.tenant,
-                )
-            finally:
-                await nc.close()
-            for line in retried:
+        if args.action == "list":
+            for line in await list_letters(conn, reason=args.reason, tenant=args.tenant, limit=args.limit):
                 print(line)
-            print(f"{len(retried)} dead letter(s) retried")
             return 0
-        finally:
-            await conn.close()
+        if args.action == "show":
+            if not args.id:
+                sys.exit("ordo: dlq show needs an ID")
+            text = await show_letter(conn, int(args.id), tenant=args.tenant)
+            if text is None:
+                print(f"ordo: no dead letter {args.id}", file=sys.stderr)
+                return 1
+            print(text)
+            return 0
+        _require(config, "nats_url")
+        if not args.id and not args.all:
+            sys.exit("ordo: dlq retry needs an ID or --all")
+        import nats
 
-    return _run_async(go())
+        nc = await nats.connect(config.nats_url)
+        try:
+            retried = await retry_letters(
+                conn, nc.jetstream(), Topology(config), letter_id=int(args.id) if args.id else None,
+                reason=args.reason, action=args.only_action, tenant=args.tenant,
+            )
+        finally:
+            await nc.close()
+        for line in retried:
+            print(line)
+        print(f"{len(retried)} dead letter(s) retried")
+        return 0
+
+    return _on_ledger(config, go)
 
 
 def cmd_check(args, config) -> int:
-    _require(config, "pg_dsn")
 
-    async def go():
-        import asyncpg
-
+    async def go(conn):
         from ledger.check import check, report
 
-        conn = await asyncpg.connect(config.pg_dsn)
-        try:
-            result = await check(conn, overdue_after_s=args.overdue_after)
-        finally:
-            await conn.close()
+        result = await check(conn, overdue_after_s=args.overdue_after)
         print("ledger invariants")
         print(report(result))
         return 1 if any(result.values()) else 0
 
-    return _run_async(go())
+    return _on_ledger(config, go)
 
 
 def cmd_dev(args, config) -> int:

@@ -37,7 +37,8 @@ class BadMessage(ValueError):
         self.message = message
 
 
-def _load(body: bytes, max_bytes: int) -> dict:
+def load_versioned(body: bytes, max_bytes: int, *, major: int = SUPPORTED_MAJOR, contract: str = "contract") -> dict:
+    """A JSON object within the size limit whose `v` has the given major (every contract's first check)."""
     if len(body) > max_bytes:
         raise BadMessage("oversized", f"body is {len(body)} bytes, the limit is {max_bytes}")
     try:
@@ -50,11 +51,15 @@ def _load(body: bytes, max_bytes: int) -> dict:
         raise BadMessage("malformed_json", f"body is not valid JSON ({exc})") from None
     if type(doc) is not dict:
         raise BadMessage("not_an_object", f"body is a JSON {type(doc).__name__}, an object is required")
-    _check_version(doc)
+    _check_version(doc, major, contract)
     return doc
 
 
-def _check_version(doc: dict) -> None:
+def _load(body: bytes, max_bytes: int) -> dict:
+    return load_versioned(body, max_bytes)
+
+
+def _check_version(doc: dict, supported: int, contract: str) -> None:
     if "v" not in doc:
         raise BadMessage("missing_field", "field 'v' (contract version) is missing")
     v = doc["v"]
@@ -64,10 +69,10 @@ def _check_version(doc: dict) -> None:
         major = int(v.split(".", 1)[0])
     else:
         raise BadMessage("wrong_type", f"field 'v' must be an integer or 'major.minor' string, got {v!r}")
-    if major != SUPPORTED_MAJOR:
+    if major != supported:
         raise BadMessage(
             "unsupported_version",
-            f"contract version {v!r} is not supported (this engine speaks major {SUPPORTED_MAJOR})",
+            f"{contract} version {v!r} is not supported (this engine speaks major {supported})",
         )
 
 

@@ -12,6 +12,7 @@ import secrets
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hotpath
 import nats as nats_py
 import pytest
 import uvloop
@@ -118,3 +119,19 @@ async def nats(nats_server_url):
     nc = await nats_py.connect(nats_server_url)
     yield nc
     await nc.close()
+
+
+# -- both hot-path implementations -------------------------------------------------
+@pytest.fixture(scope="module", params=hotpath.implementations(), ids=["compiled", "pure"])
+def impl(request):
+    """The compiled and the pure twin in turn, for one test body (uvloop's and aiohttp's way).
+
+    The compiled one fails, not skips, when the extensions were expected but not
+    built; HOTPATH_NO_EXTENSIONS=1 skips it on purpose.
+    """
+    name, namespace = request.param
+    if namespace is None:
+        if hotpath.NO_EXTENSIONS:
+            pytest.skip(hotpath.COMPILED_UNAVAILABLE)
+        pytest.fail(f"{name}: {hotpath.COMPILED_UNAVAILABLE}")
+    return namespace

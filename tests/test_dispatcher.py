@@ -11,14 +11,6 @@ import hotpath
 from hotpath.definition import DefinitionError
 
 
-@pytest.fixture(scope="module", params=hotpath.implementations(), ids=["compiled", "pure"])
-def impl(request):
-    name, namespace = request.param
-    if namespace is None:
-        if hotpath.NO_EXTENSIONS:
-            pytest.skip(hotpath.COMPILED_UNAVAILABLE)
-        pytest.fail(f"{name}: {hotpath.COMPILED_UNAVAILABLE}")
-    return namespace
 
 
 def workflow(*steps, trigger=None, max_steps=None, **extra) -> dict:

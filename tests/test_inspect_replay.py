@@ -8,7 +8,6 @@ import copy
 import orjson
 import pytest
 
-import hotpath
 from bench.generator import trigger_event
 from daemon import inspect as inspection
 from daemon import replay as replaying
@@ -197,14 +196,6 @@ async def test_replay_sample_summarises_the_divergence(nats_server_url, pg_dsn, 
 
 # -- the machinery without servers, over both dispatcher implementations ---------------------------
 
-@pytest.fixture(scope="module", params=hotpath.implementations(), ids=["compiled", "pure"])
-def impl(request):
-    name, namespace = request.param
-    if namespace is None:
-        if hotpath.NO_EXTENSIONS:
-            pytest.skip(hotpath.COMPILED_UNAVAILABLE)
-        pytest.fail(f"{name}: {hotpath.COMPILED_UNAVAILABLE}")
-    return namespace
 
 
 def _record(impl, definition, feed):

@@ -15,17 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-import hotpath
 
 
-@pytest.fixture(scope="module", params=hotpath.implementations(), ids=["compiled", "pure"])
-def impl(request):
-    name, namespace = request.param
-    if namespace is None:
-        if hotpath.NO_EXTENSIONS:
-            pytest.skip(hotpath.COMPILED_UNAVAILABLE)
-        pytest.fail(f"{name}: {hotpath.COMPILED_UNAVAILABLE}")
-    return namespace
 
 
 def assert_drained(ring) -> None:
