@@ -31,6 +31,12 @@ events_routed = Counter("ordo_events_routed_total", "Trigger events handed to ex
 timers_pending = Gauge("ordo_timers_pending", "Timers due within the horizon, held in memory.")
 timer_lateness = Histogram("ordo_timer_lateness_seconds", "How late a timer fired.", buckets=COMMIT_BUCKETS)
 
+end_to_end_seconds = Histogram(
+    "ordo_end_to_end_seconds", "Trigger event ts to the commit that ended its execution.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
+)
+consumer_lag = Gauge("ordo_consumer_lag", "Messages waiting in JetStream for this worker's consumers.", ["stream"])
+
 # Children bound once: `.labels()` on every message showed up in profiles.
 enrolled = enrolments.labels("enrolled")
 deduplicated = enrolments.labels("deduplicated")

@@ -193,11 +193,26 @@ class Worker:
                     self._releasing.add(p)
                     asyncio.get_running_loop().create_task(self._release_partition(p))
             metrics.owned_partitions.set(len(self.ownership.owned))
+            await self._measure_lag()
             self.ready.set()
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _measure_lag(self) -> None:
+        """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered."""
+        t = self.topology
+        try:
+            triggers = await self._js.consumer_info(t.triggers_stream, t.triggers_consumer)
+            exec_lag = 0
+            for p in list(self.ownership.owned):
+                exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p))).num_pending
+        except Exception as exc:  # a metric is not worth a crash
+            log.debug("consumer lag not measured: %s", exc)
+            return
+        metrics.consumer_lag.labels(t.triggers_stream).set(triggers.num_pending)
+        metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)
 
     async def _start_partition(self, p: int, epoch: int, watermark: int) -> None:
         """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
@@ -405,6 +420,7 @@ class Worker:
         enrolled = deduplicated = applied = transitions = 0
         finished: dict = {}
         publish = self._nc.publish
+        now_ms = time.time() * 1000.0
         for unit in result.units:
             source = unit.token
             stale = False
@@ -424,6 +440,8 @@ class Worker:
                 transitions += len(change.transitions)
                 if change.finished:
                     finished[change.status] = finished.get(change.status, 0) + 1
+                    if change.trigger_ts_ms is not None:
+                        metrics.end_to_end_seconds.observe(max(0.0, now_ms - change.trigger_ts_ms) / 1000.0)
                 if change.timer is not None:
                     self.timers.add(change.execution_id, change.timer[0], int(change.timer[1].timestamp() * 1000),
                                     change.partition)

@@ -164,6 +164,8 @@ class ExecutionChange:
     letters: list = field(default_factory=list)
     #: Effects on the world (action requests, emitted events), for after the commit.
     after_commit: list = field(default_factory=list)
+    #: The trigger's `ts` (epoch ms) when this change ends the execution: end-to-end latency.
+    trigger_ts_ms: float | None = None
     #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
     duplicate: bool = False
 

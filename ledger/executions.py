@@ -69,6 +69,9 @@ class ExecutionRecord:
             for seq, step_id, kind, detail in transitions
         ]
         change = ExecutionChange(eid, self.partition, row, rows, self.loaded_seq, state.status in CLOSED)
+        if change.finished:
+            ts = state.event.get("ts") if isinstance(state.event, dict) else None
+            change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
         for kind, data in effects:
             if kind == "set_timer":
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=timezone.utc)

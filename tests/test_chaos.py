@@ -96,6 +96,18 @@ async def _count(h: Harness, sql: str, *args) -> int:
     raise AssertionError("cannot read the ledger")
 
 
+async def _retrying(publish, *args, **kwargs):
+    """Publish as a Triggers service does while nats-server restarts: retry until
+    JetStream acks (each message has a fixed Nats-Msg-Id, so a retry that was in
+    fact stored the first time is dropped by the duplicate window)."""
+    for attempt in range(200):
+        try:
+            return await publish(*args, **kwargs)
+        except Exception:  # timeouts, no responders, connection reconnecting
+            await asyncio.sleep(0.1)
+    raise AssertionError("could not publish for 20 s")
+
+
 class Load:
     """WAITER executions with TICKS ordered signals each, plus WELCOME enrolments."""
 
@@ -122,12 +134,12 @@ class Load:
         rounds = TICKS + 1
         chunk = -(-len(self.events) // rounds)
         for i in range(rounds):
-            await self.h.publish_triggers(self.events[i * chunk:(i + 1) * chunk])
+            await _retrying(self.h.publish_triggers, self.events[i * chunk:(i + 1) * chunk])
             for execution_id in self.waiter_ids:
                 if i < TICKS:
-                    await self.h.signal(execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
+                    await _retrying(self.h.signal, execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
                 else:
-                    await self.h.signal(execution_id, "done", None, signal_id="done")
+                    await _retrying(self.h.signal, execution_id, "done", None, signal_id="done")
             if over_s:
                 await asyncio.sleep(over_s / rounds)
 
