@@ -134,7 +134,7 @@ class Load:
         rounds = TICKS + 1
         chunk = -(-len(self.events) // rounds)
         for i in range(rounds):
-            await _retrying(self.h.publish_triggers, self.events[i * chunk:(i + 1) * chunk])
+            await self._publish_triggers(self.events[i * chunk:(i + 1) * chunk])
             for execution_id in self.waiter_ids:
                 if i < TICKS:
                     await _retrying(self.h.signal, execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
@@ -142,6 +142,22 @@ class Load:
                     await _retrying(self.h.signal, execution_id, "done", None, signal_id="done")
             if over_s:
                 await asyncio.sleep(over_s / rounds)
+
+    async def _publish_triggers(self, events: list[dict]) -> None:
+        """Like the generator (Nats-Msg-Id = event id, a window of PubAcks), retrying what failed."""
+        topology = self.h.topology
+        while events:
+            failed = []
+            for start in range(0, len(events), 256):
+                window = events[start:start + 256]
+                results = await asyncio.gather(*(
+                    self.h.js.publish(topology.trigger_subject(e["tenant"], e["type"]), orjson.dumps(e),
+                                      headers={"Nats-Msg-Id": e["event_id"]}) for e in window),
+                    return_exceptions=True)
+                failed += [e for e, r in zip(window, results) if isinstance(r, BaseException)]
+            events = failed
+            if failed:
+                await asyncio.sleep(0.1)
 
     async def completed(self) -> int:
         return await _count(self.h, "SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
@@ -308,10 +324,10 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
             while time.monotonic() - started < seconds:
                 rounds += 1
                 copies += await _terminate(killer, database, keep, copy_only=True)
-                if rounds % 5 == 0:  # every ~1 s: every backend of the workers (pools, listeners too)
+                if rounds % 20 == 0:  # every ~1 s: every backend of the workers (pools, listeners too)
                     everything += await _terminate(killer, database, keep, copy_only=False)
                 fleet.respawn_exited()
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.05)  # COPYs of small batches are short: look often
             await publisher
             finished = await load.wait_completed(fleet)
         finally:
