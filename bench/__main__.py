@@ -268,12 +268,9 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     outcome: dict = {}
     await scenario.start()
     try:
-        # The run's streams are new, so the partitions' watermarks in a shared ledger
-        # (the stream sequences a previous run's workers committed up to) do not
-        # apply to them: a worker would resume its partitions after them and skip
-        # this run's first messages. Runs on one ledger are one at a time.
-        async with pool.acquire() as conn:
-            await conn.execute("UPDATE ordo.partitions SET watermark = 0 WHERE watermark <> 0")
+        # The run's streams are new: the workers see that the partitions' watermarks
+        # belong to another stream and start over (ordo.partitions.stream_created).
+        # Partition leases are per ledger, so runs on one ledger are one at a time.
         # The run's own workflow(s): deployed before the workers start, so they load them.
         definitions = scenario.definitions(run_id)
         if definitions:

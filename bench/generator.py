@@ -33,6 +33,12 @@ def trigger_event(run_id: str, i: int, *, tenant: str = "demo", event_type: str 
     }
 
 
+def trigger_msg_id(event: dict) -> str:
+    """JetStream's duplicate window is per stream, not per tenant: qualify the event id by its
+    tenant, or one tenant's event would silently suppress another's with the same id."""
+    return f"{event['tenant']}:{event['event_id']}"
+
+
 async def publish(js, subject: str, body: bytes, msg_id: str) -> None:
     await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
 
@@ -64,7 +70,7 @@ async def publish_atomic_batches(js, topology, events, *, batch: int, in_flight:
         last = len(chunk)
         for n, event in enumerate(chunk, 1):
             subject = topology.trigger_subject(event["tenant"], event["type"])
-            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": event["event_id"]}
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": trigger_msg_id(event)}
             if n < last:
                 await nc.publish(subject, orjson.dumps(event), headers=headers)
             else:
@@ -82,7 +88,7 @@ async def publish_atomic_batches(js, topology, events, *, batch: int, in_flight:
             # drops only the duplicates.
             for event in chunk:
                 await publish(js, topology.trigger_subject(event["tenant"], event["type"]),
-                              orjson.dumps(event), event["event_id"])
+                              orjson.dumps(event), trigger_msg_id(event))
         elif error:
             raise RuntimeError(f"atomic batch publish refused: {error}")
 
@@ -129,7 +135,7 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
                 await asyncio.sleep(delay)
             event["ts"] = wall_start + (sent / rate) * 1000.0
         subject = topology.trigger_subject(event["tenant"], event["type"])
-        pending.add(asyncio.ensure_future(publish(js, subject, orjson.dumps(event), event["event_id"])))
+        pending.add(asyncio.ensure_future(publish(js, subject, orjson.dumps(event), trigger_msg_id(event))))
         sent += 1
         if len(pending) >= window:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

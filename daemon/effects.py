@@ -18,6 +18,7 @@ import time
 import orjson
 
 from actions import contract
+from bench.generator import trigger_msg_id
 
 from .topology import Topology
 
@@ -39,7 +40,7 @@ class Effects:
             elif kind == "emit":
                 event = data["event"]
                 await self._js.publish(self._topology.trigger_subject(event["tenant"], event["type"]),
-                                       orjson.dumps(event), headers={"Nats-Msg-Id": event["event_id"]})
+                                       orjson.dumps(event), headers={"Nats-Msg-Id": trigger_msg_id(event)})
 
     async def _action(self, tenant: str, execution_id: str, data: dict) -> None:
         request = contract.request(

@@ -36,7 +36,10 @@ RETURNING p.partition
 
 _CLAIM = """
 UPDATE ordo.partitions p
-SET epoch = p.epoch + 1, owner = $1, claimed_at = now(), lease_until = now() + make_interval(secs => $2)
+SET epoch = p.epoch + 1, owner = $1, claimed_at = now(), lease_until = now() + make_interval(secs => $2),
+    -- A watermark of another incarnation of the stream means nothing here: start over.
+    watermark = CASE WHEN p.stream_created IS DISTINCT FROM $5 THEN 0 ELSE p.watermark END,
+    stream_created = $5
 FROM (SELECT partition FROM ordo.partitions
       WHERE partition < $4 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now())
       ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED) free
@@ -81,12 +84,15 @@ class Ownership:
             del self.owned[p]
         return lost
 
-    async def claim(self, conn, share: int) -> dict[int, tuple[int, int]]:
-        """Claim up to `share` - owned free or expired partitions: partition -> (epoch, watermark)."""
+    async def claim(self, conn, share: int, stream_created: str) -> dict[int, tuple[int, int]]:
+        """Claim up to `share` - owned free or expired partitions: partition -> (epoch, watermark).
+
+        `stream_created` identifies the execution stream the watermarks count in.
+        """
         wanted = share - len(self.owned)
         if wanted <= 0:
             return {}
-        rows = await conn.fetch(_CLAIM, self.name, self.ttl, wanted, self.partitions)
+        rows = await conn.fetch(_CLAIM, self.name, self.ttl, wanted, self.partitions, stream_created)
         gained = {r["partition"]: (r["epoch"], r["watermark"]) for r in rows}
         for p, (epoch, _) in gained.items():
             self.owned[p] = epoch

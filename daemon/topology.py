@@ -108,7 +108,8 @@ class Topology:
                 max_age=max_age,
                 duplicate_window=120,
                 max_msg_size=self._config.max_message_bytes * 4,
-                allow_atomic=True if atomic and name == self.triggers_stream else None,
+                # Publishers of triggers, signals and results may batch (one fsync per batch).
+                allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
             )
             try:
                 info = await js.stream_info(name)

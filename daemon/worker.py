@@ -31,7 +31,7 @@ import nats.errors
 from hotpath import OrderingRing
 from hotpath.envelope import BadMessage, decode_exec
 from ledger import executions, workflows
-from ledger.batcher import Fenced, LedgerBatcher, Unit
+from ledger.batcher import CONNECTION_ERRORS, Fenced, LedgerBatcher, Unit
 from ledger.schema import require_current
 
 from . import advance, enrolment, metrics
@@ -106,6 +106,7 @@ class Worker:
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)
         await self.topology.ensure(self._js)
+        self._stream_created = str((await self._js.stream_info(self.topology.exec_stream)).created)
         if self._actions is None:
             self._actions = _in_process_actions(self.config)
         self.effects = Effects(self._js, self.topology, self._actions)
@@ -118,9 +119,10 @@ class Worker:
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
 
     async def reload_definitions(self) -> None:
-        async with self._pool.acquire() as conn:
-            definitions = await workflows.load_all(conn)
-            tenants = await workflows.tenants(conn)
+        async def read(conn):
+            return await workflows.load_all(conn), await workflows.tenants(conn)
+
+        definitions, tenants = await self._on_pool(read, "definitions")
         self.registry.load(definitions, tenants)
 
     def _on_deploy(self, *_):
@@ -171,15 +173,39 @@ class Worker:
         if self.fatal is not None:
             raise self.fatal
 
+    async def _on_pool(self, work, what: str):
+        """Run `await work(conn)` on a pooled connection, retrying lost connections with back-off.
+
+        Postgres restarting or a backend being terminated must slow the worker,
+        not end it: only the batcher's commits decide anything, and they are
+        idempotent; these reads and lease renewals can simply be tried again.
+        """
+        delay = 0.05
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    return await work(conn)
+            except CONNECTION_ERRORS as exc:
+                if self.stopping.is_set() and what != "load":
+                    raise
+                log.warning("%s: lost the ledger connection (%s); retrying in %.2fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     # -- ownership ------------------------------------------------------------
 
     async def _ownership_loop(self) -> None:
         """Keep leases, take a fair share, give back the surplus (see daemon/ownership.py)."""
+        async def round_(conn):
+            share = await self.ownership.fair_share(conn)
+            lost = await self.ownership.renew_leases(conn)
+            return share, lost, await self.ownership.claim(conn, share, self._stream_created)
+
         while not self.stopping.is_set():
-            async with self._pool.acquire() as conn:
-                share = await self.ownership.fair_share(conn)
-                lost = await self.ownership.renew_leases(conn)
-                gained = await self.ownership.claim(conn, share)
+            try:
+                share, lost, gained = await self._on_pool(round_, "ownership")
+            except CONNECTION_ERRORS:
+                return
             if lost:
                 # Another worker holds them under a newer epoch: whatever of
                 # theirs is still in flight here will be fenced at commit.
@@ -222,9 +248,17 @@ class Worker:
         consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p))
         await consumer.subscribe()
         self.timers.own(p)
-        self._fetchers[p] = asyncio.create_task(
+        self._fetchers[p] = task = asyncio.create_task(
             self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p))
+        task.add_done_callback(self._fetcher_ended)
         log.info("worker %s owns partition %d (epoch %d, resuming after %d)", self.name, p, epoch, watermark)
+
+    def _fetcher_ended(self, task: asyncio.Task) -> None:
+        """A partition's fetch loop must not die quietly while the worker keeps its lease."""
+        if not task.cancelled() and task.exception() is not None and self.fatal is None:
+            log.error("a partition fetch loop failed: %r; stopping the worker", task.exception())
+            self.fatal = task.exception()
+            self.stopping.set()
 
     def _stop_partition(self, p: int) -> None:
         self._closing.add(p)
@@ -315,8 +349,8 @@ class Worker:
                 decoded.append((delivery, event))
         # Executions waiting for these events get them on their own subjects
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
-        async with self._pool.acquire() as conn:
-            routes = await enrolment.waiting_for(conn, [event for _, event in decoded])
+        events = [event for _, event in decoded]
+        routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing")
         if routes:
             await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
         for delivery, event in decoded:
@@ -353,8 +387,7 @@ class Worker:
         while not self.stopping.is_set():
             now_ms = self.clock_ms()
             if now_ms >= next_load:
-                async with self._pool.acquire() as conn:
-                    await self.timers.load(conn, now_ms)
+                await self._on_pool(lambda conn: self.timers.load(conn, now_ms), "timers")
                 next_load = now_ms + self.config.timer_load_interval_ms
                 metrics.timers_pending.set(len(self.timers))
             room = self.ring.capacity - len(self.ring) - self.config.max_ack_pending - self.config.fetch_batch
@@ -376,8 +409,8 @@ class Worker:
                 items = self.ring.pop_many(1024)
                 if not items:
                     break
-                async with self._pool.acquire() as conn:
-                    records = await executions.load(conn, list({key for key, _ in items}))
+                keys = list({key for key, _ in items})
+                records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
                 now, now_ms = _now(), self.clock_ms()
                 for key, (source, doc) in items:
                     unit = advance.apply(self.registry, records.get(key), source, doc, now, now_ms)
@@ -443,8 +476,10 @@ class Worker:
                     if change.trigger_ts_ms is not None:
                         metrics.end_to_end_seconds.observe(max(0.0, now_ms - change.trigger_ts_ms) / 1000.0)
                 if change.timer is not None:
-                    self.timers.add(change.execution_id, change.timer[0], int(change.timer[1].timestamp() * 1000),
-                                    change.partition)
+                    fire_at_ms = int(change.timer[1].timestamp() * 1000)
+                    # Only the near term lives in memory; the timer loop loads the rest when it comes due.
+                    if fire_at_ms <= self.clock_ms() + self.timers.horizon_ms:
+                        self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
                 if change.after_commit:
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
             if source.reply is None:  # a timer fire: its row went with the commit

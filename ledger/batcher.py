@@ -123,7 +123,7 @@ async def _insert_letters(conn: asyncpg.Connection, letters: list) -> None:
         ],
     )
 
-_CONNECTION_ERRORS = (
+CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -327,7 +327,7 @@ class LedgerBatcher:
                 accepted = await self._commit_isolating_poison(units)
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("ledger commit failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
                 await self.close()
                 await asyncio.sleep(delay)
@@ -336,7 +336,7 @@ class LedgerBatcher:
     async def _commit_isolating_poison(self, units: list) -> set:
         try:
             return await self._commit_once(units)
-        except (Fenced, *_CONNECTION_ERRORS):
+        except (Fenced, *CONNECTION_ERRORS):
             raise
         except asyncpg.PostgresError as exc:
             if len(units) == 1:

@@ -212,3 +212,27 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
             "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'", execution_id)
         assert applied == 1
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_recreated_execution_stream_does_not_inherit_the_old_watermark(nats_server_url, pg_dsn, prefix):
+    """Sequences restart in a new stream; a watermark of the old one must not skip its first messages."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        starts = [trigger_event("recreate", i, tenant="acme", event_type="session.started") for i in range(6)]
+        ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in starts]
+        async with h.worker():
+            await h.publish_triggers(starts)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=6)
+            for execution_id in ids[:3]:
+                for i in range(5):
+                    await h.signal(execution_id, "tick", {"i": i}, signal_id=f"t{i}")
+                await h.signal(execution_id, "done", {}, signal_id="done")
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=3)
+        assert await h.db.fetchval("SELECT max(watermark) FROM ordo.partitions") > 0
+        await h.js.delete_stream(h.topology.exec_stream)
+        await h.topology.ensure(h.js)
+        for execution_id in ids[3:]:
+            await h.signal(execution_id, "done", {}, signal_id="done")
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=6)
+        assert await h.ledger_problems() == NO_PROBLEMS

@@ -6,7 +6,7 @@ import random
 import asyncpg
 import orjson
 
-from bench.generator import trigger_event
+from bench.generator import trigger_event, trigger_msg_id
 
 from daemon import metrics
 from harness import NO_PROBLEMS, Harness
@@ -82,7 +82,7 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         # window drops them); the other half slip past it with another
         # Nats-Msg-Id, so the ledger's unique key has to absorb them.
         for i, event in enumerate(duplicates):
-            msg_id = event["event_id"] if i % 2 else f"{event['event_id']}-again"
+            msg_id = trigger_msg_id(event) if i % 2 else f"{event['event_id']}-again"
             await h.publish_raw(h.topology.trigger_subject("acme", event["type"]), orjson.dumps(event), msg_id)
         expected = _expected(h, events)
         enrolling = {event_id for _, event_id in expected}
