@@ -45,6 +45,8 @@ async def publish(js, subject: str, body: bytes, msg_id: str) -> None:
 
 #: JetStream's answer to an atomic batch holding a message id it has seen.
 _DUPLICATE_IN_BATCH = 10201
+#: Below the server's limit of 1,000 messages per atomic batch.
+_MAX_ATOMIC_BATCH = 500
 
 
 async def supports_atomic_batches(js, topology) -> bool:
@@ -52,90 +54,12 @@ async def supports_atomic_batches(js, topology) -> bool:
     return bool(info.config.allow_atomic)
 
 
-async def publish_atomic_batches(js, topology, events, *, batch: int, in_flight: int = 4,
-                                 on_progress=None) -> int:
-    """Publish events in JetStream atomic batches (nats-server 2.12+, `allow_atomic`).
-
-    Every event stays its own message with its own Nats-Msg-Id; the server
-    stores a batch at once and, under `sync_interval: always`, fsyncs once
-    per batch instead of once per message. Only the commit gets a PubAck.
-    """
-    nc = js._nc
-    sent = 0
-    pending: list = []  # (commit reply future, the batch's events)
-    chunk: list = []
-
-    async def flush(chunk):
-        batch_id = uuid.uuid4().hex
-        last = len(chunk)
-        for n, event in enumerate(chunk, 1):
-            subject = topology.trigger_subject(event["tenant"], event["type"])
-            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": trigger_msg_id(event)}
-            if n < last:
-                await nc.publish(subject, orjson.dumps(event), headers=headers)
-            else:
-                headers["Nats-Batch-Commit"] = "1"
-                future = asyncio.ensure_future(nc.request(subject, orjson.dumps(event), timeout=30, headers=headers))
-                pending.append((future, chunk))
-
-    async def settle(future, chunk):
-        reply = await future
-        body = orjson.loads(reply.data) if reply.data else {}
-        error = body.get("error")
-        if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
-            # A batch is all or nothing: one event already published refuses
-            # it whole. Publish its events one by one; the duplicate window
-            # drops only the duplicates.
-            for event in chunk:
-                await publish(js, topology.trigger_subject(event["tenant"], event["type"]),
-                              orjson.dumps(event), trigger_msg_id(event))
-        elif error:
-            raise RuntimeError(f"atomic batch publish refused: {error}")
-
-    for event in events:
-        chunk.append(event)
-        if len(chunk) == batch:
-            await flush(chunk)
-            sent += len(chunk)
-            chunk = []
-            while len(pending) >= in_flight:
-                await settle(*pending.pop(0))
-            if on_progress:
-                on_progress(sent)
-    if chunk:
-        await flush(chunk)
-        sent += len(chunk)
-    for future, chunk in pending:
-        await settle(future, chunk)
-    if on_progress:
-        on_progress(sent)
-    return sent
-
-
-async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
-                         on_progress=None, atomic_batch: int = 0) -> int:
-    """Publish events (dicts) with at most `window` publishes awaiting their PubAck.
-
-    With `rate` (events/s) the events are sent on a fixed schedule and each
-    event's `ts` is its scheduled time (no coordinated omission). Without a
-    rate and with `atomic_batch` > 1, events go out in atomic batches of that
-    size when the stream allows it (see publish_atomic_batches).
-    """
-    if atomic_batch > 1 and not rate and await supports_atomic_batches(js, topology):
-        return await publish_atomic_batches(js, topology, events, batch=atomic_batch, on_progress=on_progress)
-    sent = 0
+async def publish_messages(js, messages, *, window: int = 256, on_progress=None) -> int:
+    """(subject, body, msg id) one publish each, at most `window` awaiting their PubAck."""
     pending: set = set()
-    started = time.monotonic()
-    wall_start = time.time() * 1000.0
-    for event in events:
-        if rate:
-            due = started + sent / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            event["ts"] = wall_start + (sent / rate) * 1000.0
-        subject = topology.trigger_subject(event["tenant"], event["type"])
-        pending.add(asyncio.ensure_future(publish(js, subject, orjson.dumps(event), trigger_msg_id(event))))
+    sent = 0
+    for subject, body, msg_id in messages:
+        pending.add(asyncio.ensure_future(publish(js, subject, body, msg_id)))
         sent += 1
         if len(pending) >= window:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -143,9 +67,152 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
                 task.result()
             if on_progress:
                 on_progress(sent)
-    if pending:
-        for task in asyncio.as_completed(pending):
-            await task
+    for task in asyncio.as_completed(pending):
+        await task
     if on_progress:
         on_progress(sent)
+    return sent
+
+
+class AtomicBatches:
+    """JetStream atomic batch publishes (nats-server 2.12+, `allow_atomic` streams).
+
+    Every message stays its own message with its own Nats-Msg-Id; the server
+    stores a batch at once and, under `sync_interval: always`, fsyncs once per
+    batch instead of once per message. Only the commit gets a PubAck; at most
+    `in_flight` batches await theirs.
+    """
+
+    def __init__(self, js, *, in_flight: int = 4):
+        self._js = js
+        self._in_flight = in_flight
+        self._pending: list = []  # (commit reply future, the batch's messages)
+
+    async def send(self, batch: list) -> None:
+        nc = self._js._nc
+        batch_id = uuid.uuid4().hex
+        last = len(batch)
+        for n, (subject, body, msg_id) in enumerate(batch, 1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": msg_id}
+            if n < last:
+                await nc.publish(subject, body, headers=headers)
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                self._pending.append((asyncio.ensure_future(nc.request(subject, body, timeout=30, headers=headers)),
+                                      batch))
+        while len(self._pending) >= self._in_flight:
+            await self._settle(*self._pending.pop(0))
+
+    async def _settle(self, future, batch) -> None:
+        reply = await future
+        error = (orjson.loads(reply.data) if reply.data else {}).get("error")
+        if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
+            # A batch is all or nothing: one message already published refuses
+            # it whole. Publish them one by one; the duplicate window drops
+            # only the duplicates.
+            await publish_messages(self._js, iter(batch), window=64)
+        elif error:
+            raise RuntimeError(f"atomic batch publish refused: {error}")
+
+    async def close(self) -> None:
+        while self._pending:
+            await self._settle(*self._pending.pop(0))
+
+
+async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_progress=None) -> int:
+    """(subject, body, msg id) in atomic batches of `batch`."""
+    batches = AtomicBatches(js, in_flight=in_flight)
+    sent = 0
+    chunk: list = []
+    for message in messages:
+        chunk.append(message)
+        if len(chunk) == batch:
+            await batches.send(chunk)
+            sent += len(chunk)
+            chunk = []
+            if on_progress:
+                on_progress(sent)
+    if chunk:
+        await batches.send(chunk)
+        sent += len(chunk)
+    await batches.close()
+    if on_progress:
+        on_progress(sent)
+    return sent
+
+
+def _as_message(topology, event: dict) -> tuple:
+    return topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event), trigger_msg_id(event)
+
+
+async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) -> int:
+    """Hand `send` the events due by each tick of a fixed schedule, each stamped with its own
+    intended send time as `ts` (latency is measured from it: no coordinated omission)."""
+    sent = 0
+    started = time.monotonic()
+    wall_start = time.time() * 1000.0
+    events = iter(events)
+    exhausted = False
+    while not exhausted:
+        due = int((time.monotonic() - started) * rate) + 1
+        chunk = []
+        while sent + len(chunk) < due:
+            event = next(events, None)
+            if event is None:
+                exhausted = True
+                break
+            event["ts"] = wall_start + ((sent + len(chunk)) / rate) * 1000.0
+            chunk.append(event)
+        if chunk:
+            await send(chunk)
+            sent += len(chunk)
+            if on_progress:
+                on_progress(sent)
+        if not exhausted:
+            await asyncio.sleep(max(0.0, min(tick_s, started + (sent + 1) / rate - time.monotonic())))
+    return sent
+
+
+async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
+                         on_progress=None, atomic_batch: int = 0) -> int:
+    """Publish trigger events (dicts).
+
+    Closed (no `rate`): as fast as possible, in atomic batches of
+    `atomic_batch` when the stream allows them, else one publish each with at
+    most `window` awaiting their PubAck. Open (`rate` events/s): on a fixed
+    schedule; with `atomic_batch` > 1 the events due in each 5 ms tick go out
+    as one atomic batch (what a Triggers service would do at this rate under
+    `sync_interval: always`), else one publish each.
+    """
+    atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
+    if not rate:
+        messages = (_as_message(topology, e) for e in events)
+        if atomic:
+            return await publish_atomic(js, messages, batch=atomic_batch, on_progress=on_progress)
+        return await publish_messages(js, messages, window=window, on_progress=on_progress)
+    if atomic:
+        batches = AtomicBatches(js, in_flight=16)
+
+        async def send(chunk):
+            # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
+            for i in range(0, len(chunk), _MAX_ATOMIC_BATCH):
+                await batches.send([_as_message(topology, e) for e in chunk[i:i + _MAX_ATOMIC_BATCH]])
+
+        sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
+        await batches.close()
+        return sent
+    pending: set = set()
+
+    async def send_each(chunk):
+        nonlocal pending
+        for event in chunk:
+            pending.add(asyncio.ensure_future(publish(js, *_as_message(topology, event))))
+        if len(pending) >= window:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+
+    sent = await _paced(events, rate, send_each, tick_s=0.001, on_progress=on_progress)
+    for task in asyncio.as_completed(pending):
+        await task
     return sent

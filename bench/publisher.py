@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=256, help="publishes awaiting their PubAck at most")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up publishing after this long (s)")
     parser.add_argument("--atomic-batch", type=int, default=0,
-                        help="closed mode: publish in JetStream atomic batches of this size (0: one by one)")
+                        help="publish in JetStream atomic batches: of this size (closed), per 5 ms tick (open); 0: one by one")
     parser.add_argument("--options", default="{}", help="the scenario's options, a JSON object")
     args = parser.parse_args(argv)
     import uvloop

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from .generator import publish_events, trigger_event
+from .generator import publish_atomic, publish_events, publish_messages, trigger_event
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
@@ -282,75 +282,6 @@ async def _allow_atomic(js, stream: str) -> bool:
     return True
 
 
-async def _publish_acked(js, messages, *, window: int, on_progress=None) -> int:
-    """(subject, body, msg id) one publish each, at most `window` awaiting their PubAck."""
-    pending: set = set()
-    sent = 0
-    for subject, body, msg_id in messages:
-        pending.add(asyncio.ensure_future(js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})))
-        sent += 1
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            if on_progress:
-                on_progress(sent)
-    for task in asyncio.as_completed(pending):
-        await task
-    if on_progress:
-        on_progress(sent)
-    return sent
-
-
-async def _publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_progress=None) -> int:
-    """(subject, body, msg id) in JetStream atomic batches: each still its own message and msg id."""
-    import uuid
-
-    from .generator import _DUPLICATE_IN_BATCH
-
-    nc = js._nc
-    pending: list = []
-    sent = 0
-
-    async def flush(chunk):
-        batch_id = uuid.uuid4().hex
-        for n, (subject, body, msg_id) in enumerate(chunk, 1):
-            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Msg-Id": msg_id}
-            if n < len(chunk):
-                await nc.publish(subject, body, headers=headers)
-            else:
-                headers["Nats-Batch-Commit"] = "1"
-                pending.append((asyncio.ensure_future(nc.request(subject, body, timeout=30, headers=headers)), chunk))
-
-    async def settle(future, chunk):
-        reply = await future
-        error = (orjson.loads(reply.data) if reply.data else {}).get("error")
-        if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
-            await _publish_acked(js, iter(chunk), window=64)  # the duplicate window drops the duplicates
-        elif error:
-            raise RuntimeError(f"atomic batch publish refused: {error}")
-
-    chunk: list = []
-    for message in messages:
-        chunk.append(message)
-        if len(chunk) == batch:
-            await flush(chunk)
-            sent += len(chunk)
-            chunk = []
-            while len(pending) >= in_flight:
-                await settle(*pending.pop(0))
-            if on_progress:
-                on_progress(sent)
-    if chunk:
-        await flush(chunk)
-        sent += len(chunk)
-    for future, chunk in pending:
-        await settle(future, chunk)
-    if on_progress:
-        on_progress(sent)
-    return sent
-
-
 # -- w2: signals ------------------------------------------------------------------------
 _W2_VERIFY = """
 WITH e AS (
@@ -452,9 +383,9 @@ class Signals(Scenario):
         atomic = atomic_batch > 1 and await _allow_atomic(js, topology.exec_stream)
         signals_first = time.time()
         if atomic:
-            sent = await _publish_atomic(js, messages(), batch=atomic_batch, on_progress=progress)
+            sent = await publish_atomic(js, messages(), batch=atomic_batch, on_progress=progress)
         else:
-            sent = await _publish_acked(js, messages(), window=window, on_progress=progress)
+            sent = await publish_messages(js, messages(), window=window, on_progress=progress)
         return {**enrolled, "published": count + sent, "signals_published": sent, "signals_atomic": atomic,
                 "signals_first_publish": signals_first, "signals_last_ack": time.time()}
 
