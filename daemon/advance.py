@@ -9,11 +9,14 @@ transitions and effects as one change for the batcher.
 """
 
 import logging
+import time
 from datetime import datetime
 
 from hotpath import advance
 from ledger.batcher import Unit
 from ledger.executions import CLOSED, ExecutionRecord, take_effects
+
+from . import metrics
 
 
 log = logging.getLogger("ordo.advance")
@@ -65,7 +68,9 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         unit.dead_letter("invalid_definition", error, tenant=record.tenant, workflow_id=record.workflow_id)
         return unit
     try:
+        started = time.perf_counter()
         transitions = advance(entry.program, state, kind, payload_of(doc), now_ms)
+        metrics.advance_seconds.observe(time.perf_counter() - started)
     except Exception as exc:
         log.exception("dispatch failed for execution %s", record.execution_id)
         unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,

@@ -13,6 +13,7 @@ the execution's other messages.
 """
 
 import logging
+import time
 from datetime import datetime
 
 import orjson
@@ -84,7 +85,9 @@ def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, no
                 event["event_id"], partition_of(execution_id, topology.partitions), now, 0, state,
                 event_json=delivery.data.decode(),
             )
+            started = time.perf_counter()
             transitions = advance(entry.program, state, "start", None, now_ms)
+            metrics.advance_seconds.observe(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
             log.exception("dispatch failed for %s/%s", tenant, entry.workflow_id)
             unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant,

@@ -90,6 +90,7 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         slipped_past_jetstream = sum(1 for e in other_msg_id if e["event_id"] in enrolling)
         deduplicated_before = metrics.deduplicated._value.get()
         ended_before = _observations(metrics.end_to_end_seconds)
+        advanced_before = _observations(metrics.advance_seconds)
 
         async with h.worker(0, 2), h.worker(1, 2):
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
@@ -101,6 +102,8 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         assert metrics.deduplicated._value.get() - deduplicated_before == slipped_past_jetstream
         # Every execution that ended counted once in the end-to-end latency.
         assert _observations(metrics.end_to_end_seconds) - ended_before == len(expected)
+        # Each enrolment ran the dispatcher once (duplicates run it too, then lose on the key).
+        assert _observations(metrics.advance_seconds) - advanced_before >= len(expected)
         rows = await h.db.fetch("SELECT workflow_id, event_id, status, seq FROM ordo.executions")
         assert {(r["workflow_id"], r["event_id"]) for r in rows} == expected
         assert len(rows) == len(expected), "an execution exists twice"
