@@ -76,6 +76,8 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,
                          workflow_id=record.workflow_id)
         return unit
+    if kind == "action_result":
+        _count_action_result(entry, doc, transitions)
     effects = take_effects(state)
     for effect_kind, data in effects:
         if effect_kind == "dead_letter" and entry.step_actions:
@@ -92,3 +94,18 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         record.last_stream_seq = source.stream_seq
         unit.changes.append(record.change(transitions, now, effects, source.stream_seq))
     return unit
+
+
+def _count_action_result(entry, doc: dict, transitions: list) -> None:
+    """ordo_actions_total{action, outcome}: ok, retryable (a retry follows), error (final), late."""
+    action = (entry.step_actions or {}).get(doc.get("step_id"), "unknown")
+    kinds = {t[2] for t in transitions}
+    if "late_result" in kinds:
+        outcome = "late"
+    elif doc.get("ok"):
+        outcome = "ok"
+    elif "step_failed" in kinds:
+        outcome = "error"
+    else:
+        outcome = "retryable"
+    metrics.actions.labels(action, outcome).inc()

@@ -35,6 +35,10 @@ end_to_end_seconds = Histogram(
     "ordo_end_to_end_seconds", "Trigger event ts to the commit that ended its execution.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
 )
+actions = Counter(
+    "ordo_actions_total", "Action results applied, by action and outcome (ok, retryable error, final error, late).",
+    ["action", "outcome"],
+)
 advance_seconds = Histogram(
     "ordo_advance_seconds", "Dispatcher time to advance one execution for one message or timer (all its steps).",
     buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1),

@@ -174,6 +174,10 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
     }
     target.script["charge"] = [503, 503, 200]
     clock = Clock()
+    from daemon import metrics
+
+    retried_before = metrics.actions.labels("webhook", "retryable")._value.get()
+    ok_before = metrics.actions.labels("webhook", "ok")._value.get()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(flaky)
         event = trigger_event("flaky", 1, tenant="acme", event_type="order.placed")
@@ -199,6 +203,8 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
         assert len({c["key"] for c in calls}) == 1 and calls[0]["key"].startswith(execution_id)
         kinds = [k for _, k in await _kinds(h, execution_id)]
         assert kinds.count("action_requested") == 3 and kinds.count("action_completed") == 1
+        assert metrics.actions.labels("webhook", "retryable")._value.get() - retried_before == 2
+        assert metrics.actions.labels("webhook", "ok")._value.get() - ok_before == 1
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
