@@ -77,9 +77,7 @@ def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, no
                 continue
             matched = True
             execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
-            state = ExecutionState(execution_id, contact=event["contact"], event=event)
-            if hasattr(state, "tenant"):
-                state.tenant = tenant
+            state = ExecutionState(execution_id, contact=event["contact"], event=event, tenant=tenant)
             record = ExecutionRecord(
                 execution_id, tenant, entry.workflow_id, entry.version, str(event["contact"]["id"]),
                 event["event_id"], partition_of(execution_id, topology.partitions), now, 0, state,

@@ -47,7 +47,7 @@ class ExecutionRecord:
         #: The seq as stored; an update commits only if the ledger still has it.
         self.loaded_seq = state.seq
         #: The timer as stored (to know when the ledger's row must go).
-        self.loaded_timer = getattr(state, "timer", None)
+        self.loaded_timer = state.timer
         self.state = state
         self.event_json = event_json
 
@@ -91,7 +91,7 @@ class ExecutionRecord:
                 change.after_commit.append((kind, data))
         # One timer per execution: drop the stored one when the state has none
         # left (cleared, or it fired); a set_timer replaces it in place.
-        if change.timer is None and self.loaded_timer is not None and getattr(state, "timer", None) is None:
+        if change.timer is None and self.loaded_timer is not None and state.timer is None:
             change.drop_timer = True
         return change
 
@@ -108,7 +108,7 @@ class ExecutionRecord:
 
 def take_effects(state) -> list:
     """The effects the dispatcher left on the state, removed from it."""
-    effects = getattr(state, "effects", None)
+    effects = state.effects
     if not effects:
         return ()
     taken = list(effects)
@@ -117,13 +117,13 @@ def take_effects(state) -> list:
 
 
 def runtime_of(state) -> dict:
-    return {name: getattr(state, name) for name in RUNTIME_FIELDS if hasattr(state, name)}
+    return {name: getattr(state, name) for name in RUNTIME_FIELDS}
 
 
 def restore_runtime(state, runtime: dict) -> None:
-    for name, value in runtime.items():
-        if hasattr(state, name):
-            setattr(state, name, value)
+    for name in RUNTIME_FIELDS:
+        if name in runtime:
+            setattr(state, name, runtime[name])
 
 
 _LOAD = """
@@ -149,8 +149,7 @@ async def load(conn: asyncpg.Connection, execution_ids: list[str]) -> dict:
             waiting=r["waiting"],
         )
         restore_runtime(state, orjson.loads(r["runtime"]))
-        if hasattr(state, "tenant"):
-            state.tenant = r["tenant"]
+        state.tenant = r["tenant"]
         records[r["execution_id"]] = ExecutionRecord(
             r["execution_id"], r["tenant"], r["workflow_id"], r["workflow_version"], r["contact_id"],
             r["event_id"], r["partition"], r["created_at"], r["last_stream_seq"], state,
