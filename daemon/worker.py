@@ -48,6 +48,10 @@ from .topology import Topology
 log = logging.getLogger("ordo.worker")
 
 
+#: Seconds a pooled read, lease renewal or acquire may take before it is retried.
+_POOL_COMMAND_TIMEOUT_S = 15.0
+
+
 def _in_process_actions(config: Config):
     """The built-in actions, with the webhook's SSRF allow-list (CIDR strings) from the config."""
     from actions.contract import default_registry
@@ -110,7 +114,10 @@ class Worker:
         if self._actions is None:
             self._actions = _in_process_actions(self.config)
         self.effects = Effects(self._js, self.topology, self._actions)
-        self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=3)
+        # Bounded: a read or lease renewal on a connection that a Postgres restart
+        # left half-dead must fail (and be retried), not hang the worker.
+        self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=4,
+                                               command_timeout=_POOL_COMMAND_TIMEOUT_S)
         async with self._pool.acquire() as conn:
             await require_current(conn)
             await self.ownership.prepare(conn)
@@ -183,8 +190,8 @@ class Worker:
         delay = 0.05
         while True:
             try:
-                async with self._pool.acquire() as conn:
-                    return await work(conn)
+                async with self._pool.acquire(timeout=_POOL_COMMAND_TIMEOUT_S) as conn:
+                    return await asyncio.wait_for(work(conn), _POOL_COMMAND_TIMEOUT_S * 2)
             except CONNECTION_ERRORS as exc:
                 if self.stopping.is_set() and what != "load":
                     raise

@@ -306,7 +306,9 @@ class LedgerBatcher:
 
     async def connect(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            # A statement that outlives this (a connection a restart left half-dead) fails and
+            # is retried on a new connection instead of holding every commit behind it.
+            self._conn = await asyncpg.connect(self._dsn, timeout=10, command_timeout=120)
             await self._conn.execute(_CREATE_STAGING)
         return self._conn
 
