@@ -139,7 +139,7 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
             try:
                 await health.start()
             except OSError as exc:
-                log.error("cannot serve metrics on %s:%d: %s", host, port, exc)
+                log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, port, exc)
                 health = None
                 return EXIT_NO_PORT
 

@@ -116,13 +116,15 @@ async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, 
     return status, head.decode(), body
 
 
-def spawn_service(h: Harness, listener: NotifyListener, port: int, **extra_env) -> subprocess.Popen:
+def spawn_service(h: Harness, listener: NotifyListener, port: int, *, stderr=None,
+                  **extra_env) -> subprocess.Popen:
     """`python -m daemon run --worker-index 0 --workers 1` as systemd would start it."""
     env = h.env()
     env.update(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000", ORDO_METRICS_PORT=str(port), **extra_env)
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"], env=env, cwd=ROOT
+        [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"], env=env, cwd=ROOT,
+        stderr=stderr,
     )
     h.processes.append(proc)
     return proc
@@ -279,8 +281,11 @@ async def test_worker_exits_nonzero_when_its_metrics_port_is_taken(nats_server_u
     taken.listen()
     try:
         async with Harness(nats_server_url, pg_dsn, prefix) as h:
-            proc = spawn_service(h, listener, taken.getsockname()[1])
-            assert await asyncio.to_thread(proc.wait, 60) == 1
+            proc = spawn_service(h, listener, taken.getsockname()[1], stderr=subprocess.PIPE)
+            _, err = await asyncio.to_thread(proc.communicate, None, 60)
+            assert proc.returncode == 1
+            # A clear error naming the address, not a traceback.
+            assert b"cannot serve metrics on 127.0.0.1:" in err and b"Traceback" not in err
             assert "READY=1" not in listener.lines()
     finally:
         taken.close()
