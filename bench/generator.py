@@ -12,6 +12,8 @@ import uuid
 
 import orjson
 
+from daemon.topology import trigger_msg_id
+
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
 COUNTRIES = ("DE", "FR", "GB", "US", "ES", "IT")
 
@@ -31,12 +33,6 @@ def trigger_event(run_id: str, i: int, *, tenant: str = "demo", event_type: str 
         "data": data if data is not None else {"amount": i % 250, "source": "generator"},
         "ts": ts_ms if ts_ms is not None else time.time() * 1000.0,
     }
-
-
-def trigger_msg_id(event: dict) -> str:
-    """JetStream's duplicate window is per stream, not per tenant: qualify the event id by its
-    tenant, or one tenant's event would silently suppress another's with the same id."""
-    return f"{event['tenant']}:{event['event_id']}"
 
 
 async def publish(js, subject: str, body: bytes, msg_id: str) -> None:

@@ -18,9 +18,8 @@ import time
 import orjson
 
 from actions import contract
-from bench.generator import trigger_msg_id
 
-from .topology import Topology
+from .topology import Topology, trigger_msg_id
 
 log = logging.getLogger("ordo.effects")
 

@@ -39,6 +39,13 @@ def execution_id_for(tenant: str, workflow_id: str, event_id: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def trigger_msg_id(event: dict) -> str:
+    """The Nats-Msg-Id of a trigger event. JetStream's duplicate window is per stream, not
+    per tenant: the event id is qualified by its tenant, or one tenant's event would
+    silently suppress another's with the same id."""
+    return f"{event['tenant']}:{event['event_id']}"
+
+
 def partition_of(execution_id: str, partitions: int) -> int:
     return zlib.crc32(execution_id.encode()) % partitions
 

@@ -6,7 +6,8 @@ import random
 import asyncpg
 import orjson
 
-from bench.generator import trigger_event, trigger_msg_id
+from bench.generator import trigger_event
+from daemon.topology import trigger_msg_id
 
 from daemon import metrics
 from harness import NO_PROBLEMS, Harness
