@@ -312,6 +312,11 @@ def fake_worker():
     process can leave py-spy with no stacks to draw in a one-second recording)."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: sum(range(100000))",
                              "-m", "daemon", "run", "--worker-index", "97"])
+    # Until the child has exec'd, /proc/<pid>/cmdline still reads like its parent's.
+    deadline = time.monotonic() + 10
+    while b"--worker-index" not in open(f"/proc/{proc.pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline, "the fake worker never started"
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()
