@@ -34,6 +34,9 @@ class Config:
     batch_max_rows: int = 8000
     batch_max_ms: float = 5.0
     max_message_bytes: int = 256 * 1024
+    #: An execution's context (its variables and step outputs, as JSON) may not
+    #: grow past this: the step that would grow it fails with `context_too_large`.
+    max_context_bytes: int = 64 * 1024
     #: Timers due within this horizon are held in memory; the rest stay on disk.
     timer_horizon_s: float = 60.0
     timer_load_interval_ms: int = 1000
@@ -45,6 +48,9 @@ class Config:
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
+    #: For fault tests and soaks only: seeded failures injected into this worker's
+    #: NATS publishes/acks and ledger commits, e.g. "seed=7,nats=0.02,pg=0.02". Empty: none.
+    inject_faults: str = ""
     data_dir: str = ".ordo"
 
     @property
