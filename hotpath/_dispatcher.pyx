@@ -18,6 +18,7 @@ from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from hotpath.definition import (
+    TEMPLATE_MISSING_FIELD,
     ActionStep,
     EmitStep,
     EndStep,
@@ -29,6 +30,7 @@ from hotpath.definition import (
     WaitForSignalStep,
     WaitStep,
     resolve,
+    template_text,
 )
 from hotpath.durations import parse_instant, retry_delay_ms
 
@@ -59,6 +61,16 @@ cdef str WAIT_ACTION = "action"
 cdef str WAIT_RETRY = "retry"
 cdef str WAIT_TIMER = "timer"
 cdef str WAIT_EVENT = "event:"
+# What _lookup returns for a missing field (None is a present null).
+cdef object _MISSING = object()
+
+
+class _MissingField(Exception):
+    """A value template names a field the execution does not have (caught where the step runs)."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
 
 
 # -- templates -----------------------------------------------------------------
@@ -69,6 +81,7 @@ cdef class _Template:
     cdef tuple keys            # T_PATH: segment keys; T_DICT: the dict's keys
     cdef Py_ssize_t* indexes   # T_PATH: segment as list index, or -1
     cdef Py_ssize_t depth      # T_PATH: number of segments
+    cdef str text              # T_PATH: the template as written, for a missing field's error
     cdef tuple parts           # T_INTERP: str or _Template; T_DICT/T_LIST: _Template
 
     def __dealloc__(self):
@@ -87,6 +100,7 @@ cdef _Template _lower_template(tuple node):
         t.root = _ROOTS[node[1]]
         segments = node[2]
         t.depth = len(segments)
+        t.text = template_text(node)
         t.keys = tuple([key for key, _ in segments])
         t.indexes = <Py_ssize_t*>PyMem_Malloc((t.depth + 1) * sizeof(Py_ssize_t))
         if t.indexes == NULL:
@@ -109,7 +123,7 @@ cdef _Template _lower_template(tuple node):
 
 
 cdef object _lookup(_Template t, object context, object contact, object event):
-    """The value at a path template, or None when any part is missing."""
+    """The value at a path template, or _MISSING when any part is missing."""
     cdef Py_ssize_t i, index
     cdef PyObject* found
     if t.root == R_CONTEXT:
@@ -122,15 +136,15 @@ cdef object _lookup(_Template t, object context, object contact, object event):
         if PyDict_Check(value):
             found = PyDict_GetItemWithError(value, <object>PyTuple_GET_ITEM(t.keys, i))
             if found == NULL:
-                return None
+                return _MISSING
             value = <object>found
         elif PyList_Check(value):
             index = t.indexes[i]
             if index < 0 or index >= len(<list>value):
-                return None
+                return _MISSING
             value = (<list>value)[index]
         else:
-            return None
+            return _MISSING
     return value
 
 
@@ -143,13 +157,19 @@ cdef object _copy_json(object value):
     return value
 
 
-cdef object _render(_Template t, object context, object contact, object event):
+cdef object _render(_Template t, object context, object contact, object event, bint strict):
+    """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
     cdef Py_ssize_t i, n
     cdef list pieces
     if t.tag == T_LIT:
         return t.value
     if t.tag == T_PATH:
-        return _copy_json(_lookup(t, context, contact, event))
+        value = _lookup(t, context, contact, event)
+        if value is _MISSING:
+            if strict:
+                raise _MissingField(t.text)
+            return None
+        return _copy_json(value)
     if t.tag == T_INTERP:
         n = PyTuple_GET_SIZE(t.parts)
         pieces = [None] * n
@@ -157,6 +177,10 @@ cdef object _render(_Template t, object context, object contact, object event):
             part = <object>PyTuple_GET_ITEM(t.parts, i)
             if type(part) is _Template:
                 value = _lookup(<_Template>part, context, contact, event)
+                if value is _MISSING:
+                    if strict:
+                        raise _MissingField((<_Template>part).text)
+                    value = None
                 pieces[i] = "" if value is None else str(value)
             else:
                 pieces[i] = part
@@ -165,9 +189,9 @@ cdef object _render(_Template t, object context, object contact, object event):
         result = {}
         for i in range(PyTuple_GET_SIZE(t.parts)):
             result[<object>PyTuple_GET_ITEM(t.keys, i)] = _render(
-                <_Template>PyTuple_GET_ITEM(t.parts, i), context, contact, event)
+                <_Template>PyTuple_GET_ITEM(t.parts, i), context, contact, event, strict)
         return result
-    return [_render(<_Template>item, context, contact, event) for item in t.parts]
+    return [_render(<_Template>item, context, contact, event, strict) for item in t.parts]
 
 
 # -- conditions ----------------------------------------------------------------
@@ -218,10 +242,11 @@ cdef bint _holds(_Condition c, object context, object contact, object event) exc
         return False
     if c.op == OP_NOT:
         return not _holds(c.child, context, contact, event)
-    a = _render(c.a, context, contact, event)
+    # A condition asks a question: a missing field there is null.
+    a = _render(c.a, context, contact, event, False)
     if c.op == OP_EXISTS:
         return a is not None
-    b = _render(c.b, context, contact, event)
+    b = _render(c.b, context, contact, event, False)
     if c.op == OP_EQ:
         return _same(a, b)
     if c.op == OP_NE:
@@ -280,7 +305,7 @@ cdef class _Step:
     cdef object max_interval_ms
     cdef object jitter
     cdef tuple non_retryable
-    cdef Py_ssize_t on_failure  # action, wait: -1 when not set
+    cdef Py_ssize_t on_failure  # action, wait: -1 when not set (and for every other type)
     cdef object duration_ms    # wait
     cdef _Template until       # wait: None when it waits a duration
     cdef str event             # wait_for_event, emit
@@ -297,6 +322,7 @@ cdef class _Step:
 cdef _Step _lower_step(object step):
     cdef _Step s = _Step.__new__(_Step)
     s.id = step.id
+    s.on_failure = -1  # set by the step types that have one
     if type(step) is SetStep:
         s.kind = S_SET
         s.next = step.next
@@ -560,22 +586,34 @@ cdef inline int _clear_timer(ExecutionState state) except -1:
     return 0
 
 
-cdef int _request(ExecutionState state, list out, _Step step, object now_ms) except -1:
-    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout."""
+cdef bint _request(Program program, ExecutionState state, list out, _Step step, object now_ms) except -1:
+    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout.
+
+    True when its input names a missing field and the step's failure branch was taken.
+    """
+    try:
+        rendered = _render(step.input, state.context, state.contact, state.event, True)
+    except _MissingField as exc:
+        return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
     state.effects.append(("action", {
         "step_id": step.id,
         "attempt": state.attempt,
         "action": step.action,
         "major": step.major,
-        "input": _render(step.input, state.context, state.contact, state.event),
+        "input": rendered,
         "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
         "timeout_ms": step.timeout_ms,
     }))
     _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
     state.status = "waiting"
     state.waiting = WAIT_ACTION
-    return 0
+    return False
+
+
+cdef bint _template_failed(Program program, ExecutionState state, list out, _Step step, object exc) except -1:
+    error = {"code": TEMPLATE_MISSING_FIELD, "retryable": False, "message": f"{exc.text} names a missing field"}
+    return _step_failed(program, state, out, step, error, 1)
 
 
 cdef int _on_action_result(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
@@ -647,7 +685,9 @@ cdef int _on_timer(Program program, ExecutionState state, list out, object paylo
     if step is not None and step.kind == S_ACTION and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
-        return _request(state, out, step, now_ms)
+        if _request(program, state, out, step, now_ms):
+            _run(program, state, out, now_ms)
+        return 0
     if step is not None and step.kind == S_WAIT and waiting == WAIT_TIMER:
         state.timer = None
         _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
@@ -707,7 +747,9 @@ cdef int _on_retry(Program program, ExecutionState state, list out, object now_m
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
-    return _request(state, out, step, now_ms)
+    if _request(program, state, out, step, now_ms):
+        _run(program, state, out, now_ms)
+    return 0
 
 
 cdef bint _step_failed(Program program, ExecutionState state, list out, _Step step, dict error, object attempts) except -1:
@@ -729,9 +771,10 @@ cdef bint _step_failed(Program program, ExecutionState state, list out, _Step st
     _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
     state.status = "failed"
     state.waiting = None
-    if step.kind == S_ACTION:
+    code = error.get("code")
+    if step.kind == S_ACTION or code == TEMPLATE_MISSING_FIELD:
         state.effects.append(("dead_letter", {
-            "reason": "step_failed",
+            "reason": TEMPLATE_MISSING_FIELD if code == TEMPLATE_MISSING_FIELD else "step_failed",
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -744,14 +787,15 @@ cdef bint _park(Program program, ExecutionState state, list out, _Step step, obj
     if step.kind == S_ACTION:
         state.attempt = 1
         state.failures = []
-        _request(state, out, step, now_ms)
-        return False
+        return _request(program, state, out, step, now_ms)
     if step.kind == S_WAIT:
         if step.until is None:
             until_ms = now_ms + step.duration_ms
         else:
             try:
-                until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event))
+                until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event, True))
+            except _MissingField as exc:
+                return _template_failed(program, state, out, step, exc)
             except ValueError as exc:
                 error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
                 return _step_failed(program, state, out, step, error, 1)
@@ -804,101 +848,112 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
     _check_pc(program, state)
     try:
         while True:
-            if pc == n:
-                seq += 1
-                out.append((seq, "", "completed", None))
-                state.status = "completed"
-                _clear_timer(state)
-                return 0
-            step = <_Step>PyTuple_GET_ITEM(steps, pc)
-            if ran == program.max_steps:
-                seq += 1
-                error = f"loop guard: more than {program.max_steps} steps in one run"
-                out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
-                state.status = "failed"
-                return 0
-            found = PyDict_GetItemWithError(visits, step.id)
-            visit = 1 if found == NULL else <long long>(<object>found) + 1
-            if visit > program.max_visits:
-                seq += 1
-                error = f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
-                out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
-                state.status = "failed"
-                return 0
-            visits[step.id] = visit
-            ran += 1
-            executed += 1
-            if step.kind == S_SET:
-                for i in range(PyTuple_GET_SIZE(step.values)):
-                    template = <_Template>PyTuple_GET_ITEM(step.values, i)
-                    path = <tuple>PyTuple_GET_ITEM(step.paths, i)
-                    value = template.value if template.tag == T_LIT else _render(template, context, contact, event)
-                    if PyTuple_GET_SIZE(path) == 1:
-                        context[<object>PyTuple_GET_ITEM(path, 0)] = value
-                    else:
-                        _assign(context, path, value)
-                seq += 1
-                out.append((seq, step.id, "set", None))
-                pc = step.next
-            elif step.kind == S_IF:
-                if _holds(step.condition, context, contact, event):
-                    pc = step.then
-                    taken = "then"
-                else:
-                    pc = step.else_
-                    taken = "else"
-                seq += 1
-                out.append((seq, step.id, "branch", {
-                    "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
-                    "taken": taken,
-                }))
-            elif step.kind == S_SWITCH:
-                pc = step.default
-                case = "default"
-                for i in range(PyTuple_GET_SIZE(step.cases)):
-                    if _holds(<_Condition>PyTuple_GET_ITEM(step.cases, i), context, contact, event):
-                        pc = <Py_ssize_t>(<object>PyTuple_GET_ITEM(step.targets, i))
-                        case = i
-                        break
-                seq += 1
-                out.append((seq, step.id, "branch", {
-                    "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
-                    "case": case,
-                }))
-            elif step.kind == S_GOTO:
-                pc = step.target
-                seq += 1
-                out.append((seq, step.id, "goto", {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
-            elif step.kind == S_EMIT:
-                event_id = f"{state.execution_id}:{step.id}:{visit}"
-                state.effects.append(("emit", {"event": {
-                    "v": 1,
-                    "event_id": event_id,
-                    "tenant": state.tenant,
-                    "type": step.event,
-                    "contact": _copy_json(contact),
-                    "data": _render(step.data, context, contact, event),
-                    "ts": now_ms,
-                }}))
-                seq += 1
-                out.append((seq, step.id, "emitted", {"event_id": event_id, "type": step.event}))
-                pc = step.next
-            elif step.kind == S_END:
-                seq += 1
-                out.append((seq, step.id, step.status, None if step.reason is None else {"reason": step.reason}))
-                state.status = step.status
-                _clear_timer(state)
-                return 0
-            elif step.kind == S_WAIT_FOR_SIGNAL:
-                seq += 1
-                out.append((seq, step.id, "waiting", {"signal": step.signal}))
-                state.status = "waiting"
-                state.waiting = step.signal
-                return 0
-            else:  # action, wait, wait_for_event: these work on the state itself
+            try:
+                while True:
+                    if pc == n:
+                        seq += 1
+                        out.append((seq, "", "completed", None))
+                        state.status = "completed"
+                        _clear_timer(state)
+                        return 0
+                    step = <_Step>PyTuple_GET_ITEM(steps, pc)
+                    if ran == program.max_steps:
+                        seq += 1
+                        error = f"loop guard: more than {program.max_steps} steps in one run"
+                        out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
+                        state.status = "failed"
+                        return 0
+                    found = PyDict_GetItemWithError(visits, step.id)
+                    visit = 1 if found == NULL else <long long>(<object>found) + 1
+                    if visit > program.max_visits:
+                        seq += 1
+                        error = f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
+                        out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
+                        state.status = "failed"
+                        return 0
+                    visits[step.id] = visit
+                    ran += 1
+                    executed += 1
+                    if step.kind == S_SET:
+                        for i in range(PyTuple_GET_SIZE(step.values)):
+                            template = <_Template>PyTuple_GET_ITEM(step.values, i)
+                            path = <tuple>PyTuple_GET_ITEM(step.paths, i)
+                            value = template.value if template.tag == T_LIT else _render(template, context, contact, event, True)
+                            if PyTuple_GET_SIZE(path) == 1:
+                                context[<object>PyTuple_GET_ITEM(path, 0)] = value
+                            else:
+                                _assign(context, path, value)
+                        seq += 1
+                        out.append((seq, step.id, "set", None))
+                        pc = step.next
+                    elif step.kind == S_IF:
+                        if _holds(step.condition, context, contact, event):
+                            pc = step.then
+                            taken = "then"
+                        else:
+                            pc = step.else_
+                            taken = "else"
+                        seq += 1
+                        out.append((seq, step.id, "branch", {
+                            "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
+                            "taken": taken,
+                        }))
+                    elif step.kind == S_SWITCH:
+                        pc = step.default
+                        case = "default"
+                        for i in range(PyTuple_GET_SIZE(step.cases)):
+                            if _holds(<_Condition>PyTuple_GET_ITEM(step.cases, i), context, contact, event):
+                                pc = <Py_ssize_t>(<object>PyTuple_GET_ITEM(step.targets, i))
+                                case = i
+                                break
+                        seq += 1
+                        out.append((seq, step.id, "branch", {
+                            "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
+                            "case": case,
+                        }))
+                    elif step.kind == S_GOTO:
+                        pc = step.target
+                        seq += 1
+                        out.append((seq, step.id, "goto", {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
+                    elif step.kind == S_EMIT:
+                        event_id = f"{state.execution_id}:{step.id}:{visit}"
+                        state.effects.append(("emit", {"event": {
+                            "v": 1,
+                            "event_id": event_id,
+                            "tenant": state.tenant,
+                            "type": step.event,
+                            "contact": _copy_json(contact),
+                            "data": _render(step.data, context, contact, event, True),
+                            "ts": now_ms,
+                        }}))
+                        seq += 1
+                        out.append((seq, step.id, "emitted", {"event_id": event_id, "type": step.event}))
+                        pc = step.next
+                    elif step.kind == S_END:
+                        seq += 1
+                        out.append((seq, step.id, step.status, None if step.reason is None else {"reason": step.reason}))
+                        state.status = step.status
+                        _clear_timer(state)
+                        return 0
+                    elif step.kind == S_WAIT_FOR_SIGNAL:
+                        seq += 1
+                        out.append((seq, step.id, "waiting", {"signal": step.signal}))
+                        state.status = "waiting"
+                        state.waiting = step.signal
+                        return 0
+                    else:  # action, wait, wait_for_event: these work on the state itself
+                        state.pc = pc
+                        state.seq = seq
+                        goes_on = _park(program, state, out, step, now_ms)
+                        pc = state.pc
+                        seq = state.seq
+                        if not goes_on:
+                            return 0
+            except _MissingField as exc:
+                # A set or emit value names a missing field (_park handles actions and waits).
                 state.pc = pc
                 state.seq = seq
-                goes_on = _park(program, state, out, step, now_ms)
+                goes_on = _template_failed(program, state, out, step, exc)
                 pc = state.pc
                 seq = state.seq
                 if not goes_on:

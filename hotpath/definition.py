@@ -93,6 +93,30 @@ def _pointer(definition: Any, path: list) -> str:
     return text
 
 
+# -- templates and missing fields -------------------------------------------------
+# A template names a field with {{root.key.key}} (root: context, contact or
+# event; a numeric key also indexes a list). A field is missing when a key is
+# absent, an index is out of range, or a part of the path is not an object or
+# list (a null included); a field that is present and null is not missing.
+#
+# Conditions ask a question, so a missing field there is null: {"exists":
+# "context.reply"} is false, {"eq": ["{{contact.plan}}", "pro"]} is false. A
+# value (a set step's values, an action's input, an emit's data, a wait's
+# until) must exist: a missing field fails the step with the non-retryable
+# error `template_missing_field`, naming the template ({{contact.first_nam}}).
+# The step's on_failure (action, wait) or else the workflow's on_failure is
+# taken; without one the execution fails and the step is dead-lettered with
+# reason `template_missing_field`. A set step's values before the failing one
+# stay assigned. To copy a field that may be absent, test it with `exists`.
+TEMPLATE_MISSING_FIELD = "template_missing_field"
+
+
+def template_text(node: tuple) -> str:
+    """A ("path", root, segments) node as written: '{{contact.first_name}}'."""
+    _, root, segments = node
+    return "{{" + ".".join([root, *(key for key, _ in segments)]) + "}}"
+
+
 # -- resolved form ---------------------------------------------------------------
 # Templates (operands and values):
 #   ("lit", value)                  a JSON scalar, used as is

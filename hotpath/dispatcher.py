@@ -22,11 +22,17 @@ history alone replays the run (`daemon/replay.py`): "signal" {name, data},
 "event_received" {event_id, type, data}, "timer_fired" and "timed_out" the
 "timer_id", "cancelled" {reason}. Data in a detail is a copy, never an alias of
 the context, which later steps of the same advance may write into.
+
+Templates: in a condition a missing field is null; in a value (set, action
+input, emit data, wait until) it fails the step with `template_missing_field`
+(the rules are written down in `hotpath.definition`, next to the template form).
 """
 
 from __future__ import annotations
 
 from hotpath.definition import (
+    NO_STEP,
+    TEMPLATE_MISSING_FIELD,
     ActionStep,
     EmitStep,
     EndStep,
@@ -38,6 +44,7 @@ from hotpath.definition import (
     WaitForSignalStep,
     WaitStep,
     resolve,
+    template_text,
 )
 from hotpath.durations import parse_instant, retry_delay_ms
 
@@ -45,6 +52,16 @@ CLOSED = ("completed", "failed", "cancelled")
 EVENT_KINDS = ("start", "signal", "action_result", "timer", "event", "cancel", "retry")
 # What a waiting execution waits for (state.waiting), besides a signal's name.
 WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "event:"
+# What lookup() returns for a missing field (None is a present null).
+_MISSING = object()
+
+
+class _MissingField(Exception):
+    """A value template names a field the execution does not have (caught where the step runs)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
 
 
 class Program:
@@ -234,22 +251,35 @@ def _clear_timer(state: ExecutionState) -> None:
         state.effects.append(("clear_timer", None))
 
 
-def _request(state: ExecutionState, out: list, step: ActionStep, now_ms: int) -> None:
-    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout."""
-    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
+def _request(program: Program, state: ExecutionState, out: list, step: ActionStep, now_ms: int) -> bool:
+    """Ask for attempt `state.attempt` of an action and wait for its result or its timeout.
+
+    True when its input names a missing field and the step's failure branch was taken.
+    """
     roots = {"context": state.context, "contact": state.contact, "event": state.event}
+    try:
+        rendered = render(step.input, roots)
+    except _MissingField as exc:
+        return _template_failed(program, state, out, step, exc)
+    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
     state.effects.append(("action", {
         "step_id": step.id,
         "attempt": state.attempt,
         "action": step.action,
         "major": step.major,
-        "input": render(step.input, roots),
+        "input": rendered,
         "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
         "timeout_ms": step.timeout_ms,
     }))
     _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
     state.status = "waiting"
     state.waiting = WAIT_ACTION
+    return False
+
+
+def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: _MissingField) -> bool:
+    error = {"code": TEMPLATE_MISSING_FIELD, "retryable": False, "message": f"{exc.text} names a missing field"}
+    return _step_failed(program, state, out, step, error, 1)
 
 
 def _on_action_result(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
@@ -323,7 +353,8 @@ def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_m
     elif type(step) is ActionStep and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
-        _request(state, out, step, now_ms)
+        if _request(program, state, out, step, now_ms):
+            _run(program, state, out, now_ms)
     elif type(step) is WaitStep and waiting == WAIT_TIMER:
         state.timer = None
         _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
@@ -378,7 +409,8 @@ def _on_retry(program: Program, state: ExecutionState, out: list, now_ms: int) -
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
-    _request(state, out, step, now_ms)
+    if _request(program, state, out, step, now_ms):
+        _run(program, state, out, now_ms)
 
 
 def _step_failed(program: Program, state: ExecutionState, out: list, step, error: dict, attempts: int) -> bool:
@@ -387,7 +419,7 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
     True when a branch was taken (the execution is running again at its target).
     """
     _emit(state, out, step.id, "step_failed", {"error": error, "attempts": attempts})
-    target = step.on_failure
+    target = getattr(step, "on_failure", NO_STEP)  # set and emit steps have none of their own
     if target < 0 and program.on_failure != state.pc:  # a failing failure branch does not re-enter itself
         target = program.on_failure
     if target >= 0:
@@ -400,9 +432,10 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
     _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
     state.status = "failed"
     state.waiting = None
-    if type(step) is ActionStep:
+    code = error.get("code")
+    if type(step) is ActionStep or code == TEMPLATE_MISSING_FIELD:
         state.effects.append(("dead_letter", {
-            "reason": "step_failed",
+            "reason": TEMPLATE_MISSING_FIELD if code == TEMPLATE_MISSING_FIELD else "step_failed",
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -442,8 +475,12 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
         roots = {"context": state.context, "contact": state.contact, "event": state.event}
         kind = type(step)
         if kind is SetStep:
-            for path, template in step.assignments:
-                _assign(state.context, path, render(template, roots))
+            try:
+                for path, template in step.assignments:
+                    _assign(state.context, path, render(template, roots))
+            except _MissingField as exc:
+                _template_failed(program, state, out, step, exc)
+                continue  # at the failure branch, or failed
             _emit(state, out, step.id, "set", None)
             state.pc = step.next
         elif kind is IfStep:
@@ -471,13 +508,16 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
         elif kind is ActionStep:
             state.attempt = 1
             state.failures = []
-            _request(state, out, step, now_ms)
+            _request(program, state, out, step, now_ms)  # waiting, or at the failure branch, or failed
         elif kind is WaitStep:
             if step.until is None:
                 until_ms = now_ms + step.duration_ms
             else:
                 try:
                     until_ms = parse_instant(render(step.until, roots))
+                except _MissingField as exc:
+                    _template_failed(program, state, out, step, exc)
+                    continue
                 except ValueError as exc:
                     error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
                     _step_failed(program, state, out, step, error, 1)
@@ -493,6 +533,11 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             state.status = "waiting"
             state.waiting = WAIT_EVENT + step.event
         elif kind is EmitStep:
+            try:
+                data = render(step.data, roots)
+            except _MissingField as exc:
+                _template_failed(program, state, out, step, exc)
+                continue
             event_id = f"{state.execution_id}:{step.id}:{visit}"
             state.effects.append(("emit", {"event": {
                 "v": 1,
@@ -500,7 +545,7 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
                 "tenant": state.tenant,
                 "type": step.event,
                 "contact": copy_json(state.contact),
-                "data": render(step.data, roots),
+                "data": data,
                 "ts": now_ms,
             }}))
             _emit(state, out, step.id, "emitted", {"event_id": event_id, "type": step.event})
@@ -526,16 +571,18 @@ def _assign(context: dict, path: tuple, value) -> None:
 
 # -- templates -----------------------------------------------------------------
 def lookup(node: tuple, roots: dict):
-    """The value at a ("path", root, segments) node, or None when any part is missing."""
+    """The value at a ("path", root, segments) node, or _MISSING when any part is missing."""
     _, root, segments = node
     value = roots[root]
     for key, index in segments:
         if isinstance(value, dict):
-            value = value.get(key)
+            value = value.get(key, _MISSING)
+            if value is _MISSING:
+                return _MISSING
         elif isinstance(value, list) and 0 <= index < len(value):
             value = value[index]
         else:
-            return None
+            return _MISSING
     return value
 
 
@@ -548,12 +595,18 @@ def copy_json(value):
     return value
 
 
-def render(node: tuple, roots: dict):
+def render(node: tuple, roots: dict, strict: bool = True):
+    """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
     tag = node[0]
     if tag == "lit":
         return node[1]
     if tag == "path":
-        return copy_json(lookup(node, roots))
+        value = lookup(node, roots)
+        if value is _MISSING:
+            if strict:
+                raise _MissingField(template_text(node))
+            return None
+        return copy_json(value)
     if tag == "interp":
         parts = []
         for part in node[1]:
@@ -561,12 +614,16 @@ def render(node: tuple, roots: dict):
                 parts.append(part)
             else:
                 value = lookup(part, roots)
+                if value is _MISSING:
+                    if strict:
+                        raise _MissingField(template_text(part))
+                    value = None
                 parts.append("" if value is None else str(value))
         return "".join(parts)
     if tag == "dict":
-        return {key: render(item, roots) for key, item in node[1]}
+        return {key: render(item, roots, strict) for key, item in node[1]}
     if tag == "list":
-        return [render(item, roots) for item in node[1]]
+        return [render(item, roots, strict) for item in node[1]]
     raise TypeError(f"unknown template node {node!r}")  # pragma: no cover
 
 
@@ -594,8 +651,8 @@ def holds(cond: tuple, roots: dict) -> bool:
     if op == "not":
         return not holds(cond[1], roots)
     if op == "exists":
-        return render(cond[1], roots) is not None
-    a, b = render(cond[1], roots), render(cond[2], roots)
+        return render(cond[1], roots, False) is not None
+    a, b = render(cond[1], roots, False), render(cond[2], roots, False)
     if op == "eq":
         return same(a, b)
     if op == "ne":

@@ -24,7 +24,12 @@ REASONS = (
     "invalid_definition",
     "unknown_execution",
     "execution_closed",
+    "unreadable_execution",
     "dispatch_error",
+    # An execution's own failures (dead-lettered with the execution, not a message):
+    "step_failed",
+    "template_missing_field",
+    "context_too_large",
 )
 
 

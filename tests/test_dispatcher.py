@@ -85,17 +85,16 @@ def test_linear_set_workflow(impl):
     assert (state.status, state.pc, state.seq, state.steps) == ("completed", 3, 5, 3)
 
 
-def test_templates_raw_interpolated_and_missing(impl):
+def test_templates_raw_interpolated_and_null(impl):
     contact = {"name": "Ann", "age": 41, "tags": ["a", "b"], "nil": None}
     event = {"data": {"items": [{"sku": "X-1"}, {"sku": "Y-2"}]}}
     values = {
         "raw_int": "{{ contact.age }}",
         "raw_list": "{{contact.tags}}",
-        "raw_missing": "{{contact.nope.deeper}}",
+        "raw_null": "{{contact.nil}}",
         "greeting": "Hi {{contact.name}}, you are {{ contact.age }}!",
-        "with_missing": "[{{contact.nope}}][{{contact.nil}}]",
+        "with_null": "[{{contact.nil}}]",
         "indexed": "{{event.data.items.1.sku}}",
-        "out_of_range": "{{event.data.items.5.sku}}",
         "literal": "no templates {here}",
         "nested": {"who": "{{contact.name}}", "list": ["{{contact.age}}", 1, None, True]},
         "number": 2.5,
@@ -104,11 +103,10 @@ def test_templates_raw_interpolated_and_missing(impl):
     assert state.context == {
         "raw_int": 41,
         "raw_list": ["a", "b"],
-        "raw_missing": None,
+        "raw_null": None,
         "greeting": "Hi Ann, you are 41!",
-        "with_missing": "[][]",
+        "with_null": "[]",
         "indexed": "Y-2",
-        "out_of_range": None,
         "literal": "no templates {here}",
         "nested": {"who": "Ann", "list": [41, 1, None, True]},
         "number": 2.5,
@@ -116,6 +114,78 @@ def test_templates_raw_interpolated_and_missing(impl):
     # Raw values are copies: changing the context does not change the contact.
     state.context["raw_list"].append("c")
     assert contact["tags"] == ["a", "b"]
+
+
+MISSING_CONTACT = {"name": "Ann", "nil": None, "tags": ["a"]}
+
+
+@pytest.mark.parametrize("template, text", [
+    ("{{contact.first_nam}}", "{{contact.first_nam}}"),
+    ("Hi {{ contact.first_nam }}!", "{{contact.first_nam}}"),
+    ("{{contact.nil.deeper}}", "{{contact.nil.deeper}}"),      # through a null
+    ("{{contact.name.first}}", "{{contact.name.first}}"),      # through a string
+    ("{{contact.tags.5}}", "{{contact.tags.5}}"),              # out of range
+    ({"deep": ["{{event.data.nope}}"]}, "{{event.data.nope}}"),
+])
+def test_a_missing_field_in_a_set_value_fails_the_step_and_dead_letters(impl, template, text):
+    definition = workflow(set_step("before", {"a": 1}), set_step("greet", {"b": 2, "c": template}),
+                          set_step("after", {"d": 3}))
+    _, state, out = run(impl, definition, contact=MISSING_CONTACT, event={"data": {}})
+    error = {"code": "template_missing_field", "retryable": False, "message": f"{text} names a missing field"}
+    assert out[-2:] == [
+        (3, "greet", "step_failed", {"error": error, "attempts": 1}),
+        (4, "greet", "failed", {"error": error["message"], "code": "template_missing_field"}),
+    ]
+    assert (state.status, state.pc) == ("failed", 1)
+    assert state.context == {"a": 1, "b": 2}  # the values before the failing one stay assigned
+    assert state.effects == [("dead_letter", {"reason": "template_missing_field", "step_id": "greet",
+                                              "error": error, "attempts": []})]
+
+
+def test_a_missing_field_in_an_action_input_takes_the_failure_branch(impl):
+    definition = workflow(
+        {"id": "send", "type": "action", "action": "sms.send", "input": {"body": "Hi {{contact.first_nam}}"},
+         "on_failure": "fallback"},
+        {"id": "done", "type": "end"},
+        set_step("fallback", {"fell_back": True}),
+    )
+    _, state, out = run(impl, definition, contact=MISSING_CONTACT)
+    assert kinds(out) == [("", "started"), ("send", "step_failed"), ("fallback", "set"), ("", "completed")]
+    assert out[1][3]["error"]["code"] == "template_missing_field"
+    assert "{{contact.first_nam}}" in out[1][3]["error"]["message"]
+    assert state.status == "completed" and state.context == {"fell_back": True}
+    assert state.effects == []  # no request went out, no dead letter: the branch handled it
+
+
+def test_a_missing_field_in_an_action_input_without_a_branch_fails_the_execution(impl):
+    definition = workflow({"id": "send", "type": "action", "action": "sms.send",
+                           "input": {"to": "{{contact.phone}}"}})
+    _, state, out = run(impl, definition, contact=MISSING_CONTACT)
+    assert kinds(out) == [("", "started"), ("send", "step_failed"), ("send", "failed")]
+    assert state.status == "failed" and state.timer is None
+    [(kind, letter)] = state.effects
+    assert (kind, letter["reason"], letter["step_id"]) == ("dead_letter", "template_missing_field", "send")
+
+
+def test_missing_fields_in_emit_data_and_wait_until_take_the_workflow_branch(impl):
+    for step in ({"id": "tell", "type": "emit", "event": "x.happened", "data": {"v": "{{context.nope}}"}},
+                 {"id": "tell", "type": "wait", "until": "{{context.nope}}"}):
+        definition = workflow(step, {"id": "done", "type": "end"}, set_step("oops", {"handled": True}),
+                              on_failure="oops")
+        _, state, out = run(impl, definition)
+        assert kinds(out) == [("", "started"), ("tell", "step_failed"), ("oops", "set"), ("", "completed")]
+        assert out[1][3]["error"]["message"] == "{{context.nope}} names a missing field"
+        assert state.effects == []
+
+
+def test_conditions_see_a_missing_field_as_null(impl):
+    assert holds(impl, {"exists": "contact.first_nam"}, contact=MISSING_CONTACT) is False
+    assert holds(impl, {"eq": ["{{contact.first_nam}}", None]}, contact=MISSING_CONTACT) is True
+    assert holds(impl, {"ne": ["{{contact.nil.deeper}}", "x"]}, contact=MISSING_CONTACT) is True
+    assert holds(impl, {"eq": ["Hi {{contact.first_nam}}", "Hi "]}, contact=MISSING_CONTACT) is True
+    program = impl.Program(workflow({"id": "e", "type": "end"},
+                                    trigger={"event": "contact.created", "filter": {"eq": ["{{contact.plan}}", "pro"]}}))
+    assert program.matches({"type": "contact.created", "contact": {}}) is False
 
 
 def test_nested_set_paths_and_context_templates(impl):
@@ -855,7 +925,10 @@ JSON = st.recursive(
     max_leaves=6,
 )
 PATHS = st.sampled_from(
-    ["context.a", "context.b.c", "contact.n", "contact.tags", "contact.tags.0", "event.data.k", "event.data.items.1", "context.w"]
+    ["context.a", "context.b.c", "contact.n", "contact.tags", "contact.tags.0", "event.data.k", "event.data.items.1",
+     "context.w",
+     # Often or always missing: a value template fails its step, a condition sees null.
+     "contact.nope", "event.data.k.x"]
 )
 TEMPLATES = st.one_of(
     JSON,
