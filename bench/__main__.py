@@ -5,6 +5,7 @@
     python -m bench w2-signals [-n 10000] [--signals 20]
     python -m bench w3-timers [-n 1000000] [--wait 1-60] [--hold S]
     python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
+    python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
     python -m bench --list
 
 Servers are those of ORDO_NATS_URL / ORDO_PG_DSN when set, else embedded ones
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S,
                         help=f"give a run up after this long without progress (default {DEFAULT_STALL_S:.0f} s)")
     parser.add_argument("--log-level", default="warning", help="the workers' log level (default warning)")
+    parser.add_argument("--inject-faults", metavar="SPEC", default=None,
+                        help="the workers fail a share of their NATS publishes/acks and ledger commits on "
+                             "purpose (ORDO_INJECT_FAULTS, see daemon/faults.py), e.g. seed=7,nats=0.03,pg=0.03")
     parser.add_argument("--publish-batch", type=int, default=None, metavar="N",
                         help="the generator publishes JetStream atomic batches: of N events in closed mode, "
                              "of the events due in each 5 ms tick in open mode (nats-server 2.12+; 0 or 1: "
@@ -127,6 +131,13 @@ def main(argv=None) -> int:
         parser.error("--signals must be positive")
     if args.hold is not None and args.hold < 0:
         parser.error("--hold must not be negative")
+    if args.inject_faults is not None:
+        from daemon.faults import parse as parse_faults
+
+        try:
+            parse_faults(args.inject_faults)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.wait is not None and hasattr(type(scenario), "wait_range"):
         try:
             scenario.wait_range
@@ -220,6 +231,7 @@ async def _main(args, scenario: Scenario) -> int:
                 "repeat": args.repeat, "workers": workers, "partitions": config.partitions,
                 "fetch_batch": config.fetch_batch, "max_ack_pending": config.max_ack_pending,
                 "batch_max_rows": config.batch_max_rows, "batch_max_ms": config.batch_max_ms,
+                "inject_faults": args.inject_faults or config.inject_faults,
                 "servers": "embedded" if env.embedded else "configured",
                 "embedded": [type(server).__name__ for server in env.embedded],
             },
@@ -263,7 +275,9 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         await asyncio.wait_for(prepare(run_config), 60)
     settings = {"ORDO_NATS_URL": run_config.nats_url, "ORDO_PG_DSN": run_config.pg_dsn,
                 "ORDO_PREFIX": run_config.prefix, "ORDO_PARTITIONS": str(run_config.partitions)}
-    supervisor = Supervisor(workers, extra_env={**settings, **scenario.worker_env(), "ORDO_LOG_LEVEL": args.log_level})
+    worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
+    supervisor = Supervisor(workers, extra_env={**settings, **scenario.worker_env(), **worker_settings,
+                                                "ORDO_LOG_LEVEL": args.log_level})
     publisher = None
     watcher = None
     sampler = ProcessSampler()

@@ -19,6 +19,12 @@ Only after COMMIT returns does the worker ack the messages. A crash anywhere
 before that leaves the messages unacked; their redelivery recomputes the same
 changes, which the unique keys and the seq check turn into no-ops.
 
+A connection that fails during COMMIT leaves the outcome in doubt. Each
+transaction takes its id (txid_current) first; the retry asks Postgres
+(txid_status) and, when that transaction did commit, keeps its result instead
+of committing its units again: a second time their changes would be refused as
+stale, and the actions and events they ask for would never be carried out.
+
 A batch that fails for a reason other than the connection is split in halves
 until the unit that causes the failure is alone; that unit is dead-lettered
 with the database's error and everything else commits (bad input never blocks
@@ -207,9 +213,11 @@ class Unit:
     stale_timers: list = field(default_factory=list)
 
     def dead_letter(self, reason: str, error: str, **where) -> None:
-        """Dead-letter the message this unit stands for (it names its source)."""
+        """Dead-letter the message this unit stands for (it names its source).
+
+        The worker logs the dead letter once it has committed (with the step's dead letters).
+        """
         source = self.token
-        log.warning("dead letter (%s) from %s seq %s: %s", reason, source.stream, source.stream_seq, error)
         execution_id = where.pop("execution_id", None) or source.key
         self.dead_letters.append(
             DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
@@ -249,6 +257,12 @@ class LedgerBatcher:
         #: partition -> watermark to record with the next commit (set by the worker).
         self.watermarks: dict = {}
         self._written: dict = {}
+        #: Soaks only (daemon/faults.py): called with "before_commit" and "after_commit"; may raise.
+        self.fault_hook = None
+        #: (xid, backend pid, units, accepted) of the transaction whose COMMIT went out and did not return.
+        self._in_doubt: tuple | None = None
+        #: (units, accepted) of each transaction of the current commit() that committed.
+        self._landed: list = []
 
     # -- intake ---------------------------------------------------------------
 
@@ -323,14 +337,21 @@ class LedgerBatcher:
         started = time.monotonic()
         attempts = 0
         delay = 0.05
+        self._in_doubt, self._landed = None, []
         while True:
             attempts += 1
             try:
-                accepted = await self._commit_isolating_poison(units)
+                await self._resolve_in_doubt()
+                landed = {id(unit) for done, _ in self._landed for unit in done}
+                remaining = [unit for unit in units if id(unit) not in landed]
+                if remaining:
+                    await self._commit_isolating_poison(remaining)
+                accepted = set().union(*(accepted for _, accepted in self._landed))
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
             except CONNECTION_ERRORS as exc:
-                log.warning("ledger commit failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
+                log.warning("ledger commit failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay,
+                            extra={"reason": "ledger_connection", "error": f"{type(exc).__name__}: {exc}"})
                 await self.close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -343,13 +364,37 @@ class LedgerBatcher:
         except asyncpg.PostgresError as exc:
             if len(units) == 1:
                 unit = units[0]
-                log.error("a message's changes cannot be committed, dead-lettering it: %s", exc)
+                source = unit.token
+                log.error("a message's changes cannot be committed, dead-lettering it: %s", exc, extra={
+                    "execution_id": getattr(source, "key", None), "reason": "commit_error",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "source": f"{getattr(source, 'stream', '')}:{getattr(source, 'stream_seq', 0)}"})
                 unit.failed = f"{type(exc).__name__}: {exc}"
                 unit.changes = []
                 unit.dead_letters = [_commit_error_letter(unit, exc)]
                 return await self._commit_once(units)
             half = len(units) // 2
             return await self._commit_isolating_poison(units[:half]) | await self._commit_isolating_poison(units[half:])
+
+    async def _resolve_in_doubt(self) -> None:
+        """After a failure during COMMIT: ask Postgres whether that transaction committed."""
+        if self._in_doubt is None:
+            return
+        xid, pid, units, accepted = self._in_doubt
+        conn = await self.connect()
+        for _ in range(100):
+            status = await conn.fetchval("SELECT txid_status($1)", xid)
+            if status != "in progress":
+                break
+            # Its backend has not noticed that the client is gone: ending it settles the transaction.
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("ledger transaction %d is still in progress; committing its units again", xid)
+        self._in_doubt = None
+        if status == "committed":
+            log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
+            self._landed.append((units, accepted))
 
     async def _commit_once(self, units: list) -> set:
         conn = await self.connect()
@@ -372,6 +417,7 @@ class LedgerBatcher:
         progress = {p: w for p, w in self.watermarks.items() if w > self._written.get(p, -1)}
         touched.update(progress)
         async with conn.transaction():
+            xid = await conn.fetchval("SELECT txid_current()")
             if touched:
                 await self._check_epochs(conn, sorted(touched))
             if progress:
@@ -401,6 +447,13 @@ class LedgerBatcher:
                     " WHERE t.execution_id = s.execution_id AND t.timer_id = s.timer_id",
                     *map(list, zip(*stale)),
                 )
+            if self.fault_hook is not None:
+                self.fault_hook("before_commit")
+            self._in_doubt = (xid, conn.get_server_pid(), units, accepted)
+        if self.fault_hook is not None:
+            self.fault_hook("after_commit")
+        self._in_doubt = None
+        self._landed.append((units, accepted))
         self._written.update(progress)
         return accepted
 
