@@ -78,9 +78,12 @@ class ActionContext:
         self.idempotency_key = idempotency_key
         self.deadline_ms = deadline_ms
         self.tenant = tenant
-        self.log = log if log is not None else logging.LoggerAdapter(
-            logging.getLogger("ordo.actions.run"),
-            {"execution_id": execution_id, "step_id": step_id, "attempt": attempt},
+        #: Lines an action logs carry the call's execution, tenant, step and attempt (an adapter passed in
+        #: brings its own fields).
+        self.log = log if isinstance(log, logging.LoggerAdapter) else logging.LoggerAdapter(
+            log if log is not None else logging.getLogger("ordo.actions.run"),
+            {"execution_id": execution_id, "step": step_id, "attempt": attempt,
+             **({"tenant": tenant} if tenant else {})},
         )
 
     @classmethod

@@ -28,6 +28,8 @@ import asyncio
 import collections
 import logging
 import math
+import os
+import socket
 import time
 import typing
 
@@ -36,6 +38,7 @@ import nats.errors
 import nats.js.api as jsapi
 from nats.js.errors import BadRequestError, NotFoundError
 
+from daemon import logs
 from daemon.config import Config
 from daemon.pull import Delivery, PullConsumer
 from daemon.topology import Topology
@@ -154,6 +157,7 @@ class ActionWorker:
     # -- running -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        logs.bind_worker(f"{socket.gethostname()}/{os.getpid()}/{self.name}")
         self._nc = await nats.connect(self.nats_url, name=self.name, max_reconnect_attempts=-1,
                                       reconnect_time_wait=0.5)
         self._js = self._nc.jetstream(timeout=10)
@@ -184,7 +188,7 @@ class ActionWorker:
                 try:
                     await consumer.unsubscribe()
                 except Exception as exc:  # closing anyway
-                    log.debug("unsubscribing %s: %s", consumer.consumer, exc)
+                    log.debug("unsubscribing %s: %s", consumer.consumer, exc, extra=logs.failure("unsubscribe", exc))
             await self._nc.close()
 
     async def _wait_for_stream(self, stop: asyncio.Event) -> bool:
@@ -256,7 +260,7 @@ class ActionWorker:
                     deliveries = await consumer.take(reserved)
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
                         nats.errors.OutboundBufferLimitError) as exc:
-                    log.warning("pull from %s failed: %s", consumer.consumer, exc)
+                    log.warning("pull from %s failed: %s", consumer.consumer, exc, extra=logs.failure("nats_pull", exc))
                     await asyncio.sleep(0.5)
                     continue
                 reserved -= len(deliveries)
@@ -304,9 +308,9 @@ class ActionWorker:
         except BadMessage as exc:
             await self._reject(delivery, exc)
             return
-        ctx = ActionContext.from_request(request, logging.LoggerAdapter(log, {
-            "action": item.name, "execution_id": request["execution_id"], "step_id": request["step_id"],
-            "attempt": request["attempt"], "delivered": delivery.delivered}))
+        ctx = ActionContext.from_request(request, logging.LoggerAdapter(log, logs.execution(
+            request["execution_id"], request.get("tenant") or None, request["step_id"], action=item.name,
+            attempt=request["attempt"], delivered=delivery.delivered)))
         if 0 < request["deadline"] <= time.time() * 1000:
             result = result_error(request, ActionError(
                 "deadline_exceeded", True,
@@ -352,16 +356,21 @@ class ActionWorker:
                 if time.monotonic() + pause >= give_up:
                     self.counts["publish_failed"] += 1
                     log.error("result for %s step %s not published, the request will run again: %s",
-                              request["execution_id"], request["step_id"], exc)
+                              request["execution_id"], request["step_id"], exc, extra=logs.execution(
+                                  request["execution_id"], request.get("tenant") or None, request["step_id"],
+                                  **logs.failure("result_publish", exc)))
                     return False
-                log.warning("publishing the result for %s failed, retrying: %s", request["execution_id"], exc)
+                log.warning("publishing the result for %s failed, retrying: %s", request["execution_id"], exc,
+                            extra=logs.execution(request["execution_id"], request.get("tenant") or None,
+                                                 request["step_id"], **logs.failure("result_publish", exc)))
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
     async def _reject(self, delivery: Delivery, exc: BadMessage) -> None:
         """A malformed request: counted, dead-lettered (best effort) and terminated; never retried."""
         self.counts[f"rejected:{exc.reason}"] += 1
-        log.warning("rejected request %s:%s: %s", delivery.stream, delivery.stream_seq, exc)
+        log.warning("rejected request %s:%s: %s", delivery.stream, delivery.stream_seq, exc,
+                    extra=logs.failure(exc.reason, str(exc), source=f"{delivery.stream}:{delivery.stream_seq}"))
         headers = {
             "Nats-Msg-Id": f"{delivery.stream}:{delivery.stream_seq}:{exc.reason}",
             "Ordo-Reason": exc.reason,
@@ -371,11 +380,12 @@ class ActionWorker:
         try:
             await self._js.publish(self.topology.dlq_subject(exc.reason), delivery.data, headers=headers, timeout=5)
         except Exception as err:  # the stream copy is best effort; the log and the count are not
-            log.warning("rejected request not copied to the DLQ stream: %s", err)
+            log.warning("rejected request not copied to the DLQ stream: %s", err, extra=logs.failure("dlq_copy", err))
         await self._settle(delivery, b"+TERM")
 
     async def _settle(self, delivery: Delivery, verb: bytes) -> None:
         try:
             await self._nc.publish(delivery.reply, verb)
         except Exception as exc:  # unacked: redelivered after ack_wait
-            log.warning("%s for %s:%s not sent: %s", verb.decode(), delivery.stream, delivery.stream_seq, exc)
+            log.warning("%s for %s:%s not sent: %s", verb.decode(), delivery.stream, delivery.stream_seq, exc,
+                        extra=logs.failure("nats_ack", exc))

@@ -5,7 +5,8 @@ this execution and that the record was read after its previous message
 committed; this module decides what the message does: nothing (a redelivery
 of a committed message, a stale timer), a dead letter (an execution that does
 not exist or has ended, a definition that cannot run), or the dispatcher's
-transitions and effects as one change for the batcher.
+transitions and effects as one change for the batcher (which fails the
+execution instead when its context outgrows `max_context_bytes`).
 """
 
 import logging
@@ -14,9 +15,10 @@ from datetime import datetime
 
 from hotpath import advance
 from ledger.batcher import Unit
-from ledger.executions import CLOSED, ExecutionRecord, take_effects
+from ledger.executions import CLOSED, ExecutionRecord, UnreadableRecord, take_effects
 
-from . import metrics
+from . import logs, metrics
+from .config import Config
 
 
 log = logging.getLogger("ordo.advance")
@@ -39,7 +41,8 @@ def payload_of(doc: dict):
     return doc  # action_result: step_id, attempt, ok, output | error
 
 
-def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: datetime, now_ms: int) -> Unit | None:
+def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: datetime, now_ms: int,
+          max_context_bytes: int = Config.max_context_bytes) -> Unit | None:
     """The unit this message commits; None when it is a redelivery of a committed one."""
     unit = Unit(source)
     is_timer = source.reply is None
@@ -48,6 +51,11 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
             unit.stale_timers.append((source.key, source.timer_id))
             return unit
         unit.dead_letter("unknown_execution", f"no execution {doc['execution_id']!r}")
+        return unit
+    if type(record) is UnreadableRecord:
+        # Its messages are dead-lettered (retry them once the row is repaired); a timer keeps its row.
+        if not is_timer:
+            unit.dead_letter("unreadable_execution", f"execution {record.execution_id} cannot be read: {record.error}")
         return unit
     if not is_timer and source.stream_seq <= record.last_stream_seq:
         return None  # committed before: a redelivery, nothing to apply
@@ -72,7 +80,10 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         transitions = advance(entry.program, state, kind, payload_of(doc), now_ms)
         metrics.advance_seconds.observe(time.perf_counter() - started)
     except Exception as exc:
-        log.exception("dispatch failed for execution %s", record.execution_id)
+        steps = entry.program.step_ids
+        log.exception("dispatch failed for execution %s", record.execution_id, extra=logs.execution(
+            record.execution_id, record.tenant, steps[state.pc] if 0 <= state.pc < len(steps) else None,
+            workflow_id=record.workflow_id, **logs.failure("dispatch_error", exc)))
         unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,
                          workflow_id=record.workflow_id)
         return unit
@@ -89,10 +100,10 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
             unit.stale_timers.append((source.key, source.timer_id))
         return unit
     if is_timer:
-        unit.changes.append(record.change(transitions, now, effects))
+        unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
     else:
         record.last_stream_seq = source.stream_seq
-        unit.changes.append(record.change(transitions, now, effects, source.stream_seq))
+        unit.changes.append(record.change(transitions, now, effects, source.stream_seq, max_context_bytes))
     return unit
 
 

@@ -35,7 +35,7 @@ class Config:
     batch_max_ms: float = 5.0
     max_message_bytes: int = 256 * 1024
     #: An execution's context (its variables and step outputs, as JSON) may not
-    #: grow past this: the step that would grow it fails with `context_too_large`.
+    #: grow past this: the execution that would grow it fails with `context_too_large`.
     max_context_bytes: int = 64 * 1024
     #: Timers due within this horizon are held in memory; the rest stay on disk.
     timer_horizon_s: float = 60.0
@@ -44,6 +44,9 @@ class Config:
     #: Comma-separated CIDRs the webhook action may reach although they are
     #: private, loopback or link-local (the SSRF guard refuses those otherwise).
     webhook_allow: str = ""
+    #: In-process action calls (webhook, log, ...) run at most this many at a time;
+    #: fetching pauses while twice as many are queued or running.
+    action_concurrency: int = 256
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from hotpath import Program
 from hotpath.definition import DefinitionError, validate
 
+from . import logs
+
 log = logging.getLogger("ordo.definitions")
 
 
@@ -36,7 +38,9 @@ def compile_entry(definition: dict) -> WorkflowEntry:
         validate(definition)
         program = Program(definition)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
-        log.error("workflow %s/%s v%s cannot be loaded: %s", tenant, workflow_id, version, exc)
+        log.error("workflow %s/%s v%s cannot be loaded: %s", tenant, workflow_id, version, exc,
+                  extra=logs.execution(None, tenant, workflow_id=workflow_id, version=version,
+                                       **logs.failure("invalid_definition", exc)))
         return WorkflowEntry(tenant, workflow_id, version, event, None, f"invalid definition: {exc}")
     step_actions = {s["id"]: s["action"] for s in definition["steps"] if s.get("type") == "action"}
     return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions)

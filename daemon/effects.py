@@ -5,7 +5,13 @@ crash can repeat them but never run one whose cause was lost. Every action
 call carries the step's idempotency key (the same on every retry); an action
 whose request or result is lost is retried when its deadline timer fires.
 
-In-process actions (the registry's) run as tasks of this worker; any other
+In-process actions (the registry's) run as tasks of this worker, at most
+`concurrency` at a time. Their intake is bounded by the worker: while calls
+are pending, it fetches only while its messages in flight (each can start at
+most one call) and the pending calls stay under `backlog`, so a burst waits in
+JetStream rather than in memory with its deadlines running. A call still
+queued when its deadline passes is not made at all: its step's deadline timer
+has retried it (or will), and a late call would only be a duplicate. Any other
 action is requested on `<prefix>.actions.<name>.v<major>` for external action
 workers. Either way the result comes back as an `action_result` message on the
 execution's subject, ordered with the execution's other messages.
@@ -15,22 +21,55 @@ import asyncio
 import logging
 import time
 
+import nats.errors
+import nats.js.errors
 import orjson
 
 from actions import contract
 
+from . import logs, metrics
 from .topology import Topology, trigger_msg_id
 
 log = logging.getLogger("ordo.effects")
 
+#: Publish failures that pass (NATS reconnecting, a PubAck that did not come back); any other error is raised.
+_TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+              nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError)
+
+
+async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
+    """Publish until JetStream has stored the message: a committed transition asked for it.
+
+    A retry of a publish that was stored but whose PubAck was lost carries the
+    same Nats-Msg-Id, so JetStream drops it as a duplicate. While NATS is away
+    this waits, and the acks and the intake behind it wait too: backpressure.
+    """
+    delay = 0.05
+    while True:
+        try:
+            await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+            return
+        except _TRANSIENT as exc:
+            log.warning("publish of %s failed (%s); retrying in %.2fs", msg_id, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
 
 class Effects:
-    def __init__(self, js, topology: Topology, actions=None, *, concurrency: int = 256):
+    def __init__(self, js, topology: Topology, actions=None, *, concurrency: int = 256, backlog: int = 512,
+                 on_call_done=None):
         self._js = js
         self._topology = topology
         self._actions = actions  # an actions.contract.ActionRegistry, or None
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set = set()
+        self.backlog = backlog
+        self._on_call_done = on_call_done
+
+    @property
+    def pending(self) -> int:
+        """In-process calls queued or running."""
+        return len(self._running)
 
     async def carry_out(self, record_tenant: str, execution_id: str, effects: list) -> None:
         for kind, data in effects:
@@ -38,8 +77,8 @@ class Effects:
                 await self._action(record_tenant, execution_id, data)
             elif kind == "emit":
                 event = data["event"]
-                await self._js.publish(self._topology.trigger_subject(event["tenant"], event["type"]),
-                                       orjson.dumps(event), headers={"Nats-Msg-Id": trigger_msg_id(event)})
+                await publish_stored(self._js, self._topology.trigger_subject(event["tenant"], event["type"]),
+                                     orjson.dumps(event), trigger_msg_id(event))
 
     async def _action(self, tenant: str, execution_id: str, data: dict) -> None:
         request = contract.request(
@@ -54,14 +93,24 @@ class Effects:
         if action is None:
             subject = self._topology.action_subject(data["action"], data["major"])
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
-            await self._js.publish(subject, contract.encode(request), headers={"Nats-Msg-Id": msg_id})
+            await publish_stored(self._js, subject, contract.encode(request), msg_id)
             return
         task = asyncio.get_running_loop().create_task(self._run_in_process(action, request))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._call_done)
+        metrics.actions_in_process.set(len(self._running))
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        metrics.actions_in_process.set(len(self._running))
+        if self._on_call_done is not None:
+            self._on_call_done()
 
     async def _run_in_process(self, action, request: dict) -> None:
         async with self._slots:
+            if time.time() * 1000 >= request["deadline"]:
+                metrics.actions_expired_queued.labels(request["action"]).inc()
+                return
             result = await contract.invoke(action, contract.ActionContext.from_request(request, log), request["input"])
         await self.publish_result(result)
 
@@ -71,7 +120,8 @@ class Effects:
             await self._js.publish(self._topology.exec_subject(result["execution_id"]), contract.encode(result),
                                    headers={"Nats-Msg-Id": contract.result_msg_id(result)})
         except Exception as exc:  # the step's deadline timer retries it
-            log.warning("action result for %s not published: %s", result["execution_id"], exc)
+            log.warning("action result for %s not published: %s", result["execution_id"], exc, extra=logs.execution(
+                result["execution_id"], step=result.get("step_id"), **logs.failure("result_publish", exc)))
 
     async def close(self, timeout: float = 10.0) -> None:
         """Let in-process actions finish and publish their results (bounded), then close them."""

@@ -10,6 +10,10 @@ The same event may be what running executions wait for (`wait_for_event`):
 those are looked up for a whole fetched batch in one query and the event is
 published onto each waiting execution's subject, where it is ordered with
 the execution's other messages.
+
+A trigger whose `data` alone is larger than `max_context_bytes` enrols no one:
+it is dead-lettered as `context_too_large` (every execution it started would
+carry it and fail).
 """
 
 import logging
@@ -23,7 +27,8 @@ from hotpath.envelope import BadMessage, decode_trigger
 from ledger.batcher import Unit
 from ledger.executions import ExecutionRecord, take_effects
 
-from . import metrics
+from . import logs, metrics
+from .config import Config
 from .topology import Topology, execution_id_for, partition_of
 
 log = logging.getLogger("ordo.enrolment")
@@ -60,15 +65,24 @@ def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:
     return orjson.dumps(body), f"event:{event['event_id']}:{execution_id}"
 
 
-def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, now_ms: int) -> Unit:
+def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, now_ms: int,
+          max_context_bytes: int = Config.max_context_bytes) -> Unit:
     """A new execution per matching workflow, each run until it suspends or ends."""
     unit = Unit(delivery)
     tenant = event["tenant"]
     if not registry.knows_tenant(tenant):
         unit.dead_letter("unknown_tenant", f"tenant {tenant!r} is not known to this engine", tenant=tenant)
         return unit
+    candidates = registry.candidates(tenant, event["type"])
+    # Only a body larger than the limit can hold data larger than it: measure just those.
+    if candidates and max_context_bytes and len(delivery.data) > max_context_bytes:
+        size = len(orjson.dumps(event.get("data")))
+        if size > max_context_bytes:
+            unit.dead_letter("context_too_large", f"trigger data is {size} bytes, over the limit of "
+                             f"{max_context_bytes} (max_context_bytes)", tenant=tenant)
+            return unit
     matched = False
-    for entry in registry.candidates(tenant, event["type"]):
+    for entry in candidates:
         if entry.program is None:
             unit.dead_letter("invalid_definition", entry.error, tenant=tenant, workflow_id=entry.workflow_id)
             continue
@@ -87,12 +101,15 @@ def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, no
             transitions = advance(entry.program, state, "start", None, now_ms)
             metrics.advance_seconds.observe(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
-            log.exception("dispatch failed for %s/%s", tenant, entry.workflow_id)
+            log.exception("dispatch failed for %s/%s", tenant, entry.workflow_id,
+                          extra=logs.execution(execution_id_for(tenant, entry.workflow_id, event["event_id"]),
+                                               tenant, workflow_id=entry.workflow_id,
+                                               **logs.failure("dispatch_error", exc)))
             unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant,
                              workflow_id=entry.workflow_id)
             continue
         effects = take_effects(state)
-        unit.changes.append(record.change(transitions, now, effects))
+        unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
     if not matched and not unit.dead_letters:
         metrics.triggers_unmatched.inc()
     return unit

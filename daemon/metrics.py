@@ -22,6 +22,11 @@ commit_rows = Histogram(
 commit_retries = Counter("ordo_ledger_commit_retries_total", "Commit attempts that failed and were retried.")
 fenced = Counter("ordo_fenced_commits_total", "Commits refused because partition ownership moved.")
 fetch_seconds = Histogram("ordo_nats_fetch_seconds", "JetStream fetch latency.", ["stream"], buckets=COMMIT_BUCKETS)
+ack_seconds = Histogram(
+    "ordo_nats_ack_seconds",
+    "From a committed batch's first ack being written until NATS has all of its acks (a PING/PONG after them).",
+    buckets=COMMIT_BUCKETS,
+)
 in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
 ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")
@@ -39,11 +44,21 @@ actions = Counter(
     "ordo_actions_total", "Action results applied, by action and outcome (ok, retryable error, final error, late).",
     ["action", "outcome"],
 )
+actions_in_process = Gauge("ordo_actions_in_process", "In-process action calls queued or running in this worker.")
+actions_expired_queued = Counter(
+    "ordo_actions_expired_queued_total",
+    "In-process action calls not made because their deadline passed while they waited for a slot.",
+    ["action"],
+)
 advance_seconds = Histogram(
     "ordo_advance_seconds", "Dispatcher time to advance one execution for one message or timer (all its steps).",
     buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1),
 )
 consumer_lag = Gauge("ordo_consumer_lag", "Messages waiting in JetStream for this worker's consumers.", ["stream"])
+injected_faults = Counter(
+    "ordo_injected_faults_total", "Faults injected on purpose by the inject_faults setting (soaks and tests only).",
+    ["kind"],
+)
 
 # Children bound once: `.labels()` on every message showed up in profiles.
 enrolled = enrolments.labels("enrolled")
@@ -52,3 +67,8 @@ exec_applied = exec_messages.labels("applied")
 exec_duplicate = exec_messages.labels("duplicate")
 fetch_triggers_seconds = fetch_seconds.labels("triggers")
 fetch_exec_seconds = fetch_seconds.labels("exec")
+
+# Every end an execution can reach exports a series from the start, so that the
+# failure rate (failed / finished) reads 0 rather than "no data" before the first failure.
+for _status in ("completed", "failed", "cancelled"):
+    executions_finished.labels(_status)

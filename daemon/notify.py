@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 
+from . import logs
+
 log = logging.getLogger("ordo.notify")
 
 
@@ -35,7 +37,7 @@ def notify(*states: str) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message, _address(raw))
     except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", raw, exc)
+        log.warning("sd_notify to %s failed: %s", raw, exc, extra=logs.failure("sd_notify", exc))
         return False
     return True
 
@@ -53,7 +55,7 @@ def watchdog_interval() -> float | None:
     try:
         value = int(usec)
     except ValueError:
-        log.warning("ignoring WATCHDOG_USEC=%r: not an integer", usec)
+        log.warning("ignoring WATCHDOG_USEC=%r: not an integer", usec, extra=logs.failure("bad_watchdog_usec"))
         return None
     return value / 1e6 if value > 0 else None
 

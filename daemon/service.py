@@ -95,7 +95,7 @@ class _Service:
                 await self.worker.reload_definitions()
             log.info("SIGHUP: reloaded (log level %s, workflow definitions)", fresh.log_level)
         except Exception as exc:
-            log.error("SIGHUP: reload failed, running on as before: %s", exc)
+            log.error("SIGHUP: reload failed, running on as before: %s", exc, extra=logs.failure("reload", exc))
         finally:
             if announced:
                 notify("READY=1", self.status())
@@ -118,6 +118,8 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
     `config_path` is the file SIGHUP re-reads (default: $ORDO_CONFIG or /etc/ordo/ordo.toml).
     """
     worker = Worker(config, worker_index=worker_index, workers=workers)
+    # Before the signal handlers and the health server: their lines carry the worker's name too.
+    logs.bind_worker(worker.name)
     service = _Service(config, worker, config_path)
     loop = asyncio.get_running_loop()
     handlers = {
@@ -139,7 +141,8 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
             try:
                 await health.start()
             except OSError as exc:
-                log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, port, exc)
+                log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, port, exc,
+                          extra=logs.failure("metrics_port", exc))
                 health = None
                 return EXIT_NO_PORT
 
@@ -158,7 +161,8 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
         try:
             await run
         except Fenced as exc:
-            log.error("%s; exiting so that the supervisor restarts this worker", exc)
+            log.error("%s; exiting so that the supervisor restarts this worker", exc,
+                      extra=logs.failure("fenced", exc, partitions=exc.partitions))
             notify(f"STATUS=fenced, exiting to be restarted: {exc}")
             return EXIT_FENCED
         return EXIT_OK

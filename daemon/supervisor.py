@@ -7,11 +7,17 @@
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 log = logging.getLogger("ordo.supervisor")
+
+
+def _worker_name(index: int, pid: int) -> str:
+    """The name a worker process logs under (daemon.worker.Worker.name), for lines about it."""
+    return f"{socket.gethostname()}/{pid}/w{index}"
 
 
 class Supervisor:
@@ -25,7 +31,8 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         cmd = [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(self.workers)]
         self.children[index] = subprocess.Popen(cmd, env=self.env)
-        log.info("worker %d started (pid %d)", index, self.children[index].pid)
+        pid = self.children[index].pid
+        log.info("worker %d started (pid %d)", index, pid, extra={"worker": _worker_name(index, pid)})
 
     def start(self) -> None:
         for index in range(self.workers):
@@ -40,7 +47,8 @@ class Supervisor:
             last = self._restarts.get(index, 0.0)
             if time.monotonic() - last < 1.0:
                 continue
-            log.warning("worker %d exited with %s; restarting", index, code)
+            log.warning("worker %d exited with %s; restarting", index, code,
+                        extra={"worker": _worker_name(index, child.pid), "reason": "worker_exited", "code": code})
             self._restarts[index] = time.monotonic()
             self._spawn(index)
 

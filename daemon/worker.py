@@ -34,10 +34,10 @@ from ledger import executions, workflows
 from ledger.batcher import CONNECTION_ERRORS, Fenced, LedgerBatcher, Unit
 from ledger.schema import require_current
 
-from . import advance, enrolment, metrics
+from . import advance, enrolment, faults, logs, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
-from .effects import Effects
+from .effects import Effects, publish_stored
 from .ownership import Ownership
 from .progress import PartitionProgress
 from .pull import Delivery, PullConsumer
@@ -99,21 +99,27 @@ class Worker:
         self._pool = None
         self._listener = None
         self._tasks: list[asyncio.Task] = []
+        #: The one ack-latency measurement in flight (see _time_acks).
+        self._ack_probe: asyncio.Task | None = None
         self.fatal: BaseException | None = None
 
     # -- start and stop -------------------------------------------------------
 
     async def start(self) -> None:
+        logs.bind_worker(self.name)  # every line from here and from the tasks started here names this worker
         self._nc = await nats.connect(
             self.config.nats_url, name=f"ordo-{self.name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)
+        faults.install(self.config.inject_faults, self._nc, self._js, self.batcher, worker=self.index)
         await self.topology.ensure(self._js)
         self._stream_created = str((await self._js.stream_info(self.topology.exec_stream)).created)
         if self._actions is None:
             self._actions = _in_process_actions(self.config)
-        self.effects = Effects(self._js, self.topology, self._actions)
+        self.effects = Effects(self._js, self.topology, self._actions, concurrency=self.config.action_concurrency,
+                               backlog=2 * self.config.action_concurrency,
+                               on_call_done=self._action_call_done)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
         self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=4,
@@ -195,7 +201,8 @@ class Worker:
             except CONNECTION_ERRORS as exc:
                 if self.stopping.is_set() and what != "load":
                     raise
-                log.warning("%s: lost the ledger connection (%s); retrying in %.2fs", what, exc, delay)
+                log.warning("%s: lost the ledger connection (%s); retrying in %.2fs", what, exc, delay,
+                            extra=logs.failure("ledger_connection", exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -216,7 +223,8 @@ class Worker:
             if lost:
                 # Another worker holds them under a newer epoch: whatever of
                 # theirs is still in flight here will be fenced at commit.
-                log.error("lost partition(s) %s to another worker", lost)
+                log.error("lost partition(s) %s to another worker", lost,
+                          extra=logs.failure("partitions_lost", partitions=sorted(lost)))
                 for p in lost:
                     self._stop_partition(p)
             for p, (epoch, watermark) in sorted(gained.items()):
@@ -242,7 +250,7 @@ class Worker:
             for p in list(self.ownership.owned):
                 exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p))).num_pending
         except Exception as exc:  # a metric is not worth a crash
-            log.debug("consumer lag not measured: %s", exc)
+            log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
             return
         metrics.consumer_lag.labels(t.triggers_stream).set(triggers.num_pending)
         metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)
@@ -258,12 +266,14 @@ class Worker:
         self._fetchers[p] = task = asyncio.create_task(
             self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p))
         task.add_done_callback(self._fetcher_ended)
-        log.info("worker %s owns partition %d (epoch %d, resuming after %d)", self.name, p, epoch, watermark)
+        log.info("owns partition %d (epoch %d, resuming after %d)", p, epoch, watermark,
+                 extra={"partition": p, "epoch": epoch})
 
     def _fetcher_ended(self, task: asyncio.Task) -> None:
         """A partition's fetch loop must not die quietly while the worker keeps its lease."""
         if not task.cancelled() and task.exception() is not None and self.fatal is None:
-            log.error("a partition fetch loop failed: %r; stopping the worker", task.exception())
+            log.error("a partition fetch loop failed: %r; stopping the worker", task.exception(),
+                      extra=logs.failure("fetch_loop", task.exception()))
             self.fatal = task.exception()
             self.stopping.set()
 
@@ -287,7 +297,7 @@ class Worker:
         self.progress.pop(p, None)
         self._closing.discard(p)
         self._releasing.discard(p)
-        log.info("worker %s gave partition %d back (above its fair share)", self.name, p)
+        log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -300,7 +310,7 @@ class Worker:
             try:
                 await self._nc.flush(timeout=5)
             except Exception as exc:
-                log.warning("final flush to NATS failed: %s", exc)
+                log.warning("final flush to NATS failed: %s", exc, extra=logs.failure("nats_flush", exc))
             await self._nc.close()
 
     # -- fetch ----------------------------------------------------------------
@@ -313,7 +323,7 @@ class Worker:
                 if stopping:
                     return  # drained: no pull request left open to deliver into nowhere
                 # Backpressure: a new request never takes in_flight past max_ack_pending.
-                while self._in_flight + batch > self.config.max_ack_pending:
+                while not self._has_room(batch, new_work=name == "triggers"):
                     self._room.clear()
                     await self._room.wait()
                 await self.batcher.wait_for_space()
@@ -323,7 +333,8 @@ class Worker:
             except nats.errors.ConnectionClosedError:
                 return
             except nats.errors.Error as exc:
-                log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc)
+                log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc,
+                            extra=logs.failure("nats_pull", exc))
                 await asyncio.sleep(0.5)
                 continue
             if not deliveries:
@@ -337,9 +348,25 @@ class Worker:
                     metrics.redeliveries.labels(d.stream).inc()
             await take(deliveries)
 
+    def _has_room(self, batch: int, *, new_work: bool = False) -> bool:
+        if self._in_flight + batch > self.config.max_ack_pending:
+            return False
+        if not new_work:
+            return True
+        # In-process action calls wait for a slot while their deadlines run. While
+        # any are pending, new executions (each starts at most one call) wait in
+        # JetStream until what is in flight and those calls fit the backlog. The
+        # executions' own messages (results above all) keep flowing.
+        pending_calls = self.effects.pending
+        return pending_calls == 0 or self._in_flight + pending_calls < self.effects.backlog
+
     def _release(self, count: int) -> None:
         self._in_flight -= count
-        if self._in_flight + self.config.fetch_batch <= self.config.max_ack_pending:
+        if self._has_room(self.config.fetch_batch):
+            self._room.set()
+
+    def _action_call_done(self) -> None:
+        if self._has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
     # -- enrol: triggers ------------------------------------------------------
@@ -361,11 +388,12 @@ class Worker:
         if routes:
             await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
         for delivery, event in decoded:
-            self.batcher.add(enrolment.enrol(self.registry, self.topology, delivery, event, now, now_ms))
+            self.batcher.add(enrolment.enrol(self.registry, self.topology, delivery, event, now, now_ms,
+                                             self.config.max_context_bytes))
 
     async def _route(self, execution_id: str, event: dict) -> None:
         body, msg_id = enrolment.event_message(execution_id, event)
-        await self._js.publish(self.topology.exec_subject(execution_id), body, headers={"Nats-Msg-Id": msg_id})
+        await publish_stored(self._js, self.topology.exec_subject(execution_id), body, msg_id)
         metrics.events_routed.inc()
 
     # -- order and dispatch: messages and timers addressed to executions -----
@@ -420,7 +448,8 @@ class Worker:
                 records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
                 now, now_ms = _now(), self.clock_ms()
                 for key, (source, doc) in items:
-                    unit = advance.apply(self.registry, records.get(key), source, doc, now, now_ms)
+                    unit = advance.apply(self.registry, records.get(key), source, doc, now, now_ms,
+                                         self.config.max_context_bytes)
                     if unit is None:
                         metrics.exec_duplicate.inc()
                         self._settle_now(source)
@@ -460,6 +489,7 @@ class Worker:
         enrolled = deduplicated = applied = transitions = 0
         finished: dict = {}
         publish = self._nc.publish
+        first_ack = None
         now_ms = time.time() * 1000.0
         for unit in result.units:
             source = unit.token
@@ -496,14 +526,29 @@ class Worker:
                 self._settled(source, done=False)  # it comes back; progress waits for it
                 continue
             else:
+                if first_ack is None:
+                    first_ack = time.monotonic()
                 await publish(source.reply, b"+ACK")
             self._settled(source)
+        if first_ack is not None and (self._ack_probe is None or self._ack_probe.done()):
+            # Off the commit path, and one at a time: under load most batches go unmeasured, at no cost.
+            self._ack_probe = asyncio.get_running_loop().create_task(self._time_acks(first_ack))
+        metrics.in_flight.set(self._in_flight)
         metrics.enrolled.inc(enrolled)
         metrics.deduplicated.inc(deduplicated)
         metrics.exec_applied.inc(applied)
         metrics.transitions.inc(transitions)
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
+
+    async def _time_acks(self, since: float) -> None:
+        """ordo_nats_ack_seconds: a PING written after a batch's acks; its PONG means NATS has them all."""
+        try:
+            await self._nc.flush(timeout=5)
+        except Exception as exc:  # a metric is not worth a crash; the acks are best effort anyway
+            log.debug("ack latency not measured: %s", exc, extra=logs.failure("nats_flush", exc))
+            return
+        metrics.ack_seconds.observe(time.monotonic() - since)
 
     def _settle_now(self, source) -> None:
         if source.reply is not None:
@@ -525,6 +570,9 @@ class Worker:
         """Copy committed dead letters onto the DLQ stream (the ledger row is the record)."""
         for source, letter in letters:
             metrics.dead_letters.labels(letter.reason).inc()
+            log.warning("dead letter (%s): %s", letter.reason, letter.error, extra=logs.execution(
+                letter.execution_id, letter.tenant, letter.step_id, workflow_id=letter.workflow_id,
+                **logs.failure(letter.reason, letter.error)))
             headers = {
                 "Nats-Msg-Id": f"{letter.stream}:{letter.stream_seq}:{letter.reason}:{letter.workflow_id or ''}"
                                f":{letter.execution_id or ''}",
@@ -535,4 +583,5 @@ class Worker:
             try:
                 await self._js.publish(self.topology.dlq_subject(letter.reason), letter.payload, headers=headers)
             except Exception as exc:  # the ledger row is committed; the stream copy is best effort
-                log.warning("dead letter not copied to the DLQ stream: %s", exc)
+                log.warning("dead letter not copied to the DLQ stream: %s", exc, extra=logs.execution(
+                    letter.execution_id, letter.tenant, letter.step_id, **logs.failure("dlq_copy", exc)))

@@ -2,8 +2,13 @@
 
 `ExecutionRecord.change()` turns the dispatcher's output into the rows the
 batcher commits; `load()` reads records back for the messages of a round.
+
+`change()` is also where the context is serialised for the ledger, so that is
+where `max_context_bytes` is enforced at no extra cost: an advance that grows
+the context past the limit fails the execution instead (see `_too_large`).
 """
 
+import re
 from datetime import datetime, timezone
 
 import asyncpg
@@ -19,6 +24,8 @@ CLOSED = frozenset(("completed", "failed", "cancelled"))
 RUNTIME_FIELDS = ("attempt", "timer", "visits", "failures")
 #: Effects the worker carries out after the commit; the others are ledger rows.
 AFTER_COMMIT = frozenset(("action", "emit"))
+#: Transitions that write into the context (the step that grew it is the last of these).
+_WRITES_CONTEXT = frozenset(("set", "action_completed", "signal", "event_received"))
 
 
 def _json(value) -> str:
@@ -30,11 +37,12 @@ class ExecutionRecord:
 
     __slots__ = (
         "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
-        "partition", "created_at", "last_stream_seq", "loaded_seq", "loaded_timer", "state", "event_json",
+        "partition", "created_at", "last_stream_seq", "loaded_seq", "loaded_timer", "loaded_context", "state",
+        "event_json",
     )
 
     def __init__(self, execution_id, tenant, workflow_id, workflow_version, contact_id, event_id,
-                 partition, created_at, last_stream_seq, state, event_json=None):
+                 partition, created_at, last_stream_seq, state, event_json=None, loaded_context="{}"):
         self.execution_id = execution_id
         self.tenant = tenant
         self.workflow_id = workflow_id
@@ -48,30 +56,27 @@ class ExecutionRecord:
         self.loaded_seq = state.seq
         #: The timer as stored (to know when the ledger's row must go).
         self.loaded_timer = state.timer
+        #: The context as stored (JSON text): what a too-large context leaves in place.
+        self.loaded_context = loaded_context
         self.state = state
         self.event_json = event_json
 
-    def change(self, transitions: list, now: datetime, effects=(), source_seq: int | None = None) -> ExecutionChange:
-        """The rows this advance commits, and the ledger effects it carries."""
+    def change(self, transitions: list, now: datetime, effects=(), source_seq: int | None = None,
+               max_context_bytes: int = 0) -> ExecutionChange:
+        """The rows this advance commits, and the ledger effects it carries.
+
+        With `max_context_bytes` set, a context whose JSON is larger fails the
+        execution instead (`_too_large`).
+        """
         state = self.state
-        eid = self.execution_id
-        is_new = self.loaded_seq == 0
-        row = (
-            eid, self.tenant, self.workflow_id, self.workflow_version, self.contact_id, self.event_id,
-            self.partition, state.status, state.seq, state.pc, state.steps, state.waiting,
-            self.last_stream_seq, _json(state.context),
-            _json(state.contact) if is_new else "{}",
-            (self.event_json or _json(state.event)) if is_new else "{}",
-            self.created_at, _json(runtime_of(state)),
-        )
+        context = _json(state.context)
+        if max_context_bytes and len(context) > max_context_bytes:
+            return self._too_large(transitions, now, source_seq, context, max_context_bytes)
         rows = [
-            (eid, seq, step_id, kind, now, None if detail is None else _json(detail), source_seq)
+            (self.execution_id, seq, step_id, kind, now, None if detail is None else _json(detail), source_seq)
             for seq, step_id, kind, detail in transitions
         ]
-        change = ExecutionChange(eid, self.partition, row, rows, self.loaded_seq, state.status in CLOSED)
-        if change.finished:
-            ts = state.event.get("ts") if isinstance(state.event, dict) else None
-            change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
+        change = self._change(context, rows)
         for kind, data in effects:
             if kind == "set_timer":
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=timezone.utc)
@@ -93,6 +98,67 @@ class ExecutionRecord:
         # left (cleared, or it fired); a set_timer replaces it in place.
         if change.timer is None and self.loaded_timer is not None and state.timer is None:
             change.drop_timer = True
+        return change
+
+    def _change(self, context: str, rows: list) -> ExecutionChange:
+        state = self.state
+        is_new = self.loaded_seq == 0
+        row = (
+            self.execution_id, self.tenant, self.workflow_id, self.workflow_version, self.contact_id, self.event_id,
+            self.partition, state.status, state.seq, state.pc, state.steps, state.waiting,
+            self.last_stream_seq, context,
+            _json(state.contact) if is_new else "{}",
+            (self.event_json or _json(state.event)) if is_new else "{}",
+            self.created_at, _json(runtime_of(state)),
+        )
+        change = ExecutionChange(self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED)
+        if change.finished:
+            ts = state.event.get("ts") if isinstance(state.event, dict) else None
+            change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
+        return change
+
+    def _too_large(self, transitions: list, now: datetime, source_seq, context: str, limit: int) -> ExecutionChange:
+        """The advance grew the context past `limit`: fail the execution, keep the last stored context.
+
+        The advance's transitions are recorded (they carry its inputs, so
+        nothing is lost and replay sees what happened) up to an end it may have
+        reached, which the failure replaces; its effects (action requests,
+        emits, timers, waits, a step's dead letter) are dropped, and the
+        too-large context goes into a `context_too_large` dead letter. Taking
+        a failure branch would mean running the dispatcher again after the
+        fact, so the execution simply fails.
+        """
+        state = self.state
+        kept = [t for t in transitions if t[2] not in CLOSED]
+        largest = max(state.context.items(), key=lambda item: len(_json(item[1])), default=(None, None))
+        writers = list(dict.fromkeys(t[1] for t in kept if t[2] in _WRITES_CONTEXT and t[1]))
+        # Sizes are not measured per step (that would cost every step): the step that
+        # grew it is the one whose output is the largest entry, else the first writer.
+        grown_by = largest[0] if largest[0] in writers else (writers[0] if writers else "")
+        error = f"context is {len(context)} bytes, over the limit of {limit} (max_context_bytes), after step {grown_by!r}"
+        if len(writers) > 1:
+            error += f" (steps that wrote to it: {', '.join(map(repr, writers))})"
+        if largest[0] is not None:
+            error += f"; its largest entry is {largest[0]!r} ({len(_json(largest[1]))} bytes)"
+        seq = (kept[-1][0] if kept else self.loaded_seq) + 1
+        kept.append((seq, grown_by, "failed", {"error": error, "code": "context_too_large"}))
+        state.seq = seq
+        state.status = "failed"
+        state.waiting = None
+        state.timer = None
+        state.context = orjson.loads(self.loaded_context)
+        rows = [
+            (self.execution_id, seq, step_id, kind, now, None if detail is None else _json(detail), source_seq)
+            for seq, step_id, kind, detail in kept
+        ]
+        change = self._change(self.loaded_context, rows)
+        change.drop_timer = self.loaded_timer is not None
+        change.drop_wait = True
+        change.letters.append(DeadLetter(
+            reason="context_too_large", error=error, subject="", stream="", stream_seq=seq,
+            payload=context.encode(), tenant=self.tenant, workflow_id=self.workflow_id,
+            execution_id=self.execution_id, step_id=grown_by or None,
+        ))
         return change
 
     def _step_letter(self, data: dict) -> DeadLetter:
@@ -133,25 +199,58 @@ FROM ordo.executions WHERE execution_id = ANY($1::uuid[])
 """
 
 
+class UnreadableRecord:
+    """A stored execution that cannot be turned back into a state (a hand edit, a corrupt row)."""
+
+    __slots__ = ("execution_id", "error")
+
+    def __init__(self, execution_id: str, error: str):
+        self.execution_id = execution_id
+        self.error = error
+
+
+#: An execution id as the ledger writes it; anything else cannot name an execution.
+_EXECUTION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
 async def load(conn: asyncpg.Connection, execution_ids: list[str]) -> dict:
-    """The committed records of these executions (missing ids are absent)."""
+    """The committed records of these executions (missing ids are absent).
+
+    Ids that are not execution ids are absent too (a message may carry any
+    string), and a row that cannot be read is an `UnreadableRecord`: one bad
+    id or row must not fail the whole round's read.
+    """
     records = {}
-    for r in await conn.fetch(_LOAD, execution_ids):
-        state = ExecutionState(
-            r["execution_id"],
-            status=r["status"],
-            pc=r["pc"],
-            seq=r["seq"],
-            context=orjson.loads(r["context"]),
-            contact=orjson.loads(r["contact"]),
-            event=orjson.loads(r["event"]),
-            steps=r["steps"],
-            waiting=r["waiting"],
-        )
-        restore_runtime(state, orjson.loads(r["runtime"]))
-        state.tenant = r["tenant"]
-        records[r["execution_id"]] = ExecutionRecord(
-            r["execution_id"], r["tenant"], r["workflow_id"], r["workflow_version"], r["contact_id"],
-            r["event_id"], r["partition"], r["created_at"], r["last_stream_seq"], state,
-        )
+    wanted = [eid for eid in execution_ids if isinstance(eid, str) and _EXECUTION_ID.match(eid)]
+    if not wanted:
+        return records
+    for r in await conn.fetch(_LOAD, wanted):
+        try:
+            records[r["execution_id"]] = _record(r)
+        except (ValueError, TypeError, AttributeError) as exc:
+            records[r["execution_id"]] = UnreadableRecord(r["execution_id"], f"{type(exc).__name__}: {exc}")
     return records
+
+
+def _record(r) -> ExecutionRecord:
+    state = ExecutionState(
+        r["execution_id"],
+        status=r["status"],
+        pc=r["pc"],
+        seq=r["seq"],
+        context=orjson.loads(r["context"]),
+        contact=orjson.loads(r["contact"]),
+        event=orjson.loads(r["event"]),
+        steps=r["steps"],
+        waiting=r["waiting"],
+    )
+    runtime = orjson.loads(r["runtime"])
+    if type(runtime) is not dict:
+        raise TypeError(f"runtime is a JSON {type(runtime).__name__}, an object is required")
+    restore_runtime(state, runtime)
+    state.tenant = r["tenant"]
+    return ExecutionRecord(
+        r["execution_id"], r["tenant"], r["workflow_id"], r["workflow_version"], r["contact_id"],
+        r["event_id"], r["partition"], r["created_at"], r["last_stream_seq"], state,
+        loaded_context=r["context"],
+    )

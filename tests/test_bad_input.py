@@ -118,3 +118,102 @@ async def test_bad_messages_for_executions_are_dead_lettered(nats_server_url, pg
         assert str(reasons["execution_closed"]["execution_id"]) == finished
         assert str(reasons["unknown_execution"]["execution_id"]) == ghost
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+CONTEXT_LIMIT = 2048
+
+GROWER = {
+    "id": "grower", "tenant": "acme", "trigger": {"event": "grow.me"},
+    "steps": [
+        {"id": "copy", "type": "set",
+         "values": {"a": "{{event.data.blob}}", "b": "{{event.data.blob}}", "c": "{{event.data.blob}}"}},
+        {"id": "done", "type": "set", "values": {"done": True}},
+    ],
+}
+LOOKUP = {
+    "id": "lookup", "tenant": "acme", "trigger": {"event": "lookup.me"},
+    "steps": [
+        {"id": "fetch", "type": "action", "action": "crm.lookup", "input": {"id": "{{contact.id}}"},
+         "timeout": "1h"},
+        {"id": "done", "type": "set", "values": {"done": True}},
+    ],
+}
+
+
+def _grow(i: int, blob_bytes: int, event_type: str = "grow.me") -> dict:
+    return trigger_event("grow", i, tenant="acme", event_type=event_type, data={"blob": "x" * blob_bytes})
+
+
+def _result(execution_id: str, output: dict) -> bytes:
+    return orjson.dumps({"v": 1, "kind": "action_result", "execution_id": execution_id, "step_id": "fetch",
+                         "attempt": 1, "ok": True, "output": output})
+
+
+async def test_a_context_that_outgrows_the_limit_fails_its_execution(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix, max_context_bytes=CONTEXT_LIMIT) as h:
+        await h.deploy(GROWER)
+        await h.deploy(LOOKUP)
+        before = metrics.dead_letters.labels("context_too_large")._value.get()
+        # Three copies of a 1000-byte blob outgrow 2048 bytes; of a 100-byte one they do not.
+        # A 3000-byte blob is over the limit by itself: that trigger enrols no one.
+        events = [_grow(i, 100) for i in range(20)] + [_grow(100, 1000), _grow(101, 3000)]
+        events += [_grow(200 + i, 10, "lookup.me") for i in range(2)]
+        async with h.worker():
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=20)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=2)
+            small, big = (h.execution_id("acme", "lookup", f"grow-{200 + i}") for i in range(2))
+            await h.publish_raw(h.topology.exec_subject(small), _result(small, {"blob": "y" * 100}))
+            await h.publish_raw(h.topology.exec_subject(big), _result(big, {"blob": "y" * 3000}))
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=21)
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=3)
+
+        grown = h.execution_id("acme", "grower", "grow-100")
+        failed = {str(r["execution_id"]): r for r in await h.db.fetch(
+            "SELECT execution_id, context, runtime FROM ordo.executions WHERE status = 'failed'")}
+        assert set(failed) == {grown, big}
+        assert orjson.loads(failed[grown]["context"]) == {}  # the last stored context stays
+        assert orjson.loads(failed[big]["context"]) == {}
+        assert orjson.loads(failed[big]["runtime"])["timer"] is None
+        for execution_id, step in ((grown, "copy"), (big, "fetch")):
+            last = await h.db.fetchrow("SELECT step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid"
+                                       " ORDER BY seq DESC LIMIT 1", execution_id)
+            detail = orjson.loads(last["detail"])
+            assert (last["step_id"], last["kind"], detail["code"]) == (step, "failed", "context_too_large")
+            assert f"over the limit of {CONTEXT_LIMIT}" in detail["error"] and f"after step '{step}'" in detail["error"]
+        letters = {str(r["execution_id"]): r for r in await h.db.fetch("SELECT * FROM ordo.dead_letters")}
+        assert all(r["reason"] == "context_too_large" for r in letters.values())
+        assert letters[grown]["step_id"] == "copy" and "context is 3" in letters[grown]["error"]
+        assert orjson.loads(bytes(letters[grown]["payload"]))["a"] == "x" * 1000  # the too-large context, kept
+        assert "trigger data is" in letters["None"]["error"]
+        assert not await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE event_id = 'grow-101'")
+        assert metrics.dead_letters.labels("context_too_large")._value.get() == before + 3
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+TYPO = {
+    "id": "typo", "tenant": "acme", "trigger": {"event": "contact.created"},
+    "steps": [
+        {"id": "check", "type": "if", "condition": {"exists": "contact.first_nam"}, "then": "send", "else": "send"},
+        {"id": "send", "type": "action", "action": "log", "input": {"message": "Hi {{contact.first_nam}}"}},
+    ],
+}
+
+
+async def test_a_value_naming_a_missing_field_fails_its_step_with_a_clear_error(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(TYPO)
+        async with h.worker():
+            await h.publish_triggers([_good(i) for i in range(5)])
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=5)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'failed'", expect=5)
+        letters = await h.db.fetch("SELECT * FROM ordo.dead_letters")
+        assert {(r["reason"], r["step_id"], r["workflow_id"]) for r in letters} == {
+            ("template_missing_field", "send", "typo")}
+        assert all("{{contact.first_nam}} names a missing field" in r["error"] for r in letters)
+        # The condition on the same missing field read it as null and went on.
+        kinds = [r["kind"] for r in await h.db.fetch(
+            "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+            h.execution_id("acme", "typo", "good-0"))]
+        assert kinds == ["started", "branch", "step_failed", "failed"]
+        assert await h.ledger_problems() == NO_PROBLEMS

@@ -36,6 +36,8 @@ class Target:
     def __init__(self):
         self.calls: list[dict] = []
         self.script: dict[str, list[int]] = {}
+        #: Seconds each call to a name takes before it is answered.
+        self.delay: dict[str, float] = {}
         self.runner = None
         self.port = None
 
@@ -54,6 +56,7 @@ class Target:
         body = await request.read()
         self.calls.append({"name": name, "key": request.headers.get("Idempotency-Key"),
                            "body": orjson.loads(body) if body else None, "at": time.monotonic()})
+        await asyncio.sleep(self.delay.get(name, 0))
         statuses = self.script.get(name) or [200]
         status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
         return web.json_response({"ok": status < 300, "n": len(self.calls)}, status=status)
@@ -205,6 +208,30 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
         assert kinds.count("action_requested") == 3 and kinds.count("action_completed") == 1
         assert metrics.actions.labels("webhook", "retryable")._value.get() - retried_before == 2
         assert metrics.actions.labels("webhook", "ok")._value.get() - ok_before == 1
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_burst_of_slow_in_process_calls_waits_in_jetstream_not_past_its_deadlines(
+        nats_server_url, pg_dsn, prefix, target):
+    """Many more calls than slots: intake pauses, so no call is queued past its deadline and made twice."""
+    slow = {
+        "id": "slow", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "steps": [{"id": "notify", "type": "action", "action": "webhook", "timeout": "2s",
+                   "input": {"url": target.url("notify")}}],
+    }
+    target.delay["notify"] = 0.05
+    count = 600  # at 8 calls in flight and 50 ms a call: 3.75 s of work, far more than the 2 s deadline
+    async with Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8", action_concurrency=8,
+                       fetch_batch=32) as h:
+        await h.deploy(slow)
+        async with h.worker():
+            await h.publish_triggers([trigger_event("slow", i, tenant="acme", event_type="order.placed")
+                                      for i in range(count)])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
+                               timeout=60)
+        keys = [c["key"] for c in target.named("notify")]
+        assert len(keys) == count and len(set(keys)) == count
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
