@@ -53,6 +53,7 @@ class WorkflowRegistry:
         self._versions: dict = {}
         self._by_trigger: dict = {}
         self._tenants: set = set()
+        self._awaited: frozenset = frozenset()
 
     def load(self, definitions: list[dict], tenants: set[str]) -> None:
         versions, latest = {}, {}
@@ -67,9 +68,22 @@ class WorkflowRegistry:
         for entry in latest.values():
             by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
         self._versions, self._by_trigger, self._tenants = versions, by_trigger, set(tenants)
+        self._awaited = frozenset(
+            (definition.get("tenant"), step.get("event"))
+            for definition in definitions if isinstance(definition.get("steps"), list)
+            for step in definition["steps"] if isinstance(step, dict) and step.get("type") == "wait_for_event"
+        )
 
     def knows_tenant(self, tenant: str) -> bool:
         return tenant in self._tenants
+
+    def awaited(self, tenant: str, event_type: str) -> bool:
+        """Whether any version of the tenant's workflows has a `wait_for_event` for this event type.
+
+        Only then can an execution be waiting for such an event, so only then
+        does a trigger need routing (a query per fetched batch otherwise).
+        """
+        return (tenant, event_type) in self._awaited
 
     def candidates(self, tenant: str, event_type: str) -> list[WorkflowEntry]:
         """The latest version of each of the tenant's workflows triggered by this event type."""

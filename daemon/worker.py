@@ -383,8 +383,10 @@ class Worker:
                 decoded.append((delivery, event))
         # Executions waiting for these events get them on their own subjects
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
-        events = [event for _, event in decoded]
-        routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing")
+        # Only events some workflow waits for can have an execution waiting (the registry knows).
+        awaited = self.registry.awaited
+        events = [event for _, event in decoded if awaited(event["tenant"], event["type"])]
+        routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing") if events else ()
         if routes:
             await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
         for delivery, event in decoded:
