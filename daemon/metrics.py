@@ -27,6 +27,10 @@ ack_seconds = Histogram(
     "From a committed batch's first ack being written until NATS has all of its acks (a PING/PONG after them).",
     buckets=COMMIT_BUCKETS,
 )
+acks_not_sent = Counter(
+    "ordo_acks_not_sent_total",
+    "Acks or naks of committed messages that could not be written to NATS (the message is redelivered and deduped).",
+)
 in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
 ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")

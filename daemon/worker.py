@@ -490,9 +490,9 @@ class Worker:
             await self._publish_dead_letters(letters)
         enrolled = deduplicated = applied = transitions = 0
         finished: dict = {}
-        publish = self._nc.publish
-        first_ack = None
         now_ms = time.time() * 1000.0
+        first_ack = None
+        replies = []
         for unit in result.units:
             source = unit.token
             stale = False
@@ -524,14 +524,15 @@ class Worker:
             if source.reply is None:  # a timer fire: its row went with the commit
                 self.timers.done(source)
             elif stale:
-                await publish(source.reply, b'-NAK {"delay": 100000000}')
+                replies.append((source.reply, b'-NAK {"delay": 100000000}'))
                 self._settled(source, done=False)  # it comes back; progress waits for it
                 continue
             else:
                 if first_ack is None:
                     first_ack = time.monotonic()
-                await publish(source.reply, b"+ACK")
+                replies.append((source.reply, b"+ACK"))
             self._settled(source)
+        await self._reply_all(replies)
         if first_ack is not None and (self._ack_probe is None or self._ack_probe.done()):
             # Off the commit path, and one at a time: under load most batches go unmeasured, at no cost.
             self._ack_probe = asyncio.get_running_loop().create_task(self._time_acks(first_ack))
@@ -542,6 +543,25 @@ class Worker:
         metrics.transitions.inc(transitions)
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
+
+    async def _reply_all(self, replies: list) -> None:
+        """Write the acks and naks of a committed batch.
+
+        What they settle is committed: an ack that cannot be written (NATS is
+        reconnecting and its buffer is full, or the connection closed) only
+        means a redelivery after AckWait, which the ledger dedupes. So a failure
+        here is counted and logged, never allowed to stop the commit loop.
+        """
+        publish = self._nc.publish
+        for index, (reply, body) in enumerate(replies):
+            try:
+                await publish(reply, body)
+            except nats.errors.Error as exc:
+                unsent = len(replies) - index
+                metrics.acks_not_sent.inc(unsent)
+                log.warning("%d acks not written to NATS (%s); those messages will be redelivered and deduped",
+                            unsent, exc, extra=logs.failure("ack_not_sent", exc))
+                return
 
     async def _time_acks(self, since: float) -> None:
         """ordo_nats_ack_seconds: a PING written after a batch's acks; its PONG means NATS has them all."""

@@ -247,3 +247,41 @@ async def test_a_recreated_execution_stream_does_not_inherit_the_old_watermark(n
         async with h.worker():
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=6)
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_acks_that_cannot_be_written_mean_redelivery_not_a_dead_worker(nats_server_url, pg_dsn, prefix):
+    """NATS refuses the acks of a committed batch (its reconnect buffer is full): the
+    worker keeps running, the messages come back after AckWait and are deduped."""
+    import nats.errors
+
+    from daemon import metrics
+
+    count = 50
+    unsent_before = metrics.acks_not_sent._value.get()
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        async with h.worker(ack_wait_s=2.0) as worker:
+            real_publish = worker._nc.publish
+            refused = 0
+
+            async def publish(subject, payload=b"", *args, **kwargs):
+                nonlocal refused
+                if payload == b"+ACK" and not refused:  # the first batch's acks
+                    refused += 1
+                    raise nats.errors.OutboundBufferLimitError
+                return await real_publish(subject, payload, *args, **kwargs)
+
+            worker._nc.publish = publish
+            await h.publish_triggers([trigger_event("welcome", i, tenant="acme") for i in range(count)])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
+            # Redelivered after AckWait, deduplicated by the ledger, and acked this time.
+            triggers = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+            deadline = asyncio.get_running_loop().time() + 30
+            while triggers.num_ack_pending and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.2)
+                triggers = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+            assert triggers.num_ack_pending == 0
+            assert worker.fatal is None and not worker.stopping.is_set()
+        assert refused and metrics.acks_not_sent._value.get() > unsent_before
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'started'") == count
+        assert await h.ledger_problems() == NO_PROBLEMS
