@@ -15,6 +15,11 @@ ONE transaction:
    transitions of exactly the executions accepted.
 4. Insert the dead letters.
 
+New executions skip the staging tables when they can: they are COPYed
+straight into `executions` and `transitions`. A duplicate among them (a
+redelivered trigger) fails that transaction on the primary key, and the batch
+is committed again through the merge.
+
 Only after COMMIT returns does the worker ack the messages. A crash anywhere
 before that leaves the messages unacked; their redelivery recomputes the same
 changes, which the unique keys and the seq check turn into no-ops.
@@ -396,7 +401,15 @@ class LedgerBatcher:
             log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
             self._landed.append((units, accepted))
 
-    async def _commit_once(self, units: list) -> set:
+    async def _commit_once(self, units: list, *, copy_new: bool = True) -> set:
+        """One transaction for `units`; the accepted execution ids.
+
+        New executions are COPYed straight into the ledger (`copy_new`): a
+        duplicate among them (a redelivered trigger: rare) fails the whole
+        transaction with a unique violation, and the batch is committed again
+        through the staging merge, which sorts duplicates out. No savepoint:
+        two round trips on every commit cost more than the rare redo.
+        """
         conn = await self.connect()
         new, updates, letters, touched, enrolled, stale = [], [], [], set(), set(), []
         for unit in units:
@@ -416,40 +429,45 @@ class LedgerBatcher:
         accepted = set()
         progress = {p: w for p, w in self.watermarks.items() if w > self._written.get(p, -1)}
         touched.update(progress)
-        async with conn.transaction():
-            xid = await conn.fetchval("SELECT txid_current()")
-            if touched:
-                await self._check_epochs(conn, sorted(touched))
-            if progress:
-                await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
-            merged = updates
-            if new:
-                if await self._copy_new(conn, new):
+        try:
+            async with conn.transaction():
+                xid = await conn.fetchval("SELECT txid_current()")
+                if touched:
+                    await self._check_epochs(conn, sorted(touched))
+                if progress:
+                    await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
+                merged = updates
+                if new and copy_new:
+                    await self._copy_new(conn, new)
                     accepted.update(enrolled)
                     await self._apply_effects(conn, new)
-                else:
-                    merged = new + updates  # a duplicate among them: take the slow path
-            if merged:
-                await conn.copy_records_to_table(
-                    "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in merged],
-                    columns=_STAGE_COLUMNS,
-                )
-                await conn.copy_records_to_table(
-                    "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
-                )
-                accepted.update(r[0] for r in await conn.fetch(_MERGE))
-                await self._apply_effects(conn, [c for c in merged if c.execution_id in accepted])
-            if letters:
-                await _insert_letters(conn, letters)
-            if stale:
-                await conn.execute(
-                    "DELETE FROM ordo.timers t USING unnest($1::uuid[], $2::text[]) AS s(execution_id, timer_id)"
-                    " WHERE t.execution_id = s.execution_id AND t.timer_id = s.timer_id",
-                    *map(list, zip(*stale)),
-                )
-            if self.fault_hook is not None:
-                self.fault_hook("before_commit")
-            self._in_doubt = (xid, conn.get_server_pid(), units, accepted)
+                elif new:
+                    merged = new + updates
+                if merged:
+                    await conn.copy_records_to_table(
+                        "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in merged],
+                        columns=_STAGE_COLUMNS,
+                    )
+                    await conn.copy_records_to_table(
+                        "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
+                    )
+                    accepted.update(r[0] for r in await conn.fetch(_MERGE))
+                    await self._apply_effects(conn, [c for c in merged if c.execution_id in accepted])
+                if letters:
+                    await _insert_letters(conn, letters)
+                if stale:
+                    await conn.execute(
+                        "DELETE FROM ordo.timers t USING unnest($1::uuid[], $2::text[]) AS s(execution_id, timer_id)"
+                        " WHERE t.execution_id = s.execution_id AND t.timer_id = s.timer_id",
+                        *map(list, zip(*stale)),
+                    )
+                if self.fault_hook is not None:
+                    self.fault_hook("before_commit")
+                self._in_doubt = (xid, conn.get_server_pid(), units, accepted)
+        except asyncpg.UniqueViolationError:
+            if not (copy_new and new):
+                raise
+            return await self._commit_once(units, copy_new=False)  # a duplicate among the new: merge them all
         if self.fault_hook is not None:
             self.fault_hook("after_commit")
         self._in_doubt = None
@@ -475,32 +493,23 @@ class LedgerBatcher:
         if letters:
             await _insert_letters(conn, letters)
 
-    async def _copy_new(self, conn: asyncpg.Connection, new: list) -> bool:
+    async def _copy_new(self, conn: asyncpg.Connection, new: list) -> None:
         """The fast path: COPY new executions straight into the ledger's tables.
 
-        Duplicates are rare (a redelivered trigger), so try without a staging
-        table first; a unique violation rolls back to the savepoint and the
-        caller merges instead. False when that happened.
+        Raises UniqueViolationError when one of them exists already (see _commit_once).
         """
         finished = [c.row for c in new if c.finished]
         running = [c.row + (None,) for c in new if not c.finished]
-        try:
-            async with conn.transaction():  # a savepoint inside the batch's transaction
-                if finished:
-                    await conn.copy_records_to_table(
-                        "executions", schema_name="ordo", records=finished, columns=EXEC_COLUMNS
-                    )
-                if running:
-                    await conn.copy_records_to_table(
-                        "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
-                    )
-                await conn.copy_records_to_table(
-                    "transitions", schema_name="ordo", records=[t for c in new for t in c.transitions],
-                    columns=TRANSITION_COLUMNS,
-                )
-        except asyncpg.UniqueViolationError:
-            return False
-        return True
+        if finished:
+            await conn.copy_records_to_table("executions", schema_name="ordo", records=finished, columns=EXEC_COLUMNS)
+        if running:
+            await conn.copy_records_to_table(
+                "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
+            )
+        await conn.copy_records_to_table(
+            "transitions", schema_name="ordo", records=[t for c in new for t in c.transitions],
+            columns=TRANSITION_COLUMNS,
+        )
 
     async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int]) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
