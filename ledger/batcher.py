@@ -142,6 +142,10 @@ CONNECTION_ERRORS = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # The protocol state left behind when the server shut down mid-statement (seen
+    # under a Postgres restart: "cannot switch to state 15; another operation is
+    # in progress"): the connection is unusable, a new one is the cure.
+    asyncpg.InternalClientError,
 )
 
 
