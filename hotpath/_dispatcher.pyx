@@ -18,7 +18,11 @@ from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from hotpath.definition import (
+    MAX_RENDERED_CHARS,
+    MAX_RENDERED_NODES,
+    TEMPLATE_ERRORS,
     TEMPLATE_MISSING_FIELD,
+    TEMPLATE_VALUE_TOO_LARGE,
     ActionStep,
     EmitStep,
     EndStep,
@@ -29,6 +33,7 @@ from hotpath.definition import (
     WaitForEventStep,
     WaitForSignalStep,
     WaitStep,
+    interp_text,
     resolve,
     template_text,
 )
@@ -65,12 +70,23 @@ cdef str WAIT_EVENT = "event:"
 cdef object _MISSING = object()
 
 
-class _MissingField(Exception):
-    """A value template names a field the execution does not have (caught where the step runs)."""
+class _TemplateError(Exception):
+    """A value template cannot be rendered (caught where the step runs, which then fails)."""
 
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _MissingField(_TemplateError):
     def __init__(self, text):
-        super().__init__(text)
-        self.text = text
+        super().__init__(TEMPLATE_MISSING_FIELD, f"{text} names a missing field")
+
+
+class _ValueTooLarge(_TemplateError):
+    def __init__(self, text, what):
+        super().__init__(TEMPLATE_VALUE_TOO_LARGE, f"{text} renders {what}")
 
 
 # -- templates -----------------------------------------------------------------
@@ -81,7 +97,7 @@ cdef class _Template:
     cdef tuple keys            # T_PATH: segment keys; T_DICT: the dict's keys
     cdef Py_ssize_t* indexes   # T_PATH: segment as list index, or -1
     cdef Py_ssize_t depth      # T_PATH: number of segments
-    cdef str text              # T_PATH: the template as written, for a missing field's error
+    cdef str text              # T_PATH, T_INTERP: the template as written, for its errors
     cdef tuple parts           # T_INTERP: str or _Template; T_DICT/T_LIST: _Template
 
     def __dealloc__(self):
@@ -109,6 +125,7 @@ cdef _Template _lower_template(tuple node):
             t.indexes[i] = segments[i][1]
     elif tag == "interp":
         t.tag = T_INTERP
+        t.text = interp_text(node)
         t.parts = tuple([p if isinstance(p, str) else _lower_template(p) for p in node[1]])
     elif tag == "dict":
         t.tag = T_DICT
@@ -157,9 +174,21 @@ cdef object _copy_json(object value):
     return value
 
 
+cdef object _copy_bounded(object value, Py_ssize_t* budget, _Template t):
+    """_copy_json(value), refused past MAX_RENDERED_NODES dicts, lists and values."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _ValueTooLarge(t.text, f"a value of over {MAX_RENDERED_NODES} nodes")
+    if PyDict_Check(value):
+        return {k: _copy_bounded(v, budget, t) for k, v in (<dict>value).items()}
+    if PyList_Check(value):
+        return [_copy_bounded(v, budget, t) for v in <list>value]
+    return value
+
+
 cdef object _render(_Template t, object context, object contact, object event, bint strict):
     """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
-    cdef Py_ssize_t i, n
+    cdef Py_ssize_t i, n, budget
     cdef list pieces
     if t.tag == T_LIT:
         return t.value
@@ -169,7 +198,10 @@ cdef object _render(_Template t, object context, object contact, object event, b
             if strict:
                 raise _MissingField(t.text)
             return None
-        return _copy_json(value)
+        if not PyDict_Check(value) and not PyList_Check(value):
+            return value
+        budget = MAX_RENDERED_NODES
+        return _copy_bounded(value, &budget, t)
     if t.tag == T_INTERP:
         n = PyTuple_GET_SIZE(t.parts)
         pieces = [None] * n
@@ -184,7 +216,10 @@ cdef object _render(_Template t, object context, object contact, object event, b
                 pieces[i] = "" if value is None else str(value)
             else:
                 pieces[i] = part
-        return "".join(pieces)
+        text = "".join(pieces)
+        if len(text) > MAX_RENDERED_CHARS:
+            raise _ValueTooLarge(t.text, f"{len(text)} characters, over {MAX_RENDERED_CHARS}")
+        return text
     if t.tag == T_DICT:
         result = {}
         for i in range(PyTuple_GET_SIZE(t.parts)):
@@ -593,7 +628,7 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
     """
     try:
         rendered = _render(step.input, state.context, state.contact, state.event, True)
-    except _MissingField as exc:
+    except _TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
     state.effects.append(("action", {
@@ -612,7 +647,7 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
 
 
 cdef bint _template_failed(Program program, ExecutionState state, list out, _Step step, object exc) except -1:
-    error = {"code": TEMPLATE_MISSING_FIELD, "retryable": False, "message": f"{exc.text} names a missing field"}
+    error = {"code": exc.code, "retryable": False, "message": exc.message}
     return _step_failed(program, state, out, step, error, 1)
 
 
@@ -772,9 +807,9 @@ cdef bint _step_failed(Program program, ExecutionState state, list out, _Step st
     state.status = "failed"
     state.waiting = None
     code = error.get("code")
-    if step.kind == S_ACTION or code == TEMPLATE_MISSING_FIELD:
+    if step.kind == S_ACTION or code in TEMPLATE_ERRORS:
         state.effects.append(("dead_letter", {
-            "reason": TEMPLATE_MISSING_FIELD if code == TEMPLATE_MISSING_FIELD else "step_failed",
+            "reason": code if code in TEMPLATE_ERRORS else "step_failed",
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -794,7 +829,7 @@ cdef bint _park(Program program, ExecutionState state, list out, _Step step, obj
         else:
             try:
                 until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event, True))
-            except _MissingField as exc:
+            except _TemplateError as exc:
                 return _template_failed(program, state, out, step, exc)
             except ValueError as exc:
                 error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
@@ -949,7 +984,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         seq = state.seq
                         if not goes_on:
                             return 0
-            except _MissingField as exc:
+            except _TemplateError as exc:
                 # A set or emit value names a missing field (_park handles actions and waits).
                 state.pc = pc
                 state.seq = seq

@@ -109,12 +109,26 @@ def _pointer(definition: Any, path: list) -> str:
 # reason `template_missing_field`. A set step's values before the failing one
 # stay assigned. To copy a field that may be absent, test it with `exists`.
 TEMPLATE_MISSING_FIELD = "template_missing_field"
+# A rendered value may not grow without bound (a `set` in a loop that doubles a
+# string or a list would otherwise eat the worker's memory within one advance):
+# a string over MAX_RENDERED_CHARS, or a copied field over MAX_RENDERED_NODES
+# dicts, lists and values, fails the step with `template_value_too_large`.
+TEMPLATE_VALUE_TOO_LARGE = "template_value_too_large"
+TEMPLATE_ERRORS = frozenset((TEMPLATE_MISSING_FIELD, TEMPLATE_VALUE_TOO_LARGE))
+MAX_RENDERED_CHARS = 1_000_000
+MAX_RENDERED_NODES = 100_000
 
 
 def template_text(node: tuple) -> str:
     """A ("path", root, segments) node as written: '{{contact.first_name}}'."""
     _, root, segments = node
     return "{{" + ".".join([root, *(key for key, _ in segments)]) + "}}"
+
+
+def interp_text(node: tuple, limit: int = 80) -> str:
+    """An ("interp", parts) node as written, cut at `limit` characters: 'Hi {{contact.first_name}}!'."""
+    text = "".join(part if isinstance(part, str) else template_text(part) for part in node[1])
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # -- resolved form ---------------------------------------------------------------

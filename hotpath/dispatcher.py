@@ -31,8 +31,12 @@ input, emit data, wait until) it fails the step with `template_missing_field`
 from __future__ import annotations
 
 from hotpath.definition import (
+    MAX_RENDERED_CHARS,
+    MAX_RENDERED_NODES,
     NO_STEP,
+    TEMPLATE_ERRORS,
     TEMPLATE_MISSING_FIELD,
+    TEMPLATE_VALUE_TOO_LARGE,
     ActionStep,
     EmitStep,
     EndStep,
@@ -43,6 +47,7 @@ from hotpath.definition import (
     WaitForEventStep,
     WaitForSignalStep,
     WaitStep,
+    interp_text,
     resolve,
     template_text,
 )
@@ -56,12 +61,23 @@ WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "e
 _MISSING = object()
 
 
-class _MissingField(Exception):
-    """A value template names a field the execution does not have (caught where the step runs)."""
+class _TemplateError(Exception):
+    """A value template cannot be rendered (caught where the step runs, which then fails)."""
 
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _MissingField(_TemplateError):
     def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
+        super().__init__(TEMPLATE_MISSING_FIELD, f"{text} names a missing field")
+
+
+class _ValueTooLarge(_TemplateError):
+    def __init__(self, text: str, what: str):
+        super().__init__(TEMPLATE_VALUE_TOO_LARGE, f"{text} renders {what}")
 
 
 class Program:
@@ -259,7 +275,7 @@ def _request(program: Program, state: ExecutionState, out: list, step: ActionSte
     roots = {"context": state.context, "contact": state.contact, "event": state.event}
     try:
         rendered = render(step.input, roots)
-    except _MissingField as exc:
+    except _TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
     state.effects.append(("action", {
@@ -277,8 +293,8 @@ def _request(program: Program, state: ExecutionState, out: list, step: ActionSte
     return False
 
 
-def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: _MissingField) -> bool:
-    error = {"code": TEMPLATE_MISSING_FIELD, "retryable": False, "message": f"{exc.text} names a missing field"}
+def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: _TemplateError) -> bool:
+    error = {"code": exc.code, "retryable": False, "message": exc.message}
     return _step_failed(program, state, out, step, error, 1)
 
 
@@ -433,9 +449,9 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
     state.status = "failed"
     state.waiting = None
     code = error.get("code")
-    if type(step) is ActionStep or code == TEMPLATE_MISSING_FIELD:
+    if type(step) is ActionStep or code in TEMPLATE_ERRORS:
         state.effects.append(("dead_letter", {
-            "reason": TEMPLATE_MISSING_FIELD if code == TEMPLATE_MISSING_FIELD else "step_failed",
+            "reason": code if code in TEMPLATE_ERRORS else "step_failed",
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -478,7 +494,7 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             try:
                 for path, template in step.assignments:
                     _assign(state.context, path, render(template, roots))
-            except _MissingField as exc:
+            except _TemplateError as exc:
                 _template_failed(program, state, out, step, exc)
                 continue  # at the failure branch, or failed
             _emit(state, out, step.id, "set", None)
@@ -515,7 +531,7 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             else:
                 try:
                     until_ms = parse_instant(render(step.until, roots))
-                except _MissingField as exc:
+                except _TemplateError as exc:
                     _template_failed(program, state, out, step, exc)
                     continue
                 except ValueError as exc:
@@ -535,7 +551,7 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
         elif kind is EmitStep:
             try:
                 data = render(step.data, roots)
-            except _MissingField as exc:
+            except _TemplateError as exc:
                 _template_failed(program, state, out, step, exc)
                 continue
             event_id = f"{state.execution_id}:{step.id}:{visit}"
@@ -595,6 +611,23 @@ def copy_json(value):
     return value
 
 
+def _copy_bounded(value, node: tuple):
+    """copy_json(value), refused past MAX_RENDERED_NODES dicts, lists and values."""
+    budget = [MAX_RENDERED_NODES]
+
+    def copy(item):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _ValueTooLarge(template_text(node), f"a value of over {MAX_RENDERED_NODES} nodes")
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, list):
+            return [copy(v) for v in item]
+        return item
+
+    return copy(value)
+
+
 def render(node: tuple, roots: dict, strict: bool = True):
     """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
     tag = node[0]
@@ -606,7 +639,7 @@ def render(node: tuple, roots: dict, strict: bool = True):
             if strict:
                 raise _MissingField(template_text(node))
             return None
-        return copy_json(value)
+        return _copy_bounded(value, node)
     if tag == "interp":
         parts = []
         for part in node[1]:
@@ -619,7 +652,10 @@ def render(node: tuple, roots: dict, strict: bool = True):
                         raise _MissingField(template_text(part))
                     value = None
                 parts.append("" if value is None else str(value))
-        return "".join(parts)
+        text = "".join(parts)
+        if len(text) > MAX_RENDERED_CHARS:
+            raise _ValueTooLarge(interp_text(node), f"{len(text)} characters, over {MAX_RENDERED_CHARS}")
+        return text
     if tag == "dict":
         return {key: render(item, roots, strict) for key, item in node[1]}
     if tag == "list":

@@ -29,6 +29,7 @@ REASONS = (
     # An execution's own failures (dead-lettered with the execution, not a message):
     "step_failed",
     "template_missing_field",
+    "template_value_too_large",
     "context_too_large",
 )
 

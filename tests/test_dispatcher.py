@@ -142,6 +142,33 @@ def test_a_missing_field_in_a_set_value_fails_the_step_and_dead_letters(impl, te
                                               "error": error, "attempts": []})]
 
 
+@pytest.mark.parametrize("grow, start", [
+    ("{{context.x}}{{context.x}}", "ab"),           # a string that doubles on every visit
+    (["{{context.x}}", "{{context.x}}"], 1),          # a tree that doubles on every visit
+])
+def test_a_value_that_doubles_in_a_loop_fails_before_it_eats_the_worker(impl, grow, start):
+    """Within one advance the loop guard allows 100 visits: 2**100 must not be attempted."""
+    from hotpath.definition import MAX_RENDERED_CHARS, MAX_RENDERED_NODES
+
+    definition = workflow(set_step("init", {"x": start}), set_step("grow", {"x": grow}),
+                          {"id": "again", "type": "goto", "target": "grow"})
+    _, state, out = run(impl, definition)
+    assert state.status == "failed"
+    step_failed = [t for t in out if t[2] == "step_failed"]
+    assert [t[1] for t in step_failed] == ["grow"]
+    error = step_failed[0][3]["error"]
+    assert error["code"] == "template_value_too_large" and not error["retryable"]
+    assert "{{context.x}}" in error["message"]
+    [(kind, letter)] = state.effects
+    assert (kind, letter["reason"]) == ("dead_letter", "template_value_too_large")
+    if isinstance(start, str):
+        assert len(state.context["x"]) <= MAX_RENDERED_CHARS
+    else:
+        def nodes(value):
+            return 1 + sum(nodes(v) for v in value) if isinstance(value, list) else 1
+        assert nodes(state.context["x"]) <= 2 * MAX_RENDERED_NODES
+
+
 def test_a_missing_field_in_an_action_input_takes_the_failure_branch(impl):
     definition = workflow(
         {"id": "send", "type": "action", "action": "sms.send", "input": {"body": "Hi {{contact.first_nam}}"},
