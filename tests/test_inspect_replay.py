@@ -102,6 +102,7 @@ async def test_inspect_and_replay_an_execution_with_a_retry_a_wait_and_an_event(
         assert (doc["status"], doc["timer"], doc["event_wait"], doc["dead_letters"]) == ("completed", None, None, [])
         assert doc["context"]["thanked"] == "sounds good"
         text = inspection.render(doc)
+        print(text)  # what `ordo inspect` shows (pytest -s)
         assert "pending    nothing" in text and "ERROR http_503" in text
         assert f"out:{by_seq[5]['output_digest']}" in text and "\n    12  " in text
 
