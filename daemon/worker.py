@@ -82,6 +82,8 @@ class Worker:
         self.effects: Effects | None = None
         self.progress: dict[int, PartitionProgress] = {}
         self._fetchers: dict = {}
+        #: Partitions claimed whose consumer could not be set up yet: partition -> (epoch, watermark).
+        self._unstarted: dict = {}
         #: Partitions being given back or lost: their fetch loops finish and stop.
         self._closing: set = set()
         self._releasing: set = set()
@@ -227,8 +229,16 @@ class Worker:
                           extra=logs.failure("partitions_lost", partitions=sorted(lost)))
                 for p in lost:
                     self._stop_partition(p)
-            for p, (epoch, watermark) in sorted(gained.items()):
-                await self._start_partition(p, epoch, watermark)
+            self._unstarted.update(gained)
+            for p, (epoch, watermark) in sorted(self._unstarted.items()):
+                try:
+                    await self._start_partition(p, epoch, watermark)
+                except nats.errors.Error as exc:
+                    # NATS is restarting: keep the lease, try again next round.
+                    log.warning("partition %d not started (%s); retrying", p, exc,
+                                extra=logs.failure("partition_start", exc, partition=p))
+                    continue
+                del self._unstarted[p]
             for p in self.ownership.surplus(share):
                 if p not in self._releasing:
                     self._releasing.add(p)
@@ -279,6 +289,7 @@ class Worker:
 
     def _stop_partition(self, p: int) -> None:
         self._closing.add(p)
+        self._unstarted.pop(p, None)
         self.timers.disown(p)
 
     async def _release_partition(self, p: int) -> None:

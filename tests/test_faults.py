@@ -285,3 +285,43 @@ async def test_acks_that_cannot_be_written_mean_redelivery_not_a_dead_worker(nat
         assert refused and metrics.acks_not_sent._value.get() > unsent_before
         assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'started'") == count
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fatal(
+        nats_server_url, pg_dsn, prefix):
+    """Setting up a claimed partition's consumer times out (NATS restarting): the worker
+    keeps its lease, tries again on the next ownership round, and then serves it."""
+    import nats.errors
+
+    count = 40
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker(**QUICK_LEASES) as worker:
+            real_resume = worker.topology.resume_partition
+            failures = 0
+
+            async def resume(js, partition, watermark):
+                nonlocal failures
+                if failures < 3:
+                    failures += 1
+                    raise nats.errors.TimeoutError
+                return await real_resume(js, partition, watermark)
+
+            worker.topology.resume_partition = resume
+            # Hand the partitions back and claim them again: the claims go through the flaky set-up.
+            async with worker._pool.acquire() as conn:
+                for p in sorted(worker.ownership.owned):
+                    worker._stop_partition(p)
+                    fetcher = worker._fetchers.pop(p)
+                    await asyncio.gather(fetcher, return_exceptions=True)
+                    worker.progress.pop(p, None)
+                    worker._closing.discard(p)
+                    await worker.ownership.release(conn, p)
+            events = [trigger_event("waiter", i, tenant="acme", event_type="session.started") for i in range(count)]
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=count)
+            for event in events:
+                await h.signal(h.execution_id("acme", "waiter", event["event_id"]), "done")
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
+            assert failures == 3 and worker.fatal is None and not worker._unstarted
+        assert await h.ledger_problems() == NO_PROBLEMS
