@@ -126,9 +126,11 @@ class Worker:
         # left half-dead must fail (and be retried), not hang the worker.
         self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=4,
                                                command_timeout=_POOL_COMMAND_TIMEOUT_S)
-        async with self._pool.acquire() as conn:
+        async def prepare(conn):
             await require_current(conn)
             await self.ownership.prepare(conn)
+
+        await self._on_pool(prepare, "start")  # a backend terminated at start-up is retried, not fatal
         await self.reload_definitions()
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
