@@ -124,11 +124,13 @@ SOAK_FAULTS = "seed=4711,nats=0.03,pg=0.03"
 #: Every JetStream publish a worker makes: an in-process action's result (a lost
 #: one is retried when the step's deadline passes), an emitted event, and that
 #: event routed back to the execution waiting for it (a lost emit or route
-#: would leave the execution waiting for an hour).
+#: would leave the execution waiting for an hour). The call's deadline is 10 s:
+#: at full scale the backlog alone holds a result for over a second, and a
+#: deadline that load can miss would measure load here, not faults.
 ORDER = {
     "id": "order", "tenant": "acme", "trigger": {"event": "order.placed"},
     "steps": [
-        {"id": "confirm", "type": "action", "action": "noop", "timeout": "1s",
+        {"id": "confirm", "type": "action", "action": "noop", "timeout": "10s",
          "retry": {"max_attempts": 5, "initial_interval": "100ms", "backoff_coefficient": 2, "jitter": 0}},
         {"id": "announce", "type": "emit", "event": "order.confirmed"},
         {"id": "confirmed", "type": "wait_for_event", "event": "order.confirmed", "timeout": "1h"},

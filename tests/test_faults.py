@@ -84,6 +84,8 @@ async def test_kill_9_mid_batch_again_and_again_loses_and_duplicates_nothing(nat
             names = [orjson.loads(d["detail"]) for d in details]
             assert [n["data"]["i"] for n in names[:-1]] == list(range(ticks))
             assert names[-1]["name"] == "done"
+        print(f"kill -9: {kills} kills survived; {count} enrolments and {len(waiters)} executions with "
+              f"{ticks + 1} ordered signals each: none lost, duplicated or out of order")
 
 
 async def test_sigterm_drains_commits_acks_and_exits_zero(nats_server_url, pg_dsn, prefix):
