@@ -28,7 +28,7 @@ import typing
 
 import orjson
 
-from hotpath.envelope import BadMessage, load_versioned
+from hotpath.envelope import BadMessage, load_versioned, require_field, require_text
 
 #: The contract major version this code speaks.
 CONTRACT_MAJOR = 1
@@ -192,33 +192,16 @@ def _load(body: bytes, max_bytes: int) -> dict:
     return load_versioned(body, max_bytes, major=CONTRACT_MAJOR, contract="action contract")
 
 
-def _field(doc: dict, name: str, types: tuple, what: str, path: str = ""):
-    if name not in doc:
-        raise BadMessage("missing_field", f"field '{path}{name}' is missing")
-    value = doc[name]
-    if type(value) not in types:
-        raise BadMessage("wrong_type", f"field '{path}{name}' must be {what}, got {type(value).__name__}")
-    return value
-
-
-def _text(doc: dict, name: str, limit: int = 256, path: str = "") -> str:
-    value = _field(doc, name, (str,), "a string", path)
-    if not value or len(value) > limit:
-        raise BadMessage("wrong_type",
-                         f"field '{path}{name}' must be a non-empty string of at most {limit} characters")
-    return value
-
-
 def _count(doc: dict, name: str, minimum: int) -> int:
-    value = _field(doc, name, (int,), "an integer", "")
+    value = require_field(doc, name, (int,), "an integer")
     if value < minimum:
         raise BadMessage("wrong_type", f"field '{name}' must be at least {minimum}, got {value}")
     return value
 
 
 def _head(doc: dict) -> None:
-    _text(doc, "execution_id", 128)
-    _text(doc, "step_id", 256)
+    require_text(doc, "execution_id", 128)
+    require_text(doc, "step_id", 256)
     _count(doc, "attempt", 1)
 
 
@@ -226,14 +209,14 @@ def decode_request(body: bytes, max_bytes: int) -> dict:
     """An action request, checked field by field; raises BadMessage naming the field."""
     doc = _load(body, max_bytes)
     _head(doc)
-    _text(doc, "idempotency_key", 512)
-    name = _text(doc, "action", 128)
+    require_text(doc, "idempotency_key", 512)
+    name = require_text(doc, "action", 128)
     if not _ACTION_NAME.match(name):
         raise BadMessage("wrong_type",
                          f"field 'action' must be dot-separated tokens of letters, digits, '_' or '-', got {name!r}")
     _count(doc, "major", 1)
-    _field(doc, "input", (dict,), "an object")
-    deadline = _field(doc, "deadline", (int, float), "a number (epoch milliseconds)")
+    require_field(doc, "input", (dict,), "an object")
+    deadline = require_field(doc, "deadline", (int, float), "a number (epoch milliseconds)")
     if deadline < 0:
         raise BadMessage("wrong_type", f"field 'deadline' must be epoch milliseconds (0: none), got {deadline}")
     doc["deadline"] = int(deadline)
@@ -248,13 +231,13 @@ def decode_result(body: bytes, max_bytes: int) -> dict:
     if "kind" in doc and doc["kind"] != RESULT_KIND:
         raise BadMessage("unknown_kind", f"field 'kind' must be {RESULT_KIND!r}, got {doc['kind']!r}")
     _head(doc)
-    ok = _field(doc, "ok", (bool,), "a boolean")
+    ok = require_field(doc, "ok", (bool,), "a boolean")
     if ok:
-        _field(doc, "output", (dict,), "an object")
+        require_field(doc, "output", (dict,), "an object")
     else:
-        error = _field(doc, "error", (dict,), "an object")
-        _text(error, "code", 128, "error.")
-        _field(error, "retryable", (bool,), "a boolean", "error.")
+        error = require_field(doc, "error", (dict,), "an object")
+        require_text(error, "code", 128, "error.")
+        require_field(error, "retryable", (bool,), "a boolean", "error.")
         if "message" in error and type(error["message"]) is not str:
             raise BadMessage("wrong_type", f"field 'error.message' must be a string, got "
                                            f"{type(error['message']).__name__}")

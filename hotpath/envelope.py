@@ -82,35 +82,38 @@ def _check_version(doc: dict, supported: int, contract: str) -> None:
         )
 
 
-def _field(doc: dict, name: str, types, what: str):
+def require_field(doc: dict, name: str, types, what: str, path: str = ""):
+    """doc[name], which must be one of `types` (`path` prefixes the name in errors: "error.")."""
     if name not in doc:
-        raise BadMessage("missing_field", f"field '{name}' is missing")
+        raise BadMessage("missing_field", f"field '{path}{name}' is missing")
     value = doc[name]
     if type(value) not in types:
-        raise BadMessage("wrong_type", f"field '{name}' must be {what}, got {type(value).__name__}")
+        raise BadMessage("wrong_type", f"field '{path}{name}' must be {what}, got {type(value).__name__}")
     return value
 
 
-def _text(doc: dict, name: str, limit: int = 256) -> str:
-    value = _field(doc, name, (str,), "a string")
+def require_text(doc: dict, name: str, limit: int = 256, path: str = "") -> str:
+    """doc[name], a non-empty string of at most `limit` characters."""
+    value = require_field(doc, name, (str,), "a string", path)
     if not value or len(value) > limit:
-        raise BadMessage("wrong_type", f"field '{name}' must be a non-empty string of at most {limit} characters")
+        raise BadMessage("wrong_type",
+                         f"field '{path}{name}' must be a non-empty string of at most {limit} characters")
     return value
 
 
 def decode_trigger(body: bytes, max_bytes: int) -> dict:
     """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
     doc = _load(body, max_bytes)
-    _text(doc, "event_id")
-    _text(doc, "tenant", 128)
-    _text(doc, "type", 128)
-    contact = _field(doc, "contact", (dict,), "an object")
+    require_text(doc, "event_id")
+    require_text(doc, "tenant", 128)
+    require_text(doc, "type", 128)
+    contact = require_field(doc, "contact", (dict,), "an object")
     contact_id = contact.get("id")
     if type(contact_id) not in (str, int) or contact_id == "":
         raise BadMessage("missing_field", "field 'contact.id' must be a non-empty string or an integer")
     if "data" in doc and type(doc["data"]) is not dict:
         raise BadMessage("wrong_type", f"field 'data' must be an object, got {type(doc['data']).__name__}")
-    _field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string")
+    require_field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string")
     return doc
 
 
@@ -127,21 +130,21 @@ EXEC_KINDS = {
 def decode_exec(body: bytes, max_bytes: int) -> dict:
     """A message addressed to one execution: {v, kind, execution_id, ...}."""
     doc = _load(body, max_bytes)
-    kind = _text(doc, "kind", 64)
+    kind = require_text(doc, "kind", 64)
     if kind not in EXEC_KINDS:
         raise BadMessage("unknown_kind", f"kind {kind!r} is not one of {sorted(EXEC_KINDS)}")
-    _text(doc, "execution_id", 64)
+    require_text(doc, "execution_id", 64)
     for name in EXEC_KINDS[kind]:
-        _text(doc, name)
+        require_text(doc, name)
     if kind == "action_result":
-        _field(doc, "attempt", (int,), "an integer")
-        ok = _field(doc, "ok", (bool,), "a boolean")
+        require_field(doc, "attempt", (int,), "an integer")
+        ok = require_field(doc, "ok", (bool,), "a boolean")
         if not ok:
-            error = _field(doc, "error", (dict,), "an object {code, retryable, message}")
+            error = require_field(doc, "error", (dict,), "an object {code, retryable, message}")
             if type(error.get("code")) is not str or type(error.get("retryable")) is not bool:
                 raise BadMessage("wrong_type", "field 'error' needs a string 'code' and a boolean 'retryable'")
     elif kind == "event":
-        event = _field(doc, "event", (dict,), "an object (a trigger event)")
+        event = require_field(doc, "event", (dict,), "an object (a trigger event)")
         if type(event.get("type")) is not str or type(event.get("event_id")) is not str:
             raise BadMessage("wrong_type", "field 'event' needs string 'type' and 'event_id'")
     return doc
