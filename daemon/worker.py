@@ -587,7 +587,7 @@ class Worker:
 
     def _settle_now(self, source) -> None:
         if source.reply is not None:
-            asyncio.get_running_loop().create_task(self._nc.publish(source.reply, b"+ACK"))
+            asyncio.get_running_loop().create_task(self._reply_all([(source.reply, b"+ACK")]))
         else:
             self.timers.done(source)
         self._settled(source)
