@@ -268,7 +268,6 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     run = RunResult(scenario=scenario.name, mode="open" if open_mode else "closed", run_id=run_id,
                     prefix=run_config.prefix, expected=expected, offered_rate=args.rate)
     run.metrics = {}
-    run.trace = []
     timeout = args.timeout or (args.duration + 120.0 if open_mode else scenario.timeout(expected))
 
     with redirect_stdout(sys.stderr):
@@ -299,7 +298,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         since = await pool.fetchval("SELECT extract(epoch FROM now())::float8")
         supervisor.start()
         watcher = asyncio.create_task(supervisor.watch())
-        await wait_for_workers(pool, run_config, since)
+        await wait_for_workers(pool, run_config, since, workers)
 
         sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
         sampler.add("generator", lambda: [publisher.pid] if publisher else [])
@@ -324,6 +323,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             run.first_publish = done["first_publish"] or run.first_publish
             run.last_ack = done["last_ack"]
             run.published = done["published"]
+            run.stored_latency = done.get("stored_latency")
     finally:
         if watcher is not None:
             watcher.cancel()

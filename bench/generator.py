@@ -39,6 +39,11 @@ async def publish(js, subject: str, body: bytes, msg_id: str) -> None:
     await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
 
 
+async def _publish_stamped(js, message: tuple, ts_ms: float, stored) -> None:
+    await publish(js, *message)
+    stored.record(time.time() * 1000.0 - ts_ms)
+
+
 #: JetStream's answer to an atomic batch holding a message id it has seen.
 _DUPLICATE_IN_BATCH = 10201
 #: Below the server's limit of 1,000 messages per atomic batch.
@@ -79,12 +84,14 @@ class AtomicBatches:
     `in_flight` batches await theirs.
     """
 
-    def __init__(self, js, *, in_flight: int = 4):
+    def __init__(self, js, *, in_flight: int = 4, stored=None):
         self._js = js
         self._in_flight = in_flight
-        self._pending: list = []  # (commit reply future, the batch's messages)
+        #: A Histogram of intended send time -> the batch's PubAck (ms), when given.
+        self._stored = stored
+        self._pending: list = []  # (commit reply future, the batch's messages, their intended send times)
 
-    async def send(self, batch: list) -> None:
+    async def send(self, batch: list, stamps: list | None = None) -> None:
         nc = self._js._nc
         batch_id = uuid.uuid4().hex
         last = len(batch)
@@ -95,12 +102,16 @@ class AtomicBatches:
             else:
                 headers["Nats-Batch-Commit"] = "1"
                 self._pending.append((asyncio.ensure_future(nc.request(subject, body, timeout=30, headers=headers)),
-                                      batch))
+                                      batch, stamps))
         while len(self._pending) >= self._in_flight:
             await self._settle(*self._pending.pop(0))
 
-    async def _settle(self, future, batch) -> None:
+    async def _settle(self, future, batch, stamps) -> None:
         reply = await future
+        if stamps and self._stored is not None:
+            now_ms = time.time() * 1000.0
+            for ts_ms in stamps:
+                self._stored.record(now_ms - ts_ms)
         error = (orjson.loads(reply.data) if reply.data else {}).get("error")
         if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
             # A batch is all or nothing: one message already published refuses
@@ -170,7 +181,7 @@ async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) 
 
 
 async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
-                         on_progress=None, atomic_batch: int = 0) -> int:
+                         on_progress=None, atomic_batch: int = 0, stored=None) -> int:
     """Publish trigger events (dicts).
 
     Closed (no `rate`): as fast as possible, in atomic batches of
@@ -178,7 +189,9 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     most `window` awaiting their PubAck. Open (`rate` events/s): on a fixed
     schedule; with `atomic_batch` > 1 the events due in each 5 ms tick go out
     as one atomic batch (what a Triggers service would do at this rate under
-    `sync_interval: always`), else one publish each.
+    `sync_interval: always`), else one publish each. In open mode `stored`, a
+    Histogram, gets each event's intended send time -> its PubAck (ms): the
+    part of the end-to-end latency spent before the engine can see the event.
     """
     atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
     if not rate:
@@ -187,12 +200,13 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
             return await publish_atomic(js, messages, batch=atomic_batch, on_progress=on_progress)
         return await publish_messages(js, messages, window=window, on_progress=on_progress)
     if atomic:
-        batches = AtomicBatches(js, in_flight=16)
+        batches = AtomicBatches(js, in_flight=16, stored=stored)
 
         async def send(chunk):
             # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
             for i in range(0, len(chunk), _MAX_ATOMIC_BATCH):
-                await batches.send([_as_message(topology, e) for e in chunk[i:i + _MAX_ATOMIC_BATCH]])
+                part = chunk[i:i + _MAX_ATOMIC_BATCH]
+                await batches.send([_as_message(topology, e) for e in part], [e["ts"] for e in part])
 
         sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
         await batches.close()
@@ -202,7 +216,9 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     async def send_each(chunk):
         nonlocal pending
         for event in chunk:
-            pending.add(asyncio.ensure_future(publish(js, *_as_message(topology, event))))
+            message = _as_message(topology, event)
+            pending.add(asyncio.ensure_future(publish(js, *message) if stored is None
+                                              else _publish_stamped(js, message, event["ts"], stored)))
         if len(pending) >= window:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -1,4 +1,4 @@
-"""`--plot FILE.png`: throughput over time and the latency distribution of each run.
+"""`--plot FILE.png`: throughput over time, the latency distribution and worker RSS over time of each run.
 
 matplotlib is optional (`pip install matplotlib`, or the `[plot]` extra):
 `require()` is called before a run starts so that a missing one fails fast.
@@ -42,7 +42,7 @@ def draw(runs: list[RunResult], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    fig, (top, bottom, memory) = plt.subplots(3, 1, figsize=(10, 11))
     fig.suptitle(title)
     for number, run in enumerate(runs, 1):
         label = f"run {number} ({run.executions_per_s:,.0f}/s)"
@@ -55,6 +55,9 @@ def draw(runs: list[RunResult], path: str, title: str) -> None:
             bottom.plot(xs, ys, marker=".", label=f"run {number} (p99 {hist.percentile(99):.1f} ms)")
         if run.offered_rate:
             top.axhline(run.offered_rate, linestyle=":", color="grey")
+        rss = run.rss_series(points=2000)
+        if rss:
+            memory.plot([t for t, _ in rss], [mb for _, mb in rss], label=f"run {number}")
     top.set_xlabel("seconds since the first publish")
     top.set_ylabel("executions committed per second")
     top.grid(alpha=0.3)
@@ -67,6 +70,13 @@ def draw(runs: list[RunResult], path: str, title: str) -> None:
     bottom.grid(alpha=0.3, which="both")
     if any(run.latency.total for run in runs):
         bottom.legend(loc="upper left")
+    memory.set_xlabel("seconds since the first publish")
+    memory.set_ylabel("worker RSS, MB (all workers)")
+    peak = max((mb for run in runs for _, mb in run.rss_series()), default=0.0)
+    memory.set_ylim(0, max(peak * 1.25, 1.0))
+    memory.grid(alpha=0.3)
+    if any(run.trace for run in runs):
+        memory.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

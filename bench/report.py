@@ -164,10 +164,26 @@ class RunResult:
     offered_rate: float | None = None
     resources: dict = field(default_factory=dict)
     latency: Histogram = field(default_factory=Histogram)
+    #: Open mode: intended send time -> the generator's PubAck, as Histogram.summary() (the part
+    #: of the latency spent publishing and storing, before the engine can see an event).
+    stored_latency: dict | None = None
     #: Completions per second since the first publish (index = second).
     timeline: list = field(default_factory=list)
     #: Seconds from the first publish to each execution's finishing commit (for plots).
     finish_offsets: list = field(default_factory=list)
+    #: One entry per progress poll: {"t": epoch s, "finished", ..., "workers_rss_mb"}.
+    trace: list = field(default_factory=list)
+
+    def rss_series(self, points: int = 200) -> list:
+        """[[seconds since the first publish, workers' RSS in MB], ...], at most `points` of them
+        (evenly thinned, the last kept): whether RSS is flat over a soak, not only its ends."""
+        t0 = self.first_publish or (self.trace[0]["t"] if self.trace else 0.0)
+        series = [[round(s["t"] - t0, 1), round(s["workers_rss_mb"], 1)]
+                  for s in self.trace if s.get("workers_rss_mb") is not None]
+        if len(series) > points:
+            step = len(series) / points
+            series = [series[int(i * step)] for i in range(points - 1)] + series[-1:]
+        return series
 
     @property
     def seconds(self) -> float:
@@ -201,7 +217,9 @@ class RunResult:
             "failure": self.failure, "seconds": self.seconds, "executions_per_s": self.executions_per_s,
             "steps": self.steps, "steps_per_s": self.steps_per_s, "offered_rate": self.offered_rate,
             "publish_rate": self.publish_rate, "latency": self.latency.summary(),
+            "stored_latency": self.stored_latency,
             "resources": self.resources, "completions_per_s": self.timeline,
+            "workers_rss_mb": self.rss_series(),
         }
 
 
@@ -216,6 +234,8 @@ MEDIAN_FIELDS = (
     ("p99_ms", ("latency", "p99_ms")),
     ("p999_ms", ("latency", "p999_ms")),
     ("max_ms", ("latency", "max_ms")),
+    ("stored_p50_ms", ("stored_latency", "p50_ms")),
+    ("stored_p99_ms", ("stored_latency", "p99_ms")),
     ("workers_cpu_percent", ("resources", "workers", "cpu_percent")),
     ("workers_rss_end_mb", ("resources", "workers", "rss_end_mb")),
     ("nats_cpu_percent", ("resources", "nats", "cpu_percent")),
@@ -279,8 +299,13 @@ def run_table(run: RunResult, title: str) -> str:
         f"  latency      p50 {lat['p50_ms']:.1f} ms  p95 {lat['p95_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "
         f"max {lat['max_ms']:.1f} ms  ({'intended send time' if run.mode == 'open' else 'trigger ts'}"
         " -> committed)",
-        f"  CPU          {_resources_line(run.resources)}",
     ]
+    if run.stored_latency:
+        stored = run.stored_latency
+        lines.append(f"  of which     p50 {stored['p50_ms']:.1f} ms  p95 {stored['p95_ms']:.1f} ms  "
+                     f"p99 {stored['p99_ms']:.1f} ms  max {stored['max_ms']:.1f} ms  (intended send time -> "
+                     "JetStream PubAck, before the engine sees it)")
+    lines.append(f"  CPU          {_resources_line(run.resources)}")
     return "\n".join(lines)
 
 
@@ -293,7 +318,9 @@ def median_table(med: dict) -> str:
         f"  throughput   {get('executions_per_s', ',.0f')} executions/s   {get('steps_per_s', ',.0f')} steps/s"
         f"   (wall {get('seconds', '.2f', ' s')})",
         f"  latency      p50 {get('p50_ms', '.1f', ' ms')}  p95 {get('p95_ms', '.1f', ' ms')}  "
-        f"p99 {get('p99_ms', '.1f', ' ms')}  max {get('max_ms', '.1f', ' ms')}",
+        f"p99 {get('p99_ms', '.1f', ' ms')}  max {get('max_ms', '.1f', ' ms')}"
+        + (f"   (to PubAck: p50 {get('stored_p50_ms', '.1f', ' ms')}  p99 {get('stored_p99_ms', '.1f', ' ms')})"
+           if "stored_p99_ms" in med else ""),
         f"  CPU          workers {get('workers_cpu_percent', '.0f', '%')}  "
         f"generator {get('generator_cpu_percent', '.0f', '%')}  nats {get('nats_cpu_percent', '.0f', '%')}  "
         f"postgres {get('postgres_cpu_percent', '.0f', '%')}   worker RSS {get('workers_rss_end_mb', '.0f', ' MB')}",

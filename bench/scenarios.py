@@ -32,6 +32,7 @@ from pathlib import Path
 import orjson
 
 from .generator import publish_atomic, publish_events, publish_messages, trigger_event
+from .histogram import Histogram
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
@@ -218,9 +219,13 @@ class Scenario:
                     first.append(time.time())
                 yield event
 
+        stored = Histogram() if rate else None
         sent = await publish_events(js, topology, events(), window=window, rate=rate, on_progress=on_progress,
-                                    atomic_batch=atomic_batch)
-        return {"published": sent, "first_publish": first[0] if first else None}
+                                    atomic_batch=atomic_batch, stored=stored)
+        outcome = {"published": sent, "first_publish": first[0] if first else None}
+        if stored is not None:
+            outcome["stored_latency"] = stored.summary()
+        return outcome
 
     # -- reading the ledger ------------------------------------------------------------
     async def progress(self, pool, run_id: str) -> dict:

@@ -87,17 +87,27 @@ async def prepare(config: Config) -> None:
         await conn.close()
 
 
-async def wait_for_workers(pool, config: Config, since: float, timeout: float = 60.0) -> None:
-    """Ready when every partition has been claimed by a worker started after `since`."""
+async def wait_for_workers(pool, config: Config, since: float, workers: int = 1, timeout: float = 60.0) -> None:
+    """Ready when every partition is owned by a worker started after `since`, and
+    the partitions are spread over `workers` owners at their fair share each.
+
+    The first worker up claims every partition and gives the surplus back as the
+    others join; load sent before that settles waits out the hand-over.
+    """
+    share = -(-config.partitions // workers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        claimed = await pool.fetchval(
-            "SELECT count(*) FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)", since
+        owned = await pool.fetch(
+            "SELECT owner, count(*) AS n FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)"
+            " AND owner IS NOT NULL GROUP BY owner", since
         )
-        if claimed >= config.partitions:
+        counts = [row["n"] for row in owned]
+        if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) \
+                and max(counts) <= share:
             return
         await asyncio.sleep(0.2)
-    raise RuntimeError("workers did not start within 60 s (see their logs above)")
+    raise RuntimeError(f"{workers} worker(s) did not own the {config.partitions} partitions within {timeout:.0f} s "
+                       "(see their logs above)")
 
 
 async def run_dev(config: Config, *, demo: int | None, workers: int | None, data_dir: str | None) -> int:
@@ -116,7 +126,7 @@ async def run_dev(config: Config, *, demo: int | None, workers: int | None, data
         watcher = asyncio.create_task(supervisor.watch())
         pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2)
         try:
-            await wait_for_workers(pool, config, since)
+            await wait_for_workers(pool, config, since, workers)
             print(f"  {workers} worker(s) running")
             if demo:
                 return await _demo(config, pool, demo)

@@ -55,6 +55,7 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn):
     assert sum(run["completions_per_s"]) == 200
     assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
     assert run["resources"]["workers"]["processes"] == 1
+    assert run["stored_latency"] is None  # closed mode has no schedule to measure from
     assert doc["median"]["runs"] == 1
 
 
@@ -68,6 +69,14 @@ async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, 
     lat = run["latency"]
     assert lat["count"] == 400
     assert 0 <= lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    # The generator's share: every event's intended send time -> its PubAck.
+    stored = run["stored_latency"]
+    assert stored["count"] == 400
+    assert 0 <= stored["p50_ms"] <= stored["p99_ms"] <= stored["max_ms"]
+    # Worker memory over the run, not only its ends.
+    rss = run["workers_rss_mb"]
+    assert len(rss) >= 2 and all(mb > 0 for _, mb in rss)
+    assert [t for t, _ in rss] == sorted(t for t, _ in rss)
 
 
 async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
