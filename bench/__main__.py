@@ -1,6 +1,6 @@
 """`python -m bench SCENARIO` (also `ordo bench`): run a scenario end to end and report.
 
-    python -m bench w1 [-n 20000] [--workers N] [--repeat K] [--json] [--plot FILE.png]
+    python -m bench w1 [-n 150000] [--workers N] [--repeat K] [--json] [--plot FILE.png]
     python -m bench w1 --rate 3500 --duration 20        open mode: a fixed offered rate
     python -m bench w2-signals [-n 10000] [--signals 20]
     python -m bench w3-timers [-n 1000000] [--wait 1-60] [--hold S]
@@ -48,6 +48,7 @@ from pathlib import Path
 import orjson
 
 from . import report
+from .generator import PubAcks
 from .histogram import Histogram
 from .report import ProcessSampler, RunResult
 from .scenarios import SCENARIOS, Scenario
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("scenario", nargs="?", help="scenario name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("-n", "--count", type=int, default=None,
-                        help="closed mode: trigger events (default: the scenario's, 20000 for w1)")
+                        help="closed mode: trigger events (default: the scenario's, 150000 for w1)")
     parser.add_argument("--rate", type=float, default=None, help="open mode: offered events/s")
     parser.add_argument("--duration", type=float, default=None, help="open mode: seconds of offered load")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
@@ -280,6 +281,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     publisher = None
     watcher = None
     sampler = ProcessSampler()
+    # Open mode: the generator writes when each event's PubAck came back, to split the latency.
+    pubacks_file = os.path.join(tempfile.gettempdir(), f"ordo-{run_id}.pubacks") if open_mode else None
     outcome: dict = {}
     await scenario.start()
     try:
@@ -308,7 +311,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         sampler.start()
 
         publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout,
-                                                       _publish_batch(args))
+                                                       _publish_batch(args), pubacks_file)
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
         await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
                     args.stall_timeout + scenario.stall_grace())
@@ -348,7 +351,11 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     rows = await scenario.finish_times(pool, run_id)
     run.finished = len(rows)
     run.complete = run.finished >= expected and run.failure is None
-    _collect(run, rows)
+    pubacks = {}
+    if pubacks_file and os.path.exists(pubacks_file):
+        pubacks = PubAcks.load(pubacks_file)
+        os.unlink(pubacks_file)
+    _collect(run, rows, pubacks)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
     return run
@@ -361,7 +368,7 @@ def _publish_batch(args) -> int:
 
 
 async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float,
-                           publish_batch: int = 0):
+                           publish_batch: int = 0, pubacks_file: str | None = None):
     """Start the generator process; a task fills `outcome` from its stdout lines."""
     env = dict(os.environ, **settings)
     root = str(Path(__file__).resolve().parent.parent)
@@ -372,6 +379,8 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
         argv += ["--rate", str(rate)]
     if publish_batch > 1:
         argv += ["--atomic-batch", str(publish_batch)]
+    if pubacks_file:
+        argv += ["--pubacks", pubacks_file]
     # Its own session: a Ctrl-C reaches the bench, which stops it, not the generator directly.
     proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
                                                 start_new_session=True)
@@ -446,9 +455,14 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
     run.published = outcome["published"]
 
 
-def _collect(run: RunResult, rows) -> None:
-    """Latency histogram, steps, last commit and per-second completions from the ledger's rows."""
+def _collect(run: RunResult, rows, pubacks: dict) -> None:
+    """Latency histograms, steps, last commit and per-second completions from the ledger's rows.
+
+    `pubacks` maps an event's intended send time to its PubAck time (open
+    mode): PubAck -> committed is the engine's own share of the latency.
+    """
     hist = Histogram()
+    engine = Histogram()
     timeline: list[int] = []
     offsets: list[float] = []
     steps = 0
@@ -459,6 +473,9 @@ def _collect(run: RunResult, rows) -> None:
         steps += row["steps"]
         if ts is not None:
             hist.record(finished * 1000.0 - ts)
+            acked = pubacks.get(ts)
+            if acked is not None:
+                engine.record(finished * 1000.0 - acked)
         last = finished if last is None or finished > last else last
         if t0 is not None:
             offsets.append(finished - t0)
@@ -467,6 +484,7 @@ def _collect(run: RunResult, rows) -> None:
                 timeline.extend([0] * (second + 1 - len(timeline)))
             timeline[second] += 1
     run.latency = hist
+    run.engine_latency = engine if engine.total else None
     run.steps = steps
     run.last_commit = last
     run.timeline = timeline

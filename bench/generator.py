@@ -6,11 +6,14 @@ an exact re-publish) and carries `ts`, its intended send time in epoch ms, so
 that latency is measured from when the event was due, not when it went out.
 """
 
+import array
 import asyncio
 import time
 import uuid
 
 import orjson
+
+from .histogram import Histogram
 
 from daemon.topology import trigger_msg_id
 
@@ -39,9 +42,39 @@ async def publish(js, subject: str, body: bytes, msg_id: str) -> None:
     await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
 
 
-async def _publish_stamped(js, message: tuple, ts_ms: float, stored) -> None:
+class PubAcks:
+    """When each event's PubAck came back, against its intended send time (epoch ms).
+
+    Splits an open-mode latency in two: intended send -> PubAck is the
+    publisher's and JetStream's share (the event is stored, under
+    `sync_interval: always` on disk), PubAck -> committed the engine's.
+    """
+
+    def __init__(self):
+        self.histogram = Histogram()  # intended send time -> PubAck, ms
+        self._pairs = array.array("d")  # ts, acked, ts, acked, ...
+
+    def record(self, ts_ms: float, acked_ms: float) -> None:
+        self.histogram.record(acked_ms - ts_ms)
+        self._pairs.append(ts_ms)
+        self._pairs.append(acked_ms)
+
+    def save(self, path: str) -> None:
+        with open(path, "wb") as fh:
+            self._pairs.tofile(fh)
+
+    @staticmethod
+    def load(path: str) -> dict[float, float]:
+        """{intended send time: PubAck time} (epoch ms), as `save` wrote them."""
+        pairs = array.array("d")
+        with open(path, "rb") as fh:
+            pairs.frombytes(fh.read())
+        return dict(zip(pairs[0::2], pairs[1::2]))
+
+
+async def _publish_stamped(js, message: tuple, ts_ms: float, pubacks: PubAcks) -> None:
     await publish(js, *message)
-    stored.record(time.time() * 1000.0 - ts_ms)
+    pubacks.record(ts_ms, time.time() * 1000.0)
 
 
 #: JetStream's answer to an atomic batch holding a message id it has seen.
@@ -84,11 +117,10 @@ class AtomicBatches:
     `in_flight` batches await theirs.
     """
 
-    def __init__(self, js, *, in_flight: int = 4, stored=None):
+    def __init__(self, js, *, in_flight: int = 4, pubacks: PubAcks | None = None):
         self._js = js
         self._in_flight = in_flight
-        #: A Histogram of intended send time -> the batch's PubAck (ms), when given.
-        self._stored = stored
+        self._pubacks = pubacks
         self._pending: list = []  # (commit reply future, the batch's messages, their intended send times)
 
     async def send(self, batch: list, stamps: list | None = None) -> None:
@@ -108,10 +140,10 @@ class AtomicBatches:
 
     async def _settle(self, future, batch, stamps) -> None:
         reply = await future
-        if stamps and self._stored is not None:
+        if stamps and self._pubacks is not None:
             now_ms = time.time() * 1000.0
             for ts_ms in stamps:
-                self._stored.record(now_ms - ts_ms)
+                self._pubacks.record(ts_ms, now_ms)
         error = (orjson.loads(reply.data) if reply.data else {}).get("error")
         if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
             # A batch is all or nothing: one message already published refuses
@@ -181,7 +213,7 @@ async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) 
 
 
 async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
-                         on_progress=None, atomic_batch: int = 0, stored=None) -> int:
+                         on_progress=None, atomic_batch: int = 0, pubacks: PubAcks | None = None) -> int:
     """Publish trigger events (dicts).
 
     Closed (no `rate`): as fast as possible, in atomic batches of
@@ -189,9 +221,8 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     most `window` awaiting their PubAck. Open (`rate` events/s): on a fixed
     schedule; with `atomic_batch` > 1 the events due in each 5 ms tick go out
     as one atomic batch (what a Triggers service would do at this rate under
-    `sync_interval: always`), else one publish each. In open mode `stored`, a
-    Histogram, gets each event's intended send time -> its PubAck (ms): the
-    part of the end-to-end latency spent before the engine can see the event.
+    `sync_interval: always`), else one publish each. In open mode `pubacks`
+    records when each event's PubAck came back.
     """
     atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
     if not rate:
@@ -200,7 +231,7 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
             return await publish_atomic(js, messages, batch=atomic_batch, on_progress=on_progress)
         return await publish_messages(js, messages, window=window, on_progress=on_progress)
     if atomic:
-        batches = AtomicBatches(js, in_flight=16, stored=stored)
+        batches = AtomicBatches(js, in_flight=16, pubacks=pubacks)
 
         async def send(chunk):
             # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
@@ -217,8 +248,8 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
         nonlocal pending
         for event in chunk:
             message = _as_message(topology, event)
-            pending.add(asyncio.ensure_future(publish(js, *message) if stored is None
-                                              else _publish_stamped(js, message, event["ts"], stored)))
+            pending.add(asyncio.ensure_future(publish(js, *message) if pubacks is None
+                                              else _publish_stamped(js, message, event["ts"], pubacks)))
         if len(pending) >= window:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -28,6 +28,7 @@ import orjson
 from daemon import config as config_module
 from daemon.topology import Topology
 
+from .generator import PubAcks
 from .scenarios import get as get_scenario
 
 #: How often a progress line goes to the parent.
@@ -40,7 +41,8 @@ def _emit(doc: dict) -> None:
 
 
 async def run(scenario_name: str, run_id: str, count: int, rate: float | None, window: int,
-              timeout: float, atomic_batch: int = 0, options: dict | None = None) -> int:
+              timeout: float, atomic_batch: int = 0, options: dict | None = None,
+              pubacks_file: str | None = None) -> int:
     import nats
 
     config = config_module.load()
@@ -59,13 +61,16 @@ async def run(scenario_name: str, run_id: str, count: int, rate: float | None, w
             last_emit = now
             _emit({"published": n})
 
+    pubacks = PubAcks() if pubacks_file and rate else None
     try:
         outcome = await asyncio.wait_for(
             scenario.generate(js, topology, run_id, count, rate=rate, window=window, atomic_batch=atomic_batch,
-                              on_progress=progress), timeout)
+                              on_progress=progress, pubacks=pubacks), timeout)
         last_ack = time.time()
     finally:
         await nc.close()
+    if pubacks is not None:
+        pubacks.save(pubacks_file)
     _emit({"last_ack": last_ack, **outcome, "done": True})
     return 0
 
@@ -81,11 +86,13 @@ def main(argv=None) -> int:
     parser.add_argument("--atomic-batch", type=int, default=0,
                         help="publish in JetStream atomic batches: of this size (closed), per 5 ms tick (open); 0: one by one")
     parser.add_argument("--options", default="{}", help="the scenario's options, a JSON object")
+    parser.add_argument("--pubacks", metavar="FILE",
+                        help="open mode: write each event's intended send time and PubAck time here (float64 pairs)")
     args = parser.parse_args(argv)
     import uvloop
 
     return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout,
-                         args.atomic_batch, orjson.loads(args.options)))
+                         args.atomic_batch, orjson.loads(args.options), args.pubacks))
 
 
 if __name__ == "__main__":

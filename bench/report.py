@@ -167,6 +167,8 @@ class RunResult:
     #: Open mode: intended send time -> the generator's PubAck, as Histogram.summary() (the part
     #: of the latency spent publishing and storing, before the engine can see an event).
     stored_latency: dict | None = None
+    #: Open mode: each event's PubAck -> its execution's committed end (the engine's own share).
+    engine_latency: Histogram | None = None
     #: Completions per second since the first publish (index = second).
     timeline: list = field(default_factory=list)
     #: Seconds from the first publish to each execution's finishing commit (for plots).
@@ -218,6 +220,7 @@ class RunResult:
             "steps": self.steps, "steps_per_s": self.steps_per_s, "offered_rate": self.offered_rate,
             "publish_rate": self.publish_rate, "latency": self.latency.summary(),
             "stored_latency": self.stored_latency,
+            "engine_latency": self.engine_latency.summary() if self.engine_latency else None,
             "resources": self.resources, "completions_per_s": self.timeline,
             "workers_rss_mb": self.rss_series(),
         }
@@ -236,6 +239,8 @@ MEDIAN_FIELDS = (
     ("max_ms", ("latency", "max_ms")),
     ("stored_p50_ms", ("stored_latency", "p50_ms")),
     ("stored_p99_ms", ("stored_latency", "p99_ms")),
+    ("engine_p50_ms", ("engine_latency", "p50_ms")),
+    ("engine_p99_ms", ("engine_latency", "p99_ms")),
     ("workers_cpu_percent", ("resources", "workers", "cpu_percent")),
     ("workers_rss_end_mb", ("resources", "workers", "rss_end_mb")),
     ("nats_cpu_percent", ("resources", "nats", "cpu_percent")),
@@ -300,11 +305,12 @@ def run_table(run: RunResult, title: str) -> str:
         f"max {lat['max_ms']:.1f} ms  ({'intended send time' if run.mode == 'open' else 'trigger ts'}"
         " -> committed)",
     ]
-    if run.stored_latency:
-        stored = run.stored_latency
-        lines.append(f"  of which     p50 {stored['p50_ms']:.1f} ms  p95 {stored['p95_ms']:.1f} ms  "
-                     f"p99 {stored['p99_ms']:.1f} ms  max {stored['max_ms']:.1f} ms  (intended send time -> "
-                     "JetStream PubAck, before the engine sees it)")
+    for label, share, span in (("publish", run.stored_latency, "intended send time -> JetStream PubAck"),
+                               ("engine", run.engine_latency and run.engine_latency.summary(),
+                                "PubAck -> committed")):
+        if share:
+            lines.append(f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
+                         f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})")
     lines.append(f"  CPU          {_resources_line(run.resources)}")
     return "\n".join(lines)
 
@@ -319,7 +325,8 @@ def median_table(med: dict) -> str:
         f"   (wall {get('seconds', '.2f', ' s')})",
         f"  latency      p50 {get('p50_ms', '.1f', ' ms')}  p95 {get('p95_ms', '.1f', ' ms')}  "
         f"p99 {get('p99_ms', '.1f', ' ms')}  max {get('max_ms', '.1f', ' ms')}"
-        + (f"   (to PubAck: p50 {get('stored_p50_ms', '.1f', ' ms')}  p99 {get('stored_p99_ms', '.1f', ' ms')})"
+        + (f"   (publish p50 {get('stored_p50_ms', '.1f', ' ms')} p99 {get('stored_p99_ms', '.1f', ' ms')}, "
+           f"engine p50 {get('engine_p50_ms', '.1f', ' ms')} p99 {get('engine_p99_ms', '.1f', ' ms')})"
            if "stored_p99_ms" in med else ""),
         f"  CPU          workers {get('workers_cpu_percent', '.0f', '%')}  "
         f"generator {get('generator_cpu_percent', '.0f', '%')}  nats {get('nats_cpu_percent', '.0f', '%')}  "

@@ -32,7 +32,6 @@ from pathlib import Path
 import orjson
 
 from .generator import publish_atomic, publish_events, publish_messages, trigger_event
-from .histogram import Histogram
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 
@@ -151,7 +150,7 @@ class Scenario:
     steps = 0
     step_kind = "set"
     #: -n when not given.
-    default_count = 20000
+    default_count = 20_000
     #: bench/workflows/<file> deployed per run (id = run id, trigger = bench.<run id>);
     #: None: the workflow is one of daemon/examples (deployed by `prepare`).
     workflow_file: str | None = None
@@ -208,8 +207,11 @@ class Scenario:
         return 0.0
 
     async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, on_progress=None) -> dict:
-        """Publish the run's load (in the generator process); {"published", "first_publish", ...}."""
+                       atomic_batch: int = 0, on_progress=None, pubacks=None) -> dict:
+        """Publish the run's load (in the generator process); {"published", "first_publish", ...}.
+
+        In open mode `pubacks` (a generator.PubAcks) records each event's PubAck.
+        """
         first = []
 
         def events():
@@ -219,12 +221,11 @@ class Scenario:
                     first.append(time.time())
                 yield event
 
-        stored = Histogram() if rate else None
         sent = await publish_events(js, topology, events(), window=window, rate=rate, on_progress=on_progress,
-                                    atomic_batch=atomic_batch, stored=stored)
+                                    atomic_batch=atomic_batch, pubacks=pubacks if rate else None)
         outcome = {"published": sent, "first_publish": first[0] if first else None}
-        if stored is not None:
-            outcome["stored_latency"] = stored.summary()
+        if rate and pubacks is not None:
+            outcome["stored_latency"] = pubacks.histogram.summary()
         return outcome
 
     # -- reading the ledger ------------------------------------------------------------
@@ -264,6 +265,7 @@ class LinearFive(Scenario):
     description = "linear-5: five in-process set steps, no waits (daemon/examples/linear5.json)"
     event_type = "bench.linear5"
     steps = 5
+    default_count = 150_000  # ~10 s: long enough that start-up and the tail weigh little
 
 
 # -- publishing onto execution subjects ----------------------------------------------------
@@ -353,7 +355,7 @@ class Signals(Scenario):
         return max(180.0, expected * self.options["signals"] / 500.0)
 
     async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, on_progress=None) -> dict:
+                       atomic_batch: int = 0, on_progress=None, pubacks=None) -> dict:
         import asyncpg
 
         from daemon import config as config_module

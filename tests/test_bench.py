@@ -55,7 +55,7 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn):
     assert sum(run["completions_per_s"]) == 200
     assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
     assert run["resources"]["workers"]["processes"] == 1
-    assert run["stored_latency"] is None  # closed mode has no schedule to measure from
+    assert run["stored_latency"] is None and run["engine_latency"] is None  # no schedule to measure from
     assert doc["median"]["runs"] == 1
 
 
@@ -73,6 +73,10 @@ async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, 
     stored = run["stored_latency"]
     assert stored["count"] == 400
     assert 0 <= stored["p50_ms"] <= stored["p99_ms"] <= stored["max_ms"]
+    # The engine's share, PubAck -> committed, matched per event.
+    engine = run["engine_latency"]
+    assert engine["count"] == 400
+    assert 0 <= engine["p50_ms"] <= engine["p99_ms"] <= engine["max_ms"] <= lat["max_ms"]
     # Worker memory over the run, not only its ends.
     rss = run["workers_rss_mb"]
     assert len(rss) >= 2 and all(mb > 0 for _, mb in rss)
