@@ -22,7 +22,7 @@ class Config:
     workers: int = 0  # 0: one per core
     worker_index: int = -1  # -1: the supervisor; >= 0: one worker
     #: JetStream fetch size and the bound on messages held by one worker (backpressure).
-    fetch_batch: int = 512
+    fetch_batch: int = 2048
     max_ack_pending: int = 8192
     ring_capacity: int = 16384
     ack_wait_s: float = 30.0

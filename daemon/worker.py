@@ -73,8 +73,13 @@ class Worker:
         self.ownership = Ownership(self.name, config.partitions, lease_ttl_s=config.lease_ttl_s,
                                    lease_renew_s=config.lease_renew_s)
         self.registry = WorkflowRegistry()
-        # Room for every fetched message plus a share of due timers.
-        self.ring = OrderingRing(max(config.ring_capacity, 2 * (config.max_ack_pending + config.fetch_batch)))
+        # The most messages fetched and not yet settled: a pull request opens while
+        # in_flight + fetch_batch <= max_ack_pending, and then every open request (the
+        # triggers' and one per partition) may still deliver a whole batch.
+        self._most_fetched = config.max_ack_pending + (config.partitions + 1) * config.fetch_batch
+        # Room for all of them plus a share of due timers.
+        self.ring = OrderingRing(max(config.ring_capacity,
+                                     self._most_fetched + config.max_ack_pending + config.fetch_batch))
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.timers = DueTimers(horizon_s=config.timer_horizon_s)
@@ -426,9 +431,9 @@ class Worker:
                 self.batcher.add(unit)
                 continue
             delivery.key = doc["execution_id"]
-            # The ring is sized above max_ack_pending plus the timer share, so a push cannot fail here.
+            # The ring holds the most messages fetch can bring in plus the timer share: a push cannot fail here.
             if not self.ring.push(delivery.key, (delivery, doc)):
-                raise RuntimeError("ordering ring overflow: ring_capacity must exceed max_ack_pending")
+                raise RuntimeError("ordering ring overflow: more messages fetched than the ring was sized for")
         self._ring_ready.set()
 
     async def _timer_loop(self) -> None:
@@ -440,7 +445,7 @@ class Worker:
                 await self._on_pool(lambda conn: self.timers.load(conn, now_ms), "timers")
                 next_load = now_ms + self.config.timer_load_interval_ms
                 metrics.timers_pending.set(len(self.timers))
-            room = self.ring.capacity - len(self.ring) - self.config.max_ack_pending - self.config.fetch_batch
+            room = self.ring.capacity - len(self.ring) - self._most_fetched
             fires = self.timers.pop_due(now_ms, max(room, 0))
             for fire in fires:
                 metrics.timer_lateness.observe(max(0, now_ms - fire.fire_at_ms) / 1000.0)

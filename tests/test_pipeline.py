@@ -187,6 +187,31 @@ async def test_signals_are_applied_in_publish_order_per_execution(nats_server_ur
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def test_a_backlog_on_every_partition_at_once_fits_the_ordering_ring(nats_server_url, pg_dsn, prefix):
+    """A pull request opens while in_flight + fetch_batch <= max_ack_pending, and then every open
+    request (the triggers' and one per partition) may deliver a whole batch: a worker that starts on
+    a backlog in every partition must have a ring for all of it, not stop on an overflow."""
+    from daemon.topology import partition_of
+
+    async with Harness(nats_server_url, pg_dsn, prefix, partitions=8) as h:
+        await h.deploy(WAITER)
+        executions = 240
+        events = [trigger_event("ring", i, tenant="acme", event_type="session.started") for i in range(executions)]
+        ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in events]
+        assert {partition_of(x, 8) for x in ids} == set(range(8))
+        async with h.worker():
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=executions)
+        for execution_id in ids:
+            await h.signal(execution_id, "done", {"ok": True}, signal_id="done")
+        # The smallest ring the worker allows, and open requests that together outweigh max_ack_pending.
+        async with h.worker(fetch_batch=25, max_ack_pending=50, ring_capacity=1) as worker:
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
+                               expect=executions)
+            assert not worker.stopping.is_set()
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
 async def test_atomic_batches_of_triggers_enrol_like_single_publishes(nats_server_url, pg_dsn, prefix):
     """A Triggers service may publish atomic batches (one fsync per batch); each event is still one message."""
     from bench.generator import publish_events, supports_atomic_batches
