@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the hot path, compiled against pure (pytest-benchmark).
+"""Micro-benchmarks of the hot path, compiled against pure (pytest-benchmark), and the envelope.
 
 Run with `pytest bench/test_micro_hotpath.py --benchmark-only`; each benchmark
 records in `extra_info` how many operations one call does, so that ops/s is
@@ -83,4 +83,58 @@ def test_program_matches(benchmark, impl):
             matches(event)
 
     benchmark.extra_info["matches_per_call"] = EXECUTIONS
+    benchmark(run)
+
+
+# The envelope has one implementation: its JSON work is orjson's (C) already, and what is
+# left in Python is a handful of field checks per message, measured here as such.
+
+def _trigger_bodies() -> list[bytes]:
+    from bench.generator import trigger_event
+    from hotpath.envelope import encode
+
+    return [encode(trigger_event("micro", i)) for i in range(EXECUTIONS)]
+
+
+def test_envelope_decode_trigger(benchmark):
+    """decode_trigger (orjson parse + contract checks) of EXECUTIONS trigger events."""
+    from hotpath.envelope import decode_trigger
+
+    bodies = _trigger_bodies()
+
+    def run():
+        for body in bodies:
+            decode_trigger(body, 65536)
+
+    benchmark.extra_info["messages_per_call"] = EXECUTIONS
+    benchmark(run)
+
+
+def test_envelope_decode_exec_signal(benchmark):
+    """decode_exec of EXECUTIONS signals addressed to executions."""
+    from hotpath.envelope import decode_exec, encode
+
+    bodies = [encode({"v": 1, "kind": "signal", "execution_id": f"{i:032x}", "signal_id": f"s-{i}",
+                      "name": "tick", "data": {"i": i}}) for i in range(EXECUTIONS)]
+
+    def run():
+        for body in bodies:
+            decode_exec(body, 65536)
+
+    benchmark.extra_info["messages_per_call"] = EXECUTIONS
+    benchmark(run)
+
+
+def test_envelope_encode(benchmark):
+    """encode of EXECUTIONS trigger-event documents."""
+    from bench.generator import trigger_event
+    from hotpath.envelope import encode
+
+    docs = [trigger_event("micro", i) for i in range(EXECUTIONS)]
+
+    def run():
+        for doc in docs:
+            encode(doc)
+
+    benchmark.extra_info["messages_per_call"] = EXECUTIONS
     benchmark(run)
