@@ -66,7 +66,8 @@ def draw(runs: list[RunResult], path: str, title: str) -> None:
     ticks = (50, 90, 99, 99.9, 99.99)
     bottom.set_xticks([1.0 / (1.0 - p / 100.0) for p in ticks], [f"{p:g}%" for p in ticks])
     bottom.set_xlabel("percentile")
-    bottom.set_ylabel("latency, ms (trigger ts -> committed)")
+    start = "intended send time" if any(run.mode == "open" for run in runs) else "trigger ts"
+    bottom.set_ylabel(f"latency, ms ({start} -> committed)")
     bottom.grid(alpha=0.3, which="both")
     if any(run.latency.total for run in runs):
         bottom.legend(loc="upper left")
