@@ -25,6 +25,8 @@ log = logging.getLogger("ordo.advance")
 
 #: Kinds an operator may send to an execution that has ended.
 _FOR_ENDED = frozenset(("retry",))
+#: How long a timer of an execution whose row cannot be read waits before it is tried again.
+UNREADABLE_TIMER_RETRY_MS = 60_000
 
 
 def payload_of(doc: dict):
@@ -53,8 +55,11 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         unit.dead_letter("unknown_execution", f"no execution {doc['execution_id']!r}")
         return unit
     if type(record) is UnreadableRecord:
-        # Its messages are dead-lettered (retry them once the row is repaired); a timer keeps its row.
-        if not is_timer:
+        # Its messages are dead-lettered (retry them once the row is repaired); a timer keeps
+        # its row and is tried again a while later, not at every load.
+        if is_timer:
+            unit.retry_timer_after_ms = UNREADABLE_TIMER_RETRY_MS
+        else:
             unit.dead_letter("unreadable_execution", f"execution {record.execution_id} cannot be read: {record.error}")
         return unit
     if not is_timer and source.stream_seq <= record.last_stream_seq:

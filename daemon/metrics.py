@@ -39,6 +39,10 @@ owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns."
 events_routed = Counter("ordo_events_routed_total", "Trigger events handed to executions waiting for them.")
 timers_pending = Gauge("ordo_timers_pending", "Timers due within the horizon, held in memory.")
 timer_lateness = Histogram("ordo_timer_lateness_seconds", "How late a timer fired.", buckets=COMMIT_BUCKETS)
+timers_deferred = Counter(
+    "ordo_timers_deferred_total",
+    "Timer fires put off because their execution's stored row cannot be read (tried again a minute later).",
+)
 
 end_to_end_seconds = Histogram(
     "ordo_end_to_end_seconds", "Trigger event ts to the commit that ended its execution.",

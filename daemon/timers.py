@@ -22,7 +22,7 @@ LIMIT $3
 class TimerFire:
     """A due timer travelling through the pipeline in place of a JetStream message."""
 
-    __slots__ = ("key", "timer_id", "fire_at_ms")
+    __slots__ = ("key", "timer_id", "fire_at_ms", "timer_partition")
     subject = "timer"
     stream = "ordo.timers"
     stream_seq = 0
@@ -31,10 +31,12 @@ class TimerFire:
     delivered = 1
     partition = -1
 
-    def __init__(self, execution_id: str, timer_id: str, fire_at_ms: int):
+    def __init__(self, execution_id: str, timer_id: str, fire_at_ms: int, timer_partition: int = -1):
         self.key = execution_id
         self.timer_id = timer_id
         self.fire_at_ms = fire_at_ms
+        #: The ledger partition of its execution (`partition` stays -1: it is no stream message).
+        self.timer_partition = timer_partition
 
 
 class DueTimers:
@@ -89,8 +91,17 @@ class DueTimers:
             if partition not in self.partitions:
                 self._known.discard((execution_id, timer_id))
                 continue
-            fires.append(TimerFire(execution_id, timer_id, fire_at_ms))
+            fires.append(TimerFire(execution_id, timer_id, fire_at_ms, partition))
         return fires
+
+    def defer(self, fire: TimerFire, fire_at_ms: int) -> None:
+        """The fire changed nothing and its row stays (its execution cannot be read now):
+        fire it again at `fire_at_ms`, not at the next load, which would bring it back
+        within a second. Held here, so a restart tries it once more at once."""
+        if fire.timer_partition not in self.partitions:
+            self._known.discard((fire.key, fire.timer_id))
+            return
+        heapq.heappush(self._heap, (fire_at_ms, fire.key, fire.timer_id, fire.timer_partition))
 
     def done(self, fire: TimerFire) -> None:
         """The fire has committed (or was stale): a later load may not bring it back."""

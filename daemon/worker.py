@@ -540,7 +540,10 @@ class Worker:
                 if change.after_commit:
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
             if source.reply is None:  # a timer fire: its row went with the commit
-                self.timers.done(source)
+                if unit.retry_timer_after_ms:
+                    self._defer_timer(source, unit.retry_timer_after_ms)
+                else:
+                    self.timers.done(source)
             elif stale:
                 replies.append((source.reply, b'-NAK {"delay": 100000000}'))
                 self._settled(source, done=False)  # it comes back; progress waits for it
@@ -561,6 +564,13 @@ class Worker:
         metrics.transitions.inc(transitions)
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
+
+    def _defer_timer(self, fire, after_ms: int) -> None:
+        self.timers.defer(fire, self.clock_ms() + after_ms)
+        metrics.timers_deferred.inc()
+        log.warning("timer %s not fired: execution %s cannot be read (see its unreadable_execution dead "
+                    "letters); trying again in %d s", fire.timer_id, fire.key, after_ms // 1000,
+                    extra=logs.execution(fire.key, reason="unreadable_execution"))
 
     async def _reply_all(self, replies: list) -> None:
         """Write the acks and naks of a committed batch.

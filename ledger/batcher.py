@@ -220,6 +220,9 @@ class Unit:
     failed: str | None = None
     #: (execution_id, timer_id) of stale timer rows to delete (a fire nothing wanted).
     stale_timers: list = field(default_factory=list)
+    #: A timer fire that could not be applied now (its execution's row cannot be read) and
+    #: keeps its row: fire it again after this many ms (0: the fire is done).
+    retry_timer_after_ms: int = 0
 
     def dead_letter(self, reason: str, error: str, **where) -> None:
         """Dead-letter the message this unit stands for (it names its source).

@@ -235,6 +235,55 @@ async def test_a_burst_of_slow_in_process_calls_waits_in_jetstream_not_past_its_
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+def _fires(metrics) -> float:
+    """Timers fired so far in this process (each fire observes its lateness)."""
+    return next(s.value for s in metrics.timer_lateness.collect()[0].samples if s.name.endswith("_count"))
+
+
+async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_not_at_every_load(
+        nats_server_url, pg_dsn, prefix):
+    """The fire applies nothing and the timer row stays; it used to come back with every load
+    (each second) for as long as the row was broken. After a repair it fires and the execution goes on."""
+    from daemon import metrics
+
+    pause = {
+        "id": "pause", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "steps": [{"id": "wait", "type": "wait", "duration": "1h"},
+                  {"id": "after", "type": "set", "values": {"woke": True}}],
+    }
+    clock = Clock()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(pause)
+        event = trigger_event("unreadable", 1, tenant="acme", event_type="contact.created")
+        execution_id = h.execution_id("acme", "pause", event["event_id"])
+        async with h.worker(clock_ms=clock):
+            await h.publish_triggers([event])
+            await _until(h, execution_id, "waiting")
+            runtime = await h.db.fetchval(
+                "SELECT runtime::text FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+            await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid",
+                               execution_id)
+            deferred = metrics.timers_deferred._value.get()
+            fired = _fires(metrics)
+            clock.advance(3600_000 + 1000)
+            for _ in range(200):
+                if metrics.timers_deferred._value.get() > deferred:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(3.5)  # three timer loads: each would have fired it again
+            assert _fires(metrics) == fired + 1
+            assert metrics.timers_deferred._value.get() == deferred + 1
+            assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid",
+                                       execution_id) == 1
+            assert await _status(h, execution_id) == "waiting"
+
+            await h.db.execute("UPDATE ordo.executions SET runtime = $2::jsonb WHERE execution_id = $1::uuid",
+                               execution_id, runtime)
+            clock.advance(61_000)
+            await _until(h, execution_id, "completed")
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
 async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_retry_resumes(
         nats_server_url, pg_dsn, prefix, target):
     from daemon.dlq import retry_letters
