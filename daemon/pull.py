@@ -62,6 +62,8 @@ class PullConsumer:
         self._sub = None
         #: Messages the open request may still deliver (0: no request open).
         self.outstanding = 0
+        #: The server refused the last request (its consumer is gone, or busy): pause before the next.
+        self.refused = False
 
     async def subscribe(self) -> None:
         self._inbox = self._nc.new_inbox()
@@ -100,8 +102,12 @@ class PullConsumer:
             sub._pending_size -= len(msg.data)
             headers = msg.headers
             if headers is not None and _STATUS in headers:
-                if headers[_STATUS] != "100":  # anything but a heartbeat ends the request
+                status = headers[_STATUS]
+                if status != "100":  # anything but a heartbeat ends the request
                     self.outstanding = 0
+                    # 404/408: nothing there (yet); 409: consumer deleted, too many waiting, ...;
+                    # 503: no consumer. A worker that lost the partition sees the latter until it notices.
+                    self.refused = status in ("409", "503")
             elif msg.reply:
                 taken.append(Delivery(msg))
                 self.outstanding -= 1

@@ -73,8 +73,17 @@ class Topology:
     def partition_filter(self, partition: int) -> str:
         return f"{self.prefix}.exec.{partition}.>"
 
-    def partition_consumer(self, partition: int) -> str:
-        return f"exec-p{partition}"
+    def partition_consumer(self, partition: int, epoch: int) -> str:
+        """The durable consumer of one ownership (epoch) of a partition.
+
+        One name per epoch: a worker that lost the partition and has not
+        noticed yet keeps pulling from its own, deleted, consumer. With one
+        name for all owners it pulled from the new owner's consumer and took
+        its messages; they came back to the new owner only after AckWait,
+        behind younger messages of the same executions, which then counted
+        them as already applied.
+        """
+        return f"exec-p{partition}-e{epoch}"
 
     def action_subject(self, action: str, major: int) -> str:
         """Where requests for an external action go: a work queue per action and major version."""
@@ -128,27 +137,38 @@ class Topology:
                 except BadRequestError as exc:  # created concurrently by another worker
                     if "already in use" not in str(exc):
                         raise
+        # A partition's consumer is created by the worker that claims it (resume_partition).
         await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
-        for p in range(self.partitions):
-            await self._ensure_consumer(
-                js, self.exec_stream, self.partition_consumer(p), self.partition_filter(p)
-            )
 
-    async def resume_partition(self, js, partition: int, after_seq: int) -> None:
-        """Recreate the partition's consumer to deliver from `after_seq + 1`, in stream order.
+    async def resume_partition(self, js, partition: int, epoch: int, after_seq: int) -> None:
+        """Create this epoch's consumer of the partition, delivering from `after_seq + 1` in
+        stream order, and delete the consumers of earlier epochs.
 
         Called by the worker that just claimed the partition, with the ledger's
-        watermark: whatever the previous owner left unacked is forgotten by
+        watermark: whatever an earlier owner left unacked is forgotten by
         JetStream and delivered again in order, instead of being redelivered
         after AckWait behind younger messages of the same execution.
         """
-        durable = self.partition_consumer(partition)
-        try:
-            await js.delete_consumer(self.exec_stream, durable)
-        except NotFoundError:
-            pass
+        durable = self.partition_consumer(partition, epoch)
+        prefix = f"exec-p{partition}-e"
+        for name in await self._consumer_names(js, self.exec_stream):
+            older = name.startswith(prefix) and name[len(prefix):].isdigit() and int(name[len(prefix):]) < epoch
+            if older or name == f"exec-p{partition}":  # (the one name of every epoch, before epochs had names)
+                try:
+                    await js.delete_consumer(self.exec_stream, name)
+                except NotFoundError:
+                    pass
         await self._ensure_consumer(js, self.exec_stream, durable, self.partition_filter(partition),
                                     start_seq=after_seq + 1)
+
+    @staticmethod
+    async def _consumer_names(js, stream: str) -> list[str]:
+        names: list[str] = []
+        while True:  # JetStream lists 256 consumers a page
+            page = await js.consumers_info(stream, offset=len(names) or None)
+            names += [info.name for info in page]
+            if len(page) < 256:
+                return names
 
     async def _ensure_consumer(self, js, stream: str, durable: str, filter_subject, start_seq: int = 0) -> None:
         try:

@@ -1,7 +1,7 @@
 """One worker process: fetch -> order -> dispatch -> commit -> ack.
 
     triggers consumer ──decode──> enrol (dispatch the first steps) ─────────┐
-    exec-p<N> consumers ─decode──> ordering ring ──> load, dispatch ────────┤
+    exec-p<N>-e<epoch> ─decode──> ordering ring ──> load, dispatch ────────┤
                                                                            v
                                        ledger batcher (one transaction per batch)
                                                                            │
@@ -161,6 +161,7 @@ class Worker:
         committer = asyncio.create_task(self._commit_loop())
         timer_loop = asyncio.create_task(self._timer_loop())
         owner = asyncio.create_task(self._ownership_loop())
+        lag = asyncio.create_task(self._lag_loop())
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait([stop, committer, pump, timer_loop, owner, self._fetchers["triggers"]],
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -172,7 +173,8 @@ class Worker:
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
         owner.cancel()
-        await asyncio.gather(owner, return_exceptions=True)
+        lag.cancel()
+        await asyncio.gather(owner, lag, return_exceptions=True)
         fetchers = list(self._fetchers.values())
         await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:
@@ -251,10 +253,19 @@ class Worker:
                     self._releasing.add(p)
                     asyncio.get_running_loop().create_task(self._release_partition(p))
             metrics.owned_partitions.set(len(self.ownership.owned))
-            await self._measure_lag()
             self.ready.set()
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _lag_loop(self) -> None:
+        """Consumer lag, on its own: NATS round trips must not delay the ownership
+        rounds, whose lease renewals keep the partitions (and are Postgres only)."""
+        while not self.stopping.is_set():
+            await self._measure_lag()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), max(self.config.lease_renew_s, 1.0))
             except asyncio.TimeoutError:
                 pass
 
@@ -264,8 +275,8 @@ class Worker:
         try:
             triggers = await self._js.consumer_info(t.triggers_stream, t.triggers_consumer)
             exec_lag = 0
-            for p in list(self.ownership.owned):
-                exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p))).num_pending
+            for p, epoch in list(self.ownership.owned.items()):
+                exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p, epoch))).num_pending
         except Exception as exc:  # a metric is not worth a crash
             log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
             return
@@ -276,8 +287,8 @@ class Worker:
         """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
         self.batcher.epochs[p] = epoch
         self.progress[p] = PartitionProgress(watermark)
-        await self.topology.resume_partition(self._js, p, watermark)
-        consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p))
+        await self.topology.resume_partition(self._js, p, epoch, watermark)
+        consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p, epoch))
         await consumer.subscribe()
         self.timers.own(p)
         self._fetchers[p] = task = asyncio.create_task(
@@ -356,6 +367,8 @@ class Worker:
                 await asyncio.sleep(0.5)
                 continue
             if not deliveries:
+                if consumer.refused:
+                    await asyncio.sleep(0.1)
                 continue
             fetch_seconds.observe(time.monotonic() - started)
             self._in_flight += len(deliveries)
@@ -545,6 +558,9 @@ class Worker:
                 else:
                     self.timers.done(source)
             elif stale:
+                log.warning("execution %s changed in the ledger since it was loaded; message %s:%d comes back",
+                            source.key, source.stream, source.stream_seq,
+                            extra=logs.execution(source.key, reason="stale_state"))
                 replies.append((source.reply, b'-NAK {"delay": 100000000}'))
                 self._settled(source, done=False)  # it comes back; progress waits for it
                 continue

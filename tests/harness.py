@@ -107,6 +107,11 @@ class Harness:
         self.processes.append(proc)
         return proc
 
+    async def partition_consumer(self, partition: int) -> str:
+        """The partition's consumer under its current owner (there is one per epoch)."""
+        epoch = await self.db.fetchval("SELECT epoch FROM ordo.partitions WHERE partition = $1", partition)
+        return self.topology.partition_consumer(partition, epoch)
+
     async def wait_claimed(self, since: float, count: int | None = None, timeout: float = 20.0) -> None:
         """Until `count` partitions (all by default) were claimed after `since` (epoch seconds)."""
         count = self.config.partitions if count is None else count

@@ -186,6 +186,7 @@ class Load:
         assert got == expected, f"{lost} lost, {duplicated} duplicated welcome executions"
         assert {r["status"] for r in rows} == {"completed"}
         out_of_order = 0
+        seen = []
         for execution_id in self.waiter_ids:
             details = await db.fetch(
                 "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
@@ -193,7 +194,11 @@ class Load:
             signals = [orjson.loads(d["detail"]) for d in details]
             if [s["data"]["i"] for s in signals[:-1]] != list(range(TICKS)) or signals[-1]["name"] != "done":
                 out_of_order += 1
-        assert out_of_order == 0, f"{out_of_order} waiters saw their signals lost, doubled or out of order"
+                letters = await db.fetch("SELECT reason, stream_seq FROM ordo.dead_letters WHERE execution_id = $1::uuid",
+                                         execution_id)
+                seen.append((execution_id, [(s.get("name"), (s.get("data") or {}).get("i")) for s in signals],
+                             [tuple(r) for r in letters]))
+        assert out_of_order == 0, f"{out_of_order} waiters saw their signals lost, doubled or out of order: {seen}"
         problems = await self.h.ledger_problems()
         assert problems == NO_PROBLEMS
         return {"executions": self.total, "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order}

@@ -15,12 +15,13 @@ from test_pipeline import WAITER, WELCOME
 QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
 
 
-async def _ack_pending(h: Harness, consumer: str) -> int:
-    """Messages the consumer has delivered and not had acked; 0 while a worker that just
-    claimed the partition is recreating the consumer at its watermark."""
+async def _ack_pending(h: Harness, partition: int) -> int:
+    """Messages the partition's current consumer has delivered and not had acked; 0 while
+    a worker that just claimed the partition is creating its consumer at the watermark."""
     from nats.js.errors import NotFoundError
 
     try:
+        consumer = await h.partition_consumer(partition)
         return (await h.js.consumer_info(h.topology.exec_stream, consumer)).num_ack_pending
     except NotFoundError:
         return 0
@@ -122,7 +123,7 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
             await h.publish_triggers([start])
             await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
                                expect="waiting")
-        consumer = h.topology.partition_consumer(partition_of(execution_id, h.config.partitions))
+        partition = partition_of(execution_id, h.config.partitions)
         proc = h.spawn_worker()
         blocker = await asyncpg.connect(h.config.pg_dsn)
         try:
@@ -131,7 +132,7 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
                 await blocker.execute("LOCK TABLE ordo.transitions IN SHARE ROW EXCLUSIVE MODE")
                 await h.signal(execution_id, "tick", {"i": 0}, signal_id="k")
                 deadline = time.monotonic() + 20
-                while await _ack_pending(h, consumer) < 1:
+                while await _ack_pending(h, partition) < 1:
                     assert time.monotonic() < deadline, "worker A never took k"
                     await asyncio.sleep(0.05)
                 h.kill(proc)
@@ -196,9 +197,8 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
         old = h.spawn_worker(batch_max_ms=4000.0)
         await h.wait_claimed(since)
         await h.signal(execution_id, "tick", {"i": 0}, signal_id="k")
-        consumer = h.topology.partition_consumer(partition)
         deadline = time.monotonic() + 10
-        while await _ack_pending(h, consumer) < 1:
+        while await _ack_pending(h, partition) < 1:
             assert time.monotonic() < deadline, "worker A never took the message"
             await asyncio.sleep(0.02)
         # Let A dispatch it into the batch that waits 4 s (a fetched message A had
@@ -302,12 +302,12 @@ async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fa
             real_resume = worker.topology.resume_partition
             failures = 0
 
-            async def resume(js, partition, watermark):
+            async def resume(js, partition, epoch, watermark):
                 nonlocal failures
                 if failures < 3:
                     failures += 1
                     raise nats.errors.TimeoutError
-                return await real_resume(js, partition, watermark)
+                return await real_resume(js, partition, epoch, watermark)
 
             worker.topology.resume_partition = resume
             # Hand the partitions back and claim them again: the claims go through the flaky set-up.
@@ -327,3 +327,33 @@ async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fa
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
             assert failures == 3 and worker.fatal is None and not worker._unstarted
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_consumer(
+        nats_server_url, pg_dsn, prefix):
+    """Each ownership (epoch) of a partition has its own consumer. With one name for all, a
+    worker that lost the partition and had not noticed yet pulled from the new owner's
+    consumer; what it took came back to the new owner only after AckWait, behind younger
+    messages of the same executions, which then counted it as applied: a lost signal."""
+    import uuid
+
+    from daemon.pull import PullConsumer
+    from daemon.topology import partition_of
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        t = h.topology
+        await t.resume_partition(h.js, 0, 1, 0)
+        old = PullConsumer(h.nc, t.exec_stream, t.partition_consumer(0, 1), expires=0.5)
+        await old.subscribe()
+        await t.resume_partition(h.js, 0, 2, 0)  # another worker claims partition 0
+        new = PullConsumer(h.nc, t.exec_stream, t.partition_consumer(0, 2), expires=0.5)
+        await new.subscribe()
+        execution_id = next(x for x in (str(uuid.uuid4()) for _ in range(1000))
+                            if partition_of(x, h.config.partitions) == 0)
+        seq = await h.signal(execution_id, "tick", {"i": 0}, signal_id="t0")
+
+        assert await old.take(10) == []
+        assert old.refused  # its consumer is gone: the fetch loop pauses instead of spinning
+        assert [d.stream_seq for d in await new.take(10)] == [seq]
+        names = [c.name for c in await h.js.consumers_info(t.exec_stream)]
+        assert names == [t.partition_consumer(0, 2)]
