@@ -326,7 +326,6 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             run.first_publish = done["first_publish"] or run.first_publish
             run.last_ack = done["last_ack"]
             run.published = done["published"]
-            run.stored_latency = done.get("stored_latency")
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -459,9 +458,13 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
     """Latency histograms, steps, last commit and per-second completions from the ledger's rows.
 
     `pubacks` maps an event's intended send time to its PubAck time (open
-    mode): PubAck -> committed is the engine's own share of the latency.
+    mode): intended send -> PubAck is the publish share of the latency,
+    PubAck -> committed the engine's own.
     """
     hist = Histogram()
+    stored = Histogram()
+    for ts, acked in pubacks.items():
+        stored.record(acked - ts)
     engine = Histogram()
     timeline: list[int] = []
     offsets: list[float] = []
@@ -484,6 +487,7 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
                 timeline.extend([0] * (second + 1 - len(timeline)))
             timeline[second] += 1
     run.latency = hist
+    run.stored_latency = stored if stored.total else None
     run.engine_latency = engine if engine.total else None
     run.steps = steps
     run.last_commit = last

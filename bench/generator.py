@@ -13,8 +13,6 @@ import uuid
 
 import orjson
 
-from .histogram import Histogram
-
 from daemon.topology import trigger_msg_id
 
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
@@ -51,11 +49,9 @@ class PubAcks:
     """
 
     def __init__(self):
-        self.histogram = Histogram()  # intended send time -> PubAck, ms
         self._pairs = array.array("d")  # ts, acked, ts, acked, ...
 
     def record(self, ts_ms: float, acked_ms: float) -> None:
-        self.histogram.record(acked_ms - ts_ms)
         self._pairs.append(ts_ms)
         self._pairs.append(acked_ms)
 

@@ -164,9 +164,9 @@ class RunResult:
     offered_rate: float | None = None
     resources: dict = field(default_factory=dict)
     latency: Histogram = field(default_factory=Histogram)
-    #: Open mode: intended send time -> the generator's PubAck, as Histogram.summary() (the part
-    #: of the latency spent publishing and storing, before the engine can see an event).
-    stored_latency: dict | None = None
+    #: Open mode: intended send time -> the generator's PubAck (the part of the latency spent
+    #: publishing and storing, before the engine can see an event).
+    stored_latency: Histogram | None = None
     #: Open mode: each event's PubAck -> its execution's committed end (the engine's own share).
     engine_latency: Histogram | None = None
     #: Completions per second since the first publish (index = second).
@@ -219,7 +219,7 @@ class RunResult:
             "failure": self.failure, "seconds": self.seconds, "executions_per_s": self.executions_per_s,
             "steps": self.steps, "steps_per_s": self.steps_per_s, "offered_rate": self.offered_rate,
             "publish_rate": self.publish_rate, "latency": self.latency.summary(),
-            "stored_latency": self.stored_latency,
+            "stored_latency": self.stored_latency.summary() if self.stored_latency else None,
             "engine_latency": self.engine_latency.summary() if self.engine_latency else None,
             "resources": self.resources, "completions_per_s": self.timeline,
             "workers_rss_mb": self.rss_series(),
@@ -305,10 +305,10 @@ def run_table(run: RunResult, title: str) -> str:
         f"max {lat['max_ms']:.1f} ms  ({'intended send time' if run.mode == 'open' else 'trigger ts'}"
         " -> committed)",
     ]
-    for label, share, span in (("publish", run.stored_latency, "intended send time -> JetStream PubAck"),
-                               ("engine", run.engine_latency and run.engine_latency.summary(),
-                                "PubAck -> committed")):
-        if share:
+    for label, hist, span in (("publish", run.stored_latency, "intended send time -> JetStream PubAck"),
+                              ("engine", run.engine_latency, "PubAck -> committed")):
+        if hist is not None:
+            share = hist.summary()
             lines.append(f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
                          f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})")
     lines.append(f"  CPU          {_resources_line(run.resources)}")
