@@ -89,37 +89,28 @@ def test_program_matches(benchmark, impl):
 # The envelope has one implementation: its JSON work is orjson's (C) already, and what is
 # left in Python is a handful of field checks per message, measured here as such.
 
-def _trigger_bodies() -> list[bytes]:
+def _envelope_bodies(kind: str) -> list[bytes]:
     from bench.generator import trigger_event
     from hotpath.envelope import encode
 
-    return [encode(trigger_event("micro", i)) for i in range(EXECUTIONS)]
+    if kind == "trigger":
+        return [encode(trigger_event("micro", i)) for i in range(EXECUTIONS)]
+    return [encode({"v": 1, "kind": "signal", "execution_id": f"{i:032x}", "signal_id": f"s-{i}",
+                    "name": "tick", "data": {"i": i}}) for i in range(EXECUTIONS)]
 
 
-def test_envelope_decode_trigger(benchmark):
-    """decode_trigger (orjson parse + contract checks) of EXECUTIONS trigger events."""
-    from hotpath.envelope import decode_trigger
+@pytest.mark.parametrize("kind", ["trigger", "signal"])
+def test_envelope_decode(benchmark, kind):
+    """decode_trigger / decode_exec (orjson parse + contract checks) of EXECUTIONS trigger
+    events, or of EXECUTIONS signals addressed to executions."""
+    from hotpath.envelope import decode_exec, decode_trigger
 
-    bodies = _trigger_bodies()
-
-    def run():
-        for body in bodies:
-            decode_trigger(body, 65536)
-
-    benchmark.extra_info["messages_per_call"] = EXECUTIONS
-    benchmark(run)
-
-
-def test_envelope_decode_exec_signal(benchmark):
-    """decode_exec of EXECUTIONS signals addressed to executions."""
-    from hotpath.envelope import decode_exec, encode
-
-    bodies = [encode({"v": 1, "kind": "signal", "execution_id": f"{i:032x}", "signal_id": f"s-{i}",
-                      "name": "tick", "data": {"i": i}}) for i in range(EXECUTIONS)]
+    decode = decode_trigger if kind == "trigger" else decode_exec
+    bodies = _envelope_bodies(kind)
 
     def run():
         for body in bodies:
-            decode_exec(body, 65536)
+            decode(body, 65536)
 
     benchmark.extra_info["messages_per_call"] = EXECUTIONS
     benchmark(run)
