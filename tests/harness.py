@@ -29,6 +29,11 @@ from ledger.schema import migrate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def observations(histogram) -> float:
+    """How many values a prometheus Histogram of this process has observed."""
+    return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
+
+
 def fault_scale(ci: int, full: int) -> int:
     """Counts for fault tests: reduced in CI (ORDO_FAULT_SCALE=ci), full otherwise when asked."""
     return full if os.environ.get("ORDO_FAULT_SCALE") == "full" else ci

@@ -10,15 +10,12 @@ from bench.generator import trigger_event
 from daemon.topology import trigger_msg_id
 
 from daemon import metrics
-from harness import NO_PROBLEMS, Harness
+from harness import NO_PROBLEMS, Harness, observations
 
 
 def _counter(counter, label: str) -> float:
     return counter.labels(label)._value.get()
 
-
-def _observations(histogram) -> float:
-    return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
 
 WELCOME = {
     "id": "welcome",
@@ -90,8 +87,8 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         other_msg_id = [e for i, e in enumerate(duplicates) if i % 2 == 0]
         slipped_past_jetstream = sum(1 for e in other_msg_id if e["event_id"] in enrolling)
         deduplicated_before = metrics.deduplicated._value.get()
-        ended_before = _observations(metrics.end_to_end_seconds)
-        advanced_before = _observations(metrics.advance_seconds)
+        ended_before = observations(metrics.end_to_end_seconds)
+        advanced_before = observations(metrics.advance_seconds)
 
         async with h.worker(0, 2), h.worker(1, 2):
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
@@ -102,9 +99,9 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         # The ledger, not JetStream, absorbed the duplicates with another msg id.
         assert metrics.deduplicated._value.get() - deduplicated_before == slipped_past_jetstream
         # Every execution that ended counted once in the end-to-end latency.
-        assert _observations(metrics.end_to_end_seconds) - ended_before == len(expected)
+        assert observations(metrics.end_to_end_seconds) - ended_before == len(expected)
         # Each enrolment ran the dispatcher once (duplicates run it too, then lose on the key).
-        assert _observations(metrics.advance_seconds) - advanced_before >= len(expected)
+        assert observations(metrics.advance_seconds) - advanced_before >= len(expected)
         rows = await h.db.fetch("SELECT workflow_id, event_id, status, seq FROM ordo.executions")
         assert {(r["workflow_id"], r["event_id"]) for r in rows} == expected
         assert len(rows) == len(expected), "an execution exists twice"

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness, fault_scale
+from harness import NO_PROBLEMS, Harness, fault_scale, observations
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -235,11 +235,6 @@ async def test_a_burst_of_slow_in_process_calls_waits_in_jetstream_not_past_its_
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
-def _fires(metrics) -> float:
-    """Timers fired so far in this process (each fire observes its lateness)."""
-    return next(s.value for s in metrics.timer_lateness.collect()[0].samples if s.name.endswith("_count"))
-
-
 async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_not_at_every_load(
         nats_server_url, pg_dsn, prefix):
     """The fire applies nothing and the timer row stays; it used to come back with every load
@@ -264,14 +259,14 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
             await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid",
                                execution_id)
             deferred = metrics.timers_deferred._value.get()
-            fired = _fires(metrics)
+            fired = observations(metrics.timer_lateness)  # each fire observes its lateness
             clock.advance(3600_000 + 1000)
             for _ in range(200):
                 if metrics.timers_deferred._value.get() > deferred:
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(3.5)  # three timer loads: each would have fired it again
-            assert _fires(metrics) == fired + 1
+            assert observations(metrics.timer_lateness) == fired + 1
             assert metrics.timers_deferred._value.get() == deferred + 1
             assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid",
                                        execution_id) == 1
