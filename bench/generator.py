@@ -117,7 +117,7 @@ class AtomicBatches:
         self._js = js
         self._in_flight = in_flight
         self._pubacks = pubacks
-        self._pending: list = []  # (commit reply future, the batch's messages, their intended send times)
+        self._pending: list = []  # (commit reply future, the batch's messages)
 
     async def send(self, batch: list, stamps: list | None = None) -> None:
         nc = self._js._nc
@@ -129,17 +129,22 @@ class AtomicBatches:
                 await nc.publish(subject, body, headers=headers)
             else:
                 headers["Nats-Batch-Commit"] = "1"
-                self._pending.append((asyncio.ensure_future(nc.request(subject, body, timeout=30, headers=headers)),
-                                      batch, stamps))
+                self._pending.append((asyncio.ensure_future(self._commit(subject, body, headers, stamps)), batch))
         while len(self._pending) >= self._in_flight:
             await self._settle(*self._pending.pop(0))
 
-    async def _settle(self, future, batch, stamps) -> None:
-        reply = await future
+    async def _commit(self, subject, body, headers, stamps):
+        reply = await self._js._nc.request(subject, body, timeout=30, headers=headers)
+        # Stamped on arrival: a batch is settled only once `in_flight` younger
+        # ones are out, which would add their sending time to its share.
         if stamps and self._pubacks is not None:
             now_ms = time.time() * 1000.0
             for ts_ms in stamps:
                 self._pubacks.record(ts_ms, now_ms)
+        return reply
+
+    async def _settle(self, future, batch) -> None:
+        reply = await future
         error = (orjson.loads(reply.data) if reply.data else {}).get("error")
         if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
             # A batch is all or nothing: one message already published refuses
