@@ -15,7 +15,7 @@ A retried letter is marked `retried`, so `--all` does not retry it twice.
 import orjson
 
 _LIST = """
-SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, error
+SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, batch_index, error
 FROM ordo.dead_letters
 WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR tenant = $2)
 ORDER BY id LIMIT $3
@@ -25,7 +25,10 @@ ORDER BY id LIMIT $3
 async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str]:
     lines = []
     for r in await conn.fetch(_LIST, reason, tenant, limit):
-        where = f"{r['execution_id']} step {r['step_id']}" if r["step_id"] else f"{r['stream']}:{r['stream_seq']}"
+        if r["step_id"]:
+            where = f"{r['execution_id']} step {r['step_id']}"
+        else:  # a message, or one event of a trigger batch message
+            where = f"{r['stream']}:{r['stream_seq']}" + ("" if r["batch_index"] is None else f"[{r['batch_index']}]")
         lines.append(f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
                      f"{r['tenant'] or '-':<12} {where}  {r['error']}")
     return lines
@@ -44,7 +47,7 @@ async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
         body = repr(payload)
     lines = [f"dead letter {r['id']}  ({r['status']})"]
     for name in ("at", "reason", "error", "tenant", "workflow_id", "execution_id", "step_id", "subject",
-                 "stream", "stream_seq", "retried_at"):
+                 "stream", "stream_seq", "batch_index", "retried_at"):
         if r[name] is not None and r[name] != "":
             lines.append(f"  {name:<13} {r[name]}")
     if r["attempts"]:

@@ -14,6 +14,9 @@ the execution's other messages.
 A trigger whose `data` alone is larger than `max_context_bytes` enrols no one:
 it is dead-lettered as `context_too_large` (every execution it started would
 carry it and fail).
+
+A trigger message may be a batch of events ({v, events: [...]}): each event is
+enrolled in a unit of its own (`BatchPart`), as if it had come alone.
 """
 
 import logging
@@ -23,7 +26,7 @@ from datetime import datetime
 import orjson
 
 from hotpath import ExecutionState, advance
-from hotpath.envelope import BadMessage, decode_trigger
+from hotpath.envelope import BadEvent, BadMessage, decode_triggers
 from ledger.batcher import Unit
 from ledger.executions import ExecutionRecord, take_effects
 
@@ -40,14 +43,67 @@ JOIN ordo.event_waits w USING (tenant, contact_id, event_type)
 """
 
 
-def decode(delivery, max_bytes: int) -> tuple[dict | None, Unit | None]:
-    """The trigger event, or a unit that dead-letters the message."""
+class BatchPart:
+    """One event of a trigger batch message; it stands for the message in a unit of its own.
+
+    Each event of a batch commits, or is dead-lettered, on its own, so one bad
+    event never holds its batch-mates back. The message is acked once the last
+    of its parts has committed; a redelivery before that enrols nobody twice
+    (the ledger's primary key). A dead letter of a part carries the event alone.
+    """
+
+    __slots__ = ("delivery", "batch_index", "data", "_left")
+    key = None
+    partition = -1
+
+    def __init__(self, delivery, batch_index: int, data: bytes, left: list):
+        self.delivery = delivery
+        self.batch_index = batch_index
+        self.data = data
+        self._left = left  # [parts of the message not yet settled], shared by its parts
+
+    @property
+    def subject(self) -> str:
+        return self.delivery.subject
+
+    @property
+    def stream(self) -> str:
+        return self.delivery.stream
+
+    @property
+    def stream_seq(self) -> int:
+        return self.delivery.stream_seq
+
+    def settle(self) -> bool:
+        """This part has committed; True when it was the message's last."""
+        self._left[0] -= 1
+        return self._left[0] == 0
+
+
+def decode(delivery, max_bytes: int) -> tuple[list, list]:
+    """(source, event) for each trigger event of the message, and the units that dead-letter bad ones.
+
+    The source is the delivery itself for a single event, a `BatchPart` for
+    each event of a batch.
+    """
     try:
-        return decode_trigger(delivery.data, max_bytes), None
+        items = decode_triggers(delivery.data, max_bytes)
     except BadMessage as exc:
         unit = Unit(delivery)
         unit.dead_letter(exc.reason, str(exc))
-        return None, unit
+        return [], [unit]
+    if type(items) is dict:
+        return [(delivery, items)], []
+    left = [len(items)]
+    events, bad = [], []
+    for index, item in enumerate(items):
+        if type(item) is BadEvent:
+            unit = Unit(BatchPart(delivery, index, item.payload, left))
+            unit.dead_letter(item.reason, str(item))
+            bad.append(unit)
+        else:
+            events.append((BatchPart(delivery, index, orjson.dumps(item), left), item))
+    return events, bad
 
 
 async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
@@ -65,17 +121,21 @@ def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:
     return orjson.dumps(body), f"event:{event['event_id']}:{execution_id}"
 
 
-def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, now_ms: int,
+def enrol(registry, topology: Topology, source, event: dict, now: datetime, now_ms: int,
           max_context_bytes: int = Config.max_context_bytes) -> Unit:
-    """A new execution per matching workflow, each run until it suspends or ends."""
-    unit = Unit(delivery)
+    """A new execution per matching workflow, each run until it suspends or ends.
+
+    `source` is the delivery of a single event, or the `BatchPart` of an event
+    of a batch; its `data` is the event's JSON either way.
+    """
+    unit = Unit(source)
     tenant = event["tenant"]
     if not registry.knows_tenant(tenant):
         unit.dead_letter("unknown_tenant", f"tenant {tenant!r} is not known to this engine", tenant=tenant)
         return unit
     candidates = registry.candidates(tenant, event["type"])
     # Only a body larger than the limit can hold data larger than it: measure just those.
-    if candidates and max_context_bytes and len(delivery.data) > max_context_bytes:
+    if candidates and max_context_bytes and len(source.data) > max_context_bytes:
         size = len(orjson.dumps(event.get("data")))
         if size > max_context_bytes:
             unit.dead_letter("context_too_large", f"trigger data is {size} bytes, over the limit of "
@@ -95,7 +155,7 @@ def enrol(registry, topology: Topology, delivery, event: dict, now: datetime, no
             record = ExecutionRecord(
                 execution_id, tenant, entry.workflow_id, entry.version, str(event["contact"]["id"]),
                 event["event_id"], partition_of(execution_id, topology.partitions), now, 0, state,
-                event_json=delivery.data.decode(),
+                event_json=source.data.decode(),
             )
             started = time.perf_counter()
             transitions = advance(entry.program, state, "start", None, now_ms)

@@ -38,6 +38,7 @@ from . import advance, enrolment, faults, logs, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
 from .effects import Effects, publish_stored
+from .enrolment import BatchPart
 from .ownership import Ownership
 from .progress import PartitionProgress
 from .pull import Delivery, PullConsumer
@@ -404,14 +405,13 @@ class Worker:
 
     async def _take_triggers(self, batch: list[Delivery]) -> None:
         now, now_ms = _now(), self.clock_ms()
-        metrics.triggers_received.inc(len(batch))
         decoded = []
         for delivery in batch:
-            event, bad = enrolment.decode(delivery, self.config.max_message_bytes)
-            if bad is not None:
-                self.batcher.add(bad)
-            else:
-                decoded.append((delivery, event))
+            events, bad = enrolment.decode(delivery, self.config.max_message_bytes)
+            for unit in bad:
+                self.batcher.add(unit)
+            decoded += events
+            metrics.triggers_received.inc(len(events) + len(bad))
         # Executions waiting for these events get them on their own subjects
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
         # Only events some workflow waits for can have an execution waiting (the registry knows).
@@ -420,8 +420,8 @@ class Worker:
         routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing") if events else ()
         if routes:
             await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
-        for delivery, event in decoded:
-            self.batcher.add(enrolment.enrol(self.registry, self.topology, delivery, event, now, now_ms,
+        for source, event in decoded:
+            self.batcher.add(enrolment.enrol(self.registry, self.topology, source, event, now, now_ms,
                                              self.config.max_context_bytes))
 
     async def _route(self, execution_id: str, event: dict) -> None:
@@ -552,6 +552,10 @@ class Worker:
                         self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
                 if change.after_commit:
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
+            if type(source) is BatchPart:  # an event of a trigger batch: ack the message after its last
+                if not source.settle():
+                    continue
+                source = source.delivery
             if source.reply is None:  # a timer fire: its row went with the commit
                 if unit.retry_timer_after_ms:
                     self._defer_timer(source, unit.retry_timer_after_ms)
@@ -636,15 +640,16 @@ class Worker:
         """Copy committed dead letters onto the DLQ stream (the ledger row is the record)."""
         for source, letter in letters:
             metrics.dead_letters.labels(letter.reason).inc()
+            part = "" if letter.batch_index is None else f"[{letter.batch_index}]"  # an event of a batch
             log.warning("dead letter (%s): %s", letter.reason, letter.error, extra=logs.execution(
                 letter.execution_id, letter.tenant, letter.step_id, workflow_id=letter.workflow_id,
                 **logs.failure(letter.reason, letter.error)))
             headers = {
                 "Nats-Msg-Id": f"{letter.stream}:{letter.stream_seq}:{letter.reason}:{letter.workflow_id or ''}"
-                               f":{letter.execution_id or ''}",
+                               f":{letter.execution_id or ''}{part}",
                 "Ordo-Reason": letter.reason,
                 "Ordo-Error": letter.error[:1024].replace("\r", " ").replace("\n", " "),
-                "Ordo-Source": f"{letter.stream}:{letter.stream_seq}",
+                "Ordo-Source": f"{letter.stream}:{letter.stream_seq}{part}",
             }
             try:
                 await self._js.publish(self.topology.dlq_subject(letter.reason), letter.payload, headers=headers)

@@ -104,17 +104,69 @@ def require_text(doc: dict, name: str, limit: int = 256, path: str = "") -> str:
 def decode_trigger(body: bytes, max_bytes: int) -> dict:
     """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
     doc = _load(body, max_bytes)
-    require_text(doc, "event_id")
-    require_text(doc, "tenant", 128)
-    require_text(doc, "type", 128)
-    contact = require_field(doc, "contact", (dict,), "an object")
+    _check_trigger(doc)
+    return doc
+
+
+def _check_trigger(doc: dict, path: str = "") -> None:
+    require_text(doc, "event_id", path=path)
+    require_text(doc, "tenant", 128, path)
+    require_text(doc, "type", 128, path)
+    contact = require_field(doc, "contact", (dict,), "an object", path)
     contact_id = contact.get("id")
     if type(contact_id) not in (str, int) or contact_id == "":
-        raise BadMessage("missing_field", "field 'contact.id' must be a non-empty string or an integer")
+        raise BadMessage("missing_field", f"field '{path}contact.id' must be a non-empty string or an integer")
     if "data" in doc and type(doc["data"]) is not dict:
-        raise BadMessage("wrong_type", f"field 'data' must be an object, got {type(doc['data']).__name__}")
-    require_field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string")
-    return doc
+        raise BadMessage("wrong_type", f"field '{path}data' must be an object, got {type(doc['data']).__name__}")
+    require_field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string", path)
+
+
+#: The most events one trigger batch message may hold.
+MAX_BATCH_EVENTS = 1000
+
+
+class BadEvent(BadMessage):
+    """One event of a trigger batch that cannot be taken; `payload` is that event alone."""
+
+    def __init__(self, reason: str, message: str, payload: bytes):
+        super().__init__(reason, message)
+        self.payload = payload
+
+
+def decode_triggers(body: bytes, max_bytes: int) -> dict | list:
+    """A trigger message: a single event (a dict), or a batch {v, events: [event, ...]} (a list).
+
+    A publisher at thousands of events per second batches them: one stored
+    message (one fsync under `sync_interval: always`) for many events. Each
+    item of a batch's list is an event or, for an event that is bad on its
+    own, a `BadEvent` (its batch-mates still go ahead). A message that is bad
+    as a whole raises `BadMessage`. An event of a batch without `v` takes the
+    batch's.
+    """
+    doc = _load(body, max_bytes)
+    if "events" not in doc or "event_id" in doc:
+        _check_trigger(doc)
+        return doc
+    events = doc["events"]
+    if type(events) is not list or not 0 < len(events) <= MAX_BATCH_EVENTS:
+        raise BadMessage("wrong_type", f"field 'events' must be a list of 1 to {MAX_BATCH_EVENTS} trigger events")
+    items = []
+    for index, event in enumerate(events):
+        name = f"events[{index}]"
+        try:
+            if type(event) is not dict:
+                raise BadMessage("not_an_object", f"{name} is a JSON {type(event).__name__}, an object is required")
+            event.setdefault("v", doc["v"])
+            try:
+                _check_version(event, SUPPORTED_MAJOR, "contract")
+            except BadMessage as exc:
+                raise BadMessage(exc.reason, f"{name}: {exc.message}") from None
+            _check_trigger(event, f"{name}.")
+        except BadMessage as exc:
+            items.append(BadEvent(exc.reason, exc.message, orjson.dumps(event)))
+            continue
+        items.append(event)
+    return items
 
 
 #: Message kinds carried on an execution's subject, with their required text fields.

@@ -97,8 +97,9 @@ SELECT execution_id::text FROM accepted
 
 _INSERT_DEAD_LETTER = """
 INSERT INTO ordo.dead_letters
-    (reason, error, tenant, workflow_id, execution_id, subject, stream, stream_seq, payload, step_id, attempts)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    (reason, error, tenant, workflow_id, execution_id, subject, stream, stream_seq, payload, step_id, attempts,
+     batch_index)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT DO NOTHING
 """
 
@@ -129,7 +130,7 @@ async def _insert_letters(conn: asyncpg.Connection, letters: list) -> None:
         _INSERT_DEAD_LETTER,
         [
             (d.reason, d.error, d.tenant, d.workflow_id, d.execution_id, d.subject, d.stream, d.stream_seq,
-             d.payload, d.step_id, d.attempts)
+             d.payload, d.step_id, d.attempts, d.batch_index)
             for d in letters
         ],
     )
@@ -207,6 +208,8 @@ class DeadLetter:
     step_id: str | None = None
     #: JSON text: the attempt history of a failed step.
     attempts: str | None = None
+    #: The event's place in its trigger batch message (None: the letter stands for a whole message).
+    batch_index: int | None = None
 
 
 @dataclass(slots=True)
@@ -233,7 +236,8 @@ class Unit:
         execution_id = where.pop("execution_id", None) or source.key
         self.dead_letters.append(
             DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
-                       execution_id=execution_id if _is_uuid(execution_id) else None, **where)
+                       execution_id=execution_id if _is_uuid(execution_id) else None,
+                       batch_index=getattr(source, "batch_index", None), **where)
         )
 
     @property
@@ -544,4 +548,5 @@ def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
         stream=getattr(source, "stream", ""),
         stream_seq=getattr(source, "stream_seq", 0),
         payload=getattr(source, "data", b""),
+        batch_index=getattr(source, "batch_index", None),
     )

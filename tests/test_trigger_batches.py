@@ -1,0 +1,75 @@
+"""Trigger batch messages (contract 1.1): many events in one stored message, each enrolled as if alone."""
+
+import asyncio
+
+import orjson
+
+from bench.generator import batch_message, trigger_event
+from daemon import metrics
+from harness import NO_PROBLEMS, Harness
+from test_pipeline import WELCOME
+
+
+def _good(i: int) -> dict:
+    return trigger_event("batch", i, tenant="acme", event_type="contact.created")
+
+
+async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lettered_alone(
+        nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        no_event_id = _good(900)
+        del no_event_id["event_id"]
+        no_type = _good(901)
+        del no_type["type"]
+        stranger = trigger_event("batch", 902, tenant="nobody", event_type="contact.created")
+        nul = _good(903)  # Postgres refuses a NUL in jsonb: only this event's unit fails its commit
+        nul["contact"]["first_name"] = "nul\u0000byte"
+        future = {**_good(904), "v": 2}
+        good = [_good(i) for i in range(40)]
+        events = good[:10] + [no_event_id] + good[10:20] + [no_type, "not an event", stranger] \
+            + good[20:30] + [nul, future] + good[30:]
+        bad = {10: "missing_field", 21: "missing_field", 22: "not_an_object", 23: "unknown_tenant",
+               34: "commit_error", 35: "unsupported_version"}
+        received = metrics.triggers_received._value.get()
+        subject, body, msg_id = batch_message(h.topology, events)
+        seq = await h.publish_raw(subject, body, msg_id)
+        # A message that is bad as a whole is dead-lettered whole.
+        whole = orjson.dumps({"v": "1.1", "events": {"not": "a list"}})
+        whole_seq = await h.publish_raw(subject, whole, "whole-bad")
+
+        async with h.worker():
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(good))
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=len(bad) + 1)
+            # Acked once every event of it has committed: nothing left pending.
+            for _ in range(100):
+                info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+                if info.num_ack_pending == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert info.num_ack_pending == 0 and info.num_pending == 0
+
+        assert metrics.triggers_received._value.get() - received == len(events) + 1
+        started = {r["event_id"] for r in await h.db.fetch("SELECT event_id FROM ordo.executions")}
+        assert started == {e["event_id"] for e in good}
+        letters = await h.db.fetch("SELECT * FROM ordo.dead_letters WHERE stream_seq = $1 ORDER BY batch_index", seq)
+        assert {r["batch_index"]: r["reason"] for r in letters} == bad
+        for letter in letters:
+            # Each letter carries its event alone (with the batch's `v` if it had none): retried, it is a trigger.
+            event = events[letter["batch_index"]]
+            assert orjson.loads(bytes(letter["payload"])) == ({"v": "1.1", **event} if type(event) is dict else event)
+        by_index = {r["batch_index"]: r for r in letters}
+        assert "'events[10].event_id'" in by_index[10]["error"]
+        assert "'events[21].type'" in by_index[21]["error"]
+        assert "events[22] is a JSON str" in by_index[22]["error"]
+        whole_letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE stream_seq = $1", whole_seq)
+        assert whole_letter["batch_index"] is None and whole_letter["reason"] == "wrong_type"
+        assert bytes(whole_letter["payload"]) == whole
+
+        # The DLQ stream holds a copy of each, the batch's named by index.
+        sub = await h.js.pull_subscribe(f"{h.config.prefix}.dlq.>", durable=None, stream=h.topology.dlq_stream)
+        copies = await sub.fetch(len(bad) + 1, timeout=5)
+        sources = sorted(m.headers["Ordo-Source"] for m in copies)
+        stream = h.topology.triggers_stream
+        assert sources == sorted([f"{stream}:{seq}[{i}]" for i in bad] + [f"{stream}:{whole_seq}"])
+        assert await h.ledger_problems() == NO_PROBLEMS
