@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "of the events due in each 5 ms tick in open mode (nats-server 2.12+; 0 or 1: "
                              "one publish per event; default: 200 closed, 0 open, because an atomic batch "
                              "costs ~70 ms of visibility latency measured here)")
+    parser.add_argument("--trigger-batch", type=int, default=0, metavar="N",
+                        help="the generator packs events into trigger batch messages (contract 1.1): N per "
+                             "message in closed mode, the events due in each 5 ms tick (at most N) in open mode; "
+                             "one publish and one fsync per message (replaces --publish-batch)")
     options = parser.add_argument_group("scenario options")
     options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
     options.add_argument("--wait", default=None, metavar="MIN-MAX",
@@ -229,6 +233,8 @@ async def _main(args, scenario: Scenario) -> int:
             "config": {
                 "count": runs[0].expected if runs else None, "rate": args.rate, "duration": args.duration,
                 "options": scenario.options,
+                # How the generator packs events: atomic batches of N, or trigger batch messages of up to N.
+                "publish_batch": _publish_batch(args), "trigger_batch": args.trigger_batch,
                 "repeat": args.repeat, "workers": workers, "partitions": config.partitions,
                 "fetch_batch": config.fetch_batch, "max_ack_pending": config.max_ack_pending,
                 "batch_max_rows": config.batch_max_rows, "batch_max_ms": config.batch_max_ms,
@@ -311,7 +317,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         sampler.start()
 
         publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout,
-                                                       _publish_batch(args), pubacks_file)
+                                                       _publish_batch(args), pubacks_file, args.trigger_batch)
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
         await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
                     args.stall_timeout + scenario.stall_grace())
@@ -361,13 +367,15 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
 
 
 def _publish_batch(args) -> int:
+    if args.trigger_batch > 1:
+        return 0
     if args.publish_batch is not None:
         return args.publish_batch
     return 0 if args.rate else 200
 
 
 async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float,
-                           publish_batch: int = 0, pubacks_file: str | None = None):
+                           publish_batch: int = 0, pubacks_file: str | None = None, trigger_batch: int = 0):
     """Start the generator process; a task fills `outcome` from its stdout lines."""
     env = dict(os.environ, **settings)
     root = str(Path(__file__).resolve().parent.parent)
@@ -378,6 +386,8 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
         argv += ["--rate", str(rate)]
     if publish_batch > 1:
         argv += ["--atomic-batch", str(publish_batch)]
+    if trigger_batch > 1:
+        argv += ["--trigger-batch", str(trigger_batch)]
     if pubacks_file:
         argv += ["--pubacks", pubacks_file]
     # Its own session: a Ctrl-C reaches the bench, which stops it, not the generator directly.

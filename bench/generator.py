@@ -14,6 +14,7 @@ import uuid
 import orjson
 
 from daemon.topology import trigger_msg_id
+from hotpath.envelope import MAX_BATCH_EVENTS
 
 FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
 COUNTRIES = ("DE", "FR", "GB", "US", "ES", "IT")
@@ -68,9 +69,23 @@ class PubAcks:
         return dict(zip(pairs[0::2], pairs[1::2]))
 
 
-async def _publish_stamped(js, message: tuple, ts_ms: float, pubacks: PubAcks) -> None:
+async def _publish_stamped(js, message: tuple, stamps: list, pubacks: PubAcks) -> None:
     await publish(js, *message)
-    pubacks.record(ts_ms, time.time() * 1000.0)
+    acked_ms = time.time() * 1000.0
+    for ts_ms in stamps:
+        pubacks.record(ts_ms, acked_ms)
+
+
+def batch_message(topology, events: list[dict]) -> tuple:
+    """One trigger batch message (contract 1.1) holding `events`: (subject, body, msg id).
+
+    Its msg id derives from its first event and its size, so publishing the
+    same batch again is dropped by JetStream's duplicate window as a single
+    event's re-publish is.
+    """
+    first = events[0]
+    return (topology.trigger_subject(first["tenant"], "batch"), orjson.dumps({"v": "1.1", "events": events}),
+            f"batch:{trigger_msg_id(first)}:{len(events)}")
 
 
 #: JetStream's answer to an atomic batch holding a message id it has seen.
@@ -84,21 +99,36 @@ async def supports_atomic_batches(js, topology) -> bool:
     return bool(info.config.allow_atomic)
 
 
-async def publish_messages(js, messages, *, window: int = 256, on_progress=None) -> int:
-    """(subject, body, msg id) one publish each, at most `window` awaiting their PubAck."""
-    pending: set = set()
-    sent = 0
-    for subject, body, msg_id in messages:
-        pending.add(asyncio.ensure_future(publish(js, subject, body, msg_id)))
-        sent += 1
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+class _Window:
+    """Publishes in flight, at most `size` awaiting their PubAck; a failed one raises."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._pending: set = set()
+
+    async def add(self, publishing) -> None:
+        self._pending.add(asyncio.ensure_future(publishing))
+        if len(self._pending) >= self._size:
+            done, self._pending = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
-            if on_progress:
-                on_progress(sent)
-    for task in asyncio.as_completed(pending):
-        await task
+
+    async def drain(self) -> None:
+        for task in asyncio.as_completed(self._pending):
+            await task
+        self._pending = set()
+
+
+async def publish_messages(js, messages, *, window: int = 256, on_progress=None) -> int:
+    """(subject, body, msg id) one publish each, at most `window` awaiting their PubAck."""
+    in_flight = _Window(window)
+    sent = 0
+    for subject, body, msg_id in messages:
+        await in_flight.add(publish(js, subject, body, msg_id))
+        sent += 1
+        if on_progress and sent % window == 0:
+            on_progress(sent)
+    await in_flight.drain()
     if on_progress:
         on_progress(sent)
     return sent
@@ -163,18 +193,11 @@ async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_pro
     """(subject, body, msg id) in atomic batches of `batch`."""
     batches = AtomicBatches(js, in_flight=in_flight)
     sent = 0
-    chunk: list = []
-    for message in messages:
-        chunk.append(message)
-        if len(chunk) == batch:
-            await batches.send(chunk)
-            sent += len(chunk)
-            chunk = []
-            if on_progress:
-                on_progress(sent)
-    if chunk:
+    for chunk in _batches(messages, batch):
         await batches.send(chunk)
         sent += len(chunk)
+        if on_progress:
+            on_progress(sent)
     await batches.close()
     if on_progress:
         on_progress(sent)
@@ -183,6 +206,17 @@ async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_pro
 
 def _as_message(topology, event: dict) -> tuple:
     return topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event), trigger_msg_id(event)
+
+
+def _batches(events, size: int):
+    batch = []
+    for event in events:
+        batch.append(event)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) -> int:
@@ -214,17 +248,25 @@ async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) 
 
 
 async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
-                         on_progress=None, atomic_batch: int = 0, pubacks: PubAcks | None = None) -> int:
+                         on_progress=None, atomic_batch: int = 0, trigger_batch: int = 0,
+                         pubacks: PubAcks | None = None) -> int:
     """Publish trigger events (dicts).
 
     Closed (no `rate`): as fast as possible, in atomic batches of
     `atomic_batch` when the stream allows them, else one publish each with at
     most `window` awaiting their PubAck. Open (`rate` events/s): on a fixed
     schedule; with `atomic_batch` > 1 the events due in each 5 ms tick go out
-    as one atomic batch (what a Triggers service would do at this rate under
-    `sync_interval: always`), else one publish each. In open mode `pubacks`
+    as one atomic batch, else one publish each. In open mode `pubacks`
     records when each event's PubAck came back.
+
+    With `trigger_batch` > 1, events go out in trigger batch messages of up to
+    that many (in open mode: the events due in each 5 ms tick), one publish,
+    one stored message and one fsync each: what a Triggers service does at
+    thousands of events/s under `sync_interval: always`.
     """
+    if trigger_batch > 1:
+        return await _publish_trigger_batches(js, topology, events, trigger_batch, window=window, rate=rate,
+                                              on_progress=on_progress, pubacks=pubacks)
     atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
     if not rate:
         messages = (_as_message(topology, e) for e in events)
@@ -243,20 +285,38 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
         sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
         await batches.close()
         return sent
-    pending: set = set()
+    in_flight = _Window(window)
 
     async def send_each(chunk):
-        nonlocal pending
         for event in chunk:
             message = _as_message(topology, event)
-            pending.add(asyncio.ensure_future(publish(js, *message) if pubacks is None
-                                              else _publish_stamped(js, message, event["ts"], pubacks)))
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await in_flight.add(publish(js, *message) if pubacks is None
+                                else _publish_stamped(js, message, [event["ts"]], pubacks))
 
     sent = await _paced(events, rate, send_each, tick_s=0.001, on_progress=on_progress)
-    for task in asyncio.as_completed(pending):
-        await task
+    await in_flight.drain()
+    return sent
+
+
+async def _publish_trigger_batches(js, topology, events, size: int, *, window: int, rate: float | None,
+                                   on_progress, pubacks: PubAcks | None) -> int:
+    in_flight = _Window(window)
+    size = min(size, MAX_BATCH_EVENTS)
+
+    async def send(chunk):
+        for batch in _batches(chunk, size):
+            message = batch_message(topology, batch)
+            await in_flight.add(publish(js, *message) if pubacks is None
+                                else _publish_stamped(js, message, [e["ts"] for e in batch], pubacks))
+
+    if rate:
+        sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
+    else:
+        sent = 0
+        for batch in _batches(events, size):
+            await send(batch)
+            sent += len(batch)
+            if on_progress:
+                on_progress(sent)
+    await in_flight.drain()
     return sent

@@ -207,7 +207,7 @@ class Scenario:
         return 0.0
 
     async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, on_progress=None, pubacks=None) -> dict:
+                       atomic_batch: int = 0, trigger_batch: int = 0, on_progress=None, pubacks=None) -> dict:
         """Publish the run's load (in the generator process); {"published", "first_publish", ...}.
 
         In open mode `pubacks` (a generator.PubAcks) records each event's PubAck.
@@ -222,7 +222,8 @@ class Scenario:
                 yield event
 
         sent = await publish_events(js, topology, events(), window=window, rate=rate, on_progress=on_progress,
-                                    atomic_batch=atomic_batch, pubacks=pubacks if rate else None)
+                                    atomic_batch=atomic_batch, trigger_batch=trigger_batch,
+                                    pubacks=pubacks if rate else None)
         return {"published": sent, "first_publish": first[0] if first else None}
 
     # -- reading the ledger ------------------------------------------------------------
@@ -352,14 +353,14 @@ class Signals(Scenario):
         return max(180.0, expected * self.options["signals"] / 500.0)
 
     async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, on_progress=None, pubacks=None) -> dict:
+                       atomic_batch: int = 0, trigger_batch: int = 0, on_progress=None, pubacks=None) -> dict:
         import asyncpg
 
         from daemon import config as config_module
         from daemon.topology import execution_id_for
 
         enrolled = await super().generate(js, topology, run_id, count, window=window, atomic_batch=atomic_batch,
-                                          on_progress=on_progress)
+                                          trigger_batch=trigger_batch, on_progress=on_progress)
         # A signal for an execution that has not committed its enrolment would be
         # dead-lettered (unknown execution): wait until all wait for the first one.
         conn = await asyncpg.connect(config_module.load().pg_dsn)

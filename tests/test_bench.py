@@ -40,11 +40,18 @@ async def _bench(nats_url: str, pg_dsn: str, *argv: str, timeout: float = 240.0)
 # -- end to end ---------------------------------------------------------------------
 
 
-async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "200", "--workers", "1", "--json")
+#: How the generator publishes: its default, or trigger batch messages (contract 1.1).
+PACKING = pytest.mark.parametrize("packing", [(), ("--trigger-batch", "50")], ids=["default", "trigger-batches"])
+
+
+@PACKING
+async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, packing):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "200", "--workers", "1", "--json",
+                                     *packing)
     assert code == 0, output
     assert doc is not None, output
     assert doc["ok"] and doc["verified"] and doc["complete"]
+    assert doc["config"]["trigger_batch"] == (50 if packing else 0)
     assert doc["config"]["workers"] == 1 and doc["config"]["servers"] == "configured"
     assert doc["machine"]["cores"] >= 1
     (run,) = doc["runs"]
@@ -59,9 +66,10 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn):
     assert doc["median"]["runs"] == 1
 
 
-async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, pg_dsn):
+@PACKING
+async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, pg_dsn, packing):
     code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "--rate", "200", "--duration", "2",
-                                     "--workers", "1", "--json")
+                                     "--workers", "1", "--json", *packing)
     assert code == 0, output
     (run,) = doc["runs"]
     assert run["mode"] == "open" and run["offered_rate"] == 200

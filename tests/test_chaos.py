@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 import pytest
 
-from bench.generator import trigger_event
+from bench.generator import batch_message, trigger_event
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
 from harness import NO_PROBLEMS, Harness, fault_scale
 from test_pipeline import WAITER, WELCOME
@@ -111,9 +111,11 @@ async def _retrying(publish, *args, **kwargs):
 class Load:
     """WAITER executions with TICKS ordered signals each, plus WELCOME enrolments."""
 
-    def __init__(self, h: Harness, run_id: str, welcome: int, waiters: int):
+    def __init__(self, h: Harness, run_id: str, welcome: int, waiters: int, trigger_batch: int = 0):
         self.h = h
         self.run_id = run_id
+        #: > 0: every other round of WELCOME triggers goes out in trigger batch messages of this many events.
+        self.trigger_batch = trigger_batch
         self.waiter_events = [trigger_event(f"{run_id}-w", i, tenant="acme", event_type="session.started")
                               for i in range(waiters)]
         self.waiter_ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in self.waiter_events]
@@ -134,7 +136,11 @@ class Load:
         rounds = TICKS + 1
         chunk = -(-len(self.events) // rounds)
         for i in range(rounds):
-            await self._publish_triggers(self.events[i * chunk:(i + 1) * chunk])
+            events = self.events[i * chunk:(i + 1) * chunk]
+            if self.trigger_batch and i % 2:
+                await self._publish_batches(events)
+            else:
+                await self._publish_triggers(events)
             for execution_id in self.waiter_ids:
                 if i < TICKS:
                     await _retrying(self.h.signal, execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
@@ -158,6 +164,11 @@ class Load:
             events = failed
             if failed:
                 await asyncio.sleep(0.1)
+
+    async def _publish_batches(self, events: list[dict]) -> None:
+        for start in range(0, len(events), self.trigger_batch):
+            subject, body, msg_id = batch_message(self.h.topology, events[start:start + self.trigger_batch])
+            await _retrying(self.h.js.publish, subject, body, headers={"Nats-Msg-Id": msg_id})
 
     async def completed(self) -> int:
         return await _count(self.h, "SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
@@ -356,7 +367,7 @@ async def test_seeded_fault_soak(tmp_path, pg_dsn, prefix, pg_server_dsn):
     welcome = fault_scale(ci=6000, full=100000)
     async with _own_nats(tmp_path) as server:
         async with Harness(server.url, pg_dsn, prefix, **LOADED) as h:
-            load = Load(h, "soak", welcome, waiters=30)
+            load = Load(h, "soak", welcome, waiters=30, trigger_batch=50)
             await load.prepare()
             killer = await asyncpg.connect(pg_server_dsn)
             fleet = Fleet(h, 2)
