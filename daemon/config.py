@@ -33,6 +33,10 @@ class Config:
     #: The ledger batcher flushes at this many transition rows or after this long.
     batch_max_rows: int = 8000
     batch_max_ms: float = 5.0
+    #: A pull request delivers at most this many bytes (more than the largest
+    #: message a stream takes, 4 x max_message_bytes): with trigger batches of
+    #: up to 1,000 events, a count of messages alone would not bound memory.
+    fetch_max_bytes: int = 8 * 1024 * 1024
     max_message_bytes: int = 256 * 1024
     #: An execution's context (its variables and step outputs, as JSON) may not
     #: grow past this: the execution that would grow it fails with `context_too_large`.

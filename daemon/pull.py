@@ -6,12 +6,12 @@ number; at tens of thousands of messages a second that was a fifth of a
 worker's CPU. This speaks the pull protocol directly instead:
 
 - one pull request is open at a time (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`
-  with `batch` and `expires`), delivering into one inbox subscription;
+  with `batch`, `expires` and `max_bytes`), delivering into one inbox subscription;
 - `take()` returns whatever has arrived (at least one message, or nothing
   after the request expired), without waiting for the whole batch;
 - a request ends when its batch is delivered or with a status message
-  (404 no messages, 408 expired, 409 limits); a lost one (reconnect) ends by
-  timeout. Only then is the next one sent, so no more than `batch`
+  (404 no messages, 408 expired, 409 limits or its bytes delivered); a lost
+  one (reconnect) ends by timeout. Only then is the next one sent, so no more than `batch`
   messages are ever requested and not yet taken.
 
 The stream sequence and delivery count come from the ack reply subject.
@@ -22,6 +22,9 @@ import asyncio
 import orjson
 
 _STATUS = "Status"
+_DESCRIPTION = "Description"
+#: The 409 that ends a request whose `max_bytes` is used up: a normal end, not a refusal.
+_BYTES_DELIVERED = "Message Size Exceeds MaxBytes"
 
 
 class Delivery:
@@ -51,8 +54,10 @@ class Delivery:
 
 
 class PullConsumer:
-    def __init__(self, nc, stream: str, consumer: str, *, expires: float = 1.0):
+    def __init__(self, nc, stream: str, consumer: str, *, expires: float = 1.0, max_bytes: int = 0):
         self._nc = nc
+        #: At most this many bytes per request (0: no limit): a pull of big messages stays bounded in memory.
+        self.max_bytes = max_bytes
         self.stream = stream
         self.consumer = consumer
         self.expires = expires
@@ -75,7 +80,10 @@ class PullConsumer:
             await self._sub.unsubscribe()
 
     async def _request(self, batch: int) -> None:
-        body = orjson.dumps({"batch": batch, "expires": int(self.expires * 1e9)})
+        request = {"batch": batch, "expires": int(self.expires * 1e9)}
+        if self.max_bytes:
+            request["max_bytes"] = self.max_bytes
+        body = orjson.dumps(request)
         await self._nc.publish(self._next_subject, body, reply=self._inbox)
         self.outstanding = batch
 
@@ -107,7 +115,8 @@ class PullConsumer:
                     self.outstanding = 0
                     # 404/408: nothing there (yet); 409: consumer deleted, too many waiting, ...;
                     # 503: no consumer. A worker that lost the partition sees the latter until it notices.
-                    self.refused = status in ("409", "503")
+                    self.refused = status == "503" or (status == "409"
+                                                       and headers.get(_DESCRIPTION) != _BYTES_DELIVERED)
             elif msg.reply:
                 taken.append(Delivery(msg))
                 self.outstanding -= 1

@@ -13,7 +13,9 @@ Messages addressed to an existing execution pass through the ordering ring, so
 that at most one of an execution's messages is between fetch and commit.
 
 Memory is bounded: a fetch waits while `max_ack_pending` messages are in
-flight, and the batcher stops intake while two batches wait for Postgres.
+flight (each event of a trigger batch counts as one), a pull delivers at most
+`fetch_max_bytes`, and the batcher stops intake while two batches wait for
+Postgres.
 """
 
 import asyncio
@@ -94,6 +96,8 @@ class Worker:
         self._closing: set = set()
         self._releasing: set = set()
         self.batcher = LedgerBatcher(config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms)
+        # A message the streams accept (up to 4 x max_message_bytes) must fit one pull, or it never comes.
+        self._fetch_max_bytes = max(config.fetch_max_bytes, 4 * config.max_message_bytes + 64 * 1024)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._in_flight = 0
@@ -154,7 +158,7 @@ class Worker:
     async def run(self) -> None:
         """Run until `stopping` is set, then drain: stop fetching, commit and ack what is in flight."""
         t = self.topology
-        triggers = PullConsumer(self._nc, t.triggers_stream, t.triggers_consumer)
+        triggers = PullConsumer(self._nc, t.triggers_stream, t.triggers_consumer, max_bytes=self._fetch_max_bytes)
         await triggers.subscribe()
         self._fetchers["triggers"] = asyncio.create_task(
             self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers"))
@@ -289,7 +293,8 @@ class Worker:
         self.batcher.epochs[p] = epoch
         self.progress[p] = PartitionProgress(watermark)
         await self.topology.resume_partition(self._js, p, epoch, watermark)
-        consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p, epoch))
+        consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p, epoch),
+                                max_bytes=self._fetch_max_bytes)
         await consumer.subscribe()
         self.timers.own(p)
         self._fetchers[p] = task = asyncio.create_task(
@@ -411,7 +416,10 @@ class Worker:
             for unit in bad:
                 self.batcher.add(unit)
             decoded += events
-            metrics.triggers_received.inc(len(events) + len(bad))
+            parts = len(events) + len(bad)
+            metrics.triggers_received.inc(parts)
+            # The in-flight window counts events: each part of a batch is settled (released) on its own.
+            self._in_flight += parts - 1
         # Executions waiting for these events get them on their own subjects
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
         # Only events some workflow waits for can have an execution waiting (the registry knows).
@@ -552,10 +560,11 @@ class Worker:
                         self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
                 if change.after_commit:
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
-            if type(source) is BatchPart:  # an event of a trigger batch: ack the message after its last
-                if not source.settle():
-                    continue
-                source = source.delivery
+            if type(source) is BatchPart:  # an event of a trigger batch: the message is acked after its last
+                self._release(1)
+                if source.settle():
+                    replies.append((source.delivery.reply, b"+ACK"))
+                continue
             if source.reply is None:  # a timer fire: its row went with the commit
                 if unit.retry_timer_after_ms:
                     self._defer_timer(source, unit.retry_timer_after_ms)

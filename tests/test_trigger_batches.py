@@ -73,3 +73,49 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         stream = h.topology.triggers_stream
         assert sources == sorted([f"{stream}:{seq}[{i}]" for i in bad] + [f"{stream}:{whole_seq}"])
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_the_in_flight_window_counts_the_events_of_a_batch_not_its_messages(nats_server_url, pg_dsn, prefix):
+    """Bounded memory: 10 batches of 50 events against a window of 120 while the ledger is locked."""
+    async with Harness(nats_server_url, pg_dsn, prefix, max_ack_pending=120, fetch_batch=2) as h:
+        await h.deploy(WELCOME)
+        events = [_good(i) for i in range(500)]
+        for start in range(0, len(events), 50):
+            await h.publish_raw(*batch_message(h.topology, events[start:start + 50]))
+        received = metrics.triggers_received._value.get()
+        lock = h.db.transaction()
+        await lock.start()
+        # Commits wait on the lock: what the worker takes in stays in flight.
+        await h.db.execute("LOCK TABLE ordo.executions IN ACCESS EXCLUSIVE MODE")
+        async with h.worker():
+            await asyncio.sleep(3.0)
+            taken = metrics.triggers_received._value.get() - received
+            await lock.rollback()
+            # Within the window, give or take the one pull (2 messages) that found it not yet full.
+            assert 0 < taken <= 120 + 2 * 50, taken
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(events))
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_pull_stops_at_its_byte_limit_and_the_next_one_goes_on(nats_server_url, pg_dsn, prefix):
+    """fetch_max_bytes: a pull of big batch messages ends at its bytes; that end is no refusal."""
+    from daemon.pull import PullConsumer
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        t = h.topology
+        sizes = []
+        for start in range(0, 200, 20):
+            subject, body, msg_id = batch_message(t, [_good(i) for i in range(start, start + 20)])
+            sizes.append(len(body))
+            await h.publish_raw(subject, body, msg_id)
+        consumer = PullConsumer(h.nc, t.triggers_stream, t.triggers_consumer, expires=0.5,
+                                max_bytes=3 * max(sizes) + 1024)
+        await consumer.subscribe()
+        taken = []
+        for _ in range(10):
+            got = await consumer.take(100)
+            assert len(got) <= 3 and not consumer.refused
+            taken += got
+            if len(taken) == len(sizes):
+                break
+        assert [d.stream_seq for d in taken] == list(range(1, len(sizes) + 1))
