@@ -43,6 +43,10 @@ timers_deferred = Counter(
     "ordo_timers_deferred_total",
     "Timer fires put off because their execution's stored row cannot be read (tried again a minute later).",
 )
+stale_applied_again = Counter(
+    "ordo_stale_applied_again_total",
+    "Messages whose execution changed in the ledger between their load and their commit, applied again.",
+)
 
 end_to_end_seconds = Histogram(
     "ordo_end_to_end_seconds", "Trigger event ts to the commit that ended its execution.",

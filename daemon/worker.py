@@ -532,6 +532,7 @@ class Worker:
         now_ms = time.time() * 1000.0
         first_ack = None
         replies = []
+        redo = []
         for unit in result.units:
             source = unit.token
             stale = False
@@ -542,8 +543,7 @@ class Worker:
                         continue
                     enrolled += 1
                 elif change.execution_id not in accepted:
-                    # The ledger moved on since this state was loaded: let the
-                    # redelivery re-read it (it dedupes if this already applied).
+                    # The ledger moved on since this state was loaded: apply the message again.
                     stale = True
                     continue
                 else:
@@ -571,11 +571,10 @@ class Worker:
                 else:
                     self.timers.done(source)
             elif stale:
-                log.warning("execution %s changed in the ledger since it was loaded; message %s:%d comes back",
-                            source.key, source.stream, source.stream_seq,
+                log.warning("execution %s changed in the ledger since it was loaded; message %s:%d is applied "
+                            "again", source.key, source.stream, source.stream_seq,
                             extra=logs.execution(source.key, reason="stale_state"))
-                replies.append((source.reply, b'-NAK {"delay": 100000000}'))
-                self._settled(source, done=False)  # it comes back; progress waits for it
+                redo.append(source)  # it keeps its ring key: nothing younger of the execution can overtake it
                 continue
             else:
                 if first_ack is None:
@@ -583,6 +582,8 @@ class Worker:
                 replies.append((source.reply, b"+ACK"))
             self._settled(source)
         await self._reply_all(replies)
+        if redo:
+            await self._apply_again(redo)
         if first_ack is not None and (self._ack_probe is None or self._ack_probe.done()):
             # Off the commit path, and one at a time: under load most batches go unmeasured, at no cost.
             self._ack_probe = asyncio.get_running_loop().create_task(self._time_acks(first_ack))
@@ -593,6 +594,28 @@ class Worker:
         metrics.transitions.inc(transitions)
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
+
+    async def _apply_again(self, deliveries: list) -> None:
+        """Dispatch messages whose units were stale once more, on the executions' committed state.
+
+        Still in flight and holding their ring keys, they are applied before any
+        younger message of their executions. (Released and NAKed instead, a
+        younger one was applied first and the redelivery then dropped as a
+        duplicate: a lost signal.)
+        """
+        metrics.stale_applied_again.inc(len(deliveries))
+        keys = list({d.key for d in deliveries})
+        records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
+        now, now_ms = _now(), self.clock_ms()
+        for delivery in deliveries:
+            doc = decode_exec(delivery.data, self.config.max_message_bytes)  # it decoded when it came in
+            unit = advance.apply(self.registry, records.get(delivery.key), delivery, doc, now, now_ms,
+                                 self.config.max_context_bytes)
+            if unit is None:
+                metrics.exec_duplicate.inc()
+                self._settle_now(delivery)
+            else:
+                self.batcher.add(unit)
 
     def _defer_timer(self, fire, after_ms: int) -> None:
         self.timers.defer(fire, self.clock_ms() + after_ms)

@@ -357,3 +357,43 @@ async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_
         assert [d.stream_seq for d in await new.take(10)] == [seq]
         names = [c.name for c in await h.js.consumers_info(t.exec_stream)]
         assert names == [t.partition_consumer(0, 2)]
+
+
+async def test_a_message_whose_execution_changed_since_it_was_loaded_is_applied_again_in_its_place(
+        nats_server_url, pg_dsn, prefix, monkeypatch):
+    """A unit found stale at commit (the ledger moved on since its load) keeps its execution's
+    place in the ring and is applied again on a fresh load. NAKed with its key released, the
+    next signal of the execution overtook it: here 'second' came while it still waited for
+    'first', and 'first' came back only afterwards."""
+    from ledger import executions
+
+    steps = {"id": "two-signals", "tenant": "acme", "trigger": {"event": "session.started"}, "steps": [
+        {"id": "a", "type": "wait_for_signal", "signal": "first"},
+        {"id": "b", "type": "wait_for_signal", "signal": "second"},
+        {"id": "done", "type": "set", "values": {"ok": True}},
+    ]}
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(steps)
+        event = trigger_event("stale", 0, tenant="acme", event_type="session.started")
+        execution_id = h.execution_id("acme", "two-signals", event["event_id"])
+        async with h.worker():
+            await h.publish_triggers([event])
+            await h.wait_until("SELECT status FROM ordo.executions", expect="waiting")
+        await h.signal(execution_id, "first", signal_id="s1")
+        await h.signal(execution_id, "second", signal_id="s2")
+
+        real_load = executions.load
+        made_stale = []
+
+        async def load_once_stale(conn, ids):
+            records = await real_load(conn, ids)
+            if execution_id in records and not made_stale:
+                records[execution_id].loaded_seq -= 1  # as if loaded before a change the ledger has now
+                made_stale.append(execution_id)
+            return records
+
+        monkeypatch.setattr(executions, "load", load_once_stale)
+        async with h.worker():
+            await h.wait_until("SELECT status FROM ordo.executions", expect="completed", timeout=30)
+        assert made_stale
+        assert await h.ledger_problems() == NO_PROBLEMS
