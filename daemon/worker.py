@@ -97,7 +97,10 @@ class Worker:
         self._releasing: set = set()
         self.batcher = LedgerBatcher(config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms)
         # A message the streams accept (up to 4 x max_message_bytes) must fit one pull, or it never comes.
-        self._fetch_max_bytes = max(config.fetch_max_bytes, 4 * config.max_message_bytes + 64 * 1024)
+        self._min_pull_bytes = 4 * config.max_message_bytes + 64 * 1024
+        self._fetch_max_bytes = max(config.fetch_max_bytes, self._min_pull_bytes)
+        #: Bytes per trigger event lately (a moving average): sizes the triggers' pulls in events.
+        self._event_bytes = 512.0
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._in_flight = 0
@@ -364,6 +367,8 @@ class Worker:
                 await self.batcher.wait_for_space()
             started = time.monotonic()
             try:
+                if name == "triggers":  # used if this take opens a request
+                    consumer.max_bytes = self._trigger_pull_bytes()
                 deliveries = await consumer.take(batch, request_more=not stopping)
             except nats.errors.ConnectionClosedError:
                 return
@@ -384,6 +389,16 @@ class Worker:
                 if d.delivered > 1:
                     metrics.redeliveries.labels(d.stream).inc()
             await take(deliveries)
+
+    def _trigger_pull_bytes(self) -> int:
+        """Bytes for the next triggers pull: about the events the window has room for.
+
+        A pull is bounded in messages and bytes, not events; a message may be a
+        batch of up to 1,000 events. Sized by the recent bytes per event, a
+        pull of batches brings in about what the window has room for.
+        """
+        room = max(1, self.config.max_ack_pending - self._in_flight)
+        return min(self._fetch_max_bytes, max(self._min_pull_bytes, int(room * self._event_bytes)))
 
     def _has_room(self, batch: int, *, new_work: bool = False) -> bool:
         if self._in_flight + batch > self.config.max_ack_pending:
@@ -418,6 +433,7 @@ class Worker:
             decoded += events
             parts = len(events) + len(bad)
             metrics.triggers_received.inc(parts)
+            self._event_bytes += (len(delivery.data) / parts - self._event_bytes) / 16
             # The in-flight window counts events: each part of a batch is settled (released) on its own.
             self._in_flight += parts - 1
         # Executions waiting for these events get them on their own subjects
