@@ -60,6 +60,14 @@ class PubAcks:
         with open(path, "wb") as fh:
             self._pairs.tofile(fh)
 
+    def pairs(self):
+        """(intended send time, PubAck time) of every event recorded, epoch ms."""
+        return zip(self._pairs[0::2], self._pairs[1::2])
+
+    def span(self) -> tuple[float, float]:
+        """(the first intended send time, the last PubAck time), epoch ms."""
+        return min(self._pairs[0::2]), max(self._pairs[1::2])
+
     @staticmethod
     def load(path: str) -> dict[float, float]:
         """{intended send time: PubAck time} (epoch ms), as `save` wrote them."""

@@ -151,6 +151,21 @@ async def test_w4_retries_match_the_provider_and_the_dead_letters(nats_server_ur
     assert metrics["calls"] >= 200
 
 
+async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
+    env = dict(os.environ, ORDO_NATS_URL=nats_server_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.publish_paths", "--rate", "200", "--duration", "1", "--json", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    ways = orjson.loads(out)["ways"]
+    assert [w["way"] for w in ways] == ["single", "atomic", "batch"]
+    for way in ways:
+        lat = way["puback_latency"]
+        assert way["events"] == lat["count"] == 200, way
+        assert 0 <= lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] and way["stored_rate"] > 0
+
+
 async def test_list_and_unknown_scenario():
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "--list", cwd=ROOT,
                                                 stdout=asyncio.subprocess.PIPE)
