@@ -6,6 +6,7 @@ import orjson
 
 from bench.generator import batch_message, trigger_event
 from daemon import metrics
+from daemon.dlq import list_letters, show_letter
 from harness import NO_PROBLEMS, Harness
 from test_pipeline import WELCOME
 
@@ -62,6 +63,12 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         assert "'events[10].event_id'" in by_index[10]["error"]
         assert "'events[21].type'" in by_index[21]["error"]
         assert "events[22] is a JSON str" in by_index[22]["error"]
+        # An operator sees which event of which message: `ordo dlq list` and `show` name its index.
+        stream = h.topology.triggers_stream
+        listed = "\n".join(await list_letters(h.db))
+        assert all(f"{stream}:{seq}[{i}]" in listed for i in bad), listed
+        shown = await show_letter(h.db, by_index[22]["id"])
+        assert "batch_index   22" in shown and 'payload       "not an event"' in shown, shown
         whole_letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE stream_seq = $1", whole_seq)
         assert whole_letter["batch_index"] is None and whole_letter["reason"] == "wrong_type"
         assert bytes(whole_letter["payload"]) == whole
@@ -70,7 +77,6 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         sub = await h.js.pull_subscribe(f"{h.config.prefix}.dlq.>", durable=None, stream=h.topology.dlq_stream)
         copies = await sub.fetch(len(bad) + 1, timeout=5)
         sources = sorted(m.headers["Ordo-Source"] for m in copies)
-        stream = h.topology.triggers_stream
         assert sources == sorted([f"{stream}:{seq}[{i}]" for i in bad] + [f"{stream}:{whole_seq}"])
         assert await h.ledger_problems() == NO_PROBLEMS
 
