@@ -101,11 +101,11 @@ def _envelope_bodies(kind: str) -> list[bytes]:
 
 @pytest.mark.parametrize("kind", ["trigger", "signal"])
 def test_envelope_decode(benchmark, kind):
-    """decode_trigger / decode_exec (orjson parse + contract checks) of EXECUTIONS trigger
+    """decode_triggers / decode_exec (orjson parse + contract checks) of EXECUTIONS trigger
     events, or of EXECUTIONS signals addressed to executions."""
-    from hotpath.envelope import decode_exec, decode_trigger
+    from hotpath.envelope import decode_exec, decode_triggers
 
-    decode = decode_trigger if kind == "trigger" else decode_exec
+    decode = decode_triggers if kind == "trigger" else decode_exec
     bodies = _envelope_bodies(kind)
 
     def run():

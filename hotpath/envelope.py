@@ -101,14 +101,8 @@ def require_text(doc: dict, name: str, limit: int = 256, path: str = "") -> str:
     return value
 
 
-def decode_trigger(body: bytes, max_bytes: int) -> dict:
-    """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
-    doc = _load(body, max_bytes)
-    _check_trigger(doc)
-    return doc
-
-
 def _check_trigger(doc: dict, path: str = "") -> None:
+    """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
     require_text(doc, "event_id", path=path)
     require_text(doc, "tenant", 128, path)
     require_text(doc, "type", 128, path)
