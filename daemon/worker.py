@@ -501,19 +501,23 @@ class Worker:
                 items = self.ring.pop_many(1024)
                 if not items:
                     break
-                keys = list({key for key, _ in items})
-                records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
-                now, now_ms = _now(), self.clock_ms()
-                for key, (source, doc) in items:
-                    unit = advance.apply(self.registry, records.get(key), source, doc, now, now_ms,
-                                         self.config.max_context_bytes)
-                    if unit is None:
-                        metrics.exec_duplicate.inc()
-                        self._settle_now(source)
-                    else:
-                        self.batcher.add(unit)
+                await self._dispatch([item for _, item in items])
                 if self.stopping.is_set() and not self.ring:
                     self.batcher.nudge()
+
+    async def _dispatch(self, items: list) -> None:
+        """Apply (source, decoded message) pairs, each holding its execution's ring key, on one load."""
+        keys = list({source.key for source, _ in items})
+        records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
+        now, now_ms = _now(), self.clock_ms()
+        for source, doc in items:
+            unit = advance.apply(self.registry, records.get(source.key), source, doc, now, now_ms,
+                                 self.config.max_context_bytes)
+            if unit is None:
+                metrics.exec_duplicate.inc()
+                self._settle_now(source)
+            else:
+                self.batcher.add(unit)
 
     # -- commit and ack -------------------------------------------------------
 
@@ -620,18 +624,8 @@ class Worker:
         duplicate: a lost signal.)
         """
         metrics.stale_applied_again.inc(len(deliveries))
-        keys = list({d.key for d in deliveries})
-        records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
-        now, now_ms = _now(), self.clock_ms()
-        for delivery in deliveries:
-            doc = decode_exec(delivery.data, self.config.max_message_bytes)  # it decoded when it came in
-            unit = advance.apply(self.registry, records.get(delivery.key), delivery, doc, now, now_ms,
-                                 self.config.max_context_bytes)
-            if unit is None:
-                metrics.exec_duplicate.inc()
-                self._settle_now(delivery)
-            else:
-                self.batcher.add(unit)
+        # Each decoded when it came in: it decodes again.
+        await self._dispatch([(d, decode_exec(d.data, self.config.max_message_bytes)) for d in deliveries])
 
     def _defer_timer(self, fire, after_ms: int) -> None:
         self.timers.defer(fire, self.clock_ms() + after_ms)
