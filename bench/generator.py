@@ -77,11 +77,13 @@ class PubAcks:
         return dict(zip(pairs[0::2], pairs[1::2]))
 
 
-async def _publish_stamped(js, message: tuple, stamps: list, pubacks: PubAcks) -> None:
+async def _publish_stamped(js, message: tuple, stamps: list, pubacks: PubAcks | None) -> None:
+    """Publish; with `pubacks`, record the PubAck time against each of the message's events' send times."""
     await publish(js, *message)
-    acked_ms = time.time() * 1000.0
-    for ts_ms in stamps:
-        pubacks.record(ts_ms, acked_ms)
+    if pubacks is not None:
+        acked_ms = time.time() * 1000.0
+        for ts_ms in stamps:
+            pubacks.record(ts_ms, acked_ms)
 
 
 def batch_message(topology, events: list[dict]) -> tuple:
@@ -298,8 +300,7 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     async def send_each(chunk):
         for event in chunk:
             message = _as_message(topology, event)
-            await in_flight.add(publish(js, *message) if pubacks is None
-                                else _publish_stamped(js, message, [event["ts"]], pubacks))
+            await in_flight.add(_publish_stamped(js, message, [event["ts"]], pubacks))
 
     sent = await _paced(events, rate, send_each, tick_s=0.001, on_progress=on_progress)
     await in_flight.drain()
@@ -314,8 +315,7 @@ async def _publish_trigger_batches(js, topology, events, size: int, *, window: i
     async def send(chunk):
         for batch in _batches(chunk, size):
             message = batch_message(topology, batch)
-            await in_flight.add(publish(js, *message) if pubacks is None
-                                else _publish_stamped(js, message, [e["ts"] for e in batch], pubacks))
+            await in_flight.add(_publish_stamped(js, message, [e["ts"] for e in batch], pubacks))
 
     if rate:
         sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
