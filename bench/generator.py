@@ -229,9 +229,15 @@ def _batches(events, size: int):
         yield batch
 
 
-async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) -> int:
+async def _paced(events, rate: float, send, *, tick_s: float, gather: bool = False, on_progress=None) -> int:
     """Hand `send` the events due by each tick of a fixed schedule, each stamped with its own
-    intended send time as `ts` (latency is measured from it: no coordinated omission)."""
+    intended send time as `ts` (latency is measured from it: no coordinated omission).
+
+    Without `gather`, wake when the next event is due (at most `tick_s` later):
+    one send per event at any rate. With `gather`, wake at the next tick
+    boundary (or when the next event is due, if later): one send per tick,
+    holding that tick's events, however high the rate.
+    """
     sent = 0
     started = time.monotonic()
     wall_start = time.time() * 1000.0
@@ -253,7 +259,14 @@ async def _paced(events, rate: float, send, *, tick_s: float, on_progress=None) 
             if on_progress:
                 on_progress(sent)
         if not exhausted:
-            await asyncio.sleep(max(0.0, min(tick_s, started + (sent + 1) / rate - time.monotonic())))
+            now = time.monotonic()
+            next_due = started + (sent + 1) / rate
+            if gather:
+                next_tick = started + (int((now - started) / tick_s) + 1) * tick_s
+                wake = max(next_tick, next_due)
+            else:
+                wake = min(now + tick_s, next_due)
+            await asyncio.sleep(max(0.0, wake - now))
     return sent
 
 
@@ -292,7 +305,7 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
                 part = chunk[i:i + _MAX_ATOMIC_BATCH]
                 await batches.send([_as_message(topology, e) for e in part], [e["ts"] for e in part])
 
-        sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
+        sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
         await batches.close()
         return sent
     in_flight = _Window(window)
@@ -318,7 +331,7 @@ async def _publish_trigger_batches(js, topology, events, size: int, *, window: i
             await in_flight.add(_publish_stamped(js, message, [e["ts"] for e in batch], pubacks))
 
     if rate:
-        sent = await _paced(events, rate, send, tick_s=0.005, on_progress=on_progress)
+        sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
     else:
         sent = 0
         for batch in _batches(events, size):

@@ -14,7 +14,10 @@ import sys
 import orjson
 import pytest
 
+from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
+from daemon import config as config_module
+from daemon.topology import Topology
 from harness import ROOT
 
 
@@ -164,6 +167,21 @@ async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(n
         lat = way["puback_latency"]
         assert way["events"] == lat["count"] == 200, way
         assert 0 <= lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] and way["stored_rate"] > 0
+
+
+async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_server_url, prefix):
+    # One message per 5 ms tick however high the rate, not one per event: at
+    # 4,000 events/s for 1 s, about 200 messages of about 20 events.
+    topology = Topology(config_module.Config(nats_url=nats_server_url, prefix=prefix))
+    js = nats.jetstream(timeout=30)
+    await topology.ensure(js)
+    pubacks = PubAcks()
+    events = (trigger_event(prefix, i) for i in range(4000))
+    sent = await publish_events(js, topology, events, rate=4000, trigger_batch=1000, pubacks=pubacks)
+    assert sent == 4000 and len(list(pubacks.pairs())) == 4000
+    info = await js.stream_info(topology.triggers_stream)
+    ticks = 1.0 / 0.005
+    assert info.state.messages <= 1.5 * ticks + 5, info.state.messages
 
 
 async def test_list_and_unknown_scenario():
