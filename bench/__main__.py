@@ -47,15 +47,19 @@ from pathlib import Path
 
 import orjson
 
-from . import report
+from . import report, worker_counts
 from .generator import PubAcks
 from .histogram import Histogram
 from .report import ProcessSampler, RunResult
 from .scenarios import SCENARIOS, Scenario
 from .scenarios import get as get_scenario
 
-#: How often the ledger is polled for progress while a run goes.
+#: How often the workers' counters are read for progress while a run goes.
 POLL_S = 0.25
+#: How often the ledger is (at most: see _wait).
+LEDGER_POLL_S = 5.0
+#: The bench's workers serve /metrics here, on ports of their own (bench.worker_counts).
+METRICS_HOST = "127.0.0.1"
 #: A run that makes no progress for this long is given up (it reports incomplete).
 DEFAULT_STALL_S = 30.0
 
@@ -282,8 +286,12 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     settings = {"ORDO_NATS_URL": run_config.nats_url, "ORDO_PG_DSN": run_config.pg_dsn,
                 "ORDO_PREFIX": run_config.prefix, "ORDO_PARTITIONS": str(run_config.partitions)}
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
+    metrics_base = worker_counts.free_port_range(workers, METRICS_HOST)
+    metrics_ports = list(range(metrics_base, metrics_base + workers))
     supervisor = Supervisor(workers, extra_env={**settings, **scenario.worker_env(), **worker_settings,
-                                                "ORDO_LOG_LEVEL": args.log_level})
+                                                "ORDO_LOG_LEVEL": args.log_level,
+                                                "ORDO_METRICS_HOST": METRICS_HOST,
+                                                "ORDO_METRICS_PORT": str(metrics_base)})
     publisher = None
     watcher = None
     sampler = ProcessSampler()
@@ -320,7 +328,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
                                                        _publish_batch(args), pubacks_file, args.trigger_batch)
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
         await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
-                    args.stall_timeout + scenario.stall_grace())
+                    args.stall_timeout + scenario.stall_grace(), metrics_ports)
         sampler.sample()
         try:
             await asyncio.wait_for(publisher.wait(), 30)
@@ -410,7 +418,7 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
 
 
 async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: dict, sampler,
-                timeout: float, stall_timeout: float) -> None:
+                timeout: float, stall_timeout: float, metrics_ports: list[int]) -> None:
     """Poll the ledger until the run's executions have all finished, or give up; live progress on stderr."""
     out = sys.stderr
     tty = out.isatty()
@@ -419,18 +427,23 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
     finished = prev = 0
     prev_t = started
     marker = None
-    poll_s = POLL_S
+    state: dict = {}
+    next_ledger_read = 0.0
     while True:
+        # The workers' counters every POLL_S; the ledger, whose count is a scan,
+        # every LEDGER_POLL_S (or 20 times what reading it costs), and whenever
+        # the counters say the run may be done: only the ledger ends a run.
+        counted = await worker_counts.finished_by_workers(METRICS_HOST, metrics_ports) if metrics_ports else None
         asked = time.monotonic()
-        state = await scenario.progress(pool, run.run_id)
-        # The ledger is read every POLL_S, or less often when reading it is slow
-        # (a million executions): the bench must not compete with the workers.
-        poll_s = max(POLL_S, 10.0 * (time.monotonic() - asked))
-        finished = state["finished"]
+        if counted is None or counted >= run.expected or asked >= next_ledger_read:
+            state = await scenario.progress(pool, run.run_id)
+            next_ledger_read = time.monotonic() + max(LEDGER_POLL_S, 20.0 * (time.monotonic() - asked))
+        finished = max(state["finished"], counted or 0)
         now = time.monotonic()
         sampler.sample()
         rss = sampler.rss.get("workers")
-        run.trace.append({"t": time.time(), **state, "workers_rss_mb": rss[-1] if rss else None})
+        run.trace.append({"t": time.time(), **state, "finished": finished,
+                          "workers_rss_mb": rss[-1] if rss else None})
         published = outcome["published"]
         # Progress is anything moving: publishing, enrolling, finishing.
         if (finished, state.get("total"), published) != marker:
@@ -447,7 +460,7 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         elif now - last_line >= 5.0 or finished >= run.expected:
             out.write(line + "\n")
             last_line = now
-        if finished >= run.expected:
+        if state["finished"] >= run.expected:
             break
         if publisher.returncode not in (None, 0):
             run.failure = f"the generator exited with {publisher.returncode}"
@@ -458,7 +471,7 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         if now - started > timeout:
             run.failure = f"timed out after {timeout:.0f} s ({finished:,} of {run.expected:,} finished)"
             break
-        await asyncio.sleep(poll_s)
+        await asyncio.sleep(POLL_S)
     if tty:
         out.write("\n")
     run.published = outcome["published"]

@@ -13,7 +13,9 @@ import sys
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from bench import worker_counts
 from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
 from daemon import config as config_module
@@ -182,6 +184,43 @@ async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_serve
     info = await js.stream_info(topology.triggers_stream)
     ticks = 1.0 / 0.005
     assert info.state.messages <= 1.5 * ticks + 5, info.state.messages
+
+
+def test_worker_counts_read_finished_executions_from_metrics_text():
+    registry = CollectorRegistry()
+    finished = Counter("ordo_executions_finished_total", "Executions that reached an end.", ["status"],
+                       registry=registry)
+    finished.labels("completed").inc(1200)
+    finished.labels("failed").inc(34)
+    Counter("ordo_transitions_total", "Transitions committed to the ledger.", registry=registry).inc(99)
+    assert worker_counts.finished_in(generate_latest(registry).decode()) == 1234
+    assert worker_counts.finished_in("") == 0
+
+
+async def test_worker_counts_scrape_a_worker_and_none_when_one_is_missing():
+    registry = CollectorRegistry()
+    Counter("ordo_executions_finished_total", "x", ["status"], registry=registry).labels("completed").inc(7)
+    body = generate_latest(registry)
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    base = worker_counts.free_port_range(2)
+    server = await asyncio.start_server(serve, "127.0.0.1", base)
+    other = await asyncio.start_server(serve, "127.0.0.1", base + 1)
+    try:
+        assert await worker_counts.finished_by_workers("127.0.0.1", [base, base + 1]) == 14
+    finally:
+        other.close()
+        await other.wait_closed()
+    try:
+        assert await worker_counts.finished_by_workers("127.0.0.1", [base, base + 1]) is None
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_list_and_unknown_scenario():
