@@ -3,6 +3,8 @@
 Labels stay bounded: reasons, kinds and outcomes, never execution or contact ids.
 """
 
+from bisect import bisect_left
+
 from prometheus_client import Counter, Gauge, Histogram
 
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -66,6 +68,49 @@ advance_seconds = Histogram(
     "ordo_advance_seconds", "Dispatcher time to advance one execution for one message or timer (all its steps).",
     buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1),
 )
+
+
+def observe_all(histogram: Histogram, values) -> None:
+    """`histogram.observe(v)` for every v, with one increment per bucket touched instead of per value.
+
+    Each observation takes the sum's lock and a bucket's; at thousands of
+    executions a second per worker that showed up in profiles.
+    """
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+        total += value
+    if not any(counts):
+        return
+    histogram._sum.inc(total)
+    for bucket, count in zip(histogram._buckets, counts):
+        if count:
+            bucket.inc(count)
+
+
+class Observations:
+    """Values for a histogram, gathered in a list and observed in bulk by `flush` (or every `size`)."""
+
+    def __init__(self, histogram: Histogram, size: int = 4096):
+        self.histogram = histogram
+        self._size = size
+        self._values: list = []
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+        if len(self._values) >= self._size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._values:
+            values, self._values = self._values, []
+            observe_all(self.histogram, values)
+
+
+#: The dispatcher's timings, handed to advance_seconds once per fetched batch.
+advance_timings = Observations(advance_seconds)
 consumer_lag = Gauge("ordo_consumer_lag", "Messages waiting in JetStream for this worker's consumers.", ["stream"])
 injected_faults = Counter(
     "ordo_injected_faults_total", "Faults injected on purpose by the inject_faults setting (soaks and tests only).",

@@ -447,6 +447,7 @@ class Worker:
         for source, event in decoded:
             self.batcher.add(enrolment.enrol(self.registry, self.topology, source, event, now, now_ms,
                                              self.config.max_context_bytes))
+        metrics.advance_timings.flush()
 
     async def _route(self, execution_id: str, event: dict) -> None:
         body, msg_id = enrolment.event_message(execution_id, event)
@@ -518,6 +519,7 @@ class Worker:
                 self._settle_now(source)
             else:
                 self.batcher.add(unit)
+        metrics.advance_timings.flush()
 
     # -- commit and ack -------------------------------------------------------
 
@@ -549,6 +551,7 @@ class Worker:
             await self._publish_dead_letters(letters)
         enrolled = deduplicated = applied = transitions = 0
         finished: dict = {}
+        ended: list = []  # seconds from trigger to this commit, of each execution it ended
         now_ms = time.time() * 1000.0
         first_ack = None
         replies = []
@@ -572,7 +575,7 @@ class Worker:
                 if change.finished:
                     finished[change.status] = finished.get(change.status, 0) + 1
                     if change.trigger_ts_ms is not None:
-                        metrics.end_to_end_seconds.observe(max(0.0, now_ms - change.trigger_ts_ms) / 1000.0)
+                        ended.append(max(0.0, now_ms - change.trigger_ts_ms) / 1000.0)
                 if change.timer is not None:
                     fire_at_ms = int(change.timer[1].timestamp() * 1000)
                     # Only the near term lives in memory; the timer loop loads the rest when it comes due.
@@ -614,6 +617,7 @@ class Worker:
         metrics.transitions.inc(transitions)
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
+        metrics.observe_all(metrics.end_to_end_seconds, ended)
 
     async def _apply_again(self, deliveries: list) -> None:
         """Dispatch messages whose units were stale once more, on the executions' committed state.
