@@ -19,6 +19,7 @@ systemd restarts the worker, which claims its partitions again.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,20 @@ class _Service:
         time.sleep(seconds)  # on purpose: a blocked loop, as a stuck callback would block it
 
 
+#: Allocations of container objects between two young-generation collections (Python's default: 700).
+#: Thousands of units live between fetch and commit, and every young pass walks them all: at 700,
+#: W1 closed ran at 21,220-21,756 executions/s (medians of 3); at 20,000, 25,214-26,362.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Collect less often on the hot path; what start-up built is left out of collections for good."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def run_worker(config: Config, worker_index: int, workers: int, *, config_path: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit code.
 
@@ -156,6 +171,7 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
         ready = loop.create_task(worker.ready.wait())
         await asyncio.wait([run, ready], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
+            tune_gc()
             service.announce_ready()
         ready.cancel()
         try:

@@ -7,6 +7,7 @@ to zero while the same window on a live loop holds several.
 """
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from daemon.health import HealthServer
 from daemon.notify import notify, watchdog, watchdog_interval
 from daemon.profile import ProfileError, find_worker_pid, is_worker_cmdline, profile
+from daemon.service import GC_YOUNG_THRESHOLD, tune_gc
 from harness import ROOT, Harness
 
 # -- helpers ---------------------------------------------------------------------------
@@ -209,6 +211,19 @@ async def test_health_server_routes():
         assert status == 200 and body == b"" and "Content-Length: 3" in head
     finally:
         await server.close()
+
+
+# -- garbage collection -------------------------------------------------------------------------
+def test_tune_gc_collects_the_young_generation_less_often_and_freezes_start_up():
+    threshold = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, threshold[1], threshold[2])
+        assert GC_YOUNG_THRESHOLD > threshold[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 # -- a real worker process under a stand-in systemd ------------------------------------------
