@@ -419,7 +419,7 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
 
 async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: dict, sampler,
                 timeout: float, stall_timeout: float, metrics_ports: list[int]) -> None:
-    """Poll the ledger until the run's executions have all finished, or give up; live progress on stderr."""
+    """Poll until the ledger says the run's executions have all finished, or give up; live progress on stderr."""
     out = sys.stderr
     tty = out.isatty()
     started = last_change = time.monotonic()
@@ -433,7 +433,7 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         # The workers' counters every POLL_S; the ledger, whose count is a scan,
         # every LEDGER_POLL_S (or 20 times what reading it costs), and whenever
         # the counters say the run may be done: only the ledger ends a run.
-        counted = await worker_counts.finished_by_workers(METRICS_HOST, metrics_ports) if metrics_ports else None
+        counted = await worker_counts.finished_by_workers(METRICS_HOST, metrics_ports)
         asked = time.monotonic()
         if counted is None or counted >= run.expected or asked >= next_ledger_read:
             state = await scenario.progress(pool, run.run_id)

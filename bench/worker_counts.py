@@ -18,15 +18,15 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.servers import free_port
+
 FINISHED = "ordo_executions_finished"
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", *, attempts: int = 50) -> int:
     """A base port such that base .. base + count - 1 are all free now (the workers' metrics ports)."""
     for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
+        base = free_port(host)
         if base + count > 65535:
             continue
         if all(_is_free(host, port) for port in range(base, base + count)):
