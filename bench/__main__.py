@@ -329,6 +329,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
         await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
                     args.stall_timeout + scenario.stall_grace(), metrics_ports)
+        run.commits = await worker_counts.commits_by_workers(METRICS_HOST, metrics_ports)
         sampler.sample()
         try:
             await asyncio.wait_for(publisher.wait(), 30)

@@ -175,6 +175,8 @@ class RunResult:
     finish_offsets: list = field(default_factory=list)
     #: One entry per progress poll: {"t": epoch s, "finished", ..., "workers_rss_mb"}.
     trace: list = field(default_factory=list)
+    #: The workers' ledger commits at the end of the run (worker_counts.commits_in), if they could be read.
+    commits: dict | None = None
 
     def rss_series(self, points: int = 200) -> list:
         """[[seconds since the first publish, workers' RSS in MB], ...], at most `points` of them
@@ -222,7 +224,7 @@ class RunResult:
             "stored_latency": self.stored_latency.summary() if self.stored_latency else None,
             "engine_latency": self.engine_latency.summary() if self.engine_latency else None,
             "resources": self.resources, "completions_per_s": self.timeline,
-            "workers_rss_mb": self.rss_series(),
+            "workers_rss_mb": self.rss_series(), "commits": self.commits,
         }
 
 
@@ -311,6 +313,11 @@ def run_table(run: RunResult, title: str) -> str:
             share = hist.summary()
             lines.append(f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
                          f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})")
+    if run.commits:
+        c = run.commits
+        lines.append(f"  commits      {c['batches']:,} batches of {c['rows_per_batch']:,.0f} rows on average, "
+                     f"mean {c['mean_ms']:.1f} ms, p50 <= {c['p50_le_ms']:g} ms, p99 <= {c['p99_le_ms']:g} ms "
+                     "(workers' histograms)")
     lines.append(f"  CPU          {_resources_line(run.resources)}")
     return "\n".join(lines)
 

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.servers import free_port
 
 FINISHED = "ordo_executions_finished"
+COMMIT_SECONDS = "ordo_ledger_commit_seconds"
+COMMIT_ROWS = "ordo_ledger_batch_rows"
 
 
 def free_port_range(count: int, host: str = "127.0.0.1", *, attempts: int = 50) -> int:
@@ -71,3 +73,50 @@ async def finished_by_workers(host: str, ports: list[int]) -> int | None:
     except (OSError, asyncio.TimeoutError, ConnectionError):
         return None
     return sum(finished_in(text) for text in texts)
+
+
+def buckets_in(texts: list[str], name: str) -> tuple[list[tuple[float, float]], float, float]:
+    """A histogram summed over the workers' /metrics texts: ([(le, cumulative count)...], sum, count)."""
+    cumulative: dict = {}
+    total = count = 0.0
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name != name:
+                continue
+            for sample in family.samples:
+                if sample.name == name + "_bucket":
+                    le = float(sample.labels["le"])
+                    cumulative[le] = cumulative.get(le, 0.0) + sample.value
+                elif sample.name == name + "_sum":
+                    total += sample.value
+                elif sample.name == name + "_count":
+                    count += sample.value
+    return sorted(cumulative.items()), total, count
+
+
+def bound_of(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The upper bound of the bucket that holds quantile q (inf: past the last bound; None: no samples)."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    return next(le for le, cumulative in buckets if cumulative >= rank)
+
+
+def commits_in(texts: list[str]) -> dict | None:
+    """The workers' ledger commits: how many, rows per batch, and p50/p99 commit time as bucket bounds."""
+    seconds, spent, batches = buckets_in(texts, COMMIT_SECONDS)
+    _, rows, _ = buckets_in(texts, COMMIT_ROWS)
+    if not batches:
+        return None
+    p50, p99 = bound_of(seconds, 0.5), bound_of(seconds, 0.99)
+    return {"batches": int(batches), "rows_per_batch": rows / batches, "mean_ms": spent / batches * 1000.0,
+            "p50_le_ms": p50 * 1000.0, "p99_le_ms": p99 * 1000.0}
+
+
+async def commits_by_workers(host: str, ports: list[int]) -> dict | None:
+    """commits_in() of every worker's /metrics now; None if any worker cannot be read."""
+    try:
+        texts = await asyncio.gather(*(scrape(host, port) for port in ports))
+    except (OSError, asyncio.TimeoutError, ConnectionError):
+        return None
+    return commits_in(texts)

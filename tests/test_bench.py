@@ -14,11 +14,13 @@ import sys
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import Histogram as PromHistogram
 
 from bench import worker_counts
 from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
 from daemon import config as config_module
+from daemon import metrics
 from daemon.topology import Topology
 from harness import ROOT
 
@@ -68,6 +70,10 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
     assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
     assert run["resources"]["workers"]["processes"] == 1
     assert run["stored_latency"] is None and run["engine_latency"] is None  # no schedule to measure from
+    # The worker's own view of its ledger commits: 200 executions of 7 transitions each, at least.
+    commits = run["commits"]
+    assert commits["batches"] >= 1 and commits["rows_per_batch"] * commits["batches"] >= 200 * 8
+    assert 0 < commits["p50_le_ms"] <= commits["p99_le_ms"]
     assert doc["median"]["runs"] == 1
 
 
@@ -195,6 +201,26 @@ def test_worker_counts_read_finished_executions_from_metrics_text():
     Counter("ordo_transitions_total", "Transitions committed to the ledger.", registry=registry).inc(99)
     assert worker_counts.finished_in(generate_latest(registry).decode()) == 1234
     assert worker_counts.finished_in("") == 0
+
+
+def test_worker_counts_sum_the_commit_histograms_of_all_workers():
+    texts = []
+    for seconds, rows in (([0.003, 0.004, 0.2], [100, 200, 300]), ([0.004] * 97, [10] * 97)):
+        registry = CollectorRegistry()
+        commit = PromHistogram("ordo_ledger_commit_seconds", "x", buckets=metrics.COMMIT_BUCKETS, registry=registry)
+        batch = PromHistogram("ordo_ledger_batch_rows", "x", buckets=(1, 10, 100, 1000), registry=registry)
+        for s, r in zip(seconds, rows):
+            commit.observe(s)
+            batch.observe(r)
+        texts.append(generate_latest(registry).decode())
+    commits = worker_counts.commits_in(texts)
+    assert commits["batches"] == 100
+    assert commits["rows_per_batch"] == pytest.approx((600 + 970) / 100)
+    assert commits["mean_ms"] == pytest.approx((0.207 + 0.004 * 97) / 100 * 1000)
+    # 99 of 100 commits took at most 5 ms; the 100th is in the 250 ms bucket.
+    assert commits["p50_le_ms"] == 5 and commits["p99_le_ms"] == 5
+    assert worker_counts.bound_of(worker_counts.buckets_in(texts, "ordo_ledger_commit_seconds")[0], 1.0) == 0.25
+    assert worker_counts.commits_in([""]) is None
 
 
 async def test_worker_counts_scrape_a_worker_and_none_when_one_is_missing():
