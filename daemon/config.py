@@ -30,10 +30,11 @@ class Config:
     #: (takeover within lease_ttl_s + lease_renew_s).
     lease_ttl_s: float = 10.0
     lease_renew_s: float = 2.0
-    #: The ledger batcher commits at this many transition rows; otherwise as soon as the
-    #: ledger connection is free, after waiting batch_max_ms for more (0: no wait: a batch is
-    #: what came in while the previous commit ran, as Postgres' own group commit does).
-    batch_max_rows: int = 8000
+    #: A ledger batch holds at most this many rows (executions, transitions, dead letters);
+    #: it commits as soon as the ledger connection is free, after waiting batch_max_ms for
+    #: more (0: no wait: a batch is what came in while the previous commit ran, as Postgres'
+    #: own group commit does).
+    batch_max_rows: int = 20000
     batch_max_ms: float = 0.0
     #: A pull request delivers at most this many bytes (more than the largest
     #: message a stream takes, 4 x max_message_bytes): with trigger batches of

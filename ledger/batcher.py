@@ -258,8 +258,9 @@ class LedgerBatcher:
     """Gathers units, then commits them in one transaction.
 
     One commit at a time: the caller takes the next batch when the previous
-    commit is done. A batch is due at max_rows, or once its oldest unit has
-    waited max_ms. With max_ms 0 (the default) it is due at once, so a batch
+    commit is done. A batch holds at most max_rows rows (a unit is never
+    split: one bigger than that goes alone). It is due when full, or once
+    its oldest unit has waited max_ms. With max_ms 0 (the default) it is due at once, so a batch
     is whatever came in while the previous commit ran: small and quick when
     load is light, big when it is heavy (group commit). A wait only adds
     latency while the ledger connection is idle.
@@ -332,8 +333,20 @@ class LedgerBatcher:
             except asyncio.TimeoutError:
                 if stopping and not self._units:
                     return []
-        units, self._units, self._rows = self._units, [], 0
-        self._space.set()
+        return self._take()
+
+    def _take(self) -> list:
+        """The oldest units, up to max_rows of them (at least one); the rest stay, still due."""
+        taken = rows = 0
+        for unit in self._units:
+            if taken and rows + unit.rows > self.max_rows:
+                break
+            rows += unit.rows
+            taken += 1
+        units, self._units = self._units[:taken], self._units[taken:]
+        self._rows -= rows
+        if self._rows < 2 * self.max_rows:
+            self._space.set()
         return units
 
     def nudge(self) -> None:

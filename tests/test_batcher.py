@@ -62,3 +62,19 @@ async def test_with_a_wait_the_oldest_unit_waits_for_company():
     batcher.add(_unit("c"))
     batch = await asyncio.wait_for(taker, 1.0)
     assert [u.token for u in batch] == ["a", "b", "c"]
+
+
+async def test_a_batch_holds_at_most_max_rows_and_the_rest_stays_due():
+    batcher = LedgerBatcher("postgresql://unused", max_rows=5, max_ms=60_000)
+    rows = {"a": 2, "b": 2, "c": 2, "big": 9, "d": 1}
+    for name, count in rows.items():
+        unit = _unit(name)
+        unit.dead_letters = [None] * (count - 1)  # a unit's rows: 1 + its dead letters here
+        batcher.add(unit)
+    assert batcher.pending_rows == 16
+    # Oldest first, whole units, never past 5 rows; what is left is due at once, however young.
+    assert await _taken(batcher) == ["a", "b"]
+    assert await _taken(batcher) == ["c"]
+    assert await _taken(batcher) == ["big"]  # bigger than a batch: alone, not split, not stuck
+    # The one left is a lone unit that is neither full nor old: it waits for company again.
+    assert batcher.pending_rows == 1
