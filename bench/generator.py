@@ -243,7 +243,17 @@ async def _paced(events, rate: float, send, *, tick_s: float, gather: bool = Fal
     wall_start = time.time() * 1000.0
     events = iter(events)
     exhausted = False
+    last_tick = -1
     while not exhausted:
+        if gather:
+            # The event loop's timers may fire a little early: still in the tick just
+            # sent, wait for its end rather than send a second, near-empty message.
+            elapsed = time.monotonic() - started
+            tick = int(elapsed / tick_s)
+            if tick <= last_tick:
+                await asyncio.sleep((last_tick + 1) * tick_s - elapsed + 0.0002)
+                continue
+            last_tick = tick
         due = int((time.monotonic() - started) * rate) + 1
         chunk = []
         while sent + len(chunk) < due:
