@@ -260,10 +260,10 @@ class LedgerBatcher:
     One commit at a time: the caller takes the next batch when the previous
     commit is done. A batch holds at most max_rows rows (a unit is never
     split: one bigger than that goes alone). It is due when full, or once
-    its oldest unit has waited max_ms. With max_ms 0 (the default) it is due at once, so a batch
-    is whatever came in while the previous commit ran: small and quick when
-    load is light, big when it is heavy (group commit). A wait only adds
-    latency while the ledger connection is idle.
+    its oldest unit has waited max_ms. With max_ms 0 (the config's default)
+    it is due at once, so a batch is whatever came in while the previous
+    commit ran: small and quick when load is light, big when it is heavy
+    (group commit). A wait only adds latency while the connection is idle.
     """
 
     def __init__(self, dsn: str, *, max_rows: int, max_ms: float, epochs: dict | None = None):
@@ -336,7 +336,7 @@ class LedgerBatcher:
         return self._take()
 
     def _take(self) -> list:
-        """The oldest units, up to max_rows of them (at least one); the rest stay, still due."""
+        """The oldest units, up to max_rows rows of them (at least one unit); the rest stay, still due."""
         taken = rows = 0
         for unit in self._units:
             if taken and rows + unit.rows > self.max_rows:
@@ -344,7 +344,7 @@ class LedgerBatcher:
             rows += unit.rows
             taken += 1
         units, self._units = self._units[:taken], self._units[taken:]
-        self._rows -= rows
+        self._rows = self._rows - rows if self._units else 0
         if self._rows < 2 * self.max_rows:
             self._space.set()
         return units
