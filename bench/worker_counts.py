@@ -66,13 +66,18 @@ def finished_in(text: str) -> int:
                    for sample in family.samples if sample.name == FINISHED + "_total"))
 
 
-async def finished_by_workers(host: str, ports: list[int]) -> int | None:
-    """Executions the workers have committed as finished; None if any worker cannot be read."""
+async def scrape_all(host: str, ports: list[int]) -> list[str] | None:
+    """Every worker's /metrics text; None if any worker cannot be read."""
     try:
-        texts = await asyncio.gather(*(scrape(host, port) for port in ports))
+        return await asyncio.gather(*(scrape(host, port) for port in ports))
     except (OSError, asyncio.TimeoutError, ConnectionError):
         return None
-    return sum(finished_in(text) for text in texts)
+
+
+async def finished_by_workers(host: str, ports: list[int]) -> int | None:
+    """Executions the workers have committed as finished; None if any worker cannot be read."""
+    texts = await scrape_all(host, ports)
+    return None if texts is None else sum(finished_in(text) for text in texts)
 
 
 def buckets_in(texts: list[str], name: str) -> tuple[list[tuple[float, float]], float, float]:
@@ -115,8 +120,5 @@ def commits_in(texts: list[str]) -> dict | None:
 
 async def commits_by_workers(host: str, ports: list[int]) -> dict | None:
     """commits_in() of every worker's /metrics now; None if any worker cannot be read."""
-    try:
-        texts = await asyncio.gather(*(scrape(host, port) for port in ports))
-    except (OSError, asyncio.TimeoutError, ConnectionError):
-        return None
-    return commits_in(texts)
+    texts = await scrape_all(host, ports)
+    return None if texts is None else commits_in(texts)

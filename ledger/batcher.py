@@ -272,7 +272,8 @@ class LedgerBatcher:
         self.max_delay = max_ms / 1000.0
         #: partition -> epoch this worker claimed; checked by every commit that updates them.
         self.epochs = epochs if epochs is not None else {}
-        self._units: list = []
+        #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
+        self._pending: list = []
         self._rows = 0
         self._first_at = 0.0
         self._wakeup = asyncio.Event()
@@ -296,13 +297,14 @@ class LedgerBatcher:
         return self._rows
 
     def add(self, unit: Unit) -> None:
-        if not self._units:
+        if not self._pending:
             # The first unit starts the batch's clock: wake next_batch so it
             # waits max_ms from now rather than sleeping out its idle timeout.
             self._first_at = time.monotonic()
             self._wakeup.set()
-        self._units.append(unit)
-        self._rows += unit.rows
+        rows = unit.rows
+        self._pending.append((unit, rows))
+        self._rows += rows
         if self._rows >= self.max_rows:
             self._wakeup.set()
             # Backpressure: past two batches' worth, intake waits for a commit.
@@ -320,7 +322,7 @@ class LedgerBatcher:
         """
         while True:
             stopping = stop is not None and stop.is_set()
-            if self._units:
+            if self._pending:
                 age = time.monotonic() - self._first_at
                 if self._rows >= self.max_rows or age >= self.max_delay or stopping:
                     break
@@ -331,20 +333,21 @@ class LedgerBatcher:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except asyncio.TimeoutError:
-                if stopping and not self._units:
+                if stopping and not self._pending:
                     return []
         return self._take()
 
     def _take(self) -> list:
         """The oldest units, up to max_rows rows of them (at least one unit); the rest stay, still due."""
         taken = rows = 0
-        for unit in self._units:
-            if taken and rows + unit.rows > self.max_rows:
+        for _, unit_rows in self._pending:
+            if taken and rows + unit_rows > self.max_rows:
                 break
-            rows += unit.rows
+            rows += unit_rows
             taken += 1
-        units, self._units = self._units[:taken], self._units[taken:]
-        self._rows = self._rows - rows if self._units else 0
+        units = [unit for unit, _ in self._pending[:taken]]
+        del self._pending[:taken]
+        self._rows -= rows
         if self._rows < 2 * self.max_rows:
             self._space.set()
         return units
