@@ -5,6 +5,8 @@
     python -m bench w2-signals [-n 10000] [--signals 20]
     python -m bench w3-timers [-n 1000000] [--wait 1-60] [--hold S]
     python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
+    python -m bench w5-actions [-n 20000] [--external 1]
+    python -m bench w6-webhooks [-n 10000] [--delay 20]
     python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
     python -m bench --list
 
@@ -27,7 +29,8 @@ finished and verified.
 The scenarios other than w1 deploy their own workflow per run (bench/workflows/)
 and add their own numbers to the table and the JSON (`metrics`): w2 applied
 signals/s, w3 fire lateness, enrolment rate and worker RSS against waiting
-executions, w4 retries and dead letters (see bench/scenarios.py).
+executions, w4 retries and dead letters, w5 and w6 action steps/s and the
+stages of one action step (see bench/scenarios.py).
 """
 
 from __future__ import annotations
@@ -108,11 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="w4-retries: share of provider calls answered 503 (default 0.05)")
     options.add_argument("--permanent", type=float, default=None,
                          help="w4-retries: share of executions whose calls are answered 400 (default 0.005)")
+    options.add_argument("--external", type=int, choices=(0, 1), default=None,
+                         help="w5-actions: 1 = the noop steps are served by an external action worker "
+                              "(python -m actions.worker) over JetStream (default 0: in-process)")
+    options.add_argument("--delay", type=float, default=None, metavar="MS",
+                         help="w6-webhooks: the provider answers after this many ms (default 20)")
     return parser
 
 
 def scenario_options(args) -> dict:
-    return {name: getattr(args, name) for name in ("signals", "wait", "hold", "transient", "permanent")
+    return {name: getattr(args, name) for name in ("signals", "wait", "hold", "transient", "permanent", "external", "delay")
             if getattr(args, name) is not None}
 
 
@@ -316,6 +324,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         supervisor.start()
         watcher = asyncio.create_task(supervisor.watch())
         await wait_for_workers(pool, run_config, since, workers)
+        await scenario.start_beside_workers(settings)
 
         sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
         sampler.add("generator", lambda: [publisher.pid] if publisher else [])

@@ -19,7 +19,9 @@ It counts what it answered (calls, 200s, 503s, 400s, keys seen) for the report.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 
 import orjson
 
@@ -43,8 +45,11 @@ def fails_transiently(key: str, call: int, share: float) -> bool:
 class Provider:
     """An aiohttp server in the caller's event loop: `await start()`, `url`, `await stop()`."""
 
-    def __init__(self, *, transient: float = 0.05, permanent: float = 0.005, max_transient: int = 2):
+    def __init__(self, *, transient: float = 0.05, permanent: float = 0.005, max_transient: int = 2,
+                 delay_ms: float = 0.0):
         self.transient = transient
+        #: Every answer waits this long first: what a real API's round trip costs the caller.
+        self.delay_ms = delay_ms
         self.permanent = permanent
         self.max_transient = max_transient
         self.calls = 0
@@ -59,6 +64,8 @@ class Provider:
         self.duplicate_successes = 0
         self._runner = None
         self.port = None
+        self._cpu_started = 0.0
+        self._wall_started = 0.0
 
     @property
     def url(self) -> str:
@@ -75,6 +82,7 @@ class Provider:
         site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
+        self._cpu_started, self._wall_started = time.process_time(), time.monotonic()
         return self
 
     async def stop(self) -> None:
@@ -95,6 +103,8 @@ class Provider:
             return web.Response(status=422, text="a JSON body with event_id is required")
         call = self._per_key.get(key, 0)
         self._per_key[key] = call + 1
+        if self.delay_ms:
+            await asyncio.sleep(self.delay_ms / 1000.0)
         if fails_permanently(event_id, self.permanent):
             self.permanent_failures += 1
             return web.Response(status=400, body=b'{"error":"invalid recipient"}', content_type="application/json")
@@ -112,4 +122,10 @@ class Provider:
     def stats(self) -> dict:
         return {"calls": self.calls, "ok": self.ok, "transient_503": self.transient_failures,
                 "permanent_400": self.permanent_failures, "bad_requests": self.bad_requests,
-                "keys": len(self._per_key), "duplicate_successes": self.duplicate_successes}
+                "keys": len(self._per_key), "duplicate_successes": self.duplicate_successes,
+                "process_cpu_percent": self.cpu_percent()}
+
+    def cpu_percent(self) -> float:
+        """CPU of the process it runs in (the bench's: the provider and the bench's polling) since start."""
+        wall = time.monotonic() - self._wall_started
+        return 100.0 * (time.process_time() - self._cpu_started) / wall if self._wall_started and wall > 0 else 0.0

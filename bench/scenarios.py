@@ -20,6 +20,10 @@ checks (`verify`) and their own numbers (`measure`):
               against the number of waiting executions
   w4-retries  N executions each call a flaky local HTTP provider through the
               webhook action; throughput, retries, dead letters as expected
+  w5-actions  N executions of five `noop` action steps (in-process, or served
+              by an external action worker with --external 1); action steps/s
+  w6-webhooks N executions of three webhook calls to a local provider that
+              answers after --delay ms; calls/s and the provider's CPU
 """
 
 from __future__ import annotations
@@ -193,6 +197,10 @@ class Scenario:
 
     async def start(self) -> None:
         """Servers the run needs in the bench process (w4's provider); before deploying."""
+
+    async def start_beside_workers(self, env: dict) -> None:
+        """Processes the run needs once the workers are up (w5's external action worker); `env` names
+        the run's servers and prefix."""
 
     async def stop(self) -> None:
         pass
@@ -716,8 +724,157 @@ class Retries(Scenario):
         ]
 
 
+# -- w5/w6: action steps -------------------------------------------------------------------
+# Per execution of N action steps: `started` at seq 1, step k's `action_requested` at
+# seq 2k and its `action_completed` at 2k + 1, `completed` at 2N + 2, nothing else.
+_ACTIONS_VERIFY = """
+WITH e AS (
+    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+), t AS (
+    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
+           count(*) FILTER (WHERE tr.kind = 'started' AND tr.seq = 1) AS started,
+           count(*) FILTER (WHERE tr.kind = 'action_requested' AND tr.seq % 2 = 0 AND tr.seq <= 2 * $3) AS requested,
+           count(*) FILTER (WHERE tr.kind = 'action_completed' AND tr.seq % 2 = 1 AND tr.seq > 1
+                                  AND tr.seq <= 2 * $3 + 1) AS completed_actions,
+           count(*) FILTER (WHERE tr.kind = 'completed' AND tr.seq = 2 * $3 + 2) AS completed
+    FROM ordo.transitions tr JOIN e USING (execution_id)
+    GROUP BY tr.execution_id
+)
+SELECT count(*) AS executions,
+       count(*) FILTER (WHERE e.status = 'completed') AS completed,
+       count(*) FILTER (WHERE t.n = 2 * $3 + 2 AND t.hi = 2 * $3 + 2 AND e.seq = 2 * $3 + 2 AND t.started = 1
+                        AND t.requested = $3 AND t.completed_actions = $3 AND t.completed = 1) AS expected_history
+FROM e LEFT JOIN t USING (execution_id)
+"""
+
+
+class ActionSteps(Scenario):
+    """N executions of five `noop` action steps, each result durably recorded before the next step runs.
+
+    The same shape as a DBOS step or a Restate `ctx.run`: what an action step
+    costs the engine when the action itself costs nothing. With --external 1
+    the steps call `bench.noop` instead, which no worker runs in-process: an
+    external action worker (`python -m actions.worker --module bench.noop_action`,
+    started by the bench) takes the requests from JetStream and publishes the
+    results back.
+    """
+
+    name = "w5-actions"
+    description = "five in-process noop action steps per execution (--external 1: served by actions.worker)"
+    workflow_file = "w5-actions.json"
+    steps = 5
+    step_kind = "action_completed"
+    default_count = 20_000
+    defaults = {"external": 0}
+    median_fields = ("actions_per_s",)
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self.action_worker = None
+
+    @property
+    def external(self) -> bool:
+        return bool(int(self.options["external"]))
+
+    def shape(self, definition: dict) -> dict:
+        if self.external:
+            for step in definition["steps"]:
+                step["action"] = "bench.noop"
+        return definition
+
+    async def start_beside_workers(self, env: dict) -> None:
+        """With --external: the action worker that serves `bench.noop`, on the run's NATS and prefix."""
+        if not self.external:
+            return
+        import os
+        import sys
+
+        self.action_worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "actions.worker", "--module", "bench.noop_action", "--concurrency", "1024",
+            env={**os.environ, **env})
+
+    async def stop(self) -> None:
+        if self.action_worker is not None and self.action_worker.returncode is None:
+            self.action_worker.terminate()
+            try:
+                await asyncio.wait_for(self.action_worker.wait(), 30)
+            except asyncio.TimeoutError:
+                self.action_worker.kill()
+
+    def timeout(self, expected: int) -> float:
+        return max(180.0, expected / 50.0)
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
+        r = await conn.fetchrow(_ACTIONS_VERIFY, self.tenant, run_id, self.steps)
+        checks = Checks(expected)
+        checks.add("executions", r["executions"], expected)
+        checks.add("completed", r["completed"], expected)
+        checks.add("expected_history", r["expected_history"], expected)
+        return checks
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        seconds = run.seconds
+        actions = self.steps * run.verification.get("completed", 0)
+        return {"actions": actions, "actions_per_s": actions / seconds if seconds else 0.0,
+                "external": self.external}
+
+    def summary(self, m: dict) -> list[str]:
+        where = "an external action worker" if m["external"] else "in-process"
+        return [f"  actions      {m['actions']:,} action steps ({where}): {m['actions_per_s']:,.0f} action steps/s"]
+
+
+class Webhooks(ActionSteps):
+    """N executions of three `webhook` steps against the bench's local provider, which answers after --delay ms.
+
+    What real HTTP actions cost: the provider never fails; it runs in the
+    bench process, whose CPU is reported beside the workers'.
+    """
+
+    name = "w6-webhooks"
+    description = "three webhook calls per execution to a local provider answering after --delay ms (20)"
+    workflow_file = "w6-webhooks.json"
+    steps = 3
+    default_count = 10_000
+    defaults = {"delay": 20.0}
+    median_fields = ("actions_per_s", "provider_process_cpu_percent")
+
+    @property
+    def external(self) -> bool:
+        return False
+
+    async def start(self) -> None:
+        from .provider import Provider
+
+        self.provider = await Provider(transient=0.0, permanent=0.0, delay_ms=float(self.options["delay"])).start()
+
+    async def stop(self) -> None:
+        if getattr(self, "provider", None) is not None:
+            await self.provider.stop()
+
+    def shape(self, definition: dict) -> dict:
+        for step in definition["steps"]:
+            step["input"]["url"] = self.provider.url
+        return definition
+
+    def worker_env(self) -> dict:
+        return {"ORDO_WEBHOOK_ALLOW": "127.0.0.0/8"}
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        m = await super().measure(pool, run, done)
+        stats = self.provider.stats()
+        m.update(calls=stats["calls"], duplicate_calls=stats["calls"] - stats["keys"],
+                 provider_process_cpu_percent=stats["process_cpu_percent"], delay_ms=float(self.options["delay"]))
+        return m
+
+    def summary(self, m: dict) -> list[str]:
+        return [f"  webhooks     {m['actions']:,} webhook steps: {m['actions_per_s']:,.0f} calls/s "
+                f"(provider answers after {m['delay_ms']:g} ms; {m['calls']:,} calls, "
+                f"{m['duplicate_calls']:,} repeated), bench process CPU {m['provider_process_cpu_percent']:.0f}%"]
+
+
 #: Every scenario by name; `python -m bench --list` prints them.
-SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (LinearFive, Signals, Timers, Retries)}
+SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (LinearFive, Signals, Timers, Retries,
+                                                                          ActionSteps, Webhooks)}
 
 
 def get(name: str, options: dict | None = None) -> Scenario:

@@ -254,7 +254,8 @@ async def test_list_and_unknown_scenario():
                                                 stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     assert proc.returncode == 0 and out.decode().startswith("w1 ")
-    assert [line.split()[0] for line in out.decode().splitlines()] == ["w1", "w2-signals", "w3-timers", "w4-retries"]
+    assert [line.split()[0] for line in out.decode().splitlines()] == ["w1", "w2-signals", "w3-timers", "w4-retries",
+                                                                          "w5-actions", "w6-webhooks"]
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "nope", cwd=ROOT,
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
