@@ -47,7 +47,9 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
           max_context_bytes: int = Config.max_context_bytes) -> Unit | None:
     """The unit this message commits; None when it is a redelivery of a committed one."""
     unit = Unit(source)
-    is_timer = source.reply is None
+    is_timer = source.kind == "timer"
+    # A stream message has a position; a timer fire or a local action result does not.
+    from_stream = source.kind == "message"
     if record is None:
         if is_timer:
             unit.stale_timers.append((source.key, source.timer_id))
@@ -62,7 +64,7 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         else:
             unit.dead_letter("unreadable_execution", f"execution {record.execution_id} cannot be read: {record.error}")
         return unit
-    if not is_timer and source.stream_seq <= record.last_stream_seq:
+    if from_stream and source.stream_seq <= record.last_stream_seq:
         return None  # committed before: a redelivery, nothing to apply
     state = record.state
     kind = doc["kind"]
@@ -104,11 +106,11 @@ def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: date
         if is_timer:
             unit.stale_timers.append((source.key, source.timer_id))
         return unit
-    if is_timer:
-        unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
-    else:
+    if from_stream:
         record.last_stream_seq = source.stream_seq
         unit.changes.append(record.change(transitions, now, effects, source.stream_seq, max_context_bytes))
+    else:
+        unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
     return unit
 
 

@@ -13,8 +13,11 @@ JetStream rather than in memory with its deadlines running. A call still
 queued when its deadline passes is not made at all: its step's deadline timer
 has retried it (or will), and a late call would only be a duplicate. Any other
 action is requested on `<prefix>.actions.<name>.v<major>` for external action
-workers. Either way the result comes back as an `action_result` message on the
-execution's subject, ordered with the execution's other messages.
+workers, whose results come back as `action_result` messages on the
+execution's subject, ordered with the execution's other messages. An
+in-process result is offered to the worker first (`apply_locally`, see
+daemon/local_results.py), which orders it the same way without the trip
+through JetStream; only a result it cannot take is published.
 """
 
 import asyncio
@@ -57,7 +60,7 @@ async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
 
 class Effects:
     def __init__(self, js, topology: Topology, actions=None, *, concurrency: int = 256, backlog: int = 512,
-                 on_call_done=None):
+                 on_call_done=None, apply_locally=None):
         self._js = js
         self._topology = topology
         self._actions = actions  # an actions.contract.ActionRegistry, or None
@@ -65,11 +68,20 @@ class Effects:
         self._running: set = set()
         self.backlog = backlog
         self._on_call_done = on_call_done
+        #: result -> bool: the worker takes an in-process result itself (True) or it is published.
+        self._apply_locally = apply_locally
 
     @property
     def pending(self) -> int:
         """In-process calls queued or running."""
         return len(self._running)
+
+    def runs_here(self, effects: list) -> bool:
+        """Whether these effects ask for an action that runs in this process."""
+        if self._actions is None:
+            return False
+        return any(kind == "action" and self._actions.get(data["action"], data["major"]) is not None
+                   for kind, data in effects)
 
     async def carry_out(self, record_tenant: str, execution_id: str, effects: list) -> None:
         for kind, data in effects:
@@ -95,7 +107,7 @@ class Effects:
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
             await publish_stored(self._js, subject, contract.encode(request), msg_id)
             return
-        task = asyncio.get_running_loop().create_task(self._run_in_process(action, request))
+        task = asyncio.get_running_loop().create_task(self._run_in_process(action, request, time.monotonic()))
         self._running.add(task)
         task.add_done_callback(self._call_done)
         metrics.actions_in_process.set(len(self._running))
@@ -106,12 +118,17 @@ class Effects:
         if self._on_call_done is not None:
             self._on_call_done()
 
-    async def _run_in_process(self, action, request: dict) -> None:
+    async def _run_in_process(self, action, request: dict, requested_at: float) -> None:
         async with self._slots:
             if time.time() * 1000 >= request["deadline"]:
                 metrics.actions_expired_queued.labels(request["action"]).inc()
                 return
+            started = time.monotonic()
             result = await contract.invoke(action, contract.ActionContext.from_request(request, log), request["input"])
+            metrics.action_queued_timings.add(started - requested_at)
+            metrics.action_call_timings.add(time.monotonic() - started)
+        if self._apply_locally is not None and self._apply_locally(result):
+            return
         await self.publish_result(result)
 
     async def publish_result(self, result: dict) -> None:

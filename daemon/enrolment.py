@@ -53,6 +53,7 @@ class BatchPart:
     """
 
     __slots__ = ("delivery", "batch_index", "data", "_left")
+    kind = "trigger_part"
     key = None
     partition = -1
 

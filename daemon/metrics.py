@@ -64,6 +64,20 @@ actions_expired_queued = Counter(
     "In-process action calls not made because their deadline passed while they waited for a slot.",
     ["action"],
 )
+action_stage_seconds = Histogram(
+    "ordo_action_stage_seconds",
+    "The stages of an in-process action step: queued (request committed -> call started), call (started -> "
+    "result), apply (result -> committed, results applied by this worker).",
+    ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                        10, 30),
+)
+resident_executions = Gauge(
+    "ordo_resident_executions", "Executions kept in memory between their messages (waiting for a local result)."
+)
+resident_reads = Counter(
+    "ordo_execution_reads_total", "Executions a dispatch needed, by where they came from (memory or ledger).",
+    ["source"],
+)
 advance_seconds = Histogram(
     "ordo_advance_seconds", "Dispatcher time to advance one execution for one message or timer (all its steps).",
     buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1),
@@ -111,6 +125,10 @@ class Observations:
 
 #: The dispatcher's timings, handed to advance_seconds once per fetched batch.
 advance_timings = Observations(advance_seconds)
+#: The stages of in-process action steps, handed to action_stage_seconds once per committed batch.
+action_queued_timings = Observations(action_stage_seconds.labels("queued"))
+action_call_timings = Observations(action_stage_seconds.labels("call"))
+action_apply_timings = Observations(action_stage_seconds.labels("apply"))
 consumer_lag = Gauge("ordo_consumer_lag", "Messages waiting in JetStream for this worker's consumers.", ["stream"])
 injected_faults = Counter(
     "ordo_injected_faults_total", "Faults injected on purpose by the inject_faults setting (soaks and tests only).",
@@ -124,6 +142,8 @@ exec_applied = exec_messages.labels("applied")
 exec_duplicate = exec_messages.labels("duplicate")
 fetch_triggers_seconds = fetch_seconds.labels("triggers")
 fetch_exec_seconds = fetch_seconds.labels("exec")
+read_resident = resident_reads.labels("memory")
+read_ledger = resident_reads.labels("ledger")
 
 # Every end an execution can reach exports a series from the start, so that the
 # failure rate (failed / finished) reads 0 rather than "no data" before the first failure.

@@ -31,6 +31,8 @@ class Delivery:
     """A message as the pipeline carries it: payload, ack subject, position in the stream."""
 
     __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "key", "partition")
+    #: What kind of work item this is (see daemon/local_results.py for the others): a stream message, acked.
+    kind = "message"
 
     def __init__(self, msg):
         self.subject = msg.subject

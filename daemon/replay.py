@@ -157,9 +157,9 @@ def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
                                                   "output": d.get("output")}, seq, at_ms))
         elif kind == "action_failed":
             error = d.get("error") or {}
-            # A timeout is a timer's doing: its detail names the timer (older histories: a timeout
-            # code on a transition that no stream message caused).
-            if "timer_id" in d or (t["source_seq"] is None and error.get("code") == "timeout"):
+            # A timeout is a timer's doing: its detail names the timer. (No stream position says
+            # it: the results of in-process actions are applied without one too.)
+            if "timer_id" in d:
                 inputs.append(Input("timer", None, seq, at_ms))
             else:
                 inputs.append(Input("action_result", {"step_id": step_id, "attempt": d.get("attempt"), "ok": False,

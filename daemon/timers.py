@@ -23,6 +23,7 @@ class TimerFire:
     """A due timer travelling through the pipeline in place of a JetStream message."""
 
     __slots__ = ("key", "timer_id", "fire_at_ms", "timer_partition")
+    kind = "timer"
     subject = "timer"
     stream = "ordo.timers"
     stream_seq = 0
@@ -88,6 +89,8 @@ class DueTimers:
         heap = self._heap
         while heap and heap[0][0] <= now_ms and len(fires) < limit:
             fire_at_ms, execution_id, timer_id, partition = heapq.heappop(heap)
+            if (execution_id, timer_id) not in self._known:
+                continue  # cancelled: a commit replaced or dropped it
             if partition not in self.partitions:
                 self._known.discard((execution_id, timer_id))
                 continue
@@ -102,6 +105,15 @@ class DueTimers:
             self._known.discard((fire.key, fire.timer_id))
             return
         heapq.heappush(self._heap, (fire_at_ms, fire.key, fire.timer_id, fire.timer_partition))
+
+    def cancel(self, execution_id: str, timer_id: str) -> None:
+        """A committed change replaced or dropped this timer's row: it must not fire from here.
+
+        (It stays in the heap until its time and is skipped then. Without this,
+        every action step's deadline timer fired long after its result, only to
+        be found stale: a ledger read and a commit for nothing.)
+        """
+        self._known.discard((execution_id, timer_id))
 
     def done(self, fire: TimerFire) -> None:
         """The fire has committed (or was stale): a later load may not bring it back."""

@@ -10,7 +10,11 @@
 A new execution needs no hop through JetStream: its first steps run where its
 trigger is consumed, and a duplicate trigger loses on the ledger's primary key.
 Messages addressed to an existing execution pass through the ordering ring, so
-that at most one of an execution's messages is between fetch and commit.
+that at most one of an execution's messages is between fetch and commit. So
+do the results of in-process actions, which need no hop either: the worker
+that ran the action owns the execution and applies the result itself
+(daemon/local_results.py), on the state it kept since the request committed
+(daemon/resident.py) rather than on a fresh ledger read.
 
 Memory is bounded: a fetch waits while `max_ack_pending` messages are in
 flight (each event of a trigger batch counts as one), a pull delivers at most
@@ -31,6 +35,7 @@ import nats
 import nats.errors
 
 from hotpath import OrderingRing
+from hotpath.dispatcher import WAIT_ACTION
 from hotpath.envelope import BadMessage, decode_exec
 from ledger import executions, workflows
 from ledger.batcher import CONNECTION_ERRORS, Fenced, LedgerBatcher, Unit
@@ -40,13 +45,14 @@ from . import advance, enrolment, faults, logs, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
 from .effects import Effects, publish_stored
-from .enrolment import BatchPart
+from .local_results import LocalResult
 from .ownership import Ownership
 from .progress import PartitionProgress
+from .resident import ResidentExecutions
 from .pull import Delivery, PullConsumer
 from .servers import check_nats_server
 from .timers import DueTimers
-from .topology import Topology
+from .topology import Topology, partition_of
 
 log = logging.getLogger("ordo.worker")
 
@@ -86,6 +92,11 @@ class Worker:
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.timers = DueTimers(horizon_s=config.timer_horizon_s)
+        #: A timer a commit sets is held in memory from the commit only if it falls due within this;
+        #: the timer loop's loads bring in the rest.
+        self._timers_from_commits_ms = min(2 * config.timer_load_interval_ms, self.timers.horizon_ms)
+        #: Executions waiting for an in-process action's result, kept between their messages.
+        self.resident = ResidentExecutions()
         self._actions = actions
         self.effects: Effects | None = None
         self.progress: dict[int, PartitionProgress] = {}
@@ -134,7 +145,7 @@ class Worker:
             self._actions = _in_process_actions(self.config)
         self.effects = Effects(self._js, self.topology, self._actions, concurrency=self.config.action_concurrency,
                                backlog=2 * self.config.action_concurrency,
-                               on_call_done=self._action_call_done)
+                               on_call_done=self._action_call_done, apply_locally=self._take_local_result)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
         self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=4,
@@ -318,6 +329,7 @@ class Worker:
         self._closing.add(p)
         self._unstarted.pop(p, None)
         self.timers.disown(p)
+        self.resident.drop_partition(p)
 
     async def _release_partition(self, p: int) -> None:
         """Above the fair share: stop fetching, let what is in flight settle, then give it back."""
@@ -333,6 +345,7 @@ class Worker:
             await self.ownership.release(conn, p)
         self.batcher.epochs.pop(p, None)
         self.progress.pop(p, None)
+        self.resident.drop_partition(p)  # what settled after it stopped
         self._closing.discard(p)
         self._releasing.discard(p)
         log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
@@ -474,6 +487,29 @@ class Worker:
                 raise RuntimeError("ordering ring overflow: more messages fetched than the ring was sized for")
         self._ring_ready.set()
 
+    def _owns(self, partition: int) -> bool:
+        """Whether this worker owns the partition and keeps applying its messages."""
+        return partition in self.ownership.owned and partition not in self._closing
+
+    def _take_local_result(self, result: dict) -> bool:
+        """Apply an in-process action's result here (True), or leave it to be published (False).
+
+        Only while this worker owns the execution's partition and is not
+        draining: otherwise the owner (or the next one) must get it, through
+        the execution's subject. The ring is sized for what fetch brings in;
+        a result that finds it full is published too.
+        """
+        if self.stopping.is_set():
+            return False
+        if not self._owns(partition_of(result["execution_id"], self.config.partitions)):
+            return False
+        source = LocalResult(result)
+        if not self.ring.push(source.key, (source, result)):
+            return False
+        self._in_flight += 1  # settled like a message: memory stays bounded by the same window
+        self._ring_ready.set()
+        return True
+
     async def _timer_loop(self) -> None:
         """Load the owned partitions' near-term timers and hand due ones to the ring."""
         next_load = 0
@@ -508,8 +544,18 @@ class Worker:
 
     async def _dispatch(self, items: list) -> None:
         """Apply (source, decoded message) pairs, each holding its execution's ring key, on one load."""
-        keys = list({source.key for source, _ in items})
-        records = await self._on_pool(lambda conn: executions.load(conn, keys), "load")
+        records = {}
+        unread = []
+        for key in {source.key for source, _ in items}:
+            record = self.resident.take(key)
+            if record is None:
+                unread.append(key)
+            else:
+                records[key] = record
+        metrics.read_resident.inc(len(records))
+        if unread:
+            metrics.read_ledger.inc(len(unread))
+            records.update(await self._on_pool(lambda conn: executions.load(conn, unread), "load"))
         now, now_ms = _now(), self.clock_ms()
         for source, doc in items:
             unit = advance.apply(self.registry, records.get(source.key), source, doc, now, now_ms,
@@ -576,19 +622,26 @@ class Worker:
                     finished[change.status] = finished.get(change.status, 0) + 1
                     if change.trigger_ts_ms is not None:
                         ended.append(max(0.0, now_ms - change.trigger_ts_ms) / 1000.0)
+                if change.replaced_timer is not None:
+                    self.timers.cancel(change.execution_id, change.replaced_timer)
                 if change.timer is not None:
                     fire_at_ms = int(change.timer[1].timestamp() * 1000)
-                    # Only the near term lives in memory; the timer loop loads the rest when it comes due.
-                    if fire_at_ms <= self.clock_ms() + self.timers.horizon_ms:
+                    # Only what falls due before the timer loop's next loads is held from here; the
+                    # loop brings the rest in from the ledger, if the row is still there by then (an
+                    # action step's deadline timer usually is not: its result replaced it).
+                    if fire_at_ms <= self.clock_ms() + self._timers_from_commits_ms:
                         self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
                 if change.after_commit:
+                    # Kept before the call starts: its result may be dispatched as soon as this unit settles.
+                    self._keep_resident(change)
                     await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
-            if type(source) is BatchPart:  # an event of a trigger batch: the message is acked after its last
+            kind = source.kind
+            if kind == "trigger_part":  # an event of a trigger batch: the message is acked after its last
                 self._release(1)
                 if source.settle():
                     replies.append((source.delivery.reply, b"+ACK"))
                 continue
-            if source.reply is None:  # a timer fire: its row went with the commit
+            if kind == "timer":  # its row went with the commit
                 if unit.retry_timer_after_ms:
                     self._defer_timer(source, unit.retry_timer_after_ms)
                 else:
@@ -599,6 +652,9 @@ class Worker:
                             extra=logs.execution(source.key, reason="stale_state"))
                 redo.append(source)  # it keeps its ring key: nothing younger of the execution can overtake it
                 continue
+            elif kind == "local_result":  # nothing to ack: it was never in a stream
+                metrics.action_apply_timings.add(time.monotonic() - source.result_at)
+                self._release(1)
             else:
                 if first_ack is None:
                     first_ack = time.monotonic()
@@ -618,6 +674,19 @@ class Worker:
         for status, count in finished.items():
             metrics.executions_finished.labels(status).inc(count)
         metrics.observe_all(metrics.end_to_end_seconds, ended)
+        metrics.action_queued_timings.flush()
+        metrics.action_call_timings.flush()
+        metrics.action_apply_timings.flush()
+        metrics.resident_executions.set(len(self.resident))
+
+    def _keep_resident(self, change) -> None:
+        """Keep a committed execution in memory while it waits for an action that runs here."""
+        record = change.record
+        if (record is None or record.state.waiting != WAIT_ACTION or not self._owns(change.partition)
+                or not self.effects.runs_here(change.after_commit)):
+            return
+        record.committed(change)
+        self.resident.keep(record)
 
     async def _apply_again(self, deliveries: list) -> None:
         """Dispatch messages whose units were stale once more, on the executions' committed state.

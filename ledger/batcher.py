@@ -54,6 +54,7 @@ EXEC_COLUMNS = (
 )
 TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail", "source_seq")
 _STATUS = EXEC_COLUMNS.index("status")
+_CONTEXT = EXEC_COLUMNS.index("context")
 
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_exec
@@ -175,6 +176,8 @@ class ExecutionChange:
     #: step_id) or drop, and dead letters (a step that failed for good).
     timer: tuple | None = None
     drop_timer: bool = False
+    #: The id of the stored timer this change replaces or drops (None: it keeps it, or had none).
+    replaced_timer: str | None = None
     wait: tuple | None = None
     drop_wait: bool = False
     letters: list = field(default_factory=list)
@@ -184,6 +187,9 @@ class ExecutionChange:
     trigger_ts_ms: float | None = None
     #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
     duplicate: bool = False
+    #: The in-memory record this change was computed on (ledger.executions.ExecutionRecord),
+    #: for a worker that keeps it for the execution's next message once the change commits.
+    record: object = None
 
     @property
     def is_new(self) -> bool:
@@ -192,6 +198,10 @@ class ExecutionChange:
     @property
     def status(self) -> str:
         return self.row[_STATUS]
+
+    @property
+    def context_json(self) -> str:
+        return self.row[_CONTEXT]
 
 
 @dataclass(slots=True)

@@ -98,7 +98,18 @@ class ExecutionRecord:
         # left (cleared, or it fired); a set_timer replaces it in place.
         if change.timer is None and self.loaded_timer is not None and state.timer is None:
             change.drop_timer = True
+        if self.loaded_timer is not None and state.timer != self.loaded_timer:
+            change.replaced_timer = self.loaded_timer
         return change
+
+    def committed(self, change: ExecutionChange) -> None:
+        """`change` (computed on this record) has committed: the record now stands for the stored row.
+
+        A worker may keep it and advance it again without reading the row back.
+        """
+        self.loaded_seq = self.state.seq
+        self.loaded_timer = self.state.timer
+        self.loaded_context = change.context_json
 
     def _change(self, context: str, rows: list) -> ExecutionChange:
         state = self.state
@@ -111,7 +122,8 @@ class ExecutionRecord:
             (self.event_json or _json(state.event)) if is_new else "{}",
             self.created_at, _json(runtime_of(state)),
         )
-        change = ExecutionChange(self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED)
+        change = ExecutionChange(self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED,
+                                 record=self)
         if change.finished:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
@@ -153,6 +165,7 @@ class ExecutionRecord:
         ]
         change = self._change(self.loaded_context, rows)
         change.drop_timer = self.loaded_timer is not None
+        change.replaced_timer = self.loaded_timer
         change.drop_wait = True
         change.letters.append(DeadLetter(
             reason="context_too_large", error=error, subject="", stream="", stream_seq=seq,

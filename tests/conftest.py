@@ -121,6 +121,16 @@ async def nats(nats_server_url):
     await nc.close()
 
 
+@pytest.fixture
+async def target():
+    """A local HTTP endpoint (harness.Target) that records every call: the webhook action's third party."""
+    from harness import Target
+
+    t = await Target().start()
+    yield t
+    await t.stop()
+
+
 # -- both hot-path implementations -------------------------------------------------
 @pytest.fixture(scope="module", params=hotpath.implementations(), ids=["compiled", "pure"])
 def impl(request):

@@ -30,54 +30,6 @@ class Clock:
         self.offset_ms += ms
 
 
-class Target:
-    """A local HTTP endpoint that records every call and answers from a script."""
-
-    def __init__(self):
-        self.calls: list[dict] = []
-        self.script: dict[str, list[int]] = {}
-        #: Seconds each call to a name takes before it is answered.
-        self.delay: dict[str, float] = {}
-        self.runner = None
-        self.port = None
-
-    async def start(self):
-        app = web.Application()
-        app.router.add_route("*", "/{name}", self._handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, request):
-        name = request.match_info["name"]
-        body = await request.read()
-        self.calls.append({"name": name, "key": request.headers.get("Idempotency-Key"),
-                           "body": orjson.loads(body) if body else None, "at": time.monotonic()})
-        await asyncio.sleep(self.delay.get(name, 0))
-        statuses = self.script.get(name) or [200]
-        status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
-        return web.json_response({"ok": status < 300, "n": len(self.calls)}, status=status)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-    def named(self, name: str) -> list[dict]:
-        return [c for c in self.calls if c["name"] == name]
-
-    async def stop(self):
-        await self.runner.cleanup()
-
-
-@pytest.fixture
-async def target():
-    t = await Target().start()
-    yield t
-    await t.stop()
-
-
 def engine(nats_server_url, pg_dsn, prefix):
     # Loopback is refused by the webhook's SSRF guard unless allowed: the test target lives there.
     return Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8")
