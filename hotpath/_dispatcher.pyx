@@ -8,7 +8,8 @@ C-int operator. The run loop keeps pc/seq/step counts in C locals and writes
 them back to the state when it stops (also when it raises); the steps that
 park the execution (action, wait, wait_for_event) and the event handlers work
 on the state directly, as the pure twin does, since they run once per wait.
-The module docstring of `hotpath.dispatcher` lists the event kinds and effects.
+The module docstring of `hotpath.dispatcher` lists the event kinds and effects;
+their words and every message text come from `hotpath.vocabulary`, as the twin's do.
 """
 
 from cpython.dict cimport PyDict_Check
@@ -17,12 +18,11 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
+from hotpath import vocabulary
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
     TEMPLATE_ERRORS,
-    TEMPLATE_MISSING_FIELD,
-    TEMPLATE_VALUE_TOO_LARGE,
     ActionStep,
     EmitStep,
     EndStep,
@@ -38,6 +38,29 @@ from hotpath.definition import (
     template_text,
 )
 from hotpath.durations import parse_instant, retry_delay_ms
+from hotpath.vocabulary import (
+    NOT_FAILED_AT_ACTION,
+    MissingField,
+    TemplateError,
+    ValueTooLarge,
+    action_timed_out,
+    already_started,
+    bad_action_result,
+    bad_event,
+    bad_signal,
+    bad_timer,
+    bad_until,
+    no_error_object,
+    pc_outside_steps,
+    program_repr,
+    state_repr,
+    timer_without_wait,
+    too_many_steps,
+    too_many_visits,
+    unknown_event_kind,
+    unknown_step,
+    unknown_template_node,
+)
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
@@ -61,32 +84,55 @@ cdef dict _OPS = {
     "in": OP_IN, "contains": OP_CONTAINS,
 }
 cdef dict _NO_CONTEXT = {}  # the context trigger filters see; conditions never write to it
-EVENT_KINDS = ("start", "signal", "action_result", "timer", "event", "cancel", "retry")
-cdef str WAIT_ACTION = "action"
-cdef str WAIT_RETRY = "retry"
-cdef str WAIT_TIMER = "timer"
-cdef str WAIT_EVENT = "event:"
 # What _lookup returns for a missing field (None is a present null).
 cdef object _MISSING = object()
 
+# The words of `hotpath.vocabulary` as typed C globals: compared and stored without a module lookup.
+cdef str START = vocabulary.START
+cdef str SIGNAL = vocabulary.SIGNAL
+cdef str ACTION_RESULT = vocabulary.ACTION_RESULT
+cdef str TIMER = vocabulary.TIMER
+cdef str EVENT = vocabulary.EVENT
+cdef str CANCEL = vocabulary.CANCEL
+cdef str RETRY = vocabulary.RETRY
 
-class _TemplateError(Exception):
-    """A value template cannot be rendered (caught where the step runs, which then fails)."""
+cdef str RUNNING = vocabulary.RUNNING
+cdef str WAITING = vocabulary.WAITING
+cdef str COMPLETED = vocabulary.COMPLETED
+cdef str FAILED = vocabulary.FAILED
+cdef str CANCELLED = vocabulary.CANCELLED
+cdef str WAIT_ACTION = vocabulary.WAIT_ACTION
+cdef str WAIT_RETRY = vocabulary.WAIT_RETRY
+cdef str WAIT_TIMER = vocabulary.WAIT_TIMER
+cdef str WAIT_EVENT = vocabulary.WAIT_EVENT
 
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+cdef str STARTED = vocabulary.STARTED
+cdef str SET = vocabulary.SET
+cdef str BRANCH = vocabulary.BRANCH
+cdef str GOTO = vocabulary.GOTO
+cdef str EMITTED = vocabulary.EMITTED
+cdef str ACTION_REQUESTED = vocabulary.ACTION_REQUESTED
+cdef str ACTION_COMPLETED = vocabulary.ACTION_COMPLETED
+cdef str ACTION_FAILED = vocabulary.ACTION_FAILED
+cdef str LATE_RESULT = vocabulary.LATE_RESULT
+cdef str TIMER_FIRED = vocabulary.TIMER_FIRED
+cdef str TIMED_OUT = vocabulary.TIMED_OUT
+cdef str EVENT_RECEIVED = vocabulary.EVENT_RECEIVED
+cdef str RETRIED = vocabulary.RETRIED
+cdef str STEP_FAILED = vocabulary.STEP_FAILED
 
-
-class _MissingField(_TemplateError):
-    def __init__(self, text):
-        super().__init__(TEMPLATE_MISSING_FIELD, f"{text} names a missing field")
-
-
-class _ValueTooLarge(_TemplateError):
-    def __init__(self, text, what):
-        super().__init__(TEMPLATE_VALUE_TOO_LARGE, f"{text} renders {what}")
+cdef str EFFECT_ACTION = vocabulary.EFFECT_ACTION
+cdef str EFFECT_SET_TIMER = vocabulary.EFFECT_SET_TIMER
+cdef str EFFECT_CLEAR_TIMER = vocabulary.EFFECT_CLEAR_TIMER
+cdef str EFFECT_WAIT_EVENT = vocabulary.EFFECT_WAIT_EVENT
+cdef str EFFECT_CLEAR_WAIT = vocabulary.EFFECT_CLEAR_WAIT
+cdef str EFFECT_EMIT = vocabulary.EFFECT_EMIT
+cdef str EFFECT_DEAD_LETTER = vocabulary.EFFECT_DEAD_LETTER
+cdef str PURPOSE_ACTION_TIMEOUT = vocabulary.PURPOSE_ACTION_TIMEOUT
+cdef str PURPOSE_RETRY = vocabulary.PURPOSE_RETRY
+cdef str PURPOSE_WAIT = vocabulary.PURPOSE_WAIT
+cdef str PURPOSE_EVENT_TIMEOUT = vocabulary.PURPOSE_EVENT_TIMEOUT
+cdef str REASON_STEP_FAILED = vocabulary.REASON_STEP_FAILED
 
 
 # -- templates -----------------------------------------------------------------
@@ -135,7 +181,7 @@ cdef _Template _lower_template(tuple node):
         t.tag = T_LIST
         t.parts = tuple([_lower_template(item) for item in node[1]])
     else:
-        raise TypeError(f"unknown template node {node!r}")
+        raise TypeError(unknown_template_node(node))
     return t
 
 
@@ -178,7 +224,7 @@ cdef object _copy_bounded(object value, Py_ssize_t* budget, _Template t):
     """_copy_json(value), refused past MAX_RENDERED_NODES dicts, lists and values."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise _ValueTooLarge(t.text, f"a value of over {MAX_RENDERED_NODES} nodes")
+        raise ValueTooLarge.nodes(t.text)
     if PyDict_Check(value):
         return {k: _copy_bounded(v, budget, t) for k, v in (<dict>value).items()}
     if PyList_Check(value):
@@ -187,7 +233,7 @@ cdef object _copy_bounded(object value, Py_ssize_t* budget, _Template t):
 
 
 cdef object _render(_Template t, object context, object contact, object event, bint strict):
-    """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
+    """The template's value; a missing field raises MissingField when strict (a value), else is None."""
     cdef Py_ssize_t i, n, budget
     cdef list pieces
     if t.tag == T_LIT:
@@ -196,7 +242,7 @@ cdef object _render(_Template t, object context, object contact, object event, b
         value = _lookup(t, context, contact, event)
         if value is _MISSING:
             if strict:
-                raise _MissingField(t.text)
+                raise MissingField(t.text)
             return None
         if not PyDict_Check(value) and not PyList_Check(value):
             return value
@@ -211,14 +257,14 @@ cdef object _render(_Template t, object context, object contact, object event, b
                 value = _lookup(<_Template>part, context, contact, event)
                 if value is _MISSING:
                     if strict:
-                        raise _MissingField((<_Template>part).text)
+                        raise MissingField((<_Template>part).text)
                     value = None
                 pieces[i] = "" if value is None else str(value)
             else:
                 pieces[i] = part
         text = "".join(pieces)
         if len(text) > MAX_RENDERED_CHARS:
-            raise _ValueTooLarge(t.text, f"{len(text)} characters, over {MAX_RENDERED_CHARS}")
+            raise ValueTooLarge.chars(t.text, len(text))
         return text
     if t.tag == T_DICT:
         result = {}
@@ -419,7 +465,7 @@ cdef _Step _lower_step(object step):
         s.event = step.event
         s.data = _lower_template(step.data)
     else:
-        raise TypeError(f"unknown step {step!r}")
+        raise TypeError(unknown_step(step))
     return s
 
 
@@ -459,7 +505,7 @@ cdef class Program:
         return _holds(self._filter, _NO_CONTEXT, event.get("contact"), event)
 
     def __repr__(self):
-        return f"<Program {self.tenant}/{self.workflow_id} v{self.version} steps={len(self.step_ids)}>"
+        return program_repr(self.tenant, self.workflow_id, self.version, len(self.step_ids))
 
 
 cdef class ExecutionState:
@@ -500,7 +546,7 @@ cdef class ExecutionState:
     cdef public object tenant
     cdef public object effects
 
-    def __init__(self, execution_id, status="running", pc=0, seq=0, context=None, contact=None,
+    def __init__(self, execution_id, status=RUNNING, pc=0, seq=0, context=None, contact=None,
                  event=None, steps=0, waiting=None, attempt=0, timer=None, visits=None, failures=None,
                  tenant="", effects=None):
         self.execution_id = execution_id
@@ -520,7 +566,7 @@ cdef class ExecutionState:
         self.effects = [] if effects is None else effects
 
     def __repr__(self):
-        return f"<ExecutionState {self.execution_id} {self.status} pc={self.pc} seq={self.seq}>"
+        return state_repr(self.execution_id, self.status, self.pc, self.seq)
 
 
 # -- advancing -----------------------------------------------------------------
@@ -528,52 +574,52 @@ def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
     """Apply one event to `state`; return the transitions made (effects go to state.effects)."""
     cdef list out = []
     cdef _Step step
-    if kind == "start":
+    if kind == START:
         if state.seq != 0:
-            raise ValueError(f"execution {state.execution_id} has already started (seq {state.seq})")
+            raise ValueError(already_started(state.execution_id, state.seq))
         state.seq += 1
-        out.append((state.seq, "", "started", {"workflow_id": program.workflow_id, "version": program.version}))
+        out.append((state.seq, "", STARTED, {"workflow_id": program.workflow_id, "version": program.version}))
         _run(program, state, out, now_ms)
-    elif kind == "signal":
+    elif kind == SIGNAL:
         status = state.status
-        if status == "completed" or status == "failed" or status == "cancelled":
+        if status == COMPLETED or status == FAILED or status == CANCELLED:
             return out
         if not PyDict_Check(payload) or not isinstance(payload.get("name"), str):
-            raise ValueError(f"a signal payload needs a 'name' string, got {payload!r}")
+            raise ValueError(bad_signal(payload))
         name = payload["name"]
         data = payload.get("data")
         step = None
-        if status == "waiting":
+        if status == WAITING:
             _check_pc(program, state)
             step = <_Step>program._steps[state.pc]
         state.seq += 1
         # The detail holds a copy: a later set step may write into context[step.id].
-        out.append((state.seq, step.id if step is not None else "", "signal", {"name": name, "data": _copy_json(data)}))
+        out.append((state.seq, step.id if step is not None else "", SIGNAL, {"name": name, "data": _copy_json(data)}))
         if step is not None and step.kind == S_WAIT_FOR_SIGNAL and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
-            state.status = "running"
+            state.status = RUNNING
             state.pc = step.next
             _run(program, state, out, now_ms)
-    elif kind == "action_result":
+    elif kind == ACTION_RESULT:
         _on_action_result(program, state, out, payload, now_ms)
-    elif kind == "timer":
+    elif kind == TIMER:
         _on_timer(program, state, out, payload, now_ms)
-    elif kind == "event":
+    elif kind == EVENT:
         _on_event(program, state, out, payload, now_ms)
-    elif kind == "cancel":
+    elif kind == CANCEL:
         _on_cancel(state, out, payload)
-    elif kind == "retry":
+    elif kind == RETRY:
         _on_retry(program, state, out, now_ms)
     else:
-        raise ValueError(f"unknown event kind {kind!r} (expected one of {', '.join(EVENT_KINDS)})")
+        raise ValueError(unknown_event_kind(kind))
     return out
 
 
 cdef int _check_pc(Program program, ExecutionState state) except -1:
     # A state loaded from elsewhere must not index outside the steps (no bounds checks here).
-    if not 0 <= state.pc <= len(program._steps) or (state.status == "waiting" and state.pc == len(program._steps)):
-        raise ValueError(f"execution {state.execution_id} has pc {state.pc} outside the program's steps")
+    if not 0 <= state.pc <= len(program._steps) or (state.status == WAITING and state.pc == len(program._steps)):
+        raise ValueError(pc_outside_steps(state.execution_id, state.pc))
     return 0
 
 
@@ -585,7 +631,7 @@ cdef inline int _emit(ExecutionState state, list out, object step_id, object kin
 
 cdef _Step _waiting_step(Program program, ExecutionState state, StepKind kind):
     """The step at pc when the execution waits there and it is of `kind`, else None."""
-    if state.status != "waiting":
+    if state.status != WAITING:
         return None
     _check_pc(program, state)
     cdef _Step step = <_Step>program._steps[state.pc]
@@ -597,7 +643,7 @@ cdef inline dict _roots(ExecutionState state):
 
 
 cdef int _resume(Program program, ExecutionState state, list out, Py_ssize_t pc, object now_ms) except -1:
-    state.status = "running"
+    state.status = RUNNING
     state.waiting = None
     state.pc = pc
     return _run(program, state, out, now_ms)
@@ -609,7 +655,7 @@ cdef int _set_timer(ExecutionState state, str step_id, str purpose, object fire_
     timer_id = f"{step_id}:{state.visits.get(step_id, 0)}:{state.attempt}:{purpose}:{state.seq}"
     state.timer = timer_id
     state.effects.append(
-        ("set_timer", {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
+        (EFFECT_SET_TIMER, {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
     )
     return 0
 
@@ -617,7 +663,7 @@ cdef int _set_timer(ExecutionState state, str step_id, str purpose, object fire_
 cdef inline int _clear_timer(ExecutionState state) except -1:
     if state.timer is not None:
         state.timer = None
-        state.effects.append(("clear_timer", None))
+        state.effects.append((EFFECT_CLEAR_TIMER, None))
     return 0
 
 
@@ -628,10 +674,10 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
     """
     try:
         rendered = _render(step.input, state.context, state.contact, state.event, True)
-    except _TemplateError as exc:
+    except TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
-    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
-    state.effects.append(("action", {
+    _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
+    state.effects.append((EFFECT_ACTION, {
         "step_id": step.id,
         "attempt": state.attempt,
         "action": step.action,
@@ -640,15 +686,14 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
         "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
         "timeout_ms": step.timeout_ms,
     }))
-    _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
-    state.status = "waiting"
+    _set_timer(state, step.id, PURPOSE_ACTION_TIMEOUT, now_ms + step.timeout_ms)
+    state.status = WAITING
     state.waiting = WAIT_ACTION
     return False
 
 
 cdef bint _template_failed(Program program, ExecutionState state, list out, _Step step, object exc) except -1:
-    error = {"code": exc.code, "retryable": False, "message": exc.message}
-    return _step_failed(program, state, out, step, error, 1)
+    return _step_failed(program, state, out, step, exc.as_error(), 1)
 
 
 cdef int _on_action_result(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
@@ -658,27 +703,27 @@ cdef int _on_action_result(Program program, ExecutionState state, list out, obje
         or type(payload.get("attempt")) is not int
         or type(payload.get("ok")) is not bool
     ):
-        raise ValueError(f"an action result needs 'step_id', 'attempt' and 'ok', got {payload!r}")
+        raise ValueError(bad_action_result(payload))
     step_id = payload["step_id"]
     attempt = payload["attempt"]
     ok = payload["ok"]
     cdef _Step step = _waiting_step(program, state, S_ACTION)
     if step is None or state.waiting != WAIT_ACTION or step.id != step_id or state.attempt != attempt:
         # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
-        _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
+        _emit(state, out, step_id, LATE_RESULT, {"attempt": attempt, "ok": ok})
         return 0
     if ok:
         output = payload.get("output")
         state.context[step.id] = output
         # The output is an input of the run: replay reads it back from the detail (a copy, see signal).
-        _emit(state, out, step.id, "action_completed", {"attempt": attempt, "output": _copy_json(output)})
+        _emit(state, out, step.id, ACTION_COMPLETED, {"attempt": attempt, "output": _copy_json(output)})
         _clear_timer(state)
         state.attempt = 0
         state.failures = []
         return _resume(program, state, out, step.next, now_ms)
     error = payload.get("error")
     if not PyDict_Check(error):
-        error = {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
+        error = no_error_object(error)
     return _action_failed(program, state, out, step, error, now_ms, None)
 
 
@@ -688,14 +733,14 @@ cdef int _action_failed(Program program, ExecutionState state, list out, _Step s
     detail = {"attempt": attempt, "error": error}
     if timer_id is not None:  # a timeout: the timer that fired, not a result, is the input
         detail["timer_id"] = timer_id
-    _emit(state, out, step.id, "action_failed", detail)
+    _emit(state, out, step.id, ACTION_FAILED, detail)
     state.failures.append({"attempt": attempt, "error": error})
     code = error.get("code")
     if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
         delay = retry_delay_ms(
             state.execution_id, step.id, attempt, step.initial_ms, step.coefficient, step.max_interval_ms, step.jitter
         )
-        _set_timer(state, step.id, "retry", now_ms + delay)  # replaces the action timeout
+        _set_timer(state, step.id, PURPOSE_RETRY, now_ms + delay)  # replaces the action timeout
         state.waiting = WAIT_RETRY
         return 0
     _clear_timer(state)
@@ -706,17 +751,16 @@ cdef int _action_failed(Program program, ExecutionState state, list out, _Step s
 
 cdef int _on_timer(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
     if not PyDict_Check(payload) or not isinstance(payload.get("timer_id"), str):
-        raise ValueError(f"a timer payload needs a 'timer_id' string, got {payload!r}")
+        raise ValueError(bad_timer(payload))
     if state.timer is None or payload["timer_id"] != state.timer:
         return 0  # stale: replaced, cleared, or already fired
     _check_pc(program, state)
-    cdef _Step step = <_Step>program._steps[state.pc] if state.status == "waiting" else None
+    cdef _Step step = <_Step>program._steps[state.pc] if state.status == WAITING else None
     waiting = state.waiting
     timer_id = state.timer
     if step is not None and step.kind == S_ACTION and waiting == WAIT_ACTION:
         state.timer = None
-        error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
-        return _action_failed(program, state, out, step, error, now_ms, timer_id)
+        return _action_failed(program, state, out, step, action_timed_out(step.timeout_text), now_ms, timer_id)
     if step is not None and step.kind == S_ACTION and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
@@ -725,19 +769,19 @@ cdef int _on_timer(Program program, ExecutionState state, list out, object paylo
         return 0
     if step is not None and step.kind == S_WAIT and waiting == WAIT_TIMER:
         state.timer = None
-        _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
+        _emit(state, out, step.id, TIMER_FIRED, {"purpose": PURPOSE_WAIT, "timer_id": timer_id})
         return _resume(program, state, out, step.next, now_ms)
     if step is not None and step.kind == S_WAIT_FOR_EVENT and waiting == step.wait_key:
         state.timer = None
-        _emit(state, out, step.id, "timed_out", {"event": step.event, "timer_id": timer_id})
-        state.effects.append(("clear_wait", None))
+        _emit(state, out, step.id, TIMED_OUT, {"event": step.event, "timer_id": timer_id})
+        state.effects.append((EFFECT_CLEAR_WAIT, None))
         return _resume(program, state, out, step.on_timeout, now_ms)
-    raise ValueError(f"execution {state.execution_id} has timer {state.timer!r} but waits on {waiting!r}")
+    raise ValueError(timer_without_wait(state.execution_id, state.timer, waiting))
 
 
 cdef int _on_event(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
     if not PyDict_Check(payload) or not isinstance(payload.get("type"), str):
-        raise ValueError(f"an event payload needs a 'type' string, got {payload!r}")
+        raise ValueError(bad_event(payload))
     cdef _Step step = _waiting_step(program, state, S_WAIT_FOR_EVENT)
     if step is None or state.waiting != WAIT_EVENT + payload["type"]:
         return 0  # not for us: nothing recorded
@@ -745,23 +789,23 @@ cdef int _on_event(Program program, ExecutionState state, list out, object paylo
         return 0
     data = payload.get("data")
     state.context[step.id] = data
-    _emit(state, out, step.id, "event_received",
+    _emit(state, out, step.id, EVENT_RECEIVED,
           {"event_id": payload.get("event_id"), "type": payload["type"], "data": _copy_json(data)})
-    state.effects.append(("clear_wait", None))
+    state.effects.append((EFFECT_CLEAR_WAIT, None))
     _clear_timer(state)
     return _resume(program, state, out, step.next, now_ms)
 
 
 cdef int _on_cancel(ExecutionState state, list out, object payload) except -1:
     status = state.status
-    if status == "completed" or status == "failed" or status == "cancelled":
+    if status == COMPLETED or status == FAILED or status == CANCELLED:
         return 0
     reason = payload.get("reason") if PyDict_Check(payload) else None
-    _emit(state, out, "", "cancelled", {"reason": reason})
+    _emit(state, out, "", CANCELLED, {"reason": reason})
     _clear_timer(state)
-    if status == "waiting" and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
-        state.effects.append(("clear_wait", None))
-    state.status = "cancelled"
+    if status == WAITING and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
+        state.effects.append((EFFECT_CLEAR_WAIT, None))
+    state.status = CANCELLED
     state.waiting = None
     return 0
 
@@ -769,16 +813,16 @@ cdef int _on_cancel(ExecutionState state, list out, object payload) except -1:
 cdef int _on_retry(Program program, ExecutionState state, list out, object now_ms) except -1:
     cdef tuple steps = program._steps
     if (
-        state.status != "failed"
+        state.status != FAILED
         or not 0 <= state.pc < len(steps)
         or (<_Step>steps[state.pc]).kind != S_ACTION
     ):
-        raise ValueError("execution is not failed at an action step")
+        raise ValueError(NOT_FAILED_AT_ACTION)
     cdef _Step step = <_Step>steps[state.pc]
-    state.status = "running"
+    state.status = RUNNING
     state.attempt = 0
     state.failures = []
-    _emit(state, out, step.id, "retried", None)
+    _emit(state, out, step.id, RETRIED, None)
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
@@ -792,24 +836,24 @@ cdef bint _step_failed(Program program, ExecutionState state, list out, _Step st
 
     True when a branch was taken (the execution is running again at its target).
     """
-    _emit(state, out, step.id, "step_failed", {"error": error, "attempts": attempts})
+    _emit(state, out, step.id, STEP_FAILED, {"error": error, "attempts": attempts})
     cdef Py_ssize_t target = step.on_failure
     if target < 0 and program.on_failure != state.pc:  # a failing failure branch does not re-enter itself
         target = program.on_failure
     if target >= 0:
         state.attempt = 0
         state.failures = []
-        state.status = "running"
+        state.status = RUNNING
         state.waiting = None
         state.pc = target
         return True
-    _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
-    state.status = "failed"
+    _emit(state, out, step.id, FAILED, {"error": error.get("message"), "code": error.get("code")})
+    state.status = FAILED
     state.waiting = None
     code = error.get("code")
     if step.kind == S_ACTION or code in TEMPLATE_ERRORS:
-        state.effects.append(("dead_letter", {
-            "reason": code if code in TEMPLATE_ERRORS else "step_failed",
+        state.effects.append((EFFECT_DEAD_LETTER, {
+            "reason": code if code in TEMPLATE_ERRORS else REASON_STEP_FAILED,
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -829,21 +873,20 @@ cdef bint _park(Program program, ExecutionState state, list out, _Step step, obj
         else:
             try:
                 until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event, True))
-            except _TemplateError as exc:
+            except TemplateError as exc:
                 return _template_failed(program, state, out, step, exc)
             except ValueError as exc:
-                error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
-                return _step_failed(program, state, out, step, error, 1)
-        _emit(state, out, step.id, "waiting", {"until_ms": until_ms})
-        _set_timer(state, step.id, "wait", until_ms)
-        state.status = "waiting"
+                return _step_failed(program, state, out, step, bad_until(exc), 1)
+        _emit(state, out, step.id, WAITING, {"until_ms": until_ms})
+        _set_timer(state, step.id, PURPOSE_WAIT, until_ms)
+        state.status = WAITING
         state.waiting = WAIT_TIMER
         return False
     # S_WAIT_FOR_EVENT
-    _emit(state, out, step.id, "waiting", {"event": step.event})
-    state.effects.append(("wait_event", {"event_type": step.event, "step_id": step.id}))
-    _set_timer(state, step.id, "event_timeout", now_ms + step.timeout_ms)
-    state.status = "waiting"
+    _emit(state, out, step.id, WAITING, {"event": step.event})
+    state.effects.append((EFFECT_WAIT_EVENT, {"event_type": step.event, "step_id": step.id}))
+    _set_timer(state, step.id, PURPOSE_EVENT_TIMEOUT, now_ms + step.timeout_ms)
+    state.status = WAITING
     state.waiting = step.wait_key
     return False
 
@@ -878,7 +921,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
     cdef bint goes_on
     contact = state.contact
     event = state.event
-    if state.status != "running":
+    if state.status != RUNNING:
         return 0
     _check_pc(program, state)
     try:
@@ -887,24 +930,22 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                 while True:
                     if pc == n:
                         seq += 1
-                        out.append((seq, "", "completed", None))
-                        state.status = "completed"
+                        out.append((seq, "", COMPLETED, None))
+                        state.status = COMPLETED
                         _clear_timer(state)
                         return 0
                     step = <_Step>PyTuple_GET_ITEM(steps, pc)
                     if ran == program.max_steps:
                         seq += 1
-                        error = f"loop guard: more than {program.max_steps} steps in one run"
-                        out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
-                        state.status = "failed"
+                        out.append((seq, step.id, FAILED, too_many_steps(program.max_steps)))
+                        state.status = FAILED
                         return 0
                     found = PyDict_GetItemWithError(visits, step.id)
                     visit = 1 if found == NULL else <long long>(<object>found) + 1
                     if visit > program.max_visits:
                         seq += 1
-                        error = f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
-                        out.append((seq, step.id, "failed", {"error": error, "code": "loop_guard"}))
-                        state.status = "failed"
+                        out.append((seq, step.id, FAILED, too_many_visits(step.id, program.max_visits)))
+                        state.status = FAILED
                         return 0
                     visits[step.id] = visit
                     ran += 1
@@ -919,7 +960,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                             else:
                                 _assign(context, path, value)
                         seq += 1
-                        out.append((seq, step.id, "set", None))
+                        out.append((seq, step.id, SET, None))
                         pc = step.next
                     elif step.kind == S_IF:
                         if _holds(step.condition, context, contact, event):
@@ -929,7 +970,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                             pc = step.else_
                             taken = "else"
                         seq += 1
-                        out.append((seq, step.id, "branch", {
+                        out.append((seq, step.id, BRANCH, {
                             "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
                             "taken": taken,
                         }))
@@ -942,17 +983,17 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                                 case = i
                                 break
                         seq += 1
-                        out.append((seq, step.id, "branch", {
+                        out.append((seq, step.id, BRANCH, {
                             "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
                             "case": case,
                         }))
                     elif step.kind == S_GOTO:
                         pc = step.target
                         seq += 1
-                        out.append((seq, step.id, "goto", {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
+                        out.append((seq, step.id, GOTO, {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
                     elif step.kind == S_EMIT:
                         event_id = f"{state.execution_id}:{step.id}:{visit}"
-                        state.effects.append(("emit", {"event": {
+                        state.effects.append((EFFECT_EMIT, {"event": {
                             "v": 1,
                             "event_id": event_id,
                             "tenant": state.tenant,
@@ -962,7 +1003,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                             "ts": now_ms,
                         }}))
                         seq += 1
-                        out.append((seq, step.id, "emitted", {"event_id": event_id, "type": step.event}))
+                        out.append((seq, step.id, EMITTED, {"event_id": event_id, "type": step.event}))
                         pc = step.next
                     elif step.kind == S_END:
                         seq += 1
@@ -972,8 +1013,8 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         return 0
                     elif step.kind == S_WAIT_FOR_SIGNAL:
                         seq += 1
-                        out.append((seq, step.id, "waiting", {"signal": step.signal}))
-                        state.status = "waiting"
+                        out.append((seq, step.id, WAITING, {"signal": step.signal}))
+                        state.status = WAITING
                         state.waiting = step.signal
                         return 0
                     else:  # action, wait, wait_for_event: these work on the state itself
@@ -984,7 +1025,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         seq = state.seq
                         if not goes_on:
                             return 0
-            except _TemplateError as exc:
+            except TemplateError as exc:
                 # A set or emit value names a missing field (_park handles actions and waits).
                 state.pc = pc
                 state.seq = seq

@@ -12,6 +12,8 @@ dropped when it stops, so a key with nothing held leaves no trace.
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.ref cimport PyObject
 
+from hotpath.vocabulary import bad_capacity, ring_repr
+
 cdef extern from "Python.h":
     PyObject* PyDict_GetItemWithError(object d, object key) except? NULL
 
@@ -49,7 +51,7 @@ cdef class OrderingRing:
 
     def __cinit__(self, capacity):
         if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+            raise ValueError(bad_capacity(capacity))
         cdef Py_ssize_t cap = capacity
         cdef Py_ssize_t i
         self._capacity = cap
@@ -220,7 +222,4 @@ cdef class OrderingRing:
         }
 
     def __repr__(self):
-        return (
-            f"<OrderingRing capacity={self._capacity} held={self._held} "
-            f"in_flight={self._in_flight} ready={self._ready_len}>"
-        )
+        return ring_repr(self._capacity, self._held, self._in_flight, self._ready_len)

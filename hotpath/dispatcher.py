@@ -26,6 +26,9 @@ the context, which later steps of the same advance may write into.
 Templates: in a condition a missing field is null; in a value (set, action
 input, emit data, wait until) it fails the step with `template_missing_field`
 (the rules are written down in `hotpath.definition`, next to the template form).
+
+The words of all of these (kinds, statuses, error codes, message texts) are
+kept in `hotpath.vocabulary`, which the compiled twin imports too.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from hotpath.definition import (
     MAX_RENDERED_NODES,
     NO_STEP,
     TEMPLATE_ERRORS,
-    TEMPLATE_MISSING_FIELD,
-    TEMPLATE_VALUE_TOO_LARGE,
     ActionStep,
     EmitStep,
     EndStep,
@@ -52,32 +53,76 @@ from hotpath.definition import (
     template_text,
 )
 from hotpath.durations import parse_instant, retry_delay_ms
+from hotpath.vocabulary import (
+    ACTION_COMPLETED,
+    ACTION_FAILED,
+    ACTION_REQUESTED,
+    ACTION_RESULT,
+    BRANCH,
+    CANCEL,
+    CANCELLED,
+    CLOSED,
+    COMPLETED,
+    EFFECT_ACTION,
+    EFFECT_CLEAR_TIMER,
+    EFFECT_CLEAR_WAIT,
+    EFFECT_DEAD_LETTER,
+    EFFECT_EMIT,
+    EFFECT_SET_TIMER,
+    EFFECT_WAIT_EVENT,
+    EMITTED,
+    EVENT,
+    EVENT_RECEIVED,
+    FAILED,
+    GOTO,
+    LATE_RESULT,
+    NOT_FAILED_AT_ACTION,
+    PURPOSE_ACTION_TIMEOUT,
+    PURPOSE_EVENT_TIMEOUT,
+    PURPOSE_RETRY,
+    PURPOSE_WAIT,
+    REASON_STEP_FAILED,
+    RETRIED,
+    RETRY,
+    RUNNING,
+    SET,
+    SIGNAL,
+    START,
+    STARTED,
+    STEP_FAILED,
+    TIMED_OUT,
+    TIMER,
+    TIMER_FIRED,
+    WAIT_ACTION,
+    WAIT_EVENT,
+    WAIT_RETRY,
+    WAIT_TIMER,
+    WAITING,
+    MissingField,
+    TemplateError,
+    ValueTooLarge,
+    action_timed_out,
+    already_started,
+    bad_action_result,
+    bad_event,
+    bad_signal,
+    bad_timer,
+    bad_until,
+    no_error_object,
+    pc_outside_steps,
+    program_repr,
+    state_repr,
+    timer_without_wait,
+    too_many_steps,
+    too_many_visits,
+    unknown_condition,
+    unknown_event_kind,
+    unknown_step,
+    unknown_template_node,
+)
 
-CLOSED = ("completed", "failed", "cancelled")
-EVENT_KINDS = ("start", "signal", "action_result", "timer", "event", "cancel", "retry")
-# What a waiting execution waits for (state.waiting), besides a signal's name.
-WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "event:"
 # What lookup() returns for a missing field (None is a present null).
 _MISSING = object()
-
-
-class _TemplateError(Exception):
-    """A value template cannot be rendered (caught where the step runs, which then fails)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _MissingField(_TemplateError):
-    def __init__(self, text: str):
-        super().__init__(TEMPLATE_MISSING_FIELD, f"{text} names a missing field")
-
-
-class _ValueTooLarge(_TemplateError):
-    def __init__(self, text: str, what: str):
-        super().__init__(TEMPLATE_VALUE_TOO_LARGE, f"{text} renders {what}")
 
 
 class Program:
@@ -110,7 +155,7 @@ class Program:
         return holds(self._filter, {"context": {}, "contact": event.get("contact"), "event": event})
 
     def __repr__(self) -> str:
-        return f"<Program {self.tenant}/{self.workflow_id} v{self.version} steps={len(self.step_ids)}>"
+        return program_repr(self.tenant, self.workflow_id, self.version, len(self.step_ids))
 
 
 class ExecutionState:
@@ -143,7 +188,7 @@ class ExecutionState:
     def __init__(
         self,
         execution_id: str,
-        status: str = "running",
+        status: str = RUNNING,
         pc: int = 0,
         seq: int = 0,
         context: dict | None = None,
@@ -175,58 +220,58 @@ class ExecutionState:
         self.effects = [] if effects is None else effects
 
     def __repr__(self) -> str:
-        return f"<ExecutionState {self.execution_id} {self.status} pc={self.pc} seq={self.seq}>"
+        return state_repr(self.execution_id, self.status, self.pc, self.seq)
 
 
 # -- advancing -----------------------------------------------------------------
 def advance(program: Program, state: ExecutionState, kind: str, payload, now_ms: int = 0) -> list:
     """Apply one event to `state`; return the transitions made (effects go to state.effects)."""
     out: list = []
-    if kind == "start":
+    if kind == START:
         if state.seq != 0:
-            raise ValueError(f"execution {state.execution_id} has already started (seq {state.seq})")
-        _emit(state, out, "", "started", {"workflow_id": program.workflow_id, "version": program.version})
+            raise ValueError(already_started(state.execution_id, state.seq))
+        _emit(state, out, "", STARTED, {"workflow_id": program.workflow_id, "version": program.version})
         _run(program, state, out, now_ms)
-    elif kind == "signal":
+    elif kind == SIGNAL:
         if state.status in CLOSED:
             return out
         name, data = _signal_fields(payload)
         step = None
-        if state.status == "waiting":
+        if state.status == WAITING:
             _check_pc(program, state)
             step = program._steps[state.pc]
         # The detail holds a copy: a later set step may write into context[step.id].
-        _emit(state, out, step.id if step else "", "signal", {"name": name, "data": copy_json(data)})
+        _emit(state, out, step.id if step else "", SIGNAL, {"name": name, "data": copy_json(data)})
         if type(step) is WaitForSignalStep and name == state.waiting:
             state.context[step.id] = data
             state.waiting = None
-            state.status = "running"
+            state.status = RUNNING
             state.pc = step.next
             _run(program, state, out, now_ms)
-    elif kind == "action_result":
+    elif kind == ACTION_RESULT:
         _on_action_result(program, state, out, payload, now_ms)
-    elif kind == "timer":
+    elif kind == TIMER:
         _on_timer(program, state, out, payload, now_ms)
-    elif kind == "event":
+    elif kind == EVENT:
         _on_event(program, state, out, payload, now_ms)
-    elif kind == "cancel":
+    elif kind == CANCEL:
         _on_cancel(state, out, payload)
-    elif kind == "retry":
+    elif kind == RETRY:
         _on_retry(program, state, out, now_ms)
     else:
-        raise ValueError(f"unknown event kind {kind!r} (expected one of {', '.join(EVENT_KINDS)})")
+        raise ValueError(unknown_event_kind(kind))
     return out
 
 
 def _check_pc(program: Program, state: ExecutionState) -> None:
     steps = len(program._steps)
-    if not 0 <= state.pc <= steps or (state.status == "waiting" and state.pc == steps):
-        raise ValueError(f"execution {state.execution_id} has pc {state.pc} outside the program's steps")
+    if not 0 <= state.pc <= steps or (state.status == WAITING and state.pc == steps):
+        raise ValueError(pc_outside_steps(state.execution_id, state.pc))
 
 
 def _signal_fields(payload) -> tuple:
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-        raise ValueError(f"a signal payload needs a 'name' string, got {payload!r}")
+        raise ValueError(bad_signal(payload))
     return payload["name"], payload.get("data")
 
 
@@ -237,7 +282,7 @@ def _emit(state: ExecutionState, out: list, step_id: str, kind: str, detail) -> 
 
 def _waiting_step(program: Program, state: ExecutionState, step_type):
     """The step at pc when the execution waits there and it is a `step_type`, else None."""
-    if state.status != "waiting":
+    if state.status != WAITING:
         return None
     _check_pc(program, state)
     step = program._steps[state.pc]
@@ -245,7 +290,7 @@ def _waiting_step(program: Program, state: ExecutionState, step_type):
 
 
 def _resume(program: Program, state: ExecutionState, out: list, pc: int, now_ms: int) -> None:
-    state.status = "running"
+    state.status = RUNNING
     state.waiting = None
     state.pc = pc
     _run(program, state, out, now_ms)
@@ -257,14 +302,14 @@ def _set_timer(state: ExecutionState, step_id: str, purpose: str, fire_at_ms: in
     timer_id = f"{step_id}:{state.visits.get(step_id, 0)}:{state.attempt}:{purpose}:{state.seq}"
     state.timer = timer_id
     state.effects.append(
-        ("set_timer", {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
+        (EFFECT_SET_TIMER, {"timer_id": timer_id, "fire_at_ms": fire_at_ms, "purpose": purpose, "step_id": step_id})
     )
 
 
 def _clear_timer(state: ExecutionState) -> None:
     if state.timer is not None:
         state.timer = None
-        state.effects.append(("clear_timer", None))
+        state.effects.append((EFFECT_CLEAR_TIMER, None))
 
 
 def _request(program: Program, state: ExecutionState, out: list, step: ActionStep, now_ms: int) -> bool:
@@ -275,10 +320,10 @@ def _request(program: Program, state: ExecutionState, out: list, step: ActionSte
     roots = {"context": state.context, "contact": state.contact, "event": state.event}
     try:
         rendered = render(step.input, roots)
-    except _TemplateError as exc:
+    except TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
-    _emit(state, out, step.id, "action_requested", {"attempt": state.attempt, "action": step.action})
-    state.effects.append(("action", {
+    _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
+    state.effects.append((EFFECT_ACTION, {
         "step_id": step.id,
         "attempt": state.attempt,
         "action": step.action,
@@ -287,15 +332,14 @@ def _request(program: Program, state: ExecutionState, out: list, step: ActionSte
         "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
         "timeout_ms": step.timeout_ms,
     }))
-    _set_timer(state, step.id, "action_timeout", now_ms + step.timeout_ms)
-    state.status = "waiting"
+    _set_timer(state, step.id, PURPOSE_ACTION_TIMEOUT, now_ms + step.timeout_ms)
+    state.status = WAITING
     state.waiting = WAIT_ACTION
     return False
 
 
-def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: _TemplateError) -> bool:
-    error = {"code": exc.code, "retryable": False, "message": exc.message}
-    return _step_failed(program, state, out, step, error, 1)
+def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: TemplateError) -> bool:
+    return _step_failed(program, state, out, step, exc.as_error(), 1)
 
 
 def _on_action_result(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
@@ -305,18 +349,18 @@ def _on_action_result(program: Program, state: ExecutionState, out: list, payloa
         or type(payload.get("attempt")) is not int
         or type(payload.get("ok")) is not bool
     ):
-        raise ValueError(f"an action result needs 'step_id', 'attempt' and 'ok', got {payload!r}")
+        raise ValueError(bad_action_result(payload))
     step_id, attempt, ok = payload["step_id"], payload["attempt"], payload["ok"]
     step = _waiting_step(program, state, ActionStep)
     if step is None or state.waiting != WAIT_ACTION or step.id != step_id or state.attempt != attempt:
         # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
-        _emit(state, out, step_id, "late_result", {"attempt": attempt, "ok": ok})
+        _emit(state, out, step_id, LATE_RESULT, {"attempt": attempt, "ok": ok})
         return
     if ok:
         output = payload.get("output")
         state.context[step.id] = output
         # The output is an input of the run: replay reads it back from the detail (a copy, see signal).
-        _emit(state, out, step.id, "action_completed", {"attempt": attempt, "output": copy_json(output)})
+        _emit(state, out, step.id, ACTION_COMPLETED, {"attempt": attempt, "output": copy_json(output)})
         _clear_timer(state)
         state.attempt = 0
         state.failures = []
@@ -328,7 +372,7 @@ def _on_action_result(program: Program, state: ExecutionState, out: list, payloa
 def _error_of(error) -> dict:
     if isinstance(error, dict):
         return error
-    return {"code": "unknown", "retryable": False, "message": f"the action failed without an error object: {error!r}"}
+    return no_error_object(error)
 
 
 def _action_failed(
@@ -338,14 +382,14 @@ def _action_failed(
     detail = {"attempt": attempt, "error": error}
     if timer_id is not None:  # a timeout: the timer that fired, not a result, is the input
         detail["timer_id"] = timer_id
-    _emit(state, out, step.id, "action_failed", detail)
+    _emit(state, out, step.id, ACTION_FAILED, detail)
     state.failures.append({"attempt": attempt, "error": error})
     code = error.get("code")
     if error.get("retryable", True) is True and code not in step.non_retryable and attempt < step.max_attempts:
         delay = retry_delay_ms(
             state.execution_id, step.id, attempt, step.initial_ms, step.coefficient, step.max_interval_ms, step.jitter
         )
-        _set_timer(state, step.id, "retry", now_ms + delay)  # replaces the action timeout
+        _set_timer(state, step.id, PURPOSE_RETRY, now_ms + delay)  # replaces the action timeout
         state.waiting = WAIT_RETRY
         return
     _clear_timer(state)
@@ -355,17 +399,16 @@ def _action_failed(
 
 def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get("timer_id"), str):
-        raise ValueError(f"a timer payload needs a 'timer_id' string, got {payload!r}")
+        raise ValueError(bad_timer(payload))
     if state.timer is None or payload["timer_id"] != state.timer:
         return  # stale: replaced, cleared, or already fired
     _check_pc(program, state)
-    step = program._steps[state.pc] if state.status == "waiting" else None
+    step = program._steps[state.pc] if state.status == WAITING else None
     waiting = state.waiting
     timer_id = state.timer
     if type(step) is ActionStep and waiting == WAIT_ACTION:
         state.timer = None
-        error = {"code": "timeout", "retryable": True, "message": f"no result within {step.timeout_text}"}
-        _action_failed(program, state, out, step, error, now_ms, timer_id)
+        _action_failed(program, state, out, step, action_timed_out(step.timeout_text), now_ms, timer_id)
     elif type(step) is ActionStep and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
@@ -373,20 +416,20 @@ def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_m
             _run(program, state, out, now_ms)
     elif type(step) is WaitStep and waiting == WAIT_TIMER:
         state.timer = None
-        _emit(state, out, step.id, "timer_fired", {"purpose": "wait", "timer_id": timer_id})
+        _emit(state, out, step.id, TIMER_FIRED, {"purpose": PURPOSE_WAIT, "timer_id": timer_id})
         _resume(program, state, out, step.next, now_ms)
     elif type(step) is WaitForEventStep and waiting == WAIT_EVENT + step.event:
         state.timer = None
-        _emit(state, out, step.id, "timed_out", {"event": step.event, "timer_id": timer_id})
-        state.effects.append(("clear_wait", None))
+        _emit(state, out, step.id, TIMED_OUT, {"event": step.event, "timer_id": timer_id})
+        state.effects.append((EFFECT_CLEAR_WAIT, None))
         _resume(program, state, out, step.on_timeout, now_ms)
     else:
-        raise ValueError(f"execution {state.execution_id} has timer {state.timer!r} but waits on {waiting!r}")
+        raise ValueError(timer_without_wait(state.execution_id, state.timer, waiting))
 
 
 def _on_event(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
-        raise ValueError(f"an event payload needs a 'type' string, got {payload!r}")
+        raise ValueError(bad_event(payload))
     step = _waiting_step(program, state, WaitForEventStep)
     if step is None or state.waiting != WAIT_EVENT + payload["type"]:
         return  # not for us: nothing recorded
@@ -394,9 +437,9 @@ def _on_event(program: Program, state: ExecutionState, out: list, payload, now_m
         return
     data = payload.get("data")
     state.context[step.id] = data
-    _emit(state, out, step.id, "event_received",
+    _emit(state, out, step.id, EVENT_RECEIVED,
           {"event_id": payload.get("event_id"), "type": payload["type"], "data": copy_json(data)})
-    state.effects.append(("clear_wait", None))
+    state.effects.append((EFFECT_CLEAR_WAIT, None))
     _clear_timer(state)
     _resume(program, state, out, step.next, now_ms)
 
@@ -405,23 +448,23 @@ def _on_cancel(state: ExecutionState, out: list, payload) -> None:
     if state.status in CLOSED:
         return
     reason = payload.get("reason") if isinstance(payload, dict) else None
-    _emit(state, out, "", "cancelled", {"reason": reason})
+    _emit(state, out, "", CANCELLED, {"reason": reason})
     _clear_timer(state)
-    if state.status == "waiting" and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
-        state.effects.append(("clear_wait", None))
-    state.status = "cancelled"
+    if state.status == WAITING and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
+        state.effects.append((EFFECT_CLEAR_WAIT, None))
+    state.status = CANCELLED
     state.waiting = None
 
 
 def _on_retry(program: Program, state: ExecutionState, out: list, now_ms: int) -> None:
     steps = program._steps
-    if state.status != "failed" or not 0 <= state.pc < len(steps) or type(steps[state.pc]) is not ActionStep:
-        raise ValueError("execution is not failed at an action step")
+    if state.status != FAILED or not 0 <= state.pc < len(steps) or type(steps[state.pc]) is not ActionStep:
+        raise ValueError(NOT_FAILED_AT_ACTION)
     step = steps[state.pc]
-    state.status = "running"
+    state.status = RUNNING
     state.attempt = 0
     state.failures = []
-    _emit(state, out, step.id, "retried", None)
+    _emit(state, out, step.id, RETRIED, None)
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
@@ -434,24 +477,24 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
 
     True when a branch was taken (the execution is running again at its target).
     """
-    _emit(state, out, step.id, "step_failed", {"error": error, "attempts": attempts})
+    _emit(state, out, step.id, STEP_FAILED, {"error": error, "attempts": attempts})
     target = getattr(step, "on_failure", NO_STEP)  # set and emit steps have none of their own
     if target < 0 and program.on_failure != state.pc:  # a failing failure branch does not re-enter itself
         target = program.on_failure
     if target >= 0:
         state.attempt = 0
         state.failures = []
-        state.status = "running"
+        state.status = RUNNING
         state.waiting = None
         state.pc = target
         return True
-    _emit(state, out, step.id, "failed", {"error": error.get("message"), "code": error.get("code")})
-    state.status = "failed"
+    _emit(state, out, step.id, FAILED, {"error": error.get("message"), "code": error.get("code")})
+    state.status = FAILED
     state.waiting = None
     code = error.get("code")
     if type(step) is ActionStep or code in TEMPLATE_ERRORS:
-        state.effects.append(("dead_letter", {
-            "reason": code if code in TEMPLATE_ERRORS else "step_failed",
+        state.effects.append((EFFECT_DEAD_LETTER, {
+            "reason": code if code in TEMPLATE_ERRORS else REASON_STEP_FAILED,
             "step_id": step.id,
             "error": error,
             "attempts": list(state.failures),
@@ -460,31 +503,29 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
 
 
 # -- running ---------------------------------------------------------------------
-def _loop_guard(state: ExecutionState, out: list, step_id: str, error: str) -> None:
-    _emit(state, out, step_id, "failed", {"error": error, "code": "loop_guard"})
-    state.status = "failed"
+def _loop_guard(state: ExecutionState, out: list, step_id: str, detail: dict) -> None:
+    _emit(state, out, step_id, FAILED, detail)
+    state.status = FAILED
 
 
 def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) -> None:
     steps = program._steps
     visits = state.visits
     ran = 0
-    if state.status == "running":
+    if state.status == RUNNING:
         _check_pc(program, state)
-    while state.status == "running":
+    while state.status == RUNNING:
         if state.pc == len(steps):
-            _emit(state, out, "", "completed", None)
-            state.status = "completed"
+            _emit(state, out, "", COMPLETED, None)
+            state.status = COMPLETED
             _clear_timer(state)
             return
         step = steps[state.pc]
         if ran == program.max_steps:
-            return _loop_guard(state, out, step.id, f"loop guard: more than {program.max_steps} steps in one run")
+            return _loop_guard(state, out, step.id, too_many_steps(program.max_steps))
         visit = visits.get(step.id, 0) + 1
         if visit > program.max_visits:
-            return _loop_guard(
-                state, out, step.id, f"loop guard: step '{step.id}' entered more than {program.max_visits} times"
-            )
+            return _loop_guard(state, out, step.id, too_many_visits(step.id, program.max_visits))
         visits[step.id] = visit
         ran += 1
         state.steps += 1
@@ -494,32 +535,32 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             try:
                 for path, template in step.assignments:
                     _assign(state.context, path, render(template, roots))
-            except _TemplateError as exc:
+            except TemplateError as exc:
                 _template_failed(program, state, out, step, exc)
                 continue  # at the failure branch, or failed
-            _emit(state, out, step.id, "set", None)
+            _emit(state, out, step.id, SET, None)
             state.pc = step.next
         elif kind is IfStep:
             taken = "then" if holds(step.condition, roots) else "else"
             state.pc = step.then if taken == "then" else step.else_
-            _emit(state, out, step.id, "branch", {"to": _id_at(steps, state.pc), "taken": taken})
+            _emit(state, out, step.id, BRANCH, {"to": _id_at(steps, state.pc), "taken": taken})
         elif kind is SwitchStep:
             state.pc, case = step.default, "default"
             for index, (condition, target) in enumerate(step.cases):
                 if holds(condition, roots):
                     state.pc, case = target, index
                     break
-            _emit(state, out, step.id, "branch", {"to": _id_at(steps, state.pc), "case": case})
+            _emit(state, out, step.id, BRANCH, {"to": _id_at(steps, state.pc), "case": case})
         elif kind is GotoStep:
             state.pc = step.target
-            _emit(state, out, step.id, "goto", {"to": _id_at(steps, state.pc)})
+            _emit(state, out, step.id, GOTO, {"to": _id_at(steps, state.pc)})
         elif kind is EndStep:
             _emit(state, out, step.id, step.status, None if step.reason is None else {"reason": step.reason})
             state.status = step.status
             _clear_timer(state)
         elif kind is WaitForSignalStep:
-            _emit(state, out, step.id, "waiting", {"signal": step.signal})
-            state.status = "waiting"
+            _emit(state, out, step.id, WAITING, {"signal": step.signal})
+            state.status = WAITING
             state.waiting = step.signal
         elif kind is ActionStep:
             state.attempt = 1
@@ -531,31 +572,30 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             else:
                 try:
                     until_ms = parse_instant(render(step.until, roots))
-                except _TemplateError as exc:
+                except TemplateError as exc:
                     _template_failed(program, state, out, step, exc)
                     continue
                 except ValueError as exc:
-                    error = {"code": "bad_time", "retryable": False, "message": f"'until' {exc}"}
-                    _step_failed(program, state, out, step, error, 1)
+                    _step_failed(program, state, out, step, bad_until(exc), 1)
                     continue  # at the failure branch, or failed
-            _emit(state, out, step.id, "waiting", {"until_ms": until_ms})
-            _set_timer(state, step.id, "wait", until_ms)
-            state.status = "waiting"
+            _emit(state, out, step.id, WAITING, {"until_ms": until_ms})
+            _set_timer(state, step.id, PURPOSE_WAIT, until_ms)
+            state.status = WAITING
             state.waiting = WAIT_TIMER
         elif kind is WaitForEventStep:
-            _emit(state, out, step.id, "waiting", {"event": step.event})
-            state.effects.append(("wait_event", {"event_type": step.event, "step_id": step.id}))
-            _set_timer(state, step.id, "event_timeout", now_ms + step.timeout_ms)
-            state.status = "waiting"
+            _emit(state, out, step.id, WAITING, {"event": step.event})
+            state.effects.append((EFFECT_WAIT_EVENT, {"event_type": step.event, "step_id": step.id}))
+            _set_timer(state, step.id, PURPOSE_EVENT_TIMEOUT, now_ms + step.timeout_ms)
+            state.status = WAITING
             state.waiting = WAIT_EVENT + step.event
         elif kind is EmitStep:
             try:
                 data = render(step.data, roots)
-            except _TemplateError as exc:
+            except TemplateError as exc:
                 _template_failed(program, state, out, step, exc)
                 continue
             event_id = f"{state.execution_id}:{step.id}:{visit}"
-            state.effects.append(("emit", {"event": {
+            state.effects.append((EFFECT_EMIT, {"event": {
                 "v": 1,
                 "event_id": event_id,
                 "tenant": state.tenant,
@@ -564,10 +604,10 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
                 "data": data,
                 "ts": now_ms,
             }}))
-            _emit(state, out, step.id, "emitted", {"event_id": event_id, "type": step.event})
+            _emit(state, out, step.id, EMITTED, {"event_id": event_id, "type": step.event})
             state.pc = step.next
         else:  # pragma: no cover - resolve() only produces the types above
-            raise TypeError(f"unknown step {step!r}")
+            raise TypeError(unknown_step(step))
 
 
 def _id_at(steps: tuple, pc: int) -> str:
@@ -618,7 +658,7 @@ def _copy_bounded(value, node: tuple):
     def copy(item):
         budget[0] -= 1
         if budget[0] < 0:
-            raise _ValueTooLarge(template_text(node), f"a value of over {MAX_RENDERED_NODES} nodes")
+            raise ValueTooLarge.nodes(template_text(node))
         if isinstance(item, dict):
             return {k: copy(v) for k, v in item.items()}
         if isinstance(item, list):
@@ -629,7 +669,7 @@ def _copy_bounded(value, node: tuple):
 
 
 def render(node: tuple, roots: dict, strict: bool = True):
-    """The template's value; a missing field raises _MissingField when strict (a value), else is None."""
+    """The template's value; a missing field raises MissingField when strict (a value), else is None."""
     tag = node[0]
     if tag == "lit":
         return node[1]
@@ -637,7 +677,7 @@ def render(node: tuple, roots: dict, strict: bool = True):
         value = lookup(node, roots)
         if value is _MISSING:
             if strict:
-                raise _MissingField(template_text(node))
+                raise MissingField(template_text(node))
             return None
         return _copy_bounded(value, node)
     if tag == "interp":
@@ -649,18 +689,18 @@ def render(node: tuple, roots: dict, strict: bool = True):
                 value = lookup(part, roots)
                 if value is _MISSING:
                     if strict:
-                        raise _MissingField(template_text(part))
+                        raise MissingField(template_text(part))
                     value = None
                 parts.append("" if value is None else str(value))
         text = "".join(parts)
         if len(text) > MAX_RENDERED_CHARS:
-            raise _ValueTooLarge(interp_text(node), f"{len(text)} characters, over {MAX_RENDERED_CHARS}")
+            raise ValueTooLarge.chars(interp_text(node), len(text))
         return text
     if tag == "dict":
         return {key: render(item, roots, strict) for key, item in node[1]}
     if tag == "list":
         return [render(item, roots, strict) for item in node[1]]
-    raise TypeError(f"unknown template node {node!r}")  # pragma: no cover
+    raise TypeError(unknown_template_node(node))  # pragma: no cover
 
 
 # -- conditions ----------------------------------------------------------------
@@ -709,4 +749,4 @@ def holds(cond: tuple, roots: dict) -> bool:
         return a < b
     if op == "lte":
         return a <= b
-    raise TypeError(f"unknown condition {cond!r}")  # pragma: no cover
+    raise TypeError(unknown_condition(cond))  # pragma: no cover

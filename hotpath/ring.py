@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from hotpath.vocabulary import bad_capacity, ring_repr
+
 
 class OrderingRing:
     """Per-key FIFO, one item in flight per key, bounded capacity."""
@@ -18,7 +20,7 @@ class OrderingRing:
 
     def __init__(self, capacity: int):
         if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+            raise ValueError(bad_capacity(capacity))
         self._capacity = capacity
         self._held = 0  # queued + in flight
         self._queues: dict = {}  # key -> deque of queued items; present only while the key holds items
@@ -96,7 +98,4 @@ class OrderingRing:
         return {"keys": len(self._queues), "free": self._capacity - self._held}
 
     def __repr__(self) -> str:
-        return (
-            f"<OrderingRing capacity={self._capacity} held={self._held} "
-            f"in_flight={self.in_flight} ready={self.ready}>"
-        )
+        return ring_repr(self._capacity, self._held, self.in_flight, self.ready)
