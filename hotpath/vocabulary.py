@@ -19,6 +19,11 @@ from hotpath.definition import (
     TEMPLATE_VALUE_TOO_LARGE,
 )
 
+#: What advance() returns, one per transition: (seq, step_id, kind, detail).
+Transition = tuple[int, str, str, Any]
+#: What advance() appends to state.effects: (kind, detail).
+Effect = tuple[str, Any]
+
 # -- what advance() is given: event kinds -----------------------------------------
 START = "start"
 SIGNAL = "signal"  # also the transition that records a signal
