@@ -2,8 +2,11 @@
 
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 from hotpath.vocabulary import Effect, Transition
 
+@disjoint_base  # PEP 800: a cdef class, which no class can inherit together with another such base
 class Program:
     """A workflow definition compiled for the dispatcher (DefinitionError if it cannot run)."""
 
@@ -26,6 +29,7 @@ class Program:
     def step_ids(self) -> tuple[str, ...]: ...
     def matches(self, event: object) -> bool: ...
 
+@disjoint_base
 class ExecutionState:
     """One execution's mutable state; the dispatcher reads and writes it in place."""
 

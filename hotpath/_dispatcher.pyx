@@ -392,7 +392,7 @@ cdef class _Step:
     cdef str event             # wait_for_event, emit
     cdef str wait_key          # wait_for_event: "event:<type>"
     cdef _Condition filter     # wait_for_event: None when not set
-    cdef Py_ssize_t on_timeout # wait_for_event
+    cdef Py_ssize_t on_timeout  # wait_for_event
     cdef tuple cases           # switch: _Condition per case
     cdef tuple targets         # switch: step index per case
     cdef Py_ssize_t default    # switch
@@ -831,7 +831,8 @@ cdef int _on_retry(Program program, ExecutionState state, list out, object now_m
     return 0
 
 
-cdef bint _step_failed(Program program, ExecutionState state, list out, _Step step, dict error, object attempts) except -1:
+cdef bint _step_failed(Program program, ExecutionState state, list out, _Step step, dict error,
+                       object attempts) except -1:
     """A step failed for good: take its on_failure branch, else the workflow's, else fail the execution.
 
     True when a branch was taken (the execution is running again at its target).
@@ -954,7 +955,10 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         for i in range(PyTuple_GET_SIZE(step.values)):
                             template = <_Template>PyTuple_GET_ITEM(step.values, i)
                             path = <tuple>PyTuple_GET_ITEM(step.paths, i)
-                            value = template.value if template.tag == T_LIT else _render(template, context, contact, event, True)
+                            if template.tag == T_LIT:
+                                value = template.value
+                            else:
+                                value = _render(template, context, contact, event, True)
                             if PyTuple_GET_SIZE(path) == 1:
                                 context[<object>PyTuple_GET_ITEM(path, 0)] = value
                             else:
@@ -990,7 +994,9 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                     elif step.kind == S_GOTO:
                         pc = step.target
                         seq += 1
-                        out.append((seq, step.id, GOTO, {"to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else ""}))
+                        out.append((seq, step.id, GOTO, {
+                            "to": (<_Step>PyTuple_GET_ITEM(steps, pc)).id if pc < n else "",
+                        }))
                     elif step.kind == S_EMIT:
                         event_id = f"{state.execution_id}:{step.id}:{visit}"
                         state.effects.append((EFFECT_EMIT, {"event": {
@@ -1007,7 +1013,8 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         pc = step.next
                     elif step.kind == S_END:
                         seq += 1
-                        out.append((seq, step.id, step.status, None if step.reason is None else {"reason": step.reason}))
+                        detail = None if step.reason is None else {"reason": step.reason}
+                        out.append((seq, step.id, step.status, detail))
                         state.status = step.status
                         _clear_timer(state)
                         return 0

@@ -1,12 +1,15 @@
 """Types of the compiled ordering ring; `hotpath.ring` is its pure twin, with the same API."""
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Self
 
+from typing_extensions import disjoint_base
+
+@disjoint_base  # PEP 800: a cdef class, which no class can inherit together with another such base
 class OrderingRing:
     """Per-key FIFO, one item in flight per key, bounded capacity."""
 
-    def __init__(self, capacity: int) -> None: ...
+    def __new__(cls, capacity: int) -> Self: ...  # the compiled ring takes it in __cinit__
     @property
     def capacity(self) -> int: ...
     def __len__(self) -> int: ...

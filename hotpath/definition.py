@@ -17,9 +17,14 @@ import functools
 import importlib.resources
 import json
 import re
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from hotpath.durations import format_duration, parse_duration, parse_instant
+
+if TYPE_CHECKING:  # jsonschema itself is imported on first use: most processes never validate
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
 
 ROOTS = ("context", "contact", "event")
 DEFAULT_MAX_STEPS = 1000
@@ -39,14 +44,15 @@ class DefinitionError(ValueError):
 
 
 # -- schema --------------------------------------------------------------------
-def load_schema() -> dict:
+def load_schema() -> dict[str, Any]:
     """The published JSON Schema (draft 2020-12), read from the package data."""
     text = importlib.resources.files("hotpath").joinpath("workflow.schema.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 @functools.lru_cache(maxsize=1)
-def _validator():
+def _validator() -> Draft202012Validator:
     from jsonschema import Draft202012Validator
 
     schema = load_schema()
@@ -54,12 +60,12 @@ def _validator():
     return Draft202012Validator(schema)
 
 
-def _path_sort_key(error) -> tuple:
+def _path_sort_key(error: ValidationError) -> tuple[tuple[int, int, str], ...]:
     # Paths mix list indexes and property names; order ints numerically.
     return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in error.absolute_path)
 
 
-def validate(definition: dict) -> None:
+def validate(definition: object) -> None:
     """Raise DefinitionError listing every schema and semantic problem of `definition`."""
     schema_errors = sorted(_validator().iter_errors(definition), key=_path_sort_key)
     messages = [f"{_pointer(definition, list(e.absolute_path))}: {e.message}" for e in schema_errors]
@@ -80,7 +86,7 @@ def _step_pointer(definition: Any, index: int) -> str:
     return f"steps[{index}] (id {step_id!r})" if isinstance(step_id, str) else f"steps[{index}]"
 
 
-def _pointer(definition: Any, path: list) -> str:
+def _pointer(definition: Any, path: list[str | int]) -> str:
     """'steps[1] (id 'greet').values' for ['steps', 1, 'values']; 'definition' for []."""
     if len(path) >= 2 and path[0] == "steps" and isinstance(path[1], int):
         text, rest = _step_pointer(definition, path[1]), path[2:]
@@ -118,14 +124,18 @@ TEMPLATE_ERRORS = frozenset((TEMPLATE_MISSING_FIELD, TEMPLATE_VALUE_TOO_LARGE))
 MAX_RENDERED_CHARS = 1_000_000
 MAX_RENDERED_NODES = 100_000
 
+#: A resolved template or condition: a tuple tagged by its first item (the forms are listed below).
+Template = tuple[Any, ...]
+Condition = tuple[Any, ...]
 
-def template_text(node: tuple) -> str:
+
+def template_text(node: Template) -> str:
     """A ("path", root, segments) node as written: '{{contact.first_name}}'."""
     _, root, segments = node
     return "{{" + ".".join([root, *(key for key, _ in segments)]) + "}}"
 
 
-def interp_text(node: tuple, limit: int = 80) -> str:
+def interp_text(node: Template, limit: int = 80) -> str:
     """An ("interp", parts) node as written, cut at `limit` characters: 'Hi {{contact.first_name}}!'."""
     text = "".join(part if isinstance(part, str) else template_text(part) for part in node[1])
     return repr(text if len(text) <= limit else text[:limit] + "...")
@@ -149,12 +159,12 @@ OPERATORS = ("all", "any", "not", "exists") + COMPARISONS
 class SetStep(NamedTuple):
     id: str
     next: int
-    assignments: tuple  # ((context key path tuple, template), ...)
+    assignments: tuple[tuple[tuple[str, ...], Template], ...]  # ((context key path, template), ...)
 
 
 class IfStep(NamedTuple):
     id: str
-    condition: tuple
+    condition: Condition
     then: int  # step index; len(steps) means "the end"
     else_: int
 
@@ -176,7 +186,7 @@ class ActionStep(NamedTuple):
     next: int
     action: str
     major: int
-    input: tuple  # a ("dict", ...) template
+    input: Template  # a ("dict", ...) template
     timeout_ms: int
     timeout_text: str  # the timeout as written, for error messages
     max_attempts: int
@@ -184,7 +194,7 @@ class ActionStep(NamedTuple):
     coefficient: float
     max_interval_ms: int
     jitter: float
-    non_retryable: tuple  # error codes that are never retried
+    non_retryable: tuple[str, ...]  # error codes that are never retried
     on_failure: int  # step index or NO_STEP
 
 
@@ -192,7 +202,7 @@ class WaitStep(NamedTuple):
     id: str
     next: int
     duration_ms: int  # NO_STEP when the step waits `until` a time
-    until: tuple | None  # a template yielding an ISO-8601 string or epoch ms
+    until: Template | None  # a template yielding an ISO-8601 string or epoch ms
     on_failure: int
 
 
@@ -200,14 +210,14 @@ class WaitForEventStep(NamedTuple):
     id: str
     next: int
     event: str
-    filter: tuple | None  # condition over event (the arriving one), contact and context
+    filter: Condition | None  # condition over event (the arriving one), contact and context
     timeout_ms: int
     on_timeout: int  # defaults to next
 
 
 class SwitchStep(NamedTuple):
     id: str
-    cases: tuple  # ((condition, step index), ...), first that holds wins
+    cases: tuple[tuple[Condition, int], ...]  # ((condition, step index), ...), first that holds wins
     default: int  # defaults to next
 
 
@@ -220,7 +230,14 @@ class EmitStep(NamedTuple):
     id: str
     next: int
     event: str
-    data: tuple  # a ("dict", ...) template
+    data: Template  # a ("dict", ...) template
+
+
+#: A resolved step: one of the types above.
+Step = (
+    SetStep | IfStep | EndStep | WaitForSignalStep | ActionStep
+    | WaitStep | WaitForEventStep | SwitchStep | GotoStep | EmitStep
+)
 
 
 class ResolvedDefinition(NamedTuple):
@@ -228,9 +245,9 @@ class ResolvedDefinition(NamedTuple):
     version: int  # 0 when not yet deployed (deploy assigns versions from 1)
     tenant: str
     trigger_event: str
-    trigger_filter: tuple | None
+    trigger_filter: Condition | None
     max_steps: int
-    steps: tuple
+    steps: tuple[Step, ...]
     max_visits: int = DEFAULT_MAX_VISITS
     on_failure: int = NO_STEP  # the workflow-level failure branch
 
@@ -272,7 +289,7 @@ class _Resolver:
         self._report(True, message)
 
     # templates
-    def path(self, text: str, source: str) -> tuple:
+    def path(self, text: str, source: str) -> Template:
         segments = text.split(".")
         root = segments[0]
         if root not in ROOTS:
@@ -281,12 +298,13 @@ class _Resolver:
             self.semantic(f"template {source!r} has an empty or blank path segment")
         return ("path", root, tuple((s, int(s) if s.isascii() and s.isdigit() else -1) for s in segments[1:]))
 
-    def template(self, value: Any) -> tuple:
+    def template(self, value: Any) -> Template:
         if isinstance(value, str):
             exact = _EXACT.match(value)
             if exact:
                 return self.path(exact.group(1), value)
-            parts, pos = [], 0
+            parts: list[str | Template] = []
+            pos = 0
             for match in _EMBEDDED.finditer(value):
                 if match.start() > pos:
                     parts.append(value[pos : match.start()])
@@ -304,7 +322,7 @@ class _Resolver:
         return ("lit", value)
 
     # conditions
-    def condition(self, cond: Any) -> tuple:
+    def condition(self, cond: Any) -> Condition:
         if not isinstance(cond, dict) or len(cond) != 1:
             self.error(f"a condition must be an object with exactly one operator, got {cond!r}")
             return ("all", ())
@@ -331,7 +349,7 @@ class _Resolver:
         return (op, self.template(arg[0]), self.template(arg[1]))
 
     # steps
-    def target(self, step: dict, field: str, default: int, index_of: dict) -> int:
+    def target(self, step: dict[str, Any], field: str, default: int, index_of: dict[str, int]) -> int:
         if field not in step:
             return default
         name = step[field]
@@ -343,7 +361,7 @@ class _Resolver:
             return default
         return index_of[name]
 
-    def set_step(self, step: dict, following: int, index_of: dict) -> SetStep:
+    def set_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> SetStep:
         values = step.get("values")
         assignments = []
         if values is None:
@@ -358,7 +376,7 @@ class _Resolver:
                 assignments.append((path, self.template(value)))
         return SetStep(step["id"], self.target(step, "next", following, index_of), tuple(assignments))
 
-    def if_step(self, step: dict, following: int, index_of: dict) -> IfStep:
+    def if_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> IfStep:
         if "condition" not in step:
             self.error("'condition' is a required property")
         condition = self.condition(step.get("condition", {"all": []}))
@@ -370,7 +388,7 @@ class _Resolver:
             self.target(step, "else", fallthrough, index_of),
         )
 
-    def end_step(self, step: dict, following: int, index_of: dict) -> EndStep:
+    def end_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> EndStep:
         status = step.get("status", "completed")
         if status not in ("completed", "failed"):
             self.error(f"'status' must be 'completed' or 'failed', got {status!r}")
@@ -381,7 +399,7 @@ class _Resolver:
             reason = str(reason)
         return EndStep(step["id"], status, reason)
 
-    def wait_for_signal_step(self, step: dict, following: int, index_of: dict) -> WaitForSignalStep:
+    def wait_for_signal_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> WaitForSignalStep:
         signal = step.get("signal")
         if not isinstance(signal, str) or not signal:
             self.error("'signal' must be a non-empty string")
@@ -389,7 +407,7 @@ class _Resolver:
         return WaitForSignalStep(step["id"], self.target(step, "next", following, index_of), signal)
 
     # durations and policies
-    def duration(self, owner: dict, field: str, default, positive: bool, label: str = "") -> int:
+    def duration(self, owner: dict[str, Any], field: str, default: int | str, positive: bool, label: str = "") -> int:
         value = owner.get(field, default)
         name = label + field
         try:
@@ -404,15 +422,20 @@ class _Resolver:
             return 1
         return ms
 
-    def number(self, policy: dict, field: str, default, low: float, high: float | None) -> float:
+    def number(self, policy: dict[str, Any], field: str, default: float, low: float, high: float | None) -> float:
         value = policy.get(field, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value > high):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < low
+            or (high is not None and value > high)
+        ):
             bounds = f"from {low} to {high}" if high is not None else f">= {low}"
             self.error(f"'retry.{field}' must be a number {bounds}, got {value!r}")
             return default
         return float(value)
 
-    def action_step(self, step: dict, following: int, index_of: dict) -> ActionStep:
+    def action_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> ActionStep:
         action = step.get("action")
         if not isinstance(action, str) or not ACTION_NAME.match(action):
             self.error(f"'action' must be an action name such as 'webhook' or 'sms.send', got {action!r}")
@@ -460,7 +483,7 @@ class _Resolver:
             on_failure=self.target(step, "on_failure", NO_STEP, index_of),
         )
 
-    def wait_step(self, step: dict, following: int, index_of: dict) -> WaitStep:
+    def wait_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> WaitStep:
         duration_ms, until = NO_STEP, None
         if ("duration" in step) == ("until" in step):
             self.semantic("a wait step needs exactly one of 'duration' and 'until'")
@@ -485,7 +508,7 @@ class _Resolver:
             self.target(step, "on_failure", NO_STEP, index_of),
         )
 
-    def wait_for_event_step(self, step: dict, following: int, index_of: dict) -> WaitForEventStep:
+    def wait_for_event_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> WaitForEventStep:
         event = step.get("event")
         if not isinstance(event, str) or not event:
             self.error("'event' must be a non-empty event type")
@@ -502,7 +525,7 @@ class _Resolver:
             self.target(step, "on_timeout", following, index_of),
         )
 
-    def switch_step(self, step: dict, following: int, index_of: dict) -> SwitchStep:
+    def switch_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> SwitchStep:
         cases = step.get("cases")
         resolved = []
         if not isinstance(cases, list) or not cases:
@@ -519,12 +542,12 @@ class _Resolver:
         following = self.target(step, "next", following, index_of)
         return SwitchStep(step["id"], tuple(resolved), self.target(step, "default", following, index_of))
 
-    def goto_step(self, step: dict, following: int, index_of: dict) -> GotoStep:
+    def goto_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> GotoStep:
         if "target" not in step:
             self.error("'target' is a required property")
         return GotoStep(step["id"], self.target(step, "target", following, index_of))
 
-    def emit_step(self, step: dict, following: int, index_of: dict) -> EmitStep:
+    def emit_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> EmitStep:
         event = step.get("event")
         if not isinstance(event, str) or not event:
             self.error("'event' must be a non-empty event type")
@@ -536,7 +559,7 @@ class _Resolver:
         return EmitStep(step["id"], self.target(step, "next", following, index_of), event, self.template(data))
 
     #: Step type -> resolver method; a new step type is one entry here (and one in the schema).
-    STEP_TYPES = {
+    STEP_TYPES: ClassVar[dict[str, Callable[[_Resolver, dict[str, Any], int, dict[str, int]], Step]]] = {
         "set": set_step,
         "if": if_step,
         "end": end_step,
@@ -550,19 +573,21 @@ class _Resolver:
     }
 
 
-def resolve(definition: dict) -> ResolvedDefinition:
+def resolve(definition: object) -> ResolvedDefinition:
     """Check the semantic rules and return the resolved form; DefinitionError lists all problems."""
     r = _Resolver(definition)
     if not isinstance(definition, dict):
         r.error(f"a workflow definition must be an object, got {type(definition).__name__}")
         raise _Problems(r.problems)
 
-    header = {}
+    header: dict[str, str] = {}
     for field in ("id", "tenant"):
         r.where = field
-        header[field] = definition.get(field)
-        if not isinstance(header[field], str):
+        value = definition.get(field)
+        if not isinstance(value, str):
             r.error(f"{field!r} must be a string")
+            value = ""
+        header[field] = value
 
     r.where = "version"
     version = definition.get("version", 0)
@@ -574,9 +599,11 @@ def resolve(definition: dict) -> ResolvedDefinition:
     max_steps = limits.get("max_steps", DEFAULT_MAX_STEPS) if isinstance(limits, dict) else None
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 1 <= max_steps <= MAX_MAX_STEPS:
         r.error(f"'max_steps' must be an integer from 1 to {MAX_MAX_STEPS}, got {max_steps!r}")
+        max_steps = DEFAULT_MAX_STEPS
     max_visits = limits.get("max_visits", DEFAULT_MAX_VISITS) if isinstance(limits, dict) else None
     if not isinstance(max_visits, int) or isinstance(max_visits, bool) or not 1 <= max_visits <= MAX_MAX_VISITS:
         r.error(f"'max_visits' must be an integer from 1 to {MAX_MAX_VISITS}, got {max_visits!r}")
+        max_visits = DEFAULT_MAX_VISITS
 
     r.where = "trigger"
     trigger = definition.get("trigger")
@@ -610,7 +637,7 @@ def resolve(definition: dict) -> ResolvedDefinition:
             index_of[step["id"]] = i
             usable.append(i)
 
-    steps = [None] * len(raw_steps)
+    steps: dict[int, Step] = {}
     for i in usable:
         r.where = i
         step = raw_steps[i]
@@ -628,7 +655,7 @@ def resolve(definition: dict) -> ResolvedDefinition:
         trigger_event=trigger_event,
         trigger_filter=trigger_filter,
         max_steps=max_steps,
-        steps=tuple(steps),
+        steps=tuple(steps[i] for i in range(len(raw_steps))),  # all of them: there were no problems
         max_visits=max_visits,
         on_failure=on_failure,
     )

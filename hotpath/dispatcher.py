@@ -33,18 +33,23 @@ kept in `hotpath.vocabulary`, which the compiled twin imports too.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
     NO_STEP,
     TEMPLATE_ERRORS,
     ActionStep,
+    Condition,
     EmitStep,
     EndStep,
     GotoStep,
     IfStep,
     SetStep,
+    Step,
     SwitchStep,
+    Template,
     WaitForEventStep,
     WaitForSignalStep,
     WaitStep,
@@ -98,8 +103,10 @@ from hotpath.vocabulary import (
     WAIT_RETRY,
     WAIT_TIMER,
     WAITING,
+    Effect,
     MissingField,
     TemplateError,
+    Transition,
     ValueTooLarge,
     action_timed_out,
     already_started,
@@ -123,6 +130,9 @@ from hotpath.vocabulary import (
 
 # What lookup() returns for a missing field (None is a present null).
 _MISSING = object()
+#: The values templates and conditions read: {"context": ..., "contact": ..., "event": ...}.
+Roots = dict[str, Any]
+_StepT = TypeVar("_StepT", bound=Step)
 
 
 class Program:
@@ -133,7 +143,7 @@ class Program:
         "_filter", "_steps",
     )
 
-    def __init__(self, definition: dict):
+    def __init__(self, definition: object):
         resolved = resolve(definition)
         self.workflow_id = resolved.workflow_id
         self.version = resolved.version
@@ -146,7 +156,7 @@ class Program:
         self._filter = resolved.trigger_filter
         self._steps = resolved.steps
 
-    def matches(self, event: dict) -> bool:
+    def matches(self, event: object) -> bool:
         """Whether a trigger event enrols a contact: its type and the trigger filter."""
         if not isinstance(event, dict) or event.get("type") != self.trigger_event:
             return False
@@ -191,18 +201,18 @@ class ExecutionState:
         status: str = RUNNING,
         pc: int = 0,
         seq: int = 0,
-        context: dict | None = None,
-        contact: dict | None = None,
-        event: dict | None = None,
+        context: dict[str, Any] | None = None,
+        contact: dict[str, Any] | None = None,
+        event: dict[str, Any] | None = None,
         steps: int = 0,
         waiting: str | None = None,
         attempt: int = 0,
         timer: str | None = None,
-        visits: dict | None = None,
-        failures: list | None = None,
+        visits: dict[str, int] | None = None,
+        failures: list[dict[str, Any]] | None = None,
         tenant: str = "",
-        effects: list | None = None,
-    ):
+        effects: list[Effect] | None = None,
+    ) -> None:
         self.execution_id = execution_id
         self.status = status
         self.pc = pc
@@ -224,9 +234,9 @@ class ExecutionState:
 
 
 # -- advancing -----------------------------------------------------------------
-def advance(program: Program, state: ExecutionState, kind: str, payload, now_ms: int = 0) -> list:
+def advance(program: Program, state: ExecutionState, kind: str, payload: Any, now_ms: int = 0) -> list[Transition]:
     """Apply one event to `state`; return the transitions made (effects go to state.effects)."""
-    out: list = []
+    out: list[Transition] = []
     if kind == START:
         if state.seq != 0:
             raise ValueError(already_started(state.execution_id, state.seq))
@@ -269,27 +279,27 @@ def _check_pc(program: Program, state: ExecutionState) -> None:
         raise ValueError(pc_outside_steps(state.execution_id, state.pc))
 
 
-def _signal_fields(payload) -> tuple:
+def _signal_fields(payload: Any) -> tuple[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
         raise ValueError(bad_signal(payload))
     return payload["name"], payload.get("data")
 
 
-def _emit(state: ExecutionState, out: list, step_id: str, kind: str, detail) -> None:
+def _emit(state: ExecutionState, out: list[Transition], step_id: str, kind: str, detail: Any) -> None:
     state.seq += 1
     out.append((state.seq, step_id, kind, detail))
 
 
-def _waiting_step(program: Program, state: ExecutionState, step_type):
+def _waiting_step(program: Program, state: ExecutionState, step_type: type[_StepT]) -> _StepT | None:
     """The step at pc when the execution waits there and it is a `step_type`, else None."""
     if state.status != WAITING:
         return None
     _check_pc(program, state)
     step = program._steps[state.pc]
-    return step if type(step) is step_type else None
+    return step if isinstance(step, step_type) else None
 
 
-def _resume(program: Program, state: ExecutionState, out: list, pc: int, now_ms: int) -> None:
+def _resume(program: Program, state: ExecutionState, out: list[Transition], pc: int, now_ms: int) -> None:
     state.status = RUNNING
     state.waiting = None
     state.pc = pc
@@ -312,7 +322,7 @@ def _clear_timer(state: ExecutionState) -> None:
         state.effects.append((EFFECT_CLEAR_TIMER, None))
 
 
-def _request(program: Program, state: ExecutionState, out: list, step: ActionStep, now_ms: int) -> bool:
+def _request(program: Program, state: ExecutionState, out: list[Transition], step: ActionStep, now_ms: int) -> bool:
     """Ask for attempt `state.attempt` of an action and wait for its result or its timeout.
 
     True when its input names a missing field and the step's failure branch was taken.
@@ -338,11 +348,15 @@ def _request(program: Program, state: ExecutionState, out: list, step: ActionSte
     return False
 
 
-def _template_failed(program: Program, state: ExecutionState, out: list, step, exc: TemplateError) -> bool:
+def _template_failed(
+    program: Program, state: ExecutionState, out: list[Transition], step: Step, exc: TemplateError
+) -> bool:
     return _step_failed(program, state, out, step, exc.as_error(), 1)
 
 
-def _on_action_result(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+def _on_action_result(
+    program: Program, state: ExecutionState, out: list[Transition], payload: Any, now_ms: int
+) -> None:
     if (
         not isinstance(payload, dict)
         or not isinstance(payload.get("step_id"), str)
@@ -369,14 +383,20 @@ def _on_action_result(program: Program, state: ExecutionState, out: list, payloa
         _action_failed(program, state, out, step, _error_of(payload.get("error")), now_ms)
 
 
-def _error_of(error) -> dict:
+def _error_of(error: object) -> dict[str, Any]:
     if isinstance(error, dict):
         return error
     return no_error_object(error)
 
 
 def _action_failed(
-    program: Program, state: ExecutionState, out: list, step: ActionStep, error: dict, now_ms: int, timer_id=None
+    program: Program,
+    state: ExecutionState,
+    out: list[Transition],
+    step: ActionStep,
+    error: dict[str, Any],
+    now_ms: int,
+    timer_id: str | None = None,
 ) -> None:
     attempt = state.attempt
     detail = {"attempt": attempt, "error": error}
@@ -397,7 +417,7 @@ def _action_failed(
         _run(program, state, out, now_ms)
 
 
-def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+def _on_timer(program: Program, state: ExecutionState, out: list[Transition], payload: Any, now_ms: int) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get("timer_id"), str):
         raise ValueError(bad_timer(payload))
     if state.timer is None or payload["timer_id"] != state.timer:
@@ -427,14 +447,16 @@ def _on_timer(program: Program, state: ExecutionState, out: list, payload, now_m
         raise ValueError(timer_without_wait(state.execution_id, state.timer, waiting))
 
 
-def _on_event(program: Program, state: ExecutionState, out: list, payload, now_ms: int) -> None:
+def _on_event(program: Program, state: ExecutionState, out: list[Transition], payload: Any, now_ms: int) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
         raise ValueError(bad_event(payload))
     step = _waiting_step(program, state, WaitForEventStep)
     if step is None or state.waiting != WAIT_EVENT + payload["type"]:
         return  # not for us: nothing recorded
-    if step.filter is not None and not holds(step.filter, {"context": state.context, "contact": state.contact, "event": payload}):
-        return
+    if step.filter is not None:
+        roots = {"context": state.context, "contact": state.contact, "event": payload}
+        if not holds(step.filter, roots):
+            return
     data = payload.get("data")
     state.context[step.id] = data
     _emit(state, out, step.id, EVENT_RECEIVED,
@@ -444,7 +466,7 @@ def _on_event(program: Program, state: ExecutionState, out: list, payload, now_m
     _resume(program, state, out, step.next, now_ms)
 
 
-def _on_cancel(state: ExecutionState, out: list, payload) -> None:
+def _on_cancel(state: ExecutionState, out: list[Transition], payload: Any) -> None:
     if state.status in CLOSED:
         return
     reason = payload.get("reason") if isinstance(payload, dict) else None
@@ -456,11 +478,11 @@ def _on_cancel(state: ExecutionState, out: list, payload) -> None:
     state.waiting = None
 
 
-def _on_retry(program: Program, state: ExecutionState, out: list, now_ms: int) -> None:
+def _on_retry(program: Program, state: ExecutionState, out: list[Transition], now_ms: int) -> None:
     steps = program._steps
-    if state.status != FAILED or not 0 <= state.pc < len(steps) or type(steps[state.pc]) is not ActionStep:
+    step = steps[state.pc] if 0 <= state.pc < len(steps) else None
+    if state.status != FAILED or type(step) is not ActionStep:
         raise ValueError(NOT_FAILED_AT_ACTION)
-    step = steps[state.pc]
     state.status = RUNNING
     state.attempt = 0
     state.failures = []
@@ -472,7 +494,9 @@ def _on_retry(program: Program, state: ExecutionState, out: list, now_ms: int) -
         _run(program, state, out, now_ms)
 
 
-def _step_failed(program: Program, state: ExecutionState, out: list, step, error: dict, attempts: int) -> bool:
+def _step_failed(
+    program: Program, state: ExecutionState, out: list[Transition], step: Step, error: dict[str, Any], attempts: int
+) -> bool:
     """A step failed for good: take its on_failure branch, else the workflow's, else fail the execution.
 
     True when a branch was taken (the execution is running again at its target).
@@ -503,12 +527,12 @@ def _step_failed(program: Program, state: ExecutionState, out: list, step, error
 
 
 # -- running ---------------------------------------------------------------------
-def _loop_guard(state: ExecutionState, out: list, step_id: str, detail: dict) -> None:
+def _loop_guard(state: ExecutionState, out: list[Transition], step_id: str, detail: dict[str, Any]) -> None:
     _emit(state, out, step_id, FAILED, detail)
     state.status = FAILED
 
 
-def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) -> None:
+def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms: int = 0) -> None:
     steps = program._steps
     visits = state.visits
     ran = 0
@@ -530,8 +554,7 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
         ran += 1
         state.steps += 1
         roots = {"context": state.context, "contact": state.contact, "event": state.event}
-        kind = type(step)
-        if kind is SetStep:
+        if type(step) is SetStep:
             try:
                 for path, template in step.assignments:
                     _assign(state.context, path, render(template, roots))
@@ -540,33 +563,34 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
                 continue  # at the failure branch, or failed
             _emit(state, out, step.id, SET, None)
             state.pc = step.next
-        elif kind is IfStep:
+        elif type(step) is IfStep:
             taken = "then" if holds(step.condition, roots) else "else"
             state.pc = step.then if taken == "then" else step.else_
             _emit(state, out, step.id, BRANCH, {"to": _id_at(steps, state.pc), "taken": taken})
-        elif kind is SwitchStep:
-            state.pc, case = step.default, "default"
+        elif type(step) is SwitchStep:
+            case: str | int = "default"
+            state.pc = step.default
             for index, (condition, target) in enumerate(step.cases):
                 if holds(condition, roots):
                     state.pc, case = target, index
                     break
             _emit(state, out, step.id, BRANCH, {"to": _id_at(steps, state.pc), "case": case})
-        elif kind is GotoStep:
+        elif type(step) is GotoStep:
             state.pc = step.target
             _emit(state, out, step.id, GOTO, {"to": _id_at(steps, state.pc)})
-        elif kind is EndStep:
+        elif type(step) is EndStep:
             _emit(state, out, step.id, step.status, None if step.reason is None else {"reason": step.reason})
             state.status = step.status
             _clear_timer(state)
-        elif kind is WaitForSignalStep:
+        elif type(step) is WaitForSignalStep:
             _emit(state, out, step.id, WAITING, {"signal": step.signal})
             state.status = WAITING
             state.waiting = step.signal
-        elif kind is ActionStep:
+        elif type(step) is ActionStep:
             state.attempt = 1
             state.failures = []
             _request(program, state, out, step, now_ms)  # waiting, or at the failure branch, or failed
-        elif kind is WaitStep:
+        elif type(step) is WaitStep:
             if step.until is None:
                 until_ms = now_ms + step.duration_ms
             else:
@@ -582,13 +606,13 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             _set_timer(state, step.id, PURPOSE_WAIT, until_ms)
             state.status = WAITING
             state.waiting = WAIT_TIMER
-        elif kind is WaitForEventStep:
+        elif type(step) is WaitForEventStep:
             _emit(state, out, step.id, WAITING, {"event": step.event})
             state.effects.append((EFFECT_WAIT_EVENT, {"event_type": step.event, "step_id": step.id}))
             _set_timer(state, step.id, PURPOSE_EVENT_TIMEOUT, now_ms + step.timeout_ms)
             state.status = WAITING
             state.waiting = WAIT_EVENT + step.event
-        elif kind is EmitStep:
+        elif type(step) is EmitStep:
             try:
                 data = render(step.data, roots)
             except TemplateError as exc:
@@ -610,11 +634,11 @@ def _run(program: Program, state: ExecutionState, out: list, now_ms: int = 0) ->
             raise TypeError(unknown_step(step))
 
 
-def _id_at(steps: tuple, pc: int) -> str:
+def _id_at(steps: tuple[Step, ...], pc: int) -> str:
     return steps[pc].id if pc < len(steps) else ""
 
 
-def _assign(context: dict, path: tuple, value) -> None:
+def _assign(context: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     """context[a][b][c] = value for path (a, b, c), creating (or replacing non-dict) parents."""
     target = context
     for key in path[:-1]:
@@ -626,7 +650,7 @@ def _assign(context: dict, path: tuple, value) -> None:
 
 
 # -- templates -----------------------------------------------------------------
-def lookup(node: tuple, roots: dict):
+def lookup(node: Template, roots: Roots) -> Any:
     """The value at a ("path", root, segments) node, or _MISSING when any part is missing."""
     _, root, segments = node
     value = roots[root]
@@ -642,7 +666,7 @@ def lookup(node: tuple, roots: dict):
     return value
 
 
-def copy_json(value):
+def copy_json(value: Any) -> Any:
     """A copy of nested dicts and lists, so context never aliases event, contact or program data."""
     if isinstance(value, dict):
         return {k: copy_json(v) for k, v in value.items()}
@@ -651,11 +675,11 @@ def copy_json(value):
     return value
 
 
-def _copy_bounded(value, node: tuple):
+def _copy_bounded(value: Any, node: Template) -> Any:
     """copy_json(value), refused past MAX_RENDERED_NODES dicts, lists and values."""
     budget = [MAX_RENDERED_NODES]
 
-    def copy(item):
+    def copy(item: Any) -> Any:
         budget[0] -= 1
         if budget[0] < 0:
             raise ValueTooLarge.nodes(template_text(node))
@@ -668,7 +692,7 @@ def _copy_bounded(value, node: tuple):
     return copy(value)
 
 
-def render(node: tuple, roots: dict, strict: bool = True):
+def render(node: Template, roots: Roots, strict: bool = True) -> Any:
     """The template's value; a missing field raises MissingField when strict (a value), else is None."""
     tag = node[0]
     if tag == "lit":
@@ -704,21 +728,21 @@ def render(node: tuple, roots: dict, strict: bool = True):
 
 
 # -- conditions ----------------------------------------------------------------
-def same(a, b) -> bool:
+def same(a: object, b: object) -> bool:
     """JSON equality: like ==, except that a boolean only equals a boolean (true is not 1)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     return a == b
 
 
-def _orderable(a, b) -> bool:
+def _orderable(a: object, b: object) -> bool:
     """Numbers with numbers, strings with strings; anything else (None, bools, mixed) is not ordered."""
     if isinstance(a, str):
         return isinstance(b, str)
     return (type(a) is int or type(a) is float) and (type(b) is int or type(b) is float)
 
 
-def holds(cond: tuple, roots: dict) -> bool:
+def holds(cond: Condition, roots: Roots) -> bool:
     op = cond[0]
     if op == "all":
         return all(holds(c, roots) for c in cond[1])
@@ -741,12 +765,13 @@ def holds(cond: tuple, roots: dict) -> bool:
         return isinstance(a, list) and any(same(v, b) for v in a)
     if not _orderable(a, b):
         return False
+    # bool(): the operands are Any to a type checker, though numbers and strings compare to a bool.
     if op == "gt":
-        return a > b
+        return bool(a > b)
     if op == "gte":
-        return a >= b
+        return bool(a >= b)
     if op == "lt":
-        return a < b
+        return bool(a < b)
     if op == "lte":
-        return a <= b
+        return bool(a <= b)
     raise TypeError(unknown_condition(cond))  # pragma: no cover

@@ -20,10 +20,10 @@ _ISO = re.compile(
     r"^P(?:(?P<w>[0-9]+)W)?(?:(?P<d>[0-9]+)D)?"
     r"(?:T(?:(?P<h>[0-9]+)H)?(?:(?P<m>[0-9]+)M)?(?:(?P<s>[0-9]+(?:\.[0-9]{1,3})?)S)?)?$"
 )
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _ONE_MS = _dt.timedelta(milliseconds=1)
 
-def parse_duration(value) -> int:
+def parse_duration(value: object) -> int:
     """Milliseconds of "500ms", "30s", "15m", "2h", "2d", "1w", "1h30m", "PT15M", "P1DT2H", or an int (ms).
 
     ValueError says what was wrong; a zero duration is returned as 0 (callers that
@@ -67,7 +67,7 @@ def format_duration(ms: int) -> str:
     return "".join(parts)
 
 
-def parse_instant(value) -> int:
+def parse_instant(value: object) -> int:
     """Epoch milliseconds of an ISO-8601 timestamp (UTC when it has no offset) or of a number of epoch ms.
 
     ValueError when it is neither (a boolean, a malformed string, anything else).
@@ -87,7 +87,7 @@ def parse_instant(value) -> int:
     except ValueError:
         raise ValueError(f"not an ISO-8601 time: {value!r}") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
+        moment = moment.replace(tzinfo=_dt.UTC)
     return (moment - _EPOCH) // _ONE_MS
 
 

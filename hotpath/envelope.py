@@ -6,6 +6,8 @@ stable code (it labels a metric and a dead-letter entry) and whose text names
 exactly what was wrong. Decoding is done once, with orjson.
 """
 
+from typing import Any
+
 import orjson
 
 SUPPORTED_MAJOR = 1
@@ -43,7 +45,9 @@ class BadMessage(ValueError):
         self.message = message
 
 
-def load_versioned(body: bytes, max_bytes: int, *, major: int = SUPPORTED_MAJOR, contract: str = "contract") -> dict:
+def load_versioned(
+    body: bytes, max_bytes: int, *, major: int = SUPPORTED_MAJOR, contract: str = "contract"
+) -> dict[str, Any]:
     """A JSON object within the size limit whose `v` has the given major (every contract's first check)."""
     if len(body) > max_bytes:
         raise BadMessage("oversized", f"body is {len(body)} bytes, the limit is {max_bytes}")
@@ -61,11 +65,11 @@ def load_versioned(body: bytes, max_bytes: int, *, major: int = SUPPORTED_MAJOR,
     return doc
 
 
-def _load(body: bytes, max_bytes: int) -> dict:
+def _load(body: bytes, max_bytes: int) -> dict[str, Any]:
     return load_versioned(body, max_bytes)
 
 
-def _check_version(doc: dict, supported: int, contract: str) -> None:
+def _check_version(doc: dict[str, Any], supported: int, contract: str) -> None:
     if "v" not in doc:
         raise BadMessage("missing_field", "field 'v' (contract version) is missing")
     v = doc["v"]
@@ -82,7 +86,7 @@ def _check_version(doc: dict, supported: int, contract: str) -> None:
         )
 
 
-def require_field(doc: dict, name: str, types, what: str, path: str = ""):
+def require_field(doc: dict[str, Any], name: str, types: tuple[type, ...], what: str, path: str = "") -> Any:
     """doc[name], which must be one of `types` (`path` prefixes the name in errors: "error.")."""
     if name not in doc:
         raise BadMessage("missing_field", f"field '{path}{name}' is missing")
@@ -92,16 +96,16 @@ def require_field(doc: dict, name: str, types, what: str, path: str = ""):
     return value
 
 
-def require_text(doc: dict, name: str, limit: int = 256, path: str = "") -> str:
+def require_text(doc: dict[str, Any], name: str, limit: int = 256, path: str = "") -> str:
     """doc[name], a non-empty string of at most `limit` characters."""
-    value = require_field(doc, name, (str,), "a string", path)
+    value: str = require_field(doc, name, (str,), "a string", path)
     if not value or len(value) > limit:
         raise BadMessage("wrong_type",
                          f"field '{path}{name}' must be a non-empty string of at most {limit} characters")
     return value
 
 
-def _check_trigger(doc: dict, path: str = "") -> None:
+def _check_trigger(doc: dict[str, Any], path: str = "") -> None:
     """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
     require_text(doc, "event_id", path=path)
     require_text(doc, "tenant", 128, path)
@@ -127,7 +131,7 @@ class BadEvent(BadMessage):
         self.payload = payload
 
 
-def decode_triggers(body: bytes, max_bytes: int) -> dict | list:
+def decode_triggers(body: bytes, max_bytes: int) -> dict[str, Any] | list[dict[str, Any] | BadEvent]:
     """A trigger message: a single event (a dict), or a batch {v, events: [event, ...]} (a list).
 
     A publisher at thousands of events per second batches them: one stored
@@ -144,7 +148,7 @@ def decode_triggers(body: bytes, max_bytes: int) -> dict | list:
     events = doc["events"]
     if type(events) is not list or not 0 < len(events) <= MAX_BATCH_EVENTS:
         raise BadMessage("wrong_type", f"field 'events' must be a list of 1 to {MAX_BATCH_EVENTS} trigger events")
-    items = []
+    items: list[dict[str, Any] | BadEvent] = []
     for index, event in enumerate(events):
         name = f"events[{index}]"
         try:
@@ -173,7 +177,7 @@ EXEC_KINDS = {
 }
 
 
-def decode_exec(body: bytes, max_bytes: int) -> dict:
+def decode_exec(body: bytes, max_bytes: int) -> dict[str, Any]:
     """A message addressed to one execution: {v, kind, execution_id, ...}."""
     doc = _load(body, max_bytes)
     kind = require_text(doc, "kind", 64)
@@ -196,5 +200,5 @@ def decode_exec(body: bytes, max_bytes: int) -> dict:
     return doc
 
 
-def encode(doc: dict) -> bytes:
+def encode(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc)

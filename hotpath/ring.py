@@ -9,6 +9,8 @@ full ring refuses new items (backpressure) instead of growing or dropping.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
+from typing import Any
 
 from hotpath.vocabulary import bad_capacity, ring_repr
 
@@ -23,10 +25,11 @@ class OrderingRing:
             raise ValueError(bad_capacity(capacity))
         self._capacity = capacity
         self._held = 0  # queued + in flight
-        self._queues: dict = {}  # key -> deque of queued items; present only while the key holds items
-        self._in_flight: set = set()
+        # key -> deque of queued items; present only while the key holds items
+        self._queues: dict[Hashable, deque[Any]] = {}
+        self._in_flight: set[Hashable] = set()
         # Keys whose head item can be popped, in the order they became ready.
-        self._ready: deque = deque()
+        self._ready: deque[Hashable] = deque()
 
     @property
     def capacity(self) -> int:
@@ -46,7 +49,7 @@ class OrderingRing:
     def is_full(self) -> bool:
         return self._held >= self._capacity
 
-    def push(self, key, item) -> bool:
+    def push(self, key: Hashable, item: Any) -> bool:
         """Queue `item` behind the key's earlier items; False (nothing changes) when full."""
         if self._held >= self._capacity:
             return False
@@ -59,7 +62,7 @@ class OrderingRing:
             self._ready.append(key)
         return True
 
-    def pop(self):
+    def pop(self) -> tuple[Any, Any] | None:
         """The next ready (key, item), marking the key in flight; None when nothing is ready."""
         if not self._ready:
             return None
@@ -68,14 +71,14 @@ class OrderingRing:
         self._in_flight.add(key)
         return key, item
 
-    def pop_many(self, n: int) -> list:
+    def pop_many(self, n: int) -> list[tuple[Any, Any]]:
         """Up to `n` ready (key, item) pairs, in ready order."""
-        batch = []
-        while len(batch) < n and self._ready:
-            batch.append(self.pop())
+        batch: list[tuple[Any, Any]] = []
+        while len(batch) < n and (pair := self.pop()) is not None:
+            batch.append(pair)
         return batch
 
-    def complete(self, key) -> None:
+    def complete(self, key: Hashable) -> None:
         """Release the key's in-flight item; its next queued item (if any) becomes ready."""
         if key not in self._in_flight:
             raise KeyError(key)
@@ -86,14 +89,14 @@ class OrderingRing:
         else:
             del self._queues[key]  # a key with nothing held leaves no trace
 
-    def pending(self, key) -> int:
+    def pending(self, key: Hashable) -> int:
         """Items held for `key`: queued plus the one in flight."""
         queue = self._queues.get(key)
         if queue is None:
             return 0
         return len(queue) + (key in self._in_flight)
 
-    def _debug_counts(self) -> dict:
+    def _debug_counts(self) -> dict[str, int]:
         """Internal bookkeeping for leak checks in tests: keys tracked and free capacity."""
         return {"keys": len(self._queues), "free": self._capacity - self._held}
 
