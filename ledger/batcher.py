@@ -7,8 +7,10 @@ ONE transaction:
 1. If the batch updates executions of owned partitions, lock those partitions'
    rows (FOR SHARE) and compare their epochs with the ones this worker claimed:
    a worker whose partition was taken over is fenced out (`Fenced`).
-2. COPY (binary) the executions' new state into `stage_exec` and their
-   transitions into `stage_tr`, two per-session temp tables.
+2. COPY (binary) the executions' new state into per-session temp tables:
+   updates (only what an update changes) into `stage_upd`, new executions
+   that take this path (whole rows) into `stage_exec`, and their transitions
+   into `stage_tr`.
 3. One merge statement: insert new executions (a duplicate enrolment loses on
    the primary key), update existing ones only where the stored `seq` is the
    one the change was computed from (optimistic concurrency), and append the
@@ -60,21 +62,32 @@ _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_exec
     (LIKE ordo.executions INCLUDING DEFAULTS, finished boolean NOT NULL, prev_seq int NOT NULL)
     ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_upd
+    (execution_id uuid NOT NULL, status text NOT NULL, seq int NOT NULL, pc int NOT NULL, steps int NOT NULL,
+     waiting text, last_stream_seq bigint NOT NULL, context jsonb NOT NULL, runtime jsonb NOT NULL,
+     finished boolean NOT NULL, prev_seq int NOT NULL)
+    ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_tr
     (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
 """
 _STAGE_COLUMNS = EXEC_COLUMNS + ("finished", "prev_seq")
+#: What an update changes: an execution's identity, contact and event are written once, at enrolment.
+UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context",
+                  "runtime")
+_UPDATE_INDEXES = tuple(EXEC_COLUMNS.index(name) for name in UPDATE_COLUMNS)
+_STAGE_UPDATE_COLUMNS = UPDATE_COLUMNS + ("finished", "prev_seq")
 
 # The slow path, for updates and for a batch whose fast path hit a duplicate:
-# insert new executions unless they exist, update existing ones only where the
-# stored seq is the one the change was computed from, and append the
-# transitions of exactly the executions accepted.
+# insert new executions (whole rows, in stage_exec) unless they exist, update
+# existing ones (only what changes, in stage_upd) only where the stored seq is
+# the one the change was computed from, and append the transitions of exactly
+# the executions accepted.
 _MERGE = """
 WITH inserted AS (
     INSERT INTO ordo.executions (""" + ", ".join(EXEC_COLUMNS) + """, updated_at, finished_at)
     SELECT """ + ", ".join(EXEC_COLUMNS) + """, clock_timestamp(),
            CASE WHEN finished THEN clock_timestamp() END
-    FROM stage_exec WHERE prev_seq = 0
+    FROM stage_exec
     ON CONFLICT (execution_id) DO NOTHING
     RETURNING execution_id
 ), updated AS (
@@ -83,8 +96,8 @@ WITH inserted AS (
         last_stream_seq = s.last_stream_seq, context = s.context, runtime = s.runtime,
         updated_at = clock_timestamp(),
         finished_at = CASE WHEN s.finished THEN clock_timestamp() END
-    FROM stage_exec s
-    WHERE s.prev_seq > 0 AND e.execution_id = s.execution_id AND e.seq = s.prev_seq
+    FROM stage_upd s
+    WHERE e.execution_id = s.execution_id AND e.seq = s.prev_seq
     RETURNING e.execution_id
 ), accepted AS (
     SELECT execution_id FROM inserted UNION ALL SELECT execution_id FROM updated
@@ -202,6 +215,11 @@ class ExecutionChange:
     @property
     def context_json(self) -> str:
         return self.row[_CONTEXT]
+
+    def update_row(self) -> tuple:
+        """The stage_upd row of an update: what changed, and the seq it was computed from."""
+        row = self.row
+        return tuple(row[i] for i in _UPDATE_INDEXES) + (self.finished, self.prev_seq)
 
 
 @dataclass(slots=True)
@@ -488,11 +506,14 @@ class LedgerBatcher:
                     await self._apply_effects(conn, new)
                 elif new:
                     merged = new + updates
-                if merged:
                     await conn.copy_records_to_table(
-                        "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in merged],
+                        "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in new],
                         columns=_STAGE_COLUMNS,
                     )
+                if updates:
+                    await conn.copy_records_to_table(
+                        "stage_upd", records=[c.update_row() for c in updates], columns=_STAGE_UPDATE_COLUMNS)
+                if merged:
                     await conn.copy_records_to_table(
                         "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
                     )
