@@ -44,8 +44,10 @@ class Config:
     #: An execution's context (its variables and step outputs, as JSON) may not
     #: grow past this: the execution that would grow it fails with `context_too_large`.
     max_context_bytes: int = 64 * 1024
-    #: Timers due within this horizon are held in memory; the rest stay on disk.
-    timer_horizon_s: float = 60.0
+    #: Timers due within this horizon are held in memory; the rest stay on disk. Short: each
+    #: load reads the whole horizon, and an action step's deadline timer (30 s by default) is
+    #: replaced by its result long before it comes within a short horizon.
+    timer_horizon_s: float = 5.0
     timer_load_interval_ms: int = 1000
     timer_tick_ms: int = 20
     #: Comma-separated CIDRs the webhook action may reach although they are
