@@ -126,4 +126,4 @@ def _count_action_result(entry, doc: dict, transitions: list) -> None:
         outcome = "error"
     else:
         outcome = "retryable"
-    metrics.actions.labels(action, outcome).inc()
+    metrics.action_outcome(action, outcome).inc()

@@ -76,23 +76,19 @@ class Effects:
         """In-process calls queued or running."""
         return len(self._running)
 
-    def runs_here(self, effects: list) -> bool:
-        """Whether these effects ask for an action that runs in this process."""
-        if self._actions is None:
-            return False
-        return any(kind == "action" and self._actions.get(data["action"], data["major"]) is not None
-                   for kind, data in effects)
-
-    async def carry_out(self, record_tenant: str, execution_id: str, effects: list) -> None:
+    async def carry_out(self, record_tenant: str, execution_id: str, effects: list) -> bool:
+        """Carry out a committed change's effects; True when one is a call that runs in this process."""
+        in_process = False
         for kind, data in effects:
             if kind == "action":
-                await self._action(record_tenant, execution_id, data)
+                in_process |= await self._action(record_tenant, execution_id, data)
             elif kind == "emit":
                 event = data["event"]
                 await publish_stored(self._js, self._topology.trigger_subject(event["tenant"], event["type"]),
                                      orjson.dumps(event), trigger_msg_id(event))
+        return in_process
 
-    async def _action(self, tenant: str, execution_id: str, data: dict) -> None:
+    async def _action(self, tenant: str, execution_id: str, data: dict) -> bool:
         request = contract.request(
             execution_id=execution_id, step_id=data["step_id"], attempt=data["attempt"],
             idempotency_key=data["idempotency_key"], action=data["action"], major=data["major"],
@@ -106,15 +102,14 @@ class Effects:
             subject = self._topology.action_subject(data["action"], data["major"])
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
             await publish_stored(self._js, subject, contract.encode(request), msg_id)
-            return
+            return False
         task = asyncio.get_running_loop().create_task(self._run_in_process(action, request, time.monotonic()))
         self._running.add(task)
         task.add_done_callback(self._call_done)
-        metrics.actions_in_process.set(len(self._running))
+        return True
 
     def _call_done(self, task: asyncio.Task) -> None:
         self._running.discard(task)
-        metrics.actions_in_process.set(len(self._running))
         if self._on_call_done is not None:
             self._on_call_done()
 

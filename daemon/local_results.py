@@ -24,7 +24,7 @@ from actions import contract
 class LocalResult:
     """An in-process action's result travelling through the pipeline in place of a stream message."""
 
-    __slots__ = ("key", "data", "result_at")
+    __slots__ = ("key", "result", "result_at")
     kind = "local_result"
     subject = "local"
     stream = "local"
@@ -35,7 +35,11 @@ class LocalResult:
 
     def __init__(self, result: dict):
         self.key = result["execution_id"]
-        #: The result as the execution's subject would carry it: what a dead letter keeps.
-        self.data = contract.encode(result)
+        self.result = result
         #: time.monotonic() when the result became available (the apply stage of an action step).
         self.result_at = time.monotonic()
+
+    @property
+    def data(self) -> bytes:
+        """The result as the execution's subject would carry it: what a dead letter keeps."""
+        return contract.encode(self.result)

@@ -71,6 +71,12 @@ action_stage_seconds = Histogram(
     ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                         10, 30),
 )
+local_results = Counter(
+    "ordo_local_results_total",
+    "In-process action results: applied by this worker (local), or published to the execution's subject because "
+    "it was draining, no longer owned the partition, or its ring was full.",
+    ["outcome"],
+)
 resident_executions = Gauge(
     "ordo_resident_executions", "Executions kept in memory between their messages (waiting for a local result)."
 )
@@ -135,6 +141,17 @@ injected_faults = Counter(
     ["kind"],
 )
 
+_action_outcomes: dict = {}
+
+
+def action_outcome(action: str, outcome: str):
+    """ordo_actions_total's child for (action, outcome), bound once: `.labels()` per result showed in profiles."""
+    child = _action_outcomes.get((action, outcome))
+    if child is None:
+        child = _action_outcomes[(action, outcome)] = actions.labels(action, outcome)
+    return child
+
+
 # Children bound once: `.labels()` on every message showed up in profiles.
 enrolled = enrolments.labels("enrolled")
 deduplicated = enrolments.labels("deduplicated")
@@ -142,6 +159,10 @@ exec_applied = exec_messages.labels("applied")
 exec_duplicate = exec_messages.labels("duplicate")
 fetch_triggers_seconds = fetch_seconds.labels("triggers")
 fetch_exec_seconds = fetch_seconds.labels("exec")
+local_applied = local_results.labels("local")
+local_published_draining = local_results.labels("published_draining")
+local_published_not_owner = local_results.labels("published_not_owner")
+local_published_ring_full = local_results.labels("published_ring_full")
 read_resident = resident_reads.labels("memory")
 read_ledger = resident_reads.labels("ledger")
 

@@ -35,8 +35,8 @@ import nats
 import nats.errors
 
 from hotpath import OrderingRing
-from hotpath.dispatcher import WAIT_ACTION
 from hotpath.envelope import BadMessage, decode_exec
+from hotpath.vocabulary import WAIT_ACTION
 from ledger import executions, workflows
 from ledger.batcher import CONNECTION_ERRORS, Fenced, LedgerBatcher, Unit
 from ledger.schema import require_current
@@ -500,12 +500,16 @@ class Worker:
         a result that finds it full is published too.
         """
         if self.stopping.is_set():
+            metrics.local_published_draining.inc()
             return False
         if not self._owns(partition_of(result["execution_id"], self.config.partitions)):
+            metrics.local_published_not_owner.inc()
             return False
         source = LocalResult(result)
         if not self.ring.push(source.key, (source, result)):
+            metrics.local_published_ring_full.inc()
             return False
+        metrics.local_applied.inc()
         self._in_flight += 1  # settled like a message: memory stays bounded by the same window
         self._ring_ready.set()
         return True
@@ -631,10 +635,11 @@ class Worker:
                     # action step's deadline timer usually is not: its result replaced it).
                     if fire_at_ms <= self.clock_ms() + self._timers_from_commits_ms:
                         self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
-                if change.after_commit:
-                    # Kept before the call starts: its result may be dispatched as soon as this unit settles.
+                if change.after_commit and await self.effects.carry_out(change.row[1], change.execution_id,
+                                                                        change.after_commit):
+                    # The call runs here and its result will be applied here. (The call has not
+                    # started: its task runs at the next turn of the loop, after this.)
                     self._keep_resident(change)
-                    await self.effects.carry_out(change.row[1], change.execution_id, change.after_commit)
             kind = source.kind
             if kind == "trigger_part":  # an event of a trigger batch: the message is acked after its last
                 self._release(1)
@@ -678,12 +683,12 @@ class Worker:
         metrics.action_call_timings.flush()
         metrics.action_apply_timings.flush()
         metrics.resident_executions.set(len(self.resident))
+        metrics.actions_in_process.set(self.effects.pending)
 
     def _keep_resident(self, change) -> None:
         """Keep a committed execution in memory while it waits for an action that runs here."""
         record = change.record
-        if (record is None or record.state.waiting != WAIT_ACTION or not self._owns(change.partition)
-                or not self.effects.runs_here(change.after_commit)):
+        if record is None or record.state.waiting != WAIT_ACTION or not self._owns(change.partition):
             return
         record.committed(change)
         self.resident.keep(record)
