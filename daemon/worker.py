@@ -635,8 +635,8 @@ class Worker:
                     # action step's deadline timer usually is not: its result replaced it).
                     if fire_at_ms <= self.clock_ms() + self._timers_from_commits_ms:
                         self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
-                if change.after_commit and await self.effects.carry_out(change.row[1], change.execution_id,
-                                                                        change.after_commit):
+                if change.after_commit and self.effects.carry_out(change.row[1], change.execution_id,
+                                                                  change.after_commit):
                     # The call runs here and its result will be applied here. (The call has not
                     # started: its task runs at the next turn of the loop, after this.)
                     self._keep_resident(change)
@@ -665,6 +665,7 @@ class Worker:
                     first_ack = time.monotonic()
                 replies.append((source.reply, b"+ACK"))
             self._settled(source)
+        await self.effects.publish_queued()  # before the acks: what the batch asked for is in JetStream
         await self._reply_all(replies)
         if redo:
             await self._apply_again(redo)
