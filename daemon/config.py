@@ -65,10 +65,6 @@ class Config:
     inject_faults: str = ""
     data_dir: str = ".ordo"
 
-    @property
-    def stream_prefix(self) -> str:
-        return self.prefix.upper().replace(".", "_").replace("-", "_")
-
     def with_(self, **changes) -> "Config":
         return replace(self, **changes)
 
