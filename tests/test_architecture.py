@@ -1,6 +1,7 @@
 """The layers only point down: `lint-imports` checks the contracts in pyproject.toml, as a test, so that CI runs it.
 
-The contracts are issue #20's. The tool runs from the repository root, as a developer would;
+The contracts (issue #20) are explained in ARCHITECTURE.md, which must list
+the same ones. The tool runs from the repository root, as a developer would;
 the test skips, saying why, when import-linter is not installed
 (`pip install -e '.[test]'` brings it).
 """
@@ -8,6 +9,7 @@ the test skips, saying why, when import-linter is not installed
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -35,3 +37,9 @@ def test_the_import_contracts_are_kept():
     assert result.returncode == 0, f"`lint-imports` failed:\n{result.stdout}{result.stderr}"
     assert f"Contracts: {len(contracts())} kept, 0 broken." in result.stdout, result.stdout
 
+
+def test_architecture_md_lists_exactly_the_contracts():
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    section = text.split("## Contracts", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- \*\*(.+?)\*\*", section, flags=re.MULTILINE)
+    assert listed == [contract["name"] for contract in contracts()]
