@@ -38,13 +38,12 @@ import nats.errors
 import nats.js.api as jsapi
 from nats.js.errors import BadRequestError, NotFoundError
 
-from daemon import logs
-from daemon.config import Config
-from daemon.pull import Delivery, PullConsumer
-from daemon.topology import Topology
 from hotpath.envelope import BadMessage
 
+from . import logs
 from .contract import Action, ActionContext, ActionError, decode_request, encode, invoke, result_error, result_msg_id
+from .settings import Settings
+from .transport import Delivery, PullConsumer, Subjects
 
 log = logging.getLogger("ordo.actions.worker")
 
@@ -131,8 +130,7 @@ class ActionWorker:
             raise ValueError(f"an action is listed twice: {keys}")
         self.nats_url = nats_url
         # The partition count must be the engine's: it decides the subject a result goes to.
-        self.topology = Topology(Config(nats_url=nats_url, prefix=prefix, partitions=partitions,
-                                        max_message_bytes=max_message_bytes))
+        self.subjects = Subjects(prefix, partitions)
         self.actions = list(actions)
         self.concurrency = concurrency
         self.max_message_bytes = max_message_bytes
@@ -149,7 +147,7 @@ class ActionWorker:
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
-    def from_config(cls, config: Config, actions: list[Action], **settings) -> ActionWorker:
+    def from_config(cls, config: Settings, actions: list[Action], **settings) -> ActionWorker:
         settings.setdefault("max_message_bytes", config.max_message_bytes)
         return cls(config.nats_url, prefix=config.prefix, partitions=config.partitions, actions=actions,
                    **settings)
@@ -193,7 +191,7 @@ class ActionWorker:
 
     async def _wait_for_stream(self, stop: asyncio.Event) -> bool:
         """The engine creates the streams; a worker started first waits for them."""
-        stream = self.topology.actions_stream
+        stream = self.subjects.actions_stream
         warned = False
         while not stop.is_set():
             try:
@@ -210,8 +208,8 @@ class ActionWorker:
         return False
 
     async def _consumer(self, item: Action) -> PullConsumer:
-        stream = self.topology.actions_stream
-        durable = self.topology.action_consumer(item.name, item.major)
+        stream = self.subjects.actions_stream
+        durable = self.subjects.action_consumer(item.name, item.major)
         config = jsapi.ConsumerConfig(
             durable_name=durable,
             ack_policy=jsapi.AckPolicy.EXPLICIT,
@@ -221,7 +219,7 @@ class ActionWorker:
             # terminated by a worker as malformed (and dead-lettered).
             max_deliver=-1,
             max_ack_pending=self.max_ack_pending,
-            filter_subject=self.topology.action_subject(item.name, item.major),
+            filter_subject=self.subjects.action_subject(item.name, item.major),
             max_waiting=512,
         )
         try:
@@ -340,7 +338,7 @@ class ActionWorker:
 
     async def _publish_result(self, result: dict, request: dict) -> bool:
         """Publish onto the execution's subject and wait for the PubAck (retried, bounded by ack_wait)."""
-        subject = self.topology.exec_subject(request["execution_id"])
+        subject = self.subjects.exec_subject(request["execution_id"])
         headers = {"Nats-Msg-Id": result_msg_id(result)}
         try:
             body = encode(result)
@@ -378,7 +376,7 @@ class ActionWorker:
             "Ordo-Source": f"{delivery.stream}:{delivery.stream_seq}",
         }
         try:
-            await self._js.publish(self.topology.dlq_subject(exc.reason), delivery.data, headers=headers, timeout=5)
+            await self._js.publish(self.subjects.dlq_subject(exc.reason), delivery.data, headers=headers, timeout=5)
         except Exception as err:  # the stream copy is best effort; the log and the count are not
             log.warning("rejected request not copied to the DLQ stream: %s", err, extra=logs.failure("dlq_copy", err))
         await self._settle(delivery, b"+TERM")

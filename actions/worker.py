@@ -11,9 +11,10 @@ webhook), which are served only when named by `--action NAME@MAJOR`. Without
 `--action`, every action of the given modules is served.
 
 NATS and naming come from the Ordo configuration (ORDO_NATS_URL, ORDO_PREFIX,
-ORDO_PARTITIONS, ... or the TOML file, see daemon/config.py); the partition
-count must be the engine's. SIGTERM or SIGINT stops pulling, lets the requests
-in flight finish (at most --drain-timeout seconds) and exits.
+ORDO_PARTITIONS, ... or the TOML file, see actions/settings.py; the engine's
+own settings in the file are ignored); the partition count must be the
+engine's. SIGTERM or SIGINT stops pulling, lets the requests in flight finish
+(at most --drain-timeout seconds) and exits.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ import sys
 
 import uvloop
 
-from daemon import config as config_module
-from daemon.logs import configure as configure_logs
-
+from . import settings
 from .contract import Action, default_registry
+from .logs import configure as configure_logs
 from .sdk import ActionWorker
 
 log = logging.getLogger("ordo.actions.worker")
@@ -68,7 +68,7 @@ def parse_action(text: str) -> tuple[str, int]:
 
 def select(args, config) -> list[Action]:
     allow = list(args.webhook_allow)
-    allow += [c.strip() for c in getattr(config, "webhook_allow", "").split(",") if c.strip()]
+    allow += [c.strip() for c in config.webhook_allow.split(",") if c.strip()]
     builtins = {(a.name, a.major): a for a in default_registry(webhook_allow=[
         ipaddress.ip_network(c, strict=False) for c in allow])}
     offered: dict[tuple[str, int], Action] = {}
@@ -116,7 +116,7 @@ async def serve(worker: ActionWorker) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_module.load()
+    config = settings.load(strict=False)
     configure_logs(config.log_level)
     if not config.nats_url:
         raise SystemExit("ORDO_NATS_URL is not set (or nats_url in the configuration file)")

@@ -1,6 +1,6 @@
 """The trigger generator: publishes trigger events the way a Triggers service does.
 
-Used by `ordo dev --demo`, the bench scenarios and the end-to-end tests. Every
+Used by the bench scenarios and the end-to-end tests. Every
 event sets `Nats-Msg-Id` to its event id (JetStream's duplicate window drops
 an exact re-publish) and carries `ts`, its intended send time in epoch ms, so
 that latency is measured from when the event was due, not when it went out.

