@@ -25,6 +25,11 @@ ORDER BY id
 FOR UPDATE SKIP LOCKED
 """
 
+_OPEN_OF_EXECUTION = """
+SELECT id, at, reason, error, step_id, attempts FROM ordo.dead_letters
+WHERE execution_id = $1::uuid AND status = 'open' ORDER BY id
+"""
+
 _RETRIED = "UPDATE ordo.dead_letters SET status = 'retried', retried_at = now() WHERE id = $1"
 
 
@@ -50,3 +55,8 @@ async def pick_for_retry(conn, letter_id: int | None, reason: str | None, tenant
 async def mark_retried(conn, letter_id: int) -> None:
     """The letter was retried: it is no longer open, so it is not retried twice."""
     await conn.execute(_RETRIED, letter_id)
+
+
+async def open_of_execution(conn, execution_id: str) -> list:
+    """The execution's open letters, oldest first: id, at, reason, error, step_id, attempts."""
+    return await conn.fetch(_OPEN_OF_EXECUTION, execution_id)
