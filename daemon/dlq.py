@@ -14,17 +14,12 @@ A retried letter is marked `retried`, so `--all` does not retry it twice.
 
 import orjson
 
-_LIST = """
-SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, batch_index, error
-FROM ordo.dead_letters
-WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR tenant = $2)
-ORDER BY id LIMIT $3
-"""
+from ledger import dead_letters
 
 
 async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str]:
     lines = []
-    for r in await conn.fetch(_LIST, reason, tenant, limit):
+    for r in await dead_letters.open_letters(conn, reason, tenant, limit):
         if r["step_id"]:
             where = f"{r['execution_id']} step {r['step_id']}"
         else:  # a message, or one event of a trigger batch message
@@ -35,9 +30,7 @@ async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str
 
 
 async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
-    r = await conn.fetchrow(
-        "SELECT * FROM ordo.dead_letters WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)", letter_id, tenant
-    )
+    r = await dead_letters.letter(conn, letter_id, tenant)
     if r is None:
         return None
     payload = bytes(r["payload"])
@@ -58,24 +51,11 @@ async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
     return "\n".join(lines)
 
 
-_PICK = """
-SELECT id, reason, execution_id::text, step_id, subject, payload
-FROM ordo.dead_letters
-WHERE status = 'open'
-  AND ($1::bigint IS NULL OR id = $1)
-  AND ($2::text IS NULL OR reason = $2)
-  AND ($3::text IS NULL OR tenant = $3)
-  AND ($4::text IS NULL OR (reason = 'step_failed' AND convert_from(payload, 'UTF8')::jsonb->>'action' = $4))
-ORDER BY id
-FOR UPDATE SKIP LOCKED
-"""
-
-
 async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None) -> list[str]:
     """Retry open letters (one by id, or all that match); returns a line per letter."""
     done = []
     async with conn.transaction():
-        for r in await conn.fetch(_PICK, letter_id, reason, tenant, action):
+        for r in await dead_letters.pick_for_retry(conn, letter_id, reason, tenant, action):
             if r["reason"] == "step_failed" and r["execution_id"]:
                 body = {"v": 1, "kind": "retry", "execution_id": r["execution_id"], "step_id": r["step_id"]}
                 await js.publish(topology.exec_subject(r["execution_id"]), orjson.dumps(body),
@@ -87,7 +67,5 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
             else:
                 done.append(f"{r['id']}: nothing to retry it with (no subject)")
                 continue
-            await conn.execute(
-                "UPDATE ordo.dead_letters SET status = 'retried', retried_at = now() WHERE id = $1", r["id"]
-            )
+            await dead_letters.mark_retried(conn, r["id"])
     return done

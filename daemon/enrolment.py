@@ -27,6 +27,7 @@ import orjson
 
 from hotpath import ExecutionState, advance
 from hotpath.envelope import BadEvent, BadMessage, decode_triggers
+from ledger import event_waits
 from ledger.batcher import Unit
 from ledger.executions import ExecutionRecord, take_effects
 
@@ -35,12 +36,6 @@ from .config import Config
 from .topology import Topology, execution_id_for, partition_of
 
 log = logging.getLogger("ordo.enrolment")
-
-_WAITING_FOR = """
-SELECT w.execution_id::text, k.i
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) AS k(tenant, contact_id, event_type, i)
-JOIN ordo.event_waits w USING (tenant, contact_id, event_type)
-"""
 
 
 class BatchPart:
@@ -111,9 +106,8 @@ async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
     """(execution id, event) for every execution waiting for one of these events."""
     if not events:
         return []
-    columns = ([e["tenant"] for e in events], [str(e["contact"]["id"]) for e in events],
-               [e["type"] for e in events], list(range(len(events))))
-    return [(execution_id, events[i]) for execution_id, i in await conn.fetch(_WAITING_FOR, *columns)]
+    columns = ([e["tenant"] for e in events], [str(e["contact"]["id"]) for e in events], [e["type"] for e in events])
+    return [(execution_id, events[i]) for execution_id, i in await event_waits.waiting(conn, *columns)]
 
 
 def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:

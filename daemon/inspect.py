@@ -11,21 +11,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-_EXECUTION = """
-SELECT execution_id::text, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
-       status, seq, pc, steps, waiting, runtime, context, created_at, updated_at, finished_at
-FROM ordo.executions WHERE execution_id = $1::uuid
-"""
-_TRANSITIONS = """
-SELECT seq, step_id, kind, at, detail, source_seq
-FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
-"""
-_TIMER = "SELECT timer_id, fire_at, purpose, step_id FROM ordo.timers WHERE execution_id = $1::uuid"
-_WAIT = "SELECT event_type, step_id FROM ordo.event_waits WHERE execution_id = $1::uuid"
-_LETTERS = """
-SELECT id, at, reason, error, step_id, attempts FROM ordo.dead_letters
-WHERE execution_id = $1::uuid AND status = 'open' ORDER BY id
-"""
+from ledger import dead_letters, event_waits, history, timers
 
 #: Where each transition kind keeps the data that went in or came out (digested, not shown).
 _INPUT = {"signal": "data", "event_received": "data"}
@@ -80,13 +66,13 @@ async def inspect(conn, execution_id: str) -> dict | None:
     if snapshot is not None:
         await snapshot.start()
     try:
-        ex = await conn.fetchrow(_EXECUTION, execution_id)
+        ex = await history.execution(conn, execution_id)
         if ex is None:
             return None
-        transitions = await conn.fetch(_TRANSITIONS, execution_id)
-        timer = await conn.fetchrow(_TIMER, execution_id)
-        wait = await conn.fetchrow(_WAIT, execution_id)
-        letters = await conn.fetch(_LETTERS, execution_id)
+        transitions = await history.transitions(conn, execution_id)
+        timer = await timers.of_execution(conn, execution_id)
+        wait = await event_waits.of_execution(conn, execution_id)
+        letters = await dead_letters.open_of_execution(conn, execution_id)
     finally:
         if snapshot is not None:
             await snapshot.rollback()  # read-only: nothing to keep

@@ -1,6 +1,7 @@
 """Who owns which partition: leases in the ledger, fenced by epochs.
 
-No home-made consensus: Postgres row locks decide every race. Each round
+No home-made consensus: Postgres row locks decide every race (the statements
+are in ledger/leases.py; this decides when to run which). Each round
 (every `lease_renew_s`) a worker
 
 1. heartbeats (`ordo.workers`) and counts the live workers (heartbeat within
@@ -20,37 +21,7 @@ lease_ttl_s + lease_renew_s.
 
 import math
 
-_HEARTBEAT = """
-INSERT INTO ordo.workers (name) VALUES ($1)
-ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()
-"""
-
-_LIVE = "SELECT count(*) FROM ordo.workers WHERE heartbeat_at > now() - make_interval(secs => $1)"
-
-_RENEW = """
-UPDATE ordo.partitions p SET lease_until = now() + make_interval(secs => $2)
-FROM unnest($3::int[], $4::bigint[]) AS h(partition, epoch)
-WHERE p.partition = h.partition AND p.epoch = h.epoch AND p.owner = $1
-RETURNING p.partition
-"""
-
-_CLAIM = """
-UPDATE ordo.partitions p
-SET epoch = p.epoch + 1, owner = $1, claimed_at = now(), lease_until = now() + make_interval(secs => $2),
-    -- A watermark of another incarnation of the stream means nothing here: start over.
-    watermark = CASE WHEN p.stream_created IS DISTINCT FROM $5 THEN 0 ELSE p.watermark END,
-    stream_created = $5
-FROM (SELECT partition FROM ordo.partitions
-      WHERE partition < $4 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now())
-      ORDER BY partition LIMIT $3 FOR UPDATE SKIP LOCKED) free
-WHERE p.partition = free.partition
-RETURNING p.partition, p.epoch, p.watermark
-"""
-
-_RELEASE = """
-UPDATE ordo.partitions SET owner = NULL, lease_until = NULL
-WHERE partition = $2 AND owner = $1 AND epoch = $3
-"""
+from ledger import leases
 
 
 class Ownership:
@@ -63,14 +34,11 @@ class Ownership:
         self.owned: dict[int, int] = {}
 
     async def prepare(self, conn) -> None:
-        await conn.execute(
-            "INSERT INTO ordo.partitions (partition) SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING",
-            self.partitions,
-        )
+        await leases.create_partitions(conn, self.partitions)
 
     async def fair_share(self, conn) -> int:
-        await conn.execute(_HEARTBEAT, self.name)
-        live = max(1, await conn.fetchval(_LIVE, self.ttl))
+        await leases.heartbeat(conn, self.name)
+        live = max(1, await leases.live_workers(conn, self.ttl))
         return math.ceil(self.partitions / live)
 
     async def renew_leases(self, conn) -> list[int]:
@@ -78,7 +46,7 @@ class Ownership:
         if not self.owned:
             return []
         held = list(self.owned)
-        kept = {r[0] for r in await conn.fetch(_RENEW, self.name, self.ttl, held, [self.owned[p] for p in held])}
+        kept = await leases.renew(conn, self.name, self.ttl, held, [self.owned[p] for p in held])
         lost = [p for p in held if p not in kept]
         for p in lost:
             del self.owned[p]
@@ -92,8 +60,7 @@ class Ownership:
         wanted = share - len(self.owned)
         if wanted <= 0:
             return {}
-        rows = await conn.fetch(_CLAIM, self.name, self.ttl, wanted, self.partitions, stream_created)
-        gained = {r["partition"]: (r["epoch"], r["watermark"]) for r in rows}
+        gained = await leases.claim(conn, self.name, self.ttl, wanted, self.partitions, stream_created)
         for p, (epoch, _) in gained.items():
             self.owned[p] = epoch
         return gained
@@ -106,10 +73,10 @@ class Ownership:
     async def release(self, conn, partition: int) -> None:
         epoch = self.owned.pop(partition, None)
         if epoch is not None:
-            await conn.execute(_RELEASE, self.name, partition, epoch)
+            await leases.release(conn, self.name, partition, epoch)
 
     async def leave(self, conn) -> None:
         """On a clean exit: give every partition back at once and stop counting as live."""
         for partition in list(self.owned):
             await self.release(conn, partition)
-        await conn.execute("DELETE FROM ordo.workers WHERE name = $1", self.name)
+        await leases.forget_worker(conn, self.name)

@@ -33,26 +33,7 @@ import orjson
 from hotpath import ExecutionState, Program, advance
 from hotpath.definition import DefinitionError, validate
 from hotpath.durations import parse_duration
-
-_EXECUTION = """
-SELECT execution_id::text, tenant, workflow_id, workflow_version, status, seq, pc, waiting,
-       context, contact, event, runtime
-FROM ordo.executions WHERE execution_id = $1::uuid
-"""
-_TRANSITIONS = """
-SELECT seq, step_id, kind, (extract(epoch FROM at) * 1000)::bigint AS at_ms, detail, source_seq
-FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
-"""
-_DEFINITION = "SELECT definition FROM ordo.workflows WHERE tenant = $1 AND workflow_id = $2 AND version = $3"
-# Picked by Postgres (the ids of a busy workflow's executions do not all travel): at random, or
-# in a pseudo-random order fixed by a seed so that a sample can be taken again.
-_FINISHED = """
-SELECT execution_id::text FROM ordo.executions
-WHERE workflow_id = $1 AND ($2::text IS NULL OR tenant = $2)
-  AND status IN ('completed', 'failed', 'cancelled')
-ORDER BY CASE WHEN $3::text IS NULL THEN random()::text ELSE md5(execution_id::text || $3) END
-LIMIT $4
-"""
+from ledger import history
 
 #: Transitions that an input made first; every other transition follows one of these in the same advance.
 _HEADS = frozenset((
@@ -315,27 +296,22 @@ def _program(definition: dict):
     return Program(definition)
 
 
-async def _definition(conn, tenant: str, workflow_id: str, version: int) -> dict | None:
-    raw = await conn.fetchval(_DEFINITION, tenant, workflow_id, version)
-    return None if raw is None else orjson.loads(raw)
-
-
 async def replay(conn, execution_id: str, definition: dict | int | None = None) -> ReplayResult:
     """Re-run one execution's recorded inputs against `definition` and compare the decisions.
 
     `definition`: None for the version it ran on, an int for another deployed version of its
     workflow, or a definition (dict) that need not be deployed.
     """
-    row = await conn.fetchrow(_EXECUTION, execution_id)
+    row = await history.trigger_and_state(conn, execution_id)
     if row is None:
         return ReplayResult(execution_id, "", 0, None, error=f"no execution {execution_id}")
     tenant, workflow_id, recorded_version = row["tenant"], row["workflow_id"], row["workflow_version"]
     result = ReplayResult(execution_id, workflow_id, recorded_version, None)
-    recorded_definition = await _definition(conn, tenant, workflow_id, recorded_version)
+    recorded_definition = await history.definition(conn, tenant, workflow_id, recorded_version)
     if definition is None or isinstance(definition, int):
         result.replayed_version = recorded_version if definition is None else definition
         candidate = (recorded_definition if definition is None
-                     else await _definition(conn, tenant, workflow_id, definition))
+                     else await history.definition(conn, tenant, workflow_id, definition))
         if candidate is None:
             result.error = f"workflow {tenant}/{workflow_id} v{result.replayed_version} is not deployed"
             return result
@@ -349,7 +325,7 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     transitions = [
         {"seq": r["seq"], "step_id": r["step_id"], "kind": r["kind"], "at_ms": r["at_ms"],
          "detail": orjson.loads(r["detail"]) if r["detail"] else None, "source_seq": r["source_seq"]}
-        for r in await conn.fetch(_TRANSITIONS, execution_id)
+        for r in await history.transitions_ms(conn, execution_id)
     ]
     inputs, result.incomplete_history = inputs_of(transitions)
     clock_of(inputs, transitions, recorded_definition or {})
@@ -384,8 +360,7 @@ async def replay_sample(conn, tenant: str | None, workflow_id: str, n: int,
     where executions first diverged, most frequent first (the recorded side's, or the replayed
     side's where the recorded history had ended).
     """
-    seed_text = None if seed is None else str(seed)
-    picked = [r[0] for r in await conn.fetch(_FINISHED, workflow_id, tenant, seed_text, n)]
+    picked = await history.finished_sample(conn, workflow_id, tenant, n, seed)
     outcomes: Counter = Counter()
     points: Counter = Counter()
     examples: dict = {}

@@ -10,13 +10,7 @@ what makes it fire once across restarts.
 
 import heapq
 
-_LOAD = """
-SELECT execution_id::text, timer_id, (extract(epoch FROM fire_at) * 1000)::bigint, partition
-FROM ordo.timers
-WHERE partition = ANY($1::int[]) AND fire_at <= to_timestamp($2 / 1000.0)
-ORDER BY fire_at
-LIMIT $3
-"""
+from ledger import timers as ledger_timers
 
 
 class TimerFire:
@@ -65,8 +59,8 @@ class DueTimers:
         if not self.partitions:
             return 0
         added = 0
-        for execution_id, timer_id, fire_at_ms, partition in await conn.fetch(
-            _LOAD, list(self.partitions), now_ms + self.horizon_ms, self.load_limit
+        for execution_id, timer_id, fire_at_ms, partition in await ledger_timers.due(
+            conn, list(self.partitions), now_ms + self.horizon_ms, self.load_limit
         ):
             added += self.add(execution_id, timer_id, fire_at_ms, partition)
         return added

@@ -1,0 +1,72 @@
+"""An execution's history read back for the operator tools (`ordo inspect`, `ordo replay`).
+
+Read-only: the row as last committed, its transitions in seq order, the
+definition it ran on, and samples of finished executions to replay. The
+worker's own reads are in ledger/executions.py.
+"""
+
+import orjson
+
+_EXECUTION = """
+SELECT execution_id::text, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
+       status, seq, pc, steps, waiting, runtime, context, created_at, updated_at, finished_at
+FROM ordo.executions WHERE execution_id = $1::uuid
+"""
+_TRANSITIONS = """
+SELECT seq, step_id, kind, at, detail, source_seq
+FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
+"""
+_TRIGGER_AND_STATE = """
+SELECT execution_id::text, tenant, workflow_id, workflow_version, status, seq, pc, waiting,
+       context, contact, event, runtime
+FROM ordo.executions WHERE execution_id = $1::uuid
+"""
+_TRANSITIONS_MS = """
+SELECT seq, step_id, kind, (extract(epoch FROM at) * 1000)::bigint AS at_ms, detail, source_seq
+FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
+"""
+_DEFINITION = "SELECT definition FROM ordo.workflows WHERE tenant = $1 AND workflow_id = $2 AND version = $3"
+# Picked by Postgres (the ids of a busy workflow's executions do not all travel): at random, or
+# in a pseudo-random order fixed by a seed so that a sample can be taken again.
+_FINISHED = """
+SELECT execution_id::text FROM ordo.executions
+WHERE workflow_id = $1 AND ($2::text IS NULL OR tenant = $2)
+  AND status IN ('completed', 'failed', 'cancelled')
+ORDER BY CASE WHEN $3::text IS NULL THEN random()::text ELSE md5(execution_id::text || $3) END
+LIMIT $4
+"""
+
+
+async def execution(conn, execution_id: str):
+    """The execution's row as an operator reads it (identity, status, state, times), or None."""
+    return await conn.fetchrow(_EXECUTION, execution_id)
+
+
+async def transitions(conn, execution_id: str) -> list:
+    """The execution's transitions in seq order: seq, step_id, kind, at, detail (JSON text), source_seq."""
+    return await conn.fetch(_TRANSITIONS, execution_id)
+
+
+async def trigger_and_state(conn, execution_id: str):
+    """What a replay starts from and ends at: the trigger (contact, event) and the stored state, or None."""
+    return await conn.fetchrow(_TRIGGER_AND_STATE, execution_id)
+
+
+async def transitions_ms(conn, execution_id: str) -> list:
+    """The execution's transitions in seq order, with `at` as epoch milliseconds (`at_ms`) in place of `at`."""
+    return await conn.fetch(_TRANSITIONS_MS, execution_id)
+
+
+async def definition(conn, tenant: str, workflow_id: str, version: int) -> dict | None:
+    """One deployed version of a workflow's definition, or None if it was never deployed."""
+    raw = await conn.fetchval(_DEFINITION, tenant, workflow_id, version)
+    return None if raw is None else orjson.loads(raw)
+
+
+async def finished_sample(conn, workflow_id: str, tenant: str | None, n: int, seed: int | None = None) -> list[str]:
+    """The ids of up to `n` finished executions of a workflow (of any tenant for None), picked at random.
+
+    The same `seed` picks the same sample again.
+    """
+    seed_text = None if seed is None else str(seed)
+    return [r[0] for r in await conn.fetch(_FINISHED, workflow_id, tenant, seed_text, n)]
