@@ -48,9 +48,11 @@ class Config(Settings):
     timer_horizon_s: float = 5.0
     timer_load_interval_ms: int = 1000
     timer_tick_ms: int = 20
-    #: In-process action calls (webhook, log, ...) run at most this many at a time;
-    #: fetching pauses while twice as many are queued or running.
+    #: In-process calls of one action (webhook, log, ...) that may run at once, to begin with;
+    #: each action's limit then follows its latency (daemon/call_limits.py), up to
+    #: action_concurrency_max. Fetching pauses while twice the limits are queued or running.
     action_concurrency: int = 256
+    action_concurrency_max: int = 4096
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"

@@ -5,11 +5,14 @@ crash can repeat them but never run one whose cause was lost. Every action
 call carries the step's idempotency key (the same on every retry); an action
 whose request or result is lost is retried when its deadline timer fires.
 
-In-process actions (the registry's) run as tasks of this worker, at most
-`concurrency` at a time. Their intake is bounded by the worker: while calls
-are pending, it fetches only while its messages in flight (each can start at
-most one call) and the pending calls stay under `backlog`, so a burst waits in
-JetStream rather than in memory with its deadlines running. A call still
+In-process actions (the registry's) run as tasks of this worker, each action
+at most its own limit at a time (daemon/call_limits.py: it starts at
+`concurrency` and follows the action's latency, up to `concurrency_max`).
+Their intake is bounded by the worker: while calls are pending, it fetches
+only while its messages in flight (each can start at most one call) and the
+pending calls stay under `backlog` (twice the limits, so that a limit that
+grows can be fed), so a burst waits in JetStream rather than in memory with
+its deadlines running. A call still
 queued when its deadline passes is not made at all: its step's deadline timer
 has retried it (or will), and a late call would only be a duplicate. Any other
 action is requested on `<prefix>.actions.<name>.v<major>` for external action
@@ -31,6 +34,7 @@ import orjson
 from actions import contract
 
 from . import logs, metrics
+from .call_limits import CallLimits
 from .topology import Topology, trigger_msg_id
 
 log = logging.getLogger("ordo.effects")
@@ -58,15 +62,22 @@ async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
         delay = min(delay * 2, 1.0)
 
 
+def _export_limit(action: str, major: int, limit: int) -> None:
+    metrics.action_concurrency_limit.labels(f"{action}@{major}").set(limit)
+
+
 class Effects:
     def __init__(self, js, topology: Topology, actions=None, *, concurrency: int = 256, backlog: int = 512,
-                 on_call_done=None, apply_locally=None):
+                 concurrency_max: int | None = None, on_call_done=None, apply_locally=None):
         self._js = js
         self._topology = topology
         self._actions = actions  # an actions.contract.ActionRegistry, or None
-        self._slots = asyncio.Semaphore(concurrency)
+        most = concurrency if concurrency_max is None else max(concurrency, concurrency_max)
+        self.limits = CallLimits(concurrency, minimum=concurrency, maximum=most,
+                                 on_change=_export_limit)
         self._running: set = set()
-        self.backlog = backlog
+        self._backlog = backlog
+        self._most_pending = max(backlog, 2 * most)
         self._on_call_done = on_call_done
         #: result -> bool: the worker takes an in-process result itself (True) or it is published.
         self._apply_locally = apply_locally
@@ -77,6 +88,11 @@ class Effects:
     def pending(self) -> int:
         """In-process calls queued or running."""
         return len(self._running)
+
+    @property
+    def backlog(self) -> int:
+        """Pending calls past which new work waits in JetStream: twice what the limits let run now."""
+        return min(self._most_pending, max(self._backlog, 2 * self.limits.total()))
 
     def carry_out(self, record_tenant: str, execution_id: str, effects: list) -> bool:
         """Carry out a committed change's effects; True when one is a call that runs in this process.
@@ -140,14 +156,20 @@ class Effects:
             self._on_call_done()
 
     async def _run_in_process(self, action, request: dict, requested_at: float) -> None:
-        async with self._slots:
+        slots = self.limits.of(action.name, action.major)
+        await slots.acquire()
+        took = None
+        try:
             if time.time() * 1000 >= request["deadline"]:
                 metrics.actions_expired_queued.labels(request["action"]).inc()
                 return
             started = time.monotonic()
             result = await contract.invoke(action, contract.ActionContext.from_request(request, log), request["input"])
+            took = time.monotonic() - started
             metrics.action_queued_timings.add(started - requested_at)
-            metrics.action_call_timings.add(time.monotonic() - started)
+            metrics.action_call_timings.add(took)
+        finally:
+            slots.release(took)
         if self._apply_locally is not None and self._apply_locally(result):
             return
         await self.publish_result(result)

@@ -58,6 +58,11 @@ actions = Counter(
     "ordo_actions_total", "Action results applied, by action and outcome (ok, retryable error, final error, late).",
     ["action", "outcome"],
 )
+action_concurrency_limit = Gauge(
+    "ordo_action_concurrency_limit",
+    "In-process calls of an action that may run at once in this worker, following its latency "
+    "(daemon/call_limits.py).", ["action"],
+)
 actions_in_process = Gauge("ordo_actions_in_process", "In-process action calls queued or running in this worker.")
 actions_expired_queued = Counter(
     "ordo_actions_expired_queued_total",

@@ -145,6 +145,7 @@ class Worker:
             self._actions = _in_process_actions(self.config)
         self.effects = Effects(self._js, self.topology, self._actions, concurrency=self.config.action_concurrency,
                                backlog=2 * self.config.action_concurrency,
+                               concurrency_max=self.config.action_concurrency_max,
                                on_call_done=self._action_call_done, apply_locally=self._take_local_result)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
