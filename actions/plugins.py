@@ -141,18 +141,28 @@ def _source_tree_entry_points() -> list[Plugin] | None:
 
 
 def registry(settings: Settings, specs: str = "") -> ActionRegistry:
-    """The in-process actions: every `ordo.actions` entry point, then the items of `specs` (`action_plugins`)."""
-    return build(declared(specs), settings)
+    """The in-process actions: every `ordo.actions` entry point, then the items of `specs` (`action_plugins`).
+
+    What the engine and the action worker run; logs which actions came from where.
+    """
+    loaded = load_all(declared(specs), settings)
+    by_origin: dict[str, list[str]] = {}
+    for plugin, action in loaded:
+        by_origin.setdefault(plugin.origin, []).append(f"{action.name}@{action.major}")
+    log.info("in-process actions: %s",
+             "; ".join(f"{', '.join(keys)} ({origin})" for origin, keys in by_origin.items()) or "none")
+    return ActionRegistry(action for _, action in loaded)
 
 
 def default_registry(settings: Settings | None = None) -> ActionRegistry:
     """Ordo's own actions alone (noop, log, webhook), whatever else is installed: for tests and tools."""
-    return build(own_entry_points(), settings if settings is not None else Settings())
+    loaded = load_all(own_entry_points(), settings if settings is not None else Settings())
+    return ActionRegistry(action for _, action in loaded)
 
 
-def build(plugins: typing.Iterable[Plugin], settings: Settings) -> ActionRegistry:
-    """Load every plug-in into one registry; PluginError on the first that fails or repeats a name@major."""
-    actions = ActionRegistry()
+def load_all(plugins: typing.Iterable[Plugin], settings: Settings) -> list[tuple[Plugin, Action]]:
+    """Load every plug-in; PluginError on the first that fails or repeats another's name@major."""
+    loaded: list[tuple[Plugin, Action]] = []
     declared_by: dict[tuple[str, int], Plugin] = {}
     for plugin in plugins:
         action = load(plugin, settings)
@@ -160,13 +170,8 @@ def build(plugins: typing.Iterable[Plugin], settings: Settings) -> ActionRegistr
         if key in declared_by:
             raise PluginError(f"{plugin}: action {key[0]}@{key[1]} is already declared by {declared_by[key]}")
         declared_by[key] = plugin
-        actions.register(action)
-    by_origin: dict[str, list[str]] = {}
-    for (name, major), plugin in declared_by.items():
-        by_origin.setdefault(plugin.origin, []).append(f"{name}@{major}")
-    log.info("in-process actions: %s",
-             "; ".join(f"{', '.join(keys)} ({origin})" for origin, keys in by_origin.items()) or "none")
-    return actions
+        loaded.append((plugin, action))
+    return loaded
 
 
 def load(plugin: Plugin, settings: Settings) -> Action:
