@@ -1,5 +1,5 @@
-"""Actions: the contract (contract.py), the built-ins (builtin/), and the SDK for
-external action workers (sdk.py, worker.py). See contract.py for the shapes."""
+"""Actions: the contract (contract.py), the built-ins (builtin/), the plug-in loader (plugins.py), and
+the SDK for external action workers (sdk.py, worker.py). See contract.py for the shapes."""
 
 from .contract import (
     Action,
@@ -8,7 +8,6 @@ from .contract import (
     ActionRegistry,
     decode_request,
     decode_result,
-    default_registry,
     idempotency_key,
     invoke,
     request,
@@ -17,4 +16,4 @@ from .contract import (
 )
 
 __all__ = ["Action", "ActionContext", "ActionError", "ActionRegistry", "decode_request", "decode_result",
-           "default_registry", "idempotency_key", "invoke", "request", "result_error", "result_ok"]
+           "idempotency_key", "invoke", "request", "result_error", "result_ok"]

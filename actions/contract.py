@@ -251,7 +251,8 @@ class ActionRegistry:
     """The actions that run in this process, by (name, major).
 
     The engine asks `get(name, major)`; None means the action is external and
-    its request goes to `Topology.action_subject(name, major)`.
+    its request goes to `Topology.action_subject(name, major)`. Which actions
+    fill it is actions/plugins.py's business (the `ordo.actions` entry points).
     """
 
     __slots__ = ("_actions",)
@@ -285,13 +286,6 @@ class ActionRegistry:
             close = getattr(item, "aclose", None)
             if close is not None:
                 await close()
-
-
-def default_registry(*, webhook_allow: typing.Iterable = ()) -> ActionRegistry:
-    """The built-ins: noop, log and webhook (whose SSRF guard admits `webhook_allow` networks)."""
-    from .builtin import LogAction, NoopAction, WebhookAction
-
-    return ActionRegistry([NoopAction(), LogAction(), WebhookAction(allow=webhook_allow)])
 
 
 async def invoke(action: Action, ctx: ActionContext, input: dict) -> dict:

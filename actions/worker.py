@@ -6,9 +6,11 @@
 
 Actions come from `--module` (a dotted module name or a .py path; its
 `ACTIONS` list, or else every Action object it defines), from `--example`
-(the modules in actions/examples/), and from the built-ins (noop, log,
-webhook), which are served only when named by `--action NAME@MAJOR`. Without
-`--action`, every action of the given modules is served.
+(the modules in actions/examples/), and from the installed plug-ins (the
+`ordo.actions` entry points: the built-ins noop, log and webhook, and any
+installed package's; actions/plugins.py), which are served only when named by
+`--action NAME@MAJOR`. Without `--action`, every action of the given modules
+is served.
 
 NATS and naming come from the Ordo configuration (ORDO_NATS_URL, ORDO_PREFIX,
 ORDO_PARTITIONS, ... or the TOML file, see actions/settings.py; the engine's
@@ -23,7 +25,6 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
-import ipaddress
 import logging
 import os
 import signal
@@ -31,8 +32,8 @@ import sys
 
 import uvloop
 
-from . import settings
-from .contract import Action, default_registry
+from . import plugins, settings
+from .contract import Action
 from .logs import configure as configure_logs
 from .sdk import ActionWorker
 
@@ -67,10 +68,7 @@ def parse_action(text: str) -> tuple[str, int]:
 
 
 def select(args, config) -> list[Action]:
-    allow = list(args.webhook_allow)
-    allow += [c.strip() for c in config.webhook_allow.split(",") if c.strip()]
-    builtins = {(a.name, a.major): a for a in default_registry(webhook_allow=[
-        ipaddress.ip_network(c, strict=False) for c in allow])}
+    """The actions to serve: those of the modules given, or those `--action` names (of the modules or plug-ins)."""
     offered: dict[tuple[str, int], Action] = {}
     for spec in [f"actions.examples.{e}" for e in args.example] + args.module:
         for item in load_module_actions(spec):
@@ -79,11 +77,17 @@ def select(args, config) -> list[Action]:
         if not offered:
             raise SystemExit("nothing to serve: give --module, --example or --action NAME@MAJOR")
         return list(offered.values())
+    # The plug-ins' factories get the settings, with --webhook-allow added to the file's webhook_allow.
+    allow = [c.strip() for c in [*args.webhook_allow, *config.webhook_allow.split(",")] if c.strip()]
+    try:
+        installed = {(a.name, a.major): a for a in plugins.registry(config.with_(webhook_allow=",".join(allow)))}
+    except plugins.PluginError as exc:
+        raise SystemExit(str(exc)) from None
     chosen = []
     for key in args.action:
-        item = offered.get(key) or builtins.get(key)
+        item = offered.get(key) or installed.get(key)
         if item is None:
-            known = ", ".join(f"{n}@{m}" for n, m in sorted(set(offered) | set(builtins)))
+            known = ", ".join(f"{n}@{m}" for n, m in sorted(set(offered) | set(installed)))
             raise SystemExit(f"no action {key[0]}@{key[1]} (known: {known})")
         chosen.append(item)
     return chosen

@@ -53,6 +53,9 @@ class Config(Settings):
     #: action_concurrency_max. Fetching pauses while twice the limits are queued or running.
     action_concurrency: int = 256
     action_concurrency_max: int = 4096
+    #: More in-process actions besides the installed `ordo.actions` entry points: comma-separated
+    #: MODULE:OBJECT, each an Action or a factory of one (actions/plugins.py).
+    action_plugins: str = ""
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"

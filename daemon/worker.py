@@ -62,10 +62,11 @@ _POOL_COMMAND_TIMEOUT_S = 15.0
 
 
 def _in_process_actions(config: Config):
-    """The built-in actions, with the webhook's SSRF allow-list (CIDR strings) from the config."""
-    from actions.contract import default_registry
+    """The in-process actions: every `ordo.actions` entry point (noop, log, webhook and any installed
+    plug-in's) and the `action_plugins` setting's; a bad one stops the start with a PluginError naming it."""
+    from actions import plugins
 
-    return default_registry(webhook_allow=[c.strip() for c in config.webhook_allow.split(",") if c.strip()])
+    return plugins.registry(config, config.action_plugins)
 
 
 def _now() -> datetime:

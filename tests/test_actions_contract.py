@@ -13,7 +13,6 @@ from actions.contract import (
     ActionRegistry,
     decode_request,
     decode_result,
-    default_registry,
     encode,
     idempotency_key,
     invoke,
@@ -22,6 +21,7 @@ from actions.contract import (
     result_msg_id,
     result_ok,
 )
+from actions.plugins import default_registry
 from actions.sdk import FunctionAction, action
 from hotpath.envelope import BadMessage
 

@@ -10,7 +10,7 @@ import logging
 
 import orjson
 
-from actions.contract import default_registry
+from actions.plugins import default_registry
 from bench.generator import trigger_event
 from daemon import logs
 from daemon.worker import Worker

@@ -214,6 +214,15 @@ class WebhookAction:
         raise ActionError(f"http_{resp.status}", resp.status in retry_on, message)
 
 
+def from_settings(settings) -> WebhookAction:
+    """The webhook as a plug-in (its `ordo.actions` entry point): it may reach the `webhook_allow` networks.
+
+    `settings` is the process's actions.settings.Settings (or the engine's
+    Config); `webhook_allow` is comma-separated CIDRs.
+    """
+    return WebhookAction(allow=[c.strip() for c in settings.webhook_allow.split(",") if c.strip()])
+
+
 async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
     chunks, size = [], 0
     while size <= limit:
