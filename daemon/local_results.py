@@ -17,6 +17,7 @@ execution's subject as before.
 """
 
 import time
+from typing import Literal
 
 from actions import contract
 
@@ -25,13 +26,14 @@ class LocalResult:
     """An in-process action's result travelling through the pipeline in place of a stream message."""
 
     __slots__ = ("key", "result", "result_at")
-    kind = "local_result"
+    kind: Literal["local_result"] = "local_result"
     subject = "local"
     stream = "local"
     stream_seq = 0
     reply = None
     delivered = 1
     partition = -1
+    batch_index = None
 
     def __init__(self, result: dict):
         self.key = result["execution_id"]

@@ -53,6 +53,7 @@ from .pull import Delivery, PullConsumer
 from .servers import check_nats_server
 from .timers import DueTimers
 from .topology import Topology, partition_of
+from .work_items import WorkItem
 
 log = logging.getLogger("ordo.worker")
 
@@ -741,20 +742,20 @@ class Worker:
             return
         metrics.ack_seconds.observe(time.monotonic() - since)
 
-    def _settle_now(self, source) -> None:
-        if source.reply is not None:
+    def _settle_now(self, source: WorkItem) -> None:
+        if source.kind == "message":
             asyncio.get_running_loop().create_task(self._reply_all([(source.reply, b"+ACK")]))
         else:
             self.timers.done(source)
         self._settled(source)
 
-    def _settled(self, source, done: bool = True) -> None:
+    def _settled(self, source: WorkItem, done: bool = True) -> None:
         if done and source.partition >= 0:
             self.progress[source.partition].settled(source.stream_seq)
         if source.key is not None:
             self.ring.complete(source.key)
             self._ring_ready.set()
-        if source.reply is not None:
+        if source.kind == "message":  # the window counts it until now (a local result: see _settle)
             self._release(1)
 
     async def _publish_dead_letters(self, letters) -> None:

@@ -42,6 +42,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 
@@ -240,11 +241,40 @@ class DeadLetter:
     batch_index: int | None = None
 
 
+class Source(Protocol):
+    """What a unit stands for: one message, or one event of a batch message, or another item of work.
+
+    The worker's work items (daemon/work_items.py) are these; a dead letter of
+    the unit records where its source came from and what it carried.
+    """
+
+    @property
+    def key(self) -> str | None:
+        """The execution it is addressed to, when known."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def stream_seq(self) -> int: ...
+
+    @property
+    def data(self) -> bytes:
+        """The payload: what a dead letter keeps."""
+
+    @property
+    def batch_index(self) -> int | None:
+        """Its event's place in a trigger batch message (None: it stands for a whole message)."""
+
+
 @dataclass(slots=True)
 class Unit:
     """Everything one message caused; acked only when all of it has committed."""
 
-    token: object
+    token: Source
     changes: list = field(default_factory=list)
     dead_letters: list = field(default_factory=list)
     #: Set by the batcher when the unit itself could not commit and was dead-lettered.
@@ -265,7 +295,7 @@ class Unit:
         self.dead_letters.append(
             DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
                        execution_id=execution_id if _is_uuid(execution_id) else None,
-                       batch_index=getattr(source, "batch_index", None), **where)
+                       batch_index=source.batch_index, **where)
         )
 
     @property
@@ -434,9 +464,9 @@ class LedgerBatcher:
                 unit = units[0]
                 source = unit.token
                 log.error("a message's changes cannot be committed, dead-lettering it: %s", exc, extra={
-                    "execution_id": getattr(source, "key", None), "reason": "commit_error",
+                    "execution_id": source.key, "reason": "commit_error",
                     "error": f"{type(exc).__name__}: {exc}",
-                    "source": f"{getattr(source, 'stream', '')}:{getattr(source, 'stream_seq', 0)}"})
+                    "source": f"{source.stream}:{source.stream_seq}"})
                 unit.failed = f"{type(exc).__name__}: {exc}"
                 unit.changes = []
                 unit.dead_letters = [_commit_error_letter(unit, exc)]
@@ -599,9 +629,9 @@ def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
     return DeadLetter(
         reason="commit_error",
         error=f"{type(exc).__name__}: {exc}",
-        subject=getattr(source, "subject", ""),
-        stream=getattr(source, "stream", ""),
-        stream_seq=getattr(source, "stream_seq", 0),
-        payload=getattr(source, "data", b""),
-        batch_index=getattr(source, "batch_index", None),
+        subject=source.subject,
+        stream=source.stream,
+        stream_seq=source.stream_seq,
+        payload=source.data,
+        batch_index=source.batch_index,
     )
