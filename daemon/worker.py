@@ -101,6 +101,8 @@ class Worker:
         self._actions = actions
         self.effects: Effects | None = None
         self.progress: dict[int, PartitionProgress] = {}
+        #: partition -> the epoch this worker claimed it under: every commit that touches it checks it.
+        self.epochs: dict[int, int] = {}
         self._fetchers: dict = {}
         #: Partitions claimed whose consumer could not be set up yet: partition -> (epoch, watermark).
         self._unstarted: dict = {}
@@ -305,7 +307,7 @@ class Worker:
 
     async def _start_partition(self, p: int, epoch: int, watermark: int) -> None:
         """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
-        self.batcher.epochs[p] = epoch
+        self.epochs[p] = epoch
         self.progress[p] = PartitionProgress(watermark)
         await self.topology.resume_partition(self._js, p, epoch, watermark)
         consumer = PullConsumer(self._nc, self.topology.exec_stream, self.topology.partition_consumer(p, epoch),
@@ -344,7 +346,7 @@ class Worker:
             return
         async with self._pool.acquire() as conn:
             await self.ownership.release(conn, p)
-        self.batcher.epochs.pop(p, None)
+        self.epochs.pop(p, None)
         self.progress.pop(p, None)
         self.resident.drop_partition(p)  # what settled after it stopped
         self._closing.discard(p)
@@ -581,9 +583,9 @@ class Worker:
                 if self._intake_closed and self._in_flight == 0:
                     return
                 continue
-            self.batcher.watermarks = {p: progress.watermark for p, progress in self.progress.items()}
+            watermarks = {p: progress.watermark for p, progress in self.progress.items()}
             try:
-                result = await self.batcher.commit(units)
+                result = await self.batcher.commit(units, self.epochs, watermarks)
             except Fenced:
                 metrics.fenced.inc()
                 raise

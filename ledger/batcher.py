@@ -324,12 +324,10 @@ class LedgerBatcher:
     (group commit). A wait only adds latency while the connection is idle.
     """
 
-    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, epochs: dict | None = None):
+    def __init__(self, dsn: str, *, max_rows: int, max_ms: float):
         self._dsn = dsn
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
-        #: partition -> epoch this worker claimed; checked by every commit that updates them.
-        self.epochs = epochs if epochs is not None else {}
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
         self._pending: list = []
         self._rows = 0
@@ -338,8 +336,7 @@ class LedgerBatcher:
         self._space = asyncio.Event()
         self._space.set()
         self._conn: asyncpg.Connection | None = None
-        #: partition -> watermark to record with the next commit (set by the worker).
-        self.watermarks: dict = {}
+        #: partition -> the watermark this batcher last recorded: a commit writes only those that moved on.
         self._written: dict = {}
         #: Soaks only (daemon/faults.py): called with "before_commit" and "after_commit"; may raise.
         self.fault_hook = None
@@ -429,9 +426,16 @@ class LedgerBatcher:
             await self._conn.close()
         self._conn = None
 
-    async def commit(self, units: list, stop: asyncio.Event | None = None) -> CommitResult:
+    async def commit(self, units: list, epochs: dict[int, int], watermarks: dict[int, int],
+                     stop: asyncio.Event | None = None) -> CommitResult:
         """Commit the units; retries lost connections with backoff (a slow or
-        restarting Postgres slows intake, it loses nothing)."""
+        restarting Postgres slows intake, it loses nothing).
+
+        `epochs`: partition -> the epoch the caller claimed it under, checked by
+        every transaction that touches the partition (read when the check runs:
+        the caller's own map, not a copy). `watermarks`: partition -> the
+        watermark to record with the units, where it moved on.
+        """
         started = time.monotonic()
         attempts = 0
         delay = 0.05
@@ -443,7 +447,7 @@ class LedgerBatcher:
                 landed = {id(unit) for done, _ in self._landed for unit in done}
                 remaining = [unit for unit in units if id(unit) not in landed]
                 if remaining:
-                    await self._commit_isolating_poison(remaining)
+                    await self._commit_isolating_poison(remaining, epochs, watermarks)
                 accepted = set().union(*(accepted for _, accepted in self._landed))
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
@@ -454,9 +458,9 @@ class LedgerBatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _commit_isolating_poison(self, units: list) -> set:
+    async def _commit_isolating_poison(self, units: list, epochs: dict, watermarks: dict) -> set:
         try:
-            return await self._commit_once(units)
+            return await self._commit_once(units, epochs, watermarks)
         except (Fenced, *CONNECTION_ERRORS):
             raise
         except asyncpg.PostgresError as exc:
@@ -470,9 +474,10 @@ class LedgerBatcher:
                 unit.failed = f"{type(exc).__name__}: {exc}"
                 unit.changes = []
                 unit.dead_letters = [_commit_error_letter(unit, exc)]
-                return await self._commit_once(units)
+                return await self._commit_once(units, epochs, watermarks)
             half = len(units) // 2
-            return await self._commit_isolating_poison(units[:half]) | await self._commit_isolating_poison(units[half:])
+            return (await self._commit_isolating_poison(units[:half], epochs, watermarks)
+                    | await self._commit_isolating_poison(units[half:], epochs, watermarks))
 
     async def _resolve_in_doubt(self) -> None:
         """After a failure during COMMIT: ask Postgres whether that transaction committed."""
@@ -494,7 +499,7 @@ class LedgerBatcher:
             log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
             self._landed.append((units, accepted))
 
-    async def _commit_once(self, units: list, *, copy_new: bool = True) -> set:
+    async def _commit_once(self, units: list, epochs: dict, watermarks: dict, *, copy_new: bool = True) -> set:
         """One transaction for `units`; the accepted execution ids.
 
         New executions are COPYed straight into the ledger (`copy_new`): a
@@ -520,13 +525,13 @@ class LedgerBatcher:
             letters.extend(unit.dead_letters)
             stale.extend(unit.stale_timers)
         accepted = set()
-        progress = {p: w for p, w in self.watermarks.items() if w > self._written.get(p, -1)}
+        progress = {p: w for p, w in watermarks.items() if w > self._written.get(p, -1)}
         touched.update(progress)
         try:
             async with conn.transaction():
                 xid = await conn.fetchval("SELECT txid_current()")
                 if touched:
-                    await self._check_epochs(conn, sorted(touched))
+                    await self._check_epochs(conn, sorted(touched), epochs)
                 if progress:
                     await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
                 merged = updates
@@ -563,7 +568,8 @@ class LedgerBatcher:
         except asyncpg.UniqueViolationError:
             if not (copy_new and new):
                 raise
-            return await self._commit_once(units, copy_new=False)  # a duplicate among the new: merge them all
+            # A duplicate among the new: merge them all.
+            return await self._commit_once(units, epochs, watermarks, copy_new=False)
         if self.fault_hook is not None:
             self.fault_hook("after_commit")
         self._in_doubt = None
@@ -607,7 +613,7 @@ class LedgerBatcher:
             columns=TRANSITION_COLUMNS,
         )
 
-    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int]) -> None:
+    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
         # commit after the claim sees the new epoch. Either order is safe.
         rows = await conn.fetch(
@@ -615,7 +621,7 @@ class LedgerBatcher:
             partitions,
         )
         current = {r["partition"]: r["epoch"] for r in rows}
-        stale = [p for p in partitions if current.get(p) != self.epochs.get(p)]
+        stale = [p for p in partitions if current.get(p) != epochs.get(p)]
         if stale:
             raise Fenced(stale)
 
