@@ -22,7 +22,8 @@ class Delivery(transport.Delivery):
 class PullConsumer(transport.PullConsumer):
     """actions/transport.py's pull consumer, delivering the engine's `Delivery`."""
 
-    async def take(self, room: int, *, request_more: bool = True) -> list[Delivery]:
+    # A list of the subclass: to a type checker an incompatible override, as list is invariant.
+    async def take(self, room: int, *, request_more: bool = True) -> list[Delivery]:  # type: ignore[override]
         taken = await super().take(room, request_more=request_more)
         for delivery in taken:
             # The same object, with the engine's attributes (no copy: __slots__ are shared).
