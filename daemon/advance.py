@@ -19,6 +19,7 @@ from ledger.executions import CLOSED, ExecutionRecord, UnreadableRecord, take_ef
 
 from . import logs, metrics
 from .config import Config
+from .work_items import WorkItem
 
 
 log = logging.getLogger("ordo.advance")
@@ -43,9 +44,13 @@ def payload_of(doc: dict):
     return doc  # action_result: step_id, attempt, ok, output | error
 
 
-def apply(registry, record: ExecutionRecord | None, source, doc: dict, now: datetime, now_ms: int,
+def apply(registry, record: ExecutionRecord | None, source: WorkItem, doc: dict, now: datetime, now_ms: int,
           max_context_bytes: int = Config.max_context_bytes) -> Unit | None:
-    """The unit this message commits; None when it is a redelivery of a committed one."""
+    """The unit this message commits; None when it is a redelivery of a committed one.
+
+    `source` is a stream message, a timer fire or an in-process action's result
+    (daemon/work_items.py), holding its execution's ring key.
+    """
     unit = Unit(source)
     is_timer = source.kind == "timer"
     # A stream message has a position; a timer fire or a local action result does not.

@@ -22,6 +22,7 @@ enrolled in a unit of its own (`BatchPart`), as if it had come alone.
 import logging
 import time
 from datetime import datetime
+from typing import Literal
 
 import orjson
 
@@ -48,9 +49,11 @@ class BatchPart:
     """
 
     __slots__ = ("delivery", "batch_index", "data", "_left")
-    kind = "trigger_part"
+    kind: Literal["trigger_part"] = "trigger_part"
     key = None
     partition = -1
+    #: Not acked on its own: its message is, once its last part has committed (`settle`).
+    reply = None
 
     def __init__(self, delivery, batch_index: int, data: bytes, left: list):
         self.delivery = delivery
@@ -69,6 +72,10 @@ class BatchPart:
     @property
     def stream_seq(self) -> int:
         return self.delivery.stream_seq
+
+    @property
+    def delivered(self) -> int:
+        return self.delivery.delivered
 
     def settle(self) -> bool:
         """This part has committed; True when it was the message's last."""

@@ -16,22 +16,32 @@ longer owns the partition, the ring has no room) is published onto the
 execution's subject as before.
 """
 
+import asyncio
 import time
+from collections.abc import Callable
+from typing import Literal
 
 from actions import contract
+from hotpath import OrderingRing
+
+from . import metrics
+from .config import Config
+from .intake import Window
+from .topology import partition_of
 
 
 class LocalResult:
     """An in-process action's result travelling through the pipeline in place of a stream message."""
 
     __slots__ = ("key", "result", "result_at")
-    kind = "local_result"
+    kind: Literal["local_result"] = "local_result"
     subject = "local"
     stream = "local"
     stream_seq = 0
     reply = None
     delivered = 1
     partition = -1
+    batch_index = None
 
     def __init__(self, result: dict):
         self.key = result["execution_id"]
@@ -43,3 +53,40 @@ class LocalResult:
     def data(self) -> bytes:
         """The result as the execution's subject would carry it: what a dead letter keeps."""
         return contract.encode(self.result)
+
+
+class LocalResults:
+    """Takes in the in-process results this worker can apply itself (daemon/effects.py's `apply_locally`)."""
+
+    def __init__(self, config: Config, *, ring: OrderingRing, ring_ready: asyncio.Event, window: Window,
+                 stopping: asyncio.Event, owns: Callable[[int], bool]):
+        self.config = config
+        self.ring = ring
+        self.ring_ready = ring_ready
+        self.window = window
+        self.stopping = stopping
+        #: Whether this worker owns a partition and keeps applying its messages (daemon/partitions.py).
+        self.owns = owns
+
+    def take(self, result: dict) -> bool:
+        """Apply an in-process action's result here (True), or leave it to be published (False).
+
+        Only while this worker owns the execution's partition and is not
+        draining: otherwise the owner (or the next one) must get it, through
+        the execution's subject. The ring is sized for what fetch brings in;
+        a result that finds it full is published too.
+        """
+        if self.stopping.is_set():
+            metrics.local_published_draining.inc()
+            return False
+        if not self.owns(partition_of(result["execution_id"], self.config.partitions)):
+            metrics.local_published_not_owner.inc()
+            return False
+        source = LocalResult(result)
+        if not self.ring.push(source.key, (source, result)):
+            metrics.local_published_ring_full.inc()
+            return False
+        metrics.local_applied.inc()
+        self.window.add(1)  # settled like a message: memory stays bounded by the same window
+        self.ring_ready.set()
+        return True

@@ -9,6 +9,7 @@ what makes it fire once across restarts.
 """
 
 import heapq
+from typing import Literal
 
 from ledger import timers as ledger_timers
 
@@ -17,7 +18,7 @@ class TimerFire:
     """A due timer travelling through the pipeline in place of a JetStream message."""
 
     __slots__ = ("key", "timer_id", "fire_at_ms", "timer_partition")
-    kind = "timer"
+    kind: Literal["timer"] = "timer"
     subject = "timer"
     stream = "ordo.timers"
     stream_seq = 0
@@ -25,6 +26,7 @@ class TimerFire:
     reply = None
     delivered = 1
     partition = -1
+    batch_index = None
 
     def __init__(self, execution_id: str, timer_id: str, fire_at_ms: int, timer_partition: int = -1):
         self.key = execution_id

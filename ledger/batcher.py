@@ -42,6 +42,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 
@@ -240,11 +241,40 @@ class DeadLetter:
     batch_index: int | None = None
 
 
+class Source(Protocol):
+    """What a unit stands for: one message, or one event of a batch message, or another item of work.
+
+    The worker's work items (daemon/work_items.py) are these; a dead letter of
+    the unit records where its source came from and what it carried.
+    """
+
+    @property
+    def key(self) -> str | None:
+        """The execution it is addressed to, when known."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def stream_seq(self) -> int: ...
+
+    @property
+    def data(self) -> bytes:
+        """The payload: what a dead letter keeps."""
+
+    @property
+    def batch_index(self) -> int | None:
+        """Its event's place in a trigger batch message (None: it stands for a whole message)."""
+
+
 @dataclass(slots=True)
 class Unit:
     """Everything one message caused; acked only when all of it has committed."""
 
-    token: object
+    token: Source
     changes: list = field(default_factory=list)
     dead_letters: list = field(default_factory=list)
     #: Set by the batcher when the unit itself could not commit and was dead-lettered.
@@ -265,7 +295,7 @@ class Unit:
         self.dead_letters.append(
             DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
                        execution_id=execution_id if _is_uuid(execution_id) else None,
-                       batch_index=getattr(source, "batch_index", None), **where)
+                       batch_index=source.batch_index, **where)
         )
 
     @property
@@ -294,12 +324,10 @@ class LedgerBatcher:
     (group commit). A wait only adds latency while the connection is idle.
     """
 
-    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, epochs: dict | None = None):
+    def __init__(self, dsn: str, *, max_rows: int, max_ms: float):
         self._dsn = dsn
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
-        #: partition -> epoch this worker claimed; checked by every commit that updates them.
-        self.epochs = epochs if epochs is not None else {}
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
         self._pending: list = []
         self._rows = 0
@@ -308,8 +336,7 @@ class LedgerBatcher:
         self._space = asyncio.Event()
         self._space.set()
         self._conn: asyncpg.Connection | None = None
-        #: partition -> watermark to record with the next commit (set by the worker).
-        self.watermarks: dict = {}
+        #: partition -> the watermark this batcher last recorded: a commit writes only those that moved on.
         self._written: dict = {}
         #: Soaks only (daemon/faults.py): called with "before_commit" and "after_commit"; may raise.
         self.fault_hook = None
@@ -399,9 +426,16 @@ class LedgerBatcher:
             await self._conn.close()
         self._conn = None
 
-    async def commit(self, units: list, stop: asyncio.Event | None = None) -> CommitResult:
+    async def commit(self, units: list, epochs: dict[int, int], watermarks: dict[int, int],
+                     stop: asyncio.Event | None = None) -> CommitResult:
         """Commit the units; retries lost connections with backoff (a slow or
-        restarting Postgres slows intake, it loses nothing)."""
+        restarting Postgres slows intake, it loses nothing).
+
+        `epochs`: partition -> the epoch the caller claimed it under, checked by
+        every transaction that touches the partition (read when the check runs:
+        the caller's own map, not a copy). `watermarks`: partition -> the
+        watermark to record with the units, where it moved on.
+        """
         started = time.monotonic()
         attempts = 0
         delay = 0.05
@@ -413,7 +447,7 @@ class LedgerBatcher:
                 landed = {id(unit) for done, _ in self._landed for unit in done}
                 remaining = [unit for unit in units if id(unit) not in landed]
                 if remaining:
-                    await self._commit_isolating_poison(remaining)
+                    await self._commit_isolating_poison(remaining, epochs, watermarks)
                 accepted = set().union(*(accepted for _, accepted in self._landed))
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
@@ -424,9 +458,9 @@ class LedgerBatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _commit_isolating_poison(self, units: list) -> set:
+    async def _commit_isolating_poison(self, units: list, epochs: dict, watermarks: dict) -> set:
         try:
-            return await self._commit_once(units)
+            return await self._commit_once(units, epochs, watermarks)
         except (Fenced, *CONNECTION_ERRORS):
             raise
         except asyncpg.PostgresError as exc:
@@ -434,15 +468,16 @@ class LedgerBatcher:
                 unit = units[0]
                 source = unit.token
                 log.error("a message's changes cannot be committed, dead-lettering it: %s", exc, extra={
-                    "execution_id": getattr(source, "key", None), "reason": "commit_error",
+                    "execution_id": source.key, "reason": "commit_error",
                     "error": f"{type(exc).__name__}: {exc}",
-                    "source": f"{getattr(source, 'stream', '')}:{getattr(source, 'stream_seq', 0)}"})
+                    "source": f"{source.stream}:{source.stream_seq}"})
                 unit.failed = f"{type(exc).__name__}: {exc}"
                 unit.changes = []
                 unit.dead_letters = [_commit_error_letter(unit, exc)]
-                return await self._commit_once(units)
+                return await self._commit_once(units, epochs, watermarks)
             half = len(units) // 2
-            return await self._commit_isolating_poison(units[:half]) | await self._commit_isolating_poison(units[half:])
+            return (await self._commit_isolating_poison(units[:half], epochs, watermarks)
+                    | await self._commit_isolating_poison(units[half:], epochs, watermarks))
 
     async def _resolve_in_doubt(self) -> None:
         """After a failure during COMMIT: ask Postgres whether that transaction committed."""
@@ -464,7 +499,7 @@ class LedgerBatcher:
             log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
             self._landed.append((units, accepted))
 
-    async def _commit_once(self, units: list, *, copy_new: bool = True) -> set:
+    async def _commit_once(self, units: list, epochs: dict, watermarks: dict, *, copy_new: bool = True) -> set:
         """One transaction for `units`; the accepted execution ids.
 
         New executions are COPYed straight into the ledger (`copy_new`): a
@@ -490,13 +525,13 @@ class LedgerBatcher:
             letters.extend(unit.dead_letters)
             stale.extend(unit.stale_timers)
         accepted = set()
-        progress = {p: w for p, w in self.watermarks.items() if w > self._written.get(p, -1)}
+        progress = {p: w for p, w in watermarks.items() if w > self._written.get(p, -1)}
         touched.update(progress)
         try:
             async with conn.transaction():
                 xid = await conn.fetchval("SELECT txid_current()")
                 if touched:
-                    await self._check_epochs(conn, sorted(touched))
+                    await self._check_epochs(conn, sorted(touched), epochs)
                 if progress:
                     await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
                 merged = updates
@@ -533,7 +568,8 @@ class LedgerBatcher:
         except asyncpg.UniqueViolationError:
             if not (copy_new and new):
                 raise
-            return await self._commit_once(units, copy_new=False)  # a duplicate among the new: merge them all
+            # A duplicate among the new: merge them all.
+            return await self._commit_once(units, epochs, watermarks, copy_new=False)
         if self.fault_hook is not None:
             self.fault_hook("after_commit")
         self._in_doubt = None
@@ -577,7 +613,7 @@ class LedgerBatcher:
             columns=TRANSITION_COLUMNS,
         )
 
-    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int]) -> None:
+    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
         # commit after the claim sees the new epoch. Either order is safe.
         rows = await conn.fetch(
@@ -585,7 +621,7 @@ class LedgerBatcher:
             partitions,
         )
         current = {r["partition"]: r["epoch"] for r in rows}
-        stale = [p for p in partitions if current.get(p) != self.epochs.get(p)]
+        stale = [p for p in partitions if current.get(p) != epochs.get(p)]
         if stale:
             raise Fenced(stale)
 
@@ -599,9 +635,9 @@ def _commit_error_letter(unit: Unit, exc: Exception) -> DeadLetter:
     return DeadLetter(
         reason="commit_error",
         error=f"{type(exc).__name__}: {exc}",
-        subject=getattr(source, "subject", ""),
-        stream=getattr(source, "stream", ""),
-        stream_seq=getattr(source, "stream_seq", 0),
-        payload=getattr(source, "data", b""),
-        batch_index=getattr(source, "batch_index", None),
+        subject=source.subject,
+        stream=source.stream,
+        stream_seq=source.stream_seq,
+        payload=source.data,
+        batch_index=source.batch_index,
     )

@@ -1,0 +1,264 @@
+"""What comes into a worker: fetched messages and due timers, within the in-flight window.
+
+    triggers consumer ──decode──> enrol (dispatch the first steps) ──> ledger batcher
+    exec-p<N>-e<epoch> ─decode──> ordering ring ──> daemon/dispatch.py
+    due timers ─────────────────> ordering ring
+
+One fetch loop per consumer: the triggers' (started by the worker) and one per
+owned partition (started and stopped by daemon/partitions.py), each with at
+most one pull request open. A new execution needs no hop through JetStream:
+its first steps run where its trigger is consumed, and a duplicate trigger
+loses on the ledger's primary key. Messages addressed to an existing
+execution pass through the ordering ring, so that at most one of an
+execution's messages is between fetch and commit; so do due timers and the
+results of in-process actions (daemon/local_results.py).
+
+Memory is bounded: a fetch waits while `max_ack_pending` messages are in
+flight (`Window`; each event of a trigger batch counts as one), a pull
+delivers at most `fetch_max_bytes`, and the batcher stops intake while two
+batches wait for Postgres.
+"""
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+import nats.errors
+
+from hotpath import OrderingRing
+from hotpath.envelope import BadMessage, decode_exec
+from ledger.batcher import LedgerBatcher, Unit
+
+from . import enrolment, logs, metrics
+from .config import Config
+from .definitions import WorkflowRegistry
+from .effects import Effects, publish_stored
+from .progress import PartitionProgress
+from .pull import Delivery, PullConsumer
+from .timers import DueTimers
+from .topology import Topology
+
+log = logging.getLogger("ordo.worker")
+
+
+class Window:
+    """The in-flight window: what was taken in and has not settled yet (daemon/settle.py releases it).
+
+    Stream messages count, each event of a trigger batch, and in-process
+    results; due timers do not.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.in_flight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        #: The in-process action calls, which share the window (set once they are made: they call back here).
+        self.effects: Effects | None = None
+        #: Set once every fetch loop has returned: nothing new can come in.
+        self.closed = False
+
+    def add(self, count: int) -> None:
+        self.in_flight += count
+
+    def release(self, count: int) -> None:
+        self.in_flight -= count
+        if self.has_room(self.config.fetch_batch):
+            self._room.set()
+
+    def action_call_done(self) -> None:
+        if self.has_room(self.config.fetch_batch, new_work=True):
+            self._room.set()
+
+    def has_room(self, batch: int, *, new_work: bool = False) -> bool:
+        if self.in_flight + batch > self.config.max_ack_pending:
+            return False
+        if not new_work:
+            return True
+        # In-process action calls wait for a slot while their deadlines run. While
+        # any are pending, new executions (each starts at most one call) wait in
+        # JetStream until what is in flight and those calls fit the backlog. The
+        # executions' own messages (results above all) keep flowing.
+        pending_calls = self.effects.pending
+        return pending_calls == 0 or self.in_flight + pending_calls < self.effects.backlog
+
+    async def wait_for_room(self, batch: int, *, new_work: bool) -> None:
+        while not self.has_room(batch, new_work=new_work):
+            self._room.clear()
+            await self._room.wait()
+
+
+class Intake:
+    """The fetch loops and the timer loop: messages and due timers into the batcher or the ring."""
+
+    def __init__(self, config: Config, *, topology: Topology, registry: WorkflowRegistry, ring: OrderingRing,
+                 ring_ready: asyncio.Event, batcher: LedgerBatcher, window: Window,
+                 progress: dict[int, PartitionProgress], closing: set, timers: DueTimers, clock_ms,
+                 stopping: asyncio.Event, on_pool, nc, js, most_fetched: int):
+        self.config = config
+        self.topology = topology
+        self.registry = registry
+        self.ring = ring
+        self.ring_ready = ring_ready
+        self.batcher = batcher
+        self.window = window
+        self.progress = progress
+        #: Partitions being given back or lost (daemon/partitions.py): their fetch loops finish and stop.
+        self.closing = closing
+        self.timers = timers
+        self.clock_ms = clock_ms
+        self.stopping = stopping
+        self._on_pool = on_pool
+        self._nc = nc
+        self._js = js
+        #: The most messages fetched and not yet settled (the ring is sized for them; timers get the rest).
+        self._most_fetched = most_fetched
+        # A message the streams accept (up to 4 x max_message_bytes) must fit one pull, or it never comes.
+        self._min_pull_bytes = 4 * config.max_message_bytes + 64 * 1024
+        self._fetch_max_bytes = max(config.fetch_max_bytes, self._min_pull_bytes)
+        #: Bytes per trigger event lately (a moving average): sizes the triggers' pulls in events.
+        self._event_bytes = 512.0
+        #: The running fetch loops: "triggers", and one per owned partition.
+        self.fetchers: dict = {}
+
+    # -- fetch ----------------------------------------------------------------
+
+    def consumer(self, stream: str, name: str) -> PullConsumer:
+        return PullConsumer(self._nc, stream, name, max_bytes=self._fetch_max_bytes)
+
+    async def fetch_triggers(self) -> asyncio.Task:
+        """Start the triggers' fetch loop."""
+        t = self.topology
+        triggers = self.consumer(t.triggers_stream, t.triggers_consumer)
+        await triggers.subscribe()
+        self.fetchers["triggers"] = task = asyncio.create_task(
+            self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers"))
+        return task
+
+    def fetch_partition(self, p: int, consumer: PullConsumer) -> asyncio.Task:
+        """Start the fetch loop of an owned partition (subscribed); it returns once the partition is closing."""
+        self.fetchers[p] = task = asyncio.create_task(
+            self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p))
+        return task
+
+    async def _fetch_loop(self, consumer: PullConsumer, take, fetch_seconds, name) -> None:
+        batch = self.config.fetch_batch
+        while True:
+            stopping = self.stopping.is_set() or name in self.closing
+            if consumer.outstanding == 0:
+                if stopping:
+                    return  # drained: no pull request left open to deliver into nowhere
+                # Backpressure: a new request never takes in_flight past max_ack_pending.
+                await self.window.wait_for_room(batch, new_work=name == "triggers")
+                await self.batcher.wait_for_space()
+            started = time.monotonic()
+            try:
+                if name == "triggers":  # used if this take opens a request
+                    consumer.max_bytes = self._trigger_pull_bytes()
+                deliveries = await consumer.take(batch, request_more=not stopping)
+            except nats.errors.ConnectionClosedError:
+                return
+            except nats.errors.Error as exc:
+                log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc,
+                            extra=logs.failure("nats_pull", exc))
+                await asyncio.sleep(0.5)
+                continue
+            if not deliveries:
+                if consumer.refused:
+                    await asyncio.sleep(0.1)
+                continue
+            fetch_seconds.observe(time.monotonic() - started)
+            self._count_in(deliveries)
+            await take(deliveries)
+
+    def _count_in(self, deliveries: list[Delivery]) -> None:
+        self.window.add(len(deliveries))
+        metrics.in_flight.set(self.window.in_flight)
+        metrics.ring_occupancy.set(len(self.ring))
+        for d in deliveries:
+            if d.delivered > 1:
+                metrics.redeliveries.labels(d.stream).inc()
+
+    def _trigger_pull_bytes(self) -> int:
+        """Bytes for the next triggers pull: about the events the window has room for.
+
+        A pull is bounded in messages and bytes, not events; a message may be a
+        batch of up to 1,000 events. Sized by the recent bytes per event, a
+        pull of batches brings in about what the window has room for.
+        """
+        room = max(1, self.config.max_ack_pending - self.window.in_flight)
+        return min(self._fetch_max_bytes, max(self._min_pull_bytes, int(room * self._event_bytes)))
+
+    # -- enrol: triggers ------------------------------------------------------
+
+    async def _take_triggers(self, batch: list[Delivery]) -> None:
+        now, now_ms = datetime.now(timezone.utc), self.clock_ms()
+        decoded = []
+        for delivery in batch:
+            events, bad = enrolment.decode(delivery, self.config.max_message_bytes)
+            for unit in bad:
+                self.batcher.add(unit)
+            decoded += events
+            parts = len(events) + len(bad)
+            metrics.triggers_received.inc(parts)
+            self._event_bytes += (len(delivery.data) / parts - self._event_bytes) / 16
+            # The in-flight window counts events: each part of a batch is settled (released) on its own.
+            self.window.add(parts - 1)
+        # Executions waiting for these events get them on their own subjects
+        # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
+        # Only events some workflow waits for can have an execution waiting (the registry knows).
+        awaited = self.registry.awaited
+        events = [event for _, event in decoded if awaited(event["tenant"], event["type"])]
+        routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing") if events else ()
+        if routes:
+            await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
+        for source, event in decoded:
+            self.batcher.add(enrolment.enrol(self.registry, self.topology, source, event, now, now_ms,
+                                             self.config.max_context_bytes))
+        metrics.advance_timings.flush()
+
+    async def _route(self, execution_id: str, event: dict) -> None:
+        body, msg_id = enrolment.event_message(execution_id, event)
+        await publish_stored(self._js, self.topology.exec_subject(execution_id), body, msg_id)
+        metrics.events_routed.inc()
+
+    # -- order: messages and timers addressed to executions ------------------
+
+    async def _take_exec_messages(self, partition: int, batch: list[Delivery]) -> None:
+        progress = self.progress[partition]
+        for delivery in batch:
+            delivery.partition = partition
+            progress.fetched(delivery.stream_seq)
+            try:
+                doc = decode_exec(delivery.data, self.config.max_message_bytes)
+            except BadMessage as exc:
+                unit = Unit(delivery)
+                unit.dead_letter(exc.reason, str(exc))
+                self.batcher.add(unit)
+                continue
+            delivery.key = doc["execution_id"]
+            # The ring holds the most messages fetch can bring in plus the timer share: a push cannot fail here.
+            if not self.ring.push(delivery.key, (delivery, doc)):
+                raise RuntimeError("ordering ring overflow: more messages fetched than the ring was sized for")
+        self.ring_ready.set()
+
+    async def timer_loop(self) -> None:
+        """Load the owned partitions' near-term timers and hand due ones to the ring."""
+        next_load = 0
+        while not self.stopping.is_set():
+            now_ms = self.clock_ms()
+            if now_ms >= next_load:
+                await self._on_pool(lambda conn: self.timers.load(conn, now_ms), "timers")
+                next_load = now_ms + self.config.timer_load_interval_ms
+                metrics.timers_pending.set(len(self.timers))
+            room = self.ring.capacity - len(self.ring) - self._most_fetched
+            fires = self.timers.pop_due(now_ms, max(room, 0))
+            for fire in fires:
+                metrics.timer_lateness.observe(max(0, now_ms - fire.fire_at_ms) / 1000.0)
+                self.ring.push(fire.key, (fire, {"kind": "timer", "execution_id": fire.key,
+                                                 "timer_id": fire.timer_id}))
+            if fires:
+                self.ring_ready.set()
+            await asyncio.sleep(self.config.timer_tick_ms / 1000.0)

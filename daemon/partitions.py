@@ -1,0 +1,179 @@
+"""The partitions a worker owns: its ownership rounds, and each partition's consumer started and stopped.
+
+Leases and epochs are daemon/ownership.py's; this runs them. Every
+`lease_renew_s` a round renews the leases, takes a fair share and gives back
+the surplus. A claimed partition is fenced with its epoch (every commit that
+touches it checks it, ledger/batcher.py) and its consumer resumes after the
+partition's watermark (daemon/topology.py); a partition given back first lets
+what is in flight settle. Consumer lag is measured here too, on a loop of its
+own.
+"""
+
+import asyncio
+import logging
+
+import nats.errors
+
+from ledger.batcher import CONNECTION_ERRORS
+
+from . import logs, metrics
+from .config import Config
+from .intake import Intake
+from .ownership import Ownership
+from .progress import PartitionProgress
+from .resident import ResidentExecutions
+from .timers import DueTimers
+from .topology import Topology
+
+log = logging.getLogger("ordo.worker")
+
+
+class Partitions:
+    """Ownership rounds; each owned partition's fencing epoch, progress, timers and fetch loop."""
+
+    def __init__(self, config: Config, *, ownership: Ownership, topology: Topology, intake: Intake,
+                 timers: DueTimers, resident: ResidentExecutions, progress: dict[int, PartitionProgress],
+                 epochs: dict[int, int], closing: set, stopping: asyncio.Event, ready: asyncio.Event,
+                 on_pool, pool, js, stream_created: str, on_fetcher_ended):
+        self.config = config
+        self.ownership = ownership
+        self.topology = topology
+        self.intake = intake
+        self.timers = timers
+        self.resident = resident
+        self.progress = progress
+        #: partition -> the epoch it was claimed under (the worker's map, which every commit is checked with).
+        self.epochs = epochs
+        #: Partitions being given back or lost: their fetch loops finish and stop.
+        self.closing = closing
+        self.stopping = stopping
+        self.ready = ready
+        self._on_pool = on_pool
+        self._pool = pool
+        self._js = js
+        self._stream_created = stream_created
+        self._on_fetcher_ended = on_fetcher_ended
+        #: Partitions claimed whose consumer could not be set up yet: partition -> (epoch, watermark).
+        self.unstarted: dict = {}
+        self._releasing: set = set()
+
+    def owns(self, partition: int) -> bool:
+        """Whether this worker owns the partition and keeps applying its messages."""
+        return partition in self.ownership.owned and partition not in self.closing
+
+    # -- ownership rounds -----------------------------------------------------
+
+    async def ownership_loop(self) -> None:
+        """Keep leases, take a fair share, give back the surplus (see daemon/ownership.py)."""
+        while not self.stopping.is_set():
+            try:
+                share, lost, gained = await self._on_pool(self._round, "ownership")
+            except CONNECTION_ERRORS:
+                return
+            if lost:
+                self._lost(lost)
+            self.unstarted.update(gained)
+            await self._start_unstarted()
+            self._give_back_surplus(share)
+            metrics.owned_partitions.set(len(self.ownership.owned))
+            self.ready.set()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _round(self, conn) -> tuple:
+        share = await self.ownership.fair_share(conn)
+        lost = await self.ownership.renew_leases(conn)
+        return share, lost, await self.ownership.claim(conn, share, self._stream_created)
+
+    def _lost(self, lost: list[int]) -> None:
+        # Another worker holds them under a newer epoch: whatever of
+        # theirs is still in flight here will be fenced at commit.
+        log.error("lost partition(s) %s to another worker", lost,
+                  extra=logs.failure("partitions_lost", partitions=sorted(lost)))
+        for p in lost:
+            self.stop(p)
+
+    async def _start_unstarted(self) -> None:
+        for p, (epoch, watermark) in sorted(self.unstarted.items()):
+            try:
+                await self._start(p, epoch, watermark)
+            except nats.errors.Error as exc:
+                # NATS is restarting: keep the lease, try again next round.
+                log.warning("partition %d not started (%s); retrying", p, exc,
+                            extra=logs.failure("partition_start", exc, partition=p))
+                continue
+            del self.unstarted[p]
+
+    def _give_back_surplus(self, share: int) -> None:
+        for p in self.ownership.surplus(share):
+            if p not in self._releasing:
+                self._releasing.add(p)
+                asyncio.get_running_loop().create_task(self._release(p))
+
+    # -- one partition --------------------------------------------------------
+
+    async def _start(self, p: int, epoch: int, watermark: int) -> None:
+        """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
+        self.epochs[p] = epoch
+        self.progress[p] = PartitionProgress(watermark)
+        await self.topology.resume_partition(self._js, p, epoch, watermark)
+        consumer = self.intake.consumer(self.topology.exec_stream, self.topology.partition_consumer(p, epoch))
+        await consumer.subscribe()
+        self.timers.own(p)
+        task = self.intake.fetch_partition(p, consumer)
+        task.add_done_callback(self._on_fetcher_ended)
+        log.info("owns partition %d (epoch %d, resuming after %d)", p, epoch, watermark,
+                 extra={"partition": p, "epoch": epoch})
+
+    def stop(self, p: int) -> None:
+        self.closing.add(p)
+        self.unstarted.pop(p, None)
+        self.timers.disown(p)
+        self.resident.drop_partition(p)
+
+    async def _release(self, p: int) -> None:
+        """Above the fair share: stop fetching, let what is in flight settle, then give it back."""
+        self.stop(p)
+        fetcher = self.intake.fetchers.pop(p, None)
+        if fetcher is not None:
+            await asyncio.gather(fetcher, return_exceptions=True)
+        while len(self.progress.get(p, ())) and not self.stopping.is_set():
+            await asyncio.sleep(0.05)
+        if self.stopping.is_set():
+            return
+        async with self._pool.acquire() as conn:
+            await self.ownership.release(conn, p)
+        self.epochs.pop(p, None)
+        self.progress.pop(p, None)
+        self.resident.drop_partition(p)  # what settled after it stopped
+        self.closing.discard(p)
+        self._releasing.discard(p)
+        log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
+
+    # -- consumer lag ---------------------------------------------------------
+
+    async def lag_loop(self) -> None:
+        """Consumer lag, on its own: NATS round trips must not delay the ownership
+        rounds, whose lease renewals keep the partitions (and are Postgres only)."""
+        while not self.stopping.is_set():
+            await self._measure_lag()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), max(self.config.lease_renew_s, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _measure_lag(self) -> None:
+        """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered."""
+        t = self.topology
+        try:
+            triggers = await self._js.consumer_info(t.triggers_stream, t.triggers_consumer)
+            exec_lag = 0
+            for p, epoch in list(self.ownership.owned.items()):
+                exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p, epoch))).num_pending
+        except Exception as exc:  # a metric is not worth a crash
+            log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
+            return
+        metrics.consumer_lag.labels(t.triggers_stream).set(triggers.num_pending)
+        metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)
