@@ -4,18 +4,11 @@ Served by `python -m actions.worker --module bench.noop_action`; no engine runs
 it in-process, so every call goes through JetStream both ways.
 """
 
-from actions.contract import ActionContext
+from actions.builtin.noop import NoopAction
 
 
-class BenchNoop:
+class BenchNoop(NoopAction):
     name = "bench.noop"
-    major = 1
-
-    def validate(self, input: dict) -> None:
-        pass
-
-    async def run(self, ctx: ActionContext, input: dict) -> dict:
-        return {}
 
 
 ACTIONS = [BenchNoop()]
