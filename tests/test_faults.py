@@ -7,12 +7,7 @@ import time
 import orjson
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness, fault_scale
-from test_pipeline import WAITER, WELCOME
-
-
-#: A killed worker's partitions are claimable when its lease runs out: keep that short here.
-QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
+from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:

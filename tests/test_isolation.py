@@ -22,8 +22,7 @@ import pytest
 from bench.generator import trigger_event
 from daemon.dlq import list_letters, retry_letters, show_letter
 from daemon.servers import free_port
-from harness import NO_PROBLEMS, ROOT, Harness
-from test_pipeline import WAITER
+from harness import NO_PROBLEMS, ROOT, WAITER, Harness
 
 TENANTS = ("acme", "globex")
 

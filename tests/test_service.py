@@ -24,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from daemon.health import HealthServer
 from daemon.notify import notify, watchdog, watchdog_interval
 from daemon.profile import ProfileError, find_worker_pid, is_worker_cmdline, profile
+from daemon.servers import free_port
 from daemon.service import GC_YOUNG_THRESHOLD, tune_gc
-from harness import ROOT, Harness
+from harness import ROOT, Harness, http
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -93,29 +94,6 @@ class NotifyListener:
         self.sock.close()
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, raw: bytes | None = None):
-    """(status, headers text, body) of one HTTP/1.1 request to 127.0.0.1:port."""
-
-    async def go():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-        writer.close()
-        return data
-
-    data = await asyncio.wait_for(go(), timeout)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, head.decode(), body
 
 
 def spawn_service(h: Harness, listener: NotifyListener, port: int, *, stderr=None,

@@ -7,8 +7,7 @@ import orjson
 from bench.generator import batch_message, trigger_event
 from daemon import metrics
 from daemon.dlq import list_letters, show_letter
-from harness import NO_PROBLEMS, Harness
-from test_pipeline import WELCOME
+from harness import NO_PROBLEMS, WELCOME, Harness
 
 
 def _good(i: int) -> dict:

@@ -5,34 +5,14 @@ an injected clock so that "wait 2 days" passes when the test says so.
 """
 
 import asyncio
-import time
 
 import orjson
-import pytest
 from aiohttp import web
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness, fault_scale, observations
+from harness import NO_PROBLEMS, Clock, Harness, engine, fault_scale, observations
 
 DAY_MS = 24 * 3600 * 1000
-
-
-class Clock:
-    """Epoch milliseconds that move only when the test says (plus real time, slowly)."""
-
-    def __init__(self):
-        self.offset_ms = 0
-
-    def __call__(self) -> int:
-        return int(time.time() * 1000) + self.offset_ms
-
-    def advance(self, ms: int) -> None:
-        self.offset_ms += ms
-
-
-def engine(nats_server_url, pg_dsn, prefix):
-    # Loopback is refused by the webhook's SSRF guard unless allowed: the test target lives there.
-    return Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8")
 
 
 async def _status(h: Harness, execution_id: str) -> str | None:
@@ -43,23 +23,6 @@ async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
     rows = await h.db.fetch(
         "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
     return [(r["step_id"], r["kind"]) for r in rows]
-
-
-async def _until(h: Harness, execution_id: str, status: str, timeout: float = 30.0) -> None:
-    try:
-        await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                           expect=status, timeout=timeout)
-    except AssertionError as exc:
-        history = await h.db.fetch(
-            "SELECT seq, step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-            execution_id)
-        letters = await h.db.fetch("SELECT reason, error FROM ordo.dead_letters")
-        raise AssertionError(f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}")
-
-
-async def _timer_stored(h: Harness, execution_id: str, purpose: str, timeout: float = 30.0) -> None:
-    await h.wait_until("SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid", execution_id,
-                       expect=purpose, timeout=timeout)
 
 
 async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, prefix, target):
@@ -88,20 +51,20 @@ async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, p
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([replies, silent])
             for execution_id in (a, b):
-                await _timer_stored(h, execution_id, "wait")
+                await h.wait_timer(execution_id, "wait")
             assert len(target.named("welcome")) == 2
             # Two days later both wait for a reply; only one contact replies.
             clock.advance(2 * DAY_MS + 1000)
             for execution_id in (a, b):
-                await _timer_stored(h, execution_id, "event_timeout")
+                await h.wait_timer(execution_id, "event_timeout")
             reply = trigger_event("fu-reply", 1, tenant="acme", event_type="contact.replied",
                                   data={"text": "sounds good"})
             reply["contact"] = replies["contact"]
             await h.publish_triggers([reply])
-            await _until(h, a, "completed")
+            await h.wait_status(a, "completed")
             assert await _status(h, b) == "waiting"
             clock.advance(3 * DAY_MS + 1000)
-            await _until(h, b, "completed")
+            await h.wait_status(b, "completed")
 
         assert [c["body"] for c in target.named("thank")] == [{"text": "sounds good"}]
         assert len(target.named("nudge")) == 1
@@ -139,7 +102,7 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
         execution_id = h.execution_id("acme", "flaky", event["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([event])
-            await _timer_stored(h, execution_id, "retry")
+            await h.wait_timer(execution_id, "retry")
             assert len(target.named("charge")) == 1
             # The first back-off is 10 s: 9 s later nothing has been retried.
             clock.advance(9_000)
@@ -152,7 +115,7 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
             await asyncio.sleep(0.5)
             assert len(target.named("charge")) == 2
             clock.advance(1_500)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         calls = target.named("charge")
         assert len(calls) == 3
         assert len({c["key"] for c in calls}) == 1 and calls[0]["key"].startswith(execution_id)
@@ -205,7 +168,7 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
         execution_id = h.execution_id("acme", "pause", event["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([event])
-            await _until(h, execution_id, "waiting")
+            await h.wait_status(execution_id, "waiting")
             runtime = await h.db.fetchval(
                 "SELECT runtime::text FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
             await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid",
@@ -227,7 +190,7 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
             await h.db.execute("UPDATE ordo.executions SET runtime = $2::jsonb WHERE execution_id = $1::uuid",
                                execution_id, runtime)
             clock.advance(61_000)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
@@ -249,7 +212,7 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
         execution_id = h.execution_id("acme", "strict", event["event_id"])
         async with h.worker():
             await h.publish_triggers([event])
-            await _until(h, execution_id, "failed")
+            await h.wait_status(execution_id, "failed")
             letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE reason = 'step_failed'")
             assert letter["step_id"] == "charge" and str(letter["execution_id"]) == execution_id
             assert "http_400" in letter["error"]
@@ -257,7 +220,7 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
             assert len(target.named("charge")) == 1
             retried = await retry_letters(h.db, h.js, h.topology, letter_id=letter["id"])
             assert len(retried) == 1
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         calls = target.named("charge")
         assert len(calls) == 2 and calls[0]["key"] == calls[1]["key"]
         assert await h.db.fetchval("SELECT status FROM ordo.dead_letters WHERE id = $1", letter["id"]) == "retried"
@@ -347,7 +310,7 @@ async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_serve
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view),
                                     msg_id=view["event_id"] + "-again")
                 await asyncio.sleep(0.3)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
             del worker
         context = orjson.loads(await h.db.fetchval(
             "SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id))
@@ -368,7 +331,7 @@ async def test_a_goto_loop_without_an_exit_fails_with_a_loop_guard_error(nats_se
         execution_id = h.execution_id("acme", "loop", event["event_id"])
         async with h.worker():
             await h.publish_triggers([event])
-            await _until(h, execution_id, "failed")
+            await h.wait_status(execution_id, "failed")
         detail = await h.db.fetchval(
             "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'failed'", execution_id)
         assert orjson.loads(detail)["code"] == "loop_guard"
@@ -388,7 +351,7 @@ async def test_cancel_drops_the_timer_and_the_wait(nats_server_url, pg_dsn, pref
             await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=1)
             await h.publish_raw(h.topology.exec_subject(execution_id), orjson.dumps(
                 {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": "unsubscribed"}))
-            await _until(h, execution_id, "cancelled")
+            await h.wait_status(execution_id, "cancelled")
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
 
@@ -440,7 +403,7 @@ async def test_an_external_action_worker_killed_mid_request_completes_the_step_o
                 hold.set()
                 second = subprocess.Popen(command, env=env, cwd=ROOT)
                 h.processes.append(second)
-                await _until(h, execution_id, "completed", timeout=60)
+                await h.wait_status(execution_id, "completed", timeout=60)
         finally:
             await runner.cleanup()
         calls = target.named("sms")
