@@ -6,7 +6,6 @@ Also the replay machinery on its own, over both dispatcher implementations."""
 import copy
 
 import orjson
-import pytest
 
 from bench.generator import trigger_event
 from daemon import inspect as inspection
@@ -265,15 +264,6 @@ def test_a_history_without_outputs_is_flagged(impl):
 
 # -- the command line ------------------------------------------------------------------------
 
-def _cli_has(command: str) -> bool:
-    from daemon.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return command in sub.choices
-
-
-@pytest.mark.skipif(not (_cli_has("inspect") and _cli_has("replay")),
-                    reason="`ordo inspect` / `ordo replay` are not wired into daemon/cli.py yet")
 async def test_the_command_line(nats_server_url, pg_dsn, prefix, target, tmp_path):
     definition = follow_up(target.url("welcome"))
     clock = Clock()
