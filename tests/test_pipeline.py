@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import asyncpg
 import orjson
@@ -130,7 +131,11 @@ async def test_signals_are_applied_in_publish_order_per_execution(nats_server_ur
             try:
                 async with blocker.transaction():
                     await blocker.execute("LOCK TABLE ordo.transitions IN SHARE ROW EXCLUSIVE MODE")
-                    await asyncio.sleep(2.5)
+                    # Locked until the worker has taken redelivered copies of what waits on the lock.
+                    deadline = time.monotonic() + 30
+                    while _counter(metrics.redeliveries, h.topology.exec_stream) == redelivered_before:
+                        assert time.monotonic() < deadline, "nothing was redelivered while the commits waited"
+                        await asyncio.sleep(0.05)
             finally:
                 await blocker.close()
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
