@@ -10,6 +10,8 @@ import orjson
 from aiohttp import web
 
 from bench.generator import trigger_event
+from daemon import metrics
+from daemon.topology import partition_of
 from harness import NO_PROBLEMS, Clock, Harness, engine, fault_scale, observations
 
 DAY_MS = 24 * 3600 * 1000
@@ -23,6 +25,24 @@ async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
     rows = await h.db.fetch(
         "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
     return [(r["step_id"], r["kind"]) for r in rows]
+
+
+#: A timer that says when a worker has looked at the timers due by a moment of the test's clock.
+MARKER = {"id": "marker", "tenant": "acme", "trigger": {"event": "marker.set"},
+          "steps": [{"id": "tick", "type": "wait", "duration": "5s"}]}
+
+
+async def _set_marker(h: Harness, n: int) -> str:
+    """A marker execution whose 5 s wait is stored; returns its id. Move the clock 5 s or more
+    (but at least one timer load interval, 1 s) and wait until it completes: by then the worker
+    has loaded the timers due by the new time (the first timer tick after an advance loads,
+    before it pops) and popped every one of them that fell due, observing its lateness, in the
+    tick that popped the marker or before (pop_due takes all that are due)."""
+    event = trigger_event("marker", n, tenant="acme", event_type="marker.set")
+    execution_id = h.execution_id("acme", "marker", event["event_id"])
+    await h.publish_triggers([event])
+    await h.wait_timer(execution_id, "wait")
+    return execution_id
 
 
 async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, prefix, target):
@@ -92,27 +112,33 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
     }
     target.script["charge"] = [503, 503, 200]
     clock = Clock()
-    from daemon import metrics
-
     retried_before = metrics.actions.labels("webhook", "retryable")._value.get()
     ok_before = metrics.actions.labels("webhook", "ok")._value.get()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(flaky)
+        await h.deploy(MARKER)
         event = trigger_event("flaky", 1, tenant="acme", event_type="order.placed")
         execution_id = h.execution_id("acme", "flaky", event["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([event])
             await h.wait_timer(execution_id, "retry")
             assert len(target.named("charge")) == 1
-            # The first back-off is 10 s: 9 s later nothing has been retried.
+            # The first back-off is 10 s: 9 s later nothing has been retried. The marker,
+            # due by then, fires; the retry, had it been due, would have fired with it.
+            marker = await _set_marker(h, 1)
+            fired = observations(metrics.timer_lateness)  # each fire observes its lateness
             clock.advance(9_000)
-            await asyncio.sleep(0.5)
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 1, "the retry fired before its back-off"
             assert len(target.named("charge")) == 1
             clock.advance(1_500)
             await h.wait_until("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'", expect=2)
             # The second back-off is 20 s.
+            marker = await _set_marker(h, 2)
+            fired = observations(metrics.timer_lateness)
             clock.advance(19_000)
-            await asyncio.sleep(0.5)
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 1, "the retry fired before its back-off"
             assert len(target.named("charge")) == 2
             clock.advance(1_500)
             await h.wait_status(execution_id, "completed")
@@ -154,8 +180,6 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
         nats_server_url, pg_dsn, prefix):
     """The fire applies nothing and the timer row stays; it used to come back with every load
     (each second) for as long as the row was broken. After a repair it fires and the execution goes on."""
-    from daemon import metrics
-
     pause = {
         "id": "pause", "tenant": "acme", "trigger": {"event": "contact.created"},
         "steps": [{"id": "wait", "type": "wait", "duration": "1h"},
@@ -164,6 +188,7 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
     clock = Clock()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(pause)
+        await h.deploy(MARKER)
         event = trigger_event("unreadable", 1, tenant="acme", event_type="contact.created")
         execution_id = h.execution_id("acme", "pause", event["event_id"])
         async with h.worker(clock_ms=clock):
@@ -180,8 +205,12 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
                 if metrics.timers_deferred._value.get() > deferred:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(3.5)  # three timer loads: each would have fired it again
-            assert observations(metrics.timer_lateness) == fired + 1
+            # A timer load after the deferral would have brought it back (its row stays), and
+            # the tick after that load fired it again: the marker comes in with such a load.
+            marker = await _set_marker(h, 1)
+            clock.advance(6_000)  # the marker falls due; the deferred fire is a minute away
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 2  # its one fire and the marker's
             assert metrics.timers_deferred._value.get() == deferred + 1
             assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid",
                                        execution_id) == 1
@@ -237,6 +266,7 @@ async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, p
     count = 30
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(waits)
+        await h.deploy(MARKER)
         events = [trigger_event("tw", i, tenant="acme", event_type="contact.created") for i in range(count)]
         async with h.worker(clock_ms=clock):
             await h.publish_triggers(events)
@@ -245,9 +275,16 @@ async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, p
         clock.advance(3600_000 + 1000)
         async with h.worker(clock_ms=clock):
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
+        # A third worker finds nothing left to fire: once it owns every partition, the marker it
+        # fires comes in with a load that would have brought back any timer left.
+        fires = observations(metrics.timer_lateness)
         async with h.worker(clock_ms=clock):
-            await asyncio.sleep(1.0)  # a third worker finds nothing left to fire
-        fired = await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired'")
+            marker = await _set_marker(h, 1)
+            clock.advance(6_000)
+            await h.wait_status(marker, "completed")
+        assert observations(metrics.timer_lateness) == fires + 1  # the marker's fire only
+        fired = await h.db.fetchval(
+            "SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired' AND step_id = 'pause'")
         assert fired == count
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
@@ -309,7 +346,9 @@ async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_serve
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view))
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view),
                                     msg_id=view["event_id"] + "-again")
-                await asyncio.sleep(0.3)
+                # Both copies routed, and what they put on the execution's subject applied.
+                await h.wait_triggers_drained()
+                await h.wait_partition_drained(partition_of(execution_id, h.config.partitions))
             await h.wait_status(execution_id, "completed")
             del worker
         context = orjson.loads(await h.db.fetchval(
