@@ -88,6 +88,15 @@ class NotifyListener:
             await asyncio.sleep(0.02)
         raise AssertionError(f"nothing matching arrived; got {self.lines(start)[-20:]}")
 
+    async def wait_count(self, line: str, count: int, timeout: float = 30.0, start: int = 0, proc=None) -> None:
+        """Until `line` has come `count` times from message `start` on."""
+        deadline = time.monotonic() + timeout
+        while self.count(line, start) < count:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the worker exited with {proc.returncode}")
+            assert time.monotonic() < deadline, f"{line} came {self.count(line, start)} times, not {count}"
+            await asyncio.sleep(0.02)
+
     def close(self) -> None:
         self._closed = True
         self._thread.join()
@@ -158,10 +167,14 @@ async def test_watchdog_task_pings_until_cancelled(monkeypatch):
         await listener.wait_for(lambda lines: True, start=2)  # a third ping arrived
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert set(listener.snapshot()) == {b"WATCHDOG=1"}
         settled = len(listener.snapshot())
-        await asyncio.sleep(0.2)
-        assert len(listener.snapshot()) <= settled + 1  # at most one datagram was still in flight
+        # A datagram of ours after the task has ended: once it is in, whatever the task sent is too
+        # (a send completes into the socket's queue, which the listener reads in order).
+        assert notify("X-TEST=after-cancel")
+        after = await listener.wait_for(lambda lines: lines == ["X-TEST=after-cancel"], start=settled)
+        pings = listener.snapshot()[:after - 1]
+        assert set(pings) == {b"WATCHDOG=1"}
+        assert len(pings) <= settled + 1  # at most one datagram was still in flight
     finally:
         listener.close()
 
@@ -239,21 +252,22 @@ async def test_worker_notifies_pings_serves_health_and_drains(nats_server_url, p
             assert (await http(port, "/readyz"))[0] == 200
             assert proc.poll() is None
 
-            # A live loop: several pings in a window.
+            # A live loop: several pings in a window, the one it takes to send three.
             mark = len(listener.snapshot())
-            await asyncio.sleep(1.5)
+            opened = time.monotonic()
+            await listener.wait_count("WATCHDOG=1", 3, start=mark, proc=proc)
+            window = time.monotonic() - opened
             live = listener.count("WATCHDOG=1", start=mark)
-            assert live >= 3
 
-            # A blocked loop: the worker says so just before time.sleep(4), then no ping in the same window.
+            # A blocked loop: the worker says so just before time.sleep(4), then no ping in the same
+            # window, held open by a request the loop would answer at once (at least 1 s).
             mark = len(listener.snapshot())
             proc.send_signal(signal.SIGUSR2)
             blocked_at = await listener.wait_for(
                 lambda lines: any(line.startswith("STATUS=blocking the event loop") for line in lines),
                 start=mark, proc=proc)
             with pytest.raises(asyncio.TimeoutError):
-                await http(port, "/healthz", timeout=1.0)  # the loop that serves it is stuck
-            await asyncio.sleep(0.5)
+                await http(port, "/healthz", timeout=max(1.0, window))  # the loop that serves it is stuck
             assert listener.count("WATCHDOG=1", start=blocked_at) == 0 < live
             # Unblocked, it pings and answers again.
             await listener.wait_for(lambda lines: lines == ["WATCHDOG=1"], start=blocked_at, proc=proc)
