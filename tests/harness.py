@@ -3,11 +3,17 @@ real processes (to kill -9), publishing, and reading the ledger back.
 
 Every harness has its own database and subject/stream prefix (the `pg_dsn` and
 `prefix` fixtures), so tests never see each other's data.
+
+This is also the one home of whatever several test modules share (test modules
+never import each other): the workflows many of them run (WELCOME, WAITER), the
+injected Clock, the `ordo` command and an HTTP client, and the Fleet and Load
+that the fault tests put under stress. Fixtures live in conftest.py.
 """
 
 import asyncio
 import dataclasses
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +25,7 @@ import nats
 import orjson
 from aiohttp import web
 
-from bench.generator import publish_events
+from bench.generator import batch_message, publish_events, trigger_event
 from daemon import config as config_module
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
@@ -35,9 +41,53 @@ def observations(histogram) -> float:
     return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
 
 
+#: What ledger_problems() returns for a sound ledger.
+NO_PROBLEMS = {name: 0 for name in CHECKS}
+
+
 def fault_scale(ci: int, full: int) -> int:
     """Counts for fault tests: reduced in CI (ORDO_FAULT_SCALE=ci), full otherwise when asked."""
     return full if os.environ.get("ORDO_FAULT_SCALE") == "full" else ci
+
+
+# -- workflows that several test modules run ---------------------------------------
+
+WELCOME = {
+    "id": "welcome",
+    "tenant": "acme",
+    "trigger": {"event": "contact.created"},
+    "steps": [
+        {"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}},
+        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "DE"]},
+         "then": "german"},
+        {"id": "english", "type": "set", "values": {"locale": "en"}, "next": "done"},
+        {"id": "german", "type": "set", "values": {"locale": "de"}},
+        {"id": "done", "type": "end"},
+    ],
+}
+
+WAITER = {
+    "id": "waiter",
+    "tenant": "acme",
+    "trigger": {"event": "session.started"},
+    "steps": [
+        {"id": "wait", "type": "wait_for_signal", "signal": "done"},
+        {"id": "finish", "type": "set", "values": {"finished": True}},
+    ],
+}
+
+
+class Clock:
+    """Epoch milliseconds that move only when the test says (plus real time, slowly)."""
+
+    def __init__(self):
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return int(time.time() * 1000) + self.offset_ms
+
+    def advance(self, ms: int) -> None:
+        self.offset_ms += ms
 
 
 class Harness:
@@ -163,6 +213,46 @@ class Harness:
             await asyncio.sleep(0.1)
         raise AssertionError(f"{sql!r} is {value!r}, expected {expect!r} after {timeout}s")
 
+    async def wait_status(self, execution_id: str, status: str, timeout: float = 30.0) -> None:
+        """Until the execution has `status`; on a timeout the error shows its history and the dead letters."""
+        try:
+            await self.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
+                                  expect=status, timeout=timeout)
+        except AssertionError as exc:
+            history = await self.db.fetch(
+                "SELECT seq, step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+                execution_id)
+            letters = await self.db.fetch("SELECT reason, error FROM ordo.dead_letters")
+            raise AssertionError(
+                f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}") from None
+
+    async def wait_timer(self, execution_id: str, purpose: str, timeout: float = 30.0) -> None:
+        """Until the execution's timer row is one for `purpose` (wait, retry, event_timeout, ...)."""
+        await self.wait_until("SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid", execution_id,
+                              expect=purpose, timeout=timeout)
+
+    async def wait_drained(self, stream: str, consumer: str, timeout: float = 30.0) -> None:
+        """Until the consumer has nothing pending and nothing unacked: every message stored on its
+        subjects so far was delivered and settled (a worker acks only after the commit)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.js.consumer_info(stream, consumer)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{consumer}: {info.num_pending} pending, {info.num_ack_pending} unacked "
+                                     f"after {timeout}s")
+            await asyncio.sleep(0.05)
+
+    async def wait_triggers_drained(self, timeout: float = 30.0) -> None:
+        """Until every trigger published so far was taken, routed or enrolled, committed and acked."""
+        await self.wait_drained(self.topology.triggers_stream, self.topology.triggers_consumer, timeout)
+
+    async def wait_partition_drained(self, partition: int, timeout: float = 30.0) -> None:
+        """Until every message on the partition's execution subjects so far was applied (or
+        found a duplicate), committed and acked by its current owner."""
+        await self.wait_drained(self.topology.exec_stream, await self.partition_consumer(partition), timeout)
+
     async def ledger_problems(self) -> dict:
         """The ledger's invariants (ledger.check); every count must be zero."""
         return await check(self.db)
@@ -170,6 +260,12 @@ class Harness:
     def kill(self, proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def engine(nats_url: str, pg_dsn: str, prefix: str, **settings) -> Harness:
+    """A harness whose webhook may call loopback addresses, where the tests' Target lives
+    (the webhook's SSRF guard refuses them unless allowed)."""
+    return Harness(nats_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8", **settings)
 
 
 class Target:
@@ -219,4 +315,223 @@ class Target:
         await self.runner.cleanup()
 
 
-NO_PROBLEMS = {name: 0 for name in CHECKS}
+# -- the command line and HTTP ---------------------------------------------------------
+
+
+def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:
+    """`python -m daemon ARGS...` from the repository root, as an operator runs `ordo`."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=check)
+
+
+async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, raw: bytes | None = None):
+    """(status, headers text, body) of one HTTP/1.1 request to 127.0.0.1:port."""
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        return data
+
+    data = await asyncio.wait_for(go(), timeout)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, head.decode(), body
+
+
+# -- load under faults (test_chaos, test_fault_injection) -----------------------------------
+
+#: A killed worker's partitions are claimable when its lease runs out: keep that short.
+QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
+#: Small batches so that faults land inside batches, and a short AckWait so that
+#: messages a dead connection or process held come back quickly.
+LOADED = {"ack_wait_s": 2.0, "batch_max_ms": 10.0, "fetch_batch": 50, **QUICK_LEASES}
+TICKS = 8
+
+
+class Fleet:
+    """Worker processes kept alive: one that exits is respawned, and its exit is recorded."""
+
+    def __init__(self, h: Harness, workers: int = 2, **settings):
+        self.h = h
+        self.workers = workers
+        self.settings = settings
+        self.procs: dict = {}
+        self.exits: list = []  # (worker index, exit code)
+        self.kills = 0
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            self.procs[i] = self.h.spawn_worker(i, self.workers, **self.settings)
+
+    def respawn_exited(self) -> None:
+        for i, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is not None:
+                self.exits.append((i, code))
+                self.procs[i] = self.h.spawn_worker(i, self.workers, **self.settings)
+
+    def kill_one(self, rng: random.Random) -> None:
+        i = rng.randrange(self.workers)
+        self.h.kill(self.procs[i])
+        self.kills += 1
+        self.procs[i] = self.h.spawn_worker(i, self.workers, **self.settings)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+async def ledger(h: Harness) -> asyncpg.Connection:
+    """The harness's ledger connection, reconnected if a Postgres restart broke it."""
+    for _ in range(100):
+        if h.db is not None and not h.db.is_closed():
+            try:
+                await h.db.fetchval("SELECT 1")
+                return h.db
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                pass
+        try:
+            h.db = await asyncpg.connect(h.config.pg_dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            await asyncio.sleep(0.2)
+    raise AssertionError("cannot reach the ledger")
+
+
+async def _count(h: Harness, sql: str, *args) -> int:
+    for _ in range(50):
+        try:
+            return await (await ledger(h)).fetchval(sql, *args)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await asyncio.sleep(0.2)
+    raise AssertionError("cannot read the ledger")
+
+
+async def _retrying(publish, *args, **kwargs):
+    """Publish as a Triggers service does while nats-server restarts: retry until
+    JetStream acks (each message has a fixed Nats-Msg-Id, so a retry that was in
+    fact stored the first time is dropped by the duplicate window)."""
+    for attempt in range(200):
+        try:
+            return await publish(*args, **kwargs)
+        except Exception:  # timeouts, no responders, connection reconnecting
+            await asyncio.sleep(0.1)
+    raise AssertionError("could not publish for 20 s")
+
+
+class Load:
+    """WAITER executions with TICKS ordered signals each, plus WELCOME enrolments."""
+
+    def __init__(self, h: Harness, run_id: str, welcome: int, waiters: int, trigger_batch: int = 0):
+        self.h = h
+        self.run_id = run_id
+        #: > 0: every other round of WELCOME triggers goes out in trigger batch messages of this many events.
+        self.trigger_batch = trigger_batch
+        self.waiter_events = [trigger_event(f"{run_id}-w", i, tenant="acme", event_type="session.started")
+                              for i in range(waiters)]
+        self.waiter_ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in self.waiter_events]
+        self.events = [trigger_event(run_id, i, tenant="acme", event_type="contact.created") for i in range(welcome)]
+        self.total = len(self.events) + len(self.waiter_events)
+
+    async def prepare(self) -> None:
+        """Deploy; enrol the waiters with an in-process worker until they wait."""
+        await self.h.deploy(WELCOME)
+        await self.h.deploy(WAITER)
+        async with self.h.worker():
+            await self.h.publish_triggers(self.waiter_events)
+            await self.h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'",
+                                    expect=len(self.waiter_events))
+
+    async def publish(self, over_s: float = 0.0) -> None:
+        """Triggers and signal rounds interleaved, spread over `over_s` seconds (at once by default)."""
+        rounds = TICKS + 1
+        chunk = -(-len(self.events) // rounds)
+        for i in range(rounds):
+            events = self.events[i * chunk:(i + 1) * chunk]
+            if self.trigger_batch and i % 2:
+                await self._publish_batches(events)
+            else:
+                await self.publish_triggers(events)
+            for execution_id in self.waiter_ids:
+                if i < TICKS:
+                    await _retrying(self.h.signal, execution_id, "tick", {"i": i}, signal_id=f"tick-{i}")
+                else:
+                    await _retrying(self.h.signal, execution_id, "done", None, signal_id="done")
+            if over_s:
+                await asyncio.sleep(over_s / rounds)
+
+    async def publish_triggers(self, events: list[dict]) -> None:
+        """Like the generator (Nats-Msg-Id = event id, a window of PubAcks), retrying what failed."""
+        topology = self.h.topology
+        while events:
+            failed = []
+            for start in range(0, len(events), 256):
+                window = events[start:start + 256]
+                results = await asyncio.gather(*(
+                    self.h.js.publish(topology.trigger_subject(e["tenant"], e["type"]), orjson.dumps(e),
+                                      headers={"Nats-Msg-Id": e["event_id"]}) for e in window),
+                    return_exceptions=True)
+                failed += [e for e, r in zip(window, results) if isinstance(r, BaseException)]
+            events = failed
+            if failed:
+                await asyncio.sleep(0.1)
+
+    async def _publish_batches(self, events: list[dict]) -> None:
+        for start in range(0, len(events), self.trigger_batch):
+            subject, body, msg_id = batch_message(self.h.topology, events[start:start + self.trigger_batch])
+            await _retrying(self.h.js.publish, subject, body, headers={"Nats-Msg-Id": msg_id})
+
+    async def completed(self) -> int:
+        return await _count(self.h, "SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
+
+    async def wait_completed(self, fleet: Fleet | None = None, timeout: float = 120.0) -> float:
+        """Until every execution completed (respawning exited workers); returns when (monotonic)."""
+        deadline = time.monotonic() + timeout
+        done = 0
+        while time.monotonic() < deadline:
+            if fleet is not None:
+                fleet.respawn_exited()
+            done = await self.completed()
+            if done == self.total:
+                return time.monotonic()
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{done} of {self.total} executions completed after {timeout}s")
+
+    async def verify(self) -> dict:
+        """Exactly once, completed, in order; returns the counts for the report."""
+        db = await ledger(self.h)
+        rows = await db.fetch("SELECT event_id, status FROM ordo.executions WHERE workflow_id = 'welcome'")
+        got = sorted(r["event_id"] for r in rows)
+        expected = sorted(e["event_id"] for e in self.events)
+        lost = len(set(expected) - set(got))
+        duplicated = len(got) - len(set(got))
+        assert got == expected, f"{lost} lost, {duplicated} duplicated welcome executions"
+        assert {r["status"] for r in rows} == {"completed"}
+        out_of_order = 0
+        seen = []
+        for execution_id in self.waiter_ids:
+            details = await db.fetch(
+                "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
+                execution_id)
+            signals = [orjson.loads(d["detail"]) for d in details]
+            if [s["data"]["i"] for s in signals[:-1]] != list(range(TICKS)) or signals[-1]["name"] != "done":
+                out_of_order += 1
+                letters = await db.fetch("SELECT reason, stream_seq FROM ordo.dead_letters WHERE execution_id = $1::uuid",
+                                         execution_id)
+                seen.append((execution_id, [(s.get("name"), (s.get("data") or {}).get("i")) for s in signals],
+                             [tuple(r) for r in letters]))
+        assert out_of_order == 0, f"{out_of_order} waiters saw their signals lost, doubled or out of order: {seen}"
+        problems = await self.h.ledger_problems()
+        assert problems == NO_PROBLEMS
+        return {"executions": self.total, "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order}
+

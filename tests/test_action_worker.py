@@ -60,26 +60,34 @@ class Bus:
         await self.js.publish(self.topology.action_subject(name, major), encode(doc), headers=headers)
         return doc
 
-    async def results(self, execution_id: str, expect: int = 1, timeout: float = 15.0, settle: float = 0.5):
-        """Every message on the execution's subject: waits for `expect`, then `settle` longer for extras."""
+    async def results(self, execution_id: str, expect: int = 1, timeout: float = 15.0) -> list:
+        """Every message on the execution's subject, once `expect` are there and no request is left.
+
+        A worker acks (or terminates) a request only after JetStream has stored its result: with
+        the actions stream empty, every result there will be is stored, extras included.
+        """
+        deadline = time.monotonic() + timeout
+        while await self.pending_requests() or await self.stored(execution_id) < expect:
+            assert time.monotonic() < deadline, (
+                f"{await self.stored(execution_id)} results, {await self.pending_requests()} requests left")
+            await asyncio.sleep(0.02)
+        stored = await self.stored(execution_id)
+        if not stored:
+            return []
         sub = await self.js.pull_subscribe(self.topology.exec_subject(execution_id), stream=self.topology.exec_stream)
         got = []
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                wait = settle if len(got) >= expect else min(1.0, max(0.05, deadline - time.monotonic()))
-                try:
-                    msgs = await sub.fetch(10, timeout=wait)
-                except asyncio.TimeoutError:  # nats-py raises its own subclass, or (short waits) this one
-                    if len(got) >= expect:
-                        break
-                    continue
-                for msg in msgs:
-                    await msg.ack()
-                    got.append(msg)
+            while len(got) < stored:
+                got += await sub.fetch(stored - len(got), timeout=5)
         finally:
             await sub.unsubscribe()
         return got
+
+    async def stored(self, execution_id: str) -> int:
+        """Messages on the execution's subject now."""
+        subject = self.topology.exec_subject(execution_id)
+        info = await self.js.stream_info(self.topology.exec_stream, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
 
     async def pending_requests(self) -> int:
         return (await self.js.stream_info(self.topology.actions_stream)).state.messages
@@ -204,7 +212,7 @@ async def test_a_repeated_request_publishes_one_result_per_attempt(bus):
     async with Running(bus.worker([echo])):
         doc = await bus.send("test.echo", {"n": 1}, execution_id="exec-dup", msg_id="a")
         await bus.send("test.echo", {"n": 1}, execution_id="exec-dup", msg_id="b")
-        got = await bus.results("exec-dup", expect=1, settle=1.5)
+        got = await bus.results("exec-dup", expect=1)
         for _ in range(50):
             if len(calls) == 2:
                 break
@@ -228,7 +236,7 @@ async def test_concurrency_is_bounded(bus):
     docs = [await bus.send("test.count", {}) for _ in range(12)]
     async with Running(bus.worker([count, echo], concurrency=3)) as worker:
         for doc in docs:
-            assert len(await bus.results(doc["execution_id"], settle=0.01)) == 1
+            assert len(await bus.results(doc["execution_id"])) == 1
     assert peak <= 3 and worker.counts["ok"] == 12
 
 
@@ -236,7 +244,7 @@ async def test_a_long_action_keeps_its_request_past_ack_wait(bus):
     # In-progress acks hold the request while it runs: no redelivery, one run.
     async with Running(bus.worker([echo], ack_wait_s=1.0)):
         doc = await bus.send("test.echo", {"sleep": 3.0})
-        got = await bus.results(doc["execution_id"], settle=1.5)
+        got = await bus.results(doc["execution_id"])
     assert len(calls) == 1 and len(got) == 1
     assert await bus.pending_requests() == 0
 
@@ -304,9 +312,9 @@ async def test_a_killed_worker_s_request_runs_again_with_the_same_key_and_comple
         first.send_signal(signal.SIGKILL)
         first.wait()
         killed_at = time.monotonic()
-        assert await bus.results("exec-kill", expect=0, timeout=0.5, settle=0.5) == []
+        assert await bus.stored("exec-kill") == 0  # its call never returned: nothing was published
         second = spawn(bus, provider, ack_wait)
-        got = await bus.results("exec-kill", expect=1, timeout=30, settle=2.0)
+        got = await bus.results("exec-kill", expect=1, timeout=30)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -248,9 +248,17 @@ async def test_a_zero_deadline_is_no_deadline():
 
 
 async def test_invoke_lets_the_caller_cancel():
-    doc = a_request(input={"say": "sleep"})
-    task = asyncio.ensure_future(invoke(Echo(), ctx_for(doc), doc["input"]))
-    await asyncio.sleep(0.05)
+    running = asyncio.Event()
+
+    @action("hang", major=1)
+    async def hang(ctx, input):
+        running.set()
+        await asyncio.sleep(10)
+        return {}
+
+    doc = a_request(input={})
+    task = asyncio.ensure_future(invoke(hang, ctx_for(doc), doc["input"]))
+    await asyncio.wait_for(running.wait(), 5)  # cancelled while the action runs, not before it starts
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

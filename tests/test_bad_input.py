@@ -4,8 +4,7 @@ import orjson
 
 from bench.generator import trigger_event
 from daemon import metrics
-from harness import NO_PROBLEMS, Harness
-from test_pipeline import WAITER, WELCOME
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 
 MAX_BYTES = 4096
 

@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness
-from test_pipeline import WAITER, WELCOME
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 
 MAX_BYTES = 4096
 GHOST = "00000000-0000-4000-8000-000000000000"  # an execution id no trigger made
@@ -185,21 +184,10 @@ async def test_poison_beyond_max_ack_pending_never_stalls_the_consumers(nats_ser
             consumers = [(t.triggers_stream, t.triggers_consumer)]
             consumers += [(t.exec_stream, await h.partition_consumer(p)) for p in range(h.config.partitions)]
             for stream, consumer in consumers:
-                await _wait_acked(h, stream, consumer)
+                await h.wait_drained(stream, consumer)
             assert worker.fatal is None
         await _check_dead_letters(h, published)
         reasons = await h.db.fetchval(
             "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'unreadable_execution' AND error LIKE '%runtime%'")
         assert reasons == 40
 
-
-async def _wait_acked(h: Harness, stream: str, consumer: str) -> None:
-    """Until the consumer has nothing pending and nothing unacknowledged."""
-    import asyncio
-
-    for _ in range(300):
-        info = await h.js.consumer_info(stream, consumer)
-        if info.num_ack_pending == 0 and info.num_pending == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{consumer}: {info.num_ack_pending} unacked, {info.num_pending} pending")

@@ -2,23 +2,13 @@
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import orjson
 import pytest
 
 from bench.generator import trigger_event
-from harness import ROOT, Harness
-from test_pipeline import WAITER
-
-
-def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=check)
+from harness import WAITER, Harness, ordo
 
 
 def test_validate_points_at_the_offending_step(tmp_path):

@@ -18,8 +18,7 @@ import pytest
 
 from bench.generator import trigger_event
 from daemon import faults
-from harness import NO_PROBLEMS, Harness, fault_scale
-from test_chaos import LOADED, Fleet, Load
+from harness import LOADED, NO_PROBLEMS, Fleet, Harness, Load, fault_scale
 
 # -- the spec -------------------------------------------------------------------------
 
@@ -206,7 +205,7 @@ async def test_a_soak_under_seeded_injected_faults_ends_every_execution(nats_ser
         fleet.start()
         started = time.monotonic()
         try:
-            await asyncio.gather(load.publish(over_s=seconds), load._publish_triggers(order_events))
+            await asyncio.gather(load.publish(over_s=seconds), load.publish_triggers(order_events))
             ended = await h.wait_until(f"SELECT count(*) FROM ordo.executions WHERE {_ENDED}", expect=total,
                                        timeout=180)
             finished = time.monotonic()

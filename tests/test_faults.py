@@ -7,12 +7,8 @@ import time
 import orjson
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness, fault_scale
-from test_pipeline import WAITER, WELCOME
-
-
-#: A killed worker's partitions are claimable when its lease runs out: keep that short here.
-QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
+from daemon.servers import free_port
+from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, http
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:
@@ -25,6 +21,14 @@ async def _ack_pending(h: Harness, partition: int) -> int:
         return (await h.js.consumer_info(h.topology.exec_stream, consumer)).num_ack_pending
     except NotFoundError:
         return 0
+
+
+async def _advanced(port: int) -> float:
+    """ordo_advance_seconds_count of the worker serving /metrics on `port`: messages it has dispatched."""
+    status, _, body = await http(port, "/metrics")
+    assert status == 200
+    line = next(line for line in body.decode().splitlines() if line.startswith("ordo_advance_seconds_count "))
+    return float(line.rsplit(" ", 1)[1])
 
 
 async def _completed(h: Harness) -> int:
@@ -193,17 +197,22 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
                                expect="waiting")
         partition = partition_of(execution_id, h.config.partitions)
         since = time.time()
+        port = free_port()
         # Worker A holds what it dispatched for 4 s before committing: room to stop it mid-batch.
-        old = h.spawn_worker(batch_max_ms=4000.0)
+        old = h.spawn_worker(batch_max_ms=4000.0, metrics_port=port)
         await h.wait_claimed(since)
+        dispatched = await _advanced(port)
         await h.signal(execution_id, "tick", {"i": 0}, signal_id="k")
         deadline = time.monotonic() + 10
         while await _ack_pending(h, partition) < 1:
             assert time.monotonic() < deadline, "worker A never took the message"
             await asyncio.sleep(0.02)
-        # Let A dispatch it into the batch that waits 4 s (a fetched message A had
-        # not dispatched yet would be re-read after SIGCONT and settled as applied).
-        await asyncio.sleep(0.5)
+        # Until A has dispatched it into the batch that waits 4 s (a fetched message A had not
+        # dispatched yet would be re-read after SIGCONT and settled as applied): its dispatcher
+        # times each message it advances, after handing the unit to the batcher.
+        while await _advanced(port) == dispatched:
+            assert time.monotonic() < deadline, "worker A never dispatched the message"
+            await asyncio.sleep(0.02)
         old.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         try:

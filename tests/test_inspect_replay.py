@@ -6,13 +6,11 @@ Also the replay machinery on its own, over both dispatcher implementations."""
 import copy
 
 import orjson
-import pytest
 
 from bench.generator import trigger_event
 from daemon import inspect as inspection
 from daemon import replay as replaying
-from harness import NO_PROBLEMS
-from test_workflows import Clock, _timer_stored, _until, engine
+from harness import NO_PROBLEMS, Clock, engine, ordo
 
 
 def follow_up(url: str) -> dict:
@@ -50,9 +48,9 @@ async def test_inspect_and_replay_an_execution_with_a_retry_a_wait_and_an_event(
         execution_id = h.execution_id("acme", "follow-up", start["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([start])
-            await _timer_stored(h, execution_id, "retry")
+            await h.wait_timer(execution_id, "retry")
             clock.advance(10_500)  # the 10 s back-off passes: attempt 2 succeeds
-            await _timer_stored(h, execution_id, "wait")
+            await h.wait_timer(execution_id, "wait")
             clock.advance(3600_000 + 1000)
             await _waiting_for_reply(h, execution_id)
 
@@ -71,7 +69,7 @@ async def test_inspect_and_replay_an_execution_with_a_retry_a_wait_and_an_event(
                                   data={"text": "sounds good"})
             reply["contact"] = start["contact"]
             await h.publish_triggers([reply])
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
 
         assert len(target.named("welcome")) == 2
         doc = await inspection.inspect(h.db, execution_id)
@@ -173,9 +171,9 @@ async def test_replay_sample_summarises_the_divergence(nats_server_url, pg_dsn, 
                 reply["contact"] = start["contact"]
                 await h.publish_triggers([reply])
             for execution_id in ids[:3]:
-                await _until(h, execution_id, "completed")
+                await h.wait_status(execution_id, "completed")
             clock.advance(86_400_000 + 1000)
-            await _until(h, ids[3], "completed")
+            await h.wait_status(ids[3], "completed")
 
         same = await replaying.replay_sample(h.db, "acme", "follow-up", 10)
         assert (same["replayed"], same["identical"], same["diverged"], same["errors"]) == (4, 4, 0, 0)
@@ -266,18 +264,7 @@ def test_a_history_without_outputs_is_flagged(impl):
 
 # -- the command line ------------------------------------------------------------------------
 
-def _cli_has(command: str) -> bool:
-    from daemon.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return command in sub.choices
-
-
-@pytest.mark.skipif(not (_cli_has("inspect") and _cli_has("replay")),
-                    reason="`ordo inspect` / `ordo replay` are not wired into daemon/cli.py yet")
 async def test_the_command_line(nats_server_url, pg_dsn, prefix, target, tmp_path):
-    from test_cli import ordo
-
     definition = follow_up(target.url("welcome"))
     clock = Clock()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
@@ -286,11 +273,11 @@ async def test_the_command_line(nats_server_url, pg_dsn, prefix, target, tmp_pat
         execution_id = h.execution_id("acme", "follow-up", start["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([start])
-            await _timer_stored(h, execution_id, "wait")
+            await h.wait_timer(execution_id, "wait")
             clock.advance(3600_000 + 1000)
             await _waiting_for_reply(h, execution_id)
             clock.advance(86_400_000 + 1000)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
     env = {"ORDO_PG_DSN": pg_dsn}
     shown = ordo("inspect", execution_id, env_extra=env)
     assert shown.returncode == 0 and "pending    nothing" in shown.stdout and "timed_out" in shown.stdout

@@ -18,9 +18,8 @@ import time
 
 from bench.generator import trigger_event
 from daemon import metrics
-from harness import ROOT, Harness
-from test_pipeline import WELCOME
-from test_service import free_port, http
+from daemon.servers import free_port
+from harness import ROOT, WELCOME, Harness, http
 
 DASHBOARD = os.path.join(ROOT, "daemon", "ops", "grafana-dashboard.json")
 ALERTS = os.path.join(ROOT, "daemon", "ops", "alerts.yml")

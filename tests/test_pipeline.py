@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import asyncpg
 import orjson
@@ -10,42 +11,18 @@ from bench.generator import trigger_event
 from daemon.topology import trigger_msg_id
 
 from daemon import metrics
-from harness import NO_PROBLEMS, Harness, observations
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, observations
 
 
 def _counter(counter, label: str) -> float:
     return counter.labels(label)._value.get()
 
 
-WELCOME = {
-    "id": "welcome",
-    "tenant": "acme",
-    "trigger": {"event": "contact.created"},
-    "steps": [
-        {"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}},
-        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "DE"]},
-         "then": "german"},
-        {"id": "english", "type": "set", "values": {"locale": "en"}, "next": "done"},
-        {"id": "german", "type": "set", "values": {"locale": "de"}},
-        {"id": "done", "type": "end"},
-    ],
-}
-
 BIG_ORDER = {
     "id": "big-order",
     "tenant": "acme",
     "trigger": {"event": "order.placed", "filter": {"gte": ["{{event.data.amount}}", 100]}},
     "steps": [{"id": "flag", "type": "set", "values": {"vip": True, "amount": "{{event.data.amount}}"}}],
-}
-
-WAITER = {
-    "id": "waiter",
-    "tenant": "acme",
-    "trigger": {"event": "session.started"},
-    "steps": [
-        {"id": "wait", "type": "wait_for_signal", "signal": "done"},
-        {"id": "finish", "type": "set", "values": {"finished": True}},
-    ],
 }
 
 
@@ -94,7 +71,7 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
                                expect=len(expected))
             # Let every duplicate and non-matching trigger settle as well.
-            await _wait_consumer_drained(h)
+            await h.wait_triggers_drained()
 
         # The ledger, not JetStream, absorbed the duplicates with another msg id.
         assert metrics.deduplicated._value.get() - deduplicated_before == slipped_past_jetstream
@@ -119,17 +96,6 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         assert [(k["step_id"], k["kind"]) for k in kinds] == [
             ("", "started"), ("greet", "set"), ("by-country", "branch"), ("english", "set"), ("done", "completed"),
         ]
-
-
-async def _wait_consumer_drained(h: Harness, timeout: float = 30.0) -> None:
-    """Until the trigger consumer has nothing pending or unacked."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
-        if info.num_pending == 0 and info.num_ack_pending == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the trigger consumer did not drain")
 
 
 async def test_signals_are_applied_in_publish_order_per_execution(nats_server_url, pg_dsn, prefix):
@@ -165,7 +131,11 @@ async def test_signals_are_applied_in_publish_order_per_execution(nats_server_ur
             try:
                 async with blocker.transaction():
                     await blocker.execute("LOCK TABLE ordo.transitions IN SHARE ROW EXCLUSIVE MODE")
-                    await asyncio.sleep(2.5)
+                    # Locked until the worker has taken redelivered copies of what waits on the lock.
+                    deadline = time.monotonic() + 30
+                    while _counter(metrics.redeliveries, h.topology.exec_stream) == redelivered_before:
+                        assert time.monotonic() < deadline, "nothing was redelivered while the commits waited"
+                        await asyncio.sleep(0.05)
             finally:
                 await blocker.close()
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",

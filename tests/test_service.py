@@ -24,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from daemon.health import HealthServer
 from daemon.notify import notify, watchdog, watchdog_interval
 from daemon.profile import ProfileError, find_worker_pid, is_worker_cmdline, profile
+from daemon.servers import free_port
 from daemon.service import GC_YOUNG_THRESHOLD, tune_gc
-from harness import ROOT, Harness
+from harness import ROOT, Harness, http
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -87,35 +88,21 @@ class NotifyListener:
             await asyncio.sleep(0.02)
         raise AssertionError(f"nothing matching arrived; got {self.lines(start)[-20:]}")
 
+    async def wait_count(self, line: str, count: int, timeout: float = 30.0, start: int = 0, proc=None) -> None:
+        """Until `line` has come `count` times from message `start` on."""
+        deadline = time.monotonic() + timeout
+        while self.count(line, start) < count:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the worker exited with {proc.returncode}")
+            assert time.monotonic() < deadline, f"{line} came {self.count(line, start)} times, not {count}"
+            await asyncio.sleep(0.02)
+
     def close(self) -> None:
         self._closed = True
         self._thread.join()
         self.sock.close()
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, raw: bytes | None = None):
-    """(status, headers text, body) of one HTTP/1.1 request to 127.0.0.1:port."""
-
-    async def go():
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-        writer.close()
-        return data
-
-    data = await asyncio.wait_for(go(), timeout)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, head.decode(), body
 
 
 def spawn_service(h: Harness, listener: NotifyListener, port: int, *, stderr=None,
@@ -180,10 +167,14 @@ async def test_watchdog_task_pings_until_cancelled(monkeypatch):
         await listener.wait_for(lambda lines: True, start=2)  # a third ping arrived
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert set(listener.snapshot()) == {b"WATCHDOG=1"}
         settled = len(listener.snapshot())
-        await asyncio.sleep(0.2)
-        assert len(listener.snapshot()) <= settled + 1  # at most one datagram was still in flight
+        # A datagram of ours after the task has ended: once it is in, whatever the task sent is too
+        # (a send completes into the socket's queue, which the listener reads in order).
+        assert notify("X-TEST=after-cancel")
+        after = await listener.wait_for(lambda lines: lines == ["X-TEST=after-cancel"], start=settled)
+        pings = listener.snapshot()[:after - 1]
+        assert set(pings) == {b"WATCHDOG=1"}
+        assert len(pings) <= settled + 1  # at most one datagram was still in flight
     finally:
         listener.close()
 
@@ -261,21 +252,22 @@ async def test_worker_notifies_pings_serves_health_and_drains(nats_server_url, p
             assert (await http(port, "/readyz"))[0] == 200
             assert proc.poll() is None
 
-            # A live loop: several pings in a window.
+            # A live loop: several pings in a window, the one it takes to send three.
             mark = len(listener.snapshot())
-            await asyncio.sleep(1.5)
+            opened = time.monotonic()
+            await listener.wait_count("WATCHDOG=1", 3, start=mark, proc=proc)
+            window = time.monotonic() - opened
             live = listener.count("WATCHDOG=1", start=mark)
-            assert live >= 3
 
-            # A blocked loop: the worker says so just before time.sleep(4), then no ping in the same window.
+            # A blocked loop: the worker says so just before time.sleep(4), then no ping in the same
+            # window, held open by a request the loop would answer at once (at least 1 s).
             mark = len(listener.snapshot())
             proc.send_signal(signal.SIGUSR2)
             blocked_at = await listener.wait_for(
                 lambda lines: any(line.startswith("STATUS=blocking the event loop") for line in lines),
                 start=mark, proc=proc)
             with pytest.raises(asyncio.TimeoutError):
-                await http(port, "/healthz", timeout=1.0)  # the loop that serves it is stuck
-            await asyncio.sleep(0.5)
+                await http(port, "/healthz", timeout=max(1.0, window))  # the loop that serves it is stuck
             assert listener.count("WATCHDOG=1", start=blocked_at) == 0 < live
             # Unblocked, it pings and answers again.
             await listener.wait_for(lambda lines: lines == ["WATCHDOG=1"], start=blocked_at, proc=proc)

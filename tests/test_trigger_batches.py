@@ -1,14 +1,14 @@
 """Trigger batch messages (contract 1.1): many events in one stored message, each enrolled as if alone."""
 
 import asyncio
+import time
 
 import orjson
 
 from bench.generator import batch_message, trigger_event
 from daemon import metrics
 from daemon.dlq import list_letters, show_letter
-from harness import NO_PROBLEMS, Harness
-from test_pipeline import WELCOME
+from harness import NO_PROBLEMS, WELCOME, Harness
 
 
 def _good(i: int) -> dict:
@@ -43,12 +43,7 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(good))
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=len(bad) + 1)
             # Acked once every event of it has committed: nothing left pending.
-            for _ in range(100):
-                info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
-                if info.num_ack_pending == 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert info.num_ack_pending == 0 and info.num_pending == 0
+            await h.wait_triggers_drained()
 
         assert metrics.triggers_received._value.get() - received == len(events) + 1
         started = {r["event_id"] for r in await h.db.fetch("SELECT event_id FROM ordo.executions")}
@@ -81,6 +76,27 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def _until_intake_stopped(h: Harness, worker, received: float, events_per_message: int,
+                                timeout: float = 30.0) -> float:
+    """Events the worker has taken once it can take no more while nothing commits.
+
+    With no commit, nothing is released from the window: once it is full (in flight +
+    fetch_batch > max_ack_pending) no new pull request opens. When the request that filled
+    it has ended (the consumer has none waiting) and the worker has taken every message the
+    server delivered (num_ack_pending, as none is acked), what it took is all it will take.
+    """
+    config = worker.config
+    deadline = time.monotonic() + timeout
+    while True:
+        taken = metrics.triggers_received._value.get() - received
+        if taken + config.fetch_batch > config.max_ack_pending:
+            info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+            if info.num_waiting == 0 and info.num_ack_pending * events_per_message == taken:
+                return taken
+        assert time.monotonic() < deadline, f"the worker's intake did not stop ({taken} events taken)"
+        await asyncio.sleep(0.05)
+
+
 async def test_the_in_flight_window_counts_the_events_of_a_batch_not_its_messages(nats_server_url, pg_dsn, prefix):
     """Bounded memory: 60 batches of 50 events against a window of 120 while the ledger is locked.
 
@@ -98,9 +114,8 @@ async def test_the_in_flight_window_counts_the_events_of_a_batch_not_its_message
         await lock.start()
         # Commits wait on the lock: what the worker takes in stays in flight.
         await h.db.execute("LOCK TABLE ordo.executions IN ACCESS EXCLUSIVE MODE")
-        async with h.worker():
-            await asyncio.sleep(3.0)
-            taken = metrics.triggers_received._value.get() - received
+        async with h.worker() as worker:
+            taken = await _until_intake_stopped(h, worker, received, events_per_message=50)
             await lock.rollback()
             # The window and at most a pull of 128 KiB (about 550 of these events) past it:
             # not everything, as when a pull was 2,048 messages or 8 MiB whatever they held.

@@ -5,34 +5,16 @@ an injected clock so that "wait 2 days" passes when the test says so.
 """
 
 import asyncio
-import time
 
 import orjson
-import pytest
 from aiohttp import web
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, Harness, fault_scale, observations
+from daemon import metrics
+from daemon.topology import partition_of
+from harness import NO_PROBLEMS, Clock, Harness, engine, fault_scale, observations
 
 DAY_MS = 24 * 3600 * 1000
-
-
-class Clock:
-    """Epoch milliseconds that move only when the test says (plus real time, slowly)."""
-
-    def __init__(self):
-        self.offset_ms = 0
-
-    def __call__(self) -> int:
-        return int(time.time() * 1000) + self.offset_ms
-
-    def advance(self, ms: int) -> None:
-        self.offset_ms += ms
-
-
-def engine(nats_server_url, pg_dsn, prefix):
-    # Loopback is refused by the webhook's SSRF guard unless allowed: the test target lives there.
-    return Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8")
 
 
 async def _status(h: Harness, execution_id: str) -> str | None:
@@ -45,21 +27,22 @@ async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
     return [(r["step_id"], r["kind"]) for r in rows]
 
 
-async def _until(h: Harness, execution_id: str, status: str, timeout: float = 30.0) -> None:
-    try:
-        await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                           expect=status, timeout=timeout)
-    except AssertionError as exc:
-        history = await h.db.fetch(
-            "SELECT seq, step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-            execution_id)
-        letters = await h.db.fetch("SELECT reason, error FROM ordo.dead_letters")
-        raise AssertionError(f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}")
+#: A timer that says when a worker has looked at the timers due by a moment of the test's clock.
+MARKER = {"id": "marker", "tenant": "acme", "trigger": {"event": "marker.set"},
+          "steps": [{"id": "tick", "type": "wait", "duration": "5s"}]}
 
 
-async def _timer_stored(h: Harness, execution_id: str, purpose: str, timeout: float = 30.0) -> None:
-    await h.wait_until("SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid", execution_id,
-                       expect=purpose, timeout=timeout)
+async def _set_marker(h: Harness, n: int) -> str:
+    """A marker execution whose 5 s wait is stored; returns its id. Move the clock 5 s or more
+    (but at least one timer load interval, 1 s) and wait until it completes: by then the worker
+    has loaded the timers due by the new time (the first timer tick after an advance loads,
+    before it pops) and popped every one of them that fell due, observing its lateness, in the
+    tick that popped the marker or before (pop_due takes all that are due)."""
+    event = trigger_event("marker", n, tenant="acme", event_type="marker.set")
+    execution_id = h.execution_id("acme", "marker", event["event_id"])
+    await h.publish_triggers([event])
+    await h.wait_timer(execution_id, "wait")
+    return execution_id
 
 
 async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, prefix, target):
@@ -88,20 +71,20 @@ async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, p
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([replies, silent])
             for execution_id in (a, b):
-                await _timer_stored(h, execution_id, "wait")
+                await h.wait_timer(execution_id, "wait")
             assert len(target.named("welcome")) == 2
             # Two days later both wait for a reply; only one contact replies.
             clock.advance(2 * DAY_MS + 1000)
             for execution_id in (a, b):
-                await _timer_stored(h, execution_id, "event_timeout")
+                await h.wait_timer(execution_id, "event_timeout")
             reply = trigger_event("fu-reply", 1, tenant="acme", event_type="contact.replied",
                                   data={"text": "sounds good"})
             reply["contact"] = replies["contact"]
             await h.publish_triggers([reply])
-            await _until(h, a, "completed")
+            await h.wait_status(a, "completed")
             assert await _status(h, b) == "waiting"
             clock.advance(3 * DAY_MS + 1000)
-            await _until(h, b, "completed")
+            await h.wait_status(b, "completed")
 
         assert [c["body"] for c in target.named("thank")] == [{"text": "sounds good"}]
         assert len(target.named("nudge")) == 1
@@ -129,30 +112,36 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
     }
     target.script["charge"] = [503, 503, 200]
     clock = Clock()
-    from daemon import metrics
-
     retried_before = metrics.actions.labels("webhook", "retryable")._value.get()
     ok_before = metrics.actions.labels("webhook", "ok")._value.get()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(flaky)
+        await h.deploy(MARKER)
         event = trigger_event("flaky", 1, tenant="acme", event_type="order.placed")
         execution_id = h.execution_id("acme", "flaky", event["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([event])
-            await _timer_stored(h, execution_id, "retry")
+            await h.wait_timer(execution_id, "retry")
             assert len(target.named("charge")) == 1
-            # The first back-off is 10 s: 9 s later nothing has been retried.
+            # The first back-off is 10 s: 9 s later nothing has been retried. The marker,
+            # due by then, fires; the retry, had it been due, would have fired with it.
+            marker = await _set_marker(h, 1)
+            fired = observations(metrics.timer_lateness)  # each fire observes its lateness
             clock.advance(9_000)
-            await asyncio.sleep(0.5)
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 1, "the retry fired before its back-off"
             assert len(target.named("charge")) == 1
             clock.advance(1_500)
             await h.wait_until("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'", expect=2)
             # The second back-off is 20 s.
+            marker = await _set_marker(h, 2)
+            fired = observations(metrics.timer_lateness)
             clock.advance(19_000)
-            await asyncio.sleep(0.5)
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 1, "the retry fired before its back-off"
             assert len(target.named("charge")) == 2
             clock.advance(1_500)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         calls = target.named("charge")
         assert len(calls) == 3
         assert len({c["key"] for c in calls}) == 1 and calls[0]["key"].startswith(execution_id)
@@ -191,8 +180,6 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
         nats_server_url, pg_dsn, prefix):
     """The fire applies nothing and the timer row stays; it used to come back with every load
     (each second) for as long as the row was broken. After a repair it fires and the execution goes on."""
-    from daemon import metrics
-
     pause = {
         "id": "pause", "tenant": "acme", "trigger": {"event": "contact.created"},
         "steps": [{"id": "wait", "type": "wait", "duration": "1h"},
@@ -201,11 +188,12 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
     clock = Clock()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(pause)
+        await h.deploy(MARKER)
         event = trigger_event("unreadable", 1, tenant="acme", event_type="contact.created")
         execution_id = h.execution_id("acme", "pause", event["event_id"])
         async with h.worker(clock_ms=clock):
             await h.publish_triggers([event])
-            await _until(h, execution_id, "waiting")
+            await h.wait_status(execution_id, "waiting")
             runtime = await h.db.fetchval(
                 "SELECT runtime::text FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
             await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid",
@@ -217,8 +205,12 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
                 if metrics.timers_deferred._value.get() > deferred:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(3.5)  # three timer loads: each would have fired it again
-            assert observations(metrics.timer_lateness) == fired + 1
+            # A timer load after the deferral would have brought it back (its row stays), and
+            # the tick after that load fired it again: the marker comes in with such a load.
+            marker = await _set_marker(h, 1)
+            clock.advance(6_000)  # the marker falls due; the deferred fire is a minute away
+            await h.wait_status(marker, "completed")
+            assert observations(metrics.timer_lateness) == fired + 2  # its one fire and the marker's
             assert metrics.timers_deferred._value.get() == deferred + 1
             assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid",
                                        execution_id) == 1
@@ -227,7 +219,7 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
             await h.db.execute("UPDATE ordo.executions SET runtime = $2::jsonb WHERE execution_id = $1::uuid",
                                execution_id, runtime)
             clock.advance(61_000)
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
@@ -249,7 +241,7 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
         execution_id = h.execution_id("acme", "strict", event["event_id"])
         async with h.worker():
             await h.publish_triggers([event])
-            await _until(h, execution_id, "failed")
+            await h.wait_status(execution_id, "failed")
             letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE reason = 'step_failed'")
             assert letter["step_id"] == "charge" and str(letter["execution_id"]) == execution_id
             assert "http_400" in letter["error"]
@@ -257,7 +249,7 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
             assert len(target.named("charge")) == 1
             retried = await retry_letters(h.db, h.js, h.topology, letter_id=letter["id"])
             assert len(retried) == 1
-            await _until(h, execution_id, "completed")
+            await h.wait_status(execution_id, "completed")
         calls = target.named("charge")
         assert len(calls) == 2 and calls[0]["key"] == calls[1]["key"]
         assert await h.db.fetchval("SELECT status FROM ordo.dead_letters WHERE id = $1", letter["id"]) == "retried"
@@ -274,6 +266,7 @@ async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, p
     count = 30
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(waits)
+        await h.deploy(MARKER)
         events = [trigger_event("tw", i, tenant="acme", event_type="contact.created") for i in range(count)]
         async with h.worker(clock_ms=clock):
             await h.publish_triggers(events)
@@ -282,9 +275,16 @@ async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, p
         clock.advance(3600_000 + 1000)
         async with h.worker(clock_ms=clock):
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
+        # A third worker finds nothing left to fire: once it owns every partition, the marker it
+        # fires comes in with a load that would have brought back any timer left.
+        fires = observations(metrics.timer_lateness)
         async with h.worker(clock_ms=clock):
-            await asyncio.sleep(1.0)  # a third worker finds nothing left to fire
-        fired = await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired'")
+            marker = await _set_marker(h, 1)
+            clock.advance(6_000)
+            await h.wait_status(marker, "completed")
+        assert observations(metrics.timer_lateness) == fires + 1  # the marker's fire only
+        fired = await h.db.fetchval(
+            "SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired' AND step_id = 'pause'")
         assert fired == count
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
@@ -346,8 +346,10 @@ async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_serve
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view))
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view),
                                     msg_id=view["event_id"] + "-again")
-                await asyncio.sleep(0.3)
-            await _until(h, execution_id, "completed")
+                # Both copies routed, and what they put on the execution's subject applied.
+                await h.wait_triggers_drained()
+                await h.wait_partition_drained(partition_of(execution_id, h.config.partitions))
+            await h.wait_status(execution_id, "completed")
             del worker
         context = orjson.loads(await h.db.fetchval(
             "SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id))
@@ -368,7 +370,7 @@ async def test_a_goto_loop_without_an_exit_fails_with_a_loop_guard_error(nats_se
         execution_id = h.execution_id("acme", "loop", event["event_id"])
         async with h.worker():
             await h.publish_triggers([event])
-            await _until(h, execution_id, "failed")
+            await h.wait_status(execution_id, "failed")
         detail = await h.db.fetchval(
             "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'failed'", execution_id)
         assert orjson.loads(detail)["code"] == "loop_guard"
@@ -388,7 +390,7 @@ async def test_cancel_drops_the_timer_and_the_wait(nats_server_url, pg_dsn, pref
             await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=1)
             await h.publish_raw(h.topology.exec_subject(execution_id), orjson.dumps(
                 {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": "unsubscribed"}))
-            await _until(h, execution_id, "cancelled")
+            await h.wait_status(execution_id, "cancelled")
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
 
@@ -440,7 +442,7 @@ async def test_an_external_action_worker_killed_mid_request_completes_the_step_o
                 hold.set()
                 second = subprocess.Popen(command, env=env, cwd=ROOT)
                 h.processes.append(second)
-                await _until(h, execution_id, "completed", timeout=60)
+                await h.wait_status(execution_id, "completed", timeout=60)
         finally:
             await runner.cleanup()
         calls = target.named("sms")
