@@ -261,6 +261,12 @@ class Harness:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
+    @staticmethod
+    async def resume(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+        """SIGCONT a stopped worker and wait for it to exit: its exit code."""
+        proc.send_signal(signal.SIGCONT)
+        return await asyncio.to_thread(proc.wait, timeout)
+
 
 def engine(nats_url: str, pg_dsn: str, prefix: str, **settings) -> Harness:
     """A harness whose webhook may call loopback addresses, where the tests' Target lives
@@ -323,6 +329,14 @@ def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60, check=check)
+
+
+async def worker_metric(port: int, sample: str) -> float:
+    """The value of one sample (e.g. `ordo_advance_seconds_count`) of the worker serving /metrics on `port`."""
+    status, _, body = await http(port, "/metrics")
+    assert status == 200
+    line = next(line for line in body.decode().splitlines() if line.startswith(sample + " "))
+    return float(line.rsplit(" ", 1)[1])
 
 
 async def http(port: int, path: str, method: str = "GET", timeout: float = 5.0, raw: bytes | None = None):

@@ -8,7 +8,7 @@ import orjson
 
 from bench.generator import trigger_event
 from daemon.servers import free_port
-from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, http
+from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, worker_metric
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:
@@ -24,11 +24,8 @@ async def _ack_pending(h: Harness, partition: int) -> int:
 
 
 async def _advanced(port: int) -> float:
-    """ordo_advance_seconds_count of the worker serving /metrics on `port`: messages it has dispatched."""
-    status, _, body = await http(port, "/metrics")
-    assert status == 200
-    line = next(line for line in body.decode().splitlines() if line.startswith("ordo_advance_seconds_count "))
-    return float(line.rsplit(" ", 1)[1])
+    """Messages the worker serving /metrics on `port` has dispatched."""
+    return await worker_metric(port, "ordo_advance_seconds_count")
 
 
 async def _completed(h: Harness) -> int:
@@ -223,9 +220,8 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
                 taken_at = await h.db.fetchval(
                     "SELECT extract(epoch FROM claimed_at) FROM ordo.partitions WHERE partition = $1", partition)
                 print(f"failover: partition {partition} claimed {float(taken_at) - stopped_at:.2f} s after SIGSTOP")
-                old.send_signal(signal.SIGCONT)
                 # A wakes up, its 4 s batch comes due and its commit meets a newer epoch.
-                code = await asyncio.to_thread(old.wait, 30)
+                code = await h.resume(old)
         finally:
             if old.poll() is None:
                 old.send_signal(signal.SIGCONT)

@@ -13,7 +13,8 @@ import time
 
 from bench.generator import trigger_event
 from daemon import metrics
-from harness import NO_PROBLEMS, Harness
+from daemon.servers import free_port
+from harness import NO_PROBLEMS, Harness, worker_metric
 
 QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
 
@@ -66,12 +67,15 @@ async def test_a_worker_killed_between_a_local_result_and_its_commit_re_runs_the
         event = trigger_event("kill", 0, tenant="acme", event_type="order.placed")
         execution_id = h.execution_id("acme", "one-call", event["event_id"])
         since = time.time()
+        port = free_port()
         # Each batch waits 1.5 s before it commits: the result sits uncommitted long enough to kill the worker.
-        worker = h.spawn_worker(batch_max_ms=1500.0)
+        worker = h.spawn_worker(batch_max_ms=1500.0, metrics_port=port)
         await h.wait_claimed(since)
         await h.publish_triggers([event])
-        await _condition(lambda: len(target.named("notify")) == 1, "the first call")
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while await worker_metric(port, 'ordo_local_results_total{outcome="local"}') < 1:
+            assert time.monotonic() < deadline, "the call's result never reached the worker's ring"
+            await asyncio.sleep(0.02)
         h.kill(worker)
         assert await _kinds(h, execution_id) == [("", "started"), ("notify", "action_requested")]
         async with h.worker():
@@ -159,8 +163,7 @@ async def test_a_stalled_owner_whose_local_action_finishes_after_takeover_is_fen
                 await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
                                    expect="completed", timeout=30)
                 gate.set()  # the held call answers: the old owner sees it when it runs again
-                old.send_signal(signal.SIGCONT)
-                code = await asyncio.to_thread(old.wait, 30)
+                code = await h.resume(old)
         finally:
             if old.poll() is None:
                 old.send_signal(signal.SIGCONT)
