@@ -162,6 +162,30 @@ async def test_w4_retries_match_the_provider_and_the_dead_letters(nats_server_ur
     assert metrics["calls"] >= 200
 
 
+@pytest.mark.parametrize("external", ["0", "1"], ids=["in-process", "external"])
+async def test_w5_actions_record_every_step_in_order_and_count_action_steps(nats_server_url, pg_dsn, external):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w5-actions", "-n", "100", "--external", external,
+                                     "--workers", "1", "--json")
+    assert code == 0, output
+    (run,) = doc["runs"]
+    check = run["verification"]
+    assert check["problems"] == [] and check["expected_history"] == check["completed"] == 100
+    metrics = run["metrics"]
+    assert metrics["actions"] == 500 and metrics["external"] is (external == "1")
+    assert metrics["actions_per_s"] == pytest.approx(5 * run["executions_per_s"])
+
+
+async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w6-webhooks", "-n", "50", "--delay", "5",
+                                     "--workers", "1", "--json")
+    assert code == 0, output
+    (run,) = doc["runs"]
+    assert run["verification"]["problems"] == []
+    metrics = run["metrics"]
+    assert metrics["calls"] == 150 and metrics["duplicate_calls"] == 0 and metrics["delay_ms"] == 5.0
+    assert metrics["provider_process_cpu_percent"] > 0
+
+
 async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
     env = dict(os.environ, ORDO_NATS_URL=nats_server_url)
     proc = await asyncio.create_subprocess_exec(
