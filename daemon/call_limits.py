@@ -54,6 +54,11 @@ class CallLimit:
     async def acquire(self) -> None:
         if self.try_acquire():
             return
+        await self.wait_for_slot()
+
+    async def wait_for_slot(self) -> None:
+        """Wait for the slot that `try_acquire` could not take (callers on a hot path try first:
+        a free slot then costs no coroutine)."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:

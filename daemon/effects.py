@@ -157,7 +157,8 @@ class Effects:
 
     async def _run_in_process(self, action, request: dict, requested_at: float) -> None:
         slots = self.limits.of(action.name, action.major)
-        await slots.acquire()
+        if not slots.try_acquire():
+            await slots.wait_for_slot()
         took = None
         try:
             if time.time() * 1000 >= request["deadline"]:
