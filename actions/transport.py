@@ -24,6 +24,7 @@ The stream sequence and delivery count come from the ack reply subject.
 
 import asyncio
 import zlib
+from typing import Literal
 
 import orjson
 
@@ -80,8 +81,10 @@ class Delivery:
     """A message as the pipeline carries it: payload, ack subject, position in the stream."""
 
     __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "key", "partition")
-    #: What kind of work item this is (the engine has others, daemon/local_results.py): a stream message, acked.
-    kind = "message"
+    #: What kind of work item this is (the engine has others, daemon/work_items.py): a stream message, acked.
+    kind: Literal["message"] = "message"
+    #: A message stands for itself, never for one event of a batch (that is the engine's BatchPart).
+    batch_index = None
 
     def __init__(self, msg):
         self.subject = msg.subject
