@@ -137,6 +137,3 @@ class CallLimits:
     def total(self) -> int:
         """The sum of the current limits: how many calls may run at once now."""
         return sum(limit.limit for limit in self._limits.values())
-
-    def items(self):
-        return self._limits.items()

@@ -28,20 +28,15 @@ class ResidentExecutions:
         #: The most records kept; past it the oldest is dropped (it is read from the ledger when needed).
         self.capacity = capacity
         self._records: dict[str, ExecutionRecord] = {}
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._records)
 
     def take(self, execution_id: str) -> ExecutionRecord | None:
-        """The kept record of this execution (removed: it is being advanced), or None: read the ledger."""
-        record = self._records.pop(execution_id, None)
-        if record is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return record
+        """The kept record of this execution (removed: it is being advanced), or None: read the ledger.
+
+        (Hits and misses are counted where the records are needed: ordo_execution_reads_total.)"""
+        return self._records.pop(execution_id, None)
 
     def keep(self, record: ExecutionRecord) -> None:
         """Keep a record whose latest change has committed (`ExecutionRecord.committed` was called)."""
@@ -50,13 +45,7 @@ class ResidentExecutions:
         if len(records) > self.capacity:
             del records[next(iter(records))]
 
-    def drop(self, execution_id: str) -> None:
-        self._records.pop(execution_id, None)
-
     def drop_partition(self, partition: int) -> None:
         """This worker no longer owns the partition: another worker may change its executions."""
         for execution_id in [e for e, r in self._records.items() if r.partition == partition]:
             del self._records[execution_id]
-
-    def clear(self) -> None:
-        self._records.clear()

@@ -61,7 +61,7 @@ _CONTEXT = EXEC_COLUMNS.index("context")
 
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_exec
-    (LIKE ordo.executions INCLUDING DEFAULTS, finished boolean NOT NULL, prev_seq int NOT NULL)
+    (LIKE ordo.executions INCLUDING DEFAULTS, finished boolean NOT NULL)
     ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_upd
     (execution_id uuid NOT NULL, status text NOT NULL, seq int NOT NULL, pc int NOT NULL, steps int NOT NULL,
@@ -71,7 +71,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_upd
 CREATE TEMP TABLE IF NOT EXISTS stage_tr
     (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
 """
-_STAGE_COLUMNS = EXEC_COLUMNS + ("finished", "prev_seq")
+_STAGE_NEW_COLUMNS = EXEC_COLUMNS + ("finished",)
 #: What an update changes: an execution's identity, contact and event are written once, at enrolment.
 UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context",
                   "runtime")
@@ -542,8 +542,7 @@ class LedgerBatcher:
                 elif new:
                     merged = new + updates
                     await conn.copy_records_to_table(
-                        "stage_exec", records=[c.row + (c.finished, c.prev_seq) for c in new],
-                        columns=_STAGE_COLUMNS,
+                        "stage_exec", records=[c.row + (c.finished,) for c in new], columns=_STAGE_NEW_COLUMNS,
                     )
                 if updates:
                     await conn.copy_records_to_table(
