@@ -34,6 +34,8 @@ from .work_items import WorkItem
 log = logging.getLogger("ordo.worker")
 
 _ACK = b"+ACK"
+#: The kinds of item that hold room in the in-flight window until they settle.
+_IN_WINDOW = frozenset(("message", "local_result"))
 
 
 @dataclass(slots=True)
@@ -194,7 +196,6 @@ class Settlement:
             return
         elif kind == "local_result":  # nothing to ack: it was never in a stream
             metrics.action_apply_timings.add(time.monotonic() - source.result_at)
-            self.window.release(1)
         else:
             if acks.first_at is None:
                 acks.first_at = time.monotonic()
@@ -243,13 +244,14 @@ class Settlement:
 
     def settled(self, source: WorkItem) -> None:
         """Its partition's watermark may pass it, its ring key goes to its execution's next item,
-        and a message gives its room in the window back (a local result did, see _settle_item)."""
+        and a message or a local result gives its room in the window back (a trigger part gives
+        its own in _settle_item; a timer fire never took any)."""
         if source.partition >= 0:
             self.progress[source.partition].settled(source.stream_seq)
         if source.key is not None:
             self.ring.complete(source.key)
             self.ring_ready.set()
-        if source.kind == "message":
+        if source.kind in _IN_WINDOW:
             self.window.release(1)
 
     # -- acks and dead-letter copies ------------------------------------------
