@@ -13,28 +13,16 @@ import uuid
 
 import orjson
 
+from daemon import demo
 from daemon.topology import trigger_msg_id
 from hotpath.envelope import MAX_BATCH_EVENTS
-
-FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
-COUNTRIES = ("DE", "FR", "GB", "US", "ES", "IT")
 
 
 def trigger_event(run_id: str, i: int, *, tenant: str = "demo", event_type: str = "contact.created",
                   ts_ms: float | None = None, data: dict | None = None) -> dict:
-    return {
-        "v": 1,
-        "event_id": f"{run_id}-{i}",
-        "tenant": tenant,
-        "type": event_type,
-        "contact": {
-            "id": f"c-{run_id}-{i}",
-            "first_name": FIRST_NAMES[i % len(FIRST_NAMES)],
-            "country": COUNTRIES[i % len(COUNTRIES)],
-        },
-        "data": data if data is not None else {"amount": i % 250, "source": "generator"},
-        "ts": ts_ms if ts_ms is not None else time.time() * 1000.0,
-    }
+    """Trigger event `i` of run `run_id`: the demo's (daemon/demo.py), marked as the generator's."""
+    return demo.trigger_event(run_id, i, tenant=tenant, event_type=event_type, ts_ms=ts_ms, data=data,
+                              source="generator")
 
 
 async def publish(js, subject: str, body: bytes, msg_id: str) -> None:

@@ -33,20 +33,22 @@ _FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances"
 _COUNTRIES = ("DE", "FR", "GB", "US", "ES", "IT")
 
 
-def demo_event(run_id: str, i: int) -> dict:
-    """The i-th trigger event of a demo run; `ts` (epoch ms) is now, when it is made to be sent."""
+def trigger_event(run_id: str, i: int, *, tenant: str = TENANT, event_type: str = EVENT_TYPE,
+                  ts_ms: float | None = None, data: dict | None = None, source: str = "demo") -> dict:
+    """The i-th trigger event of a run (event id `<run_id>-<i>`, a contact of its own); `ts` (epoch ms)
+    is now unless given: when it is made to be sent. The bench's generator makes its events here too."""
     return {
         "v": 1,
         "event_id": f"{run_id}-{i}",
-        "tenant": TENANT,
-        "type": EVENT_TYPE,
+        "tenant": tenant,
+        "type": event_type,
         "contact": {
             "id": f"c-{run_id}-{i}",
             "first_name": _FIRST_NAMES[i % len(_FIRST_NAMES)],
             "country": _COUNTRIES[i % len(_COUNTRIES)],
         },
-        "data": {"amount": i % 250, "source": "demo"},
-        "ts": time.time() * 1000.0,
+        "data": data if data is not None else {"amount": i % 250, "source": source},
+        "ts": ts_ms if ts_ms is not None else time.time() * 1000.0,
     }
 
 
@@ -59,7 +61,7 @@ async def publish(js, topology: Topology, run_id: str, count: int, on_progress=l
     pending: set[asyncio.Future] = set()
     sent = 0
     for start in range(0, count, BATCH_EVENTS):
-        events = [demo_event(run_id, i) for i in range(start, min(start + BATCH_EVENTS, count))]
+        events = [trigger_event(run_id, i) for i in range(start, min(start + BATCH_EVENTS, count))]
         headers = {"Nats-Msg-Id": f"batch:{trigger_msg_id(events[0])}:{len(events)}"}
         body = orjson.dumps({"v": "1.1", "events": events})
         pending.add(asyncio.ensure_future(js.publish(topology.trigger_subject(TENANT, "batch"), body,
