@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import asyncpg
 import nats
@@ -260,6 +260,17 @@ class Harness:
     def kill(self, proc: subprocess.Popen) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+    @staticmethod
+    @contextmanager
+    def stopped(proc: subprocess.Popen):
+        """SIGSTOP a worker for the block; should the block end with it still stopped, SIGCONT it."""
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
 
     @staticmethod
     async def resume(proc: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -210,9 +210,8 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
         while await _advanced(port) == dispatched:
             assert time.monotonic() < deadline, "worker A never dispatched the message"
             await asyncio.sleep(0.02)
-        old.send_signal(signal.SIGSTOP)
-        stopped_at = time.time()
-        try:
+        with h.stopped(old):
+            stopped_at = time.time()
             async with h.worker():
                 await h.wait_until(
                     "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'",
@@ -222,9 +221,6 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
                 print(f"failover: partition {partition} claimed {float(taken_at) - stopped_at:.2f} s after SIGSTOP")
                 # A wakes up, its 4 s batch comes due and its commit meets a newer epoch.
                 code = await h.resume(old)
-        finally:
-            if old.poll() is None:
-                old.send_signal(signal.SIGCONT)
         assert code == 3, "the old owner must stop on a fenced commit"
         applied = await h.db.fetchval(
             "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'", execution_id)

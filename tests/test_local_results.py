@@ -8,7 +8,6 @@ check the ledger.
 """
 
 import asyncio
-import signal
 import time
 
 from bench.generator import trigger_event
@@ -157,16 +156,12 @@ async def test_a_stalled_owner_whose_local_action_finishes_after_takeover_is_fen
         await h.wait_claimed(since)
         await h.publish_triggers([event])
         await _condition(lambda: len(target.named("notify")) == 1, "the held call")
-        old.send_signal(signal.SIGSTOP)
-        try:
+        with h.stopped(old):
             async with h.worker():
                 await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
                                    expect="completed", timeout=30)
                 gate.set()  # the held call answers: the old owner sees it when it runs again
                 code = await h.resume(old)
-        finally:
-            if old.poll() is None:
-                old.send_signal(signal.SIGCONT)
         assert code == 3, "the old owner must stop on a fenced commit"
         completed = await h.db.fetch(
             "SELECT (detail->>'attempt')::int AS attempt FROM ordo.transitions"
