@@ -15,5 +15,16 @@ from .contract import (
     result_ok,
 )
 
-__all__ = ["Action", "ActionContext", "ActionError", "ActionRegistry", "decode_request", "decode_result",
-           "idempotency_key", "invoke", "request", "result_error", "result_ok"]
+__all__ = [
+    "Action",
+    "ActionContext",
+    "ActionError",
+    "ActionRegistry",
+    "decode_request",
+    "decode_result",
+    "idempotency_key",
+    "invoke",
+    "request",
+    "result_error",
+    "result_ok",
+]

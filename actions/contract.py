@@ -64,12 +64,19 @@ class ActionError(Exception):
 class ActionContext:
     """What an action knows about the call besides its input."""
 
-    __slots__ = ("execution_id", "step_id", "attempt", "idempotency_key", "deadline_ms", "tenant", "log",
-                 "request_seq")
+    __slots__ = ("execution_id", "step_id", "attempt", "idempotency_key", "deadline_ms", "tenant", "log", "request_seq")
 
-    def __init__(self, execution_id: str, step_id: str, attempt: int, idempotency_key: str,
-                 deadline_ms: int, tenant: str = "", log: logging.Logger | logging.LoggerAdapter | None = None,
-                 request_seq: int = 0):
+    def __init__(
+        self,
+        execution_id: str,
+        step_id: str,
+        attempt: int,
+        idempotency_key: str,
+        deadline_ms: int,
+        tenant: str = "",
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+        request_seq: int = 0,
+    ):
         #: Which request this is when attempts restart after an operator retry (echoed in the result).
         self.request_seq = request_seq
         self.execution_id = execution_id
@@ -80,17 +87,32 @@ class ActionContext:
         self.tenant = tenant
         #: Lines an action logs carry the call's execution, tenant, step and attempt (an adapter passed in
         #: brings its own fields).
-        self.log = log if isinstance(log, logging.LoggerAdapter) else logging.LoggerAdapter(
-            log if log is not None else logging.getLogger("ordo.actions.run"),
-            {"execution_id": execution_id, "step": step_id, "attempt": attempt,
-             **({"tenant": tenant} if tenant else {})},
+        self.log = (
+            log
+            if isinstance(log, logging.LoggerAdapter)
+            else logging.LoggerAdapter(
+                log if log is not None else logging.getLogger("ordo.actions.run"),
+                {
+                    "execution_id": execution_id,
+                    "step": step_id,
+                    "attempt": attempt,
+                    **({"tenant": tenant} if tenant else {}),
+                },
+            )
         )
 
     @classmethod
     def from_request(cls, request: dict, log=None) -> ActionContext:
-        return cls(request["execution_id"], request["step_id"], request["attempt"],
-                   request["idempotency_key"], request["deadline"], request.get("tenant") or "", log,
-                   request.get("request_seq") or 0)
+        return cls(
+            request["execution_id"],
+            request["step_id"],
+            request["attempt"],
+            request["idempotency_key"],
+            request["deadline"],
+            request.get("tenant") or "",
+            log,
+            request.get("request_seq") or 0,
+        )
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (negative when past it; infinite when there is none)."""
@@ -128,8 +150,19 @@ def idempotency_key(execution_id: str, step_id: str, iteration: int = 0) -> str:
     return f"{execution_id}:{step_id}:{iteration}"
 
 
-def request(*, execution_id: str, step_id: str, attempt: int, idempotency_key: str, action: str,
-            major: int, input: dict, deadline: int, tenant: str = "", request_seq: int = 0) -> dict:
+def request(
+    *,
+    execution_id: str,
+    step_id: str,
+    attempt: int,
+    idempotency_key: str,
+    action: str,
+    major: int,
+    input: dict,
+    deadline: int,
+    tenant: str = "",
+    request_seq: int = 0,
+) -> dict:
     doc = {
         "v": CONTRACT_MAJOR,
         "execution_id": execution_id,
@@ -212,8 +245,9 @@ def decode_request(body: bytes, max_bytes: int) -> dict:
     require_text(doc, "idempotency_key", 512)
     name = require_text(doc, "action", 128)
     if not _ACTION_NAME.match(name):
-        raise BadMessage("wrong_type",
-                         f"field 'action' must be dot-separated tokens of letters, digits, '_' or '-', got {name!r}")
+        raise BadMessage(
+            "wrong_type", f"field 'action' must be dot-separated tokens of letters, digits, '_' or '-', got {name!r}"
+        )
     _count(doc, "major", 1)
     require_field(doc, "input", (dict,), "an object")
     deadline = require_field(doc, "deadline", (int, float), "a number (epoch milliseconds)")
@@ -239,8 +273,9 @@ def decode_result(body: bytes, max_bytes: int) -> dict:
         require_text(error, "code", 128, "error.")
         require_field(error, "retryable", (bool,), "a boolean", "error.")
         if "message" in error and type(error["message"]) is not str:
-            raise BadMessage("wrong_type", f"field 'error.message' must be a string, got "
-                                           f"{type(error['message']).__name__}")
+            raise BadMessage(
+                "wrong_type", f"field 'error.message' must be a string, got {type(error['message']).__name__}"
+            )
     return doc
 
 
@@ -295,12 +330,18 @@ async def invoke(action: Action, ctx: ActionContext, input: dict) -> dict:
     gives "deadline_exceeded" without running; running into it, "timeout";
     both are retryable: the engine's policy decides. A deadline of 0 is none.
     """
-    ids = {"execution_id": ctx.execution_id, "step_id": ctx.step_id, "attempt": ctx.attempt,
-           "request_seq": ctx.request_seq}
+    ids = {
+        "execution_id": ctx.execution_id,
+        "step_id": ctx.step_id,
+        "attempt": ctx.attempt,
+        "request_seq": ctx.request_seq,
+    }
     remaining = ctx.remaining_s()
     if remaining <= 0:
-        return result_error(ids, ActionError("deadline_exceeded", True,
-                                             f"the deadline passed {-remaining:.3f}s before the action started"))
+        return result_error(
+            ids,
+            ActionError("deadline_exceeded", True, f"the deadline passed {-remaining:.3f}s before the action started"),
+        )
     when = None if remaining == math.inf else asyncio.get_running_loop().time() + remaining
     try:
         async with asyncio.timeout_at(when):
@@ -309,14 +350,19 @@ async def invoke(action: Action, ctx: ActionContext, input: dict) -> dict:
     except ActionError as exc:
         return result_error(ids, exc)
     except TimeoutError:
-        return result_error(ids, ActionError("timeout", True, f"the action did not finish before its deadline "
-                                                              f"({remaining:.3f}s)"))
+        return result_error(
+            ids, ActionError("timeout", True, f"the action did not finish before its deadline ({remaining:.3f}s)")
+        )
     except Exception as exc:
         ctx.log.warning("action %s@%s crashed", action.name, action.major, exc_info=True)
         return result_error(ids, ActionError("action_crashed", True, repr(exc)[:1024]))
     if type(output) is not dict:
-        return result_error(ids, ActionError("invalid_output", False,
-                                             f"the action returned a {type(output).__name__}, an object is required"))
+        return result_error(
+            ids,
+            ActionError(
+                "invalid_output", False, f"the action returned a {type(output).__name__}, an object is required"
+            ),
+        )
     try:
         orjson.dumps(output)
     except TypeError as exc:

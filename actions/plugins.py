@@ -83,8 +83,11 @@ def own_entry_points() -> list[Plugin]:
         return from_tree
     own = [_from_entry_point(ep) for ep in metadata.entry_points(group=GROUP) if _is_ordo(ep)]
     if not own:
-        log.warning("Ordo's installed metadata declares no %s entry points, so noop, log and webhook are not "
-                    "loaded: it predates them; reinstall Ordo (pip install .)", GROUP)
+        log.warning(
+            "Ordo's installed metadata declares no %s entry points, so noop, log and webhook are not "
+            "loaded: it predates them; reinstall Ordo (pip install .)",
+            GROUP,
+        )
     return own
 
 
@@ -133,8 +136,9 @@ def _source_tree_entry_points() -> list[Plugin] | None:
     if _normalise(str(project.get("name", ""))) != DISTRIBUTION:
         return None
     table = project.get("entry-points", {}).get(GROUP, {})
-    return [Plugin(target, name, f"entry point in {GROUP} of ordo, source tree {path}")
-            for name, target in table.items()]
+    return [
+        Plugin(target, name, f"entry point in {GROUP} of ordo, source tree {path}") for name, target in table.items()
+    ]
 
 
 # -- loading -------------------------------------------------------------------
@@ -149,8 +153,10 @@ def registry(settings: Settings, specs: str = "") -> ActionRegistry:
     by_origin: dict[str, list[str]] = {}
     for plugin, action in loaded:
         by_origin.setdefault(plugin.origin, []).append(f"{action.name}@{action.major}")
-    log.info("in-process actions: %s",
-             "; ".join(f"{', '.join(keys)} ({origin})" for origin, keys in by_origin.items()) or "none")
+    log.info(
+        "in-process actions: %s",
+        "; ".join(f"{', '.join(keys)} ({origin})" for origin, keys in by_origin.items()) or "none",
+    )
     return ActionRegistry(action for _, action in loaded)
 
 
@@ -201,15 +207,18 @@ def _call(factory: typing.Callable, settings: Settings) -> object:
 def _checked(plugin: Plugin, obj: object, how: str) -> Action:
     """`obj` if it is an Action the engine can call; PluginError saying what is missing otherwise."""
     if isinstance(obj, type) or not isinstance(obj, Action):
-        raise PluginError(f"{plugin}: {how} {_describe(obj)}, not an Action (an object with name, major, "
-                          f"validate(input) and async run(ctx, input)) nor a factory of one")
+        raise PluginError(
+            f"{plugin}: {how} {_describe(obj)}, not an Action (an object with name, major, "
+            f"validate(input) and async run(ctx, input)) nor a factory of one"
+        )
     if type(obj.name) is not str or not obj.name:
         raise PluginError(f"{plugin}: {how} an action whose name is {obj.name!r}, not a non-empty string")
     if type(obj.major) is not int or obj.major < 1:
         raise PluginError(f"{plugin}: {how} {obj.name}, whose major is {obj.major!r}, not an integer >= 1")
     if not inspect.iscoroutinefunction(obj.run):
-        raise PluginError(f"{plugin}: {how} {obj.name}@{obj.major}, whose run is not async "
-                          f"(async def run(self, ctx, input))")
+        raise PluginError(
+            f"{plugin}: {how} {obj.name}@{obj.major}, whose run is not async (async def run(self, ctx, input))"
+        )
     return obj
 
 

@@ -120,9 +120,20 @@ class _Slots:
 class ActionWorker:
     """Serves `actions` from JetStream until `run(stop)` is told to stop."""
 
-    def __init__(self, nats_url: str, *, prefix: str = "ordo", actions: list[Action], concurrency: int = 64,
-                 max_message_bytes: int = 256 * 1024, partitions: int = 16, ack_wait_s: float = 60.0,
-                 max_ack_pending: int = 4096, drain_timeout_s: float = 30.0, name: str = "ordo-action-worker"):
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        prefix: str = "ordo",
+        actions: list[Action],
+        concurrency: int = 64,
+        max_message_bytes: int = 256 * 1024,
+        partitions: int = 16,
+        ack_wait_s: float = 60.0,
+        max_ack_pending: int = 4096,
+        drain_timeout_s: float = 30.0,
+        name: str = "ordo-action-worker",
+    ):
         if not actions:
             raise ValueError("an action worker needs at least one action")
         keys = [(a.name, a.major) for a in actions]
@@ -149,15 +160,13 @@ class ActionWorker:
     @classmethod
     def from_config(cls, config: Settings, actions: list[Action], **settings) -> ActionWorker:
         settings.setdefault("max_message_bytes", config.max_message_bytes)
-        return cls(config.nats_url, prefix=config.prefix, partitions=config.partitions, actions=actions,
-                   **settings)
+        return cls(config.nats_url, prefix=config.prefix, partitions=config.partitions, actions=actions, **settings)
 
     # -- running -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         logs.bind_worker(f"{socket.gethostname()}/{os.getpid()}/{self.name}")
-        self._nc = await nats.connect(self.nats_url, name=self.name, max_reconnect_attempts=-1,
-                                      reconnect_time_wait=0.5)
+        self._nc = await nats.connect(self.nats_url, name=self.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream(timeout=10)
         consumers: list[PullConsumer] = []
         try:
@@ -167,8 +176,10 @@ class ActionWorker:
                 consumers.append(await self._consumer(item))
             slots = _Slots(self.concurrency)
             share = max(1, math.ceil(self.concurrency / len(self.actions)))
-            loops = [asyncio.create_task(self._pull(item, consumer, slots, share, stop))
-                     for item, consumer in zip(self.actions, consumers, strict=True)]
+            loops = [
+                asyncio.create_task(self._pull(item, consumer, slots, share, stop))
+                for item, consumer in zip(self.actions, consumers, strict=True)
+            ]
             self.ready.set()
             log.info("serving %s", ", ".join(f"{a.name}@{a.major}" for a in self.actions))
             try:
@@ -236,8 +247,7 @@ class ActionWorker:
         await consumer.subscribe()
         return consumer
 
-    async def _pull(self, item: Action, consumer: PullConsumer, slots: _Slots, share: int,
-                    stop: asyncio.Event) -> None:
+    async def _pull(self, item: Action, consumer: PullConsumer, slots: _Slots, share: int, stop: asyncio.Event) -> None:
         # `reserved` slots cover the open pull request: messages it may still
         # deliver. In flight plus reserved never exceeds the concurrency.
         reserved = 0
@@ -256,8 +266,11 @@ class ActionWorker:
                     reserved = taking.result()
                 try:
                     deliveries = await consumer.take(reserved)
-                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                        nats.errors.OutboundBufferLimitError) as exc:
+                except (
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.ConnectionReconnectingError,
+                    nats.errors.OutboundBufferLimitError,
+                ) as exc:
                     log.warning("pull from %s failed: %s", consumer.consumer, exc, extra=logs.failure("nats_pull", exc))
                     await asyncio.sleep(0.5)
                     continue
@@ -301,18 +314,37 @@ class ActionWorker:
         try:
             request = decode_request(delivery.data, self.max_message_bytes)
             if (request["action"], request["major"]) != (item.name, item.major):
-                raise BadMessage("wrong_type", f"a request for {request['action']}@{request['major']} "
-                                               f"arrived on {item.name}@{item.major}'s subject")
+                raise BadMessage(
+                    "wrong_type",
+                    f"a request for {request['action']}@{request['major']} "
+                    f"arrived on {item.name}@{item.major}'s subject",
+                )
         except BadMessage as exc:
             await self._reject(delivery, exc)
             return
-        ctx = ActionContext.from_request(request, logging.LoggerAdapter(log, logs.execution(
-            request["execution_id"], request.get("tenant") or None, request["step_id"], action=item.name,
-            attempt=request["attempt"], delivered=delivery.delivered)))
+        ctx = ActionContext.from_request(
+            request,
+            logging.LoggerAdapter(
+                log,
+                logs.execution(
+                    request["execution_id"],
+                    request.get("tenant") or None,
+                    request["step_id"],
+                    action=item.name,
+                    attempt=request["attempt"],
+                    delivered=delivery.delivered,
+                ),
+            ),
+        )
         if 0 < request["deadline"] <= time.time() * 1000:
-            result = result_error(request, ActionError(
-                "deadline_exceeded", True,
-                f"the request reached {item.name}@{item.major} after its deadline (delivery {delivery.delivered})"))
+            result = result_error(
+                request,
+                ActionError(
+                    "deadline_exceeded",
+                    True,
+                    f"the request reached {item.name}@{item.major} after its deadline (delivery {delivery.delivered})",
+                ),
+            )
         else:
             heartbeat = asyncio.get_running_loop().create_task(self._keep_alive(delivery, request["deadline"]))
             try:
@@ -353,22 +385,43 @@ class ActionWorker:
             except Exception as exc:
                 if time.monotonic() + pause >= give_up:
                     self.counts["publish_failed"] += 1
-                    log.error("result for %s step %s not published, the request will run again: %s",
-                              request["execution_id"], request["step_id"], exc, extra=logs.execution(
-                                  request["execution_id"], request.get("tenant") or None, request["step_id"],
-                                  **logs.failure("result_publish", exc)))
+                    log.error(
+                        "result for %s step %s not published, the request will run again: %s",
+                        request["execution_id"],
+                        request["step_id"],
+                        exc,
+                        extra=logs.execution(
+                            request["execution_id"],
+                            request.get("tenant") or None,
+                            request["step_id"],
+                            **logs.failure("result_publish", exc),
+                        ),
+                    )
                     return False
-                log.warning("publishing the result for %s failed, retrying: %s", request["execution_id"], exc,
-                            extra=logs.execution(request["execution_id"], request.get("tenant") or None,
-                                                 request["step_id"], **logs.failure("result_publish", exc)))
+                log.warning(
+                    "publishing the result for %s failed, retrying: %s",
+                    request["execution_id"],
+                    exc,
+                    extra=logs.execution(
+                        request["execution_id"],
+                        request.get("tenant") or None,
+                        request["step_id"],
+                        **logs.failure("result_publish", exc),
+                    ),
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
     async def _reject(self, delivery: Delivery, exc: BadMessage) -> None:
         """A malformed request: counted, dead-lettered (best effort) and terminated; never retried."""
         self.counts[f"rejected:{exc.reason}"] += 1
-        log.warning("rejected request %s:%s: %s", delivery.stream, delivery.stream_seq, exc,
-                    extra=logs.failure(exc.reason, str(exc), source=f"{delivery.stream}:{delivery.stream_seq}"))
+        log.warning(
+            "rejected request %s:%s: %s",
+            delivery.stream,
+            delivery.stream_seq,
+            exc,
+            extra=logs.failure(exc.reason, str(exc), source=f"{delivery.stream}:{delivery.stream_seq}"),
+        )
         headers = {
             "Nats-Msg-Id": f"{delivery.stream}:{delivery.stream_seq}:{exc.reason}",
             "Ordo-Reason": exc.reason,
@@ -385,5 +438,11 @@ class ActionWorker:
         try:
             await self._nc.publish(delivery.reply, verb)
         except Exception as exc:  # unacked: redelivered after ack_wait
-            log.warning("%s for %s:%s not sent: %s", verb.decode(), delivery.stream, delivery.stream_seq, exc,
-                        extra=logs.failure("nats_ack", exc))
+            log.warning(
+                "%s for %s:%s not sent: %s",
+                verb.decode(),
+                delivery.stream,
+                delivery.stream_seq,
+                exc,
+                extra=logs.failure("nats_ack", exc),
+            )

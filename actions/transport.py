@@ -171,8 +171,9 @@ class PullConsumer:
                     self.outstanding = 0
                     # 404/408: nothing there (yet); 409: consumer deleted, too many waiting, ...;
                     # 503: no consumer. A worker that lost the partition sees the latter until it notices.
-                    self.refused = status == "503" or (status == "409"
-                                                       and headers.get(_DESCRIPTION) != _BYTES_DELIVERED)
+                    self.refused = status == "503" or (
+                        status == "409" and headers.get(_DESCRIPTION) != _BYTES_DELIVERED
+                    )
             elif msg.reply:
                 taken.append(Delivery(msg))
                 self.outstanding -= 1

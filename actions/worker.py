@@ -95,18 +95,44 @@ def select(args, config) -> list[Action]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m actions.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--action", action="append", type=parse_action, default=[], metavar="NAME@MAJOR",
-                   help="serve this action (repeatable); default: every action of the modules given")
-    p.add_argument("--module", action="append", default=[], metavar="MODULE",
-                   help="import actions from a module (dotted name or .py path; repeatable)")
-    p.add_argument("--example", action="append", default=[], choices=EXAMPLES,
-                   help="serve an example module from actions/examples/")
+    p.add_argument(
+        "--action",
+        action="append",
+        type=parse_action,
+        default=[],
+        metavar="NAME@MAJOR",
+        help="serve this action (repeatable); default: every action of the modules given",
+    )
+    p.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import actions from a module (dotted name or .py path; repeatable)",
+    )
+    p.add_argument(
+        "--example",
+        action="append",
+        default=[],
+        choices=EXAMPLES,
+        help="serve an example module from actions/examples/",
+    )
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight at most (default 64)")
-    p.add_argument("--ack-wait", type=float, default=60.0, metavar="SECONDS",
-                   help="how long a request held by a dead worker waits before it is redelivered (default 60)")
+    p.add_argument(
+        "--ack-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a request held by a dead worker waits before it is redelivered (default 60)",
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--webhook-allow", action="append", default=[], metavar="CIDR",
-                   help="a network the webhook action may reach although internal (repeatable)")
+    p.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a network the webhook action may reach although internal (repeatable)",
+    )
     return p
 
 
@@ -125,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if not config.nats_url:
         raise SystemExit("ORDO_NATS_URL is not set (or nats_url in the configuration file)")
     actions = select(args, config)
-    worker = ActionWorker.from_config(config, actions, concurrency=args.concurrency, ack_wait_s=args.ack_wait,
-                                      drain_timeout_s=args.drain_timeout)
+    worker = ActionWorker.from_config(
+        config, actions, concurrency=args.concurrency, ack_wait_s=args.ack_wait, drain_timeout_s=args.drain_timeout
+    )
     uvloop.run(serve(worker))
     return 0
 

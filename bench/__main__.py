@@ -68,13 +68,21 @@ DEFAULT_STALL_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Ordo's bench scenarios.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Ordo's bench scenarios.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("scenario", nargs="?", help="scenario name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    parser.add_argument("-n", "--count", type=int, default=None,
-                        help="closed mode: trigger events (default: the scenario's, 150000 for w1)")
+    parser.add_argument(
+        "-n",
+        "--count",
+        type=int,
+        default=None,
+        help="closed mode: trigger events (default: the scenario's, 150000 for w1)",
+    )
     parser.add_argument("--rate", type=float, default=None, help="open mode: offered events/s")
     parser.add_argument("--duration", type=float, default=None, help="open mode: seconds of offered load")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
@@ -83,45 +91,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput over time and latency (matplotlib)")
     parser.add_argument("--data-dir", help="keep the embedded servers' data here (default: a temp dir)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="give a run up after this many seconds (default: from the load)")
-    parser.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S,
-                        help=f"give a run up after this long without progress (default {DEFAULT_STALL_S:.0f} s)")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="give a run up after this many seconds (default: from the load)"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_S,
+        help=f"give a run up after this long without progress (default {DEFAULT_STALL_S:.0f} s)",
+    )
     parser.add_argument("--log-level", default="warning", help="the workers' log level (default warning)")
-    parser.add_argument("--inject-faults", metavar="SPEC", default=None,
-                        help="the workers fail a share of their NATS publishes/acks and ledger commits on "
-                             "purpose (ORDO_INJECT_FAULTS, see daemon/faults.py), e.g. seed=7,nats=0.03,pg=0.03")
-    parser.add_argument("--publish-batch", type=int, default=None, metavar="N",
-                        help="the generator publishes JetStream atomic batches: of N events in closed mode, "
-                             "of the events due in each 5 ms tick in open mode (nats-server 2.12+; 0 or 1: "
-                             "one publish per event; default: 200 closed, 0 open, because an atomic batch "
-                             "costs ~70 ms of visibility latency measured here)")
-    parser.add_argument("--trigger-batch", type=int, default=0, metavar="N",
-                        help="the generator packs events into trigger batch messages (contract 1.1): N per "
-                             "message in closed mode, the events due in each 5 ms tick (at most N) in open mode; "
-                             "one publish and one fsync per message (replaces --publish-batch)")
+    parser.add_argument(
+        "--inject-faults",
+        metavar="SPEC",
+        default=None,
+        help="the workers fail a share of their NATS publishes/acks and ledger commits on "
+        "purpose (ORDO_INJECT_FAULTS, see daemon/faults.py), e.g. seed=7,nats=0.03,pg=0.03",
+    )
+    parser.add_argument(
+        "--publish-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the generator publishes JetStream atomic batches: of N events in closed mode, "
+        "of the events due in each 5 ms tick in open mode (nats-server 2.12+; 0 or 1: "
+        "one publish per event; default: 200 closed, 0 open, because an atomic batch "
+        "costs ~70 ms of visibility latency measured here)",
+    )
+    parser.add_argument(
+        "--trigger-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the generator packs events into trigger batch messages (contract 1.1): N per "
+        "message in closed mode, the events due in each 5 ms tick (at most N) in open mode; "
+        "one publish and one fsync per message (replaces --publish-batch)",
+    )
     options = parser.add_argument_group("scenario options")
     options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
-    options.add_argument("--wait", default=None, metavar="MIN-MAX",
-                         help="w3-timers: whole seconds each execution waits, uniform (default 1-60)")
-    options.add_argument("--hold", type=int, default=None, metavar="S",
-                         help="w3-timers: add S seconds to every wait, so that all executions wait at once "
-                              "(default 0)")
-    options.add_argument("--transient", type=float, default=None,
-                         help="w4-retries: share of provider calls answered 503 (default 0.05)")
-    options.add_argument("--permanent", type=float, default=None,
-                         help="w4-retries: share of executions whose calls are answered 400 (default 0.005)")
-    options.add_argument("--external", type=int, choices=(0, 1), default=None,
-                         help="w5-actions: 1 = the noop steps are served by an external action worker "
-                              "(python -m actions.worker) over JetStream (default 0: in-process)")
-    options.add_argument("--delay", type=float, default=None, metavar="MS",
-                         help="w6-webhooks: the provider answers after this many ms (default 20)")
+    options.add_argument(
+        "--wait",
+        default=None,
+        metavar="MIN-MAX",
+        help="w3-timers: whole seconds each execution waits, uniform (default 1-60)",
+    )
+    options.add_argument(
+        "--hold",
+        type=int,
+        default=None,
+        metavar="S",
+        help="w3-timers: add S seconds to every wait, so that all executions wait at once (default 0)",
+    )
+    options.add_argument(
+        "--transient", type=float, default=None, help="w4-retries: share of provider calls answered 503 (default 0.05)"
+    )
+    options.add_argument(
+        "--permanent",
+        type=float,
+        default=None,
+        help="w4-retries: share of executions whose calls are answered 400 (default 0.005)",
+    )
+    options.add_argument(
+        "--external",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="w5-actions: 1 = the noop steps are served by an external action worker "
+        "(python -m actions.worker) over JetStream (default 0: in-process)",
+    )
+    options.add_argument(
+        "--delay",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="w6-webhooks: the provider answers after this many ms (default 20)",
+    )
     return parser
 
 
 def scenario_options(args) -> dict:
-    return {name: getattr(args, name) for name in ("signals", "wait", "hold", "transient", "permanent", "external", "delay")
-            if getattr(args, name) is not None}
+    return {
+        name: getattr(args, name)
+        for name in ("signals", "wait", "hold", "transient", "permanent", "external", "delay")
+        if getattr(args, name) is not None
+    }
 
 
 def main(argv=None) -> int:
@@ -157,7 +210,7 @@ def main(argv=None) -> int:
             parser.error(str(exc))
     if args.wait is not None and hasattr(type(scenario), "wait_range"):
         try:
-            scenario.wait_range
+            _ = scenario.wait_range  # the property validates --wait
         except ValueError as exc:
             parser.error(str(exc))
     if args.plot:
@@ -224,16 +277,23 @@ async def _main(args, scenario: Scenario) -> int:
 
     med = report.median(runs)
     for name in scenario.median_fields:
-        values = [run.metrics[name] for run in runs if getattr(run, "metrics", None)
-                  and isinstance(run.metrics.get(name), (int, float))]
+        values = [
+            run.metrics[name]
+            for run in runs
+            if getattr(run, "metrics", None) and isinstance(run.metrics.get(name), (int, float))
+        ]
         if values:
             med[name] = statistics.median(values)
     ok = all(run.ok for run in runs)
     if args.plot:
         from .plot import draw
 
-        draw(runs, args.plot, f"Ordo bench {scenario.name} ({'open' if args.rate else 'closed'} mode, "
-                              f"{workers} workers, {report.machine()['cores']} cores)")
+        draw(
+            runs,
+            args.plot,
+            f"Ordo bench {scenario.name} ({'open' if args.rate else 'closed'} mode, "
+            f"{workers} workers, {report.machine()['cores']} cores)",
+        )
     if args.json:
         doc = {
             "scenario": scenario.name,
@@ -243,13 +303,20 @@ async def _main(args, scenario: Scenario) -> int:
             "verified": all(run.verified for run in runs),
             "complete": all(run.complete for run in runs),
             "config": {
-                "count": runs[0].expected if runs else None, "rate": args.rate, "duration": args.duration,
+                "count": runs[0].expected if runs else None,
+                "rate": args.rate,
+                "duration": args.duration,
                 "options": scenario.options,
                 # How the generator packs events: atomic batches of N, or trigger batch messages of up to N.
-                "publish_batch": _publish_batch(args), "trigger_batch": args.trigger_batch,
-                "repeat": args.repeat, "workers": workers, "partitions": config.partitions,
-                "fetch_batch": config.fetch_batch, "max_ack_pending": config.max_ack_pending,
-                "batch_max_rows": config.batch_max_rows, "batch_max_ms": config.batch_max_ms,
+                "publish_batch": _publish_batch(args),
+                "trigger_batch": args.trigger_batch,
+                "repeat": args.repeat,
+                "workers": workers,
+                "partitions": config.partitions,
+                "fetch_batch": config.fetch_batch,
+                "max_ack_pending": config.max_ack_pending,
+                "batch_max_rows": config.batch_max_rows,
+                "batch_max_ms": config.batch_max_ms,
                 "inject_faults": args.inject_faults or config.inject_faults,
                 "servers": "embedded" if env.embedded else "configured",
                 "embedded": [type(server).__name__ for server in env.embedded],
@@ -284,22 +351,39 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     run_config = config.with_(prefix=f"bench{token}")
     open_mode = args.rate is not None
     expected = round(args.rate * args.duration) if open_mode else args.count
-    run = RunResult(scenario=scenario.name, mode="open" if open_mode else "closed", run_id=run_id,
-                    prefix=run_config.prefix, expected=expected, offered_rate=args.rate)
+    run = RunResult(
+        scenario=scenario.name,
+        mode="open" if open_mode else "closed",
+        run_id=run_id,
+        prefix=run_config.prefix,
+        expected=expected,
+        offered_rate=args.rate,
+    )
     run.metrics = {}
     timeout = args.timeout or (args.duration + 120.0 if open_mode else scenario.timeout(expected))
 
     with redirect_stdout(sys.stderr):
         await asyncio.wait_for(prepare(run_config), 60)
-    settings = {"ORDO_NATS_URL": run_config.nats_url, "ORDO_PG_DSN": run_config.pg_dsn,
-                "ORDO_PREFIX": run_config.prefix, "ORDO_PARTITIONS": str(run_config.partitions)}
+    settings = {
+        "ORDO_NATS_URL": run_config.nats_url,
+        "ORDO_PG_DSN": run_config.pg_dsn,
+        "ORDO_PREFIX": run_config.prefix,
+        "ORDO_PARTITIONS": str(run_config.partitions),
+    }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
     metrics_base = worker_counts.free_port_range(workers, METRICS_HOST)
     metrics_ports = list(range(metrics_base, metrics_base + workers))
-    supervisor = Supervisor(workers, extra_env={**settings, **scenario.worker_env(), **worker_settings,
-                                                "ORDO_LOG_LEVEL": args.log_level,
-                                                "ORDO_METRICS_HOST": METRICS_HOST,
-                                                "ORDO_METRICS_PORT": str(metrics_base)})
+    supervisor = Supervisor(
+        workers,
+        extra_env={
+            **settings,
+            **scenario.worker_env(),
+            **worker_settings,
+            "ORDO_LOG_LEVEL": args.log_level,
+            "ORDO_METRICS_HOST": METRICS_HOST,
+            "ORDO_METRICS_PORT": str(metrics_base),
+        },
+    )
     publisher = None
     watcher = None
     sampler = ProcessSampler()
@@ -333,17 +417,35 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             sampler.add(name, lambda server=server: [server.pid], children=(name == "postgres"))
         sampler.start()
 
-        publisher, outcome = await _start_publisher(scenario, run_id, expected, args.rate, settings, timeout,
-                                                       _publish_batch(args), pubacks_file, args.trigger_batch)
+        publisher, outcome = await _start_publisher(
+            scenario,
+            run_id,
+            expected,
+            args.rate,
+            settings,
+            timeout,
+            _publish_batch(args),
+            pubacks_file,
+            args.trigger_batch,
+        )
         run.first_publish = time.time()  # replaced by the generator's own clock when it reports
-        await _wait(run, pool, scenario, publisher, outcome, sampler, timeout,
-                    args.stall_timeout + scenario.stall_grace(), metrics_ports)
+        await _wait(
+            run,
+            pool,
+            scenario,
+            publisher,
+            outcome,
+            sampler,
+            timeout,
+            args.stall_timeout + scenario.stall_grace(),
+            metrics_ports,
+        )
         run.commits = await worker_counts.commits_by_workers(METRICS_HOST, metrics_ports)
         sampler.sample()
         try:
             await asyncio.wait_for(publisher.wait(), 30)
             await asyncio.wait_for(outcome["reader"], 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             run.failure = run.failure or "the generator did not exit"
         done = outcome.get("done")
         if done:
@@ -392,14 +494,36 @@ def _publish_batch(args) -> int:
     return 0 if args.rate else 200
 
 
-async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, settings: dict, timeout: float,
-                           publish_batch: int = 0, pubacks_file: str | None = None, trigger_batch: int = 0):
+async def _start_publisher(
+    scenario: Scenario,
+    run_id: str,
+    count: int,
+    rate,
+    settings: dict,
+    timeout: float,
+    publish_batch: int = 0,
+    pubacks_file: str | None = None,
+    trigger_batch: int = 0,
+):
     """Start the generator process; a task fills `outcome` from its stdout lines."""
     env = dict(os.environ, **settings)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "bench.publisher", "--scenario", scenario.name, "--run-id", run_id,
-            "--count", str(count), "--timeout", str(timeout), "--options", orjson.dumps(scenario.options).decode()]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.publisher",
+        "--scenario",
+        scenario.name,
+        "--run-id",
+        run_id,
+        "--count",
+        str(count),
+        "--timeout",
+        str(timeout),
+        "--options",
+        orjson.dumps(scenario.options).decode(),
+    ]
     if rate:
         argv += ["--rate", str(rate)]
     if publish_batch > 1:
@@ -409,8 +533,7 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
     if pubacks_file:
         argv += ["--pubacks", pubacks_file]
     # Its own session: a Ctrl-C reaches the bench, which stops it, not the generator directly.
-    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
-                                                start_new_session=True)
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE, start_new_session=True)
     outcome: dict = {"published": 0}
 
     async def read():
@@ -427,8 +550,17 @@ async def _start_publisher(scenario: Scenario, run_id: str, count: int, rate, se
     return proc, outcome
 
 
-async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: dict, sampler,
-                timeout: float, stall_timeout: float, metrics_ports: list[int]) -> None:
+async def _wait(
+    run: RunResult,
+    pool,
+    scenario: Scenario,
+    publisher,
+    outcome: dict,
+    sampler,
+    timeout: float,
+    stall_timeout: float,
+    metrics_ports: list[int],
+) -> None:
     """Poll until the ledger says the run's executions have all finished, or give up; live progress on stderr."""
     out = sys.stderr
     tty = out.isatty()
@@ -452,8 +584,7 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         now = time.monotonic()
         sampler.sample()
         rss = sampler.rss.get("workers")
-        run.trace.append({"t": time.time(), **state, "finished": finished,
-                          "workers_rss_mb": rss[-1] if rss else None})
+        run.trace.append({"t": time.time(), **state, "finished": finished, "workers_rss_mb": rss[-1] if rss else None})
         published = outcome["published"]
         # Progress is anything moving: publishing, enrolling, finishing.
         if (finished, state.get("total"), published) != marker:
@@ -462,8 +593,10 @@ async def _wait(run: RunResult, pool, scenario: Scenario, publisher, outcome: di
         rate = (finished - prev) / max(now - prev_t, 1e-6)
         prev, prev_t = finished, now
         waiting = f"  waiting {state['waiting']:>9,}" if "waiting" in state else ""
-        line = (f"  {now - started:6.1f} s  published {published:>9,}  finished {finished:>9,}/{run.expected:,}"
-                f"  {rate:>8,.0f}/s  lag {max(published - finished, 0):>8,}{waiting}")
+        line = (
+            f"  {now - started:6.1f} s  published {published:>9,}  finished {finished:>9,}/{run.expected:,}"
+            f"  {rate:>8,.0f}/s  lag {max(published - finished, 0):>8,}{waiting}"
+        )
         if tty:
             out.write("\r" + line + "  ")
             out.flush()

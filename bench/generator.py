@@ -18,11 +18,19 @@ from daemon.topology import trigger_msg_id
 from hotpath.envelope import MAX_BATCH_EVENTS
 
 
-def trigger_event(run_id: str, i: int, *, tenant: str = "demo", event_type: str = "contact.created",
-                  ts_ms: float | None = None, data: dict | None = None) -> dict:
+def trigger_event(
+    run_id: str,
+    i: int,
+    *,
+    tenant: str = "demo",
+    event_type: str = "contact.created",
+    ts_ms: float | None = None,
+    data: dict | None = None,
+) -> dict:
     """Trigger event `i` of run `run_id`: the demo's (daemon/demo.py), marked as the generator's."""
-    return demo.trigger_event(run_id, i, tenant=tenant, event_type=event_type, ts_ms=ts_ms, data=data,
-                              source="generator")
+    return demo.trigger_event(
+        run_id, i, tenant=tenant, event_type=event_type, ts_ms=ts_ms, data=data, source="generator"
+    )
 
 
 async def publish(js, subject: str, body: bytes, msg_id: str) -> None:
@@ -50,7 +58,7 @@ class PubAcks:
 
     def pairs(self):
         """(intended send time, PubAck time) of every event recorded, epoch ms."""
-        return zip(self._pairs[0::2], self._pairs[1::2])
+        return zip(self._pairs[0::2], self._pairs[1::2], strict=True)
 
     def span(self) -> tuple[float, float]:
         """(the first intended send time, the last PubAck time), epoch ms."""
@@ -62,7 +70,7 @@ class PubAcks:
         pairs = array.array("d")
         with open(path, "rb") as fh:
             pairs.frombytes(fh.read())
-        return dict(zip(pairs[0::2], pairs[1::2]))
+        return dict(zip(pairs[0::2], pairs[1::2], strict=True))
 
 
 async def _publish_stamped(js, message: tuple, stamps: list, pubacks: PubAcks | None) -> None:
@@ -82,8 +90,11 @@ def batch_message(topology, events: list[dict]) -> tuple:
     event's re-publish is.
     """
     first = events[0]
-    return (topology.trigger_subject(first["tenant"], "batch"), orjson.dumps({"v": "1.1", "events": events}),
-            f"batch:{trigger_msg_id(first)}:{len(events)}")
+    return (
+        topology.trigger_subject(first["tenant"], "batch"),
+        orjson.dumps({"v": "1.1", "events": events}),
+        f"batch:{trigger_msg_id(first)}:{len(events)}",
+    )
 
 
 #: JetStream's answer to an atomic batch holding a message id it has seen.
@@ -268,9 +279,18 @@ async def _paced(events, rate: float, send, *, tick_s: float, gather: bool = Fal
     return sent
 
 
-async def publish_events(js, topology, events, *, window: int = 256, rate: float | None = None,
-                         on_progress=None, atomic_batch: int = 0, trigger_batch: int = 0,
-                         pubacks: PubAcks | None = None) -> int:
+async def publish_events(
+    js,
+    topology,
+    events,
+    *,
+    window: int = 256,
+    rate: float | None = None,
+    on_progress=None,
+    atomic_batch: int = 0,
+    trigger_batch: int = 0,
+    pubacks: PubAcks | None = None,
+) -> int:
     """Publish trigger events (dicts).
 
     Closed (no `rate`): as fast as possible, in atomic batches of
@@ -286,8 +306,9 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     thousands of events/s under `sync_interval: always`.
     """
     if trigger_batch > 1:
-        return await _publish_trigger_batches(js, topology, events, trigger_batch, window=window, rate=rate,
-                                              on_progress=on_progress, pubacks=pubacks)
+        return await _publish_trigger_batches(
+            js, topology, events, trigger_batch, window=window, rate=rate, on_progress=on_progress, pubacks=pubacks
+        )
     atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
     if not rate:
         messages = (_as_message(topology, e) for e in events)
@@ -300,7 +321,7 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
         async def send(chunk):
             # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
             for i in range(0, len(chunk), _MAX_ATOMIC_BATCH):
-                part = chunk[i:i + _MAX_ATOMIC_BATCH]
+                part = chunk[i : i + _MAX_ATOMIC_BATCH]
                 await batches.send([_as_message(topology, e) for e in part], [e["ts"] for e in part])
 
         sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
@@ -318,8 +339,9 @@ async def publish_events(js, topology, events, *, window: int = 256, rate: float
     return sent
 
 
-async def _publish_trigger_batches(js, topology, events, size: int, *, window: int, rate: float | None,
-                                   on_progress, pubacks: PubAcks | None) -> int:
+async def _publish_trigger_batches(
+    js, topology, events, size: int, *, window: int, rate: float | None, on_progress, pubacks: PubAcks | None
+) -> int:
     in_flight = _Window(window)
     size = min(size, MAX_BATCH_EVENTS)
 

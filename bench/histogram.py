@@ -69,7 +69,7 @@ class Histogram:
         for value in values:
             self.record(value)
 
-    def merge(self, other: "Histogram") -> "Histogram":
+    def merge(self, other: Histogram) -> Histogram:
         """Add `other`'s counts to this histogram (same scale); returns self."""
         if other.scale != self.scale:
             raise ValueError(f"cannot merge histograms of scale {self.scale} and {other.scale}")
@@ -102,8 +102,11 @@ class Histogram:
 
     def buckets(self) -> list[tuple[float, float, int]]:
         """(low, high, count) of every non-empty bucket, in value order (for plots)."""
-        return [(low / self.scale, high / self.scale, self.counts[i])
-                for i in sorted(self.counts) for low, high in [_bounds(i)]]
+        return [
+            (low / self.scale, high / self.scale, self.counts[i])
+            for i in sorted(self.counts)
+            for low, high in [_bounds(i)]
+        ]
 
     def summary(self) -> dict:
         """The usual percentiles in ms, as the bench reports them."""

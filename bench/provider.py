@@ -45,8 +45,9 @@ def fails_transiently(key: str, call: int, share: float) -> bool:
 class Provider:
     """An aiohttp server in the caller's event loop: `await start()`, `url`, `await stop()`."""
 
-    def __init__(self, *, transient: float = 0.05, permanent: float = 0.005, max_transient: int = 2,
-                 delay_ms: float = 0.0):
+    def __init__(
+        self, *, transient: float = 0.05, permanent: float = 0.005, max_transient: int = 2, delay_ms: float = 0.0
+    ):
         self.transient = transient
         #: Every answer waits this long first: what a real API's round trip costs the caller.
         self.delay_ms = delay_ms
@@ -71,7 +72,7 @@ class Provider:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/call"
 
-    async def start(self) -> "Provider":
+    async def start(self) -> Provider:
         from aiohttp import web
 
         app = web.Application()
@@ -120,10 +121,16 @@ class Provider:
         return web.Response(status=200, body=b'{"id":"m-%d"}' % self.calls, content_type="application/json")
 
     def stats(self) -> dict:
-        return {"calls": self.calls, "ok": self.ok, "transient_503": self.transient_failures,
-                "permanent_400": self.permanent_failures, "bad_requests": self.bad_requests,
-                "keys": len(self._per_key), "duplicate_successes": self.duplicate_successes,
-                "process_cpu_percent": self.cpu_percent()}
+        return {
+            "calls": self.calls,
+            "ok": self.ok,
+            "transient_503": self.transient_failures,
+            "permanent_400": self.permanent_failures,
+            "bad_requests": self.bad_requests,
+            "keys": len(self._per_key),
+            "duplicate_successes": self.duplicate_successes,
+            "process_cpu_percent": self.cpu_percent(),
+        }
 
     def cpu_percent(self) -> float:
         """CPU of the process it runs in (the bench's: the provider and the bench's polling) since start."""

@@ -20,7 +20,6 @@ tells the ways apart.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -61,8 +60,13 @@ async def measure(nats_url: str, way: str, rate: float, duration: float) -> dict
     latency = Histogram()
     latency.record_many(acked - ts for ts, acked in pubacks.pairs())
     first_ts, last_ack = pubacks.span()
-    return {"way": way, "offered_rate": rate, "events": count,
-            "stored_rate": count / max(1e-9, (last_ack - first_ts) / 1000.0), "puback_latency": latency.summary()}
+    return {
+        "way": way,
+        "offered_rate": rate,
+        "events": count,
+        "stored_rate": count / max(1e-9, (last_ack - first_ts) / 1000.0),
+        "puback_latency": latency.summary(),
+    }
 
 
 async def main_async(args) -> list[dict]:
@@ -81,9 +85,11 @@ async def main_async(args) -> list[dict]:
 
 def _print(result: dict) -> None:
     lat = result["puback_latency"]
-    print(f"{result['way']:<7} offered {result['offered_rate']:,.0f}/s  stored {result['stored_rate']:,.0f}/s  "
-          f"PubAck p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  max {lat['max_ms']:.1f} ms  "
-          "(intended send time -> PubAck)")
+    print(
+        f"{result['way']:<7} offered {result['offered_rate']:,.0f}/s  stored {result['stored_rate']:,.0f}/s  "
+        f"PubAck p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  max {lat['max_ms']:.1f} ms  "
+        "(intended send time -> PubAck)"
+    )
     sys.stdout.flush()
 
 

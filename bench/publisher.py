@@ -40,9 +40,18 @@ def _emit(doc: dict) -> None:
     sys.stdout.flush()
 
 
-async def run(scenario_name: str, run_id: str, count: int, rate: float | None, window: int,
-              timeout: float, atomic_batch: int = 0, options: dict | None = None,
-              pubacks_file: str | None = None, trigger_batch: int = 0) -> int:
+async def run(
+    scenario_name: str,
+    run_id: str,
+    count: int,
+    rate: float | None,
+    window: int,
+    timeout: float,
+    atomic_batch: int = 0,
+    options: dict | None = None,
+    pubacks_file: str | None = None,
+    trigger_batch: int = 0,
+) -> int:
     import nats
 
     config = config_module.load()
@@ -64,8 +73,20 @@ async def run(scenario_name: str, run_id: str, count: int, rate: float | None, w
     pubacks = PubAcks() if pubacks_file and rate else None
     try:
         outcome = await asyncio.wait_for(
-            scenario.generate(js, topology, run_id, count, rate=rate, window=window, atomic_batch=atomic_batch,
-                              trigger_batch=trigger_batch, on_progress=progress, pubacks=pubacks), timeout)
+            scenario.generate(
+                js,
+                topology,
+                run_id,
+                count,
+                rate=rate,
+                window=window,
+                atomic_batch=atomic_batch,
+                trigger_batch=trigger_batch,
+                on_progress=progress,
+                pubacks=pubacks,
+            ),
+            timeout,
+        )
         last_ack = time.time()
     finally:
         await nc.close()
@@ -83,19 +104,42 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=None, help="events/s on a fixed schedule (open mode)")
     parser.add_argument("--window", type=int, default=256, help="publishes awaiting their PubAck at most")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up publishing after this long (s)")
-    parser.add_argument("--atomic-batch", type=int, default=0,
-                        help="publish in JetStream atomic batches: of this size (closed), per 5 ms tick (open); 0: one by one")
-    parser.add_argument("--trigger-batch", type=int, default=0,
-                        help="publish trigger batch messages of up to this many events (closed), of the events "
-                             "due in each 5 ms tick (open); 0: one event per message")
+    parser.add_argument(
+        "--atomic-batch",
+        type=int,
+        default=0,
+        help="publish in JetStream atomic batches: of this size (closed), per 5 ms tick (open); 0: one by one",
+    )
+    parser.add_argument(
+        "--trigger-batch",
+        type=int,
+        default=0,
+        help="publish trigger batch messages of up to this many events (closed), of the events "
+        "due in each 5 ms tick (open); 0: one event per message",
+    )
     parser.add_argument("--options", default="{}", help="the scenario's options, a JSON object")
-    parser.add_argument("--pubacks", metavar="FILE",
-                        help="open mode: write each event's intended send time and PubAck time here (float64 pairs)")
+    parser.add_argument(
+        "--pubacks",
+        metavar="FILE",
+        help="open mode: write each event's intended send time and PubAck time here (float64 pairs)",
+    )
     args = parser.parse_args(argv)
     import uvloop
 
-    return uvloop.run(run(args.scenario, args.run_id, args.count, args.rate, args.window, args.timeout,
-                         args.atomic_batch, orjson.loads(args.options), args.pubacks, args.trigger_batch))
+    return uvloop.run(
+        run(
+            args.scenario,
+            args.run_id,
+            args.count,
+            args.rate,
+            args.window,
+            args.timeout,
+            args.atomic_batch,
+            orjson.loads(args.options),
+            args.pubacks,
+            args.trigger_batch,
+        )
+    )
 
 
 if __name__ == "__main__":

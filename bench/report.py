@@ -111,9 +111,13 @@ class ProcessSampler:
             if not self._last.get(name):
                 continue
             rss = self.rss.get(name) or [0.0]
-            out[name] = {"cpu_percent": 100.0 * (last[1][name] - first[1][name]) / seconds,
-                         "processes": len(self._last[name]),
-                         "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss)}
+            out[name] = {
+                "cpu_percent": 100.0 * (last[1][name] - first[1][name]) / seconds,
+                "processes": len(self._last[name]),
+                "rss_start_mb": rss[0],
+                "rss_end_mb": rss[-1],
+                "rss_max_mb": max(rss),
+            }
         return out
 
 
@@ -182,8 +186,11 @@ class RunResult:
         """[[seconds since the first publish, workers' RSS in MB], ...], at most `points` of them
         (evenly thinned, the last kept): whether RSS is flat over a soak, not only its ends."""
         t0 = self.first_publish or (self.trace[0]["t"] if self.trace else 0.0)
-        series = [[round(s["t"] - t0, 1), round(s["workers_rss_mb"], 1)]
-                  for s in self.trace if s.get("workers_rss_mb") is not None]
+        series = [
+            [round(s["t"] - t0, 1), round(s["workers_rss_mb"], 1)]
+            for s in self.trace
+            if s.get("workers_rss_mb") is not None
+        ]
         if len(series) > points:
             step = len(series) / points
             series = [series[int(i * step)] for i in range(points - 1)] + series[-1:]
@@ -215,16 +222,30 @@ class RunResult:
 
     def as_dict(self) -> dict:
         return {
-            "scenario": self.scenario, "mode": self.mode, "run_id": self.run_id, "prefix": self.prefix,
-            "expected": self.expected, "published": self.published, "executions": self.finished,
-            "complete": self.complete, "verified": self.verified, "verification": self.verification,
-            "failure": self.failure, "seconds": self.seconds, "executions_per_s": self.executions_per_s,
-            "steps": self.steps, "steps_per_s": self.steps_per_s, "offered_rate": self.offered_rate,
-            "publish_rate": self.publish_rate, "latency": self.latency.summary(),
+            "scenario": self.scenario,
+            "mode": self.mode,
+            "run_id": self.run_id,
+            "prefix": self.prefix,
+            "expected": self.expected,
+            "published": self.published,
+            "executions": self.finished,
+            "complete": self.complete,
+            "verified": self.verified,
+            "verification": self.verification,
+            "failure": self.failure,
+            "seconds": self.seconds,
+            "executions_per_s": self.executions_per_s,
+            "steps": self.steps,
+            "steps_per_s": self.steps_per_s,
+            "offered_rate": self.offered_rate,
+            "publish_rate": self.publish_rate,
+            "latency": self.latency.summary(),
             "stored_latency": self.stored_latency.summary() if self.stored_latency else None,
             "engine_latency": self.engine_latency.summary() if self.engine_latency else None,
-            "resources": self.resources, "completions_per_s": self.timeline,
-            "workers_rss_mb": self.rss_series(), "commits": self.commits,
+            "resources": self.resources,
+            "completions_per_s": self.timeline,
+            "workers_rss_mb": self.rss_series(),
+            "commits": self.commits,
         }
 
 
@@ -275,9 +296,11 @@ def _resources_line(resources: dict) -> str:
     parts = []
     workers = resources.get("workers")
     if workers:
-        parts.append(f"workers {workers['cpu_percent']:.0f}% ({workers['processes']} proc, RSS "
-                     f"{workers['rss_start_mb']:.0f} -> {workers['rss_end_mb']:.0f} MB, "
-                     f"max {workers['rss_max_mb']:.0f} MB)")
+        parts.append(
+            f"workers {workers['cpu_percent']:.0f}% ({workers['processes']} proc, RSS "
+            f"{workers['rss_start_mb']:.0f} -> {workers['rss_end_mb']:.0f} MB, "
+            f"max {workers['rss_max_mb']:.0f} MB)"
+        )
     for name in ("generator", "nats", "postgres"):
         if name in resources:
             parts.append(f"{name} {resources[name]['cpu_percent']:.0f}%")
@@ -307,17 +330,23 @@ def run_table(run: RunResult, title: str) -> str:
         f"max {lat['max_ms']:.1f} ms  ({'intended send time' if run.mode == 'open' else 'trigger ts'}"
         " -> committed)",
     ]
-    for label, hist, span in (("publish", run.stored_latency, "intended send time -> JetStream PubAck"),
-                              ("engine", run.engine_latency, "PubAck -> committed")):
+    for label, hist, span in (
+        ("publish", run.stored_latency, "intended send time -> JetStream PubAck"),
+        ("engine", run.engine_latency, "PubAck -> committed"),
+    ):
         if hist is not None:
             share = hist.summary()
-            lines.append(f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
-                         f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})")
+            lines.append(
+                f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
+                f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})"
+            )
     if run.commits:
         c = run.commits
-        lines.append(f"  commits      {c['batches']:,} batches of {c['rows_per_batch']:,.0f} rows on average, "
-                     f"mean {c['mean_ms']:.1f} ms, p50 <= {c['p50_le_ms']:g} ms, p99 <= {c['p99_le_ms']:g} ms "
-                     "(workers' histograms)")
+        lines.append(
+            f"  commits      {c['batches']:,} batches of {c['rows_per_batch']:,.0f} rows on average, "
+            f"mean {c['mean_ms']:.1f} ms, p50 <= {c['p50_le_ms']:g} ms, p99 <= {c['p99_le_ms']:g} ms "
+            "(workers' histograms)"
+        )
     lines.append(f"  CPU          {_resources_line(run.resources)}")
     return "\n".join(lines)
 
@@ -326,16 +355,22 @@ def median_table(med: dict) -> str:
     def get(name, fmt, unit=""):
         return f"{format(med[name], fmt)}{unit}" if name in med else "-"
 
-    return "\n".join([
-        f"median of {med['runs']} runs",
-        f"  throughput   {get('executions_per_s', ',.0f')} executions/s   {get('steps_per_s', ',.0f')} steps/s"
-        f"   (wall {get('seconds', '.2f', ' s')})",
-        f"  latency      p50 {get('p50_ms', '.1f', ' ms')}  p95 {get('p95_ms', '.1f', ' ms')}  "
-        f"p99 {get('p99_ms', '.1f', ' ms')}  max {get('max_ms', '.1f', ' ms')}"
-        + (f"   (publish p50 {get('stored_p50_ms', '.1f', ' ms')} p99 {get('stored_p99_ms', '.1f', ' ms')}, "
-           f"engine p50 {get('engine_p50_ms', '.1f', ' ms')} p99 {get('engine_p99_ms', '.1f', ' ms')})"
-           if "stored_p99_ms" in med else ""),
-        f"  CPU          workers {get('workers_cpu_percent', '.0f', '%')}  "
-        f"generator {get('generator_cpu_percent', '.0f', '%')}  nats {get('nats_cpu_percent', '.0f', '%')}  "
-        f"postgres {get('postgres_cpu_percent', '.0f', '%')}   worker RSS {get('workers_rss_end_mb', '.0f', ' MB')}",
-    ])
+    return "\n".join(
+        [
+            f"median of {med['runs']} runs",
+            f"  throughput   {get('executions_per_s', ',.0f')} executions/s   {get('steps_per_s', ',.0f')} steps/s"
+            f"   (wall {get('seconds', '.2f', ' s')})",
+            f"  latency      p50 {get('p50_ms', '.1f', ' ms')}  p95 {get('p95_ms', '.1f', ' ms')}  "
+            f"p99 {get('p99_ms', '.1f', ' ms')}  max {get('max_ms', '.1f', ' ms')}"
+            + (
+                f"   (publish p50 {get('stored_p50_ms', '.1f', ' ms')} p99 {get('stored_p99_ms', '.1f', ' ms')}, "
+                f"engine p50 {get('engine_p50_ms', '.1f', ' ms')} p99 {get('engine_p99_ms', '.1f', ' ms')})"
+                if "stored_p99_ms" in med
+                else ""
+            ),
+            f"  CPU          workers {get('workers_cpu_percent', '.0f', '%')}  "
+            f"generator {get('generator_cpu_percent', '.0f', '%')}  nats {get('nats_cpu_percent', '.0f', '%')}  "
+            f"postgres {get('postgres_cpu_percent', '.0f', '%')}   "
+            f"worker RSS {get('workers_rss_end_mb', '.0f', ' MB')}",
+        ]
+    )

@@ -55,8 +55,13 @@ class Verification:
     @property
     def ok(self) -> bool:
         n = self.expected
-        return (self.executions == n and self.distinct_events == n and self.completed == n
-                and self.expected_steps == n and self.expected_history == n)
+        return (
+            self.executions == n
+            and self.distinct_events == n
+            and self.completed == n
+            and self.expected_steps == n
+            and self.expected_history == n
+        )
 
     def problems(self) -> list[str]:
         n = self.expected
@@ -68,10 +73,16 @@ class Verification:
         return found
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "expected": self.expected, "executions": self.executions,
-                "distinct_events": self.distinct_events, "completed": self.completed,
-                "expected_steps": self.expected_steps, "expected_history": self.expected_history,
-                "problems": self.problems()}
+        return {
+            "ok": self.ok,
+            "expected": self.expected,
+            "executions": self.executions,
+            "distinct_events": self.distinct_events,
+            "completed": self.completed,
+            "expected_steps": self.expected_steps,
+            "expected_history": self.expected_history,
+            "problems": self.problems(),
+        }
 
 
 # One row: per-execution facts of the run, joined with a digest of its history.
@@ -121,14 +132,19 @@ class Checks:
         return bool(self.checks) and all(found == wanted for found, wanted in self.checks.values())
 
     def problems(self) -> list[str]:
-        return [f"{name} {found} (expected {wanted})" for name, (found, wanted) in self.checks.items()
-                if found != wanted]
+        return [
+            f"{name} {found} (expected {wanted})" for name, (found, wanted) in self.checks.items() if found != wanted
+        ]
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "expected": self.expected,
-                **{name: found for name, (found, _) in self.checks.items()},
-                "expected_values": {name: wanted for name, (_, wanted) in self.checks.items()},
-                "facts": self.facts, "problems": self.problems()}
+        return {
+            "ok": self.ok,
+            "expected": self.expected,
+            **{name: found for name, (found, _) in self.checks.items()},
+            "expected_values": {name: wanted for name, (_, wanted) in self.checks.items()},
+            "facts": self.facts,
+            "problems": self.problems(),
+        }
 
 
 _PROGRESS = """
@@ -217,8 +233,20 @@ class Scenario:
         """Seconds a run may legitimately show no progress beyond the stall timeout (long waits)."""
         return 0.0
 
-    async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, trigger_batch: int = 0, on_progress=None, pubacks=None) -> dict:
+    async def generate(
+        self,
+        js,
+        topology,
+        run_id: str,
+        count: int,
+        *,
+        rate=None,
+        window: int = 256,
+        atomic_batch: int = 0,
+        trigger_batch: int = 0,
+        on_progress=None,
+        pubacks=None,
+    ) -> dict:
         """Publish the run's load (in the generator process); {"published", "first_publish", ...}.
 
         In open mode `pubacks` (a generator.PubAcks) records each event's PubAck.
@@ -232,9 +260,17 @@ class Scenario:
                     first.append(time.time())
                 yield event
 
-        sent = await publish_events(js, topology, events(), window=window, rate=rate, on_progress=on_progress,
-                                    atomic_batch=atomic_batch, trigger_batch=trigger_batch,
-                                    pubacks=pubacks if rate else None)
+        sent = await publish_events(
+            js,
+            topology,
+            events(),
+            window=window,
+            rate=rate,
+            on_progress=on_progress,
+            atomic_batch=atomic_batch,
+            trigger_batch=trigger_batch,
+            pubacks=pubacks if rate else None,
+        )
         return {"published": sent, "first_publish": first[0] if first else None}
 
     # -- reading the ledger ------------------------------------------------------------
@@ -256,9 +292,14 @@ class Scenario:
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None):
         r = await conn.fetchrow(_VERIFY, self.tenant, f"{run_id}-%", self.steps, self.step_kind)
-        return Verification(expected=expected, executions=r["executions"], distinct_events=r["distinct_events"],
-                            completed=r["completed"], expected_steps=r["expected_steps"],
-                            expected_history=r["expected_history"])
+        return Verification(
+            expected=expected,
+            executions=r["executions"],
+            distinct_events=r["distinct_events"],
+            completed=r["completed"],
+            expected_steps=r["expected_steps"],
+            expected_history=r["expected_history"],
+        )
 
     async def measure(self, pool, run, done: dict | None) -> dict:
         """The scenario's own numbers for the report (after verify)."""
@@ -365,15 +406,35 @@ class Signals(Scenario):
     def timeout(self, expected: int) -> float:
         return max(180.0, expected * self.options["signals"] / 500.0)
 
-    async def generate(self, js, topology, run_id: str, count: int, *, rate=None, window: int = 256,
-                       atomic_batch: int = 0, trigger_batch: int = 0, on_progress=None, pubacks=None) -> dict:
+    async def generate(
+        self,
+        js,
+        topology,
+        run_id: str,
+        count: int,
+        *,
+        rate=None,
+        window: int = 256,
+        atomic_batch: int = 0,
+        trigger_batch: int = 0,
+        on_progress=None,
+        pubacks=None,
+    ) -> dict:
         import asyncpg
 
         from daemon import config as config_module
         from daemon.topology import execution_id_for
 
-        enrolled = await super().generate(js, topology, run_id, count, window=window, atomic_batch=atomic_batch,
-                                          trigger_batch=trigger_batch, on_progress=on_progress)
+        enrolled = await super().generate(
+            js,
+            topology,
+            run_id,
+            count,
+            window=window,
+            atomic_batch=atomic_batch,
+            trigger_batch=trigger_batch,
+            on_progress=on_progress,
+        )
         # A signal for an execution that has not committed its enrolment would be
         # dead-lettered (unknown execution): wait until all wait for the first one.
         conn = await asyncpg.connect(config_module.load().pg_dsn)
@@ -389,9 +450,17 @@ class Signals(Scenario):
         def messages():
             for r in range(total):
                 last = r == total - 1
-                for execution_id, subject in zip(ids, subjects):
-                    body = orjson.dumps({"v": 1, "kind": "signal", "execution_id": execution_id,
-                                         "signal_id": f"tick-{r}", "name": "tick", "data": {"i": r, "last": last}})
+                for execution_id, subject in zip(ids, subjects, strict=True):
+                    body = orjson.dumps(
+                        {
+                            "v": 1,
+                            "kind": "signal",
+                            "execution_id": execution_id,
+                            "signal_id": f"tick-{r}",
+                            "name": "tick",
+                            "data": {"i": r, "last": last},
+                        }
+                    )
                     yield subject, body, f"{execution_id}:tick-{r}"
 
         def progress(n):
@@ -404,8 +473,14 @@ class Signals(Scenario):
             sent = await publish_atomic(js, messages(), batch=atomic_batch, on_progress=progress)
         else:
             sent = await publish_messages(js, messages(), window=window, on_progress=progress)
-        return {**enrolled, "published": count + sent, "signals_published": sent, "signals_atomic": atomic,
-                "signals_first_publish": signals_first, "signals_last_ack": time.time()}
+        return {
+            **enrolled,
+            "published": count + sent,
+            "signals_published": sent,
+            "signals_atomic": atomic,
+            "signals_first_publish": signals_first,
+            "signals_last_ack": time.time(),
+        }
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
         total = self.options["signals"]
@@ -438,10 +513,12 @@ class Signals(Scenario):
         }
 
     def summary(self, m: dict) -> list[str]:
-        return [f"  signals      {m['applied_signals']:,} applied ({m['signals_per_execution']} per execution) in "
-                f"{m['seconds_signals']:.2f} s: {m['applied_per_s']:,.0f} applied/s   (published at "
-                f"{m['signal_publish_rate']:,.0f}/s{' in atomic batches' if m.get('signals_atomic') else ''}; "
-                "first signal publish -> last commit)"]
+        return [
+            f"  signals      {m['applied_signals']:,} applied ({m['signals_per_execution']} per execution) in "
+            f"{m['seconds_signals']:.2f} s: {m['applied_per_s']:,.0f} applied/s   (published at "
+            f"{m['signal_publish_rate']:,.0f}/s{' in atomic batches' if m.get('signals_atomic') else ''}; "
+            "first signal publish -> last commit)"
+        ]
 
 
 # -- w3: timers ---------------------------------------------------------------------------
@@ -514,8 +591,17 @@ class Timers(Scenario):
     workflow_file = "w3-timers.json"
     default_count = 1_000_000
     defaults = {"wait": "1-60", "hold": 0}
-    median_fields = ("fired_p50_ms", "fired_p99_ms", "committed_p50_ms", "committed_p99_ms", "enrolment_per_s",
-                     "peak_waiting", "workers_rss_at_peak_mb", "workers_rss_max_mb", "workers_rss_end_mb")
+    median_fields = (
+        "fired_p50_ms",
+        "fired_p99_ms",
+        "committed_p50_ms",
+        "committed_p99_ms",
+        "enrolment_per_s",
+        "peak_waiting",
+        "workers_rss_at_peak_mb",
+        "workers_rss_max_mb",
+        "workers_rss_end_mb",
+    )
 
     @property
     def wait_range(self) -> tuple[int, int]:
@@ -524,12 +610,19 @@ class Timers(Scenario):
     def shape(self, definition: dict) -> dict:
         lo, hi = self.wait_range
         hold = int(self.options["hold"])
-        steps = [{"id": "pick", "type": "switch",
-                  "cases": [{"when": {"eq": ["{{event.data.wait_s}}", d]}, "next": f"wait-{d}"}
-                            for d in range(lo, hi + 1)],
-                  "default": f"wait-{lo}"}]
-        steps += [{"id": f"wait-{d}", "type": "wait", "duration": f"{hold + d}s", "next": "done"}
-                  for d in range(lo, hi + 1)]
+        steps = [
+            {
+                "id": "pick",
+                "type": "switch",
+                "cases": [
+                    {"when": {"eq": ["{{event.data.wait_s}}", d]}, "next": f"wait-{d}"} for d in range(lo, hi + 1)
+                ],
+                "default": f"wait-{lo}",
+            }
+        ]
+        steps += [
+            {"id": f"wait-{d}", "type": "wait", "duration": f"{hold + d}s", "next": "done"} for d in range(lo, hi + 1)
+        ]
         steps.append({"id": "done", "type": "end"})
         definition["steps"] = steps
         return definition
@@ -540,8 +633,9 @@ class Timers(Scenario):
         lo, hi = self.wait_range
         event_id = f"{run_id}-{i}"
         wait_s = lo + zlib.crc32(event_id.encode()) % (hi - lo + 1)
-        return trigger_event(run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id),
-                             data={"wait_s": wait_s})
+        return trigger_event(
+            run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id), data={"wait_s": wait_s}
+        )
 
     def timeout(self, expected: int) -> float:
         return 180.0 + int(self.options["hold"]) + self.wait_range[1] + expected / 500.0
@@ -572,12 +666,18 @@ class Timers(Scenario):
             return float(v) if v is not None else None
 
         return {
-            "wait_s": f"{lo}-{hi}", "hold_s": int(self.options["hold"]), "fires": lat["fires"],
-            "fired_p50_ms": ms(lat["fired_p50"]), "fired_p99_ms": ms(lat["fired_p99"]),
-            "fired_max_ms": ms(lat["fired_max"]), "fired_min_ms": ms(lat["fired_min"]),
-            "committed_p50_ms": ms(lat["committed_p50"]), "committed_p99_ms": ms(lat["committed_p99"]),
+            "wait_s": f"{lo}-{hi}",
+            "hold_s": int(self.options["hold"]),
+            "fires": lat["fires"],
+            "fired_p50_ms": ms(lat["fired_p50"]),
+            "fired_p99_ms": ms(lat["fired_p99"]),
+            "fired_max_ms": ms(lat["fired_max"]),
+            "fired_min_ms": ms(lat["fired_min"]),
+            "committed_p50_ms": ms(lat["committed_p50"]),
+            "committed_p99_ms": ms(lat["committed_p99"]),
             "committed_max_ms": ms(lat["committed_max"]),
-            "enrolled": enrolled["n"], "enrolment_seconds": enrol_s,
+            "enrolled": enrolled["n"],
+            "enrolment_seconds": enrol_s,
             "enrolment_per_s": enrolled["n"] / enrol_s if enrol_s > 0 else 0.0,
             "peak_waiting": peak["waiting"] if peak else 0,
             "peak_waiting_at_s": (peak["t"] - first) if peak and first else None,
@@ -653,8 +753,9 @@ class Retries(Scenario):
     async def start(self) -> None:
         from .provider import Provider
 
-        self.provider = await Provider(transient=float(self.options["transient"]),
-                                       permanent=float(self.options["permanent"])).start()
+        self.provider = await Provider(
+            transient=float(self.options["transient"]), permanent=float(self.options["permanent"])
+        ).start()
 
     async def stop(self) -> None:
         if self.provider is not None:
@@ -695,8 +796,9 @@ class Retries(Scenario):
             # failure the provider never answered), and a 503 that comes back after
             # its step timed out is recorded as a late result, not a failure.
             checks.facts["provider"] = self.provider.stats()
-        checks.facts.update(retries=r["retries"], timeouts=r["timeouts"], requests=r["requests"],
-                            expected_dead_letters=len(doomed))
+        checks.facts.update(
+            retries=r["retries"], timeouts=r["timeouts"], requests=r["requests"], expected_dead_letters=len(doomed)
+        )
         return checks
 
     async def measure(self, pool, run, done: dict | None) -> dict:
@@ -704,11 +806,15 @@ class Retries(Scenario):
         provider = facts.get("provider", {})
         seconds = run.seconds
         return {
-            "transient_share": float(self.options["transient"]), "permanent_share": float(self.options["permanent"]),
-            "requests": facts.get("requests"), "calls": provider.get("calls"),
+            "transient_share": float(self.options["transient"]),
+            "permanent_share": float(self.options["permanent"]),
+            "requests": facts.get("requests"),
+            "calls": provider.get("calls"),
             "calls_per_s": provider.get("calls", 0) / seconds if seconds else 0.0,
-            "retries": facts.get("retries"), "timeouts": facts.get("timeouts"),
-            "provider_503": provider.get("transient_503"), "provider_400": provider.get("permanent_400"),
+            "retries": facts.get("retries"),
+            "timeouts": facts.get("timeouts"),
+            "provider_503": provider.get("transient_503"),
+            "provider_400": provider.get("permanent_400"),
             "duplicate_successes": provider.get("duplicate_successes"),
             "dead_letters": run.verification.get("dead_letters"),
             "expected_dead_letters": facts.get("expected_dead_letters"),
@@ -790,15 +896,22 @@ class ActionSteps(Scenario):
         import sys
 
         self.action_worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "actions.worker", "--module", "bench.noop_action", "--concurrency", "1024",
-            env={**os.environ, **env})
+            sys.executable,
+            "-m",
+            "actions.worker",
+            "--module",
+            "bench.noop_action",
+            "--concurrency",
+            "1024",
+            env={**os.environ, **env},
+        )
 
     async def stop(self) -> None:
         if self.action_worker is not None and self.action_worker.returncode is None:
             self.action_worker.terminate()
             try:
                 await asyncio.wait_for(self.action_worker.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.action_worker.kill()
 
     def timeout(self, expected: int) -> float:
@@ -820,8 +933,7 @@ class ActionSteps(Scenario):
     async def measure(self, pool, run, done: dict | None) -> dict:
         seconds = run.seconds
         actions = self.steps * run.verification.get("completed", 0)
-        return {"actions": actions, "actions_per_s": actions / seconds if seconds else 0.0,
-                "external": self.external}
+        return {"actions": actions, "actions_per_s": actions / seconds if seconds else 0.0, "external": self.external}
 
     def summary(self, m: dict) -> list[str]:
         where = "an external action worker" if m["external"] else "in-process"
@@ -867,19 +979,26 @@ class Webhooks(ActionSteps):
     async def measure(self, pool, run, done: dict | None) -> dict:
         m = await super().measure(pool, run, done)
         stats = self.provider.stats()
-        m.update(calls=stats["calls"], duplicate_calls=stats["calls"] - stats["keys"],
-                 provider_process_cpu_percent=stats["process_cpu_percent"], delay_ms=float(self.options["delay"]))
+        m.update(
+            calls=stats["calls"],
+            duplicate_calls=stats["calls"] - stats["keys"],
+            provider_process_cpu_percent=stats["process_cpu_percent"],
+            delay_ms=float(self.options["delay"]),
+        )
         return m
 
     def summary(self, m: dict) -> list[str]:
-        return [f"  webhooks     {m['actions']:,} webhook steps: {m['actions_per_s']:,.0f} calls/s "
-                f"(provider answers after {m['delay_ms']:g} ms; {m['calls']:,} calls, "
-                f"{m['duplicate_calls']:,} repeated), bench process CPU {m['provider_process_cpu_percent']:.0f}%"]
+        return [
+            f"  webhooks     {m['actions']:,} webhook steps: {m['actions_per_s']:,.0f} calls/s "
+            f"(provider answers after {m['delay_ms']:g} ms; {m['calls']:,} calls, "
+            f"{m['duplicate_calls']:,} repeated), bench process CPU {m['provider_process_cpu_percent']:.0f}%"
+        ]
 
 
 #: Every scenario by name; `python -m bench --list` prints them.
-SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (LinearFive, Signals, Timers, Retries,
-                                                                          ActionSteps, Webhooks)}
+SCENARIOS: dict[str, type[Scenario]] = {
+    cls.name: cls for cls in (LinearFive, Signals, Timers, Retries, ActionSteps, Webhooks)
+}
 
 
 def get(name: str, options: dict | None = None) -> Scenario:

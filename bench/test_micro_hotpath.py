@@ -15,7 +15,10 @@ LINEAR = {
     "id": "bench-linear",
     "tenant": "bench",
     "version": 1,
-    "trigger": {"event": "contact.created", "filter": {"all": [{"eq": ["{{contact.country}}", "DE"]}, {"exists": "contact.email"}]}},
+    "trigger": {
+        "event": "contact.created",
+        "filter": {"all": [{"eq": ["{{contact.country}}", "DE"]}, {"exists": "contact.email"}]},
+    },
     "steps": [
         {"id": "s1", "type": "set", "values": {"stage": "new"}},
         {"id": "s2", "type": "set", "values": {"name": "{{contact.name}}"}},
@@ -89,14 +92,26 @@ def test_program_matches(benchmark, impl):
 # The envelope has one implementation: its JSON work is orjson's (C) already, and what is
 # left in Python is a handful of field checks per message, measured here as such.
 
+
 def _envelope_bodies(kind: str) -> list[bytes]:
     from bench.generator import trigger_event
     from hotpath.envelope import encode
 
     if kind == "trigger":
         return [encode(trigger_event("micro", i)) for i in range(EXECUTIONS)]
-    return [encode({"v": 1, "kind": "signal", "execution_id": f"{i:032x}", "signal_id": f"s-{i}",
-                    "name": "tick", "data": {"i": i}}) for i in range(EXECUTIONS)]
+    return [
+        encode(
+            {
+                "v": 1,
+                "kind": "signal",
+                "execution_id": f"{i:032x}",
+                "signal_id": f"s-{i}",
+                "name": "tick",
+                "data": {"i": i},
+            }
+        )
+        for i in range(EXECUTIONS)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["trigger", "signal"])

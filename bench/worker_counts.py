@@ -62,15 +62,22 @@ async def scrape(host: str, port: int, timeout: float = 2.0) -> str:
 
 def finished_in(text: str) -> int:
     """Executions finished (any status) in one worker's /metrics text."""
-    return int(sum(sample.value for family in text_string_to_metric_families(text) if family.name == FINISHED
-                   for sample in family.samples if sample.name == FINISHED + "_total"))
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == FINISHED
+            for sample in family.samples
+            if sample.name == FINISHED + "_total"
+        )
+    )
 
 
 async def scrape_all(host: str, ports: list[int]) -> list[str] | None:
     """Every worker's /metrics text; None if any worker cannot be read."""
     try:
         return await asyncio.gather(*(scrape(host, port) for port in ports))
-    except (OSError, asyncio.TimeoutError, ConnectionError):
+    except (TimeoutError, OSError, ConnectionError):
         return None
 
 
@@ -114,8 +121,13 @@ def commits_in(texts: list[str]) -> dict | None:
     if not batches:
         return None
     p50, p99 = bound_of(seconds, 0.5), bound_of(seconds, 0.99)
-    return {"batches": int(batches), "rows_per_batch": rows / batches, "mean_ms": spent / batches * 1000.0,
-            "p50_le_ms": p50 * 1000.0, "p99_le_ms": p99 * 1000.0}
+    return {
+        "batches": int(batches),
+        "rows_per_batch": rows / batches,
+        "mean_ms": spent / batches * 1000.0,
+        "p50_le_ms": p50 * 1000.0,
+        "p99_le_ms": p99 * 1000.0,
+    }
 
 
 async def commits_by_workers(host: str, ports: list[int]) -> dict | None:

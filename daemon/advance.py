@@ -21,7 +21,6 @@ from . import logs, metrics
 from .config import Config
 from .work_items import WorkItem
 
-
 log = logging.getLogger("ordo.advance")
 
 #: Kinds an operator may send to an execution that has ended.
@@ -44,8 +43,15 @@ def payload_of(doc: dict):
     return doc  # action_result: step_id, attempt, ok, output | error
 
 
-def apply(registry, record: ExecutionRecord | None, source: WorkItem, doc: dict, now: datetime, now_ms: int,
-          max_context_bytes: int = Config.max_context_bytes) -> Unit | None:
+def apply(
+    registry,
+    record: ExecutionRecord | None,
+    source: WorkItem,
+    doc: dict,
+    now: datetime,
+    now_ms: int,
+    max_context_bytes: int = Config.max_context_bytes,
+) -> Unit | None:
     """The unit this message commits; None when it is a redelivery of a committed one.
 
     `source` is a stream message, a timer fire or an in-process action's result
@@ -79,8 +85,12 @@ def apply(registry, record: ExecutionRecord | None, source: WorkItem, doc: dict,
             return unit
         if kind == "event":
             return unit  # a routed copy of a trigger event, late: the trigger itself is intact
-        unit.dead_letter("execution_closed", f"execution {record.execution_id} is {state.status}",
-                         tenant=record.tenant, workflow_id=record.workflow_id)
+        unit.dead_letter(
+            "execution_closed",
+            f"execution {record.execution_id} is {state.status}",
+            tenant=record.tenant,
+            workflow_id=record.workflow_id,
+        )
         return unit
     entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)
     if entry is None or entry.program is None:
@@ -93,11 +103,20 @@ def apply(registry, record: ExecutionRecord | None, source: WorkItem, doc: dict,
         metrics.advance_timings.add(time.perf_counter() - started)
     except Exception as exc:
         steps = entry.program.step_ids
-        log.exception("dispatch failed for execution %s", record.execution_id, extra=logs.execution(
-            record.execution_id, record.tenant, steps[state.pc] if 0 <= state.pc < len(steps) else None,
-            workflow_id=record.workflow_id, **logs.failure("dispatch_error", exc)))
-        unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant,
-                         workflow_id=record.workflow_id)
+        log.exception(
+            "dispatch failed for execution %s",
+            record.execution_id,
+            extra=logs.execution(
+                record.execution_id,
+                record.tenant,
+                steps[state.pc] if 0 <= state.pc < len(steps) else None,
+                workflow_id=record.workflow_id,
+                **logs.failure("dispatch_error", exc),
+            ),
+        )
+        unit.dead_letter(
+            "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant, workflow_id=record.workflow_id
+        )
         return unit
     if kind == "action_result":
         _count_action_result(entry, doc, transitions)

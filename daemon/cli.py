@@ -144,8 +144,9 @@ def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> in
         nc = await nats.connect(config.nats_url)
         try:
             message = dict(body, v=1, execution_id=execution_id)
-            ack = await nc.jetstream().publish(Topology(config).exec_subject(execution_id), orjson.dumps(message),
-                                               headers={"Nats-Msg-Id": msg_id})
+            ack = await nc.jetstream().publish(
+                Topology(config).exec_subject(execution_id), orjson.dumps(message), headers={"Nats-Msg-Id": msg_id}
+            )
             print(f"{body['kind']} sent to {execution_id} (stream seq {ack.seq})")
         finally:
             await nc.close()
@@ -166,10 +167,19 @@ def cmd_signal(args, config) -> int:
         try:
             js = nc.jetstream()
             signal_id = args.signal_id or str(uuid.uuid4())
-            body = {"v": 1, "kind": "signal", "execution_id": args.execution_id, "signal_id": signal_id,
-                    "name": args.name, "data": orjson.loads(args.data) if args.data else None}
-            ack = await js.publish(Topology(config).exec_subject(args.execution_id), orjson.dumps(body),
-                                   headers={"Nats-Msg-Id": f"signal:{args.execution_id}:{signal_id}"})
+            body = {
+                "v": 1,
+                "kind": "signal",
+                "execution_id": args.execution_id,
+                "signal_id": signal_id,
+                "name": args.name,
+                "data": orjson.loads(args.data) if args.data else None,
+            }
+            ack = await js.publish(
+                Topology(config).exec_subject(args.execution_id),
+                orjson.dumps(body),
+                headers={"Nats-Msg-Id": f"signal:{args.execution_id}:{signal_id}"},
+            )
             print(f"signal {args.name!r} sent to {args.execution_id} (stream seq {ack.seq})")
         finally:
             await nc.close()
@@ -180,8 +190,9 @@ def cmd_signal(args, config) -> int:
 
 def cmd_execution(args, config) -> int:
     if args.action == "cancel":
-        return _send_to_execution(config, args.execution_id, {"kind": "cancel", "reason": args.reason},
-                                  f"cancel:{args.execution_id}")
+        return _send_to_execution(
+            config, args.execution_id, {"kind": "cancel", "reason": args.reason}, f"cancel:{args.execution_id}"
+        )
 
     async def go(conn):
         ex = await conn.fetchrow("SELECT * FROM ordo.executions WHERE execution_id = $1::uuid", args.execution_id)
@@ -195,18 +206,27 @@ def cmd_execution(args, config) -> int:
         if args.json:
             doc = {k: (str(v) if not isinstance(v, (int, str, type(None))) else v) for k, v in dict(ex).items()}
             doc["transitions"] = [
-                {"seq": t["seq"], "step_id": t["step_id"], "kind": t["kind"], "at": t["at"].isoformat(),
-                 "detail": orjson.loads(t["detail"]) if t["detail"] else None}
+                {
+                    "seq": t["seq"],
+                    "step_id": t["step_id"],
+                    "kind": t["kind"],
+                    "at": t["at"].isoformat(),
+                    "detail": orjson.loads(t["detail"]) if t["detail"] else None,
+                }
                 for t in transitions
             ]
             print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
             return 0
-        print(f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
-              f"  contact {ex['contact_id']}  status {ex['status']}")
+        print(
+            f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
+            f"  contact {ex['contact_id']}  status {ex['status']}"
+        )
         for t in transitions:
             detail = t["detail"] or ""
-            print(f"  {t['seq']:>4}  {t['at'].isoformat(timespec='milliseconds')}  {t['kind']:<10} "
-                  f"{t['step_id']:<20} {detail}")
+            print(
+                f"  {t['seq']:>4}  {t['at'].isoformat(timespec='milliseconds')}  {t['kind']:<10} "
+                f"{t['step_id']:<20} {detail}"
+            )
         return 0
 
     return _on_ledger(config, go)
@@ -242,8 +262,7 @@ def cmd_replay(args, config) -> int:
 
         if args.execution_id is not None:
             result = await replay(conn, args.execution_id, definition)
-            print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json
-                  else render(result))
+            print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else render(result))
             return {"identical": 0, "diverged": 1}.get(result.outcome, 2)
         summary = await replay_sample(conn, args.tenant, args.workflow, args.sample, definition)
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json else render_summary(summary))
@@ -278,8 +297,13 @@ def cmd_dlq(args, config) -> int:
         nc = await nats.connect(config.nats_url)
         try:
             retried = await retry_letters(
-                conn, nc.jetstream(), Topology(config), letter_id=int(args.id) if args.id else None,
-                reason=args.reason, action=args.only_action, tenant=args.tenant,
+                conn,
+                nc.jetstream(),
+                Topology(config),
+                letter_id=int(args.id) if args.id else None,
+                reason=args.reason,
+                action=args.only_action,
+                tenant=args.tenant,
             )
         finally:
             await nc.close()
@@ -406,8 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("check", help="check the ledger's invariants (exit 1 on any violation)")
-    p.add_argument("--overdue-after", type=float, default=300.0, metavar="S",
-                   help="a timer this many seconds past due counts as never fired (default 300)")
+    p.add_argument(
+        "--overdue-after",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="a timer this many seconds past due counts as never fired (default 300)",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("bench", help="run a bench scenario (python -m bench)", add_help=False)

@@ -38,9 +38,16 @@ def compile_entry(definition: dict) -> WorkflowEntry:
         validate(definition)
         program = Program(definition)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
-        log.error("workflow %s/%s v%s cannot be loaded: %s", tenant, workflow_id, version, exc,
-                  extra=logs.execution(None, tenant, workflow_id=workflow_id, version=version,
-                                       **logs.failure("invalid_definition", exc)))
+        log.error(
+            "workflow %s/%s v%s cannot be loaded: %s",
+            tenant,
+            workflow_id,
+            version,
+            exc,
+            extra=logs.execution(
+                None, tenant, workflow_id=workflow_id, version=version, **logs.failure("invalid_definition", exc)
+            ),
+        )
         return WorkflowEntry(tenant, workflow_id, version, event, None, f"invalid definition: {exc}")
     step_actions = {s["id"]: s["action"] for s in definition["steps"] if s.get("type") == "action"}
     return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions)
@@ -70,8 +77,10 @@ class WorkflowRegistry:
         self._versions, self._by_trigger, self._tenants = versions, by_trigger, set(tenants)
         self._awaited = frozenset(
             (definition.get("tenant"), step.get("event"))
-            for definition in definitions if isinstance(definition.get("steps"), list)
-            for step in definition["steps"] if isinstance(step, dict) and step.get("type") == "wait_for_event"
+            for definition in definitions
+            if isinstance(definition.get("steps"), list)
+            for step in definition["steps"]
+            if isinstance(step, dict) and step.get("type") == "wait_for_event"
         )
 
     def knows_tenant(self, tenant: str) -> bool:

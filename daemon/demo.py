@@ -33,8 +33,16 @@ _FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances"
 _COUNTRIES = ("DE", "FR", "GB", "US", "ES", "IT")
 
 
-def trigger_event(run_id: str, i: int, *, tenant: str = TENANT, event_type: str = EVENT_TYPE,
-                  ts_ms: float | None = None, data: dict | None = None, source: str = "demo") -> dict:
+def trigger_event(
+    run_id: str,
+    i: int,
+    *,
+    tenant: str = TENANT,
+    event_type: str = EVENT_TYPE,
+    ts_ms: float | None = None,
+    data: dict | None = None,
+    source: str = "demo",
+) -> dict:
     """The i-th trigger event of a run (event id `<run_id>-<i>`, a contact of its own); `ts` (epoch ms)
     is now unless given: when it is made to be sent. The bench's generator makes its events here too."""
     return {
@@ -64,8 +72,7 @@ async def publish(js, topology: Topology, run_id: str, count: int, on_progress=l
         events = [trigger_event(run_id, i) for i in range(start, min(start + BATCH_EVENTS, count))]
         headers = {"Nats-Msg-Id": f"batch:{trigger_msg_id(events[0])}:{len(events)}"}
         body = orjson.dumps({"v": "1.1", "events": events})
-        pending.add(asyncio.ensure_future(js.publish(topology.trigger_subject(TENANT, "batch"), body,
-                                                     headers=headers)))
+        pending.add(asyncio.ensure_future(js.publish(topology.trigger_subject(TENANT, "batch"), body, headers=headers)))
         if len(pending) >= BATCHES_IN_FLIGHT:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for publishing in done:
@@ -77,8 +84,9 @@ async def publish(js, topology: Topology, run_id: str, count: int, on_progress=l
     return sent
 
 
-async def wait_until_finished(pool, run_id: str, expected: int, *, timeout: float, published=lambda: 0,
-                              out=sys.stderr) -> int:
+async def wait_until_finished(
+    pool, run_id: str, expected: int, *, timeout: float, published=lambda: 0, out=sys.stderr
+) -> int:
     """Poll the ledger until `expected` executions of the run have finished, with a progress line."""
     started = time.monotonic()
     last, last_t = 0, started
@@ -132,8 +140,9 @@ async def run_demo(config: Config, pool, count: int) -> int:
     started = time.time()
     publisher = asyncio.create_task(publish(nc.jetstream(), topology, run_id, count, progress))
     try:
-        finished = await wait_until_finished(pool, run_id, count, timeout=max(120.0, count / 50),
-                                             published=lambda: published)
+        finished = await wait_until_finished(
+            pool, run_id, count, timeout=max(120.0, count / 50), published=lambda: published
+        )
         await publisher
     finally:
         publisher.cancel()

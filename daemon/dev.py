@@ -34,8 +34,9 @@ log = logging.getLogger("ordo.dev")
 
 def example_definitions() -> list[dict]:
     folder = resources.files("daemon").joinpath("examples")
-    return [orjson.loads(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".json")]
+    return [
+        orjson.loads(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".json")
+    ]
 
 
 class Environment:
@@ -98,15 +99,17 @@ async def wait_for_workers(pool, config: Config, since: float, workers: int = 1,
     while time.monotonic() < deadline:
         owned = await pool.fetch(
             "SELECT owner, count(*) AS n FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)"
-            " AND owner IS NOT NULL GROUP BY owner", since
+            " AND owner IS NOT NULL GROUP BY owner",
+            since,
         )
         counts = [row["n"] for row in owned]
-        if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) \
-                and max(counts) <= share:
+        if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) and max(counts) <= share:
             return
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"{workers} worker(s) did not own the {config.partitions} partitions within {timeout:.0f} s "
-                       "(see their logs above)")
+    raise RuntimeError(
+        f"{workers} worker(s) did not own the {config.partitions} partitions within {timeout:.0f} s "
+        "(see their logs above)"
+    )
 
 
 async def run_dev(config: Config, *, demo: int | None, workers: int | None, data_dir: str | None) -> int:
@@ -118,9 +121,15 @@ async def run_dev(config: Config, *, demo: int | None, workers: int | None, data
         await prepare(config)
         workers = workers or config.workers or os.cpu_count() or 1
         since = time.time() - 1
-        supervisor = Supervisor(workers, extra_env={"ORDO_NATS_URL": config.nats_url, "ORDO_PG_DSN": config.pg_dsn,
-                                                    "ORDO_PREFIX": config.prefix,
-                                                    "ORDO_PARTITIONS": str(config.partitions)})
+        supervisor = Supervisor(
+            workers,
+            extra_env={
+                "ORDO_NATS_URL": config.nats_url,
+                "ORDO_PG_DSN": config.pg_dsn,
+                "ORDO_PREFIX": config.prefix,
+                "ORDO_PARTITIONS": str(config.partitions),
+            },
+        )
         supervisor.start()
         watcher = asyncio.create_task(supervisor.watch())
         pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2)
@@ -147,4 +156,3 @@ async def _until_signalled() -> None:
         loop.add_signal_handler(sig, stop.set)
     print("  Ctrl-C to stop")
     await stop.wait()
-

@@ -11,7 +11,7 @@ settled at once (daemon/settle.py).
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hotpath import OrderingRing
 from hotpath.envelope import decode_exec
@@ -30,9 +30,20 @@ log = logging.getLogger("ordo.worker")
 class Dispatch:
     """Takes what the ring hands out, loads its executions and applies it; the units go to the batcher."""
 
-    def __init__(self, config: Config, *, registry: WorkflowRegistry, ring: OrderingRing, ring_ready: asyncio.Event,
-                 resident: ResidentExecutions, batcher: LedgerBatcher, stopping: asyncio.Event, clock_ms, on_pool,
-                 settle_now):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: WorkflowRegistry,
+        ring: OrderingRing,
+        ring_ready: asyncio.Event,
+        resident: ResidentExecutions,
+        batcher: LedgerBatcher,
+        stopping: asyncio.Event,
+        clock_ms,
+        on_pool,
+        settle_now,
+    ):
         self.config = config
         self.registry = registry
         self.ring = ring
@@ -61,10 +72,11 @@ class Dispatch:
     async def dispatch(self, items: list[tuple[WorkItem, dict]]) -> None:
         """Apply (source, decoded message) pairs, each holding its execution's ring key, on one load."""
         records = await self._load({source.key for source, _ in items})
-        now, now_ms = datetime.now(timezone.utc), self.clock_ms()
+        now, now_ms = datetime.now(UTC), self.clock_ms()
         for source, doc in items:
-            unit = advance.apply(self.registry, records.get(source.key), source, doc, now, now_ms,
-                                 self.config.max_context_bytes)
+            unit = advance.apply(
+                self.registry, records.get(source.key), source, doc, now, now_ms, self.config.max_context_bytes
+            )
             if unit is None:
                 metrics.exec_duplicate.inc()
                 self._settle_now(source)

@@ -24,8 +24,10 @@ async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str
             where = f"{r['execution_id']} step {r['step_id']}"
         else:  # a message, or one event of a trigger batch message
             where = f"{r['stream']}:{r['stream_seq']}" + ("" if r["batch_index"] is None else f"[{r['batch_index']}]")
-        lines.append(f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
-                     f"{r['tenant'] or '-':<12} {where}  {r['error']}")
+        lines.append(
+            f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
+            f"{r['tenant'] or '-':<12} {where}  {r['error']}"
+        )
     return lines
 
 
@@ -39,8 +41,20 @@ async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
     except UnicodeDecodeError:
         body = repr(payload)
     lines = [f"dead letter {r['id']}  ({r['status']})"]
-    for name in ("at", "reason", "error", "tenant", "workflow_id", "execution_id", "step_id", "subject",
-                 "stream", "stream_seq", "batch_index", "retried_at"):
+    for name in (
+        "at",
+        "reason",
+        "error",
+        "tenant",
+        "workflow_id",
+        "execution_id",
+        "step_id",
+        "subject",
+        "stream",
+        "stream_seq",
+        "batch_index",
+        "retried_at",
+    ):
         if r[name] is not None and r[name] != "":
             lines.append(f"  {name:<13} {r[name]}")
     if r["attempts"]:
@@ -58,8 +72,11 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
         for r in await dead_letters.pick_for_retry(conn, letter_id, reason, tenant, action):
             if r["reason"] == "step_failed" and r["execution_id"]:
                 body = {"v": 1, "kind": "retry", "execution_id": r["execution_id"], "step_id": r["step_id"]}
-                await js.publish(topology.exec_subject(r["execution_id"]), orjson.dumps(body),
-                                 headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
+                await js.publish(
+                    topology.exec_subject(r["execution_id"]),
+                    orjson.dumps(body),
+                    headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"},
+                )
                 done.append(f"{r['id']}: execution {r['execution_id']} resumes at step {r['step_id']}")
             elif r["subject"]:
                 await js.publish(r["subject"], bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})

@@ -40,8 +40,13 @@ from .topology import Topology, trigger_msg_id
 log = logging.getLogger("ordo.effects")
 
 #: Publish failures that pass (NATS reconnecting, a PubAck that did not come back); any other error is raised.
-_TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
-              nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError)
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+)
 
 
 async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
@@ -67,14 +72,23 @@ def _export_limit(action: str, major: int, limit: int) -> None:
 
 
 class Effects:
-    def __init__(self, js, topology: Topology, actions=None, *, concurrency: int = 256, backlog: int = 512,
-                 concurrency_max: int | None = None, on_call_done=None, apply_locally=None):
+    def __init__(
+        self,
+        js,
+        topology: Topology,
+        actions=None,
+        *,
+        concurrency: int = 256,
+        backlog: int = 512,
+        concurrency_max: int | None = None,
+        on_call_done=None,
+        apply_locally=None,
+    ):
         self._js = js
         self._topology = topology
         self._actions = actions  # an actions.contract.ActionRegistry, or None
         most = concurrency if concurrency_max is None else max(concurrency, concurrency_max)
-        self.limits = CallLimits(concurrency, minimum=concurrency, maximum=most,
-                                 on_change=_export_limit)
+        self.limits = CallLimits(concurrency, minimum=concurrency, maximum=most, on_change=_export_limit)
         self._running: set = set()
         self._backlog = backlog
         self._most_pending = max(backlog, 2 * most)
@@ -107,8 +121,12 @@ class Effects:
                 in_process |= self._action(record_tenant, execution_id, data)
             elif kind == "emit":
                 event = data["event"]
-                self._queue(execution_id, self._topology.trigger_subject(event["tenant"], event["type"]),
-                            orjson.dumps(event), trigger_msg_id(event))
+                self._queue(
+                    execution_id,
+                    self._topology.trigger_subject(event["tenant"], event["type"]),
+                    orjson.dumps(event),
+                    trigger_msg_id(event),
+                )
         return in_process
 
     async def publish_queued(self) -> None:
@@ -132,12 +150,17 @@ class Effects:
 
     def _action(self, tenant: str, execution_id: str, data: dict) -> bool:
         request = contract.request(
-            execution_id=execution_id, step_id=data["step_id"], attempt=data["attempt"],
-            idempotency_key=data["idempotency_key"], action=data["action"], major=data["major"],
+            execution_id=execution_id,
+            step_id=data["step_id"],
+            attempt=data["attempt"],
+            idempotency_key=data["idempotency_key"],
+            action=data["action"],
+            major=data["major"],
             input=data["input"],
             # The action's own deadline is wall-clock time: it bounds a real call.
             deadline=int(time.time() * 1000) + int(data.get("timeout_ms") or 30_000),
-            tenant=tenant, request_seq=data.get("request_seq", 0),
+            tenant=tenant,
+            request_seq=data.get("request_seq", 0),
         )
         action = self._actions.get(data["action"], data["major"]) if self._actions is not None else None
         if action is None:
@@ -178,11 +201,20 @@ class Effects:
     async def publish_result(self, result: dict) -> None:
         """Hand an action result to its execution (ordered with its other messages)."""
         try:
-            await self._js.publish(self._topology.exec_subject(result["execution_id"]), contract.encode(result),
-                                   headers={"Nats-Msg-Id": contract.result_msg_id(result)})
+            await self._js.publish(
+                self._topology.exec_subject(result["execution_id"]),
+                contract.encode(result),
+                headers={"Nats-Msg-Id": contract.result_msg_id(result)},
+            )
         except Exception as exc:  # the step's deadline timer retries it
-            log.warning("action result for %s not published: %s", result["execution_id"], exc, extra=logs.execution(
-                result["execution_id"], step=result.get("step_id"), **logs.failure("result_publish", exc)))
+            log.warning(
+                "action result for %s not published: %s",
+                result["execution_id"],
+                exc,
+                extra=logs.execution(
+                    result["execution_id"], step=result.get("step_id"), **logs.failure("result_publish", exc)
+                ),
+            )
 
     async def close(self, timeout: float = 10.0) -> None:
         """Let in-process actions finish and publish their results (bounded), then close them."""

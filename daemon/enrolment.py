@@ -123,8 +123,15 @@ def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:
     return orjson.dumps(body), f"event:{event['event_id']}:{execution_id}"
 
 
-def enrol(registry, topology: Topology, source, event: dict, now: datetime, now_ms: int,
-          max_context_bytes: int = Config.max_context_bytes) -> Unit:
+def enrol(
+    registry,
+    topology: Topology,
+    source,
+    event: dict,
+    now: datetime,
+    now_ms: int,
+    max_context_bytes: int = Config.max_context_bytes,
+) -> Unit:
     """A new execution per matching workflow, each run until it suspends or ends.
 
     `source` is the delivery of a single event, or the `BatchPart` of an event
@@ -140,8 +147,11 @@ def enrol(registry, topology: Topology, source, event: dict, now: datetime, now_
     if candidates and max_context_bytes and len(source.data) > max_context_bytes:
         size = len(orjson.dumps(event.get("data")))
         if size > max_context_bytes:
-            unit.dead_letter("context_too_large", f"trigger data is {size} bytes, over the limit of "
-                             f"{max_context_bytes} (max_context_bytes)", tenant=tenant)
+            unit.dead_letter(
+                "context_too_large",
+                f"trigger data is {size} bytes, over the limit of {max_context_bytes} (max_context_bytes)",
+                tenant=tenant,
+            )
             return unit
     matched = False
     for entry in candidates:
@@ -155,20 +165,36 @@ def enrol(registry, topology: Topology, source, event: dict, now: datetime, now_
             execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
             state = ExecutionState(execution_id, contact=event["contact"], event=event, tenant=tenant)
             record = ExecutionRecord(
-                execution_id, tenant, entry.workflow_id, entry.version, str(event["contact"]["id"]),
-                event["event_id"], partition_of(execution_id, topology.partitions), now, 0, state,
+                execution_id,
+                tenant,
+                entry.workflow_id,
+                entry.version,
+                str(event["contact"]["id"]),
+                event["event_id"],
+                partition_of(execution_id, topology.partitions),
+                now,
+                0,
+                state,
                 event_json=source.data.decode(),
             )
             started = time.perf_counter()
             transitions = advance(entry.program, state, "start", None, now_ms)
             metrics.advance_timings.add(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
-            log.exception("dispatch failed for %s/%s", tenant, entry.workflow_id,
-                          extra=logs.execution(execution_id_for(tenant, entry.workflow_id, event["event_id"]),
-                                               tenant, workflow_id=entry.workflow_id,
-                                               **logs.failure("dispatch_error", exc)))
-            unit.dead_letter("dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant,
-                             workflow_id=entry.workflow_id)
+            log.exception(
+                "dispatch failed for %s/%s",
+                tenant,
+                entry.workflow_id,
+                extra=logs.execution(
+                    execution_id_for(tenant, entry.workflow_id, event["event_id"]),
+                    tenant,
+                    workflow_id=entry.workflow_id,
+                    **logs.failure("dispatch_error", exc),
+                ),
+            )
+            unit.dead_letter(
+                "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant, workflow_id=entry.workflow_id
+            )
             continue
         effects = take_effects(state)
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))

@@ -129,8 +129,13 @@ def install(spec: str, nc, js, batcher, *, worker: int = 0) -> FaultInjector | N
     if parsed is None:
         return None
     injector = FaultInjector(parsed, worker)
-    log.warning("INJECTING FAULTS (inject_faults=%r): %.1f%% of NATS publishes and acks, %.1f%% of ledger "
-                "commits fail on purpose; never run this in production", spec, parsed.nats * 100, parsed.pg * 100)
+    log.warning(
+        "INJECTING FAULTS (inject_faults=%r): %.1f%% of NATS publishes and acks, %.1f%% of ledger "
+        "commits fail on purpose; never run this in production",
+        spec,
+        parsed.nats * 100,
+        parsed.pg * 100,
+    )
     publish = nc.publish
     js_publish = js.publish
 

@@ -60,9 +60,7 @@ class HealthServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            method, (status, content_type, body) = await asyncio.wait_for(
-                self._read_request(reader), REQUEST_TIMEOUT_S
-            )
+            method, (status, content_type, body) = await asyncio.wait_for(self._read_request(reader), REQUEST_TIMEOUT_S)
             head = (
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                 f"Content-Type: {content_type}\r\n"
@@ -71,7 +69,7 @@ class HealthServer:
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, ValueError):
+        except (TimeoutError, ConnectionError, ValueError):
             # A client that went away, never spoke, or sent a line over the
             # reader's limit (ValueError): nothing worth answering.
             pass

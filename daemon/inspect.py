@@ -7,7 +7,7 @@ The dict is also what `--json` prints, so scripts and people see the same facts.
 """
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 
@@ -24,7 +24,7 @@ def digest(value) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return None if value is None else value.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _error_of(kind: str, detail: dict) -> str | None:
@@ -95,20 +95,31 @@ async def inspect(conn, execution_id: str) -> dict | None:
         "updated_at": _iso(ex["updated_at"]),
         "finished_at": _iso(ex["finished_at"]),
         "transitions": [_transition(t) for t in transitions],
-        "timer": None if timer is None else {
-            "timer_id": timer["timer_id"], "fire_at": _iso(timer["fire_at"]),
-            "purpose": timer["purpose"], "step": timer["step_id"],
+        "timer": None
+        if timer is None
+        else {
+            "timer_id": timer["timer_id"],
+            "fire_at": _iso(timer["fire_at"]),
+            "purpose": timer["purpose"],
+            "step": timer["step_id"],
         },
         "event_wait": None if wait is None else {"event_type": wait["event_type"], "step": wait["step_id"]},
         "dead_letters": [
-            {"id": r["id"], "at": _iso(r["at"]), "reason": r["reason"], "error": r["error"], "step": r["step_id"],
-             "attempts": len(orjson.loads(r["attempts"])) if r["attempts"] else 0}
+            {
+                "id": r["id"],
+                "at": _iso(r["at"]),
+                "reason": r["reason"],
+                "error": r["error"],
+                "step": r["step_id"],
+                "attempts": len(orjson.loads(r["attempts"])) if r["attempts"] else 0,
+            }
             for r in letters
         ],
     }
 
 
 # -- the timeline as text -----------------------------------------------------------
+
 
 def _span(ms: float) -> str:
     """A duration the way a person says it: 850ms, 12.3s, 4m05s, 2d03h."""
@@ -138,7 +149,7 @@ def _brief(detail, width: int = 60) -> str:
         return "" if detail is None else orjson.dumps(detail).decode()[:width]
     shown = {k: v for k, v in detail.items() if k not in ("attempt", "error", "output", "data")}
     if isinstance(shown.get("until_ms"), int):
-        until = datetime.fromtimestamp(shown.pop("until_ms") / 1000, tz=timezone.utc)
+        until = datetime.fromtimestamp(shown.pop("until_ms") / 1000, tz=UTC)
         shown = {"until": until.isoformat(timespec="milliseconds"), **shown}
     text = orjson.dumps(shown).decode() if shown else ""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -146,7 +157,7 @@ def _brief(detail, width: int = 60) -> str:
 
 def render(doc: dict, now: datetime | None = None) -> str:
     """The execution as a timeline: identity, where it stands, what it waits for, then each transition."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     lines = [
         f"execution {doc['execution_id']}",
         f"  workflow   {doc['tenant']}/{doc['workflow_id']} v{doc['workflow_version']}"
@@ -173,25 +184,38 @@ def render(doc: dict, now: datetime | None = None) -> str:
         fire_at = _when(timer["fire_at"])
         due = (fire_at - now).total_seconds() * 1000
         when = f"in {_span(due)}" if due >= 0 else f"OVERDUE by {_span(-due)}"
-        lines.append(f"  pending    timer {timer['purpose']} at step '{timer['step']}' fires {timer['fire_at']}"
-                     f" ({when})   id {timer['timer_id']}")
+        lines.append(
+            f"  pending    timer {timer['purpose']} at step '{timer['step']}' fires {timer['fire_at']}"
+            f" ({when})   id {timer['timer_id']}"
+        )
     if wait is not None:
         lines.append(f"  pending    event '{wait['event_type']}' at step '{wait['step']}'")
     for letter in doc["dead_letters"]:
-        lines.append(f"  DEAD LETTER #{letter['id']} {letter['reason']} at step '{letter['step']}'"
-                     f" after {letter['attempts']} attempt(s): {letter['error']}")
+        lines.append(
+            f"  DEAD LETTER #{letter['id']} {letter['reason']} at step '{letter['step']}'"
+            f" after {letter['attempts']} attempt(s): {letter['error']}"
+        )
     lines.append("")
-    lines.append(f"  {'seq':>4}  {'at (UTC)':<23} {'+elapsed':>9}  {'step':<16} {'kind':<16} {'try':>3}"
-                 f"  {'in/out':<16} detail / error")
+    lines.append(
+        f"  {'seq':>4}  {'at (UTC)':<23} {'+elapsed':>9}  {'step':<16} {'kind':<16} {'try':>3}"
+        f"  {'in/out':<16} detail / error"
+    )
     start = _when(doc["transitions"][0]["at"]) if doc["transitions"] else None
     for t in doc["transitions"]:
         elapsed = _span((_when(t["at"]) - start).total_seconds() * 1000)
-        io = (f"in:{t['input_digest']}" if t["input_digest"] else
-              f"out:{t['output_digest']}" if t["output_digest"] else "")
+        io = (
+            f"in:{t['input_digest']}"
+            if t["input_digest"]
+            else f"out:{t['output_digest']}"
+            if t["output_digest"]
+            else ""
+        )
         tail = f"ERROR {t['error']}" if t["error"] else _brief(t["detail"])
         attempt = "" if t["attempt"] is None else str(t["attempt"])
-        lines.append(f"  {t['seq']:>4}  {t['at'][:23]:<23} {'+' + elapsed:>9}  {t['step'] or '-':<16}"
-                     f" {t['kind']:<16} {attempt:>3}  {io:<16} {tail}".rstrip())
+        lines.append(
+            f"  {t['seq']:>4}  {t['at'][:23]:<23} {'+' + elapsed:>9}  {t['step'] or '-':<16}"
+            f" {t['kind']:<16} {attempt:>3}  {io:<16} {tail}".rstrip()
+        )
     if not doc["transitions"]:
         lines.append("  (no transitions)")
     return "\n".join(lines)

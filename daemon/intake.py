@@ -22,7 +22,7 @@ batches wait for Postgres.
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 import nats.errors
@@ -93,10 +93,26 @@ class Window:
 class Intake:
     """The fetch loops and the timer loop: messages and due timers into the batcher or the ring."""
 
-    def __init__(self, config: Config, *, topology: Topology, registry: WorkflowRegistry, ring: OrderingRing,
-                 ring_ready: asyncio.Event, batcher: LedgerBatcher, window: Window,
-                 progress: dict[int, PartitionProgress], closing: set, timers: DueTimers, clock_ms,
-                 stopping: asyncio.Event, on_pool, nc, js, most_fetched: int):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        topology: Topology,
+        registry: WorkflowRegistry,
+        ring: OrderingRing,
+        ring_ready: asyncio.Event,
+        batcher: LedgerBatcher,
+        window: Window,
+        progress: dict[int, PartitionProgress],
+        closing: set,
+        timers: DueTimers,
+        clock_ms,
+        stopping: asyncio.Event,
+        on_pool,
+        nc,
+        js,
+        most_fetched: int,
+    ):
         self.config = config
         self.topology = topology
         self.registry = registry
@@ -134,13 +150,15 @@ class Intake:
         triggers = self.consumer(t.triggers_stream, t.triggers_consumer)
         await triggers.subscribe()
         self.fetchers["triggers"] = task = asyncio.create_task(
-            self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers"))
+            self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers")
+        )
         return task
 
     def fetch_partition(self, p: int, consumer: PullConsumer) -> asyncio.Task:
         """Start the fetch loop of an owned partition (subscribed); it returns once the partition is closing."""
         self.fetchers[p] = task = asyncio.create_task(
-            self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p))
+            self._fetch_loop(consumer, partial(self._take_exec_messages, p), metrics.fetch_exec_seconds, p)
+        )
         return task
 
     async def _fetch_loop(self, consumer: PullConsumer, take, fetch_seconds, name) -> None:
@@ -161,8 +179,9 @@ class Intake:
             except nats.errors.ConnectionClosedError:
                 return
             except nats.errors.Error as exc:
-                log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc,
-                            extra=logs.failure("nats_pull", exc))
+                log.warning(
+                    "pull from %s failed (%s); retrying", consumer.consumer, exc, extra=logs.failure("nats_pull", exc)
+                )
                 await asyncio.sleep(0.5)
                 continue
             if not deliveries:
@@ -194,7 +213,7 @@ class Intake:
     # -- enrol: triggers ------------------------------------------------------
 
     async def _take_triggers(self, batch: list[Delivery]) -> None:
-        now, now_ms = datetime.now(timezone.utc), self.clock_ms()
+        now, now_ms = datetime.now(UTC), self.clock_ms()
         decoded = []
         for delivery in batch:
             events, bad = enrolment.decode(delivery, self.config.max_message_bytes)
@@ -215,8 +234,9 @@ class Intake:
         if routes:
             await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
         for source, event in decoded:
-            self.batcher.add(enrolment.enrol(self.registry, self.topology, source, event, now, now_ms,
-                                             self.config.max_context_bytes))
+            self.batcher.add(
+                enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, self.config.max_context_bytes)
+            )
         metrics.advance_timings.flush()
 
     async def _route(self, execution_id: str, event: dict) -> None:
@@ -250,15 +270,14 @@ class Intake:
         while not self.stopping.is_set():
             now_ms = self.clock_ms()
             if now_ms >= next_load:
-                await self._on_pool(lambda conn: self.timers.load(conn, now_ms), "timers")
+                await self._on_pool(lambda conn, now_ms=now_ms: self.timers.load(conn, now_ms), "timers")
                 next_load = now_ms + self.config.timer_load_interval_ms
                 metrics.timers_pending.set(len(self.timers))
             room = self.ring.capacity - len(self.ring) - self._most_fetched
             fires = self.timers.pop_due(now_ms, max(room, 0))
             for fire in fires:
                 metrics.timer_lateness.observe(max(0, now_ms - fire.fire_at_ms) / 1000.0)
-                self.ring.push(fire.key, (fire, {"kind": "timer", "execution_id": fire.key,
-                                                 "timer_id": fire.timer_id}))
+                self.ring.push(fire.key, (fire, {"kind": "timer", "execution_id": fire.key, "timer_id": fire.timer_id}))
             if fires:
                 self.ring_ready.set()
             await asyncio.sleep(self.config.timer_tick_ms / 1000.0)

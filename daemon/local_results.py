@@ -58,8 +58,16 @@ class LocalResult:
 class LocalResults:
     """Takes in the in-process results this worker can apply itself (daemon/effects.py's `apply_locally`)."""
 
-    def __init__(self, config: Config, *, ring: OrderingRing, ring_ready: asyncio.Event, window: Window,
-                 stopping: asyncio.Event, owns: Callable[[int], bool]):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ring: OrderingRing,
+        ring_ready: asyncio.Event,
+        window: Window,
+        stopping: asyncio.Event,
+        owns: Callable[[int], bool],
+    ):
         self.config = config
         self.ring = ring
         self.ring_ready = ring_ready

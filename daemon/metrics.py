@@ -51,17 +51,19 @@ stale_applied_again = Counter(
 )
 
 end_to_end_seconds = Histogram(
-    "ordo_end_to_end_seconds", "Trigger event ts to the commit that ended its execution.",
+    "ordo_end_to_end_seconds",
+    "Trigger event ts to the commit that ended its execution.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
 )
 actions = Counter(
-    "ordo_actions_total", "Action results applied, by action and outcome (ok, retryable error, final error, late).",
+    "ordo_actions_total",
+    "Action results applied, by action and outcome (ok, retryable error, final error, late).",
     ["action", "outcome"],
 )
 action_concurrency_limit = Gauge(
     "ordo_action_concurrency_limit",
-    "In-process calls of an action that may run at once in this worker, following its latency "
-    "(daemon/call_limits.py).", ["action"],
+    "In-process calls of an action that may run at once in this worker, following its latency (daemon/call_limits.py).",
+    ["action"],
 )
 actions_in_process = Gauge("ordo_actions_in_process", "In-process action calls queued or running in this worker.")
 actions_expired_queued = Counter(
@@ -73,8 +75,8 @@ action_stage_seconds = Histogram(
     "ordo_action_stage_seconds",
     "The stages of an in-process action step: queued (request committed -> call started), call (started -> "
     "result), apply (result -> committed, results applied by this worker).",
-    ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                        10, 30),
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 local_results = Counter(
     "ordo_local_results_total",
@@ -86,11 +88,13 @@ resident_executions = Gauge(
     "ordo_resident_executions", "Executions kept in memory between their messages (waiting for a local result)."
 )
 resident_reads = Counter(
-    "ordo_execution_reads_total", "Executions a dispatch needed, by where they came from (memory or ledger).",
+    "ordo_execution_reads_total",
+    "Executions a dispatch needed, by where they came from (memory or ledger).",
     ["source"],
 )
 advance_seconds = Histogram(
-    "ordo_advance_seconds", "Dispatcher time to advance one execution for one message or timer (all its steps).",
+    "ordo_advance_seconds",
+    "Dispatcher time to advance one execution for one message or timer (all its steps).",
     buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1),
 )
 
@@ -110,7 +114,7 @@ def observe_all(histogram: Histogram, values) -> None:
     if not any(counts):
         return
     histogram._sum.inc(total)
-    for bucket, count in zip(histogram._buckets, counts):
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
         if count:
             bucket.inc(count)
 
@@ -142,7 +146,8 @@ action_call_timings = Observations(action_stage_seconds.labels("call"))
 action_apply_timings = Observations(action_stage_seconds.labels("apply"))
 consumer_lag = Gauge("ordo_consumer_lag", "Messages waiting in JetStream for this worker's consumers.", ["stream"])
 injected_faults = Counter(
-    "ordo_injected_faults_total", "Faults injected on purpose by the inject_faults setting (soaks and tests only).",
+    "ordo_injected_faults_total",
+    "Faults injected on purpose by the inject_faults setting (soaks and tests only).",
     ["kind"],
 )
 

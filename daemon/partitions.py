@@ -31,10 +31,26 @@ log = logging.getLogger("ordo.worker")
 class Partitions:
     """Ownership rounds; each owned partition's fencing epoch, progress, timers and fetch loop."""
 
-    def __init__(self, config: Config, *, ownership: Ownership, topology: Topology, intake: Intake,
-                 timers: DueTimers, resident: ResidentExecutions, progress: dict[int, PartitionProgress],
-                 epochs: dict[int, int], closing: set, stopping: asyncio.Event, ready: asyncio.Event,
-                 on_pool, pool, js, stream_created: str, on_fetcher_ended):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ownership: Ownership,
+        topology: Topology,
+        intake: Intake,
+        timers: DueTimers,
+        resident: ResidentExecutions,
+        progress: dict[int, PartitionProgress],
+        epochs: dict[int, int],
+        closing: set,
+        stopping: asyncio.Event,
+        ready: asyncio.Event,
+        on_pool,
+        pool,
+        js,
+        stream_created: str,
+        on_fetcher_ended,
+    ):
         self.config = config
         self.ownership = ownership
         self.topology = topology
@@ -79,7 +95,7 @@ class Partitions:
             self.ready.set()
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _round(self, conn) -> tuple:
@@ -90,8 +106,11 @@ class Partitions:
     def _lost(self, lost: list[int]) -> None:
         # Another worker holds them under a newer epoch: whatever of
         # theirs is still in flight here will be fenced at commit.
-        log.error("lost partition(s) %s to another worker", lost,
-                  extra=logs.failure("partitions_lost", partitions=sorted(lost)))
+        log.error(
+            "lost partition(s) %s to another worker",
+            lost,
+            extra=logs.failure("partitions_lost", partitions=sorted(lost)),
+        )
         for p in lost:
             self.stop(p)
 
@@ -101,8 +120,12 @@ class Partitions:
                 await self._start(p, epoch, watermark)
             except nats.errors.Error as exc:
                 # NATS is restarting: keep the lease, try again next round.
-                log.warning("partition %d not started (%s); retrying", p, exc,
-                            extra=logs.failure("partition_start", exc, partition=p))
+                log.warning(
+                    "partition %d not started (%s); retrying",
+                    p,
+                    exc,
+                    extra=logs.failure("partition_start", exc, partition=p),
+                )
                 continue
             del self.unstarted[p]
 
@@ -124,8 +147,13 @@ class Partitions:
         self.timers.own(p)
         task = self.intake.fetch_partition(p, consumer)
         task.add_done_callback(self._on_fetcher_ended)
-        log.info("owns partition %d (epoch %d, resuming after %d)", p, epoch, watermark,
-                 extra={"partition": p, "epoch": epoch})
+        log.info(
+            "owns partition %d (epoch %d, resuming after %d)",
+            p,
+            epoch,
+            watermark,
+            extra={"partition": p, "epoch": epoch},
+        )
 
     def stop(self, p: int) -> None:
         self.closing.add(p)
@@ -161,7 +189,7 @@ class Partitions:
             await self._measure_lag()
             try:
                 await asyncio.wait_for(self.stopping.wait(), max(self.config.lease_renew_s, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _measure_lag(self) -> None:

@@ -49,8 +49,9 @@ def profile(pid: int, seconds: int, out: str, native: bool = True) -> int:
 def _systemd_main_pid(index: int) -> int | None:
     if not os.path.isdir("/run/systemd/system") or shutil.which("systemctl") is None:
         return None  # not booted with systemd
-    proc = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", f"ordo@{index}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemctl", "show", "-p", "MainPID", "--value", f"ordo@{index}"], capture_output=True, text=True
+    )
     try:
         pid = int(proc.stdout.strip())
     except ValueError:
@@ -62,13 +63,13 @@ def is_worker_cmdline(argv: list[str], index: int) -> bool:
     """True for `ordo run --worker-index I` and `python -m daemon run --worker-index I`."""
     if "run" not in argv:
         return False
-    rest = argv[argv.index("run") + 1:]
+    rest = argv[argv.index("run") + 1 :]
     wanted = str(index)
     has_index = any(
         (a == "--worker-index" and i + 1 < len(rest) and rest[i + 1] == wanted) or a == f"--worker-index={wanted}"
         for i, a in enumerate(rest)
     )
-    head = argv[:argv.index("run")]
+    head = argv[: argv.index("run")]
     is_ordo = any(os.path.basename(a) == "ordo" for a in head) or any(
         a == "-m" and i + 1 < len(head) and head[i + 1] == "daemon" for i, a in enumerate(head)
     )

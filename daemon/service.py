@@ -58,7 +58,8 @@ class _Service:
 
     def status(self) -> str:
         w = self.worker
-        return f"STATUS=consuming: worker {w.index} of {w.workers}, partitions {','.join(map(str, sorted(w.ownership.owned)))}"
+        owned = ",".join(map(str, sorted(w.ownership.owned)))
+        return f"STATUS=consuming: worker {w.index} of {w.workers}, partitions {owned}"
 
     def announce_ready(self) -> None:
         if self.worker.stopping.is_set():
@@ -87,8 +88,11 @@ class _Service:
         try:
             fresh = config_module.load(self.config_path)
             logs.configure(fresh.log_level)
-            changed = [f.name for f in fields(Config)
-                       if f.name not in RELOADABLE and getattr(fresh, f.name) != getattr(self.config, f.name)]
+            changed = [
+                f.name
+                for f in fields(Config)
+                if f.name not in RELOADABLE and getattr(fresh, f.name) != getattr(self.config, f.name)
+            ]
             if changed:
                 log.warning("SIGHUP: %s changed; they take effect on restart", ", ".join(changed))
             # Before the worker is ready, start() is loading the definitions anyway.
@@ -152,12 +156,19 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
     try:
         if config.metrics_port > 0:
             port = config.metrics_port + worker_index
-            health = HealthServer(config.metrics_host, port, lambda: worker.ready.is_set() and not worker.stopping.is_set())
+            health = HealthServer(
+                config.metrics_host, port, lambda: worker.ready.is_set() and not worker.stopping.is_set()
+            )
             try:
                 await health.start()
             except OSError as exc:
-                log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, port, exc,
-                          extra=logs.failure("metrics_port", exc))
+                log.error(
+                    "cannot serve metrics on %s:%d: %s",
+                    config.metrics_host,
+                    port,
+                    exc,
+                    extra=logs.failure("metrics_port", exc),
+                )
                 health = None
                 return EXIT_NO_PORT
 
@@ -177,8 +188,11 @@ async def run_worker(config: Config, worker_index: int, workers: int, *, config_
         try:
             await run
         except Fenced as exc:
-            log.error("%s; exiting so that the supervisor restarts this worker", exc,
-                      extra=logs.failure("fenced", exc, partitions=exc.partitions))
+            log.error(
+                "%s; exiting so that the supervisor restarts this worker",
+                exc,
+                extra=logs.failure("fenced", exc, partitions=exc.partitions),
+            )
             notify(f"STATUS=fenced, exiting to be restarted: {exc}")
             return EXIT_FENCED
         return EXIT_OK

@@ -63,10 +63,26 @@ class _Acks:
 class Settlement:
     """The commit loop: each batch committed, then settled."""
 
-    def __init__(self, config: Config, *, batcher: LedgerBatcher, epochs: dict[int, int],
-                 progress: dict[int, PartitionProgress], window: Window, ring: OrderingRing,
-                 ring_ready: asyncio.Event, timers: DueTimers, resident: ResidentExecutions, effects: Effects,
-                 owns, stopping: asyncio.Event, clock_ms, nc, js, topology: Topology):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        batcher: LedgerBatcher,
+        epochs: dict[int, int],
+        progress: dict[int, PartitionProgress],
+        window: Window,
+        ring: OrderingRing,
+        ring_ready: asyncio.Event,
+        timers: DueTimers,
+        resident: ResidentExecutions,
+        effects: Effects,
+        owns,
+        stopping: asyncio.Event,
+        clock_ms,
+        nc,
+        js,
+        topology: Topology,
+    ):
         self.config = config
         self.batcher = batcher
         #: partition -> the epoch it was claimed under (daemon/partitions.py keeps it): every commit checks it.
@@ -168,8 +184,7 @@ class Settlement:
             # action step's deadline timer usually is not: its result replaced it).
             if fire_at_ms <= self.clock_ms() + self._timers_from_commits_ms:
                 self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
-        if change.after_commit and self.effects.carry_out(change.row[1], change.execution_id,
-                                                          change.after_commit):
+        if change.after_commit and self.effects.carry_out(change.row[1], change.execution_id, change.after_commit):
             # The call runs here and its result will be applied here. (The call has not
             # started: its task runs at the next turn of the loop, after this.)
             self._keep_resident(change)
@@ -189,9 +204,13 @@ class Settlement:
             else:
                 self.timers.done(source)
         elif stale:
-            log.warning("execution %s changed in the ledger since it was loaded; message %s:%d is applied "
-                        "again", source.key, source.stream, source.stream_seq,
-                        extra=logs.execution(source.key, reason="stale_state"))
+            log.warning(
+                "execution %s changed in the ledger since it was loaded; message %s:%d is applied again",
+                source.key,
+                source.stream,
+                source.stream_seq,
+                extra=logs.execution(source.key, reason="stale_state"),
+            )
             acks.redo.append(source)  # it keeps its ring key: nothing younger of the execution can overtake it
             return
         elif kind == "local_result":  # nothing to ack: it was never in a stream
@@ -213,9 +232,14 @@ class Settlement:
     def _defer_timer(self, fire: TimerFire, after_ms: int) -> None:
         self.timers.defer(fire, self.clock_ms() + after_ms)
         metrics.timers_deferred.inc()
-        log.warning("timer %s not fired: execution %s cannot be read (see its unreadable_execution dead "
-                    "letters); trying again in %d s", fire.timer_id, fire.key, after_ms // 1000,
-                    extra=logs.execution(fire.key, reason="unreadable_execution"))
+        log.warning(
+            "timer %s not fired: execution %s cannot be read (see its unreadable_execution dead "
+            "letters); trying again in %d s",
+            fire.timer_id,
+            fire.key,
+            after_ms // 1000,
+            extra=logs.execution(fire.key, reason="unreadable_execution"),
+        )
 
     def _count(self, tally: _Tally) -> None:
         metrics.in_flight.set(self.window.in_flight)
@@ -271,8 +295,12 @@ class Settlement:
             except nats.errors.Error as exc:
                 unsent = len(replies) - index
                 metrics.acks_not_sent.inc(unsent)
-                log.warning("%d acks not written to NATS (%s); those messages will be redelivered and deduped",
-                            unsent, exc, extra=logs.failure("ack_not_sent", exc))
+                log.warning(
+                    "%d acks not written to NATS (%s); those messages will be redelivered and deduped",
+                    unsent,
+                    exc,
+                    extra=logs.failure("ack_not_sent", exc),
+                )
                 return
 
     async def _time_acks(self, since: float) -> None:
@@ -288,22 +316,32 @@ class Settlement:
         """The batch's committed dead letters: its units' own, and the accepted changes' (failed steps)."""
         accepted = result.accepted
         letters = [(u.token, d) for u in result.units for d in u.dead_letters]
-        letters += [(u.token, d) for u in result.units for c in u.changes
-                    if c.execution_id in accepted for d in c.letters]
+        letters += [
+            (u.token, d) for u in result.units for c in u.changes if c.execution_id in accepted for d in c.letters
+        ]
         if letters:
             await self._publish_dead_letters(letters)
 
     async def _publish_dead_letters(self, letters) -> None:
         """Copy committed dead letters onto the DLQ stream (the ledger row is the record)."""
-        for source, letter in letters:
+        for _source, letter in letters:
             metrics.dead_letters.labels(letter.reason).inc()
             part = "" if letter.batch_index is None else f"[{letter.batch_index}]"  # an event of a batch
-            log.warning("dead letter (%s): %s", letter.reason, letter.error, extra=logs.execution(
-                letter.execution_id, letter.tenant, letter.step_id, workflow_id=letter.workflow_id,
-                **logs.failure(letter.reason, letter.error)))
+            log.warning(
+                "dead letter (%s): %s",
+                letter.reason,
+                letter.error,
+                extra=logs.execution(
+                    letter.execution_id,
+                    letter.tenant,
+                    letter.step_id,
+                    workflow_id=letter.workflow_id,
+                    **logs.failure(letter.reason, letter.error),
+                ),
+            )
             headers = {
                 "Nats-Msg-Id": f"{letter.stream}:{letter.stream_seq}:{letter.reason}:{letter.workflow_id or ''}"
-                               f":{letter.execution_id or ''}{part}",
+                f":{letter.execution_id or ''}{part}",
                 "Ordo-Reason": letter.reason,
                 "Ordo-Error": letter.error[:1024].replace("\r", " ").replace("\n", " "),
                 "Ordo-Source": f"{letter.stream}:{letter.stream_seq}{part}",
@@ -311,5 +349,10 @@ class Settlement:
             try:
                 await self._js.publish(self.topology.dlq_subject(letter.reason), letter.payload, headers=headers)
             except Exception as exc:  # the ledger row is committed; the stream copy is best effort
-                log.warning("dead letter not copied to the DLQ stream: %s", exc, extra=logs.execution(
-                    letter.execution_id, letter.tenant, letter.step_id, **logs.failure("dlq_copy", exc)))
+                log.warning(
+                    "dead letter not copied to the DLQ stream: %s",
+                    exc,
+                    extra=logs.execution(
+                        letter.execution_id, letter.tenant, letter.step_id, **logs.failure("dlq_copy", exc)
+                    ),
+                )

@@ -47,8 +47,12 @@ class Supervisor:
             last = self._restarts.get(index, 0.0)
             if time.monotonic() - last < 1.0:
                 continue
-            log.warning("worker %d exited with %s; restarting", index, code,
-                        extra={"worker": _worker_name(index, child.pid), "reason": "worker_exited", "code": code})
+            log.warning(
+                "worker %d exited with %s; restarting",
+                index,
+                code,
+                extra={"worker": _worker_name(index, child.pid), "reason": "worker_exited", "code": code},
+            )
             self._restarts[index] = time.monotonic()
             self._spawn(index)
 

@@ -17,8 +17,14 @@ from actions.transport import Subjects, partition_of
 
 from .config import Config
 
-__all__ = ["ATOMIC_PUBLISH_SERVER", "EXECUTION_NAMESPACE", "Topology", "execution_id_for", "partition_of",
-           "trigger_msg_id"]
+__all__ = [
+    "ATOMIC_PUBLISH_SERVER",
+    "EXECUTION_NAMESPACE",
+    "Topology",
+    "execution_id_for",
+    "partition_of",
+    "trigger_msg_id",
+]
 
 #: Namespace of the deterministic execution ids (uuid5).
 EXECUTION_NAMESPACE = uuid.UUID("6f7a6e4e-0b1d-4d55-9a8e-0e7d0c0f0a11")
@@ -100,7 +106,8 @@ class Topology(Subjects):
                 subjects=[subject],
                 storage=jsapi.StorageType.FILE,
                 # Action requests are a work queue: a request is gone once an action worker acked it.
-                retention=jsapi.RetentionPolicy.WORK_QUEUE if name == self.actions_stream
+                retention=jsapi.RetentionPolicy.WORK_QUEUE
+                if name == self.actions_stream
                 else jsapi.RetentionPolicy.LIMITS,
                 max_age=max_age,
                 duplicate_window=120,
@@ -133,14 +140,15 @@ class Topology(Subjects):
         durable = self.partition_consumer(partition, epoch)
         prefix = f"exec-p{partition}-e"
         for name in await self._consumer_names(js, self.exec_stream):
-            older = name.startswith(prefix) and name[len(prefix):].isdigit() and int(name[len(prefix):]) < epoch
+            older = name.startswith(prefix) and name[len(prefix) :].isdigit() and int(name[len(prefix) :]) < epoch
             if older or name == f"exec-p{partition}":  # (the one name of every epoch, before epochs had names)
                 try:
                     await js.delete_consumer(self.exec_stream, name)
                 except NotFoundError:
                     pass
-        await self._ensure_consumer(js, self.exec_stream, durable, self.partition_filter(partition),
-                                    start_seq=after_seq + 1)
+        await self._ensure_consumer(
+            js, self.exec_stream, durable, self.partition_filter(partition), start_seq=after_seq + 1
+        )
 
     @staticmethod
     async def _consumer_names(js, stream: str) -> list[str]:

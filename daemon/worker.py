@@ -90,16 +90,18 @@ class Worker:
         self.index = worker_index
         self.workers = workers
         self.name = f"{socket.gethostname()}/{os.getpid()}/w{worker_index}"
-        self.ownership = Ownership(self.name, config.partitions, lease_ttl_s=config.lease_ttl_s,
-                                   lease_renew_s=config.lease_renew_s)
+        self.ownership = Ownership(
+            self.name, config.partitions, lease_ttl_s=config.lease_ttl_s, lease_renew_s=config.lease_renew_s
+        )
         self.registry = WorkflowRegistry()
         # The most messages fetched and not yet settled: a pull request opens while
         # in_flight + fetch_batch <= max_ack_pending, and then every open request (the
         # triggers' and one per partition) may still deliver a whole batch.
         self._most_fetched = config.max_ack_pending + (config.partitions + 1) * config.fetch_batch
         # Room for all of them plus a share of due timers.
-        self.ring = OrderingRing(max(config.ring_capacity,
-                                     self._most_fetched + config.max_ack_pending + config.fetch_batch))
+        self.ring = OrderingRing(
+            max(config.ring_capacity, self._most_fetched + config.max_ack_pending + config.fetch_batch)
+        )
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.timers = DueTimers(horizon_s=config.timer_horizon_s)
@@ -138,8 +140,9 @@ class Worker:
             self._actions = _in_process_actions(self.config)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
-        self._pool = await asyncpg.create_pool(self.config.pg_dsn, min_size=1, max_size=4,
-                                               command_timeout=_POOL_COMMAND_TIMEOUT_S)
+        self._pool = await asyncpg.create_pool(
+            self.config.pg_dsn, min_size=1, max_size=4, command_timeout=_POOL_COMMAND_TIMEOUT_S
+        )
         self._assemble()
 
         async def prepare(conn):
@@ -155,27 +158,78 @@ class Worker:
         """Make the jobs, each given what it shares with the others."""
         config, shared = self.config, dict(ring=self.ring, ring_ready=self._ring_ready, stopping=self.stopping)
         self.window = window = Window(config)
-        self.intake = Intake(config, topology=self.topology, registry=self.registry, batcher=self.batcher,
-                             window=window, progress=self.progress, closing=self._closing, timers=self.timers,
-                             clock_ms=self.clock_ms, on_pool=self._on_pool, nc=self._nc, js=self._js,
-                             most_fetched=self._most_fetched, **shared)
-        self.partitions = Partitions(config, ownership=self.ownership, topology=self.topology, intake=self.intake,
-                                     timers=self.timers, resident=self.resident, progress=self.progress,
-                                     epochs=self.epochs, closing=self._closing, stopping=self.stopping,
-                                     ready=self.ready, on_pool=self._on_pool, pool=self._pool, js=self._js,
-                                     stream_created=self._stream_created, on_fetcher_ended=self._fetcher_ended)
+        self.intake = Intake(
+            config,
+            topology=self.topology,
+            registry=self.registry,
+            batcher=self.batcher,
+            window=window,
+            progress=self.progress,
+            closing=self._closing,
+            timers=self.timers,
+            clock_ms=self.clock_ms,
+            on_pool=self._on_pool,
+            nc=self._nc,
+            js=self._js,
+            most_fetched=self._most_fetched,
+            **shared,
+        )
+        self.partitions = Partitions(
+            config,
+            ownership=self.ownership,
+            topology=self.topology,
+            intake=self.intake,
+            timers=self.timers,
+            resident=self.resident,
+            progress=self.progress,
+            epochs=self.epochs,
+            closing=self._closing,
+            stopping=self.stopping,
+            ready=self.ready,
+            on_pool=self._on_pool,
+            pool=self._pool,
+            js=self._js,
+            stream_created=self._stream_created,
+            on_fetcher_ended=self._fetcher_ended,
+        )
         self.local_results = LocalResults(config, window=window, owns=self.partitions.owns, **shared)
-        self.effects = Effects(self._js, self.topology, self._actions, concurrency=config.action_concurrency,
-                               backlog=2 * config.action_concurrency, concurrency_max=config.action_concurrency_max,
-                               on_call_done=window.action_call_done, apply_locally=self.local_results.take)
+        self.effects = Effects(
+            self._js,
+            self.topology,
+            self._actions,
+            concurrency=config.action_concurrency,
+            backlog=2 * config.action_concurrency,
+            concurrency_max=config.action_concurrency_max,
+            on_call_done=window.action_call_done,
+            apply_locally=self.local_results.take,
+        )
         window.effects = self.effects
-        self.settlement = Settlement(config, batcher=self.batcher, epochs=self.epochs, progress=self.progress,
-                                     window=window, timers=self.timers, resident=self.resident,
-                                     effects=self.effects, owns=self.partitions.owns, clock_ms=self.clock_ms,
-                                     nc=self._nc, js=self._js, topology=self.topology, **shared)
-        self.dispatch = Dispatch(config, registry=self.registry, resident=self.resident, batcher=self.batcher,
-                                 clock_ms=self.clock_ms, on_pool=self._on_pool,
-                                 settle_now=self.settlement.settle_now, **shared)
+        self.settlement = Settlement(
+            config,
+            batcher=self.batcher,
+            epochs=self.epochs,
+            progress=self.progress,
+            window=window,
+            timers=self.timers,
+            resident=self.resident,
+            effects=self.effects,
+            owns=self.partitions.owns,
+            clock_ms=self.clock_ms,
+            nc=self._nc,
+            js=self._js,
+            topology=self.topology,
+            **shared,
+        )
+        self.dispatch = Dispatch(
+            config,
+            registry=self.registry,
+            resident=self.resident,
+            batcher=self.batcher,
+            clock_ms=self.clock_ms,
+            on_pool=self._on_pool,
+            settle_now=self.settlement.settle_now,
+            **shared,
+        )
         # Each needs the other: a redelivery is settled at once, a stale item is dispatched again.
         self.settlement.apply_again = self.dispatch.apply_again
 
@@ -198,8 +252,9 @@ class Worker:
         owner = asyncio.create_task(self.partitions.ownership_loop())
         lag = asyncio.create_task(self.partitions.lag_loop())
         stop = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait([stop, committer, pump, timer_loop, owner, triggers],
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
+        )
         self.stopping.set()
         for task in done:
             if task is not stop and task.exception() is not None:
@@ -250,16 +305,24 @@ class Worker:
             except CONNECTION_ERRORS as exc:
                 if self.stopping.is_set() and what != "load":
                     raise
-                log.warning("%s: lost the ledger connection (%s); retrying in %.2fs", what, exc, delay,
-                            extra=logs.failure("ledger_connection", exc))
+                log.warning(
+                    "%s: lost the ledger connection (%s); retrying in %.2fs",
+                    what,
+                    exc,
+                    delay,
+                    extra=logs.failure("ledger_connection", exc),
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     def _fetcher_ended(self, task: asyncio.Task) -> None:
         """A partition's fetch loop must not die quietly while the worker keeps its lease."""
         if not task.cancelled() and task.exception() is not None and self.fatal is None:
-            log.error("a partition fetch loop failed: %r; stopping the worker", task.exception(),
-                      extra=logs.failure("fetch_loop", task.exception()))
+            log.error(
+                "a partition fetch loop failed: %r; stopping the worker",
+                task.exception(),
+                extra=logs.failure("fetch_loop", task.exception()),
+            )
             self.fatal = task.exception()
             self.stopping.set()
 

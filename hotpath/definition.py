@@ -235,8 +235,16 @@ class EmitStep(NamedTuple):
 
 #: A resolved step: one of the types above.
 Step = (
-    SetStep | IfStep | EndStep | WaitForSignalStep | ActionStep
-    | WaitStep | WaitForEventStep | SwitchStep | GotoStep | EmitStep
+    SetStep
+    | IfStep
+    | EndStep
+    | WaitForSignalStep
+    | ActionStep
+    | WaitStep
+    | WaitForEventStep
+    | SwitchStep
+    | GotoStep
+    | EmitStep
 )
 
 
@@ -326,7 +334,7 @@ class _Resolver:
         if not isinstance(cond, dict) or len(cond) != 1:
             self.error(f"a condition must be an object with exactly one operator, got {cond!r}")
             return ("all", ())
-        (op, arg), = cond.items()
+        ((op, arg),) = cond.items()
         if op not in OPERATORS:
             self.error(f"unknown condition operator {op!r} (expected one of {', '.join(OPERATORS)})")
             return ("all", ())

@@ -139,8 +139,16 @@ class Program:
     """A workflow definition compiled for the dispatcher (DefinitionError if it cannot run)."""
 
     __slots__ = (
-        "workflow_id", "version", "tenant", "trigger_event", "max_steps", "max_visits", "on_failure", "step_ids",
-        "_filter", "_steps",
+        "workflow_id",
+        "version",
+        "tenant",
+        "trigger_event",
+        "max_steps",
+        "max_visits",
+        "on_failure",
+        "step_ids",
+        "_filter",
+        "_steps",
     )
 
     def __init__(self, definition: object):
@@ -191,8 +199,21 @@ class ExecutionState:
     """
 
     __slots__ = (
-        "execution_id", "status", "pc", "seq", "context", "contact", "event", "steps", "waiting",
-        "attempt", "timer", "visits", "failures", "tenant", "effects",
+        "execution_id",
+        "status",
+        "pc",
+        "seq",
+        "context",
+        "contact",
+        "event",
+        "steps",
+        "waiting",
+        "attempt",
+        "timer",
+        "visits",
+        "failures",
+        "tenant",
+        "effects",
     )
 
     def __init__(
@@ -333,15 +354,20 @@ def _request(program: Program, state: ExecutionState, out: list[Transition], ste
     except TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
-    state.effects.append((EFFECT_ACTION, {
-        "step_id": step.id,
-        "attempt": state.attempt,
-        "action": step.action,
-        "major": step.major,
-        "input": rendered,
-        "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
-        "timeout_ms": step.timeout_ms,
-    }))
+    state.effects.append(
+        (
+            EFFECT_ACTION,
+            {
+                "step_id": step.id,
+                "attempt": state.attempt,
+                "action": step.action,
+                "major": step.major,
+                "input": rendered,
+                "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
+                "timeout_ms": step.timeout_ms,
+            },
+        )
+    )
     _set_timer(state, step.id, PURPOSE_ACTION_TIMEOUT, now_ms + step.timeout_ms)
     state.status = WAITING
     state.waiting = WAIT_ACTION
@@ -459,8 +485,13 @@ def _on_event(program: Program, state: ExecutionState, out: list[Transition], pa
             return
     data = payload.get("data")
     state.context[step.id] = data
-    _emit(state, out, step.id, EVENT_RECEIVED,
-          {"event_id": payload.get("event_id"), "type": payload["type"], "data": copy_json(data)})
+    _emit(
+        state,
+        out,
+        step.id,
+        EVENT_RECEIVED,
+        {"event_id": payload.get("event_id"), "type": payload["type"], "data": copy_json(data)},
+    )
     state.effects.append((EFFECT_CLEAR_WAIT, None))
     _clear_timer(state)
     _resume(program, state, out, step.next, now_ms)
@@ -517,12 +548,17 @@ def _step_failed(
     state.waiting = None
     code = error.get("code")
     if type(step) is ActionStep or code in TEMPLATE_ERRORS:
-        state.effects.append((EFFECT_DEAD_LETTER, {
-            "reason": code if code in TEMPLATE_ERRORS else REASON_STEP_FAILED,
-            "step_id": step.id,
-            "error": error,
-            "attempts": list(state.failures),
-        }))
+        state.effects.append(
+            (
+                EFFECT_DEAD_LETTER,
+                {
+                    "reason": code if code in TEMPLATE_ERRORS else REASON_STEP_FAILED,
+                    "step_id": step.id,
+                    "error": error,
+                    "attempts": list(state.failures),
+                },
+            )
+        )
     return False
 
 
@@ -619,15 +655,22 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
                 _template_failed(program, state, out, step, exc)
                 continue
             event_id = f"{state.execution_id}:{step.id}:{visit}"
-            state.effects.append((EFFECT_EMIT, {"event": {
-                "v": 1,
-                "event_id": event_id,
-                "tenant": state.tenant,
-                "type": step.event,
-                "contact": copy_json(state.contact),
-                "data": data,
-                "ts": now_ms,
-            }}))
+            state.effects.append(
+                (
+                    EFFECT_EMIT,
+                    {
+                        "event": {
+                            "v": 1,
+                            "event_id": event_id,
+                            "tenant": state.tenant,
+                            "type": step.event,
+                            "contact": copy_json(state.contact),
+                            "data": data,
+                            "ts": now_ms,
+                        }
+                    },
+                )
+            )
             _emit(state, out, step.id, EMITTED, {"event_id": event_id, "type": step.event})
             state.pc = step.next
         else:  # pragma: no cover - resolve() only produces the types above

@@ -23,6 +23,7 @@ _ISO = re.compile(
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _ONE_MS = _dt.timedelta(milliseconds=1)
 
+
 def parse_duration(value: object) -> int:
     """Milliseconds of "500ms", "30s", "15m", "2h", "2d", "1w", "1h30m", "PT15M", "P1DT2H", or an int (ms).
 

@@ -100,8 +100,7 @@ def require_text(doc: dict[str, Any], name: str, limit: int = 256, path: str = "
     """doc[name], a non-empty string of at most `limit` characters."""
     value: str = require_field(doc, name, (str,), "a string", path)
     if not value or len(value) > limit:
-        raise BadMessage("wrong_type",
-                         f"field '{path}{name}' must be a non-empty string of at most {limit} characters")
+        raise BadMessage("wrong_type", f"field '{path}{name}' must be a non-empty string of at most {limit} characters")
     return value
 
 

@@ -51,9 +51,24 @@ log = logging.getLogger("ordo.ledger")
 #: An execution row as the worker builds it; updated_at and finished_at are
 #: the ledger's commit clock (column defaults), see the migration.
 EXEC_COLUMNS = (
-    "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
-    "partition", "status", "seq", "pc", "steps", "waiting", "last_stream_seq",
-    "context", "contact", "event", "created_at", "runtime",
+    "execution_id",
+    "tenant",
+    "workflow_id",
+    "workflow_version",
+    "contact_id",
+    "event_id",
+    "partition",
+    "status",
+    "seq",
+    "pc",
+    "steps",
+    "waiting",
+    "last_stream_seq",
+    "context",
+    "contact",
+    "event",
+    "created_at",
+    "runtime",
 )
 TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail", "source_seq")
 _STATUS = EXEC_COLUMNS.index("status")
@@ -73,8 +88,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_tr
 """
 _STAGE_NEW_COLUMNS = EXEC_COLUMNS + ("finished",)
 #: What an update changes: an execution's identity, contact and event are written once, at enrolment.
-UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context",
-                  "runtime")
+UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context", "runtime")
 _UPDATE_INDEXES = tuple(EXEC_COLUMNS.index(name) for name in UPDATE_COLUMNS)
 _STAGE_UPDATE_COLUMNS = UPDATE_COLUMNS + ("finished", "prev_seq")
 
@@ -83,10 +97,15 @@ _STAGE_UPDATE_COLUMNS = UPDATE_COLUMNS + ("finished", "prev_seq")
 # existing ones (only what changes, in stage_upd) only where the stored seq is
 # the one the change was computed from, and append the transitions of exactly
 # the executions accepted.
-_MERGE = """
+_MERGE = (
+    """
 WITH inserted AS (
-    INSERT INTO ordo.executions (""" + ", ".join(EXEC_COLUMNS) + """, updated_at, finished_at)
-    SELECT """ + ", ".join(EXEC_COLUMNS) + """, clock_timestamp(),
+    INSERT INTO ordo.executions ("""
+    + ", ".join(EXEC_COLUMNS)
+    + """, updated_at, finished_at)
+    SELECT """
+    + ", ".join(EXEC_COLUMNS)
+    + """, clock_timestamp(),
            CASE WHEN finished THEN clock_timestamp() END
     FROM stage_exec
     ON CONFLICT (execution_id) DO NOTHING
@@ -109,6 +128,7 @@ WITH inserted AS (
 )
 SELECT execution_id::text FROM accepted
 """
+)
 
 _INSERT_DEAD_LETTER = """
 INSERT INTO ordo.dead_letters
@@ -144,11 +164,24 @@ async def _insert_letters(conn: asyncpg.Connection, letters: list) -> None:
     await conn.executemany(
         _INSERT_DEAD_LETTER,
         [
-            (d.reason, d.error, d.tenant, d.workflow_id, d.execution_id, d.subject, d.stream, d.stream_seq,
-             d.payload, d.step_id, d.attempts, d.batch_index)
+            (
+                d.reason,
+                d.error,
+                d.tenant,
+                d.workflow_id,
+                d.execution_id,
+                d.subject,
+                d.stream,
+                d.stream_seq,
+                d.payload,
+                d.step_id,
+                d.attempts,
+                d.batch_index,
+            )
             for d in letters
         ],
     )
+
 
 CONNECTION_ERRORS = (
     OSError,
@@ -293,9 +326,17 @@ class Unit:
         source = self.token
         execution_id = where.pop("execution_id", None) or source.key
         self.dead_letters.append(
-            DeadLetter(reason, error, source.subject, source.stream, source.stream_seq, source.data,
-                       execution_id=execution_id if _is_uuid(execution_id) else None,
-                       batch_index=source.batch_index, **where)
+            DeadLetter(
+                reason,
+                error,
+                source.subject,
+                source.stream,
+                source.stream_seq,
+                source.data,
+                execution_id=execution_id if _is_uuid(execution_id) else None,
+                batch_index=source.batch_index,
+                **where,
+            )
         )
 
     @property
@@ -387,7 +428,7 @@ class LedgerBatcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if stopping and not self._pending:
                     return []
         return self._take()
@@ -426,8 +467,9 @@ class LedgerBatcher:
             await self._conn.close()
         self._conn = None
 
-    async def commit(self, units: list, epochs: dict[int, int], watermarks: dict[int, int],
-                     stop: asyncio.Event | None = None) -> CommitResult:
+    async def commit(
+        self, units: list, epochs: dict[int, int], watermarks: dict[int, int], stop: asyncio.Event | None = None
+    ) -> CommitResult:
         """Commit the units; retries lost connections with backoff (a slow or
         restarting Postgres slows intake, it loses nothing).
 
@@ -452,8 +494,13 @@ class LedgerBatcher:
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
             except CONNECTION_ERRORS as exc:
-                log.warning("ledger commit failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay,
-                            extra={"reason": "ledger_connection", "error": f"{type(exc).__name__}: {exc}"})
+                log.warning(
+                    "ledger commit failed (%s: %s); retrying in %.2fs",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    extra={"reason": "ledger_connection", "error": f"{type(exc).__name__}: {exc}"},
+                )
                 await self.close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -467,17 +514,24 @@ class LedgerBatcher:
             if len(units) == 1:
                 unit = units[0]
                 source = unit.token
-                log.error("a message's changes cannot be committed, dead-lettering it: %s", exc, extra={
-                    "execution_id": source.key, "reason": "commit_error",
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "source": f"{source.stream}:{source.stream_seq}"})
+                log.error(
+                    "a message's changes cannot be committed, dead-lettering it: %s",
+                    exc,
+                    extra={
+                        "execution_id": source.key,
+                        "reason": "commit_error",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "source": f"{source.stream}:{source.stream_seq}",
+                    },
+                )
                 unit.failed = f"{type(exc).__name__}: {exc}"
                 unit.changes = []
                 unit.dead_letters = [_commit_error_letter(unit, exc)]
                 return await self._commit_once(units, epochs, watermarks)
             half = len(units) // 2
-            return (await self._commit_isolating_poison(units[:half], epochs, watermarks)
-                    | await self._commit_isolating_poison(units[half:], epochs, watermarks))
+            return await self._commit_isolating_poison(
+                units[:half], epochs, watermarks
+            ) | await self._commit_isolating_poison(units[half:], epochs, watermarks)
 
     async def _resolve_in_doubt(self) -> None:
         """After a failure during COMMIT: ask Postgres whether that transaction committed."""
@@ -542,11 +596,14 @@ class LedgerBatcher:
                 elif new:
                     merged = new + updates
                     await conn.copy_records_to_table(
-                        "stage_exec", records=[c.row + (c.finished,) for c in new], columns=_STAGE_NEW_COLUMNS,
+                        "stage_exec",
+                        records=[c.row + (c.finished,) for c in new],
+                        columns=_STAGE_NEW_COLUMNS,
                     )
                 if updates:
                     await conn.copy_records_to_table(
-                        "stage_upd", records=[c.update_row() for c in updates], columns=_STAGE_UPDATE_COLUMNS)
+                        "stage_upd", records=[c.update_row() for c in updates], columns=_STAGE_UPDATE_COLUMNS
+                    )
                 if merged:
                     await conn.copy_records_to_table(
                         "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
@@ -559,7 +616,7 @@ class LedgerBatcher:
                     await conn.execute(
                         "DELETE FROM ordo.timers t USING unnest($1::uuid[], $2::text[]) AS s(execution_id, timer_id)"
                         " WHERE t.execution_id = s.execution_id AND t.timer_id = s.timer_id",
-                        *map(list, zip(*stale)),
+                        *map(list, zip(*stale, strict=True)),
                     )
                 if self.fault_hook is not None:
                     self.fault_hook("before_commit")
@@ -586,11 +643,11 @@ class LedgerBatcher:
         if drop_timers:
             await conn.execute("DELETE FROM ordo.timers WHERE execution_id = ANY($1::uuid[])", drop_timers)
         if timers:
-            await conn.execute(_SET_TIMERS, *map(list, zip(*timers)))
+            await conn.execute(_SET_TIMERS, *map(list, zip(*timers, strict=True)))
         if drop_waits:
             await conn.execute("DELETE FROM ordo.event_waits WHERE execution_id = ANY($1::uuid[])", drop_waits)
         if waits:
-            await conn.execute(_SET_WAITS, *map(list, zip(*waits)))
+            await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)))
         if letters:
             await _insert_letters(conn, letters)
 
@@ -608,7 +665,9 @@ class LedgerBatcher:
                 "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
             )
         await conn.copy_records_to_table(
-            "transitions", schema_name="ordo", records=[t for c in new for t in c.transitions],
+            "transitions",
+            schema_name="ordo",
+            records=[t for c in new for t in c.transitions],
             columns=TRANSITION_COLUMNS,
         )
 

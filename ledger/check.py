@@ -80,7 +80,7 @@ async def missing_executions(conn, expected: list[tuple[str, str, str]]) -> list
            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, workflow_id, event_id)
            LEFT JOIN ordo.executions e USING (tenant, workflow_id, event_id)
            WHERE e.execution_id IS NULL""",
-        *map(list, zip(*expected)),
+        *map(list, zip(*expected, strict=True)),
     )
     return [tuple(r) for r in rows]
 

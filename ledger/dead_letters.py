@@ -43,8 +43,9 @@ async def letter(conn, letter_id: int, tenant: str | None):
     return await conn.fetchrow(_LETTER, letter_id, tenant)
 
 
-async def pick_for_retry(conn, letter_id: int | None, reason: str | None, tenant: str | None,
-                         action: str | None) -> list:
+async def pick_for_retry(
+    conn, letter_id: int | None, reason: str | None, tenant: str | None, action: str | None
+) -> list:
     """The open letters to retry, locked until the caller's transaction ends (others skip them).
 
     `action` picks the failed steps of one action. Every filter that is None matches all.

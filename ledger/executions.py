@@ -9,7 +9,7 @@ the context past the limit fails the execution instead (see `_too_large`).
 """
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
@@ -36,13 +36,37 @@ class ExecutionRecord:
     """An execution's identity (fixed at enrolment) and its current state."""
 
     __slots__ = (
-        "execution_id", "tenant", "workflow_id", "workflow_version", "contact_id", "event_id",
-        "partition", "created_at", "last_stream_seq", "loaded_seq", "loaded_timer", "loaded_context", "state",
+        "execution_id",
+        "tenant",
+        "workflow_id",
+        "workflow_version",
+        "contact_id",
+        "event_id",
+        "partition",
+        "created_at",
+        "last_stream_seq",
+        "loaded_seq",
+        "loaded_timer",
+        "loaded_context",
+        "state",
         "event_json",
     )
 
-    def __init__(self, execution_id, tenant, workflow_id, workflow_version, contact_id, event_id,
-                 partition, created_at, last_stream_seq, state, event_json=None, loaded_context="{}"):
+    def __init__(
+        self,
+        execution_id,
+        tenant,
+        workflow_id,
+        workflow_version,
+        contact_id,
+        event_id,
+        partition,
+        created_at,
+        last_stream_seq,
+        state,
+        event_json=None,
+        loaded_context="{}",
+    ):
         self.execution_id = execution_id
         self.tenant = tenant
         self.workflow_id = workflow_id
@@ -61,8 +85,9 @@ class ExecutionRecord:
         self.state = state
         self.event_json = event_json
 
-    def change(self, transitions: list, now: datetime, effects=(), source_seq: int | None = None,
-               max_context_bytes: int = 0) -> ExecutionChange:
+    def change(
+        self, transitions: list, now: datetime, effects=(), source_seq: int | None = None, max_context_bytes: int = 0
+    ) -> ExecutionChange:
         """The rows this advance commits, and the ledger effects it carries.
 
         With `max_context_bytes` set, a context whose JSON is larger fails the
@@ -79,7 +104,7 @@ class ExecutionRecord:
         change = self._change(context, rows)
         for kind, data in effects:
             if kind == "set_timer":
-                fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=timezone.utc)
+                fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=UTC)
                 change.timer = (data["timer_id"], fire_at, data["purpose"], data["step_id"])
             elif kind == "wait_event":
                 change.wait = (self.tenant, self.contact_id, data["event_type"], data["step_id"])
@@ -115,15 +140,28 @@ class ExecutionRecord:
         state = self.state
         is_new = self.loaded_seq == 0
         row = (
-            self.execution_id, self.tenant, self.workflow_id, self.workflow_version, self.contact_id, self.event_id,
-            self.partition, state.status, state.seq, state.pc, state.steps, state.waiting,
-            self.last_stream_seq, context,
+            self.execution_id,
+            self.tenant,
+            self.workflow_id,
+            self.workflow_version,
+            self.contact_id,
+            self.event_id,
+            self.partition,
+            state.status,
+            state.seq,
+            state.pc,
+            state.steps,
+            state.waiting,
+            self.last_stream_seq,
+            context,
             _json(state.contact) if is_new else "{}",
             (self.event_json or _json(state.event)) if is_new else "{}",
-            self.created_at, _json(runtime_of(state)),
+            self.created_at,
+            _json(runtime_of(state)),
         )
-        change = ExecutionChange(self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED,
-                                 record=self)
+        change = ExecutionChange(
+            self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
+        )
         if change.finished:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
@@ -147,7 +185,9 @@ class ExecutionRecord:
         # Sizes are not measured per step (that would cost every step): the step that
         # grew it is the one whose output is the largest entry, else the first writer.
         grown_by = largest[0] if largest[0] in writers else (writers[0] if writers else "")
-        error = f"context is {len(context)} bytes, over the limit of {limit} (max_context_bytes), after step {grown_by!r}"
+        error = (
+            f"context is {len(context)} bytes, over the limit of {limit} (max_context_bytes), after step {grown_by!r}"
+        )
         if len(writers) > 1:
             error += f" (steps that wrote to it: {', '.join(map(repr, writers))})"
         if largest[0] is not None:
@@ -167,11 +207,20 @@ class ExecutionRecord:
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
         change.drop_wait = True
-        change.letters.append(DeadLetter(
-            reason="context_too_large", error=error, subject="", stream="", stream_seq=seq,
-            payload=context.encode(), tenant=self.tenant, workflow_id=self.workflow_id,
-            execution_id=self.execution_id, step_id=grown_by or None,
-        ))
+        change.letters.append(
+            DeadLetter(
+                reason="context_too_large",
+                error=error,
+                subject="",
+                stream="",
+                stream_seq=seq,
+                payload=context.encode(),
+                tenant=self.tenant,
+                workflow_id=self.workflow_id,
+                execution_id=self.execution_id,
+                step_id=grown_by or None,
+            )
+        )
         return change
 
     def _step_letter(self, data: dict) -> DeadLetter:
@@ -179,9 +228,15 @@ class ExecutionRecord:
         return DeadLetter(
             reason=data.get("reason", "step_failed"),
             error=f"step {data.get('step_id')!r} failed: {error.get('code', '')}: {error.get('message', '')}",
-            subject="", stream="", stream_seq=self.state.seq, payload=_json(data).encode(),
-            tenant=self.tenant, workflow_id=self.workflow_id, execution_id=self.execution_id,
-            step_id=data.get("step_id"), attempts=_json(data.get("attempts") or []),
+            subject="",
+            stream="",
+            stream_seq=self.state.seq,
+            payload=_json(data).encode(),
+            tenant=self.tenant,
+            workflow_id=self.workflow_id,
+            execution_id=self.execution_id,
+            step_id=data.get("step_id"),
+            attempts=_json(data.get("attempts") or []),
         )
 
 
@@ -263,7 +318,15 @@ def _record(r) -> ExecutionRecord:
     restore_runtime(state, runtime)
     state.tenant = r["tenant"]
     return ExecutionRecord(
-        r["execution_id"], r["tenant"], r["workflow_id"], r["workflow_version"], r["contact_id"],
-        r["event_id"], r["partition"], r["created_at"], r["last_stream_seq"], state,
+        r["execution_id"],
+        r["tenant"],
+        r["workflow_id"],
+        r["workflow_version"],
+        r["contact_id"],
+        r["event_id"],
+        r["partition"],
+        r["created_at"],
+        r["last_stream_seq"],
+        state,
         loaded_context=r["context"],
     )

@@ -64,8 +64,9 @@ async def renew(conn, worker: str, ttl_s: float, partitions: list[int], epochs: 
     return {r[0] for r in await conn.fetch(_RENEW, worker, ttl_s, partitions, epochs)}
 
 
-async def claim(conn, worker: str, ttl_s: float, wanted: int, partitions: int,
-                stream_created: str) -> dict[int, tuple[int, int]]:
+async def claim(
+    conn, worker: str, ttl_s: float, wanted: int, partitions: int, stream_created: str
+) -> dict[int, tuple[int, int]]:
     """Take up to `wanted` free or expired partitions below `partitions`: partition -> (epoch, watermark).
 
     Each claim bumps the partition's epoch, which fences off the commits of its

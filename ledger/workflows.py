@@ -52,8 +52,10 @@ async def deploy(conn: asyncpg.Connection, definition: dict) -> tuple[int, bool]
             if versions[wanted] == body_digest:
                 return wanted, False
             raise DefinitionError(
-                [f"version {wanted} of workflow '{workflow_id}' is already deployed with other content; "
-                 "deploy without 'version' to get the next one"]
+                [
+                    f"version {wanted} of workflow '{workflow_id}' is already deployed with other content; "
+                    "deploy without 'version' to get the next one"
+                ]
             )
         stored = dict(definition, version=wanted)
         await conn.execute(

@@ -12,11 +12,11 @@ import secrets
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import hotpath
 import nats as nats_py
 import pytest
 import uvloop
 
+import hotpath
 from daemon.servers import EmbeddedNats, EmbeddedPostgres, check_nats_server, read_nats_info
 
 # -- uvloop for every test ---------------------------------------------------

@@ -58,8 +58,7 @@ WELCOME = {
     "trigger": {"event": "contact.created"},
     "steps": [
         {"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}},
-        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "DE"]},
-         "then": "german"},
+        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "DE"]}, "then": "german"},
         {"id": "english", "type": "set", "values": {"locale": "en"}, "next": "done"},
         {"id": "german", "type": "set", "values": {"locale": "de"}},
         {"id": "done", "type": "end"},
@@ -192,10 +191,17 @@ class Harness:
         return ack.seq
 
     async def signal(self, execution_id: str, name: str, data=None, signal_id: str | None = None) -> int:
-        body = {"v": 1, "kind": "signal", "execution_id": execution_id,
-                "signal_id": signal_id or f"{name}-{time.monotonic_ns()}", "name": name, "data": data}
-        return await self.publish_raw(self.topology.exec_subject(execution_id), orjson.dumps(body),
-                                      msg_id=f"{execution_id}:{body['signal_id']}")
+        body = {
+            "v": 1,
+            "kind": "signal",
+            "execution_id": execution_id,
+            "signal_id": signal_id or f"{name}-{time.monotonic_ns()}",
+            "name": name,
+            "data": data,
+        }
+        return await self.publish_raw(
+            self.topology.exec_subject(execution_id), orjson.dumps(body), msg_id=f"{execution_id}:{body['signal_id']}"
+        )
 
     def execution_id(self, tenant: str, workflow_id: str, event_id: str) -> str:
         return execution_id_for(tenant, workflow_id, event_id)
@@ -216,20 +222,30 @@ class Harness:
     async def wait_status(self, execution_id: str, status: str, timeout: float = 30.0) -> None:
         """Until the execution has `status`; on a timeout the error shows its history and the dead letters."""
         try:
-            await self.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                                  expect=status, timeout=timeout)
+            await self.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                execution_id,
+                expect=status,
+                timeout=timeout,
+            )
         except AssertionError as exc:
             history = await self.db.fetch(
                 "SELECT seq, step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-                execution_id)
+                execution_id,
+            )
             letters = await self.db.fetch("SELECT reason, error FROM ordo.dead_letters")
             raise AssertionError(
-                f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}") from None
+                f"{exc}\nhistory: {[tuple(r) for r in history]}\nletters: {[tuple(r) for r in letters]}"
+            ) from None
 
     async def wait_timer(self, execution_id: str, purpose: str, timeout: float = 30.0) -> None:
         """Until the execution's timer row is one for `purpose` (wait, retry, event_timeout, ...)."""
-        await self.wait_until("SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid", execution_id,
-                              expect=purpose, timeout=timeout)
+        await self.wait_until(
+            "SELECT purpose FROM ordo.timers WHERE execution_id = $1::uuid",
+            execution_id,
+            expect=purpose,
+            timeout=timeout,
+        )
 
     async def wait_drained(self, stream: str, consumer: str, timeout: float = 30.0) -> None:
         """Until the consumer has nothing pending and nothing unacked: every message stored on its
@@ -240,8 +256,9 @@ class Harness:
             if info.num_pending == 0 and info.num_ack_pending == 0:
                 return
             if time.monotonic() >= deadline:
-                raise AssertionError(f"{consumer}: {info.num_pending} pending, {info.num_ack_pending} unacked "
-                                     f"after {timeout}s")
+                raise AssertionError(
+                    f"{consumer}: {info.num_pending} pending, {info.num_ack_pending} unacked after {timeout}s"
+                )
             await asyncio.sleep(0.05)
 
     async def wait_triggers_drained(self, timeout: float = 30.0) -> None:
@@ -312,8 +329,14 @@ class Target:
         name = request.match_info["name"]
         body = await request.read()
         first = not self.named(name)
-        self.calls.append({"name": name, "key": request.headers.get("Idempotency-Key"),
-                           "body": orjson.loads(body) if body else None, "at": time.monotonic()})
+        self.calls.append(
+            {
+                "name": name,
+                "key": request.headers.get("Idempotency-Key"),
+                "body": orjson.loads(body) if body else None,
+                "at": time.monotonic(),
+            }
+        )
         await asyncio.sleep(self.delay.get(name, 0))
         gate = self.hold_first.get(name)
         if gate is not None and first:
@@ -338,8 +361,15 @@ class Target:
 def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:
     """`python -m daemon ARGS...` from the repository root, as an operator runs `ordo`."""
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
 
 
 async def worker_metric(port: int, sample: str) -> float:
@@ -428,7 +458,7 @@ async def ledger(h: Harness) -> asyncpg.Connection:
                 pass
         try:
             h.db = await asyncpg.connect(h.config.pg_dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncpg.PostgresError):
             await asyncio.sleep(0.2)
     raise AssertionError("cannot reach the ledger")
 
@@ -446,7 +476,7 @@ async def _retrying(publish, *args, **kwargs):
     """Publish as a Triggers service does while nats-server restarts: retry until
     JetStream acks (each message has a fixed Nats-Msg-Id, so a retry that was in
     fact stored the first time is dropped by the duplicate window)."""
-    for attempt in range(200):
+    for _attempt in range(200):
         try:
             return await publish(*args, **kwargs)
         except Exception:  # timeouts, no responders, connection reconnecting
@@ -462,8 +492,9 @@ class Load:
         self.run_id = run_id
         #: > 0: every other round of WELCOME triggers goes out in trigger batch messages of this many events.
         self.trigger_batch = trigger_batch
-        self.waiter_events = [trigger_event(f"{run_id}-w", i, tenant="acme", event_type="session.started")
-                              for i in range(waiters)]
+        self.waiter_events = [
+            trigger_event(f"{run_id}-w", i, tenant="acme", event_type="session.started") for i in range(waiters)
+        ]
         self.waiter_ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in self.waiter_events]
         self.events = [trigger_event(run_id, i, tenant="acme", event_type="contact.created") for i in range(welcome)]
         self.total = len(self.events) + len(self.waiter_events)
@@ -474,15 +505,16 @@ class Load:
         await self.h.deploy(WAITER)
         async with self.h.worker():
             await self.h.publish_triggers(self.waiter_events)
-            await self.h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'",
-                                    expect=len(self.waiter_events))
+            await self.h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=len(self.waiter_events)
+            )
 
     async def publish(self, over_s: float = 0.0) -> None:
         """Triggers and signal rounds interleaved, spread over `over_s` seconds (at once by default)."""
         rounds = TICKS + 1
         chunk = -(-len(self.events) // rounds)
         for i in range(rounds):
-            events = self.events[i * chunk:(i + 1) * chunk]
+            events = self.events[i * chunk : (i + 1) * chunk]
             if self.trigger_batch and i % 2:
                 await self._publish_batches(events)
             else:
@@ -501,19 +533,26 @@ class Load:
         while events:
             failed = []
             for start in range(0, len(events), 256):
-                window = events[start:start + 256]
-                results = await asyncio.gather(*(
-                    self.h.js.publish(topology.trigger_subject(e["tenant"], e["type"]), orjson.dumps(e),
-                                      headers={"Nats-Msg-Id": e["event_id"]}) for e in window),
-                    return_exceptions=True)
-                failed += [e for e, r in zip(window, results) if isinstance(r, BaseException)]
+                window = events[start : start + 256]
+                results = await asyncio.gather(
+                    *(
+                        self.h.js.publish(
+                            topology.trigger_subject(e["tenant"], e["type"]),
+                            orjson.dumps(e),
+                            headers={"Nats-Msg-Id": e["event_id"]},
+                        )
+                        for e in window
+                    ),
+                    return_exceptions=True,
+                )
+                failed += [e for e, r in zip(window, results, strict=True) if isinstance(r, BaseException)]
             events = failed
             if failed:
                 await asyncio.sleep(0.1)
 
     async def _publish_batches(self, events: list[dict]) -> None:
         for start in range(0, len(events), self.trigger_batch):
-            subject, body, msg_id = batch_message(self.h.topology, events[start:start + self.trigger_batch])
+            subject, body, msg_id = batch_message(self.h.topology, events[start : start + self.trigger_batch])
             await _retrying(self.h.js.publish, subject, body, headers={"Nats-Msg-Id": msg_id})
 
     async def completed(self) -> int:
@@ -547,16 +586,22 @@ class Load:
         for execution_id in self.waiter_ids:
             details = await db.fetch(
                 "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
-                execution_id)
+                execution_id,
+            )
             signals = [orjson.loads(d["detail"]) for d in details]
             if [s["data"]["i"] for s in signals[:-1]] != list(range(TICKS)) or signals[-1]["name"] != "done":
                 out_of_order += 1
-                letters = await db.fetch("SELECT reason, stream_seq FROM ordo.dead_letters WHERE execution_id = $1::uuid",
-                                         execution_id)
-                seen.append((execution_id, [(s.get("name"), (s.get("data") or {}).get("i")) for s in signals],
-                             [tuple(r) for r in letters]))
+                letters = await db.fetch(
+                    "SELECT reason, stream_seq FROM ordo.dead_letters WHERE execution_id = $1::uuid", execution_id
+                )
+                seen.append(
+                    (
+                        execution_id,
+                        [(s.get("name"), (s.get("data") or {}).get("i")) for s in signals],
+                        [tuple(r) for r in letters],
+                    )
+                )
         assert out_of_order == 0, f"{out_of_order} waiters saw their signals lost, doubled or out of order: {seen}"
         problems = await self.h.ledger_problems()
         assert problems == NO_PROBLEMS
         return {"executions": self.total, "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order}
-

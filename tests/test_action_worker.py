@@ -50,12 +50,30 @@ class Bus:
         settings.setdefault("ack_wait_s", 2.0)
         return ActionWorker(self.url, prefix=self.prefix, partitions=PARTITIONS, actions=actions, **settings)
 
-    async def send(self, name: str, input: dict, *, execution_id: str | None = None, step_id: str = "step",
-                   attempt: int = 1, deadline_s: float = 30.0, major: int = 1, msg_id: str | None = None) -> dict:
+    async def send(
+        self,
+        name: str,
+        input: dict,
+        *,
+        execution_id: str | None = None,
+        step_id: str = "step",
+        attempt: int = 1,
+        deadline_s: float = 30.0,
+        major: int = 1,
+        msg_id: str | None = None,
+    ) -> dict:
         execution_id = execution_id or f"exec-{secrets.token_hex(4)}"
-        doc = request(execution_id=execution_id, step_id=step_id, attempt=attempt,
-                      idempotency_key=f"{execution_id}:{step_id}:0", action=name, major=major, input=input,
-                      deadline=int((time.time() + deadline_s) * 1000), tenant="acme")
+        doc = request(
+            execution_id=execution_id,
+            step_id=step_id,
+            attempt=attempt,
+            idempotency_key=f"{execution_id}:{step_id}:0",
+            action=name,
+            major=major,
+            input=input,
+            deadline=int((time.time() + deadline_s) * 1000),
+            tenant="acme",
+        )
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         await self.js.publish(self.topology.action_subject(name, major), encode(doc), headers=headers)
         return doc
@@ -69,7 +87,8 @@ class Bus:
         deadline = time.monotonic() + timeout
         while await self.pending_requests() or await self.stored(execution_id) < expect:
             assert time.monotonic() < deadline, (
-                f"{await self.stored(execution_id)} results, {await self.pending_requests()} requests left")
+                f"{await self.stored(execution_id)} results, {await self.pending_requests()} requests left"
+            )
             await asyncio.sleep(0.02)
         stored = await self.stored(execution_id)
         if not stored:
@@ -151,9 +170,15 @@ async def test_a_request_is_run_and_its_result_lands_on_the_execution_subject(bu
     assert msg.subject == bus.topology.exec_subject(doc["execution_id"])
     assert msg.headers["Nats-Msg-Id"] == f"result:{doc['execution_id']}:step:3"
     result = decode_result(msg.data, 1 << 20)
-    assert result == {"v": 1, "kind": "action_result", "execution_id": doc["execution_id"], "step_id": "step",
-                      "attempt": 3, "ok": True,
-                      "output": {"echo": {"n": 1}, "key": f"{doc['execution_id']}:step:0", "tenant": "acme"}}
+    assert result == {
+        "v": 1,
+        "kind": "action_result",
+        "execution_id": doc["execution_id"],
+        "step_id": "step",
+        "attempt": 3,
+        "ok": True,
+        "output": {"echo": {"n": 1}, "key": f"{doc['execution_id']}:step:0", "tenant": "acme"},
+    }
     assert worker.counts["ok"] == 1
     assert await bus.pending_requests() == 0  # acked: gone from the work queue
 
@@ -200,8 +225,11 @@ async def test_malformed_requests_are_terminated_and_dead_lettered_and_never_blo
     assert worker.counts["rejected:malformed_json"] == 1
     assert worker.counts["rejected:unsupported_version"] == 1
     assert worker.counts["rejected:missing_field"] == 1
-    assert sorted(m.headers["Ordo-Reason"] for m in letters) == ["malformed_json", "missing_field",
-                                                                  "unsupported_version"]
+    assert sorted(m.headers["Ordo-Reason"] for m in letters) == [
+        "malformed_json",
+        "missing_field",
+        "unsupported_version",
+    ]
     assert any(m.data == b"{not json" for m in letters)
     assert await bus.pending_requests() == 0
 
@@ -272,8 +300,14 @@ class Provider:
         self.url = ""
 
     async def sms(self, request: web.Request) -> web.Response:
-        self.seen.append({"key": request.headers.get("Idempotency-Key"), "body": await request.json(),
-                          "attempt": request.headers.get("X-Ordo-Attempt"), "at": time.monotonic()})
+        self.seen.append(
+            {
+                "key": request.headers.get("Idempotency-Key"),
+                "body": await request.json(),
+                "attempt": request.headers.get("X-Ordo-Attempt"),
+                "at": time.monotonic(),
+            }
+        )
         if len(self.seen) == 1:
             self.first.set()
             await asyncio.sleep(3600)
@@ -295,10 +329,29 @@ async def provider():
 
 
 def spawn(bus: Bus, provider: Provider, ack_wait: float) -> subprocess.Popen:
-    env = dict(os.environ, ORDO_NATS_URL=bus.url, ORDO_PREFIX=bus.prefix, ORDO_PARTITIONS=str(PARTITIONS),
-               ORDO_PROVIDER_URL=provider.url, ORDO_LOG_LEVEL="warning")
-    return subprocess.Popen([sys.executable, "-m", "actions.worker", "--example", "messaging",
-                             "--action", "sms.send@1", "--ack-wait", str(ack_wait)], env=env, cwd=ROOT)
+    env = dict(
+        os.environ,
+        ORDO_NATS_URL=bus.url,
+        ORDO_PREFIX=bus.prefix,
+        ORDO_PARTITIONS=str(PARTITIONS),
+        ORDO_PROVIDER_URL=provider.url,
+        ORDO_LOG_LEVEL="warning",
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "actions.worker",
+            "--example",
+            "messaging",
+            "--action",
+            "sms.send@1",
+            "--ack-wait",
+            str(ack_wait),
+        ],
+        env=env,
+        cwd=ROOT,
+    )
 
 
 async def test_a_killed_worker_s_request_runs_again_with_the_same_key_and_completes_once(bus, provider):
@@ -306,8 +359,9 @@ async def test_a_killed_worker_s_request_runs_again_with_the_same_key_and_comple
     first = spawn(bus, provider, ack_wait)
     second = None
     try:
-        doc = await bus.send("sms.send", {"to": "+15550100", "body": "hello"}, execution_id="exec-kill",
-                             step_id="sms", deadline_s=60)
+        doc = await bus.send(
+            "sms.send", {"to": "+15550100", "body": "hello"}, execution_id="exec-kill", step_id="sms", deadline_s=60
+        )
         await asyncio.wait_for(provider.first.wait(), 30)  # the side effect is under way
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -337,7 +391,14 @@ async def test_a_killed_worker_s_request_runs_again_with_the_same_key_and_comple
 
 async def test_the_cli_refuses_an_unknown_action():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "actions.worker", "--action", "nope@1", cwd=ROOT,
-        env=dict(os.environ, ORDO_NATS_URL="nats://127.0.0.1:1"), stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "actions.worker",
+        "--action",
+        "nope@1",
+        cwd=ROOT,
+        env=dict(os.environ, ORDO_NATS_URL="nats://127.0.0.1:1"),
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode != 0 and b"no action nope@1" in err and b"webhook@1" in err

@@ -29,9 +29,17 @@ MAX = 64 * 1024
 
 
 def a_request(**changes) -> dict:
-    doc = request(execution_id="e-1", step_id="send", attempt=2, idempotency_key=idempotency_key("e-1", "send", 0),
-                  action="sms.send", major=1, input={"to": "+15550100"}, deadline=int(time.time() * 1000) + 60_000,
-                  tenant="acme")
+    doc = request(
+        execution_id="e-1",
+        step_id="send",
+        attempt=2,
+        idempotency_key=idempotency_key("e-1", "send", 0),
+        action="sms.send",
+        major=1,
+        input={"to": "+15550100"},
+        deadline=int(time.time() * 1000) + 60_000,
+        tenant="acme",
+    )
     doc.update(changes)
     return doc
 
@@ -57,8 +65,15 @@ def test_idempotency_key_is_stable_across_attempts_and_differs_per_iteration():
 def test_results_round_trip_and_carry_their_kind():
     req = a_request()
     ok = result_ok(req, {"id": "m-1"})
-    assert ok == {"v": 1, "kind": "action_result", "execution_id": "e-1", "step_id": "send", "attempt": 2,
-                  "ok": True, "output": {"id": "m-1"}}
+    assert ok == {
+        "v": 1,
+        "kind": "action_result",
+        "execution_id": "e-1",
+        "step_id": "send",
+        "attempt": 2,
+        "ok": True,
+        "output": {"id": "m-1"},
+    }
     assert decode_result(encode(ok), MAX) == ok
     err = result_error(req, ActionError("http_503", True, "busy"))
     assert err["error"] == {"code": "http_503", "retryable": True, "message": "busy"} and err["ok"] is False
@@ -204,12 +219,15 @@ async def test_invoke_ok_passes_the_context():
     assert (result["execution_id"], result["step_id"], result["attempt"]) == ("e-1", "send", 2)
 
 
-@pytest.mark.parametrize("say,code,retryable", [
-    (None, "invalid_input", False),
-    ("crash", "action_crashed", True),
-    ("fail", "provider_down", True),
-    ("list", "invalid_output", False),
-])
+@pytest.mark.parametrize(
+    "say,code,retryable",
+    [
+        (None, "invalid_input", False),
+        ("crash", "action_crashed", True),
+        ("fail", "provider_down", True),
+        ("list", "invalid_output", False),
+    ],
+)
 async def test_invoke_maps_failures(say, code, retryable):
     doc = a_request(input={} if say is None else {"say": say})
     result = await invoke(Echo(), ctx_for(doc), doc["input"])
@@ -304,11 +322,21 @@ def test_results_of_requests_after_an_operator_retry_have_their_own_msg_id():
     """Attempts restart at 1 after an operator retry; request_seq keeps the two results apart."""
     from actions.contract import ActionContext, request, result_msg_id, result_ok
 
-    first = request(execution_id="e", step_id="s", attempt=1, idempotency_key="e:s:1", action="noop", major=1,
-                    input={}, deadline=0, request_seq=2)
+    first = request(
+        execution_id="e",
+        step_id="s",
+        attempt=1,
+        idempotency_key="e:s:1",
+        action="noop",
+        major=1,
+        input={},
+        deadline=0,
+        request_seq=2,
+    )
     again = dict(first, request_seq=7)
     assert result_msg_id(result_ok(first, {})) != result_msg_id(result_ok(again, {}))
     assert ActionContext.from_request(again).request_seq == 7
-    legacy = request(execution_id="e", step_id="s", attempt=1, idempotency_key="e:s:1", action="noop", major=1,
-                     input={}, deadline=0)
+    legacy = request(
+        execution_id="e", step_id="s", attempt=1, idempotency_key="e:s:1", action="noop", major=1, input={}, deadline=0
+    )
     assert result_msg_id(result_ok(legacy, {})) == "result:e:s:1"

@@ -32,8 +32,9 @@ def test_the_import_contracts_are_kept():
     executable = shutil.which("lint-imports", path=SEARCH_PATH)
     if executable is None:
         pytest.skip("lint-imports is not installed (pip install -e '.[test]' installs import-linter)")
-    result = subprocess.run([executable], cwd=ROOT, env={**os.environ, "PATH": SEARCH_PATH},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [executable], cwd=ROOT, env={**os.environ, "PATH": SEARCH_PATH}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"`lint-imports` failed:\n{result.stdout}{result.stderr}"
     assert f"Contracts: {len(contracts())} kept, 0 broken." in result.stdout, result.stdout
 

@@ -1,10 +1,10 @@
 """Bad input gets a clear error, a metric and a dead-letter entry; good input keeps flowing."""
 
 import orjson
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 
 from bench.generator import trigger_event
 from daemon import metrics
-from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 
 MAX_BYTES = 4096
 
@@ -48,17 +48,24 @@ async def test_bad_triggers_are_dead_lettered_and_good_ones_complete(nats_server
         await h.deploy(WELCOME)
         # A definition that cannot load, stored behind deploy's back (as a
         # hand edit or an older engine's schema would leave it).
-        broken = {"id": "broken", "tenant": "acme", "version": 1, "trigger": {"event": "broken.thing"},
-                  "steps": [{"id": "a", "type": "if", "condition": {"exists": "{{contact.id}}"}, "then": "nope"}]}
+        broken = {
+            "id": "broken",
+            "tenant": "acme",
+            "version": 1,
+            "trigger": {"event": "broken.thing"},
+            "steps": [{"id": "a", "type": "if", "condition": {"exists": "{{contact.id}}"}, "then": "nope"}],
+        }
         await h.db.execute(
             "INSERT INTO ordo.workflows (tenant, workflow_id, version, definition, digest) VALUES ($1,$2,1,$3,'x')",
-            "acme", "broken", orjson.dumps(broken).decode(),
+            "acme",
+            "broken",
+            orjson.dumps(broken).decode(),
         )
         bad = _bad_triggers()
         before = {reason: metrics.dead_letters.labels(reason)._value.get() for reason, _, _ in bad}
         good = 0
         subject = h.topology.trigger_subject("acme", "contact.created")
-        for n, (reason, body, _) in enumerate(bad):
+        for n, (_reason, body, _) in enumerate(bad):
             for _ in range(20):
                 await h.publish_raw(subject, orjson.dumps(_good(good)))
                 good += 1
@@ -94,23 +101,27 @@ async def test_bad_messages_for_executions_are_dead_lettered(nats_server_url, pg
         await h.deploy(WELCOME)
         await h.deploy(WAITER)
         async with h.worker():
-            await h.publish_triggers([
-                trigger_event("x", 1, tenant="acme", event_type="contact.created"),
-                trigger_event("x", 2, tenant="acme", event_type="session.started"),
-            ])
+            await h.publish_triggers(
+                [
+                    trigger_event("x", 1, tenant="acme", event_type="contact.created"),
+                    trigger_event("x", 2, tenant="acme", event_type="session.started"),
+                ]
+            )
             await h.wait_until("SELECT count(*) FROM ordo.executions", expect=2)
             finished = h.execution_id("acme", "welcome", "x-1")
             waiting = h.execution_id("acme", "waiter", "x-2")
             ghost = h.execution_id("acme", "welcome", "never-published")
             await h.publish_raw(h.topology.exec_subject(waiting), b"{nope")
-            await h.publish_raw(h.topology.exec_subject(waiting), orjson.dumps(
-                {"v": 1, "kind": "teleport", "execution_id": waiting}))
+            await h.publish_raw(
+                h.topology.exec_subject(waiting), orjson.dumps({"v": 1, "kind": "teleport", "execution_id": waiting})
+            )
             await h.signal(ghost, "tick", {"i": 0})
             await h.signal(finished, "tick", {"i": 0})
             await h.signal(waiting, "done", {"ok": True})
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", waiting,
-                               expect="completed")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", waiting, expect="completed"
+            )
         reasons = {r["reason"]: r for r in await h.db.fetch("SELECT * FROM ordo.dead_letters")}
         assert set(reasons) == {"malformed_json", "unknown_kind", "unknown_execution", "execution_closed"}
         assert "teleport" in reasons["unknown_kind"]["error"]
@@ -122,18 +133,24 @@ async def test_bad_messages_for_executions_are_dead_lettered(nats_server_url, pg
 CONTEXT_LIMIT = 2048
 
 GROWER = {
-    "id": "grower", "tenant": "acme", "trigger": {"event": "grow.me"},
+    "id": "grower",
+    "tenant": "acme",
+    "trigger": {"event": "grow.me"},
     "steps": [
-        {"id": "copy", "type": "set",
-         "values": {"a": "{{event.data.blob}}", "b": "{{event.data.blob}}", "c": "{{event.data.blob}}"}},
+        {
+            "id": "copy",
+            "type": "set",
+            "values": {"a": "{{event.data.blob}}", "b": "{{event.data.blob}}", "c": "{{event.data.blob}}"},
+        },
         {"id": "done", "type": "set", "values": {"done": True}},
     ],
 }
 LOOKUP = {
-    "id": "lookup", "tenant": "acme", "trigger": {"event": "lookup.me"},
+    "id": "lookup",
+    "tenant": "acme",
+    "trigger": {"event": "lookup.me"},
     "steps": [
-        {"id": "fetch", "type": "action", "action": "crm.lookup", "input": {"id": "{{contact.id}}"},
-         "timeout": "1h"},
+        {"id": "fetch", "type": "action", "action": "crm.lookup", "input": {"id": "{{contact.id}}"}, "timeout": "1h"},
         {"id": "done", "type": "set", "values": {"done": True}},
     ],
 }
@@ -144,8 +161,17 @@ def _grow(i: int, blob_bytes: int, event_type: str = "grow.me") -> dict:
 
 
 def _result(execution_id: str, output: dict) -> bytes:
-    return orjson.dumps({"v": 1, "kind": "action_result", "execution_id": execution_id, "step_id": "fetch",
-                         "attempt": 1, "ok": True, "output": output})
+    return orjson.dumps(
+        {
+            "v": 1,
+            "kind": "action_result",
+            "execution_id": execution_id,
+            "step_id": "fetch",
+            "attempt": 1,
+            "ok": True,
+            "output": output,
+        }
+    )
 
 
 async def test_a_context_that_outgrows_the_limit_fails_its_execution(nats_server_url, pg_dsn, prefix):
@@ -168,15 +194,22 @@ async def test_a_context_that_outgrows_the_limit_fails_its_execution(nats_server
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=3)
 
         grown = h.execution_id("acme", "grower", "grow-100")
-        failed = {str(r["execution_id"]): r for r in await h.db.fetch(
-            "SELECT execution_id, context, runtime FROM ordo.executions WHERE status = 'failed'")}
+        failed = {
+            str(r["execution_id"]): r
+            for r in await h.db.fetch(
+                "SELECT execution_id, context, runtime FROM ordo.executions WHERE status = 'failed'"
+            )
+        }
         assert set(failed) == {grown, big}
         assert orjson.loads(failed[grown]["context"]) == {}  # the last stored context stays
         assert orjson.loads(failed[big]["context"]) == {}
         assert orjson.loads(failed[big]["runtime"])["timer"] is None
         for execution_id, step in ((grown, "copy"), (big, "fetch")):
-            last = await h.db.fetchrow("SELECT step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid"
-                                       " ORDER BY seq DESC LIMIT 1", execution_id)
+            last = await h.db.fetchrow(
+                "SELECT step_id, kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid"
+                " ORDER BY seq DESC LIMIT 1",
+                execution_id,
+            )
             detail = orjson.loads(last["detail"])
             assert (last["step_id"], last["kind"], detail["code"]) == (step, "failed", "context_too_large")
             assert f"over the limit of {CONTEXT_LIMIT}" in detail["error"] and f"after step '{step}'" in detail["error"]
@@ -191,7 +224,9 @@ async def test_a_context_that_outgrows_the_limit_fails_its_execution(nats_server
 
 
 TYPO = {
-    "id": "typo", "tenant": "acme", "trigger": {"event": "contact.created"},
+    "id": "typo",
+    "tenant": "acme",
+    "trigger": {"event": "contact.created"},
     "steps": [
         {"id": "check", "type": "if", "condition": {"exists": "contact.first_nam"}, "then": "send", "else": "send"},
         {"id": "send", "type": "action", "action": "log", "input": {"message": "Hi {{contact.first_nam}}"}},
@@ -208,11 +243,16 @@ async def test_a_value_naming_a_missing_field_fails_its_step_with_a_clear_error(
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'failed'", expect=5)
         letters = await h.db.fetch("SELECT * FROM ordo.dead_letters")
         assert {(r["reason"], r["step_id"], r["workflow_id"]) for r in letters} == {
-            ("template_missing_field", "send", "typo")}
+            ("template_missing_field", "send", "typo")
+        }
         assert all("{{contact.first_nam}} names a missing field" in r["error"] for r in letters)
         # The condition on the same missing field read it as null and went on.
-        kinds = [r["kind"] for r in await h.db.fetch(
-            "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-            h.execution_id("acme", "typo", "good-0"))]
+        kinds = [
+            r["kind"]
+            for r in await h.db.fetch(
+                "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
+                h.execution_id("acme", "typo", "good-0"),
+            )
+        ]
         assert kinds == ["started", "branch", "step_failed", "failed"]
         assert await h.ledger_problems() == NO_PROBLEMS

@@ -12,23 +12,34 @@ invariants must hold. One pipeline pass per test keeps it to seconds.
 import uuid
 
 import orjson
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bench.generator import trigger_event
-from harness import NO_PROBLEMS, WAITER, WELCOME, Harness
 
 MAX_BYTES = 4096
 GHOST = "00000000-0000-4000-8000-000000000000"  # an execution id no trigger made
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
-ANY_JSON = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT,
-                     st.lists(st.integers(), max_size=2), st.dictionaries(TEXT, st.integers(), max_size=2))
+ANY_JSON = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    TEXT,
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(TEXT, st.integers(), max_size=2),
+)
 NOT_TEXT = ANY_JSON.filter(lambda v: not isinstance(v, str))
 #: Per field of a trigger: values it must refuse.
 TRIGGER_WRONG = {
-    "v": st.one_of(NOT_TEXT.filter(lambda v: type(v) is not int), st.integers().filter(lambda v: v != 1),
-                   st.just("x1"), st.just("2.0")),
+    "v": st.one_of(
+        NOT_TEXT.filter(lambda v: type(v) is not int),
+        st.integers().filter(lambda v: v != 1),
+        st.just("x1"),
+        st.just("2.0"),
+    ),
     "event_id": st.one_of(NOT_TEXT, st.just(""), st.just("e" * 300)),
     "tenant": st.one_of(NOT_TEXT, st.just(""), st.just("t" * 200)),
     "type": st.one_of(NOT_TEXT, st.just(""), st.just("y" * 200)),
@@ -39,7 +50,9 @@ TRIGGER_WRONG = {
 #: Per field of an exec-subject signal: values it must refuse.
 SIGNAL_WRONG = {
     "v": TRIGGER_WRONG["v"],
-    "kind": st.one_of(NOT_TEXT, TEXT.filter(lambda k: k not in ("signal", "action_result", "event", "cancel", "retry"))),
+    "kind": st.one_of(
+        NOT_TEXT, TEXT.filter(lambda k: k not in ("signal", "action_result", "event", "cancel", "retry"))
+    ),
     "execution_id": st.one_of(NOT_TEXT, st.just(""), st.just("x" * 100)),
     "signal_id": st.one_of(NOT_TEXT, st.just("")),
     "name": st.one_of(NOT_TEXT, st.just("")),
@@ -61,8 +74,9 @@ def hostile(draw) -> tuple[str, bytes]:
     target = draw(st.sampled_from(["trigger", "exec"]))
     base = _good_trigger(draw(st.integers(10_000, 99_999))) if target == "trigger" else _signal()
     wrong = TRIGGER_WRONG if target == "trigger" else SIGNAL_WRONG
-    how = draw(st.sampled_from(["bytes", "truncated", "non_utf8", "wrong_type", "missing", "not_object",
-                                "huge", "stranger"]))
+    how = draw(
+        st.sampled_from(["bytes", "truncated", "non_utf8", "wrong_type", "missing", "not_object", "huge", "stranger"])
+    )
     good = orjson.dumps(base)
     if how == "bytes":
         body = draw(st.binary(max_size=64))
@@ -95,8 +109,14 @@ def draw_batch(count: int) -> list[tuple[str, bytes]]:
     """`count` hostile messages from a fixed seed (hypothesis draws, the pipeline runs once)."""
     batch: list = []
 
-    @settings(max_examples=count, database=None, derandomize=True, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), deadline=None)
+    @settings(
+        max_examples=count,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        deadline=None,
+    )
     @given(hostile())
     def collect(message):
         batch.append(message)
@@ -153,8 +173,9 @@ async def test_hostile_messages_are_dead_lettered_once_and_good_ones_complete(na
 async def test_poison_beyond_max_ack_pending_never_stalls_the_consumers(nats_server_url, pg_dsn, prefix):
     """Many more poison messages than max_ack_pending: each is dead-lettered and acked, nothing stalls."""
     bad = draw_batch(60) * 4  # 240 poison messages (each published anew) against 64 in flight
-    async with Harness(nats_server_url, pg_dsn, prefix, max_message_bytes=MAX_BYTES, max_ack_pending=64,
-                       fetch_batch=16) as h:
+    async with Harness(
+        nats_server_url, pg_dsn, prefix, max_message_bytes=MAX_BYTES, max_ack_pending=64, fetch_batch=16
+    ) as h:
         await h.deploy(WELCOME)
         await h.deploy(WAITER)
         # An execution whose stored state cannot be read: its messages are poison too.
@@ -188,6 +209,6 @@ async def test_poison_beyond_max_ack_pending_never_stalls_the_consumers(nats_ser
             assert worker.fatal is None
         await _check_dead_letters(h, published)
         reasons = await h.db.fetchval(
-            "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'unreadable_execution' AND error LIKE '%runtime%'")
+            "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'unreadable_execution' AND error LIKE '%runtime%'"
+        )
         assert reasons == 40
-

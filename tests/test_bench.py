@@ -13,6 +13,7 @@ import sys
 
 import orjson
 import pytest
+from harness import ROOT
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import Histogram as PromHistogram
 
@@ -22,18 +23,23 @@ from bench.histogram import PRECISION, Histogram, _bounds, _index
 from daemon import config as config_module
 from daemon import metrics
 from daemon.topology import Topology
-from harness import ROOT
 
 
 async def _bench(nats_url: str, pg_dsn: str, *argv: str, timeout: float = 240.0) -> tuple[int, dict | None, str]:
     env = dict(os.environ, ORDO_NATS_URL=nats_url, ORDO_PG_DSN=pg_dsn, ORDO_LOG_LEVEL="warning")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench", *argv, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bench",
+        *argv,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
@@ -53,8 +59,7 @@ PACKING = pytest.mark.parametrize("packing", [(), ("--trigger-batch", "50")], id
 
 @PACKING
 async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, packing):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "200", "--workers", "1", "--json",
-                                     *packing)
+    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "200", "--workers", "1", "--json", *packing)
     assert code == 0, output
     assert doc is not None, output
     assert doc["ok"] and doc["verified"] and doc["complete"]
@@ -79,8 +84,9 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
 
 @PACKING
 async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, pg_dsn, packing):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "--rate", "200", "--duration", "2",
-                                     "--workers", "1", "--json", *packing)
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w1", "--rate", "200", "--duration", "2", "--workers", "1", "--json", *packing
+    )
     assert code == 0, output
     (run,) = doc["runs"]
     assert run["mode"] == "open" and run["offered_rate"] == 200
@@ -103,8 +109,9 @@ async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, 
 
 
 async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w1", "-n", "50", "--workers", "1",
-                                     "--repeat", "2", "--json")
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w1", "-n", "50", "--workers", "1", "--repeat", "2", "--json"
+    )
     assert code == 0, output
     assert len(doc["runs"]) == 2 and doc["median"]["runs"] == 2
     assert doc["runs"][0]["run_id"] != doc["runs"][1]["run_id"]
@@ -113,8 +120,9 @@ async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
 
 
 async def test_w2_signals_apply_in_publish_order(nats_server_url, pg_dsn):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w2-signals", "-n", "50", "--signals", "5",
-                                     "--workers", "1", "--json")
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w2-signals", "-n", "50", "--signals", "5", "--workers", "1", "--json"
+    )
     assert code == 0, output
     assert doc["ok"] and doc["config"]["options"] == {"signals": 5}
     (run,) = doc["runs"]
@@ -129,8 +137,9 @@ async def test_w2_signals_apply_in_publish_order(nats_server_url, pg_dsn):
 
 
 async def test_w3_timers_fire_and_report_lateness(nats_server_url, pg_dsn):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w3-timers", "-n", "200", "--wait", "1-3",
-                                     "--workers", "1", "--json")
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w3-timers", "-n", "200", "--wait", "1-3", "--workers", "1", "--json"
+    )
     assert code == 0, output
     (run,) = doc["runs"]
     assert run["executions"] == 200 and run["verified"], run["verification"]
@@ -146,8 +155,20 @@ async def test_w3_timers_fire_and_report_lateness(nats_server_url, pg_dsn):
 async def test_w4_retries_match_the_provider_and_the_dead_letters(nats_server_url, pg_dsn):
     from bench.provider import fails_permanently
 
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w4-retries", "-n", "200", "--transient", "0.1",
-                                     "--permanent", "0.03", "--workers", "1", "--json")
+    code, doc, output = await _bench(
+        nats_server_url,
+        pg_dsn,
+        "w4-retries",
+        "-n",
+        "200",
+        "--transient",
+        "0.1",
+        "--permanent",
+        "0.03",
+        "--workers",
+        "1",
+        "--json",
+    )
     assert code == 0, output
     (run,) = doc["runs"]
     doomed = sum(fails_permanently(f"{run['run_id']}-{i}", 0.03) for i in range(200))
@@ -164,8 +185,9 @@ async def test_w4_retries_match_the_provider_and_the_dead_letters(nats_server_ur
 
 @pytest.mark.parametrize("external", ["0", "1"], ids=["in-process", "external"])
 async def test_w5_actions_record_every_step_in_order_and_count_action_steps(nats_server_url, pg_dsn, external):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w5-actions", "-n", "100", "--external", external,
-                                     "--workers", "1", "--json")
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w5-actions", "-n", "100", "--external", external, "--workers", "1", "--json"
+    )
     assert code == 0, output
     (run,) = doc["runs"]
     check = run["verification"]
@@ -176,8 +198,9 @@ async def test_w5_actions_record_every_step_in_order_and_count_action_steps(nats
 
 
 async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_url, pg_dsn):
-    code, doc, output = await _bench(nats_server_url, pg_dsn, "w6-webhooks", "-n", "50", "--delay", "5",
-                                     "--workers", "1", "--json")
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w6-webhooks", "-n", "50", "--delay", "5", "--workers", "1", "--json"
+    )
     assert code == 0, output
     (run,) = doc["runs"]
     assert run["verification"]["problems"] == []
@@ -189,8 +212,19 @@ async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_u
 async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
     env = dict(os.environ, ORDO_NATS_URL=nats_server_url)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.publish_paths", "--rate", "200", "--duration", "1", "--json", cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "bench.publish_paths",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--json",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     ways = orjson.loads(out)["ways"]
@@ -218,8 +252,9 @@ async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_serve
 
 def test_worker_counts_read_finished_executions_from_metrics_text():
     registry = CollectorRegistry()
-    finished = Counter("ordo_executions_finished_total", "Executions that reached an end.", ["status"],
-                       registry=registry)
+    finished = Counter(
+        "ordo_executions_finished_total", "Executions that reached an end.", ["status"], registry=registry
+    )
     finished.labels("completed").inc(1200)
     finished.labels("failed").inc(34)
     Counter("ordo_transitions_total", "Transitions committed to the ledger.", registry=registry).inc(99)
@@ -233,7 +268,7 @@ def test_worker_counts_sum_the_commit_histograms_of_all_workers():
         registry = CollectorRegistry()
         commit = PromHistogram("ordo_ledger_commit_seconds", "x", buckets=metrics.COMMIT_BUCKETS, registry=registry)
         batch = PromHistogram("ordo_ledger_batch_rows", "x", buckets=(1, 10, 100, 1000), registry=registry)
-        for s, r in zip(seconds, rows):
+        for s, r in zip(seconds, rows, strict=True):
             commit.observe(s)
             batch.observe(r)
         texts.append(generate_latest(registry).decode())
@@ -274,14 +309,22 @@ async def test_worker_counts_scrape_a_worker_and_none_when_one_is_missing():
 
 
 async def test_list_and_unknown_scenario():
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "--list", cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench", "--list", cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
     out, _ = await proc.communicate()
     assert proc.returncode == 0 and out.decode().startswith("w1 ")
-    assert [line.split()[0] for line in out.decode().splitlines()] == ["w1", "w2-signals", "w3-timers", "w4-retries",
-                                                                          "w5-actions", "w6-webhooks"]
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench", "nope", cwd=ROOT,
-                                                stderr=asyncio.subprocess.PIPE)
+    assert [line.split()[0] for line in out.decode().splitlines()] == [
+        "w1",
+        "w2-signals",
+        "w3-timers",
+        "w4-retries",
+        "w5-actions",
+        "w6-webhooks",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench", "nope", cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
     _, err = await proc.communicate()
     assert proc.returncode != 0 and b"unknown scenario" in err
 

@@ -16,9 +16,9 @@ import time
 from contextlib import asynccontextmanager
 
 import asyncpg
+from harness import LOADED, Fleet, Harness, Load, fault_scale
 
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
-from harness import LOADED, Fleet, Harness, Load, fault_scale
 
 
 @asynccontextmanager
@@ -78,8 +78,10 @@ async def test_nats_server_restarts_under_load_lose_and_duplicate_nothing(tmp_pa
             finally:
                 fleet.stop()
             numbers = await load.verify()
-        print(f"nats restarts: {restarts} survived, worker exits {fleet.exits}, {numbers}, "
-              f"{numbers['executions'] / (finished - started):.0f} executions/s")
+        print(
+            f"nats restarts: {restarts} survived, worker exits {fleet.exits}, {numbers}, "
+            f"{numbers['executions'] / (finished - started):.0f} executions/s"
+        )
         assert fleet.exits == [], f"workers exited on a NATS restart: {fleet.exits}"
 
 
@@ -110,8 +112,10 @@ async def test_postgres_restart_and_crash_under_load_lose_and_duplicate_nothing(
             finally:
                 fleet.stop()
             numbers = await load.verify()
-        print(f"postgres faults: {faults} survived; worker exits (respawned by the test): {fleet.exits}; "
-              f"{numbers}, {numbers['executions'] / (finished - started):.0f} executions/s")
+        print(
+            f"postgres faults: {faults} survived; worker exits (respawned by the test): {fleet.exits}; "
+            f"{numbers}, {numbers['executions'] / (finished - started):.0f} executions/s"
+        )
 
 
 # -- 3. pg_terminate_backend during COPY ------------------------------------------------
@@ -121,11 +125,15 @@ async def _terminate(killer: asyncpg.Connection, database: str, keep: list[int],
     condition = "query ILIKE 'COPY%' AND state = 'active'" if copy_only else "true"
     return await killer.fetchval(
         f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 "
-        f"AND pid <> ALL($2::int[]) AND {condition}", database, keep)
+        f"AND pid <> ALL($2::int[]) AND {condition}",
+        database,
+        keep,
+    )
 
 
-async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothing(nats_server_url, pg_dsn, prefix,
-                                                                                   pg_server_dsn):
+async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothing(
+    nats_server_url, pg_dsn, prefix, pg_server_dsn
+):
     seconds = fault_scale(ci=5, full=60)
     welcome = fault_scale(ci=4000, full=40000)
     database = pg_dsn.rsplit("/", 1)[1]
@@ -157,13 +165,16 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
             fleet.stop()
             await killer.close()
         numbers = await load.verify()
-    print(f"pg_terminate_backend: {copies} COPY backends and {everything} other worker backends terminated "
-          f"in {seconds}s; worker exits (respawned by the test): {fleet.exits}; {numbers}; "
-          f"{numbers['executions'] / (finished - started):.0f} executions/s")
+    print(
+        f"pg_terminate_backend: {copies} COPY backends and {everything} other worker backends terminated "
+        f"in {seconds}s; worker exits (respawned by the test): {fleet.exits}; {numbers}; "
+        f"{numbers['executions'] / (finished - started):.0f} executions/s"
+    )
     assert copies + everything > 0, "no backend was terminated: the test did not test anything"
 
 
 # -- 4. seeded soak ------------------------------------------------------------------------
+
 
 async def test_seeded_fault_soak(tmp_path, pg_dsn, prefix, pg_server_dsn):
     seed = 20240604
@@ -188,8 +199,12 @@ async def test_seeded_fault_soak(tmp_path, pg_dsn, prefix, pg_server_dsn):
                     fleet.respawn_exited()
                     fault = rng.choices(list(faults), weights=[5, 3, 1])[0]
                     if fault == "terminate_backends":
-                        await _terminate(killer, database, [h.db.get_server_pid(), killer.get_server_pid()],
-                                         copy_only=rng.random() < 0.5)
+                        await _terminate(
+                            killer,
+                            database,
+                            [h.db.get_server_pid(), killer.get_server_pid()],
+                            copy_only=rng.random() < 0.5,
+                        )
                     elif fault == "kill_9_worker":
                         fleet.kill_one(rng)
                     else:
@@ -205,5 +220,7 @@ async def test_seeded_fault_soak(tmp_path, pg_dsn, prefix, pg_server_dsn):
                 await killer.close()
             numbers = await load.verify()
         throughput = numbers["executions"] / (finished - started)
-        print(f"soak (seed {seed}, {seconds}s of faults): {faults}; worker exits (respawned): {len(fleet.exits)}; "
-              f"{numbers}; {throughput:.0f} executions/s")
+        print(
+            f"soak (seed {seed}, {seconds}s of faults): {faults}; worker exits (respawned): {len(fleet.exits)}; "
+            f"{numbers}; {throughput:.0f} executions/s"
+        )

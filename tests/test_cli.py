@@ -6,14 +6,19 @@ import socket
 
 import orjson
 import pytest
+from harness import WAITER, Harness, ordo
 
 from bench.generator import trigger_event
-from harness import WAITER, Harness, ordo
 
 
 def test_validate_points_at_the_offending_step(tmp_path):
-    bad = dict(WAITER, steps=[{"id": "wait", "type": "wait_for_signal"},
-                              {"id": "go", "type": "if", "condition": {"eq": ["{{contact.x}}", 1]}, "then": "nowhere"}])
+    bad = dict(
+        WAITER,
+        steps=[
+            {"id": "wait", "type": "wait_for_signal"},
+            {"id": "go", "type": "if", "condition": {"eq": ["{{contact.x}}", 1]}, "then": "nowhere"},
+        ],
+    )
     path = tmp_path / "bad.json"
     path.write_bytes(orjson.dumps(bad))
     result = ordo("workflow", "validate", str(path))
@@ -46,10 +51,16 @@ async def test_a_running_execution_keeps_the_version_it_started_on(nats_server_u
         async with h.worker() as worker:
             await h.publish_triggers([trigger_event("ver", 1, tenant="acme", event_type="session.started")])
             old = h.execution_id("acme", "waiter", "ver-1")
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", old,
-                               expect="waiting")
-            v2 = dict(WAITER, steps=[{"id": "wait", "type": "wait_for_signal", "signal": "done"},
-                                     {"id": "v2-only", "type": "set", "values": {"v2": True}}])
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", old, expect="waiting"
+            )
+            v2 = dict(
+                WAITER,
+                steps=[
+                    {"id": "wait", "type": "wait_for_signal", "signal": "done"},
+                    {"id": "v2-only", "type": "set", "values": {"v2": True}},
+                ],
+            )
             assert await h.deploy(v2) == 2
             # The worker reloads on the deploy's NOTIFY; new enrolments take v2.
             for _ in range(100):
@@ -64,8 +75,10 @@ async def test_a_running_execution_keeps_the_version_it_started_on(nats_server_u
             await h.signal(old, "done", {})
             await h.signal(new, "done", {})
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2)
-        rows = {r["execution_id"]: r for r in await h.db.fetch(
-            "SELECT execution_id::text, workflow_version, context FROM ordo.executions")}
+        rows = {
+            r["execution_id"]: r
+            for r in await h.db.fetch("SELECT execution_id::text, workflow_version, context FROM ordo.executions")
+        }
         assert rows[old]["workflow_version"] == 1
         assert json.loads(rows[old]["context"]).get("v2") is None
         assert rows[new]["workflow_version"] == 2
@@ -85,8 +98,14 @@ def test_a_worker_refuses_a_nats_server_older_than_2_10(pg_dsn):
     version = _debian_nats_version()
     if version is None or tuple(int(x) for x in version.split("-")[0].split(".")) >= (2, 10):
         pytest.skip("no nats-server older than 2.10 listens on 127.0.0.1:4222 to try this against")
-    result = ordo("run", "--worker-index", "0", "--workers", "1",
-                  env_extra={"ORDO_NATS_URL": "nats://127.0.0.1:4222", "ORDO_PG_DSN": pg_dsn})
+    result = ordo(
+        "run",
+        "--worker-index",
+        "0",
+        "--workers",
+        "1",
+        env_extra={"ORDO_NATS_URL": "nats://127.0.0.1:4222", "ORDO_PG_DSN": pg_dsn},
+    )
     assert result.returncode != 0
     assert version in result.stderr and "2.10.0" in result.stderr
     assert "Traceback" not in result.stderr

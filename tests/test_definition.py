@@ -15,11 +15,24 @@ VALID = {
     "version": 3,
     "name": "Welcome new contacts",
     "description": "Greets, waits for a reply, ends.",
-    "trigger": {"event": "contact.created", "filter": {"all": [{"exists": "contact.email"}, {"ne": ["{{contact.country}}", "US"]}]}},
+    "trigger": {
+        "event": "contact.created",
+        "filter": {"all": [{"exists": "contact.email"}, {"ne": ["{{contact.country}}", "US"]}]},
+    },
     "limits": {"max_steps": 50},
     "steps": [
-        {"id": "greet", "type": "set", "values": {"greeting": "Hello {{contact.first_name}}", "meta.source": "{{event.data}}"}},
-        {"id": "check", "type": "if", "condition": {"in": ["{{contact.country}}", ["DE", "AT"]]}, "then": "wait-reply", "else": "done"},
+        {
+            "id": "greet",
+            "type": "set",
+            "values": {"greeting": "Hello {{contact.first_name}}", "meta.source": "{{event.data}}"},
+        },
+        {
+            "id": "check",
+            "type": "if",
+            "condition": {"in": ["{{contact.country}}", ["DE", "AT"]]},
+            "then": "wait-reply",
+            "else": "done",
+        },
         {"id": "wait-reply", "type": "wait_for_signal", "signal": "reply", "next": "done"},
         {"id": "done", "type": "end"},
         {"id": "give-up", "type": "end", "status": "failed", "reason": "no reply"},
@@ -50,7 +63,16 @@ def test_schema_is_package_data_and_a_valid_2020_12_schema():
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(schema)
     assert set(schema["$defs"]["step"]["properties"]["type"]["enum"]) == {
-        "set", "if", "end", "wait_for_signal", "action", "wait", "wait_for_event", "switch", "goto", "emit",
+        "set",
+        "if",
+        "end",
+        "wait_for_signal",
+        "action",
+        "wait",
+        "wait_for_event",
+        "switch",
+        "goto",
+        "emit",
     }
 
 
@@ -145,7 +167,8 @@ def test_operand_pair_shape():
 def test_template_with_unknown_root():
     errors = errors_of(with_step(0, values={"x": "Hi {{ user.name }}"}))
     assert errors == [
-        "steps[0] (id 'greet'): template 'Hi {{ user.name }}' uses unknown root 'user' (expected context, contact or event)"
+        "steps[0] (id 'greet'): template 'Hi {{ user.name }}' uses unknown root 'user'"
+        " (expected context, contact or event)"
     ]
 
 
@@ -217,18 +240,41 @@ EVERY_STEP = {
             "version": 2,
             "input": {"to": "{{contact.phone}}", "text": "Hi {{contact.first_name}}"},
             "timeout": "10s",
-            "retry": {"max_attempts": 5, "initial_interval": "PT2S", "backoff_coefficient": 1.5, "max_interval": "1h30m",
-                      "jitter": 0, "non_retryable": ["invalid_number"]},
+            "retry": {
+                "max_attempts": 5,
+                "initial_interval": "PT2S",
+                "backoff_coefficient": 1.5,
+                "max_interval": "1h30m",
+                "jitter": 0,
+                "non_retryable": ["invalid_number"],
+            },
             "on_failure": "alert",
         },
         {"id": "pause", "type": "wait", "duration": "2d"},
         {"id": "until", "type": "wait", "until": "{{context.send.deliver_at}}", "on_failure": "reply"},
         {"id": "fixed", "type": "wait", "until": "2030-01-01T09:00:00+01:00"},
-        {"id": "reply", "type": "wait_for_event", "event": "sms.received", "timeout": "P3D", "on_timeout": "route",
-         "filter": {"contains": ["{{event.data.text}}", "YES"]}},
-        {"id": "route", "type": "switch", "cases": [{"when": {"exists": "context.reply"}, "next": "tell"}], "default": "again"},
+        {
+            "id": "reply",
+            "type": "wait_for_event",
+            "event": "sms.received",
+            "timeout": "P3D",
+            "on_timeout": "route",
+            "filter": {"contains": ["{{event.data.text}}", "YES"]},
+        },
+        {
+            "id": "route",
+            "type": "switch",
+            "cases": [{"when": {"exists": "context.reply"}, "next": "tell"}],
+            "default": "again",
+        },
         {"id": "again", "type": "goto", "target": "pause"},
-        {"id": "tell", "type": "emit", "event": "lead.qualified", "data": {"phone": "{{contact.phone}}"}, "next": "done"},
+        {
+            "id": "tell",
+            "type": "emit",
+            "event": "lead.qualified",
+            "data": {"phone": "{{contact.phone}}"},
+            "next": "done",
+        },
         {"id": "alert", "type": "action", "action": "webhook"},
         {"id": "done", "type": "end"},
     ],
@@ -240,29 +286,51 @@ def test_every_new_step_type_validates_and_resolves():
     resolved = resolve(EVERY_STEP)
     send, pause, until, fixed, reply, route, again, tell, alert, _ = resolved.steps
     assert (resolved.on_failure, resolved.max_visits) == (8, 5)
-    assert (send.action, send.major, send.timeout_ms, send.timeout_text, send.max_attempts) == ("sms.send", 2, 10_000, "10s", 5)
+    assert (send.action, send.major, send.timeout_ms, send.timeout_text, send.max_attempts) == (
+        "sms.send",
+        2,
+        10_000,
+        "10s",
+        5,
+    )
     assert (send.initial_ms, send.coefficient, send.max_interval_ms, send.jitter) == (2_000, 1.5, 5_400_000, 0.0)
     assert (send.non_retryable, send.on_failure, send.next) == (("invalid_number",), 8, 1)
-    assert (alert.timeout_ms, alert.max_attempts, alert.initial_ms, alert.coefficient, alert.max_interval_ms, alert.jitter) == (
-        30_000, 3, 1_000, 2.0, 300_000, 0.2)
+    assert (
+        alert.timeout_ms,
+        alert.max_attempts,
+        alert.initial_ms,
+        alert.coefficient,
+        alert.max_interval_ms,
+        alert.jitter,
+    ) == (30_000, 3, 1_000, 2.0, 300_000, 0.2)
     assert (alert.major, alert.on_failure, alert.non_retryable) == (1, -1, ())
     assert (pause.duration_ms, pause.until, until.duration_ms, until.on_failure) == (172_800_000, None, -1, 4)
     assert until.until[0] == "path" and fixed.until == ("lit", "2030-01-01T09:00:00+01:00")
-    assert (reply.event, reply.timeout_ms, reply.on_timeout, reply.next, reply.filter[0]) == ("sms.received", 259_200_000, 5, 5, "contains")
+    assert (reply.event, reply.timeout_ms, reply.on_timeout, reply.next, reply.filter[0]) == (
+        "sms.received",
+        259_200_000,
+        5,
+        5,
+        "contains",
+    )
     assert (len(route.cases), route.cases[0][1], route.default) == (1, 7, 6)
     assert again.target == 1 and (tell.event, tell.next) == ("lead.qualified", 9)
 
 
 def test_new_step_defaults():
-    resolved = resolve({
-        "id": "d", "tenant": "t", "trigger": {"event": "x"},
-        "steps": [
-            {"id": "r", "type": "wait_for_event", "event": "e", "timeout": 1000, "next": "z"},
-            {"id": "s", "type": "switch", "cases": [{"when": {"eq": [1, 1]}, "next": "z"}]},
-            {"id": "em", "type": "emit", "event": "y"},
-            {"id": "z", "type": "end"},
-        ],
-    })
+    resolved = resolve(
+        {
+            "id": "d",
+            "tenant": "t",
+            "trigger": {"event": "x"},
+            "steps": [
+                {"id": "r", "type": "wait_for_event", "event": "e", "timeout": 1000, "next": "z"},
+                {"id": "s", "type": "switch", "cases": [{"when": {"eq": [1, 1]}, "next": "z"}]},
+                {"id": "em", "type": "emit", "event": "y"},
+                {"id": "z", "type": "end"},
+            ],
+        }
+    )
     r, s, em, _ = resolved.steps
     assert (r.on_timeout, r.next, r.filter) == (3, 3, None)
     assert s.default == 2  # falls through
@@ -288,24 +356,44 @@ def every_step(index: int, **changes) -> dict:
         (every_step(2, on_failure="nope"), "steps[2] (id 'until'): 'on_failure' points at unknown step 'nope'"),
         (every_step(4, on_timeout="nope"), "steps[4] (id 'reply'): 'on_timeout' points at unknown step 'nope'"),
         (every_step(5, default="nope"), "steps[5] (id 'route'): 'default' points at unknown step 'nope'"),
-        (every_step(5, cases=[{"when": {"eq": [1, 1]}, "next": "nope"}]),
-         "steps[5] (id 'route'): 'cases[0].next' points at unknown step 'nope'"),
+        (
+            every_step(5, cases=[{"when": {"eq": [1, 1]}, "next": "nope"}]),
+            "steps[5] (id 'route'): 'cases[0].next' points at unknown step 'nope'",
+        ),
         (every_step(7, next="nope"), "steps[7] (id 'tell'): 'next' points at unknown step 'nope'"),
-        (every_step(1, duration="soon"), "steps[1] (id 'pause'): 'duration': 'soon' is not a duration (expected e.g. "
-         "'500ms', '30s', '15m', '2h', '2d', '1h30m', 'PT15M', 'P1DT2H', or an integer of milliseconds)"),
+        (
+            every_step(1, duration="soon"),
+            "steps[1] (id 'pause'): 'duration': 'soon' is not a duration (expected e.g. "
+            "'500ms', '30s', '15m', '2h', '2d', '1h30m', 'PT15M', 'P1DT2H', or an integer of milliseconds)",
+        ),
         (every_step(0, timeout="0s"), "steps[0] (id 'send'): 'timeout' must be a positive duration, got '0s'"),
         (every_step(0, timeout=-5), "steps[0] (id 'send'): 'timeout': a duration must not be negative, got -5"),
         (every_step(4, timeout="PT0S"), "steps[4] (id 'reply'): 'timeout' must be a positive duration, got 'PT0S'"),
-        (every_step(0, retry={"initial_interval": "1m", "max_interval": "10s"}),
-         "steps[0] (id 'send'): 'retry.max_interval' must not be shorter than 'retry.initial_interval'"),
-        (every_step(0, retry={"initial_interval": "P1Y"}), "steps[0] (id 'send'): 'retry.initial_interval': 'P1Y' is not a "
-         "duration (expected e.g. '500ms', '30s', '15m', '2h', '2d', '1h30m', 'PT15M', 'P1DT2H', or an integer of milliseconds)"),
-        (every_step(1, duration=None), "steps[1] (id 'pause'): a wait step needs exactly one of 'duration' and 'until'"),
-        (every_step(1, until="2030-01-01"), "steps[1] (id 'pause'): a wait step needs exactly one of 'duration' and 'until'"),
+        (
+            every_step(0, retry={"initial_interval": "1m", "max_interval": "10s"}),
+            "steps[0] (id 'send'): 'retry.max_interval' must not be shorter than 'retry.initial_interval'",
+        ),
+        (
+            every_step(0, retry={"initial_interval": "P1Y"}),
+            "steps[0] (id 'send'): 'retry.initial_interval': 'P1Y' is not a "
+            "duration (expected e.g. '500ms', '30s', '15m', '2h', '2d', '1h30m', 'PT15M', 'P1DT2H',"
+            " or an integer of milliseconds)",
+        ),
+        (
+            every_step(1, duration=None),
+            "steps[1] (id 'pause'): a wait step needs exactly one of 'duration' and 'until'",
+        ),
+        (
+            every_step(1, until="2030-01-01"),
+            "steps[1] (id 'pause'): a wait step needs exactly one of 'duration' and 'until'",
+        ),
         (every_step(3, until="next tuesday"), "steps[3] (id 'fixed'): 'until': not an ISO-8601 time: 'next tuesday'"),
         (every_step(4, timeout=None), "steps[4] (id 'reply'): 'timeout' is a required property"),
-        (every_step(2, until="{{later.x}}"),
-         "steps[2] (id 'until'): template '{{later.x}}' uses unknown root 'later' (expected context, contact or event)"),
+        (
+            every_step(2, until="{{later.x}}"),
+            "steps[2] (id 'until'): template '{{later.x}}' uses unknown root 'later'"
+            " (expected context, contact or event)",
+        ),
     ],
 )
 def test_new_step_errors_point_at_the_step(definition, expected):
@@ -318,7 +406,11 @@ def test_new_step_errors_point_at_the_step(definition, expected):
         (0, {"action": "Send SMS"}, "steps[0] (id 'send').action: 'Send SMS' does not match"),
         (0, {"version": 0}, "steps[0] (id 'send').version: 0 is less than the minimum of 1"),
         (0, {"retry": {"jitter": 2}}, "steps[0] (id 'send').retry.jitter: 2 is greater than the maximum of 1"),
-        (0, {"retry": {"backoff_coefficient": 0.5}}, "steps[0] (id 'send').retry.backoff_coefficient: 0.5 is less than"),
+        (
+            0,
+            {"retry": {"backoff_coefficient": 0.5}},
+            "steps[0] (id 'send').retry.backoff_coefficient: 0.5 is less than",
+        ),
         (0, {"retry": {"max_attempts": 0}}, "steps[0] (id 'send').retry.max_attempts: 0 is less than the minimum of 1"),
         (0, {"input": "text"}, "steps[0] (id 'send').input: 'text' is not of type 'object'"),
         (0, {"action": None}, "steps[0] (id 'send'): 'action' is a required property"),

@@ -11,8 +11,6 @@ import hotpath
 from hotpath.definition import DefinitionError
 
 
-
-
 def workflow(*steps, trigger=None, max_steps=None, **extra) -> dict:
     definition = {"id": "wf", "tenant": "acme", "version": 2, "trigger": trigger or {"event": "contact.created"}}
     if max_steps is not None:
@@ -38,8 +36,11 @@ def set_step(step_id, values, **more):
 
 def holds(impl, condition, contact=None, event=None, context=None) -> bool:
     """Evaluate a condition through an if step."""
-    definition = workflow({"id": "c", "type": "if", "condition": condition, "then": "yes", "else": "no"},
-                          {"id": "yes", "type": "end"}, {"id": "no", "type": "end"})
+    definition = workflow(
+        {"id": "c", "type": "if", "condition": condition, "then": "yes", "else": "no"},
+        {"id": "yes", "type": "end"},
+        {"id": "no", "type": "end"},
+    )
     _, _, out = run(impl, definition, contact=contact, event=event, context=context)
     return out[-1][1] == "yes"
 
@@ -64,7 +65,14 @@ def test_program_rejects_bad_definitions(impl):
 
 def test_state_defaults(impl):
     state = impl.ExecutionState("e")
-    assert (state.execution_id, state.status, state.pc, state.seq, state.steps, state.waiting) == ("e", "running", 0, 0, 0, None)
+    assert (state.execution_id, state.status, state.pc, state.seq, state.steps, state.waiting) == (
+        "e",
+        "running",
+        0,
+        0,
+        0,
+        None,
+    )
     assert state.context == {} and state.contact == {} and state.event == {}
     state.status = "cancelled"
     state.pc = 3
@@ -119,17 +127,21 @@ def test_templates_raw_interpolated_and_null(impl):
 MISSING_CONTACT = {"name": "Ann", "nil": None, "tags": ["a"]}
 
 
-@pytest.mark.parametrize("template, text", [
-    ("{{contact.first_nam}}", "{{contact.first_nam}}"),
-    ("Hi {{ contact.first_nam }}!", "{{contact.first_nam}}"),
-    ("{{contact.nil.deeper}}", "{{contact.nil.deeper}}"),      # through a null
-    ("{{contact.name.first}}", "{{contact.name.first}}"),      # through a string
-    ("{{contact.tags.5}}", "{{contact.tags.5}}"),              # out of range
-    ({"deep": ["{{event.data.nope}}"]}, "{{event.data.nope}}"),
-])
+@pytest.mark.parametrize(
+    "template, text",
+    [
+        ("{{contact.first_nam}}", "{{contact.first_nam}}"),
+        ("Hi {{ contact.first_nam }}!", "{{contact.first_nam}}"),
+        ("{{contact.nil.deeper}}", "{{contact.nil.deeper}}"),  # through a null
+        ("{{contact.name.first}}", "{{contact.name.first}}"),  # through a string
+        ("{{contact.tags.5}}", "{{contact.tags.5}}"),  # out of range
+        ({"deep": ["{{event.data.nope}}"]}, "{{event.data.nope}}"),
+    ],
+)
 def test_a_missing_field_in_a_set_value_fails_the_step_and_dead_letters(impl, template, text):
-    definition = workflow(set_step("before", {"a": 1}), set_step("greet", {"b": 2, "c": template}),
-                          set_step("after", {"d": 3}))
+    definition = workflow(
+        set_step("before", {"a": 1}), set_step("greet", {"b": 2, "c": template}), set_step("after", {"d": 3})
+    )
     _, state, out = run(impl, definition, contact=MISSING_CONTACT, event={"data": {}})
     error = {"code": "template_missing_field", "retryable": False, "message": f"{text} names a missing field"}
     assert out[-2:] == [
@@ -138,20 +150,25 @@ def test_a_missing_field_in_a_set_value_fails_the_step_and_dead_letters(impl, te
     ]
     assert (state.status, state.pc) == ("failed", 1)
     assert state.context == {"a": 1, "b": 2}  # the values before the failing one stay assigned
-    assert state.effects == [("dead_letter", {"reason": "template_missing_field", "step_id": "greet",
-                                              "error": error, "attempts": []})]
+    assert state.effects == [
+        ("dead_letter", {"reason": "template_missing_field", "step_id": "greet", "error": error, "attempts": []})
+    ]
 
 
-@pytest.mark.parametrize("grow, start", [
-    ("{{context.x}}{{context.x}}", "ab"),           # a string that doubles on every visit
-    (["{{context.x}}", "{{context.x}}"], 1),          # a tree that doubles on every visit
-])
+@pytest.mark.parametrize(
+    "grow, start",
+    [
+        ("{{context.x}}{{context.x}}", "ab"),  # a string that doubles on every visit
+        (["{{context.x}}", "{{context.x}}"], 1),  # a tree that doubles on every visit
+    ],
+)
 def test_a_value_that_doubles_in_a_loop_fails_before_it_eats_the_worker(impl, grow, start):
     """Within one advance the loop guard allows 100 visits: 2**100 must not be attempted."""
     from hotpath.definition import MAX_RENDERED_CHARS, MAX_RENDERED_NODES
 
-    definition = workflow(set_step("init", {"x": start}), set_step("grow", {"x": grow}),
-                          {"id": "again", "type": "goto", "target": "grow"})
+    definition = workflow(
+        set_step("init", {"x": start}), set_step("grow", {"x": grow}), {"id": "again", "type": "goto", "target": "grow"}
+    )
     _, state, out = run(impl, definition)
     assert state.status == "failed"
     step_failed = [t for t in out if t[2] == "step_failed"]
@@ -164,15 +181,22 @@ def test_a_value_that_doubles_in_a_loop_fails_before_it_eats_the_worker(impl, gr
     if isinstance(start, str):
         assert len(state.context["x"]) <= MAX_RENDERED_CHARS
     else:
+
         def nodes(value):
             return 1 + sum(nodes(v) for v in value) if isinstance(value, list) else 1
+
         assert nodes(state.context["x"]) <= 2 * MAX_RENDERED_NODES
 
 
 def test_a_missing_field_in_an_action_input_takes_the_failure_branch(impl):
     definition = workflow(
-        {"id": "send", "type": "action", "action": "sms.send", "input": {"body": "Hi {{contact.first_nam}}"},
-         "on_failure": "fallback"},
+        {
+            "id": "send",
+            "type": "action",
+            "action": "sms.send",
+            "input": {"body": "Hi {{contact.first_nam}}"},
+            "on_failure": "fallback",
+        },
         {"id": "done", "type": "end"},
         set_step("fallback", {"fell_back": True}),
     )
@@ -185,8 +209,7 @@ def test_a_missing_field_in_an_action_input_takes_the_failure_branch(impl):
 
 
 def test_a_missing_field_in_an_action_input_without_a_branch_fails_the_execution(impl):
-    definition = workflow({"id": "send", "type": "action", "action": "sms.send",
-                           "input": {"to": "{{contact.phone}}"}})
+    definition = workflow({"id": "send", "type": "action", "action": "sms.send", "input": {"to": "{{contact.phone}}"}})
     _, state, out = run(impl, definition, contact=MISSING_CONTACT)
     assert kinds(out) == [("", "started"), ("send", "step_failed"), ("send", "failed")]
     assert state.status == "failed" and state.timer is None
@@ -195,10 +218,13 @@ def test_a_missing_field_in_an_action_input_without_a_branch_fails_the_execution
 
 
 def test_missing_fields_in_emit_data_and_wait_until_take_the_workflow_branch(impl):
-    for step in ({"id": "tell", "type": "emit", "event": "x.happened", "data": {"v": "{{context.nope}}"}},
-                 {"id": "tell", "type": "wait", "until": "{{context.nope}}"}):
-        definition = workflow(step, {"id": "done", "type": "end"}, set_step("oops", {"handled": True}),
-                              on_failure="oops")
+    for step in (
+        {"id": "tell", "type": "emit", "event": "x.happened", "data": {"v": "{{context.nope}}"}},
+        {"id": "tell", "type": "wait", "until": "{{context.nope}}"},
+    ):
+        definition = workflow(
+            step, {"id": "done", "type": "end"}, set_step("oops", {"handled": True}), on_failure="oops"
+        )
         _, state, out = run(impl, definition)
         assert kinds(out) == [("", "started"), ("tell", "step_failed"), ("oops", "set"), ("", "completed")]
         assert out[1][3]["error"]["message"] == "{{context.nope}} names a missing field"
@@ -210,8 +236,12 @@ def test_conditions_see_a_missing_field_as_null(impl):
     assert holds(impl, {"eq": ["{{contact.first_nam}}", None]}, contact=MISSING_CONTACT) is True
     assert holds(impl, {"ne": ["{{contact.nil.deeper}}", "x"]}, contact=MISSING_CONTACT) is True
     assert holds(impl, {"eq": ["Hi {{contact.first_nam}}", "Hi "]}, contact=MISSING_CONTACT) is True
-    program = impl.Program(workflow({"id": "e", "type": "end"},
-                                    trigger={"event": "contact.created", "filter": {"eq": ["{{contact.plan}}", "pro"]}}))
+    program = impl.Program(
+        workflow(
+            {"id": "e", "type": "end"},
+            trigger={"event": "contact.created", "filter": {"eq": ["{{contact.plan}}", "pro"]}},
+        )
+    )
     assert program.matches({"type": "contact.created", "contact": {}}) is False
 
 
@@ -348,7 +378,9 @@ def test_next_jumps(impl):
 
 
 def test_end_with_failed_status_and_reason(impl):
-    definition = workflow({"id": "stop", "type": "end", "status": "failed", "reason": "blocked"}, set_step("never", {"x": 1}))
+    definition = workflow(
+        {"id": "stop", "type": "end", "status": "failed", "reason": "blocked"}, set_step("never", {"x": 1})
+    )
     _, state, out = run(impl, definition)
     assert out[1:] == [(2, "stop", "failed", {"reason": "blocked"})]
     assert (state.status, state.pc, state.steps) == ("failed", 0, 1)
@@ -412,7 +444,9 @@ def test_non_matching_signal_is_recorded_and_changes_nothing_else(impl):
 def test_signal_to_a_running_execution_has_no_step(impl):
     program = impl.Program(WAITING)
     state = impl.ExecutionState("e")
-    assert impl.advance(program, state, "signal", {"name": "reply"}) == [(1, "", "signal", {"name": "reply", "data": None})]
+    assert impl.advance(program, state, "signal", {"name": "reply"}) == [
+        (1, "", "signal", {"name": "reply", "data": None})
+    ]
     assert (state.status, state.seq, state.steps) == ("running", 1, 0)
 
 
@@ -488,9 +522,26 @@ def begin(impl, definition, now_ms=1_000, **state_args):
 
 def test_new_state_fields_and_round_trip(impl):
     state = impl.ExecutionState("e")
-    assert (state.attempt, state.timer, state.visits, state.failures, state.tenant, state.effects) == (0, None, {}, [], "", [])
-    fields = dict(status="waiting", pc=1, seq=4, steps=2, waiting="retry", attempt=2, timer="t", visits={"a": 1},
-                  failures=[{"attempt": 1, "error": {"code": "x"}}], tenant="acme")
+    assert (state.attempt, state.timer, state.visits, state.failures, state.tenant, state.effects) == (
+        0,
+        None,
+        {},
+        [],
+        "",
+        [],
+    )
+    fields = dict(
+        status="waiting",
+        pc=1,
+        seq=4,
+        steps=2,
+        waiting="retry",
+        attempt=2,
+        timer="t",
+        visits={"a": 1},
+        failures=[{"attempt": 1, "error": {"code": "x"}}],
+        tenant="acme",
+    )
     copy = impl.ExecutionState("e", **fields)
     assert {name: getattr(copy, name) for name in fields} == fields
     copy.attempt, copy.timer, copy.tenant = 3, None, "other"
@@ -498,8 +549,9 @@ def test_new_state_fields_and_round_trip(impl):
 
 
 def test_program_on_failure_and_max_visits(impl):
-    program = impl.Program(workflow(set_step("a", {"x": 1}), {"id": "oops", "type": "end"}, on_failure="oops",
-                                    limits={"max_visits": 7}))
+    program = impl.Program(
+        workflow(set_step("a", {"x": 1}), {"id": "oops", "type": "end"}, on_failure="oops", limits={"max_visits": 7})
+    )
     assert (program.on_failure, program.max_visits) == (1, 7)
     program = impl.Program(workflow(set_step("a", {"x": 1})))
     assert (program.on_failure, program.max_visits) == (-1, 100)
@@ -510,14 +562,27 @@ def test_action_requested_then_completed(impl):
     program, state, out = begin(impl, definition)
     assert out[1:] == [(2, "send", "action_requested", {"attempt": 1, "action": "sms.send"})]
     assert drain(state) == [
-        ("action", {"step_id": "send", "attempt": 1, "action": "sms.send", "major": 2, "input": {"to": "+49"},
-                    "idempotency_key": "exec-1:send:1", "timeout_ms": 10_000}),
+        (
+            "action",
+            {
+                "step_id": "send",
+                "attempt": 1,
+                "action": "sms.send",
+                "major": 2,
+                "input": {"to": "+49"},
+                "idempotency_key": "exec-1:send:1",
+                "timeout_ms": 10_000,
+            },
+        ),
         ("set_timer", {"timer_id": state.timer, "fire_at_ms": 11_000, "purpose": "action_timeout", "step_id": "send"}),
     ]
     assert (state.status, state.waiting, state.attempt, state.visits) == ("waiting", "action", 1, {"send": 1})
     out = impl.advance(program, state, "action_result", result(state, output={"id": "m-1"}), 2_000)
-    assert out == [(3, "send", "action_completed", {"attempt": 1, "output": {"id": "m-1"}}), (4, "after", "set", None),
-                   (5, "", "completed", None)]
+    assert out == [
+        (3, "send", "action_completed", {"attempt": 1, "output": {"id": "m-1"}}),
+        (4, "after", "set", None),
+        (5, "", "completed", None),
+    ]
     assert drain(state) == [("clear_timer", None)]
     assert state.context == {"send": {"id": "m-1"}, "id": "m-1"}
     assert (state.status, state.timer, state.attempt, state.failures) == ("completed", None, 0, [])
@@ -549,8 +614,15 @@ def test_retry_delays_are_exact_without_jitter_and_exhaustion_dead_letters(impl)
     assert out[2][3] == {"error": "try later", "code": "unavailable"}
     assert drain(state) == [
         ("clear_timer", None),
-        ("dead_letter", {"reason": "step_failed", "step_id": "send", "error": failure(),
-                         "attempts": [{"attempt": n, "error": failure()} for n in (1, 2, 3, 4)]}),
+        (
+            "dead_letter",
+            {
+                "reason": "step_failed",
+                "step_id": "send",
+                "error": failure(),
+                "attempts": [{"attempt": n, "error": failure()} for n in (1, 2, 3, 4)],
+            },
+        ),
     ]
     assert (state.status, state.pc, state.visits, state.timer, state.waiting) == ("failed", 0, {"send": 1}, None, None)
 
@@ -610,7 +682,9 @@ def test_late_results_are_recorded_and_change_nothing(impl):
     drain(state)
     for late in (result(state, attempt=1), result(state, step_id="other")):
         seq = state.seq
-        assert impl.advance(program, state, "action_result", late, 3_100) == [(seq + 1, late["step_id"], "late_result", {"attempt": late["attempt"], "ok": True})]
+        assert impl.advance(program, state, "action_result", late, 3_100) == [
+            (seq + 1, late["step_id"], "late_result", {"attempt": late["attempt"], "ok": True})
+        ]
     assert (state.status, state.waiting, state.attempt, state.effects) == ("waiting", "action", 2, [])
     impl.advance(program, state, "action_result", result(state), 3_200)
     out = impl.advance(program, state, "action_result", result(state, attempt=2), 3_300)
@@ -641,14 +715,22 @@ def test_step_on_failure_branch(impl):
     program, state, _ = begin(impl, definition)
     drain(state)
     out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
-    assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("apologise", "set"), ("end", "completed")]
+    assert kinds(out) == [
+        ("send", "action_failed"),
+        ("send", "step_failed"),
+        ("apologise", "set"),
+        ("end", "completed"),
+    ]
     assert drain(state) == [("clear_timer", None)]  # no dead letter: the failure was handled
     assert state.context == {"sorry": True} and (state.attempt, state.failures) == (0, [])
 
 
 def test_workflow_on_failure_branch(impl):
-    definition = workflow(action(retry={"max_attempts": 1}), {"id": "handler", "type": "end", "status": "failed",
-                                                                "reason": "send failed"}, on_failure="handler")
+    definition = workflow(
+        action(retry={"max_attempts": 1}),
+        {"id": "handler", "type": "end", "status": "failed", "reason": "send failed"},
+        on_failure="handler",
+    )
     program, state, _ = begin(impl, definition)
     out = impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 2_000)
     assert kinds(out) == [("send", "action_failed"), ("send", "step_failed"), ("handler", "failed")]
@@ -659,7 +741,9 @@ def test_workflow_on_failure_branch(impl):
 def test_a_failing_workflow_failure_branch_does_not_loop(impl):
     definition = workflow(set_step("a", {"x": 1}), action("alert", retry={"max_attempts": 1}), on_failure="alert")
     program, state, _ = begin(impl, definition)
-    out = impl.advance(program, state, "action_result", result(state, step_id="alert", ok=False, error=failure()), 2_000)
+    out = impl.advance(
+        program, state, "action_result", result(state, step_id="alert", ok=False, error=failure()), 2_000
+    )
     assert kinds(out) == [("alert", "action_failed"), ("alert", "step_failed"), ("alert", "failed")]
     assert state.status == "failed"
 
@@ -668,13 +752,18 @@ def test_operator_retry_keeps_the_idempotency_key(impl):
     definition = workflow(set_step("a", {"x": 1}), action(retry={"max_attempts": 2, "jitter": 0}))
     program, state, _ = begin(impl, definition)
     first_key = drain(state)[0][1]["idempotency_key"]
-    impl.advance(program, state, "action_result", result(state, step_id="send", ok=False, error=failure(retryable=False)), 2_000)
+    impl.advance(
+        program, state, "action_result", result(state, step_id="send", ok=False, error=failure(retryable=False)), 2_000
+    )
     assert state.status == "failed"
     drain(state)
     with pytest.raises(ValueError, match="not failed at an action step"):
         impl.advance(program, impl.ExecutionState("x"), "retry", {})
     out = impl.advance(program, state, "retry", {}, 9_000)
-    assert out == [(state.seq - 1, "send", "retried", None), (state.seq, "send", "action_requested", {"attempt": 1, "action": "sms.send"})]
+    assert out == [
+        (state.seq - 1, "send", "retried", None),
+        (state.seq, "send", "action_requested", {"attempt": 1, "action": "sms.send"}),
+    ]
     request, timer = drain(state)
     assert request[1]["idempotency_key"] == first_key == "exec-1:send:1"
     assert (request[1]["attempt"], timer[1]["fire_at_ms"]) == (1, 39_000)
@@ -692,13 +781,18 @@ def test_operator_retry_refuses_other_failures(impl):
 
 
 def test_wait_for_a_duration(impl):
-    program, state, out = begin(impl, workflow({"id": "pause", "type": "wait", "duration": "1h30m"}, set_step("after", {"x": 1})))
+    program, state, out = begin(
+        impl, workflow({"id": "pause", "type": "wait", "duration": "1h30m"}, set_step("after", {"x": 1}))
+    )
     assert out[1:] == [(2, "pause", "waiting", {"until_ms": 1_000 + 5_400_000})]
     ((kind, timer),) = drain(state)
     assert (kind, timer["purpose"], timer["fire_at_ms"], state.waiting) == ("set_timer", "wait", 5_401_000, "timer")
     out = impl.advance(program, state, "timer", {"timer_id": timer["timer_id"]}, 5_401_050)
-    assert out == [(3, "pause", "timer_fired", {"purpose": "wait", "timer_id": timer["timer_id"]}), (4, "after", "set", None),
-                   (5, "", "completed", None)]
+    assert out == [
+        (3, "pause", "timer_fired", {"purpose": "wait", "timer_id": timer["timer_id"]}),
+        (4, "after", "set", None),
+        (5, "", "completed", None),
+    ]
     assert (state.timer, state.effects) == (None, [])
 
 
@@ -732,8 +826,14 @@ def test_wait_until_that_is_not_a_time_fails_the_step(impl):
 
 
 EVENT_WAIT = workflow(
-    {"id": "reply", "type": "wait_for_event", "event": "sms.received", "timeout": "3d",
-     "filter": {"contains": ["{{event.data.text}}", "{{context.keyword}}"]}, "on_timeout": "nudge"},
+    {
+        "id": "reply",
+        "type": "wait_for_event",
+        "event": "sms.received",
+        "timeout": "3d",
+        "filter": {"contains": ["{{event.data.text}}", "{{context.keyword}}"]},
+        "on_timeout": "nudge",
+    },
     set_step("thank", {"replied": "{{context.reply.text}}"}, next="end"),
     set_step("nudge", {"nudged": True}),
     {"id": "end", "type": "end"},
@@ -745,7 +845,15 @@ def test_wait_for_event_received(impl):
     assert out[1:] == [(2, "reply", "waiting", {"event": "sms.received"})]
     assert drain(state) == [
         ("wait_event", {"event_type": "sms.received", "step_id": "reply"}),
-        ("set_timer", {"timer_id": state.timer, "fire_at_ms": 1_000 + 3 * 86_400_000, "purpose": "event_timeout", "step_id": "reply"}),
+        (
+            "set_timer",
+            {
+                "timer_id": state.timer,
+                "fire_at_ms": 1_000 + 3 * 86_400_000,
+                "purpose": "event_timeout",
+                "step_id": "reply",
+            },
+        ),
     ]
     assert state.waiting == "event:sms.received"
     event = {"v": 1, "event_id": "ev-1", "tenant": "acme", "type": "sms.received", "contact": {"phone": "+49"}}
@@ -753,9 +861,11 @@ def test_wait_for_event_received(impl):
     assert impl.advance(program, state, "event", {**event, "data": {"text": "no"}}) == []  # the filter says no
     assert (state.seq, state.effects) == (2, [])
     out = impl.advance(program, state, "event", {**event, "data": {"text": "YES please"}}, 5_000)
-    assert out == [(3, "reply", "event_received", {"event_id": "ev-1", "type": "sms.received", "data": {"text": "YES please"}}),
-                   (4, "thank", "set", None),
-                   (5, "end", "completed", None)]
+    assert out == [
+        (3, "reply", "event_received", {"event_id": "ev-1", "type": "sms.received", "data": {"text": "YES please"}}),
+        (4, "thank", "set", None),
+        (5, "end", "completed", None),
+    ]
     assert drain(state) == [("clear_wait", None), ("clear_timer", None)]
     assert state.context == {"keyword": "YES", "reply": {"text": "YES please"}, "replied": "YES please"}
     assert impl.advance(program, state, "event", {**event, "data": {"text": "YES"}}) == []
@@ -767,15 +877,21 @@ def test_wait_for_event_times_out(impl):
     program, state, _ = begin(impl, EVENT_WAIT)
     timer = drain(state)[1][1]["timer_id"]
     out = impl.advance(program, state, "timer", {"timer_id": timer}, 9_000)
-    assert out == [(3, "reply", "timed_out", {"event": "sms.received", "timer_id": timer}), (4, "nudge", "set", None),
-                   (5, "end", "completed", None)]
+    assert out == [
+        (3, "reply", "timed_out", {"event": "sms.received", "timer_id": timer}),
+        (4, "nudge", "set", None),
+        (5, "end", "completed", None),
+    ]
     assert drain(state) == [("clear_wait", None)]
     assert impl.advance(program, state, "event", {"type": "sms.received", "data": {"text": ""}}) == []
 
 
 def test_wait_for_event_timeout_defaults_to_next(impl):
-    definition = workflow({"id": "reply", "type": "wait_for_event", "event": "x", "timeout": 500, "next": "b"},
-                          set_step("a", {"a": 1}), set_step("b", {"b": 1}))
+    definition = workflow(
+        {"id": "reply", "type": "wait_for_event", "event": "x", "timeout": 500, "next": "b"},
+        set_step("a", {"a": 1}),
+        set_step("b", {"b": 1}),
+    )
     program, state, _ = begin(impl, definition)
     assert drain(state)[1][1]["fire_at_ms"] == 1_500
     out = impl.advance(program, state, "timer", {"timer_id": state.timer}, 1_500)
@@ -784,10 +900,15 @@ def test_wait_for_event_timeout_defaults_to_next(impl):
 
 def test_switch(impl):
     definition = workflow(
-        {"id": "route", "type": "switch", "cases": [
-            {"when": {"eq": ["{{contact.country}}", "DE"]}, "next": "de"},
-            {"when": {"in": ["{{contact.country}}", ["AT", "CH"]]}, "next": "dach"},
-        ], "default": "other"},
+        {
+            "id": "route",
+            "type": "switch",
+            "cases": [
+                {"when": {"eq": ["{{contact.country}}", "DE"]}, "next": "de"},
+                {"when": {"in": ["{{contact.country}}", ["AT", "CH"]]}, "next": "dach"},
+            ],
+            "default": "other",
+        },
         set_step("de", {"r": "de"}, next="end"),
         set_step("dach", {"r": "dach"}, next="end"),
         set_step("other", {"r": "other"}),
@@ -797,15 +918,19 @@ def test_switch(impl):
         _, state, out = run(impl, definition, contact={"country": country})
         assert out[1] == (2, "route", "branch", {"to": to, "case": case})
         assert state.context == {"r": to}
-    fallthrough = workflow({"id": "route", "type": "switch", "cases": [{"when": {"eq": [1, 2]}, "next": "b"}]},
-                           set_step("a", {"a": 1}), set_step("b", {"b": 1}))
+    fallthrough = workflow(
+        {"id": "route", "type": "switch", "cases": [{"when": {"eq": [1, 2]}, "next": "b"}]},
+        set_step("a", {"a": 1}),
+        set_step("b", {"b": 1}),
+    )
     _, state, out = run(impl, fallthrough)
     assert out[1] == (2, "route", "branch", {"to": "a", "case": "default"})
 
 
 def test_goto_and_the_visit_loop_guard(impl):
-    definition = workflow(set_step("count", {"n": 1}), {"id": "again", "type": "goto", "target": "count"},
-                          limits={"max_visits": 3})
+    definition = workflow(
+        set_step("count", {"n": 1}), {"id": "again", "type": "goto", "target": "count"}, limits={"max_visits": 3}
+    )
     _, state, out = run(impl, definition)
     assert out[1:3] == [(2, "count", "set", None), (3, "again", "goto", {"to": "count"})]
     assert kinds(out[1:]) == [("count", "set"), ("again", "goto")] * 3 + [("count", "failed")]
@@ -823,7 +948,12 @@ def test_visits_count_across_advances(impl):
     impl.advance(program, state, "signal", {"name": "go"})
     assert (state.status, state.visits) == ("waiting", {"w": 2, "back": 1})
     out = impl.advance(program, state, "signal", {"name": "go"})
-    assert out[-1] == (8, "w", "failed", {"error": "loop guard: step 'w' entered more than 2 times", "code": "loop_guard"})
+    assert out[-1] == (
+        8,
+        "w",
+        "failed",
+        {"error": "loop guard: step 'w' entered more than 2 times", "code": "loop_guard"},
+    )
 
 
 def test_emit(impl):
@@ -834,8 +964,22 @@ def test_emit(impl):
     )
     program, state, out = begin(impl, definition, now_ms=42)
     assert out[1] == (2, "tell", "emitted", {"event_id": "exec-1:tell:1", "type": "lead.qualified"})
-    assert drain(state) == [("emit", {"event": {"v": 1, "event_id": "exec-1:tell:1", "tenant": "acme", "type": "lead.qualified",
-                                                "contact": {"phone": "+49"}, "data": {"who": "+49", "n": 1}, "ts": 42}})]
+    assert drain(state) == [
+        (
+            "emit",
+            {
+                "event": {
+                    "v": 1,
+                    "event_id": "exec-1:tell:1",
+                    "tenant": "acme",
+                    "type": "lead.qualified",
+                    "contact": {"phone": "+49"},
+                    "data": {"who": "+49", "n": 1},
+                    "ts": 42,
+                }
+            },
+        )
+    ]
     # The id derives from the execution and the visit: the same on a replay, new on the next loop iteration.
     _, replayed, _ = begin(impl, definition, now_ms=42)
     assert drain(replayed)[0][1]["event"]["event_id"] == "exec-1:tell:1"
@@ -883,7 +1027,8 @@ def test_details_carry_the_inputs_as_copies(impl):
     """Output, event data and signal data are in the details, and the set step that runs right after
     (in the same advance, before the transitions are serialised) does not reach into them."""
     definition = workflow(
-        action(), set_step("mark-send", {"send.seen": True}),
+        action(),
+        set_step("mark-send", {"send.seen": True}),
         {"id": "reply", "type": "wait_for_event", "event": "sms.received", "timeout": "1h"},
         set_step("mark-reply", {"reply.seen": True}),
         {"id": "ok", "type": "wait_for_signal", "signal": "ok"},
@@ -894,12 +1039,20 @@ def test_details_carry_the_inputs_as_copies(impl):
     assert out[0] == (3, "send", "action_completed", {"attempt": 1, "output": {"id": "m-1"}})
     event = {"v": 1, "event_id": "ev-1", "type": "sms.received", "contact": {}, "data": {"text": "hi"}}
     out = impl.advance(program, state, "event", event, 3_000)
-    assert out[0] == (out[0][0], "reply", "event_received", {"event_id": "ev-1", "type": "sms.received", "data": {"text": "hi"}})
+    assert out[0] == (
+        out[0][0],
+        "reply",
+        "event_received",
+        {"event_id": "ev-1", "type": "sms.received", "data": {"text": "hi"}},
+    )
     out = impl.advance(program, state, "signal", {"name": "ok", "data": {"by": "ops"}}, 4_000)
     assert out[0][2:] == ("signal", {"name": "ok", "data": {"by": "ops"}})
     assert state.status == "completed"
     assert [state.context[k] for k in ("send", "reply", "ok")] == [
-        {"id": "m-1", "seen": True}, {"text": "hi", "seen": True}, {"by": "ops", "seen": True}]
+        {"id": "m-1", "seen": True},
+        {"text": "hi", "seen": True},
+        {"by": "ops", "seen": True},
+    ]
 
 
 def test_a_failed_result_has_no_timer_id_and_null_output_is_recorded(impl):
@@ -912,8 +1065,13 @@ def test_a_failed_result_has_no_timer_id_and_null_output_is_recorded(impl):
 
 
 def test_timer_details_name_the_timer_that_fired(impl):
-    program, state, _ = begin(impl, workflow({"id": "pause", "type": "wait", "duration": "1m"},
-                                             {"id": "reply", "type": "wait_for_event", "event": "x", "timeout": "1m"}))
+    program, state, _ = begin(
+        impl,
+        workflow(
+            {"id": "pause", "type": "wait", "duration": "1m"},
+            {"id": "reply", "type": "wait_for_event", "event": "x", "timeout": "1m"},
+        ),
+    )
     pause = state.timer
     out = impl.advance(program, state, "timer", {"timer_id": pause}, 61_000)
     assert out[0] == (3, "pause", "timer_fired", {"purpose": "wait", "timer_id": pause})
@@ -934,7 +1092,13 @@ def test_matches_without_filter(impl):
 def test_matches_with_filter(impl):
     trigger = {
         "event": "form.submitted",
-        "filter": {"all": [{"eq": ["{{contact.country}}", "DE"]}, {"gt": ["{{event.data.total}}", 100]}, {"not": {"exists": "context.x"}}]},
+        "filter": {
+            "all": [
+                {"eq": ["{{contact.country}}", "DE"]},
+                {"gt": ["{{event.data.total}}", 100]},
+                {"not": {"exists": "context.x"}},
+            ]
+        },
     }
     program = impl.Program(workflow({"id": "e", "type": "end"}, trigger=trigger))
     event = {"type": "form.submitted", "contact": {"country": "DE"}, "data": {"total": 150}}
@@ -947,15 +1111,30 @@ def test_matches_with_filter(impl):
 
 # -- compiled and pure agree --------------------------------------------------------
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-5, 5, allow_nan=False) | st.sampled_from(["", "a", "DE", "vip"]),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c"]), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(-5, 5, allow_nan=False)
+    | st.sampled_from(["", "a", "DE", "vip"]),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c"]), children, max_size=3)
+    ),
     max_leaves=6,
 )
 PATHS = st.sampled_from(
-    ["context.a", "context.b.c", "contact.n", "contact.tags", "contact.tags.0", "event.data.k", "event.data.items.1",
-     "context.w",
-     # Often or always missing: a value template fails its step, a condition sees null.
-     "contact.nope", "event.data.k.x"]
+    [
+        "context.a",
+        "context.b.c",
+        "contact.n",
+        "contact.tags",
+        "contact.tags.0",
+        "event.data.k",
+        "event.data.items.1",
+        "context.w",
+        # Often or always missing: a value template fails its step, a condition sees null.
+        "contact.nope",
+        "event.data.k.x",
+    ]
 )
 TEMPLATES = st.one_of(
     JSON,
@@ -984,8 +1163,21 @@ def random_workflows(draw):
     ids = [f"s{i}" for i in range(count)]
     target = st.sampled_from(ids)
     steps = []
-    kinds_ = ["set", "set", "if", "if", "end", "wait_for_signal", "action", "action", "wait", "wait_for_event",
-              "switch", "goto", "emit"]
+    kinds_ = [
+        "set",
+        "set",
+        "if",
+        "if",
+        "end",
+        "wait_for_signal",
+        "action",
+        "action",
+        "wait",
+        "wait_for_event",
+        "switch",
+        "goto",
+        "emit",
+    ]
     for step_id in ids:
         kind = draw(st.sampled_from(kinds_))
         step = {"id": step_id, "type": kind}
@@ -1049,8 +1241,14 @@ def random_workflows(draw):
 
 EVENTS = st.one_of(
     st.tuples(st.just("signal"), st.sampled_from(["go", "stop", "other"]), JSON),
-    st.tuples(st.just("action_result"), st.booleans(), st.sampled_from([0, 0, -1]),
-              st.sampled_from(["x", "bad"]), st.booleans(), JSON),
+    st.tuples(
+        st.just("action_result"),
+        st.booleans(),
+        st.sampled_from([0, 0, -1]),
+        st.sampled_from(["x", "bad"]),
+        st.booleans(),
+        JSON,
+    ),
     st.tuples(st.just("timer"), st.booleans()),
     st.tuples(st.just("timer"), st.just(True)),
     st.tuples(st.just("event"), st.sampled_from(["ping", "pong", "other"]), JSON),
@@ -1080,8 +1278,19 @@ def payload_for(program, state, event) -> tuple:
 
 
 def snapshot(state) -> tuple:
-    return (state.status, state.pc, state.seq, state.steps, state.waiting, state.context,
-            state.attempt, state.timer, state.visits, state.failures, state.effects)
+    return (
+        state.status,
+        state.pc,
+        state.seq,
+        state.steps,
+        state.waiting,
+        state.context,
+        state.attempt,
+        state.timer,
+        state.visits,
+        state.failures,
+        state.effects,
+    )
 
 
 @settings(max_examples=400, deadline=None)

@@ -34,13 +34,17 @@ def test_parse_duration(text, ms):
     assert parse_duration(text) == ms
 
 
-@pytest.mark.parametrize("value", ["", "soon", "5", "1.5h", "-5s", "5 s", "P", "PT", "P1DT", "P1Y", "P1M", "pt1m", True, None, 1.5, -1])
+@pytest.mark.parametrize(
+    "value", ["", "soon", "5", "1.5h", "-5s", "5 s", "P", "PT", "P1DT", "P1Y", "P1M", "pt1m", True, None, 1.5, -1]
+)
 def test_parse_duration_refuses(value):
     with pytest.raises(ValueError):
         parse_duration(value)
 
 
-@pytest.mark.parametrize("ms, text", [(0, "0s"), (500, "500ms"), (30_000, "30s"), (5_400_000, "1h30m"), (90_061_001, "1d1h1m1s1ms")])
+@pytest.mark.parametrize(
+    "ms, text", [(0, "0s"), (500, "500ms"), (30_000, "30s"), (5_400_000, "1h30m"), (90_061_001, "1d1h1m1s1ms")]
+)
 def test_format_duration(ms, text):
     assert format_duration(ms) == text
     assert parse_duration(text) == ms

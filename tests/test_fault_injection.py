@@ -15,10 +15,10 @@ import time
 import urllib.request
 
 import pytest
+from harness import LOADED, NO_PROBLEMS, Fleet, Harness, Load, fault_scale
 
 from bench.generator import trigger_event
 from daemon import faults
-from harness import LOADED, NO_PROBLEMS, Fleet, Harness, Load, fault_scale
 
 # -- the spec -------------------------------------------------------------------------
 
@@ -30,18 +30,21 @@ def test_a_spec_parses_into_its_seed_and_shares():
     assert faults.parse("   ") is None
 
 
-@pytest.mark.parametrize("spec, names", [
-    ("seed=7,nats=0.02,disk=0.1", "unknown key 'disk'"),
-    ("seed=7,nats", "'nats' is not key=value"),
-    ("seed=7,,pg=0.1", "'' is not key=value"),
-    ("seed=7,pg=", "'pg=' is not key=value"),
-    ("seed=seven,pg=0.1", "seed='seven' is not an integer"),
-    ("seed=7,pg=lots", "pg='lots' is not a number"),
-    ("seed=7,nats=1.5", "nats='1.5' is not a share between 0 and 1"),
-    ("seed=7,nats=-0.1", "nats='-0.1' is not a share between 0 and 1"),
-    ("seed=7,pg=0.1,pg=0.2", "'pg' given twice"),
-    ("nats=0.02,pg=0.02", "has no seed"),
-])
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        ("seed=7,nats=0.02,disk=0.1", "unknown key 'disk'"),
+        ("seed=7,nats", "'nats' is not key=value"),
+        ("seed=7,,pg=0.1", "'' is not key=value"),
+        ("seed=7,pg=", "'pg=' is not key=value"),
+        ("seed=seven,pg=0.1", "seed='seven' is not an integer"),
+        ("seed=7,pg=lots", "pg='lots' is not a number"),
+        ("seed=7,nats=1.5", "nats='1.5' is not a share between 0 and 1"),
+        ("seed=7,nats=-0.1", "nats='-0.1' is not a share between 0 and 1"),
+        ("seed=7,pg=0.1,pg=0.2", "'pg' given twice"),
+        ("nats=0.02,pg=0.02", "has no seed"),
+    ],
+)
 def test_a_bad_spec_is_a_value_error_naming_the_bad_part(spec, names):
     with pytest.raises(ValueError, match="inject_faults") as caught:
         faults.parse(spec)
@@ -54,7 +57,7 @@ def test_a_bad_spec_is_a_value_error_naming_the_bad_part(spec, names):
 def _decisions(injector: faults.FaultInjector, count: int = 2000) -> list:
     """A mix of every kind of decision, as a worker makes them."""
     out = []
-    for i in range(count):
+    for _ in range(count):
         out.append(injector.publish_fault())
         out.append(injector.ack_fault())
         try:
@@ -127,10 +130,17 @@ SOAK_FAULTS = "seed=4711,nats=0.03,pg=0.03"
 #: at full scale the backlog alone holds a result for over a second, and a
 #: deadline that load can miss would measure load here, not faults.
 ORDER = {
-    "id": "order", "tenant": "acme", "trigger": {"event": "order.placed"},
+    "id": "order",
+    "tenant": "acme",
+    "trigger": {"event": "order.placed"},
     "steps": [
-        {"id": "confirm", "type": "action", "action": "noop", "timeout": "10s",
-         "retry": {"max_attempts": 5, "initial_interval": "100ms", "backoff_coefficient": 2, "jitter": 0}},
+        {
+            "id": "confirm",
+            "type": "action",
+            "action": "noop",
+            "timeout": "10s",
+            "retry": {"max_attempts": 5, "initial_interval": "100ms", "backoff_coefficient": 2, "jitter": 0},
+        },
         {"id": "announce", "type": "emit", "event": "order.confirmed"},
         {"id": "confirmed", "type": "wait_for_event", "event": "order.confirmed", "timeout": "1h"},
         {"id": "done", "type": "set", "values": {"confirmed": True}},
@@ -150,10 +160,12 @@ async def test_a_commit_in_doubt_still_carries_out_what_it_committed(nats_server
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(order)
         async with h.worker(inject_faults="seed=5,pg=1.0"):
-            await h.publish_triggers([trigger_event("doubt", i, tenant="acme", event_type="order.placed")
-                                      for i in range(count)])
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
-                               timeout=60)
+            await h.publish_triggers(
+                [trigger_event("doubt", i, tenant="acme", event_type="order.placed") for i in range(count)]
+            )
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=60
+            )
         assert faults.metrics.injected_faults.labels(faults.COMMIT_TIMEOUT)._value.get() > 0
         # No call was lost, so none had to be retried.
         assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'") == 0
@@ -206,8 +218,9 @@ async def test_a_soak_under_seeded_injected_faults_ends_every_execution(nats_ser
         started = time.monotonic()
         try:
             await asyncio.gather(load.publish(over_s=seconds), load.publish_triggers(order_events))
-            ended = await h.wait_until(f"SELECT count(*) FROM ordo.executions WHERE {_ENDED}", expect=total,
-                                       timeout=180)
+            ended = await h.wait_until(
+                f"SELECT count(*) FROM ordo.executions WHERE {_ENDED}", expect=total, timeout=180
+            )
             finished = time.monotonic()
             injected = [await asyncio.to_thread(_injected, metrics_port + i) for i in range(fleet.workers)]
             fleet.respawn_exited()
@@ -216,12 +229,21 @@ async def test_a_soak_under_seeded_injected_faults_ends_every_execution(nats_ser
         failed = await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE status = 'failed'")
         attempts = await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'")
         numbers = await load.verify()  # welcome exactly once, signals in order, ledger invariants
-        by_kind = {kind: sum(counts.get(kind, 0) for counts in injected)
-                   for kind in (faults.PUBLISH_FAILED, faults.PUBLISH_TIMEOUT, faults.ACK_DROPPED,
-                                faults.COMMIT_FAILED, faults.COMMIT_TIMEOUT)}
-        print(f"injected-fault soak ({SOAK_FAULTS}, {seconds}s of load): injected {by_kind}; "
-              f"{ended} of {total} executions ended, {failed} failed, {attempts} action attempts failed; "
-              f"{numbers}; worker exits {fleet.exits}; {total / (finished - started):.0f} executions/s")
+        by_kind = {
+            kind: sum(counts.get(kind, 0) for counts in injected)
+            for kind in (
+                faults.PUBLISH_FAILED,
+                faults.PUBLISH_TIMEOUT,
+                faults.ACK_DROPPED,
+                faults.COMMIT_FAILED,
+                faults.COMMIT_TIMEOUT,
+            )
+        }
+        print(
+            f"injected-fault soak ({SOAK_FAULTS}, {seconds}s of load): injected {by_kind}; "
+            f"{ended} of {total} executions ended, {failed} failed, {attempts} action attempts failed; "
+            f"{numbers}; worker exits {fleet.exits}; {total / (finished - started):.0f} executions/s"
+        )
         assert ended == total
         assert failed < 0.01 * total, f"{failed} of {total} executions failed"
         assert fleet.exits == [], f"workers exited under injected faults: {fleet.exits}"

@@ -5,10 +5,10 @@ import signal
 import time
 
 import orjson
+from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, worker_metric
 
 from bench.generator import trigger_event
 from daemon.servers import free_port
-from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, worker_metric
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:
@@ -72,8 +72,11 @@ async def test_kill_9_mid_batch_again_and_again_loses_and_duplicates_nothing(nat
             await _wait_progress(h, proc, base + (k + 1) * step)
             h.kill(proc)
         async with h.worker():
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
-                               expect=count + len(waiters), timeout=120)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
+                expect=count + len(waiters),
+                timeout=120,
+            )
 
         rows = await h.db.fetch("SELECT event_id FROM ordo.executions WHERE workflow_id = 'welcome'")
         assert sorted(r["event_id"] for r in rows) == sorted(e["event_id"] for e in events)
@@ -86,8 +89,10 @@ async def test_kill_9_mid_batch_again_and_again_loses_and_duplicates_nothing(nat
             names = [orjson.loads(d["detail"]) for d in details]
             assert [n["data"]["i"] for n in names[:-1]] == list(range(ticks))
             assert names[-1]["name"] == "done"
-        print(f"kill -9: {kills} kills survived; {count} enrolments and {len(waiters)} executions with "
-              f"{ticks + 1} ordered signals each: none lost, duplicated or out of order")
+        print(
+            f"kill -9: {kills} kills survived; {count} enrolments and {len(waiters)} executions with "
+            f"{ticks + 1} ordered signals each: none lost, duplicated or out of order"
+        )
 
 
 async def test_sigterm_drains_commits_acks_and_exits_zero(nats_server_url, pg_dsn, prefix):
@@ -122,8 +127,9 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
         execution_id = h.execution_id("acme", "waiter", start["event_id"])
         async with h.worker():
             await h.publish_triggers([start])
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                               expect="waiting")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id, expect="waiting"
+            )
         partition = partition_of(execution_id, h.config.partitions)
         proc = h.spawn_worker()
         blocker = await asyncpg.connect(h.config.pg_dsn)
@@ -143,10 +149,14 @@ async def test_a_message_held_unacked_past_a_crash_is_applied_before_its_success
         async with h.worker():
             await h.wait_until(
                 "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'",
-                execution_id, expect=2, timeout=20)
+                execution_id,
+                expect=2,
+                timeout=20,
+            )
         details = await h.db.fetch(
             "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal' ORDER BY seq",
-            execution_id)
+            execution_id,
+        )
         assert [orjson.loads(d["detail"])["data"]["i"] for d in details] == [0, 1]
         assert await h.ledger_problems() == NO_PROBLEMS
 
@@ -190,8 +200,9 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
         execution_id = h.execution_id("acme", "waiter", start["event_id"])
         async with h.worker():
             await h.publish_triggers([start])
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                               expect="waiting")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id, expect="waiting"
+            )
         partition = partition_of(execution_id, h.config.partitions)
         since = time.time()
         port = free_port()
@@ -215,15 +226,20 @@ async def test_a_stalled_owner_loses_its_partitions_and_its_late_commit_is_fence
             async with h.worker():
                 await h.wait_until(
                     "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'",
-                    execution_id, expect=1, timeout=30)
+                    execution_id,
+                    expect=1,
+                    timeout=30,
+                )
                 taken_at = await h.db.fetchval(
-                    "SELECT extract(epoch FROM claimed_at) FROM ordo.partitions WHERE partition = $1", partition)
+                    "SELECT extract(epoch FROM claimed_at) FROM ordo.partitions WHERE partition = $1", partition
+                )
                 print(f"failover: partition {partition} claimed {float(taken_at) - stopped_at:.2f} s after SIGSTOP")
                 # A wakes up, its 4 s batch comes due and its commit meets a newer epoch.
                 code = await h.resume(old)
         assert code == 3, "the old owner must stop on a fenced commit"
         applied = await h.db.fetchval(
-            "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'", execution_id)
+            "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'", execution_id
+        )
         assert applied == 1
         assert await h.ledger_problems() == NO_PROBLEMS
 
@@ -290,8 +306,7 @@ async def test_acks_that_cannot_be_written_mean_redelivery_not_a_dead_worker(nat
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
-async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fatal(
-        nats_server_url, pg_dsn, prefix):
+async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fatal(nats_server_url, pg_dsn, prefix):
     """Setting up a claimed partition's consumer times out (NATS restarting): the worker
     keeps its lease, tries again on the next ownership round, and then serves it."""
     import nats.errors
@@ -331,7 +346,8 @@ async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fa
 
 
 async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_consumer(
-        nats_server_url, pg_dsn, prefix):
+    nats_server_url, pg_dsn, prefix
+):
     """Each ownership (epoch) of a partition has its own consumer. With one name for all, a
     worker that lost the partition and had not noticed yet pulled from the new owner's
     consumer; what it took came back to the new owner only after AckWait, behind younger
@@ -349,8 +365,9 @@ async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_
         await t.resume_partition(h.js, 0, 2, 0)  # another worker claims partition 0
         new = PullConsumer(h.nc, t.exec_stream, t.partition_consumer(0, 2), expires=0.5)
         await new.subscribe()
-        execution_id = next(x for x in (str(uuid.uuid4()) for _ in range(1000))
-                            if partition_of(x, h.config.partitions) == 0)
+        execution_id = next(
+            x for x in (str(uuid.uuid4()) for _ in range(1000)) if partition_of(x, h.config.partitions) == 0
+        )
         seq = await h.signal(execution_id, "tick", {"i": 0}, signal_id="t0")
 
         assert await old.take(10) == []
@@ -361,18 +378,24 @@ async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_
 
 
 async def test_a_message_whose_execution_changed_since_it_was_loaded_is_applied_again_in_its_place(
-        nats_server_url, pg_dsn, prefix, monkeypatch):
+    nats_server_url, pg_dsn, prefix, monkeypatch
+):
     """A unit found stale at commit (the ledger moved on since its load) keeps its execution's
     place in the ring and is applied again on a fresh load. NAKed with its key released, the
     next signal of the execution overtook it: here 'second' came while it still waited for
     'first', and 'first' came back only afterwards."""
     from ledger import executions
 
-    steps = {"id": "two-signals", "tenant": "acme", "trigger": {"event": "session.started"}, "steps": [
-        {"id": "a", "type": "wait_for_signal", "signal": "first"},
-        {"id": "b", "type": "wait_for_signal", "signal": "second"},
-        {"id": "done", "type": "set", "values": {"ok": True}},
-    ]}
+    steps = {
+        "id": "two-signals",
+        "tenant": "acme",
+        "trigger": {"event": "session.started"},
+        "steps": [
+            {"id": "a", "type": "wait_for_signal", "signal": "first"},
+            {"id": "b", "type": "wait_for_signal", "signal": "second"},
+            {"id": "done", "type": "set", "values": {"ok": True}},
+        ],
+    }
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(steps)
         event = trigger_event("stale", 0, tenant="acme", event_type="session.started")

@@ -6,25 +6,41 @@ Also the replay machinery on its own, over both dispatcher implementations."""
 import copy
 
 import orjson
+from harness import NO_PROBLEMS, Clock, engine, ordo
 
 from bench.generator import trigger_event
 from daemon import inspect as inspection
 from daemon import replay as replaying
-from harness import NO_PROBLEMS, Clock, engine, ordo
 
 
 def follow_up(url: str) -> dict:
     return {
-        "id": "follow-up", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "id": "follow-up",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
         "steps": [
-            {"id": "welcome", "type": "action", "action": "webhook",
-             "input": {"url": url, "body": {"name": "{{contact.first_name}}"}},
-             "retry": {"max_attempts": 3, "initial_interval": "10s", "backoff_coefficient": 2, "jitter": 0}},
+            {
+                "id": "welcome",
+                "type": "action",
+                "action": "webhook",
+                "input": {"url": url, "body": {"name": "{{contact.first_name}}"}},
+                "retry": {"max_attempts": 3, "initial_interval": "10s", "backoff_coefficient": 2, "jitter": 0},
+            },
             {"id": "pause", "type": "wait", "duration": "1h"},
-            {"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "1d",
-             "on_timeout": "nudge"},
-            {"id": "replied", "type": "if", "condition": {"exists": "{{context.reply.text}}"},
-             "then": "thank", "else": "nudge"},
+            {
+                "id": "reply",
+                "type": "wait_for_event",
+                "event": "contact.replied",
+                "timeout": "1d",
+                "on_timeout": "nudge",
+            },
+            {
+                "id": "replied",
+                "type": "if",
+                "condition": {"exists": "{{context.reply.text}}"},
+                "then": "thank",
+                "else": "nudge",
+            },
             {"id": "thank", "type": "set", "values": {"thanked": "{{context.reply.text}}"}, "next": "done"},
             {"id": "nudge", "type": "set", "values": {"nudged": True}},
             {"id": "done", "type": "end"},
@@ -33,12 +49,14 @@ def follow_up(url: str) -> dict:
 
 
 async def _waiting_for_reply(h, execution_id: str) -> None:
-    await h.wait_until("SELECT count(*) FROM ordo.event_waits WHERE execution_id = $1::uuid", execution_id,
-                       expect=1, timeout=30)
+    await h.wait_until(
+        "SELECT count(*) FROM ordo.event_waits WHERE execution_id = $1::uuid", execution_id, expect=1, timeout=30
+    )
 
 
 async def test_inspect_and_replay_an_execution_with_a_retry_a_wait_and_an_event(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     definition = follow_up(target.url("welcome"))
     target.script["welcome"] = [503, 200]
     clock = Clock()
@@ -65,8 +83,9 @@ async def test_inspect_and_replay_an_execution_with_a_retry_a_wait_and_an_event(
             assert "pending    timer event_timeout at step 'reply'" in text
             assert "pending    event 'contact.replied' at step 'reply'" in text
 
-            reply = trigger_event("ir-reply", 1, tenant="acme", event_type="contact.replied",
-                                  data={"text": "sounds good"})
+            reply = trigger_event(
+                "ir-reply", 1, tenant="acme", event_type="contact.replied", data={"text": "sounds good"}
+            )
             reply["contact"] = start["contact"]
             await h.publish_triggers([reply])
             await h.wait_status(execution_id, "completed")
@@ -166,8 +185,9 @@ async def test_replay_sample_summarises_the_divergence(nats_server_url, pg_dsn, 
             await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=4)
             # Three reply; the fourth times out a day later and is nudged without the branch.
             for i, start in enumerate(starts[:3]):
-                reply = trigger_event("rs-reply", i, tenant="acme", event_type="contact.replied",
-                                      data={"text": f"yes {i}"})
+                reply = trigger_event(
+                    "rs-reply", i, tenant="acme", event_type="contact.replied", data={"text": f"yes {i}"}
+                )
                 reply["contact"] = start["contact"]
                 await h.publish_triggers([reply])
             for execution_id in ids[:3]:
@@ -196,7 +216,6 @@ async def test_replay_sample_summarises_the_divergence(nats_server_url, pg_dsn, 
 # -- the machinery without servers, over both dispatcher implementations ---------------------------
 
 
-
 def _record(impl, definition, feed):
     """Run `feed` (kind, payload-or-callable, now_ms) like the worker does; the ledger's rows back."""
     program = impl.Program(definition)
@@ -206,19 +225,36 @@ def _record(impl, definition, feed):
         payload = payload(state) if callable(payload) else payload
         out = impl.advance(program, state, kind, payload, now_ms)
         source_seq = None if kind in ("start", "timer") else now_ms  # any stream seq will do
-        rows += [{"seq": seq, "step_id": step_id, "kind": k, "at_ms": now_ms, "source_seq": source_seq,
-                  "detail": None if detail is None else orjson.loads(orjson.dumps(detail))}
-                 for seq, step_id, k, detail in out]
+        rows += [
+            {
+                "seq": seq,
+                "step_id": step_id,
+                "kind": k,
+                "at_ms": now_ms,
+                "source_seq": source_seq,
+                "detail": None if detail is None else orjson.loads(orjson.dumps(detail)),
+            }
+            for seq, step_id, k, detail in out
+        ]
         state.effects.clear()
     return program, state, rows
 
 
 def test_every_input_kind_is_read_back_and_replays_identically(impl):
     definition = {
-        "id": "wf", "tenant": "acme", "version": 1, "trigger": {"event": "contact.created"},
+        "id": "wf",
+        "tenant": "acme",
+        "version": 1,
+        "trigger": {"event": "contact.created"},
         "steps": [
-            {"id": "send", "type": "action", "action": "sms.send", "input": {}, "timeout": "5s",
-             "retry": {"max_attempts": 3, "jitter": 0}},
+            {
+                "id": "send",
+                "type": "action",
+                "action": "sms.send",
+                "input": {},
+                "timeout": "5s",
+                "retry": {"max_attempts": 3, "jitter": 0},
+            },
             {"id": "ok", "type": "wait_for_signal", "signal": "ok"},
             {"id": "reply", "type": "wait_for_event", "event": "x", "timeout": "1m", "next": "charge"},
             {"id": "charge", "type": "action", "action": "sms.send", "input": {}},
@@ -233,8 +269,16 @@ def test_every_input_kind_is_read_back_and_replays_identically(impl):
         ("action_result", {"step_id": "send", "attempt": 2, "ok": True, "output": {"id": "m"}}, 9_200),
         ("signal", {"name": "ok", "data": {"by": "ops"}}, 10_000),
         ("event", {"v": 1, "event_id": "ev", "type": "x", "contact": {"id": "c"}, "data": [1, 2]}, 11_000),
-        ("action_result", {"step_id": "charge", "attempt": 1, "ok": False,
-                           "error": {"code": "bad", "retryable": False, "message": "no"}}, 12_000),
+        (
+            "action_result",
+            {
+                "step_id": "charge",
+                "attempt": 1,
+                "ok": False,
+                "error": {"code": "bad", "retryable": False, "message": "no"},
+            },
+            12_000,
+        ),
         ("retry", {}, 13_000),
         ("cancel", {"reason": "enough"}, 14_000),
     ]
@@ -244,8 +288,9 @@ def test_every_input_kind_is_read_back_and_replays_identically(impl):
     assert [i.kind for i in inputs] == [kind for kind, _, _ in feed] and not incomplete
     replaying.clock_of(inputs, rows, definition)
     assert [i.now_ms for i in inputs] == [now for _, _, now in feed]
-    run = replaying.rerun(impl.Program(definition), "e-1", "acme", {"id": "c"}, {"type": "contact.created"},
-                          inputs, impl=impl)
+    run = replaying.rerun(
+        impl.Program(definition), "e-1", "acme", {"id": "c"}, {"type": "contact.created"}, inputs, impl=impl
+    )
     assert run.errors == []
     assert replaying.compare(rows, run.transitions) == (len(rows), None)
     assert (run.state.status, run.state.context, run.state.visits) == (state.status, state.context, state.visits)
@@ -253,16 +298,24 @@ def test_every_input_kind_is_read_back_and_replays_identically(impl):
 
 
 def test_a_history_without_outputs_is_flagged(impl):
-    rows = [{"seq": 1, "step_id": "", "kind": "started", "at_ms": 0, "source_seq": None, "detail": {}},
-            {"seq": 2, "step_id": "a", "kind": "action_requested", "at_ms": 0, "source_seq": None,
-             "detail": {"attempt": 1}},
-            {"seq": 3, "step_id": "a", "kind": "action_completed", "at_ms": 5, "source_seq": 9,
-             "detail": {"attempt": 1}}]
+    rows = [
+        {"seq": 1, "step_id": "", "kind": "started", "at_ms": 0, "source_seq": None, "detail": {}},
+        {
+            "seq": 2,
+            "step_id": "a",
+            "kind": "action_requested",
+            "at_ms": 0,
+            "source_seq": None,
+            "detail": {"attempt": 1},
+        },
+        {"seq": 3, "step_id": "a", "kind": "action_completed", "at_ms": 5, "source_seq": 9, "detail": {"attempt": 1}},
+    ]
     inputs, incomplete = replaying.inputs_of(rows)
     assert incomplete and inputs[1].payload == {"step_id": "a", "attempt": 1, "ok": True, "output": None}
 
 
 # -- the command line ------------------------------------------------------------------------
+
 
 async def test_the_command_line(nats_server_url, pg_dsn, prefix, target, tmp_path):
     definition = follow_up(target.url("welcome"))
@@ -287,8 +340,7 @@ async def test_the_command_line(nats_server_url, pg_dsn, prefix, target, tmp_pat
 
     same = ordo("replay", execution_id, env_extra=env)
     assert same.returncode == 0 and "identical" in same.stdout
-    shorter = dict(definition, steps=[dict(s, timeout="2d") if s["id"] == "reply" else s
-                                      for s in definition["steps"]])
+    shorter = dict(definition, steps=[dict(s, timeout="2d") if s["id"] == "reply" else s for s in definition["steps"]])
     path = tmp_path / "candidate.json"
     path.write_bytes(orjson.dumps(shorter))
     other = ordo("replay", execution_id, "--definition", str(path), "--json", env_extra=env)

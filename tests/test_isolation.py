@@ -16,12 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+from harness import NO_PROBLEMS, ROOT, WAITER, Harness
 
 from bench.generator import trigger_event
 from daemon.dlq import list_letters, retry_letters, show_letter
 from daemon.servers import free_port
 from daemon.topology import partition_of
-from harness import NO_PROBLEMS, ROOT, WAITER, Harness
 
 TENANTS = ("acme", "globex")
 
@@ -39,8 +39,13 @@ FAILING = {
     "id": "failing",
     "trigger": {"event": "order.placed"},
     "steps": [
-        {"id": "call", "type": "action", "action": "webhook", "input": {"url": "http://169.254.169.254/latest"},
-         "retry": {"max_attempts": 1}},
+        {
+            "id": "call",
+            "type": "action",
+            "action": "webhook",
+            "input": {"url": "http://169.254.169.254/latest"},
+            "retry": {"max_attempts": 1},
+        },
     ],
 }
 
@@ -51,8 +56,11 @@ def _for(tenant: str, definition: dict) -> dict:
 
 async def _publish_event(h: Harness, event: dict) -> None:
     """A trigger whose message id is qualified by its tenant, as bench.generator.trigger_msg_id does."""
-    await h.publish_raw(h.topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event),
-                        msg_id=f"{event['tenant']}:{event['event_id']}")
+    await h.publish_raw(
+        h.topology.trigger_subject(event["tenant"], event["type"]),
+        orjson.dumps(event),
+        msg_id=f"{event['tenant']}:{event['event_id']}",
+    )
 
 
 async def _status(h: Harness, execution_id: str):
@@ -91,35 +99,46 @@ async def test_two_tenants_with_the_same_ids_never_touch_each_other(nats_server_
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=4)
             rows = await h.db.fetch("SELECT execution_id::text, tenant, workflow_id FROM ordo.executions")
             assert {(r["execution_id"], r["tenant"]) for r in rows} == (
-                {(waiter[t], t) for t in TENANTS} | {(replier[t], t) for t in TENANTS})
+                {(waiter[t], t) for t in TENANTS} | {(replier[t], t) for t in TENANTS}
+            )
 
             # A signal addressed to A's execution id affects A only.
             await h.signal(waiter["acme"], "done", {"by": "acme"}, signal_id="done")
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", waiter["acme"],
-                               expect="completed")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", waiter["acme"], expect="completed"
+            )
             assert await _status(h, waiter["globex"]) == "waiting"
 
             # B's event for the same contact id reaches B's waiting execution, never A's.
             reply_b = trigger_event("reply", 1, tenant="globex", event_type="contact.replied")
             reply_b["contact"] = dict(created["globex"]["contact"])
             await _publish_event(h, reply_b)
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", replier["globex"],
-                               expect="completed")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                replier["globex"],
+                expect="completed",
+            )
             # A wrong routing would be a message on A's execution subject, published before B's
             # trigger is acked; once that trigger is acked and A's partition has applied and
             # acked everything on it, such a message would have landed.
             await h.wait_triggers_drained()
             await h.wait_partition_drained(partition_of(replier["acme"], h.config.partitions))
             assert await _status(h, replier["acme"]) == "waiting"
-            assert await h.db.fetchval(
-                "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind <> 'started'"
-                " AND detail::text LIKE '%reply-1%'", replier["acme"]) == 0
+            assert (
+                await h.db.fetchval(
+                    "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind <> 'started'"
+                    " AND detail::text LIKE '%reply-1%'",
+                    replier["acme"],
+                )
+                == 0
+            )
             # A's own reply (same event id as B's) reaches A.
             reply_a = trigger_event("reply", 1, tenant="acme", event_type="contact.replied")
             reply_a["contact"] = dict(created["acme"]["contact"])
             await _publish_event(h, reply_a)
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", replier["acme"],
-                               expect="completed")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", replier["acme"], expect="completed"
+            )
 
             # Dead letters: one failed step per tenant, same event id.
             failing = {t: h.execution_id(t, "failing", "same-3") for t in TENANTS}
@@ -137,15 +156,20 @@ async def test_two_tenants_with_the_same_ids_never_touch_each_other(nats_server_
             assert await retry_letters(h.db, h.js, h.topology, letter_id=letters["globex"]["id"], tenant="acme") == []
             retried = await retry_letters(h.db, h.js, h.topology, tenant="acme")
             assert len(retried) == 1 and failing["acme"] in retried[0]
-            statuses = {r["tenant"]: r["status"] for r in await h.db.fetch(
-                "SELECT tenant, status FROM ordo.dead_letters WHERE id = ANY($1::bigint[])",
-                [letters[t]["id"] for t in TENANTS])}
+            statuses = {
+                r["tenant"]: r["status"]
+                for r in await h.db.fetch(
+                    "SELECT tenant, status FROM ordo.dead_letters WHERE id = ANY($1::bigint[])",
+                    [letters[t]["id"] for t in TENANTS],
+                )
+            }
             assert statuses == {"acme": "retried", "globex": "open"}
             # A's retry ran A's step again (and it failed again: a second letter, for A).
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters WHERE tenant = 'acme'", expect=2)
             assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters WHERE tenant = 'globex'") == 1
             globex_kinds = await h.db.fetch(
-                "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", failing["globex"])
+                "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", failing["globex"]
+            )
             assert "retried" not in [k["kind"] for k in globex_kinds]
 
         assert await _status(h, waiter["globex"]) == "waiting"
@@ -186,44 +210,63 @@ async def test_the_dsn_password_never_appears_in_logs_or_metrics(nats_server_url
         await admin.execute(f'GRANT ALL ON DATABASE "{database}" TO {role}')
         async with Harness(nats_server_url, pg_dsn, prefix) as h:
             await h.deploy(_for("acme", WAITER))
-            for grant in (f"GRANT ALL ON SCHEMA ordo TO {role}",
-                          f"GRANT ALL ON ALL TABLES IN SCHEMA ordo TO {role}",
-                          f"GRANT ALL ON ALL SEQUENCES IN SCHEMA ordo TO {role}"):
+            for grant in (
+                f"GRANT ALL ON SCHEMA ordo TO {role}",
+                f"GRANT ALL ON ALL TABLES IN SCHEMA ordo TO {role}",
+                f"GRANT ALL ON ALL SEQUENCES IN SCHEMA ordo TO {role}",
+            ):
                 await h.db.execute(grant)
             secret_dsn = _with_user(pg_dsn, role, PASSWORD)
             port = free_port()
             env = h.env(pg_dsn=secret_dsn, metrics_port=port)
             env["ORDO_LOG_LEVEL"] = "debug"
-            proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"],
-                                    env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"],
+                env=env,
+                cwd=ROOT,
+                stderr=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
             h.processes.append(proc)
             try:
                 start = trigger_event("secret", 1, tenant="acme", event_type="session.started")
                 execution_id = h.execution_id("acme", "waiter", start["event_id"])
                 await h.publish_triggers([start])
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                                   expect="waiting", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    execution_id,
+                    expect="waiting",
+                    timeout=30,
+                )
                 # Error paths: malformed JSON, an unknown tenant, a bad exec message.
                 await h.publish_raw(h.topology.trigger_subject("acme", "session.started"), b"{not json")
                 await _publish_event(h, trigger_event("secret", 2, tenant="nobody", event_type="session.started"))
                 await h.publish_raw(h.topology.exec_subject(execution_id), b'{"v": 99}')
                 await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=3, timeout=30)
                 await h.signal(execution_id, "done", {})
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                                   expect="completed", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    execution_id,
+                    expect="completed",
+                    timeout=30,
+                )
                 metrics_text = await asyncio.to_thread(
-                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                )
                 assert "ordo_" in metrics_text
                 # Lose every ledger connection of the worker: whatever it logs about that must not show
                 # the password either. One more enrolment, which it can only commit on a connection
                 # made after the loss, says it has met the loss. (Today nothing is logged: asyncpg
                 # notices the closed connections and the batcher and the pool reconnect quietly.)
-                await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                                    role)
+                await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
                 after = trigger_event("secret", 3, tenant="acme", event_type="session.started")
                 await h.publish_triggers([after])
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
-                                   h.execution_id("acme", "waiter", after["event_id"]), expect="waiting", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    h.execution_id("acme", "waiter", after["event_id"]),
+                    expect="waiting",
+                    timeout=30,
+                )
             finally:
                 proc.terminate()
                 out, err = await asyncio.to_thread(proc.communicate, timeout=30)
@@ -233,11 +276,20 @@ async def test_the_dsn_password_never_appears_in_logs_or_metrics(nats_server_url
         assert PASSWORD not in metrics_text
 
         # A CLI command that fails to connect with that DSN does not print it either.
-        bad = _with_user(pg_dsn, role, PASSWORD).replace(f":{urlsplit(pg_dsn).port}", f":{free_port()}") \
-            if urlsplit(pg_dsn).port else secret_dsn + "?port=1"
+        bad = (
+            _with_user(pg_dsn, role, PASSWORD).replace(f":{urlsplit(pg_dsn).port}", f":{free_port()}")
+            if urlsplit(pg_dsn).port
+            else secret_dsn + "?port=1"
+        )
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "daemon", "check"], cwd=ROOT, capture_output=True, text=True,
-            timeout=60, env={**env, "ORDO_PG_DSN": bad})
+            subprocess.run,
+            [sys.executable, "-m", "daemon", "check"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "ORDO_PG_DSN": bad},
+        )
         assert result.returncode != 0
         assert PASSWORD not in result.stdout + result.stderr, result.stderr[-2000:]
     finally:
@@ -272,6 +324,7 @@ def test_no_ordo_command_takes_a_dsn_or_server_url_on_the_command_line():
                 assert not any(word in option.lower() for word in forbidden), f"ordo {name} {option}"
     # And the rendered help, as an operator sees it.
     for argv in (["--help"], *([name, "--help"] for name in commands if name != "bench")):
-        text = subprocess.run([sys.executable, "-m", "daemon", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60).stdout.lower()
+        text = subprocess.run(
+            [sys.executable, "-m", "daemon", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout.lower()
         assert "--dsn" not in text and "--pg" not in text and "--nats" not in text, argv

@@ -10,30 +10,45 @@ check the ledger.
 import asyncio
 import time
 
+from harness import NO_PROBLEMS, Harness, worker_metric
+
 from bench.generator import trigger_event
 from daemon import metrics
 from daemon.servers import free_port
-from harness import NO_PROBLEMS, Harness, worker_metric
 
 QUICK_LEASES = {"lease_ttl_s": 2.0, "lease_renew_s": 0.3}
 
 
 def _one_call(url: str, timeout: str = "2s") -> dict:
     return {
-        "id": "one-call", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "id": "one-call",
+        "tenant": "acme",
+        "trigger": {"event": "order.placed"},
         "steps": [
-            {"id": "notify", "type": "action", "action": "webhook", "timeout": timeout, "input": {"url": url},
-             "retry": {"max_attempts": 3, "initial_interval": "100ms"}},
+            {
+                "id": "notify",
+                "type": "action",
+                "action": "webhook",
+                "timeout": timeout,
+                "input": {"url": url},
+                "retry": {"max_attempts": 3, "initial_interval": "100ms"},
+            },
             {"id": "done", "type": "set", "values": {"ok": True}},
         ],
     }
 
 
 def _noop_steps(workflow_id: str, count: int, then: list | None = None) -> dict:
-    steps = [{"id": f"a{i}", "type": "action", "action": "noop", "input": {"n": i}, "timeout": "30s"}
-             for i in range(1, count + 1)]
-    return {"id": workflow_id, "tenant": "acme", "trigger": {"event": f"{workflow_id}.go"},
-            "steps": steps + (then or [])}
+    steps = [
+        {"id": f"a{i}", "type": "action", "action": "noop", "input": {"n": i}, "timeout": "30s"}
+        for i in range(1, count + 1)
+    ]
+    return {
+        "id": workflow_id,
+        "tenant": "acme",
+        "trigger": {"event": f"{workflow_id}.go"},
+        "steps": steps + (then or []),
+    }
 
 
 async def _condition(check, what: str, timeout: float = 30.0) -> None:
@@ -45,7 +60,8 @@ async def _condition(check, what: str, timeout: float = 30.0) -> None:
 
 async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
     rows = await h.db.fetch(
-        "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
+        "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id
+    )
     return [(r["step_id"], r["kind"]) for r in rows]
 
 
@@ -57,7 +73,8 @@ def _action_history(steps: int) -> list[tuple[str, str]]:
 
 
 async def test_a_worker_killed_between_a_local_result_and_its_commit_re_runs_the_action_once_with_its_key(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     """kill -9 while the action's result waits in the batcher: it was never published, so it is
     lost with the worker; the step's deadline timer re-runs the action on the next owner, with
     the same idempotency key, and the step completes once."""
@@ -78,8 +95,12 @@ async def test_a_worker_killed_between_a_local_result_and_its_commit_re_runs_the
         h.kill(worker)
         assert await _kinds(h, execution_id) == [("", "started"), ("notify", "action_requested")]
         async with h.worker():
-            await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                               expect="completed", timeout=30)
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                execution_id,
+                expect="completed",
+                timeout=30,
+            )
         keys = [call["key"] for call in target.named("notify")]
         assert len(keys) == 2 and len(set(keys)) == 1, keys
         kinds = [kind for _, kind in await _kinds(h, execution_id)]
@@ -89,16 +110,28 @@ async def test_a_worker_killed_between_a_local_result_and_its_commit_re_runs_the
 
 
 async def test_signals_sent_while_actions_run_locally_are_applied_in_order_and_once_under_redelivery(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     """Signals published while an execution's in-process actions run take turns with the local
     results (the ring key), each applied once and in publish order, while acks are dropped
     (so messages come back), publishes and commits fail, and commits land in doubt."""
     steps, count, notes = 3, 40, 3
     target.delay["slow"] = 0.1  # each call takes 100 ms: the notes arrive while the actions run
     workflow = {
-        "id": "noted", "tenant": "acme", "trigger": {"event": "noted.go"},
-        "steps": [{"id": f"a{i}", "type": "action", "action": "webhook", "timeout": "30s",
-                   "input": {"url": target.url("slow")}} for i in range(1, steps + 1)] + [
+        "id": "noted",
+        "tenant": "acme",
+        "trigger": {"event": "noted.go"},
+        "steps": [
+            {
+                "id": f"a{i}",
+                "type": "action",
+                "action": "webhook",
+                "timeout": "30s",
+                "input": {"url": target.url("slow")},
+            }
+            for i in range(1, steps + 1)
+        ]
+        + [
             {"id": "finish", "type": "wait_for_signal", "signal": "finish"},
             {"id": "done", "type": "set", "values": {"ok": True}},
         ],
@@ -114,22 +147,27 @@ async def test_signals_sent_while_actions_run_locally_are_applied_in_order_and_o
             for n in range(notes):
                 for execution_id in ids:
                     await h.signal(execution_id, "note", {"n": n}, signal_id=f"note-{n}")
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE waiting = 'finish'", expect=count,
-                               timeout=60)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE waiting = 'finish'", expect=count, timeout=60
+            )
             for execution_id in ids:
                 await h.signal(execution_id, "finish", signal_id="finish")
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
-                               timeout=60)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=60
+            )
         during = 0
         for execution_id in ids:
             rows = await h.db.fetch(
                 "SELECT step_id, kind, detail->'data'->>'n' AS n FROM ordo.transitions"
-                " WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
+                " WHERE execution_id = $1::uuid ORDER BY seq",
+                execution_id,
+            )
             notes_seen = [int(r["n"]) for r in rows if r["kind"] == "signal" and r["n"] is not None]
             assert notes_seen == list(range(notes)), (execution_id, [tuple(r) for r in rows])
             rest = [(r["step_id"], r["kind"]) for r in rows if r["kind"] != "signal"]
-            assert rest[:1 + 2 * steps] == [("", "started")] + [
-                (f"a{i}", kind) for i in range(1, steps + 1) for kind in ("action_requested", "action_completed")]
+            assert rest[: 1 + 2 * steps] == [("", "started")] + [
+                (f"a{i}", kind) for i in range(1, steps + 1) for kind in ("action_requested", "action_completed")
+            ]
             during += sum(1 for r in rows if r["kind"] == "signal" and r["step_id"].startswith("a"))
         assert during > 0, "no note arrived while an action ran: the test did not test the interleaving"
         assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
@@ -137,7 +175,8 @@ async def test_signals_sent_while_actions_run_locally_are_applied_in_order_and_o
 
 
 async def test_a_stalled_owner_whose_local_action_finishes_after_takeover_is_fenced(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     """SIGSTOP the owner while its in-process call is in flight, past its lease; the new owner's
     deadline timer re-runs the call and records its result. SIGCONT: the old owner's result is
     applied on the state it kept and its commit is refused (exit 3). The new owner's result is
@@ -158,14 +197,20 @@ async def test_a_stalled_owner_whose_local_action_finishes_after_takeover_is_fen
         await _condition(lambda: len(target.named("notify")) == 1, "the held call")
         with h.stopped(old):
             async with h.worker():
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id,
-                                   expect="completed", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    execution_id,
+                    expect="completed",
+                    timeout=30,
+                )
                 gate.set()  # the held call answers: the old owner sees it when it runs again
                 code = await h.resume(old)
         assert code == 3, "the old owner must stop on a fenced commit"
         completed = await h.db.fetch(
             "SELECT (detail->>'attempt')::int AS attempt FROM ordo.transitions"
-            " WHERE execution_id = $1::uuid AND kind = 'action_completed'", execution_id)
+            " WHERE execution_id = $1::uuid AND kind = 'action_completed'",
+            execution_id,
+        )
         assert [r["attempt"] for r in completed] == [2]
         assert len({call["key"] for call in target.named("notify")}) == 1
         assert await h.ledger_problems() == NO_PROBLEMS
@@ -187,7 +232,7 @@ async def test_kept_executions_never_go_stale_while_partitions_move_under_load(n
         try:
             await h.publish_triggers(events[: count // 2])
             async with h.worker(1, 2) as second:
-                await h.publish_triggers(events[count // 2:])
+                await h.publish_triggers(events[count // 2 :])
                 await _condition(lambda: second.ownership.owned, "the second worker's share", timeout=20)
                 await first.__aexit__(None, None, None)
                 first = None
@@ -202,6 +247,7 @@ async def test_kept_executions_never_go_stale_while_partitions_move_under_load(n
 
 
 # -- the parts, without servers -----------------------------------------------------------------
+
 
 def _record(execution_id: str, partition: int):
     from hotpath import ExecutionState

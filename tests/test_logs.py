@@ -9,12 +9,12 @@ import io
 import logging
 
 import orjson
+from harness import Harness
 
 from actions.plugins import default_registry
 from bench.generator import trigger_event
 from daemon import logs
 from daemon.worker import Worker
-from harness import Harness
 
 EXPLODING = {
     "id": "exploding",
@@ -63,7 +63,8 @@ class JsonLines:
 
 
 async def test_a_failing_action_logs_json_lines_with_worker_execution_tenant_step_and_reason(
-        nats_server_url, pg_dsn, prefix):
+    nats_server_url, pg_dsn, prefix
+):
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(EXPLODING)
         event = trigger_event("logs", 1, tenant="acme", event_type="order.placed")
@@ -77,8 +78,12 @@ async def test_a_failing_action_logs_json_lines_with_worker_execution_tenant_ste
             try:
                 await asyncio.wait_for(worker.ready.wait(), 10)
                 await h.publish_triggers([event])
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
-                                   execution_id, expect="failed", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    execution_id,
+                    expect="failed",
+                    timeout=30,
+                )
             finally:
                 worker.stopping.set()
                 await asyncio.wait_for(run, 60)
@@ -138,8 +143,12 @@ def test_credentials_in_urls_are_masked_in_every_field():
         try:
             raise ConnectionError("cannot reach postgresql://ordo:hunter2@db.internal:5432/ordo")
         except ConnectionError as exc:
-            log.error("ledger down: %s", exc, exc_info=True,
-                      extra=logs.failure("ledger_connection", exc, url="nats://app:s3cr3t@nats:4222"))
+            log.error(
+                "ledger down: %s",
+                exc,
+                exc_info=True,
+                extra=logs.failure("ledger_connection", exc, url="nats://app:s3cr3t@nats:4222"),
+            )
     (line,) = captured.lines()
     text = orjson.dumps(line).decode()
     assert "hunter2" not in text and "s3cr3t" not in text

@@ -14,8 +14,12 @@ def _histogram(registry) -> Histogram:
 
 
 def _samples(registry) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in registry.collect() for s in family.samples if not s.name.endswith("_created")}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in registry.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
 
 
 def test_observe_all_gives_the_series_of_one_observe_per_value():
@@ -28,7 +32,7 @@ def test_observe_all_gives_the_series_of_one_observe_per_value():
         single.observe(value)
     observe_all(_histogram(bulk), values)
     assert _samples(bulk) == _samples(one_by_one)
-    assert b'ordo_test_seconds_count 507.0' in generate_latest(bulk)
+    assert b"ordo_test_seconds_count 507.0" in generate_latest(bulk)
 
 
 def test_observe_all_of_nothing_changes_nothing():

@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 
+from harness import ROOT, WELCOME, Harness, http
+
 from bench.generator import trigger_event
 from daemon import metrics
 from daemon.servers import free_port
-from harness import ROOT, WELCOME, Harness, http
 
 DASHBOARD = os.path.join(ROOT, "daemon", "ops", "grafana-dashboard.json")
 ALERTS = os.path.join(ROOT, "daemon", "ops", "alerts.yml")
@@ -127,8 +128,13 @@ def test_the_yaml_reader_reads_what_it_claims():
         "# c\na: 1\nb:\n  - name: x  # trailing\n    expr: |\n      up == 0\n        and on()\n    for: 5m\n"
         "  - plain\nc: \"q: {{ $labels.x }}\"\nd: 'it''s'\ne: >-\n  one\n  two\n"
     )
-    assert doc == {"a": 1, "b": [{"name": "x", "expr": "up == 0\n  and on()\n", "for": "5m"}, "plain"],
-                   "c": "q: {{ $labels.x }}", "d": "it's", "e": "one two"}
+    assert doc == {
+        "a": 1,
+        "b": [{"name": "x", "expr": "up == 0\n  and on()\n", "for": "5m"}, "plain"],
+        "c": "q: {{ $labels.x }}",
+        "d": "it's",
+        "e": "one two",
+    }
 
 
 # -- what the assets ask for --------------------------------------------------------------------
@@ -183,15 +189,26 @@ def _expressions() -> list[tuple[str, str, list[str]]]:
         printed = re.findall(r"\$labels\.(\w+)", json.dumps(rule.get("annotations", {})))
         found.append((f"alert {rule['alert']}", rule["expr"], printed))
     for target in dashboard_targets():
-        found.append((f"panel target {target['expr'][:40]}", target["expr"],
-                      re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", ""))))
+        found.append(
+            (
+                f"panel target {target['expr'][:40]}",
+                target["expr"],
+                re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")),
+            )
+        )
     return found
 
 
 def test_the_assets_cover_what_the_operators_asked_for():
     names = {rule["alert"] for rule in alerts()}
-    assert names == {"OrdoWorkerDown", "OrdoExecutionFailureRate", "OrdoCommitLatencyHigh", "OrdoNoProgress",
-                     "OrdoConsumerLagHigh", "OrdoDeadLettersRising"}
+    assert names == {
+        "OrdoWorkerDown",
+        "OrdoExecutionFailureRate",
+        "OrdoCommitLatencyHigh",
+        "OrdoNoProgress",
+        "OrdoConsumerLagHigh",
+        "OrdoDeadLettersRising",
+    }
     for rule in alerts():
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"} and rule["labels"]["severity"]
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
@@ -206,14 +223,26 @@ def test_the_assets_cover_what_the_operators_asked_for():
     assert len({p["id"] for p in panels}) == len(panels)
     assert board["uid"] and board["schemaVersion"] >= 30
     exprs = " ".join(t["expr"] for t in dashboard_targets())
-    for wanted in ("ordo_transitions_total", "ordo_enrolments_total", "ordo_dead_letters_total",
-                   "ordo_ledger_commit_seconds_bucket", "ordo_ledger_batch_rows_bucket", "ordo_messages_in_flight",
-                   "ordo_ring_occupancy", "ordo_redeliveries_total", "ordo_nats_fetch_seconds_bucket",
-                   'ordo_executions_finished_total{status="failed"'):
+    for wanted in (
+        "ordo_transitions_total",
+        "ordo_enrolments_total",
+        "ordo_dead_letters_total",
+        "ordo_ledger_commit_seconds_bucket",
+        "ordo_ledger_batch_rows_bucket",
+        "ordo_messages_in_flight",
+        "ordo_ring_occupancy",
+        "ordo_redeliveries_total",
+        "ordo_nats_fetch_seconds_bucket",
+        'ordo_executions_finished_total{status="failed"',
+    ):
         assert wanted in exprs, wanted
     # The failure rate the < 1% a day goal is judged on: failed over finished, over a day.
-    assert any("increase(ordo_executions_finished_total{status=\"failed\"" in t["expr"] and "[1d]" in t["expr"]
-               and "/" in t["expr"] for t in dashboard_targets())
+    assert any(
+        'increase(ordo_executions_finished_total{status="failed"' in t["expr"]
+        and "[1d]" in t["expr"]
+        and "/" in t["expr"]
+        for t in dashboard_targets()
+    )
     for panel in panels:
         if panel["type"] == "row":
             continue
@@ -259,8 +288,9 @@ def test_labels_and_functions_fit_the_metrics_they_read():
                 grouped.add(label)
         for name in RATE_ARG.findall(expr):
             kind = declared.get(_base(name), declared.get(name, ("?",)))[0]
-            assert kind == "counter" or (kind == "histogram" and name != _base(name)), \
+            assert kind == "counter" or (kind == "histogram" and name != _base(name)), (
                 f"{where}: rate/increase over {name}, a {kind}"
+            )
         # What a legend or annotation prints must survive the aggregation.
         aggregated = re.search(r"\b(sum|avg|min|max|count)\b\s*(by\s*\(|\()", expr)
         visible = grouped if aggregated else allowed
@@ -299,8 +329,9 @@ async def test_every_series_the_assets_read_is_exported_by_a_working_worker(nats
         await h.deploy(WELCOME)
         env = h.env()
         env["ORDO_METRICS_PORT"] = str(port)
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"],
-                                env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"], env=env, cwd=ROOT
+        )
         h.processes.append(proc)
         events = [trigger_event("ops", i, tenant="acme", event_type="contact.created") for i in range(20)]
         events.append(trigger_event("ops", 20, tenant="acme", event_type="page.viewed"))  # matches nothing
@@ -313,13 +344,16 @@ async def test_every_series_the_assets_read_is_exported_by_a_working_worker(nats
             assert proc.poll() is None, f"the worker exited with {proc.returncode}"
             try:
                 status, _, body = await http(port, "/metrics")
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 await asyncio.sleep(0.1)
                 continue
             text = body.decode()
-            if (status == 200 and _sample(text, 'ordo_executions_finished_total{status="completed"}') >= 20
-                    and _sample(text, "ordo_dead_letters_total") >= 1
-                    and _sample(text, "ordo_nats_ack_seconds_count") >= 1):
+            if (
+                status == 200
+                and _sample(text, 'ordo_executions_finished_total{status="completed"}') >= 20
+                and _sample(text, "ordo_dead_letters_total") >= 1
+                and _sample(text, "ordo_nats_ack_seconds_count") >= 1
+            ):
                 break
             await asyncio.sleep(0.1)
         else:

@@ -6,12 +6,11 @@ import time
 
 import asyncpg
 import orjson
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, observations
 
 from bench.generator import trigger_event
-from daemon.topology import trigger_msg_id
-
 from daemon import metrics
-from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, observations
+from daemon.topology import trigger_msg_id
 
 
 def _counter(counter, label: str) -> float:
@@ -68,8 +67,7 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
         advanced_before = observations(metrics.advance_seconds)
 
         async with h.worker(0, 2), h.worker(1, 2):
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
-                               expect=len(expected))
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(expected))
             # Let every duplicate and non-matching trigger settle as well.
             await h.wait_triggers_drained()
 
@@ -94,7 +92,11 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             h.execution_id("acme", "welcome", "e2e-3"),  # a US contact
         )
         assert [(k["step_id"], k["kind"]) for k in kinds] == [
-            ("", "started"), ("greet", "set"), ("by-country", "branch"), ("english", "set"), ("done", "completed"),
+            ("", "started"),
+            ("greet", "set"),
+            ("by-country", "branch"),
+            ("english", "set"),
+            ("done", "completed"),
         ]
 
 
@@ -138,8 +140,7 @@ async def test_signals_are_applied_in_publish_order_per_execution(nats_server_ur
                         await asyncio.sleep(0.05)
             finally:
                 await blocker.close()
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
-                               expect=executions)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=executions)
         assert _counter(metrics.redeliveries, h.topology.exec_stream) > redelivered_before
         assert _counter(metrics.exec_messages, "duplicate") > duplicates_before
 
@@ -173,8 +174,7 @@ async def test_a_backlog_on_every_partition_at_once_fits_the_ordering_ring(nats_
             await h.signal(execution_id, "done", {"ok": True}, signal_id="done")
         # The smallest ring the worker allows, and open requests that together outweigh max_ack_pending.
         async with h.worker(fetch_batch=25, max_ack_pending=50, ring_capacity=1) as worker:
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'",
-                               expect=executions)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=executions)
             assert not worker.stopping.is_set()
         assert await h.ledger_problems() == NO_PROBLEMS
 

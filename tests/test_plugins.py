@@ -25,13 +25,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from harness import NO_PROBLEMS, Harness
 
 from actions import plugins
 from actions.contract import ActionContext, invoke
 from actions.settings import Settings
 from bench.generator import trigger_event
 from daemon.config import Config
-from harness import NO_PROBLEMS, Harness
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {("noop", 1), ("log", 1), ("webhook", 1)}
@@ -100,8 +100,14 @@ def returns_none():
 # -- installing a package the way pip leaves it -----------------------------------
 
 
-def install(site: Path, *, name: str, version: str = "0.1.0", modules: dict[str, str] | None = None,
-            entry_points: dict[str, dict[str, str]] | None = None) -> None:
+def install(
+    site: Path,
+    *,
+    name: str,
+    version: str = "0.1.0",
+    modules: dict[str, str] | None = None,
+    entry_points: dict[str, dict[str, str]] | None = None,
+) -> None:
     """Write `modules` (name -> source) and `name`'s .dist-info, with `entry_points` (group -> name -> target)."""
     for module, source in (modules or {}).items():
         (site / f"{module}.py").write_text(source)
@@ -133,8 +139,12 @@ def site(tmp_path, monkeypatch):
 
 def kit(site: Path, **entry_points: str) -> None:
     """The KIT module, installed as the package ordo-kit declaring `entry_points` (name -> target)."""
-    install(site, name="ordo-kit", modules={"ordo_kit": KIT},
-            entry_points={plugins.GROUP: entry_points} if entry_points else None)
+    install(
+        site,
+        name="ordo-kit",
+        modules={"ordo_kit": KIT},
+        entry_points={plugins.GROUP: entry_points} if entry_points else None,
+    )
 
 
 def keys(registry) -> set[tuple[str, int]]:
@@ -150,8 +160,10 @@ def test_the_built_ins_are_ordo_s_entry_points_and_the_webhook_s_factory_gets_th
     assert set(declared) == {"noop", "log", "webhook"}
     registry = plugins.default_registry(Settings(webhook_allow="10.1.0.0/16, 127.0.0.1"))
     assert keys(registry) == BUILTINS
-    assert registry.get("webhook", 1).policy.allow == (ipaddress.ip_network("10.1.0.0/16"),
-                                                       ipaddress.ip_network("127.0.0.1/32"))
+    assert registry.get("webhook", 1).policy.allow == (
+        ipaddress.ip_network("10.1.0.0/16"),
+        ipaddress.ip_network("127.0.0.1/32"),
+    )
     assert plugins.default_registry().get("webhook", 1).policy.allow == ()
 
 
@@ -165,8 +177,11 @@ def test_the_contract_imports_neither_the_built_ins_nor_the_loader():
 
 def test_from_a_source_tree_ordo_s_entry_points_come_from_its_pyproject_not_older_metadata(site, monkeypatch):
     # An install of Ordo older than the tree: its metadata declares another set.
-    install(site, name="ordo", entry_points={plugins.GROUP: {"noop": "actions.builtin.noop:NoopAction",
-                                                             "gone": "ordo_gone:Gone"}})
+    install(
+        site,
+        name="ordo",
+        entry_points={plugins.GROUP: {"noop": "actions.builtin.noop:NoopAction", "gone": "ordo_gone:Gone"}},
+    )
     own = plugins.own_entry_points()
     assert [p.name for p in own] == ["noop", "log", "webhook"]
     assert all("source tree" in p.origin for p in own)
@@ -176,7 +191,9 @@ def test_from_a_source_tree_ordo_s_entry_points_come_from_its_pyproject_not_olde
     # Installed, not run from a tree: the metadata is what there is.
     monkeypatch.setattr(plugins, "_source_tree_entry_points", lambda: None)
     assert [(p.name, p.target) for p in plugins.own_entry_points()] == [
-        ("noop", "actions.builtin.noop:NoopAction"), ("gone", "ordo_gone:Gone")]
+        ("noop", "actions.builtin.noop:NoopAction"),
+        ("gone", "ordo_gone:Gone"),
+    ]
 
 
 def test_installed_metadata_without_ordo_s_entry_points_is_reported(site, monkeypatch, caplog):
@@ -218,20 +235,24 @@ def test_the_setting_adds_plug_ins_that_no_package_declares(site):
 def test_a_setting_item_that_is_not_module_colon_object_is_refused():
     with pytest.raises(plugins.PluginError) as caught:
         plugins.configured("ordo_kit:Echo, ordo_kit.Echo")
-    assert str(caught.value) == ("action plug-in 'ordo_kit.Echo' (setting action_plugins): not MODULE:OBJECT "
-                                 "(e.g. 'ordo_greet:Greet')")
+    assert str(caught.value) == (
+        "action plug-in 'ordo_kit.Echo' (setting action_plugins): not MODULE:OBJECT (e.g. 'ordo_greet:Greet')"
+    )
 
 
-@pytest.mark.parametrize("target, why", [
-    ("ordo_missing:Greet", "cannot import it: ModuleNotFoundError: No module named 'ordo_missing'"),
-    ("ordo_kit:Nothing", "cannot import it: AttributeError: module 'ordo_kit' has no attribute 'Nothing'"),
-    ("ordo_crash:Greet", "cannot import it: ImportError: needs libgreet"),
-    ("ordo_kit:NOT_AN_ACTION", "it names int 42, not an Action"),
-    ("ordo_kit:broken_factory", "its factory raised RuntimeError: no credentials"),
-    ("ordo_kit:returns_none", "its factory returned NoneType None, not an Action"),
-    ("ordo_kit:SyncRun", "its factory returned sync@1, whose run is not async"),
-    ("ordo_kit:BadMajor", "its factory returned echo, whose major is '1', not an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("ordo_missing:Greet", "cannot import it: ModuleNotFoundError: No module named 'ordo_missing'"),
+        ("ordo_kit:Nothing", "cannot import it: AttributeError: module 'ordo_kit' has no attribute 'Nothing'"),
+        ("ordo_crash:Greet", "cannot import it: ImportError: needs libgreet"),
+        ("ordo_kit:NOT_AN_ACTION", "it names int 42, not an Action"),
+        ("ordo_kit:broken_factory", "its factory raised RuntimeError: no credentials"),
+        ("ordo_kit:returns_none", "its factory returned NoneType None, not an Action"),
+        ("ordo_kit:SyncRun", "its factory returned sync@1, whose run is not async"),
+        ("ordo_kit:BadMajor", "its factory returned echo, whose major is '1', not an integer >= 1"),
+    ],
+)
 def test_a_broken_entry_point_stops_the_start_naming_itself(site, target, why):
     (site / "ordo_crash.py").write_text('raise ImportError("needs libgreet")\n')
     kit(site, bad=target)
@@ -245,8 +266,11 @@ def test_a_broken_entry_point_stops_the_start_naming_itself(site, target, why):
 def test_a_broken_setting_item_stops_the_engine_s_registry_naming_itself():
     from daemon.worker import _in_process_actions
 
-    with pytest.raises(plugins.PluginError, match=r"^action plug-in 'ordo_missing:Greet' \(setting action_plugins\)"
-                                                  r": cannot import it: ModuleNotFoundError"):
+    with pytest.raises(
+        plugins.PluginError,
+        match=r"^action plug-in 'ordo_missing:Greet' \(setting action_plugins\)"
+        r": cannot import it: ModuleNotFoundError",
+    ):
         _in_process_actions(Config(action_plugins="ordo_missing:Greet"))
 
 
@@ -255,9 +279,11 @@ def test_a_second_plug_in_with_the_same_name_and_major_is_refused_naming_both(si
     with pytest.raises(plugins.PluginError) as caught:
         plugins.registry(Settings())
     message = str(caught.value)
-    assert message.startswith(f"action plug-in 'my-noop = ordo_kit:Noop' (entry point in {plugins.GROUP} of "
-                              f"ordo-kit 0.1.0): action noop@1 is already declared by action plug-in "
-                              f"'noop = actions.builtin.noop:NoopAction' (entry point in {plugins.GROUP} of ordo")
+    assert message.startswith(
+        f"action plug-in 'my-noop = ordo_kit:Noop' (entry point in {plugins.GROUP} of "
+        f"ordo-kit 0.1.0): action noop@1 is already declared by action plug-in "
+        f"'noop = actions.builtin.noop:NoopAction' (entry point in {plugins.GROUP} of ordo"
+    )
 
 
 def test_the_setting_may_not_repeat_an_entry_point_s_action(site):
@@ -266,15 +292,17 @@ def test_the_setting_may_not_repeat_an_entry_point_s_action(site):
         plugins.registry(Settings(), "ordo_kit:Echo")
     assert str(caught.value) == (
         "action plug-in 'ordo_kit:Echo' (setting action_plugins): action echo@1 is already declared by "
-        f"action plug-in 'echo = ordo_kit:Echo' (entry point in {plugins.GROUP} of ordo-kit 0.1.0)")
+        f"action plug-in 'echo = ordo_kit:Echo' (entry point in {plugins.GROUP} of ordo-kit 0.1.0)"
+    )
 
 
 def test_an_external_action_worker_serves_an_installed_plug_in_by_name(site):
     from actions import worker
 
     kit(site, echo="ordo_kit:Echo")
-    args = worker.build_parser().parse_args(["--action", "echo@1", "--action", "webhook@1",
-                                             "--webhook-allow", "10.2.0.0/16"])
+    args = worker.build_parser().parse_args(
+        ["--action", "echo@1", "--action", "webhook@1", "--webhook-allow", "10.2.0.0/16"]
+    )
     echo, webhook = worker.select(args, Settings(webhook_allow="10.3.0.0/16"))
     assert (echo.name, echo.major) == ("echo", 1)
     assert webhook.policy.allow == (ipaddress.ip_network("10.2.0.0/16"), ipaddress.ip_network("10.3.0.0/16"))
@@ -301,9 +329,23 @@ def greet_pip_installed(tmp_path_factory) -> tuple[Path, Path]:
     for name, text in how_to_files().items():
         (project / name).write_text(text)
     target = root / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                          "--no-deps", "--target", str(target), str(project)],
-                         capture_output=True, text=True, timeout=300)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(project),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pip.returncode == 0, pip.stdout + pip.stderr
     return project, target
 
@@ -326,9 +368,12 @@ def test_the_how_to_s_own_test_passes(greet, monkeypatch):
 
 
 async def test_the_how_to_s_action_runs_in_a_real_worker_with_no_change_to_ordo(
-        greet, nats_server_url, pg_dsn, prefix, caplog):
+    greet, nats_server_url, pg_dsn, prefix, caplog
+):
     workflow = {
-        "id": "greeter", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "id": "greeter",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
         "steps": [
             {"id": "hello", "type": "action", "action": "greet", "input": {"name": "{{contact.first_name}}"}},
             {"id": "done", "type": "end"},
@@ -341,16 +386,22 @@ async def test_the_how_to_s_action_runs_in_a_real_worker_with_no_change_to_ordo(
         with caplog.at_level("INFO", logger="ordo.actions.plugins"):
             async with h.worker():  # a restart: the worker loads the plug-ins as it starts
                 await h.publish_triggers([event])
-                await h.wait_until("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
-                                   execution_id, expect="completed", timeout=30)
+                await h.wait_until(
+                    "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid",
+                    execution_id,
+                    expect="completed",
+                    timeout=30,
+                )
         assert f"greet@1 (entry point in {plugins.GROUP} of ordo-greet 0.1.0)" in caplog.text
-        context = orjson.loads(await h.db.fetchval(
-            "SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id))
+        context = orjson.loads(
+            await h.db.fetchval("SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+        )
         greeting = {"greeting": f"Hello, {event['contact']['first_name']}!"}
         assert context["hello"] == greeting
         completed = await h.db.fetchval(
             "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'action_completed'",
-            execution_id)
+            execution_id,
+        )
         assert orjson.loads(completed)["output"] == greeting
         assert await h.ledger_problems() == NO_PROBLEMS
 
@@ -358,10 +409,21 @@ async def test_the_how_to_s_action_runs_in_a_real_worker_with_no_change_to_ordo(
 async def test_a_worker_process_with_a_bad_plug_in_exits_at_start_up_naming_it(nats_server_url, pg_dsn, prefix):
     env = Harness(nats_server_url, pg_dsn, prefix).env(action_plugins="ordo_missing:Greet")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1",
-        env=env, cwd=ROOT, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "daemon",
+        "run",
+        "--worker-index",
+        "0",
+        "--workers",
+        "1",
+        env=env,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode != 0
-    assert (b"PluginError: action plug-in 'ordo_missing:Greet' (setting action_plugins): cannot import it: "
-            b"ModuleNotFoundError: No module named 'ordo_missing'") in err, err.decode()[-2000:]
-
+    assert (
+        b"PluginError: action plug-in 'ordo_missing:Greet' (setting action_plugins): cannot import it: "
+        b"ModuleNotFoundError: No module named 'ordo_missing'"
+    ) in err, err.decode()[-2000:]

@@ -4,12 +4,19 @@ from daemon.definitions import WorkflowRegistry
 
 
 def _workflow(version: int, steps: list, tenant: str = "acme") -> dict:
-    return {"id": "nurture", "tenant": tenant, "version": version, "trigger": {"event": "contact.created"},
-            "steps": steps}
+    return {
+        "id": "nurture",
+        "tenant": tenant,
+        "version": version,
+        "trigger": {"event": "contact.created"},
+        "steps": steps,
+    }
 
 
-WAITS_FOR_REPLY = [{"id": "reply", "type": "wait_for_event", "event": "sms.replied", "timeout": "2d"},
-                   {"id": "done", "type": "end"}]
+WAITS_FOR_REPLY = [
+    {"id": "reply", "type": "wait_for_event", "event": "sms.replied", "timeout": "2d"},
+    {"id": "done", "type": "end"},
+]
 NO_WAIT = [{"id": "done", "type": "end"}]
 
 

@@ -16,9 +16,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 
-
-
-
 def assert_drained(ring) -> None:
     """Pop and complete whatever is still ready, then check that nothing leaked."""
     while (popped := ring.pop()) is not None:

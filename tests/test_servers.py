@@ -112,8 +112,7 @@ async def test_embedded_nats_jetstream_survives_kill(tmp_path):
 
         nc = await nats_py.connect(server.url, allow_reconnect=False)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="EMB_S", subjects=["emb.>"],
-                                         storage=StorageType.FILE))
+        await js.add_stream(StreamConfig(name="EMB_S", subjects=["emb.>"], storage=StorageType.FILE))
         ack = await js.publish("emb.one", b"survives a crash")
         assert (ack.stream, ack.seq) == ("EMB_S", 1)
         assert (await js.get_msg("EMB_S", 1)).data == b"survives a crash"
@@ -164,8 +163,14 @@ async def test_embedded_postgres_keeps_rows_across_restart_and_crash(tmp_path):
         assert server.dsn == f"postgresql://postgres@127.0.0.1:{port}/postgres"
         conn = await asyncpg.connect(server.dsn)
         # Durable commits, and no checkpoint every few seconds under load.
-        for name, value in {"fsync": "on", "synchronous_commit": "on", "max_connections": "200",
-                            "max_wal_size": "8GB", "checkpoint_timeout": "15min", "shared_buffers": "1GB"}.items():
+        for name, value in {
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "max_connections": "200",
+            "max_wal_size": "8GB",
+            "checkpoint_timeout": "15min",
+            "shared_buffers": "1GB",
+        }.items():
             assert (await conn.fetchval(f"SHOW {name}")) == value, name
         assert (await conn.fetchval("SHOW server_encoding")) == "UTF8"
         await conn.execute("CREATE TABLE t (id serial PRIMARY KEY, note text NOT NULL)")
@@ -195,8 +200,7 @@ async def test_pg_dsn_is_a_fresh_database(pg_dsn):
     conn = await asyncpg.connect(pg_dsn)
     try:
         assert (await conn.fetchval("SELECT current_database()")).startswith("ordo_t_")
-        tables = await conn.fetchval(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        tables = await conn.fetchval("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
         assert tables == 0
     finally:
         await conn.close()

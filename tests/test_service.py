@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from harness import ROOT, Harness, http
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.health import HealthServer
@@ -26,7 +27,6 @@ from daemon.notify import notify, watchdog, watchdog_interval
 from daemon.profile import ProfileError, find_worker_pid, is_worker_cmdline, profile
 from daemon.servers import free_port
 from daemon.service import GC_YOUNG_THRESHOLD, tune_gc
-from harness import ROOT, Harness, http
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -105,14 +105,15 @@ class NotifyListener:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def spawn_service(h: Harness, listener: NotifyListener, port: int, *, stderr=None,
-                  **extra_env) -> subprocess.Popen:
+def spawn_service(h: Harness, listener: NotifyListener, port: int, *, stderr=None, **extra_env) -> subprocess.Popen:
     """`python -m daemon run --worker-index 0 --workers 1` as systemd would start it."""
     env = h.env()
     env.update(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000", ORDO_METRICS_PORT=str(port), **extra_env)
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"], env=env, cwd=ROOT,
+        [sys.executable, "-m", "daemon", "run", "--worker-index", "0", "--workers", "1"],
+        env=env,
+        cwd=ROOT,
         stderr=stderr,
     )
     h.processes.append(proc)
@@ -172,7 +173,7 @@ async def test_watchdog_task_pings_until_cancelled(monkeypatch):
         # (a send completes into the socket's queue, which the listener reads in order).
         assert notify("X-TEST=after-cancel")
         after = await listener.wait_for(lambda lines: lines == ["X-TEST=after-cancel"], start=settled)
-        pings = listener.snapshot()[:after - 1]
+        pings = listener.snapshot()[: after - 1]
         assert set(pings) == {b"WATCHDOG=1"}
         assert len(pings) <= settled + 1  # at most one datagram was still in flight
     finally:
@@ -235,8 +236,9 @@ async def test_worker_notifies_pings_serves_health_and_drains(nats_server_url, p
 
             status, head, body = await http(port, "/metrics")
             assert status == 200 and "text/plain" in head
-            series = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()
-                      if line.startswith("ordo_")}
+            series = {
+                line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if line.startswith("ordo_")
+            }
             assert {"ordo_transitions_total", "ordo_owned_partitions", "ordo_messages_in_flight"} <= series
             assert "ordo_owned_partitions 4.0" in body.decode()
             assert (await http(port, "/readyz"))[0] == 200
@@ -265,7 +267,9 @@ async def test_worker_notifies_pings_serves_health_and_drains(nats_server_url, p
             proc.send_signal(signal.SIGUSR2)
             blocked_at = await listener.wait_for(
                 lambda lines: any(line.startswith("STATUS=blocking the event loop") for line in lines),
-                start=mark, proc=proc)
+                start=mark,
+                proc=proc,
+            )
             with pytest.raises(asyncio.TimeoutError):
                 await http(port, "/healthz", timeout=max(1.0, window))  # the loop that serves it is stuck
             assert listener.count("WATCHDOG=1", start=blocked_at) == 0 < live
@@ -303,8 +307,9 @@ async def test_worker_exits_nonzero_when_its_metrics_port_is_taken(nats_server_u
 
 
 def test_worker_command_lines_are_recognised():
-    assert is_worker_cmdline(["/opt/ordo/.venv/bin/python3", "/opt/ordo/.venv/bin/ordo", "run",
-                              "--worker-index", "3"], 3)
+    assert is_worker_cmdline(
+        ["/opt/ordo/.venv/bin/python3", "/opt/ordo/.venv/bin/ordo", "run", "--worker-index", "3"], 3
+    )
     assert is_worker_cmdline(["python", "-m", "daemon", "run", "--worker-index", "3", "--workers", "4"], 3)
     assert is_worker_cmdline(["ordo", "run", "--worker-index=3"], 3)
     assert not is_worker_cmdline(["ordo", "run", "--worker-index", "13"], 3)
@@ -317,8 +322,9 @@ def test_worker_command_lines_are_recognised():
 def fake_worker():
     """A busy Python whose command line reads like worker 97's (busy: an idle
     process can leave py-spy with no stacks to draw in a one-second recording)."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: sum(range(100000))",
-                             "-m", "daemon", "run", "--worker-index", "97"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "while True: sum(range(100000))", "-m", "daemon", "run", "--worker-index", "97"]
+    )
     # Until the child has exec'd, /proc/<pid>/cmdline still reads like its parent's.
     deadline = time.monotonic() + 10
     while b"--worker-index" not in open(f"/proc/{proc.pid}/cmdline", "rb").read():
@@ -365,4 +371,3 @@ def test_profile_explains_a_refused_ptrace(fake_worker, tmp_path):
     result = subprocess.run([*as_nobody, code], cwd="/", capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 7, result.stderr
     assert "root or CAP_SYS_PTRACE" in result.stdout
-

@@ -1,4 +1,4 @@
-"""hotpath/ against its linters and its type checker, as ordinary tests, so that CI runs them.
+"""The code against its linters, its formatter and its type checker, as ordinary tests, so that CI runs them.
 
 Each test runs one tool the way a developer would, from the repository root with
 the configuration in pyproject.toml, and skips, saying why, when the tool is not
@@ -42,12 +42,17 @@ def run_tool(tool: str, *args: str) -> None:
     assert result.returncode == 0, f"`{tool} {' '.join(args)}` failed:\n{result.stdout}{result.stderr}"
 
 
-def test_ruff():
-    run_tool("ruff", "check", "hotpath")
+def test_ruff_lint():
+    run_tool("ruff", "check", ".")
+
+
+def test_ruff_format():
+    run_tool("ruff", "format", "--check", ".")
 
 
 def test_mypy_strict():
-    run_tool("mypy", "hotpath")
+    """Strict over the packages listed in pyproject.toml's [tool.mypy] files."""
+    run_tool("mypy")
 
 
 def test_cython_lint():

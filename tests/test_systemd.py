@@ -9,9 +9,9 @@ import tomllib
 from dataclasses import fields
 
 import pytest
+from harness import ROOT
 
 from daemon.config import Config, load
-from harness import ROOT
 
 UNITS = os.path.join(ROOT, "systemd")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -59,12 +59,15 @@ def verifiable_units(tmp_path):
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("instance", ["ordo@0.service", "ordo@3.service", "ordo-action-worker@0.service",
-                                      "ordo.target"])
+@pytest.mark.parametrize(
+    "instance", ["ordo@0.service", "ordo@3.service", "ordo-action-worker@0.service", "ordo.target"]
+)
 def test_systemd_analyze_verify_is_clean(verifiable_units, instance):
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "verify", "--man=no", str(verifiable_units / instance)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # verify exits 0 on mere warnings (an unknown key, an unparsable value is
     # "ignoring"), so its output must be empty too.
@@ -77,12 +80,20 @@ def test_verify_would_catch_a_broken_unit(verifiable_units):
     # The check above is only worth something if verify complains about what we could get wrong.
     broken = (verifiable_units / "ordo@.service").read_text().replace("CPUAffinity=%i", "CPUAffinity=%i\nTyp=notify")
     (verifiable_units / "broken@.service").write_text(broken)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(verifiable_units / "broken@0.service")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", str(verifiable_units / "broken@0.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Unknown key 'Typ'" in result.stderr
     # An instance name that is not a CPU number: CPUAffinity=%i does expand.
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(verifiable_units / "ordo@x.service")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", str(verifiable_units / "ordo@x.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Failed to parse CPU affinity 'x'" in result.stderr
 
 
@@ -90,7 +101,9 @@ def test_verify_would_catch_a_broken_unit(verifiable_units):
 def test_hardening_rates_ok(verifiable_units):
     result = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(verifiable_units / "ordo@0.service")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if "--offline" in result.stderr and result.returncode != 0:
         pytest.skip("systemd-analyze security --offline needs systemd >= 250")
@@ -115,10 +128,19 @@ def test_the_worker_unit_says_what_the_code_expects():
     # The worker pings every WatchdogSec/2; a period of seconds leaves room for a slow scrape or GC.
     assert int(one["WatchdogSec"]) >= 5
     for key, value in {
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
-        "LockPersonality": "yes", "SystemCallArchitectures": "native", "ReadWritePaths": "/var/lib/ordo",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "LockPersonality": "yes",
+        "SystemCallArchitectures": "native",
+        "ReadWritePaths": "/var/lib/ordo",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
     }.items():
         assert one[key] == value, key

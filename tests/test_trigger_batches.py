@@ -4,11 +4,11 @@ import asyncio
 import time
 
 import orjson
+from harness import NO_PROBLEMS, WELCOME, Harness
 
 from bench.generator import batch_message, trigger_event
 from daemon import metrics
 from daemon.dlq import list_letters, show_letter
-from harness import NO_PROBLEMS, WELCOME, Harness
 
 
 def _good(i: int) -> dict:
@@ -16,7 +16,8 @@ def _good(i: int) -> dict:
 
 
 async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lettered_alone(
-        nats_server_url, pg_dsn, prefix):
+    nats_server_url, pg_dsn, prefix
+):
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(WELCOME)
         no_event_id = _good(900)
@@ -28,10 +29,23 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         nul["contact"]["first_name"] = "nul\u0000byte"
         future = {**_good(904), "v": 2}
         good = [_good(i) for i in range(40)]
-        events = good[:10] + [no_event_id] + good[10:20] + [no_type, "not an event", stranger] \
-            + good[20:30] + [nul, future] + good[30:]
-        bad = {10: "missing_field", 21: "missing_field", 22: "not_an_object", 23: "unknown_tenant",
-               34: "commit_error", 35: "unsupported_version"}
+        events = (
+            good[:10]
+            + [no_event_id]
+            + good[10:20]
+            + [no_type, "not an event", stranger]
+            + good[20:30]
+            + [nul, future]
+            + good[30:]
+        )
+        bad = {
+            10: "missing_field",
+            21: "missing_field",
+            22: "not_an_object",
+            23: "unknown_tenant",
+            34: "commit_error",
+            35: "unsupported_version",
+        }
         received = metrics.triggers_received._value.get()
         subject, body, msg_id = batch_message(h.topology, events)
         seq = await h.publish_raw(subject, body, msg_id)
@@ -76,8 +90,9 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
-async def _until_intake_stopped(h: Harness, worker, received: float, events_per_message: int,
-                                timeout: float = 30.0) -> float:
+async def _until_intake_stopped(
+    h: Harness, worker, received: float, events_per_message: int, timeout: float = 30.0
+) -> float:
     """Events the worker has taken once it can take no more while nothing commits.
 
     With no commit, nothing is released from the window: once it is full (in flight +
@@ -103,12 +118,13 @@ async def test_the_in_flight_window_counts_the_events_of_a_batch_not_its_message
     A pull is bounded in messages and bytes, not events: the triggers' pulls are sized in bytes
     for the room left in the window, never below what one message may hold (4 x
     max_message_bytes, here 64 KiB, plus 64 KiB)."""
-    async with Harness(nats_server_url, pg_dsn, prefix, max_ack_pending=120, fetch_batch=100,
-                       max_message_bytes=16384) as h:
+    async with Harness(
+        nats_server_url, pg_dsn, prefix, max_ack_pending=120, fetch_batch=100, max_message_bytes=16384
+    ) as h:
         await h.deploy(WELCOME)
         events = [_good(i) for i in range(3000)]
         for start in range(0, len(events), 50):
-            await h.publish_raw(*batch_message(h.topology, events[start:start + 50]))
+            await h.publish_raw(*batch_message(h.topology, events[start : start + 50]))
         received = metrics.triggers_received._value.get()
         lock = h.db.transaction()
         await lock.start()
@@ -135,8 +151,9 @@ async def test_a_pull_stops_at_its_byte_limit_and_the_next_one_goes_on(nats_serv
             subject, body, msg_id = batch_message(t, [_good(i) for i in range(start, start + 20)])
             sizes.append(len(body))
             await h.publish_raw(subject, body, msg_id)
-        consumer = PullConsumer(h.nc, t.triggers_stream, t.triggers_consumer, expires=0.5,
-                                max_bytes=3 * max(sizes) + 1024)
+        consumer = PullConsumer(
+            h.nc, t.triggers_stream, t.triggers_consumer, expires=0.5, max_bytes=3 * max(sizes) + 1024
+        )
         await consumer.subscribe()
         taken = []
         for _ in range(10):

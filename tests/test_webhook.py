@@ -29,15 +29,23 @@ class Target:
         self.url = ""
 
     async def record(self, request: web.Request) -> None:
-        self.seen.append({"path": request.path, "method": request.method, "headers": dict(request.headers),
-                          "body": await request.read()})
+        self.seen.append(
+            {
+                "path": request.path,
+                "method": request.method,
+                "headers": dict(request.headers),
+                "body": await request.read(),
+            }
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         await self.record(request)
         path = request.path
         if path == "/ok":
-            return web.json_response({"got": self.seen[-1]["body"].decode(), "n": len(self.seen)},
-                                     headers={"X-Request-Id": "r-1", "X-Secret": "not kept"})
+            return web.json_response(
+                {"got": self.seen[-1]["body"].decode(), "n": len(self.seen)},
+                headers={"X-Request-Id": "r-1", "X-Secret": "not kept"},
+            )
         if path == "/text":
             return web.Response(text="plain words")
         if path == "/big":
@@ -79,8 +87,14 @@ async def target():
 
 
 def context(attempt: int = 1, key: str = "exec-1:hook:0", deadline_s: float = 30) -> ActionContext:
-    return ActionContext(execution_id="exec-1", step_id="hook", attempt=attempt, idempotency_key=key,
-                         deadline_ms=int((time.time() + deadline_s) * 1000), tenant="acme")
+    return ActionContext(
+        execution_id="exec-1",
+        step_id="hook",
+        attempt=attempt,
+        idempotency_key=key,
+        deadline_ms=int((time.time() + deadline_s) * 1000),
+        tenant="acme",
+    )
 
 
 async def call(action: WebhookAction, input: dict, **ctx) -> dict:
@@ -124,12 +138,15 @@ async def test_the_idempotency_key_is_the_same_on_every_attempt(target):
     assert [s["headers"]["X-Ordo-Attempt"] for s in target.seen] == ["1", "2", "3"]
 
 
-@pytest.mark.parametrize("path,code,retryable", [
-    ("/busy", "http_503", True),
-    ("/bad", "http_400", False),
-    ("/teapot", "http_418", False),
-    ("/nowhere", "http_404", False),
-])
+@pytest.mark.parametrize(
+    "path,code,retryable",
+    [
+        ("/busy", "http_503", True),
+        ("/bad", "http_400", False),
+        ("/teapot", "http_418", False),
+        ("/nowhere", "http_404", False),
+    ],
+)
 async def test_status_mapping(target, path, code, retryable):
     result = await call(WebhookAction(allow=LOOPBACK), {"url": f"{target.url}{path}"})
     assert result["ok"] is False
@@ -160,16 +177,19 @@ async def test_the_step_deadline_bounds_the_request(target):
     assert (result["error"]["code"], result["error"]["retryable"]) == ("timeout", True)
 
 
-@pytest.mark.parametrize("input,named", [
-    ({}, "'url'"),
-    ({"url": "http://example.com", "method": "BREW"}, "'method'"),
-    ({"url": "http://example.com", "headers": {"Host": "internal"}}, "'Host'"),
-    ({"url": "http://example.com", "headers": {"X-A": "1\r\nX-B: 2"}}, "single-line"),
-    ({"url": "http://example.com", "headers": {"Idempotency-Key": "mine"}}, "set by the webhook"),
-    ({"url": "http://example.com", "timeout_ms": 0}, "'timeout_ms'"),
-    ({"url": "http://example.com", "retry_on": ["503"]}, "'retry_on'"),
-    ({"url": "http://"}, "no host"),
-])
+@pytest.mark.parametrize(
+    "input,named",
+    [
+        ({}, "'url'"),
+        ({"url": "http://example.com", "method": "BREW"}, "'method'"),
+        ({"url": "http://example.com", "headers": {"Host": "internal"}}, "'Host'"),
+        ({"url": "http://example.com", "headers": {"X-A": "1\r\nX-B: 2"}}, "single-line"),
+        ({"url": "http://example.com", "headers": {"Idempotency-Key": "mine"}}, "set by the webhook"),
+        ({"url": "http://example.com", "timeout_ms": 0}, "'timeout_ms'"),
+        ({"url": "http://example.com", "retry_on": ["503"]}, "'retry_on'"),
+        ({"url": "http://"}, "no host"),
+    ],
+)
 async def test_invalid_input_is_not_retryable(input, named):
     result = await call(WebhookAction(), input)
     assert (result["error"]["code"], result["error"]["retryable"]) == ("invalid_input", False)
@@ -190,24 +210,31 @@ async def test_303_turns_a_post_into_a_get_without_body(target):
     result = await call(WebhookAction(allow=LOOPBACK), {"url": f"{target.url}/see-other", "body": {"a": 1}})
     assert result["ok"] is True
     assert [(s["path"], s["method"], s["body"]) for s in target.seen] == [
-        ("/see-other", "POST", b'{"a":1}'), ("/ok", "GET", b"")]
+        ("/see-other", "POST", b'{"a":1}'),
+        ("/ok", "GET", b""),
+    ]
     assert target.seen[1]["headers"]["Idempotency-Key"] == "exec-1:hook:0"
 
 
 async def test_credentials_are_not_carried_to_another_origin(target):
     where = f"http://localhost:{target.port}/ok"
-    result = await call(WebhookAction(allow=LOOPBACK),
-                        {"url": f"{target.url}/to?where={where}", "headers": {"Authorization": "Bearer s3cret"}})
+    result = await call(
+        WebhookAction(allow=LOOPBACK),
+        {"url": f"{target.url}/to?where={where}", "headers": {"Authorization": "Bearer s3cret"}},
+    )
     assert result["ok"] is True, result
     assert target.seen[0]["headers"]["Authorization"] == "Bearer s3cret"
     assert "Authorization" not in target.seen[1]["headers"]
 
 
-@pytest.mark.parametrize("where,address", [
-    ("http://127.0.0.2:80/", "127.0.0.2"),
-    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
-    ("http://[::1]:80/", "::1"),
-])
+@pytest.mark.parametrize(
+    "where,address",
+    [
+        ("http://127.0.0.2:80/", "127.0.0.2"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+        ("http://[::1]:80/", "::1"),
+    ],
+)
 async def test_a_redirect_to_an_internal_address_is_refused(target, where, address):
     # Only the target itself (127.0.0.1) is allowed; the redirect leads elsewhere.
     action = WebhookAction(allow=[ipaddress.ip_network("127.0.0.1/32")])
@@ -225,21 +252,24 @@ async def test_a_redirect_to_another_scheme_is_refused(target):
 # -- the SSRF guard ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url,why", [
-    ("http://10.0.0.1/hook", "private"),
-    ("http://127.0.0.1/hook", "loopback"),
-    ("http://169.254.169.254/latest/meta-data/", "metadata"),
-    ("http://[::1]/hook", "loopback"),
-    ("http://100.64.0.1/hook", "CGNAT"),
-    ("http://0.0.0.0/hook", "unspecified"),
-    ("http://[::ffff:127.0.0.1]/hook", "IPv6 form of 127.0.0.1"),
-    ("http://[fd12::1]/hook", "unique-local"),
-    ("http://224.0.0.1/hook", "multicast"),
-    ("http://192.168.1.10:8080/hook", "private"),
-    ("http://2130706433/hook", "non-canonical"),
-    ("ftp://example.com/file", "scheme 'ftp'"),
-    ("file:///etc/passwd", "scheme 'file'"),
-])
+@pytest.mark.parametrize(
+    "url,why",
+    [
+        ("http://10.0.0.1/hook", "private"),
+        ("http://127.0.0.1/hook", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://100.64.0.1/hook", "CGNAT"),
+        ("http://0.0.0.0/hook", "unspecified"),
+        ("http://[::ffff:127.0.0.1]/hook", "IPv6 form of 127.0.0.1"),
+        ("http://[fd12::1]/hook", "unique-local"),
+        ("http://224.0.0.1/hook", "multicast"),
+        ("http://192.168.1.10:8080/hook", "private"),
+        ("http://2130706433/hook", "non-canonical"),
+        ("ftp://example.com/file", "scheme 'ftp'"),
+        ("file:///etc/passwd", "scheme 'file'"),
+    ],
+)
 async def test_internal_addresses_are_refused_without_an_allow_list(url, why):
     result = await call(WebhookAction(), {"url": url, "timeout_ms": 2000})
     assert (result["error"]["code"], result["error"]["retryable"]) == ("ssrf_refused", False), result
@@ -270,8 +300,17 @@ class FakeResolver(AbstractResolver):
 
     async def resolve(self, host, port=0, family=socket.AF_INET):
         self.calls += 1
-        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
-                 "proto": 0, "flags": 0} for a in self.answers]
+        return [
+            {
+                "hostname": host,
+                "host": a,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+            for a in self.answers
+        ]
 
     async def close(self):
         pass
@@ -316,10 +355,21 @@ async def test_every_connected_address_passes_the_socket_factory(target):
     sock.close()
 
 
-@pytest.mark.parametrize("address,refused", [
-    ("8.8.8.8", False), ("2606:4700::1111", False), ("::ffff:8.8.8.8", False),
-    ("172.16.5.4", True), ("fe80::1", True), ("ff02::1", True), ("240.0.0.1", True), ("::", True),
-    ("64:ff9b::a00:1", True), ("2002:a9fe:a9fe::", True), ("192.0.2.7", True),
-])
+@pytest.mark.parametrize(
+    "address,refused",
+    [
+        ("8.8.8.8", False),
+        ("2606:4700::1111", False),
+        ("::ffff:8.8.8.8", False),
+        ("172.16.5.4", True),
+        ("fe80::1", True),
+        ("ff02::1", True),
+        ("240.0.0.1", True),
+        ("::", True),
+        ("64:ff9b::a00:1", True),
+        ("2002:a9fe:a9fe::", True),
+        ("192.0.2.7", True),
+    ],
+)
 def test_policy_table(address, refused):
     assert (EgressPolicy().refusal(address) is not None) is refused

@@ -8,11 +8,11 @@ import asyncio
 
 import orjson
 from aiohttp import web
+from harness import NO_PROBLEMS, Clock, Harness, engine, fault_scale, observations
 
 from bench.generator import trigger_event
 from daemon import metrics
 from daemon.topology import partition_of
-from harness import NO_PROBLEMS, Clock, Harness, engine, fault_scale, observations
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -23,13 +23,18 @@ async def _status(h: Harness, execution_id: str) -> str | None:
 
 async def _kinds(h: Harness, execution_id: str) -> list[tuple[str, str]]:
     rows = await h.db.fetch(
-        "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id)
+        "SELECT step_id, kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id
+    )
     return [(r["step_id"], r["kind"]) for r in rows]
 
 
 #: A timer that says when a worker has looked at the timers due by a moment of the test's clock.
-MARKER = {"id": "marker", "tenant": "acme", "trigger": {"event": "marker.set"},
-          "steps": [{"id": "tick", "type": "wait", "duration": "5s"}]}
+MARKER = {
+    "id": "marker",
+    "tenant": "acme",
+    "trigger": {"event": "marker.set"},
+    "steps": [{"id": "tick", "type": "wait", "duration": "5s"}],
+}
 
 
 async def _set_marker(h: Harness, n: int) -> str:
@@ -47,17 +52,38 @@ async def _set_marker(h: Harness, n: int) -> str:
 
 async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, prefix, target):
     follow_up = {
-        "id": "follow-up", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "id": "follow-up",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
         "steps": [
-            {"id": "welcome", "type": "action", "action": "webhook",
-             "input": {"url": target.url("welcome"), "body": {"name": "{{contact.first_name}}"}}},
+            {
+                "id": "welcome",
+                "type": "action",
+                "action": "webhook",
+                "input": {"url": target.url("welcome"), "body": {"name": "{{contact.first_name}}"}},
+            },
             {"id": "pause", "type": "wait", "duration": "2d"},
-            {"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "3d",
-             "on_timeout": "nudge"},
-            {"id": "replied", "type": "if", "condition": {"exists": "{{context.reply.text}}"},
-             "then": "thank", "else": "nudge"},
-            {"id": "thank", "type": "action", "action": "webhook",
-             "input": {"url": target.url("thank"), "body": {"text": "{{context.reply.text}}"}}, "next": "done"},
+            {
+                "id": "reply",
+                "type": "wait_for_event",
+                "event": "contact.replied",
+                "timeout": "3d",
+                "on_timeout": "nudge",
+            },
+            {
+                "id": "replied",
+                "type": "if",
+                "condition": {"exists": "{{context.reply.text}}"},
+                "then": "thank",
+                "else": "nudge",
+            },
+            {
+                "id": "thank",
+                "type": "action",
+                "action": "webhook",
+                "input": {"url": target.url("thank"), "body": {"text": "{{context.reply.text}}"}},
+                "next": "done",
+            },
             {"id": "nudge", "type": "action", "action": "webhook", "input": {"url": target.url("nudge")}},
             {"id": "done", "type": "end"},
         ],
@@ -77,8 +103,9 @@ async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, p
             clock.advance(2 * DAY_MS + 1000)
             for execution_id in (a, b):
                 await h.wait_timer(execution_id, "event_timeout")
-            reply = trigger_event("fu-reply", 1, tenant="acme", event_type="contact.replied",
-                                  data={"text": "sounds good"})
+            reply = trigger_event(
+                "fu-reply", 1, tenant="acme", event_type="contact.replied", data={"text": "sounds good"}
+            )
             reply["contact"] = replies["contact"]
             await h.publish_triggers([reply])
             await h.wait_status(a, "completed")
@@ -90,8 +117,17 @@ async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, p
         assert len(target.named("nudge")) == 1
         kinds_a = await _kinds(h, a)
         assert [k for _, k in kinds_a] == [
-            "started", "action_requested", "action_completed", "waiting", "timer_fired", "waiting",
-            "event_received", "branch", "action_requested", "action_completed", "completed",
+            "started",
+            "action_requested",
+            "action_completed",
+            "waiting",
+            "timer_fired",
+            "waiting",
+            "event_received",
+            "branch",
+            "action_requested",
+            "action_completed",
+            "completed",
         ]
         kinds_b = await _kinds(h, b)
         assert ("reply", "timed_out") in kinds_b and ("nudge", "action_completed") in kinds_b
@@ -101,13 +137,19 @@ async def test_action_wait_event_branches_and_webhook(nats_server_url, pg_dsn, p
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
-async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
-        nats_server_url, pg_dsn, prefix, target):
+async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(nats_server_url, pg_dsn, prefix, target):
     flaky = {
-        "id": "flaky", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "id": "flaky",
+        "tenant": "acme",
+        "trigger": {"event": "order.placed"},
         "steps": [
-            {"id": "charge", "type": "action", "action": "webhook", "input": {"url": target.url("charge")},
-             "retry": {"max_attempts": 5, "initial_interval": "10s", "backoff_coefficient": 2, "jitter": 0}},
+            {
+                "id": "charge",
+                "type": "action",
+                "action": "webhook",
+                "input": {"url": target.url("charge")},
+                "retry": {"max_attempts": 5, "initial_interval": "10s", "backoff_coefficient": 2, "jitter": 0},
+            },
         ],
     }
     target.script["charge"] = [503, 503, 200]
@@ -153,23 +195,36 @@ async def test_a_flaky_webhook_is_retried_with_backoff_and_one_idempotency_key(
 
 
 async def test_a_burst_of_slow_in_process_calls_waits_in_jetstream_not_past_its_deadlines(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     """Many more calls than slots: intake pauses, so no call is queued past its deadline and made twice."""
     slow = {
-        "id": "slow", "tenant": "acme", "trigger": {"event": "order.placed"},
-        "steps": [{"id": "notify", "type": "action", "action": "webhook", "timeout": "2s",
-                   "input": {"url": target.url("notify")}}],
+        "id": "slow",
+        "tenant": "acme",
+        "trigger": {"event": "order.placed"},
+        "steps": [
+            {
+                "id": "notify",
+                "type": "action",
+                "action": "webhook",
+                "timeout": "2s",
+                "input": {"url": target.url("notify")},
+            }
+        ],
     }
     target.delay["notify"] = 0.05
     count = 600  # at 8 calls in flight and 50 ms a call: 3.75 s of work, far more than the 2 s deadline
-    async with Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8", action_concurrency=8,
-                       fetch_batch=32) as h:
+    async with Harness(
+        nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8", action_concurrency=8, fetch_batch=32
+    ) as h:
         await h.deploy(slow)
         async with h.worker():
-            await h.publish_triggers([trigger_event("slow", i, tenant="acme", event_type="order.placed")
-                                      for i in range(count)])
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
-                               timeout=60)
+            await h.publish_triggers(
+                [trigger_event("slow", i, tenant="acme", event_type="order.placed") for i in range(count)]
+            )
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=60
+            )
         keys = [c["key"] for c in target.named("notify")]
         assert len(keys) == count and len(set(keys)) == count
         assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'action_failed'") == 0
@@ -177,13 +232,18 @@ async def test_a_burst_of_slow_in_process_calls_waits_in_jetstream_not_past_its_
 
 
 async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_not_at_every_load(
-        nats_server_url, pg_dsn, prefix):
+    nats_server_url, pg_dsn, prefix
+):
     """The fire applies nothing and the timer row stays; it used to come back with every load
     (each second) for as long as the row was broken. After a repair it fires and the execution goes on."""
     pause = {
-        "id": "pause", "tenant": "acme", "trigger": {"event": "contact.created"},
-        "steps": [{"id": "wait", "type": "wait", "duration": "1h"},
-                  {"id": "after", "type": "set", "values": {"woke": True}}],
+        "id": "pause",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "steps": [
+            {"id": "wait", "type": "wait", "duration": "1h"},
+            {"id": "after", "type": "set", "values": {"woke": True}},
+        ],
     }
     clock = Clock()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
@@ -195,9 +255,9 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
             await h.publish_triggers([event])
             await h.wait_status(execution_id, "waiting")
             runtime = await h.db.fetchval(
-                "SELECT runtime::text FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
-            await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid",
-                               execution_id)
+                "SELECT runtime::text FROM ordo.executions WHERE execution_id = $1::uuid", execution_id
+            )
+            await h.db.execute("UPDATE ordo.executions SET runtime = '[1]' WHERE execution_id = $1::uuid", execution_id)
             deferred = metrics.timers_deferred._value.get()
             fired = observations(metrics.timer_lateness)  # each fire observes its lateness
             clock.advance(3600_000 + 1000)
@@ -212,23 +272,28 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
             await h.wait_status(marker, "completed")
             assert observations(metrics.timer_lateness) == fired + 2  # its one fire and the marker's
             assert metrics.timers_deferred._value.get() == deferred + 1
-            assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid",
-                                       execution_id) == 1
+            assert (
+                await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid", execution_id) == 1
+            )
             assert await _status(h, execution_id) == "waiting"
 
-            await h.db.execute("UPDATE ordo.executions SET runtime = $2::jsonb WHERE execution_id = $1::uuid",
-                               execution_id, runtime)
+            await h.db.execute(
+                "UPDATE ordo.executions SET runtime = $2::jsonb WHERE execution_id = $1::uuid", execution_id, runtime
+            )
             clock.advance(61_000)
             await h.wait_status(execution_id, "completed")
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
 async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_retry_resumes(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     from daemon.dlq import retry_letters
 
     strict = {
-        "id": "strict", "tenant": "acme", "trigger": {"event": "order.placed"},
+        "id": "strict",
+        "tenant": "acme",
+        "trigger": {"event": "order.placed"},
         "steps": [
             {"id": "charge", "type": "action", "action": "webhook", "input": {"url": target.url("charge")}},
             {"id": "after", "type": "set", "values": {"charged": True}},
@@ -258,9 +323,13 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
 
 async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, prefix):
     waits = {
-        "id": "waits", "tenant": "acme", "trigger": {"event": "contact.created"},
-        "steps": [{"id": "pause", "type": "wait", "duration": "1h"}, {"id": "after", "type": "set",
-                                                                       "values": {"woke": True}}],
+        "id": "waits",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "steps": [
+            {"id": "pause", "type": "wait", "duration": "1h"},
+            {"id": "after", "type": "set", "values": {"woke": True}},
+        ],
     }
     clock = Clock()
     count = 30
@@ -284,7 +353,8 @@ async def test_timers_survive_a_restart_and_fire_once(nats_server_url, pg_dsn, p
             await h.wait_status(marker, "completed")
         assert observations(metrics.timer_lateness) == fires + 1  # the marker's fire only
         fired = await h.db.fetchval(
-            "SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired' AND step_id = 'pause'")
+            "SELECT count(*) FROM ordo.transitions WHERE kind = 'timer_fired' AND step_id = 'pause'"
+        )
         assert fired == count
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
@@ -294,9 +364,13 @@ async def test_many_timers_due_in_the_same_second_all_fire_in_order(nats_server_
     """Each execution waits twice; all first waits are due in the same second."""
     count = fault_scale(ci=3000, full=100_000)
     twice = {
-        "id": "twice", "tenant": "acme", "trigger": {"event": "contact.created"},
-        "steps": [{"id": "first", "type": "wait", "duration": "10m"},
-                  {"id": "second", "type": "wait", "duration": "1m"}],
+        "id": "twice",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "steps": [
+            {"id": "first", "type": "wait", "duration": "10m"},
+            {"id": "second", "type": "wait", "duration": "1m"},
+        ],
     }
     clock = Clock()
     async with engine(nats_server_url, pg_dsn, prefix) as h:
@@ -306,11 +380,11 @@ async def test_many_timers_due_in_the_same_second_all_fire_in_order(nats_server_
             await h.publish_triggers(events)
             await h.wait_until("SELECT count(*) FROM ordo.timers", expect=count, timeout=120)
             clock.advance(10 * 60_000 + 1000)
-            await h.wait_until("SELECT count(*) FROM ordo.timers WHERE step_id = 'second'", expect=count,
-                               timeout=180)
+            await h.wait_until("SELECT count(*) FROM ordo.timers WHERE step_id = 'second'", expect=count, timeout=180)
             clock.advance(60_000 + 1000)
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count,
-                               timeout=180)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=180
+            )
         out_of_order = await h.db.fetchval(
             "SELECT count(*) FROM (SELECT execution_id, array_agg(step_id ORDER BY seq) AS steps"
             " FROM ordo.transitions WHERE kind = 'timer_fired' GROUP BY execution_id) t"
@@ -322,7 +396,9 @@ async def test_many_timers_due_in_the_same_second_all_fire_in_order(nats_server_
 
 async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_server_url, pg_dsn, prefix):
     collect = {
-        "id": "collect", "tenant": "acme", "trigger": {"event": "session.started"},
+        "id": "collect",
+        "tenant": "acme",
+        "trigger": {"event": "session.started"},
         "steps": [
             {"id": "first", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
             {"id": "second", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
@@ -344,15 +420,19 @@ async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_serve
             # Each view goes out twice (a redelivery in effect); they are routed one at a time.
             for view in views:
                 await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view))
-                await h.publish_raw(h.topology.trigger_subject("acme", "page.viewed"), orjson.dumps(view),
-                                    msg_id=view["event_id"] + "-again")
+                await h.publish_raw(
+                    h.topology.trigger_subject("acme", "page.viewed"),
+                    orjson.dumps(view),
+                    msg_id=view["event_id"] + "-again",
+                )
                 # Both copies routed, and what they put on the execution's subject applied.
                 await h.wait_triggers_drained()
                 await h.wait_partition_drained(partition_of(execution_id, h.config.partitions))
             await h.wait_status(execution_id, "completed")
             del worker
-        context = orjson.loads(await h.db.fetchval(
-            "SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id))
+        context = orjson.loads(
+            await h.db.fetchval("SELECT context FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+        )
         assert [context[s]["page"] for s in ("first", "second", "third")] == [0, 1, 2]
         received = [k for _, k in await _kinds(h, execution_id) if k == "event_received"]
         assert len(received) == 3
@@ -360,9 +440,11 @@ async def test_events_for_a_waiting_execution_apply_in_order_and_once(nats_serve
 
 async def test_a_goto_loop_without_an_exit_fails_with_a_loop_guard_error(nats_server_url, pg_dsn, prefix):
     loop = {
-        "id": "loop", "tenant": "acme", "trigger": {"event": "contact.created"}, "limits": {"max_visits": 20},
-        "steps": [{"id": "spin", "type": "set", "values": {"x": 1}}, {"id": "again", "type": "goto",
-                                                                       "target": "spin"}],
+        "id": "loop",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "limits": {"max_visits": 20},
+        "steps": [{"id": "spin", "type": "set", "values": {"x": 1}}, {"id": "again", "type": "goto", "target": "spin"}],
     }
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(loop)
@@ -372,13 +454,16 @@ async def test_a_goto_loop_without_an_exit_fails_with_a_loop_guard_error(nats_se
             await h.publish_triggers([event])
             await h.wait_status(execution_id, "failed")
         detail = await h.db.fetchval(
-            "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'failed'", execution_id)
+            "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'failed'", execution_id
+        )
         assert orjson.loads(detail)["code"] == "loop_guard"
 
 
 async def test_cancel_drops_the_timer_and_the_wait(nats_server_url, pg_dsn, prefix):
     waiting = {
-        "id": "waiting", "tenant": "acme", "trigger": {"event": "contact.created"},
+        "id": "waiting",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
         "steps": [{"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "7d"}],
     }
     async with engine(nats_server_url, pg_dsn, prefix) as h:
@@ -388,15 +473,18 @@ async def test_cancel_drops_the_timer_and_the_wait(nats_server_url, pg_dsn, pref
         async with h.worker():
             await h.publish_triggers([event])
             await h.wait_until("SELECT count(*) FROM ordo.event_waits", expect=1)
-            await h.publish_raw(h.topology.exec_subject(execution_id), orjson.dumps(
-                {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": "unsubscribed"}))
+            await h.publish_raw(
+                h.topology.exec_subject(execution_id),
+                orjson.dumps({"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": "unsubscribed"}),
+            )
             await h.wait_status(execution_id, "cancelled")
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
 
 
 async def test_an_external_action_worker_killed_mid_request_completes_the_step_once(
-        nats_server_url, pg_dsn, prefix, target):
+    nats_server_url, pg_dsn, prefix, target
+):
     """sms.send runs in an external worker process; it dies while the provider is answering."""
     import subprocess
     import sys
@@ -404,9 +492,18 @@ async def test_an_external_action_worker_killed_mid_request_completes_the_step_o
     from harness import ROOT
 
     texting = {
-        "id": "texting", "tenant": "acme", "trigger": {"event": "contact.created"},
-        "steps": [{"id": "text", "type": "action", "action": "sms.send",
-                   "input": {"to": "+4915100000", "body": "Hi {{contact.first_name}}"}, "timeout": "2m"}],
+        "id": "texting",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "steps": [
+            {
+                "id": "text",
+                "type": "action",
+                "action": "sms.send",
+                "input": {"to": "+4915100000", "body": "Hi {{contact.first_name}}"},
+                "timeout": "2m",
+            }
+        ],
     }
     hold = asyncio.Event()
     first_call = asyncio.Event()

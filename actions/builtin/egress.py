@@ -31,7 +31,8 @@ _METADATA = ipaddress.IPv4Address("169.254.169.254")
 
 #: Named ranges, most specific reason first; anything else not globally routable is refused too.
 _REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
-    (ipaddress.ip_network(net), why) for net, why in (
+    (ipaddress.ip_network(net), why)
+    for net, why in (
         ("0.0.0.0/8", "unspecified ('this network')"),
         ("127.0.0.0/8", "loopback"),
         ("10.0.0.0/8", "private (RFC 1918)"),
@@ -68,7 +69,8 @@ class EgressPolicy:
 
     def __init__(self, allow: typing.Iterable[IPNetwork | str] = ()):
         self.allow: tuple[IPNetwork, ...] = tuple(
-            net if isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            net
+            if isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network))
             else ipaddress.ip_network(net, strict=False)
             for net in allow
         )
@@ -142,8 +144,9 @@ class GuardedResolver(AbstractResolver):
         self._policy = policy
         self._inner = inner if inner is not None else DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         for result in results:
             self._policy.check(result["host"], host)

@@ -28,7 +28,12 @@ class LogAction:
         log.log(
             LEVELS[input.get("level", "info")],
             input.get("message", "workflow log step"),
-            extra={"execution_id": ctx.execution_id, "step": ctx.step_id, "attempt": ctx.attempt,
-                   "tenant": ctx.tenant, "data": data},
+            extra={
+                "execution_id": ctx.execution_id,
+                "step": ctx.step_id,
+                "attempt": ctx.attempt,
+                "tenant": ctx.tenant,
+                "data": data,
+            },
         )
         return {}

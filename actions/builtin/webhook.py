@@ -34,12 +34,30 @@ METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 BODY_LIMIT = 64 * 1024
 MAX_TIMEOUT_MS = 300_000
 #: Response headers worth keeping in the output (for templates and diagnostics).
-KEPT_HEADERS = ("content-type", "content-length", "location", "etag", "last-modified", "retry-after",
-                "x-request-id", "request-id")
+KEPT_HEADERS = (
+    "content-type",
+    "content-length",
+    "location",
+    "etag",
+    "last-modified",
+    "retry-after",
+    "x-request-id",
+    "request-id",
+)
 #: Headers the author may not set: the transport owns them.
-OWNED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade",
-                           "te",  # codespell:ignore te
-                           "idempotency-key", "x-ordo-execution", "x-ordo-attempt"})
+OWNED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",  # codespell:ignore te
+        "idempotency-key",
+        "x-ordo-execution",
+        "x-ordo-attempt",
+    }
+)
 #: Headers not carried to another origin on a redirect.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -59,8 +77,14 @@ class WebhookAction:
     name = "webhook"
     major = 1
 
-    def __init__(self, allow: typing.Iterable = (), *, max_redirects: int = 3, connections: int = 256,
-                 user_agent: str = "ordo-webhook/1"):
+    def __init__(
+        self,
+        allow: typing.Iterable = (),
+        *,
+        max_redirects: int = 3,
+        connections: int = 256,
+        user_agent: str = "ordo-webhook/1",
+    ):
         self.policy = EgressPolicy(allow)
         self.max_redirects = max_redirects
         self.connections = connections
@@ -126,8 +150,9 @@ class WebhookAction:
         try:
             target = url.join(URL(location))
         except (ValueError, TypeError) as exc:
-            raise ActionError("bad_redirect", False,
-                              f"redirect #{hop} from {str(url)!r} to {location!r}: {exc}") from None
+            raise ActionError(
+                "bad_redirect", False, f"redirect #{hop} from {str(url)!r} to {location!r}: {exc}"
+            ) from None
         return self._check_url(target, f"redirect #{hop} from {str(url)!r} to")
 
     # -- running ------------------------------------------------------------------
@@ -172,8 +197,7 @@ class WebhookAction:
         try:
             async with asyncio.timeout(timeout_s):
                 for hop in range(self.max_redirects + 1):
-                    async with session.request(method, url, headers=headers, data=data,
-                                               allow_redirects=False) as resp:
+                    async with session.request(method, url, headers=headers, data=data, allow_redirects=False) as resp:
                         location = resp.headers.get("Location") if resp.status in (301, 302, 303, 307, 308) else None
                         if location is None:
                             return await self._outcome(resp, retry_on)
@@ -184,8 +208,9 @@ class WebhookAction:
                     if target.origin() != url.origin():
                         headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
                     url = target
-                raise ActionError("too_many_redirects", False,
-                                  f"more than {self.max_redirects} redirects, the last to {str(url)!r}")
+                raise ActionError(
+                    "too_many_redirects", False, f"more than {self.max_redirects} redirects, the last to {str(url)!r}"
+                )
         except TimeoutError:
             raise ActionError("timeout", True, f"no response from {str(url)!r} within {timeout_s:g}s") from None
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -202,8 +227,7 @@ class WebhookAction:
         raw, truncated = await _read_capped(resp.content, BODY_LIMIT)
         if 200 <= resp.status < 300:
             kept = {name: resp.headers[name] for name in KEPT_HEADERS if name in resp.headers}
-            return {"status": resp.status, "body": _body(resp, raw, truncated), "headers": kept,
-                    "truncated": truncated}
+            return {"status": resp.status, "body": _body(resp, raw, truncated), "headers": kept, "truncated": truncated}
         snippet = raw[:512].decode("utf-8", "replace")
         retry_after = resp.headers.get("Retry-After")
         message = f"{resp.method} {str(resp.url)!r} answered {resp.status} {resp.reason or ''}".rstrip()

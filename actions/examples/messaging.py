@@ -42,8 +42,12 @@ async def call_provider(ctx: ActionContext, path: str, payload: dict) -> dict:
     base = os.environ.get("ORDO_PROVIDER_URL", "").rstrip("/")
     if not base:
         raise ActionError("not_configured", True, "ORDO_PROVIDER_URL is not set on this action worker")
-    headers = {"Idempotency-Key": ctx.idempotency_key, "X-Ordo-Execution": ctx.execution_id,
-               "X-Ordo-Attempt": str(ctx.attempt), "Content-Type": "application/json"}
+    headers = {
+        "Idempotency-Key": ctx.idempotency_key,
+        "X-Ordo-Execution": ctx.execution_id,
+        "X-Ordo-Attempt": str(ctx.attempt),
+        "Content-Type": "application/json",
+    }
     token = os.environ.get("ORDO_PROVIDER_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -64,8 +68,9 @@ async def call_provider(ctx: ActionContext, path: str, payload: dict) -> dict:
             answer = raw.decode("utf-8", "replace")
         return {"status": status, "provider": answer}
     text = raw[:512].decode("utf-8", "replace")
-    raise ActionError(f"http_{status}", status >= 500 or status in RETRYABLE,
-                      f"the provider answered {status} to POST {url}: {text}")
+    raise ActionError(
+        f"http_{status}", status >= 500 or status in RETRYABLE, f"the provider answered {status} to POST {url}: {text}"
+    )
 
 
 def _require_text(input: dict, name: str, limit: int) -> None:
