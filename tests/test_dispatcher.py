@@ -1110,15 +1110,19 @@ def test_matches_with_filter(impl):
 
 
 # -- compiled and pure agree --------------------------------------------------------
+# Named functions, not lambdas: hypothesis checks that `extend` uses its argument by
+# reading its source, which it cannot do for a lambda spread over several lines.
+def _json_containers(children):
+    return st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c"]), children, max_size=3)
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-3, 3)
     | st.floats(-5, 5, allow_nan=False)
     | st.sampled_from(["", "a", "DE", "vip"]),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c"]), children, max_size=3)
-    ),
+    _json_containers,
     max_leaves=6,
 )
 PATHS = st.sampled_from(
@@ -1143,16 +1147,22 @@ TEMPLATES = st.one_of(
     st.lists(PATHS.map(lambda p: "{{" + p + "}}"), max_size=2),
 )
 OPERATORS = ["eq", "ne", "gt", "gte", "lt", "lte", "in", "contains"]
+
+
+def _combined_conditions(children):
+    return st.one_of(
+        st.lists(children, min_size=1, max_size=3).map(lambda c: {"all": c}),
+        st.lists(children, min_size=1, max_size=3).map(lambda c: {"any": c}),
+        children.map(lambda c: {"not": c}),
+    )
+
+
 CONDITIONS = st.recursive(
     st.one_of(
         st.tuples(st.sampled_from(OPERATORS), TEMPLATES, TEMPLATES).map(lambda t: {t[0]: [t[1], t[2]]}),
         PATHS.map(lambda p: {"exists": p}),
     ),
-    lambda children: st.one_of(
-        st.lists(children, min_size=1, max_size=3).map(lambda c: {"all": c}),
-        st.lists(children, min_size=1, max_size=3).map(lambda c: {"any": c}),
-        children.map(lambda c: {"not": c}),
-    ),
+    _combined_conditions,
     max_leaves=5,
 )
 
