@@ -50,7 +50,7 @@ from pathlib import Path
 
 import orjson
 
-from . import report, worker_counts
+from . import report, storage, worker_counts
 from .generator import PubAcks
 from .histogram import Histogram
 from .report import ProcessSampler, RunResult
@@ -371,6 +371,9 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         "ORDO_PARTITIONS": str(run_config.partitions),
     }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
+    # The workers' backends carry the run's name, so that the WAL they report is waited for (bench.storage).
+    application_name = f"ordo-{run_id}"
+    worker_settings["ORDO_PG_DSN"] = storage.with_application_name(run_config.pg_dsn, application_name)
     metrics_base = worker_counts.free_port_range(workers, METRICS_HOST)
     metrics_ports = list(range(metrics_base, metrics_base + workers))
     supervisor = Supervisor(
@@ -390,6 +393,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     # Open mode: the generator writes when each event's PubAck came back, to split the latency.
     pubacks_file = os.path.join(tempfile.gettempdir(), f"ordo-{run_id}.pubacks") if open_mode else None
     outcome: dict = {}
+    before = None
     await scenario.start()
     try:
         # The run's streams are new: the workers see that the partitions' watermarks
@@ -417,6 +421,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             sampler.add(name, lambda server=server: [server.pid], children=(name == "postgres"))
         sampler.start()
 
+        before = await storage.Snapshot.read(pool)
         publisher, outcome = await _start_publisher(
             scenario,
             run_id,
@@ -469,6 +474,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
         except Exception as exc:  # noqa: BLE001 - clean-up is best effort
             print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+    after = await storage.after_backends_exit(pool, application_name) if before is not None else None
 
     verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
     run.verification = verification.as_dict()
@@ -483,7 +489,16 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     _collect(run, rows, pubacks)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
+    if before is not None and after is not None:
+        run.storage = storage.growth(
+            before, after, run.finished, scenario.action_steps(run), shared_server=not _postgres_embedded(env)
+        )
     return run
+
+
+def _postgres_embedded(env) -> bool:
+    """Whether the bench started the Postgres it measures: then no other database shares its WAL."""
+    return any(type(server).__name__ == "EmbeddedPostgres" for server in env.embedded)
 
 
 def _publish_batch(args) -> int:

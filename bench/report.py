@@ -181,6 +181,9 @@ class RunResult:
     trace: list = field(default_factory=list)
     #: The workers' ledger commits at the end of the run (worker_counts.commits_in), if they could be read.
     commits: dict | None = None
+    #: WAL written and ledger tables + indexes grown over the run's window, totals and per
+    #: execution (bench.storage.growth); None when the window was never opened.
+    storage: dict | None = None
 
     def rss_series(self, points: int = 200) -> list:
         """[[seconds since the first publish, workers' RSS in MB], ...], at most `points` of them
@@ -246,6 +249,7 @@ class RunResult:
             "completions_per_s": self.timeline,
             "workers_rss_mb": self.rss_series(),
             "commits": self.commits,
+            "storage": self.storage,
         }
 
 
@@ -269,6 +273,12 @@ MEDIAN_FIELDS = (
     ("nats_cpu_percent", ("resources", "nats", "cpu_percent")),
     ("postgres_cpu_percent", ("resources", "postgres", "cpu_percent")),
     ("generator_cpu_percent", ("resources", "generator", "cpu_percent")),
+    ("wal_bytes_per_execution", ("storage", "wal", "bytes_per_execution")),
+    ("wal_records_per_execution", ("storage", "wal", "records_per_execution")),
+    ("wal_fpi_per_execution", ("storage", "wal", "fpi_per_execution")),
+    ("wal_bytes_per_action_step", ("storage", "wal", "bytes_per_action_step")),
+    ("ledger_table_bytes_per_execution", ("storage", "ledger", "table_bytes_per_execution")),
+    ("ledger_index_bytes_per_execution", ("storage", "ledger", "index_bytes_per_execution")),
 )
 
 
@@ -348,7 +358,59 @@ def run_table(run: RunResult, title: str) -> str:
             "(workers' histograms)"
         )
     lines.append(f"  CPU          {_resources_line(run.resources)}")
+    if run.storage:
+        lines += storage_lines(run.storage)
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    return f"{n / 1024:,.2f} KB" if abs(n) >= 1024 else f"{n:,.0f} B"
+
+
+def storage_lines(storage: dict) -> list[str]:
+    """The run's WAL and ledger growth per execution, with where it comes from."""
+    wal, ledger = storage["wal"], storage["ledger"]
+    lines = []
+    if wal["bytes_per_execution"] is not None:
+        per_step = (
+            f", {_size(wal['bytes_per_action_step'])} per action step"
+            if wal["bytes_per_action_step"] is not None
+            else ""
+        )
+        if wal["records_per_execution"] is not None:
+            records = (
+                f"   {wal['records_per_execution']:,.1f} records, {wal['fpi_per_execution']:,.2f} full-page images"
+                f" ({100 * (wal['fpi_share_of_records'] or 0):.1f}% of records; at 8 KB each at most, "
+                f"<= {100 * min(1.0, wal['fpi'] * 8192 / max(wal['bytes'], 1)):.0f}% of the bytes)"
+            )
+        else:
+            records = ""
+        lines.append(f"  WAL          {_size(wal['bytes_per_execution'])} per execution{per_step}{records}")
+        where = "pg_stat_wal" if wal["source"] == "pg_stat_wal" else "the WAL position (no pg_stat_wal)"
+        lines.append(
+            f"    {'':<10} {_size(wal['bytes'])} in all, from {where}; "
+            f"{wal['checkpoints']} checkpoint(s) in the window; "
+            + (
+                "a shared server: includes other databases' traffic"
+                if wal["includes_other_traffic"]
+                else "the bench's own server"
+            )
+        )
+    if ledger["bytes_per_execution"] is not None:
+        lines.append(
+            f"  ledger       {_size(ledger['bytes_per_execution'])} per execution: tables "
+            f"{_size(ledger['table_bytes_per_execution'])} + indexes {_size(ledger['index_bytes_per_execution'])}"
+        )
+        if ledger["tables"]:
+            lines.append(
+                f"    {'':<10} "
+                + ", ".join(
+                    f"{name} {_size(t['table_bytes_per_execution'])} + {_size(t['index_bytes_per_execution'])}"
+                    for name, t in ledger["tables"].items()
+                )
+                + " (table + indexes, whole 8 KB pages)"
+            )
+    return lines
 
 
 def median_table(med: dict) -> str:
@@ -372,5 +434,15 @@ def median_table(med: dict) -> str:
             f"generator {get('generator_cpu_percent', '.0f', '%')}  nats {get('nats_cpu_percent', '.0f', '%')}  "
             f"postgres {get('postgres_cpu_percent', '.0f', '%')}   "
             f"worker RSS {get('workers_rss_end_mb', '.0f', ' MB')}",
+            f"  WAL          {get('wal_bytes_per_execution', ',.0f', ' B')} per execution   "
+            f"{get('wal_records_per_execution', ',.1f')} records, "
+            f"{get('wal_fpi_per_execution', ',.2f')} full-page images"
+            + (
+                f"   {get('wal_bytes_per_action_step', ',.0f', ' B')} per action step"
+                if "wal_bytes_per_action_step" in med
+                else ""
+            ),
+            f"  ledger       table {get('ledger_table_bytes_per_execution', ',.0f', ' B')} + indexes "
+            f"{get('ledger_index_bytes_per_execution', ',.0f', ' B')} per execution",
         ]
     )

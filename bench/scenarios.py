@@ -305,6 +305,11 @@ class Scenario:
         """The scenario's own numbers for the report (after verify)."""
         return {}
 
+    def action_steps(self, run) -> int | None:
+        """Action steps the run's executions completed (WAL is also given per action step), after `measure()`;
+        None for a scenario without action steps."""
+        return None
+
     def summary(self, metrics: dict) -> list[str]:
         """Lines for the text table, from `measure()`'s numbers."""
         return []
@@ -820,6 +825,10 @@ class Retries(Scenario):
             "expected_dead_letters": facts.get("expected_dead_letters"),
         }
 
+    def action_steps(self, run) -> int | None:
+        # Every attempt, retries too, is an action request and its outcome in the ledger.
+        return run.metrics.get("requests")
+
     def summary(self, m: dict) -> list[str]:
         return [
             f"  actions      {m['requests'] or 0:,} requests, {m['calls'] or 0:,} provider calls "
@@ -934,6 +943,9 @@ class ActionSteps(Scenario):
         seconds = run.seconds
         actions = self.steps * run.verification.get("completed", 0)
         return {"actions": actions, "actions_per_s": actions / seconds if seconds else 0.0, "external": self.external}
+
+    def action_steps(self, run) -> int | None:
+        return run.metrics.get("actions")
 
     def summary(self, m: dict) -> list[str]:
         where = "an external action worker" if m["external"] else "in-process"

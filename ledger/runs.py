@@ -9,6 +9,8 @@ finished it.
 
 from dataclasses import dataclass
 
+import asyncpg
+
 _FINISHED = """
 SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished
 FROM ordo.executions WHERE tenant = $1 AND event_id LIKE $2
@@ -88,3 +90,99 @@ async def summarise(conn, tenant: str, run_id: str, started_wall: float) -> RunS
         p99_ms=float(r["p99"] or 0),
         max_ms=float(r["max"] or 0),
     )
+
+
+# -- what a run costs the ledger's storage ------------------------------------------------
+# The bench reads these before and after its measured window: WAL written (pg_stat_wal is
+# Postgres 14+, else the WAL position, which gives bytes only), the checkpoints that began
+# (each makes the next change to every page a full-page image), and the size of every
+# table of the ledger with its indexes.
+
+_VIEW_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
+
+_WAL_STATS = """
+SELECT wal_bytes::bigint AS bytes, wal_records AS records, wal_fpi AS fpi,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn_bytes
+FROM pg_stat_wal
+"""
+
+_WAL_LSN = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn_bytes"
+
+# pg_stat_checkpointer from Postgres 17; pg_stat_bgwriter kept the counts before.
+_CHECKPOINTS_17 = "SELECT (num_timed + num_requested)::bigint FROM pg_stat_checkpointer"
+_CHECKPOINTS = "SELECT (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter"
+
+_LEDGER_SIZES = """
+SELECT c.relname AS name, pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'ordo' AND c.relkind = 'r'
+ORDER BY c.relname
+"""
+
+_BACKENDS_NAMED = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+
+
+@dataclass(frozen=True)
+class WalCounters:
+    """The WAL the whole cluster (every database on the server) has written so far.
+
+    `source` says where the numbers come from: "pg_stat_wal" (bytes, records
+    and full-page images, as the backends have reported them: a backend
+    reports when it goes idle or exits) or "pg_current_wal_lsn" (bytes only,
+    the WAL position). `lsn_bytes` is the WAL position either way.
+    """
+
+    source: str
+    bytes: int
+    records: int | None
+    fpi: int | None
+    lsn_bytes: int
+    #: Checkpoints started since the statistics were reset.
+    checkpoints: int
+
+
+@dataclass(frozen=True)
+class TableSize:
+    """One ledger table's heap (with TOAST and maps) and its indexes, in bytes."""
+
+    name: str
+    table_bytes: int
+    index_bytes: int
+
+
+async def wal_counters(conn: asyncpg.Connection | asyncpg.Pool) -> WalCounters:
+    """The cluster's WAL counters now (pg_stat_wal on Postgres 14+, else the WAL position)."""
+    if await conn.fetchval(_VIEW_EXISTS, "pg_catalog.pg_stat_checkpointer"):
+        checkpoints = int(await conn.fetchval(_CHECKPOINTS_17))
+    else:
+        checkpoints = int(await conn.fetchval(_CHECKPOINTS))
+    if await conn.fetchval(_VIEW_EXISTS, "pg_catalog.pg_stat_wal"):
+        r = await conn.fetchrow(_WAL_STATS)
+        return WalCounters(
+            source="pg_stat_wal",
+            bytes=int(r["bytes"]),
+            records=int(r["records"]),
+            fpi=int(r["fpi"]),
+            lsn_bytes=int(r["lsn_bytes"]),
+            checkpoints=checkpoints,
+        )
+    lsn_bytes = int(await conn.fetchval(_WAL_LSN))
+    return WalCounters(
+        source="pg_current_wal_lsn",
+        bytes=lsn_bytes,
+        records=None,
+        fpi=None,
+        lsn_bytes=lsn_bytes,
+        checkpoints=checkpoints,
+    )
+
+
+async def ledger_sizes(conn: asyncpg.Connection | asyncpg.Pool) -> list[TableSize]:
+    """Every table of the ledger (schema `ordo`) with its size now, by name."""
+    rows = await conn.fetch(_LEDGER_SIZES)
+    return [TableSize(r["name"], int(r["table_bytes"]), int(r["index_bytes"])) for r in rows]
+
+
+async def backends_named(conn: asyncpg.Connection | asyncpg.Pool, application_name: str) -> int:
+    """Server processes serving connections with this application_name (gone once their stats are in)."""
+    return int(await conn.fetchval(_BACKENDS_NAMED, application_name))

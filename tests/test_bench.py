@@ -17,12 +17,13 @@ from harness import ROOT
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import Histogram as PromHistogram
 
-from bench import worker_counts
+from bench import report, storage, worker_counts
 from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
 from daemon import config as config_module
 from daemon import metrics
 from daemon.topology import Topology
+from ledger.runs import TableSize, WalCounters
 
 
 async def _bench(nats_url: str, pg_dsn: str, *argv: str, timeout: float = 240.0) -> tuple[int, dict | None, str]:
@@ -80,6 +81,47 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
     assert commits["batches"] >= 1 and commits["rows_per_batch"] * commits["batches"] >= 200 * 8
     assert 0 < commits["p50_le_ms"] <= commits["p99_le_ms"]
     assert doc["median"]["runs"] == 1
+    # What the run wrote: the test server is shared, and the result says so.
+    _assert_storage_is_plausible(run["storage"], executions=200, shared=True)
+    assert run["storage"]["wal"]["bytes_per_action_step"] is None  # w1's steps are not actions
+    assert doc["median"]["wal_bytes_per_execution"] == run["storage"]["wal"]["bytes_per_execution"]
+
+
+def _assert_storage_is_plausible(found: dict, executions: int, shared: bool) -> None:
+    """Present and self-consistent; no sizes asserted, since other traffic on the server is counted too."""
+    assert found["executions"] == executions
+    wal = found["wal"]
+    assert wal["cluster_wide"] and wal["includes_other_traffic"] is shared
+    assert wal["source"] in ("pg_stat_wal", "pg_current_wal_lsn")
+    assert wal["bytes"] > 0 and wal["lsn_bytes"] > 0 and wal["checkpoints"] >= 0
+    assert wal["bytes_per_execution"] == pytest.approx(wal["bytes"] / executions)
+    if wal["source"] == "pg_stat_wal":
+        assert wal["records"] > 0 and 0 <= wal["fpi"] <= wal["records"]
+        assert wal["records_per_execution"] == pytest.approx(wal["records"] / executions)
+        assert 0 <= wal["fpi_share_of_records"] <= 1
+    ledger = found["ledger"]
+    tables = ledger["tables"]
+    assert set(tables) <= LEDGER_TABLES, tables
+    assert ledger["table_bytes"] == sum(t["table_bytes"] for t in tables.values())
+    assert ledger["index_bytes"] == sum(t["index_bytes"] for t in tables.values())
+    assert ledger["bytes_per_execution"] == pytest.approx((ledger["table_bytes"] + ledger["index_bytes"]) / executions)
+    for size in tables.values():
+        assert size["table_bytes"] % 8192 == 0 and size["index_bytes"] % 8192 == 0  # whole pages
+
+
+#: The ledger's tables (ledger/migrations/).
+LEDGER_TABLES = {
+    "tenants",
+    "workflows",
+    "executions",
+    "transitions",
+    "partitions",
+    "dead_letters",
+    "timers",
+    "event_waits",
+    "workers",
+    "schema_migrations",
+}
 
 
 @PACKING
@@ -195,6 +237,9 @@ async def test_w5_actions_record_every_step_in_order_and_count_action_steps(nats
     metrics = run["metrics"]
     assert metrics["actions"] == 500 and metrics["external"] is (external == "1")
     assert metrics["actions_per_s"] == pytest.approx(5 * run["executions_per_s"])
+    _assert_storage_is_plausible(run["storage"], executions=100, shared=True)
+    wal = run["storage"]["wal"]
+    assert wal["action_steps"] == 500 and wal["bytes_per_action_step"] == pytest.approx(wal["bytes"] / 500)
 
 
 async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_url, pg_dsn):
@@ -248,6 +293,65 @@ async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_serve
     info = await js.stream_info(topology.triggers_stream)
     ticks = 1.0 / 0.005
     assert info.state.messages <= 1.5 * ticks + 5, info.state.messages
+
+
+def test_storage_growth_per_execution_and_without_pg_stat_wal():
+    def snapshot(source, wal_bytes, records, fpi, checkpoints, executions, transitions):
+        wal = WalCounters(source, wal_bytes, records, fpi, wal_bytes + 10, checkpoints)
+        tables = {
+            "executions": TableSize("executions", *executions),
+            "transitions": TableSize("transitions", *transitions),
+            "tenants": TableSize("tenants", 8192, 16384),
+        }
+        return storage.Snapshot(wal, tables)
+
+    before = snapshot("pg_stat_wal", 1_000, 10, 1, 3, (8192, 8192), (0, 8192))
+    after = snapshot("pg_stat_wal", 201_000, 2_010, 41, 4, (8192 * 3, 8192), (8192 * 10, 8192 * 4))
+    grown = storage.growth(before, after, executions=100, action_steps=None, shared_server=False)
+    wal = grown["wal"]
+    assert wal["bytes"] == 200_000 and wal["bytes_per_execution"] == 2_000 and wal["lsn_bytes"] == 200_000
+    assert wal["records_per_execution"] == 20 and wal["fpi_per_execution"] == 0.4 and wal["checkpoints"] == 1
+    assert wal["fpi_share_of_records"] == 40 / 2_000 and wal["bytes_per_action_step"] is None
+    assert not wal["includes_other_traffic"]
+    ledger = grown["ledger"]
+    # The tables that grew, the one that grew most first; tenants did not grow.
+    assert list(ledger["tables"]) == ["transitions", "executions"]
+    assert ledger["table_bytes"] == 8192 * 12 and ledger["index_bytes"] == 8192 * 3
+    assert ledger["table_bytes_per_execution"] == 8192 * 12 / 100
+    assert ledger["tables"]["transitions"]["index_bytes_per_execution"] == 8192 * 3 / 100
+    text = "\n".join(report.storage_lines(grown))
+    assert "1.95 KB per execution" in text and "0.40 full-page images" in text and "1 checkpoint(s)" in text
+    assert "the bench's own server" in text and "transitions 819 B + 246 B" in text
+
+    # Without pg_stat_wal (before Postgres 14) the WAL position gives bytes only.
+    before = snapshot("pg_current_wal_lsn", 1_000, None, None, 0, (0, 0), (0, 0))
+    after = snapshot("pg_current_wal_lsn", 51_000, None, None, 0, (0, 0), (0, 0))
+    grown = storage.growth(before, after, executions=50, action_steps=250, shared_server=True)
+    wal = grown["wal"]
+    assert wal["bytes_per_execution"] == 1_000 and wal["bytes_per_action_step"] == 200
+    assert wal["records"] is None and wal["records_per_execution"] is None and wal["fpi_per_execution"] is None
+    assert wal["includes_other_traffic"] and grown["ledger"]["tables"] == {}
+    text = "\n".join(report.storage_lines(grown))
+    assert "the WAL position" in text and "other databases' traffic" in text and "records" not in text
+
+    # No execution finished: nothing to divide by.
+    assert (
+        storage.growth(before, after, executions=0, action_steps=None, shared_server=False)["wal"][
+            "bytes_per_execution"
+        ]
+        is None
+    )
+
+
+def test_the_workers_dsn_names_the_run():
+    assert (
+        storage.with_application_name("postgresql://u@h:5/db", "ordo-w1-x")
+        == "postgresql://u@h:5/db?application_name=ordo-w1-x"
+    )
+    assert (
+        storage.with_application_name("postgresql://u@h/db?sslmode=disable&application_name=a", "b")
+        == "postgresql://u@h/db?sslmode=disable&application_name=b"
+    )
 
 
 def test_worker_counts_read_finished_executions_from_metrics_text():
