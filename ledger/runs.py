@@ -9,6 +9,10 @@ finished it.
 
 from dataclasses import dataclass
 
+from asyncpg import Record
+
+from ledger.connection import Queryable
+
 _FINISHED = """
 SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished
 FROM ordo.executions WHERE tenant = $1 AND event_id LIKE $2
@@ -60,19 +64,21 @@ class RunSummary:
     max_ms: float
 
 
-async def count_finished(conn, tenant: str, run_id: str) -> int:
+async def count_finished(conn: Queryable, tenant: str, run_id: str) -> int:
     """Executions of run `run_id` that have reached a final state in the ledger."""
-    return (await conn.fetchrow(_FINISHED, tenant, _event_ids(run_id)))["finished"]
+    finished: int = await conn.fetchval(_FINISHED, tenant, _event_ids(run_id))
+    return finished
 
 
-async def finish_times(conn, tenant: str, run_id: str) -> list:
+async def finish_times(conn: Queryable, tenant: str, run_id: str) -> list[Record]:
     """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the run."""
     return await conn.fetch(_FINISH_TIMES, tenant, _event_ids(run_id))
 
 
-async def summarise(conn, tenant: str, run_id: str, started_wall: float) -> RunSummary:
+async def summarise(conn: Queryable, tenant: str, run_id: str, started_wall: float) -> RunSummary:
     """The run as committed; `started_wall` (epoch s) is when its first event was published."""
     r = await conn.fetchrow(_SUMMARY, tenant, _event_ids(run_id))
+    assert r is not None, "an aggregate without GROUP BY answers one row"
     last_commit = float(r["last_commit"]) if r["last_commit"] is not None else None
     seconds = max(last_commit - started_wall, 1e-6) if last_commit is not None else 0.0
     return RunSummary(
