@@ -38,11 +38,15 @@ with the database's error and everything else commits (bad input never blocks
 good input).
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -160,7 +164,7 @@ SET tenant = EXCLUDED.tenant, contact_id = EXCLUDED.contact_id, event_type = EXC
 """
 
 
-async def _insert_letters(conn: asyncpg.Connection, letters: list) -> None:
+async def _insert_letters(conn: asyncpg.Connection, letters: list[DeadLetter]) -> None:
     await conn.executemany(
         _INSERT_DEAD_LETTER,
         [
@@ -212,8 +216,9 @@ class ExecutionChange:
 
     execution_id: str
     partition: int
-    row: tuple
-    transitions: list
+    row: tuple[Any, ...]
+    #: Rows in TRANSITION_COLUMNS order.
+    transitions: list[tuple[Any, ...]]
     #: The seq the state was computed from (0: a new execution).
     prev_seq: int
     finished: bool
@@ -221,15 +226,15 @@ class ExecutionChange:
     #: the timer to set (timer_id, fire_at, purpose, step_id), whether to drop the
     #: execution's timer, the event wait to register (tenant, contact_id, event_type,
     #: step_id) or drop, and dead letters (a step that failed for good).
-    timer: tuple | None = None
+    timer: tuple[str, datetime, str, str] | None = None
     drop_timer: bool = False
     #: The id of the stored timer this change replaces or drops (None: it keeps it, or had none).
     replaced_timer: str | None = None
-    wait: tuple | None = None
+    wait: tuple[str, str, str, str] | None = None
     drop_wait: bool = False
-    letters: list = field(default_factory=list)
-    #: Effects on the world (action requests, emitted events), for after the commit.
-    after_commit: list = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    #: Effects on the world (action requests, emitted events), for after the commit: (kind, data).
+    after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: The trigger's `ts` (epoch ms) when this change ends the execution: end-to-end latency.
     trigger_ts_ms: float | None = None
     #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
@@ -244,13 +249,15 @@ class ExecutionChange:
 
     @property
     def status(self) -> str:
-        return self.row[_STATUS]
+        status: str = self.row[_STATUS]
+        return status
 
     @property
     def context_json(self) -> str:
-        return self.row[_CONTEXT]
+        context: str = self.row[_CONTEXT]
+        return context
 
-    def update_row(self) -> tuple:
+    def update_row(self) -> tuple[Any, ...]:
         """The stage_upd row of an update: what changed, and the seq it was computed from."""
         row = self.row
         return tuple(row[i] for i in _UPDATE_INDEXES) + (self.finished, self.prev_seq)
@@ -308,17 +315,17 @@ class Unit:
     """Everything one message caused; acked only when all of it has committed."""
 
     token: Source
-    changes: list = field(default_factory=list)
-    dead_letters: list = field(default_factory=list)
+    changes: list[ExecutionChange] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     #: Set by the batcher when the unit itself could not commit and was dead-lettered.
     failed: str | None = None
     #: (execution_id, timer_id) of stale timer rows to delete (a fire nothing wanted).
-    stale_timers: list = field(default_factory=list)
+    stale_timers: list[tuple[str, str]] = field(default_factory=list)
     #: A timer fire that could not be applied now (its execution's row cannot be read) and
     #: keeps its row: fire it again after this many ms (0: the fire is done).
     retry_timer_after_ms: int = 0
 
-    def dead_letter(self, reason: str, error: str, **where) -> None:
+    def dead_letter(self, reason: str, error: str, **where: str | None) -> None:
         """Dead-letter the message this unit stands for (it names its source).
 
         The worker logs the dead letter once it has committed (with the step's dead letters).
@@ -346,8 +353,9 @@ class Unit:
 
 @dataclass(slots=True)
 class CommitResult:
-    units: list
-    accepted: set
+    units: list[Unit]
+    #: The ids of the executions whose changes were accepted.
+    accepted: set[str]
     seconds: float
     rows: int
     attempts: int
@@ -370,7 +378,7 @@ class LedgerBatcher:
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
-        self._pending: list = []
+        self._pending: list[tuple[Unit, int]] = []
         self._rows = 0
         self._first_at = 0.0
         self._wakeup = asyncio.Event()
@@ -378,13 +386,13 @@ class LedgerBatcher:
         self._space.set()
         self._conn: asyncpg.Connection | None = None
         #: partition -> the watermark this batcher last recorded: a commit writes only those that moved on.
-        self._written: dict = {}
+        self._written: dict[int, int] = {}
         #: Soaks only (daemon/faults.py): called with "before_commit" and "after_commit"; may raise.
-        self.fault_hook = None
+        self.fault_hook: Callable[[str], None] | None = None
         #: (xid, backend pid, units, accepted) of the transaction whose COMMIT went out and did not return.
-        self._in_doubt: tuple | None = None
+        self._in_doubt: tuple[int, int, list[Unit], set[str]] | None = None
         #: (units, accepted) of each transaction of the current commit() that committed.
-        self._landed: list = []
+        self._landed: list[tuple[list[Unit], set[str]]] = []
 
     # -- intake ---------------------------------------------------------------
 
@@ -410,7 +418,7 @@ class LedgerBatcher:
     async def wait_for_space(self) -> None:
         await self._space.wait()
 
-    async def next_batch(self, stop: asyncio.Event | None = None) -> list:
+    async def next_batch(self, stop: asyncio.Event | None = None) -> list[Unit]:
         """Wait until a batch is due (full, old enough, or stopping) and take it.
 
         While stopping, an empty batcher returns [] after a short wait so that
@@ -433,7 +441,7 @@ class LedgerBatcher:
                     return []
         return self._take()
 
-    def _take(self) -> list:
+    def _take(self) -> list[Unit]:
         """The oldest units, up to max_rows rows of them (at least one unit); the rest stay, still due."""
         taken = rows = 0
         for _, unit_rows in self._pending:
@@ -468,7 +476,7 @@ class LedgerBatcher:
         self._conn = None
 
     async def commit(
-        self, units: list, epochs: dict[int, int], watermarks: dict[int, int], stop: asyncio.Event | None = None
+        self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int], stop: asyncio.Event | None = None
     ) -> CommitResult:
         """Commit the units; retries lost connections with backoff (a slow or
         restarting Postgres slows intake, it loses nothing).
@@ -505,7 +513,9 @@ class LedgerBatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _commit_isolating_poison(self, units: list, epochs: dict, watermarks: dict) -> set:
+    async def _commit_isolating_poison(
+        self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int]
+    ) -> set[str]:
         try:
             return await self._commit_once(units, epochs, watermarks)
         except (Fenced, *CONNECTION_ERRORS):
@@ -553,7 +563,9 @@ class LedgerBatcher:
             log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
             self._landed.append((units, accepted))
 
-    async def _commit_once(self, units: list, epochs: dict, watermarks: dict, *, copy_new: bool = True) -> set:
+    async def _commit_once(
+        self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int], *, copy_new: bool = True
+    ) -> set[str]:
         """One transaction for `units`; the accepted execution ids.
 
         New executions are COPYed straight into the ledger (`copy_new`): a
@@ -633,7 +645,7 @@ class LedgerBatcher:
         self._written.update(progress)
         return accepted
 
-    async def _apply_effects(self, conn: asyncpg.Connection, changes: list) -> None:
+    async def _apply_effects(self, conn: asyncpg.Connection, changes: list[ExecutionChange]) -> None:
         """Timers, event waits and step dead letters of the accepted changes."""
         drop_timers = [c.execution_id for c in changes if c.drop_timer]
         timers = [(c.execution_id, c.partition, *c.timer) for c in changes if c.timer]
@@ -651,7 +663,7 @@ class LedgerBatcher:
         if letters:
             await _insert_letters(conn, letters)
 
-    async def _copy_new(self, conn: asyncpg.Connection, new: list) -> None:
+    async def _copy_new(self, conn: asyncpg.Connection, new: list[ExecutionChange]) -> None:
         """The fast path: COPY new executions straight into the ledger's tables.
 
         Raises UniqueViolationError when one of them exists already (see _commit_once).
@@ -671,7 +683,7 @@ class LedgerBatcher:
             columns=TRANSITION_COLUMNS,
         )
 
-    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict) -> None:
+    async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict[int, int]) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
         # commit after the claim sees the new epoch. Either order is safe.
         rows = await conn.fetch(
@@ -684,7 +696,7 @@ class LedgerBatcher:
             raise Fenced(stale)
 
 
-def _is_uuid(value) -> bool:
+def _is_uuid(value: object) -> bool:
     return isinstance(value, str) and len(value) == 36 and value.count("-") == 4
 
 

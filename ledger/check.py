@@ -4,6 +4,8 @@ Each check is a query that counts violations; a healthy ledger answers zero
 to every one. They read only the ledger, so they work after any crash.
 """
 
+from ledger.connection import Queryable
+
 #: name -> (what a violation means, query counting violations)
 CHECKS = {
     "seq_gaps": (
@@ -62,7 +64,7 @@ CHECKS = {
 }
 
 
-async def check(conn, *, overdue_after_s: float = 300.0) -> dict[str, int]:
+async def check(conn: Queryable, *, overdue_after_s: float = 300.0) -> dict[str, int]:
     """Every invariant's violation count (all zero on a healthy ledger)."""
     result = {}
     for name, (_, query) in CHECKS.items():
@@ -71,7 +73,7 @@ async def check(conn, *, overdue_after_s: float = 300.0) -> dict[str, int]:
     return result
 
 
-async def missing_executions(conn, expected: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+async def missing_executions(conn: Queryable, expected: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """Of (tenant, workflow_id, event_id) that must have enrolled, those with no execution (lost)."""
     if not expected:
         return []

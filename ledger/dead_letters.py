@@ -4,6 +4,10 @@ The batcher writes the letters as part of each commit; daemon/dlq.py decides
 how a letter is shown and how it is retried.
 """
 
+from asyncpg import Record
+
+from ledger.connection import Queryable
+
 _OPEN = """
 SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, batch_index, error
 FROM ordo.dead_letters
@@ -33,19 +37,19 @@ WHERE execution_id = $1::uuid AND status = 'open' ORDER BY id
 _RETRIED = "UPDATE ordo.dead_letters SET status = 'retried', retried_at = now() WHERE id = $1"
 
 
-async def open_letters(conn, reason: str | None, tenant: str | None, limit: int) -> list:
+async def open_letters(conn: Queryable, reason: str | None, tenant: str | None, limit: int) -> list[Record]:
     """The first `limit` open letters, oldest first, of one reason and one tenant if given."""
     return await conn.fetch(_OPEN, reason, tenant, limit)
 
 
-async def letter(conn, letter_id: int, tenant: str | None):
+async def letter(conn: Queryable, letter_id: int, tenant: str | None) -> Record | None:
     """One letter, every column, or None (also when it is another tenant's)."""
     return await conn.fetchrow(_LETTER, letter_id, tenant)
 
 
 async def pick_for_retry(
-    conn, letter_id: int | None, reason: str | None, tenant: str | None, action: str | None
-) -> list:
+    conn: Queryable, letter_id: int | None, reason: str | None, tenant: str | None, action: str | None
+) -> list[Record]:
     """The open letters to retry, locked until the caller's transaction ends (others skip them).
 
     `action` picks the failed steps of one action. Every filter that is None matches all.
@@ -53,11 +57,11 @@ async def pick_for_retry(
     return await conn.fetch(_PICK, letter_id, reason, tenant, action)
 
 
-async def mark_retried(conn, letter_id: int) -> None:
+async def mark_retried(conn: Queryable, letter_id: int) -> None:
     """The letter was retried: it is no longer open, so it is not retried twice."""
     await conn.execute(_RETRIED, letter_id)
 
 
-async def open_of_execution(conn, execution_id: str) -> list:
+async def open_of_execution(conn: Queryable, execution_id: str) -> list[Record]:
     """The execution's open letters, oldest first: id, at, reason, error, step_id, attempts."""
     return await conn.fetch(_OPEN_OF_EXECUTION, execution_id)

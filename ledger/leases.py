@@ -4,6 +4,8 @@ Every race over a partition is decided here, by Postgres row locks and by the
 epoch a lease was claimed with; daemon/ownership.py decides when to call what.
 """
 
+from ledger.connection import Queryable
+
 _CREATE = "INSERT INTO ordo.partitions (partition) SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING"
 
 _HEARTBEAT = """
@@ -41,22 +43,23 @@ WHERE partition = $2 AND owner = $1 AND epoch = $3
 _LEAVE = "DELETE FROM ordo.workers WHERE name = $1"
 
 
-async def create_partitions(conn, partitions: int) -> None:
+async def create_partitions(conn: Queryable, partitions: int) -> None:
     """Make sure partitions 0 .. partitions - 1 have a row, unowned when new."""
     await conn.execute(_CREATE, partitions)
 
 
-async def heartbeat(conn, worker: str) -> None:
+async def heartbeat(conn: Queryable, worker: str) -> None:
     """Record that `worker` is alive now (registering it on its first beat)."""
     await conn.execute(_HEARTBEAT, worker)
 
 
-async def live_workers(conn, ttl_s: float) -> int:
+async def live_workers(conn: Queryable, ttl_s: float) -> int:
     """How many workers have beaten within the last `ttl_s` seconds."""
-    return await conn.fetchval(_LIVE, ttl_s)
+    live: int = await conn.fetchval(_LIVE, ttl_s)
+    return live
 
 
-async def renew(conn, worker: str, ttl_s: float, partitions: list[int], epochs: list[int]) -> set[int]:
+async def renew(conn: Queryable, worker: str, ttl_s: float, partitions: list[int], epochs: list[int]) -> set[int]:
     """Extend by `ttl_s` the leases `worker` still holds with these epochs; returns the partitions renewed.
 
     A partition missing from the answer was claimed by another worker (its epoch moved on).
@@ -65,7 +68,7 @@ async def renew(conn, worker: str, ttl_s: float, partitions: list[int], epochs: 
 
 
 async def claim(
-    conn, worker: str, ttl_s: float, wanted: int, partitions: int, stream_created: str
+    conn: Queryable, worker: str, ttl_s: float, wanted: int, partitions: int, stream_created: str
 ) -> dict[int, tuple[int, int]]:
     """Take up to `wanted` free or expired partitions below `partitions`: partition -> (epoch, watermark).
 
@@ -77,11 +80,11 @@ async def claim(
     return {r["partition"]: (r["epoch"], r["watermark"]) for r in rows}
 
 
-async def release(conn, worker: str, partition: int, epoch: int) -> None:
+async def release(conn: Queryable, worker: str, partition: int, epoch: int) -> None:
     """Give a partition back, if `worker` still holds it with `epoch`."""
     await conn.execute(_RELEASE, worker, partition, epoch)
 
 
-async def forget_worker(conn, worker: str) -> None:
+async def forget_worker(conn: Queryable, worker: str) -> None:
     """Drop `worker`'s heartbeat row, so that it no longer counts as live."""
     await conn.execute(_LEAVE, worker)

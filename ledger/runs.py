@@ -9,7 +9,9 @@ finished it.
 
 from dataclasses import dataclass
 
-import asyncpg
+from asyncpg import Record
+
+from ledger.connection import Queryable
 
 _FINISHED = """
 SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished
@@ -62,19 +64,21 @@ class RunSummary:
     max_ms: float
 
 
-async def count_finished(conn, tenant: str, run_id: str) -> int:
+async def count_finished(conn: Queryable, tenant: str, run_id: str) -> int:
     """Executions of run `run_id` that have reached a final state in the ledger."""
-    return (await conn.fetchrow(_FINISHED, tenant, _event_ids(run_id)))["finished"]
+    finished: int = await conn.fetchval(_FINISHED, tenant, _event_ids(run_id))
+    return finished
 
 
-async def finish_times(conn, tenant: str, run_id: str) -> list:
+async def finish_times(conn: Queryable, tenant: str, run_id: str) -> list[Record]:
     """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the run."""
     return await conn.fetch(_FINISH_TIMES, tenant, _event_ids(run_id))
 
 
-async def summarise(conn, tenant: str, run_id: str, started_wall: float) -> RunSummary:
+async def summarise(conn: Queryable, tenant: str, run_id: str, started_wall: float) -> RunSummary:
     """The run as committed; `started_wall` (epoch s) is when its first event was published."""
     r = await conn.fetchrow(_SUMMARY, tenant, _event_ids(run_id))
+    assert r is not None, "an aggregate without GROUP BY answers one row"
     last_commit = float(r["last_commit"]) if r["last_commit"] is not None else None
     seconds = max(last_commit - started_wall, 1e-6) if last_commit is not None else 0.0
     return RunSummary(
@@ -150,7 +154,7 @@ class TableSize:
     index_bytes: int
 
 
-async def wal_counters(conn: asyncpg.Connection | asyncpg.Pool) -> WalCounters:
+async def wal_counters(conn: Queryable) -> WalCounters:
     """The cluster's WAL counters now (pg_stat_wal on Postgres 14+, else the WAL position)."""
     if await conn.fetchval(_VIEW_EXISTS, "pg_catalog.pg_stat_checkpointer"):
         checkpoints = int(await conn.fetchval(_CHECKPOINTS_17))
@@ -158,6 +162,7 @@ async def wal_counters(conn: asyncpg.Connection | asyncpg.Pool) -> WalCounters:
         checkpoints = int(await conn.fetchval(_CHECKPOINTS))
     if await conn.fetchval(_VIEW_EXISTS, "pg_catalog.pg_stat_wal"):
         r = await conn.fetchrow(_WAL_STATS)
+        assert r is not None, "pg_stat_wal has one row"
         return WalCounters(
             source="pg_stat_wal",
             bytes=int(r["bytes"]),
@@ -177,12 +182,12 @@ async def wal_counters(conn: asyncpg.Connection | asyncpg.Pool) -> WalCounters:
     )
 
 
-async def ledger_sizes(conn: asyncpg.Connection | asyncpg.Pool) -> list[TableSize]:
+async def ledger_sizes(conn: Queryable) -> list[TableSize]:
     """Every table of the ledger (schema `ordo`) with its size now, by name."""
     rows = await conn.fetch(_LEDGER_SIZES)
     return [TableSize(r["name"], int(r["table_bytes"]), int(r["index_bytes"])) for r in rows]
 
 
-async def backends_named(conn: asyncpg.Connection | asyncpg.Pool, application_name: str) -> int:
+async def backends_named(conn: Queryable, application_name: str) -> int:
     """Server processes serving connections with this application_name (gone once their stats are in)."""
     return int(await conn.fetchval(_BACKENDS_NAMED, application_name))

@@ -6,7 +6,7 @@ advisory lock so that several workers starting together migrate once.
 
 from importlib import resources
 
-import asyncpg
+from ledger.connection import Queryable, Transactional
 
 #: Any fixed number: the advisory lock that serialises concurrent migrations.
 _MIGRATION_LOCK = 0x6F72646F
@@ -22,7 +22,7 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Transactional) -> list[str]:
     """Apply the migrations that are missing; returns the names applied."""
     applied = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
@@ -50,14 +50,15 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied
 
 
-async def schema_version(conn: asyncpg.Connection) -> int:
+async def schema_version(conn: Queryable) -> int:
     exists = await conn.fetchval("SELECT to_regclass('ordo.schema_migrations') IS NOT NULL")
     if not exists:
         return 0
-    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM ordo.schema_migrations")
+    version: int = await conn.fetchval("SELECT coalesce(max(version), 0) FROM ordo.schema_migrations")
+    return version
 
 
-async def require_current(conn: asyncpg.Connection) -> None:
+async def require_current(conn: Queryable) -> None:
     """Refuse to run against a ledger that is not migrated (a clear message, not a SQL error)."""
     have, want = await schema_version(conn), migrations()[-1][0]
     if have < want:

@@ -5,27 +5,28 @@ Deploying is idempotent: the same content deploys once. A definition without a
 """
 
 import hashlib
+from typing import Any
 
-import asyncpg
 import orjson
 
 from hotpath.definition import DefinitionError, validate
+from ledger.connection import Queryable, Transactional
 
 #: Workers LISTEN on this channel to reload definitions after a deploy.
 DEPLOY_CHANNEL = "ordo_workflows"
 
 
-def digest(definition: dict) -> str:
+def digest(definition: dict[str, Any]) -> str:
     """A content digest that ignores the version number."""
     body = {k: v for k, v in definition.items() if k != "version"}
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-async def ensure_tenant(conn: asyncpg.Connection, tenant: str) -> None:
+async def ensure_tenant(conn: Queryable, tenant: str) -> None:
     await conn.execute("INSERT INTO ordo.tenants (tenant) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
 
 
-async def deploy(conn: asyncpg.Connection, definition: dict) -> tuple[int, bool]:
+async def deploy(conn: Transactional, definition: dict[str, Any]) -> tuple[int, bool]:
     """Validate and store a definition; returns (version, newly_deployed).
 
     Raises DefinitionError (pointing at the offending step) for an invalid one.
@@ -70,11 +71,11 @@ async def deploy(conn: asyncpg.Connection, definition: dict) -> tuple[int, bool]
     return wanted, True
 
 
-async def load_all(conn: asyncpg.Connection) -> list[dict]:
+async def load_all(conn: Queryable) -> list[dict[str, Any]]:
     """Every stored definition (all versions), as stored."""
     rows = await conn.fetch("SELECT definition FROM ordo.workflows ORDER BY tenant, workflow_id, version")
     return [orjson.loads(r["definition"]) for r in rows]
 
 
-async def tenants(conn: asyncpg.Connection) -> set[str]:
+async def tenants(conn: Queryable) -> set[str]:
     return {r["tenant"] for r in await conn.fetch("SELECT tenant FROM ordo.tenants")}
