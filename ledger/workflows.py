@@ -78,3 +78,14 @@ async def load_all(conn: asyncpg.Connection) -> list[dict]:
 
 async def tenants(conn: asyncpg.Connection) -> set[str]:
     return {r["tenant"] for r in await conn.fetch("SELECT tenant FROM ordo.tenants")}
+
+
+_VERSIONS = """
+SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions
+FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+async def versions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Each deployed workflow (tenant, workflow_id): its latest version and how many it has (`ordo workflow list`)."""
+    return await conn.fetch(_VERSIONS)
