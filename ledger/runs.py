@@ -9,6 +9,8 @@ finished it.
 
 from dataclasses import dataclass
 
+import asyncpg
+
 _FINISHED = """
 SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished
 FROM ordo.executions WHERE tenant = $1 AND event_id LIKE $2
@@ -88,3 +90,52 @@ async def summarise(conn, tenant: str, run_id: str, started_wall: float) -> RunS
         p99_ms=float(r["p99"] or 0),
         max_ms=float(r["max"] or 0),
     )
+
+
+# A scenario with a workflow of its own (the bench's w2..w6) reads its run by
+# workflow id, through the (tenant, workflow_id, status) index.
+_WORKFLOW_PROGRESS = """
+SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished,
+       count(*) FILTER (WHERE status = 'waiting') AS waiting,
+       count(*) AS total
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+_WORKFLOW_FINISH_TIMES = """
+SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::float8 AS ts, steps
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
+"""
+
+_WORKFLOW_LAST_COMMIT = """
+SELECT extract(epoch FROM max(finished_at))::float8 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+_WORKFLOW_ENROLMENT = """
+SELECT count(*) AS n, extract(epoch FROM max(created_at))::float8 AS last
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+
+async def workflow_progress(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str) -> asyncpg.Record:
+    """The workflow's executions now: `finished`, `waiting` and `total`."""
+    row: asyncpg.Record = await conn.fetchrow(_WORKFLOW_PROGRESS, tenant, workflow_id)
+    return row
+
+
+async def workflow_finish_times(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str
+) -> list[asyncpg.Record]:
+    """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the workflow."""
+    return await conn.fetch(_WORKFLOW_FINISH_TIMES, tenant, workflow_id)
+
+
+async def workflow_last_commit(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str) -> float | None:
+    """When the workflow's last execution finished (epoch s, the ledger's clock), or None if none has."""
+    last: float | None = await conn.fetchval(_WORKFLOW_LAST_COMMIT, tenant, workflow_id)
+    return last
+
+
+async def workflow_enrolment(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str) -> asyncpg.Record:
+    """How many executions the workflow has (`n`) and when the last was created (`last`, epoch s)."""
+    row: asyncpg.Record = await conn.fetchrow(_WORKFLOW_ENROLMENT, tenant, workflow_id)
+    return row
