@@ -152,13 +152,15 @@ FROM e LEFT JOIN t USING (execution_id)
 
 async def step_histories(conn: Reader, tenant: str, run_id: str, steps: int, step_kind: str) -> asyncpg.Record:
     """w1, the run by its event ids: executions, distinct events, completed, with `steps` steps, with the history."""
-    row: asyncpg.Record = await conn.fetchrow(_STEPS, tenant, f"{run_id}-%", steps, step_kind)
+    row = await conn.fetchrow(_STEPS, tenant, f"{run_id}-%", steps, step_kind)
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
 async def signal_histories(conn: Reader, tenant: str, workflow_id: str, signals: int) -> asyncpg.Record:
     """w2: executions, completed, with exactly `signals` signals, in publish order, full history; signals applied."""
-    row: asyncpg.Record = await conn.fetchrow(_SIGNALS, tenant, workflow_id, signals, list(range(signals)))
+    row = await conn.fetchrow(_SIGNALS, tenant, workflow_id, signals, list(range(signals)))
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
@@ -170,23 +172,27 @@ async def signal_order_regressions(conn: Reader, tenant: str, workflow_id: str) 
 
 async def timer_histories(conn: Reader, tenant: str, workflow_id: str) -> asyncpg.Record:
     """w3: executions, completed, with the wait-then-fire history, and timer rows left behind."""
-    row: asyncpg.Record = await conn.fetchrow(_TIMERS, tenant, workflow_id)
+    row = await conn.fetchrow(_TIMERS, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
 async def timer_lateness(conn: Reader, tenant: str, workflow_id: str) -> asyncpg.Record:
     """w3: how late the timers fired and committed (ms past their time): count, percentiles, extremes."""
-    row: asyncpg.Record = await conn.fetchrow(_TIMER_LATENESS, tenant, workflow_id)
+    row = await conn.fetchrow(_TIMER_LATENESS, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
 async def retry_outcomes(conn: Reader, tenant: str, workflow_id: str) -> asyncpg.Record:
     """w4: completed and failed executions (and the failed ones' events), retries, timeouts, requests, dead letters."""
-    row: asyncpg.Record = await conn.fetchrow(_RETRIES, tenant, workflow_id)
+    row = await conn.fetchrow(_RETRIES, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
 async def action_histories(conn: Reader, tenant: str, workflow_id: str, steps: int) -> asyncpg.Record:
     """w5/w6: executions, completed, and those with exactly `steps` request/result pairs and nothing else."""
-    row: asyncpg.Record = await conn.fetchrow(_ACTION_STEPS, tenant, workflow_id, steps)
+    row = await conn.fetchrow(_ACTION_STEPS, tenant, workflow_id, steps)
+    assert row is not None, "an aggregate query returns one row"
     return row

@@ -118,7 +118,8 @@ FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
 
 async def workflow_progress(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str) -> asyncpg.Record:
     """The workflow's executions now: `finished`, `waiting` and `total`."""
-    row: asyncpg.Record = await conn.fetchrow(_WORKFLOW_PROGRESS, tenant, workflow_id)
+    row = await conn.fetchrow(_WORKFLOW_PROGRESS, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
     return row
 
 
@@ -137,5 +138,6 @@ async def workflow_last_commit(conn: asyncpg.Connection | asyncpg.Pool, tenant: 
 
 async def workflow_enrolment(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, workflow_id: str) -> asyncpg.Record:
     """How many executions the workflow has (`n`) and when the last was created (`last`, epoch s)."""
-    row: asyncpg.Record = await conn.fetchrow(_WORKFLOW_ENROLMENT, tenant, workflow_id)
+    row = await conn.fetchrow(_WORKFLOW_ENROLMENT, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
     return row
