@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from actions.plugins import PluginError
+
     from .servers import ServerVersionError
 
     parser = build_parser()
@@ -455,7 +457,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         sys.exit(f"ordo: bad configuration: {exc}")
     _setup_logging(args.log_level or config.log_level)
+    # What the operator must fix outside Ordo (a server too old, a plug-in that does not load)
+    # is one line naming it, not a traceback; PluginError's message names the plug-in,
+    # where it was declared and why it failed.
     try:
         return args.func(args, config) or 0
-    except ServerVersionError as exc:
+    except (ServerVersionError, PluginError) as exc:
         sys.exit(f"ordo: {exc}")
