@@ -345,6 +345,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     from daemon.dev import prepare, wait_for_workers
     from daemon.supervisor import Supervisor
     from daemon.topology import Topology
+    from ledger import leases
 
     token = uuid.uuid4().hex[:10]
     run_id = f"{scenario.name}-{token}"
@@ -408,7 +409,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
                 for definition in definitions:
                     await workflows.deploy(conn, definition)
         # The ledger's clock: claimed_at is Postgres' now(), and the servers may be elsewhere.
-        since = await pool.fetchval("SELECT extract(epoch FROM now())::float8")
+        since = await leases.ledger_clock(pool)
         supervisor.start()
         watcher = asyncio.create_task(supervisor.watch())
         await wait_for_workers(pool, run_config, since, workers)

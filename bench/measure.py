@@ -3,7 +3,7 @@ have finished, and when each did.
 
 The queries are ledger/runs.py's, shared with `ordo dev --demo`; a scenario
 with a workflow of its own reads its executions by workflow id instead
-(bench/scenarios.py).
+(ledger/runs.py, the workflow_* reads).
 """
 
 from ledger.runs import count_finished, finish_times

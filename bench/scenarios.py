@@ -35,6 +35,8 @@ from pathlib import Path
 
 import orjson
 
+from ledger import run_checks, runs
+
 from .generator import publish_atomic, publish_events, publish_messages, trigger_event
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
@@ -85,33 +87,6 @@ class Verification:
         }
 
 
-# One row: per-execution facts of the run, joined with a digest of its history.
-# `expected_history` counts executions whose transitions are exactly seq 1..N,
-# `started` first, `completed` last, and the given number of each kind.
-_VERIFY = """
-WITH e AS (
-    SELECT execution_id, event_id, status, steps, seq
-    FROM ordo.executions WHERE tenant = $1 AND event_id LIKE $2
-), t AS (
-    SELECT tr.execution_id, count(*) AS n, min(tr.seq) AS lo, max(tr.seq) AS hi,
-           count(*) FILTER (WHERE tr.kind = 'started' AND tr.seq = 1) AS started_first,
-           count(*) FILTER (WHERE tr.kind = 'completed') AS completed,
-           max(tr.seq) FILTER (WHERE tr.kind = 'completed') AS completed_seq,
-           count(*) FILTER (WHERE tr.kind = $4) AS step_kind
-    FROM ordo.transitions tr JOIN e USING (execution_id)
-    GROUP BY tr.execution_id
-)
-SELECT count(*) AS executions,
-       count(DISTINCT e.event_id) AS distinct_events,
-       count(*) FILTER (WHERE e.status = 'completed') AS completed,
-       count(*) FILTER (WHERE e.steps = $3) AS expected_steps,
-       count(*) FILTER (WHERE t.n = $3 + 2 AND t.lo = 1 AND t.hi = $3 + 2 AND e.seq = $3 + 2
-                        AND t.started_first = 1 AND t.completed = 1 AND t.completed_seq = $3 + 2
-                        AND t.step_kind = $3) AS expected_history
-FROM e LEFT JOIN t USING (execution_id)
-"""
-
-
 @dataclass
 class Checks:
     """Named ledger facts against what they must be; `ok` when every one matches.
@@ -145,19 +120,6 @@ class Checks:
             "facts": self.facts,
             "problems": self.problems(),
         }
-
-
-_PROGRESS = """
-SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished,
-       count(*) FILTER (WHERE status = 'waiting') AS waiting,
-       count(*) AS total
-FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-"""
-
-_FINISHED = """
-SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::float8 AS ts, steps
-FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
-"""
 
 
 class Scenario:
@@ -280,18 +242,17 @@ class Scenario:
             from .measure import count_finished
 
             return {"finished": await count_finished(pool, self.tenant, run_id)}
-        row = await pool.fetchrow(_PROGRESS, self.tenant, self.workflow_id(run_id))
-        return dict(row)
+        return dict(await runs.workflow_progress(pool, self.tenant, self.workflow_id(run_id)))
 
     async def finish_times(self, pool, run_id: str) -> list:
         if not self.workflow_file:
             from .measure import finish_times
 
             return await finish_times(pool, self.tenant, run_id)
-        return await pool.fetch(_FINISHED, self.tenant, self.workflow_id(run_id))
+        return await runs.workflow_finish_times(pool, self.tenant, self.workflow_id(run_id))
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None):
-        r = await conn.fetchrow(_VERIFY, self.tenant, f"{run_id}-%", self.steps, self.step_kind)
+        r = await run_checks.step_histories(conn, self.tenant, run_id, self.steps, self.step_kind)
         return Verification(
             expected=expected,
             executions=r["executions"],
@@ -347,40 +308,6 @@ async def _allow_atomic(js, stream: str) -> bool:
 
 
 # -- w2: signals ------------------------------------------------------------------------
-_W2_VERIFY = """
-WITH e AS (
-    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-), t AS (
-    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
-           count(*) FILTER (WHERE tr.kind = 'signal') AS signals,
-           count(*) FILTER (WHERE tr.kind = 'signal' AND tr.source_seq IS NOT NULL) AS with_source,
-           array_agg((tr.detail->'data'->>'i')::int ORDER BY tr.seq) FILTER (WHERE tr.kind = 'signal') AS order_i,
-           count(*) FILTER (WHERE tr.kind = 'completed') AS completed
-    FROM ordo.transitions tr JOIN e USING (execution_id)
-    GROUP BY tr.execution_id
-)
-SELECT count(*) AS executions,
-       count(*) FILTER (WHERE e.status = 'completed' AND t.completed = 1) AS completed,
-       count(*) FILTER (WHERE t.signals = $3 AND t.with_source = $3) AS exact_signals,
-       count(*) FILTER (WHERE t.order_i = $4::int[]) AS in_publish_order,
-       count(*) FILTER (WHERE t.n = 2 + 3 * $3 AND t.hi = t.n AND e.seq = t.n) AS full_history,
-       coalesce(sum(t.signals), 0) AS applied
-FROM e LEFT JOIN t USING (execution_id)
-"""
-
-# Signals of one execution whose stream sequence is not above the previous one's.
-_W2_SOURCE_ORDER = """
-SELECT count(*) FROM (
-    SELECT tr.source_seq, lag(tr.source_seq) OVER (PARTITION BY tr.execution_id ORDER BY tr.seq) AS previous
-    FROM ordo.transitions tr
-    JOIN ordo.executions e USING (execution_id)
-    WHERE e.tenant = $1 AND e.workflow_id = $2 AND tr.kind = 'signal'
-) s WHERE s.previous >= s.source_seq
-"""
-
-_LAST_COMMIT = """
-SELECT extract(epoch FROM max(finished_at))::float8 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-"""
 
 
 class Signals(Scenario):
@@ -444,7 +371,7 @@ class Signals(Scenario):
         # dead-lettered (unknown execution): wait until all wait for the first one.
         conn = await asyncpg.connect(config_module.load().pg_dsn)
         try:
-            while (await conn.fetchrow(_PROGRESS, self.tenant, run_id))["waiting"] < count:
+            while (await runs.workflow_progress(conn, self.tenant, run_id))["waiting"] < count:
                 await asyncio.sleep(0.2)
         finally:
             await conn.close()
@@ -489,14 +416,14 @@ class Signals(Scenario):
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
         total = self.options["signals"]
-        r = await conn.fetchrow(_W2_VERIFY, self.tenant, run_id, total, list(range(total)))
+        r = await run_checks.signal_histories(conn, self.tenant, run_id, total)
         checks = Checks(expected)
         checks.add("executions", r["executions"], expected)
         checks.add("completed", r["completed"], expected)
         checks.add("exact_signals", r["exact_signals"], expected)
         checks.add("in_publish_order", r["in_publish_order"], expected)
         checks.add("full_history", r["full_history"], expected)
-        checks.add("source_seq_regressions", await conn.fetchval(_W2_SOURCE_ORDER, self.tenant, run_id), 0)
+        checks.add("source_seq_regressions", await run_checks.signal_order_regressions(conn, self.tenant, run_id), 0)
         checks.facts["applied_signals"] = int(r["applied"])
         return checks
 
@@ -504,7 +431,7 @@ class Signals(Scenario):
         done = done or {}
         applied = run.verification.get("facts", {}).get("applied_signals", 0)
         first, last_ack = done.get("signals_first_publish"), done.get("signals_last_ack")
-        last_commit = await pool.fetchval(_LAST_COMMIT, self.tenant, run.run_id)
+        last_commit = await runs.workflow_last_commit(pool, self.tenant, run.run_id)
         seconds = (last_commit - first) if first and last_commit else 0.0
         published = done.get("signals_published", 0)
         return {
@@ -527,49 +454,6 @@ class Signals(Scenario):
 
 
 # -- w3: timers ---------------------------------------------------------------------------
-_W3_VERIFY = """
-WITH e AS (
-    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-), t AS (
-    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
-           array_agg(tr.kind ORDER BY tr.seq) AS kinds
-    FROM ordo.transitions tr JOIN e USING (execution_id)
-    GROUP BY tr.execution_id
-)
-SELECT count(*) AS executions,
-       count(*) FILTER (WHERE e.status = 'completed') AS completed,
-       count(*) FILTER (WHERE t.kinds = ARRAY['started', 'branch', 'waiting', 'timer_fired', 'completed']
-                        AND t.n = 5 AND t.hi = 5 AND e.seq = 5) AS expected_history,
-       (SELECT count(*) FROM ordo.timers tm JOIN e USING (execution_id)) AS timers_left
-FROM e LEFT JOIN t USING (execution_id)
-"""
-
-# Lateness of each fire: from the intended time (the `waiting` transition's
-# until_ms) to the `timer_fired` transition (dispatch) and to its commit.
-_W3_LATENESS = """
-WITH e AS (
-    SELECT execution_id, finished_at FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-), l AS (
-    SELECT extract(epoch FROM f.at) * 1000.0 - (w.detail->>'until_ms')::float8 AS fired,
-           extract(epoch FROM e.finished_at) * 1000.0 - (w.detail->>'until_ms')::float8 AS committed
-    FROM e
-    JOIN ordo.transitions w ON w.execution_id = e.execution_id AND w.kind = 'waiting'
-    JOIN ordo.transitions f ON f.execution_id = e.execution_id AND f.kind = 'timer_fired'
-)
-SELECT count(*) AS fires,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY fired) AS fired_p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY fired) AS fired_p99,
-       max(fired) AS fired_max, min(fired) AS fired_min,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY committed) AS committed_p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY committed) AS committed_p99,
-       max(committed) AS committed_max
-FROM l
-"""
-
-_W3_ENROLLED = """
-SELECT count(*) AS n, extract(epoch FROM max(created_at))::float8 AS last
-FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-"""
 
 
 def _range(text) -> tuple[int, int]:
@@ -649,7 +533,7 @@ class Timers(Scenario):
         return float(int(self.options["hold"]) + self.wait_range[1])
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
-        r = await conn.fetchrow(_W3_VERIFY, self.tenant, run_id)
+        r = await run_checks.timer_histories(conn, self.tenant, run_id)
         checks = Checks(expected)
         checks.add("executions", r["executions"], expected)
         checks.add("completed", r["completed"], expected)
@@ -658,8 +542,8 @@ class Timers(Scenario):
         return checks
 
     async def measure(self, pool, run, done: dict | None) -> dict:
-        lat = await pool.fetchrow(_W3_LATENESS, self.tenant, run.run_id)
-        enrolled = await pool.fetchrow(_W3_ENROLLED, self.tenant, run.run_id)
+        lat = await run_checks.timer_lateness(pool, self.tenant, run.run_id)
+        enrolled = await runs.workflow_enrolment(pool, self.tenant, run.run_id)
         first = run.first_publish
         enrol_s = (enrolled["last"] - first) if enrolled["last"] and first else 0.0
         trace = getattr(run, "trace", [])
@@ -708,24 +592,6 @@ class Timers(Scenario):
 
 
 # -- w4: retries ---------------------------------------------------------------------------
-_W4_VERIFY = """
-WITH e AS (
-    SELECT execution_id, status, event_id FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-)
-SELECT count(*) AS executions,
-       count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       array_agg(event_id) FILTER (WHERE status = 'failed') AS failed_events,
-       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
-        WHERE t.kind = 'action_failed' AND (t.detail->'error'->>'retryable')::boolean) AS retries,
-       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
-        WHERE t.kind = 'action_failed' AND t.detail->'error'->>'code' = 'timeout') AS timeouts,
-       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id)
-        WHERE t.kind = 'action_requested') AS requests,
-       (SELECT count(*) FROM ordo.dead_letters d
-        WHERE d.reason = 'step_failed' AND d.workflow_id = $2) AS dead_letters
-FROM e
-"""
 
 
 class Retries(Scenario):
@@ -788,7 +654,7 @@ class Retries(Scenario):
         return {e for e in (f"{run_id}-{i}" for i in range(count)) if fails_permanently(e, share)}
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
-        r = await conn.fetchrow(_W4_VERIFY, self.tenant, run_id)
+        r = await run_checks.retry_outcomes(conn, self.tenant, run_id)
         doomed = self.permanent_events(run_id, expected)
         checks = Checks(expected)
         checks.add("executions", r["executions"], expected)
@@ -840,27 +706,6 @@ class Retries(Scenario):
 
 
 # -- w5/w6: action steps -------------------------------------------------------------------
-# Per execution of N action steps: `started` at seq 1, step k's `action_requested` at
-# seq 2k and its `action_completed` at 2k + 1, `completed` at 2N + 2, nothing else.
-_ACTIONS_VERIFY = """
-WITH e AS (
-    SELECT execution_id, status, seq FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
-), t AS (
-    SELECT tr.execution_id, count(*) AS n, max(tr.seq) AS hi,
-           count(*) FILTER (WHERE tr.kind = 'started' AND tr.seq = 1) AS started,
-           count(*) FILTER (WHERE tr.kind = 'action_requested' AND tr.seq % 2 = 0 AND tr.seq <= 2 * $3) AS requested,
-           count(*) FILTER (WHERE tr.kind = 'action_completed' AND tr.seq % 2 = 1 AND tr.seq > 1
-                                  AND tr.seq <= 2 * $3 + 1) AS completed_actions,
-           count(*) FILTER (WHERE tr.kind = 'completed' AND tr.seq = 2 * $3 + 2) AS completed
-    FROM ordo.transitions tr JOIN e USING (execution_id)
-    GROUP BY tr.execution_id
-)
-SELECT count(*) AS executions,
-       count(*) FILTER (WHERE e.status = 'completed') AS completed,
-       count(*) FILTER (WHERE t.n = 2 * $3 + 2 AND t.hi = 2 * $3 + 2 AND e.seq = 2 * $3 + 2 AND t.started = 1
-                        AND t.requested = $3 AND t.completed_actions = $3 AND t.completed = 1) AS expected_history
-FROM e LEFT JOIN t USING (execution_id)
-"""
 
 
 class ActionSteps(Scenario):
@@ -932,7 +777,7 @@ class ActionSteps(Scenario):
         return 120.0 if self.external else 0.0
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
-        r = await conn.fetchrow(_ACTIONS_VERIFY, self.tenant, run_id, self.steps)
+        r = await run_checks.action_histories(conn, self.tenant, run_id, self.steps)
         checks = Checks(expected)
         checks.add("executions", r["executions"], expected)
         checks.add("completed", r["completed"], expected)

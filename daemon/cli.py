@@ -115,11 +115,7 @@ def cmd_workflow(args, config) -> int:
         from ledger import workflows
 
         if args.action == "list":
-            rows = await conn.fetch(
-                "SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions"
-                " FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2"
-            )
-            for r in rows:
+            for r in await workflows.versions(conn):
                 print(f"{r['tenant']}/{r['workflow_id']}  latest v{r['latest']}  ({r['versions']} versions)")
             return 0
         failed = 0
@@ -195,14 +191,13 @@ def cmd_execution(args, config) -> int:
         )
 
     async def go(conn):
-        ex = await conn.fetchrow("SELECT * FROM ordo.executions WHERE execution_id = $1::uuid", args.execution_id)
+        from ledger import history
+
+        ex = await history.execution_as_stored(conn, args.execution_id)
         if ex is None:
             print(f"ordo: no execution {args.execution_id}", file=sys.stderr)
             return 1
-        transitions = await conn.fetch(
-            "SELECT seq, step_id, kind, at, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq",
-            args.execution_id,
-        )
+        transitions = await history.transitions(conn, args.execution_id)
         if args.json:
             doc = {k: (str(v) if not isinstance(v, (int, str, type(None))) else v) for k, v in dict(ex).items()}
             doc["transitions"] = [
@@ -446,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from actions.plugins import PluginError
+
     from .servers import ServerVersionError
 
     parser = build_parser()
@@ -460,7 +457,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         sys.exit(f"ordo: bad configuration: {exc}")
     _setup_logging(args.log_level or config.log_level)
+    # What the operator must fix outside Ordo (a server too old, a plug-in that does not load)
+    # is one line naming it, not a traceback; PluginError's message names the plug-in,
+    # where it was declared and why it failed.
     try:
         return args.func(args, config) or 0
-    except ServerVersionError as exc:
+    except (ServerVersionError, PluginError) as exc:
         sys.exit(f"ordo: {exc}")

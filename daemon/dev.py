@@ -20,7 +20,7 @@ import asyncpg
 import nats
 import orjson
 
-from ledger import workflows
+from ledger import leases, workflows
 from ledger.schema import migrate
 
 from .config import Config
@@ -97,12 +97,7 @@ async def wait_for_workers(pool, config: Config, since: float, workers: int = 1,
     share = -(-config.partitions // workers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        owned = await pool.fetch(
-            "SELECT owner, count(*) AS n FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)"
-            " AND owner IS NOT NULL GROUP BY owner",
-            since,
-        )
-        counts = [row["n"] for row in owned]
+        counts = list((await leases.partitions_claimed_since(pool, since)).values())
         if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) and max(counts) <= share:
             return
         await asyncio.sleep(0.2)

@@ -5,6 +5,7 @@ definition it ran on, and samples of finished executions to replay. The
 worker's own reads are in ledger/executions.py.
 """
 
+import asyncpg
 import orjson
 
 _EXECUTION = """
@@ -70,3 +71,11 @@ async def finished_sample(conn, workflow_id: str, tenant: str | None, n: int, se
     """
     seed_text = None if seed is None else str(seed)
     return [r[0] for r in await conn.fetch(_FINISHED, workflow_id, tenant, seed_text, n)]
+
+
+_WHOLE_ROW = "SELECT * FROM ordo.executions WHERE execution_id = $1::uuid"
+
+
+async def execution_as_stored(conn: asyncpg.Connection, execution_id: str) -> asyncpg.Record | None:
+    """Every column of the execution's row, as stored (`ordo execution show`), or None."""
+    return await conn.fetchrow(_WHOLE_ROW, execution_id)

@@ -88,3 +88,22 @@ async def release(conn: Queryable, worker: str, partition: int, epoch: int) -> N
 async def forget_worker(conn: Queryable, worker: str) -> None:
     """Drop `worker`'s heartbeat row, so that it no longer counts as live."""
     await conn.execute(_LEAVE, worker)
+
+
+_NOW = "SELECT extract(epoch FROM now())::float8"
+
+_OWNERS_SINCE = """
+SELECT owner, count(*) AS n FROM ordo.partitions
+WHERE claimed_at >= to_timestamp($1) AND owner IS NOT NULL GROUP BY owner
+"""
+
+
+async def ledger_clock(conn: Queryable) -> float:
+    """The ledger's clock now, in epoch seconds: what `claimed_at` is written with, wherever the servers are."""
+    now: float = await conn.fetchval(_NOW)
+    return now
+
+
+async def partitions_claimed_since(conn: Queryable, since: float) -> dict[str, int]:
+    """Owner -> how many partitions it holds by a claim made at or after `since` (epoch s, the ledger's clock)."""
+    return {r["owner"]: r["n"] for r in await conn.fetch(_OWNERS_SINCE, since)}

@@ -191,3 +191,52 @@ async def ledger_sizes(conn: Queryable) -> list[TableSize]:
 async def backends_named(conn: Queryable, application_name: str) -> int:
     """Server processes serving connections with this application_name (gone once their stats are in)."""
     return int(await conn.fetchval(_BACKENDS_NAMED, application_name))
+
+
+# A scenario with a workflow of its own (the bench's w2..w6) reads its run by
+# workflow id, through the (tenant, workflow_id, status) index.
+_WORKFLOW_PROGRESS = """
+SELECT count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) AS finished,
+       count(*) FILTER (WHERE status = 'waiting') AS waiting,
+       count(*) AS total
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+_WORKFLOW_FINISH_TIMES = """
+SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::float8 AS ts, steps
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
+"""
+
+_WORKFLOW_LAST_COMMIT = """
+SELECT extract(epoch FROM max(finished_at))::float8 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+_WORKFLOW_ENROLMENT = """
+SELECT count(*) AS n, extract(epoch FROM max(created_at))::float8 AS last
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+"""
+
+
+async def workflow_progress(conn: Queryable, tenant: str, workflow_id: str) -> Record:
+    """The workflow's executions now: `finished`, `waiting` and `total`."""
+    row = await conn.fetchrow(_WORKFLOW_PROGRESS, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
+    return row
+
+
+async def workflow_finish_times(conn: Queryable, tenant: str, workflow_id: str) -> list[Record]:
+    """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the workflow."""
+    return await conn.fetch(_WORKFLOW_FINISH_TIMES, tenant, workflow_id)
+
+
+async def workflow_last_commit(conn: Queryable, tenant: str, workflow_id: str) -> float | None:
+    """When the workflow's last execution finished (epoch s, the ledger's clock), or None if none has."""
+    last: float | None = await conn.fetchval(_WORKFLOW_LAST_COMMIT, tenant, workflow_id)
+    return last
+
+
+async def workflow_enrolment(conn: Queryable, tenant: str, workflow_id: str) -> Record:
+    """How many executions the workflow has (`n`) and when the last was created (`last`, epoch s)."""
+    row = await conn.fetchrow(_WORKFLOW_ENROLMENT, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
+    return row

@@ -8,6 +8,7 @@ import hashlib
 from typing import Any
 
 import orjson
+from asyncpg import Record
 
 from hotpath.definition import DefinitionError, validate
 from ledger.connection import Queryable, Transactional
@@ -79,3 +80,14 @@ async def load_all(conn: Queryable) -> list[dict[str, Any]]:
 
 async def tenants(conn: Queryable) -> set[str]:
     return {r["tenant"] for r in await conn.fetch("SELECT tenant FROM ordo.tenants")}
+
+
+_VERSIONS = """
+SELECT tenant, workflow_id, max(version) AS latest, count(*) AS versions
+FROM ordo.workflows GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+async def versions(conn: Queryable) -> list[Record]:
+    """Each deployed workflow (tenant, workflow_id): its latest version and how many it has (`ordo workflow list`)."""
+    return await conn.fetch(_VERSIONS)

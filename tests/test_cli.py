@@ -84,6 +84,18 @@ async def test_a_running_execution_keeps_the_version_it_started_on(nats_server_u
         assert rows[new]["workflow_version"] == 2
         assert json.loads(rows[new]["context"])["v2"] is True
 
+    # `ordo execution show` reads the same row and its history back through the ledger's functions.
+    shown = ordo("execution", "show", old, "--json", env_extra={"ORDO_PG_DSN": pg_dsn})
+    assert shown.returncode == 0, shown.stderr
+    doc = orjson.loads(shown.stdout)
+    assert (doc["execution_id"], doc["workflow_version"], doc["status"]) == (old, 1, "completed")
+    assert [t["seq"] for t in doc["transitions"]] == list(range(1, len(doc["transitions"]) + 1))
+    assert doc["transitions"][0]["kind"] == "started" and doc["transitions"][-1]["kind"] == "completed"
+    text = ordo("execution", "show", old, env_extra={"ORDO_PG_DSN": pg_dsn}).stdout
+    assert text.startswith(f"execution {old}  acme/waiter v1") and "status completed" in text
+    missing = ordo("execution", "show", "00000000-0000-0000-0000-000000000000", env_extra={"ORDO_PG_DSN": pg_dsn})
+    assert missing.returncode == 1 and "no execution" in missing.stderr
+
 
 def _debian_nats_version() -> str | None:
     try:
@@ -109,3 +121,32 @@ def test_a_worker_refuses_a_nats_server_older_than_2_10(pg_dsn):
     assert result.returncode != 0
     assert version in result.stderr and "2.10.0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_dev_is_ready_once_workers_started_after_it_own_every_partition(pg_dsn):
+    """`ordo dev` (and the bench) wait for fresh claims, counted on the ledger's clock through ledger.leases."""
+    import asyncpg
+
+    from daemon.config import Config
+    from daemon.dev import wait_for_workers
+    from ledger import leases
+    from ledger.schema import migrate
+
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            await leases.create_partitions(conn, 4)
+            await leases.claim(conn, "old", 60.0, 4, 4, "stream-a")
+            since = await leases.ledger_clock(conn)
+            assert await leases.partitions_claimed_since(conn, since) == {}
+            for partition in range(4):
+                await leases.release(conn, "old", partition, 1)
+            await leases.claim(conn, "w0", 60.0, 2, 4, "stream-a")
+            await leases.claim(conn, "w1", 60.0, 2, 4, "stream-a")
+            assert await leases.partitions_claimed_since(conn, since) == {"w0": 2, "w1": 2}
+        await wait_for_workers(pool, Config(partitions=4), since, workers=2, timeout=5.0)
+        with pytest.raises(RuntimeError, match="3 worker"):
+            await wait_for_workers(pool, Config(partitions=4), since, workers=3, timeout=0.5)
+    finally:
+        await pool.close()
