@@ -23,6 +23,11 @@ before an entry point was added, a second worktree on the same environment).
 A plug-in that cannot be imported, that is not an Action, or whose name@major
 another plug-in already declared stops the start-up with a PluginError that
 names it and where it was declared.
+
+Context types (`hotpath.context_types`) are plug-ins declared the same way, in
+the `ordo.context_types` group and the `context_type_plugins` setting: the
+functions that find and import plug-ins take the group and the setting, and
+`daemon/context_types.py` loads those with them.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ GROUP = "ordo.actions"
 SETTING = "action_plugins"
 #: Ordo's own distribution, whose entry points are the built-ins.
 DISTRIBUTION = "ordo"
+#: What a plug-in of each group is, for messages.
+KINDS = {GROUP: "action", "ordo.context_types": "context type"}
 
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -52,7 +59,7 @@ log = logging.getLogger("ordo.actions.plugins")
 
 
 class PluginError(Exception):
-    """An action plug-in that cannot be loaded; the message names it, where it was declared and why."""
+    """A plug-in that cannot be loaded; the message names it, where it was declared and why."""
 
 
 @dataclass(frozen=True)
@@ -62,57 +69,59 @@ class Plugin:
     target: str
     name: str | None
     origin: str
+    group: str = GROUP
 
     def __str__(self) -> str:
         declared = f"{self.name} = {self.target}" if self.name else self.target
-        return f"action plug-in {declared!r} ({self.origin})"
+        return f"{KINDS.get(self.group, self.group)} plug-in {declared!r} ({self.origin})"
 
 
 # -- where plug-ins are declared ----------------------------------------------
 
 
-def declared(specs: str = "") -> list[Plugin]:
+def declared(specs: str = "", group: str = GROUP, setting: str = SETTING) -> list[Plugin]:
     """Every plug-in to load: Ordo's own entry points, every other package's, then the items of `specs`."""
-    return own_entry_points() + other_entry_points() + configured(specs)
+    return own_entry_points(group) + other_entry_points(group) + configured(specs, group, setting)
 
 
-def own_entry_points() -> list[Plugin]:
+def own_entry_points(group: str = GROUP) -> list[Plugin]:
     """Ordo's entry points in the group: from its source tree's pyproject.toml if it runs from one, else installed."""
-    from_tree = _source_tree_entry_points()
+    from_tree = _source_tree_entry_points(group)
     if from_tree is not None:
         return from_tree
-    own = [_from_entry_point(ep) for ep in metadata.entry_points(group=GROUP) if _is_ordo(ep)]
+    own = [_from_entry_point(ep, group) for ep in metadata.entry_points(group=group) if _is_ordo(ep)]
     if not own:
         log.warning(
-            "Ordo's installed metadata declares no %s entry points, so noop, log and webhook are not "
+            "Ordo's installed metadata declares no %s entry points, so its built-in %ss are not "
             "loaded: it predates them; reinstall Ordo (pip install .)",
-            GROUP,
+            group,
+            KINDS.get(group, group),
         )
     return own
 
 
-def other_entry_points() -> list[Plugin]:
+def other_entry_points(group: str = GROUP) -> list[Plugin]:
     """The entry points in the group of every installed package but Ordo."""
-    return [_from_entry_point(ep) for ep in metadata.entry_points(group=GROUP) if not _is_ordo(ep)]
+    return [_from_entry_point(ep, group) for ep in metadata.entry_points(group=group) if not _is_ordo(ep)]
 
 
-def configured(specs: str) -> list[Plugin]:
-    """The items of the `action_plugins` setting: comma-separated MODULE:OBJECT."""
+def configured(specs: str, group: str = GROUP, setting: str = SETTING) -> list[Plugin]:
+    """The items of a setting such as `action_plugins`: comma-separated MODULE:OBJECT."""
     plugins = []
     for item in (s.strip() for s in specs.split(",")):
         if not item:
             continue
-        plugin = Plugin(item, None, f"setting {SETTING}")
+        plugin = Plugin(item, None, f"setting {setting}", group)
         if not _TARGET.match(item):
             raise PluginError(f"{plugin}: not MODULE:OBJECT (e.g. 'ordo_greet:Greet')")
         plugins.append(plugin)
     return plugins
 
 
-def _from_entry_point(ep: metadata.EntryPoint) -> Plugin:
+def _from_entry_point(ep: metadata.EntryPoint, group: str) -> Plugin:
     dist = ep.dist
     source = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
-    return Plugin(ep.value, ep.name, f"entry point in {GROUP} of {source}")
+    return Plugin(ep.value, ep.name, f"entry point in {group} of {source}", group)
 
 
 def _is_ordo(ep: metadata.EntryPoint) -> bool:
@@ -123,7 +132,7 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _source_tree_entry_points() -> list[Plugin] | None:
+def _source_tree_entry_points(group: str) -> list[Plugin] | None:
     """Ordo's entry points in its source tree's pyproject.toml; None when it does not run from a source tree."""
     path = Path(__file__).resolve().parent.parent / "pyproject.toml"
     try:
@@ -132,12 +141,13 @@ def _source_tree_entry_points() -> list[Plugin] | None:
     except OSError:
         return None
     except tomllib.TOMLDecodeError as exc:
-        raise PluginError(f"cannot read Ordo's own {GROUP} entry points from {path}: {exc}") from exc
+        raise PluginError(f"cannot read Ordo's own {group} entry points from {path}: {exc}") from exc
     if _normalise(str(project.get("name", ""))) != DISTRIBUTION:
         return None
-    table = project.get("entry-points", {}).get(GROUP, {})
+    table = project.get("entry-points", {}).get(group, {})
     return [
-        Plugin(target, name, f"entry point in {GROUP} of ordo, source tree {path}") for name, target in table.items()
+        Plugin(target, name, f"entry point in {group} of ordo, source tree {path}", group)
+        for name, target in table.items()
     ]
 
 
@@ -182,17 +192,24 @@ def load_all(plugins: typing.Iterable[Plugin], settings: Settings) -> list[tuple
 
 def load(plugin: Plugin, settings: Settings) -> Action:
     """Import what the plug-in names and make its Action (calling it if it is a factory)."""
+    return _checked(plugin, *made(plugin, settings, Action))
+
+
+def made(plugin: Plugin, settings: Settings, product: type) -> tuple[object, str]:
+    """What the plug-in names, called if it is a factory (a class, or a callable that is not a `product`).
+
+    Returns the object and how it was had ("it names", "its factory returned"), for the caller's errors.
+    """
     try:
-        target = metadata.EntryPoint(plugin.name or plugin.target, plugin.target, GROUP).load()
+        target = metadata.EntryPoint(plugin.name or plugin.target, plugin.target, plugin.group).load()
     except Exception as exc:
         raise PluginError(f"{plugin}: cannot import it: {type(exc).__name__}: {exc}") from exc
-    if isinstance(target, type) or (callable(target) and not isinstance(target, Action)):
+    if isinstance(target, type) or (callable(target) and not isinstance(target, product)):
         try:
-            made = _call(target, settings)
+            return _call(target, settings), "its factory returned"
         except Exception as exc:
             raise PluginError(f"{plugin}: its factory raised {type(exc).__name__}: {exc}") from exc
-        return _checked(plugin, made, "its factory returned")
-    return _checked(plugin, target, "it names")
+    return target, "it names"
 
 
 def _call(factory: typing.Callable, settings: Settings) -> object:
@@ -208,7 +225,7 @@ def _checked(plugin: Plugin, obj: object, how: str) -> Action:
     """`obj` if it is an Action the engine can call; PluginError saying what is missing otherwise."""
     if isinstance(obj, type) or not isinstance(obj, Action):
         raise PluginError(
-            f"{plugin}: {how} {_describe(obj)}, not an Action (an object with name, major, "
+            f"{plugin}: {how} {describe(obj)}, not an Action (an object with name, major, "
             f"validate(input) and async run(ctx, input)) nor a factory of one"
         )
     if type(obj.name) is not str or not obj.name:
@@ -222,7 +239,7 @@ def _checked(plugin: Plugin, obj: object, how: str) -> Action:
     return obj
 
 
-def _describe(obj: object) -> str:
+def describe(obj: object) -> str:
     if isinstance(obj, type):
         return f"the class {obj.__qualname__}"
     return f"{type(obj).__name__} {obj!r:.80}"

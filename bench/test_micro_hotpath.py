@@ -49,7 +49,7 @@ def test_dispatcher_linear_steps(benchmark, impl):
 
     def run():
         for _ in range(EXECUTIONS):
-            advance(program, new_state("e", contact=contact), "start", None)
+            advance(program, new_state("e", subject=contact), "start", None)
 
     benchmark.extra_info["steps_per_call"] = EXECUTIONS * len(LINEAR["steps"])
     benchmark(run)

@@ -214,7 +214,7 @@ def cmd_execution(args, config) -> int:
             return 0
         print(
             f"execution {ex['execution_id']}  {ex['tenant']}/{ex['workflow_id']} v{ex['workflow_version']}"
-            f"  contact {ex['contact_id']}  status {ex['status']}"
+            f"  {ex['subject_type']} {ex['subject_id']}  status {ex['status']}"
         )
         for t in transitions:
             detail = t["detail"] or ""

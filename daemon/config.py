@@ -56,6 +56,9 @@ class Config(Settings):
     #: More in-process actions besides the installed `ordo.actions` entry points: comma-separated
     #: MODULE:OBJECT, each an Action or a factory of one (actions/plugins.py).
     action_plugins: str = ""
+    #: More context types besides the installed `ordo.context_types` entry points: comma-separated
+    #: MODULE:OBJECT, each a ContextType or a factory of one (daemon/context_types.py).
+    context_type_plugins: str = ""
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"

@@ -2,15 +2,18 @@
 
 Every stored version is compiled once; a version that fails to compile is kept
 as an entry with its error, so that triggers and executions that need it are
-dead-lettered with that error instead of blocking anything else.
+dead-lettered with that error instead of blocking anything else. A workflow
+about a context type that is not registered is such a version.
 """
 
 import logging
 from dataclasses import dataclass
 
 from hotpath import Program
+from hotpath.context_types import CONTACT, ContextType
 from hotpath.definition import DefinitionError, validate
 
+from . import context_types as registered_context_types
 from . import logs
 
 log = logging.getLogger("ordo.definitions")
@@ -26,16 +29,19 @@ class WorkflowEntry:
     error: str | None
     #: step id -> action name, to label a failed step's dead letter.
     step_actions: dict | None = None
+    #: The context type its executions are about: it enrols only triggers about that type.
+    subject_type: str = CONTACT
 
 
-def compile_entry(definition: dict) -> WorkflowEntry:
+def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
     tenant = str(definition.get("tenant"))
     workflow_id = str(definition.get("id"))
     version = definition.get("version") if isinstance(definition.get("version"), int) else 0
     trigger = definition.get("trigger")
     event = trigger.get("event") if isinstance(trigger, dict) and isinstance(trigger.get("event"), str) else None
+    subject_type = definition.get("subject", CONTACT)
     try:
-        validate(definition)
+        validate(definition, context_types)
         program = Program(definition)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
         log.error(
@@ -48,15 +54,22 @@ def compile_entry(definition: dict) -> WorkflowEntry:
                 None, tenant, workflow_id=workflow_id, version=version, **logs.failure("invalid_definition", exc)
             ),
         )
-        return WorkflowEntry(tenant, workflow_id, version, event, None, f"invalid definition: {exc}")
+        return WorkflowEntry(
+            tenant, workflow_id, version, event, None, f"invalid definition: {exc}", subject_type=str(subject_type)
+        )
     step_actions = {s["id"]: s["action"] for s in definition["steps"] if s.get("type") == "action"}
-    return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions)
+    return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions, program.subject_type)
 
 
 class WorkflowRegistry:
-    """Compiled workflows: every version by key, the latest one by (tenant, trigger event)."""
+    """Compiled workflows: every version by key, the latest one by (tenant, trigger event).
 
-    def __init__(self):
+    It also holds the registered context types (Ordo's own until the worker sets them): the
+    definitions are checked against them, and enrolment validates a trigger's subject with them.
+    """
+
+    def __init__(self, context_types: dict[str, ContextType] | None = None):
+        self.context_types = registered_context_types.default_registry() if context_types is None else context_types
         self._versions: dict = {}
         self._by_trigger: dict = {}
         self._tenants: set = set()
@@ -66,7 +79,7 @@ class WorkflowRegistry:
         versions, latest = {}, {}
         for definition in definitions:
             key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
-            entry = self._versions.get(key) or compile_entry(definition)
+            entry = self._versions.get(key) or compile_entry(definition, self.context_types)
             versions[key] = entry
             current = latest.get(key[:2])
             if current is None or entry.version > current.version:

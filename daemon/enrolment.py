@@ -1,10 +1,11 @@
 """Trigger events in: new executions out, and events for executions that wait.
 
-A trigger event enrols its contact into every deployed workflow of the tenant
-whose trigger matches. The new execution's id is derived from (tenant,
-workflow, event id) and its first steps run right here, with no hop through
-JetStream: nothing else can address an execution before its first commit,
-and a duplicate delivery of the trigger loses on the ledger's primary key.
+A trigger event enrols its subject (a contact, an opportunity, ...) into every
+deployed workflow of the tenant about that subject type whose trigger
+matches. The new execution's id is derived from (tenant, workflow, event id)
+and its first steps run right here, with no hop through JetStream: nothing
+else can address an execution before its first commit, and a duplicate
+delivery of the trigger loses on the ledger's primary key.
 
 The same event may be what running executions wait for (`wait_for_event`):
 those are looked up for a whole fetched batch in one query and the event is
@@ -13,7 +14,10 @@ the execution's other messages.
 
 A trigger whose `data` alone is larger than `max_context_bytes` enrols no one:
 it is dead-lettered as `context_too_large` (every execution it started would
-carry it and fail).
+carry it and fail). Likewise a trigger whose subject is of a type that is not
+registered (`unknown_subject_type`) or fails its type's schema
+(`invalid_subject`); only triggers that some workflow is triggered by are
+checked so.
 
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
@@ -27,7 +31,7 @@ from typing import Literal
 import orjson
 
 from hotpath import ExecutionState, advance
-from hotpath.envelope import BadEvent, BadMessage, decode_triggers
+from hotpath.envelope import BadEvent, BadMessage, decode_triggers, subject_key, subject_of
 from ledger import event_waits
 from ledger.batcher import Unit
 from ledger.executions import ExecutionRecord, take_effects
@@ -110,10 +114,20 @@ def decode(delivery, max_bytes: int) -> tuple[list, list]:
 
 
 async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
-    """(execution id, event) for every execution waiting for one of these events."""
+    """(execution id, event) for every execution waiting for one of these events.
+
+    An execution waits for an event about its own subject: the same type and id (an opportunity's
+    event never wakes a contact's execution that has the same id).
+    """
     if not events:
         return []
-    columns = ([e["tenant"] for e in events], [str(e["contact"]["id"]) for e in events], [e["type"] for e in events])
+    keys = [subject_key(e) for e in events]
+    columns = (
+        [e["tenant"] for e in events],
+        [subject_type for subject_type, _ in keys],
+        [subject_id for _, subject_id in keys],
+        [e["type"] for e in events],
+    )
     return [(execution_id, events[i]) for execution_id, i in await event_waits.waiting(conn, *columns)]
 
 
@@ -153,29 +167,35 @@ def enrol(
                 tenant=tenant,
             )
             return unit
+    subject_type, subject = subject_of(event)
+    if candidates and _subject_refused(registry, unit, tenant, subject_type, subject):
+        return unit
     matched = False
     for entry in candidates:
+        if entry.subject_type != subject_type:
+            continue
         if entry.program is None:
             unit.dead_letter("invalid_definition", entry.error, tenant=tenant, workflow_id=entry.workflow_id)
             continue
         try:
-            if not entry.program.matches(event):
+            if not entry.program.matches(event, subject):
                 continue
             matched = True
             execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
-            state = ExecutionState(execution_id, contact=event["contact"], event=event, tenant=tenant)
+            state = ExecutionState(execution_id, subject=subject, event=event, tenant=tenant)
             record = ExecutionRecord(
                 execution_id,
                 tenant,
                 entry.workflow_id,
                 entry.version,
-                str(event["contact"]["id"]),
+                str(subject["id"]),
                 event["event_id"],
                 partition_of(execution_id, topology.partitions),
                 now,
                 0,
                 state,
                 event_json=source.data.decode(),
+                subject_type=subject_type,
             )
             started = time.perf_counter()
             transitions = advance(entry.program, state, "start", None, now_ms)
@@ -201,3 +221,23 @@ def enrol(
     if not matched and not unit.dead_letters:
         metrics.triggers_unmatched.inc()
     return unit
+
+
+def _subject_refused(registry, unit: Unit, tenant: str, subject_type: str, subject: dict) -> bool:
+    """Dead-letter the trigger when its subject's type is not registered or the subject fails its schema."""
+    context_type = registry.context_types.get(subject_type)
+    if context_type is None:
+        registered = ", ".join(sorted(registry.context_types)) or "none"
+        unit.dead_letter(
+            "unknown_subject_type",
+            f"subject type {subject_type!r} is not a registered context type (registered: {registered})",
+            tenant=tenant,
+        )
+        return True
+    problem = context_type.problem(subject)
+    if problem is not None:
+        unit.dead_letter(
+            "invalid_subject", f"{subject_type} {subject.get('id')!r} fails its schema: {problem}", tenant=tenant
+        )
+        return True
+    return False

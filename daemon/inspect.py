@@ -81,7 +81,8 @@ async def inspect(conn, execution_id: str) -> dict | None:
         "tenant": ex["tenant"],
         "workflow_id": ex["workflow_id"],
         "workflow_version": ex["workflow_version"],
-        "contact_id": ex["contact_id"],
+        "subject_type": ex["subject_type"],
+        "subject_id": ex["subject_id"],
         "event_id": ex["event_id"],
         "partition": ex["partition"],
         "status": ex["status"],
@@ -161,7 +162,7 @@ def render(doc: dict, now: datetime | None = None) -> str:
     lines = [
         f"execution {doc['execution_id']}",
         f"  workflow   {doc['tenant']}/{doc['workflow_id']} v{doc['workflow_version']}"
-        f"   contact {doc['contact_id']}   trigger {doc['event_id']}   partition {doc['partition']}",
+        f"   {doc['subject_type']} {doc['subject_id']}   trigger {doc['event_id']}   partition {doc['partition']}",
     ]
     status = doc["status"]
     if doc["waiting"]:

@@ -1,7 +1,7 @@
 """`ordo replay`: re-run an execution's recorded inputs through the dispatcher and diff the decisions.
 
 The ledger's history holds every input that changed an execution: the trigger
-(the execution row's event and contact), signals (name and data), action
+(the execution row's event and subject), signals (name and data), action
 results (output or error), events (data), timer fires (the transition names
 the timer), cancels and operator retries. `inputs_of()` reads them back, in
 order, off the transitions; `rerun()` feeds them to a fresh ExecutionState
@@ -253,13 +253,20 @@ class Rerun:
     fired: dict
 
 
-def rerun(program, execution_id: str, tenant: str, contact: dict, event: dict, inputs: list[Input], impl=None) -> Rerun:
+def _about(subject_type: str, subject: dict) -> dict:
+    """What a routed event carries of its subject: `contact` for a contact, else a typed `subject`."""
+    if subject_type == "contact":
+        return {"contact": _json(subject)}
+    return {"subject": {"type": subject_type, **_json(subject)}}
+
+
+def rerun(program, execution_id: str, tenant: str, subject: dict, event: dict, inputs: list[Input], impl=None) -> Rerun:
     """Apply the inputs to a fresh execution; nothing is carried out (effects are only collected).
 
     `impl` is a hotpath namespace (see `hotpath.implementations()`); the active one by default.
     """
     new_state, advance_ = (ExecutionState, advance) if impl is None else (impl.ExecutionState, impl.advance)
-    state = new_state(execution_id, contact=_json(contact), event=_json(event), tenant=tenant)
+    state = new_state(execution_id, subject=_json(subject), event=_json(event), tenant=tenant)
     transitions, errors, effects, fired = [], [], [], {}
     fire_at: dict = {}  # timer id -> fire_at_ms, from the replay's own set_timer effects
     last_ms = None
@@ -275,7 +282,7 @@ def rerun(program, execution_id: str, tenant: str, contact: dict, event: dict, i
             fired[item.seq] = (state.timer, due)
             now_ms = max(now_ms, due if due is not None else now_ms)
         elif item.kind == "event":
-            payload = dict(item.payload, tenant=tenant, contact=_json(contact))
+            payload = dict(item.payload, tenant=tenant, **_about(program.subject_type, subject))
         else:
             payload = _json(item.payload)
         if last_ms is not None:
@@ -391,7 +398,7 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     ]
     inputs, result.incomplete_history = inputs_of(transitions)
     clock_of(inputs, transitions, recorded_definition or {})
-    run = rerun(program, execution_id, tenant, orjson.loads(row["contact"]), orjson.loads(row["event"]), inputs)
+    run = rerun(program, execution_id, tenant, orjson.loads(row["subject"]), orjson.loads(row["event"]), inputs)
     result.inputs, result.recorded, result.replayed = len(inputs), len(transitions), len(run.transitions)
     result.matching, result.first_divergence = compare(transitions, run.transitions)
     result.dispatch_errors = run.errors
@@ -404,7 +411,7 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
                 _program(recorded_definition),
                 execution_id,
                 tenant,
-                orjson.loads(row["contact"]),
+                orjson.loads(row["subject"]),
                 orjson.loads(row["event"]),
                 inputs,
             )

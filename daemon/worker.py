@@ -44,7 +44,7 @@ from ledger import workflows
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
-from . import faults, logs
+from . import context_types, faults, logs
 from .config import Config
 from .definitions import WorkflowRegistry
 from .dispatch import Dispatch
@@ -138,6 +138,7 @@ class Worker:
         self._stream_created = str((await self._js.stream_info(self.topology.exec_stream)).created)
         if self._actions is None:
             self._actions = _in_process_actions(self.config)
+        self.registry.context_types = context_types.registry(self.config, self.config.context_type_plugins)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
         self._pool = await asyncpg.create_pool(

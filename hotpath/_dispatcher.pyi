@@ -20,6 +20,8 @@ class Program:
     @property
     def trigger_event(self) -> str: ...
     @property
+    def subject_type(self) -> str: ...
+    @property
     def max_steps(self) -> int: ...
     @property
     def max_visits(self) -> int: ...
@@ -27,7 +29,7 @@ class Program:
     def on_failure(self) -> int: ...
     @property
     def step_ids(self) -> tuple[str, ...]: ...
-    def matches(self, event: object) -> bool: ...
+    def matches(self, event: object, subject: object = None) -> bool: ...
 
 @disjoint_base
 class ExecutionState:
@@ -38,7 +40,7 @@ class ExecutionState:
     pc: int
     seq: int
     context: dict[str, Any]
-    contact: dict[str, Any]
+    subject: dict[str, Any]
     event: dict[str, Any]
     steps: int
     waiting: str | None
@@ -56,7 +58,7 @@ class ExecutionState:
         pc: int = 0,
         seq: int = 0,
         context: dict[str, Any] | None = None,
-        contact: dict[str, Any] | None = None,
+        subject: dict[str, Any] | None = None,
         event: dict[str, Any] | None = None,
         steps: int = 0,
         waiting: str | None = None,

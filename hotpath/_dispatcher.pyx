@@ -19,6 +19,7 @@ from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from hotpath import vocabulary
+from hotpath.context_types import CONTACT
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
@@ -69,7 +70,7 @@ cdef enum TemplateTag:
     T_LIT, T_PATH, T_INTERP, T_DICT, T_LIST
 
 cdef enum Root:
-    R_CONTEXT, R_CONTACT, R_EVENT
+    R_CONTEXT, R_SUBJECT, R_EVENT
 
 cdef enum Op:
     OP_ALL, OP_ANY, OP_NOT, OP_EXISTS, OP_EQ, OP_NE, OP_GT, OP_GTE, OP_LT, OP_LTE, OP_IN, OP_CONTAINS
@@ -77,7 +78,7 @@ cdef enum Op:
 cdef enum StepKind:
     S_SET, S_IF, S_END, S_WAIT_FOR_SIGNAL, S_ACTION, S_WAIT, S_WAIT_FOR_EVENT, S_SWITCH, S_GOTO, S_EMIT
 
-cdef dict _ROOTS = {"context": R_CONTEXT, "contact": R_CONTACT, "event": R_EVENT}
+cdef dict _ROOTS = {"context": R_CONTEXT, "subject": R_SUBJECT, "event": R_EVENT}
 cdef dict _OPS = {
     "all": OP_ALL, "any": OP_ANY, "not": OP_NOT, "exists": OP_EXISTS,
     "eq": OP_EQ, "ne": OP_NE, "gt": OP_GT, "gte": OP_GTE, "lt": OP_LT, "lte": OP_LTE,
@@ -185,14 +186,14 @@ cdef _Template _lower_template(tuple node):
     return t
 
 
-cdef object _lookup(_Template t, object context, object contact, object event):
+cdef object _lookup(_Template t, object context, object subject, object event):
     """The value at a path template, or _MISSING when any part is missing."""
     cdef Py_ssize_t i, index
     cdef PyObject* found
     if t.root == R_CONTEXT:
         value = context
-    elif t.root == R_CONTACT:
-        value = contact
+    elif t.root == R_SUBJECT:
+        value = subject
     else:
         value = event
     for i in range(t.depth):
@@ -212,7 +213,7 @@ cdef object _lookup(_Template t, object context, object contact, object event):
 
 
 cdef object _copy_json(object value):
-    """A copy of nested dicts and lists, so context never aliases event, contact or program data."""
+    """A copy of nested dicts and lists, so context never aliases event, subject or program data."""
     if PyDict_Check(value):
         return {k: _copy_json(v) for k, v in (<dict>value).items()}
     if PyList_Check(value):
@@ -232,14 +233,14 @@ cdef object _copy_bounded(object value, Py_ssize_t* budget, _Template t):
     return value
 
 
-cdef object _render(_Template t, object context, object contact, object event, bint strict):
+cdef object _render(_Template t, object context, object subject, object event, bint strict):
     """The template's value; a missing field raises MissingField when strict (a value), else is None."""
     cdef Py_ssize_t i, n, budget
     cdef list pieces
     if t.tag == T_LIT:
         return t.value
     if t.tag == T_PATH:
-        value = _lookup(t, context, contact, event)
+        value = _lookup(t, context, subject, event)
         if value is _MISSING:
             if strict:
                 raise MissingField(t.text)
@@ -254,7 +255,7 @@ cdef object _render(_Template t, object context, object contact, object event, b
         for i in range(n):
             part = <object>PyTuple_GET_ITEM(t.parts, i)
             if type(part) is _Template:
-                value = _lookup(<_Template>part, context, contact, event)
+                value = _lookup(<_Template>part, context, subject, event)
                 if value is _MISSING:
                     if strict:
                         raise MissingField((<_Template>part).text)
@@ -270,9 +271,9 @@ cdef object _render(_Template t, object context, object contact, object event, b
         result = {}
         for i in range(PyTuple_GET_SIZE(t.parts)):
             result[<object>PyTuple_GET_ITEM(t.keys, i)] = _render(
-                <_Template>PyTuple_GET_ITEM(t.parts, i), context, contact, event, strict)
+                <_Template>PyTuple_GET_ITEM(t.parts, i), context, subject, event, strict)
         return result
-    return [_render(<_Template>item, context, contact, event, strict) for item in t.parts]
+    return [_render(<_Template>item, context, subject, event, strict) for item in t.parts]
 
 
 # -- conditions ----------------------------------------------------------------
@@ -309,25 +310,25 @@ cdef inline bint _is_number(object x):
     return type(x) is int or type(x) is float
 
 
-cdef bint _holds(_Condition c, object context, object contact, object event) except -1:
+cdef bint _holds(_Condition c, object context, object subject, object event) except -1:
     cdef _Condition child
     if c.op == OP_ALL:
         for child in c.children:
-            if not _holds(child, context, contact, event):
+            if not _holds(child, context, subject, event):
                 return False
         return True
     if c.op == OP_ANY:
         for child in c.children:
-            if _holds(child, context, contact, event):
+            if _holds(child, context, subject, event):
                 return True
         return False
     if c.op == OP_NOT:
-        return not _holds(c.child, context, contact, event)
+        return not _holds(c.child, context, subject, event)
     # A condition asks a question: a missing field there is null.
-    a = _render(c.a, context, contact, event, False)
+    a = _render(c.a, context, subject, event, False)
     if c.op == OP_EXISTS:
         return a is not None
-    b = _render(c.b, context, contact, event, False)
+    b = _render(c.b, context, subject, event, False)
     if c.op == OP_EQ:
         return _same(a, b)
     if c.op == OP_NE:
@@ -476,6 +477,7 @@ cdef class Program:
     cdef readonly object version
     cdef readonly str tenant
     cdef readonly str trigger_event
+    cdef readonly str subject_type
     cdef readonly Py_ssize_t max_steps
     cdef readonly Py_ssize_t max_visits
     cdef readonly Py_ssize_t on_failure  # workflow-level failure branch: a step index, or -1
@@ -489,6 +491,7 @@ cdef class Program:
         self.version = resolved.version
         self.tenant = resolved.tenant
         self.trigger_event = resolved.trigger_event
+        self.subject_type = resolved.subject_type
         self.max_steps = resolved.max_steps
         self.max_visits = resolved.max_visits
         self.on_failure = resolved.on_failure
@@ -496,13 +499,18 @@ cdef class Program:
         self._filter = None if resolved.trigger_filter is None else _lower_condition(resolved.trigger_filter)
         self._steps = tuple([_lower_step(step) for step in resolved.steps])
 
-    def matches(self, event):
-        """Whether a trigger event enrols a contact: its type and the trigger filter."""
+    def matches(self, event, subject=None):
+        """Whether a trigger event enrols its subject: its type and the trigger filter.
+
+        `subject` is the event's subject record (`hotpath.envelope.subject_of`); None reads its `contact`.
+        """
         if not PyDict_Check(event) or event.get("type") != self.trigger_event:
             return False
         if self._filter is None:
             return True
-        return _holds(self._filter, _NO_CONTEXT, event.get("contact"), event)
+        if subject is None:
+            subject = event.get("contact")
+        return _holds(self._filter, _NO_CONTEXT, subject, event)
 
     def __repr__(self):
         return program_repr(self.tenant, self.workflow_id, self.version, len(self.step_ids))
@@ -535,7 +543,7 @@ cdef class ExecutionState:
     cdef public long long pc
     cdef public long long seq
     cdef public object context
-    cdef public object contact
+    cdef public object subject
     cdef public object event
     cdef public long long steps
     cdef public object waiting
@@ -546,7 +554,7 @@ cdef class ExecutionState:
     cdef public object tenant
     cdef public object effects
 
-    def __init__(self, execution_id, status=RUNNING, pc=0, seq=0, context=None, contact=None,
+    def __init__(self, execution_id, status=RUNNING, pc=0, seq=0, context=None, subject=None,
                  event=None, steps=0, waiting=None, attempt=0, timer=None, visits=None, failures=None,
                  tenant="", effects=None):
         self.execution_id = execution_id
@@ -554,7 +562,7 @@ cdef class ExecutionState:
         self.pc = pc
         self.seq = seq
         self.context = {} if context is None else context
-        self.contact = {} if contact is None else contact
+        self.subject = {} if subject is None else subject
         self.event = {} if event is None else event
         self.steps = steps
         self.waiting = waiting
@@ -638,8 +646,11 @@ cdef _Step _waiting_step(Program program, ExecutionState state, StepKind kind):
     return step if step.kind == kind else None
 
 
-cdef inline dict _roots(ExecutionState state):
-    return {"context": state.context, "contact": state.contact, "event": state.event}
+cdef dict _emitted_subject(Program program, object subject):
+    """An emitted event is about the execution's subject: `contact` for a contact, else a typed `subject`."""
+    if program.subject_type == CONTACT:
+        return {"contact": _copy_json(subject)}
+    return {"subject": {"type": program.subject_type, **_copy_json(subject)}}
 
 
 cdef int _resume(Program program, ExecutionState state, list out, Py_ssize_t pc, object now_ms) except -1:
@@ -673,7 +684,7 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
     True when its input names a missing field and the step's failure branch was taken.
     """
     try:
-        rendered = _render(step.input, state.context, state.contact, state.event, True)
+        rendered = _render(step.input, state.context, state.subject, state.event, True)
     except TemplateError as exc:
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
@@ -785,7 +796,7 @@ cdef int _on_event(Program program, ExecutionState state, list out, object paylo
     cdef _Step step = _waiting_step(program, state, S_WAIT_FOR_EVENT)
     if step is None or state.waiting != WAIT_EVENT + payload["type"]:
         return 0  # not for us: nothing recorded
-    if step.filter is not None and not _holds(step.filter, state.context, state.contact, payload):
+    if step.filter is not None and not _holds(step.filter, state.context, state.subject, payload):
         return 0
     data = payload.get("data")
     state.context[step.id] = data
@@ -873,7 +884,7 @@ cdef bint _park(Program program, ExecutionState state, list out, _Step step, obj
             until_ms = now_ms + step.duration_ms
         else:
             try:
-                until_ms = parse_instant(_render(step.until, state.context, state.contact, state.event, True))
+                until_ms = parse_instant(_render(step.until, state.context, state.subject, state.event, True))
             except TemplateError as exc:
                 return _template_failed(program, state, out, step, exc)
             except ValueError as exc:
@@ -920,7 +931,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
     cdef dict visits = state.visits
     cdef PyObject* found
     cdef bint goes_on
-    contact = state.contact
+    subject = state.subject
     event = state.event
     if state.status != RUNNING:
         return 0
@@ -958,7 +969,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                             if template.tag == T_LIT:
                                 value = template.value
                             else:
-                                value = _render(template, context, contact, event, True)
+                                value = _render(template, context, subject, event, True)
                             if PyTuple_GET_SIZE(path) == 1:
                                 context[<object>PyTuple_GET_ITEM(path, 0)] = value
                             else:
@@ -967,7 +978,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         out.append((seq, step.id, SET, None))
                         pc = step.next
                     elif step.kind == S_IF:
-                        if _holds(step.condition, context, contact, event):
+                        if _holds(step.condition, context, subject, event):
                             pc = step.then
                             taken = "then"
                         else:
@@ -982,7 +993,7 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                         pc = step.default
                         case = "default"
                         for i in range(PyTuple_GET_SIZE(step.cases)):
-                            if _holds(<_Condition>PyTuple_GET_ITEM(step.cases, i), context, contact, event):
+                            if _holds(<_Condition>PyTuple_GET_ITEM(step.cases, i), context, subject, event):
                                 pc = <Py_ssize_t>(<object>PyTuple_GET_ITEM(step.targets, i))
                                 case = i
                                 break
@@ -1004,8 +1015,8 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                             "event_id": event_id,
                             "tenant": state.tenant,
                             "type": step.event,
-                            "contact": _copy_json(contact),
-                            "data": _render(step.data, context, contact, event, True),
+                            **_emitted_subject(program, subject),
+                            "data": _render(step.data, context, subject, event, True),
                             "ts": now_ms,
                         }}))
                         seq += 1

@@ -17,16 +17,19 @@ import functools
 import importlib.resources
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from hotpath.context_types import CONTACT, NAME, RESERVED, ContextType
 from hotpath.durations import format_duration, parse_duration, parse_instant
 
 if TYPE_CHECKING:  # jsonschema itself is imported on first use: most processes never validate
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import ValidationError
 
-ROOTS = ("context", "contact", "event")
+#: The slots a template's root resolves to: the context, the execution's subject, the event. The
+#: subject's root is written as its type's name (`{{contact.x}}`, `{{opportunity.stage}}`).
+SLOTS = ("context", "subject", "event")
 DEFAULT_MAX_STEPS = 1000
 MAX_MAX_STEPS = 100_000
 DEFAULT_MAX_VISITS = 100
@@ -65,12 +68,16 @@ def _path_sort_key(error: ValidationError) -> tuple[tuple[int, int, str], ...]:
     return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in error.absolute_path)
 
 
-def validate(definition: object) -> None:
-    """Raise DefinitionError listing every schema and semantic problem of `definition`."""
+def validate(definition: object, context_types: Mapping[str, ContextType] | None = None) -> None:
+    """Raise DefinitionError listing every schema and semantic problem of `definition`.
+
+    With the registered `context_types`, the workflow's subject type must be one of them, and a template
+    may not name a property its type's schema rules out (`additionalProperties: false`).
+    """
     schema_errors = sorted(_validator().iter_errors(definition), key=_path_sort_key)
     messages = [f"{_pointer(definition, list(e.absolute_path))}: {e.message}" for e in schema_errors]
     try:
-        resolve(definition)
+        resolve(definition, context_types)
     except _Problems as exc:
         # The resolver also notices malformed parts, which the schema has then
         # already reported (more precisely); add only what a schema cannot see.
@@ -100,8 +107,8 @@ def _pointer(definition: Any, path: list[str | int]) -> str:
 
 
 # -- templates and missing fields -------------------------------------------------
-# A template names a field with {{root.key.key}} (root: context, contact or
-# event; a numeric key also indexes a list). A field is missing when a key is
+# A template names a field with {{root.key.key}} (root: context, the workflow's
+# subject type, e.g. contact, or event; a numeric key also indexes a list). A field is missing when a key is
 # absent, an index is out of range, or a part of the path is not an object or
 # list (a null included); a field that is present and null is not missing.
 #
@@ -130,8 +137,8 @@ Condition = tuple[Any, ...]
 
 
 def template_text(node: Template) -> str:
-    """A ("path", root, segments) node as written: '{{contact.first_name}}'."""
-    _, root, segments = node
+    """A ("path", slot, segments, root) node as written: '{{contact.first_name}}'."""
+    _, _, segments, root = node
     return "{{" + ".".join([root, *(key for key, _ in segments)]) + "}}"
 
 
@@ -144,7 +151,8 @@ def interp_text(node: Template, limit: int = 80) -> str:
 # -- resolved form ---------------------------------------------------------------
 # Templates (operands and values):
 #   ("lit", value)                  a JSON scalar, used as is
-#   ("path", root, segments)        the raw value at root.seg.seg; segments are (key, index|-1)
+#   ("path", slot, segments, root)  the raw value at slot.seg.seg (slot: one of SLOTS, root: as written,
+#                                   for errors); segments are (key, index|-1)
 #   ("interp", parts)               parts are str or path nodes, joined with str(value)
 #   ("dict", ((key, node), ...))    rendered into a new dict (never shared with the program)
 #   ("list", (node, ...))           rendered into a new list
@@ -210,7 +218,7 @@ class WaitForEventStep(NamedTuple):
     id: str
     next: int
     event: str
-    filter: Condition | None  # condition over event (the arriving one), contact and context
+    filter: Condition | None  # condition over event (the arriving one), the subject and context
     timeout_ms: int
     on_timeout: int  # defaults to next
 
@@ -258,6 +266,7 @@ class ResolvedDefinition(NamedTuple):
     steps: tuple[Step, ...]
     max_visits: int = DEFAULT_MAX_VISITS
     on_failure: int = NO_STEP  # the workflow-level failure branch
+    subject_type: str = CONTACT  # the context type its executions are about
 
 
 class _Problems(DefinitionError):
@@ -284,6 +293,10 @@ class _Resolver:
         self.definition = definition
         self.problems: list[tuple[bool, str]] = []
         self.where: int | str = "definition"
+        #: The workflow's subject type (the root its templates name it by) and, when its schema
+        #: says `additionalProperties: false`, the only properties a template may name.
+        self.subject = CONTACT
+        self.subject_properties: frozenset[str] | None = None
 
     def _report(self, semantic: bool, message: str) -> None:
         where = self.where
@@ -300,11 +313,19 @@ class _Resolver:
     def path(self, text: str, source: str) -> Template:
         segments = text.split(".")
         root = segments[0]
-        if root not in ROOTS:
-            self.semantic(f"template {source!r} uses unknown root {root!r} (expected context, contact or event)")
+        slot = "subject" if root == self.subject else root
+        if slot not in SLOTS or root == "subject":
+            self.semantic(f"template {source!r} uses unknown root {root!r} (expected context, {self.subject} or event)")
         elif any(not s or s != s.strip() for s in segments):
             self.semantic(f"template {source!r} has an empty or blank path segment")
-        return ("path", root, tuple((s, int(s) if s.isascii() and s.isdigit() else -1) for s in segments[1:]))
+        elif slot == "subject" and self.subject_properties is not None and len(segments) > 1:
+            if segments[1] not in self.subject_properties:
+                self.semantic(
+                    f"template {source!r} names {segments[1]!r}, which the {root} schema does not declare "
+                    f"(additionalProperties is false; it declares {', '.join(sorted(self.subject_properties))})"
+                )
+        parsed = tuple((s, int(s) if s.isascii() and s.isdigit() else -1) for s in segments[1:])
+        return ("path", slot, parsed, root)
 
     def template(self, value: Any) -> Template:
         if isinstance(value, str):
@@ -581,8 +602,11 @@ class _Resolver:
     }
 
 
-def resolve(definition: object) -> ResolvedDefinition:
-    """Check the semantic rules and return the resolved form; DefinitionError lists all problems."""
+def resolve(definition: object, context_types: Mapping[str, ContextType] | None = None) -> ResolvedDefinition:
+    """Check the semantic rules and return the resolved form; DefinitionError lists all problems.
+
+    With the registered `context_types`, also that the subject type is one of them (see `validate`).
+    """
     r = _Resolver(definition)
     if not isinstance(definition, dict):
         r.error(f"a workflow definition must be an object, got {type(definition).__name__}")
@@ -612,6 +636,19 @@ def resolve(definition: object) -> ResolvedDefinition:
     if not isinstance(max_visits, int) or isinstance(max_visits, bool) or not 1 <= max_visits <= MAX_MAX_VISITS:
         r.error(f"'max_visits' must be an integer from 1 to {MAX_MAX_VISITS}, got {max_visits!r}")
         max_visits = DEFAULT_MAX_VISITS
+
+    r.where = "subject"
+    subject = definition.get("subject", CONTACT)
+    if not isinstance(subject, str) or not NAME.match(subject) or subject in RESERVED:
+        r.error(f"'subject' must name a context type (a lowercase identifier), got {subject!r}")
+    else:
+        r.subject = subject
+        if context_types is not None:
+            if subject not in context_types:
+                registered = ", ".join(sorted(context_types)) or "none"
+                r.semantic(f"context type {subject!r} is not registered (registered: {registered})")
+            else:
+                r.subject_properties = context_types[subject].known_properties()
 
     r.where = "trigger"
     trigger = definition.get("trigger")
@@ -666,4 +703,5 @@ def resolve(definition: object) -> ResolvedDefinition:
         steps=tuple(steps[i] for i in range(len(raw_steps))),  # all of them: there were no problems
         max_visits=max_visits,
         on_failure=on_failure,
+        subject_type=r.subject,
     )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from hotpath.context_types import CONTACT
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
@@ -130,7 +131,7 @@ from hotpath.vocabulary import (
 
 # What lookup() returns for a missing field (None is a present null).
 _MISSING = object()
-#: The values templates and conditions read: {"context": ..., "contact": ..., "event": ...}.
+#: The values templates and conditions read: {"context": ..., "subject": ..., "event": ...}.
 Roots = dict[str, Any]
 _StepT = TypeVar("_StepT", bound=Step)
 
@@ -143,6 +144,7 @@ class Program:
         "version",
         "tenant",
         "trigger_event",
+        "subject_type",
         "max_steps",
         "max_visits",
         "on_failure",
@@ -157,6 +159,7 @@ class Program:
         self.version = resolved.version
         self.tenant = resolved.tenant
         self.trigger_event = resolved.trigger_event
+        self.subject_type = resolved.subject_type
         self.max_steps = resolved.max_steps
         self.max_visits = resolved.max_visits
         self.on_failure = resolved.on_failure  # workflow-level failure branch: a step index, or -1
@@ -164,13 +167,18 @@ class Program:
         self._filter = resolved.trigger_filter
         self._steps = resolved.steps
 
-    def matches(self, event: object) -> bool:
-        """Whether a trigger event enrols a contact: its type and the trigger filter."""
+    def matches(self, event: object, subject: object = None) -> bool:
+        """Whether a trigger event enrols its subject: its type and the trigger filter.
+
+        `subject` is the event's subject record (`hotpath.envelope.subject_of`); None reads its `contact`.
+        """
         if not isinstance(event, dict) or event.get("type") != self.trigger_event:
             return False
         if self._filter is None:
             return True
-        return holds(self._filter, {"context": {}, "contact": event.get("contact"), "event": event})
+        if subject is None:
+            subject = event.get("contact")
+        return holds(self._filter, {"context": {}, "subject": subject, "event": event})
 
     def __repr__(self) -> str:
         return program_repr(self.tenant, self.workflow_id, self.version, len(self.step_ids))
@@ -194,6 +202,8 @@ class ExecutionState:
                 event ids use it, and limits.max_visits bounds it
       failures  the failed attempts of the current action step visit,
                 [{"attempt", "error"}], reset when the step is left or retried
+      subject   the record the execution is about (a contact, an opportunity, ...: the
+                program's subject_type); templates name it by that type
       tenant    the execution's tenant (set by the caller; emitted events carry it)
       effects   appended to by advance; the caller reads and clears it (not persisted)
     """
@@ -204,7 +214,7 @@ class ExecutionState:
         "pc",
         "seq",
         "context",
-        "contact",
+        "subject",
         "event",
         "steps",
         "waiting",
@@ -223,7 +233,7 @@ class ExecutionState:
         pc: int = 0,
         seq: int = 0,
         context: dict[str, Any] | None = None,
-        contact: dict[str, Any] | None = None,
+        subject: dict[str, Any] | None = None,
         event: dict[str, Any] | None = None,
         steps: int = 0,
         waiting: str | None = None,
@@ -239,7 +249,7 @@ class ExecutionState:
         self.pc = pc
         self.seq = seq
         self.context = {} if context is None else context
-        self.contact = {} if contact is None else contact
+        self.subject = {} if subject is None else subject
         self.event = {} if event is None else event
         self.steps = steps
         self.waiting = waiting
@@ -348,7 +358,7 @@ def _request(program: Program, state: ExecutionState, out: list[Transition], ste
 
     True when its input names a missing field and the step's failure branch was taken.
     """
-    roots = {"context": state.context, "contact": state.contact, "event": state.event}
+    roots = {"context": state.context, "subject": state.subject, "event": state.event}
     try:
         rendered = render(step.input, roots)
     except TemplateError as exc:
@@ -480,7 +490,7 @@ def _on_event(program: Program, state: ExecutionState, out: list[Transition], pa
     if step is None or state.waiting != WAIT_EVENT + payload["type"]:
         return  # not for us: nothing recorded
     if step.filter is not None:
-        roots = {"context": state.context, "contact": state.contact, "event": payload}
+        roots = {"context": state.context, "subject": state.subject, "event": payload}
         if not holds(step.filter, roots):
             return
     data = payload.get("data")
@@ -589,7 +599,7 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
         visits[step.id] = visit
         ran += 1
         state.steps += 1
-        roots = {"context": state.context, "contact": state.contact, "event": state.event}
+        roots = {"context": state.context, "subject": state.subject, "event": state.event}
         if type(step) is SetStep:
             try:
                 for path, template in step.assignments:
@@ -664,7 +674,7 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
                             "event_id": event_id,
                             "tenant": state.tenant,
                             "type": step.event,
-                            "contact": copy_json(state.contact),
+                            **_emitted_subject(program, state),
                             "data": data,
                             "ts": now_ms,
                         }
@@ -675,6 +685,13 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
             state.pc = step.next
         else:  # pragma: no cover - resolve() only produces the types above
             raise TypeError(unknown_step(step))
+
+
+def _emitted_subject(program: Program, state: ExecutionState) -> dict[str, Any]:
+    """An emitted event is about the execution's subject: `contact` for a contact, else a typed `subject`."""
+    if program.subject_type == CONTACT:
+        return {"contact": copy_json(state.subject)}
+    return {"subject": {"type": program.subject_type, **copy_json(state.subject)}}
 
 
 def _id_at(steps: tuple[Step, ...], pc: int) -> str:
@@ -694,9 +711,9 @@ def _assign(context: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 # -- templates -----------------------------------------------------------------
 def lookup(node: Template, roots: Roots) -> Any:
-    """The value at a ("path", root, segments) node, or _MISSING when any part is missing."""
-    _, root, segments = node
-    value = roots[root]
+    """The value at a ("path", slot, segments, root) node, or _MISSING when any part is missing."""
+    value = roots[node[1]]
+    segments = node[2]
     for key, index in segments:
         if isinstance(value, dict):
             value = value.get(key, _MISSING)

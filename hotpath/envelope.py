@@ -10,6 +10,9 @@ from typing import Any
 
 import orjson
 
+from hotpath.context_types import CONTACT
+from hotpath.context_types import NAME as CONTEXT_TYPE_NAME
+
 SUPPORTED_MAJOR = 1
 
 #: Stable reason codes; metrics and dead letters are labelled with these.
@@ -23,6 +26,8 @@ REASONS = (
     "wrong_type",
     "unknown_kind",
     "unknown_tenant",
+    "unknown_subject_type",
+    "invalid_subject",
     "invalid_definition",
     "unknown_execution",
     "execution_closed",
@@ -105,17 +110,60 @@ def require_text(doc: dict[str, Any], name: str, limit: int = 256, path: str = "
 
 
 def _check_trigger(doc: dict[str, Any], path: str = "") -> None:
-    """A trigger event: {v, event_id, tenant, type, contact{id,...}, data, ts}."""
+    """A trigger event: {v, event_id, tenant, type, subject{type, id, ...} | contact{id, ...}, data, ts}."""
     require_text(doc, "event_id", path=path)
     require_text(doc, "tenant", 128, path)
     require_text(doc, "type", 128, path)
-    contact = require_field(doc, "contact", (dict,), "an object", path)
-    contact_id = contact.get("id")
-    if type(contact_id) not in (str, int) or contact_id == "":
-        raise BadMessage("missing_field", f"field '{path}contact.id' must be a non-empty string or an integer")
+    if "subject" in doc:
+        _check_subject(doc, path)
+    else:
+        contact = require_field(doc, "contact", (dict,), "an object", path)
+        contact_id = contact.get("id")
+        if type(contact_id) not in (str, int) or contact_id == "":
+            raise BadMessage("missing_field", f"field '{path}contact.id' must be a non-empty string or an integer")
     if "data" in doc and type(doc["data"]) is not dict:
         raise BadMessage("wrong_type", f"field '{path}data' must be an object, got {type(doc['data']).__name__}")
     require_field(doc, "ts", (int, float, str), "a number (epoch milliseconds) or an ISO-8601 string", path)
+
+
+def _check_subject(doc: dict[str, Any], path: str) -> None:
+    """Contract 1.2's typed subject: {type, id, ...}, in place of `contact`."""
+    if "contact" in doc:
+        raise BadMessage(
+            "wrong_type",
+            f"fields '{path}subject' and '{path}contact' are exclusive: a trigger is about one subject "
+            "(contact {id, ...} is short for subject {type: 'contact', id, ...})",
+        )
+    subject = require_field(doc, "subject", (dict,), "an object {type, id, ...}", path)
+    subject_type = subject.get("type")
+    if type(subject_type) is not str or not CONTEXT_TYPE_NAME.match(subject_type):
+        raise BadMessage(
+            "wrong_type",
+            f"field '{path}subject.type' must name a context type (a lowercase identifier of at most 64 "
+            f"characters), got {subject_type!r}",
+        )
+    subject_id = subject.get("id")
+    if type(subject_id) not in (str, int) or subject_id == "":
+        raise BadMessage("missing_field", f"field '{path}subject.id' must be a non-empty string or an integer")
+
+
+def subject_of(event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(subject type, subject record) of a decoded trigger event; the record is the subject less its `type`.
+
+    An event without `subject` is about its `contact`, which is the record as it is (no copy).
+    """
+    subject = event.get("subject")
+    if subject is None:
+        return CONTACT, event["contact"]
+    return subject["type"], {key: value for key, value in subject.items() if key != "type"}
+
+
+def subject_key(event: dict[str, Any]) -> tuple[str, str]:
+    """(subject type, subject id as text) of a decoded trigger event: what event waits are keyed on."""
+    subject = event.get("subject")
+    if subject is None:
+        return CONTACT, str(event["contact"]["id"])
+    return subject["type"], str(subject["id"])
 
 
 #: The most events one trigger batch message may hold.

@@ -59,7 +59,8 @@ EXEC_COLUMNS = (
     "tenant",
     "workflow_id",
     "workflow_version",
-    "contact_id",
+    "subject_type",
+    "subject_id",
     "event_id",
     "partition",
     "status",
@@ -69,7 +70,7 @@ EXEC_COLUMNS = (
     "waiting",
     "last_stream_seq",
     "context",
-    "contact",
+    "subject",
     "event",
     "created_at",
     "runtime",
@@ -91,7 +92,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_tr
     (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
 """
 _STAGE_NEW_COLUMNS = EXEC_COLUMNS + ("finished",)
-#: What an update changes: an execution's identity, contact and event are written once, at enrolment.
+#: What an update changes: an execution's identity, subject and event are written once, at enrolment.
 UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context", "runtime")
 _UPDATE_INDEXES = tuple(EXEC_COLUMNS.index(name) for name in UPDATE_COLUMNS)
 _STAGE_UPDATE_COLUMNS = UPDATE_COLUMNS + ("finished", "prev_seq")
@@ -156,11 +157,11 @@ SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED
 """
 
 _SET_WAITS = """
-INSERT INTO ordo.event_waits (execution_id, tenant, contact_id, event_type, step_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
-SET tenant = EXCLUDED.tenant, contact_id = EXCLUDED.contact_id, event_type = EXCLUDED.event_type,
-    step_id = EXCLUDED.step_id
+SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
+    event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
 """
 
 
@@ -224,13 +225,13 @@ class ExecutionChange:
     finished: bool
     #: Ledger side effects, applied in the same transaction when the change is accepted:
     #: the timer to set (timer_id, fire_at, purpose, step_id), whether to drop the
-    #: execution's timer, the event wait to register (tenant, contact_id, event_type,
-    #: step_id) or drop, and dead letters (a step that failed for good).
+    #: execution's timer, the event wait to register (tenant, subject_type, subject_id,
+    #: event_type, step_id) or drop, and dead letters (a step that failed for good).
     timer: tuple[str, datetime, str, str] | None = None
     drop_timer: bool = False
     #: The id of the stored timer this change replaces or drops (None: it keeps it, or had none).
     replaced_timer: str | None = None
-    wait: tuple[str, str, str, str] | None = None
+    wait: tuple[str, str, str, str, str] | None = None
     drop_wait: bool = False
     letters: list[DeadLetter] = field(default_factory=list)
     #: Effects on the world (action requests, emitted events), for after the commit: (kind, data).

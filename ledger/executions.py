@@ -40,7 +40,8 @@ class ExecutionRecord:
         "tenant",
         "workflow_id",
         "workflow_version",
-        "contact_id",
+        "subject_type",
+        "subject_id",
         "event_id",
         "partition",
         "created_at",
@@ -58,7 +59,7 @@ class ExecutionRecord:
         tenant,
         workflow_id,
         workflow_version,
-        contact_id,
+        subject_id,
         event_id,
         partition,
         created_at,
@@ -66,12 +67,15 @@ class ExecutionRecord:
         state,
         event_json=None,
         loaded_context="{}",
+        subject_type="contact",
     ):
         self.execution_id = execution_id
         self.tenant = tenant
         self.workflow_id = workflow_id
         self.workflow_version = workflow_version
-        self.contact_id = contact_id
+        #: The subject it is about: its context type and id (event waits are keyed on both).
+        self.subject_type = subject_type
+        self.subject_id = subject_id
         self.event_id = event_id
         self.partition = partition
         self.created_at = created_at
@@ -107,7 +111,7 @@ class ExecutionRecord:
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=UTC)
                 change.timer = (data["timer_id"], fire_at, data["purpose"], data["step_id"])
             elif kind == "wait_event":
-                change.wait = (self.tenant, self.contact_id, data["event_type"], data["step_id"])
+                change.wait = (self.tenant, self.subject_type, self.subject_id, data["event_type"], data["step_id"])
                 change.drop_wait = False
             elif kind == "clear_wait":
                 change.wait, change.drop_wait = None, True
@@ -144,7 +148,8 @@ class ExecutionRecord:
             self.tenant,
             self.workflow_id,
             self.workflow_version,
-            self.contact_id,
+            self.subject_type,
+            self.subject_id,
             self.event_id,
             self.partition,
             state.status,
@@ -154,7 +159,7 @@ class ExecutionRecord:
             state.waiting,
             self.last_stream_seq,
             context,
-            _json(state.contact) if is_new else "{}",
+            _json(state.subject) if is_new else "{}",
             (self.event_json or _json(state.event)) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
@@ -261,8 +266,8 @@ def restore_runtime(state, runtime: dict) -> None:
 
 
 _LOAD = """
-SELECT execution_id::text, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
-       status, seq, pc, steps, waiting, last_stream_seq, context, contact, event, created_at, runtime
+SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
+       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime
 FROM ordo.executions WHERE execution_id = ANY($1::uuid[])
 """
 
@@ -307,7 +312,7 @@ def _record(r) -> ExecutionRecord:
         pc=r["pc"],
         seq=r["seq"],
         context=orjson.loads(r["context"]),
-        contact=orjson.loads(r["contact"]),
+        subject=orjson.loads(r["subject"]),
         event=orjson.loads(r["event"]),
         steps=r["steps"],
         waiting=r["waiting"],
@@ -322,11 +327,12 @@ def _record(r) -> ExecutionRecord:
         r["tenant"],
         r["workflow_id"],
         r["workflow_version"],
-        r["contact_id"],
+        r["subject_id"],
         r["event_id"],
         r["partition"],
         r["created_at"],
         r["last_stream_seq"],
         state,
         loaded_context=r["context"],
+        subject_type=r["subject_type"],
     )

@@ -9,7 +9,7 @@ import asyncpg
 import orjson
 
 _EXECUTION = """
-SELECT execution_id::text, tenant, workflow_id, workflow_version, contact_id, event_id, partition,
+SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
        status, seq, pc, steps, waiting, runtime, context, created_at, updated_at, finished_at
 FROM ordo.executions WHERE execution_id = $1::uuid
 """
@@ -19,7 +19,7 @@ FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
 """
 _TRIGGER_AND_STATE = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, status, seq, pc, waiting,
-       context, contact, event, runtime
+       context, subject, event, runtime
 FROM ordo.executions WHERE execution_id = $1::uuid
 """
 _TRANSITIONS_MS = """
@@ -49,7 +49,7 @@ async def transitions(conn, execution_id: str) -> list:
 
 
 async def trigger_and_state(conn, execution_id: str):
-    """What a replay starts from and ends at: the trigger (contact, event) and the stored state, or None."""
+    """What a replay starts from and ends at: the trigger (subject, event) and the stored state, or None."""
     return await conn.fetchrow(_TRIGGER_AND_STATE, execution_id)
 
 

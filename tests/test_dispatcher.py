@@ -22,7 +22,7 @@ def workflow(*steps, trigger=None, max_steps=None, **extra) -> dict:
 
 def run(impl, definition, contact=None, event=None, context=None):
     program = impl.Program(definition)
-    state = impl.ExecutionState("exec-1", contact=contact, event=event, context=context)
+    state = impl.ExecutionState("exec-1", subject=contact, event=event, context=context)
     return program, state, impl.advance(program, state, "start", None)
 
 
@@ -73,7 +73,7 @@ def test_state_defaults(impl):
         0,
         None,
     )
-    assert state.context == {} and state.contact == {} and state.event == {}
+    assert state.context == {} and state.subject == {} and state.event == {}
     state.status = "cancelled"
     state.pc = 3
     assert (state.status, state.pc) == ("cancelled", 3)
@@ -514,7 +514,7 @@ def result(state, ok=True, step_id=None, attempt=None, **more) -> dict:
 
 def begin(impl, definition, now_ms=1_000, **state_args):
     program = impl.Program(definition)
-    state_args.setdefault("contact", {"phone": "+49"})
+    state_args.setdefault("subject", {"phone": "+49"})
     state = impl.ExecutionState("exec-1", tenant="acme", **state_args)
     out = impl.advance(program, state, "start", None, now_ms)
     return program, state, out
@@ -632,7 +632,7 @@ def test_retry_delay_with_jitter_is_deterministic(impl):
     delays = []
     for execution_id in ("exec-1", "exec-1", "exec-2"):
         program = impl.Program(workflow(action(retry=policy)))
-        state = impl.ExecutionState(execution_id, contact={"phone": "1"})
+        state = impl.ExecutionState(execution_id, subject={"phone": "1"})
         impl.advance(program, state, "start", None, 0)
         drain(state)
         impl.advance(program, state, "action_result", result(state, ok=False, error=failure()), 100)
@@ -1315,7 +1315,7 @@ def test_compiled_and_pure_agree(impl, definition, contact, data, events):
     results = []
     for ns in (impl, pure):
         program = ns.Program(definition)
-        state = ns.ExecutionState("e", contact=contact, event={"type": "contact.created", "data": data}, tenant="t")
+        state = ns.ExecutionState("e", subject=contact, event={"type": "contact.created", "data": data}, tenant="t")
         now = 1_000
         trail = [ns.advance(program, state, "start", None, now), list(state.effects)]
         for event, elapsed in events:
@@ -1328,3 +1328,46 @@ def test_compiled_and_pure_agree(impl, definition, contact, data, events):
             trail.append(list(state.effects))
         results.append((trail, snapshot(state), program.matches({"type": "contact.created", "contact": contact})))
     assert results[0] == results[1]
+
+
+# -- context types: the subject is named by its type ----------------------------------
+def test_an_opportunity_workflow_names_its_subject_by_its_type(impl):
+    definition = workflow(
+        set_step("s", {"stage": "{{opportunity.stage}}", "line": "Deal {{opportunity.id}} is {{opportunity.stage}}"}),
+        {"id": "won", "type": "if", "condition": {"eq": ["{{opportunity.stage}}", "won"]}, "then": "tell"},
+        {"id": "lost", "type": "end", "status": "failed"},
+        {"id": "tell", "type": "emit", "event": "deal.won", "data": {"stage": "{{opportunity.stage}}"}},
+        {"id": "missing", "type": "set", "values": {"x": "{{opportunity.amount}}"}},
+        subject="opportunity",
+        trigger={"event": "opportunity.updated", "filter": {"exists": "opportunity.stage"}},
+    )
+    program = impl.Program(definition)
+    assert program.subject_type == "opportunity"
+    opportunity = {"id": "o-1", "stage": "won"}
+    assert program.matches({"type": "opportunity.updated"}, opportunity)
+    assert not program.matches({"type": "opportunity.updated"}, {"id": "o-1"})
+    state = impl.ExecutionState("exec-1", subject=opportunity, tenant="acme")
+    out = impl.advance(program, state, "start", None)
+    assert state.context == {"stage": "won", "line": "Deal o-1 is won"}
+    assert kinds(out)[-4:] == [
+        ("won", "branch"),
+        ("tell", "emitted"),
+        ("missing", "step_failed"),
+        ("missing", "failed"),
+    ]
+    emitted = next(data for kind, data in state.effects if kind == "emit")["event"]
+    assert emitted["subject"] == {"type": "opportunity", "id": "o-1", "stage": "won"} and "contact" not in emitted
+    assert out[-1][3]["error"] == "{{opportunity.amount}} names a missing field"
+
+
+def test_a_contact_workflow_emits_about_its_contact_as_before(impl):
+    definition = workflow({"id": "tell", "type": "emit", "event": "hi", "data": {}})
+    _, state, _ = run(impl, definition, contact={"id": "c-1"})
+    emitted = next(data for kind, data in state.effects if kind == "emit")["event"]
+    assert emitted["contact"] == {"id": "c-1"} and "subject" not in emitted
+
+
+def test_a_root_other_than_the_workflow_s_subject_type_is_an_unknown_root(impl):
+    definition = workflow(set_step("s", {"x": "{{contact.id}}"}), subject="opportunity")
+    with pytest.raises(DefinitionError, match=r"unknown root 'contact' \(expected context, opportunity or event\)"):
+        impl.Program(definition)

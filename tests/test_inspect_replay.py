@@ -219,7 +219,7 @@ async def test_replay_sample_summarises_the_divergence(nats_server_url, pg_dsn, 
 def _record(impl, definition, feed):
     """Run `feed` (kind, payload-or-callable, now_ms) like the worker does; the ledger's rows back."""
     program = impl.Program(definition)
-    state = impl.ExecutionState("e-1", contact={"id": "c"}, event={"type": "contact.created"}, tenant="acme")
+    state = impl.ExecutionState("e-1", subject={"id": "c"}, event={"type": "contact.created"}, tenant="acme")
     rows = []
     for kind, payload, now_ms in feed:
         payload = payload(state) if callable(payload) else payload

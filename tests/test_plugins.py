@@ -189,7 +189,7 @@ def test_from_a_source_tree_ordo_s_entry_points_come_from_its_pyproject_not_olde
     assert BUILTINS <= keys(plugins.registry(Settings()))  # and no duplicate noop from the old metadata
 
     # Installed, not run from a tree: the metadata is what there is.
-    monkeypatch.setattr(plugins, "_source_tree_entry_points", lambda: None)
+    monkeypatch.setattr(plugins, "_source_tree_entry_points", lambda group: None)
     assert [(p.name, p.target) for p in plugins.own_entry_points()] == [
         ("noop", "actions.builtin.noop:NoopAction"),
         ("gone", "ordo_gone:Gone"),
@@ -198,7 +198,7 @@ def test_from_a_source_tree_ordo_s_entry_points_come_from_its_pyproject_not_olde
 
 def test_installed_metadata_without_ordo_s_entry_points_is_reported(site, monkeypatch, caplog):
     install(site, name="ordo")
-    monkeypatch.setattr(plugins, "_source_tree_entry_points", lambda: None)
+    monkeypatch.setattr(plugins, "_source_tree_entry_points", lambda group: None)
     with caplog.at_level("WARNING", logger="ordo.actions.plugins"):
         assert plugins.own_entry_points() == []
     assert "reinstall Ordo" in caplog.text
