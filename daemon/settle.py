@@ -165,7 +165,7 @@ class Settlement:
                 continue
             else:
                 tally.applied += 1
-            tally.transitions += len(change.transitions)
+            tally.transitions += change.transitions
             if change.finished:
                 tally.finished[change.status] = tally.finished.get(change.status, 0) + 1
                 if change.trigger_ts_ms is not None:

@@ -10,7 +10,7 @@ ONE transaction:
 2. COPY (binary) the executions' new state into per-session temp tables:
    updates (only what an update changes) into `stage_upd`, new executions
    that take this path (whole rows) into `stage_exec`, and their transitions
-   into `stage_tr`.
+   (one `ordo.history` row per execution) into `stage_history`.
 3. One merge statement: insert new executions (a duplicate enrolment loses on
    the primary key), update existing ones only where the stored `seq` is the
    one the change was computed from (optimistic concurrency), and append the
@@ -18,7 +18,7 @@ ONE transaction:
 4. Insert the dead letters.
 
 New executions skip the staging tables when they can: they are COPYed
-straight into `executions` and `transitions`. A duplicate among them (a
+straight into `executions` and `history`. A duplicate among them (a
 redelivered trigger) fails that transaction on the primary key, and the batch
 is committed again through the merge.
 
@@ -75,7 +75,8 @@ EXEC_COLUMNS = (
     "created_at",
     "runtime",
 )
-TRANSITION_COLUMNS = ("execution_id", "seq", "step_id", "kind", "at", "detail", "source_seq")
+#: A commit's transitions of one execution as one row of ordo.history (migration 007).
+HISTORY_COLUMNS = ("execution_id", "first_seq", "at", "source_seq", "steps")
 _STATUS = EXEC_COLUMNS.index("status")
 _CONTEXT = EXEC_COLUMNS.index("context")
 
@@ -88,8 +89,8 @@ CREATE TEMP TABLE IF NOT EXISTS stage_upd
      waiting text, last_stream_seq bigint NOT NULL, context jsonb NOT NULL, runtime jsonb NOT NULL,
      finished boolean NOT NULL, prev_seq int NOT NULL)
     ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_tr
-    (LIKE ordo.transitions) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_history
+    (LIKE ordo.history) ON COMMIT DELETE ROWS;
 """
 _STAGE_NEW_COLUMNS = EXEC_COLUMNS + ("finished",)
 #: What an update changes: an execution's identity, subject and event are written once, at enrolment.
@@ -127,8 +128,8 @@ WITH inserted AS (
 ), accepted AS (
     SELECT execution_id FROM inserted UNION ALL SELECT execution_id FROM updated
 ), appended AS (
-    INSERT INTO ordo.transitions
-    SELECT t.* FROM stage_tr t JOIN accepted a USING (execution_id)
+    INSERT INTO ordo.history
+    SELECT h.* FROM stage_history h JOIN accepted a USING (execution_id)
     ON CONFLICT DO NOTHING
 )
 SELECT execution_id::text FROM accepted
@@ -213,13 +214,13 @@ class Fenced(RuntimeError):
 
 @dataclass(slots=True)
 class ExecutionChange:
-    """One execution's new state (a row in EXEC_COLUMNS order) and its new transitions."""
+    """One execution's new state (a row in EXEC_COLUMNS order) and the history row of its new transitions."""
 
     execution_id: str
     partition: int
     row: tuple[Any, ...]
-    #: Rows in TRANSITION_COLUMNS order.
-    transitions: list[tuple[Any, ...]]
+    #: Rows in HISTORY_COLUMNS order: one when the change records transitions, else none.
+    history: list[tuple[Any, ...]]
     #: The seq the state was computed from (0: a new execution).
     prev_seq: int
     finished: bool
@@ -243,6 +244,8 @@ class ExecutionChange:
     #: The in-memory record this change was computed on (ledger.executions.ExecutionRecord),
     #: for a worker that keeps it for the execution's next message once the change commits.
     record: object = None
+    #: How many transitions the history row holds.
+    transitions: int = 0
 
     @property
     def is_new(self) -> bool:
@@ -349,7 +352,7 @@ class Unit:
 
     @property
     def rows(self) -> int:
-        return 1 + sum(1 + len(c.transitions) for c in self.changes) + len(self.dead_letters)
+        return 1 + sum(1 + len(c.history) for c in self.changes) + len(self.dead_letters)
 
 
 @dataclass(slots=True)
@@ -619,7 +622,7 @@ class LedgerBatcher:
                     )
                 if merged:
                     await conn.copy_records_to_table(
-                        "stage_tr", records=[t for c in merged for t in c.transitions], columns=TRANSITION_COLUMNS
+                        "stage_history", records=[h for c in merged for h in c.history], columns=HISTORY_COLUMNS
                     )
                     accepted.update(r[0] for r in await conn.fetch(_MERGE))
                     await self._apply_effects(conn, [c for c in merged if c.execution_id in accepted])
@@ -678,10 +681,7 @@ class LedgerBatcher:
                 "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
             )
         await conn.copy_records_to_table(
-            "transitions",
-            schema_name="ordo",
-            records=[t for c in new for t in c.transitions],
-            columns=TRANSITION_COLUMNS,
+            "history", schema_name="ordo", records=[h for c in new for h in c.history], columns=HISTORY_COLUMNS
         )
 
     async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict[int, int]) -> None:

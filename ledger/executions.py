@@ -32,6 +32,23 @@ def _json(value) -> str:
     return orjson.dumps(value).decode()
 
 
+def history_rows(execution_id: str, transitions: list, at: datetime, source_seq: int | None) -> list[tuple]:
+    """One commit's transitions of an execution, (seq, step_id, kind, detail) each, as one ordo.history row.
+
+    They are consecutive seqs, so the row keeps the first and the steps in
+    order: [step_id, kind], or [step_id, kind, detail] when there is a detail.
+    """
+    if not transitions:
+        return []
+    first, last = transitions[0][0], transitions[-1][0]
+    if last - first + 1 != len(transitions):
+        raise ValueError(
+            f"transitions of {execution_id} are not consecutive: seqs {first} to {last}, {len(transitions)}"
+        )
+    steps = [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
+    return [(execution_id, first, at, source_seq, _json(steps))]
+
+
 class ExecutionRecord:
     """An execution's identity (fixed at enrolment) and its current state."""
 
@@ -101,11 +118,8 @@ class ExecutionRecord:
         context = _json(state.context)
         if max_context_bytes and len(context) > max_context_bytes:
             return self._too_large(transitions, now, source_seq, context, max_context_bytes)
-        rows = [
-            (self.execution_id, seq, step_id, kind, now, None if detail is None else _json(detail), source_seq)
-            for seq, step_id, kind, detail in transitions
-        ]
-        change = self._change(context, rows)
+        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq))
+        change.transitions = len(transitions)
         for kind, data in effects:
             if kind == "set_timer":
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=UTC)
@@ -204,11 +218,8 @@ class ExecutionRecord:
         state.waiting = None
         state.timer = None
         state.context = orjson.loads(self.loaded_context)
-        rows = [
-            (self.execution_id, seq, step_id, kind, now, None if detail is None else _json(detail), source_seq)
-            for seq, step_id, kind, detail in kept
-        ]
-        change = self._change(self.loaded_context, rows)
+        change = self._change(self.loaded_context, history_rows(self.execution_id, kept, now, source_seq))
+        change.transitions = len(kept)
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
         change.drop_wait = True
