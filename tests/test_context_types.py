@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 from harness import NO_PROBLEMS, Harness
@@ -29,8 +28,6 @@ from daemon.definitions import WorkflowRegistry, compile_entry
 from hotpath.context_types import ContextType
 from hotpath.definition import DefinitionError, validate
 from hotpath.envelope import BadMessage, decode_triggers, subject_key, subject_of
-from ledger import check as ledger_check
-from ledger.schema import migrate, migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,56 +302,3 @@ async def test_a_bad_subject_or_an_unknown_subject_type_is_dead_lettered_and_the
         )
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions") == 3
         assert await h.ledger_problems() == NO_PROBLEMS
-
-
-# -- the ledger migration -------------------------------------------------------------------
-
-
-async def test_a_ledger_populated_under_migration_005_migrates_forward_and_checks_clean(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute(
-            "CREATE SCHEMA ordo; CREATE TABLE ordo.schema_migrations (version int PRIMARY KEY, "
-            "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for version, name, sql in migrations():
-            if version > 5:
-                break
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO ordo.schema_migrations (version, name) VALUES ($1, $2)", version, name)
-        execution_id = "00000000-0000-0000-0000-000000000001"
-        await conn.execute(
-            """INSERT INTO ordo.executions (execution_id, tenant, workflow_id, workflow_version, contact_id, event_id,
-                   partition, status, seq, pc, steps, waiting, last_stream_seq, context, contact, event, created_at,
-                   runtime, updated_at)
-               VALUES ($1::uuid, 'acme', 'w', 1, 'c-1', 'e-1', 0, 'waiting', 2, 0, 1, 'event:x', 0, '{}',
-                   '{"id": "c-1"}', '{}', now(), '{}', now())""",
-            execution_id,
-        )
-        await conn.execute(
-            """INSERT INTO ordo.transitions (execution_id, seq, step_id, kind, at) VALUES
-                   ($1::uuid, 1, '', 'started', now()), ($1::uuid, 2, 'w', 'waiting', now())""",
-            execution_id,
-        )
-        await conn.execute(
-            "INSERT INTO ordo.event_waits (execution_id, tenant, contact_id, event_type, step_id) "
-            "VALUES ($1::uuid, 'acme', 'c-1', 'x', 'w')",
-            execution_id,
-        )
-        await conn.execute(
-            "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id) "
-            "VALUES ($1::uuid, 0, 't', now() + interval '1 day', 'event_timeout', 'w')",
-            execution_id,
-        )
-        assert await migrate(conn) == ["006_subjects.sql"]
-        row = await conn.fetchrow("SELECT subject_type, subject_id, subject FROM ordo.executions")
-        assert (row["subject_type"], row["subject_id"], orjson.loads(row["subject"])) == (
-            "contact",
-            "c-1",
-            {"id": "c-1"},
-        )
-        wait = await conn.fetchrow("SELECT tenant, subject_type, subject_id, event_type FROM ordo.event_waits")
-        assert tuple(wait) == ("acme", "contact", "c-1", "x")
-        assert set((await ledger_check.check(conn)).values()) == {0}
-    finally:
-        await conn.close()

@@ -98,6 +98,12 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             ("english", "set"),
             ("done", "completed"),
         ]
+        # It ran to its end in one commit: one history row holds all five.
+        history = await h.db.fetch(
+            "SELECT first_seq, json_array_length(steps) AS steps FROM ordo.history WHERE execution_id = $1::uuid",
+            h.execution_id("acme", "welcome", "e2e-3"),
+        )
+        assert [tuple(r) for r in history] == [(1, 5)]
 
 
 async def test_signals_are_applied_in_publish_order_per_execution(nats_server_url, pg_dsn, prefix):
