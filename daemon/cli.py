@@ -98,13 +98,17 @@ def _read_definition(path: str) -> dict:
 
 
 def cmd_workflow(args, config) -> int:
+    from daemon import context_types as registered
     from hotpath.definition import DefinitionError, validate
 
+    # A workflow is checked against the context types the workers will have, so that a
+    # subject type no worker knows is refused here rather than dead-lettered there.
+    context_types = None if args.action == "list" else registered.registry(config, config.context_type_plugins)
     if args.action == "validate":
         failed = 0
         for path in args.files:
             try:
-                validate(_read_definition(path))
+                validate(_read_definition(path), context_types)
                 print(f"{path}: valid")
             except DefinitionError as exc:
                 failed += 1
@@ -121,7 +125,7 @@ def cmd_workflow(args, config) -> int:
         failed = 0
         for path in args.files:
             try:
-                version, new = await workflows.deploy(conn, _read_definition(path))
+                version, new = await workflows.deploy(conn, _read_definition(path), context_types)
                 print(f"{path}: {'deployed' if new else 'unchanged'} as version {version}")
             except DefinitionError as exc:
                 failed += 1

@@ -5,11 +5,13 @@ Deploying is idempotent: the same content deploys once. A definition without a
 """
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from asyncpg import Record
 
+from hotpath.context_types import ContextType
 from hotpath.definition import DefinitionError, validate
 from ledger.connection import Queryable, Transactional
 
@@ -27,12 +29,15 @@ async def ensure_tenant(conn: Queryable, tenant: str) -> None:
     await conn.execute("INSERT INTO ordo.tenants (tenant) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
 
 
-async def deploy(conn: Transactional, definition: dict[str, Any]) -> tuple[int, bool]:
+async def deploy(
+    conn: Transactional, definition: dict[str, Any], context_types: Mapping[str, ContextType] | None = None
+) -> tuple[int, bool]:
     """Validate and store a definition; returns (version, newly_deployed).
 
-    Raises DefinitionError (pointing at the offending step) for an invalid one.
+    Raises DefinitionError (pointing at the offending step) for an invalid one. With the
+    registered `context_types`, a workflow about a type that is not one of them is invalid too.
     """
-    validate(definition)
+    validate(definition, context_types)
     tenant, workflow_id = definition["tenant"], definition["id"]
     body_digest = digest(definition)
     async with conn.transaction():

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import socket
 
 import orjson
@@ -150,3 +151,29 @@ async def test_dev_is_ready_once_workers_started_after_it_own_every_partition(pg
             await wait_for_workers(pool, Config(partitions=4), since, workers=3, timeout=0.5)
     finally:
         await pool.close()
+
+
+async def test_deploy_and_validate_refuse_a_subject_type_no_worker_has_registered(pg_dsn, tmp_path):
+    env = {"ORDO_PG_DSN": pg_dsn}
+    assert ordo("migrate", env_extra=env).returncode == 0
+    deals = dict(WAITER, id="deals", subject="opportunity", trigger={"event": "opportunity.updated"})
+    path = tmp_path / "deals.json"
+    path.write_bytes(orjson.dumps(deals))
+    for action in ("validate", "deploy"):
+        refused = ordo("workflow", action, str(path), env_extra=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "context type 'opportunity' is not registered (registered: contact)" in refused.stderr
+
+    # Registered through the setting, as the workers would have it, the same file passes.
+    (tmp_path / "crm_types.py").write_text(
+        "from hotpath.context_types import ContextType\n"
+        "OPPORTUNITY = ContextType('opportunity', {'type': 'object', 'required': ['id']})\n"
+    )
+    registered = dict(
+        env,
+        ORDO_CONTEXT_TYPE_PLUGINS="crm_types:OPPORTUNITY",
+        PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p),
+    )
+    assert ordo("workflow", "validate", str(path), env_extra=registered).returncode == 0
+    deployed = ordo("workflow", "deploy", str(path), env_extra=registered)
+    assert deployed.returncode == 0 and "deployed as version 1" in deployed.stdout
