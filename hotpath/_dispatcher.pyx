@@ -19,7 +19,7 @@ from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 from hotpath import vocabulary
-from hotpath.context_types import CONTACT
+from hotpath.context_types import CONTACT, SUBJECT_CONTRACT
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
@@ -1011,7 +1011,8 @@ cdef int _run(Program program, ExecutionState state, list out, object now_ms) ex
                     elif step.kind == S_EMIT:
                         event_id = f"{state.execution_id}:{step.id}:{visit}"
                         state.effects.append((EFFECT_EMIT, {"event": {
-                            "v": 1,
+                            # A typed subject is trigger contract 1.2; a contact is 1.0.
+                            "v": 1 if program.subject_type == CONTACT else SUBJECT_CONTRACT,
                             "event_id": event_id,
                             "tenant": state.tenant,
                             "type": step.event,

@@ -21,6 +21,8 @@ import fastjsonschema
 
 #: The subject type of a trigger without `subject` (contracts 1.0 and 1.1) and of a workflow that names none.
 CONTACT = "contact"
+#: The trigger contract version of an event with a typed `subject` (what an `emit` step of such a workflow sends).
+SUBJECT_CONTRACT = "1.2"
 #: A context type's name: a lowercase identifier; it is also the root of templates (`{{opportunity.stage}}`).
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: Template roots a context type cannot take.

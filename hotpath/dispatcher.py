@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from hotpath.context_types import CONTACT
+from hotpath.context_types import CONTACT, SUBJECT_CONTRACT
 from hotpath.definition import (
     MAX_RENDERED_CHARS,
     MAX_RENDERED_NODES,
@@ -670,7 +670,8 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
                     EFFECT_EMIT,
                     {
                         "event": {
-                            "v": 1,
+                            # A typed subject is trigger contract 1.2; a contact is 1.0.
+                            "v": 1 if program.subject_type == CONTACT else SUBJECT_CONTRACT,
                             "event_id": event_id,
                             "tenant": state.tenant,
                             "type": step.event,

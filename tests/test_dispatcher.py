@@ -1357,6 +1357,8 @@ def test_an_opportunity_workflow_names_its_subject_by_its_type(impl):
     ]
     emitted = next(data for kind, data in state.effects if kind == "emit")["event"]
     assert emitted["subject"] == {"type": "opportunity", "id": "o-1", "stage": "won"} and "contact" not in emitted
+    # A typed subject is contract 1.2: a consumer that reads `v` knows to look for it.
+    assert emitted["v"] == "1.2"
     assert out[-1][3]["error"] == "{{opportunity.amount}} names a missing field"
 
 
@@ -1365,6 +1367,7 @@ def test_a_contact_workflow_emits_about_its_contact_as_before(impl):
     _, state, _ = run(impl, definition, contact={"id": "c-1"})
     emitted = next(data for kind, data in state.effects if kind == "emit")["event"]
     assert emitted["contact"] == {"id": "c-1"} and "subject" not in emitted
+    assert emitted["v"] == 1
 
 
 def test_a_root_other_than_the_workflow_s_subject_type_is_an_unknown_root(impl):
