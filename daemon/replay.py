@@ -34,6 +34,7 @@ from hotpath import ExecutionState, Program, advance
 from hotpath.definition import DefinitionError, validate
 from hotpath.durations import parse_duration
 from ledger import history
+from ledger.executions import RUNTIME_DEFAULTS
 
 #: Transitions that an input made first; every other transition follows one of these in the same advance.
 _HEADS = frozenset(
@@ -343,7 +344,8 @@ def _state_differs(state, row) -> list:
         "pc": row["pc"],
         "waiting": row["waiting"],
         "context": orjson.loads(row["context"]),
-        **runtime,
+        # A field at its default is not stored (ledger.executions.runtime_of).
+        **{k: runtime.get(k, default) for k, default in RUNTIME_DEFAULTS.items()},
     }
     return sorted(k for k in replayed if k in stored and replayed[k] != stored[k])
 
