@@ -8,15 +8,28 @@ where `max_context_bytes` is enforced at no extra cost: an advance that grows
 the context past the limit fails the execution instead (see `_too_large`).
 """
 
-import re
-from datetime import UTC, datetime
+from __future__ import annotations
 
-import asyncpg
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeAlias
+
 import orjson
+from asyncpg import Record
 
 from hotpath import ExecutionState
+from hotpath.vocabulary import Effect, Transition
+from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
+
+if TYPE_CHECKING:
+    from hotpath import _dispatcher, dispatcher
+
+    #: An execution's state: the compiled class or its pure twin, whichever hotpath selected
+    #: (`hotpath.ExecutionState` is that choice, made at import, so the checker sees Any).
+    State: TypeAlias = _dispatcher.ExecutionState | dispatcher.ExecutionState
 
 CLOSED = frozenset(("completed", "failed", "cancelled"))
 
@@ -29,11 +42,17 @@ AFTER_COMMIT = frozenset(("action", "emit"))
 _WRITES_CONTEXT = frozenset(("set", "action_completed", "signal", "event_received"))
 
 
-def _json(value) -> str:
+#: One ordo.history row, in HISTORY_COLUMNS order: execution_id, first_seq, at, source_seq, steps (JSON text).
+HistoryRow: TypeAlias = tuple[str, int, datetime, int | None, str]
+
+
+def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def history_rows(execution_id: str, transitions: list, at: datetime, source_seq: int | None) -> list[tuple]:
+def history_rows(
+    execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None
+) -> list[HistoryRow]:
     """One commit's transitions of an execution, (seq, step_id, kind, detail) each, as one ordo.history row.
 
     They are consecutive seqs, so the row keeps the first and the steps in
@@ -73,20 +92,20 @@ class ExecutionRecord:
 
     def __init__(
         self,
-        execution_id,
-        tenant,
-        workflow_id,
-        workflow_version,
-        subject_id,
-        event_id,
-        partition,
-        created_at,
-        last_stream_seq,
-        state,
-        event_json=None,
-        loaded_context="{}",
-        subject_type="contact",
-    ):
+        execution_id: str,
+        tenant: str,
+        workflow_id: str,
+        workflow_version: int,
+        subject_id: str,
+        event_id: str,
+        partition: int,
+        created_at: datetime,
+        last_stream_seq: int,
+        state: State,
+        event_json: str | None = None,
+        loaded_context: str = "{}",
+        subject_type: str = "contact",
+    ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
         self.workflow_id = workflow_id
@@ -108,7 +127,12 @@ class ExecutionRecord:
         self.event_json = event_json
 
     def change(
-        self, transitions: list, now: datetime, effects=(), source_seq: int | None = None, max_context_bytes: int = 0
+        self,
+        transitions: Sequence[Transition],
+        now: datetime,
+        effects: Iterable[Effect] = (),
+        source_seq: int | None = None,
+        max_context_bytes: int = 0,
     ) -> ExecutionChange:
         """The rows this advance commits, and the ledger effects it carries.
 
@@ -155,7 +179,7 @@ class ExecutionRecord:
         self.loaded_timer = self.state.timer
         self.loaded_context = change.context_json
 
-    def _change(self, context: str, rows: list) -> ExecutionChange:
+    def _change(self, context: str, rows: list[HistoryRow]) -> ExecutionChange:
         state = self.state
         is_new = self.loaded_seq == 0
         row = (
@@ -187,7 +211,9 @@ class ExecutionRecord:
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
         return change
 
-    def _too_large(self, transitions: list, now: datetime, source_seq, context: str, limit: int) -> ExecutionChange:
+    def _too_large(
+        self, transitions: Sequence[Transition], now: datetime, source_seq: int | None, context: str, limit: int
+    ) -> ExecutionChange:
         """The advance grew the context past `limit`: fail the execution, keep the last stored context.
 
         The advance's transitions are recorded (they carry its inputs, so
@@ -240,7 +266,7 @@ class ExecutionRecord:
         )
         return change
 
-    def _step_letter(self, data: dict) -> DeadLetter:
+    def _step_letter(self, data: dict[str, Any]) -> DeadLetter:
         error = data.get("error") or {}
         return DeadLetter(
             reason=data.get("reason", "step_failed"),
@@ -257,8 +283,8 @@ class ExecutionRecord:
         )
 
 
-def take_effects(state) -> list:
-    """The effects the dispatcher left on the state, removed from it."""
+def take_effects(state: State) -> list[Effect] | tuple[()]:
+    """The effects the dispatcher left on the state, removed from it (an empty tuple, not a new list, for none)."""
     effects = state.effects
     if not effects:
         return ()
@@ -267,17 +293,17 @@ def take_effects(state) -> list:
     return taken
 
 
-def runtime_of(state) -> dict:
+def runtime_of(state: State) -> dict[str, Any]:
     """The dispatcher's state to persist, without the fields at their defaults (0, None, {}, []).
 
-    Every execution row carries it, so a W1 execution's row is about 110 bytes
-    shorter (WAL and table alike); `restore_runtime` leaves a missing field at
-    the default a new ExecutionState has.
+    Every execution row carries it, so a W1 execution's row is shorter (WAL and
+    table alike); `restore_runtime` leaves a missing field at the default a new
+    ExecutionState has.
     """
     return {name: value for name in RUNTIME_FIELDS if (value := getattr(state, name))}
 
 
-def restore_runtime(state, runtime: dict) -> None:
+def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
     for name in RUNTIME_FIELDS:
         if name in runtime:
             setattr(state, name, runtime[name])
@@ -295,7 +321,7 @@ class UnreadableRecord:
 
     __slots__ = ("execution_id", "error")
 
-    def __init__(self, execution_id: str, error: str):
+    def __init__(self, execution_id: str, error: str) -> None:
         self.execution_id = execution_id
         self.error = error
 
@@ -304,14 +330,14 @@ class UnreadableRecord:
 _EXECUTION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-async def load(conn: asyncpg.Connection, execution_ids: list[str]) -> dict:
+async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str, ExecutionRecord | UnreadableRecord]:
     """The committed records of these executions (missing ids are absent).
 
     Ids that are not execution ids are absent too (a message may carry any
     string), and a row that cannot be read is an `UnreadableRecord`: one bad
     id or row must not fail the whole round's read.
     """
-    records = {}
+    records: dict[str, ExecutionRecord | UnreadableRecord] = {}
     wanted = [eid for eid in execution_ids if isinstance(eid, str) and _EXECUTION_ID.match(eid)]
     if not wanted:
         return records
@@ -323,8 +349,8 @@ async def load(conn: asyncpg.Connection, execution_ids: list[str]) -> dict:
     return records
 
 
-def _record(r) -> ExecutionRecord:
-    state = ExecutionState(
+def _record(r: Record) -> ExecutionRecord:
+    state: State = ExecutionState(
         r["execution_id"],
         status=r["status"],
         pc=r["pc"],

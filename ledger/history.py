@@ -5,8 +5,12 @@ definition it ran on, and samples of finished executions to replay. The
 worker's own reads are in ledger/executions.py.
 """
 
-import asyncpg
+from typing import Any
+
 import orjson
+from asyncpg import Record
+
+from ledger.connection import Queryable
 
 _EXECUTION = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
@@ -38,33 +42,35 @@ LIMIT $4
 """
 
 
-async def execution(conn, execution_id: str):
+async def execution(conn: Queryable, execution_id: str) -> Record | None:
     """The execution's row as an operator reads it (identity, status, state, times), or None."""
     return await conn.fetchrow(_EXECUTION, execution_id)
 
 
-async def transitions(conn, execution_id: str) -> list:
+async def transitions(conn: Queryable, execution_id: str) -> list[Record]:
     """The execution's transitions in seq order: seq, step_id, kind, at, detail (JSON text), source_seq."""
     return await conn.fetch(_TRANSITIONS, execution_id)
 
 
-async def trigger_and_state(conn, execution_id: str):
+async def trigger_and_state(conn: Queryable, execution_id: str) -> Record | None:
     """What a replay starts from and ends at: the trigger (subject, event) and the stored state, or None."""
     return await conn.fetchrow(_TRIGGER_AND_STATE, execution_id)
 
 
-async def transitions_ms(conn, execution_id: str) -> list:
+async def transitions_ms(conn: Queryable, execution_id: str) -> list[Record]:
     """The execution's transitions in seq order, with `at` as epoch milliseconds (`at_ms`) in place of `at`."""
     return await conn.fetch(_TRANSITIONS_MS, execution_id)
 
 
-async def definition(conn, tenant: str, workflow_id: str, version: int) -> dict | None:
+async def definition(conn: Queryable, tenant: str, workflow_id: str, version: int) -> dict[str, Any] | None:
     """One deployed version of a workflow's definition, or None if it was never deployed."""
     raw = await conn.fetchval(_DEFINITION, tenant, workflow_id, version)
     return None if raw is None else orjson.loads(raw)
 
 
-async def finished_sample(conn, workflow_id: str, tenant: str | None, n: int, seed: int | None = None) -> list[str]:
+async def finished_sample(
+    conn: Queryable, workflow_id: str, tenant: str | None, n: int, seed: int | None = None
+) -> list[str]:
     """The ids of up to `n` finished executions of a workflow (of any tenant for None), picked at random.
 
     The same `seed` picks the same sample again.
@@ -76,6 +82,6 @@ async def finished_sample(conn, workflow_id: str, tenant: str | None, n: int, se
 _WHOLE_ROW = "SELECT * FROM ordo.executions WHERE execution_id = $1::uuid"
 
 
-async def execution_as_stored(conn: asyncpg.Connection, execution_id: str) -> asyncpg.Record | None:
+async def execution_as_stored(conn: Queryable, execution_id: str) -> Record | None:
     """Every column of the execution's row, as stored (`ordo execution show`), or None."""
     return await conn.fetchrow(_WHOLE_ROW, execution_id)
