@@ -12,13 +12,16 @@ that the fault tests put under stress. Fixtures live in conftest.py.
 
 import asyncio
 import dataclasses
+import importlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import asyncpg
 import nats
@@ -605,3 +608,49 @@ class Load:
         problems = await self.h.ledger_problems()
         assert problems == NO_PROBLEMS
         return {"executions": self.total, "lost": lost, "duplicated": duplicated, "out_of_order": out_of_order}
+
+
+# -- README's how-tos, followed literally --------------------------------------------
+
+
+def readme_how_to(title: str, names: set[str]) -> dict[str, str]:
+    """The files of README's section `## {title}`: each a code block after a line that starts with its `name`."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    files = dict(re.findall(r"^`([\w.]+)`,[^`]*?:\n\n```\w+\n(.*?)^```", section, re.MULTILINE | re.DOTALL))
+    assert set(files) == names, files
+    return files
+
+
+def pip_install_how_to(root: Path, project_name: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A how-to's package written under `root` as the README has it, `pip install`ed into a directory of its own.
+
+    Returns the project's directory and the one pip installed it into.
+    """
+    project = root / project_name
+    project.mkdir()
+    for name, text in files.items():
+        (project / name).write_text(text)
+    target = root / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
+        + ["--target", str(target), str(project)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    return project, target
+
+
+@contextmanager
+def importable(project: Path, target: Path, monkeypatch):
+    """The installed package on sys.path for one test, its modules forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(target))
+    importlib.invalidate_caches()
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(project.parent)):
+            del sys.modules[name]
+    importlib.invalidate_caches()

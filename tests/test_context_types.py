@@ -10,15 +10,12 @@ first on sys.path, not into the virtualenv, which other checkouts share.
 """
 
 import importlib
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import orjson
 import pytest
-from harness import NO_PROBLEMS, Harness
+from harness import NO_PROBLEMS, Harness, importable, pip_install_how_to, readme_how_to
 
 from actions.plugins import PluginError
 from actions.settings import Settings
@@ -166,46 +163,19 @@ def test_templates_name_the_subject_by_its_type_and_closed_schemas_are_checked_a
 # -- end to end, with README's how-to installed -------------------------------------------
 
 
-def how_to_files() -> dict[str, str]:
-    """The files of README's "Add a context type": each a code block after a line that starts with its `name`."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Add a context type\n", 1)[1].split("\n## ", 1)[0]
-    files = dict(re.findall(r"^`([\w.]+)`,[^`]*?:\n\n```\w+\n(.*?)^```", section, re.MULTILINE | re.DOTALL))
-    assert set(files) == {"ordo_crm.py", "test_crm.py", "pyproject.toml"}, files
-    return files
-
-
 @pytest.fixture(scope="module")
 def crm_pip_installed(tmp_path_factory) -> tuple[Path, Path]:
     """The how-to's package, written as the README has it, and the directory `pip install` put it in."""
-    root = tmp_path_factory.mktemp("how-to")
-    project = root / "ordo-crm"
-    project.mkdir()
-    for name, text in how_to_files().items():
-        (project / name).write_text(text)
-    target = root / "site"
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
-        + ["--target", str(target), str(project)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    return project, target
+    files = readme_how_to("Add a context type", {"test_crm.py", "pyproject.toml", "ordo_crm.py"})
+    return pip_install_how_to(tmp_path_factory.mktemp("how-to"), "ordo-crm", files)
 
 
 @pytest.fixture
 def crm(crm_pip_installed, monkeypatch) -> Path:
     """The installed package on sys.path for one test, forgotten afterwards; the project's directory."""
     project, target = crm_pip_installed
-    monkeypatch.syspath_prepend(str(target))
-    importlib.invalidate_caches()
-    yield project
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", None) or "").startswith(str(project.parent)):
-            del sys.modules[name]
-    importlib.invalidate_caches()
+    with importable(project, target, monkeypatch):
+        yield project
 
 
 def test_the_how_to_s_own_test_passes(crm, monkeypatch):

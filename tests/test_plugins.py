@@ -18,14 +18,13 @@ import configparser
 import importlib
 import ipaddress
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import orjson
 import pytest
-from harness import NO_PROBLEMS, Harness
+from harness import NO_PROBLEMS, Harness, importable, pip_install_how_to, readme_how_to
 
 from actions import plugins
 from actions.contract import ActionContext, invoke
@@ -311,55 +310,19 @@ def test_an_external_action_worker_serves_an_installed_plug_in_by_name(site):
 # -- README's how-to, literally -------------------------------------------------------
 
 
-def how_to_files() -> dict[str, str]:
-    """The files of README's "Add an action": each a code block after a line that starts with its `name`."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Add an action\n", 1)[1].split("\n## ", 1)[0]
-    files = dict(re.findall(r"^`([\w.]+)`,[^`]*?:\n\n```\w+\n(.*?)^```", section, re.MULTILINE | re.DOTALL))
-    assert set(files) == {"ordo_greet.py", "test_greet.py", "pyproject.toml"}, files
-    return files
-
-
 @pytest.fixture(scope="module")
 def greet_pip_installed(tmp_path_factory) -> tuple[Path, Path]:
     """The how-to's package, written as the README has it, and the directory `pip install` put it in."""
-    root = tmp_path_factory.mktemp("how-to")
-    project = root / "ordo-greet"
-    project.mkdir()
-    for name, text in how_to_files().items():
-        (project / name).write_text(text)
-    target = root / "site"
-    pip = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(project),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    return project, target
+    files = readme_how_to("Add an action", {"ordo_greet.py", "test_greet.py", "pyproject.toml"})
+    return pip_install_how_to(tmp_path_factory.mktemp("how-to"), "ordo-greet", files)
 
 
 @pytest.fixture
 def greet(greet_pip_installed, monkeypatch) -> Path:
     """The installed package on sys.path for one test, forgotten afterwards; the project's directory."""
     project, target = greet_pip_installed
-    monkeypatch.syspath_prepend(str(target))
-    yield project
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", None) or "").startswith(str(project.parent)):
-            del sys.modules[name]
-    importlib.invalidate_caches()
+    with importable(project, target, monkeypatch):
+        yield project
 
 
 def test_the_how_to_s_own_test_passes(greet, monkeypatch):
