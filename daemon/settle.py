@@ -317,7 +317,11 @@ class Settlement:
         accepted = result.accepted
         letters = [(u.token, d) for u in result.units for d in u.dead_letters]
         letters += [
-            (u.token, d) for u in result.units for c in u.changes if c.execution_id in accepted for d in c.letters
+            (u.token, d)
+            for u in result.units
+            for c in u.changes
+            if c.execution_id in accepted and not c.duplicate
+            for d in c.letters
         ]
         if letters:
             await self._publish_dead_letters(letters)

@@ -126,13 +126,13 @@ WITH inserted AS (
     WHERE e.execution_id = s.execution_id AND e.seq = s.prev_seq
     RETURNING e.execution_id
 ), accepted AS (
-    SELECT execution_id FROM inserted UNION ALL SELECT execution_id FROM updated
+    SELECT execution_id, true AS enrolled FROM inserted UNION ALL SELECT execution_id, false FROM updated
 ), appended AS (
     INSERT INTO ordo.history
     SELECT h.* FROM stage_history h JOIN accepted a USING (execution_id)
     ON CONFLICT DO NOTHING
 )
-SELECT execution_id::text FROM accepted
+SELECT execution_id::text, enrolled FROM accepted
 """
 )
 
@@ -239,7 +239,9 @@ class ExecutionChange:
     after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: The trigger's `ts` (epoch ms) when this change ends the execution: end-to-end latency.
     trigger_ts_ms: float | None = None
-    #: Set by the batcher when an earlier unit of the same batch enrols the same execution.
+    #: Set by the batcher on an enrolment that does not enrol: an earlier unit of the same batch
+    #: enrols the same execution, or the merge finds it enrolled already (its id may be accepted
+    #: all the same, for an update of it in the same batch).
     duplicate: bool = False
     #: The in-memory record this change was computed on (ledger.executions.ExecutionRecord),
     #: for a worker that keeps it for the execution's next message once the change commits.
@@ -584,8 +586,8 @@ class LedgerBatcher:
             for change in unit.changes:
                 if change.is_new:
                     # Two deliveries of one trigger in one batch: the first one enrols.
-                    if change.execution_id in enrolled:
-                        change.duplicate = True
+                    change.duplicate = change.execution_id in enrolled
+                    if change.duplicate:
                         continue
                     enrolled.add(change.execution_id)
                     new.append(change)
@@ -624,8 +626,17 @@ class LedgerBatcher:
                     await conn.copy_records_to_table(
                         "stage_history", records=[h for c in merged for h in c.history], columns=HISTORY_COLUMNS
                     )
-                    accepted.update(r[0] for r in await conn.fetch(_MERGE))
-                    await self._apply_effects(conn, [c for c in merged if c.execution_id in accepted])
+                    rows = await conn.fetch(_MERGE)
+                    accepted.update(r[0] for r in rows)
+                    # An enrolment the merge did not insert is a duplicate, even when its execution
+                    # is accepted: an update of it in this batch (a signal, a result) was.
+                    inserted = {r[0] for r in rows if r[1]}
+                    for change in merged:
+                        if change.is_new:
+                            change.duplicate = change.execution_id not in inserted
+                    await self._apply_effects(
+                        conn, [c for c in merged if c.execution_id in accepted and not c.duplicate]
+                    )
                 if letters:
                     await _insert_letters(conn, letters)
                 if stale:

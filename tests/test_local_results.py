@@ -10,6 +10,7 @@ check the ledger.
 import asyncio
 import time
 
+import orjson
 from harness import NO_PROBLEMS, Harness, worker_metric
 
 from bench.generator import trigger_event
@@ -171,6 +172,62 @@ async def test_signals_sent_while_actions_run_locally_are_applied_in_order_and_o
             during += sum(1 for r in rows if r["kind"] == "signal" and r["step_id"].startswith("a"))
         assert during > 0, "no note arrived while an action ran: the test did not test the interleaving"
         assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_trigger_delivered_again_in_the_commit_that_ends_its_execution_starts_nothing(
+    nats_server_url, pg_dsn, prefix, target
+):
+    """A trigger comes back (its ack was lost, or it was published again past the duplicate
+    window) and commits in the same batch as the signal that ends its execution. The merge
+    refuses the enrolment (the execution exists) and accepts the signal's update: the
+    enrolment is a duplicate all the same. Its first call must not run again, its deadline
+    timer must not be written over the execution's, and nothing may come back for the ended
+    execution (that was an `execution_closed` dead letter: the call's result, applied on the
+    duplicate's state kept in memory, was refused as stale and applied again on the ended one)."""
+    workflow = {
+        "id": "once-more",
+        "tenant": "acme",
+        "trigger": {"event": "once.go"},
+        "steps": [
+            {"id": "a1", "type": "action", "action": "webhook", "timeout": "30s", "input": {"url": target.url("a1")}},
+            {"id": "finish", "type": "wait_for_signal", "signal": "finish"},
+            {"id": "done", "type": "set", "values": {"ok": True}},
+        ],
+    }
+    async with Harness(nats_server_url, pg_dsn, prefix, webhook_allow="127.0.0.0/8") as h:
+        await h.deploy(workflow)
+        event = trigger_event("again", 0, tenant="acme", event_type="once.go")
+        execution_id = h.execution_id("acme", "once-more", event["event_id"])
+        deduplicated_before = metrics.deduplicated._value.get()
+        # Each batch waits 300 ms for company: the trigger and the signal below commit together.
+        async with h.worker(batch_max_ms=300.0) as worker:
+            await h.publish_triggers([event])
+            await h.wait_until(
+                "SELECT waiting FROM ordo.executions WHERE execution_id = $1::uuid", execution_id, expect="finish"
+            )
+            subject = h.topology.trigger_subject("acme", "once.go")
+            await h.publish_raw(subject, orjson.dumps(event), msg_id=f"{event['event_id']}-again")
+            await h.signal(execution_id, "finish", signal_id="finish")
+            await h.wait_until(
+                "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id, expect="completed"
+            )
+            await h.wait_triggers_drained()
+            # Whatever the commit started (a call, its result) has run and settled.
+            await _condition(lambda: worker.effects.pending == 0 and worker.window.in_flight == 0, "a quiet worker")
+        assert len(target.named("a1")) == 1
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.timers WHERE execution_id = $1::uuid", execution_id) == 0
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
+        assert metrics.deduplicated._value.get() - deduplicated_before == 1
+        assert await _kinds(h, execution_id) == [
+            ("", "started"),
+            ("a1", "action_requested"),
+            ("a1", "action_completed"),
+            ("finish", "waiting"),
+            ("finish", "signal"),
+            ("done", "set"),
+            ("", "completed"),
+        ]
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
