@@ -4,10 +4,18 @@ Every stored version is compiled once; a version that fails to compile is kept
 as an entry with its error, so that triggers and executions that need it are
 dead-lettered with that error instead of blocking anything else. A workflow
 about a context type that is not registered is such a version.
+
+New executions of a workflow run its latest version, unless a rollout
+(ledger/rollouts.py) says otherwise: while one is in progress, each new
+execution runs the candidate when its cohort (a stable hash of its id, 0 to
+9,999) is below the candidate's share, the baseline otherwise; after a
+rollback or an abort the baseline keeps them all, until a version newer than
+both is deployed.
 """
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hotpath import Program
 from hotpath.context_types import CONTACT, ContextType
@@ -31,6 +39,30 @@ class WorkflowEntry:
     step_actions: dict | None = None
     #: The context type its executions are about: it enrols only triggers about that type.
     subject_type: str = CONTACT
+    #: Set on the entry that stands for a workflow under rollout: which version a new execution runs.
+    split: "Split | None" = None
+
+
+def cohort(execution_id: str) -> int:
+    """The execution's place among new executions, 0 to 9,999: a stable hash of its id.
+
+    Its version under a rollout depends on it and the stage alone, so every worker, before and after a
+    restart, chooses the same one; and an execution on the candidate at one stage stays on it at the next.
+    """
+    return int.from_bytes(hashlib.blake2b(execution_id.encode(), digest_size=8).digest(), "big") % 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A workflow under rollout: the candidate's share of new executions (basis points) and both versions."""
+
+    rollout_id: int
+    share: int
+    baseline: WorkflowEntry
+    candidate: WorkflowEntry
+
+    def choose(self, execution_id: str) -> WorkflowEntry:
+        return self.candidate if cohort(execution_id) < self.share else self.baseline
 
 
 def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
@@ -74,8 +106,11 @@ class WorkflowRegistry:
         self._by_trigger: dict = {}
         self._tenants: set = set()
         self._awaited: frozenset = frozenset()
+        self._latest: dict = {}
+        #: (tenant, workflow_id) -> its most recent rollout (ledger.rollouts.latest_per_workflow).
+        self._rollouts: dict = {}
 
-    def load(self, definitions: list[dict], tenants: set[str]) -> None:
+    def load(self, definitions: list[dict], tenants: set[str], rollouts=None) -> None:
         versions, latest = {}, {}
         for definition in definitions:
             key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
@@ -84,10 +119,10 @@ class WorkflowRegistry:
             current = latest.get(key[:2])
             if current is None or entry.version > current.version:
                 latest[key[:2]] = entry
-        by_trigger: dict = {}
-        for entry in latest.values():
-            by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
-        self._versions, self._by_trigger, self._tenants = versions, by_trigger, set(tenants)
+        self._versions, self._latest, self._tenants = versions, latest, set(tenants)
+        if rollouts is not None:
+            self._rollouts = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
+        self._route()
         self._awaited = frozenset(
             (definition.get("tenant"), step.get("event"))
             for definition in definitions
@@ -95,6 +130,37 @@ class WorkflowRegistry:
             for step in definition["steps"]
             if isinstance(step, dict) and step.get("type") == "wait_for_event"
         )
+
+    def set_rollouts(self, rollouts) -> None:
+        """Take the rollouts' current state (each workflow's most recent rollout) for new executions."""
+        self._rollouts = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
+        self._route()
+
+    def _route(self) -> None:
+        by_trigger: dict = {}
+        for key, entry in self._latest.items():
+            entry = self._serving(entry, self._rollouts.get(key))
+            by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
+        self._by_trigger = by_trigger
+
+    def _serving(self, latest: WorkflowEntry, rollout) -> WorkflowEntry:
+        """What new executions of the workflow whose latest version is `latest` run, given its last rollout."""
+        if rollout is None or latest.version > max(rollout["from_version"], rollout["to_version"]):
+            return latest  # no rollout, or a version deployed after it: the latest runs, as after any deploy
+        baseline = self.version(latest.tenant, latest.workflow_id, rollout["from_version"])
+        candidate = self.version(latest.tenant, latest.workflow_id, rollout["to_version"])
+        if rollout["state"] == "completed" and candidate is not None:
+            return candidate
+        if baseline is None:
+            return latest
+        if rollout["state"] not in ("running", "paused") or candidate is None or rollout["share"] <= 0:
+            return baseline
+        # A copy: the entry kept by version must not carry the split.
+        return replace(baseline, split=Split(rollout["rollout_id"], rollout["share"], baseline, candidate))
+
+    def rollouts(self) -> list:
+        """Each workflow's most recent rollout, as last read from the ledger."""
+        return list(self._rollouts.values())
 
     def knows_tenant(self, tenant: str) -> bool:
         return tenant in self._tenants
@@ -108,7 +174,10 @@ class WorkflowRegistry:
         return (tenant, event_type) in self._awaited
 
     def candidates(self, tenant: str, event_type: str) -> list[WorkflowEntry]:
-        """The latest version of each of the tenant's workflows triggered by this event type."""
+        """The version new executions run of each of the tenant's workflows triggered by this event type.
+
+        An entry with a `split` stands for a workflow under rollout: `split.choose(execution_id)` is the version.
+        """
         return self._by_trigger.get((tenant, event_type), ())
 
     def version(self, tenant: str, workflow_id: str, version: int) -> WorkflowEntry | None:

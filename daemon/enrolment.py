@@ -19,6 +19,10 @@ registered (`unknown_subject_type`) or fails its type's schema
 (`invalid_subject`); only triggers that some workflow is triggered by are
 checked so.
 
+A workflow under rollout (daemon/definitions.py) enrols each new execution
+into the version its id and the rollout's stage choose; the execution keeps
+that version (`workflow_version`) to its end.
+
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
 """
@@ -172,6 +176,9 @@ def enrol(
         return unit
     matched = False
     for entry in candidates:
+        split = entry.split
+        if split is not None:  # under rollout: the execution's id decides its version
+            entry = split.choose(execution_id_for(tenant, entry.workflow_id, event["event_id"]))
         if entry.subject_type != subject_type:
             continue
         if entry.program is None:
@@ -218,6 +225,8 @@ def enrol(
             continue
         effects = take_effects(state)
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
+        if split is not None:
+            metrics.rollout_started(entry.tenant, entry.workflow_id, entry.version).inc()
     if not matched and not unit.dead_letters:
         metrics.triggers_unmatched.inc()
     return unit

@@ -122,6 +122,8 @@ LEDGER_TABLES = {
     "event_waits",
     "workers",
     "schema_migrations",
+    "rollouts",
+    "rollout_transitions",
 }
 
 
