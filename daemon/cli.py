@@ -470,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-failure-rate", default="0.01", help="start: how much higher than the baseline's (default 0.01, or off)"
     )
     p.add_argument("--max-p99-ms", default=None, help="start: how much slower the p99 action step (default off)")
+    p.add_argument(
+        "--shadow", default="0", metavar="PERCENT", help="start: run the candidate in shadow beside this share"
+    )
+    p.add_argument("--max-divergence-rate", default=None, help="start: of shadow runs that diverge (default off)")
     p.add_argument("--reason", help="pause, resume, abort: why (logged with the change)")
     p.add_argument("--json", action="store_true", help="status: as JSON")
     p.set_defaults(func=cmd_rollout)

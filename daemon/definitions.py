@@ -10,7 +10,9 @@ New executions of a workflow run its latest version, unless a rollout
 execution runs the candidate when its cohort (a stable hash of its id, 0 to
 9,999) is below the candidate's share, the baseline otherwise; after a
 rollback or an abort the baseline keeps them all, until a version newer than
-both is deployed.
+both is deployed. A rollout with a shadow share also has the candidate run
+beside the primary, its effects dropped, for the executions on the baseline
+whose cohort is in the top `shadow_share` (daemon/rollout_shadow.py).
 """
 
 import hashlib
@@ -23,6 +25,7 @@ from hotpath.definition import DefinitionError, validate
 
 from . import context_types as registered_context_types
 from . import logs
+from .rollout_shadow import ShadowResults, bounded
 
 log = logging.getLogger("ordo.definitions")
 
@@ -54,15 +57,26 @@ def cohort(execution_id: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """A workflow under rollout: the candidate's share of new executions (basis points) and both versions."""
+    """A workflow under rollout: the candidate's share of new executions (basis points) and both versions.
+
+    The executions on the baseline whose cohort is in the top `shadow_share` also run the candidate in
+    shadow (`shadow_program`, bounded as the baseline is), its results going to `shadow_results`.
+    """
 
     rollout_id: int
     share: int
     baseline: WorkflowEntry
     candidate: WorkflowEntry
+    shadow_share: int = 0
+    shadow_program: Program | None = None
+    shadow_results: ShadowResults | None = None
 
-    def choose(self, execution_id: str) -> WorkflowEntry:
-        return self.candidate if cohort(execution_id) < self.share else self.baseline
+    def choose(self, execution_id: str) -> tuple[WorkflowEntry, bool]:
+        """The version the new execution runs, and whether the candidate runs beside it in shadow."""
+        place = cohort(execution_id)
+        if place < self.share:
+            return self.candidate, False
+        return self.baseline, place >= 10_000 - self.shadow_share and self.shadow_program is not None
 
 
 def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
@@ -109,6 +123,10 @@ class WorkflowRegistry:
         self._latest: dict = {}
         #: (tenant, workflow_id) -> its most recent rollout (ledger.rollouts.latest_per_workflow).
         self._rollouts: dict = {}
+        self._definitions: dict = {}
+        self._shadow_programs: dict = {}
+        #: What shadow runs found, for the rollout controller to write to the ledger.
+        self.shadow_results = ShadowResults()
 
     def load(self, definitions: list[dict], tenants: set[str], rollouts=None) -> None:
         versions, latest = {}, {}
@@ -120,6 +138,9 @@ class WorkflowRegistry:
             if current is None or entry.version > current.version:
                 latest[key[:2]] = entry
         self._versions, self._latest, self._tenants = versions, latest, set(tenants)
+        self._definitions = {
+            (d.get("tenant"), d.get("id"), d.get("version")): d for d in definitions if isinstance(d, dict)
+        }
         if rollouts is not None:
             self._rollouts = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
         self._route()
@@ -153,10 +174,35 @@ class WorkflowRegistry:
             return candidate
         if baseline is None:
             return latest
-        if rollout["state"] not in ("running", "paused") or candidate is None or rollout["share"] <= 0:
+        in_progress = rollout["state"] in ("running", "paused") and candidate is not None
+        shadow_share = rollout["shadow_share"] if candidate is not None and candidate.program is not None else 0
+        if not in_progress or (rollout["share"] <= 0 and shadow_share <= 0):
             return baseline
+        split = Split(
+            rollout["rollout_id"],
+            rollout["share"],
+            baseline,
+            candidate,
+            shadow_share,
+            self._shadow_program(candidate, baseline) if shadow_share > 0 else None,
+            self.shadow_results,
+        )
         # A copy: the entry kept by version must not carry the split.
-        return replace(baseline, split=Split(rollout["rollout_id"], rollout["share"], baseline, candidate))
+        return replace(baseline, split=split)
+
+    def _shadow_program(self, candidate: WorkflowEntry, baseline: WorkflowEntry) -> Program | None:
+        """The candidate's program for shadow runs, bounded by the baseline's max_steps; compiled once."""
+        if baseline.program is None:
+            return None
+        key = (candidate.tenant, candidate.workflow_id, candidate.version, baseline.program.max_steps)
+        if key not in self._shadow_programs:
+            definition = self._definitions.get(key[:3])
+            try:
+                program = None if definition is None else bounded(definition, baseline.program.max_steps)
+            except (DefinitionError, ValueError, TypeError, KeyError):
+                program = None
+            self._shadow_programs[key] = program
+        return self._shadow_programs[key]
 
     def rollouts(self) -> list:
         """Each workflow's most recent rollout, as last read from the ledger."""

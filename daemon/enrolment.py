@@ -21,7 +21,8 @@ checked so.
 
 A workflow under rollout (daemon/definitions.py) enrols each new execution
 into the version its id and the rollout's stage choose; the execution keeps
-that version (`workflow_version`) to its end.
+that version (`workflow_version`) to its end; a share of those on the
+baseline also run the candidate beside, in shadow (daemon/rollout_shadow.py).
 
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
@@ -42,6 +43,7 @@ from ledger.executions import ExecutionRecord, take_effects
 
 from . import logs, metrics
 from .config import Config
+from .rollout_shadow import dual_run
 from .topology import Topology, execution_id_for, partition_of
 
 log = logging.getLogger("ordo.enrolment")
@@ -176,9 +178,9 @@ def enrol(
         return unit
     matched = False
     for entry in candidates:
-        split = entry.split
-        if split is not None:  # under rollout: the execution's id decides its version
-            entry = split.choose(execution_id_for(tenant, entry.workflow_id, event["event_id"]))
+        split, shadowed = entry.split, False
+        if split is not None:  # under rollout: the execution's id decides its version (and its shadow)
+            entry, shadowed = split.choose(execution_id_for(tenant, entry.workflow_id, event["event_id"]))
         if entry.subject_type != subject_type:
             continue
         if entry.program is None:
@@ -227,6 +229,12 @@ def enrol(
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
         if split is not None:
             metrics.rollout_started(entry.tenant, entry.workflow_id, entry.version).inc()
+            if shadowed:
+                split.shadow_results.add(
+                    dual_run(
+                        split.rollout_id, split.shadow_program, execution_id, event, transitions, state.status, now_ms
+                    )
+                )
     if not matched and not unit.dead_letters:
         metrics.triggers_unmatched.inc()
     return unit

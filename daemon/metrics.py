@@ -167,6 +167,12 @@ rollout_rolled_back = Gauge(
     "1 while the workflow's last rollout is rolled back automatically (an alert: see `ordo rollout status`).",
     ["workflow"],
 )
+shadow_runs = Counter(
+    "ordo_shadow_runs_total",
+    "Shadow runs of rollout candidates beside new executions, by outcome at enrolment (identical, diverged, "
+    "error, pending: the same so far, replayed once the execution ends) or dropped (the buffer was full).",
+    ["outcome"],
+)
 rollout_decisions = Counter(
     "ordo_rollout_decisions_total",
     "Rollout changes made by this worker's controller, by action (advanced, completed, rolled_back).",

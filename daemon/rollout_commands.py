@@ -35,6 +35,14 @@ def parse_stages(text: str) -> tuple[int, ...]:
     return shares
 
 
+def parse_share(option: str, text: str) -> int:
+    """'10' (percent) -> basis points."""
+    try:
+        return round(float(text) * 100)
+    except ValueError:
+        raise RolloutRefused(f"{option} {text!r}: expected a percentage, e.g. 10") from None
+
+
 def parse_dwell(text: str) -> float:
     """'60s', '5m', '1h' or a number of seconds -> seconds."""
     try:
@@ -75,7 +83,9 @@ def plan_of(args, definition: dict[str, Any] | None) -> Plan:
         thresholds=Thresholds(
             max_failure_rate=parse_limit("--max-failure-rate", args.max_failure_rate),
             max_p99_ms=parse_limit("--max-p99-ms", args.max_p99_ms),
+            max_divergence_rate=parse_limit("--max-divergence-rate", args.max_divergence_rate),
         ),
+        shadow_share=parse_share("--shadow", args.shadow),
         definition=definition,
     )
 
@@ -87,9 +97,10 @@ def percent(share: int) -> str:
 def describe(row) -> str:
     """One line: the rollout, its versions, state and share."""
     stages = " -> ".join(percent(s) for s in row["stages"])
+    shadow = f", shadow {percent(row['shadow_share'])}" if row["shadow_share"] else ""
     return (
         f"rollout {row['rollout_id']}  {row['tenant']}/{row['workflow_id']}  v{row['from_version']} -> "
-        f"v{row['to_version']}  {row['state']}  candidate share {percent(row['share'])}  (stages {stages})"
+        f"v{row['to_version']}  {row['state']}  candidate share {percent(row['share'])}{shadow}  (stages {stages})"
     )
 
 
@@ -104,6 +115,8 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
         versions = (row["from_version"], row["to_version"])
         counts = await rollouts.stage_counts(conn, row["tenant"], row["workflow_id"], versions, row["stage_started_at"])
         p99 = await rollouts.step_p99_ms(conn, row["tenant"], row["workflow_id"], versions, row["stage_started_at"])
+        shadow = await rollouts.shadow_counts(conn, row["rollout_id"], row["stage_started_at"])
+        divergences = await rollouts.shadow_divergences(conn, row["rollout_id"], 10)
         docs.append(
             {
                 "rollout": {
@@ -114,6 +127,19 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
                     str(v): dict(counts[v]) | {"p99_step_ms": p99.get(v)} if v in counts else {"started": 0}
                     for v in versions
                 },
+                "shadow": shadow,
+                "divergences": [
+                    {
+                        "execution_id": d["execution_id"],
+                        "outcome": d["outcome"],
+                        "seq": d["seq"],
+                        "step": d["step_id"],
+                        "primary": orjson.loads(d["primary_decision"]) if d["primary_decision"] else None,
+                        "candidate": orjson.loads(d["candidate_decision"]) if d["candidate_decision"] else None,
+                        "error": d["error"],
+                    }
+                    for d in divergences
+                ],
                 "transitions": [
                     {
                         "seq": t["seq"],
@@ -137,7 +163,8 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
         lines.append(
             f"  stage {row['stage'] + 1} of {len(row['stages'])} for {row['dwelt_s']:.0f} s "
             f"(min dwell {row['min_dwell_s']:g} s, min sample {row['min_sample']}); thresholds: failure rate "
-            f"+{_or_off(row['max_failure_rate'])}, p99 step latency +{_or_off(row['max_p99_ms'], ' ms')}"
+            f"+{_or_off(row['max_failure_rate'])}, p99 step latency +{_or_off(row['max_p99_ms'], ' ms')}, "
+            f"divergence rate {_or_off(row['max_divergence_rate'])}"
         )
         for version in (row["from_version"], row["to_version"]):
             stage = doc["stage"][str(version)]
@@ -147,6 +174,20 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
                 f"  {role} v{version}: started {stage['started']}, completed {stage.get('completed', 0)}, "
                 f"failed {stage.get('failed', 0)}" + (f", p99 step {p99:.1f} ms" if p99 is not None else "")
             )
+        if row["shadow_share"]:
+            shadow = doc["shadow"]
+            lines.append(
+                "  shadow runs this stage: "
+                + ", ".join(f"{shadow.get(k, 0)} {k}" for k in ("identical", "diverged", "error", "pending"))
+            )
+        for d in doc["divergences"]:
+            if d["outcome"] == "error":
+                lines.append(f"  shadow error  {d['execution_id']}: {d['error']}")
+            else:
+                lines.append(
+                    f"  diverged  {d['execution_id']} at seq {d['seq']} ({d['step'] or '-'}): primary "
+                    f"{_decision(d['primary'])}, candidate {_decision(d['candidate'])}"
+                )
         for t in doc["transitions"]:
             lines.append(
                 f"  {t['seq']:>3}  {t['at']}  {t['action']:<11} {percent(t['share_before'])} -> "
@@ -156,6 +197,13 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
             if failed:
                 lines.append(f"       failed executions: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
     return 0, "\n".join(lines)
+
+
+def _decision(decision: dict | None) -> str:
+    if decision is None:
+        return "(nothing)"
+    detail = decision.get("detail")
+    return f"{decision.get('kind')}" + ("" if detail is None else " " + orjson.dumps(detail).decode())
 
 
 def _or_off(value, unit: str = "") -> str:

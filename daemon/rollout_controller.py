@@ -15,24 +15,35 @@ over the executions started in the current stage, read from the ledger:
   a p99 action step latency worse than the baseline's by more than the
   rollout's threshold rolls it back to 0% at once (paused or not), recording
   the metric, both values, the threshold and the failed executions;
+- once `min_sample` shadow runs have an outcome, a divergence rate (diverged
+  or failed shadow runs) above the threshold does the same;
 - once the stage has also lasted `min_dwell_s` (and the rollout is not
-  paused), it advances to the next stage; reaching 100% completes it.
+  paused), it advances to the next stage; reaching 100% completes it. The
+  sample of a 0% stage (shadow only) is its shadow runs.
+
+Each round also writes the worker's shadow runs to the ledger, and replays
+the pending ones whose execution has ended through the candidate.
 """
 
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ledger import rollouts
 
 from . import logs, metrics
 from .definitions import WorkflowRegistry
+from .replay import replay
+from .rollout_shadow import from_replay
 
 log = logging.getLogger("ordo.rollouts")
 
 #: Seconds between two reads of the rollouts by a worker (a NOTIFY makes one at once).
 WATCH_INTERVAL_S = 1.0
+#: Pending shadow runs replayed per rollout per round, at most.
+REPLAYS_PER_ROUND = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,18 +67,50 @@ def _rates(counts) -> dict[str, Any]:
     }
 
 
-def judge(rollout, counts: dict, p99_ms: dict[int, float]) -> Verdict | None:
+def judge(rollout, counts: dict, p99_ms: dict[int, float], shadow: dict[str, int] | None = None) -> Verdict | None:
     """What to do with a rollout in progress given its stage's numbers; None: wait for more.
 
-    `counts` and `p99_ms` are by version (ledger.rollouts.stage_counts, step_p99_ms); `rollout` has
-    `dwelt_s`, the seconds its stage has lasted.
+    `counts` and `p99_ms` are by version (ledger.rollouts.stage_counts, step_p99_ms), `shadow` the stage's
+    shadow runs by outcome (ledger.rollouts.shadow_counts); `rollout` has `dwelt_s`, the seconds its
+    stage has lasted.
     """
     candidate, baseline = _rates(counts.get(rollout["to_version"])), _rates(counts.get(rollout["from_version"]))
     for values, version in ((candidate, rollout["to_version"]), (baseline, rollout["from_version"])):
         values["version"] = version
         values["p99_step_ms"] = p99_ms.get(version)
+    shadow = shadow or {}
+    diverged = shadow.get("diverged", 0) + shadow.get("error", 0)
+    compared = diverged + shadow.get("identical", 0)
+    shadowed = {
+        "compared": compared,
+        "diverged": diverged,
+        "pending": shadow.get("pending", 0),
+        "divergence_rate": diverged / compared if compared else 0.0,
+    }
     sample = candidate["completed"] + candidate["failed"]
-    numbers = {"candidate": candidate, "baseline": baseline, "sample": sample, "dwelt_s": round(rollout["dwelt_s"], 3)}
+    numbers = {
+        "candidate": candidate,
+        "baseline": baseline,
+        "shadow": shadowed,
+        "sample": sample,
+        "dwelt_s": round(rollout["dwelt_s"], 3),
+    }
+    limit = rollout["max_divergence_rate"]
+    if limit is not None and compared >= rollout["min_sample"] and shadowed["divergence_rate"] > limit:
+        return Verdict(
+            "rolled_back",
+            f"divergence rate {shadowed['divergence_rate']:.2%} in shadow ({diverged} of {compared} runs; "
+            f"at most {limit:.2%})",
+            dict(numbers, metric="divergence_rate", threshold=limit),
+        )
+    if rollout["share"] == 0:  # shadow only: its runs are the sample
+        if compared < rollout["min_sample"] or rollout["state"] != "running":
+            return None
+        if rollout["dwelt_s"] < rollout["min_dwell_s"]:
+            return None
+        return Verdict(
+            "advanced", f"{compared} shadow runs over {rollout['dwelt_s']:.0f} s within the thresholds", numbers
+        )
     if sample < rollout["min_sample"]:
         return None
     limit = rollout["max_failure_rate"]
@@ -111,6 +154,9 @@ class RolloutController:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                runs = self.registry.shadow_results.take()
+                if runs:
+                    await self._on_pool(partial(rollouts.record_shadow_runs, runs=runs), "shadow runs")
                 await self._on_pool(self.judge_round, "rollouts")
                 await self._on_pool(self.refresh, "rollouts")
             except Exception as exc:  # a failed round must not stop the worker: the next one tries again
@@ -136,15 +182,29 @@ class RolloutController:
             for rollout in await rollouts.judged_for_update(conn):
                 await self._judge_one(conn, rollout)
 
+    async def _replay_pending(self, conn, rollout) -> None:
+        """Replay through the candidate the whole history of shadowed executions that have ended since."""
+        for execution_id in await rollouts.pending_shadow_runs(conn, rollout["rollout_id"], REPLAYS_PER_ROUND):
+            result = await replay(conn, execution_id, rollout["to_version"])
+            await rollouts.settle_shadow_run(conn, from_replay(rollout["rollout_id"], execution_id, result))
+
     async def _judge_one(self, conn, rollout) -> None:
         args = (rollout["tenant"], rollout["workflow_id"])
         versions, since = (rollout["from_version"], rollout["to_version"]), rollout["stage_started_at"]
         counts = await rollouts.stage_counts(conn, *args, versions, since)
         p99 = await rollouts.step_p99_ms(conn, *args, versions, since) if rollout["max_p99_ms"] is not None else {}
-        verdict = judge(rollout, counts, p99)
+        shadow = None
+        if rollout["shadow_share"] > 0:
+            await self._replay_pending(conn, rollout)
+            shadow = await rollouts.shadow_counts(conn, rollout["rollout_id"], since)
+        verdict = judge(rollout, counts, p99, shadow)
         if verdict is None:
             return
-        if verdict.action == "rolled_back":
+        if verdict.detail.get("metric") == "divergence_rate":
+            verdict.detail["diverged_executions"] = [
+                r["execution_id"] for r in await rollouts.shadow_divergences(conn, rollout["rollout_id"], 100)
+            ]
+        elif verdict.action == "rolled_back":
             failed = await rollouts.failed_executions(conn, *args, rollout["to_version"], since)
             verdict.detail["failed_executions"] = failed
         await rollouts.move(conn, rollout, verdict.action, verdict.reason, verdict.detail)

@@ -58,6 +58,8 @@ class Plan:
     min_dwell_s: float = 60.0
     min_sample: int = 100
     thresholds: Thresholds = Thresholds()
+    #: The share of new executions on the baseline that the candidate runs beside in shadow (basis points).
+    shadow_share: int = 0
     #: A definition to deploy as the candidate, in the same transaction (instead of to_version).
     definition: dict[str, Any] | None = None
 
@@ -75,7 +77,7 @@ async def start(
     triggered by another event or about another subject type than its baseline, and a workflow
     that has a rollout in progress already.
     """
-    _check_stages(plan.stages)
+    _check_stages(plan.stages, plan.shadow_share)
     if plan.min_sample < 1 or plan.min_dwell_s < 0:
         raise RolloutRefused("the minimum sample must be at least 1 and the minimum dwell not negative")
     async with conn.transaction():
@@ -139,8 +141,8 @@ async def start(
         row = await conn.fetchrow(
             """
             INSERT INTO ordo.rollouts (tenant, workflow_id, from_version, to_version, stages, share, min_dwell_s,
-                min_sample, max_failure_rate, max_p99_ms, max_divergence_rate, state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'running')
+                min_sample, max_failure_rate, max_p99_ms, max_divergence_rate, shadow_share, state)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'running')
             RETURNING *
             """,
             tenant,
@@ -154,6 +156,7 @@ async def start(
             thresholds.max_failure_rate,
             thresholds.max_p99_ms,
             thresholds.max_divergence_rate,
+            plan.shadow_share,
         )
         assert row is not None
         await _log(conn, row["rollout_id"], "started", 0, plan.stages[0], actor, "started", None)
@@ -258,9 +261,13 @@ async def _log(
     await conn.execute(f"NOTIFY {ROLLOUT_CHANNEL}")
 
 
-def _check_stages(stages: Sequence[int]) -> None:
-    if not stages or any(not 0 < s <= ALL for s in stages):
-        raise RolloutRefused("stages must be shares above 0% and at most 100%")
+def _check_stages(stages: Sequence[int], shadow_share: int) -> None:
+    if not 0 <= shadow_share <= ALL:
+        raise RolloutRefused("the shadow share must be from 0% to 100%")
+    if stages and stages[0] == 0 and shadow_share == 0:
+        raise RolloutRefused("a first stage of 0% needs a shadow share: with none, nothing would be judged")
+    if not stages or any(not 0 < s <= ALL for s in stages[1:]) or not 0 <= stages[0] <= ALL:
+        raise RolloutRefused("stages must be shares above 0% (the first may be 0% with a shadow) and at most 100%")
     if any(a >= b for a, b in zip(stages, stages[1:], strict=False)):
         raise RolloutRefused("stages must be ascending")
     if stages[-1] != ALL:
@@ -312,10 +319,12 @@ async def _serving_version(conn: Queryable, tenant: str, workflow_id: str, to_ve
 
 
 async def latest_per_workflow(conn: Queryable) -> list[Record]:
-    """Each workflow's most recent rollout: rollout_id, tenant, workflow_id, from_version, to_version, state, share."""
+    """Each workflow's most recent rollout: rollout_id, tenant, workflow_id, from_version, to_version, state, share,
+    shadow_share."""
     return await conn.fetch(
         """
-        SELECT DISTINCT ON (tenant, workflow_id) rollout_id, tenant, workflow_id, from_version, to_version, state, share
+        SELECT DISTINCT ON (tenant, workflow_id)
+               rollout_id, tenant, workflow_id, from_version, to_version, state, share, shadow_share
         FROM ordo.rollouts ORDER BY tenant, workflow_id, rollout_id DESC
         """
     )
@@ -406,6 +415,109 @@ async def failed_executions(
         limit,
     )
     return [r["execution_id"] for r in rows]
+
+
+# -- shadow runs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRun:
+    """How the candidate fared beside one primary execution (see migration 010's ordo.shadow_runs)."""
+
+    rollout_id: int
+    execution_id: str
+    outcome: str
+    compared: int = 0
+    seq: int | None = None
+    step_id: str | None = None
+    primary_decision: dict[str, Any] | None = None
+    candidate_decision: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def _json_or_none(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+async def record_shadow_runs(conn: Queryable, runs: Sequence[ShadowRun]) -> None:
+    """Store shadow runs; one already stored (a redelivered trigger ran it twice) is kept as it is."""
+    if not runs:
+        return
+    await conn.execute(
+        """
+        INSERT INTO ordo.shadow_runs (rollout_id, execution_id, outcome, compared, seq, step_id, primary_decision,
+            candidate_decision, error)
+        SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::int[], $6::text[], $7::jsonb[],
+            $8::jsonb[], $9::text[])
+        ON CONFLICT DO NOTHING
+        """,
+        [r.rollout_id for r in runs],
+        [r.execution_id for r in runs],
+        [r.outcome for r in runs],
+        [r.compared for r in runs],
+        [r.seq for r in runs],
+        [r.step_id for r in runs],
+        [_json_or_none(r.primary_decision) for r in runs],
+        [_json_or_none(r.candidate_decision) for r in runs],
+        [r.error for r in runs],
+    )
+
+
+async def pending_shadow_runs(conn: Queryable, rollout_id: int, limit: int) -> list[str]:
+    """Executions whose shadow run waits for them to end, and that have ended (at most `limit`)."""
+    rows = await conn.fetch(
+        """
+        SELECT s.execution_id::text FROM ordo.shadow_runs s
+        JOIN ordo.executions e ON e.execution_id = s.execution_id
+        WHERE s.rollout_id = $1 AND s.outcome = 'pending' AND e.status IN ('completed', 'failed', 'cancelled')
+        ORDER BY s.at LIMIT $2
+        """,
+        rollout_id,
+        limit,
+    )
+    return [r["execution_id"] for r in rows]
+
+
+async def settle_shadow_run(conn: Queryable, run: ShadowRun) -> None:
+    """The outcome of a pending shadow run, once the primary's whole history went through the candidate."""
+    await conn.execute(
+        """
+        UPDATE ordo.shadow_runs SET outcome = $3, compared = $4, seq = $5, step_id = $6, primary_decision = $7::jsonb,
+            candidate_decision = $8::jsonb, error = $9
+        WHERE rollout_id = $1 AND execution_id = $2::uuid AND outcome = 'pending'
+        """,
+        run.rollout_id,
+        run.execution_id,
+        run.outcome,
+        run.compared,
+        run.seq,
+        run.step_id,
+        _json_or_none(run.primary_decision),
+        _json_or_none(run.candidate_decision),
+        run.error,
+    )
+
+
+async def shadow_counts(conn: Queryable, rollout_id: int, since: datetime) -> dict[str, int]:
+    """Shadow runs of executions started since `since`, by outcome (pending, identical, diverged, error)."""
+    rows = await conn.fetch(
+        "SELECT outcome, count(*) AS n FROM ordo.shadow_runs WHERE rollout_id = $1 AND at >= $2 GROUP BY outcome",
+        rollout_id,
+        since,
+    )
+    return {r["outcome"]: r["n"] for r in rows}
+
+
+async def shadow_divergences(conn: Queryable, rollout_id: int, limit: int = 20) -> list[Record]:
+    """The rollout's shadow runs that diverged or failed, oldest first: where and how they differed."""
+    return await conn.fetch(
+        """
+        SELECT execution_id::text, outcome, seq, step_id, primary_decision::text, candidate_decision::text, error
+        FROM ordo.shadow_runs WHERE rollout_id = $1 AND outcome IN ('diverged', 'error') ORDER BY at LIMIT $2
+        """,
+        rollout_id,
+        limit,
+    )
 
 
 # -- what `ordo rollout status` reads ------------------------------------------------

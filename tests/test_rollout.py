@@ -12,14 +12,31 @@ import time
 
 import orjson
 import pytest
-from harness import NO_PROBLEMS, WELCOME, Harness, ordo
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
 from daemon.definitions import cohort
+from daemon.rollout_shadow import dual_run
 from ledger import rollouts
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
 
-#: WELCOME with one more (harmless) value: a candidate that behaves like its baseline.
+#: WELCOME with one more (harmless) value: a candidate that does what its baseline does, and a little more.
 WELCOME_V2 = dict(WELCOME, steps=[{"id": "mark", "type": "set", "values": {"revision": 2}}, *WELCOME["steps"]])
+#: WELCOME described otherwise: a candidate identical in behaviour, step for step.
+SAME_V2 = dict(WELCOME, description="the same, redeployed")
+#: A candidate that takes the other branch: German contacts get English.
+BRANCHING_V2 = dict(
+    WELCOME,
+    steps=[
+        WELCOME["steps"][0],
+        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "FR"]}, "then": "german"},
+        *WELCOME["steps"][2:],
+    ],
+)
+#: A candidate that loops until its loop guard stops it.
+LOOPING_V2 = dict(
+    WELCOME,
+    steps=[WELCOME["steps"][0], {"id": "again", "type": "goto", "target": "greet"}],
+)
 #: A candidate that fails every execution about a contact marked flaky.
 FLAKY_V2 = dict(
     WELCOME,
@@ -87,15 +104,30 @@ async def _seen_by(worker, state: str, share: int) -> None:
     raise AssertionError(f"the worker did not see the rollout {state} at {share}: {latest}")
 
 
-async def test_an_identical_candidate_goes_through_every_stage_to_100_percent(nats_server_url, pg_dsn, prefix):
+async def test_an_identical_candidate_shows_no_divergence_and_goes_through_every_stage_to_100_percent(
+    nats_server_url, pg_dsn, prefix
+):
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         assert await h.deploy(WELCOME) == 1
-        assert await h.deploy(WELCOME_V2) == 2
+        assert await h.deploy(SAME_V2) == 2
         cohorts = Cohorts(h, "same")
-        plan = Plan("welcome", 2, stages=(100, 500, 2_500, 5_000, 10_000), min_dwell_s=0, min_sample=3)
+        plan = Plan(
+            "welcome",
+            2,
+            stages=(0, 100, 500, 2_500, 5_000, 10_000),
+            min_dwell_s=0,
+            min_sample=3,
+            thresholds=Thresholds(max_failure_rate=0.01, max_divergence_rate=0.0),
+            shadow_share=1_000,
+        )
         async with h.worker() as worker:
             await rollouts.start(h.db, plan, "test")
-            shares, sent = [], []
+            # Shadow only: the top 10% of cohorts run the candidate beside the baseline.
+            await _seen_by(worker, "running", 0)
+            shadowed = cohorts.take(3, at_least=9_000)
+            await h.publish_triggers([_event(i) for i in shadowed])
+            await h.wait_until("SELECT share FROM ordo.rollouts", expect=100)
+            shares, sent = [0], [(0, [])]
             for _ in range(4):
                 r = await _rollout(h)
                 assert r["state"] == "running"
@@ -109,25 +141,32 @@ async def test_an_identical_candidate_goes_through_every_stage_to_100_percent(na
                     "SELECT state <> 'running' OR share <> $1 FROM ordo.rollouts", r["share"], expect=True
                 )
             r = await _rollout(h)
-            assert (r["state"], r["share"], shares) == ("completed", 10_000, [100, 500, 2_500, 5_000])
+            assert (r["state"], r["share"], shares) == ("completed", 10_000, [0, 100, 500, 2_500, 5_000])
             await _seen_by(worker, "completed", 10_000)
             last = cohorts.take(5)
             await h.publish_triggers([_event(i) for i in last])
-            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=29)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=32)
         versions = await _versions(h)
+        assert {versions[i] for i in shadowed} == {1}
+        outcomes = await h.db.fetch("SELECT execution_id::text, outcome FROM ordo.shadow_runs")
+        assert {r["outcome"] for r in outcomes} == {"identical"}
+        assert {h.execution_id("acme", "welcome", i) for i in shadowed} <= {r["execution_id"] for r in outcomes}
         assert {versions[i] for i in last} == {2}
         # Every execution ran the version its cohort and its stage chose.
-        for share, ids in sent:
+        for share, ids in sent[1:]:
             assert [versions[i] for i in ids] == [2, 2, 2, 1, 1, 1], (share, ids)
         logged = await rollouts.transitions(h.db, r["rollout_id"])
         assert [(t["action"], t["share_before"], t["share_after"], t["actor"]) for t in logged] == [
-            ("started", 0, 100, "test"),
+            ("started", 0, 0, "test"),
+            ("advanced", 0, 100, "controller"),
             ("advanced", 100, 500, "controller"),
             ("advanced", 500, 2_500, "controller"),
             ("advanced", 2_500, 5_000, "controller"),
             ("completed", 5_000, 10_000, "controller"),
         ]
         detail = orjson.loads(logged[1]["detail"])
+        assert detail["shadow"]["compared"] == 3 and detail["shadow"]["divergence_rate"] == 0
+        detail = orjson.loads(logged[2]["detail"])
         assert detail["candidate"]["completed"] == 3 and detail["candidate"]["failure_rate"] == 0
         assert await h.ledger_problems() == NO_PROBLEMS
 
@@ -252,3 +291,106 @@ async def test_bad_rollouts_are_refused_with_one_line_and_change_nothing(nats_se
         assert aborted.returncode == 0 and "aborted  candidate share 0%" in aborted.stdout, aborted.stderr
         logged = [(t["action"], t["reason"]) for t in await rollouts.transitions(h.db, 1)]
         assert logged == [("started", "started"), ("paused", "holiday"), ("aborted", "abort by the operator")]
+
+
+async def test_a_candidate_that_takes_another_branch_is_caught_in_shadow_before_it_takes_any_traffic(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(BRANCHING_V2)
+        plan = Plan(
+            "welcome",
+            2,
+            stages=(0, 100, 10_000),
+            min_dwell_s=0,
+            min_sample=3,
+            thresholds=Thresholds(max_divergence_rate=0.0),
+            shadow_share=10_000,
+        )
+        ids = [f"branch-{i}" for i in range(3)]
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([_event(i) for i in ids])
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back")
+        assert set((await _versions(h)).values()) == {1}
+        contexts = await h.db.fetch("SELECT status, context FROM ordo.executions")
+        assert {(r["status"], orjson.loads(r["context"])["locale"]) for r in contexts} == {("completed", "de")}
+        runs = await h.db.fetch("SELECT * FROM ordo.shadow_runs ORDER BY execution_id")
+        assert len(runs) == 3 and {r["outcome"] for r in runs} == {"diverged"}
+        run = runs[0]
+        assert run["step_id"] == "by-country"
+        assert orjson.loads(run["primary_decision"])["detail"] == {"to": "german", "taken": "then"}
+        assert orjson.loads(run["candidate_decision"])["detail"] == {"to": "english", "taken": "else"}
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (rolled["action"], detail["metric"], detail["shadow"]["divergence_rate"]) == (
+            "rolled_back",
+            "divergence_rate",
+            1.0,
+        )
+        assert sorted(detail["diverged_executions"]) == sorted(
+            r["execution_id"] for r in await h.db.fetch("SELECT execution_id::text FROM ordo.shadow_runs")
+        )
+        status = ordo("rollout", "status", "--workflow", "welcome", env_extra={"ORDO_PG_DSN": pg_dsn})
+        assert "diverged" in status.stdout and "by-country" in status.stdout, status.stdout
+
+
+async def test_a_looping_shadow_candidate_changes_nothing_of_the_primary(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(LOOPING_V2)
+        # Never judged (no threshold is crossed and the sample is never met): the shadow runs on and on.
+        plan = Plan("welcome", 2, stages=(0, 10_000), min_sample=10_000, shadow_share=10_000)
+        ids = [f"loop-{i}" for i in range(5)]
+        async with h.worker() as worker:
+            await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([_event(i) for i in ids])
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs", expect=5)
+        histories = await h.db.fetch(
+            "SELECT execution_id, array_agg(kind || ':' || step_id ORDER BY seq) AS steps FROM ordo.transitions "
+            "GROUP BY execution_id"
+        )
+        expected = ["started:", "set:greet", "branch:by-country", "set:german", "completed:done"]
+        assert len(histories) == 5 and all(r["steps"] == expected for r in histories), histories
+        # The candidate diverged where it went back instead of branching; its loop, bounded by the
+        # primary's max_steps, ended (else enrolment would still be spinning).
+        runs = await h.db.fetch("SELECT outcome, seq, step_id, candidate_decision FROM ordo.shadow_runs")
+        assert {(r["outcome"], r["seq"], r["step_id"]) for r in runs} == {("diverged", 3, "by-country")}
+        assert {orjson.loads(r["candidate_decision"])["kind"] for r in runs} == {"goto"}
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+def test_a_shadow_candidate_that_raises_is_an_error_of_the_shadow_run_only():
+    primary = [(1, "", "started", {"workflow_id": "welcome", "version": 1})]
+
+    class Raising:
+        def matches(self, event, subject):
+            raise RuntimeError("candidate crashed")
+
+    run = dual_run(7, Raising(), "e-1", _event("raise"), primary, "completed", 0)
+    assert (run.outcome, run.error) == ("error", "RuntimeError: candidate crashed")
+    assert primary == [(1, "", "started", {"workflow_id": "welcome", "version": 1})]
+
+
+async def test_a_waiting_execution_is_compared_in_shadow_over_its_whole_history_once_it_ends(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        await h.deploy(dict(WAITER, description="the same, redeployed"))
+        plan = Plan("waiter", 2, stages=(0, 10_000), min_sample=10_000, shadow_share=10_000)
+        ids = [f"wait-{i}" for i in range(2)]
+        async with h.worker() as worker:
+            await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in ids])
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs WHERE outcome = 'pending'", expect=2)
+            for event_id in ids:
+                await h.signal(h.execution_id("acme", "waiter", event_id), "done")
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs WHERE outcome = 'identical'", expect=2)
+        compared = await h.db.fetch("SELECT compared FROM ordo.shadow_runs")
+        # started, waiting, signal, set, completed: every transition of the primary, replayed.
+        assert [r["compared"] for r in compared] == [5, 5]

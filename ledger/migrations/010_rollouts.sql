@@ -11,12 +11,15 @@ CREATE TABLE ordo.rollouts (
     workflow_id          text NOT NULL,
     from_version         int  NOT NULL,
     to_version           int  NOT NULL CHECK (to_version <> from_version),
-    -- The candidate's share at each stage, ascending, the last one 10000 (all).
+    -- The candidate's share at each stage, ascending, the last one 10000 (all); the first may be 0
+    -- (shadow only) when shadow_share is above 0.
     stages               int[] NOT NULL,
     stage                int  NOT NULL DEFAULT 0,
     -- The candidate's share now: stages[stage + 1] while running or paused, 10000 once
     -- completed, 0 once rolled back or aborted.
     share                int  NOT NULL CHECK (share BETWEEN 0 AND 10000),
+    -- The share of new executions on the baseline that the candidate also runs beside, in shadow.
+    shadow_share         int  NOT NULL DEFAULT 0 CHECK (shadow_share BETWEEN 0 AND 10000),
     min_dwell_s          double precision NOT NULL CHECK (min_dwell_s >= 0),
     min_sample           int  NOT NULL CHECK (min_sample >= 1),
     -- Thresholds: how far the candidate may be worse than the baseline (NULL: not checked).
@@ -47,3 +50,23 @@ CREATE TABLE ordo.rollout_transitions (
     detail        jsonb,
     PRIMARY KEY (rollout_id, seq)
 );
+
+-- Shadow runs: for a share of new executions on the baseline, the candidate ran beside
+-- the primary on the same inputs with its effects dropped, and its decisions were
+-- compared with the primary's. 'pending': the same so far, the primary has not ended
+-- yet (its whole history is replayed through the candidate once it has). A run that
+-- diverged keeps the first transition where the two differ.
+CREATE TABLE ordo.shadow_runs (
+    rollout_id          bigint NOT NULL REFERENCES ordo.rollouts (rollout_id),
+    execution_id        uuid   NOT NULL,
+    at                  timestamptz NOT NULL DEFAULT now(),
+    outcome             text   NOT NULL CHECK (outcome IN ('pending', 'identical', 'diverged', 'error')),
+    compared            int    NOT NULL DEFAULT 0,
+    seq                 int,
+    step_id             text,
+    primary_decision    jsonb,
+    candidate_decision  jsonb,
+    error               text,
+    PRIMARY KEY (rollout_id, execution_id)
+);
+CREATE INDEX shadow_runs_pending ON ordo.shadow_runs (rollout_id) WHERE outcome = 'pending';
