@@ -160,11 +160,15 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
     lines = []
     for row, doc in zip(found, docs, strict=True):
         lines.append(describe(row))
+        dwelt = f" for {row['dwelt_s']:.0f} s" if row["state"] in rollouts.IN_PROGRESS else ""
         lines.append(
-            f"  stage {row['stage'] + 1} of {len(row['stages'])} for {row['dwelt_s']:.0f} s "
-            f"(min dwell {row['min_dwell_s']:g} s, min sample {row['min_sample']}); thresholds: failure rate "
-            f"+{_or_off(row['max_failure_rate'])}, p99 step latency +{_or_off(row['max_p99_ms'], ' ms')}, "
-            f"divergence rate {_or_off(row['max_divergence_rate'])}"
+            f"  stage {row['stage'] + 1} of {len(row['stages'])}{dwelt} "
+            f"(min dwell {row['min_dwell_s']:g} s, min sample {row['min_sample']})"
+        )
+        lines.append(
+            f"  thresholds over the baseline: failure rate {_or_off(row['max_failure_rate'], 100, '%')}, "
+            f"p99 step latency {_or_off(row['max_p99_ms'], 1, ' ms')}; shadow divergence rate "
+            f"{_or_off(row['max_divergence_rate'], 100, '%', 'at most ')}"
         )
         for version in (row["from_version"], row["to_version"]):
             stage = doc["stage"][str(version)]
@@ -206,5 +210,5 @@ def _decision(decision: dict | None) -> str:
     return f"{decision.get('kind')}" + ("" if detail is None else " " + orjson.dumps(detail).decode())
 
 
-def _or_off(value, unit: str = "") -> str:
-    return "off" if value is None else f"{value:g}{unit}"
+def _or_off(value, scale: float, unit: str, sign: str = "+") -> str:
+    return "off" if value is None else f"{sign}{value * scale:g}{unit}"

@@ -191,7 +191,8 @@ class RolloutController:
     async def _judge_one(self, conn, rollout) -> None:
         args = (rollout["tenant"], rollout["workflow_id"])
         versions, since = (rollout["from_version"], rollout["to_version"]), rollout["stage_started_at"]
-        counts = await rollouts.stage_counts(conn, *args, versions, since)
+        # A shadow-only stage has no candidate executions: its sample is its shadow runs.
+        counts = await rollouts.stage_counts(conn, *args, versions, since) if rollout["share"] > 0 else {}
         p99 = await rollouts.step_p99_ms(conn, *args, versions, since) if rollout["max_p99_ms"] is not None else {}
         shadow = None
         if rollout["shadow_share"] > 0:

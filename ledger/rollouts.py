@@ -224,8 +224,10 @@ async def move(
         state, share = "rolled_back", 0
     else:
         raise ValueError(f"unknown move {action!r}")
+    # A rollback keeps the window of the stage it judged, so that `ordo rollout status` shows those numbers.
     await conn.execute(
-        "UPDATE ordo.rollouts SET stage = $2, state = $3, share = $4, stage_started_at = now() WHERE rollout_id = $1",
+        "UPDATE ordo.rollouts SET stage = $2, state = $3, share = $4, "
+        "stage_started_at = CASE WHEN $3 = 'rolled_back' THEN stage_started_at ELSE now() END WHERE rollout_id = $1",
         rollout["rollout_id"],
         stage,
         state,

@@ -124,6 +124,7 @@ LEDGER_TABLES = {
     "schema_migrations",
     "rollouts",
     "rollout_transitions",
+    "shadow_runs",
 }
 
 
