@@ -19,7 +19,9 @@ over the executions started in the current stage, read from the ledger:
   or failed shadow runs) above the threshold does the same;
 - once the stage has also lasted `min_dwell_s` (and the rollout is not
   paused), it advances to the next stage; reaching 100% completes it. The
-  sample of a 0% stage (shadow only) is its shadow runs.
+  sample of a 0% stage (shadow only) is its shadow runs;
+- a rollout whose workflow got a newer version by a plain deploy (which
+  takes every new execution, as any deploy does) is aborted as superseded.
 
 Each round also writes the worker's shadow runs to the ledger, and replays
 the pending ones whose execution has ended through the candidate.
@@ -190,6 +192,14 @@ class RolloutController:
 
     async def _judge_one(self, conn, rollout) -> None:
         args = (rollout["tenant"], rollout["workflow_id"])
+        newest = await rollouts.newest_version(conn, *args)
+        if newest is not None and newest > max(rollout["from_version"], rollout["to_version"]):
+            # A plain deploy of a newer version took every new execution: the rollout has nothing left to judge.
+            reason = f"superseded: version {newest} was deployed and runs every new execution"
+            await rollouts.move(conn, rollout, "aborted", reason, {"newest_version": newest})
+            metrics.rollout_decisions.labels("aborted").inc()
+            log.warning("rollout %s of %s/%s %s", rollout["rollout_id"], *args, reason)
+            return
         versions, since = (rollout["from_version"], rollout["to_version"]), rollout["stage_started_at"]
         # A shadow-only stage has no candidate executions: its sample is its shadow runs.
         counts = await rollouts.stage_counts(conn, *args, versions, since) if rollout["share"] > 0 else {}

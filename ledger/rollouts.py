@@ -209,10 +209,10 @@ async def move(
     detail: dict[str, Any] | None,
     actor: str = "controller",
 ) -> None:
-    """The controller's advance, completion or rollback of a rollout it holds locked (`judged_for_update`).
+    """The controller's advance, completion, rollback or abort of a rollout it holds locked (`judged_for_update`).
 
     Advanced: the next stage's share, with a new dwell. Completed: every new execution on the candidate.
-    Rolled back: none.
+    Rolled back or aborted: none.
     """
     stage, state, share = rollout["stage"], rollout["state"], rollout["share"]
     if action == "advanced":
@@ -220,8 +220,8 @@ async def move(
         share = rollout["stages"][stage]
         if share == ALL:
             action, state = "completed", "completed"
-    elif action == "rolled_back":
-        state, share = "rolled_back", 0
+    elif action in ("rolled_back", "aborted"):
+        state, share = action, 0
     else:
         raise ValueError(f"unknown move {action!r}")
     # A rollback keeps the window of the stage it judged, so that `ordo rollout status` shows those numbers.
@@ -350,6 +350,14 @@ async def judged_for_update(conn: Queryable) -> list[Record]:
         """,
         list(IN_PROGRESS),
     )
+
+
+async def newest_version(conn: Queryable, tenant: str, workflow_id: str) -> int | None:
+    """The workflow's newest deployed version."""
+    version: int | None = await conn.fetchval(
+        "SELECT max(version) FROM ordo.workflows WHERE tenant = $1 AND workflow_id = $2", tenant, workflow_id
+    )
+    return version
 
 
 async def stage_counts(

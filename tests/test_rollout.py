@@ -394,3 +394,19 @@ async def test_a_waiting_execution_is_compared_in_shadow_over_its_whole_history_
         compared = await h.db.fetch("SELECT compared FROM ordo.shadow_runs")
         # started, waiting, signal, set, completed: every transition of the primary, replayed.
         assert [r["compared"] for r in compared] == [5, 5]
+
+
+async def test_a_rollout_superseded_by_a_plain_deploy_is_aborted(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        started = await rollouts.start(h.db, Plan("welcome", 2, min_sample=10_000), "test")
+        async with h.worker() as worker:
+            await _seen_by(worker, "running", 100)
+            assert await h.deploy(SAME_V2) == 3
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="aborted")
+            await h.publish_triggers([_event("after")])
+            await h.wait_until("SELECT workflow_version FROM ordo.executions", expect=3)
+        logged = await rollouts.transitions(h.db, started["rollout_id"])
+        assert [(t["action"], t["actor"]) for t in logged] == [("started", "test"), ("aborted", "controller")]
+        assert logged[1]["reason"] == "superseded: version 3 was deployed and runs every new execution"
