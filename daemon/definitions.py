@@ -154,8 +154,10 @@ class WorkflowRegistry:
 
     def set_rollouts(self, rollouts) -> None:
         """Take the rollouts' current state (each workflow's most recent rollout) for new executions."""
-        self._rollouts = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
-        self._route()
+        fresh = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
+        if {k: tuple(r) for k, r in fresh.items()} != {k: tuple(r) for k, r in self._rollouts.items()}:
+            self._rollouts = fresh
+            self._route()  # only on a change: the workers read the rollouts every second
 
     def _route(self) -> None:
         by_trigger: dict = {}

@@ -15,6 +15,7 @@ import pytest
 from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
 from daemon.definitions import cohort
+from daemon.rollout_controller import judge
 from daemon.rollout_shadow import dual_run
 from ledger import rollouts
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
@@ -410,3 +411,45 @@ async def test_a_rollout_superseded_by_a_plain_deploy_is_aborted(nats_server_url
         logged = await rollouts.transitions(h.db, started["rollout_id"])
         assert [(t["action"], t["actor"]) for t in logged] == [("started", "test"), ("aborted", "controller")]
         assert logged[1]["reason"] == "superseded: version 3 was deployed and runs every new execution"
+
+
+def _judged(**changes) -> dict:
+    rollout = {
+        "from_version": 1,
+        "to_version": 2,
+        "share": 100,
+        "state": "running",
+        "dwelt_s": 120.0,
+        "min_dwell_s": 60.0,
+        "min_sample": 10,
+        "max_failure_rate": 0.01,
+        "max_p99_ms": 50.0,
+        "max_divergence_rate": None,
+    }
+    return dict(rollout, **changes)
+
+
+def _counts(completed: int, failed: int) -> dict:
+    return {"started": completed + failed, "completed": completed, "failed": failed}
+
+
+def test_judging_weighs_the_candidate_against_the_baseline():
+    even = {1: _counts(100, 2), 2: _counts(10, 0)}
+    # A sample too small decides nothing, however bad it looks.
+    assert judge(_judged(), {1: _counts(100, 0), 2: _counts(5, 4)}, {}) is None
+    # As good as the baseline and dwelt long enough: advance; not dwelt, or paused: wait.
+    assert judge(_judged(), even, {1: 20.0, 2: 60.0}).action == "advanced"
+    assert judge(_judged(dwelt_s=10.0), even, {}) is None
+    assert judge(_judged(state="paused"), even, {}) is None
+    # A baseline that fails as often is no reason to roll back: the threshold is over the baseline.
+    failing_both = {1: _counts(90, 10), 2: _counts(9, 1)}
+    assert judge(_judged(), failing_both, {}).action == "advanced"
+    # p99 action step latency: 71 ms against 20 ms is 51 ms more, over the 50 allowed, even while paused.
+    verdict = judge(_judged(state="paused"), even, {1: 20.0, 2: 71.0})
+    assert (verdict.action, verdict.detail["metric"], verdict.detail["candidate"]["p99_step_ms"]) == (
+        "rolled_back",
+        "p99_step_ms",
+        71.0,
+    )
+    # Thresholds switched off are not checked.
+    assert judge(_judged(max_p99_ms=None), even, {1: 20.0, 2: 900.0}).action == "advanced"
