@@ -453,3 +453,16 @@ def test_judging_weighs_the_candidate_against_the_baseline():
     )
     # Thresholds switched off are not checked.
     assert judge(_judged(max_p99_ms=None), even, {1: 20.0, 2: 900.0}).action == "advanced"
+
+
+async def test_the_baseline_of_a_new_rollout_is_the_version_new_executions_run_now(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        first = await rollouts.start(h.db, Plan("welcome", 2), "test")
+        assert (first["from_version"], first["to_version"]) == (1, 2)
+        await rollouts.operate(h.db, "welcome", None, "abort", "test", "not today")
+        # v2 was aborted: v1 runs every new execution, so v1 is what v3 rolls out from.
+        await h.deploy(SAME_V2)
+        second = await rollouts.start(h.db, Plan("welcome", 3), "test")
+        assert (second["from_version"], second["to_version"]) == (1, 3)
