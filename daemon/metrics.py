@@ -173,6 +173,8 @@ shadow_runs = Counter(
     "error, pending: the same so far, replayed once the execution ends) or dropped (the buffer was full).",
     ["outcome"],
 )
+#: Its children, bound once: a shadow run is counted at enrolment.
+shadow_outcomes = {o: shadow_runs.labels(o) for o in ("identical", "diverged", "error", "pending", "dropped")}
 rollout_decisions = Counter(
     "ordo_rollout_decisions_total",
     "Rollout changes made by this worker's controller, by action (advanced, completed, rolled_back).",

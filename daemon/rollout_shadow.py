@@ -50,10 +50,10 @@ class ShadowResults:
 
     def add(self, run: ShadowRun) -> None:
         if len(self._runs) >= self._limit:
-            metrics.shadow_runs.labels("dropped").inc()
+            metrics.shadow_outcomes["dropped"].inc()
             return
         self._runs.append(run)
-        metrics.shadow_runs.labels(run.outcome).inc()
+        metrics.shadow_outcomes[run.outcome].inc()
 
     def take(self) -> list[ShadowRun]:
         runs, self._runs = self._runs, []
