@@ -178,9 +178,10 @@ def enrol(
         return unit
     matched = False
     for entry in candidates:
-        split, shadowed = entry.split, False
+        split, shadowed, execution_id = entry.split, False, None
         if split is not None:  # under rollout: the execution's id decides its version (and its shadow)
-            entry, shadowed = split.choose(execution_id_for(tenant, entry.workflow_id, event["event_id"]))
+            execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
+            entry, shadowed = split.choose(execution_id)
         if entry.subject_type != subject_type:
             continue
         if entry.program is None:
@@ -190,7 +191,8 @@ def enrol(
             if not entry.program.matches(event, subject):
                 continue
             matched = True
-            execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
+            if execution_id is None:
+                execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
             state = ExecutionState(execution_id, subject=subject, event=event, tenant=tenant)
             record = ExecutionRecord(
                 execution_id,
