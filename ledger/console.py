@@ -52,13 +52,16 @@ class ExecutionSearch:
 Cursor = tuple[datetime, str]
 
 _COLUMNS = (
-    "e.execution_id::text AS execution_id, e.tenant, e.workflow_id, e.workflow_version, e.status, e.waiting,"
+    "e.execution_id, e.tenant, e.workflow_id, e.workflow_version, e.status, e.waiting,"
     " e.pc, e.subject_type, e.subject_id, e.event_id, e.created_at, e.updated_at, e.finished_at"
 )
 
-# The step at pc, looked up in the version the execution runs (None past the last step).
-_CURRENT_STEP = (
-    "(SELECT w.definition -> 'steps' -> p.pc ->> 'id' FROM ordo.workflows w"
+# The id as text (only once sorted: text does not sort as uuid does under every collation), and the
+# step at pc, looked up in the version the execution runs (None past the last step).
+_OUTER = (
+    "p.execution_id::text AS execution_id, p.tenant, p.workflow_id, p.workflow_version, p.status, p.waiting,"
+    " p.pc, p.subject_type, p.subject_id, p.event_id, p.created_at, p.updated_at, p.finished_at,"
+    " (SELECT w.definition -> 'steps' -> p.pc ->> 'id' FROM ordo.workflows w"
     " WHERE w.tenant = p.tenant AND w.workflow_id = p.workflow_id AND w.version = p.workflow_version) AS step"
 )
 
@@ -102,7 +105,7 @@ def search_sql(search: ExecutionSearch, after: Cursor | None, limit: int) -> tup
             args.append(list(search.tenants))
             where.append(f"e.tenant = ANY(${len(args)}::text[])")
         inner = f"SELECT {_COLUMNS} FROM ordo.executions e WHERE {' AND '.join(where)} {order} LIMIT {limit_arg}"
-        return f"SELECT p.*, {_CURRENT_STEP} FROM ({inner}) p ORDER BY p.created_at DESC, p.execution_id DESC", args
+        return f"SELECT {_OUTER} FROM ({inner}) p ORDER BY p.created_at DESC, p.execution_id DESC", args
     if search.tenants is None:
         tenants = "SELECT tenant FROM ordo.tenants"
     else:
@@ -111,7 +114,7 @@ def search_sql(search: ExecutionSearch, after: Cursor | None, limit: int) -> tup
     where.insert(0, "e.tenant = t.tenant")
     per_tenant = f"SELECT {_COLUMNS} FROM ordo.executions e WHERE {' AND '.join(where)} {order} LIMIT {limit_arg}"
     sql = (
-        f"SELECT p.*, {_CURRENT_STEP} FROM ("
+        f"SELECT {_OUTER} FROM ("
         f"SELECT x.* FROM ({tenants}) t CROSS JOIN LATERAL ({per_tenant}) x"
         f" ORDER BY x.created_at DESC, x.execution_id DESC LIMIT {limit_arg}"
         ") p ORDER BY p.created_at DESC, p.execution_id DESC"
@@ -283,3 +286,37 @@ async def audit_end(conn: Queryable, audit_id: int, outcome: str) -> None:
 async def audit_trail(conn: Queryable, token_tenant: str | None, limit: int) -> list[Record]:
     """The newest changes, all of them or those made with a token of one tenant."""
     return await conn.fetch(_AUDIT, token_tenant, limit)
+
+
+# -- measuring the search at scale (bench/console_search.py) ---------------------------------
+
+_SYNTHETIC = """
+INSERT INTO ordo.executions (execution_id, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id,
+                             partition, status, seq, pc, steps, waiting, context, subject, event, runtime,
+                             created_at, updated_at, finished_at)
+SELECT md5('console-bench-' || i)::uuid, 'tenant-' || (i % $3), 'workflow-' || (i % $4), 1, 'contact',
+       'c-' || (i / 3), 'e-' || i, i % 16,
+       CASE WHEN i % 97 = 0 THEN 'failed' WHEN i % 11 = 0 THEN 'waiting' ELSE 'completed' END,
+       3, 1, 3, CASE WHEN i % 11 = 0 AND i % 97 <> 0 THEN 'done' END, '{}', '{}', '{}', '{}',
+       $5::timestamptz + (i * $6::float8) * interval '1 second',
+       $5::timestamptz + (i * $6::float8) * interval '1 second',
+       CASE WHEN i % 11 = 0 AND i % 97 <> 0 THEN NULL ELSE $5::timestamptz + (i * $6::float8) * interval '1 second' END
+FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS i
+"""
+
+
+async def add_synthetic_executions(
+    conn: Queryable, first: int, count: int, tenants: int, workflows: int, start: datetime, spacing_s: float
+) -> None:
+    """Executions `first` .. `first + count - 1` of a synthetic ledger, for measuring searches only.
+
+    Execution i belongs to tenant-(i % tenants) and workflow-(i % workflows),
+    was created `start + i * spacing_s`, is about contact c-(i / 3); 1 in 97
+    failed, about 1 in 11 waits for signal `done`, the rest completed.
+    """
+    await conn.execute(_SYNTHETIC, first, count, tenants, workflows, start, spacing_s)
+
+
+async def analyze(conn: Queryable) -> None:
+    """Fresh planner statistics of the executions table (after a bulk load)."""
+    await conn.execute("ANALYZE ordo.executions")

@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,13 +24,14 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from harness import WAITER, engine
+from harness import ROOT, WAITER, engine, http
 
 from bench.generator import trigger_event
 from daemon.console.app import make_app
 from daemon.console.auth import Identity, Sessions, TokenError, Tokens
 from daemon.console.state import Console
 from ledger import console as queries
+from ledger.schema import migrate
 
 OPERATOR = "op-0123456789abcdef"
 ACME = "acme-0123456789abcdef"
@@ -449,3 +452,32 @@ def test_the_console_command_refuses_to_start_without_tokens():
     assert started.returncode != 0 and "ORDO_CONSOLE_TOKENS is not set" in started.stderr
     bad = ordo("console", env_extra={**env, "ORDO_CONSOLE_TOKENS": "alice:short"})
     assert bad.returncode != 0 and "entry 1 (alice): the secret must be at least 16 characters" in bad.stderr
+
+
+async def test_the_console_command_serves_on_loopback_by_default(pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    port = _free_port()
+    env = dict(os.environ, ORDO_PG_DSN=pg_dsn, ORDO_NATS_URL="", ORDO_CONSOLE_TOKENS=TOKENS, ORDO_LOG_LEVEL="warning")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "console", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        assert line.strip() == f"ordo console on http://127.0.0.1:{port}/ (Ctrl-C stops it)"
+        status, head, _ = await http(port, "/executions")
+        assert status == 303 and "Location: /login" in head
+        raw = f"GET /executions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
+        status, _, body = await http(port, "/executions", raw=raw.encode())
+        assert status == 200 and b"No execution matches." in body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

@@ -132,7 +132,8 @@ def make_app(console: Console) -> web.Application:
 
 async def open_console(config: Config, tokens: Tokens) -> tuple[Console, object | None]:
     """The ledger pool and, when NATS is configured, a JetStream context: (console, nats client or None)."""
-    pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=4)
+    # The console's statements read a page each: JIT compiling them costs more than it saves.
+    pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=4, server_settings={"jit": "off"})
     nc = None
     js = None
     if config.nats_url:
