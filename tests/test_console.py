@@ -473,10 +473,13 @@ async def test_the_console_command_serves_on_loopback_by_default(pg_dsn):
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
         assert line.strip() == f"ordo console on http://127.0.0.1:{port}/ (Ctrl-C stops it)"
-        status, head, _ = await http(port, "/executions")
+
+        def get(headers: str = "") -> bytes:
+            return f"GET /executions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode()
+
+        status, head, _ = await http(port, "/executions", raw=get())
         assert status == 303 and "Location: /login" in head
-        raw = f"GET /executions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\nConnection: close\r\n\r\n"
-        status, _, body = await http(port, "/executions", raw=raw.encode())
+        status, _, body = await http(port, "/executions", raw=get(f"Authorization: Bearer {OPERATOR}\r\n"))
         assert status == 200 and b"No execution matches." in body
     finally:
         proc.send_signal(signal.SIGINT)
