@@ -2,8 +2,8 @@
 
     python -m bench.console_search --executions 10000000 [--tenants 20] [--repeat 7] [--json]
 
-Fills an EMPTY database (ORDO_PG_DSN; it refuses one that holds a ledger
-already) with synthetic executions (ledger/console.py,
+Fills an EMPTY database (ORDO_PG_DSN, never the command line: a DSN may hold a
+password; it refuses a database that holds a ledger already) with synthetic executions (ledger/console.py,
 `add_synthetic_executions`: generate_series in Postgres, a million rows per
 statement), then runs each kind of search the console offers `--repeat`
 times and reports the median and the slowest, in ms, measured from the
@@ -106,9 +106,9 @@ async def measure(conn, search, cursor, repeat: int) -> dict:
 
 
 async def main_async(args) -> dict:
-    dsn = args.dsn or config_module.load().pg_dsn
+    dsn = config_module.load().pg_dsn
     if not dsn:
-        sys.exit("bench.console_search: set ORDO_PG_DSN (an empty database of its own) or pass --dsn")
+        sys.exit("bench.console_search: set ORDO_PG_DSN (an empty database of its own)")
     # As the console's own pool connects (daemon/console/app.py): no JIT.
     conn = await asyncpg.connect(dsn, command_timeout=3600, server_settings={"jit": "off"})
     try:
@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     parser.add_argument("--executions", type=int, default=1_000_000)
     parser.add_argument("--tenants", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--dsn", help="default: ORDO_PG_DSN")
     parser.add_argument("--keep", action="store_true", help="the database was filled by this bench already")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
