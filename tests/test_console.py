@@ -24,11 +24,12 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from harness import ROOT, WAITER, engine, http
+from harness import ROOT, WAITER, WELCOME, engine, http
 
 from bench.generator import trigger_event
 from daemon.console.app import make_app
 from daemon.console.auth import Identity, Sessions, TokenError, Tokens
+from daemon.console.live import Live
 from daemon.console.state import Console
 from ledger import console as queries
 from ledger.schema import migrate
@@ -484,3 +485,34 @@ async def test_the_console_command_serves_on_loopback_by_default(pg_dsn):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
+
+
+async def test_live_draws_the_workers_throughput_from_their_metrics(nats_server_url, pg_dsn, prefix):
+    port = _free_port()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        h.spawn_worker(0, 1, metrics_port=port)
+        live = Live([f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{_free_port()}/metrics"], interval_s=0.2)
+        sampling = asyncio.create_task(live.run())
+        pool = await asyncpg.create_pool(h.config.pg_dsn, min_size=1, max_size=2)
+        try:
+            events = [trigger_event("live", i, tenant="acme") for i in range(300)]
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=300)
+            deadline = time.monotonic() + 20
+            while sum(p.per_second for p in live.points() if p is not None) <= 0:
+                assert time.monotonic() < deadline, live.points()
+                await asyncio.sleep(0.1)
+            seen = [p for p in live.points() if p is not None and p.per_second > 0]
+            assert seen[-1].workers == 1 and seen[-1].failure_rate == 0.0 and seen[-1].p50_s is not None
+            console = Console(pool, h.js, h.topology, Tokens(TOKENS), Sessions(), live)
+            async with TestClient(TestServer(make_app(console))) as client:
+                page = await client.get("/live", headers={"Authorization": f"Bearer {OPERATOR}"})
+                text = await page.text()
+                assert page.status == 200 and "1 of 2 worker(s) answering" in text
+                assert "executions finished/s: now" in text and "<rect" in text
+                tenant = await client.get("/live", headers={"Authorization": f"Bearer {ACME}"})
+                assert tenant.status == 404
+        finally:
+            sampling.cancel()
+            await pool.close()

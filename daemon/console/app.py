@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from importlib import resources
 
 import asyncpg
@@ -21,6 +22,7 @@ from ..topology import Topology
 from . import changes, views
 from .auth import Sessions, Tokens
 from .html import esc, page
+from .live import Live
 from .state import CONSOLE, COOKIE, Console, authenticate
 
 log = logging.getLogger("ordo.console")
@@ -127,6 +129,7 @@ def make_app(console: Console) -> web.Application:
     app.router.add_get("/workflows", views.workflows)
     app.router.add_get("/workflows/{tenant}/{workflow_id}", views.workflow)
     app.router.add_get("/audit", views.audit)
+    app.router.add_get("/live", views.live)
     return app
 
 
@@ -141,7 +144,12 @@ async def open_console(config: Config, tokens: Tokens) -> tuple[Console, object 
 
         nc = await nats.connect(config.nats_url, name="ordo-console")
         js = nc.jetstream()
-    return Console(pool, js, Topology(config), tokens, Sessions()), nc
+    live = None
+    if config.metrics_port > 0:
+        host = "127.0.0.1" if config.metrics_host in ("0.0.0.0", "", "::") else config.metrics_host
+        workers = config.workers or os.cpu_count() or 1
+        live = Live([f"http://{host}:{config.metrics_port + i}/metrics" for i in range(workers)])
+    return Console(pool, js, Topology(config), tokens, Sessions(), live), nc
 
 
 async def serve(config: Config, tokens: Tokens, host: str, port: int) -> None:
@@ -153,6 +161,7 @@ async def serve(config: Config, tokens: Tokens, host: str, port: int) -> None:
         await require_current(conn)
     runner = web.AppRunner(make_app(console), access_log=None)
     await runner.setup()
+    sampling = None if console.live is None else asyncio.create_task(console.live.run())
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -162,6 +171,8 @@ async def serve(config: Config, tokens: Tokens, host: str, port: int) -> None:
             print("ordo console: ORDO_NATS_URL is not set: cancel, signal and retry are off", flush=True)
         await asyncio.Event().wait()
     finally:
+        if sampling is not None:
+            sampling.cancel()
         await runner.cleanup()
         await console.pool.close()
         if nc is not None:

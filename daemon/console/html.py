@@ -85,7 +85,8 @@ def page(title: str, body: str, identity: Identity | None = None, csrf: str = ""
         nav = (
             '<nav><a href="/executions">Executions</a> <a href="/dead-letters">Dead letters</a>'
             ' <a href="/workflows">Workflows</a> <a href="/audit">Audit</a>'
-            f'<span class="who">{esc(identity.name)} ({esc(scope)}) {logout}</span></nav>'
+            + (' <a href="/live">Live</a>' if identity.tenant is None else "")
+            + f'<span class="who">{esc(identity.name)} ({esc(scope)}) {logout}</span></nav>'
         )
     note = f'<p class="notice">{esc(notice)}</p>' if notice else ""
     return (
@@ -93,4 +94,22 @@ def page(title: str, body: str, identity: Identity | None = None, csrf: str = ""
         f"<title>{esc(title)} · Ordo</title>"
         '<link rel="stylesheet" href="/static/console.css"></head>'
         f"<body>{nav}<main><h1>{esc(title)}</h1>{note}{body}</main></body></html>"
+    )
+
+
+def chart(values: list[float | None], label: str, unit: str = "", digits: int = 1) -> str:
+    """A bar per interval, oldest left, scaled to the largest; the latest and the largest value in words."""
+    known = [v for v in values if v is not None]
+    top = max(known, default=0.0)
+    bars = "".join(
+        f'<rect x="{i * 10 + 1}" y="{100 - v / top * 100:.1f}" width="8" height="{v / top * 100:.1f}"></rect>'
+        for i, v in enumerate(values)
+        if v is not None and top > 0
+    )
+    latest = f"{known[-1]:.{digits}f}{unit}" if known else "-"
+    most = f"{top:.{digits}f}{unit}" if known else "-"
+    return (
+        f'<figure class="chart"><figcaption>{esc(label)}: now {esc(latest)}, at most {esc(most)}</figcaption>'
+        f'<svg viewBox="0 0 {max(len(values), 1) * 10} 100" preserveAspectRatio="none" role="img">{bars}</svg>'
+        "</figure>"
     )

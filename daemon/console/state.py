@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..topology import Topology
 from .auth import Identity, Session, Sessions, Tokens
+from .live import Live
 
 
 @dataclass
@@ -20,6 +21,8 @@ class Console:
     topology: Topology
     tokens: Tokens
     sessions: Sessions
+    #: The workers' metrics, sampled (None without metrics_port).
+    live: Live | None = None
 
 
 CONSOLE = web.AppKey("console", Console)

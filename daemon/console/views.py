@@ -22,7 +22,7 @@ from ..inspect import _brief as brief
 from ..inspect import _span as span
 from ..inspect import inspect
 from ..topology import execution_id_for
-from .html import bar, esc, link, page, post_button, segment, table, url, when
+from .html import bar, chart, esc, link, page, post_button, segment, table, url, when
 from .state import CONSOLE, csrf_of, identity_of
 
 #: Executions on one page of a search.
@@ -439,3 +439,40 @@ async def audit(request: web.Request) -> web.Response:
         ["at (UTC)", "who", "action", "execution", "dead letter", "detail", "outcome"], cells, "No change yet."
     )
     return html_page(request, "Audit", body)
+
+
+# -- live ----------------------------------------------------------------------------------------
+
+
+async def live(request: web.Request) -> web.Response:
+    """Throughput, failure rate, latency and lag over the last minutes, from the workers' metrics (operators only:
+    they count every tenant)."""
+    identity = identity_of(request)
+    if identity.tenant is not None:
+        raise not_found(request, "Live")
+    sampler = request.app[CONSOLE].live
+    if sampler is None:
+        body = "<p>Set <code>metrics_port</code> (ORDO_METRICS_PORT) as the workers have it to see them live.</p>"
+        return html_page(request, "Live", body)
+    points = sampler.points()
+    if not points:
+        return html_page(request, "Live", f"<p>Sampling every {sampler.interval_s:g} s: reload in a moment.</p>")
+
+    def values(pick) -> list[float | None]:
+        return [None if p is None else pick(p) for p in points]
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else seconds * 1000
+
+    latest = next((p for p in reversed(points) if p is not None), None)
+    workers = "" if latest is None else f"{latest.workers} of {len(sampler.urls)} worker(s) answering. "
+    body = (
+        f"<p>{esc(workers)}One bar per {sampler.interval_s:g} s, the oldest left.</p>"
+        + chart(values(lambda p: p.per_second), "executions finished/s")
+        + chart(values(lambda p: None if p.failure_rate is None else p.failure_rate * 100), "failed", " %")
+        + chart(values(lambda p: ms(p.p50_s)), "end-to-end latency p50 (at most)", " ms", 0)
+        + chart(values(lambda p: ms(p.p99_s)), "end-to-end latency p99 (at most)", " ms", 0)
+        + chart(values(lambda p: p.dead_letters), "new dead letters", "", 0)
+        + chart(values(lambda p: p.lag), "consumer lag (messages)", "", 0)
+    )
+    return html_page(request, "Live", body)
