@@ -7,6 +7,7 @@ executions are made by a real worker in the test's event loop.
 """
 
 import asyncio
+import base64
 import copy
 import json
 import os
@@ -378,6 +379,12 @@ class WebDriver:
     def url(self) -> str:
         return self.call("GET", f"/session/{self.session}/url")
 
+    def screenshot(self, path: str) -> None:
+        """The window as a PNG file."""
+        self.call("POST", f"/session/{self.session}/window/rect", {"width": 1280, "height": 860})
+        with open(path, "wb") as fh:
+            fh.write(base64.b64decode(self.call("GET", f"/session/{self.session}/screenshot")))
+
     def alert_open(self) -> bool:
         """Whether the page opened an alert (an injected `<script>alert(1)</script>` would)."""
         try:
@@ -438,6 +445,16 @@ async def test_in_a_browser_log_in_search_and_open_an_execution(nats_server_url,
                 assert not await asyncio.to_thread(b.alert_open)
                 await asyncio.to_thread(b.go, f"{base}/executions/{s.globex}")
                 assert "is not there" in await asyncio.to_thread(b.text)
+                # ORDO_CONSOLE_SCREENSHOTS=docs/console: the README's pictures, taken here.
+                shots = os.environ.get("ORDO_CONSOLE_SCREENSHOTS")
+                if shots:
+                    for name, path in [
+                        ("executions", "/executions"),
+                        ("execution", f"/executions/{s.failed}"),
+                        ("dead-letters", "/dead-letters"),
+                    ]:
+                        await asyncio.to_thread(b.go, base + path)
+                        await asyncio.to_thread(b.screenshot, os.path.join(shots, f"{name}.png"))
             finally:
                 await asyncio.to_thread(b.quit)
     finally:
