@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Self, TypeVar
 
+from .logs import FORMATS as LOG_FORMATS
+
 DEFAULT_CONFIG_FILE = "/etc/ordo/ordo.toml"
 
 
@@ -29,6 +31,8 @@ class Settings:
     #: private, loopback or link-local (the SSRF guard refuses those otherwise).
     webhook_allow: str = ""
     log_level: str = "info"
+    #: auto (readable lines on a terminal, JSON lines otherwise), json or text.
+    log_format: str = "auto"
 
     def with_(self, **changes) -> Self:
         return replace(self, **changes)
@@ -70,4 +74,7 @@ def load(kind: type[S] = Settings, path: str | None = None, *, strict: bool = Tr
         if raw is not None and raw != "":
             values[name] = _coerce(type_, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return kind(**values)
+    settings = kind(**values)
+    if settings.log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {settings.log_format!r}")
+    return settings

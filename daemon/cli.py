@@ -29,10 +29,20 @@ from . import config as config_module
 from .topology import Topology
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(args, config) -> None:
+    """The level and format of this process's lines; `ordo dev` shows warnings and above unless told.
+
+    `ordo dev` sets the level for the workers it starts too (they inherit
+    ORDO_LOG_LEVEL), so its summary is not buried under partition hand-overs.
+    """
     from .logs import configure
 
-    configure(level)
+    level = args.log_level or config.log_level
+    if args.command == "dev":
+        if args.log_level is None and "ORDO_LOG_LEVEL" not in os.environ and config.log_level == "info":
+            level = "warning"
+        os.environ["ORDO_LOG_LEVEL"] = level
+    configure(level, config.log_format)
 
 
 def _require(config, *names) -> None:
@@ -460,7 +470,7 @@ def main(argv=None) -> int:
         config = config_module.load(args.config)
     except (OSError, ValueError) as exc:
         sys.exit(f"ordo: bad configuration: {exc}")
-    _setup_logging(args.log_level or config.log_level)
+    _setup_logging(args, config)
     # What the operator must fix outside Ordo (a server too old, a plug-in that does not load)
     # is one line naming it, not a traceback; PluginError's message names the plug-in,
     # where it was declared and why it failed.
