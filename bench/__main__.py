@@ -681,7 +681,7 @@ async def _delete_streams(nats_url: str, topology) -> None:
     import nats
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream, topology.actions_stream):

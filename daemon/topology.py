@@ -85,7 +85,10 @@ class Topology(Subjects):
     async def ensure(self, js) -> None:
         """Create the streams and durable consumers if they are missing (idempotent).
 
-        On nats-server 2.12+ the triggers stream accepts atomic batch publishes:
+        Each stream keeps `stream_replicas` copies (its consumers inherit the
+        count); an existing stream with another count is changed in place, so
+        raising the setting and restarting the workers moves a deployment from
+        R1 to R3. On nats-server 2.12+ the triggers stream accepts atomic batch publishes:
         a Triggers service that publishes its events in batches pays one fsync
         per batch under `sync_interval: always` instead of one per event, and
         each event is still its own message (with its own Nats-Msg-Id).
@@ -114,19 +117,38 @@ class Topology(Subjects):
                 max_msg_size=self._config.max_message_bytes * 4,
                 # Publishers of triggers, signals and results may batch (one fsync per batch).
                 allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
+                num_replicas=self._config.stream_replicas,
             )
             try:
-                info = await js.stream_info(name)
-                if config.allow_atomic and not info.config.allow_atomic:
-                    await js.update_stream(replace(info.config, allow_atomic=True))
-            except NotFoundError:
-                try:
-                    await js.add_stream(config)
-                except BadRequestError as exc:  # created concurrently by another worker
-                    if "already in use" not in str(exc):
-                        raise
+                await self._ensure_stream(js, config)
+            except BadRequestError as exc:
+                raise BadRequestError(
+                    description=f"stream {name} ({config.num_replicas} replicas, the stream_replicas "
+                    f"setting): {exc.description}",
+                    code=exc.code,
+                    err_code=exc.err_code,
+                ) from exc
         # A partition's consumer is created by the worker that claims it (resume_partition).
         await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
+
+    @staticmethod
+    async def _ensure_stream(js, config: jsapi.StreamConfig) -> None:
+        try:
+            info = await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError as exc:  # created concurrently by another worker
+                if "already in use" not in str(exc):
+                    raise
+            return
+        changes: dict = {}
+        if config.allow_atomic and not info.config.allow_atomic:
+            changes["allow_atomic"] = True
+        if (info.config.num_replicas or 1) != config.num_replicas:
+            changes["num_replicas"] = config.num_replicas
+        if changes:
+            await js.update_stream(replace(info.config, **changes))
 
     async def resume_partition(self, js, partition: int, epoch: int, after_seq: int) -> None:
         """Create this epoch's consumer of the partition, delivering from `after_seq + 1` in

@@ -129,7 +129,7 @@ class Worker:
     async def start(self) -> None:
         logs.bind_worker(self.name)  # every line from here and from the tasks started here names this worker
         self._nc = await nats.connect(
-            self.config.nats_url, name=f"ordo-{self.name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            self.config.nats_servers, name=f"ordo-{self.name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)

@@ -107,7 +107,7 @@ class Harness:
         self.processes: list[subprocess.Popen] = []
 
     async def __aenter__(self):
-        self.nc = await nats.connect(self.config.nats_url)
+        self.nc = await nats.connect(self.config.nats_servers)
         self.js = self.nc.jetstream(timeout=10)
         await self.topology.ensure(self.js)
         self.db = await asyncpg.connect(self.config.pg_dsn)
