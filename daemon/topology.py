@@ -11,7 +11,7 @@ import uuid
 from dataclasses import replace
 
 import nats.js.api as jsapi
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 from actions.transport import Subjects, partition_of
 
@@ -20,6 +20,7 @@ from .config import Config
 __all__ = [
     "ATOMIC_PUBLISH_SERVER",
     "EXECUTION_NAMESPACE",
+    "StreamSetupError",
     "Topology",
     "execution_id_for",
     "partition_of",
@@ -56,6 +57,10 @@ def trigger_msg_id(event: dict) -> str:
     per tenant: the event id is qualified by its tenant, or one tenant's event would
     silently suppress another's with the same id."""
     return f"{event['tenant']}:{event['event_id']}"
+
+
+class StreamSetupError(RuntimeError):
+    """JetStream refused one of Ordo's streams as configured (e.g. more replicas than servers)."""
 
 
 class Topology(Subjects):
@@ -121,12 +126,10 @@ class Topology(Subjects):
             )
             try:
                 await self._ensure_stream(js, config)
-            except BadRequestError as exc:
-                raise BadRequestError(
-                    description=f"stream {name} ({config.num_replicas} replicas, the stream_replicas "
-                    f"setting): {exc.description}",
-                    code=exc.code,
-                    err_code=exc.err_code,
+            except (BadRequestError, ServerError) as exc:  # not a 503: JetStream refused the stream
+                raise StreamSetupError(
+                    f"stream {name} with {config.num_replicas} replica(s) (the stream_replicas setting) "
+                    f"refused by NATS: {exc.description}"
                 ) from exc
         # A partition's consumer is created by the worker that claims it (resume_partition).
         await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
