@@ -111,7 +111,7 @@ async def wait_for_workers(pool, config: Config, since: float, workers: int = 1,
     share = -(-config.partitions // workers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = list((await leases.partitions_claimed_since(pool, since)).values())
+        counts = list((await leases.partitions_claimed_since(pool, config.prefix, since)).values())
         if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) and max(counts) <= share:
             return
         await asyncio.sleep(0.2)
