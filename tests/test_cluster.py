@@ -14,7 +14,7 @@ import asyncio
 import time
 
 import pytest
-from harness import LOADED, Fleet, Harness, Load, fault_scale
+from harness import LOADED, Fleet, Harness, Load, fault_scale, ordo
 
 from daemon.config import Config
 from daemon.servers import EmbeddedNatsCluster
@@ -51,6 +51,33 @@ async def test_streams_take_the_configured_replicas_and_an_r1_deployment_moves_t
                 break
             assert time.monotonic() < deadline, f"the stream's copies did not form: {info}"
             await asyncio.sleep(0.1)
+
+
+def test_nats_url_names_every_node_of_a_cluster():
+    config = Config(nats_url="nats://a:4222, nats://b:4222,nats://c:4222")
+    assert config.nats_servers == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+    assert Config(nats_url="nats://a:4222").nats_servers == ["nats://a:4222"]
+
+
+async def test_ordo_dev_cluster_runs_the_demo_on_three_nodes_with_r3_streams(tmp_path, pg_dsn):
+    result = await asyncio.to_thread(
+        ordo,
+        "dev",
+        "--cluster",
+        "3",
+        "--demo",
+        "300",
+        "--workers",
+        "1",
+        "--data-dir",
+        str(tmp_path),
+        env_extra={"ORDO_PG_DSN": pg_dsn, "ORDO_NATS_URL": "", "ORDO_LOG_LEVEL": "warning"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in ("n0", "n1", "n2"):
+        assert f"node {node})" in result.stdout
+    assert "streams with 3 replicas" in result.stdout
+    assert "executions   300 (300 completed, 0 failed)" in result.stdout
 
 
 async def test_more_replicas_than_the_server_can_hold_is_refused_naming_the_setting(nats, prefix):
