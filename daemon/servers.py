@@ -317,10 +317,13 @@ class EmbeddedNats(_Embedded):
         routes: tuple[int, ...] = (),
         monitor_port: int = 0,
         server_name: str = "",
+        server_tags: tuple[str, ...] = (),
     ) -> None:
         super().__init__(data_dir, port)
         self.host = host
         self.server_name = server_name
+        #: Tags JetStream places streams by (the stream_placement setting).
+        self.server_tags = server_tags
         self.cluster_port = cluster_port
         self.routes = routes
         self.monitor_port = monitor_port
@@ -382,6 +385,8 @@ class EmbeddedNats(_Embedded):
         )
         if self.monitor_port:
             text += f"http: {json.dumps(f'{self.host}:{self.monitor_port}')}\n"
+        if self.server_tags:
+            text += f"server_tags: {json.dumps(list(self.server_tags))}\n"
         if self.cluster_port:
             routes = ", ".join(json.dumps(f"nats-route://{self.host}:{port}") for port in self.routes)
             text += (
@@ -437,11 +442,12 @@ class EmbeddedNatsCluster:
     cluster port (routes to every other node) and a monitoring port (its
     ``/healthz`` says when JetStream has a meta leader, i.e. when streams can
     be created). Ports are picked once and kept, so a node that
-    is killed restarts where its peers and clients expect it. Replicated
+    is killed restarts where its peers and clients expect it. `tags` gives
+    each node its `server_tags`, which stream placement selects by. Replicated
     streams need a majority of their nodes: an R3 stream survives one node down.
     """
 
-    def __init__(self, data_dir: Path, size: int = 3) -> None:
+    def __init__(self, data_dir: Path, size: int = 3, tags: list[tuple[str, ...]] | None = None) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, not {size}")
         self.data_dir = Path(data_dir).resolve()
@@ -454,6 +460,7 @@ class EmbeddedNatsCluster:
                 routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
                 monitor_port=free_port(),
                 server_name=f"n{i}",
+                server_tags=tags[i] if tags else (),
             )
             for i in range(size)
         ]

@@ -123,16 +123,22 @@ class Topology(Subjects):
                 # Publishers of triggers, signals and results may batch (one fsync per batch).
                 allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
                 num_replicas=self._config.stream_replicas,
+                placement=self._placement(),
             )
             try:
                 await self._ensure_stream(js, config)
             except (BadRequestError, ServerError) as exc:  # not a 503: JetStream refused the stream
                 raise StreamSetupError(
-                    f"stream {name} with {config.num_replicas} replica(s) (the stream_replicas setting) "
+                    f"stream {name} with {config.num_replicas} replica(s) (the stream_replicas setting)"
+                    f"{f' on servers tagged {config.placement.tags} (stream_placement)' if config.placement else ''} "
                     f"refused by NATS: {exc.description}"
                 ) from exc
         # A partition's consumer is created by the worker that claims it (resume_partition).
         await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
+
+    def _placement(self) -> jsapi.Placement | None:
+        tags = [tag.strip() for tag in self._config.stream_placement.split(",") if tag.strip()]
+        return jsapi.Placement(tags=tags) if tags else None
 
     @staticmethod
     async def _ensure_stream(js, config: jsapi.StreamConfig) -> None:
@@ -150,6 +156,9 @@ class Topology(Subjects):
             changes["allow_atomic"] = True
         if (info.config.num_replicas or 1) != config.num_replicas:
             changes["num_replicas"] = config.num_replicas
+        wanted_tags = sorted(config.placement.tags or []) if config.placement else []
+        if sorted((info.config.placement.tags or []) if info.config.placement else []) != wanted_tags:
+            changes["placement"] = config.placement or jsapi.Placement()
         if changes:
             await js.update_stream(replace(info.config, **changes))
 

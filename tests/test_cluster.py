@@ -13,6 +13,7 @@ the full ones and prints the stall the failover caused.
 import asyncio
 import time
 
+import nats as nats_py
 import pytest
 from harness import LOADED, Fleet, Harness, Load, fault_scale, ordo
 
@@ -51,6 +52,26 @@ async def test_streams_take_the_configured_replicas_and_an_r1_deployment_moves_t
                 break
             assert time.monotonic() < deadline, f"the stream's copies did not form: {info}"
             await asyncio.sleep(0.1)
+
+
+async def test_streams_are_placed_on_the_servers_with_the_configured_tags(tmp_path, prefix):
+    tagged = EmbeddedNatsCluster(tmp_path / "tagged", 3, tags=[("az:a",), ("az:b",), ("az:c",)])
+    await asyncio.to_thread(tagged.start)
+    try:
+        nc = await nats_py.connect(tagged.urls)
+        try:
+            js = nc.jetstream(timeout=10)
+            config = Config(prefix=prefix, stream_placement="az:b")
+            await Topology(config).ensure(js)
+            info = await js.stream_info(Topology(config).exec_stream)
+            assert info.config.placement.tags == ["az:b"]
+            assert info.cluster.leader == "n1" and not info.cluster.replicas
+            with pytest.raises(StreamSetupError, match="az:z.*stream_placement"):
+                await Topology(config.with_(prefix=f"{prefix}z", stream_placement="az:z")).ensure(js)
+        finally:
+            await nc.close()
+    finally:
+        await asyncio.to_thread(tagged.stop)
 
 
 def test_nats_url_names_every_node_of_a_cluster():
