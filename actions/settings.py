@@ -21,6 +21,8 @@ DEFAULT_CONFIG_FILE = "/etc/ordo/ordo.toml"
 class Settings:
     """What an action worker reads: where NATS is, the naming, the size of a message, the logs."""
 
+    #: One server, or every node of a cluster comma-separated (nats://a:4222,nats://b:4222):
+    #: the client then connects to any that answers and fails over to the others.
     nats_url: str = ""
     #: Subject and stream prefix: subjects are `<prefix>.triggers.…`, streams `<PREFIX>_TRIGGERS`.
     prefix: str = "ordo"
@@ -33,6 +35,11 @@ class Settings:
     log_level: str = "info"
     #: auto (readable lines on a terminal, JSON lines otherwise), json or text.
     log_format: str = "auto"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """`nats_url` as the list of servers nats-py connects to (it does not split a comma list itself)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     def with_(self, **changes) -> Self:
         return replace(self, **changes)

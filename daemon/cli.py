@@ -1,6 +1,7 @@
 """The `ordo` command line.
 
-    ordo dev [--demo N]            embedded NATS + Postgres, migrate, deploy the examples, run workers
+    ordo dev [--demo N] [--cluster N]   embedded NATS (one server or a cluster) + Postgres, migrate,
+                                   deploy the examples, run workers
     ordo run [--workers N | --worker-index I]
     ordo migrate
     ordo workflow deploy FILE...   ordo workflow validate FILE...   ordo workflow list
@@ -151,7 +152,7 @@ def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> in
     async def go():
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             message = dict(body, v=1, execution_id=execution_id)
             ack = await nc.jetstream().publish(
@@ -173,7 +174,7 @@ def cmd_signal(args, config) -> int:
 
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             js = nc.jetstream()
             signal_id = args.signal_id or str(uuid.uuid4())
@@ -303,7 +304,7 @@ def cmd_dlq(args, config) -> int:
             sys.exit("ordo: dlq retry needs an ID or --all")
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             retried = await retry_letters(
                 conn,
@@ -340,7 +341,9 @@ def cmd_check(args, config) -> int:
 def cmd_dev(args, config) -> int:
     from .dev import run_dev
 
-    return _run_async(run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir))
+    return _run_async(
+        run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir, cluster=args.cluster)
+    )
 
 
 def cmd_profile(args, config) -> int:
@@ -381,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", type=int, default=None, metavar="N", help="publish N demo triggers, report, exit")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="where the embedded servers keep their data (default .ordo)")
+    p.add_argument(
+        "--cluster", type=int, default=0, metavar="N", help="an embedded NATS cluster of N nodes, streams R3"
+    )
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("migrate", help="apply the ledger's schema migrations (idempotent)")
