@@ -54,7 +54,9 @@ class Ownership:
             return []
         held = list(self.owned)
         kept = await leases.renew(conn, self.deployment, self.name, self.ttl, held, [self.owned[p] for p in held])
-        lost = [p for p in held if p not in kept]
+        # A partition released while the renewal was in flight (a drain task of its own) is
+        # gone from `owned` already, and was given back, not lost.
+        lost = [p for p in held if p not in kept and p in self.owned]
         for p in lost:
             del self.owned[p]
         return lost
