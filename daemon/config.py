@@ -25,6 +25,15 @@ class Config(Settings):
     max_ack_pending: int = 8192
     ring_capacity: int = 16384
     ack_wait_s: float = 30.0
+    #: Copies JetStream keeps of each of Ordo's streams (and their consumers): 1 on one
+    #: server; 3 on a cluster of three or more, so that losing a node loses nothing and
+    #: stalls only until the stream elects a new leader. Applied when a worker creates the
+    #: streams, and to existing ones at start-up (JetStream changes the count in place).
+    stream_replicas: int = 1
+    #: Where JetStream places those copies: comma-separated server tags the nodes must all
+    #: have (`server_tags` in nats-server's configuration, e.g. "region:eu"); empty: anywhere
+    #: in the cluster the worker is connected to. Applied like stream_replicas.
+    stream_placement: str = ""
     #: A partition's lease: a worker that stops renewing loses it after lease_ttl_s
     #: (takeover within lease_ttl_s + lease_renew_s).
     lease_ttl_s: float = 10.0
