@@ -15,6 +15,7 @@
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
     ordo bench SCENARIO ...
     ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
+    ordo console [--host H] [--port P]   the operator console (tokens from ORDO_CONSOLE_TOKENS)
 
 Servers come from ORDO_NATS_URL / ORDO_PG_DSN (or the config file), never from
 the command line: a DSN with a password must not show up in `ps`.
@@ -359,6 +360,24 @@ def cmd_profile(args, config) -> int:
         sys.exit(f"ordo: {exc}")
 
 
+def cmd_console(args, config) -> int:
+    from .console.app import serve
+    from .console.auth import TokenError, Tokens
+
+    _require(config, "pg_dsn")
+    try:
+        tokens = Tokens(config.console_tokens)
+    except TokenError as exc:
+        sys.exit(f"ordo: {exc}")
+    if not tokens:
+        sys.exit("ordo: ORDO_CONSOLE_TOKENS is not set: nobody could log in (README, Console)")
+    try:
+        _run_async(serve(config, tokens, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_bench(args, config) -> int:
     """Become `python -m bench ...`: the engine does not import its own benchmark."""
     sys.stdout.flush()
@@ -453,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a timer this many seconds past due counts as never fired (default 300)",
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("console", help="the operator console in the browser (tokens: ORDO_CONSOLE_TOKENS)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8360, help="port to listen on (default 8360)")
+    p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("bench", help="run a bench scenario (python -m bench)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

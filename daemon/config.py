@@ -71,6 +71,9 @@ class Config(Settings):
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"
+    #: Who may use `ordo console`: comma-separated NAME:SECRET (an operator) or
+    #: tenant=TENANT:SECRET (one tenant's executions only); daemon/console/auth.py.
+    console_tokens: str = ""
     #: For fault tests and soaks only: seeded failures injected into this worker's
     #: NATS publishes/acks and ledger commits, e.g. "seed=7,nats=0.02,pg=0.02". Empty: none.
     inject_faults: str = ""
