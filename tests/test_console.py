@@ -379,6 +379,15 @@ class WebDriver:
     def url(self) -> str:
         return self.call("GET", f"/session/{self.session}/url")
 
+    def url_after_navigation(self, ending: str, seconds: float = 20) -> str:
+        """The page's URL once it ends with `ending` (a form's submission may still be loading), else as it is."""
+        deadline = time.monotonic() + seconds
+        url = self.url()
+        while not url.endswith(ending) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            url = self.url()
+        return url
+
     def screenshot(self, path: str) -> None:
         """The window as a PNG file."""
         self.call("POST", f"/session/{self.session}/window/rect", {"width": 1280, "height": 860})
@@ -434,7 +443,7 @@ async def test_in_a_browser_log_in_search_and_open_an_execution(nats_server_url,
                 assert (await asyncio.to_thread(b.url)).endswith("/login")  # no token, no page
                 await asyncio.to_thread(b.type, "input[name=token]", ACME)
                 await asyncio.to_thread(b.click, "#login")
-                assert (await asyncio.to_thread(b.url)).endswith("/executions")
+                assert (await asyncio.to_thread(b.url_after_navigation, "/executions")).endswith("/executions")
                 await asyncio.to_thread(b.type, "input[name=subject]", SCRIPT)
                 await asyncio.to_thread(b.click, "#search")
                 listing = await asyncio.to_thread(b.text, "table")
