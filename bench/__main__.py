@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "message in closed mode, the events due in each 5 ms tick (at most N) in open mode; "
         "one publish and one fsync per message (replaces --publish-batch)",
     )
+    parser.add_argument(
+        "--shadow",
+        type=float,
+        default=0.0,
+        metavar="PERCENT",
+        help="a rollout of the run's workflow to an identical candidate runs it in shadow beside this share of "
+        "the executions (what dual-running costs; the candidate takes no traffic)",
+    )
     options = parser.add_argument_group("scenario options")
     options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
     options.add_argument(
@@ -416,6 +424,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             async with pool.acquire() as conn:
                 for definition in definitions:
                     await workflows.deploy(conn, definition)
+                if args.shadow:
+                    await _shadow_rollouts(conn, definitions, args.shadow)
         # The ledger's clock: claimed_at is Postgres' now(), and the servers may be elsewhere.
         since = await leases.ledger_clock(pool)
         supervisor.start()
@@ -519,6 +529,23 @@ def _publish_batch(args) -> int:
     if args.publish_batch is not None:
         return args.publish_batch
     return 0 if args.rate else 200
+
+
+async def _shadow_rollouts(conn, definitions: list[dict], percent: float) -> None:
+    """Roll each workflow out to an identical candidate, shadow only: the candidate runs beside `percent`."""
+    from ledger import rollouts, workflows
+
+    for definition in definitions:
+        version, _ = await workflows.deploy(conn, dict(definition, description="bench: shadow candidate"))
+        plan = rollouts.Plan(
+            definition["id"],
+            version,
+            tenant=definition["tenant"],
+            stages=(0, rollouts.ALL),
+            min_sample=2**31 - 1,
+            shadow_share=round(percent * 100),
+        )
+        await rollouts.start(conn, plan, "bench")
 
 
 async def _start_publisher(

@@ -13,6 +13,8 @@
     ordo dlq list|show ID|retry ID|--all
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
+    ordo rollout start --workflow W (--to-version N | --definition FILE) [--stages 1,5,25,50,100 ...]
+    ordo rollout status [--workflow W] [--json]     ordo rollout pause|resume|abort --workflow W
     ordo bench SCENARIO ...
     ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
     ordo console [--host H] [--port P]   the operator console (tokens from ORDO_CONSOLE_TOKENS)
@@ -339,6 +341,40 @@ def cmd_check(args, config) -> int:
     return _on_ledger(config, go)
 
 
+def cmd_rollout(args, config) -> int:
+    """Start, show or change a workflow's progressive rollout; a refusal is one `ordo:` line and exit 1."""
+    from ledger.rollouts import RolloutRefused
+
+    from . import rollout_commands as commands
+
+    if args.action != "status" and not args.workflow:
+        sys.exit(f"ordo: rollout {args.action} needs --workflow W")
+
+    async def go(conn):
+        from daemon import context_types as registered
+        from ledger import rollouts
+
+        if args.action == "status":
+            code, text = await commands.status(conn, args.workflow, args.tenant, args.json)
+            print(text, file=sys.stderr if code else sys.stdout)
+            return code
+        if args.action == "start":
+            definition = _read_definition(args.definition) if args.definition else None
+            plan = commands.plan_of(args, definition)
+            context_types = registered.registry(config, config.context_type_plugins)
+            row = await rollouts.start(conn, plan, commands.actor(), context_types)
+        else:
+            reason = args.reason or f"{args.action} by the operator"
+            row = await rollouts.operate(conn, args.workflow, args.tenant, args.action, commands.actor(), reason)
+        print(commands.describe(row))
+        return 0
+
+    try:
+        return _on_ledger(config, go)
+    except RolloutRefused as exc:
+        sys.exit(f"ordo: {exc}")
+
+
 def cmd_dev(args, config) -> int:
     from .dev import run_dev
 
@@ -454,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="only this tenant's letters")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("rollout", help="progressive rollout of a workflow version: start, status, pause, resume, abort")
+    p.add_argument("action", choices=["start", "status", "pause", "resume", "abort"])
+    p.add_argument("--workflow", metavar="W", help="the workflow id")
+    p.add_argument("--tenant", metavar="T", help="the tenant (needed only when several deploy workflow W)")
+    p.add_argument("--to-version", type=int, metavar="N", help="start: the candidate, a deployed version")
+    p.add_argument("--definition", metavar="FILE", help="start: deploy this definition as the candidate")
+    p.add_argument("--from-version", type=int, metavar="N", help="start: the baseline (default: what runs now)")
+    p.add_argument("--stages", default="1,5,25,50,100", help="start: the candidate's share at each stage, in %%")
+    p.add_argument("--min-dwell", default="60s", help="start: the least time at each stage (default 60s)")
+    p.add_argument("--min-sample", type=int, default=100, help="start: finished candidate executions per stage")
+    p.add_argument(
+        "--max-failure-rate", default="0.01", help="start: how much higher than the baseline's (default 0.01, or off)"
+    )
+    p.add_argument("--max-p99-ms", default=None, help="start: how much slower the p99 action step (default off)")
+    p.add_argument(
+        "--shadow", default="0", metavar="PERCENT", help="start: run the candidate in shadow beside this share"
+    )
+    p.add_argument("--max-divergence-rate", default=None, help="start: of shadow runs that diverge (default off)")
+    p.add_argument("--reason", help="pause, resume, abort: why (logged with the change)")
+    p.add_argument("--json", action="store_true", help="status: as JSON")
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("profile", help="record a flame graph of a live worker with py-spy (needs root)")
     p.add_argument("--worker", type=int, default=0, metavar="I", help="worker index (default 0)")

@@ -4,10 +4,20 @@ Every stored version is compiled once; a version that fails to compile is kept
 as an entry with its error, so that triggers and executions that need it are
 dead-lettered with that error instead of blocking anything else. A workflow
 about a context type that is not registered is such a version.
+
+New executions of a workflow run its latest version, unless a rollout
+(ledger/rollouts.py) says otherwise: while one is in progress, each new
+execution runs the candidate when its cohort (a stable hash of its id, 0 to
+9,999) is below the candidate's share, the baseline otherwise; after a
+rollback or an abort the baseline keeps them all, until a version newer than
+both is deployed. A rollout with a shadow share also has the candidate run
+beside the primary, its effects dropped, for the executions on the baseline
+whose cohort is in the top `shadow_share` (daemon/rollout_shadow.py).
 """
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hotpath import Program
 from hotpath.context_types import CONTACT, ContextType
@@ -15,6 +25,7 @@ from hotpath.definition import DefinitionError, validate
 
 from . import context_types as registered_context_types
 from . import logs
+from .rollout_shadow import ShadowResults, bounded
 
 log = logging.getLogger("ordo.definitions")
 
@@ -31,6 +42,41 @@ class WorkflowEntry:
     step_actions: dict | None = None
     #: The context type its executions are about: it enrols only triggers about that type.
     subject_type: str = CONTACT
+    #: Set on the entry that stands for a workflow under rollout: which version a new execution runs.
+    split: "Split | None" = None
+
+
+def cohort(execution_id: str) -> int:
+    """The execution's place among new executions, 0 to 9,999: a stable hash of its id.
+
+    Its version under a rollout depends on it and the stage alone, so every worker, before and after a
+    restart, chooses the same one; and an execution on the candidate at one stage stays on it at the next.
+    """
+    return int.from_bytes(hashlib.blake2b(execution_id.encode(), digest_size=8).digest(), "big") % 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A workflow under rollout: the candidate's share of new executions (basis points) and both versions.
+
+    The executions on the baseline whose cohort is in the top `shadow_share` also run the candidate in
+    shadow (`shadow_program`, bounded as the baseline is), its results going to `shadow_results`.
+    """
+
+    rollout_id: int
+    share: int
+    baseline: WorkflowEntry
+    candidate: WorkflowEntry
+    shadow_share: int = 0
+    shadow_program: Program | None = None
+    shadow_results: ShadowResults | None = None
+
+    def choose(self, execution_id: str) -> tuple[WorkflowEntry, bool]:
+        """The version the new execution runs, and whether the candidate runs beside it in shadow."""
+        place = cohort(execution_id)
+        if place < self.share:
+            return self.candidate, False
+        return self.baseline, place >= 10_000 - self.shadow_share and self.shadow_program is not None
 
 
 def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
@@ -74,8 +120,15 @@ class WorkflowRegistry:
         self._by_trigger: dict = {}
         self._tenants: set = set()
         self._awaited: frozenset = frozenset()
+        self._latest: dict = {}
+        #: (tenant, workflow_id) -> its most recent rollout (ledger.rollouts.latest_per_workflow).
+        self._rollouts: dict = {}
+        self._definitions: dict = {}
+        self._shadow_programs: dict = {}
+        #: What shadow runs found, for the rollout controller to write to the ledger.
+        self.shadow_results = ShadowResults()
 
-    def load(self, definitions: list[dict], tenants: set[str]) -> None:
+    def load(self, definitions: list[dict], tenants: set[str], rollouts=None) -> None:
         versions, latest = {}, {}
         for definition in definitions:
             key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
@@ -84,10 +137,13 @@ class WorkflowRegistry:
             current = latest.get(key[:2])
             if current is None or entry.version > current.version:
                 latest[key[:2]] = entry
-        by_trigger: dict = {}
-        for entry in latest.values():
-            by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
-        self._versions, self._by_trigger, self._tenants = versions, by_trigger, set(tenants)
+        self._versions, self._latest, self._tenants = versions, latest, set(tenants)
+        self._definitions = {
+            (d.get("tenant"), d.get("id"), d.get("version")): d for d in definitions if isinstance(d, dict)
+        }
+        if rollouts is not None:
+            self._rollouts = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
+        self._route()
         self._awaited = frozenset(
             (definition.get("tenant"), step.get("event"))
             for definition in definitions
@@ -95,6 +151,64 @@ class WorkflowRegistry:
             for step in definition["steps"]
             if isinstance(step, dict) and step.get("type") == "wait_for_event"
         )
+
+    def set_rollouts(self, rollouts) -> None:
+        """Take the rollouts' current state (each workflow's most recent rollout) for new executions."""
+        fresh = {(r["tenant"], r["workflow_id"]): r for r in rollouts}
+        if {k: tuple(r) for k, r in fresh.items()} != {k: tuple(r) for k, r in self._rollouts.items()}:
+            self._rollouts = fresh
+            self._route()  # only on a change: the workers read the rollouts every second
+
+    def _route(self) -> None:
+        by_trigger: dict = {}
+        for key, entry in self._latest.items():
+            entry = self._serving(entry, self._rollouts.get(key))
+            by_trigger.setdefault((entry.tenant, entry.trigger_event), []).append(entry)
+        self._by_trigger = by_trigger
+
+    def _serving(self, latest: WorkflowEntry, rollout) -> WorkflowEntry:
+        """What new executions of the workflow whose latest version is `latest` run, given its last rollout."""
+        if rollout is None or latest.version > max(rollout["from_version"], rollout["to_version"]):
+            return latest  # no rollout, or a version deployed after it: the latest runs, as after any deploy
+        baseline = self.version(latest.tenant, latest.workflow_id, rollout["from_version"])
+        candidate = self.version(latest.tenant, latest.workflow_id, rollout["to_version"])
+        if rollout["state"] == "completed" and candidate is not None:
+            return candidate
+        if baseline is None:
+            return latest
+        in_progress = rollout["state"] in ("running", "paused") and candidate is not None
+        shadow_share = rollout["shadow_share"] if candidate is not None and candidate.program is not None else 0
+        if not in_progress or (rollout["share"] <= 0 and shadow_share <= 0):
+            return baseline
+        split = Split(
+            rollout["rollout_id"],
+            rollout["share"],
+            baseline,
+            candidate,
+            shadow_share,
+            self._shadow_program(candidate, baseline) if shadow_share > 0 else None,
+            self.shadow_results,
+        )
+        # A copy: the entry kept by version must not carry the split.
+        return replace(baseline, split=split)
+
+    def _shadow_program(self, candidate: WorkflowEntry, baseline: WorkflowEntry) -> Program | None:
+        """The candidate's program for shadow runs, bounded by the baseline's max_steps; compiled once."""
+        if baseline.program is None:
+            return None
+        key = (candidate.tenant, candidate.workflow_id, candidate.version, baseline.program.max_steps)
+        if key not in self._shadow_programs:
+            definition = self._definitions.get(key[:3])
+            try:
+                program = None if definition is None else bounded(definition, baseline.program.max_steps)
+            except (DefinitionError, ValueError, TypeError, KeyError):
+                program = None
+            self._shadow_programs[key] = program
+        return self._shadow_programs[key]
+
+    def rollouts(self) -> list:
+        """Each workflow's most recent rollout, as last read from the ledger."""
+        return list(self._rollouts.values())
 
     def knows_tenant(self, tenant: str) -> bool:
         return tenant in self._tenants
@@ -108,7 +222,10 @@ class WorkflowRegistry:
         return (tenant, event_type) in self._awaited
 
     def candidates(self, tenant: str, event_type: str) -> list[WorkflowEntry]:
-        """The latest version of each of the tenant's workflows triggered by this event type."""
+        """The version new executions run of each of the tenant's workflows triggered by this event type.
+
+        An entry with a `split` stands for a workflow under rollout: `split.choose(execution_id)` is the version.
+        """
         return self._by_trigger.get((tenant, event_type), ())
 
     def version(self, tenant: str, workflow_id: str, version: int) -> WorkflowEntry | None:

@@ -19,6 +19,11 @@ registered (`unknown_subject_type`) or fails its type's schema
 (`invalid_subject`); only triggers that some workflow is triggered by are
 checked so.
 
+A workflow under rollout (daemon/definitions.py) enrols each new execution
+into the version its id and the rollout's stage choose; the execution keeps
+that version (`workflow_version`) to its end; a share of those on the
+baseline also run the candidate beside, in shadow (daemon/rollout_shadow.py).
+
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
 """
@@ -38,6 +43,7 @@ from ledger.executions import ExecutionRecord, take_effects
 
 from . import logs, metrics
 from .config import Config
+from .rollout_shadow import dual_run
 from .topology import Topology, execution_id_for, partition_of
 
 log = logging.getLogger("ordo.enrolment")
@@ -172,6 +178,10 @@ def enrol(
         return unit
     matched = False
     for entry in candidates:
+        split, shadowed, execution_id = entry.split, False, None
+        if split is not None:  # under rollout: the execution's id decides its version (and its shadow)
+            execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
+            entry, shadowed = split.choose(execution_id)
         if entry.subject_type != subject_type:
             continue
         if entry.program is None:
@@ -181,7 +191,8 @@ def enrol(
             if not entry.program.matches(event, subject):
                 continue
             matched = True
-            execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
+            if execution_id is None:
+                execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
             state = ExecutionState(execution_id, subject=subject, event=event, tenant=tenant)
             record = ExecutionRecord(
                 execution_id,
@@ -218,6 +229,14 @@ def enrol(
             continue
         effects = take_effects(state)
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
+        if split is not None:
+            metrics.rollout_started(entry.tenant, entry.workflow_id, entry.version).inc()
+            if shadowed:
+                split.shadow_results.add(
+                    dual_run(
+                        split.rollout_id, split.shadow_program, execution_id, event, transitions, state.status, now_ms
+                    )
+                )
     if not matched and not unit.dead_letters:
         metrics.triggers_unmatched.inc()
     return unit

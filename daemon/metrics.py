@@ -151,7 +151,47 @@ injected_faults = Counter(
     ["kind"],
 )
 
+rollout_started_total = Counter(
+    "ordo_rollout_started_total",
+    "New executions of workflows under rollout, by workflow (tenant/id) and the version chosen for them "
+    "(a duplicate trigger counts again).",
+    ["workflow", "version"],
+)
+rollout_share = Gauge(
+    "ordo_rollout_candidate_share",
+    "The share of new executions (0 to 1) that the candidate of the workflow's last rollout takes now.",
+    ["workflow"],
+)
+rollout_rolled_back = Gauge(
+    "ordo_rollout_rolled_back",
+    "1 while the workflow's last rollout is rolled back automatically (an alert: see `ordo rollout status`).",
+    ["workflow"],
+)
+shadow_runs = Counter(
+    "ordo_shadow_runs_total",
+    "Shadow runs of rollout candidates beside new executions, by outcome at enrolment (identical, diverged, "
+    "error, pending: the same so far, replayed once the execution ends) or dropped (the buffer was full).",
+    ["outcome"],
+)
+#: Its children, bound once: a shadow run is counted at enrolment.
+shadow_outcomes = {o: shadow_runs.labels(o) for o in ("identical", "diverged", "error", "pending", "dropped")}
+rollout_decisions = Counter(
+    "ordo_rollout_decisions_total",
+    "Rollout changes made by this worker's controller, by action (advanced, completed, rolled_back).",
+    ["action"],
+)
+
 _action_outcomes: dict = {}
+_rollout_started: dict = {}
+
+
+def rollout_started(tenant: str, workflow_id: str, version: int):
+    """ordo_rollout_started_total's child for the workflow and version, bound once."""
+    key = (tenant, workflow_id, version)
+    child = _rollout_started.get(key)
+    if child is None:
+        child = _rollout_started[key] = rollout_started_total.labels(f"{tenant}/{workflow_id}", str(version))
+    return child
 
 
 def action_outcome(action: str, outcome: str):

@@ -40,7 +40,7 @@ import asyncpg
 import nats
 
 from hotpath import OrderingRing
-from ledger import workflows
+from ledger import rollouts, workflows
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
@@ -55,6 +55,7 @@ from .ownership import Ownership
 from .partitions import Partitions
 from .progress import PartitionProgress
 from .resident import ResidentExecutions
+from .rollout_controller import RolloutController
 from .servers import check_nats_server
 from .settle import Settlement
 from .timers import DueTimers
@@ -83,6 +84,7 @@ class Worker:
     local_results: LocalResults
     dispatch: Dispatch
     settlement: Settlement
+    rollout_controller: RolloutController
 
     def __init__(self, config: Config, *, worker_index: int = 0, workers: int = 1, clock_ms=None, actions=None):
         self.config = config
@@ -160,6 +162,7 @@ class Worker:
         await self.reload_definitions()
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
+        await self._listener.add_listener(rollouts.ROLLOUT_CHANNEL, self.rollout_controller.changed)
 
     def _assemble(self) -> None:
         """Make the jobs, each given what it shares with the others."""
@@ -239,13 +242,20 @@ class Worker:
         )
         # Each needs the other: a redelivery is settled at once, a stale item is dispatched again.
         self.settlement.apply_again = self.dispatch.apply_again
+        self.rollout_controller = RolloutController(self.registry, self._on_pool, self.stopping)
 
     async def reload_definitions(self) -> None:
         async def read(conn):
-            return await workflows.load_all(conn), await workflows.tenants(conn)
+            # One snapshot: a candidate deployed with its rollout is seen with it.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return (
+                    await workflows.load_all(conn),
+                    await workflows.tenants(conn),
+                    await rollouts.latest_per_workflow(conn),
+                )
 
-        definitions, tenants = await self._on_pool(read, "definitions")
-        self.registry.load(definitions, tenants)
+        definitions, tenants, latest_rollouts = await self._on_pool(read, "definitions")
+        self.registry.load(definitions, tenants, latest_rollouts)
 
     def _on_deploy(self, *_):
         asyncio.get_running_loop().create_task(self.reload_definitions())
@@ -258,6 +268,7 @@ class Worker:
         timer_loop = asyncio.create_task(self.intake.timer_loop())
         owner = asyncio.create_task(self.partitions.ownership_loop())
         lag = asyncio.create_task(self.partitions.lag_loop())
+        rollout_loop = asyncio.create_task(self.rollout_controller.run())
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(
             [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
@@ -266,15 +277,16 @@ class Worker:
         for task in done:
             if task is not stop and task.exception() is not None:
                 self.fatal = task.exception()
-        await self._drain(owner, lag, pump, committer, timer_loop)
+        await self._drain(owner, lag, rollout_loop, pump, committer, timer_loop)
 
-    async def _drain(self, owner, lag, pump, committer, timer_loop) -> None:
+    async def _drain(self, owner, lag, rollout_loop, pump, committer, timer_loop) -> None:
         # Drain: each fetch loop finishes the fetch it has open (at most its
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
         owner.cancel()
         lag.cancel()
-        await asyncio.gather(owner, lag, return_exceptions=True)
+        rollout_loop.cancel()
+        await asyncio.gather(owner, lag, rollout_loop, return_exceptions=True)
         fetchers = list(self.intake.fetchers.values())
         await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:

@@ -122,6 +122,9 @@ LEDGER_TABLES = {
     "event_waits",
     "workers",
     "schema_migrations",
+    "rollouts",
+    "rollout_transitions",
+    "shadow_runs",
 }
 
 

@@ -208,6 +208,7 @@ def test_the_assets_cover_what_the_operators_asked_for():
         "OrdoNoProgress",
         "OrdoConsumerLagHigh",
         "OrdoDeadLettersRising",
+        "OrdoRolloutRolledBack",
     }
     for rule in alerts():
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"} and rule["labels"]["severity"]

@@ -1,0 +1,468 @@
+"""Progressive rollout of a workflow version, with automatic advance and rollback (ledger/rollouts.py,
+daemon/rollout_controller.py, the version choice in daemon/enrolment.py).
+
+The version of a new execution under rollout is a function of its id (its cohort, 0 to 9,999) and the
+stage's share, so these tests choose event ids by cohort to give the candidate exactly the executions
+they mean to; a short dwell and a small sample keep the counts tiny.
+"""
+
+import asyncio
+import itertools
+import time
+
+import orjson
+import pytest
+from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
+
+from daemon.definitions import cohort
+from daemon.rollout_controller import judge
+from daemon.rollout_shadow import dual_run
+from ledger import rollouts
+from ledger.rollouts import Plan, RolloutRefused, Thresholds
+
+#: WELCOME with one more (harmless) value: a candidate that does what its baseline does, and a little more.
+WELCOME_V2 = dict(WELCOME, steps=[{"id": "mark", "type": "set", "values": {"revision": 2}}, *WELCOME["steps"]])
+#: WELCOME described otherwise: a candidate identical in behaviour, step for step.
+SAME_V2 = dict(WELCOME, description="the same, redeployed")
+#: A candidate that takes the other branch: German contacts get English.
+BRANCHING_V2 = dict(
+    WELCOME,
+    steps=[
+        WELCOME["steps"][0],
+        {"id": "by-country", "type": "if", "condition": {"eq": ["{{contact.country}}", "FR"]}, "then": "german"},
+        *WELCOME["steps"][2:],
+    ],
+)
+#: A candidate that loops until its loop guard stops it.
+LOOPING_V2 = dict(
+    WELCOME,
+    steps=[WELCOME["steps"][0], {"id": "again", "type": "goto", "target": "greet"}],
+)
+#: A candidate that fails every execution about a contact marked flaky.
+FLAKY_V2 = dict(
+    WELCOME,
+    steps=[
+        {"id": "flaky", "type": "if", "condition": {"eq": ["{{contact.flaky}}", True]}, "then": "fail"},
+        *WELCOME["steps"][:-1],
+        {"id": "done", "type": "end"},
+        {"id": "fail", "type": "end", "status": "failed", "reason": "flaky contact"},
+    ],
+)
+
+
+def _event(event_id: str, flaky: bool = False) -> dict:
+    contact = {"id": f"c-{event_id}", "first_name": "Ada", "country": "DE", "flaky": flaky}
+    return {
+        "v": 1,
+        "event_id": event_id,
+        "tenant": "acme",
+        "type": "contact.created",
+        "contact": contact,
+        "data": {},
+        "ts": int(time.time() * 1000),
+    }
+
+
+class Cohorts:
+    """Event ids whose executions fall below a share of new executions, or at or above it."""
+
+    def __init__(self, h: Harness, run: str):
+        self._h = h
+        self._ids = (f"{run}-{i}" for i in itertools.count())
+
+    def cohort(self, event_id: str) -> int:
+        return cohort(self._h.execution_id("acme", "welcome", event_id))
+
+    def take(self, count: int, below: int | None = None, at_least: int | None = None) -> list[str]:
+        found = []
+        for event_id in self._ids:
+            c = self.cohort(event_id)
+            if (below is None or c < below) and (at_least is None or c >= at_least):
+                found.append(event_id)
+                if len(found) == count:
+                    return found
+        raise AssertionError("unreachable")
+
+
+async def _versions(h: Harness) -> dict[str, int]:
+    rows = await h.db.fetch("SELECT event_id, workflow_version FROM ordo.executions WHERE workflow_id = 'welcome'")
+    return {r["event_id"]: r["workflow_version"] for r in rows}
+
+
+async def _rollout(h: Harness) -> dict:
+    (row,) = await rollouts.latest(h.db, "welcome")
+    return dict(row)
+
+
+async def _seen_by(worker, state: str, share: int) -> None:
+    """Until the worker's registry has the rollout in `state` at `share` (it reads the ledger on a NOTIFY)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        latest = worker.registry.rollouts()
+        if latest and latest[0]["state"] == state and latest[0]["share"] == share:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the worker did not see the rollout {state} at {share}: {latest}")
+
+
+async def test_an_identical_candidate_shows_no_divergence_and_goes_through_every_stage_to_100_percent(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        assert await h.deploy(WELCOME) == 1
+        assert await h.deploy(SAME_V2) == 2
+        cohorts = Cohorts(h, "same")
+        plan = Plan(
+            "welcome",
+            2,
+            stages=(0, 100, 500, 2_500, 5_000, 10_000),
+            min_dwell_s=0,
+            min_sample=3,
+            thresholds=Thresholds(max_failure_rate=0.01, max_divergence_rate=0.0),
+            shadow_share=1_000,
+        )
+        async with h.worker() as worker:
+            await rollouts.start(h.db, plan, "test")
+            # Shadow only: the top 10% of cohorts run the candidate beside the baseline.
+            await _seen_by(worker, "running", 0)
+            shadowed = cohorts.take(3, at_least=9_000)
+            await h.publish_triggers([_event(i) for i in shadowed])
+            await h.wait_until("SELECT share FROM ordo.rollouts", expect=100)
+            shares, sent = [0], [(0, [])]
+            for _ in range(4):
+                r = await _rollout(h)
+                assert r["state"] == "running"
+                shares.append(r["share"])
+                await _seen_by(worker, "running", r["share"])
+                # The stage's sample on the candidate, and as many on the baseline (above every share but 100%).
+                ids = cohorts.take(3, below=r["share"]) + cohorts.take(3, at_least=5_000)
+                sent.append((r["share"], ids))
+                await h.publish_triggers([_event(i) for i in ids])
+                await h.wait_until(
+                    "SELECT state <> 'running' OR share <> $1 FROM ordo.rollouts", r["share"], expect=True
+                )
+            r = await _rollout(h)
+            assert (r["state"], r["share"], shares) == ("completed", 10_000, [0, 100, 500, 2_500, 5_000])
+            await _seen_by(worker, "completed", 10_000)
+            last = cohorts.take(5)
+            await h.publish_triggers([_event(i) for i in last])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=32)
+        versions = await _versions(h)
+        assert {versions[i] for i in shadowed} == {1}
+        outcomes = await h.db.fetch("SELECT execution_id::text, outcome FROM ordo.shadow_runs")
+        assert {r["outcome"] for r in outcomes} == {"identical"}
+        assert {h.execution_id("acme", "welcome", i) for i in shadowed} <= {r["execution_id"] for r in outcomes}
+        assert {versions[i] for i in last} == {2}
+        # Every execution ran the version its cohort and its stage chose.
+        for share, ids in sent[1:]:
+            assert [versions[i] for i in ids] == [2, 2, 2, 1, 1, 1], (share, ids)
+        logged = await rollouts.transitions(h.db, r["rollout_id"])
+        assert [(t["action"], t["share_before"], t["share_after"], t["actor"]) for t in logged] == [
+            ("started", 0, 0, "test"),
+            ("advanced", 0, 100, "controller"),
+            ("advanced", 100, 500, "controller"),
+            ("advanced", 500, 2_500, "controller"),
+            ("advanced", 2_500, 5_000, "controller"),
+            ("completed", 5_000, 10_000, "controller"),
+        ]
+        detail = orjson.loads(logged[1]["detail"])
+        assert detail["shadow"]["compared"] == 3 and detail["shadow"]["divergence_rate"] == 0
+        detail = orjson.loads(logged[2]["detail"])
+        assert detail["candidate"]["completed"] == 3 and detail["candidate"]["failure_rate"] == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_candidate_failing_one_execution_in_ten_is_rolled_back_at_its_first_stage(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(FLAKY_V2)
+        cohorts = Cohorts(h, "flaky")
+        plan = Plan("welcome", 2, stages=(100, 10_000), min_dwell_s=3600, min_sample=10)
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            candidate = cohorts.take(10, below=100)
+            baseline = cohorts.take(30, at_least=100)
+            # One in ten is flaky on either side: only the candidate fails it.
+            events = [_event(i, flaky=n == 0) for n, i in enumerate(candidate)]
+            events += [_event(i, flaky=n % 10 == 0) for n, i in enumerate(baseline)]
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back")
+            await _seen_by(worker, "rolled_back", 0)
+            # After the rollback, the candidate's cohort runs the baseline again.
+            after = cohorts.take(5, below=100)
+            await h.publish_triggers([_event(i) for i in after])
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status IN ('completed', 'failed')", expect=45
+            )
+        versions = await _versions(h)
+        on_candidate = {event_id for event_id, version in versions.items() if version == 2}
+        assert on_candidate == set(candidate)
+        # No execution beyond the stage's share ever ran on the candidate.
+        assert all(cohorts.cohort(event_id) < 100 for event_id in on_candidate)
+        assert {versions[i] for i in after} == {1}
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        assert (rolled["action"], rolled["share_before"], rolled["share_after"]) == ("rolled_back", 100, 0)
+        detail = orjson.loads(rolled["detail"])
+        assert detail["metric"] == "failure_rate" and detail["threshold"] == 0.01
+        assert detail["candidate"]["failure_rate"] == pytest.approx(0.1)
+        assert detail["baseline"]["failure_rate"] == 0.0
+        assert detail["failed_executions"] == [h.execution_id("acme", "welcome", candidate[0])]
+        status = ordo("rollout", "status", "--workflow", "welcome", env_extra={"ORDO_PG_DSN": pg_dsn})
+        assert status.returncode == 0, status.stderr
+        assert "rolled_back" in status.stdout and "failure rate 10.00%" in status.stdout
+
+
+async def test_the_version_chosen_is_the_same_on_every_worker_and_after_a_restart(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        cohorts = Cohorts(h, "same-everywhere")
+        # A sample the test never reaches: the rollout holds at 50%.
+        await rollouts.start(h.db, Plan("welcome", 2, stages=(5_000, 10_000), min_sample=10_000), "test")
+        first = cohorts.take(40)
+        async with h.worker(0, 2) as one, h.worker(1, 2) as two:
+            await _seen_by(one, "running", 5_000)
+            await _seen_by(two, "running", 5_000)
+            await h.publish_triggers([_event(i) for i in first])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=40)
+        # A worker started afresh chooses as they did.
+        second = cohorts.take(40)
+        async with h.worker() as again:
+            await _seen_by(again, "running", 5_000)
+            await h.publish_triggers([_event(i) for i in second])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=80)
+        versions = await _versions(h)
+        expected = {i: 2 if cohorts.cohort(i) < 5_000 else 1 for i in first + second}
+        assert versions == expected
+        assert set(expected.values()) == {1, 2}
+
+
+async def test_bad_rollouts_are_refused_with_one_line_and_change_nothing(nats_server_url, pg_dsn, prefix, tmp_path):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        env = {"ORDO_PG_DSN": pg_dsn, "ORDO_LOG_LEVEL": "warning"}
+
+        async def ledger_rows():
+            return [
+                await h.db.fetchval("SELECT count(*) FROM ordo.rollouts"),
+                await h.db.fetchval("SELECT count(*) FROM ordo.rollout_transitions"),
+                await h.db.fetchval("SELECT count(*) FROM ordo.workflows"),
+            ]
+
+        def refused(*args: str) -> str:
+            result = ordo("rollout", "start", "--workflow", "welcome", *args, env_extra=env)
+            assert result.returncode == 1, (result.stdout, result.stderr)
+            assert result.stderr.startswith("ordo: ") and result.stderr.count("\n") == 1, result.stderr
+            return result.stderr
+
+        assert "version 9 of workflow acme/welcome (the candidate) is not deployed (deployed: 1, 2)" in refused(
+            "--to-version", "9"
+        )
+        assert (
+            "no workflow 'nope' is deployed"
+            in ordo("rollout", "start", "--workflow", "nope", "--to-version", "2", env_extra=env).stderr
+        )
+        invalid = tmp_path / "invalid.json"
+        invalid.write_text(orjson.dumps(dict(WELCOME, steps=[{"id": "x", "type": "goto", "to": "nowhere"}])).decode())
+        assert "the candidate fails validation" in refused("--definition", str(invalid))
+        other_trigger = tmp_path / "other.json"
+        other_trigger.write_text(orjson.dumps(dict(WELCOME, trigger={"event": "order.placed"})).decode())
+        assert "triggered by another event" in refused("--definition", str(other_trigger))
+        assert "the last stage must be 100%" in refused("--to-version", "2", "--stages", "1,5")
+        assert await ledger_rows() == [0, 0, 2]
+
+        started = ordo("rollout", "start", "--workflow", "welcome", "--to-version", "2", env_extra=env)
+        assert started.returncode == 0, started.stderr
+        assert "v1 -> v2  running  candidate share 1%" in started.stdout
+        before = await ledger_rows()
+        assert "has rollout 1 in progress already" in refused("--to-version", "2")
+        with pytest.raises(RolloutRefused):
+            await rollouts.start(h.db, Plan("welcome", 2, thresholds=Thresholds()), "test")
+        assert await ledger_rows() == before
+
+        paused = ordo("rollout", "pause", "--workflow", "welcome", "--reason", "holiday", env_extra=env)
+        assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+        again = ordo("rollout", "pause", "--workflow", "welcome", env_extra=env)
+        assert again.returncode == 1 and again.stderr == "ordo: rollout 1 is paused, not running\n"
+        aborted = ordo("rollout", "abort", "--workflow", "welcome", env_extra=env)
+        assert aborted.returncode == 0 and "aborted  candidate share 0%" in aborted.stdout, aborted.stderr
+        logged = [(t["action"], t["reason"]) for t in await rollouts.transitions(h.db, 1)]
+        assert logged == [("started", "started"), ("paused", "holiday"), ("aborted", "abort by the operator")]
+
+
+async def test_a_candidate_that_takes_another_branch_is_caught_in_shadow_before_it_takes_any_traffic(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(BRANCHING_V2)
+        plan = Plan(
+            "welcome",
+            2,
+            stages=(0, 100, 10_000),
+            min_dwell_s=0,
+            min_sample=3,
+            thresholds=Thresholds(max_divergence_rate=0.0),
+            shadow_share=10_000,
+        )
+        ids = [f"branch-{i}" for i in range(3)]
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([_event(i) for i in ids])
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back")
+        assert set((await _versions(h)).values()) == {1}
+        contexts = await h.db.fetch("SELECT status, context FROM ordo.executions")
+        assert {(r["status"], orjson.loads(r["context"])["locale"]) for r in contexts} == {("completed", "de")}
+        runs = await h.db.fetch("SELECT * FROM ordo.shadow_runs ORDER BY execution_id")
+        assert len(runs) == 3 and {r["outcome"] for r in runs} == {"diverged"}
+        run = runs[0]
+        assert run["step_id"] == "by-country"
+        assert orjson.loads(run["primary_decision"])["detail"] == {"to": "german", "taken": "then"}
+        assert orjson.loads(run["candidate_decision"])["detail"] == {"to": "english", "taken": "else"}
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (rolled["action"], detail["metric"], detail["shadow"]["divergence_rate"]) == (
+            "rolled_back",
+            "divergence_rate",
+            1.0,
+        )
+        assert sorted(detail["diverged_executions"]) == sorted(
+            r["execution_id"] for r in await h.db.fetch("SELECT execution_id::text FROM ordo.shadow_runs")
+        )
+        status = ordo("rollout", "status", "--workflow", "welcome", env_extra={"ORDO_PG_DSN": pg_dsn})
+        assert "diverged" in status.stdout and "by-country" in status.stdout, status.stdout
+
+
+async def test_a_looping_shadow_candidate_changes_nothing_of_the_primary(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(LOOPING_V2)
+        # Never judged (no threshold is crossed and the sample is never met): the shadow runs on and on.
+        plan = Plan("welcome", 2, stages=(0, 10_000), min_sample=10_000, shadow_share=10_000)
+        ids = [f"loop-{i}" for i in range(5)]
+        async with h.worker() as worker:
+            await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([_event(i) for i in ids])
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs", expect=5)
+        histories = await h.db.fetch(
+            "SELECT execution_id, array_agg(kind || ':' || step_id ORDER BY seq) AS steps FROM ordo.transitions "
+            "GROUP BY execution_id"
+        )
+        expected = ["started:", "set:greet", "branch:by-country", "set:german", "completed:done"]
+        assert len(histories) == 5 and all(r["steps"] == expected for r in histories), histories
+        # The candidate diverged where it went back instead of branching; its loop, bounded by the
+        # primary's max_steps, ended (else enrolment would still be spinning).
+        runs = await h.db.fetch("SELECT outcome, seq, step_id, candidate_decision FROM ordo.shadow_runs")
+        assert {(r["outcome"], r["seq"], r["step_id"]) for r in runs} == {("diverged", 3, "by-country")}
+        assert {orjson.loads(r["candidate_decision"])["kind"] for r in runs} == {"goto"}
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+def test_a_shadow_candidate_that_raises_is_an_error_of_the_shadow_run_only():
+    primary = [(1, "", "started", {"workflow_id": "welcome", "version": 1})]
+
+    class Raising:
+        def matches(self, event, subject):
+            raise RuntimeError("candidate crashed")
+
+    run = dual_run(7, Raising(), "e-1", _event("raise"), primary, "completed", 0)
+    assert (run.outcome, run.error) == ("error", "RuntimeError: candidate crashed")
+    assert primary == [(1, "", "started", {"workflow_id": "welcome", "version": 1})]
+
+
+async def test_a_waiting_execution_is_compared_in_shadow_over_its_whole_history_once_it_ends(
+    nats_server_url, pg_dsn, prefix
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        await h.deploy(dict(WAITER, description="the same, redeployed"))
+        plan = Plan("waiter", 2, stages=(0, 10_000), min_sample=10_000, shadow_share=10_000)
+        ids = [f"wait-{i}" for i in range(2)]
+        async with h.worker() as worker:
+            await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 0)
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in ids])
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs WHERE outcome = 'pending'", expect=2)
+            for event_id in ids:
+                await h.signal(h.execution_id("acme", "waiter", event_id), "done")
+            await h.wait_until("SELECT count(*) FROM ordo.shadow_runs WHERE outcome = 'identical'", expect=2)
+        compared = await h.db.fetch("SELECT compared FROM ordo.shadow_runs")
+        # started, waiting, signal, set, completed: every transition of the primary, replayed.
+        assert [r["compared"] for r in compared] == [5, 5]
+
+
+async def test_a_rollout_superseded_by_a_plain_deploy_is_aborted(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        started = await rollouts.start(h.db, Plan("welcome", 2, min_sample=10_000), "test")
+        async with h.worker() as worker:
+            await _seen_by(worker, "running", 100)
+            assert await h.deploy(SAME_V2) == 3
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="aborted")
+            await h.publish_triggers([_event("after")])
+            await h.wait_until("SELECT workflow_version FROM ordo.executions", expect=3)
+        logged = await rollouts.transitions(h.db, started["rollout_id"])
+        assert [(t["action"], t["actor"]) for t in logged] == [("started", "test"), ("aborted", "controller")]
+        assert logged[1]["reason"] == "superseded: version 3 was deployed and runs every new execution"
+
+
+def _judged(**changes) -> dict:
+    rollout = {
+        "from_version": 1,
+        "to_version": 2,
+        "share": 100,
+        "state": "running",
+        "dwelt_s": 120.0,
+        "min_dwell_s": 60.0,
+        "min_sample": 10,
+        "max_failure_rate": 0.01,
+        "max_p99_ms": 50.0,
+        "max_divergence_rate": None,
+    }
+    return dict(rollout, **changes)
+
+
+def _counts(completed: int, failed: int) -> dict:
+    return {"started": completed + failed, "completed": completed, "failed": failed}
+
+
+def test_judging_weighs_the_candidate_against_the_baseline():
+    even = {1: _counts(100, 2), 2: _counts(10, 0)}
+    # A sample too small decides nothing, however bad it looks.
+    assert judge(_judged(), {1: _counts(100, 0), 2: _counts(5, 4)}, {}) is None
+    # As good as the baseline and dwelt long enough: advance; not dwelt, or paused: wait.
+    assert judge(_judged(), even, {1: 20.0, 2: 60.0}).action == "advanced"
+    assert judge(_judged(dwelt_s=10.0), even, {}) is None
+    assert judge(_judged(state="paused"), even, {}) is None
+    # A baseline that fails as often is no reason to roll back: the threshold is over the baseline.
+    failing_both = {1: _counts(90, 10), 2: _counts(9, 1)}
+    assert judge(_judged(), failing_both, {}).action == "advanced"
+    # p99 action step latency: 71 ms against 20 ms is 51 ms more, over the 50 allowed, even while paused.
+    verdict = judge(_judged(state="paused"), even, {1: 20.0, 2: 71.0})
+    assert (verdict.action, verdict.detail["metric"], verdict.detail["candidate"]["p99_step_ms"]) == (
+        "rolled_back",
+        "p99_step_ms",
+        71.0,
+    )
+    # Thresholds switched off are not checked.
+    assert judge(_judged(max_p99_ms=None), even, {1: 20.0, 2: 900.0}).action == "advanced"
+
+
+async def test_the_baseline_of_a_new_rollout_is_the_version_new_executions_run_now(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WELCOME_V2)
+        first = await rollouts.start(h.db, Plan("welcome", 2), "test")
+        assert (first["from_version"], first["to_version"]) == (1, 2)
+        await rollouts.operate(h.db, "welcome", None, "abort", "test", "not today")
+        # v2 was aborted: v1 runs every new execution, so v1 is what v3 rolls out from.
+        await h.deploy(SAME_V2)
+        second = await rollouts.start(h.db, Plan("welcome", 3), "test")
+        assert (second["from_version"], second["to_version"]) == (1, 3)
