@@ -489,6 +489,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         os.unlink(pubacks_file)
     _collect(run, rows, pubacks)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
+    run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
     if before is not None and after is not None:
         run.storage = storage.growth(

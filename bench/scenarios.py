@@ -481,6 +481,10 @@ class Timers(Scenario):
     default_count = 1_000_000
     defaults = {"wait": "1-60", "hold": 0}
     median_fields = (
+        "fired_per_s",
+        "busiest_second_fires",
+        "postgres_cpu_firing_percent",
+        "workers_rss_firing_max_mb",
         "fired_p50_ms",
         "fired_p99_ms",
         "committed_p50_ms",
@@ -554,10 +558,30 @@ class Timers(Scenario):
         def ms(v):
             return float(v) if v is not None else None
 
+        # The firing: from the first timer fired to the last. The rate the timers fell due over
+        # the same count says whether the workers kept up; CPU and RSS are taken over it.
+        fires = lat["fires"]
+        first_fired, last_fired = lat["first_fired_at"], lat["last_fired_at"]
+        fire_s = (last_fired - first_fired) if fires and last_fired > first_fired else 0.0
+        due_s = (lat["last_due_at"] - lat["first_due_at"]) if fires else 0.0
+        sampler_report = getattr(run, "usage", None)
+        usage = sampler_report(first_fired, last_fired) if sampler_report and fire_s else {}
+        rss_firing = [
+            s["workers_rss_mb"]
+            for s in trace
+            if s.get("workers_rss_mb") is not None and fire_s and first_fired <= s["t"] <= last_fired
+        ]
         return {
             "wait_s": f"{lo}-{hi}",
             "hold_s": int(self.options["hold"]),
-            "fires": lat["fires"],
+            "fires": fires,
+            "fired_per_s": fires / fire_s if fire_s else 0.0,
+            "due_per_s": fires / due_s if due_s > 0 else 0.0,
+            "fire_seconds": fire_s,
+            "busiest_second_fires": lat["busiest_second_fires"] or 0,
+            "postgres_cpu_firing_percent": usage.get("postgres", {}).get("cpu_percent"),
+            "workers_cpu_firing_percent": usage.get("workers", {}).get("cpu_percent"),
+            "workers_rss_firing_max_mb": max(rss_firing) if rss_firing else None,
             "fired_p50_ms": ms(lat["fired_p50"]),
             "fired_p99_ms": ms(lat["fired_p99"]),
             "fired_max_ms": ms(lat["fired_max"]),
@@ -580,7 +604,12 @@ class Timers(Scenario):
             return "-" if v is None else format(v, fmt)
 
         return [
-            f"  timers       {m['fires']:,} fired (wait {m['wait_s']} s + hold {m['hold_s']} s)",
+            f"  timers       {m['fires']:,} fired (wait {m['wait_s']} s + hold {m['hold_s']} s) in "
+            f"{m['fire_seconds']:.1f} s: {m['fired_per_s']:,.0f} fired/s, busiest second "
+            f"{m['busiest_second_fires']:,} (due at {m['due_per_s']:,.0f}/s)",
+            f"  firing       postgres CPU {f(m['postgres_cpu_firing_percent'], '.0f')}%  workers CPU "
+            f"{f(m['workers_cpu_firing_percent'], '.0f')}%  workers RSS max "
+            f"{f(m['workers_rss_firing_max_mb'], '.0f')} MB (all workers, first fire -> last)",
             f"  lateness     fired p50 {f(m['fired_p50_ms'])} ms  p99 {f(m['fired_p99_ms'])} ms  "
             f"max {f(m['fired_max_ms'])} ms   committed p50 {f(m['committed_p50_ms'])} ms  "
             f"p99 {f(m['committed_p99_ms'])} ms  (intended fire time -> timer_fired / its commit)",
