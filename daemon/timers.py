@@ -72,6 +72,10 @@ class DueTimers:
     def __len__(self) -> int:
         return len(self._heap)
 
+    def __contains__(self, timer: tuple[str, str]) -> bool:
+        """Whether (execution_id, timer_id) is held here or in flight (not done yet)."""
+        return timer in self._known
+
     def own(self, partition: int) -> None:
         """A partition claimed: its walk starts from its earliest timer."""
         if partition not in self.partitions:
