@@ -68,6 +68,9 @@ class DueTimers:
         #: partition -> the fire time (ms) up to which it holds every timer: the furthest a load
         #: has gone (or is going). A commit's timer up to here is added by its settling.
         self._covered_ms: dict[int, int] = {}
+        #: partition -> how many times it was claimed: a load's page counts only for the claim it
+        #: was read under (given up and claimed again meanwhile, the walk starts over).
+        self._claims: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -82,6 +85,7 @@ class DueTimers:
             self.partitions.add(partition)
             self._after[partition] = ledger_timers.START
             self._covered_ms[partition] = -1
+            self._claims[partition] = self._claims.get(partition, 0) + 1
 
     def disown(self, partition: int) -> None:
         """Another worker fires this partition's timers now (those in the heap are skipped)."""
@@ -97,6 +101,7 @@ class DueTimers:
         page = min(self.page, room // len(self.partitions))
         until_ms = now_ms + self.horizon_ms
         after = dict(self._after)
+        claims = dict(self._claims)
         # Before the query: a commit that lands after its snapshot settles after this line.
         for p in after:
             self._covered_ms[p] = max(self._covered_ms[p], until_ms)
@@ -109,8 +114,8 @@ class DueTimers:
             last[partition] = (fire_at_us, execution_id)
             read[partition] = read.get(partition, 0) + 1
         for p in after:
-            if p not in self._after:
-                continue  # given up while the query ran
+            if p not in self.partitions or self._claims[p] != claims[p]:
+                continue  # given up (and maybe claimed again) while the query ran
             if read.get(p, 0) >= page:
                 self._after[p] = last[p]  # a full page: the next load goes on from its last row
             else:

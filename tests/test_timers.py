@@ -147,6 +147,21 @@ async def test_a_partition_owned_again_is_walked_from_its_start(db):
     assert [e for e, _ in _drain(timers, NOW_MS + 10)] == ids
 
 
+async def test_a_page_read_under_an_earlier_claim_does_not_move_the_walk_of_the_new_one(db):
+    ids = _ids(3)
+    await _store(db, [(e, 0, "t", NOW_MS + i) for i, e in enumerate(ids)])
+    timers = DueTimers(horizon_s=5, page=2)
+    timers.own(0)
+    load = asyncio.create_task(timers.load(db, NOW_MS))
+    await asyncio.sleep(0)  # its query is out
+    timers.disown(0)
+    timers.own(0)  # claimed again: whatever the old claim held is gone, the walk starts over
+    await load
+    assert [e for e, _ in _drain(timers, NOW_MS + 10)] == ids[:2]
+    assert await timers.load(db, NOW_MS) == 2  # from the start again, not after ids[1]
+    assert [e for e, _ in _drain(timers, NOW_MS + 10)] == ids[:2]
+
+
 # -- fires through a worker -----------------------------------------------------------
 
 
