@@ -3,7 +3,7 @@
     python -m bench w1 [-n 150000] [--workers N] [--repeat K] [--json] [--plot FILE.png]
     python -m bench w1 --rate 3500 --duration 20        open mode: a fixed offered rate
     python -m bench w2-signals [-n 10000] [--signals 20]
-    python -m bench w3-timers [-n 1000000] [--wait 1-60] [--hold S]
+    python -m bench w3-timers [-n 1000000] [--wait 1-60 | --due-over S] [--hold S]
     python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
     python -m bench w5-actions [-n 20000] [--external 1]
     python -m bench w6-webhooks [-n 10000] [--delay 20]
@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="w3-timers: add S seconds to every wait, so that all executions wait at once (default 0)",
     )
     options.add_argument(
+        "--due-over",
+        type=int,
+        default=None,
+        metavar="S",
+        help="w3-timers: instead of --wait, each execution waits until a moment uniform over S seconds "
+        "starting --hold seconds after the run starts: N timers fall due at N/S per second, "
+        "whatever the enrolment rate (default 0: --wait)",
+    )
+    options.add_argument(
         "--transient", type=float, default=None, help="w4-retries: share of provider calls answered 503 (default 0.05)"
     )
     options.add_argument(
@@ -187,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def scenario_options(args) -> dict:
     return {
         name: getattr(args, name)
-        for name in ("signals", "wait", "hold", "transient", "permanent", "external", "delay")
+        for name in ("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay")
         if getattr(args, name) is not None
     }
 
@@ -216,6 +225,8 @@ def main(argv=None) -> int:
         parser.error("--signals must be positive")
     if args.hold is not None and args.hold < 0:
         parser.error("--hold must not be negative")
+    if args.due_over is not None and args.due_over < 0:
+        parser.error("--due-over must not be negative")
     if args.inject_faults is not None:
         from daemon.faults import parse as parse_faults
 
@@ -510,6 +521,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         os.unlink(pubacks_file)
     _collect(run, rows, pubacks)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
+    run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
     if before is not None and after is not None:
         run.storage = storage.growth(

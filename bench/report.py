@@ -9,6 +9,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .histogram import Histogram
@@ -184,6 +185,9 @@ class RunResult:
     #: WAL written and ledger tables + indexes grown over the run's window, totals and per
     #: execution (bench.storage.growth); None when the window was never opened.
     storage: dict | None = None
+    #: The process sampler's report(since, until) (epoch s): CPU and RSS over a window of the
+    #: scenario's own (w3: while the timers fire). Not in as_dict().
+    usage: Callable[[float | None, float | None], dict] | None = None
 
     def rss_series(self, points: int = 200) -> list:
         """[[seconds since the first publish, workers' RSS in MB], ...], at most `points` of them

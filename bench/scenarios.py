@@ -16,8 +16,9 @@ checks (`verify`) and their own numbers (`measure`):
               subjects interleaved across executions; applied signals/s, and
               every execution applied exactly S, in publish order
   w3-timers   N executions each wait a whole number of seconds (--wait
-              MIN-MAX, plus --hold); fire lateness, enrolment rate, worker RSS
-              against the number of waiting executions
+              MIN-MAX, plus --hold), or until a moment spread over S seconds
+              (--due-over S, after --hold); fire rate and lateness, enrolment
+              rate, worker RSS against the number of waiting executions
   w4-retries  N executions each call a flaky local HTTP provider through the
               webhook action; throughput, retries, dead letters as expected
   w5-actions  N executions of five `noop` action steps (in-process, or served
@@ -473,14 +474,25 @@ class Timers(Scenario):
     not the enrolment backlog. --hold S adds S seconds to every wait, so that
     all N executions wait at once (enrolment takes longer than MAX seconds
     at a million) while the worker RSS is sampled.
+
+    --due-over S makes the due times independent of the enrolment: each
+    execution waits `until` a moment uniform (by the same hash) over S seconds
+    from --hold seconds after the run starts, so N timers fall due at N/S per
+    second, a rate enrolment alone cannot offer. --hold must then outlast the
+    enrolment, or the first timers are late before they are set.
     """
 
     name = "w3-timers"
     description = "N executions each wait MIN-MAX s (default 1-60) then complete: fire lateness, worker RSS"
     workflow_file = "w3-timers.json"
     default_count = 1_000_000
-    defaults = {"wait": "1-60", "hold": 0}
+    #: start_ms is no flag: the run's start, fixed by the bench (shape) and handed to the generator.
+    defaults = {"wait": "1-60", "hold": 0, "due_over": 0, "start_ms": 0}
     median_fields = (
+        "fired_per_s",
+        "busiest_second_fires",
+        "postgres_cpu_firing_percent",
+        "workers_rss_firing_max_mb",
         "fired_p50_ms",
         "fired_p99_ms",
         "committed_p50_ms",
@@ -496,9 +508,27 @@ class Timers(Scenario):
     def wait_range(self) -> tuple[int, int]:
         return _range(self.options["wait"])
 
+    @property
+    def due_over_s(self) -> int:
+        return int(self.options["due_over"])
+
     def shape(self, definition: dict) -> dict:
         lo, hi = self.wait_range
         hold = int(self.options["hold"])
+        if self.due_over_s:
+            self.options["start_ms"] = int(time.time() * 1000)
+            # The same steps as with --wait (so the same history and work): one case, one wait.
+            definition["steps"] = [
+                {
+                    "id": "pick",
+                    "type": "switch",
+                    "cases": [{"when": {"eq": [1, 1]}, "next": "wait"}],
+                    "default": "wait",
+                },
+                {"id": "wait", "type": "wait", "until": "{{event.data.due_ms}}", "next": "done"},
+                {"id": "done", "type": "end"},
+            ]
+            return definition
         steps = [
             {
                 "id": "pick",
@@ -521,16 +551,24 @@ class Timers(Scenario):
 
         lo, hi = self.wait_range
         event_id = f"{run_id}-{i}"
-        wait_s = lo + zlib.crc32(event_id.encode()) % (hi - lo + 1)
-        return trigger_event(
-            run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id), data={"wait_s": wait_s}
-        )
+        spread = zlib.crc32(event_id.encode())
+        if self.due_over_s:
+            due_ms = (
+                int(self.options["start_ms"]) + 1000 * int(self.options["hold"]) + spread % (1000 * self.due_over_s)
+            )
+            data = {"due_ms": due_ms}
+        else:
+            data = {"wait_s": lo + spread % (hi - lo + 1)}
+        return trigger_event(run_id, i, tenant=self.tenant, event_type=self.trigger_type(run_id), data=data)
+
+    def _longest_wait_s(self) -> int:
+        return int(self.options["hold"]) + (self.due_over_s or self.wait_range[1])
 
     def timeout(self, expected: int) -> float:
-        return 180.0 + int(self.options["hold"]) + self.wait_range[1] + expected / 500.0
+        return 180.0 + self._longest_wait_s() + expected / 500.0
 
     def stall_grace(self) -> float:
-        return float(int(self.options["hold"]) + self.wait_range[1])
+        return float(self._longest_wait_s())
 
     async def verify(self, conn, run_id: str, expected: int, done: dict | None = None) -> Checks:
         r = await run_checks.timer_histories(conn, self.tenant, run_id)
@@ -554,10 +592,31 @@ class Timers(Scenario):
         def ms(v):
             return float(v) if v is not None else None
 
+        # The firing: from the first timer fired to the last. The rate the timers fell due over
+        # the same count says whether the workers kept up; CPU and RSS are taken over it.
+        fires = lat["fires"]
+        first_fired, last_fired = lat["first_fired_at"], lat["last_fired_at"]
+        fire_s = (last_fired - first_fired) if fires and last_fired > first_fired else 0.0
+        due_s = (lat["last_due_at"] - lat["first_due_at"]) if fires else 0.0
+        sampler_report = getattr(run, "usage", None)
+        usage = sampler_report(first_fired, last_fired) if sampler_report and fire_s else {}
+        rss_firing = [
+            s["workers_rss_mb"]
+            for s in trace
+            if s.get("workers_rss_mb") is not None and fire_s and first_fired <= s["t"] <= last_fired
+        ]
         return {
-            "wait_s": f"{lo}-{hi}",
+            "wait_s": f"{lo}-{hi}" if not self.due_over_s else None,
+            "due_over_s": self.due_over_s or None,
             "hold_s": int(self.options["hold"]),
-            "fires": lat["fires"],
+            "fires": fires,
+            "fired_per_s": fires / fire_s if fire_s else 0.0,
+            "due_per_s": fires / due_s if due_s > 0 else 0.0,
+            "fire_seconds": fire_s,
+            "busiest_second_fires": lat["busiest_second_fires"] or 0,
+            "postgres_cpu_firing_percent": usage.get("postgres", {}).get("cpu_percent"),
+            "workers_cpu_firing_percent": usage.get("workers", {}).get("cpu_percent"),
+            "workers_rss_firing_max_mb": max(rss_firing) if rss_firing else None,
             "fired_p50_ms": ms(lat["fired_p50"]),
             "fired_p99_ms": ms(lat["fired_p99"]),
             "fired_max_ms": ms(lat["fired_max"]),
@@ -580,7 +639,18 @@ class Timers(Scenario):
             return "-" if v is None else format(v, fmt)
 
         return [
-            f"  timers       {m['fires']:,} fired (wait {m['wait_s']} s + hold {m['hold_s']} s)",
+            f"  timers       {m['fires']:,} fired "
+            + (
+                f"(due over {m['due_over_s']} s after hold {m['hold_s']} s)"
+                if m.get("due_over_s")
+                else f"(wait {m['wait_s']} s + hold {m['hold_s']} s)"
+            )
+            + " in "
+            f"{m['fire_seconds']:.1f} s: {m['fired_per_s']:,.0f} fired/s, busiest second "
+            f"{m['busiest_second_fires']:,} (due at {m['due_per_s']:,.0f}/s)",
+            f"  firing       postgres CPU {f(m['postgres_cpu_firing_percent'], '.0f')}%  workers CPU "
+            f"{f(m['workers_cpu_firing_percent'], '.0f')}%  workers RSS max "
+            f"{f(m['workers_rss_firing_max_mb'], '.0f')} MB (all workers, first fire -> last)",
             f"  lateness     fired p50 {f(m['fired_p50_ms'])} ms  p99 {f(m['fired_p99_ms'])} ms  "
             f"max {f(m['fired_max_ms'])} ms   committed p50 {f(m['committed_p50_ms'])} ms  "
             f"p99 {f(m['committed_p99_ms'])} ms  (intended fire time -> timer_fired / its commit)",

@@ -103,9 +103,6 @@ class Settlement:
         self.topology = topology
         #: Applies stale items again (daemon/dispatch.py `Dispatch.apply_again`); set once that is made.
         self.apply_again = None
-        #: A timer a commit sets is held in memory from the commit only if it falls due within this;
-        #: the timer loop's loads bring in the rest.
-        self._timers_from_commits_ms = min(2 * config.timer_load_interval_ms, timers.horizon_ms)
         #: The one ack-latency measurement in flight (see _time_acks).
         self._ack_probe: asyncio.Task | None = None
 
@@ -178,12 +175,11 @@ class Settlement:
         if change.replaced_timer is not None:
             self.timers.cancel(change.execution_id, change.replaced_timer)
         if change.timer is not None:
+            # Held from here if the timer loop's walk has passed its time; else the walk brings it
+            # in from the ledger, if the row is still there by then (an action step's deadline
+            # timer usually is not: its result replaced it).
             fire_at_ms = int(change.timer[1].timestamp() * 1000)
-            # Only what falls due before the timer loop's next loads is held from here; the
-            # loop brings the rest in from the ledger, if the row is still there by then (an
-            # action step's deadline timer usually is not: its result replaced it).
-            if fire_at_ms <= self.clock_ms() + self._timers_from_commits_ms:
-                self.timers.add(change.execution_id, change.timer[0], fire_at_ms, change.partition)
+            self.timers.committed(change.execution_id, change.timer[0], fire_at_ms, change.partition)
         if change.after_commit and self.effects.carry_out(change.row[1], change.execution_id, change.after_commit):
             # The call runs here and its result will be applied here. (The call has not
             # started: its task runs at the next turn of the loop, after this.)
@@ -201,6 +197,8 @@ class Settlement:
         if kind == "timer":  # its row went with the commit
             if unit.retry_timer_after_ms:
                 self._defer_timer(source, unit.retry_timer_after_ms)
+            elif stale:  # its change was refused and its row stays: fire it again, on a fresh read
+                self.timers.defer(source, self.clock_ms())
             else:
                 self.timers.done(source)
         elif stale:

@@ -6,6 +6,16 @@ a million executions waiting for days cost rows on disk and nothing here. A
 due timer is handed to the ordering ring like any message of its execution;
 the commit of the transition it causes deletes (or replaces) its row, which is
 what makes it fire once across restarts.
+
+Each owned partition's rows are walked once, in (fire_at, execution_id)
+order: a load reads, per partition, the page after the key where the last
+one ended, up to now + horizon (`ledger/timers.py`), so a row is read once on
+its way to firing, however long it is due soon. What a commit sets behind a
+partition's walk (`covered`) the walk will not come back for: the commit's
+settling adds it here (`committed`). A load marks how far it goes before its
+query, so a commit that lands after the query's snapshot is added by its
+settling; holding a timer twice is harmless (it is held once per
+(execution, timer id)), missing one is not.
 """
 
 import heapq
@@ -37,34 +47,80 @@ class TimerFire:
 
 
 class DueTimers:
-    def __init__(self, *, horizon_s: float = 60.0, load_limit: int = 100_000):
+    """The owned partitions' timers due within the horizon, earliest first, and each partition's walk."""
+
+    def __init__(self, *, horizon_s: float = 60.0, page: int = 20_000, most_held: int = 100_000):
         #: The partitions this worker owns now; ownership moves, the heap follows.
         self.partitions: set = set()
         self.horizon_ms = int(horizon_s * 1000)
-        self.load_limit = load_limit
+        #: The most rows one load reads of one partition.
+        self.page = page
+        #: The most timers held: a load reads no more than the room left, shared among the
+        #: partitions, so that memory stays bounded when more fall due at once than the worker
+        #: fires (the rest wait on disk, in order).
+        self.most_held = most_held
+        #: (fire_at_ms, execution_id, timer_id, partition), the earliest first.
         self._heap: list = []
-        #: (execution_id, timer_id) in the heap or in flight: loaded once.
+        #: (execution_id, timer_id) in the heap or in flight: held once.
         self._known: set = set()
+        #: partition -> the (fire_at_us, execution_id) key its walk has read up to.
+        self._after: dict[int, tuple[int, str]] = {}
+        #: partition -> the fire time (ms) up to which it holds every timer: the furthest a load
+        #: has gone (or is going). A commit's timer up to here is added by its settling.
+        self._covered_ms: dict[int, int] = {}
+        #: partition -> how many times it was claimed: a load's page counts only for the claim it
+        #: was read under (given up and claimed again meanwhile, the walk starts over).
+        self._claims: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._heap)
 
+    def __contains__(self, timer: tuple[str, str]) -> bool:
+        """Whether (execution_id, timer_id) is held here or in flight (not done yet)."""
+        return timer in self._known
+
     def own(self, partition: int) -> None:
-        self.partitions.add(partition)
+        """A partition claimed: its walk starts from its earliest timer."""
+        if partition not in self.partitions:
+            self.partitions.add(partition)
+            self._after[partition] = ledger_timers.START
+            self._covered_ms[partition] = -1
+            self._claims[partition] = self._claims.get(partition, 0) + 1
 
     def disown(self, partition: int) -> None:
         """Another worker fires this partition's timers now (those in the heap are skipped)."""
         self.partitions.discard(partition)
+        self._after.pop(partition, None)
+        self._covered_ms.pop(partition, None)
 
     async def load(self, conn, now_ms: int) -> int:
-        """Bring in the timers due before now + horizon that are not here yet."""
-        if not self.partitions:
+        """Read the next page of each owned partition's timers due by now + horizon."""
+        room = self.most_held - len(self._heap)
+        if not self.partitions or room < len(self.partitions):
             return 0
+        page = min(self.page, room // len(self.partitions))
+        until_ms = now_ms + self.horizon_ms
+        after = dict(self._after)
+        claims = dict(self._claims)
+        # Before the query: a commit that lands after its snapshot settles after this line.
+        for p in after:
+            self._covered_ms[p] = max(self._covered_ms[p], until_ms)
+        rows = await ledger_timers.due(conn, after, until_ms * 1000, page)
+        last: dict[int, tuple[int, str]] = {}
+        read: dict[int, int] = {}
         added = 0
-        for execution_id, timer_id, fire_at_ms, partition in await ledger_timers.due(
-            conn, list(self.partitions), now_ms + self.horizon_ms, self.load_limit
-        ):
-            added += self.add(execution_id, timer_id, fire_at_ms, partition)
+        for execution_id, timer_id, fire_at_us, partition in rows:
+            added += self.add(execution_id, timer_id, fire_at_us // 1000, partition)
+            last[partition] = (fire_at_us, execution_id)
+            read[partition] = read.get(partition, 0) + 1
+        for p in after:
+            if p not in self.partitions or self._claims[p] != claims[p]:
+                continue  # given up (and maybe claimed again) while the query ran
+            if read.get(p, 0) >= page:
+                self._after[p] = last[p]  # a full page: the next load goes on from its last row
+            else:
+                # Everything up to until_ms is read; the next page starts after it.
+                self._after[p] = (until_ms * 1000, "ffffffff-ffff-ffff-ffff-ffffffffffff")
         return added
 
     def add(self, execution_id: str, timer_id: str, fire_at_ms: int, partition: int) -> bool:
@@ -76,6 +132,13 @@ class DueTimers:
         self._known.add(key)
         heapq.heappush(self._heap, (fire_at_ms, execution_id, timer_id, partition))
         return True
+
+    def committed(self, execution_id: str, timer_id: str, fire_at_ms: int, partition: int) -> bool:
+        """A commit set this timer: hold it if its partition's walk has passed its time (or is
+        passing it now); a later page brings in the rest."""
+        if fire_at_ms > self._covered_ms.get(partition, -1):
+            return False
+        return self.add(execution_id, timer_id, fire_at_ms, partition)
 
     def next_due_ms(self) -> int | None:
         return self._heap[0][0] if self._heap else None
@@ -94,9 +157,13 @@ class DueTimers:
         return fires
 
     def defer(self, fire: TimerFire, fire_at_ms: int) -> None:
-        """The fire changed nothing and its row stays (its execution cannot be read now):
-        fire it again at `fire_at_ms`, not at the next load, which would bring it back
-        within a second. Held here, so a restart tries it once more at once."""
+        """Its row stays and the walk has passed it: fire it again at `fire_at_ms`.
+
+        Either the fire changed nothing (its execution cannot be read now: not
+        at the next load, which would bring it back within a second), or its
+        change was refused as stale (the execution moved on since it was read:
+        at once, on a fresh read). Held here; a restart walks to it again.
+        """
         if fire.timer_partition not in self.partitions:
             self._known.discard((fire.key, fire.timer_id))
             return
@@ -112,5 +179,5 @@ class DueTimers:
         self._known.discard((execution_id, timer_id))
 
     def done(self, fire: TimerFire) -> None:
-        """The fire has committed (or was stale): a later load may not bring it back."""
+        """The fire has committed (or was stale): its row is gone, and the walk is past it."""
         self._known.discard((fire.key, fire.timer_id))

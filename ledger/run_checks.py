@@ -94,7 +94,8 @@ WITH e AS (
     SELECT execution_id, finished_at FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
 ), l AS (
     SELECT extract(epoch FROM f.at) * 1000.0 - (w.detail->>'until_ms')::float8 AS fired,
-           extract(epoch FROM e.finished_at) * 1000.0 - (w.detail->>'until_ms')::float8 AS committed
+           extract(epoch FROM e.finished_at) * 1000.0 - (w.detail->>'until_ms')::float8 AS committed,
+           extract(epoch FROM f.at)::float8 AS fired_at, (w.detail->>'until_ms')::float8 / 1000.0 AS due_at
     FROM e
     JOIN ordo.transitions w ON w.execution_id = e.execution_id AND w.kind = 'waiting'
     JOIN ordo.transitions f ON f.execution_id = e.execution_id AND f.kind = 'timer_fired'
@@ -105,7 +106,10 @@ SELECT count(*) AS fires,
        max(fired) AS fired_max, min(fired) AS fired_min,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY committed) AS committed_p50,
        percentile_cont(0.99) WITHIN GROUP (ORDER BY committed) AS committed_p99,
-       max(committed) AS committed_max
+       max(committed) AS committed_max,
+       min(fired_at) AS first_fired_at, max(fired_at) AS last_fired_at,
+       min(due_at) AS first_due_at, max(due_at) AS last_due_at,
+       (SELECT count(*) FROM l l2 GROUP BY floor(l2.fired_at) ORDER BY 1 DESC LIMIT 1) AS busiest_second_fires
 FROM l
 """
 
@@ -179,7 +183,8 @@ async def timer_histories(conn: Queryable, tenant: str, workflow_id: str) -> Rec
 
 
 async def timer_lateness(conn: Queryable, tenant: str, workflow_id: str) -> Record:
-    """w3: how late the timers fired and committed (ms past their time): count, percentiles, extremes."""
+    """w3: how late the timers fired and committed (ms past their time): count, percentiles, extremes;
+    when the first and last were due and fired (epoch s), and the most fired in one second."""
     row = await conn.fetchrow(_TIMER_LATENESS, tenant, workflow_id)
     assert row is not None, "an aggregate query returns one row"
     return row

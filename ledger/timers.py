@@ -2,29 +2,62 @@
 
 The batcher writes and deletes the rows as part of each commit; this only
 reads them back.
+
+A worker pages through its partitions' timers in (fire_at, execution_id)
+order, each partition from where its previous page ended, so that every row
+is read once on its way to firing, not once per load while it is due soon.
+A page is a range of the index `timers_due` (partition, fire_at), sorted by
+execution id only among rows with the same fire_at, so that a page ends on a
+row even where thousands share one fire_at ("wait until 9:00"). Times cross
+as whole epoch microseconds, exactly what a timestamptz holds, so that the
+next page starts right after the row the last one ended on.
+
+(The execution id is not added to the index: with it there, on Postgres 18,
+the batcher's `DELETE ... WHERE execution_id = ANY(...)` of fired timers took
+ten times as long in the bench, 80 µs a row instead of 8, by
+pg_stat_statements; the plan was not caught.)
 """
 
 from asyncpg import Record
 
 from ledger.connection import Queryable
 
+#: The lowest (fire_at, execution_id) key: where the walk of a partition starts.
+START: tuple[int, str] = (0, "00000000-0000-0000-0000-000000000000")
+
 _DUE = """
-SELECT execution_id::text, timer_id, (extract(epoch FROM fire_at) * 1000)::bigint, partition
-FROM ordo.timers
-WHERE partition = ANY($1::int[]) AND fire_at <= to_timestamp($2 / 1000.0)
-ORDER BY fire_at
-LIMIT $3
+SELECT t.execution_id::text, t.timer_id, (extract(epoch FROM t.fire_at) * 1000000)::bigint, c.partition
+FROM unnest($1::int[], $2::bigint[], $3::uuid[]) AS c(partition, after_us, after_id)
+CROSS JOIN LATERAL (
+    SELECT execution_id, timer_id, fire_at
+    FROM ordo.timers
+    WHERE partition = c.partition
+      AND fire_at >= timestamptz 'epoch' + c.after_us * interval '1 microsecond'
+      AND (fire_at, execution_id) > (timestamptz 'epoch' + c.after_us * interval '1 microsecond', c.after_id)
+      AND fire_at <= timestamptz 'epoch' + $4::bigint * interval '1 microsecond'
+    ORDER BY fire_at, execution_id
+    LIMIT $5
+) AS t
 """
 
 _OF_EXECUTION = "SELECT timer_id, fire_at, purpose, step_id FROM ordo.timers WHERE execution_id = $1::uuid"
 
 
-async def due(conn: Queryable, partitions: list[int], before_ms: int, limit: int) -> list[Record]:
-    """The first `limit` timers of these partitions due by `before_ms`, earliest first.
+async def due(conn: Queryable, after: dict[int, tuple[int, str]], before_us: int, page: int) -> list[Record]:
+    """Of each partition in `after`, the next `page` timers after its (fire_at_us, execution_id)
+    key and due by `before_us`, in key order; one round trip for all of them.
 
-    Each row unpacks as (execution_id, timer_id, fire_at_ms, partition).
+    Each row unpacks as (execution_id, timer_id, fire_at_us, partition).
     """
-    return await conn.fetch(_DUE, partitions, before_ms, limit)
+    partitions = list(after)
+    return await conn.fetch(
+        _DUE,
+        partitions,
+        [after[p][0] for p in partitions],
+        [after[p][1] for p in partitions],
+        before_us,
+        page,
+    )
 
 
 async def of_execution(conn: Queryable, execution_id: str) -> Record | None:
