@@ -22,6 +22,13 @@ straight into `executions` and `history`. A duplicate among them (a
 redelivered trigger) fails that transaction on the primary key, and the batch
 is committed again through the merge.
 
+Both tables are partitioned by day (migration 008, ledger/partitioning.py):
+every row carries its execution's `ledger_day`, and the merge's UPDATE
+matches on (execution_id, ledger_day), so Postgres reads one partition per
+execution (run-time pruning of a nested loop). An update whose execution
+retention has carried forward to another day finds no row under its old key:
+it is refused as stale, and its message is applied again on a fresh read.
+
 Only after COMMIT returns does the worker ack the messages. A crash anywhere
 before that leaves the messages unacked; their redelivery recomputes the same
 changes, which the unique keys and the seq check turn into no-ops.
@@ -74,9 +81,11 @@ EXEC_COLUMNS = (
     "event",
     "created_at",
     "runtime",
+    "ledger_day",
 )
-#: A commit's transitions of one execution as one row of ordo.history (migration 007).
-HISTORY_COLUMNS = ("execution_id", "first_seq", "at", "source_seq", "steps")
+#: A commit's transitions of one execution as one row of ordo.history (migration 007), in the
+#: table's column order; `ledger_day` is its execution's (migration 008).
+HISTORY_COLUMNS = ("execution_id", "first_seq", "at", "source_seq", "steps", "ledger_day")
 _STATUS = EXEC_COLUMNS.index("status")
 _CONTEXT = EXEC_COLUMNS.index("context")
 
@@ -85,16 +94,28 @@ CREATE TEMP TABLE IF NOT EXISTS stage_exec
     (LIKE ordo.executions INCLUDING DEFAULTS, finished boolean NOT NULL)
     ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_upd
-    (execution_id uuid NOT NULL, status text NOT NULL, seq int NOT NULL, pc int NOT NULL, steps int NOT NULL,
-     waiting text, last_stream_seq bigint NOT NULL, context jsonb NOT NULL, runtime jsonb NOT NULL,
-     finished boolean NOT NULL, prev_seq int NOT NULL)
+    (execution_id uuid NOT NULL, ledger_day date NOT NULL, status text NOT NULL, seq int NOT NULL,
+     pc int NOT NULL, steps int NOT NULL, waiting text, last_stream_seq bigint NOT NULL, context jsonb NOT NULL,
+     runtime jsonb NOT NULL, finished boolean NOT NULL, prev_seq int NOT NULL)
     ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_history
     (LIKE ordo.history) ON COMMIT DELETE ROWS;
 """
 _STAGE_NEW_COLUMNS = EXEC_COLUMNS + ("finished",)
 #: What an update changes: an execution's identity, subject and event are written once, at enrolment.
-UPDATE_COLUMNS = ("execution_id", "status", "seq", "pc", "steps", "waiting", "last_stream_seq", "context", "runtime")
+#: Its key (execution_id, ledger_day) names the row, and so the one partition Postgres reads.
+UPDATE_COLUMNS = (
+    "execution_id",
+    "ledger_day",
+    "status",
+    "seq",
+    "pc",
+    "steps",
+    "waiting",
+    "last_stream_seq",
+    "context",
+    "runtime",
+)
 _UPDATE_INDEXES = tuple(EXEC_COLUMNS.index(name) for name in UPDATE_COLUMNS)
 _STAGE_UPDATE_COLUMNS = UPDATE_COLUMNS + ("finished", "prev_seq")
 
@@ -114,7 +135,7 @@ WITH inserted AS (
     + """, clock_timestamp(),
            CASE WHEN finished THEN clock_timestamp() END
     FROM stage_exec
-    ON CONFLICT (execution_id) DO NOTHING
+    ON CONFLICT (execution_id, ledger_day) DO NOTHING
     RETURNING execution_id
 ), updated AS (
     UPDATE ordo.executions e
@@ -123,7 +144,7 @@ WITH inserted AS (
         updated_at = clock_timestamp(),
         finished_at = CASE WHEN s.finished THEN clock_timestamp() END
     FROM stage_upd s
-    WHERE e.execution_id = s.execution_id AND e.seq = s.prev_seq
+    WHERE e.execution_id = s.execution_id AND e.ledger_day = s.ledger_day AND e.seq = s.prev_seq
     RETURNING e.execution_id
 ), accepted AS (
     SELECT execution_id, true AS enrolled FROM inserted UNION ALL SELECT execution_id, false FROM updated

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
@@ -42,8 +42,9 @@ AFTER_COMMIT = frozenset(("action", "emit"))
 _WRITES_CONTEXT = frozenset(("set", "action_completed", "signal", "event_received"))
 
 
-#: One ordo.history row, in HISTORY_COLUMNS order: execution_id, first_seq, at, source_seq, steps (JSON text).
-HistoryRow: TypeAlias = tuple[str, int, datetime, int | None, str]
+#: One ordo.history row, in HISTORY_COLUMNS order: execution_id, first_seq, at, source_seq, steps (JSON text),
+#: ledger_day (its execution's partition key).
+HistoryRow: TypeAlias = tuple[str, int, datetime, int | None, str, date]
 
 
 def _json(value: object) -> str:
@@ -51,7 +52,7 @@ def _json(value: object) -> str:
 
 
 def history_rows(
-    execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None
+    execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None, ledger_day: date
 ) -> list[HistoryRow]:
     """One commit's transitions of an execution, (seq, step_id, kind, detail) each, as one ordo.history row.
 
@@ -66,7 +67,7 @@ def history_rows(
             f"transitions of {execution_id} are not consecutive: seqs {first} to {last}, {len(transitions)}"
         )
     steps = [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
-    return [(execution_id, first, at, source_seq, _json(steps))]
+    return [(execution_id, first, at, source_seq, _json(steps), ledger_day)]
 
 
 class ExecutionRecord:
@@ -82,6 +83,7 @@ class ExecutionRecord:
         "event_id",
         "partition",
         "created_at",
+        "ledger_day",
         "last_stream_seq",
         "loaded_seq",
         "loaded_timer",
@@ -105,6 +107,7 @@ class ExecutionRecord:
         event_json: str | None = None,
         loaded_context: str = "{}",
         subject_type: str = "contact",
+        ledger_day: date | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -116,6 +119,9 @@ class ExecutionRecord:
         self.event_id = event_id
         self.partition = partition
         self.created_at = created_at
+        #: Its partition key (ledger/partitions.py): set at enrolment from the trigger, read back with the
+        #: row, and said by every update, so that Postgres reads one partition. None: the UTC day of created_at.
+        self.ledger_day = ledger_day or (created_at or datetime.now(UTC)).astimezone(UTC).date()
         self.last_stream_seq = last_stream_seq
         #: The seq as stored; an update commits only if the ledger still has it.
         self.loaded_seq = state.seq
@@ -143,7 +149,7 @@ class ExecutionRecord:
         context = _json(state.context)
         if max_context_bytes and len(context) > max_context_bytes:
             return self._too_large(transitions, now, source_seq, context, max_context_bytes)
-        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq))
+        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day))
         change.transitions = len(transitions)
         for kind, data in effects:
             if kind == "set_timer":
@@ -202,6 +208,7 @@ class ExecutionRecord:
             (self.event_json or _json(state.event)) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
+            self.ledger_day,
         )
         change = ExecutionChange(
             self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
@@ -245,7 +252,9 @@ class ExecutionRecord:
         state.waiting = None
         state.timer = None
         state.context = orjson.loads(self.loaded_context)
-        change = self._change(self.loaded_context, history_rows(self.execution_id, kept, now, source_seq))
+        change = self._change(
+            self.loaded_context, history_rows(self.execution_id, kept, now, source_seq, self.ledger_day)
+        )
         change.transitions = len(kept)
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
@@ -311,7 +320,7 @@ def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
 
 _LOAD = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
-       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime
+       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day
 FROM ordo.executions WHERE execution_id = ANY($1::uuid[])
 """
 
@@ -379,4 +388,5 @@ def _record(r: Record) -> ExecutionRecord:
         state,
         loaded_context=r["context"],
         subject_type=r["subject_type"],
+        ledger_day=r["ledger_day"],
     )
