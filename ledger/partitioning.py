@@ -93,6 +93,11 @@ async def partitions(conn: Queryable, table: str) -> list[DayPartition]:
     return sorted(found, key=lambda p: (p.default, p.low or date.min))
 
 
+async def try_lock(conn: Queryable) -> bool:
+    """Become the one maintainer until the connection closes; False when another one is at work."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTAIN_LOCK))
+
+
 def partition_name(table: str, day: date) -> str:
     return f"{table}_{day:%Y%m%d}"
 
