@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Protocol
 
 import asyncpg
@@ -88,6 +88,7 @@ EXEC_COLUMNS = (
 HISTORY_COLUMNS = ("execution_id", "first_seq", "at", "source_seq", "steps", "ledger_day")
 _STATUS = EXEC_COLUMNS.index("status")
 _CONTEXT = EXEC_COLUMNS.index("context")
+_LEDGER_DAY = EXEC_COLUMNS.index("ledger_day")
 
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_exec
@@ -156,6 +157,17 @@ WITH inserted AS (
 SELECT execution_id::text, enrolled FROM accepted
 """
 )
+
+# A commit that enrols takes its transaction id and, in the same round trip, finds the new
+# executions enrolled already on the day before theirs: a trigger published again past
+# JetStream's duplicate window, across midnight UTC, has a later day than the first one and
+# would not collide on the primary key (execution_id, ledger_day). One B-tree probe per
+# enrolment, in the previous day's partition only (run-time pruning).
+_BEGIN_ENROLLING = """
+SELECT txid_current(), ARRAY(
+    SELECT e.execution_id::text FROM unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day)
+    JOIN ordo.executions e ON e.execution_id = k.execution_id AND e.ledger_day = k.ledger_day - 1)
+"""
 
 _INSERT_DEAD_LETTER = """
 INSERT INTO ordo.dead_letters
@@ -278,6 +290,11 @@ class ExecutionChange:
     def status(self) -> str:
         status: str = self.row[_STATUS]
         return status
+
+    @property
+    def ledger_day(self) -> date:
+        day: date = self.row[_LEDGER_DAY]
+        return day
 
     @property
     def context_json(self) -> str:
@@ -622,7 +639,17 @@ class LedgerBatcher:
         touched.update(progress)
         try:
             async with conn.transaction():
-                xid = await conn.fetchval("SELECT txid_current()")
+                if new:
+                    xid, earlier = (
+                        await conn.fetch(_BEGIN_ENROLLING, [c.execution_id for c in new], [c.ledger_day for c in new])
+                    )[0]
+                    if earlier:
+                        for change in new:
+                            change.duplicate = change.execution_id in earlier
+                        new = [c for c in new if not c.duplicate]
+                        enrolled.difference_update(earlier)
+                else:
+                    xid = await conn.fetchval("SELECT txid_current()")
                 if touched:
                     await self._check_epochs(conn, sorted(touched), epochs)
                 if progress:

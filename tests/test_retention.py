@@ -17,7 +17,12 @@ from bench.generator import trigger_event
 from daemon import metrics
 from daemon.export import export, read_archived
 from daemon.inspect import inspect, render
+from hotpath import ExecutionState
 from ledger import partitioning
+from ledger.batcher import LedgerBatcher, Unit
+from ledger.check import check
+from ledger.executions import ExecutionRecord
+from ledger.schema import migrate
 
 DAY_MS = 86_400_000
 
@@ -262,3 +267,45 @@ async def test_the_ledger_commands_maintain_export_and_keep_what_is_recent(nats_
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout == render(await inspect(h.db, execution_id)) + "\n"
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions") == 1
+
+
+class _Trigger:
+    """A unit's source, as the batcher sees one: a trigger message on the triggers stream."""
+
+    key = None
+    subject = "ordo.triggers.acme.x"
+    stream = "ORDO_TRIGGERS"
+    data = b"{}"
+    batch_index = None
+
+    def __init__(self, stream_seq: int):
+        self.stream_seq = stream_seq
+
+
+async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn):
+    """Past JetStream's duplicate window a publisher's retry is a new message; after midnight UTC its
+    day, the partition key, is the next one, and the primary key (execution_id, ledger_day) cannot
+    see the first enrolment. The commit looks for it in the day before and counts the retry a duplicate."""
+    conn = await asyncpg.connect(pg_dsn)
+    batcher = LedgerBatcher(pg_dsn, max_rows=1000, max_ms=0)
+    try:
+        await migrate(conn)
+        execution_id = "00000000-0000-0000-0000-00000000000a"
+        today = datetime.now(UTC).date()
+        results = []
+        for seq, day in ((1, today), (2, today + timedelta(days=1))):
+            state = ExecutionState(execution_id, subject={"id": "c"}, event={"event_id": "e"}, tenant="acme")
+            record = ExecutionRecord(
+                execution_id, "acme", "w", 1, "c", "e", 0, datetime.now(UTC), 0, state, ledger_day=day
+            )
+            state.status, state.seq = "completed", 2  # as the dispatcher leaves a one-commit execution
+            change = record.change([(1, "", "started", None), (2, "", "completed", None)], datetime.now(UTC))
+            committed = await batcher.commit([Unit(_Trigger(seq), [change])], {}, {})
+            results.append((committed.accepted, change.duplicate))
+        assert results == [({execution_id}, False), (set(), True)]
+        assert await conn.fetchval("SELECT count(*) FROM ordo.executions") == 1
+        assert await conn.fetchval("SELECT ledger_day FROM ordo.history") == today
+        assert set((await check(conn)).values()) == {0}
+    finally:
+        await batcher.close()
+        await conn.close()
