@@ -15,8 +15,10 @@ from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, engine, ordo
 
 from bench.generator import trigger_event
 from daemon import metrics
+from daemon.config import Config
 from daemon.export import export, read_archived
 from daemon.inspect import inspect, render
+from daemon.upkeep import retention_keep
 from hotpath import ExecutionState
 from ledger import partitioning
 from ledger.batcher import LedgerBatcher, Unit
@@ -309,3 +311,40 @@ async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn
     finally:
         await batcher.close()
         await conn.close()
+
+
+async def test_workers_with_retention_keep_drop_old_days_and_keep_what_waits(nats_server_url, pg_dsn, prefix):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(WAITER)
+        waiter = trigger_event("kept", 0, tenant="acme", event_type="session.started")
+        waiter_id = h.execution_id("acme", "waiter", waiter["event_id"])
+        async with h.worker():
+            await h.publish_triggers(
+                [trigger_event("gone", i, tenant="acme", event_type="contact.created") for i in range(5)]
+            )
+            await h.publish_triggers([waiter])
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=5)
+            await h.wait_status(waiter_id, "waiting")
+        # A month later, by the workers' clock: their upkeep applies retention_keep at start-up.
+        clock = Clock()
+        clock.advance(30 * DAY_MS)
+        later = datetime.fromtimestamp(clock() / 1000, tz=UTC).date()
+        async with h.worker(clock_ms=clock, retention_keep="14d"):
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=0)
+            assert (await _place(h.db, waiter_id))[1:] == (later, [f"ordo.history_{later:%Y%m%d}"])
+            await h.signal(waiter_id, "done")
+            await h.wait_status(waiter_id, "completed")
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+def test_a_bad_retention_keep_is_an_error_that_names_it():
+    for value, message in (("2h", "at least 1d"), ("fortnight", "retention_keep: 'fortnight' is not a duration")):
+        try:
+            retention_keep(Config(retention_keep=value))
+        except ValueError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"retention_keep = {value!r} was taken")
+    assert retention_keep(Config(retention_keep="14d")) == timedelta(days=14)
+    assert retention_keep(Config()) is None
