@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
@@ -321,8 +321,12 @@ def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
 _LOAD = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
        status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day
-FROM ordo.executions WHERE execution_id = ANY($1::uuid[])
+FROM ordo.executions WHERE execution_id = ANY($1::uuid[]) AND ledger_day >= $2
 """
+#: A message names its execution by id alone, and each day partition has its own primary key to
+#: probe: a load looks in the days since yesterday first (most executions a message is for are
+#: that young, and retention carries older open ones forward into today), then everywhere.
+_RECENT_DAYS = timedelta(days=1)
 
 
 class UnreadableRecord:
@@ -350,7 +354,11 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
     wanted = [eid for eid in execution_ids if isinstance(eid, str) and _EXECUTION_ID.match(eid)]
     if not wanted:
         return records
-    for r in await conn.fetch(_LOAD, wanted):
+    rows = await conn.fetch(_LOAD, wanted, datetime.now(UTC).date() - _RECENT_DAYS)
+    if len(rows) < len(wanted):
+        found = {r["execution_id"] for r in rows}
+        rows += await conn.fetch(_LOAD, [eid for eid in wanted if eid not in found], date.min)
+    for r in rows:
         try:
             records[r["execution_id"]] = _record(r)
         except (ValueError, TypeError, AttributeError) as exc:
