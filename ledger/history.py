@@ -91,13 +91,15 @@ async def execution_as_stored(conn: Queryable, execution_id: str) -> Record | No
 
 # -- the archive of finished executions (`ordo ledger export`) --------------------------------
 
+# One day partition (a name from the catalog, ledger/partitioning.py) at a time, in its primary key's
+# order from just after the last id of the previous page: each page is an index range scan.
 _FINISHED_BEFORE = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
        status, seq, pc, steps, waiting, runtime, context, created_at, updated_at, finished_at, ledger_day
-FROM ordo.executions
-WHERE ledger_day < $1 AND status IN ('completed', 'failed', 'cancelled') AND (ledger_day, execution_id) > ($2, $3::uuid)
-ORDER BY ledger_day, execution_id
-LIMIT $4
+FROM ordo.{partition}
+WHERE ledger_day < $1 AND status IN ('completed', 'failed', 'cancelled') AND execution_id > $2::uuid
+ORDER BY execution_id
+LIMIT $3
 """
 # The history of a page of them, each execution's day said, so that Postgres reads only those days.
 _TRANSITIONS_OF = """
@@ -115,11 +117,14 @@ WHERE execution_id = ANY($1::uuid[]) AND status = 'open' ORDER BY id
 """
 
 
-async def finished_before(conn: Queryable, before: date, after: tuple[date, str] | None, limit: int) -> list[Record]:
-    """Up to `limit` finished executions of the days before `before`, in (ledger_day, execution_id) order,
-    from just after `after` (None: from the first): the rows `execution` reads, and ledger_day."""
-    day, execution_id = after or (date.min, "00000000-0000-0000-0000-000000000000")
-    return await conn.fetch(_FINISHED_BEFORE, before, day, execution_id, limit)
+async def finished_before(conn: Queryable, partition: str, before: date, after: str | None, limit: int) -> list[Record]:
+    """Up to `limit` finished executions of the days before `before` in one partition of ordo.executions
+    (its name), in execution_id order from just after `after` (None: from the first): the rows
+    `execution` reads, and ledger_day."""
+    if not partition.replace("_", "").isalnum():
+        raise ValueError(f"{partition!r} is not the name of a partition of ordo.executions")
+    query = _FINISHED_BEFORE.format(partition=partition)
+    return await conn.fetch(query, before, after or "00000000-0000-0000-0000-000000000000", limit)
 
 
 async def transitions_of(conn: Queryable, executions: list[Record], before: date) -> list[Record]:
