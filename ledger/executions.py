@@ -23,6 +23,7 @@ from hotpath.vocabulary import Effect, Transition
 from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
+from .partitioning import may_be_enrolled_the_day_before
 
 if TYPE_CHECKING:
     from hotpath import _dispatcher, dispatcher
@@ -213,6 +214,10 @@ class ExecutionRecord:
         change = ExecutionChange(
             self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
         )
+        if is_new:
+            event = state.event
+            ts = event.get("ts") if isinstance(event, dict) else None
+            change.check_day_before = may_be_enrolled_the_day_before(self.ledger_day, ts)
         if change.finished:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None

@@ -22,6 +22,7 @@ step that times out is tried again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
+from hotpath.durations import parse_instant
 from ledger.connection import Queryable, Transactional
 
 log = logging.getLogger("ordo.ledger")
@@ -55,6 +57,30 @@ def day_of(timestamp_ns: int) -> date:
 
 def today_utc() -> date:
     return datetime.now(UTC).date()
+
+
+#: How far a publisher's clock (a trigger's `ts`) may run ahead of the NATS server's.
+PUBLISHER_SKEW = timedelta(hours=1)
+
+
+def may_be_enrolled_the_day_before(ledger_day: date, ts: object) -> bool:
+    """Whether a trigger that enrols on `ledger_day` may have enrolled already on the day before.
+
+    Only a trigger published again past JetStream's duplicate window can, and only if it was
+    first published before midnight: then its event time `ts` is before midnight too, or at
+    most PUBLISHER_SKEW after it. A trigger whose `ts` is later in its day needs no look-up
+    (that is nearly all of them); one whose `ts` cannot be read gets one.
+    """
+    try:
+        ts_ms = parse_instant(ts)
+    except ValueError:
+        return True
+    return ts_ms < _first_hour_ms(ledger_day)
+
+
+@functools.lru_cache(maxsize=8)
+def _first_hour_ms(day: date) -> float:
+    return (datetime(day.year, day.month, day.day, tzinfo=UTC) + PUBLISHER_SKEW).timestamp() * 1000
 
 
 @dataclass(frozen=True, slots=True)

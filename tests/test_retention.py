@@ -296,7 +296,9 @@ async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn
         today = datetime.now(UTC).date()
         results = []
         for seq, day in ((1, today), (2, today + timedelta(days=1))):
-            state = ExecutionState(execution_id, subject={"id": "c"}, event={"event_id": "e"}, tenant="acme")
+            # Published first a minute before midnight UTC, and again a few minutes after it.
+            event = {"event_id": "e", "ts": f"{today.isoformat()}T23:59:00Z"}
+            state = ExecutionState(execution_id, subject={"id": "c"}, event=event, tenant="acme")
             record = ExecutionRecord(
                 execution_id, "acme", "w", 1, "c", "e", 0, datetime.now(UTC), 0, state, ledger_day=day
             )
@@ -348,3 +350,14 @@ def test_a_bad_retention_keep_is_an_error_that_names_it():
             raise AssertionError(f"retention_keep = {value!r} was taken")
     assert retention_keep(Config(retention_keep="14d")) == timedelta(days=14)
     assert retention_keep(Config()) is None
+
+
+def test_only_a_trigger_from_around_midnight_is_looked_for_on_the_day_before():
+    day = date(2026, 12, 6)
+    noon = datetime(2026, 12, 6, 12, tzinfo=UTC)
+    assert not partitioning.may_be_enrolled_the_day_before(day, noon.timestamp() * 1000)
+    assert not partitioning.may_be_enrolled_the_day_before(day, "2026-12-06T01:00:01Z")
+    assert partitioning.may_be_enrolled_the_day_before(day, "2026-12-06T00:59:00Z")  # a publisher's clock ahead
+    assert partitioning.may_be_enrolled_the_day_before(day, int((noon - timedelta(days=1)).timestamp() * 1000))
+    assert partitioning.may_be_enrolled_the_day_before(day, "yesterday")
+    assert partitioning.may_be_enrolled_the_day_before(day, None)
