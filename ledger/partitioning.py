@@ -55,10 +55,6 @@ def day_of(timestamp_ns: int) -> date:
     return datetime.fromtimestamp(timestamp_ns / 1e9, tz=UTC).date()
 
 
-def today_utc() -> date:
-    return datetime.now(UTC).date()
-
-
 #: How far a publisher's clock (a trigger's `ts`) may run ahead of the NATS server's.
 PUBLISHER_SKEW = timedelta(hours=1)
 
