@@ -105,6 +105,8 @@ async def test_a_ledger_populated_under_migration_007_migrates_to_day_partitions
                 execution_id,
             )
         before = [tuple(r) for r in await conn.fetch("SELECT * FROM ordo.transitions ORDER BY execution_id, seq")]
+        # An index another migration made (one numbered later may have run first): it moves along.
+        await conn.execute("CREATE INDEX executions_by_created ON ordo.executions (tenant, created_at, execution_id)")
 
         assert await migrate(conn) == ["008_time_partitions.sql"]
 
@@ -125,6 +127,17 @@ async def test_a_ledger_populated_under_migration_007_migrates_to_day_partitions
             f"executions_{tomorrow:%Y%m%d}",
         )
         assert partition == f"executions_{tomorrow:%Y%m%d}"
+        indexes = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = $1::regclass",
+                f"ordo.executions_{tomorrow:%Y%m%d}",
+            )
+        }
+        assert {
+            f"ordo.executions_{tomorrow:%Y%m%d}_{n}" for n in ("pkey", "tenant_created_at_execution_id_idx")
+        } <= indexes
+        assert len(indexes) == 5  # the primary key, by workflow, by subject, by created, the open ones
         assert set((await ledger_check.check(conn)).values()) == {0}
         assert await migrate(conn) == []
     finally:
