@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr (journald keeps them as is).
+"""Structured logs: one JSON object per line on stderr (journald keeps them as is),
+or readable lines when stderr is a terminal.
 
 The engine's workers and external action workers log alike; the engine
 imports this as daemon.logs.
@@ -9,12 +10,18 @@ inherited by every task it starts); a line about an execution carries
 an error carries its `reason` (a code) and `error` (the message). Credentials
 in URLs (`scheme://user:password@host`) are masked in every line, whatever
 library logged them.
+
+On a terminal (`log_format = "auto"`, the default) the same fields are
+printed as one readable line each: time, level, worker, message, then the
+fields as key=value. `log_format = "json"` keeps JSON lines everywhere,
+`"text"` readable lines everywhere.
 """
 
 import logging
 import os
 import re
 import sys
+import time
 from contextvars import ContextVar
 
 import orjson
@@ -72,10 +79,46 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
-def configure(level: str = "info") -> None:
-    """Send every logger's lines to stderr as JSON, from `level` up."""
+class TextFormatter(logging.Formatter):
+    """One readable line: `12:03:04.567 WARNING w0  message  key=value ...` (the JSON line's fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        worker = _worker.get() or getattr(record, "worker", None)
+        head = f"{when} {record.levelname:<7} {_short(worker) if worker else record.name}"
+        fields = " ".join(
+            f"{key}={_text(value)}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD and key != "worker" and not key.startswith("_")
+        )
+        line = f"{head}  {mask(record.getMessage())}" + (f"  {fields}" if fields else "")
+        if record.exc_info:
+            line += "\n" + mask(self.formatException(record.exc_info))
+        return line
+
+
+def _short(worker: str) -> str:
+    """`host/pid/w0` -> `w0/pid`: the host is the same on every line of one terminal."""
+    parts = str(worker).split("/")
+    return f"{parts[-1]}/{parts[-2]}" if len(parts) == 3 else str(worker)
+
+
+def _text(value: object) -> str:
+    text = mask(value) if isinstance(value, str) else str(value)
+    return orjson.dumps(text).decode() if not text or any(c.isspace() or c == '"' for c in text) else text
+
+
+#: `log_format` values: JSON lines, readable lines, or readable on a terminal and JSON otherwise.
+FORMATS = ("auto", "json", "text")
+
+
+def configure(level: str = "info", format: str = "auto") -> None:
+    """Send every logger's lines to stderr from `level` up, as JSON lines or readable ones (`FORMATS`)."""
+    if format not in FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(FORMATS)}, not {format!r}")
+    readable = format == "text" or (format == "auto" and sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if readable else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -166,7 +166,8 @@ class ActionWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         logs.bind_worker(f"{socket.gethostname()}/{os.getpid()}/{self.name}")
-        self._nc = await nats.connect(self.nats_url, name=self.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        servers = [url.strip() for url in self.nats_url.split(",") if url.strip()]
+        self._nc = await nats.connect(servers, name=self.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self._js = self._nc.jetstream(timeout=10)
         consumers: list[PullConsumer] = []
         try:

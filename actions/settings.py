@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Self, TypeVar
 
+from .logs import FORMATS as LOG_FORMATS
+
 DEFAULT_CONFIG_FILE = "/etc/ordo/ordo.toml"
 
 
@@ -19,6 +21,8 @@ DEFAULT_CONFIG_FILE = "/etc/ordo/ordo.toml"
 class Settings:
     """What an action worker reads: where NATS is, the naming, the size of a message, the logs."""
 
+    #: One server, or every node of a cluster comma-separated (nats://a:4222,nats://b:4222):
+    #: the client then connects to any that answers and fails over to the others.
     nats_url: str = ""
     #: Subject and stream prefix: subjects are `<prefix>.triggers.…`, streams `<PREFIX>_TRIGGERS`.
     prefix: str = "ordo"
@@ -29,6 +33,13 @@ class Settings:
     #: private, loopback or link-local (the SSRF guard refuses those otherwise).
     webhook_allow: str = ""
     log_level: str = "info"
+    #: auto (readable lines on a terminal, JSON lines otherwise), json or text.
+    log_format: str = "auto"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """`nats_url` as the list of servers nats-py connects to (it does not split a comma list itself)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     def with_(self, **changes) -> Self:
         return replace(self, **changes)
@@ -70,4 +81,7 @@ def load(kind: type[S] = Settings, path: str | None = None, *, strict: bool = Tr
         if raw is not None and raw != "":
             values[name] = _coerce(type_, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return kind(**values)
+    settings = kind(**values)
+    if settings.log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {settings.log_format!r}")
+    return settings

@@ -147,7 +147,7 @@ async def serve(worker: ActionWorker) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = settings.load(strict=False)
-    configure_logs(config.log_level)
+    configure_logs(config.log_level, config.log_format)
     if not config.nats_url:
         raise SystemExit("ORDO_NATS_URL is not set (or nats_url in the configuration file)")
     actions = select(args, config)

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput over time and latency (matplotlib)")
     parser.add_argument("--data-dir", help="keep the embedded servers' data here (default: a temp dir)")
     parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="an embedded NATS cluster of N nodes with R3 streams instead of one server (as `ordo dev --cluster`)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=None, help="give a run up after this many seconds (default: from the load)"
     )
     parser.add_argument(
@@ -250,7 +257,7 @@ async def _main(args, scenario: Scenario) -> int:
         data_dir = Path(args.data_dir).resolve()
     else:
         data_dir = Path(temp_dir := tempfile.mkdtemp(prefix="ordo-bench-"))
-    env = Environment(config, data_dir)
+    env = Environment(config, data_dir, args.cluster)
     runs: list[RunResult] = []
     try:
         print(f"bench {scenario.name}", file=sys.stderr)
@@ -370,6 +377,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         "ORDO_PG_DSN": run_config.pg_dsn,
         "ORDO_PREFIX": run_config.prefix,
         "ORDO_PARTITIONS": str(run_config.partitions),
+        "ORDO_STREAM_REPLICAS": str(run_config.stream_replicas),
     }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
     # The workers' backends carry the run's name, so that the WAL they report is waited for (bench.storage).
@@ -399,7 +407,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     try:
         # The run's streams are new: the workers see that the partitions' watermarks
         # belong to another stream and start over (ordo.partitions.stream_created).
-        # Partition leases are per ledger, so runs on one ledger are one at a time.
+        # Each run is its own deployment (prefix): its partitions and leases are its own (migration 011).
         # The run's own workflow(s): deployed before the workers start, so they load them.
         definitions = scenario.definitions(run_id)
         if definitions:
@@ -418,6 +426,9 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
         sampler.add("generator", lambda: [publisher.pid] if publisher else [])
         for server in env.embedded:
+            if type(server).__name__ == "EmbeddedNatsCluster":
+                sampler.add("nats", lambda server=server: [node.pid for node in server.nodes if node.pid])
+                continue
             name = "nats" if type(server).__name__ == "EmbeddedNats" else "postgres"
             sampler.add(name, lambda server=server: [server.pid], children=(name == "postgres"))
         sampler.start()
@@ -681,7 +692,7 @@ async def _delete_streams(nats_url: str, topology) -> None:
     import nats
     from nats.js.errors import NotFoundError
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
         for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream, topology.actions_stream):

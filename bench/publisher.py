@@ -59,7 +59,7 @@ async def run(
         raise SystemExit("bench.publisher: ORDO_NATS_URL is not set")
     scenario = get_scenario(scenario_name, options)
     topology = Topology(config)
-    nc = await nats.connect(config.nats_url, max_reconnect_attempts=3)
+    nc = await nats.connect(config.nats_servers, max_reconnect_attempts=3)
     js = nc.jetstream(timeout=30)
     last_emit = 0.0
 

@@ -1,6 +1,7 @@
 """The `ordo` command line.
 
-    ordo dev [--demo N]            embedded NATS + Postgres, migrate, deploy the examples, run workers
+    ordo dev [--demo N] [--cluster N]   embedded NATS (one server or a cluster) + Postgres, migrate,
+                                   deploy the examples, run workers
     ordo run [--workers N | --worker-index I]
     ordo migrate
     ordo workflow deploy FILE...   ordo workflow validate FILE...   ordo workflow list
@@ -18,6 +19,7 @@
     ordo inspect EXECUTION_ID --from-file FILE     an execution archived by `ordo ledger export`
     ordo bench SCENARIO ...
     ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
+    ordo console [--host H] [--port P]   the operator console (tokens from ORDO_CONSOLE_TOKENS)
 
 Servers come from ORDO_NATS_URL / ORDO_PG_DSN (or the config file), never from
 the command line: a DSN with a password must not show up in `ps`.
@@ -33,10 +35,20 @@ from . import config as config_module
 from .topology import Topology
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(args, config) -> None:
+    """The level and format of this process's lines; `ordo dev` shows warnings and above unless told.
+
+    `ordo dev` sets the level for the workers it starts too (they inherit
+    ORDO_LOG_LEVEL), so its summary is not buried under partition hand-overs.
+    """
     from .logs import configure
 
-    configure(level)
+    level = args.log_level or config.log_level
+    if args.command == "dev":
+        if args.log_level is None and "ORDO_LOG_LEVEL" not in os.environ and config.log_level == "info":
+            level = "warning"
+        os.environ["ORDO_LOG_LEVEL"] = level
+    configure(level, config.log_format)
 
 
 def _require(config, *names) -> None:
@@ -145,7 +157,7 @@ def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> in
     async def go():
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             message = dict(body, v=1, execution_id=execution_id)
             ack = await nc.jetstream().publish(
@@ -167,7 +179,7 @@ def cmd_signal(args, config) -> int:
 
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             js = nc.jetstream()
             signal_id = args.signal_id or str(uuid.uuid4())
@@ -310,7 +322,7 @@ def cmd_dlq(args, config) -> int:
             sys.exit("ordo: dlq retry needs an ID or --all")
         import nats
 
-        nc = await nats.connect(config.nats_url)
+        nc = await nats.connect(config.nats_servers)
         try:
             retried = await retry_letters(
                 conn,
@@ -396,7 +408,9 @@ def cmd_ledger(args, config) -> int:
 def cmd_dev(args, config) -> int:
     from .dev import run_dev
 
-    return _run_async(run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir))
+    return _run_async(
+        run_dev(config, demo=args.demo, workers=args.workers, data_dir=args.data_dir, cluster=args.cluster)
+    )
 
 
 def cmd_profile(args, config) -> int:
@@ -410,6 +424,24 @@ def cmd_profile(args, config) -> int:
         return profile(pid, args.seconds, out, native=not args.no_native)
     except ProfileError as exc:
         sys.exit(f"ordo: {exc}")
+
+
+def cmd_console(args, config) -> int:
+    from .console.app import serve
+    from .console.auth import TokenError, Tokens
+
+    _require(config, "pg_dsn")
+    try:
+        tokens = Tokens(config.console_tokens)
+    except TokenError as exc:
+        sys.exit(f"ordo: {exc}")
+    if not tokens:
+        sys.exit("ordo: ORDO_CONSOLE_TOKENS is not set: nobody could log in (README, Console)")
+    try:
+        _run_async(serve(config, tokens, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_bench(args, config) -> int:
@@ -437,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", type=int, default=None, metavar="N", help="publish N demo triggers, report, exit")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="where the embedded servers keep their data (default .ordo)")
+    p.add_argument(
+        "--cluster", type=int, default=0, metavar="N", help="an embedded NATS cluster of N nodes, streams R3"
+    )
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("migrate", help="apply the ledger's schema migrations (idempotent)")
@@ -513,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="export: the archive to write (.jsonl.gz)")
     p.set_defaults(func=cmd_ledger)
 
+    p = sub.add_parser("console", help="the operator console in the browser (tokens: ORDO_CONSOLE_TOKENS)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8360, help="port to listen on (default 8360)")
+    p.set_defaults(func=cmd_console)
+
     p = sub.add_parser("bench", help="run a bench scenario (python -m bench)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
@@ -535,7 +575,7 @@ def main(argv=None) -> int:
         config = config_module.load(args.config)
     except (OSError, ValueError) as exc:
         sys.exit(f"ordo: bad configuration: {exc}")
-    _setup_logging(args.log_level or config.log_level)
+    _setup_logging(args, config)
     # What the operator must fix outside Ordo (a server too old, a plug-in that does not load)
     # is one line naming it, not a traceback; PluginError's message names the plug-in,
     # where it was declared and why it failed.

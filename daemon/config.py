@@ -25,6 +25,15 @@ class Config(Settings):
     max_ack_pending: int = 8192
     ring_capacity: int = 16384
     ack_wait_s: float = 30.0
+    #: Copies JetStream keeps of each of Ordo's streams (and their consumers): 1 on one
+    #: server; 3 on a cluster of three or more, so that losing a node loses nothing and
+    #: stalls only until the stream elects a new leader. Applied when a worker creates the
+    #: streams, and to existing ones at start-up (JetStream changes the count in place).
+    stream_replicas: int = 1
+    #: Where JetStream places those copies: comma-separated server tags the nodes must all
+    #: have (`server_tags` in nats-server's configuration, e.g. "region:eu"); empty: anywhere
+    #: in the cluster the worker is connected to. Applied like stream_replicas.
+    stream_placement: str = ""
     #: A partition's lease: a worker that stops renewing loses it after lease_ttl_s
     #: (takeover within lease_ttl_s + lease_renew_s).
     lease_ttl_s: float = 10.0
@@ -62,6 +71,9 @@ class Config(Settings):
     metrics_port: int = 0  # 0: no metrics endpoint; else base port + worker index
     #: Address of the metrics/health endpoint; loopback unless a remote Prometheus scrapes it.
     metrics_host: str = "127.0.0.1"
+    #: Who may use `ordo console`: comma-separated NAME:SECRET (an operator) or
+    #: tenant=TENANT:SECRET (one tenant's executions only); daemon/console/auth.py.
+    console_tokens: str = ""
     #: For fault tests and soaks only: seeded failures injected into this worker's
     #: NATS publishes/acks and ledger commits, e.g. "seed=7,nats=0.02,pg=0.02". Empty: none.
     inject_faults: str = ""

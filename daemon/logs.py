@@ -4,6 +4,15 @@ Imported from here by the engine (`from . import logs`); defined there so
 that an action worker needs nothing of the engine.
 """
 
-from actions.logs import JsonFormatter, bind_worker, configure, execution, failure, mask
+from actions.logs import FORMATS, JsonFormatter, TextFormatter, bind_worker, configure, execution, failure, mask
 
-__all__ = ["JsonFormatter", "bind_worker", "configure", "execution", "failure", "mask"]
+__all__ = [
+    "FORMATS",
+    "JsonFormatter",
+    "TextFormatter",
+    "bind_worker",
+    "configure",
+    "execution",
+    "failure",
+    "mask",
+]

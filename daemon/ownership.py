@@ -4,8 +4,9 @@ No home-made consensus: Postgres row locks decide every race (the statements
 are in ledger/leases.py; this decides when to run which). Each round
 (every `lease_renew_s`) a worker
 
-1. heartbeats (`ordo.workers`) and counts the live workers (heartbeat within
-   the lease TTL) to get its fair share, ceil(partitions / live workers);
+1. heartbeats (`ordo.workers`) and counts the live workers of its deployment
+   (heartbeat within the lease TTL) to get its fair share, ceil(partitions /
+   live workers);
 2. renews the leases it holds, but only where the epoch is still the one it
    claimed with: a partition whose lease ran out and was claimed by another
    worker is lost, and its late commits are refused by that epoch;
@@ -17,6 +18,10 @@ are in ledger/leases.py; this decides when to run which). Each round
 A worker that stops (SIGSTOP, a dead VM) keeps nothing: its partitions are
 claimable `lease_ttl_s` after its last renewal, so takeover takes at most
 lease_ttl_s + lease_renew_s.
+
+Partitions are a deployment's (its prefix: its own streams): two deployments
+sharing a ledger neither claim each other's partitions nor count each
+other's workers.
 """
 
 import math
@@ -25,8 +30,10 @@ from ledger import leases
 
 
 class Ownership:
-    def __init__(self, name: str, partitions: int, *, lease_ttl_s: float, lease_renew_s: float):
+    def __init__(self, name: str, partitions: int, *, deployment: str, lease_ttl_s: float, lease_renew_s: float):
         self.name = name
+        #: The deployment (prefix) whose partitions these are: others on the same ledger have their own.
+        self.deployment = deployment
         self.partitions = partitions
         self.ttl = lease_ttl_s
         self.renew = lease_renew_s
@@ -34,11 +41,11 @@ class Ownership:
         self.owned: dict[int, int] = {}
 
     async def prepare(self, conn) -> None:
-        await leases.create_partitions(conn, self.partitions)
+        await leases.create_partitions(conn, self.deployment, self.partitions)
 
     async def fair_share(self, conn) -> int:
-        await leases.heartbeat(conn, self.name)
-        live = max(1, await leases.live_workers(conn, self.ttl))
+        await leases.heartbeat(conn, self.deployment, self.name)
+        live = max(1, await leases.live_workers(conn, self.deployment, self.ttl))
         return math.ceil(self.partitions / live)
 
     async def renew_leases(self, conn) -> list[int]:
@@ -46,8 +53,10 @@ class Ownership:
         if not self.owned:
             return []
         held = list(self.owned)
-        kept = await leases.renew(conn, self.name, self.ttl, held, [self.owned[p] for p in held])
-        lost = [p for p in held if p not in kept]
+        kept = await leases.renew(conn, self.deployment, self.name, self.ttl, held, [self.owned[p] for p in held])
+        # A partition released while the renewal was in flight (a drain task of its own) is
+        # gone from `owned` already, and was given back, not lost.
+        lost = [p for p in held if p not in kept and p in self.owned]
         for p in lost:
             del self.owned[p]
         return lost
@@ -60,7 +69,7 @@ class Ownership:
         wanted = share - len(self.owned)
         if wanted <= 0:
             return {}
-        gained = await leases.claim(conn, self.name, self.ttl, wanted, self.partitions, stream_created)
+        gained = await leases.claim(conn, self.deployment, self.name, self.ttl, wanted, self.partitions, stream_created)
         for p, (epoch, _) in gained.items():
             self.owned[p] = epoch
         return gained
@@ -73,10 +82,10 @@ class Ownership:
     async def release(self, conn, partition: int) -> None:
         epoch = self.owned.pop(partition, None)
         if epoch is not None:
-            await leases.release(conn, self.name, partition, epoch)
+            await leases.release(conn, self.deployment, self.name, partition, epoch)
 
     async def leave(self, conn) -> None:
         """On a clean exit: give every partition back at once and stop counting as live."""
         for partition in list(self.owned):
             await self.release(conn, partition)
-        await leases.forget_worker(conn, self.name)
+        await leases.forget_worker(conn, self.deployment, self.name)

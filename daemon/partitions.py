@@ -11,6 +11,7 @@ own.
 
 import asyncio
 import logging
+import time
 
 import nats.errors
 
@@ -71,6 +72,8 @@ class Partitions:
         self._on_fetcher_ended = on_fetcher_ended
         #: Partitions claimed whose consumer could not be set up yet: partition -> (epoch, watermark).
         self.unstarted: dict = {}
+        #: The task starting them, apart from the rounds.
+        self._starter: asyncio.Task | None = None
         self._releasing: set = set()
 
     def owns(self, partition: int) -> bool:
@@ -81,22 +84,51 @@ class Partitions:
 
     async def ownership_loop(self) -> None:
         """Keep leases, take a fair share, give back the surplus (see daemon/ownership.py)."""
+        try:
+            await self._rounds()
+        finally:
+            if self._starter is not None:
+                self._starter.cancel()
+
+    async def _rounds(self) -> None:
         while not self.stopping.is_set():
+            began = time.monotonic()
             try:
                 share, lost, gained = await self._on_pool(self._round, "ownership")
             except CONNECTION_ERRORS:
                 return
+            took = time.monotonic() - began
+            if took > self.config.lease_ttl_s / 2:
+                log.warning(
+                    "an ownership round took %.1f s (leases last %.1f s): the ledger is slow to answer",
+                    took,
+                    self.config.lease_ttl_s,
+                    extra=logs.failure("slow_ownership_round", seconds=round(took, 2)),
+                )
             if lost:
                 self._lost(lost)
             self.unstarted.update(gained)
-            await self._start_unstarted()
+            failed = self._starter_failure()
+            if failed is not None:
+                raise failed  # the worker stops, as it did when a start failed within the round
+            if self.unstarted and (self._starter is None or self._starter.done()):
+                # Off the round: starting a consumer waits on JetStream (seconds while a
+                # stream elects a new leader), and the next renewal must not wait with it.
+                self._starter = asyncio.get_running_loop().create_task(self._start_unstarted())
+            elif self._starter is None or self._starter.done():
+                self.ready.set()  # nothing claimed to start (else the starter says when it is done)
             self._give_back_surplus(share)
             metrics.owned_partitions.set(len(self.ownership.owned))
-            self.ready.set()
             try:
                 await asyncio.wait_for(self.stopping.wait(), self.config.lease_renew_s)
             except TimeoutError:
                 pass
+
+    def _starter_failure(self) -> BaseException | None:
+        starter = self._starter
+        if starter is None or not starter.done() or starter.cancelled():
+            return None
+        return starter.exception()
 
     async def _round(self, conn) -> tuple:
         share = await self.ownership.fair_share(conn)
@@ -115,7 +147,10 @@ class Partitions:
             self.stop(p)
 
     async def _start_unstarted(self) -> None:
-        for p, (epoch, watermark) in sorted(self.unstarted.items()):
+        for p, claim in sorted(self.unstarted.items()):
+            if self.unstarted.get(p) != claim:
+                continue  # lost meanwhile (and perhaps claimed again: the next start takes that)
+            epoch, watermark = claim
             try:
                 await self._start(p, epoch, watermark)
             except nats.errors.Error as exc:
@@ -127,7 +162,9 @@ class Partitions:
                     extra=logs.failure("partition_start", exc, partition=p),
                 )
                 continue
-            del self.unstarted[p]
+            if self.unstarted.get(p) == claim:
+                del self.unstarted[p]
+        self.ready.set()  # the first claims are fetching (or will be retried next round)
 
     def _give_back_surplus(self, share: int) -> None:
         for p in self.ownership.surplus(share):
@@ -142,8 +179,13 @@ class Partitions:
         self.epochs[p] = epoch
         self.progress[p] = PartitionProgress(watermark)
         await self.topology.resume_partition(self._js, p, epoch, watermark)
+        if not self._holds(p, epoch):
+            return  # lost while JetStream set the consumer up: the new owner's epoch fences us
         consumer = self.intake.consumer(self.topology.exec_stream, self.topology.partition_consumer(p, epoch))
         await consumer.subscribe()
+        if not self._holds(p, epoch):
+            await consumer.unsubscribe()
+            return
         self.timers.own(p)
         task = self.intake.fetch_partition(p, consumer)
         task.add_done_callback(self._on_fetcher_ended)
@@ -154,6 +196,9 @@ class Partitions:
             watermark,
             extra={"partition": p, "epoch": epoch},
         )
+
+    def _holds(self, p: int, epoch: int) -> bool:
+        return self.ownership.owned.get(p) == epoch and p not in self.closing
 
     def stop(self, p: int) -> None:
         self.closing.add(p)

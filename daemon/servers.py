@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import weakref
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ __all__ = [
     "read_nats_info",
     "free_port",
     "EmbeddedNats",
+    "EmbeddedNatsCluster",
     "EmbeddedPostgres",
 ]
 
@@ -295,14 +297,36 @@ class _Embedded:
 
 
 class EmbeddedNats(_Embedded):
-    """A nats-server with JetStream (file store, fsync always) in ``data_dir``."""
+    """A nats-server with JetStream (file store, fsync always) in ``data_dir``.
+
+    Alone by default; a node of a cluster when given ``cluster_port`` (where it
+    listens for its peers' routes) and ``routes`` (its peers' cluster ports):
+    see :class:`EmbeddedNatsCluster`.
+    """
 
     log_name = "nats.log"
     _stop_signal = signal.SIGTERM
 
-    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        cluster_port: int = 0,
+        routes: tuple[int, ...] = (),
+        monitor_port: int = 0,
+        server_name: str = "",
+        server_tags: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(data_dir, port)
         self.host = host
+        self.server_name = server_name
+        #: Tags JetStream places streams by (the stream_placement setting).
+        self.server_tags = server_tags
+        self.cluster_port = cluster_port
+        self.routes = routes
+        self.monitor_port = monitor_port
         self.server_info: dict = {}
 
     @classmethod
@@ -341,7 +365,7 @@ class EmbeddedNats(_Embedded):
 
     @property
     def _name(self) -> str:
-        return f"ordo_{self.port}"
+        return self.server_name or f"ordo_{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -350,7 +374,7 @@ class EmbeddedNats(_Embedded):
     def _write_config(self) -> None:
         store = self.data_dir / "jetstream"
         # json.dumps gives properly quoted strings, which NATS config accepts.
-        self.config_path.write_text(
+        text = (
             f"listen: {json.dumps(f'{self.host}:{self.port}')}\n"
             f"server_name: {json.dumps(self._name)}\n"
             f"log_file: {json.dumps(str(self.log_path))}\n"
@@ -359,6 +383,20 @@ class EmbeddedNats(_Embedded):
             "  sync_interval: always\n"
             "}\n"
         )
+        if self.monitor_port:
+            text += f"http: {json.dumps(f'{self.host}:{self.monitor_port}')}\n"
+        if self.server_tags:
+            text += f"server_tags: {json.dumps(list(self.server_tags))}\n"
+        if self.cluster_port:
+            routes = ", ".join(json.dumps(f"nats-route://{self.host}:{port}") for port in self.routes)
+            text += (
+                "cluster {\n"
+                f"  name: {json.dumps(CLUSTER_NAME)}\n"
+                f"  listen: {json.dumps(f'{self.host}:{self.cluster_port}')}\n"
+                f"  routes: [{routes}]\n"
+                "}\n"
+            )
+        self.config_path.write_text(text)
 
     def start(self) -> None:
         """Write the config, spawn nats-server, wait until it sends INFO."""
@@ -387,6 +425,98 @@ class EmbeddedNats(_Embedded):
                 raise
             return
         self._fail(f"nats-server did not answer on {self.url} within {_START_TIMEOUT_NATS:.0f} s")
+
+
+#: The name of the embedded cluster (its nodes' `cluster { name }`).
+CLUSTER_NAME = "ordo"
+
+_START_TIMEOUT_CLUSTER = 30.0
+
+
+class EmbeddedNatsCluster:
+    """``size`` nats-servers on loopback that form one JetStream cluster.
+
+    Node i is the server ``n<i>`` (JetStream's Raft groups know their peers by
+    name, so a node keeps its name across restarts, on whatever ports), keeps
+    its store and log in ``data_dir/n<i>`` and listens on a client port, a
+    cluster port (routes to every other node) and a monitoring port (its
+    ``/healthz`` says when JetStream has a meta leader, i.e. when streams can
+    be created). Ports are picked once and kept, so a node that
+    is killed restarts where its peers and clients expect it. `tags` gives
+    each node its `server_tags`, which stream placement selects by. Replicated
+    streams need a majority of their nodes: an R3 stream survives one node down.
+    """
+
+    def __init__(self, data_dir: Path, size: int = 3, tags: list[tuple[str, ...]] | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one node, not {size}")
+        self.data_dir = Path(data_dir).resolve()
+        cluster_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            EmbeddedNats(
+                self.data_dir / f"n{i}",
+                port=free_port(),
+                cluster_port=cluster_ports[i],
+                routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
+                monitor_port=free_port(),
+                server_name=f"n{i}",
+                server_tags=tags[i] if tags else (),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what `nats_url` takes for a cluster."""
+        return ",".join(self.urls)
+
+    def node_named(self, server_name: str) -> EmbeddedNats:
+        """The node with this server name (as JetStream names a stream's leader)."""
+        for node in self.nodes:
+            if node.server_name == server_name:
+                return node
+        raise KeyError(f"no node named {server_name!r} in {[n.server_name for n in self.nodes]}")
+
+    def start(self) -> None:
+        """Start every node, then wait until each one's JetStream is part of the cluster."""
+        for node in self.nodes:
+            node.start()
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = _START_TIMEOUT_CLUSTER) -> None:
+        """Until every running node's /healthz is ok (JetStream has a meta leader it follows)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while node.running() and not _healthy(node):
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"nats cluster: {node.url} not healthy within {timeout:.0f} s\n"
+                        f"--- last lines of {node.log_path} ---\n{_tail(node.log_path)}"
+                    )
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> EmbeddedNatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _healthy(node: EmbeddedNats) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{node.host}:{node.monitor_port}/healthz", timeout=1.0) as answer:
+            return bool(json.loads(answer.read()).get("status") == "ok")
+    except (OSError, ValueError):
+        return False
 
 
 def _postgres_bin_dir() -> Path:

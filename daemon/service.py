@@ -42,7 +42,7 @@ EXIT_NO_PORT = 1
 EXIT_FENCED = 3
 
 #: Settings SIGHUP applies; every other one takes a restart (the worker sized its ring, pools, partitions by them).
-RELOADABLE = ("log_level",)
+RELOADABLE = ("log_level", "log_format")
 
 
 class _Service:
@@ -87,7 +87,7 @@ class _Service:
             notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
         try:
             fresh = config_module.load(self.config_path)
-            logs.configure(fresh.log_level)
+            logs.configure(fresh.log_level, fresh.log_format)
             changed = [
                 f.name
                 for f in fields(Config)

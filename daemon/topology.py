@@ -11,7 +11,7 @@ import uuid
 from dataclasses import replace
 
 import nats.js.api as jsapi
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 from actions.transport import Subjects, partition_of
 
@@ -20,6 +20,7 @@ from .config import Config
 __all__ = [
     "ATOMIC_PUBLISH_SERVER",
     "EXECUTION_NAMESPACE",
+    "StreamSetupError",
     "Topology",
     "execution_id_for",
     "partition_of",
@@ -58,6 +59,10 @@ def trigger_msg_id(event: dict) -> str:
     return f"{event['tenant']}:{event['event_id']}"
 
 
+class StreamSetupError(RuntimeError):
+    """JetStream refused one of Ordo's streams as configured (e.g. more replicas than servers)."""
+
+
 class Topology(Subjects):
     """Stream, subject and consumer names under one configured prefix, and the JetStream set-up."""
 
@@ -85,7 +90,10 @@ class Topology(Subjects):
     async def ensure(self, js) -> None:
         """Create the streams and durable consumers if they are missing (idempotent).
 
-        On nats-server 2.12+ the triggers stream accepts atomic batch publishes:
+        Each stream keeps `stream_replicas` copies (its consumers inherit the
+        count); an existing stream with another count is changed in place, so
+        raising the setting and restarting the workers moves a deployment from
+        R1 to R3. On nats-server 2.12+ the triggers stream accepts atomic batch publishes:
         a Triggers service that publishes its events in batches pays one fsync
         per batch under `sync_interval: always` instead of one per event, and
         each event is still its own message (with its own Nats-Msg-Id).
@@ -114,19 +122,45 @@ class Topology(Subjects):
                 max_msg_size=self._config.max_message_bytes * 4,
                 # Publishers of triggers, signals and results may batch (one fsync per batch).
                 allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
+                num_replicas=self._config.stream_replicas,
+                placement=self._placement(),
             )
             try:
-                info = await js.stream_info(name)
-                if config.allow_atomic and not info.config.allow_atomic:
-                    await js.update_stream(replace(info.config, allow_atomic=True))
-            except NotFoundError:
-                try:
-                    await js.add_stream(config)
-                except BadRequestError as exc:  # created concurrently by another worker
-                    if "already in use" not in str(exc):
-                        raise
+                await self._ensure_stream(js, config)
+            except (BadRequestError, ServerError) as exc:  # not a 503: JetStream refused the stream
+                raise StreamSetupError(
+                    f"stream {name} with {config.num_replicas} replica(s) (the stream_replicas setting)"
+                    f"{f' on servers tagged {config.placement.tags} (stream_placement)' if config.placement else ''} "
+                    f"refused by NATS: {exc.description}"
+                ) from exc
         # A partition's consumer is created by the worker that claims it (resume_partition).
         await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
+
+    def _placement(self) -> jsapi.Placement | None:
+        tags = [tag.strip() for tag in self._config.stream_placement.split(",") if tag.strip()]
+        return jsapi.Placement(tags=tags) if tags else None
+
+    @staticmethod
+    async def _ensure_stream(js, config: jsapi.StreamConfig) -> None:
+        try:
+            info = await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError as exc:  # created concurrently by another worker
+                if "already in use" not in str(exc):
+                    raise
+            return
+        changes: dict = {}
+        if config.allow_atomic and not info.config.allow_atomic:
+            changes["allow_atomic"] = True
+        if (info.config.num_replicas or 1) != config.num_replicas:
+            changes["num_replicas"] = config.num_replicas
+        wanted_tags = sorted(config.placement.tags or []) if config.placement else []
+        if sorted((info.config.placement.tags or []) if info.config.placement else []) != wanted_tags:
+            changes["placement"] = config.placement or jsapi.Placement()
+        if changes:
+            await js.update_stream(replace(info.config, **changes))
 
     async def resume_partition(self, js, partition: int, epoch: int, after_seq: int) -> None:
         """Create this epoch's consumer of the partition, delivering from `after_seq + 1` in

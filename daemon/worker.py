@@ -93,7 +93,11 @@ class Worker:
         self.workers = workers
         self.name = f"{socket.gethostname()}/{os.getpid()}/w{worker_index}"
         self.ownership = Ownership(
-            self.name, config.partitions, lease_ttl_s=config.lease_ttl_s, lease_renew_s=config.lease_renew_s
+            self.name,
+            config.partitions,
+            deployment=config.prefix,
+            lease_ttl_s=config.lease_ttl_s,
+            lease_renew_s=config.lease_renew_s,
         )
         self.registry = WorkflowRegistry()
         # The most messages fetched and not yet settled: a pull request opens while
@@ -118,7 +122,9 @@ class Worker:
         self.epochs: dict[int, int] = {}
         #: Partitions being given back or lost: their fetch loops finish and stop.
         self._closing: set = set()
-        self.batcher = LedgerBatcher(config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms)
+        self.batcher = LedgerBatcher(
+            config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms, deployment=config.prefix
+        )
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._ring_ready = asyncio.Event()
@@ -133,7 +139,7 @@ class Worker:
     async def start(self) -> None:
         logs.bind_worker(self.name)  # every line from here and from the tasks started here names this worker
         self._nc = await nats.connect(
-            self.config.nats_url, name=f"ordo-{self.name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            self.config.nats_servers, name=f"ordo-{self.name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)

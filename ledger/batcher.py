@@ -57,6 +57,8 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from ledger import leases
+
 log = logging.getLogger("ordo.ledger")
 
 #: An execution row as the worker builds it; updated_at and finished_at are
@@ -177,12 +179,6 @@ INSERT INTO ordo.dead_letters
      batch_index)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT DO NOTHING
-"""
-
-_SET_WATERMARKS = """
-UPDATE ordo.partitions p SET watermark = w.watermark
-FROM unnest($1::int[], $2::bigint[]) AS w(partition, watermark)
-WHERE p.partition = w.partition AND p.watermark < w.watermark
 """
 
 _SET_TIMERS = """
@@ -422,8 +418,10 @@ class LedgerBatcher:
     (group commit). A wait only adds latency while the connection is idle.
     """
 
-    def __init__(self, dsn: str, *, max_rows: int, max_ms: float):
+    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo"):
         self._dsn = dsn
+        #: Whose partitions the epochs and watermarks are (the prefix; ledger/leases.py).
+        self.deployment = deployment
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
@@ -661,7 +659,7 @@ class LedgerBatcher:
                 if touched:
                     await self._check_epochs(conn, sorted(touched), epochs)
                 if progress:
-                    await conn.execute(_SET_WATERMARKS, list(progress), list(progress.values()))
+                    await leases.set_watermarks(conn, self.deployment, progress)
                 merged = updates
                 if new and copy_new:
                     await self._copy_new(conn, new)
@@ -754,11 +752,7 @@ class LedgerBatcher:
     async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict[int, int]) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a
         # commit after the claim sees the new epoch. Either order is safe.
-        rows = await conn.fetch(
-            "SELECT partition, epoch FROM ordo.partitions WHERE partition = ANY($1::int[]) FOR SHARE",
-            partitions,
-        )
-        current = {r["partition"]: r["epoch"] for r in rows}
+        current = await leases.epochs_for_commit(conn, self.deployment, partitions)
         stale = [p for p in partitions if current.get(p) != epochs.get(p)]
         if stale:
             raise Fenced(stale)

@@ -107,7 +107,7 @@ class Harness:
         self.processes: list[subprocess.Popen] = []
 
     async def __aenter__(self):
-        self.nc = await nats.connect(self.config.nats_url)
+        self.nc = await nats.connect(self.config.nats_servers)
         self.js = self.nc.jetstream(timeout=10)
         await self.topology.ensure(self.js)
         self.db = await asyncpg.connect(self.config.pg_dsn)
@@ -167,7 +167,9 @@ class Harness:
 
     async def partition_consumer(self, partition: int) -> str:
         """The partition's consumer under its current owner (there is one per epoch)."""
-        epoch = await self.db.fetchval("SELECT epoch FROM ordo.partitions WHERE partition = $1", partition)
+        epoch = await self.db.fetchval(
+            "SELECT epoch FROM ordo.partitions WHERE deployment = $1 AND partition = $2", self.config.prefix, partition
+        )
         return self.topology.partition_consumer(partition, epoch)
 
     async def wait_claimed(self, since: float, count: int | None = None, timeout: float = 20.0) -> None:
@@ -176,7 +178,9 @@ class Harness:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             claimed = await self.db.fetchval(
-                "SELECT count(*) FROM ordo.partitions WHERE claimed_at >= to_timestamp($1)", since
+                "SELECT count(*) FROM ordo.partitions WHERE deployment = $1 AND claimed_at >= to_timestamp($2)",
+                self.config.prefix,
+                since,
             )
             if claimed >= count:
                 return

@@ -137,15 +137,15 @@ async def test_dev_is_ready_once_workers_started_after_it_own_every_partition(pg
     try:
         async with pool.acquire() as conn:
             await migrate(conn)
-            await leases.create_partitions(conn, 4)
-            await leases.claim(conn, "old", 60.0, 4, 4, "stream-a")
+            await leases.create_partitions(conn, "ordo", 4)
+            await leases.claim(conn, "ordo", "old", 60.0, 4, 4, "stream-a")
             since = await leases.ledger_clock(conn)
-            assert await leases.partitions_claimed_since(conn, since) == {}
+            assert await leases.partitions_claimed_since(conn, "ordo", since) == {}
             for partition in range(4):
-                await leases.release(conn, "old", partition, 1)
-            await leases.claim(conn, "w0", 60.0, 2, 4, "stream-a")
-            await leases.claim(conn, "w1", 60.0, 2, 4, "stream-a")
-            assert await leases.partitions_claimed_since(conn, since) == {"w0": 2, "w1": 2}
+                await leases.release(conn, "ordo", "old", partition, 1)
+            await leases.claim(conn, "ordo", "w0", 60.0, 2, 4, "stream-a")
+            await leases.claim(conn, "ordo", "w1", 60.0, 2, 4, "stream-a")
+            assert await leases.partitions_claimed_since(conn, "ordo", since) == {"w0": 2, "w1": 2}
         await wait_for_workers(pool, Config(partitions=4), since, workers=2, timeout=5.0)
         with pytest.raises(RuntimeError, match="3 worker"):
             await wait_for_workers(pool, Config(partitions=4), since, workers=3, timeout=0.5)

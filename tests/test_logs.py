@@ -7,13 +7,19 @@ lines it logs are captured through the JSON formatter the daemon installs.
 import asyncio
 import io
 import logging
+import os
+import pty
+import re
+import subprocess
+import sys
 
 import orjson
+import pytest
 from harness import Harness
 
 from actions.plugins import default_registry
 from bench.generator import trigger_event
-from daemon import logs
+from daemon import cli, config, logs
 from daemon.worker import Worker
 
 EXPLODING = {
@@ -155,3 +161,86 @@ def test_credentials_in_urls_are_masked_in_every_field():
     assert "postgresql://ordo:***@db.internal:5432/ordo" in line["msg"]
     assert line["url"] == "nats://app:***@nats:4222" and line["reason"] == "ledger_connection"
     assert "***" in line["error"] and "***" in line["exc"]
+
+
+_LOG_ONE_LINE = """
+import logging, sys
+from daemon import logs
+logs.configure("info", sys.argv[1])
+logs.bind_worker("host/4711/w0")
+logging.getLogger("ordo.test").warning(
+    "partition %d handed over", 3, extra=logs.execution("e-1", "acme", note="two words", url="nats://a:pw@h:1")
+)
+"""
+
+
+def _stderr_of_one_line(log_format: str, *, terminal: bool) -> str:
+    """What a process that configures the logs and logs one line writes on its stderr: a pipe, or a terminal."""
+    if not terminal:
+        done = subprocess.run([sys.executable, "-c", _LOG_ONE_LINE, log_format], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    leader, follower = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", _LOG_ONE_LINE, log_format], stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait() == 0
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_on_a_terminal_a_line_is_readable_and_carries_the_same_fields():
+    (line,) = _stderr_of_one_line("auto", terminal=True).splitlines()
+    assert not line.startswith("{")
+    assert re.match(r"\d\d:\d\d:\d\d\.\d{3} WARNING w0/4711  partition 3 handed over  ", line), line
+    fields = line.split("  ", 2)[2]
+    assert "execution_id=e-1" in fields and "tenant=acme" in fields
+    assert 'note="two words"' in fields  # a value with a space stays one field
+    assert "url=nats://a:***@h:1" in fields and "pw" not in line
+
+
+def test_off_a_terminal_lines_stay_json_unless_text_is_asked_for():
+    (piped,) = _stderr_of_one_line("auto", terminal=False).splitlines()
+    doc = orjson.loads(piped)
+    assert doc["msg"] == "partition 3 handed over" and doc["worker"] == "host/4711/w0" and doc["tenant"] == "acme"
+    (text,) = _stderr_of_one_line("text", terminal=False).splitlines()
+    assert "WARNING w0/4711  partition 3 handed over" in text
+    (json_on_tty,) = _stderr_of_one_line("json", terminal=True).splitlines()
+    assert orjson.loads(json_on_tty)["level"] == "warning"
+
+
+def test_a_log_format_that_does_not_exist_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("ORDO_LOG_FORMAT", "xml")
+    with pytest.raises(ValueError, match="log_format must be one of auto, json, text, not 'xml'"):
+        config.load()
+    done = subprocess.run([sys.executable, "-m", "daemon", "check"], capture_output=True, text=True)
+    assert done.returncode == 1 and "ordo: bad configuration: log_format must be one of" in done.stderr
+
+
+def test_ordo_dev_shows_warnings_and_up_unless_told_and_its_workers_inherit_the_level(monkeypatch):
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for argv, env_level, expected in (
+            (["dev"], None, "warning"),
+            (["--log-level", "info", "dev"], None, "info"),
+            (["dev"], "debug", "debug"),
+            (["run"], None, "info"),
+        ):
+            monkeypatch.delenv("ORDO_LOG_LEVEL", raising=False)
+            if env_level:
+                monkeypatch.setenv("ORDO_LOG_LEVEL", env_level)
+            cli._setup_logging(cli.build_parser().parse_args(argv), config.load())
+            assert root.level == getattr(logging, expected.upper()), argv
+            if argv[-1] == "dev":
+                assert os.environ["ORDO_LOG_LEVEL"] == expected  # what the workers it starts read
+    finally:
+        root.handlers[:], root.level = handlers, level

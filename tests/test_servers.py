@@ -15,6 +15,7 @@ from nats.js.api import StorageType, StreamConfig
 from daemon.servers import (
     MIN_NATS_SERVER,
     EmbeddedNats,
+    EmbeddedNatsCluster,
     EmbeddedPostgres,
     ServerVersionError,
     check_nats_server,
@@ -132,6 +133,37 @@ async def test_embedded_nats_jetstream_survives_kill(tmp_path):
     assert not _alive(pid)
     assert not _listening(port)
     assert server.pid is None
+
+
+async def test_an_embedded_cluster_keeps_an_r3_stream_through_a_node_kill_and_restart(tmp_path):
+    with EmbeddedNatsCluster(tmp_path / "cluster", 3) as cluster:
+        assert [node.server_name for node in cluster.nodes] == ["n0", "n1", "n2"]
+        assert cluster.url == ",".join(cluster.urls)
+        nc = await nats_py.connect(cluster.urls, reconnect_time_wait=0.1)
+        try:
+            js = nc.jetstream(timeout=10)
+            await js.add_stream(StreamConfig(name="CL_S", subjects=["cl.>"], num_replicas=3))
+            await js.publish("cl.one", b"kept by three")
+            leader = cluster.node_named((await js.stream_info("CL_S")).cluster.leader)
+            port, first_pid = leader.port, leader.pid
+            leader.kill()
+            # Two of three copies are a majority: the stream elects a leader and takes publishes again.
+            ack = None
+            for _ in range(150):
+                try:
+                    ack = await js.publish("cl.two", b"after the kill", timeout=1)
+                    break
+                except Exception:  # no leader yet, or our connection failing over
+                    await asyncio.sleep(0.1)
+            assert ack is not None and ack.seq == 2
+            await asyncio.to_thread(leader.start)
+            assert leader.port == port and leader.pid != first_pid
+            await asyncio.to_thread(cluster.wait_healthy)
+            assert leader.server_info["server_name"] == leader.server_name
+            assert await _stream_message(leader.url, "CL_S", 1) == b"kept by three"
+        finally:
+            await nc.close()
+    assert not any(node.running() for node in cluster.nodes)
 
 
 def test_embedded_nats_context_manager_and_fixed_port(tmp_path):

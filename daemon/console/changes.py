@@ -1,0 +1,166 @@
+"""The console's changes: cancel an execution, send it a signal, retry dead letters.
+
+Each is what the command line does (`ordo execution cancel`, `ordo signal`,
+`ordo dlq retry`): the same message on the execution's subject with the same
+message id, or daemon/dlq.py's `retry_letters` itself. Before anything is
+sent the change is written to the audit trail (who, what, which execution or
+letter), and its outcome after; a tenant token's change to what is not its
+tenant's is "not found", like a page.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ledger import console as queries
+
+from ..dlq import retry_letters
+from .html import esc, link
+from .state import CONSOLE, Console, identity_of
+from .views import bad_request, execution_uuid, html_page, not_found
+
+#: The most letters one group retry takes; what is left stays open for the next.
+GROUP_RETRY_LIMIT = 1000
+
+
+async def _audited(
+    request: web.Request,
+    action: str,
+    execution_id: str | None,
+    letter_id: int | None,
+    detail: dict[str, Any],
+    change: Callable[[Console], Awaitable[str]],
+) -> web.Response:
+    """Write the audit row, make the change, record its outcome; a page saying what was done."""
+    console = request.app[CONSOLE]
+    identity = identity_of(request)
+    if console.js is None:
+        return html_page(request, "Not sent", "<p>The console has no NATS (set ORDO_NATS_URL).</p>", 503)
+    async with console.pool.acquire() as conn:
+        audit_id = await queries.audit_begin(
+            conn, identity.name, identity.tenant, action, execution_id, letter_id, detail
+        )
+    try:
+        done = await change(console)
+    except Exception as exc:
+        async with console.pool.acquire() as conn:
+            await queries.audit_end(conn, audit_id, f"error: {exc}")
+        return html_page(request, "Failed", f'<p class="error">{esc(action)} failed: {esc(exc)}</p>', 502)
+    async with console.pool.acquire() as conn:
+        await queries.audit_end(conn, audit_id, "ok")
+    back = link(f"/executions/{execution_id}", "Back to the execution") if execution_id else ""
+    return html_page(request, "Done", f'<p class="done">{esc(done)}</p><p>{back}</p>')
+
+
+async def _own_execution(request: web.Request) -> str:
+    """The URL's execution id, if it exists and this identity may change it; else not found."""
+    execution_id = execution_uuid(request)
+    async with request.app[CONSOLE].pool.acquire() as conn:
+        tenant = await queries.execution_tenant(conn, execution_id)
+    if tenant is None or not identity_of(request).may_see(tenant):
+        raise not_found(request, f"Execution {execution_id}")
+    return execution_id
+
+
+async def _publish(console: Console, execution_id: str, body: dict[str, Any], msg_id: str) -> int:
+    ack = await console.js.publish(  # type: ignore[union-attr]
+        console.topology.exec_subject(execution_id), orjson.dumps(body), headers={"Nats-Msg-Id": msg_id}
+    )
+    seq: int = ack.seq
+    return seq
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel: a `cancel` message onto the execution's subject, as `ordo execution cancel` sends it."""
+    execution_id = await _own_execution(request)
+    form = await request.post()
+    reason = str(form.get("reason") or "") or f"cancelled in the console by {identity_of(request).name}"
+
+    async def change(console: Console) -> str:
+        body = {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": reason}
+        seq = await _publish(console, execution_id, body, f"cancel:{execution_id}")
+        return f"cancel sent to {execution_id} (stream seq {seq})"
+
+    return await _audited(request, "cancel", execution_id, None, {"reason": reason}, change)
+
+
+async def signal(request: web.Request) -> web.Response:
+    """A signal, as `ordo signal` sends it; the form's signal id makes a double submit one signal."""
+    execution_id = await _own_execution(request)
+    form = await request.post()
+    name = str(form.get("name") or "").strip()
+    if not name:
+        raise bad_request(request, "name: a signal needs a name")
+    raw = str(form.get("data") or "").strip()
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(request, f"data: not valid JSON ({exc})") from None
+    try:
+        signal_id = str(uuid.UUID(str(form.get("signal_id") or uuid.uuid4())))
+    except ValueError:
+        raise bad_request(request, "signal_id: not a UUID") from None
+
+    async def change(console: Console) -> str:
+        body = {
+            "v": 1,
+            "kind": "signal",
+            "execution_id": execution_id,
+            "signal_id": signal_id,
+            "name": name,
+            "data": data,
+        }
+        seq = await _publish(console, execution_id, body, f"signal:{execution_id}:{signal_id}")
+        return f"signal {name!r} sent to {execution_id} (stream seq {seq})"
+
+    detail = {"name": name, "data": data, "signal_id": signal_id}
+    return await _audited(request, "signal", execution_id, None, detail, change)
+
+
+async def retry_letter(request: web.Request) -> web.Response:
+    """Retry one open dead letter (daemon/dlq.py: a failed step resumes, a refused message is republished)."""
+    raw = request.match_info["letter_id"]
+    if not raw.isdigit():
+        raise not_found(request, f"Dead letter {raw}")
+    letter_id = int(raw)
+    async with request.app[CONSOLE].pool.acquire() as conn:
+        exists, tenant = await queries.letter_tenant(conn, letter_id)
+    if not exists or not identity_of(request).may_see(tenant):
+        raise not_found(request, f"Dead letter {letter_id}")
+
+    async def change(console: Console) -> str:
+        async with console.pool.acquire() as conn:
+            done = await retry_letters(conn, console.js, console.topology, letter_id=letter_id)
+        return "; ".join(done) or f"dead letter {letter_id} is not open (retried already?)"
+
+    return await _audited(request, "dlq_retry", None, letter_id, {}, change)
+
+
+async def retry_group(request: web.Request) -> web.Response:
+    """Retry every open letter of one (reason, action, tenant) group, up to GROUP_RETRY_LIMIT."""
+    identity = identity_of(request)
+    form = await request.post()
+    reason = str(form.get("reason") or "")
+    action = str(form.get("action") or "") or None
+    tenant = str(form.get("tenant") or "") or None
+    if not reason:
+        raise bad_request(request, "reason: a group is named by its reason")
+    if not identity.may_see(tenant):
+        raise not_found(request, "That group of dead letters")
+
+    async def change(console: Console) -> str:
+        async with console.pool.acquire() as conn:
+            ids = await queries.group_letter_ids(conn, reason, action, tenant, GROUP_RETRY_LIMIT)
+            done = []
+            for letter_id in ids:
+                done += await retry_letters(conn, console.js, console.topology, letter_id=letter_id)
+        left = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
+        return f"{len(done)} dead letter(s) retried{left}"
+
+    detail = {"reason": reason, "action": action, "tenant": tenant}
+    return await _audited(request, "dlq_retry_group", None, None, detail, change)

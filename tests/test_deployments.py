@@ -1,0 +1,116 @@
+"""Two deployments (two prefixes: their own streams) sharing one ledger.
+
+Each has its own partitions, leases, epochs and watermarks (migration 011),
+and its workers' fair share counts only its own live workers.
+"""
+
+import asyncio
+import time
+
+import nats as nats_py
+from harness import NO_PROBLEMS, WELCOME, Harness
+
+from bench.generator import trigger_event
+
+
+async def _owners(h: Harness) -> dict[tuple[str, str], int]:
+    rows = await h.db.fetch(
+        "SELECT deployment, owner, count(*) AS n FROM ordo.partitions WHERE owner IS NOT NULL GROUP BY 1, 2"
+    )
+    return {(r["deployment"], r["owner"]): r["n"] for r in rows}
+
+
+async def _until_shares(h: Harness, wanted: dict[str, list[int]], timeout: float = 20.0) -> None:
+    """Until each deployment's owners hold these counts of its partitions (in any order)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owners = await _owners(h)
+        shares = {d: sorted(n for (deployment, _), n in owners.items() if deployment == d) for d in wanted}
+        if shares == wanted:
+            return
+        assert time.monotonic() < deadline, f"partitions held {owners}, wanted {wanted}"
+        await asyncio.sleep(0.1)
+
+
+async def _delete_streams(nats_url: str, h: Harness) -> None:
+    nc = await nats_py.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        t = h.topology
+        for name in (t.triggers_stream, t.exec_stream, t.dlq_stream, t.actions_stream):
+            await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def test_two_prefixes_on_one_ledger_own_their_own_partitions_and_count_their_own_workers(
+    nats_server_url, pg_dsn, prefix
+):
+    other = f"{prefix}x"  # not under the fixture's stream prefix: its streams are deleted below
+    a = Harness(nats_server_url, pg_dsn, prefix)
+    b = Harness(nats_server_url, pg_dsn, other)
+    async with a, b:
+        try:
+            await a.deploy(WELCOME)  # one ledger: the workflows are both deployments'
+            async with a.worker(0, 2), a.worker(1, 2):
+                await _until_shares(a, {prefix: [2, 2]})
+                epochs_before = dict(
+                    await a.db.fetch("SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", prefix)
+                )
+                async with b.worker(0, 1):
+                    # Three live workers on the ledger, but B's one takes all of B's partitions,
+                    # and A's two keep theirs: nobody's share is ceil(4 / 3).
+                    await _until_shares(a, {prefix: [2, 2], other: [4]})
+                    # Distinct event ids: the two deployments share the ledger's executions too.
+                    a_events = [
+                        trigger_event("dep-a", i, tenant="acme", event_type="contact.created") for i in range(200)
+                    ]
+                    b_events = [
+                        trigger_event("dep-b", i, tenant="acme", event_type="contact.created") for i in range(200)
+                    ]
+                    await a.publish_triggers(a_events)
+                    await b.publish_triggers(b_events)
+                    await a.wait_until(
+                        "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=400, timeout=60
+                    )
+                    await a.wait_triggers_drained()
+                    await b.wait_triggers_drained()
+                    # B's claims bumped none of A's epochs: A's workers were never fenced.
+                    epochs_after = dict(
+                        await a.db.fetch("SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", prefix)
+                    )
+                    assert epochs_after == epochs_before
+            assert await a.ledger_problems() == NO_PROBLEMS
+            # Each deployment's watermarks count in its own execution stream.
+            streams = await a.db.fetch("SELECT DISTINCT deployment, stream_created FROM ordo.partitions")
+            assert len({r["stream_created"] for r in streams}) == 2
+        finally:
+            await _delete_streams(nats_server_url, b)
+
+
+async def test_the_partitions_of_before_migration_011_are_adopted_by_the_first_deployment(pg_dsn):
+    import asyncpg
+
+    from ledger import leases
+    from ledger.schema import migrate
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        # As the migration leaves them: a ledger's partitions, owned and fenced, of no deployment yet.
+        await conn.execute(
+            "INSERT INTO ordo.partitions (deployment, partition, epoch, watermark, stream_created) "
+            "SELECT '', p, 7, 100 + p, 'stream-a' FROM generate_series(0, 3) p"
+        )
+        await leases.create_partitions(conn, "ordo", 4)
+        await leases.create_partitions(conn, "staging", 4)
+        rows = await conn.fetch("SELECT deployment, partition, epoch, watermark FROM ordo.partitions ORDER BY 1, 2")
+        assert [tuple(r) for r in rows] == [
+            *(("ordo", p, 7, 100 + p) for p in range(4)),
+            *(("staging", p, 0, 0) for p in range(4)),
+        ]
+        # The adopted epochs go on counting: the next claim fences whatever held them before.
+        claimed = await leases.claim(conn, "ordo", "w0", 10.0, 4, 4, "stream-a")
+        assert claimed == {p: (8, 100 + p) for p in range(4)}
+    finally:
+        await conn.close()
