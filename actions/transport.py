@@ -80,7 +80,7 @@ class Subjects:
 class Delivery:
     """A message as the pipeline carries it: payload, ack subject, position in the stream."""
 
-    __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "key", "partition")
+    __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "timestamp_ns", "key", "partition")
     #: What kind of work item this is (the engine has others, daemon/work_items.py): a stream message, acked.
     kind: Literal["message"] = "message"
     #: A message stands for itself, never for one event of a batch (that is the engine's BatchPart).
@@ -97,10 +97,13 @@ class Delivery:
             self.stream = tokens[2]
             self.delivered = int(tokens[4])
             self.stream_seq = int(tokens[5])
+            self.timestamp_ns = int(tokens[7])
         else:
             self.stream = tokens[4]
             self.delivered = int(tokens[6])
             self.stream_seq = int(tokens[7])
+            self.timestamp_ns = int(tokens[9])
+        #: When the stream stored it (the same on every redelivery): a new execution's ledger day.
         #: The ordering-ring key (an execution id) while the message holds it.
         self.key = None
         #: The execution-stream partition it came from (-1: not an execution message).

@@ -15,6 +15,10 @@
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
     ordo rollout start --workflow W (--to-version N | --definition FILE) [--stages 1,5,25,50,100 ...]
     ordo rollout status [--workflow W] [--json]     ordo rollout pause|resume|abort --workflow W
+    ordo ledger maintain           create the day partitions a week ahead, move rows out of DEFAULT
+    ordo ledger retention [--keep 14d]             drop the days older than that (open executions stay)
+    ordo ledger export --before DATE --out FILE    finished executions of the days before DATE, as .jsonl.gz
+    ordo inspect EXECUTION_ID --from-file FILE     an execution archived by `ordo ledger export`
     ordo bench SCENARIO ...
     ordo profile --worker I [--seconds S] [--out FILE] [--pid P]
     ordo console [--host H] [--port P]   the operator console (tokens from ORDO_CONSOLE_TOKENS)
@@ -246,6 +250,19 @@ def cmd_execution(args, config) -> int:
 
 
 def cmd_inspect(args, config) -> int:
+    if args.from_file:
+        from .export import read_archived
+        from .inspect import render
+
+        try:
+            doc = read_archived(args.from_file, args.execution_id)
+        except OSError as exc:
+            sys.exit(f"ordo: cannot read {args.from_file}: {exc}")
+        if doc is None:
+            print(f"ordo: no execution {args.execution_id} in {args.from_file}", file=sys.stderr)
+            return 1
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if args.json else render(doc))
+        return 0
 
     async def go(conn):
         from .inspect import inspect, render
@@ -375,6 +392,55 @@ def cmd_rollout(args, config) -> int:
         sys.exit(f"ordo: {exc}")
 
 
+def cmd_ledger(args, config) -> int:
+    """The ledger's day partitions: made ahead, dropped past retention, archived (ledger/partitioning.py)."""
+    from datetime import UTC, date, datetime
+
+    from ledger import partitioning
+
+    from .upkeep import retention_keep
+
+    now = datetime.now(UTC)
+    if args.action == "retention":
+        try:
+            keep = retention_keep(config.with_(retention_keep=args.keep or config.retention_keep))
+        except ValueError as exc:
+            sys.exit(f"ordo: {exc}")
+        if keep is None:
+            sys.exit("ordo: say how long to keep: --keep 14d, or the retention_keep setting")
+    if args.action == "export":
+        if not args.before or not args.out:
+            sys.exit("ordo: ledger export needs --before DATE (YYYY-MM-DD) and --out FILE.jsonl.gz")
+        try:
+            before = date.fromisoformat(args.before)
+        except ValueError:
+            sys.exit(f"ordo: --before {args.before!r} is not a date (YYYY-MM-DD)")
+
+    async def go(conn):
+        if args.action == "export":
+            from .export import export
+
+            written = await export(conn, before, args.out)
+            print(f"{written} finished execution(s) of the days before {before} written to {args.out}")
+            return 0
+        if not await partitioning.try_lock(conn):
+            print("ordo: another maintainer (a worker or ordo ledger) is at work; try again", file=sys.stderr)
+            return 1
+        if args.action == "maintain":
+            made = await partitioning.maintain(conn, now.date(), args.ahead)
+            print(f"created: {', '.join(made.created)}" if made.created else "every partition is there already")
+            for table, rows in made.rescued.items():
+                print(f"moved {rows} row(s) of ordo.{table} out of its DEFAULT partition")
+            return 0
+        done = await partitioning.retention(conn, keep, now)
+        print(f"kept: everything since {done.cutoff.isoformat(timespec='seconds')}, and every open execution")
+        print(f"dropped: {', '.join(done.dropped)}" if done.dropped else "dropped: nothing (no day is that old)")
+        print(f"carried forward: {done.carried} execution(s), {done.carried_history} history row(s)")
+        return 0
+
+    return _on_ledger(config, go)
+
+
 def cmd_dev(args, config) -> int:
     from .dev import run_dev
 
@@ -469,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="an execution's timeline, state, pending timer and wait, dead letters")
     p.add_argument("execution_id")
     p.add_argument("--json", action="store_true", help="the same facts as JSON")
+    p.add_argument("--from-file", metavar="FILE", help="read it from an archive of `ordo ledger export`")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("replay", help="re-run recorded inputs through the dispatcher (no side effects) and diff")
@@ -530,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a timer this many seconds past due counts as never fired (default 300)",
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("ledger", help="the ledger's day partitions: maintain, retention, export")
+    p.add_argument("action", choices=["maintain", "retention", "export"])
+    p.add_argument("--ahead", type=int, default=7, metavar="DAYS", help="maintain: days ahead (default 7)")
+    p.add_argument("--keep", metavar="DURATION", help="retention: e.g. 14d (default: the retention_keep setting)")
+    p.add_argument("--before", metavar="DATE", help="export: the finished executions of the days before DATE")
+    p.add_argument("--out", metavar="FILE", help="export: the archive to write (.jsonl.gz)")
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("console", help="the operator console in the browser (tokens: ORDO_CONSOLE_TOKENS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

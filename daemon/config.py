@@ -78,6 +78,11 @@ class Config(Settings):
     #: NATS publishes/acks and ledger commits, e.g. "seed=7,nats=0.02,pg=0.02". Empty: none.
     inject_faults: str = ""
     data_dir: str = ".ordo"
+    #: How long the ledger keeps finished executions, e.g. "14d" (at least a day): the workers
+    #: drop the day partitions older than that (ledger/partitioning.py), after carrying forward
+    #: what is still running or waiting. Empty: nothing is dropped (`ordo ledger retention`
+    #: still can be run by hand).
+    retention_keep: str = ""
 
 
 def load(path: str | None = None, **overrides) -> Config:

@@ -40,6 +40,7 @@ from hotpath.envelope import BadEvent, BadMessage, decode_triggers, subject_key,
 from ledger import event_waits
 from ledger.batcher import Unit
 from ledger.executions import ExecutionRecord, take_effects
+from ledger.partitioning import day_of
 
 from . import logs, metrics
 from .config import Config
@@ -86,6 +87,10 @@ class BatchPart:
     @property
     def delivered(self) -> int:
         return self.delivery.delivered
+
+    @property
+    def timestamp_ns(self) -> int:
+        return self.delivery.timestamp_ns
 
     def settle(self) -> bool:
         """This part has committed; True when it was the message's last."""
@@ -174,6 +179,8 @@ def enrol(
             )
             return unit
     subject_type, subject = subject_of(event)
+    # The partition key: the day the stream stored the trigger, the same on every redelivery.
+    ledger_day = day_of(source.timestamp_ns)
     if candidates and _subject_refused(registry, unit, tenant, subject_type, subject):
         return unit
     matched = False
@@ -207,6 +214,7 @@ def enrol(
                 state,
                 event_json=source.data.decode(),
                 subject_type=subject_type,
+                ledger_day=ledger_day,
             )
             started = time.perf_counter()
             transitions = advance(entry.program, state, "start", None, now_ms)

@@ -3,7 +3,9 @@
 `inspect()` reads everything about one execution in one snapshot (its row, its
 history, its pending timer and event wait, its open dead letters) into a plain
 JSON-able dict; `render()` turns that dict into the timeline a person reads.
-The dict is also what `--json` prints, so scripts and people see the same facts.
+The dict is also what `--json` prints, so scripts and people see the same facts,
+and what `ordo ledger export` archives, one per line, so that `ordo inspect
+--from-file` shows an archived execution as it showed it from the ledger.
 """
 
 import hashlib
@@ -76,6 +78,12 @@ async def inspect(conn, execution_id: str) -> dict | None:
     finally:
         if snapshot is not None:
             await snapshot.rollback()  # read-only: nothing to keep
+    return document(ex, transitions, timer, wait, letters)
+
+
+def document(ex, transitions: list, timer, wait, letters: list) -> dict:
+    """The JSON-able dict of one execution from its ledger rows: its row, its transitions in seq order, its
+    pending timer and event wait (or None), its open dead letters. `ordo ledger export` writes the same."""
     return {
         "execution_id": ex["execution_id"],
         "tenant": ex["tenant"],

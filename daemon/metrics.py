@@ -36,6 +36,12 @@ acks_not_sent = Counter(
 in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
 ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")
+ledger_default_rows = Gauge(
+    "ordo_ledger_default_partition_rows",
+    "Rows in a ledger table's DEFAULT partition (a day with no partition; the upkeep moves them out).",
+    ["table"],
+)
+ledger_upkeep = Counter("ordo_ledger_upkeep_total", "Ledger upkeep runs by outcome.", ["outcome"])
 
 
 events_routed = Counter("ordo_events_routed_total", "Trigger events handed to executions waiting for them.")

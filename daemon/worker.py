@@ -27,7 +27,8 @@ Postgres.
 - daemon/intake.py: the fetch loops and the timer loop, within the in-flight window;
 - daemon/local_results.py: in-process action results taken in;
 - daemon/dispatch.py: what the ordering ring hands out, applied to its executions;
-- daemon/settle.py: the commit loop, and settling each committed batch: effects, acks, dead-letter copies.
+- daemon/settle.py: the commit loop, and settling each committed batch: effects, acks, dead-letter copies;
+- daemon/upkeep.py: the ledger's day partitions made ahead and, with `retention_keep`, old days dropped.
 """
 
 import asyncio
@@ -60,6 +61,7 @@ from .servers import check_nats_server
 from .settle import Settlement
 from .timers import DueTimers
 from .topology import Topology
+from .upkeep import retention_keep, upkeep_loop
 
 log = logging.getLogger("ordo.worker")
 
@@ -110,6 +112,8 @@ class Worker:
         )
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        #: The `retention_keep` setting, checked at start-up (a bad one is an error naming it).
+        self.retention_keep = retention_keep(config)
         self.timers = DueTimers(horizon_s=config.timer_horizon_s)
         #: Executions waiting for an in-process action's result, kept between their messages.
         self.resident = ResidentExecutions()
@@ -269,6 +273,7 @@ class Worker:
         owner = asyncio.create_task(self.partitions.ownership_loop())
         lag = asyncio.create_task(self.partitions.lag_loop())
         rollout_loop = asyncio.create_task(self.rollout_controller.run())
+        upkeep = asyncio.create_task(upkeep_loop(self.config.pg_dsn, self.retention_keep, self.clock_ms, self.stopping))
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(
             [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
@@ -277,16 +282,17 @@ class Worker:
         for task in done:
             if task is not stop and task.exception() is not None:
                 self.fatal = task.exception()
-        await self._drain(owner, lag, rollout_loop, pump, committer, timer_loop)
+        await self._drain(owner, lag, rollout_loop, pump, committer, timer_loop, upkeep)
 
-    async def _drain(self, owner, lag, rollout_loop, pump, committer, timer_loop) -> None:
+    async def _drain(self, owner, lag, rollout_loop, pump, committer, timer_loop, upkeep) -> None:
         # Drain: each fetch loop finishes the fetch it has open (at most its
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
         owner.cancel()
         lag.cancel()
         rollout_loop.cancel()
-        await asyncio.gather(owner, lag, rollout_loop, return_exceptions=True)
+        upkeep.cancel()
+        await asyncio.gather(owner, lag, rollout_loop, upkeep, return_exceptions=True)
         fetchers = list(self.intake.fetchers.values())
         await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:

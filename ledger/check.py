@@ -40,6 +40,16 @@ CHECKS = {
                lag(source_seq) OVER (PARTITION BY execution_id ORDER BY seq) AS previous
            FROM ordo.transitions WHERE source_seq IS NOT NULL) t WHERE previous > source_seq""",
     ),
+    "enrolled_twice": (
+        "an execution id in two day partitions (the primary key includes the day since migration 008)",
+        """SELECT count(*) FROM (SELECT execution_id FROM ordo.executions GROUP BY execution_id
+           HAVING count(*) > 1) g""",
+    ),
+    "history_apart": (
+        "history rows in another day partition than their execution's (retention would drop them apart)",
+        """SELECT count(*) FROM ordo.history h JOIN ordo.executions e USING (execution_id)
+           WHERE h.ledger_day <> e.ledger_day""",
+    ),
     "stuck_running": (
         "an execution committed as running (it only ever commits suspended or ended)",
         "SELECT count(*) FROM ordo.executions WHERE status = 'running'",

@@ -293,14 +293,15 @@ async def audit_trail(conn: Queryable, token_tenant: str | None, limit: int) -> 
 _SYNTHETIC = """
 INSERT INTO ordo.executions (execution_id, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id,
                              partition, status, seq, pc, steps, waiting, context, subject, event, runtime,
-                             created_at, updated_at, finished_at)
+                             created_at, updated_at, finished_at, ledger_day)
 SELECT md5('console-bench-' || i)::uuid, 'tenant-' || (i % $3), 'workflow-' || (i % $4), 1, 'contact',
        'c-' || (i / 3), 'e-' || i, i % 16,
        CASE WHEN i % 97 = 0 THEN 'failed' WHEN i % 11 = 0 THEN 'waiting' ELSE 'completed' END,
        3, 1, 3, CASE WHEN i % 11 = 0 AND i % 97 <> 0 THEN 'done' END, '{}', '{}', '{}', '{}',
        $5::timestamptz + (i * $6::float8) * interval '1 second',
        $5::timestamptz + (i * $6::float8) * interval '1 second',
-       CASE WHEN i % 11 = 0 AND i % 97 <> 0 THEN NULL ELSE $5::timestamptz + (i * $6::float8) * interval '1 second' END
+       CASE WHEN i % 11 = 0 AND i % 97 <> 0 THEN NULL ELSE $5::timestamptz + (i * $6::float8) * interval '1 second' END,
+       (($5::timestamptz + (i * $6::float8) * interval '1 second') AT TIME ZONE 'UTC')::date
 FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS i
 """
 

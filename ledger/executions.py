@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
@@ -23,6 +23,7 @@ from hotpath.vocabulary import Effect, Transition
 from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
+from .partitioning import may_be_enrolled_the_day_before
 
 if TYPE_CHECKING:
     from hotpath import _dispatcher, dispatcher
@@ -42,8 +43,9 @@ AFTER_COMMIT = frozenset(("action", "emit"))
 _WRITES_CONTEXT = frozenset(("set", "action_completed", "signal", "event_received"))
 
 
-#: One ordo.history row, in HISTORY_COLUMNS order: execution_id, first_seq, at, source_seq, steps (JSON text).
-HistoryRow: TypeAlias = tuple[str, int, datetime, int | None, str]
+#: One ordo.history row, in HISTORY_COLUMNS order: execution_id, first_seq, at, source_seq, steps (JSON text),
+#: ledger_day (its execution's partition key).
+HistoryRow: TypeAlias = tuple[str, int, datetime, int | None, str, date]
 
 
 def _json(value: object) -> str:
@@ -51,7 +53,7 @@ def _json(value: object) -> str:
 
 
 def history_rows(
-    execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None
+    execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None, ledger_day: date
 ) -> list[HistoryRow]:
     """One commit's transitions of an execution, (seq, step_id, kind, detail) each, as one ordo.history row.
 
@@ -66,7 +68,7 @@ def history_rows(
             f"transitions of {execution_id} are not consecutive: seqs {first} to {last}, {len(transitions)}"
         )
     steps = [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
-    return [(execution_id, first, at, source_seq, _json(steps))]
+    return [(execution_id, first, at, source_seq, _json(steps), ledger_day)]
 
 
 class ExecutionRecord:
@@ -82,6 +84,7 @@ class ExecutionRecord:
         "event_id",
         "partition",
         "created_at",
+        "ledger_day",
         "last_stream_seq",
         "loaded_seq",
         "loaded_timer",
@@ -105,6 +108,7 @@ class ExecutionRecord:
         event_json: str | None = None,
         loaded_context: str = "{}",
         subject_type: str = "contact",
+        ledger_day: date | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -116,6 +120,9 @@ class ExecutionRecord:
         self.event_id = event_id
         self.partition = partition
         self.created_at = created_at
+        #: Its partition key (ledger/partitions.py): set at enrolment from the trigger, read back with the
+        #: row, and said by every update, so that Postgres reads one partition. None: the UTC day of created_at.
+        self.ledger_day = ledger_day or (created_at or datetime.now(UTC)).astimezone(UTC).date()
         self.last_stream_seq = last_stream_seq
         #: The seq as stored; an update commits only if the ledger still has it.
         self.loaded_seq = state.seq
@@ -143,7 +150,7 @@ class ExecutionRecord:
         context = _json(state.context)
         if max_context_bytes and len(context) > max_context_bytes:
             return self._too_large(transitions, now, source_seq, context, max_context_bytes)
-        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq))
+        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day))
         change.transitions = len(transitions)
         for kind, data in effects:
             if kind == "set_timer":
@@ -202,10 +209,15 @@ class ExecutionRecord:
             (self.event_json or _json(state.event)) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
+            self.ledger_day,
         )
         change = ExecutionChange(
             self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
         )
+        if is_new:
+            event = state.event
+            ts = event.get("ts") if isinstance(event, dict) else None
+            change.check_day_before = may_be_enrolled_the_day_before(self.ledger_day, ts)
         if change.finished:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
@@ -245,7 +257,9 @@ class ExecutionRecord:
         state.waiting = None
         state.timer = None
         state.context = orjson.loads(self.loaded_context)
-        change = self._change(self.loaded_context, history_rows(self.execution_id, kept, now, source_seq))
+        change = self._change(
+            self.loaded_context, history_rows(self.execution_id, kept, now, source_seq, self.ledger_day)
+        )
         change.transitions = len(kept)
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
@@ -311,9 +325,13 @@ def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
 
 _LOAD = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
-       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime
-FROM ordo.executions WHERE execution_id = ANY($1::uuid[])
+       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day
+FROM ordo.executions WHERE execution_id = ANY($1::uuid[]) AND ledger_day >= $2
 """
+#: A message names its execution by id alone, and each day partition has its own primary key to
+#: probe: a load looks in the days since yesterday first (most executions a message is for are
+#: that young, and retention carries older open ones forward into today), then everywhere.
+_RECENT_DAYS = timedelta(days=1)
 
 
 class UnreadableRecord:
@@ -341,7 +359,11 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
     wanted = [eid for eid in execution_ids if isinstance(eid, str) and _EXECUTION_ID.match(eid)]
     if not wanted:
         return records
-    for r in await conn.fetch(_LOAD, wanted):
+    rows = await conn.fetch(_LOAD, wanted, datetime.now(UTC).date() - _RECENT_DAYS)
+    if len(rows) < len(wanted):
+        found = {r["execution_id"] for r in rows}
+        rows += await conn.fetch(_LOAD, [eid for eid in wanted if eid not in found], date.min)
+    for r in rows:
         try:
             records[r["execution_id"]] = _record(r)
         except (ValueError, TypeError, AttributeError) as exc:
@@ -379,4 +401,5 @@ def _record(r: Record) -> ExecutionRecord:
         state,
         loaded_context=r["context"],
         subject_type=r["subject_type"],
+        ledger_day=r["ledger_day"],
     )

@@ -1,10 +1,12 @@
 """An execution's history read back for the operator tools (`ordo inspect`, `ordo replay`).
 
 Read-only: the row as last committed, its transitions in seq order, the
-definition it ran on, and samples of finished executions to replay. The
-worker's own reads are in ledger/executions.py.
+definition it ran on, samples of finished executions to replay, and the
+finished executions of past days for the archive (`ordo ledger export`).
+The worker's own reads are in ledger/executions.py.
 """
 
+from datetime import date
 from typing import Any
 
 import orjson
@@ -85,3 +87,55 @@ _WHOLE_ROW = "SELECT * FROM ordo.executions WHERE execution_id = $1::uuid"
 async def execution_as_stored(conn: Queryable, execution_id: str) -> Record | None:
     """Every column of the execution's row, as stored (`ordo execution show`), or None."""
     return await conn.fetchrow(_WHOLE_ROW, execution_id)
+
+
+# -- the archive of finished executions (`ordo ledger export`) --------------------------------
+
+# One day partition (a name from the catalog, ledger/partitioning.py) at a time, in its primary key's
+# order from just after the last id of the previous page: each page is an index range scan.
+_FINISHED_BEFORE = """
+SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
+       status, seq, pc, steps, waiting, runtime, context, created_at, updated_at, finished_at, ledger_day
+FROM ordo.{partition}
+WHERE ledger_day < $1 AND status IN ('completed', 'failed', 'cancelled') AND execution_id > $2::uuid
+ORDER BY execution_id
+LIMIT $3
+"""
+# The history of a page of them, each execution's day said, so that Postgres reads only those days.
+_TRANSITIONS_OF = """
+SELECT h.execution_id::text, (h.first_seq + s.position - 1)::int AS seq, s.step ->> 0 AS step_id,
+       s.step ->> 1 AS kind, h.at, (s.step -> 2)::jsonb AS detail, h.source_seq
+FROM ordo.history h
+JOIN unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day) USING (execution_id, ledger_day)
+CROSS JOIN LATERAL json_array_elements(h.steps) WITH ORDINALITY AS s(step, position)
+WHERE h.ledger_day < $3
+ORDER BY h.execution_id, seq
+"""
+_OPEN_LETTERS_OF = """
+SELECT execution_id::text, id, at, reason, error, step_id, attempts FROM ordo.dead_letters
+WHERE execution_id = ANY($1::uuid[]) AND status = 'open' ORDER BY id
+"""
+
+
+async def finished_before(conn: Queryable, partition: str, before: date, after: str | None, limit: int) -> list[Record]:
+    """Up to `limit` finished executions of the days before `before` in one partition of ordo.executions
+    (its name), in execution_id order from just after `after` (None: from the first): the rows
+    `execution` reads, and ledger_day."""
+    if not partition.replace("_", "").isalnum():
+        raise ValueError(f"{partition!r} is not the name of a partition of ordo.executions")
+    query = _FINISHED_BEFORE.format(partition=partition)
+    return await conn.fetch(query, before, after or "00000000-0000-0000-0000-000000000000", limit)
+
+
+async def transitions_of(conn: Queryable, executions: list[Record], before: date) -> list[Record]:
+    """The transitions of these executions (rows of `finished_before`), by execution then seq, with
+    the columns `transitions` reads and execution_id."""
+    ids = [r["execution_id"] for r in executions]
+    days = [r["ledger_day"] for r in executions]
+    return await conn.fetch(_TRANSITIONS_OF, ids, days, before)
+
+
+async def open_letters_of(conn: Queryable, execution_ids: list[str]) -> list[Record]:
+    """The open dead letters of these executions, oldest first, with the columns of
+    `dead_letters.open_of_execution` and execution_id."""
+    return await conn.fetch(_OPEN_LETTERS_OF, execution_ids)

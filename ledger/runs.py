@@ -116,11 +116,15 @@ _WAL_LSN = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS lsn_b
 _CHECKPOINTS_17 = "SELECT (num_timed + num_requested)::bigint FROM pg_stat_checkpointer"
 _CHECKPOINTS = "SELECT (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter"
 
+# A partition (migration 008's days) counts under its table's name.
 _LEDGER_SIZES = """
-SELECT c.relname AS name, pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes
+SELECT coalesce(p.relname, c.relname) AS name, sum(pg_table_size(c.oid)) AS table_bytes,
+       sum(pg_indexes_size(c.oid)) AS index_bytes
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_inherits i ON i.inhrelid = c.oid LEFT JOIN pg_class p ON p.oid = i.inhparent
 WHERE n.nspname = 'ordo' AND c.relkind = 'r'
-ORDER BY c.relname
+GROUP BY 1
+ORDER BY 1
 """
 
 _BACKENDS_NAMED = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"

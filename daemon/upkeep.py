@@ -1,0 +1,89 @@
+"""The ledger's upkeep in a worker: day partitions made ahead, and old days dropped (`retention_keep`).
+
+Off the commit path: a task of its own, on a connection of its own, once at
+start-up and then every `UPKEEP_INTERVAL_S`. One maintainer at a time among
+the workers (and `ordo ledger maintain`/`retention`): it runs only while it
+holds a Postgres advisory lock, and a worker that finds it taken skips its
+turn. Partitions are made a week ahead, so any one worker's run keeps the
+ledger going; a row whose day has no partition anyway lands in the DEFAULT
+partition (counted by `ordo_ledger_default_partition_rows`, with a warning)
+and the next run moves it into a partition of its own.
+"""
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from hotpath.durations import parse_duration
+from ledger import partitioning
+
+from . import logs, metrics
+from .config import Config
+
+log = logging.getLogger("ordo.upkeep")
+
+#: Seconds between two runs: partitions are made a week ahead, so an hour is plenty.
+UPKEEP_INTERVAL_S = 3600.0
+
+
+def retention_keep(config: Config) -> timedelta | None:
+    """The `retention_keep` setting as a duration (None: keep everything); ValueError names what is wrong."""
+    if not config.retention_keep:
+        return None
+    try:
+        keep = timedelta(milliseconds=parse_duration(config.retention_keep))
+    except ValueError as exc:
+        raise ValueError(f"retention_keep: {exc}") from None
+    if keep < timedelta(days=1):
+        raise ValueError(f"retention_keep must be at least 1d, not {config.retention_keep!r}")
+    return keep
+
+
+async def run_once(dsn: str, now: datetime, keep: timedelta | None) -> bool:
+    """One run under the maintainer lock: maintain, then retention when `keep` is set.
+
+    False when another maintainer holds the lock (nothing was done).
+    """
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        if not await partitioning.try_lock(conn):
+            return False
+        made = await partitioning.maintain(conn, now.astimezone(UTC).date())
+        if made.created:
+            log.info("ledger partitions created: %s", ", ".join(made.created))
+        if made.rescued:
+            log.warning("rows moved out of the ledger's DEFAULT partitions: %s", made.rescued)
+        if keep is not None:
+            dropped = await partitioning.retention(conn, keep, now)
+            if dropped.dropped:
+                log.info(
+                    "ledger retention dropped %s; carried %d executions forward (%d history rows)",
+                    ", ".join(dropped.dropped),
+                    dropped.carried,
+                    dropped.carried_history,
+                )
+        for table, rows in (await partitioning.default_rows(conn)).items():
+            metrics.ledger_default_rows.labels(table).set(rows)
+            if rows:
+                log.warning("ordo.%s_default holds %d rows of days that have no partition", table, rows)
+        return True
+    finally:
+        await conn.close()
+
+
+async def upkeep_loop(dsn: str, keep: timedelta | None, clock_ms, stopping: asyncio.Event) -> None:
+    """Run the upkeep now and then every UPKEEP_INTERVAL_S until `stopping`; a failed run is logged and retried."""
+    while not stopping.is_set():
+        now = datetime.fromtimestamp(clock_ms() / 1000.0, tz=UTC)
+        try:
+            ran = await run_once(dsn, now, keep)
+            metrics.ledger_upkeep.labels("done" if ran else "skipped").inc()
+        except Exception as exc:  # the upkeep must not die quietly, nor take the worker with it
+            metrics.ledger_upkeep.labels("failed").inc()
+            log.exception("ledger upkeep failed: %s; trying again later", exc, extra=logs.failure("ledger_upkeep", exc))
+        try:
+            await asyncio.wait_for(stopping.wait(), UPKEEP_INTERVAL_S)
+        except TimeoutError:
+            pass
