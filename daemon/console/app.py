@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from importlib import resources
 
 import asyncpg
@@ -169,7 +170,13 @@ async def serve(config: Config, tokens: Tokens, host: str, port: int) -> None:
         print(f"ordo console on http://{shown}:{port}/ (Ctrl-C stops it)", flush=True)
         if not config.nats_url:
             print("ordo console: ORDO_NATS_URL is not set: cancel, signal and retry are off", flush=True)
-        await asyncio.Event().wait()
+        # Ctrl-C and systemd's SIGTERM stop it; handled here, since a process started in the
+        # background by a shell inherits SIGINT ignored, and Python then raises no KeyboardInterrupt.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
     finally:
         if sampling is not None:
             sampling.cancel()
