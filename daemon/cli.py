@@ -153,19 +153,20 @@ def cmd_workflow(args, config) -> int:
     return _on_ledger(config, go)
 
 
-def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> int:
+def _send_to_execution(config, message) -> int:
+    """Publish an operator's message (daemon/operator_messages.py) and say what was sent."""
     _require(config, "nats_url")
 
     async def go():
         import nats
 
+        from . import operator_messages
+
         nc = await nats.connect(config.nats_servers)
         try:
-            message = dict(body, v=1, execution_id=execution_id)
-            ack = await nc.jetstream().publish(
-                Topology(config).exec_subject(execution_id), orjson.dumps(message), headers={"Nats-Msg-Id": msg_id}
-            )
-            print(f"{body['kind']} sent to {execution_id} (stream seq {ack.seq})")
+            seq = await operator_messages.send(nc.jetstream(), Topology(config), message)
+            what = f"signal {message.body['name']!r}" if message.kind == "signal" else message.kind
+            print(f"{what} sent to {message.execution_id} (stream seq {seq})")
         finally:
             await nc.close()
 
@@ -174,43 +175,20 @@ def _send_to_execution(config, execution_id: str, body: dict, msg_id: str) -> in
 
 
 def cmd_signal(args, config) -> int:
-    _require(config, "nats_url")
+    import uuid
 
-    async def go():
-        import uuid
+    from . import operator_messages
 
-        import nats
-
-        nc = await nats.connect(config.nats_servers)
-        try:
-            js = nc.jetstream()
-            signal_id = args.signal_id or str(uuid.uuid4())
-            body = {
-                "v": 1,
-                "kind": "signal",
-                "execution_id": args.execution_id,
-                "signal_id": signal_id,
-                "name": args.name,
-                "data": orjson.loads(args.data) if args.data else None,
-            }
-            ack = await js.publish(
-                Topology(config).exec_subject(args.execution_id),
-                orjson.dumps(body),
-                headers={"Nats-Msg-Id": f"signal:{args.execution_id}:{signal_id}"},
-            )
-            print(f"signal {args.name!r} sent to {args.execution_id} (stream seq {ack.seq})")
-        finally:
-            await nc.close()
-
-    _run_async(go())
-    return 0
+    data = orjson.loads(args.data) if args.data else None
+    signal_id = args.signal_id or str(uuid.uuid4())
+    return _send_to_execution(config, operator_messages.signal(args.execution_id, args.name, data, signal_id))
 
 
 def cmd_execution(args, config) -> int:
     if args.action == "cancel":
-        return _send_to_execution(
-            config, args.execution_id, {"kind": "cancel", "reason": args.reason}, f"cancel:{args.execution_id}"
-        )
+        from . import operator_messages
+
+        return _send_to_execution(config, operator_messages.cancel(args.execution_id, args.reason))
 
     async def go(conn):
         from ledger import history

@@ -1,8 +1,8 @@
 """The console's changes: cancel an execution, send it a signal, retry dead letters.
 
 Each is what the command line does (`ordo execution cancel`, `ordo signal`,
-`ordo dlq retry`): the same message on the execution's subject with the same
-message id, or daemon/dlq.py's `retry_letters` itself. Before anything is
+`ordo dlq retry`), through the same functions: daemon/operator_messages.py's
+messages, daemon/dlq.py's `retry_letters`. Before anything is
 sent the change is written to the audit trail (who, what, which execution or
 letter), and its outcome after; a tenant token's change to what is not its
 tenant's is "not found", like a page.
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ledger import console as queries
 
+from .. import operator_messages
 from ..dlq import retry_letters
 from .html import esc, link
 from .state import CONSOLE, Console, identity_of
@@ -67,14 +68,6 @@ async def _own_execution(request: web.Request) -> str:
     return execution_id
 
 
-async def _publish(console: Console, execution_id: str, body: dict[str, Any], msg_id: str) -> int:
-    ack = await console.js.publish(  # type: ignore[union-attr]
-        console.topology.exec_subject(execution_id), orjson.dumps(body), headers={"Nats-Msg-Id": msg_id}
-    )
-    seq: int = ack.seq
-    return seq
-
-
 async def cancel(request: web.Request) -> web.Response:
     """Cancel: a `cancel` message onto the execution's subject, as `ordo execution cancel` sends it."""
     execution_id = await _own_execution(request)
@@ -82,8 +75,7 @@ async def cancel(request: web.Request) -> web.Response:
     reason = str(form.get("reason") or "") or f"cancelled in the console by {identity_of(request).name}"
 
     async def change(console: Console) -> str:
-        body = {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": reason}
-        seq = await _publish(console, execution_id, body, f"cancel:{execution_id}")
+        seq = await operator_messages.send(console.js, console.topology, operator_messages.cancel(execution_id, reason))
         return f"cancel sent to {execution_id} (stream seq {seq})"
 
     return await _audited(request, "cancel", execution_id, None, {"reason": reason}, change)
@@ -107,15 +99,8 @@ async def signal(request: web.Request) -> web.Response:
         raise bad_request(request, "signal_id: not a UUID") from None
 
     async def change(console: Console) -> str:
-        body = {
-            "v": 1,
-            "kind": "signal",
-            "execution_id": execution_id,
-            "signal_id": signal_id,
-            "name": name,
-            "data": data,
-        }
-        seq = await _publish(console, execution_id, body, f"signal:{execution_id}:{signal_id}")
+        message = operator_messages.signal(execution_id, name, data, signal_id)
+        seq = await operator_messages.send(console.js, console.topology, message)
         return f"signal {name!r} sent to {execution_id} (stream seq {seq})"
 
     detail = {"name": name, "data": data, "signal_id": signal_id}

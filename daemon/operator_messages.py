@@ -1,0 +1,46 @@
+"""What an operator sends to a running execution: a cancel or a signal, the same from `ordo` and the console.
+
+Each goes onto the execution's subject with a message id that makes a repeat
+one message (JetStream's duplicate window): a cancel per execution, a signal
+per signal id. The dispatcher applies it in order with the execution's other
+messages.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .topology import Topology
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorMessage:
+    execution_id: str
+    body: dict[str, Any]
+    #: Nats-Msg-Id: the same change sent twice is stored once.
+    msg_id: str
+
+    @property
+    def kind(self) -> str:
+        kind: str = self.body["kind"]
+        return kind
+
+
+def cancel(execution_id: str, reason: str | None) -> OperatorMessage:
+    body = {"v": 1, "kind": "cancel", "execution_id": execution_id, "reason": reason}
+    return OperatorMessage(execution_id, body, f"cancel:{execution_id}")
+
+
+def signal(execution_id: str, name: str, data: Any, signal_id: str) -> OperatorMessage:
+    body = {"v": 1, "kind": "signal", "execution_id": execution_id, "signal_id": signal_id, "name": name, "data": data}
+    return OperatorMessage(execution_id, body, f"signal:{execution_id}:{signal_id}")
+
+
+async def send(js: Any, topology: Topology, message: OperatorMessage) -> int:
+    """Publish `message` onto its execution's subject; the stream sequence it got."""
+    ack = await js.publish(
+        topology.exec_subject(message.execution_id), orjson.dumps(message.body), headers={"Nats-Msg-Id": message.msg_id}
+    )
+    seq: int = ack.seq
+    return seq
