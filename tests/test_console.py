@@ -359,6 +359,8 @@ class WebDriver:
         args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": chromium, "args": args}}
         self.session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        # Finding an element waits up to 10 s for it, as a person waits for a page to load.
+        self.call("POST", f"/session/{self.session}/timeouts", {"implicit": 10_000})
 
     def go(self, url: str) -> None:
         self.call("POST", f"/session/{self.session}/url", {"url": url})
@@ -379,11 +381,11 @@ class WebDriver:
     def url(self) -> str:
         return self.call("GET", f"/session/{self.session}/url")
 
-    def url_after_navigation(self, ending: str, seconds: float = 20) -> str:
-        """The page's URL once it ends with `ending` (a form's submission may still be loading), else as it is."""
+    def url_once_it_has(self, part: str, seconds: float = 20) -> str:
+        """The page's URL once it holds `part` (a click's navigation may still be loading), else as it is."""
         deadline = time.monotonic() + seconds
         url = self.url()
-        while not url.endswith(ending) and time.monotonic() < deadline:
+        while part not in url and time.monotonic() < deadline:
             time.sleep(0.05)
             url = self.url()
         return url
@@ -443,12 +445,14 @@ async def test_in_a_browser_log_in_search_and_open_an_execution(nats_server_url,
                 assert (await asyncio.to_thread(b.url)).endswith("/login")  # no token, no page
                 await asyncio.to_thread(b.type, "input[name=token]", ACME)
                 await asyncio.to_thread(b.click, "#login")
-                assert (await asyncio.to_thread(b.url_after_navigation, "/executions")).endswith("/executions")
+                assert (await asyncio.to_thread(b.url_once_it_has, "/executions")).endswith("/executions")
                 await asyncio.to_thread(b.type, "input[name=subject]", SCRIPT)
                 await asyncio.to_thread(b.click, "#search")
+                assert "subject=" in await asyncio.to_thread(b.url_once_it_has, "subject=")  # the results' page
                 listing = await asyncio.to_thread(b.text, "table")
                 assert s.waiting[0] in listing and s.waiting[1] not in listing
                 await asyncio.to_thread(b.click, f"a[href='/executions/{s.waiting[0]}']")
+                assert (await asyncio.to_thread(b.url_once_it_has, s.waiting[0])).endswith(s.waiting[0])
                 page = await asyncio.to_thread(b.text)
                 assert f"contact {SCRIPT}" in page  # shown as text, not run
                 assert not await asyncio.to_thread(b.alert_open)
