@@ -104,57 +104,56 @@ def describe(row) -> str:
     )
 
 
+async def report(conn, row) -> dict[str, Any]:
+    """One rollout as `ordo rollout status --json` shows it (and the console draws it): the row,
+    its stage's numbers per version, the shadow runs' outcomes and divergences, its logged changes."""
+    versions = (row["from_version"], row["to_version"])
+    since = row["stage_started_at"]
+    counts = await rollouts.stage_counts(conn, row["tenant"], row["workflow_id"], versions, since)
+    p99 = await rollouts.step_p99_ms(conn, row["tenant"], row["workflow_id"], versions, since)
+    return {
+        "rollout": {
+            k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v)) for k, v in dict(row).items()
+        },
+        "stage": {
+            str(v): dict(counts[v]) | {"p99_step_ms": p99.get(v)} if v in counts else {"started": 0} for v in versions
+        },
+        "shadow": await rollouts.shadow_counts(conn, row["rollout_id"], since),
+        "divergences": [
+            {
+                "execution_id": d["execution_id"],
+                "outcome": d["outcome"],
+                "seq": d["seq"],
+                "step": d["step_id"],
+                "primary": orjson.loads(d["primary_decision"]) if d["primary_decision"] else None,
+                "candidate": orjson.loads(d["candidate_decision"]) if d["candidate_decision"] else None,
+                "error": d["error"],
+            }
+            for d in await rollouts.shadow_divergences(conn, row["rollout_id"], 10)
+        ],
+        "transitions": [
+            {
+                "seq": t["seq"],
+                "at": t["at"].isoformat(),
+                "action": t["action"],
+                "share_before": t["share_before"],
+                "share_after": t["share_after"],
+                "actor": t["actor"],
+                "reason": t["reason"],
+                "detail": orjson.loads(t["detail"]) if t["detail"] else None,
+            }
+            for t in await rollouts.transitions(conn, row["rollout_id"])
+        ],
+    }
+
+
 async def status(conn, workflow_id: str | None, tenant: str | None, as_json: bool) -> tuple[int, str]:
     """(exit code, text) of `ordo rollout status`: each rollout, its stage's numbers and its logged changes."""
     found = await rollouts.latest(conn, workflow_id, tenant)
     if not found:
         what = f" of workflow {workflow_id}" if workflow_id else ""
         return 1, f"ordo: no rollout{what}"
-    docs = []
-    for row in found:
-        versions = (row["from_version"], row["to_version"])
-        counts = await rollouts.stage_counts(conn, row["tenant"], row["workflow_id"], versions, row["stage_started_at"])
-        p99 = await rollouts.step_p99_ms(conn, row["tenant"], row["workflow_id"], versions, row["stage_started_at"])
-        shadow = await rollouts.shadow_counts(conn, row["rollout_id"], row["stage_started_at"])
-        divergences = await rollouts.shadow_divergences(conn, row["rollout_id"], 10)
-        docs.append(
-            {
-                "rollout": {
-                    k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v))
-                    for k, v in dict(row).items()
-                },
-                "stage": {
-                    str(v): dict(counts[v]) | {"p99_step_ms": p99.get(v)} if v in counts else {"started": 0}
-                    for v in versions
-                },
-                "shadow": shadow,
-                "divergences": [
-                    {
-                        "execution_id": d["execution_id"],
-                        "outcome": d["outcome"],
-                        "seq": d["seq"],
-                        "step": d["step_id"],
-                        "primary": orjson.loads(d["primary_decision"]) if d["primary_decision"] else None,
-                        "candidate": orjson.loads(d["candidate_decision"]) if d["candidate_decision"] else None,
-                        "error": d["error"],
-                    }
-                    for d in divergences
-                ],
-                "transitions": [
-                    {
-                        "seq": t["seq"],
-                        "at": t["at"].isoformat(),
-                        "action": t["action"],
-                        "share_before": t["share_before"],
-                        "share_after": t["share_after"],
-                        "actor": t["actor"],
-                        "reason": t["reason"],
-                        "detail": orjson.loads(t["detail"]) if t["detail"] else None,
-                    }
-                    for t in await rollouts.transitions(conn, row["rollout_id"])
-                ],
-            }
-        )
+    docs = [await report(conn, row) for row in found]
     if as_json:
         return 0, orjson.dumps(docs, option=orjson.OPT_INDENT_2).decode()
     lines = []

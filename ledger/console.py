@@ -247,6 +247,24 @@ async def definitions(conn: Queryable, tenant: str, workflow_id: str, versions: 
     return {r["version"]: orjson.loads(r["definition"]) for r in rows}
 
 
+_OPEN_PER_VERSION = """
+SELECT workflow_version AS version,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'waiting') AS waiting
+FROM ordo.executions
+WHERE tenant = $1 AND workflow_id = $2 AND status IN ('running', 'waiting')
+GROUP BY workflow_version
+"""
+
+
+async def open_per_version(conn: Queryable, tenant: str, workflow_id: str) -> dict[int, Record]:
+    """Per version of one workflow: its executions still running and waiting (a version with none is absent).
+
+    On the index (tenant, workflow_id, status): it reads the open executions only, never the finished.
+    """
+    return {r["version"]: r for r in await conn.fetch(_OPEN_PER_VERSION, tenant, workflow_id)}
+
+
 # -- the audit trail -----------------------------------------------------------------------
 
 _AUDIT_BEGIN = """

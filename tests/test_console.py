@@ -33,6 +33,7 @@ from daemon.console.auth import Identity, Sessions, TokenError, Tokens
 from daemon.console.live import Live
 from daemon.console.state import Console
 from ledger import console as queries
+from ledger import rollouts
 from ledger.schema import migrate
 
 OPERATOR = "op-0123456789abcdef"
@@ -327,6 +328,42 @@ async def test_workflows_show_their_versions_and_a_diff(nats_server_url, pg_dsn,
         assert re.search(r"^\+\s+&quot;finished&quot;: &quot;yes&quot;,?$", diff, re.MULTILINE)
         missing = await s.client.get("/workflows/acme/waiter", params={"a": "9"}, headers=headers)
         assert missing.status == 404
+
+
+def _cells(page: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is `first`, as text."""
+    row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", page, re.DOTALL)
+    assert row, f"no row {first!r} on the page"
+    return [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row.group(1), re.DOTALL)]
+
+
+async def test_a_workflow_shows_its_open_executions_per_version_and_its_rollout(
+    nats_server_url, pg_dsn, prefix, target
+):
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        changed = copy.deepcopy(WAITER)
+        changed["steps"][1]["values"] = {"finished": "yes"}
+        assert await s.h.deploy(changed) == 2
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+        page = await (await s.client.get("/workflows/acme/waiter", headers=headers)).text()
+        # version, steps, deployed, running, waiting, digest: the three acme executions wait on v1.
+        assert _cells(page, "v1")[2:4] == ["0", "3"]
+        assert _cells(page, "v2")[2:4] == ["0", "0"]
+        assert "None: new executions run the latest version." in page
+
+        plan = rollouts.Plan("waiter", 2, tenant="acme", from_version=1, stages=(1_000, 5_000, rollouts.ALL))
+        await rollouts.start(s.h.db, plan, "tester@console")
+        page = await (await s.client.get("/workflows/acme/waiter", headers=headers)).text()
+        assert re.search(r"Rollout \d+: v1 → v2, running", page)
+        assert "Candidate share 10%" in page and "<b>10%</b> → 50% → 100%" in page
+        assert _cells(page, "baseline v1")[0] == "0" and _cells(page, "candidate v2")[0] == "0"
+        assert "tester@console" in page
+
+        # A tenant's token sees its own rollout, and another tenant's workflow page not at all.
+        acme = {"Authorization": f"Bearer {ACME}"}
+        assert "Rollout" in await (await s.client.get("/workflows/acme/waiter", headers=acme)).text()
+        globex = {"Authorization": f"Bearer {GLOBEX}"}
+        assert (await s.client.get("/workflows/acme/waiter", headers=globex)).status == 404
 
 
 # -- in a real browser -------------------------------------------------------------------------

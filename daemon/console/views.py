@@ -17,10 +17,12 @@ import orjson
 from aiohttp import web
 
 from ledger import console as queries
+from ledger import rollouts
 
 from ..inspect import _brief as brief
 from ..inspect import _span as span
 from ..inspect import inspect
+from ..rollout_commands import percent, report
 from ..topology import execution_id_for
 from .html import bar, chart, esc, link, page, post_button, segment, table, url, when
 from .state import CONSOLE, csrf_of, identity_of
@@ -386,6 +388,9 @@ async def workflow(request: web.Request) -> web.Response:
         except ValueError:
             raise bad_request(request, "a and b must be version numbers") from None
         found = await queries.definitions(conn, tenant, workflow_id, [a, b])
+        open_now = await queries.open_per_version(conn, tenant, workflow_id)
+        latest = await rollouts.latest(conn, workflow_id, tenant)
+        rollout = await report(conn, latest[0]) if latest else None
     for v in (a, b):
         if v not in found:
             raise not_found(request, f"Version {v} of {what}")
@@ -398,20 +403,94 @@ async def workflow(request: web.Request) -> web.Response:
         return orjson.dumps(found[v], option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode().splitlines()
 
     diff = "\n".join(difflib.unified_diff(lines(a), lines(b), f"v{a}", f"v{b}", lineterm="")) or "(identical)"
+
+    def still_open(v: int) -> list[str]:
+        counts = open_now.get(v)
+        return [esc(counts["running"] if counts else 0), esc(counts["waiting"] if counts else 0)]
+
     listing = table(
-        ["version", "steps", "deployed", "digest"],
+        ["version", "steps", "deployed", "running", "waiting", "digest"],
         (
-            [esc(f"v{r['version']}"), esc(r["steps"]), esc(when(r["deployed_at"])), f"<code>{esc(r['digest'])}</code>"]
+            [
+                esc(f"v{r['version']}"),
+                esc(r["steps"]),
+                esc(when(r["deployed_at"])),
+                *still_open(r["version"]),
+                f"<code>{esc(r['digest'])}</code>",
+            ]
             for r in rows
         ),
     )
     body = (
         listing
+        + (
+            _rollout_section(rollout)
+            if rollout
+            else "<h2>Rollout</h2><p>None: new executions run the latest version.</p>"
+        )
         + f'<h2>Diff</h2><form class="search" method="get">{chooser("a", a)} {chooser("b", b)}'
         + '<button type="submit">Compare</button></form>'
         + f'<pre class="diff">{esc(diff)}</pre>'
     )
     return html_page(request, what, body)
+
+
+def _rollout_section(doc: dict) -> str:
+    """The workflow's latest rollout: state and share, each stage, both versions' numbers this stage,
+    shadow runs, and every logged change (what `ordo rollout status` prints)."""
+    r = doc["rollout"]
+    baseline, candidate = r["from_version"], r["to_version"]
+    stages = " → ".join(
+        f"<b>{esc(percent(share))}</b>" if i == r["stage"] else esc(percent(share))
+        for i, share in enumerate(r["stages"])
+    )
+    head = (
+        f"<h2>Rollout {esc(r['rollout_id'])}: v{esc(baseline)} → v{esc(candidate)}, {esc(r['state'])}</h2>"
+        f"<p>Candidate share {esc(percent(r['share']))}; stages {stages}"
+        + (f"; shadow {esc(percent(r['shadow_share']))}" if r["shadow_share"] else "")
+        + f"; stage {esc(r['stage'] + 1)} since {esc(r['stage_started_at'])}.</p>"
+    )
+
+    def numbers(version: int, role: str) -> list[str]:
+        stage = doc["stage"][str(version)]
+        started = stage.get("started", 0)
+        failed = stage.get("failed", 0)
+        p99 = stage.get("p99_step_ms")
+        return [
+            esc(f"{role} v{version}"),
+            esc(started),
+            esc(stage.get("completed", 0)),
+            esc(failed),
+            esc(f"{100 * failed / started:.2f}%" if started else "–"),
+            esc(f"{p99:.1f} ms" if p99 is not None else "–"),
+        ]
+
+    stage_table = table(
+        ["version", "started", "completed", "failed", "failure rate", "p99 action step"],
+        [numbers(baseline, "baseline"), numbers(candidate, "candidate")],
+    )
+    shadow = ""
+    if r["shadow_share"]:
+        counts = doc["shadow"]
+        shadow = "<p>Shadow runs this stage: " + esc(
+            ", ".join(f"{counts.get(k, 0)} {k}" for k in ("identical", "diverged", "error", "pending"))
+        )
+        shadow += "</p>"
+    changes = table(
+        ["#", "at", "action", "share", "by", "reason"],
+        (
+            [
+                esc(t["seq"]),
+                esc(t["at"]),
+                esc(t["action"]),
+                esc(f"{percent(t['share_before'])} → {percent(t['share_after'])}"),
+                esc(t["actor"]),
+                esc(t["reason"]),
+            ]
+            for t in doc["transitions"]
+        ),
+    )
+    return head + stage_table + shadow + "<h3>Changes</h3>" + changes
 
 
 # -- audit -------------------------------------------------------------------------------------
