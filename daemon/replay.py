@@ -34,7 +34,7 @@ from hotpath import ExecutionState, Program, advance
 from hotpath.definition import DefinitionError, validate
 from hotpath.durations import parse_duration
 from ledger import history
-from ledger.executions import RUNTIME_DEFAULTS
+from ledger.executions import RUNTIME_DEFAULTS, subject_from
 
 #: Transitions that an input made first; every other transition follows one of these in the same advance.
 _HEADS = frozenset(
@@ -344,9 +344,12 @@ def _state_differs(state, row) -> list:
         "pc": row["pc"],
         "waiting": row["waiting"],
         "context": orjson.loads(row["context"]),
-        # A field at its default is not stored (ledger.executions.runtime_of).
+        # A field at its default is not stored, nor any of a completed execution's
+        # (ledger.executions.runtime_of).
         **{k: runtime.get(k, default) for k, default in RUNTIME_DEFAULTS.items()},
     }
+    if row["status"] == "completed":
+        stored = {k: v for k, v in stored.items() if k not in RUNTIME_DEFAULTS}
     return sorted(k for k in replayed if k in stored and replayed[k] != stored[k])
 
 
@@ -400,7 +403,9 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     ]
     inputs, result.incomplete_history = inputs_of(transitions)
     clock_of(inputs, transitions, recorded_definition or {})
-    run = rerun(program, execution_id, tenant, orjson.loads(row["subject"]), orjson.loads(row["event"]), inputs)
+    event = orjson.loads(row["event"])
+    subject = subject_from(row["subject"], event)
+    run = rerun(program, execution_id, tenant, subject, event, inputs)
     result.inputs, result.recorded, result.replayed = len(inputs), len(transitions), len(run.transitions)
     result.matching, result.first_divergence = compare(transitions, run.transitions)
     result.dispatch_errors = run.errors
@@ -413,8 +418,8 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
                 _program(recorded_definition),
                 execution_id,
                 tenant,
-                orjson.loads(row["subject"]),
-                orjson.loads(row["event"]),
+                subject,
+                event,
                 inputs,
             )
         except (DefinitionError, ValueError, TypeError, KeyError):

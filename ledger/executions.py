@@ -19,6 +19,7 @@ import orjson
 from asyncpg import Record
 
 from hotpath import ExecutionState
+from hotpath.envelope import subject_of
 from hotpath.vocabulary import Effect, Transition
 from ledger.connection import Queryable
 
@@ -205,7 +206,7 @@ class ExecutionRecord:
             state.waiting,
             self.last_stream_seq,
             context,
-            _json(state.subject) if is_new else "{}",
+            stored_subject(state) if is_new else None,
             (self.event_json or _json(state.event)) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
@@ -312,9 +313,34 @@ def runtime_of(state: State) -> dict[str, Any]:
 
     Every execution row carries it, so a W1 execution's row is shorter (WAL and
     table alike); `restore_runtime` leaves a missing field at the default a new
-    ExecutionState has.
+    ExecutionState has. A completed execution keeps none: no step of it runs
+    again (a failed one may, resumed from its dead letter, and keeps its visits,
+    attempts and failures), and its history says what each step did.
     """
+    if state.status == "completed":
+        return {}
     return {name: value for name in RUNTIME_FIELDS if (value := getattr(state, name))}
+
+
+def stored_subject(state: State) -> str | None:
+    """What the `subject` column holds for a new execution: NULL when the subject is the one its
+    trigger event names (`subject_of`, as enrolment took it), which a load derives again; its JSON
+    otherwise. Every execution a trigger enrolled is the first kind: its row stops repeating the
+    contact its event carries (~70 bytes of a W1 row, and of its WAL)."""
+    event = state.event
+    try:
+        derived = subject_of(event)[1]
+    except (KeyError, TypeError, AttributeError):
+        return _json(state.subject)
+    return None if derived is state.subject or derived == state.subject else _json(state.subject)
+
+
+def subject_from(stored: str | None, event: dict[str, Any]) -> dict[str, Any]:
+    """An execution's subject from its row: the `subject` column, or when that is NULL its event's (stored_subject)."""
+    if stored is None:
+        return subject_of(event)[1]
+    subject: dict[str, Any] = orjson.loads(stored)
+    return subject
 
 
 def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
@@ -372,14 +398,15 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
 
 
 def _record(r: Record) -> ExecutionRecord:
+    event = orjson.loads(r["event"])
     state: State = ExecutionState(
         r["execution_id"],
         status=r["status"],
         pc=r["pc"],
         seq=r["seq"],
         context=orjson.loads(r["context"]),
-        subject=orjson.loads(r["subject"]),
-        event=orjson.loads(r["event"]),
+        subject=subject_from(r["subject"], event),
+        event=event,
         steps=r["steps"],
         waiting=r["waiting"],
     )

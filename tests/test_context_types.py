@@ -25,6 +25,7 @@ from daemon.definitions import WorkflowRegistry, compile_entry
 from hotpath.context_types import ContextType
 from hotpath.definition import DefinitionError, validate
 from hotpath.envelope import BadMessage, decode_triggers, subject_key, subject_of
+from ledger.executions import subject_from
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,10 +240,14 @@ async def test_an_opportunity_workflow_end_to_end_beside_old_contact_triggers(
         )
         assert [orjson.loads(r["detail"])["event_id"] for r in received] == ["touch-3"]
         stored = await h.db.fetchrow(
-            "SELECT subject_type, subject_id, subject FROM ordo.executions WHERE execution_id = $1::uuid", deal_1
+            "SELECT subject_type, subject_id, subject, event FROM ordo.executions WHERE execution_id = $1::uuid",
+            deal_1,
         )
         assert (stored["subject_type"], stored["subject_id"]) == ("opportunity", "o-1")
-        assert orjson.loads(stored["subject"]) == {"id": "o-1", "stage": "won", "amount": 1200}
+        # The record is the event's subject less its type, stored once: in the event (migration 015).
+        assert stored["subject"] is None
+        subject = subject_from(stored["subject"], orjson.loads(stored["event"]))
+        assert subject == {"id": "o-1", "stage": "won", "amount": 1200}
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions") == 4  # the lost deal enrolled nowhere
         assert await h.ledger_problems() == NO_PROBLEMS
 

@@ -104,12 +104,14 @@ async def test_two_thousand_triggers_with_duplicates_enrol_exactly_once(nats_ser
             h.execution_id("acme", "welcome", "e2e-3"),
         )
         assert [tuple(r) for r in history] == [(1, 5)]
-        # Its runtime keeps only what is not at a new state's default (attempt 0, no timer, no failures).
-        runtime = await h.db.fetchval(
-            "SELECT runtime FROM ordo.executions WHERE execution_id = $1::uuid",
+        # Completed, it keeps no runtime (no step of it runs again), and its subject is its
+        # event's contact, which the row does not store twice (migration 015).
+        row = await h.db.fetchrow(
+            "SELECT runtime, subject, event FROM ordo.executions WHERE execution_id = $1::uuid",
             h.execution_id("acme", "welcome", "e2e-3"),
         )
-        assert set(orjson.loads(runtime)) == {"visits"}
+        assert orjson.loads(row["runtime"]) == {}
+        assert row["subject"] is None and orjson.loads(row["event"])["contact"]["id"]
 
 
 async def test_signals_are_applied_in_publish_order_per_execution(nats_server_url, pg_dsn, prefix):
