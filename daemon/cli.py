@@ -10,6 +10,7 @@
     ordo inspect EXECUTION_ID [--json]     the timeline, current state, pending timer and wait, dead letters
     ordo replay EXECUTION_ID [--definition FILE | --version N] [--json]
     ordo replay --sample N --workflow W [--tenant T] [--definition FILE | --version N] [--json]
+    ordo replay --import FILE.jsonl [--definition FILE | --version N] [--json]
     ordo dlq list|show ID|retry ID|--all
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
@@ -256,18 +257,32 @@ def cmd_inspect(args, config) -> int:
 
 
 def cmd_replay(args, config) -> int:
-    """Exit 0 when every replay makes the recorded decisions, 1 when one diverges, 2 when one cannot run."""
-    if (args.execution_id is None) == (args.sample is None):
-        sys.exit("ordo: replay needs an EXECUTION_ID or --sample N --workflow W")
+    """Exit 0 when every replay makes the recorded decisions, 1 when one diverges, 2 when one cannot run
+    (or, with --import, a line is malformed)."""
+    if sum(x is not None for x in (args.execution_id, args.sample, args.import_file)) != 1:
+        sys.exit("ordo: replay needs an EXECUTION_ID, --sample N --workflow W, or --import FILE.jsonl")
     if args.sample is not None and not args.workflow:
         sys.exit("ordo: replay --sample needs --workflow")
     if args.definition and args.version is not None:
         sys.exit("ordo: replay takes --definition FILE or --version N, not both")
     definition = _read_definition(args.definition) if args.definition else args.version
 
+    if args.import_file is not None:
+        try:
+            with open(args.import_file, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            sys.exit(f"ordo: cannot read {args.import_file}: {exc.strerror}")
+
     async def go(conn):
         from .replay import render, render_summary, replay, replay_sample
 
+        if args.import_file is not None:
+            from .replay_import import render_import, replay_import
+
+            compared = await replay_import(conn, lines, definition)
+            print(orjson.dumps(compared, option=orjson.OPT_INDENT_2).decode() if args.json else render_import(compared))
+            return 2 if compared["errors"] or compared["malformed"] else 1 if compared["diverged"] else 0
         if args.execution_id is not None:
             result = await replay(conn, args.execution_id, definition)
             print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else render(result))
@@ -523,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, metavar="N", help="replay N finished executions picked at random")
     p.add_argument("--workflow", metavar="W", help="with --sample: the workflow id")
     p.add_argument("--tenant", metavar="T", help="with --sample: only this tenant's executions")
+    p.add_argument(
+        "--import",
+        dest="import_file",
+        metavar="FILE",
+        help="compare another engine's exported executions (JSON lines) with Ordo's decisions",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_replay)
 
