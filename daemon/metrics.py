@@ -163,6 +163,12 @@ rollout_started_total = Counter(
     "(a duplicate trigger counts again).",
     ["workflow", "version"],
 )
+rollout_ended_total = Counter(
+    "ordo_rollout_ended_total",
+    "Executions of a rollout's stage that ended, by workflow (tenant/id), version and status (completed, "
+    "failed): the numbers the rollout is judged on, as this worker counted them.",
+    ["workflow", "version", "status"],
+)
 rollout_share = Gauge(
     "ordo_rollout_candidate_share",
     "The share of new executions (0 to 1) that the candidate of the workflow's last rollout takes now.",

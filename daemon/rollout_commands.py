@@ -109,7 +109,7 @@ async def report(conn, row) -> dict[str, Any]:
     its stage's numbers per version, the shadow runs' outcomes and divergences, its logged changes."""
     versions = (row["from_version"], row["to_version"])
     since = row["stage_started_at"]
-    counts = await rollouts.stage_counts(conn, row["tenant"], row["workflow_id"], versions, since)
+    counts = await rollouts.stage_counts(conn, row["rollout_id"], since)
     p99 = await rollouts.step_p99_ms(conn, row["tenant"], row["workflow_id"], versions, since)
     return {
         "rollout": {

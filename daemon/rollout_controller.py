@@ -39,6 +39,7 @@ from . import logs, metrics
 from .definitions import WorkflowRegistry
 from .replay import replay
 from .rollout_shadow import from_replay
+from .rollout_tally import RolloutTally
 
 log = logging.getLogger("ordo.rollouts")
 
@@ -141,8 +142,17 @@ def judge(rollout, counts: dict, p99_ms: dict[int, float], shadow: dict[str, int
 class RolloutController:
     """One worker's loop over the rollouts: refresh its registry, and judge them when it holds the lock."""
 
-    def __init__(self, registry: WorkflowRegistry, on_pool, stopping: asyncio.Event, interval_s=WATCH_INTERVAL_S):
+    def __init__(
+        self,
+        registry: WorkflowRegistry,
+        on_pool,
+        stopping: asyncio.Event,
+        interval_s=WATCH_INTERVAL_S,
+        tally: RolloutTally | None = None,
+    ):
         self.registry = registry
+        #: This worker's counts of the stages' executions, added to the ledger each round.
+        self.tally = RolloutTally() if tally is None else tally
         self._on_pool = on_pool
         self._stopping = stopping
         self._interval_s = interval_s
@@ -159,6 +169,7 @@ class RolloutController:
                 runs = self.registry.shadow_results.take()
                 if runs:
                     await self._on_pool(partial(rollouts.record_shadow_runs, runs=runs), "shadow runs")
+                await self.add_counts()
                 await self._on_pool(self.judge_round, "rollouts")
                 await self._on_pool(self.refresh, "rollouts")
             except Exception as exc:  # a failed round must not stop the worker: the next one tries again
@@ -168,9 +179,21 @@ class RolloutController:
             except TimeoutError:
                 pass
 
+    async def add_counts(self) -> None:
+        """Add what this worker counted since the last round to the ledger (kept for the next on failure)."""
+        counts = self.tally.take()
+        if not counts:
+            return
+        try:
+            await self._on_pool(partial(rollouts.add_stage_counts, counts=counts), "rollout counts")
+        except BaseException:
+            self.tally.give_back(counts)
+            raise
+
     async def refresh(self, conn) -> None:
         latest = await rollouts.latest_per_workflow(conn)
         self.registry.set_rollouts(latest)
+        self.tally.set_rollouts(latest)
         for r in latest:
             workflow = f"{r['tenant']}/{r['workflow_id']}"
             metrics.rollout_share.labels(workflow).set(r["share"] / rollouts.ALL)
@@ -202,7 +225,7 @@ class RolloutController:
             return
         versions, since = (rollout["from_version"], rollout["to_version"]), rollout["stage_started_at"]
         # A shadow-only stage has no candidate executions: its sample is its shadow runs.
-        counts = await rollouts.stage_counts(conn, *args, versions, since) if rollout["share"] > 0 else {}
+        counts = await rollouts.stage_counts(conn, rollout["rollout_id"], since) if rollout["share"] > 0 else {}
         p99 = await rollouts.step_p99_ms(conn, *args, versions, since) if rollout["max_p99_ms"] is not None else {}
         shadow = None
         if rollout["shadow_share"] > 0:

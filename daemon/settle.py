@@ -94,6 +94,8 @@ class Settlement:
         self.timers = timers
         self.resident = resident
         self.effects = effects
+        #: Counts the stages' executions of workflows under rollout (daemon/rollout_tally.py); set by the worker.
+        self.rollout_tally = None
         #: Whether this worker owns a partition and keeps applying its messages (daemon/partitions.py).
         self.owns = owns
         self.stopping = stopping
@@ -162,6 +164,8 @@ class Settlement:
                 continue
             else:
                 tally.applied += 1
+            if self.rollout_tally is not None and (change.is_new or change.finished):
+                self.rollout_tally.observe(change)
             tally.transitions += change.transitions
             if change.finished:
                 tally.finished[change.status] = tally.finished.get(change.status, 0) + 1

@@ -247,6 +247,7 @@ class Worker:
         # Each needs the other: a redelivery is settled at once, a stale item is dispatched again.
         self.settlement.apply_again = self.dispatch.apply_again
         self.rollout_controller = RolloutController(self.registry, self._on_pool, self.stopping)
+        self.settlement.rollout_tally = self.rollout_controller.tally
 
     async def reload_definitions(self) -> None:
         async def read(conn):
@@ -260,6 +261,7 @@ class Worker:
 
         definitions, tenants, latest_rollouts = await self._on_pool(read, "definitions")
         self.registry.load(definitions, tenants, latest_rollouts)
+        self.rollout_controller.tally.set_rollouts(latest_rollouts)
 
     def _on_deploy(self, *_):
         asyncio.get_running_loop().create_task(self.reload_definitions())

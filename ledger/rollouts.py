@@ -322,11 +322,11 @@ async def _serving_version(conn: Queryable, tenant: str, workflow_id: str, to_ve
 
 async def latest_per_workflow(conn: Queryable) -> list[Record]:
     """Each workflow's most recent rollout: rollout_id, tenant, workflow_id, from_version, to_version, state, share,
-    shadow_share."""
+    shadow_share, stage_started_at."""
     return await conn.fetch(
         """
         SELECT DISTINCT ON (tenant, workflow_id)
-               rollout_id, tenant, workflow_id, from_version, to_version, state, share, shadow_share
+               rollout_id, tenant, workflow_id, from_version, to_version, state, share, shadow_share, stage_started_at
         FROM ordo.rollouts ORDER BY tenant, workflow_id, rollout_id DESC
         """
     )
@@ -360,25 +360,41 @@ async def newest_version(conn: Queryable, tenant: str, workflow_id: str) -> int 
     return version
 
 
-async def stage_counts(
-    conn: Queryable, tenant: str, workflow_id: str, versions: Sequence[int], since: datetime
-) -> dict[int, Record]:
-    """Per version: executions started since `since`, and how many of them completed, failed or are still open."""
+async def stage_counts(conn: Queryable, rollout_id: int, since: datetime) -> dict[int, Record]:
+    """Per version: the stage's executions started, completed and failed, as the workers counted them.
+
+    The stage is the one that began at `since`; its executions are those created since then
+    (migration 018, `add_stage_counts`).
+    """
     rows = await conn.fetch(
         """
-        SELECT workflow_version AS version, count(*) AS started,
-               count(*) FILTER (WHERE status = 'completed') AS completed,
-               count(*) FILTER (WHERE status = 'failed') AS failed
-        FROM ordo.executions
-        WHERE tenant = $1 AND workflow_id = $2 AND workflow_version = ANY($3::int[]) AND created_at >= $4
-        GROUP BY workflow_version
+        SELECT version, started, completed, failed FROM ordo.rollout_counts
+        WHERE rollout_id = $1 AND stage_started_at = $2
         """,
-        tenant,
-        workflow_id,
-        list(versions),
+        rollout_id,
         since,
     )
     return {r["version"]: r for r in rows}
+
+
+async def add_stage_counts(conn: Queryable, counts: Sequence[tuple[int, datetime, int, int, int, int]]) -> None:
+    """Add a worker's counts: (rollout_id, stage_started_at, version, started, completed, failed) each.
+
+    One statement, its rows in key order, so that two workers adding at once never deadlock.
+    """
+    rows = sorted(counts)
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO ordo.rollout_counts AS c (rollout_id, stage_started_at, version, started, completed, failed)
+        SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[])
+        ON CONFLICT (rollout_id, stage_started_at, version) DO UPDATE
+        SET started = c.started + EXCLUDED.started, completed = c.completed + EXCLUDED.completed,
+            failed = c.failed + EXCLUDED.failed
+        """,
+        *(list(column) for column in zip(*rows, strict=True)),
+    )
 
 
 async def step_p99_ms(

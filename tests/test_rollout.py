@@ -9,14 +9,19 @@ they mean to; a short dwell and a small sample keep the counts tiny.
 import asyncio
 import itertools
 import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import orjson
 import pytest
 from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
+from daemon import metrics
 from daemon.definitions import cohort
 from daemon.rollout_controller import judge
 from daemon.rollout_shadow import dual_run
+from daemon.rollout_tally import RolloutTally
+from hotpath.vocabulary import CLOSED
 from ledger import rollouts
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
 
@@ -466,3 +471,50 @@ async def test_the_baseline_of_a_new_rollout_is_the_version_new_executions_run_n
         await h.deploy(SAME_V2)
         second = await rollouts.start(h.db, Plan("welcome", 3), "test")
         assert (second["from_version"], second["to_version"]) == (1, 3)
+
+
+def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
+    began = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    tally = RolloutTally()
+    tally.set_rollouts(
+        [
+            {
+                "rollout_id": 7,
+                "tenant": "acme",
+                "workflow_id": "welcome",
+                "state": "running",
+                "stage_started_at": began,
+            },
+            {
+                "rollout_id": 3,
+                "tenant": "acme",
+                "workflow_id": "old",
+                "state": "rolled_back",
+                "stage_started_at": began,
+            },
+        ]
+    )
+
+    def change(workflow_id, version, created, *, new=False, status="running"):
+        record = SimpleNamespace(tenant="acme", workflow_id=workflow_id, workflow_version=version, created_at=created)
+        return SimpleNamespace(record=record, is_new=new, finished=status in CLOSED, status=status)
+
+    later, before = began + timedelta(seconds=5), began - timedelta(seconds=5)
+    ended = metrics.rollout_ended_total.labels("acme/welcome", "2", "failed")._value.get()
+    for c in (
+        change("welcome", 1, later, new=True),  # enrolled and still running
+        change("welcome", 2, later, new=True, status="completed"),  # enrolled and ended in one commit
+        change("welcome", 2, later, status="failed"),
+        change("welcome", 2, later, status="cancelled"),  # ends, but is neither completed nor failed
+        change("welcome", 1, before, status="failed"),  # created in the stage before: not this one's
+        change("old", 2, later, new=True),  # its rollout is over
+    ):
+        tally.observe(c)
+    rows = tally.take()
+    assert sorted(rows) == [(7, began, 1, 1, 0, 0), (7, began, 2, 1, 1, 1)]
+    assert tally.take() == []
+    assert metrics.rollout_ended_total.labels("acme/welcome", "2", "failed")._value.get() == ended + 1
+    # Counts the ledger did not take go with the next round's.
+    tally.give_back(rows)
+    tally.observe(change("welcome", 1, later, status="completed"))
+    assert sorted(tally.take()) == [(7, began, 1, 1, 1, 0), (7, began, 2, 1, 1, 1)]

@@ -1,0 +1,70 @@
+"""The numbers a rollout is judged on, counted where the executions commit.
+
+For each workflow with a rollout in progress, the worker counts the executions
+of the current stage (created at or after the stage began) that its commits
+enrol and end, per version. The rollout controller adds the counts to the
+ledger once a round (`ledger.rollouts.add_stage_counts`), where the judge,
+`ordo rollout status` and the console sum them; the ended ones are also the
+`ordo_rollout_ended_total` metric. Counting costs an execution of a workflow
+without a rollout one dictionary look-up, and only when it starts or ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from . import metrics
+
+_IN_PROGRESS = ("running", "paused")
+
+
+@dataclass(frozen=True, slots=True)
+class _Stage:
+    rollout_id: int
+    started_at: datetime
+
+
+class RolloutTally:
+    def __init__(self) -> None:
+        #: (tenant, workflow_id) -> the stage of its rollout in progress.
+        self._stages: dict[tuple[str, str], _Stage] = {}
+        #: (rollout_id, stage_started_at, version) -> [started, completed, failed] not yet in the ledger.
+        self._counts: dict[tuple[int, datetime, int], list[int]] = {}
+
+    def set_rollouts(self, rollouts) -> None:
+        """Follow the rollouts (each workflow's most recent, as the controller reads them)."""
+        self._stages = {
+            (r["tenant"], r["workflow_id"]): _Stage(r["rollout_id"], r["stage_started_at"])
+            for r in rollouts
+            if r["state"] in _IN_PROGRESS
+        }
+
+    def observe(self, change) -> None:
+        """A committed change that enrolled or ended an execution (ledger.batcher.ExecutionChange)."""
+        record = change.record
+        stage = self._stages.get((record.tenant, record.workflow_id))
+        if stage is None or record.created_at < stage.started_at:
+            return
+        key = (stage.rollout_id, stage.started_at, record.workflow_version)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0, 0, 0]
+        if change.is_new:
+            counts[0] += 1
+        if change.finished and change.status in ("completed", "failed"):
+            counts[1 if change.status == "completed" else 2] += 1
+            workflow = f"{record.tenant}/{record.workflow_id}"
+            metrics.rollout_ended_total.labels(workflow, str(record.workflow_version), change.status).inc()
+
+    def take(self) -> list[tuple[int, datetime, int, int, int, int]]:
+        """The counts since the last take, as rows for `ledger.rollouts.add_stage_counts`."""
+        counts, self._counts = self._counts, {}
+        return [(*key, *values) for key, values in counts.items()]
+
+    def give_back(self, rows: list[tuple[int, datetime, int, int, int, int]]) -> None:
+        """Counts that could not be written: they go with the next round's."""
+        for rollout_id, since, version, *values in rows:
+            counts = self._counts.setdefault((rollout_id, since, version), [0, 0, 0])
+            for i, value in enumerate(values):
+                counts[i] += value
