@@ -446,8 +446,7 @@ async def replay_sample(
     """
     picked = await history.finished_sample(conn, workflow_id, tenant, n, seed)
     outcomes: Counter = Counter()
-    points: Counter = Counter()
-    examples: dict = {}
+    points = FirstDivergences()
     results = []
     for execution_id in sorted(picked):
         result = await replay(conn, execution_id, definition)
@@ -456,9 +455,7 @@ async def replay_sample(
         first = result.first_divergence
         if first is not None:
             side = first.recorded or first.replayed
-            key = (side["step"], side["kind"])
-            points[key] += 1
-            examples.setdefault(key, execution_id)
+            points.add(side["step"], side["kind"], execution_id)
     return {
         "workflow_id": workflow_id,
         "tenant": tenant,
@@ -466,12 +463,28 @@ async def replay_sample(
         "identical": outcomes["identical"],
         "diverged": outcomes["diverged"],
         "errors": outcomes["error"],
-        "top_divergences": [
-            {"step": step, "kind": kind, "executions": count, "example": examples[(step, kind)]}
-            for (step, kind), count in points.most_common(10)
-        ],
+        "top_divergences": points.top(),
         "results": [r.to_dict() for r in results],
     }
+
+
+class FirstDivergences:
+    """Where executions first diverged, counted by (step, kind), each with an example execution."""
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+        self._examples: dict = {}
+
+    def add(self, step: str, kind: str, execution: str) -> None:
+        self._counts[(step, kind)] += 1
+        self._examples.setdefault((step, kind), execution)
+
+    def top(self, n: int = 10) -> list[dict]:
+        """The `n` most frequent: [{"step", "kind", "executions", "example"}]."""
+        return [
+            {"step": step, "kind": kind, "executions": count, "example": self._examples[(step, kind)]}
+            for (step, kind), count in self._counts.most_common(n)
+        ]
 
 
 # -- as text ---------------------------------------------------------------------------
@@ -526,9 +539,13 @@ def render_summary(summary: dict) -> str:
         f"replayed {summary['replayed']} finished execution(s) of {summary['workflow_id']}:"
         f" {summary['identical']} identical, {summary['diverged']} diverged, {summary['errors']} errors"
     ]
-    for point in summary["top_divergences"]:
-        lines.append(
-            f"  {point['executions']:>5} first diverge at {point['step'] or '-'} {point['kind']}"
-            f"  (e.g. {point['example']})"
-        )
+    lines.extend(render_top(summary["top_divergences"]))
     return "\n".join(lines)
+
+
+def render_top(top: list[dict]) -> list[str]:
+    """FirstDivergences.top() as lines of text."""
+    return [
+        f"  {point['executions']:>5} first diverge at {point['step'] or '-'} {point['kind']}  (e.g. {point['example']})"
+        for point in top
+    ]

@@ -57,7 +57,7 @@ from hotpath.vocabulary import (
 )
 from ledger import history, rollouts
 
-from .replay import _about, _json
+from .replay import FirstDivergences, _about, _json, render_top
 
 #: What Ordo decides, as opposed to what records an input it was given (started, signal,
 #: action_completed, event_received, timer_fired, cancelled, ...): the transitions compared.
@@ -262,8 +262,7 @@ async def replay_import(conn, lines, definition: dict | int | None = None) -> di
     definitions = Definitions(conn, definition)
     results: list[ImportedResult] = []
     malformed: list[dict] = []
-    points: Counter = Counter()
-    examples: dict = {}
+    points = FirstDivergences()
     number = 0
     for number, text in enumerate(lines, start=1):
         if not text.strip():
@@ -283,9 +282,7 @@ async def replay_import(conn, lines, definition: dict | int | None = None) -> di
         first = result.first_divergence
         if first is not None:
             side = first["recorded"] or first["ordo"]
-            key = (side.get("step", ""), side["kind"])
-            points[key] += 1
-            examples.setdefault(key, execution.execution)
+            points.add(side.get("step", ""), side["kind"], execution.execution)
     outcomes = Counter(r.outcome for r in results)
     return {
         "lines": number,
@@ -294,10 +291,7 @@ async def replay_import(conn, lines, definition: dict | int | None = None) -> di
         "diverged": outcomes["diverged"],
         "errors": outcomes["error"],
         "malformed": malformed,
-        "top_divergences": [
-            {"step": step, "kind": kind, "executions": count, "example": examples[(step, kind)]}
-            for (step, kind), count in points.most_common(10)
-        ],
+        "top_divergences": points.top(),
         "results": [r.to_dict() for r in results],
     }
 
@@ -329,9 +323,5 @@ def render_import(summary: dict) -> str:
                 f"  {where}: DIVERGES at decision {first['index']}: they decided {_decision(first['recorded'])},"
                 f" Ordo {_decision(first['ordo'])}"
             )
-    for point in summary["top_divergences"]:
-        lines.append(
-            f"  {point['executions']:>5} first diverge at {point['step'] or '-'} {point['kind']}"
-            f"  (e.g. {point['example']})"
-        )
+    lines.extend(render_top(summary["top_divergences"]))
     return "\n".join(lines)

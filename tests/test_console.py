@@ -314,7 +314,16 @@ async def test_changes_need_the_csrf_token_and_each_is_audited(nats_server_url, 
         assert (await c.get("/executions", allow_redirects=False)).status == 303
 
 
-async def test_workflows_show_their_versions_and_a_diff(nats_server_url, pg_dsn, prefix, target):
+def _cells(page: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is `first`, as text."""
+    row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", page, re.DOTALL)
+    assert row, f"no row {first!r} on the page"
+    return [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row.group(1), re.DOTALL)]
+
+
+async def test_workflows_show_their_versions_a_diff_their_open_executions_and_rollout(
+    nats_server_url, pg_dsn, prefix, target
+):
     async with scene(nats_server_url, pg_dsn, prefix, target) as s:
         changed = copy.deepcopy(WAITER)
         changed["steps"][1]["values"] = {"finished": "yes"}
@@ -329,27 +338,10 @@ async def test_workflows_show_their_versions_and_a_diff(nats_server_url, pg_dsn,
         missing = await s.client.get("/workflows/acme/waiter", params={"a": "9"}, headers=headers)
         assert missing.status == 404
 
-
-def _cells(page: str, first: str) -> list[str]:
-    """The cells of the table row whose first cell is `first`, as text."""
-    row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", page, re.DOTALL)
-    assert row, f"no row {first!r} on the page"
-    return [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row.group(1), re.DOTALL)]
-
-
-async def test_a_workflow_shows_its_open_executions_per_version_and_its_rollout(
-    nats_server_url, pg_dsn, prefix, target
-):
-    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
-        changed = copy.deepcopy(WAITER)
-        changed["steps"][1]["values"] = {"finished": "yes"}
-        assert await s.h.deploy(changed) == 2
-        headers = {"Authorization": f"Bearer {OPERATOR}"}
-        page = await (await s.client.get("/workflows/acme/waiter", headers=headers)).text()
         # version, steps, deployed, running, waiting, digest: the three acme executions wait on v1.
-        assert _cells(page, "v1")[2:4] == ["0", "3"]
-        assert _cells(page, "v2")[2:4] == ["0", "0"]
-        assert "None: new executions run the latest version." in page
+        assert _cells(diff, "v1")[2:4] == ["0", "3"]
+        assert _cells(diff, "v2")[2:4] == ["0", "0"]
+        assert "None: new executions run the latest version." in diff
 
         plan = rollouts.Plan("waiter", 2, tenant="acme", from_version=1, stages=(1_000, 5_000, rollouts.ALL))
         await rollouts.start(s.h.db, plan, "tester@console")
