@@ -11,6 +11,7 @@
     ordo replay EXECUTION_ID [--definition FILE | --version N] [--json]
     ordo replay --sample N --workflow W [--tenant T] [--definition FILE | --version N] [--json]
     ordo replay --import FILE.jsonl [--definition FILE | --version N] [--json]
+    ordo replay ... --engine NAME       the same on another dispatcher build (daemon/engines.py)
     ordo dlq list|show ID|retry ID|--all
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
@@ -266,6 +267,15 @@ def cmd_replay(args, config) -> int:
     if args.definition and args.version is not None:
         sys.exit("ordo: replay takes --definition FILE or --version N, not both")
     definition = _read_definition(args.definition) if args.definition else args.version
+    engine = None
+    if args.engine is not None:
+        from .engines import EngineError
+        from .engines import engine as engine_named
+
+        try:
+            engine = engine_named(args.engine)
+        except EngineError as exc:
+            sys.exit(f"ordo: {exc}")
 
     if args.import_file is not None:
         try:
@@ -280,14 +290,16 @@ def cmd_replay(args, config) -> int:
         if args.import_file is not None:
             from .replay_import import render_import, replay_import
 
-            compared = await replay_import(conn, lines, definition)
+            compared = await replay_import(conn, lines, definition, engine)
             print(orjson.dumps(compared, option=orjson.OPT_INDENT_2).decode() if args.json else render_import(compared))
             return 2 if compared["errors"] or compared["malformed"] else 1 if compared["diverged"] else 0
         if args.execution_id is not None:
-            result = await replay(conn, args.execution_id, definition)
+            result = await replay(conn, args.execution_id, definition, engine, args.engine)
             print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else render(result))
             return {"identical": 0, "diverged": 1}.get(result.outcome, 2)
-        summary = await replay_sample(conn, args.tenant, args.workflow, args.sample, definition)
+        summary = await replay_sample(
+            conn, args.tenant, args.workflow, args.sample, definition, engine=engine, engine_name=args.engine
+        )
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json else render_summary(summary))
         return 2 if summary["errors"] else 1 if summary["diverged"] else 0
 
@@ -538,6 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, metavar="N", help="replay N finished executions picked at random")
     p.add_argument("--workflow", metavar="W", help="with --sample: the workflow id")
     p.add_argument("--tenant", metavar="T", help="with --sample: only this tenant's executions")
+    p.add_argument(
+        "--engine",
+        metavar="NAME",
+        help="replay on this dispatcher build: compiled, pure, an ordo.engines entry point, or module:PACKAGE.MODULE",
+    )
     p.add_argument(
         "--import",
         dest="import_file",

@@ -96,6 +96,8 @@ class ReplayResult:
     incomplete_history: bool = False
     #: Could not replay at all (no such execution, no definition, a definition that does not compile).
     error: str | None = None
+    #: The dispatcher build replayed on (daemon/engines.py); None for this worker's own.
+    engine: str | None = None
 
     @property
     def differing(self) -> int:
@@ -356,22 +358,25 @@ def _state_differs(state, row) -> list:
 # -- from the ledger -------------------------------------------------------------------
 
 
-def _program(definition: dict):
+def _program(definition: dict, engine=None):
     validate(definition)
-    return Program(definition)
+    return (Program if engine is None else engine.Program)(definition)
 
 
-async def replay(conn, execution_id: str, definition: dict | int | None = None) -> ReplayResult:
+async def replay(
+    conn, execution_id: str, definition: dict | int | None = None, engine=None, engine_name: str | None = None
+) -> ReplayResult:
     """Re-run one execution's recorded inputs against `definition` and compare the decisions.
 
     `definition`: None for the version it ran on, an int for another deployed version of its
-    workflow, or a definition (dict) that need not be deployed.
+    workflow, or a definition (dict) that need not be deployed. `engine`: the dispatcher build to
+    run them through (daemon/engines.py, called `engine_name`); None for this worker's own.
     """
     row = await history.trigger_and_state(conn, execution_id)
     if row is None:
         return ReplayResult(execution_id, "", 0, None, error=f"no execution {execution_id}")
     tenant, workflow_id, recorded_version = row["tenant"], row["workflow_id"], row["workflow_version"]
-    result = ReplayResult(execution_id, workflow_id, recorded_version, None)
+    result = ReplayResult(execution_id, workflow_id, recorded_version, None, engine=engine_name)
     recorded_definition = await history.definition(conn, tenant, workflow_id, recorded_version)
     if definition is None or isinstance(definition, int):
         result.replayed_version = recorded_version if definition is None else definition
@@ -386,9 +391,12 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     else:
         candidate = definition
     try:
-        program = _program(candidate)
+        program = _program(candidate, engine)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
         result.error = f"the definition does not compile: {exc}"
+        return result
+    except Exception as exc:  # a candidate engine's own failure is this replay's outcome
+        result.error = f"engine {engine_name} failed to compile the definition: {type(exc).__name__}: {exc}"
         return result
     transitions = [
         {
@@ -405,7 +413,11 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
     clock_of(inputs, transitions, recorded_definition or {})
     event = orjson.loads(row["event"])
     subject = subject_from(row["subject"], event)
-    run = rerun(program, execution_id, tenant, subject, event, inputs)
+    try:
+        run = rerun(program, execution_id, tenant, subject, event, inputs, impl=engine)
+    except Exception as exc:  # as above: a candidate that crashes is reported, not the tool's crash
+        result.error = f"the replay raised {type(exc).__name__}: {exc}"
+        return result
     result.inputs, result.recorded, result.replayed = len(inputs), len(transitions), len(run.transitions)
     result.matching, result.first_divergence = compare(transitions, run.transitions)
     result.dispatch_errors = run.errors
@@ -434,7 +446,15 @@ async def replay(conn, execution_id: str, definition: dict | int | None = None) 
 
 
 async def replay_sample(
-    conn, tenant: str | None, workflow_id: str, n: int, definition: dict | int | None = None, *, seed: int | None = None
+    conn,
+    tenant: str | None,
+    workflow_id: str,
+    n: int,
+    definition: dict | int | None = None,
+    *,
+    seed: int | None = None,
+    engine=None,
+    engine_name: str | None = None,
 ) -> dict:
     """Replay `n` finished executions of a workflow picked at random, and summarise the divergence.
 
@@ -449,7 +469,7 @@ async def replay_sample(
     points = FirstDivergences()
     results = []
     for execution_id in sorted(picked):
-        result = await replay(conn, execution_id, definition)
+        result = await replay(conn, execution_id, definition, engine, engine_name)
         results.append(result)
         outcomes[result.outcome] += 1
         first = result.first_divergence
@@ -459,6 +479,7 @@ async def replay_sample(
     return {
         "workflow_id": workflow_id,
         "tenant": tenant,
+        "engine": engine_name,
         "replayed": len(results),
         "identical": outcomes["identical"],
         "diverged": outcomes["diverged"],
@@ -505,6 +526,8 @@ def _span_ms(ms: int | None) -> str:
 
 def render(result: ReplayResult) -> str:
     against = f"v{result.replayed_version}" if result.replayed_version is not None else "the given definition"
+    if result.engine is not None:
+        against += f" on engine {result.engine}"
     head = f"replay {result.execution_id} ({result.workflow_id} v{result.recorded_version}) against {against}"
     if result.error is not None:
         return f"{head}\n  ERROR {result.error}"
@@ -536,7 +559,9 @@ def render(result: ReplayResult) -> str:
 
 def render_summary(summary: dict) -> str:
     lines = [
-        f"replayed {summary['replayed']} finished execution(s) of {summary['workflow_id']}:"
+        f"replayed {summary['replayed']} finished execution(s) of {summary['workflow_id']}"
+        + (f" on engine {summary['engine']}" if summary.get("engine") else "")
+        + ":"
         f" {summary['identical']} identical, {summary['diverged']} diverged, {summary['errors']} errors"
     ]
     lines.extend(render_top(summary["top_divergences"]))

@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 
 from hotpath import ExecutionState, Program, advance
-from hotpath.definition import DefinitionError, validate
+from hotpath.definition import validate
 from hotpath.envelope import BadMessage, subject_of
 from hotpath.vocabulary import (
     ACTION_REQUESTED,
@@ -167,13 +167,17 @@ def _payload(item: dict, state) -> dict:
     return {}
 
 
-def run_imported(program: Program, execution: Imported) -> tuple[list[tuple[str, str, Any]], list[dict]]:
-    """Ordo's decisions on the imported trigger and inputs: [(step, kind, detail)], and the refused inputs."""
+def run_imported(program, execution: Imported, engine=None) -> tuple[list[tuple[str, str, Any]], list[dict]]:
+    """Ordo's decisions on the imported trigger and inputs: [(step, kind, detail)], and the refused inputs.
+
+    `engine`: the dispatcher build (daemon/engines.py) that compiled `program`; None for this worker's own.
+    """
+    new_state, advance_ = (ExecutionState, advance) if engine is None else (engine.ExecutionState, engine.advance)
     tenant = execution.tenant
     subject_type, subject = subject_of(execution.trigger)
-    state = ExecutionState(execution.execution, subject=_json(subject), event=_json(execution.trigger), tenant=tenant)
+    state = new_state(execution.execution, subject=_json(subject), event=_json(execution.trigger), tenant=tenant)
     now_ms = int(execution.trigger.get("ts") or 0)
-    out, errors = advance(program, state, "start", None, now_ms), []
+    out, errors = advance_(program, state, "start", None, now_ms), []
     for i, item in enumerate(execution.inputs):
         now_ms = max(now_ms, int(item.get("at_ms") or now_ms))
         kind = item["kind"]
@@ -187,7 +191,7 @@ def run_imported(program: Program, execution: Imported) -> tuple[list[tuple[str,
         else:
             payload = _json(_payload(item, state))
         try:
-            out.extend(advance(program, state, kind, payload, now_ms))
+            out.extend(advance_(program, state, kind, payload, now_ms))
         except (ValueError, TypeError) as exc:
             errors.append({"input": i, "kind": kind, "error": f"{type(exc).__name__}: {exc}"})
         state.effects.clear()
@@ -220,9 +224,10 @@ def compare_decisions(recorded: list[dict], ordo: list[tuple[str, str, Any]]) ->
 class Definitions:
     """The Ordo definition each imported workflow is compared against, compiled once."""
 
-    def __init__(self, conn, definition: dict | int | None):
+    def __init__(self, conn, definition: dict | int | None, engine=None):
         self._conn = conn
         self._given = definition
+        self._engine = engine
         self._programs: dict[tuple[str, str], tuple[Program | None, int | None, str | None]] = {}
 
     async def program(self, tenant: str, workflow: str) -> tuple[Program | None, int | None, str | None]:
@@ -247,19 +252,19 @@ class Definitions:
                 return None, version, f"workflow {tenant}/{workflow}{which} is not deployed"
         try:
             validate(definition)
-            return Program(definition), version, None
-        except (DefinitionError, ValueError, TypeError, KeyError) as exc:
-            return None, version, f"the definition does not compile: {exc}"
+            return (Program if self._engine is None else self._engine.Program)(definition), version, None
+        except Exception as exc:  # a candidate engine's failure too: this workflow's outcome, not the tool's
+            return None, version, f"the definition does not compile: {type(exc).__name__}: {exc}"
 
 
-async def replay_import(conn, lines, definition: dict | int | None = None) -> dict:
+async def replay_import(conn, lines, definition: dict | int | None = None, engine=None) -> dict:
     """Compare every exported execution in `lines` (an iterable of text lines) with Ordo's decisions.
 
     The summary: lines, compared, identical, diverged, errors, `malformed` ([{"line", "error"}],
     skipped), `top_divergences` (the decision where executions first diverged, most frequent
     first) and every execution's result.
     """
-    definitions = Definitions(conn, definition)
+    definitions = Definitions(conn, definition, engine)
     results: list[ImportedResult] = []
     malformed: list[dict] = []
     points = FirstDivergences()
@@ -277,7 +282,11 @@ async def replay_import(conn, lines, definition: dict | int | None = None) -> di
         program, result.version, result.error = await definitions.program(execution.tenant, execution.workflow)
         if program is None:
             continue
-        ours, result.dispatch_errors = run_imported(program, execution)
+        try:
+            ours, result.dispatch_errors = run_imported(program, execution, engine)
+        except Exception as exc:  # a candidate engine that crashes: this execution's error
+            result.error = f"the run raised {type(exc).__name__}: {exc}"
+            continue
         result.compared, result.first_divergence = compare_decisions(execution.decisions, ours)
         first = result.first_divergence
         if first is not None:

@@ -1,0 +1,64 @@
+"""Dispatcher builds by name, for `ordo replay --engine`: judge an engine change on recorded executions.
+
+An engine is what the hot path exposes: `Program` (a compiled definition),
+`ExecutionState` and `advance`. Ordo ships two that must decide alike,
+`compiled` (the Cython build, when it is built) and `pure` (its Python twin).
+A candidate build is shipped beside them as a package of its own and named
+
+- by an entry point in the group `ordo.engines` (`name = "package.module"`), or
+- as `module:package.module` on the command line (importable from the path).
+
+`ordo replay --engine NAME` runs the recorded inputs through that build and
+diffs its decisions with the ones production made: an engine upgrade, or a
+fork of the step semantics, is dual-run on history before it takes traffic.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from types import SimpleNamespace
+
+from hotpath import implementations
+
+GROUP = "ordo.engines"
+#: What an engine module must have.
+_API = ("Program", "ExecutionState", "advance")
+
+
+class EngineError(ValueError):
+    """An engine that cannot be used; the message names it and says why."""
+
+
+def names() -> list[str]:
+    """The engines that can be named: Ordo's own that are built, then the entry points'."""
+    own = [name for name, ns in implementations() if ns is not None]
+    return own + sorted(ep.name for ep in metadata.entry_points(group=GROUP) if ep.name not in own)
+
+
+def engine(name: str) -> SimpleNamespace:
+    """The engine called `name`: `compiled`, `pure`, an `ordo.engines` entry point, or `module:MODULE`."""
+    own = dict(implementations())
+    if name in own:
+        if own[name] is None:
+            raise EngineError(f"engine {name!r} is not built here (python setup.py build_ext --inplace)")
+        return own[name]
+    if name.startswith("module:"):
+        return _from_module(name, name.removeprefix("module:"))
+    found = [ep for ep in metadata.entry_points(group=GROUP) if ep.name == name]
+    if not found:
+        raise EngineError(f"no engine {name!r}: one of {', '.join(names())}, or module:PACKAGE.MODULE")
+    return _from_module(name, found[0].value)
+
+
+def _from_module(name: str, module_name: str) -> SimpleNamespace:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a candidate's import error is its own: report it, do not crash the tool
+        raise EngineError(f"engine {name!r}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    missing = [attr for attr in _API if not hasattr(module, attr)]
+    if missing:
+        raise EngineError(
+            f"engine {name!r}: {module_name} lacks {', '.join(missing)} (an engine has {', '.join(_API)})"
+        )
+    return SimpleNamespace(**{attr: getattr(module, attr) for attr in _API})
