@@ -490,10 +490,16 @@ async def test_in_a_browser_log_in_search_and_open_an_execution(nats_server_url,
                 # ORDO_CONSOLE_SCREENSHOTS=docs/console: the README's pictures, taken here.
                 shots = os.environ.get("ORDO_CONSOLE_SCREENSHOTS")
                 if shots:
+                    changed = copy.deepcopy(WAITER)
+                    changed["steps"][1]["values"] = {"finished": "yes"}
+                    await s.h.deploy(changed)
+                    stages = (1_000, 5_000, rollouts.ALL)
+                    await rollouts.start(s.h.db, rollouts.Plan("waiter", 2, "acme", stages=stages), "alice@ops")
                     for name, path in [
                         ("executions", "/executions"),
                         ("execution", f"/executions/{s.failed}"),
                         ("dead-letters", "/dead-letters"),
+                        ("workflow", "/workflows/acme/waiter?a=1&b=2"),
                     ]:
                         await asyncio.to_thread(b.go, base + path)
                         await asyncio.to_thread(b.screenshot, os.path.join(shots, f"{name}.png"))

@@ -283,7 +283,7 @@ def _transitions(doc: dict) -> str:
         rows.append(
             [
                 esc(t["seq"]),
-                esc(t["at"]),
+                esc(_seconds(t["at"])),
                 esc("+" + elapsed),
                 esc(t["step"] or "-"),
                 esc(t["kind"]),
@@ -435,6 +435,11 @@ async def workflow(request: web.Request) -> web.Response:
     return html_page(request, what, body)
 
 
+def _seconds(moment: str) -> str:
+    """An ISO time of the rollout document, to the second: '2026-12-06 08:55:25'."""
+    return moment[:19].replace("T", " ")
+
+
 def _rollout_section(doc: dict) -> str:
     """The workflow's latest rollout: state and share, each stage, both versions' numbers this stage,
     shadow runs, and every logged change (what `ordo rollout status` prints)."""
@@ -448,7 +453,7 @@ def _rollout_section(doc: dict) -> str:
         f"<h2>Rollout {esc(r['rollout_id'])}: v{esc(baseline)} → v{esc(candidate)}, {esc(r['state'])}</h2>"
         f"<p>Candidate share {esc(percent(r['share']))}; stages {stages}"
         + (f"; shadow {esc(percent(r['shadow_share']))}" if r["shadow_share"] else "")
-        + f"; stage {esc(r['stage'] + 1)} since {esc(r['stage_started_at'])}.</p>"
+        + f"; stage {esc(r['stage'] + 1)} since {esc(_seconds(r['stage_started_at']))}.</p>"
     )
 
     def numbers(version: int, role: str) -> list[str]:
@@ -481,7 +486,7 @@ def _rollout_section(doc: dict) -> str:
         (
             [
                 esc(t["seq"]),
-                esc(t["at"]),
+                esc(_seconds(t["at"])),
                 esc(t["action"]),
                 esc(f"{percent(t['share_before'])} → {percent(t['share_after'])}"),
                 esc(t["actor"]),
