@@ -49,7 +49,11 @@ class TimerFire:
 class DueTimers:
     """The owned partitions' timers due within the horizon, earliest first, and each partition's walk."""
 
-    def __init__(self, *, horizon_s: float = 60.0, page: int = 20_000, most_held: int = 100_000):
+    def __init__(
+        self, *, deployment: str = "ordo", horizon_s: float = 60.0, page: int = 20_000, most_held: int = 100_000
+    ):
+        #: Whose timers these are (the prefix): partition numbers are each deployment's own.
+        self.deployment = deployment
         #: The partitions this worker owns now; ownership moves, the heap follows.
         self.partitions: set = set()
         self.horizon_ms = int(horizon_s * 1000)
@@ -105,7 +109,7 @@ class DueTimers:
         # Before the query: a commit that lands after its snapshot settles after this line.
         for p in after:
             self._covered_ms[p] = max(self._covered_ms[p], until_ms)
-        rows = await ledger_timers.due(conn, after, until_ms * 1000, page)
+        rows = await ledger_timers.due(conn, self.deployment, after, until_ms * 1000, page)
         last: dict[int, tuple[int, str]] = {}
         read: dict[int, int] = {}
         added = 0

@@ -41,7 +41,8 @@ import asyncpg
 import nats
 
 from hotpath import OrderingRing
-from ledger import rollouts, workflows
+from ledger import event_waits, rollouts, workflows
+from ledger import timers as ledger_timers
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
@@ -114,7 +115,7 @@ class Worker:
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         #: The `retention_keep` setting, checked at start-up (a bad one is an error naming it).
         self.retention_keep = retention_keep(config)
-        self.timers = DueTimers(horizon_s=config.timer_horizon_s)
+        self.timers = DueTimers(deployment=config.prefix, horizon_s=config.timer_horizon_s)
         #: Executions waiting for an in-process action's result, kept between their messages.
         self.resident = ResidentExecutions()
         self._actions = actions
@@ -153,14 +154,21 @@ class Worker:
         self.registry.context_types = context_types.registry(self.config, self.config.context_type_plugins)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
+        # `ordo.deployment`: the trigger path routes events to this deployment's waits only (ledger/event_waits.py).
         self._pool = await asyncpg.create_pool(
-            self.config.pg_dsn, min_size=1, max_size=4, command_timeout=_POOL_COMMAND_TIMEOUT_S
+            self.config.pg_dsn,
+            min_size=1,
+            max_size=4,
+            command_timeout=_POOL_COMMAND_TIMEOUT_S,
+            server_settings={"ordo.deployment": self.config.prefix},
         )
         self._assemble()
 
         async def prepare(conn):
             await require_current(conn)
             await self.ownership.prepare(conn)
+            await ledger_timers.adopt(conn, self.config.prefix)  # rows of before migration 013, if ours
+            await event_waits.adopt(conn, self.config.prefix)
 
         await self._on_pool(prepare, "start")  # a backend terminated at start-up is retried, not fatal
         await self.reload_definitions()

@@ -182,15 +182,15 @@ ON CONFLICT DO NOTHING
 """
 
 _SET_TIMERS = """
-INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id)
-SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id, deployment)
+SELECT *, $7 FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
 SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED.purpose, step_id = EXCLUDED.step_id
 """
 
 _SET_WAITS = """
-INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id, deployment)
+SELECT *, $7 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
 SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
     event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
@@ -724,11 +724,11 @@ class LedgerBatcher:
         if drop_timers:
             await conn.execute("DELETE FROM ordo.timers WHERE execution_id = ANY($1::uuid[])", drop_timers)
         if timers:
-            await conn.execute(_SET_TIMERS, *map(list, zip(*timers, strict=True)))
+            await conn.execute(_SET_TIMERS, *map(list, zip(*timers, strict=True)), self.deployment)
         if drop_waits:
             await conn.execute("DELETE FROM ordo.event_waits WHERE execution_id = ANY($1::uuid[])", drop_waits)
         if waits:
-            await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)))
+            await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)), self.deployment)
         if letters:
             await _insert_letters(conn, letters)
 

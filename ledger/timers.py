@@ -6,7 +6,9 @@ reads them back.
 A worker pages through its partitions' timers in (fire_at, execution_id)
 order, each partition from where its previous page ended, so that every row
 is read once on its way to firing, not once per load while it is due soon.
-A page is a range of the index `timers_due` (partition, fire_at), sorted by
+Timers belong to a deployment, as its partitions do (migration 013): a worker
+reads only its own deployment's, whatever partition numbers others share.
+A page is a range of the index `timers_due` (deployment, partition, fire_at), sorted by
 execution id only among rows with the same fire_at, so that a page ends on a
 row even where thousands share one fire_at ("wait until 9:00"). Times cross
 as whole epoch microseconds, exactly what a timestamptz holds, so that the
@@ -31,7 +33,7 @@ FROM unnest($1::int[], $2::bigint[], $3::uuid[]) AS c(partition, after_us, after
 CROSS JOIN LATERAL (
     SELECT execution_id, timer_id, fire_at
     FROM ordo.timers
-    WHERE partition = c.partition
+    WHERE deployment = $6 AND partition = c.partition
       AND fire_at >= timestamptz 'epoch' + c.after_us * interval '1 microsecond'
       AND (fire_at, execution_id) > (timestamptz 'epoch' + c.after_us * interval '1 microsecond', c.after_id)
       AND fire_at <= timestamptz 'epoch' + $4::bigint * interval '1 microsecond'
@@ -43,9 +45,11 @@ CROSS JOIN LATERAL (
 _OF_EXECUTION = "SELECT timer_id, fire_at, purpose, step_id FROM ordo.timers WHERE execution_id = $1::uuid"
 
 
-async def due(conn: Queryable, after: dict[int, tuple[int, str]], before_us: int, page: int) -> list[Record]:
-    """Of each partition in `after`, the next `page` timers after its (fire_at_us, execution_id)
-    key and due by `before_us`, in key order; one round trip for all of them.
+async def due(
+    conn: Queryable, deployment: str, after: dict[int, tuple[int, str]], before_us: int, page: int
+) -> list[Record]:
+    """Of each of the deployment's partitions in `after`, the next `page` timers after its
+    (fire_at_us, execution_id) key and due by `before_us`, in key order; one round trip for all of them.
 
     Each row unpacks as (execution_id, timer_id, fire_at_us, partition).
     """
@@ -57,7 +61,21 @@ async def due(conn: Queryable, after: dict[int, tuple[int, str]], before_us: int
         [after[p][1] for p in partitions],
         before_us,
         page,
+        deployment,
     )
+
+
+# The rows of before migration 013 that it could not give a deployment ('': the ledger had none
+# yet): a deployment adopts them when it is the ledger's only one, as it adopted the partitions.
+_ADOPT = """
+UPDATE ordo.timers SET deployment = $1
+WHERE deployment = '' AND NOT EXISTS (SELECT FROM ordo.partitions WHERE deployment NOT IN ('', $1))
+"""
+
+
+async def adopt(conn: Queryable, deployment: str) -> None:
+    """Take the timers of no deployment when `deployment` is the only one on the ledger."""
+    await conn.execute(_ADOPT, deployment)
 
 
 async def of_execution(conn: Queryable, execution_id: str) -> Record | None:

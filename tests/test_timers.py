@@ -33,10 +33,10 @@ async def db(pg_dsn):
 
 
 async def _store(db, rows: list[tuple[str, int, str, int]]) -> None:
-    """Timer rows (execution_id, partition, timer_id, fire_at_ms)."""
+    """Timer rows (execution_id, partition, timer_id, fire_at_ms) of the default deployment."""
     await db.executemany(
-        "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id)"
-        " VALUES ($1::uuid, $2, $3, $4, 'wait', 's')",
+        "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id, deployment)"
+        " VALUES ($1::uuid, $2, $3, $4, 'wait', 's', 'ordo')",
         [(e, p, t, datetime.fromtimestamp(ms / 1000, UTC)) for e, p, t, ms in rows],
     )
 
