@@ -126,7 +126,12 @@ class Worker:
         #: Partitions being given back or lost: their fetch loops finish and stop.
         self._closing: set = set()
         self.batcher = LedgerBatcher(
-            config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms, deployment=config.prefix
+            config.pg_dsn,
+            max_rows=config.batch_max_rows,
+            max_ms=config.batch_max_ms,
+            deployment=config.prefix,
+            # Within the lease: a cut-off owner's open commit lets go of its partitions before they expire.
+            idle_in_transaction_s=config.lease_ttl_s / 2,
         )
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()

@@ -418,8 +418,15 @@ class LedgerBatcher:
     (group commit). A wait only adds latency while the connection is idle.
     """
 
-    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo"):
+    def __init__(
+        self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo", idle_in_transaction_s: float = 5.0
+    ):
         self._dsn = dsn
+        #: The longest a commit's transaction may wait for this worker's next statement before Postgres
+        #: ends it: its partition rows stay locked meanwhile, and a claim skips locked rows, so a worker
+        #: cut off mid-commit would otherwise keep its partitions from everyone, lease or no lease, until
+        #: Postgres noticed the dead connection (hours of TCP keepalive, never behind a proxy).
+        self.idle_in_transaction_s = idle_in_transaction_s
         #: Whose partitions the epochs and watermarks are (the prefix; ledger/leases.py).
         self.deployment = deployment
         self.max_rows = max_rows
@@ -513,7 +520,12 @@ class LedgerBatcher:
         if self._conn is None or self._conn.is_closed():
             # A statement that outlives this (a connection a restart left half-dead) fails and
             # is retried on a new connection instead of holding every commit behind it.
-            self._conn = await asyncpg.connect(self._dsn, timeout=10, command_timeout=120)
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                timeout=10,
+                command_timeout=120,
+                server_settings={"idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_s * 1000))},
+            )
             await self._conn.execute(_CREATE_STAGING)
         return self._conn
 

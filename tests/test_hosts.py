@@ -136,6 +136,9 @@ class PostgresRelay:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        #: The local port of each upstream connection -> the address of the host it relays for: what
+        #: Postgres sees as a session's client_port names the host behind it.
+        self.hosts_by_port: dict[int, str] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._relay, self.host, 0)
@@ -147,6 +150,7 @@ class PostgresRelay:
         except OSError:
             writer.close()
             return
+        self.hosts_by_port[up_writer.get_extra_info("sockname")[1]] = writer.get_extra_info("peername")[0]
         pumps = [asyncio.create_task(self._pump(reader, up_writer)), asyncio.create_task(self._pump(up_reader, writer))]
         self._tasks.update(pumps)
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -308,6 +312,14 @@ class LeaseMonitor:
             for r in rows
         ]
 
+    async def lock_holders(self, relay: PostgresRelay) -> set[str]:
+        """The hosts (addresses) whose sessions hold a lock on a partition row inside an open transaction."""
+        rows = await self.h.db.fetch(
+            "SELECT DISTINCT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.relation = 'ordo.partitions'::regclass AND a.state = 'idle in transaction'"
+        )
+        return {relay.hosts_by_port.get(r["client_port"], "?") for r in rows}
+
     async def claims(self) -> int:
         return await self.h.db.fetchval("SELECT count(*) FROM public.lease_log WHERE new_epoch > old_epoch")
 
@@ -349,6 +361,25 @@ async def _servers(hosts: Hosts, tmp_path: Path, pg_server: str):
         await relay.stop()
 
 
+async def _cut_mid_commit(hosts: Hosts, i: int, monitor: LeaseMonitor, relay: PostgresRelay) -> float:
+    """Cut host i off while its open commit transaction holds partition rows; returns when (epoch s).
+
+    A cut that lands just after the commit moved on is undone at once (a blip shorter than any
+    timeout: TCP resends what it dropped) and tried again.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if hosts.address(i) in await monitor.lock_holders(relay):
+            cut_at = time.time()
+            hosts.cut(i)
+            await asyncio.sleep(0.3)
+            if hosts.address(i) in await monitor.lock_holders(relay):
+                return cut_at
+            hosts.reconnect(i)
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"host {i} never held a partition row in an open commit")
+
+
 async def _exited(proc: subprocess.Popen, timeout: float) -> int | None:
     try:
         return await asyncio.to_thread(proc.wait, timeout)
@@ -362,7 +393,7 @@ async def test_hosts_share_partitions_hand_them_over_and_a_cut_off_host_is_fence
         h = Harness(nats_server.url, pg_dsn, prefix, partitions=PARTITIONS)
         relayed_dsn = _with_host(pg_dsn, relay.host, relay.port)
         async with h:
-            load = Load(h, "hosts", welcome=fault_scale(3000, 20000), waiters=fault_scale(30, 200))
+            load = Load(h, "hosts", welcome=fault_scale(3000, 20000), waiters=fault_scale(150, 200))
             await load.prepare()
             workers = HostWorkers(h, hosts, relayed_dsn, tmp_path)
             monitor = LeaseMonitor(h)
@@ -385,8 +416,9 @@ async def test_hosts_share_partitions_hand_them_over_and_a_cut_off_host_is_fence
                 cut_off = workers.procs[1]
                 cut_name = workers.name(1)
                 held = (await monitor.owners())[cut_name]
-                cut_at = time.time()
-                hosts.cut(1)
+                # The worst moment: its commit has locked its partitions' rows (the epoch check, the
+                # watermarks) and waits for its next statement, which the cut holds back.
+                cut_at = await _cut_mid_commit(hosts, 1, monitor, relay)
                 taken = await monitor.until_held({workers.name(0): 3, workers.name(2): 3})
                 stall_s = taken - cut_at
                 # Longer than a lease in all, then back: its late commit meets the new epochs.
