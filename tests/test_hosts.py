@@ -380,6 +380,15 @@ async def _cut_mid_commit(hosts: Hosts, i: int, monitor: LeaseMonitor, relay: Po
     raise AssertionError(f"host {i} never held a partition row in an open commit")
 
 
+async def _progress(load: Load, executions: int, timeout: float = 60.0) -> None:
+    """Until `executions` more have completed: the load is flowing through whoever holds what."""
+    target = await load.completed() + executions
+    deadline = time.monotonic() + timeout
+    while await load.completed() < target:
+        assert time.monotonic() < deadline, f"fewer than {executions} executions completed in {timeout} s"
+        await asyncio.sleep(0.05)
+
+
 async def _exited(proc: subprocess.Popen, timeout: float) -> int | None:
     try:
         return await asyncio.to_thread(proc.wait, timeout)
@@ -406,13 +415,13 @@ async def test_hosts_share_partitions_hand_them_over_and_a_cut_off_host_is_fence
                 publishing = asyncio.create_task(load.publish(over_s=fault_scale(30, 90)))
 
                 # Join: host 2 starts; the others drain and give back its share.
-                await asyncio.sleep(2)
+                await _progress(load, 200)
                 workers.start(2)
                 joined = await monitor.until_held({workers.name(i): 2 for i in range(3)})
                 join_s = joined - await monitor.registered(workers.name(2))
 
                 # Stall: host 1 is cut off; once its leases run out, hosts 0 and 2 take its partitions.
-                await asyncio.sleep(2)
+                await _progress(load, 200)
                 cut_off = workers.procs[1]
                 cut_name = workers.name(1)
                 held = (await monitor.owners())[cut_name]
@@ -433,7 +442,7 @@ async def test_hosts_share_partitions_hand_them_over_and_a_cut_off_host_is_fence
                 await monitor.until_held({workers.name(i): 2 for i in range(3)})
 
                 # Leave: host 0 drains on SIGTERM and gives its partitions back.
-                await asyncio.sleep(1)
+                await _progress(load, 200)
                 leaver = workers.procs[0]
                 left_at = time.time()
                 leaver.send_signal(signal.SIGTERM)
