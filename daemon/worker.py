@@ -180,6 +180,7 @@ class Worker:
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
         await self._listener.add_listener(rollouts.ROLLOUT_CHANNEL, self.rollout_controller.changed)
+        await self._listener.add_listener(ledger_timers.elsewhere_channel(self.config.prefix), self._on_timers_set)
 
     def _assemble(self) -> None:
         """Make the jobs, each given what it shares with the others."""
@@ -273,6 +274,11 @@ class Worker:
 
         definitions, tenants, latest_rollouts = await self._on_pool(read, "definitions")
         self.registry.load(definitions, tenants, latest_rollouts)
+
+    def _on_timers_set(self, _conn, _pid, _channel, payload: str) -> None:
+        """Timers another worker's enrolments set in partitions it does not own: ours, maybe."""
+        for partition, fire_at_us in ledger_timers.told(payload).items():
+            self.timers.set_elsewhere(partition, fire_at_us)
 
     def _on_deploy(self, *_):
         asyncio.get_running_loop().create_task(self.reload_definitions())

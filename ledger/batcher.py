@@ -58,6 +58,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from ledger import leases
+from ledger import timers as ledger_timers
 
 log = logging.getLogger("ordo.ledger")
 
@@ -195,6 +196,17 @@ ON CONFLICT (execution_id) DO UPDATE
 SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
     event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
 """
+
+
+def _earliest_timers(enrolled: list[ExecutionChange], owned: dict[int, int]) -> dict[int, int]:
+    """Partition -> the earliest fire time (epoch µs) of the timers these enrolments set in partitions
+    this worker does not own: their owners' walks may have passed it (ledger/timers.py)."""
+    earliest: dict[int, int] = {}
+    for change in enrolled:
+        if change.partition not in owned:
+            us = int(change.timer[1].timestamp() * 1_000_000)
+            earliest[change.partition] = min(us, earliest.get(change.partition, us))
+    return earliest
 
 
 async def _insert_letters(conn: asyncpg.Connection, letters: list[DeadLetter]) -> None:
@@ -703,6 +715,11 @@ class LedgerBatcher:
                     await self._apply_effects(
                         conn, [c for c in merged if c.execution_id in accepted and not c.duplicate]
                     )
+                elsewhere = _earliest_timers(
+                    [c for c in new if c.timer and c.execution_id in accepted and not c.duplicate], epochs
+                )
+                if elsewhere:
+                    await ledger_timers.tell_owners(conn, self.deployment, elsewhere)
                 if letters:
                     await _insert_letters(conn, letters)
                 if stale:

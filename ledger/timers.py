@@ -78,6 +78,29 @@ async def adopt(conn: Queryable, deployment: str) -> None:
     await conn.execute(_ADOPT, deployment)
 
 
+# A timer set by a worker that does not own its partition (an enrolment runs where its trigger is
+# consumed) may fall behind the owner's walk, which holds only what it reads and what its own
+# commits set: the commit tells the deployment's workers on this channel, delivered when it commits.
+_NOTIFY = "SELECT pg_notify($1, $2)"
+
+
+def elsewhere_channel(deployment: str) -> str:
+    """The channel on which a deployment's commits announce timers set in partitions they do not own."""
+    return f"ordo_timers_set_{deployment}"
+
+
+async def tell_owners(conn: Queryable, deployment: str, earliest_us: dict[int, int]) -> None:
+    """Within a commit: partition -> the earliest fire time (epoch µs) it sets there, for their owners."""
+    payload = ",".join(f"{partition}:{us}" for partition, us in sorted(earliest_us.items()))
+    await conn.execute(_NOTIFY, elsewhere_channel(deployment), payload)
+
+
+def told(payload: str) -> dict[int, int]:
+    """What `tell_owners` said: partition -> earliest fire time (epoch µs)."""
+    pairs = (item.split(":") for item in payload.split(",") if item)
+    return {int(partition): int(us) for partition, us in pairs}
+
+
 async def of_execution(conn: Queryable, execution_id: str) -> Record | None:
     """The execution's pending timer (timer_id, fire_at, purpose, step_id), or None."""
     return await conn.fetchrow(_OF_EXECUTION, execution_id)
