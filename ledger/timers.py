@@ -1,7 +1,9 @@
 """Reads of the durable timers (`ordo.timers`, one row per waiting execution).
 
-The batcher writes and deletes the rows as part of each commit; this only
-reads them back.
+The batcher writes and deletes the rows as part of each commit; this reads
+them back, gives the rows of before migration 013 to their deployment
+(`adopt`), and carries what a commit tells the owners of partitions it set
+timers in without owning them (`tell_owners`, `told`).
 
 A worker pages through its partitions' timers in (fire_at, execution_id)
 order, each partition from where its previous page ended, so that every row
