@@ -12,7 +12,10 @@ order: a load reads, per partition, the page after the key where the last
 one ended, up to now + horizon (`ledger/timers.py`), so a row is read once on
 its way to firing, however long it is due soon. What a commit sets behind a
 partition's walk (`covered`) the walk will not come back for: the commit's
-settling adds it here (`committed`). A load marks how far it goes before its
+settling adds it here (`committed`). A commit of another worker (an
+enrolment runs where its trigger is consumed) announces the timers it set in
+partitions it does not own (ledger/timers.py, `tell_owners`), and the owner's
+next load goes back for them (`set_elsewhere`). A load marks how far it goes before its
 query, so a commit that lands after the query's snapshot is added by its
 settling; holding a timer twice is harmless (it is held once per
 (execution, timer id)), missing one is not.
@@ -49,7 +52,11 @@ class TimerFire:
 class DueTimers:
     """The owned partitions' timers due within the horizon, earliest first, and each partition's walk."""
 
-    def __init__(self, *, horizon_s: float = 60.0, page: int = 20_000, most_held: int = 100_000):
+    def __init__(
+        self, *, deployment: str = "ordo", horizon_s: float = 60.0, page: int = 20_000, most_held: int = 100_000
+    ):
+        #: Whose timers these are (the prefix): partition numbers are each deployment's own.
+        self.deployment = deployment
         #: The partitions this worker owns now; ownership moves, the heap follows.
         self.partitions: set = set()
         self.horizon_ms = int(horizon_s * 1000)
@@ -68,6 +75,9 @@ class DueTimers:
         #: partition -> the fire time (ms) up to which it holds every timer: the furthest a load
         #: has gone (or is going). A commit's timer up to here is added by its settling.
         self._covered_ms: dict[int, int] = {}
+        #: partition -> the (fire_at_us, execution_id) key the next load goes back to: a timer another
+        #: worker's commit set there (an enrolment) behind the walk.
+        self._behind: dict[int, tuple[int, str]] = {}
         #: partition -> how many times it was claimed: a load's page counts only for the claim it
         #: was read under (given up and claimed again meanwhile, the walk starts over).
         self._claims: dict[int, int] = {}
@@ -91,6 +101,7 @@ class DueTimers:
         """Another worker fires this partition's timers now (those in the heap are skipped)."""
         self.partitions.discard(partition)
         self._after.pop(partition, None)
+        self._behind.pop(partition, None)
         self._covered_ms.pop(partition, None)
 
     async def load(self, conn, now_ms: int) -> int:
@@ -100,12 +111,16 @@ class DueTimers:
             return 0
         page = min(self.page, room // len(self.partitions))
         until_ms = now_ms + self.horizon_ms
+        for p, key in self._behind.items():
+            if p in self._after:
+                self._after[p] = min(self._after[p], key)
+        self._behind.clear()
         after = dict(self._after)
         claims = dict(self._claims)
         # Before the query: a commit that lands after its snapshot settles after this line.
         for p in after:
             self._covered_ms[p] = max(self._covered_ms[p], until_ms)
-        rows = await ledger_timers.due(conn, after, until_ms * 1000, page)
+        rows = await ledger_timers.due(conn, self.deployment, after, until_ms * 1000, page)
         last: dict[int, tuple[int, str]] = {}
         read: dict[int, int] = {}
         added = 0
@@ -122,6 +137,15 @@ class DueTimers:
                 # Everything up to until_ms is read; the next page starts after it.
                 self._after[p] = (until_ms * 1000, "ffffffff-ffff-ffff-ffff-ffffffffffff")
         return added
+
+    def set_elsewhere(self, partition: int, fire_at_us: int) -> None:
+        """Another worker's commit set a timer in this partition (an enrolment runs where its trigger
+        is consumed): if the walk has passed its time, the next load goes back for it. (What it reads
+        again that is held already is held once.)"""
+        if partition not in self.partitions or fire_at_us // 1000 > self._covered_ms[partition]:
+            return  # not ours, or the walk will come to it
+        key = (fire_at_us - 1, ledger_timers.START[1])
+        self._behind[partition] = min(self._behind.get(partition, key), key)
 
     def add(self, execution_id: str, timer_id: str, fire_at_ms: int, partition: int) -> bool:
         if fire_at_ms is None or partition not in self.partitions:

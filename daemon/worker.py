@@ -41,7 +41,8 @@ import asyncpg
 import nats
 
 from hotpath import OrderingRing
-from ledger import rollouts, workflows
+from ledger import event_waits, rollouts, workflows
+from ledger import timers as ledger_timers
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
@@ -114,7 +115,7 @@ class Worker:
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         #: The `retention_keep` setting, checked at start-up (a bad one is an error naming it).
         self.retention_keep = retention_keep(config)
-        self.timers = DueTimers(horizon_s=config.timer_horizon_s)
+        self.timers = DueTimers(deployment=config.prefix, horizon_s=config.timer_horizon_s)
         #: Executions waiting for an in-process action's result, kept between their messages.
         self.resident = ResidentExecutions()
         self._actions = actions
@@ -125,7 +126,12 @@ class Worker:
         #: Partitions being given back or lost: their fetch loops finish and stop.
         self._closing: set = set()
         self.batcher = LedgerBatcher(
-            config.pg_dsn, max_rows=config.batch_max_rows, max_ms=config.batch_max_ms, deployment=config.prefix
+            config.pg_dsn,
+            max_rows=config.batch_max_rows,
+            max_ms=config.batch_max_ms,
+            deployment=config.prefix,
+            # Within the lease: a cut-off owner's open commit lets go of its partitions before they expire.
+            idle_in_transaction_s=config.lease_ttl_s / 2,
         )
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -153,20 +159,28 @@ class Worker:
         self.registry.context_types = context_types.registry(self.config, self.config.context_type_plugins)
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
+        # `ordo.deployment`: the trigger path routes events to this deployment's waits only (ledger/event_waits.py).
         self._pool = await asyncpg.create_pool(
-            self.config.pg_dsn, min_size=1, max_size=4, command_timeout=_POOL_COMMAND_TIMEOUT_S
+            self.config.pg_dsn,
+            min_size=1,
+            max_size=4,
+            command_timeout=_POOL_COMMAND_TIMEOUT_S,
+            server_settings={"ordo.deployment": self.config.prefix},
         )
         self._assemble()
 
         async def prepare(conn):
             await require_current(conn)
             await self.ownership.prepare(conn)
+            await ledger_timers.adopt(conn, self.config.prefix)  # rows of before migration 013, if ours
+            await event_waits.adopt(conn, self.config.prefix)
 
         await self._on_pool(prepare, "start")  # a backend terminated at start-up is retried, not fatal
         await self.reload_definitions()
         self._listener = await asyncpg.connect(self.config.pg_dsn)
         await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
         await self._listener.add_listener(rollouts.ROLLOUT_CHANNEL, self.rollout_controller.changed)
+        await self._listener.add_listener(ledger_timers.elsewhere_channel(self.config.prefix), self._on_timers_set)
 
     def _assemble(self) -> None:
         """Make the jobs, each given what it shares with the others."""
@@ -262,6 +276,11 @@ class Worker:
         definitions, tenants, latest_rollouts = await self._on_pool(read, "definitions")
         self.registry.load(definitions, tenants, latest_rollouts)
         self.rollout_controller.tally.set_rollouts(latest_rollouts)
+
+    def _on_timers_set(self, _conn, _pid, _channel, payload: str) -> None:
+        """Timers another worker's enrolments set in partitions it does not own: ours, maybe."""
+        for partition, fire_at_us in ledger_timers.told(payload).items():
+            self.timers.set_elsewhere(partition, fire_at_us)
 
     def _on_deploy(self, *_):
         asyncio.get_running_loop().create_task(self.reload_definitions())

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from ledger import leases
+from ledger import timers as ledger_timers
 
 log = logging.getLogger("ordo.ledger")
 
@@ -182,19 +183,30 @@ ON CONFLICT DO NOTHING
 """
 
 _SET_TIMERS = """
-INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id)
-SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id, deployment)
+SELECT *, $7 FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
 SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED.purpose, step_id = EXCLUDED.step_id
 """
 
 _SET_WAITS = """
-INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id, deployment)
+SELECT *, $7 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
 SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
     event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
 """
+
+
+def _earliest_timers(enrolled: list[ExecutionChange], owned: dict[int, int]) -> dict[int, int]:
+    """Partition -> the earliest fire time (epoch µs) of the timers these enrolments set in partitions
+    this worker does not own: their owners' walks may have passed it (ledger/timers.py)."""
+    earliest: dict[int, int] = {}
+    for change in enrolled:
+        if change.partition not in owned:
+            us = int(change.timer[1].timestamp() * 1_000_000)
+            earliest[change.partition] = min(us, earliest.get(change.partition, us))
+    return earliest
 
 
 async def _insert_letters(conn: asyncpg.Connection, letters: list[DeadLetter]) -> None:
@@ -418,8 +430,15 @@ class LedgerBatcher:
     (group commit). A wait only adds latency while the connection is idle.
     """
 
-    def __init__(self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo"):
+    def __init__(
+        self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo", idle_in_transaction_s: float = 5.0
+    ):
         self._dsn = dsn
+        #: The longest a commit's transaction may wait for this worker's next statement before Postgres
+        #: ends it: its partition rows stay locked meanwhile, and a claim skips locked rows, so a worker
+        #: cut off mid-commit would otherwise keep its partitions from everyone, lease or no lease, until
+        #: Postgres noticed the dead connection (hours of TCP keepalive, never behind a proxy).
+        self.idle_in_transaction_s = idle_in_transaction_s
         #: Whose partitions the epochs and watermarks are (the prefix; ledger/leases.py).
         self.deployment = deployment
         self.max_rows = max_rows
@@ -513,7 +532,12 @@ class LedgerBatcher:
         if self._conn is None or self._conn.is_closed():
             # A statement that outlives this (a connection a restart left half-dead) fails and
             # is retried on a new connection instead of holding every commit behind it.
-            self._conn = await asyncpg.connect(self._dsn, timeout=10, command_timeout=120)
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                timeout=10,
+                command_timeout=120,
+                server_settings={"idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_s * 1000))},
+            )
             await self._conn.execute(_CREATE_STAGING)
         return self._conn
 
@@ -691,6 +715,11 @@ class LedgerBatcher:
                     await self._apply_effects(
                         conn, [c for c in merged if c.execution_id in accepted and not c.duplicate]
                     )
+                elsewhere = _earliest_timers(
+                    [c for c in new if c.timer and c.execution_id in accepted and not c.duplicate], epochs
+                )
+                if elsewhere:
+                    await ledger_timers.tell_owners(conn, self.deployment, elsewhere)
                 if letters:
                     await _insert_letters(conn, letters)
                 if stale:
@@ -724,11 +753,11 @@ class LedgerBatcher:
         if drop_timers:
             await conn.execute("DELETE FROM ordo.timers WHERE execution_id = ANY($1::uuid[])", drop_timers)
         if timers:
-            await conn.execute(_SET_TIMERS, *map(list, zip(*timers, strict=True)))
+            await conn.execute(_SET_TIMERS, *map(list, zip(*timers, strict=True)), self.deployment)
         if drop_waits:
             await conn.execute("DELETE FROM ordo.event_waits WHERE execution_id = ANY($1::uuid[])", drop_waits)
         if waits:
-            await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)))
+            await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)), self.deployment)
         if letters:
             await _insert_letters(conn, letters)
 

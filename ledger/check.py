@@ -71,6 +71,13 @@ CHECKS = {
               + (SELECT count(*) FROM ordo.event_waits w JOIN ordo.executions e USING (execution_id)
                    WHERE e.status IN ('completed', 'failed', 'cancelled'))""",
     ),
+    "waits_no_deployment": (
+        "timer rows or event waits of before migration 013 that several deployments shared: none fires or routes them",
+        """SELECT CASE WHEN (SELECT count(DISTINCT deployment) FROM ordo.partitions WHERE deployment <> '') > 1
+                  THEN (SELECT count(*) FROM ordo.timers WHERE deployment = '')
+                       + (SELECT count(*) FROM ordo.event_waits WHERE deployment = '')
+                  ELSE 0 END""",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ import asyncio
 import time
 
 import nats as nats_py
-from harness import NO_PROBLEMS, WELCOME, Harness
+from harness import NO_PROBLEMS, WELCOME, Clock, Harness
 
 from bench.generator import trigger_event
 
@@ -114,3 +114,116 @@ async def test_the_partitions_of_before_migration_011_are_adopted_by_the_first_d
         assert claimed == {p: (8, 100 + p) for p in range(4)}
     finally:
         await conn.close()
+
+
+# A session waits an hour for a page view about its contact, then ends either way.
+VIEWER = {
+    "id": "viewer",
+    "tenant": "acme",
+    "trigger": {"event": "session.started"},
+    "steps": [
+        {"id": "view", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h", "on_timeout": "gone"},
+        {"id": "seen", "type": "set", "values": {"outcome": "seen"}, "next": "done"},
+        {"id": "gone", "type": "set", "values": {"outcome": "timed out"}},
+        {"id": "done", "type": "end"},
+    ],
+}
+
+
+def _sessions(h: Harness, run_id: str, contacts: int) -> tuple[list[dict], list[str]]:
+    """A session.started trigger per contact c-0 .. c-(n-1), and the executions they start."""
+    events = []
+    for i in range(contacts):
+        event = trigger_event(run_id, i, tenant="acme", event_type="session.started")
+        event["contact"] = {"id": f"c-{i}", "first_name": "Ada"}
+        events.append(event)
+    return events, [h.execution_id("acme", "viewer", e["event_id"]) for e in events]
+
+
+def _views(run_id: str, contacts: range) -> list[dict]:
+    views = []
+    for i in contacts:
+        view = trigger_event(run_id, i, tenant="acme", event_type="page.viewed")
+        view["contact"] = {"id": f"c-{i}"}
+        views.append(view)
+    return views
+
+
+async def _kinds(h: Harness, execution_ids: list[str]) -> dict[str, list[str]]:
+    """Each execution's transition kinds after its start, in order."""
+    rows = await h.db.fetch(
+        "SELECT execution_id::text, kind FROM ordo.transitions WHERE execution_id = ANY($1::uuid[]) AND seq > 1"
+        " ORDER BY execution_id, seq",
+        execution_ids,
+    )
+    kinds: dict[str, list[str]] = {e: [] for e in execution_ids}
+    for r in rows:
+        kinds[r["execution_id"]].append(r["kind"])
+    return kinds
+
+
+async def test_two_deployments_fire_their_own_timers_once_and_route_events_only_to_their_own_executions(
+    nats_server_url, pg_dsn, prefix
+):
+    """The same partition numbers, the same contacts waiting in both: each deployment's timers fire
+    by its own clock, once, and a page view published to one wakes only that one's sessions."""
+    other = f"{prefix}x"
+    a = Harness(nats_server_url, pg_dsn, prefix)
+    b = Harness(nats_server_url, pg_dsn, other)
+    contacts = 24
+    async with a, b:
+        try:
+            await a.deploy(VIEWER)
+            a_sessions, a_ids = _sessions(a, "sess-a", contacts)
+            b_sessions, b_ids = _sessions(b, "sess-b", contacts)
+            waits = "SELECT count(*) FROM ordo.event_waits w JOIN ordo.timers t USING (execution_id, deployment)"
+            a_clock, b_clock = Clock(), Clock()
+            async with a.worker(clock_ms=a_clock), b.worker(clock_ms=b_clock):
+                await _until_shares(a, {prefix: [4], other: [4]})
+                await a.publish_triggers(a_sessions)
+                await b.publish_triggers(b_sessions)
+                await a.wait_until(waits, expect=2 * contacts)
+                # Both deployments wait in every partition number, on the same contacts' page views.
+                rows = await a.db.fetch(
+                    "SELECT w.deployment, e.partition, w.execution_id::text FROM ordo.event_waits w"
+                    " JOIN ordo.executions e USING (execution_id)"
+                )
+                assert {r["execution_id"] for r in rows if r["deployment"] == prefix} == set(a_ids)
+                assert {r["execution_id"] for r in rows if r["deployment"] == other} == set(b_ids)
+                assert {r["partition"] for r in rows if r["deployment"] == prefix} == set(range(4))
+                assert {r["partition"] for r in rows if r["deployment"] == other} == set(range(4))
+
+                # Page views of the first half of the contacts, published to A only: A's sessions of
+                # those contacts see them, B's (same contacts, same tenant) go on waiting.
+                seen = range(contacts // 2)
+                await a.publish_triggers(_views("view-a", seen))
+                await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(seen))
+                await a.wait_triggers_drained()
+
+                # An hour passes for A alone: A's other sessions time out; B's, in the same
+                # partition numbers and due by A's clock, are not A's to fire.
+                a_clock.advance(2 * 3600 * 1000)
+                await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=contacts)
+                for p in range(4):
+                    await a.wait_partition_drained(p)
+                a_kinds = await _kinds(a, a_ids)
+                assert [a_kinds[e] for e in a_ids] == [
+                    ["waiting", "event_received", "set", "completed"]
+                    if i in seen
+                    else ["waiting", "timed_out", "set", "completed"]
+                    for i in range(contacts)
+                ]
+                assert await a.db.fetchval(waits) == contacts  # B's waits and timers, all of them
+                assert all(kinds == ["waiting"] for kinds in (await _kinds(b, b_ids)).values())
+
+                # Then B's hour: each of B's timers fires once, in B.
+                b_clock.advance(2 * 3600 * 1000)
+                await a.wait_until(
+                    "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2 * contacts
+                )
+                b_kinds = await _kinds(b, b_ids)
+                assert all(b_kinds[e] == ["waiting", "timed_out", "set", "completed"] for e in b_ids)
+            assert await a.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
+            assert await a.ledger_problems() == NO_PROBLEMS
+        finally:
+            await _delete_streams(nats_server_url, b)

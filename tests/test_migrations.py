@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 import orjson
+from harness import ordo
 
 from ledger import check as ledger_check
+from ledger import event_waits, leases, timers
 from ledger.schema import migrate, migrations
 
 EXECUTION_ID = "00000000-0000-0000-0000-000000000001"
@@ -145,5 +147,106 @@ async def test_a_ledger_populated_under_migration_007_migrates_to_day_partitions
         assert len(indexes) == 5  # the primary key, by workflow, by subject, by created, the open ones
         assert set((await ledger_check.check(conn)).values()) == {0}
         assert await migrate(conn) == []
+    finally:
+        await conn.close()
+
+
+async def _two_waiting_executions_as_of_012(conn: asyncpg.Connection, deployments: list[str]) -> None:
+    """A ledger at 012 whose partitions 0..3 are each of `deployments`' ('' : of before 011), with two
+    executions waiting for an event (a wait and its timeout timer each) in partitions 0 and 1."""
+    await _ledger_as_of(conn, 12)
+    for deployment in deployments:
+        await conn.execute(
+            "INSERT INTO ordo.partitions (deployment, partition) SELECT $1, generate_series(0, 3)", deployment
+        )
+    for partition, execution_id in enumerate((EXECUTION_ID, "00000000-0000-0000-0000-000000000002")):
+        await conn.execute(
+            """INSERT INTO ordo.executions (execution_id, tenant, workflow_id, workflow_version, subject_id,
+                   event_id, partition, status, seq, pc, steps, waiting, last_stream_seq, context, subject, event,
+                   created_at, runtime, updated_at, ledger_day)
+               VALUES ($1::uuid, 'acme', 'w', 1, 'c-1', $1, $2, 'waiting', 2, 0, 1, 'event:x', 0, '{}',
+                   '{"id": "c-1"}', '{}', now(), '{}', now(), (now() AT TIME ZONE 'UTC')::date)""",
+            execution_id,
+            partition,
+        )
+        await conn.execute(
+            """INSERT INTO ordo.history (execution_id, first_seq, at, source_seq, steps, ledger_day)
+               VALUES ($1::uuid, 1, now(), NULL, '[["", "started"], ["w", "waiting"]]',
+                   (now() AT TIME ZONE 'UTC')::date)""",
+            execution_id,
+        )
+        await conn.execute(
+            "INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, event_type, step_id) "
+            "VALUES ($1::uuid, 'acme', 'contact', 'c-1', 'x', 'w')",
+            execution_id,
+        )
+        await conn.execute(
+            "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id) "
+            "VALUES ($1::uuid, $2, 't', now() + interval '1 day', 'event_timeout', 'w')",
+            execution_id,
+            partition,
+        )
+
+
+async def _deployments_of_waits(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    timers = await conn.fetch("SELECT DISTINCT deployment FROM ordo.timers")
+    waits = await conn.fetch("SELECT DISTINCT deployment FROM ordo.event_waits")
+    return [(t["deployment"], w["deployment"]) for t, w in zip(timers, waits, strict=True)]
+
+
+async def test_the_timers_and_waits_of_a_ledger_at_012_become_its_one_deployments_and_check_clean(pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await _two_waiting_executions_as_of_012(conn, ["ordo"])
+        assert await migrate(conn) == ["013_waits_per_deployment.sql"]
+        assert await _deployments_of_waits(conn) == [("ordo", "ordo")]
+        # The deployment's walk reads them (on the rebuilt index), another deployment's does not.
+        after = {p: timers.START for p in range(4)}
+        far = 4_000_000_000 * 1_000_000
+        assert len(await timers.due(conn, "ordo", after, far, 100)) == 2
+        assert await timers.due(conn, "staging", after, far, 100) == []
+        keys = (["acme"], ["contact"], ["c-1"], ["x"])
+        assert len(await event_waits.waiting(conn, *keys, deployment="ordo")) == 2
+        assert await event_waits.waiting(conn, *keys, deployment="staging") == []
+        assert set((await ledger_check.check(conn)).values()) == {0}
+        checked = ordo("check", env_extra={"ORDO_PG_DSN": pg_dsn})
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "waits_no_deployment" in checked.stdout
+        assert await migrate(conn) == []
+    finally:
+        await conn.close()
+
+
+async def test_the_timers_and_waits_of_before_011_are_adopted_with_its_partitions_by_the_first_deployment(pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await _two_waiting_executions_as_of_012(conn, [""])  # no deployment has started since 011
+        await migrate(conn)
+        assert await _deployments_of_waits(conn) == [("", "")]
+        assert set((await ledger_check.check(conn)).values()) == {0}  # not lost: the first to start adopts them
+        # As a worker starts (daemon/worker.py): its partitions, then the waits, if it is the only deployment.
+        await leases.create_partitions(conn, "ordo", 4)
+        await leases.create_partitions(conn, "staging", 4)
+        for deployment in ("staging", "ordo"):
+            await timers.adopt(conn, deployment)
+            await event_waits.adopt(conn, deployment)
+        assert await _deployments_of_waits(conn) == [("", "")]  # two deployments now: whose were they?
+        assert (await ledger_check.check(conn))["waits_no_deployment"] == 4
+        await conn.execute("DELETE FROM ordo.partitions WHERE deployment = 'staging'")
+        await timers.adopt(conn, "ordo")
+        await event_waits.adopt(conn, "ordo")
+        assert await _deployments_of_waits(conn) == [("ordo", "ordo")]
+        assert set((await ledger_check.check(conn)).values()) == {0}
+    finally:
+        await conn.close()
+
+
+async def test_the_timers_and_waits_of_a_ledger_that_several_deployments_shared_are_counted_by_check(pg_dsn):
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await _two_waiting_executions_as_of_012(conn, ["ordo", "staging"])
+        await migrate(conn)
+        assert await _deployments_of_waits(conn) == [("", "")]
+        assert (await ledger_check.check(conn))["waits_no_deployment"] == 4
     finally:
         await conn.close()

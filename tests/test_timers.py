@@ -33,10 +33,10 @@ async def db(pg_dsn):
 
 
 async def _store(db, rows: list[tuple[str, int, str, int]]) -> None:
-    """Timer rows (execution_id, partition, timer_id, fire_at_ms)."""
+    """Timer rows (execution_id, partition, timer_id, fire_at_ms) of the default deployment."""
     await db.executemany(
-        "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id)"
-        " VALUES ($1::uuid, $2, $3, $4, 'wait', 's')",
+        "INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id, deployment)"
+        " VALUES ($1::uuid, $2, $3, $4, 'wait', 's', 'ordo')",
         [(e, p, t, datetime.fromtimestamp(ms / 1000, UTC)) for e, p, t, ms in rows],
     )
 
@@ -261,4 +261,32 @@ async def test_a_timeout_and_its_event_arriving_together_apply_one_after_the_oth
             assert (kinds.count("event_received"), kinds.count("timed_out")) in ((1, 0), (0, 1)), kinds
         assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.db.fetchval("SELECT count(*) FROM ordo.event_waits") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_short_waits_enrolled_by_a_worker_that_does_not_own_their_partition_fire(nats_server_url, pg_dsn, prefix):
+    """An enrolment runs where its trigger is consumed, so half of these 2 s waits are set by the
+    worker that does not own their partition, behind the owner's walk (it reads 5 s ahead): the
+    commit tells the owner, whose walk goes back for them. Before, they waited for a restart."""
+    short = {
+        "id": "short",
+        "tenant": "acme",
+        "trigger": {"event": "contact.created"},
+        "steps": [{"id": "pause", "type": "wait", "duration": "2s"}, {"id": "done", "type": "end"}],
+    }
+    count = 200
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(short)
+        async with h.worker(0, 2), h.worker(1, 2):
+            await h.wait_until(
+                "SELECT count(DISTINCT owner) FROM ordo.partitions WHERE owner IS NOT NULL", expect=2, timeout=20
+            )
+            events = [trigger_event("short", i, tenant="acme") for i in range(count)]
+            for start in range(0, count, 20):  # over a few seconds: the walks move on meanwhile
+                await h.publish_triggers(events[start : start + 20])
+                await h.wait_until("SELECT count(*) FROM ordo.executions", expect=start + 20, timeout=20)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=30
+            )
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
