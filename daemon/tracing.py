@@ -1,0 +1,209 @@
+"""OpenTelemetry traces of executions, built after commit and exported over OTLP/HTTP.
+
+Off unless `trace_sample` > 0. Then the settle loop hands every committed
+change to `Tracing.committed`, which for an unsampled execution returns at
+once (daemon/trace_context.py `sampled`: a slice of its id and a comparison).
+For a sampled one it
+
+- puts the call's traceparent on each action request the change carries out
+  (daemon/effects.py sends it as a JetStream header, or hands it to an
+  in-process action: the webhook sends it as an HTTP header), so a
+  provider's spans join the trace;
+- builds the spans this commit closed (daemon/trace_spans.py) from the
+  committed transitions: an enrolment's are in memory; a later commit's
+  history is read back from the ledger, off the commit path, since its
+  open step may have started on another worker or before a restart;
+- hands them to the OpenTelemetry SDK's batch processor and OTLP/HTTP exporter,
+  which export from a thread of their own.
+
+The OpenTelemetry packages (the `ordo[otel]` extra) are imported only here and
+only when tracing is on: the engine runs without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from prometheus_client import Counter
+
+from ledger import history
+
+from . import logs
+from .trace_context import format_traceparent, sampled, span_id, trace_of
+from .trace_spans import Execution, Span, Transition, closed_spans
+
+log = logging.getLogger("ordo.tracing")
+
+spans_exported = Counter("ordo_trace_spans_total", "Spans of sampled executions handed to the OTLP exporter.")
+spans_dropped = Counter(
+    "ordo_trace_spans_dropped_total",
+    "Commits of sampled executions whose spans were not built (history reads backed up or failed).",
+)
+
+#: History reads of sampled executions in flight past which a commit's spans are dropped, not queued.
+MOST_PENDING_READS = 256
+#: Where the OTLP/HTTP exporter posts, under `otlp_endpoint`.
+TRACES_PATH = "/v1/traces"
+
+
+class TracingUnavailable(RuntimeError):
+    """Tracing is on but the OpenTelemetry packages are not installed."""
+
+
+class Tracing:
+    """Turns the committed changes of sampled executions into exported spans."""
+
+    def __init__(self, rate: float, export, on_pool=None):
+        self.rate = rate
+        #: Takes a list of trace_spans.Span with their trace ids (OtlpExport, or a test's list).
+        self._export = export
+        self._on_pool = on_pool
+        self._reads: set[asyncio.Task] = set()
+
+    def committed(self, change) -> None:
+        """A committed, accepted change: an unsampled execution's costs one comparison."""
+        execution_id = change.execution_id
+        if not sampled(execution_id, self.rate):
+            return
+        record = change.record
+        trace_id, trigger_span = trace_of(execution_id, record.state.event if record is not None else None)
+        for kind, data in change.after_commit:
+            if kind == "action":
+                data["traceparent"] = format_traceparent(trace_id, span_id(execution_id, "call", data["request_seq"]))
+        if not change.history or record is None:
+            return
+        _, first_seq, at, _, steps_json, _ = change.history[0]
+        steps = orjson.loads(steps_json)
+        execution = Execution(
+            execution_id,
+            record.tenant,
+            record.workflow_id,
+            record.workflow_version,
+            trigger_span,
+            int(record.created_at.timestamp() * 1e9),
+        )
+        closing = (first_seq, first_seq + len(steps) - 1, change.finished, change.status, time.time_ns())
+        if change.is_new:
+            at_ns = int(at.timestamp() * 1e9)
+            transitions = [
+                Transition(first_seq + i, step[0], step[1], at_ns, step[2] if len(step) > 2 else None)
+                for i, step in enumerate(steps)
+            ]
+            self._emit(trace_id, execution, transitions, closing)
+            return
+        if self._on_pool is None or len(self._reads) >= MOST_PENDING_READS:
+            spans_dropped.inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._from_ledger(trace_id, execution, closing))
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def _from_ledger(self, trace_id: int, execution: Execution, closing: tuple) -> None:
+        """A later commit's spans: its open step (and the execution) may have started elsewhere."""
+        try:
+            rows = await self._on_pool(lambda conn: history.transitions(conn, execution.execution_id), "trace history")
+        except Exception as exc:  # a trace is not worth more than a metric and a line
+            spans_dropped.inc()
+            log.warning(
+                "spans of %s not built: %s",
+                execution.execution_id,
+                exc,
+                extra=logs.execution(execution.execution_id, **logs.failure("trace_history", exc)),
+            )
+            return
+        last_seq = closing[1]
+        transitions = [
+            Transition(
+                row["seq"],
+                row["step_id"],
+                row["kind"],
+                int(row["at"].timestamp() * 1e9),
+                orjson.loads(row["detail"]) if row["detail"] is not None else None,
+            )
+            for row in rows
+            if row["seq"] <= last_seq  # a later commit may be in already: its spans are its own
+        ]
+        self._emit(trace_id, execution, transitions, closing)
+
+    def _emit(self, trace_id: int, execution: Execution, transitions: list[Transition], closing: tuple) -> None:
+        first_seq, _, finished, status, commit_ns = closing
+        if not transitions:
+            return
+        spans = closed_spans(execution, transitions, first_seq, finished=finished, status=status, commit_ns=commit_ns)
+        if spans:
+            self._export(trace_id, spans)
+            spans_exported.inc(len(spans))
+
+    async def close(self) -> None:
+        """Wait for the history reads in flight (bounded), then flush the exporter."""
+        if self._reads:
+            await asyncio.wait(list(self._reads), timeout=5)
+        close = getattr(self._export, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+
+class OtlpExport:
+    """The OpenTelemetry SDK's batch span processor and OTLP/HTTP (protobuf) exporter, given our spans.
+
+    The spans are made as the SDK's ReadableSpan with the ids trace_context
+    derived, since they are built after the fact rather than opened and ended.
+    """
+
+    def __init__(self, endpoint: str, service_instance: str, *, schedule_delay_ms: int = 1000):
+        try:
+            from opentelemetry import trace as api
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import ReadableSpan
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+            from opentelemetry.trace.status import Status, StatusCode
+        except ImportError as exc:
+            raise TracingUnavailable(
+                f"trace_sample is above 0 but OpenTelemetry is not installed ({exc}); "
+                "install the extra: pip install 'ordo[otel]'"
+            ) from exc
+        self._api = api
+        self._readable = ReadableSpan
+        self._status = (Status, StatusCode)
+        self._kinds = {
+            "internal": api.SpanKind.INTERNAL,
+            "client": api.SpanKind.CLIENT,
+            "consumer": api.SpanKind.CONSUMER,
+        }
+        self._resource = Resource.create({"service.name": "ordo", "service.instance.id": service_instance})
+        self._scope = InstrumentationScope("ordo")
+        url = endpoint.rstrip("/") + TRACES_PATH
+        self._processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=url), schedule_delay_millis=schedule_delay_ms)
+
+    def __call__(self, trace_id: int, spans: list[Span]) -> None:
+        api = self._api
+        flags = api.TraceFlags(api.TraceFlags.SAMPLED)
+        Status, StatusCode = self._status
+        for span in spans:
+            parent = None
+            if span.parent_id is not None:
+                parent = api.SpanContext(trace_id, span.parent_id, is_remote=False, trace_flags=flags)
+            status = Status(StatusCode.ERROR, span.error) if span.error is not None else Status(StatusCode.UNSET)
+            self._processor.on_end(
+                self._readable(
+                    span.name,
+                    context=api.SpanContext(trace_id, span.span_id, is_remote=False, trace_flags=flags),
+                    parent=parent,
+                    resource=self._resource,
+                    attributes=span.attributes,
+                    kind=self._kinds[span.kind],
+                    status=status,
+                    start_time=span.start_ns,
+                    end_time=span.end_ns,
+                    instrumentation_scope=self._scope,
+                )
+            )
+
+    def close(self) -> None:
+        """Export what is queued, then stop the exporter's thread (blocking: call it off the loop)."""
+        self._processor.shutdown()
