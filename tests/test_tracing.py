@@ -1,0 +1,306 @@
+"""OpenTelemetry traces of executions (issue 19, "Traces"): real NATS, Postgres and OTLP over HTTP.
+
+The collector is a real local HTTP server that decodes the OTLP/HTTP protobuf
+export requests with opentelemetry-proto, as a collector does; the webhook's
+receiver is another. The tracing tests need the `otel` extra (the test extra
+installs it); the last tests check that the engine runs without it.
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import orjson
+import pytest
+from aiohttp import web
+from harness import ROOT, engine
+
+from bench.generator import trigger_event
+from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
+
+trace_service = pytest.importorskip(
+    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+    reason="the OpenTelemetry packages are not installed: pip install -e '.[otel]' (the test extra has them)",
+)
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the OTLP/HTTP exporter is not installed")
+
+TRACED = {
+    "id": "traced",
+    "tenant": "acme",
+    "trigger": {"event": "contact.created"},
+    "steps": [
+        {"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}},
+        {"id": "call", "type": "action", "action": "webhook", "input": {"url": "URL"}, "timeout": "10s"},
+        {"id": "pause", "type": "wait", "duration": "200ms"},
+        {"id": "done", "type": "set", "values": {"finished": True}},
+    ],
+}
+
+EXTERNAL = {
+    "id": "external",
+    "tenant": "acme",
+    "trigger": {"event": "order.placed"},
+    "steps": [{"id": "text", "type": "action", "action": "sms.send", "input": {"to": "+15550100"}, "timeout": "30s"}],
+}
+
+
+class Collector:
+    """An OTLP/HTTP collector on 127.0.0.1 (POST /v1/traces) and a webhook receiver (/hook)."""
+
+    def __init__(self):
+        self.exports = 0
+        self.spans: list[dict] = []
+        self.hooks: list[dict] = []
+        self.runner = None
+        self.port = 0
+
+    async def start(self) -> "Collector":
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        app.router.add_post("/hook", self._hook)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        export = trace_service.ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        self.exports += 1
+        for resource_spans in export.resource_spans:
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_id": span.parent_span_id.hex(),
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            "error": span.status.code == 2,
+                            "service": resource.get("service.name"),
+                        }
+                    )
+        body = trace_service.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.hooks.append({"headers": dict(request.headers), "body": await request.read()})
+        return web.json_response({"ok": True})
+
+    def trace(self, trace_id: str) -> list[dict]:
+        return [s for s in self.spans if s["trace_id"] == trace_id]
+
+    async def wait_for(self, trace_id: str, name: str, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spans = self.trace(trace_id)
+            if any(s["name"] == name for s in spans):
+                return spans
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no span {name!r} in trace {trace_id} after {timeout}s: {self.trace(trace_id)}")
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def _value(value):
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+async def collector():
+    c = await Collector().start()
+    yield c
+    await c.stop()
+
+
+def _traced(url: str) -> dict:
+    definition = orjson.loads(orjson.dumps(TRACED))
+    definition["steps"][1]["input"]["url"] = url
+    return definition
+
+
+async def _publish(h, event: dict, traceparent: str | None = None) -> None:
+    headers = {"Nats-Msg-Id": f"{event['tenant']}:{event['event_id']}"}
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
+    await h.js.publish(h.topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event), headers=headers)
+
+
+def _check_tree(spans: list[dict], trace_id: str, root_parent: str) -> dict:
+    """The shape of one execution's trace; returns its spans by name."""
+    assert {s["trace_id"] for s in spans} == {trace_id}
+    ids = [s["span_id"] for s in spans]
+    assert len(ids) == len(set(ids)), f"a span was exported twice: {[s['name'] for s in spans]}"
+    by_name = {s["name"]: s for s in spans}
+    assert set(by_name) == {
+        "execution traced",
+        "enrol",
+        "step greet",
+        "step call",
+        "action webhook",
+        "step pause",
+        "wait",
+        "step done",
+    }, sorted(by_name)
+    root = by_name["execution traced"]
+    assert root["parent_id"] == root_parent
+    assert root["attributes"]["ordo.status"] == "completed"
+    for name in ("enrol", "step greet", "step call", "step pause", "step done"):
+        assert by_name[name]["parent_id"] == root["span_id"], name
+    assert by_name["action webhook"]["parent_id"] == by_name["step call"]["span_id"]
+    assert by_name["wait"]["parent_id"] == by_name["step pause"]["span_id"]
+    for span in spans:  # every parent is in the trace (the root's is the trigger's, outside it)
+        assert span is root or span["parent_id"] in ids, span["name"]
+        assert span["start"] <= span["end"], span["name"]
+        assert root["start"] <= span["start"] and span["end"] <= root["end"], span["name"]
+        assert span["service"] == "ordo"
+    # The wait lasted its 200 ms, within its step; the steps follow each other.
+    wait = by_name["wait"]
+    assert wait["end"] - wait["start"] >= 150_000_000
+    assert by_name["step call"]["end"] <= by_name["step pause"]["start"] <= by_name["step done"]["start"]
+    return by_name
+
+
+async def test_a_traced_execution_is_one_tree_of_spans_and_its_webhook_carries_the_trace(
+    nats_server_url, pg_dsn, prefix, collector
+):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_traced(f"{collector.endpoint}/hook"))
+        plain = trigger_event("tr", 1, tenant="acme")
+        continued = trigger_event("tr", 2, tenant="acme")
+        upstream_trace, upstream_span = uuid.uuid4().hex, os.urandom(8).hex()
+        async with h.worker(trace_sample=1.0, otlp_endpoint=collector.endpoint):
+            await _publish(h, plain)
+            await _publish(h, continued, f"00-{upstream_trace}-{upstream_span}-01")
+            for event in (plain, continued):
+                await h.wait_status(h.execution_id("acme", "traced", event["event_id"]), "completed")
+            plain_id = h.execution_id("acme", "traced", plain["event_id"])
+            plain_trace = f"{execution_trace_id(plain_id):032x}"
+            await collector.wait_for(plain_trace, "execution traced")
+            await collector.wait_for(upstream_trace, "execution traced")
+
+        # Without a traceparent the trace id is the execution id; the root has no parent.
+        assert plain_trace == plain_id.replace("-", "")
+        spans = _check_tree(collector.trace(plain_trace), plain_trace, root_parent="")
+        # With one, the execution's root is a child of the trigger's span, in its trace.
+        _check_tree(collector.trace(upstream_trace), upstream_trace, root_parent=upstream_span)
+
+        # The webhook call carried the action call span's context, so the receiver's spans join it.
+        assert len(collector.hooks) == 2
+        sent = {parse_traceparent(hook["headers"]["traceparent"]) for hook in collector.hooks}
+        call = spans["action webhook"]
+        assert (int(plain_trace, 16), int(call["span_id"], 16)) in sent
+        assert {trace for trace, _ in sent} == {int(plain_trace, 16), int(upstream_trace, 16)}
+        assert call["attributes"]["ordo.outcome"] == "action_completed"
+
+
+async def test_an_external_action_request_carries_the_executions_traceparent(
+    nats_server_url, pg_dsn, prefix, collector
+):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(EXTERNAL)
+        event = trigger_event("ext", 1, tenant="acme", event_type="order.placed")
+        execution_id = h.execution_id("acme", "external", event["event_id"])
+        requests = await h.js.pull_subscribe(h.topology.action_subject("sms.send", 1), durable=None)
+        async with h.worker(trace_sample=1.0, otlp_endpoint=collector.endpoint):
+            await _publish(h, event)
+            await h.wait_status(execution_id, "waiting")
+            [msg] = await requests.fetch(1, timeout=10)
+        request = orjson.loads(msg.data)
+        assert request["execution_id"] == execution_id
+        trace_id, parent_id = parse_traceparent(msg.headers["traceparent"])
+        assert trace_id == execution_trace_id(execution_id)
+        # The call's span, named by the request's seq: the one the result's commit will export.
+        assert parent_id == span_id(execution_id, "call", request["request_seq"])
+        assert msg.headers["traceparent"] == format_traceparent(trace_id, parent_id)
+
+
+async def test_sampling_zero_sends_nothing(nats_server_url, pg_dsn, prefix, collector):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_traced(f"{collector.endpoint}/hook"))
+        events = [trigger_event("off", i, tenant="acme") for i in range(5)]
+        async with h.worker(trace_sample=0.0, otlp_endpoint=collector.endpoint) as worker:
+            assert worker.settlement.tracing is None
+            for event in events:
+                await _publish(h, event)
+            for event in events:
+                await h.wait_status(h.execution_id("acme", "traced", event["event_id"]), "completed")
+        assert collector.exports == 0 and collector.spans == []
+        assert len(collector.hooks) == 5
+        assert not any("traceparent" in {k.lower() for k in hook["headers"]} for hook in collector.hooks)
+
+
+_DECISIONS = """
+import sys
+from daemon.trace_context import sampled
+ids = sys.stdin.read().split()
+print("".join("1" if sampled(i, 0.1) else "0" for i in ids))
+"""
+
+
+def test_the_sampling_decision_is_the_same_in_every_worker_process():
+    ids = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"execution-{i}")) for i in range(4000)]
+    decisions = set()
+    for seed in ("1", "2"):  # two worker processes, each with its own str hash seed
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", _DECISIONS], input=" ".join(ids), env=env, capture_output=True, text=True, check=True
+        )
+        decisions.add(out.stdout.strip())
+    [decided] = decisions
+    assert decided == "".join("1" if sampled(i, 0.1) else "0" for i in ids)
+    assert 300 <= decided.count("1") <= 500  # about a tenth
+    # A higher rate keeps every execution a lower one sampled (raising it never drops a trace).
+    assert all(sampled(i, 0.2) for i, d in zip(ids, decided, strict=True) if d == "1")
+    assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
+
+
+_WITHOUT_OTEL = """
+import runpy, sys
+for name in ("opentelemetry", "opentelemetry.sdk", "opentelemetry.exporter", "google.protobuf"):
+    sys.modules[name] = None  # as if the otel extra were not installed
+sys.argv = ["ordo", "run", "--worker-index", "0", "--workers", "1"]
+runpy.run_module("daemon", run_name="__main__")
+"""
+
+
+async def test_a_worker_runs_without_opentelemetry_while_tracing_is_off(nats_server_url, pg_dsn, prefix):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(TRACED | {"steps": [TRACED["steps"][0], TRACED["steps"][3]]})
+        event = trigger_event("bare", 1, tenant="acme")
+        proc = subprocess.Popen([sys.executable, "-c", _WITHOUT_OTEL], env=h.env(), cwd=ROOT)
+        h.processes.append(proc)
+        await _publish(h, event)
+        await h.wait_status(h.execution_id("acme", "traced", event["event_id"]), "completed")
+        assert proc.poll() is None
+
+
+async def test_a_worker_asked_to_trace_without_opentelemetry_stops_and_names_the_extra(nats_server_url, pg_dsn, prefix):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WITHOUT_OTEL,
+            env=h.env(trace_sample=0.5),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode != 0
+        assert "pip install 'ordo[otel]'" in stderr.decode()
