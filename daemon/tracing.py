@@ -40,7 +40,8 @@ log = logging.getLogger("ordo.tracing")
 spans_exported = Counter("ordo_trace_spans_total", "Spans of sampled executions handed to the OTLP exporter.")
 spans_dropped = Counter(
     "ordo_trace_spans_dropped_total",
-    "Commits of sampled executions whose spans were not built (history reads backed up or failed).",
+    "Commits of sampled executions whose spans were not built (history reads backed up or failed), "
+    "and spans the exporter dropped with its queue full (the collector slow or away).",
 )
 
 #: History reads of sampled executions in flight past which a commit's spans are dropped, not queued.
@@ -49,6 +50,25 @@ MOST_PENDING_READS = 256
 MOST_QUEUED_SPANS = 32_768
 #: Where the OTLP/HTTP exporter posts, under `otlp_endpoint`.
 TRACES_PATH = "/v1/traces"
+
+
+class _QueueFullOncePerMinute(logging.Filter):
+    """The SDK logs a warning for every span it drops with its queue full: with the collector away that
+    is hundreds a second. Let one through a minute; count them all (spans_dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self._next_at = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Queue full"):
+            return True
+        spans_dropped.inc()
+        now = time.monotonic()
+        if now < self._next_at:
+            return False
+        self._next_at = now + 60.0
+        return True
 
 
 class TracingUnavailable(RuntimeError):
@@ -180,8 +200,10 @@ class OtlpExport:
         self._resource = Resource.create({"service.name": "ordo", "service.instance.id": service_instance})
         self._scope = InstrumentationScope("ordo")
         url = endpoint.rstrip("/") + TRACES_PATH
+        logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_QueueFullOncePerMinute())
         self._processor = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=url),
+            # Bounded: a drain waits for the last export, and a collector that is away must not hold it long.
+            OTLPSpanExporter(endpoint=url, timeout=5),
             max_queue_size=MOST_QUEUED_SPANS,
             schedule_delay_millis=schedule_delay_ms,
             max_export_batch_size=2048,
