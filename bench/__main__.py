@@ -414,7 +414,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
     sink = None
     if args.trace_sample > 0:  # what tracing costs: spans built and exported to a collector on 127.0.0.1
-        sink = await OtlpSink().start()
+        sink = OtlpSink().start()
         worker_settings |= {"ORDO_TRACE_SAMPLE": str(args.trace_sample), "ORDO_OTLP_ENDPOINT": sink.endpoint}
     # The workers' backends carry the run's name, so that the WAL they report is waited for (bench.storage).
     application_name = f"ordo-{run_id}"
@@ -522,7 +522,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         await scenario.stop()
         if sink is not None:
             print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
-            await sink.stop()
+            sink.stop()
         try:
             await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
         except Exception as exc:  # noqa: BLE001 - clean-up is best effort
