@@ -20,12 +20,19 @@ from harness import ROOT, engine
 
 from bench.generator import trigger_event
 from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
+from daemon.trace_spans import Execution, Transition, closed_spans
+from hotpath import dispatcher
 
-trace_service = pytest.importorskip(
-    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+try:
+    import opentelemetry.exporter.otlp.proto.http  # noqa: F401 - what a traced worker exports with
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_service
+except ImportError:
+    trace_service = None
+
+needs_otel = pytest.mark.skipif(
+    trace_service is None,
     reason="the OpenTelemetry packages are not installed: pip install -e '.[otel]' (the test extra has them)",
 )
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the OTLP/HTTP exporter is not installed")
 
 TRACED = {
     "id": "traced",
@@ -177,6 +184,7 @@ def _check_tree(spans: list[dict], trace_id: str, root_parent: str) -> dict:
     return by_name
 
 
+@needs_otel
 async def test_a_traced_execution_is_one_tree_of_spans_and_its_webhook_carries_the_trace(
     nats_server_url, pg_dsn, prefix, collector
 ):
@@ -210,6 +218,7 @@ async def test_a_traced_execution_is_one_tree_of_spans_and_its_webhook_carries_t
         assert call["attributes"]["ordo.outcome"] == "action_completed"
 
 
+@needs_otel
 async def test_an_external_action_request_carries_the_executions_traceparent(
     nats_server_url, pg_dsn, prefix, collector
 ):
@@ -231,6 +240,7 @@ async def test_an_external_action_request_carries_the_executions_traceparent(
         assert msg.headers["traceparent"] == format_traceparent(trace_id, parent_id)
 
 
+@needs_otel
 async def test_sampling_zero_sends_nothing(nats_server_url, pg_dsn, prefix, collector):
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(_traced(f"{collector.endpoint}/hook"))
@@ -244,6 +254,23 @@ async def test_sampling_zero_sends_nothing(nats_server_url, pg_dsn, prefix, coll
         assert collector.exports == 0 and collector.spans == []
         assert len(collector.hooks) == 5
         assert not any("traceparent" in {k.lower() for k in hook["headers"]} for hook in collector.hooks)
+
+
+@needs_otel
+async def test_a_collector_that_is_away_loses_spans_never_executions(nats_server_url, pg_dsn, prefix, collector):
+    nowhere = await Collector().start()  # a port that was bound a moment ago and is closed now
+    await nowhere.stop()
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_traced(f"{collector.endpoint}/hook"))
+        events = [trigger_event("away", i, tenant="acme") for i in range(3)]
+        async with h.worker(trace_sample=1.0, otlp_endpoint=nowhere.endpoint):
+            for event in events:
+                await _publish(h, event)
+            for event in events:
+                await h.wait_status(h.execution_id("acme", "traced", event["event_id"]), "completed")
+        # The calls still carried their trace context, and the worker drained (the harness waits for it).
+        assert len(collector.hooks) == 3
+        assert all(parse_traceparent(hook["headers"].get("traceparent")) for hook in collector.hooks)
 
 
 _DECISIONS = """
@@ -304,3 +331,95 @@ async def test_a_worker_asked_to_trace_without_opentelemetry_stops_and_names_the
         _, stderr = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode != 0
         assert "pip install 'ordo[otel]'" in stderr.decode()
+
+
+# -- the spans of each commit, from the dispatcher's own transitions (pure) -------------------------------------
+
+RETRIED = {
+    "id": "retried",
+    "tenant": "acme",
+    "version": 1,
+    "trigger": {"event": "contact.created"},
+    "steps": [
+        {"id": "greet", "type": "set", "values": {"a": 1}},
+        {
+            "id": "call",
+            "type": "action",
+            "action": "webhook",
+            "input": {"url": "http://example.invalid/"},
+            "timeout": "10s",
+            "retry": {"max_attempts": 3, "initial_interval": "100ms"},
+        },
+        {"id": "approval", "type": "wait_for_signal", "signal": "go"},
+        {"id": "done", "type": "set", "values": {"b": 2}},
+    ],
+}
+
+
+def _commits() -> list[tuple[list, str]]:
+    """The retried workflow's commits, one advance each: (transitions with their time in ms, status after)."""
+    program = dispatcher.Program(RETRIED)
+    state = dispatcher.ExecutionState("e-1", event={"event_id": "1", "data": {}}, subject={"id": "c"}, tenant="acme")
+    commits = []
+
+    def advance(kind, payload, now_ms):
+        transitions = dispatcher.advance(program, state, kind, payload, now_ms)
+        effects, state.effects = state.effects, []
+        commits.append(([(t, now_ms) for t in transitions], state.status))
+        return effects
+
+    advance("start", None, 1_000)
+    failed = {"code": "unavailable", "retryable": True, "message": "503"}
+    effects = advance("action_result", {"step_id": "call", "attempt": 1, "ok": False, "error": failed}, 2_000)
+    [retry] = [data["timer_id"] for kind, data in effects if kind == "set_timer"]
+    advance("timer", {"timer_id": retry}, 2_100)
+    advance("action_result", {"step_id": "call", "attempt": 2, "ok": True, "output": {}}, 3_000)
+    advance("signal", {"name": "go", "signal_id": "s-1", "data": {}}, 9_000)
+    return commits
+
+
+def test_each_span_closes_in_exactly_one_commit_with_the_times_of_its_transitions():
+    execution = Execution("e-1", "acme", "retried", 1, None, 1_000 * 1_000_000)
+    history: list[Transition] = []
+    closed_by_commit = []
+    for transitions, status in _commits():
+        first_seq = transitions[0][0][0]
+        for (seq, step_id, kind, detail), at_ms in transitions:
+            history.append(Transition(seq, step_id, kind, at_ms * 1_000_000, detail))
+        commit_ns = (transitions[-1][1] + 5) * 1_000_000
+        closed_by_commit.append(
+            closed_spans(
+                execution, list(history), first_seq, finished=status == "completed", status=status, commit_ns=commit_ns
+            )
+        )
+    names = [[span.name for span in spans] for spans in closed_by_commit]
+    assert names == [
+        ["enrol", "step greet"],  # the action step is open: it waits for its result
+        [],  # a failed attempt: the step goes on (a back-off, then attempt 2)
+        [],
+        ["step call", "action webhook", "action webhook"],  # the result closes the step and both calls
+        ["step approval", "wait", "step done", "execution retried"],
+    ]
+    spans = {(s.name, s.start_ns): s for commit in closed_by_commit for s in commit}
+    ms = 1_000_000
+    root = spans[("execution retried", 1_000 * ms)]
+    step = spans[("step call", 1_000 * ms)]
+    assert root.parent_id is None and root.end_ns == 9_005 * ms and root.attributes["ordo.status"] == "completed"
+    assert step.parent_id == root.span_id and step.end_ns == 3_000 * ms
+    first, second = spans[("action webhook", 1_000 * ms)], spans[("action webhook", 2_100 * ms)]
+    assert (first.end_ns, second.end_ns) == (2_000 * ms, 3_000 * ms)
+    assert first.parent_id == second.parent_id == step.span_id
+    assert first.error == "unavailable: 503" and second.error is None
+    assert [first.attributes["ordo.attempt"], second.attributes["ordo.attempt"]] == [1, 2]
+    # The call's span id is what its request carried: named by the request's seq.
+    assert first.span_id == span_id("e-1", "call", first.attributes["ordo.request_seq"])
+    wait = spans[("wait", 3_000 * ms)]
+    assert wait.parent_id == spans[("step approval", 3_000 * ms)].span_id and wait.end_ns == 9_000 * ms
+    assert wait.attributes["ordo.ended_by"] == "signal" and wait.attributes["ordo.wait.signal"] == "go"
+
+
+def test_a_valid_traceparent_is_read_and_an_invalid_one_ignored():
+    parent = format_traceparent(0xABC, 0xDEF)
+    assert parse_traceparent(parent) == (0xABC, 0xDEF)
+    for bad in ("", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "01-abc", "00-xyz", None, 7):
+        assert parse_traceparent(bad) is None, bad
