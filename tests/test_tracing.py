@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from harness import ROOT, engine
 
+from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
 from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
 from daemon.trace_spans import Execution, Transition, closed_spans
@@ -219,25 +220,42 @@ async def test_a_traced_execution_is_one_tree_of_spans_and_its_webhook_carries_t
 
 
 @needs_otel
-async def test_an_external_action_request_carries_the_executions_traceparent(
+async def test_an_external_action_gets_its_call_spans_traceparent_over_jetstream(
     nats_server_url, pg_dsn, prefix, collector
 ):
+    seen = []
+
+    @action("sms.send", major=1)
+    async def send_sms(ctx, input):
+        seen.append(ctx.traceparent)  # what a provider's SDK would continue
+        return {"sent": True}
+
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(EXTERNAL)
         event = trigger_event("ext", 1, tenant="acme", event_type="order.placed")
         execution_id = h.execution_id("acme", "external", event["event_id"])
-        requests = await h.js.pull_subscribe(h.topology.action_subject("sms.send", 1), durable=None)
-        async with h.worker(trace_sample=1.0, otlp_endpoint=collector.endpoint):
-            await _publish(h, event)
-            await h.wait_status(execution_id, "waiting")
-            [msg] = await requests.fetch(1, timeout=10)
-        request = orjson.loads(msg.data)
-        assert request["execution_id"] == execution_id
-        trace_id, parent_id = parse_traceparent(msg.headers["traceparent"])
-        assert trace_id == execution_trace_id(execution_id)
-        # The call's span, named by the request's seq: the one the result's commit will export.
-        assert parent_id == span_id(execution_id, "call", request["request_seq"])
-        assert msg.headers["traceparent"] == format_traceparent(trace_id, parent_id)
+        trace = f"{execution_trace_id(execution_id):032x}"
+        provider = ActionWorker.from_config(h.config, [send_sms])
+        stop = asyncio.Event()
+        serving = asyncio.create_task(provider.run(stop))
+        try:
+            async with h.worker(trace_sample=1.0, otlp_endpoint=collector.endpoint):
+                await _publish(h, event)
+                await h.wait_status(execution_id, "completed")
+                spans = await collector.wait_for(trace, "execution external")
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+    [traceparent] = seen
+    by_name = {s["name"]: s for s in spans}
+    call, step = by_name["action sms.send"], by_name["step text"]
+    # The request's JetStream header named the call's span, in the execution's trace; the result's commit
+    # (another message, the history read back) exported that span under its step.
+    assert parse_traceparent(traceparent) == (int(trace, 16), int(call["span_id"], 16))
+    assert traceparent == format_traceparent(int(trace, 16), int(call["span_id"], 16))
+    assert call["parent_id"] == step["span_id"] and step["parent_id"] == by_name["execution external"]["span_id"]
+    assert call["attributes"]["ordo.outcome"] == "action_completed"
+    assert call["attributes"]["ordo.request_seq"] > 0
 
 
 @needs_otel
