@@ -98,7 +98,8 @@ class Effects:
         self._on_call_done = on_call_done
         #: result -> bool: the worker takes an in-process result itself (True) or it is published.
         self._apply_locally = apply_locally
-        #: execution id -> [(subject, body, msg id)]: committed requests and emitted events not yet published.
+        #: execution id -> [(subject, body, msg id, traceparent)]: committed requests and emitted events not
+        #: yet published.
         self._outbox: dict = {}
 
     @property
@@ -129,6 +130,7 @@ class Effects:
                     self._topology.trigger_subject(event["tenant"], event["type"]),
                     orjson.dumps(event),
                     trigger_msg_id(event),
+                    data.get("traceparent"),  # a traced execution's: what the event enrols joins its trace
                 )
         return in_process
 

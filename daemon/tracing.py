@@ -92,13 +92,19 @@ class Tracing:
             return
         record = change.record
         trace_id, trigger_span = trace_of(execution_id, record.state.event if record is not None else None)
-        for kind, data in change.after_commit:
-            if kind == "action":
-                data["traceparent"] = format_traceparent(trace_id, span_id(execution_id, "call", data["request_seq"]))
-        if not change.history or record is None:
+        if not change.history:
             return
         _, first_seq, at, _, steps_json, _ = change.history[0]
         steps = orjson.loads(steps_json)
+        for kind, data in change.after_commit:
+            if kind == "action":
+                data["traceparent"] = format_traceparent(trace_id, span_id(execution_id, "call", data["request_seq"]))
+            elif kind == "emit":  # the executions the event enrols continue this trace, under the emitting step
+                seq = _emitted_at(steps, first_seq, data["event"]["event_id"])
+                if seq is not None:
+                    data["traceparent"] = format_traceparent(trace_id, span_id(execution_id, "step", seq))
+        if record is None:
+            return
         execution = Execution(
             execution_id,
             record.tenant,
@@ -166,6 +172,14 @@ class Tracing:
         close = getattr(self._export, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
+
+
+def _emitted_at(steps: list, first_seq: int, event_id: str) -> int | None:
+    """The seq of the `emitted` transition of this event: its step's visit (an emit step's is one transition)."""
+    for index, step in enumerate(steps):
+        if step[1] == "emitted" and len(step) > 2 and step[2].get("event_id") == event_id:
+            return first_seq + index
+    return None
 
 
 class OtlpExport:

@@ -258,6 +258,40 @@ async def test_an_external_action_gets_its_call_spans_traceparent_over_jetstream
     assert call["attributes"]["ordo.request_seq"] > 0
 
 
+ANNOUNCER = {
+    "id": "announcer",
+    "tenant": "acme",
+    "trigger": {"event": "contact.created"},
+    "steps": [{"id": "announce", "type": "emit", "event": "contact.announced", "data": {"by": "announcer"}}],
+}
+FOLLOWER = {
+    "id": "follower",
+    "tenant": "acme",
+    "trigger": {"event": "contact.announced"},
+    "steps": [{"id": "note", "type": "set", "values": {"noted": True}}],
+}
+
+
+@needs_otel
+async def test_an_emitted_event_carries_the_trace_on_to_the_executions_it_enrols(
+    nats_server_url, pg_dsn, prefix, collector
+):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(ANNOUNCER)
+        await h.deploy(FOLLOWER)
+        event = trigger_event("chain", 1, tenant="acme")
+        announcer = h.execution_id("acme", "announcer", event["event_id"])
+        trace = f"{execution_trace_id(announcer):032x}"
+        async with h.worker(trace_sample=1.0, otlp_endpoint=collector.endpoint):
+            await _publish(h, event)
+            await collector.wait_for(trace, "execution announcer")
+            spans = await collector.wait_for(trace, "execution follower")
+    by_name = {s["name"]: s for s in spans}
+    # One trace: the follower's execution is a child of the step that emitted the event enrolling it.
+    assert by_name["execution follower"]["parent_id"] == by_name["step announce"]["span_id"]
+    assert by_name["step note"]["parent_id"] == by_name["execution follower"]["span_id"]
+
+
 @needs_otel
 async def test_sampling_zero_sends_nothing(nats_server_url, pg_dsn, prefix, collector):
     async with engine(nats_server_url, pg_dsn, prefix) as h:
