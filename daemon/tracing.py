@@ -41,7 +41,8 @@ spans_exported = Counter("ordo_trace_spans_total", "Spans of sampled executions 
 spans_dropped = Counter(
     "ordo_trace_spans_dropped_total",
     "Commits of sampled executions whose spans were not built (history reads backed up or failed), "
-    "and spans the exporter dropped with its queue full (the collector slow or away).",
+    "and spans not delivered: dropped with the exporter's queue full, or refused or not answered by "
+    "the collector.",
 )
 
 #: History reads of sampled executions in flight past which a commit's spans are dropped, not queued.
@@ -69,6 +70,26 @@ class _QueueFullOncePerMinute(logging.Filter):
             return False
         self._next_at = now + 60.0
         return True
+
+
+class _CountingExporter:
+    """An exporter that counts the spans it could not deliver (the SDK only logs them)."""
+
+    def __init__(self, exporter, success):
+        self._exporter = exporter
+        self._success = success
+
+    def export(self, spans):
+        result = self._exporter.export(spans)
+        if result != self._success:
+            spans_dropped.inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 class TracingUnavailable(RuntimeError):
@@ -195,7 +216,7 @@ class OtlpExport:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import ReadableSpan
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
             from opentelemetry.trace.status import Status, StatusCode
         except ImportError as exc:
@@ -217,7 +238,7 @@ class OtlpExport:
         logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_QueueFullOncePerMinute())
         self._processor = BatchSpanProcessor(
             # Bounded: a drain waits for the last export, and a collector that is away must not hold it long.
-            OTLPSpanExporter(endpoint=url, timeout=5),
+            _CountingExporter(OTLPSpanExporter(endpoint=url, timeout=5), SpanExportResult.SUCCESS),
             max_queue_size=MOST_QUEUED_SPANS,
             schedule_delay_millis=schedule_delay_ms,
             max_export_batch_size=2048,

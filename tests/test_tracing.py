@@ -20,6 +20,7 @@ from harness import ROOT, engine
 
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
+from daemon import tracing
 from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
 from daemon.trace_spans import Execution, Transition, closed_spans
 from hotpath import dispatcher
@@ -123,6 +124,11 @@ class Collector:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+
+
+def observations(counter) -> float:
+    """A prometheus Counter's value in this process (the in-process workers count into it)."""
+    return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
 
 
 def _value(value):
@@ -315,6 +321,7 @@ async def test_a_collector_that_is_away_loses_spans_never_executions(nats_server
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(_traced(f"{collector.endpoint}/hook"))
         events = [trigger_event("away", i, tenant="acme") for i in range(3)]
+        built, lost = observations(tracing.spans_exported), observations(tracing.spans_dropped)
         async with h.worker(trace_sample=1.0, otlp_endpoint=nowhere.endpoint):
             for event in events:
                 await _publish(h, event)
@@ -323,6 +330,9 @@ async def test_a_collector_that_is_away_loses_spans_never_executions(nats_server
         # The calls still carried their trace context, and the worker drained (the harness waits for it).
         assert len(collector.hooks) == 3
         assert all(parse_traceparent(hook["headers"].get("traceparent")) for hook in collector.hooks)
+        # Every span built was counted as lost: 8 for each execution.
+        assert observations(tracing.spans_exported) - built == 24
+        assert observations(tracing.spans_dropped) - lost == 24
 
 
 _DECISIONS = """
