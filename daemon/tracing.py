@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import orjson
 from prometheus_client import Counter
@@ -92,6 +93,17 @@ class _CountingExporter:
         return self._exporter.force_flush(timeout_millis)
 
 
+@dataclass(slots=True)
+class _Commit:
+    """The commit whose spans are built: its transitions' seqs, how it left the execution, when."""
+
+    first_seq: int
+    last_seq: int
+    finished: bool
+    status: str
+    commit_ns: int
+
+
 class TracingUnavailable(RuntimeError):
     """Tracing is on but the OpenTelemetry packages are not installed."""
 
@@ -101,7 +113,7 @@ class Tracing:
 
     def __init__(self, rate: float, export, on_pool=None):
         self.rate = rate
-        #: Takes a list of trace_spans.Span with their trace ids (OtlpExport, or a test's list).
+        #: Called with a trace id and the trace_spans.Span of it to export (OtlpExport).
         self._export = export
         self._on_pool = on_pool
         self._reads: set[asyncio.Task] = set()
@@ -134,7 +146,7 @@ class Tracing:
             trigger_span,
             int(record.created_at.timestamp() * 1e9),
         )
-        closing = (first_seq, first_seq + len(steps) - 1, change.finished, change.status, time.time_ns())
+        closing = _Commit(first_seq, first_seq + len(steps) - 1, change.finished, change.status, time.time_ns())
         if change.is_new:
             at_ns = int(at.timestamp() * 1e9)
             transitions = [
@@ -150,7 +162,7 @@ class Tracing:
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
-    async def _from_ledger(self, trace_id: int, execution: Execution, closing: tuple) -> None:
+    async def _from_ledger(self, trace_id: int, execution: Execution, closing: _Commit) -> None:
         """A later commit's spans: its open step (and the execution) may have started elsewhere."""
         try:
             rows = await self._on_pool(lambda conn: history.transitions(conn, execution.execution_id), "trace history")
@@ -163,7 +175,7 @@ class Tracing:
                 extra=logs.execution(execution.execution_id, **logs.failure("trace_history", exc)),
             )
             return
-        last_seq = closing[1]
+        last_seq = closing.last_seq
         transitions = [
             Transition(
                 row["seq"],
@@ -177,11 +189,17 @@ class Tracing:
         ]
         self._emit(trace_id, execution, transitions, closing)
 
-    def _emit(self, trace_id: int, execution: Execution, transitions: list[Transition], closing: tuple) -> None:
-        first_seq, _, finished, status, commit_ns = closing
+    def _emit(self, trace_id: int, execution: Execution, transitions: list[Transition], closing: _Commit) -> None:
         if not transitions:
             return
-        spans = closed_spans(execution, transitions, first_seq, finished=finished, status=status, commit_ns=commit_ns)
+        spans = closed_spans(
+            execution,
+            transitions,
+            closing.first_seq,
+            finished=closing.finished,
+            status=closing.status,
+            commit_ns=closing.commit_ns,
+        )
         if spans:
             self._export(trace_id, spans)
             spans_exported.inc(len(spans))
