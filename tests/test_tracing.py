@@ -16,7 +16,7 @@ import uuid
 import orjson
 import pytest
 from aiohttp import web
-from harness import ROOT, engine
+from harness import ROOT, WAITER, engine
 
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
@@ -333,6 +333,37 @@ async def test_a_collector_that_is_away_loses_spans_never_executions(nats_server
         # Every span built was counted as lost: 8 for each execution.
         assert observations(tracing.spans_exported) - built == 24
         assert observations(tracing.spans_dropped) - lost == 24
+
+
+@needs_otel
+async def test_two_workers_trace_the_same_executions_each_as_one_tree(nats_server_url, pg_dsn, prefix, collector):
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        events = [trigger_event("two", i, tenant="acme", event_type="session.started") for i in range(16)]
+        ids = [h.execution_id("acme", "waiter", event["event_id"]) for event in events]
+        settings = dict(trace_sample=0.5, otlp_endpoint=collector.endpoint)
+        async with h.worker(0, 2, **settings), h.worker(1, 2, **settings):
+            await h.wait_claimed(0)
+            for event in events:  # enrolled by whichever worker takes the trigger
+                await _publish(h, event)
+            for execution_id in ids:
+                await h.wait_status(execution_id, "waiting")
+            for execution_id in ids:  # applied by the partition's owner
+                await h.signal(execution_id, "done")
+            for execution_id in ids:
+                await h.wait_status(execution_id, "completed")
+        roots = {s["attributes"]["ordo.execution_id"] for s in collector.spans if s["name"] == "execution waiter"}
+        assert roots == {i for i in ids if sampled(i, 0.5)}
+        assert 0 < len(roots) < len(ids)
+        for execution_id in roots:
+            trace = collector.trace(f"{execution_trace_id(execution_id):032x}")
+            by_name = {s["name"]: s for s in trace}
+            assert len(by_name) == len(trace) == 5, sorted(s["name"] for s in trace)
+            root = by_name["execution waiter"]
+            assert by_name["wait"]["parent_id"] == by_name["step wait"]["span_id"]
+            assert by_name["wait"]["attributes"]["ordo.ended_by"] == "signal"
+            for name in ("enrol", "step wait", "step finish"):
+                assert by_name[name]["parent_id"] == root["span_id"], name
 
 
 _DECISIONS = """
