@@ -20,7 +20,7 @@ from harness import ROOT, WAITER, engine
 
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
-from daemon import tracing
+from daemon import config, tracing
 from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
 from daemon.trace_spans import Execution, Transition, closed_spans
 from hotpath import dispatcher
@@ -516,3 +516,11 @@ def test_a_valid_traceparent_is_read_and_an_invalid_one_ignored():
     assert parse_traceparent(parent) == (0xABC, 0xDEF)
     for bad in ("", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "01-abc", "00-xyz", None, 7):
         assert parse_traceparent(bad) is None, bad
+
+
+def test_a_sample_rate_outside_0_to_1_is_refused_naming_the_setting(monkeypatch):
+    monkeypatch.setenv("ORDO_TRACE_SAMPLE", "1.5")
+    with pytest.raises(ValueError, match="trace_sample must be between 0 and 1"):
+        config.load()
+    monkeypatch.setenv("ORDO_TRACE_SAMPLE", "0.25")
+    assert config.load().trace_sample == 0.25
