@@ -28,15 +28,24 @@ _FULL = 1 << 32
 
 def sampled(execution_id: str, rate: float) -> bool:
     """Whether the execution is traced: its id's last 32 bits (random in a uuid5) below `rate` of 2**32."""
+    return place_of(execution_id) < threshold_of(rate)
+
+
+def threshold_of(rate: float) -> int:
+    """The places below which executions are traced at `rate` (2**32 + 1 at 1: all of them)."""
     if rate <= 0.0:
-        return False
+        return 0
     if rate >= 1.0:
-        return True
+        return _FULL + 1
+    return int(rate * _FULL)
+
+
+def place_of(execution_id: str) -> int:
+    """An execution's place, 0 to 2**32 - 1: its uuid's last 32 bits (random in a uuid5)."""
     try:
-        place = int(execution_id[-8:], 16)
+        return int(execution_id[-8:], 16)
     except ValueError:  # not a uuid: a hash of it, as stable
-        place = int.from_bytes(hashlib.blake2b(execution_id.encode(), digest_size=4).digest(), "big")
-    return place < rate * _FULL
+        return int.from_bytes(hashlib.blake2b(execution_id.encode(), digest_size=4).digest(), "big")
 
 
 def execution_trace_id(execution_id: str) -> int:

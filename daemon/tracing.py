@@ -33,7 +33,7 @@ from prometheus_client import Counter
 from ledger import history
 
 from . import logs
-from .trace_context import format_traceparent, sampled, span_id, trace_of
+from .trace_context import format_traceparent, place_of, span_id, threshold_of, trace_of
 from .trace_spans import Execution, Span, Transition, closed_spans
 
 log = logging.getLogger("ordo.tracing")
@@ -113,6 +113,8 @@ class Tracing:
 
     def __init__(self, rate: float, export, on_pool=None):
         self.rate = rate
+        #: trace_context.sampled, with the rate's threshold worked out once.
+        self._threshold = threshold_of(rate)
         #: Called with a trace id and the trace_spans.Span of it to export (OtlpExport).
         self._export = export
         self._on_pool = on_pool
@@ -121,7 +123,7 @@ class Tracing:
     def committed(self, change) -> None:
         """A committed, accepted change: an unsampled execution's costs one comparison."""
         execution_id = change.execution_id
-        if not sampled(execution_id, self.rate):
+        if place_of(execution_id) >= self._threshold:
             return
         record = change.record
         trace_id, trigger_span = trace_of(execution_id, record.state.event if record is not None else None)
