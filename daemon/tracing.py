@@ -93,6 +93,24 @@ class _CountingExporter:
         return self._exporter.force_flush(timeout_millis)
 
 
+def _hashed_once(resource_class):
+    """A Resource whose hash is worked out once: the exporter groups every span by its resource, and
+    the SDK's Resource hashes by JSON-encoding its attributes each time (most of the export's CPU)."""
+
+    class HashedOnce(resource_class):
+        def __init__(self, attributes, schema_url=None):
+            super().__init__(attributes, schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+        def __eq__(self, other: object) -> bool:
+            return self is other or super().__eq__(other)
+
+    return HashedOnce
+
+
 @dataclass(slots=True)
 class _Commit:
     """The commit whose spans are built: its transitions' seqs, how it left the execution, when."""
@@ -247,12 +265,15 @@ class OtlpExport:
         self._api = api
         self._readable = ReadableSpan
         self._status = (Status, StatusCode)
+        self._unset = Status(StatusCode.UNSET)
+        self._sampled = api.TraceFlags(api.TraceFlags.SAMPLED)
         self._kinds = {
             "internal": api.SpanKind.INTERNAL,
             "client": api.SpanKind.CLIENT,
             "consumer": api.SpanKind.CONSUMER,
         }
-        self._resource = Resource.create({"service.name": "ordo", "service.instance.id": service_instance})
+        resource = Resource.create({"service.name": "ordo", "service.instance.id": service_instance})
+        self._resource = _hashed_once(Resource)(resource.attributes, resource.schema_url)
         self._scope = InstrumentationScope("ordo")
         url = endpoint.rstrip("/") + TRACES_PATH
         logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_QueueFullOncePerMinute())
@@ -266,17 +287,22 @@ class OtlpExport:
 
     def __call__(self, trace_id: int, spans: list[Span]) -> None:
         api = self._api
-        flags = api.TraceFlags(api.TraceFlags.SAMPLED)
+        flags = self._sampled
         Status, StatusCode = self._status
+        contexts = {
+            span.span_id: api.SpanContext(trace_id, span.span_id, is_remote=False, trace_flags=flags) for span in spans
+        }
         for span in spans:
             parent = None
             if span.parent_id is not None:
-                parent = api.SpanContext(trace_id, span.parent_id, is_remote=False, trace_flags=flags)
-            status = Status(StatusCode.ERROR, span.error) if span.error is not None else Status(StatusCode.UNSET)
+                parent = contexts.get(span.parent_id) or api.SpanContext(
+                    trace_id, span.parent_id, is_remote=False, trace_flags=flags
+                )
+            status = Status(StatusCode.ERROR, span.error) if span.error is not None else self._unset
             self._processor.on_end(
                 self._readable(
                     span.name,
-                    context=api.SpanContext(trace_id, span.span_id, is_remote=False, trace_flags=flags),
+                    context=contexts[span.span_id],
                     parent=parent,
                     resource=self._resource,
                     attributes=span.attributes,
