@@ -64,7 +64,17 @@ class ActionError(Exception):
 class ActionContext:
     """What an action knows about the call besides its input."""
 
-    __slots__ = ("execution_id", "step_id", "attempt", "idempotency_key", "deadline_ms", "tenant", "log", "request_seq")
+    __slots__ = (
+        "execution_id",
+        "step_id",
+        "attempt",
+        "idempotency_key",
+        "deadline_ms",
+        "tenant",
+        "log",
+        "request_seq",
+        "traceparent",
+    )
 
     def __init__(
         self,
@@ -79,6 +89,9 @@ class ActionContext:
     ):
         #: Which request this is when attempts restart after an operator retry (echoed in the result).
         self.request_seq = request_seq
+        #: The W3C traceparent of this call when its execution is traced (else ""): an action that
+        #: calls out passes it on (the webhook sends it as a header) so its provider's spans join the trace.
+        self.traceparent = ""
         self.execution_id = execution_id
         self.step_id = step_id
         self.attempt = attempt

@@ -337,6 +337,8 @@ class ActionWorker:
                 ),
             ),
         )
+        if delivery.headers:  # a traced execution's request: the action's own spans may join its trace
+            ctx.traceparent = delivery.headers.get("traceparent", "")
         if 0 < request["deadline"] <= time.time() * 1000:
             result = result_error(
                 request,

@@ -80,7 +80,18 @@ class Subjects:
 class Delivery:
     """A message as the pipeline carries it: payload, ack subject, position in the stream."""
 
-    __slots__ = ("subject", "data", "reply", "stream", "stream_seq", "delivered", "timestamp_ns", "key", "partition")
+    __slots__ = (
+        "subject",
+        "data",
+        "reply",
+        "headers",
+        "stream",
+        "stream_seq",
+        "delivered",
+        "timestamp_ns",
+        "key",
+        "partition",
+    )
     #: What kind of work item this is (the engine has others, daemon/work_items.py): a stream message, acked.
     kind: Literal["message"] = "message"
     #: A message stands for itself, never for one event of a batch (that is the engine's BatchPart).
@@ -90,6 +101,8 @@ class Delivery:
         self.subject = msg.subject
         self.data = msg.data
         self.reply = reply = msg.reply
+        #: The message's headers, or None (a trigger's `traceparent` is read from them).
+        self.headers = msg.headers
         tokens = reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the
         # v2 form with <domain>.<account hash> after ACK and a random suffix.

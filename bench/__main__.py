@@ -8,6 +8,7 @@
     python -m bench w5-actions [-n 20000] [--external 1]
     python -m bench w6-webhooks [-n 10000] [--delay 20]
     python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
+    python -m bench w1 --trace-sample 0.01                         throughput with 1% of executions traced
     python -m bench --list
 
 Servers are those of ORDO_NATS_URL / ORDO_PG_DSN when set, else embedded ones
@@ -53,6 +54,7 @@ import orjson
 from . import report, storage, worker_counts
 from .generator import PubAcks
 from .histogram import Histogram
+from .otlp_sink import OtlpSink
 from .report import ProcessSampler, RunResult
 from .scenarios import SCENARIOS, Scenario
 from .scenarios import get as get_scenario
@@ -142,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a rollout of the run's workflow to an identical candidate runs it in shadow beside this share of "
         "the executions (what dual-running costs; the candidate takes no traffic)",
     )
+    parser.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="the workers trace this share of the executions (0 to 1, trace_sample) and export the spans to a "
+        "local OTLP/HTTP collector the bench runs (needs the otel extra)",
+    )
     options = parser.add_argument_group("scenario options")
     options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
     options.add_argument(
@@ -227,6 +237,8 @@ def main(argv=None) -> int:
         parser.error("--hold must not be negative")
     if args.due_over is not None and args.due_over < 0:
         parser.error("--due-over must not be negative")
+    if not 0.0 <= args.trace_sample <= 1.0:
+        parser.error("--trace-sample must be between 0 and 1")
     if args.inject_faults is not None:
         from daemon.faults import parse as parse_faults
 
@@ -344,6 +356,7 @@ async def _main(args, scenario: Scenario) -> int:
                 "batch_max_rows": config.batch_max_rows,
                 "batch_max_ms": config.batch_max_ms,
                 "inject_faults": args.inject_faults or config.inject_faults,
+                "trace_sample": args.trace_sample,
                 "servers": "embedded" if env.embedded else "configured",
                 "embedded": [type(server).__name__ for server in env.embedded],
             },
@@ -399,6 +412,10 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         "ORDO_STREAM_REPLICAS": str(run_config.stream_replicas),
     }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
+    sink = None
+    if args.trace_sample > 0:  # what tracing costs: spans built and exported to a collector on 127.0.0.1
+        sink = OtlpSink().start()
+        worker_settings |= {"ORDO_TRACE_SAMPLE": str(args.trace_sample), "ORDO_OTLP_ENDPOINT": sink.endpoint}
     # The workers' backends carry the run's name, so that the WAL they report is waited for (bench.storage).
     application_name = f"ordo-{run_id}"
     worker_settings["ORDO_PG_DSN"] = storage.with_application_name(run_config.pg_dsn, application_name)
@@ -503,6 +520,9 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         if not drained and run.failure is None:
             run.failure = "a worker did not stop cleanly"
         await scenario.stop()
+        if sink is not None:
+            print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
+            sink.stop()
         try:
             await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
         except Exception as exc:  # noqa: BLE001 - clean-up is best effort

@@ -83,6 +83,11 @@ class Config(Settings):
     #: what is still running or waiting. Empty: nothing is dropped (`ordo ledger retention`
     #: still can be run by hand).
     retention_keep: str = ""
+    #: The share of executions traced with OpenTelemetry, 0 to 1 (0: tracing off). Which ones is
+    #: decided by the execution id, the same on every worker (daemon/tracing.py); needs `ordo[otel]`.
+    trace_sample: float = 0.0
+    #: Where spans are exported over OTLP/HTTP (protobuf): a collector's base URL; /v1/traces is added.
+    otlp_endpoint: str = "http://127.0.0.1:4318"
 
 
 def load(path: str | None = None, **overrides) -> Config:
@@ -90,4 +95,7 @@ def load(path: str | None = None, **overrides) -> Config:
 
     A setting in the file that Config does not know is an error (a typo).
     """
-    return settings.load(Config, path, **overrides)
+    config = settings.load(Config, path, **overrides)
+    if not 0.0 <= config.trace_sample <= 1.0:
+        raise ValueError(f"trace_sample must be between 0 and 1, not {config.trace_sample!r}")
+    return config

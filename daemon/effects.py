@@ -49,7 +49,7 @@ _TRANSIENT = (
 )
 
 
-async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
+async def publish_stored(js, subject: str, body: bytes, msg_id: str, traceparent: str | None = None) -> None:
     """Publish until JetStream has stored the message: a committed transition asked for it.
 
     A retry of a publish that was stored but whose PubAck was lost carries the
@@ -59,7 +59,10 @@ async def publish_stored(js, subject: str, body: bytes, msg_id: str) -> None:
     delay = 0.05
     while True:
         try:
-            await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+            headers = {"Nats-Msg-Id": msg_id}
+            if traceparent:  # a traced execution's action request: the provider's spans join its trace
+                headers["traceparent"] = traceparent
+            await js.publish(subject, body, headers=headers)
             return
         except _TRANSIENT as exc:
             log.warning("publish of %s failed (%s); retrying in %.2fs", msg_id, exc, delay)
@@ -95,7 +98,8 @@ class Effects:
         self._on_call_done = on_call_done
         #: result -> bool: the worker takes an in-process result itself (True) or it is published.
         self._apply_locally = apply_locally
-        #: execution id -> [(subject, body, msg id)]: committed requests and emitted events not yet published.
+        #: execution id -> [(subject, body, msg id, traceparent)]: committed requests and emitted events not
+        #: yet published.
         self._outbox: dict = {}
 
     @property
@@ -126,6 +130,7 @@ class Effects:
                     self._topology.trigger_subject(event["tenant"], event["type"]),
                     orjson.dumps(event),
                     trigger_msg_id(event),
+                    data.get("traceparent"),  # a traced execution's: what the event enrols joins its trace
                 )
         return in_process
 
@@ -140,13 +145,13 @@ class Effects:
         queued, self._outbox = self._outbox, {}
         await asyncio.gather(*(self._publish_in_order(messages) for messages in queued.values()))
 
-    def _queue(self, execution_id: str, subject: str, body: bytes, msg_id: str) -> None:
-        self._outbox.setdefault(execution_id, []).append((subject, body, msg_id))
+    def _queue(self, execution_id: str, subject: str, body: bytes, msg_id: str, traceparent: str | None = None) -> None:
+        self._outbox.setdefault(execution_id, []).append((subject, body, msg_id, traceparent))
 
     async def _publish_in_order(self, messages: list) -> None:
         """One execution's messages, in the order it asked for them (two emits stay in order)."""
-        for subject, body, msg_id in messages:
-            await publish_stored(self._js, subject, body, msg_id)
+        for subject, body, msg_id, traceparent in messages:
+            await publish_stored(self._js, subject, body, msg_id, traceparent)
 
     def _action(self, tenant: str, execution_id: str, data: dict) -> bool:
         request = contract.request(
@@ -166,9 +171,10 @@ class Effects:
         if action is None:
             subject = self._topology.action_subject(data["action"], data["major"])
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
-            self._queue(execution_id, subject, contract.encode(request), msg_id)
+            self._queue(execution_id, subject, contract.encode(request), msg_id, data.get("traceparent"))
             return False
-        task = asyncio.get_running_loop().create_task(self._run_in_process(action, request, time.monotonic()))
+        run = self._run_in_process(action, request, time.monotonic(), data.get("traceparent"))
+        task = asyncio.get_running_loop().create_task(run)
         self._running.add(task)
         task.add_done_callback(self._call_done)
         return True
@@ -178,7 +184,7 @@ class Effects:
         if self._on_call_done is not None:
             self._on_call_done()
 
-    async def _run_in_process(self, action, request: dict, requested_at: float) -> None:
+    async def _run_in_process(self, action, request: dict, requested_at: float, traceparent: str | None) -> None:
         slots = self.limits.of(action.name, action.major)
         if not slots.try_acquire():
             await slots.wait_for_slot()
@@ -188,7 +194,9 @@ class Effects:
                 metrics.actions_expired_queued.labels(request["action"]).inc()
                 return
             started = time.monotonic()
-            result = await contract.invoke(action, contract.ActionContext.from_request(request, log), request["input"])
+            ctx = contract.ActionContext.from_request(request, log)
+            ctx.traceparent = traceparent or ""
+            result = await contract.invoke(action, ctx, request["input"])
             took = time.monotonic() - started
             metrics.action_queued_timings.add(started - requested_at)
             metrics.action_call_timings.add(took)

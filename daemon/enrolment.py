@@ -46,6 +46,7 @@ from . import logs, metrics
 from .config import Config
 from .rollout_shadow import dual_run
 from .topology import Topology, execution_id_for, partition_of
+from .trace_context import EVENT_KEY, trigger_traceparent
 
 log = logging.getLogger("ordo.enrolment")
 
@@ -91,6 +92,10 @@ class BatchPart:
     @property
     def timestamp_ns(self) -> int:
         return self.delivery.timestamp_ns
+
+    @property
+    def headers(self) -> dict | None:
+        return self.delivery.headers
 
     def settle(self) -> bool:
         """This part has committed; True when it was the message's last."""
@@ -163,6 +168,11 @@ def enrol(
     of a batch; its `data` is the event's JSON either way.
     """
     unit = Unit(source)
+    keep_raw = True
+    traceparent = trigger_traceparent(source.headers, event)
+    if traceparent is not None and event.get(EVENT_KEY) != traceparent:
+        # Kept with the execution's event, so every later commit's spans find the trace it continues.
+        event, keep_raw = {**event, EVENT_KEY: traceparent}, False
     tenant = event["tenant"]
     if not registry.knows_tenant(tenant):
         unit.dead_letter("unknown_tenant", f"tenant {tenant!r} is not known to this engine", tenant=tenant)
@@ -212,7 +222,7 @@ def enrol(
                 now,
                 0,
                 state,
-                event_json=source.data.decode(),
+                event_json=source.data.decode() if keep_raw else None,
                 subject_type=subject_type,
                 ledger_day=ledger_day,
             )

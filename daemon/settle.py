@@ -105,6 +105,8 @@ class Settlement:
         self.topology = topology
         #: Applies stale items again (daemon/dispatch.py `Dispatch.apply_again`); set once that is made.
         self.apply_again = None
+        #: Builds and exports the spans of sampled executions (daemon/tracing.py); None: tracing is off.
+        self.tracing = None
         #: The one ack-latency measurement in flight (see _time_acks).
         self._ack_probe: asyncio.Task | None = None
 
@@ -171,6 +173,8 @@ class Settlement:
                 tally.finished[change.status] = tally.finished.get(change.status, 0) + 1
                 if change.trigger_ts_ms is not None:
                     tally.ended.append(max(0.0, tally.now_ms - change.trigger_ts_ms) / 1000.0)
+            if self.tracing is not None:  # before the effects: it gives their requests a traceparent
+                self.tracing.committed(change)
             self._carry_out(change)
         return stale
 

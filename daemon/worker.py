@@ -62,6 +62,7 @@ from .servers import check_nats_server
 from .settle import Settlement
 from .timers import DueTimers
 from .topology import Topology
+from .tracing import OtlpExport, Tracing
 from .upkeep import retention_keep, upkeep_loop
 
 log = logging.getLogger("ordo.worker")
@@ -140,6 +141,8 @@ class Worker:
         self._js = None
         self._pool = None
         self._listener = None
+        #: Spans of sampled executions (daemon/tracing.py); None while trace_sample is 0.
+        self._tracing: Tracing | None = None
         self.fatal: BaseException | None = None
 
     # -- start and stop -------------------------------------------------------
@@ -260,6 +263,9 @@ class Worker:
         )
         # Each needs the other: a redelivery is settled at once, a stale item is dispatched again.
         self.settlement.apply_again = self.dispatch.apply_again
+        if config.trace_sample > 0:  # OpenTelemetry is imported now, and only now
+            export = OtlpExport(config.otlp_endpoint, self.name)
+            self._tracing = self.settlement.tracing = Tracing(config.trace_sample, export, self._on_pool)
         self.rollout_controller = RolloutController(self.registry, self._on_pool, self.stopping)
         self.settlement.rollout_tally = self.rollout_controller.tally
 
@@ -373,6 +379,8 @@ class Worker:
             self.stopping.set()
 
     async def close(self) -> None:
+        if self._tracing is not None:  # its last history reads need the pool
+            await self._tracing.close()
         if self._listener is not None:
             await self._listener.close()
         await self.batcher.close()

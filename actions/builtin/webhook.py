@@ -5,7 +5,9 @@ retry_on=[408, 425, 429, 500, 502, 503, 504]}. Output on 2xx:
 {status, body (JSON when the response says so, else text; at most 64 KiB),
 headers (a few), truncated}. Every request carries `Idempotency-Key`,
 `X-Ordo-Execution` and `X-Ordo-Attempt`; the key is the same on every attempt
-of the step, so the receiver can dedupe our retries and redeliveries.
+of the step, so the receiver can dedupe our retries and redeliveries. The call
+of a traced execution also carries its W3C `traceparent` (the action call's
+span), so the receiver's spans join the execution's trace.
 
 Connections go through the egress guard (egress.py): private, loopback,
 link-local and other internal addresses are refused unless allow-listed, on
@@ -187,6 +189,9 @@ class WebhookAction:
         headers["Idempotency-Key"] = ctx.idempotency_key
         headers["X-Ordo-Execution"] = ctx.execution_id
         headers["X-Ordo-Attempt"] = str(ctx.attempt)
+        if ctx.traceparent:  # a traced execution: the receiver's spans join its trace
+            headers = {k: v for k, v in headers.items() if k.lower() != "traceparent"}
+            headers["traceparent"] = ctx.traceparent
         data = None
         if "body" in input:
             data = orjson.dumps(input["body"])
