@@ -27,11 +27,13 @@ import asyncio
 import logging
 import time
 
+import asyncpg
 import nats.errors
 import nats.js.errors
 import orjson
 
 from actions import contract
+from ledger import limits as ledger_limits
 
 from . import logs, metrics
 from .call_limits import CallLimits
@@ -83,6 +85,7 @@ class Effects:
         concurrency_max: int | None = None,
         on_call_done=None,
         apply_locally=None,
+        pool=None,
     ):
         self._js = js
         self._topology = topology
@@ -97,6 +100,10 @@ class Effects:
         self._apply_locally = apply_locally
         #: execution id -> [(subject, body, msg id)]: committed requests and emitted events not yet published.
         self._outbox: dict = {}
+        #: Postgres, for the rate tokens of calls under a rate limit (`_take_rate_token`).
+        self._pool = pool
+        #: Requests for external actions under a rate limit, each waiting for its token.
+        self._paced: set = set()
 
     @property
     def pending(self) -> int:
@@ -119,6 +126,8 @@ class Effects:
         for kind, data in effects:
             if kind == "action":
                 in_process |= self._action(record_tenant, execution_id, data)
+            elif kind == "limit_wait":  # queued in the ledger by the commit; granted by daemon/limits.py
+                metrics.limit_waits.labels(data["action"]).inc()
             elif kind == "emit":
                 event = data["event"]
                 self._queue(
@@ -163,12 +172,22 @@ class Effects:
             request_seq=data.get("request_seq", 0),
         )
         action = self._actions.get(data["action"], data["major"]) if self._actions is not None else None
+        rate_limit = data.get("rate_limit")  # a step with a rate limit: the call takes a token first
         if action is None:
             subject = self._topology.action_subject(data["action"], data["major"])
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
-            self._queue(execution_id, subject, contract.encode(request), msg_id)
+            if rate_limit is None:
+                self._queue(execution_id, subject, contract.encode(request), msg_id)
+            else:
+                paced = self._take_rate_token(rate_limit)
+                task = asyncio.get_running_loop().create_task(
+                    self._publish_paced(paced, subject, contract.encode(request), msg_id)
+                )
+                self._paced.add(task)
+                task.add_done_callback(self._paced.discard)
             return False
-        task = asyncio.get_running_loop().create_task(self._run_in_process(action, request, time.monotonic()))
+        paced = None if rate_limit is None else self._take_rate_token(rate_limit)
+        task = asyncio.get_running_loop().create_task(self._run_in_process(action, request, time.monotonic(), paced))
         self._running.add(task)
         task.add_done_callback(self._call_done)
         return True
@@ -178,7 +197,31 @@ class Effects:
         if self._on_call_done is not None:
             self._on_call_done()
 
-    async def _run_in_process(self, action, request: dict, requested_at: float) -> None:
+    async def _take_rate_token(self, rate_limit: dict) -> None:
+        """Wait until the call may be made under its step's rate limit (a token shared by all workers).
+
+        The grant that let the call out of the queue took a token already; this
+        one is taken as the call is made, so that no delay between the two can
+        bunch calls up at the provider.
+        """
+        bucket, rate = rate_limit["bucket"], rate_limit["rate_per_s"]
+        while self._pool is not None:
+            try:
+                wait = await ledger_limits.take_call_token(self._pool, bucket, rate)
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("rate token for %s not taken (%s); trying again", bucket, exc)
+                wait = 0.1
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _publish_paced(self, paced, subject: str, body: bytes, msg_id: str) -> None:
+        await paced
+        await publish_stored(self._js, subject, body, msg_id)
+
+    async def _run_in_process(self, action, request: dict, requested_at: float, paced=None) -> None:
+        if paced is not None:
+            await paced
         slots = self.limits.of(action.name, action.major)
         if not slots.try_acquire():
             await slots.wait_for_slot()
@@ -218,7 +261,7 @@ class Effects:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Let in-process actions finish and publish their results (bounded), then close them."""
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=timeout)
+        if self._running or self._paced:
+            await asyncio.wait([*self._running, *self._paced], timeout=timeout)
         if self._actions is not None:
             await self._actions.aclose()
