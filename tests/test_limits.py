@@ -128,6 +128,27 @@ async def test_a_rate_limit_is_never_exceeded_across_two_worker_processes_and_ev
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def test_calls_waiting_on_a_limit_survive_a_worker_kill_and_are_all_made(
+    nats_server_url, pg_dsn, prefix, provider
+):
+    calls = 120
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(limited(provider.url, {"rate": "30/s"}))
+        workers = [h.spawn_worker(index, 2) for index in range(2)]
+        events = [trigger_event("kill", i, tenant="acme", event_type="contact.created") for i in range(calls)]
+        await h.publish_triggers(events)
+        await h.wait_until("SELECT count(*) >= 30 FROM ordo.executions WHERE status = 'completed'", expect=True)
+        h.kill(workers[0])  # mid-way: most calls wait in the queue, some are granted, one may be in flight
+        h.spawn_worker(0, 2)
+        await _completed(h, calls)
+
+        # Every call was made; one the kill caught in flight may be made again, with the same key.
+        assert len(set(provider.keys)) == calls and len(provider.keys) <= calls + 2
+        assert provider.most_in_any_second() <= 30 * 1.05, provider.most_in_any_second()
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_queue") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
 async def test_a_concurrency_limit_is_never_exceeded(nats_server_url, pg_dsn, prefix, provider):
     calls = 40
     provider.delay = 0.05
@@ -232,3 +253,71 @@ def test_a_well_formed_limit_is_valid(tmp_path):
     path.write_bytes(orjson.dumps(limited("http://example.com/send", limits)))
     result = ordo("workflow", "validate", str(path))
     assert result.returncode == 0, result.stderr
+
+
+# -- the dispatcher's limit wait, compiled and pure ------------------------------------------
+
+
+def _transitions_as_stored(transitions: list) -> list[dict]:
+    return [
+        {"seq": seq, "step_id": step_id, "kind": kind, "detail": detail, "at_ms": 0, "source_seq": None}
+        for seq, step_id, kind, detail in transitions
+    ]
+
+
+def test_a_limited_step_waits_for_its_grant_and_a_retry_waits_again_without_a_deadline(impl):
+    definition = limited(
+        "http://example.com/send", {"rate": "50/s", "key": "{{contact.phone}}"}, then=[{"id": "done", "type": "end"}]
+    )
+    definition["steps"][0]["retry"] = {"max_attempts": 2, "initial_interval": "1s", "jitter": 0}
+    program = impl.Program(definition)
+    state = impl.ExecutionState("exec-1", subject={"phone": "+1555", "first_name": "Ada"}, tenant="acme")
+    made = list(impl.advance(program, state, "start", None))
+    assert [k for _, _, k, _ in made] == ["started", LIMIT_WAITING]
+    bucket = "webhook@1|acme|+1555"
+    assert [kind for kind, _ in state.effects] == ["limit_wait"]  # no call, and no deadline timer
+    assert state.effects[0][1]["bucket"] == bucket and state.effects[0][1]["rate_per_s"] == 50.0
+    assert (state.waiting, state.timer) == (WAIT_LIMIT, None)
+
+    def apply(kind, payload):
+        state.effects = []
+        out = impl.advance(program, state, kind, payload, 1_000)
+        made.extend(out)
+        return [k for _, _, k, _ in out]
+
+    assert apply("limit_granted", {"step_id": "send", "attempt": 2}) == []  # not its attempt: stale
+    assert apply("signal", {"name": "note", "data": 1}) == ["signal"]
+    assert apply("limit_granted", {"step_id": "send", "attempt": 1}) == [LIMIT_GRANTED, "action_requested"]
+    action = next(data for kind, data in state.effects if kind == "action")
+    assert action["rate_limit"] == {"bucket": bucket, "rate_per_s": 50.0}
+    assert apply("limit_granted", {"step_id": "send", "attempt": 1}) == []  # a repeated grant changes nothing
+    failure = {"code": "busy", "retryable": True, "message": "try later"}
+    assert apply("action_result", {"step_id": "send", "attempt": 1, "ok": False, "error": failure}) == [
+        "action_failed"
+    ]
+    assert ("limit_release", None) in state.effects  # its slot goes back while it backs off
+    assert apply("timer", {"timer_id": state.timer}) == [LIMIT_WAITING]  # the retry queues again
+    assert (state.waiting, state.timer, state.attempt) == (WAIT_LIMIT, None, 2)
+    assert apply("limit_granted", {"step_id": "send", "attempt": 2}) == [LIMIT_GRANTED, "action_requested"]
+    assert apply("action_result", {"step_id": "send", "attempt": 2, "ok": True, "output": {}}) == [
+        "action_completed",
+        "completed",
+    ]
+
+    # Replay reads the grants back from the history and makes the same transitions.
+    from daemon import replay
+
+    inputs, incomplete = replay.inputs_of(_transitions_as_stored(made))
+    again = replay.rerun(program, "exec-1", "acme", {"phone": "+1555", "first_name": "Ada"}, {}, inputs, impl=impl)
+    assert not incomplete and not again.errors
+    assert [t[2] for t in again.transitions] == [t[2] for t in made]
+
+
+def test_a_cancel_while_waiting_on_a_limit_gives_back_its_place(impl):
+    program = impl.Program(limited("http://example.com/send", {"concurrency": 2}))
+    state = impl.ExecutionState("exec-1", tenant="acme")
+    impl.advance(program, state, "start", None)
+    assert state.effects[0][1]["bucket"] == "webhook@1|acme" and state.effects[0][1]["rate_per_s"] is None
+    state.effects = []
+    impl.advance(program, state, "cancel", {"reason": "operator"})
+    assert ("limit_release", None) in state.effects and state.status == "cancelled"
