@@ -27,13 +27,11 @@ import asyncio
 import logging
 import time
 
-import asyncpg
 import nats.errors
 import nats.js.errors
 import orjson
 
 from actions import contract
-from ledger import limits as ledger_limits
 
 from . import logs, metrics
 from .call_limits import CallLimits
@@ -85,7 +83,7 @@ class Effects:
         concurrency_max: int | None = None,
         on_call_done=None,
         apply_locally=None,
-        pool=None,
+        call_tokens=None,
     ):
         self._js = js
         self._topology = topology
@@ -100,8 +98,8 @@ class Effects:
         self._apply_locally = apply_locally
         #: execution id -> [(subject, body, msg id)]: committed requests and emitted events not yet published.
         self._outbox: dict = {}
-        #: Postgres, for the rate tokens of calls under a rate limit (`_take_rate_token`).
-        self._pool = pool
+        #: The rate tokens a call under a rate limit takes as it is made (daemon/limits.py `CallTokens`).
+        self._call_tokens = call_tokens
         #: Requests for external actions under a rate limit, each waiting for its token.
         self._paced: set = set()
 
@@ -198,22 +196,8 @@ class Effects:
             self._on_call_done()
 
     async def _take_rate_token(self, rate_limit: dict) -> None:
-        """Wait until the call may be made under its step's rate limit (a token shared by all workers).
-
-        The grant that let the call out of the queue took a token already; this
-        one is taken as the call is made, so that no delay between the two can
-        bunch calls up at the provider.
-        """
-        bucket, rate = rate_limit["bucket"], rate_limit["rate_per_s"]
-        while self._pool is not None:
-            try:
-                wait = await ledger_limits.take_call_token(self._pool, bucket, rate)
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("rate token for %s not taken (%s); trying again", bucket, exc)
-                wait = 0.1
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
+        if self._call_tokens is not None:
+            await self._call_tokens.take(rate_limit["bucket"], rate_limit["rate_per_s"])
 
     async def _publish_paced(self, paced, subject: str, body: bytes, msg_id: str) -> None:
         await paced

@@ -35,6 +35,36 @@ SCAN_IDLE_S = 0.1
 MOST_PER_TURN = 1000
 
 
+class CallTokens:
+    """The rate tokens calls take as they are made, one worker's calls of a bucket in line.
+
+    The grant that let a call out of the queue took a token already; this one
+    is taken as the call is made, so that no delay between the two (a commit,
+    a busy event loop) can bunch calls up at the provider. A worker's calls of
+    one bucket queue on a lock, so that one of them at a time asks Postgres
+    (and sleeps until the next token is due), not all of them at once.
+    """
+
+    def __init__(self, pool):
+        self._pool = pool
+        self._lines: dict[str, asyncio.Lock] = {}
+
+    async def take(self, bucket: str, rate_per_s: float) -> None:
+        line = self._lines.get(bucket)
+        if line is None:
+            line = self._lines[bucket] = asyncio.Lock()
+        async with line:
+            while True:
+                try:
+                    wait = await ledger_limits.take_call_token(self._pool, bucket, rate_per_s)
+                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                    log.warning("rate token for %s not taken (%s); trying again", bucket, exc)
+                    wait = 0.1
+                if wait <= 0:
+                    return
+                await asyncio.sleep(wait)
+
+
 def grant_message(grant: ledger_limits.Grant) -> tuple[bytes, str]:
     """The `limit_granted` message for one grant, and its message id (the same for a repeat)."""
     body = {

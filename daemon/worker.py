@@ -51,7 +51,7 @@ from .definitions import WorkflowRegistry
 from .dispatch import Dispatch
 from .effects import Effects
 from .intake import Intake, Window
-from .limits import LimitGrants
+from .limits import CallTokens, LimitGrants
 from .local_results import LocalResults
 from .ownership import Ownership
 from .partitions import Partitions
@@ -217,7 +217,7 @@ class Worker:
             concurrency_max=config.action_concurrency_max,
             on_call_done=window.action_call_done,
             apply_locally=self.local_results.take,
-            pool=self._pool,
+            call_tokens=CallTokens(self._pool),
         )
         window.effects = self.effects
         self.settlement = Settlement(

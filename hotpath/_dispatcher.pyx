@@ -755,10 +755,19 @@ cdef inline int _release_limit(ExecutionState state, _Step step) except -1:
 
 
 cdef int _on_limit_granted(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
-    if not PyDict_Check(payload) or not isinstance(payload.get("step_id"), str) or type(payload.get("attempt")) is not int:
+    if (
+        not PyDict_Check(payload)
+        or not isinstance(payload.get("step_id"), str)
+        or type(payload.get("attempt")) is not int
+    ):
         raise ValueError(bad_limit_grant(payload))
     cdef _Step step = _waiting_step(program, state, S_ACTION)
-    if step is None or state.waiting != WAIT_LIMIT or step.id != payload["step_id"] or state.attempt != payload["attempt"]:
+    if (
+        step is None
+        or state.waiting != WAIT_LIMIT
+        or step.id != payload["step_id"]
+        or state.attempt != payload["attempt"]
+    ):
         return 0  # stale (the execution moved on, or a repeated grant): changes nothing
     _emit(state, out, step.id, LIMIT_GRANTED, {"attempt": state.attempt})
     if _request(program, state, out, step, now_ms):

@@ -23,8 +23,9 @@ when the worker makes it, takes one of the bucket's `#calls` twin
 the memory they take), and the call tokens keep the rate exact at the
 provider, whatever delays a granted call on its way (a commit, a busy loop).
 
-Tokens: a bucket holds at most `burst_of(rate)` (20 ms worth, at least one),
-so that no 1 s window sees more than rate + burst grants. A concurrency slot
+Tokens: a call bucket holds at most `burst_of(rate)` (20 ms worth, at least
+one), so that no 1 s window sees more than rate + burst calls; grants may run
+100 ms ahead (`grant_burst_of`), since a turn takes a few round trips. A concurrency slot
 is a row from the grant until the commit that applies the call's result,
 timeout or cancel (`release`); a slot whose worker died before any of those
 stops counting at `lease_until` (the step's timeout plus `LEASE_MARGIN_S`).
@@ -42,6 +43,8 @@ from ledger.connection import Queryable, Transactional
 
 #: A bucket holds at most this many seconds' worth of tokens (and at least one token).
 BURST_S = 0.02
+#: A bucket's grants may run this many seconds' worth of tokens ahead (see `grant_burst_of`).
+GRANT_BURST_S = 0.1
 #: What a bucket's name ends with for the tokens its calls take when they are made (`take_call_token`).
 CALLS = "#calls"
 #: How long past its step's timeout a granted call's concurrency slot still counts.
@@ -91,9 +94,15 @@ def burst_of(rate_per_s: float) -> float:
     return max(1.0, rate_per_s * BURST_S)
 
 
+def grant_burst_of(rate_per_s: float) -> float:
+    """Grants may run ahead of the calls by `GRANT_BURST_S` (a turn takes a few round trips; the
+    call tokens keep the calls themselves to the rate)."""
+    return max(1.0, rate_per_s * GRANT_BURST_S)
+
+
 def refill(tokens: float, elapsed_s: float, rate_per_s: float) -> float:
-    """The tokens a bucket holds after `elapsed_s` seconds of refilling, capped at its burst."""
-    return min(burst_of(rate_per_s), tokens + max(0.0, elapsed_s) * rate_per_s)
+    """The tokens a bucket's grants hold after `elapsed_s` seconds of refilling, capped at its burst."""
+    return min(grant_burst_of(rate_per_s), tokens + max(0.0, elapsed_s) * rate_per_s)
 
 
 async def queue(

@@ -292,9 +292,7 @@ def test_a_limited_step_waits_for_its_grant_and_a_retry_waits_again_without_a_de
     assert action["rate_limit"] == {"bucket": bucket, "rate_per_s": 50.0}
     assert apply("limit_granted", {"step_id": "send", "attempt": 1}) == []  # a repeated grant changes nothing
     failure = {"code": "busy", "retryable": True, "message": "try later"}
-    assert apply("action_result", {"step_id": "send", "attempt": 1, "ok": False, "error": failure}) == [
-        "action_failed"
-    ]
+    assert apply("action_result", {"step_id": "send", "attempt": 1, "ok": False, "error": failure}) == ["action_failed"]
     assert ("limit_release", None) in state.effects  # its slot goes back while it backs off
     assert apply("timer", {"timer_id": state.timer}) == [LIMIT_WAITING]  # the retry queues again
     assert (state.waiting, state.timer, state.attempt) == (WAIT_LIMIT, None, 2)
