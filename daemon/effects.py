@@ -20,7 +20,9 @@ workers, whose results come back as `action_result` messages on the
 execution's subject, ordered with the execution's other messages. An
 in-process result is offered to the worker first (`apply_locally`, see
 daemon/local_results.py), which orders it the same way without the trip
-through JetStream; only a result it cannot take is published.
+through JetStream; only a result it cannot take is published. A call of a
+step with a rate limit first takes its rate token (daemon/limits.py,
+`CallTokens`), so that the provider sees the rate the limit says.
 """
 
 import asyncio

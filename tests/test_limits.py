@@ -14,8 +14,20 @@ import pytest
 from aiohttp import web
 from harness import NO_PROBLEMS, engine, ordo
 
+from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
 from hotpath.vocabulary import LIMIT_GRANTED, LIMIT_WAITING, WAIT_LIMIT
+
+
+def most_in_any_second(arrivals: list[float]) -> int:
+    """The most calls that arrived within any 1 s window (a window starting at each arrival)."""
+    times = sorted(arrivals)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 class Provider:
@@ -63,14 +75,7 @@ class Provider:
         return f"http://127.0.0.1:{self.port}/send"
 
     def most_in_any_second(self) -> int:
-        """The most calls that arrived within any 1 s window (a window starting at each arrival)."""
-        times = sorted(self.arrivals)
-        most, first = 0, 0
-        for last, at in enumerate(times):
-            while at - times[first] >= 1.0:
-                first += 1
-            most = max(most, last - first + 1)
-        return most
+        return most_in_any_second(self.arrivals)
 
     async def stop(self) -> None:
         await self._runner.cleanup()
@@ -146,6 +151,43 @@ async def test_calls_waiting_on_a_limit_survive_a_worker_kill_and_are_all_made(
         assert len(set(provider.keys)) == calls and len(provider.keys) <= calls + 2
         assert provider.most_in_any_second() <= 30 * 1.05, provider.most_in_any_second()
         assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_queue") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_an_external_action_keeps_its_rate_and_concurrency_limits(nats_server_url, pg_dsn, prefix):
+    calls, arrivals, keys = 80, [], []
+    running = most_running = 0
+
+    @action("test.sms", major=1)
+    async def sms(ctx, input):
+        nonlocal running, most_running
+        arrivals.append(time.monotonic())
+        keys.append(ctx.idempotency_key)
+        running += 1
+        most_running = max(most_running, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return {"sent": True}
+
+    definition = limited("unused", {"rate": "20/s", "concurrency": 2})
+    definition["steps"][0].update(action="test.sms", input={"to": "{{contact.first_name}}"})
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(definition)
+        for index in range(2):
+            h.spawn_worker(index, 2)
+        served = ActionWorker(nats_server_url, prefix=prefix, partitions=h.config.partitions, actions=[sms])
+        stop = asyncio.Event()
+        serving = asyncio.create_task(served.run(stop))
+        try:
+            events = [trigger_event("ext", i, tenant="acme", event_type="contact.created") for i in range(calls)]
+            await h.publish_triggers(events)
+            await _completed(h, calls)
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+        assert len(keys) == calls and len(set(keys)) == calls
+        assert most_in_any_second(arrivals) <= 20 * 1.05, most_in_any_second(arrivals)
+        assert most_running <= 2
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
