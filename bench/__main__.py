@@ -7,6 +7,7 @@
     python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
     python -m bench w5-actions [-n 20000] [--external 1]
     python -m bench w6-webhooks [-n 10000] [--delay 20]
+    python -m bench w8-limits [-n 10000] [--limit 500]
     python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
     python -m bench w1 --trace-sample 0.01                         throughput with 1% of executions traced
     python -m bench --list
@@ -51,7 +52,12 @@ from pathlib import Path
 
 import orjson
 
-from . import report, storage, worker_counts
+from . import (
+    limits,  # noqa: F401  (registers the `w8-limits` scenario)
+    report,
+    storage,
+    worker_counts,
+)
 from .generator import PubAcks
 from .histogram import Histogram
 from .otlp_sink import OtlpSink
@@ -200,13 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="w6-webhooks: the provider answers after this many ms (default 20)",
     )
+    options.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="w8-limits: the step's rate limit, calls/s (default 500)"
+    )
     return parser
 
 
 def scenario_options(args) -> dict:
     return {
         name: getattr(args, name)
-        for name in ("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay")
+        for name in ("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay", "limit")
         if getattr(args, name) is not None
     }
 

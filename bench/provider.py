@@ -67,6 +67,8 @@ class Provider:
         self.port = None
         self._cpu_started = 0.0
         self._wall_started = 0.0
+        #: When each call arrived (time.monotonic()): the calls in any 1 s window (`most_in_any_second`).
+        self.arrivals: list[float] = []
 
     @property
     def url(self) -> str:
@@ -95,6 +97,7 @@ class Provider:
         from aiohttp import web
 
         self.calls += 1
+        self.arrivals.append(time.monotonic())
         key = request.headers.get("Idempotency-Key", "")
         try:
             body = orjson.loads(await request.read())
@@ -131,6 +134,16 @@ class Provider:
             "duplicate_successes": self.duplicate_successes,
             "process_cpu_percent": self.cpu_percent(),
         }
+
+    def most_in_any_second(self) -> int:
+        """The most calls that arrived within any 1 s window (each window starting at a call)."""
+        times = sorted(self.arrivals)
+        most, first = 0, 0
+        for last, at in enumerate(times):
+            while at - times[first] >= 1.0:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
 
     def cpu_percent(self) -> float:
         """CPU of the process it runs in (the bench's: the provider and the bench's polling) since start."""

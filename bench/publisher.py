@@ -28,6 +28,7 @@ import orjson
 from daemon import config as config_module
 from daemon.topology import Topology
 
+from . import limits  # noqa: F401  (registers the `w8-limits` scenario)
 from .generator import PubAcks
 from .scenarios import get as get_scenario
 

@@ -20,7 +20,9 @@ workers, whose results come back as `action_result` messages on the
 execution's subject, ordered with the execution's other messages. An
 in-process result is offered to the worker first (`apply_locally`, see
 daemon/local_results.py), which orders it the same way without the trip
-through JetStream; only a result it cannot take is published.
+through JetStream; only a result it cannot take is published. A call of a
+step with a rate limit first takes its rate token (daemon/limits.py,
+`CallTokens`), so that the provider sees the rate the limit says.
 """
 
 import asyncio
@@ -86,6 +88,7 @@ class Effects:
         concurrency_max: int | None = None,
         on_call_done=None,
         apply_locally=None,
+        call_tokens=None,
     ):
         self._js = js
         self._topology = topology
@@ -101,6 +104,10 @@ class Effects:
         #: execution id -> [(subject, body, msg id, traceparent)]: committed requests and emitted events not
         #: yet published.
         self._outbox: dict = {}
+        #: The rate tokens a call under a rate limit takes as it is made (daemon/limits.py `CallTokens`).
+        self._call_tokens = call_tokens
+        #: Requests for external actions under a rate limit, each waiting for its token.
+        self._paced: set = set()
 
     @property
     def pending(self) -> int:
@@ -123,6 +130,8 @@ class Effects:
         for kind, data in effects:
             if kind == "action":
                 in_process |= self._action(record_tenant, execution_id, data)
+            elif kind == "limit_wait":  # queued in the ledger by the commit; granted by daemon/limits.py
+                metrics.limit_waits.labels(data["action"]).inc()
             elif kind == "emit":
                 event = data["event"]
                 self._queue(
@@ -168,12 +177,23 @@ class Effects:
             request_seq=data.get("request_seq", 0),
         )
         action = self._actions.get(data["action"], data["major"]) if self._actions is not None else None
+        rate_limit = data.get("rate_limit")  # a step with a rate limit: the call takes a token first
         if action is None:
             subject = self._topology.action_subject(data["action"], data["major"])
             msg_id = f"request:{execution_id}:{data['step_id']}:{data['attempt']}:{request.get('request_seq', 0)}"
-            self._queue(execution_id, subject, contract.encode(request), msg_id, data.get("traceparent"))
+            traceparent = data.get("traceparent")
+            if rate_limit is None:
+                self._queue(execution_id, subject, contract.encode(request), msg_id, traceparent)
+            else:
+                paced = self._take_rate_token(rate_limit)
+                task = asyncio.get_running_loop().create_task(
+                    self._publish_paced(paced, subject, contract.encode(request), msg_id, traceparent)
+                )
+                self._paced.add(task)
+                task.add_done_callback(self._paced.discard)
             return False
-        run = self._run_in_process(action, request, time.monotonic(), data.get("traceparent"))
+        paced = None if rate_limit is None else self._take_rate_token(rate_limit)
+        run = self._run_in_process(action, request, time.monotonic(), data.get("traceparent"), paced)
         task = asyncio.get_running_loop().create_task(run)
         self._running.add(task)
         task.add_done_callback(self._call_done)
@@ -184,7 +204,19 @@ class Effects:
         if self._on_call_done is not None:
             self._on_call_done()
 
-    async def _run_in_process(self, action, request: dict, requested_at: float, traceparent: str | None) -> None:
+    async def _take_rate_token(self, rate_limit: dict) -> None:
+        if self._call_tokens is not None:
+            await self._call_tokens.take(rate_limit["bucket"], rate_limit["rate_per_s"])
+
+    async def _publish_paced(self, paced, subject: str, body: bytes, msg_id: str, traceparent: str | None) -> None:
+        await paced
+        await publish_stored(self._js, subject, body, msg_id, traceparent)
+
+    async def _run_in_process(
+        self, action, request: dict, requested_at: float, traceparent: str | None, paced=None
+    ) -> None:
+        if paced is not None:
+            await paced
         slots = self.limits.of(action.name, action.major)
         if not slots.try_acquire():
             await slots.wait_for_slot()
@@ -226,7 +258,7 @@ class Effects:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Let in-process actions finish and publish their results (bounded), then close them."""
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=timeout)
+        if self._running or self._paced:
+            await asyncio.wait([*self._running, *self._paced], timeout=timeout)
         if self._actions is not None:
             await self._actions.aclose()

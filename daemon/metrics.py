@@ -66,6 +66,14 @@ actions = Counter(
     "Action results applied, by action and outcome (ok, retryable error, final error, late).",
     ["action", "outcome"],
 )
+# Action limits (daemon/limits.py, ledger/limits.py).
+limit_waiting = Gauge(
+    "ordo_limit_waiting", "Calls queued behind an action's limits, per action (the ledger's queue).", ["action"]
+)
+limit_waits = Counter("ordo_limit_waits_total", "Calls of limited action steps queued for their turn.", ["action"])
+limit_grants = Counter(
+    "ordo_limit_tokens_granted_total", "Queued calls granted their turn (a rate token and/or a slot).", ["action"]
+)
 action_concurrency_limit = Gauge(
     "ordo_action_concurrency_limit",
     "In-process calls of an action that may run at once in this worker, following its latency (daemon/call_limits.py).",

@@ -48,6 +48,7 @@ _HEADS = frozenset(
         "timer_fired",
         "timed_out",
         "cancelled",
+        "limit_granted",
         "retried",
     )
 )
@@ -134,10 +135,12 @@ def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
     `transitions` are dicts with seq, step_id, kind, at_ms, detail, source_seq (ordered by seq).
     """
     inputs, incomplete = [], False
+    previous = None
     for t in transitions:
         kind, step_id, seq, at_ms = t["kind"], t["step_id"], t["seq"], t["at_ms"]
         d = t["detail"] if isinstance(t["detail"], dict) else {}
-        if kind == "action_requested" and (d.get("attempt") or 0) > 1:
+        follows_grant, previous = previous == "limit_granted", kind
+        if kind in ("action_requested", "limit_waiting") and (d.get("attempt") or 0) > 1 and not follows_grant:
             # Only a retry back-off's timer requests an attempt above 1 (an operator retry restarts at 1).
             inputs.append(Input("timer", None, seq, at_ms))
             continue
@@ -198,6 +201,8 @@ def inputs_of(transitions: list[dict]) -> tuple[list[Input], bool]:
             inputs.append(Input("cancel", {"reason": d.get("reason")}, seq, at_ms))
         elif kind == "retried":
             inputs.append(Input("retry", {}, seq, at_ms))
+        elif kind == "limit_granted":
+            inputs.append(Input("limit_granted", {"step_id": step_id, "attempt": d.get("attempt")}, seq, at_ms))
     return inputs, incomplete
 
 

@@ -52,6 +52,7 @@ from .definitions import WorkflowRegistry
 from .dispatch import Dispatch
 from .effects import Effects
 from .intake import Intake, Window
+from .limits import CallTokens, LimitGrants
 from .local_results import LocalResults
 from .ownership import Ownership
 from .partitions import Partitions
@@ -233,6 +234,7 @@ class Worker:
             concurrency_max=config.action_concurrency_max,
             on_call_done=window.action_call_done,
             apply_locally=self.local_results.take,
+            call_tokens=CallTokens(self._pool),
         )
         window.effects = self.effects
         self.settlement = Settlement(
@@ -301,6 +303,9 @@ class Worker:
         lag = asyncio.create_task(self.partitions.lag_loop())
         rollout_loop = asyncio.create_task(self.rollout_controller.run())
         upkeep = asyncio.create_task(upkeep_loop(self.config.pg_dsn, self.retention_keep, self.clock_ms, self.stopping))
+        self._limit_grants = asyncio.create_task(
+            LimitGrants(self.config.pg_dsn, self._js, self.topology).run(self.stopping)
+        )
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(
             [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
@@ -319,7 +324,8 @@ class Worker:
         lag.cancel()
         rollout_loop.cancel()
         upkeep.cancel()
-        await asyncio.gather(owner, lag, rollout_loop, upkeep, return_exceptions=True)
+        self._limit_grants.cancel()
+        await asyncio.gather(owner, lag, rollout_loop, upkeep, self._limit_grants, return_exceptions=True)
         fetchers = list(self.intake.fetchers.values())
         await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:

@@ -48,9 +48,11 @@ from hotpath.vocabulary import (
     already_started,
     bad_action_result,
     bad_event,
+    bad_limit_grant,
     bad_signal,
     bad_timer,
     bad_until,
+    limit_bucket,
     no_error_object,
     pc_outside_steps,
     program_repr,
@@ -96,6 +98,7 @@ cdef str TIMER = vocabulary.TIMER
 cdef str EVENT = vocabulary.EVENT
 cdef str CANCEL = vocabulary.CANCEL
 cdef str RETRY = vocabulary.RETRY
+cdef str LIMIT_GRANTED = vocabulary.LIMIT_GRANTED
 
 cdef str RUNNING = vocabulary.RUNNING
 cdef str WAITING = vocabulary.WAITING
@@ -106,6 +109,7 @@ cdef str WAIT_ACTION = vocabulary.WAIT_ACTION
 cdef str WAIT_RETRY = vocabulary.WAIT_RETRY
 cdef str WAIT_TIMER = vocabulary.WAIT_TIMER
 cdef str WAIT_EVENT = vocabulary.WAIT_EVENT
+cdef str WAIT_LIMIT = vocabulary.WAIT_LIMIT
 
 cdef str STARTED = vocabulary.STARTED
 cdef str SET = vocabulary.SET
@@ -116,6 +120,7 @@ cdef str ACTION_REQUESTED = vocabulary.ACTION_REQUESTED
 cdef str ACTION_COMPLETED = vocabulary.ACTION_COMPLETED
 cdef str ACTION_FAILED = vocabulary.ACTION_FAILED
 cdef str LATE_RESULT = vocabulary.LATE_RESULT
+cdef str LIMIT_WAITING = vocabulary.LIMIT_WAITING
 cdef str TIMER_FIRED = vocabulary.TIMER_FIRED
 cdef str TIMED_OUT = vocabulary.TIMED_OUT
 cdef str EVENT_RECEIVED = vocabulary.EVENT_RECEIVED
@@ -129,6 +134,8 @@ cdef str EFFECT_WAIT_EVENT = vocabulary.EFFECT_WAIT_EVENT
 cdef str EFFECT_CLEAR_WAIT = vocabulary.EFFECT_CLEAR_WAIT
 cdef str EFFECT_EMIT = vocabulary.EFFECT_EMIT
 cdef str EFFECT_DEAD_LETTER = vocabulary.EFFECT_DEAD_LETTER
+cdef str EFFECT_LIMIT_WAIT = vocabulary.EFFECT_LIMIT_WAIT
+cdef str EFFECT_LIMIT_RELEASE = vocabulary.EFFECT_LIMIT_RELEASE
 cdef str PURPOSE_ACTION_TIMEOUT = vocabulary.PURPOSE_ACTION_TIMEOUT
 cdef str PURPOSE_RETRY = vocabulary.PURPOSE_RETRY
 cdef str PURPOSE_WAIT = vocabulary.PURPOSE_WAIT
@@ -387,6 +394,8 @@ cdef class _Step:
     cdef object max_interval_ms
     cdef object jitter
     cdef tuple non_retryable
+    cdef object limits         # action: the definition's ActionLimits, or None
+    cdef _Template limit_key   # action: the limits' key template, or None
     cdef Py_ssize_t on_failure  # action, wait: -1 when not set (and for every other type)
     cdef object duration_ms    # wait
     cdef _Template until       # wait: None when it waits a duration
@@ -438,6 +447,8 @@ cdef _Step _lower_step(object step):
         s.jitter = step.jitter
         s.non_retryable = step.non_retryable
         s.on_failure = step.on_failure
+        s.limits = step.limits
+        s.limit_key = None if step.limits is None or step.limits.key is None else _lower_template(step.limits.key)
     elif type(step) is WaitStep:
         s.kind = S_WAIT
         s.next = step.next
@@ -616,9 +627,11 @@ def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
     elif kind == EVENT:
         _on_event(program, state, out, payload, now_ms)
     elif kind == CANCEL:
-        _on_cancel(state, out, payload)
+        _on_cancel(program, state, out, payload)
     elif kind == RETRY:
         _on_retry(program, state, out, now_ms)
+    elif kind == LIMIT_GRANTED:
+        _on_limit_granted(program, state, out, payload, now_ms)
     else:
         raise ValueError(unknown_event_kind(kind))
     return out
@@ -686,9 +699,10 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
     try:
         rendered = _render(step.input, state.context, state.subject, state.event, True)
     except TemplateError as exc:
+        _release_limit(state, step)
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
-    state.effects.append((EFFECT_ACTION, {
+    request = {
         "step_id": step.id,
         "attempt": state.attempt,
         "action": step.action,
@@ -696,11 +710,69 @@ cdef bint _request(Program program, ExecutionState state, list out, _Step step, 
         "input": rendered,
         "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
         "timeout_ms": step.timeout_ms,
-    }))
+    }
+    if step.limits is not None and step.limits.rate_per_s is not None:
+        # The call itself takes a rate token when it is made (daemon/effects.py): exact at the provider.
+        request["rate_limit"] = {"bucket": _bucket(state, step), "rate_per_s": step.limits.rate_per_s}
+    state.effects.append((EFFECT_ACTION, request))
     _set_timer(state, step.id, PURPOSE_ACTION_TIMEOUT, now_ms + step.timeout_ms)
     state.status = WAITING
     state.waiting = WAIT_ACTION
     return False
+
+
+cdef int _wait_for_limit(ExecutionState state, list out, _Step step) except -1:
+    """Queue attempt `state.attempt` behind the step's limits; a grant (`_on_limit_granted`) requests it."""
+    limits = step.limits
+    bucket = _bucket(state, step)
+    _emit(state, out, step.id, LIMIT_WAITING, {"attempt": state.attempt, "bucket": bucket})
+    state.effects.append((EFFECT_LIMIT_WAIT, {
+        "step_id": step.id,
+        "attempt": state.attempt,
+        "bucket": bucket,
+        "action": step.action,
+        "rate_per_s": limits.rate_per_s,
+        "concurrency": limits.concurrency,
+        "lease_ms": step.timeout_ms,
+    }))
+    state.status = WAITING
+    state.waiting = WAIT_LIMIT
+    return 0
+
+
+cdef str _bucket(ExecutionState state, _Step step):
+    key = None
+    if step.limit_key is not None:
+        key = _render(step.limit_key, state.context, state.subject, state.event, False)
+    return limit_bucket(step.action, step.major, state.tenant, key)
+
+
+cdef inline int _release_limit(ExecutionState state, _Step step) except -1:
+    """The step's call is over (or will not be made): give back its slot or its place in the queue."""
+    if step.limits is not None:
+        state.effects.append((EFFECT_LIMIT_RELEASE, None))
+    return 0
+
+
+cdef int _on_limit_granted(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
+    if (
+        not PyDict_Check(payload)
+        or not isinstance(payload.get("step_id"), str)
+        or type(payload.get("attempt")) is not int
+    ):
+        raise ValueError(bad_limit_grant(payload))
+    cdef _Step step = _waiting_step(program, state, S_ACTION)
+    if (
+        step is None
+        or state.waiting != WAIT_LIMIT
+        or step.id != payload["step_id"]
+        or state.attempt != payload["attempt"]
+    ):
+        return 0  # stale (the execution moved on, or a repeated grant): changes nothing
+    _emit(state, out, step.id, LIMIT_GRANTED, {"attempt": state.attempt})
+    if _request(program, state, out, step, now_ms):
+        _run(program, state, out, now_ms)
+    return 0
 
 
 cdef bint _template_failed(Program program, ExecutionState state, list out, _Step step, object exc) except -1:
@@ -723,6 +795,7 @@ cdef int _on_action_result(Program program, ExecutionState state, list out, obje
         # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
         _emit(state, out, step_id, LATE_RESULT, {"attempt": attempt, "ok": ok})
         return 0
+    _release_limit(state, step)
     if ok:
         output = payload.get("output")
         state.context[step.id] = output
@@ -771,10 +844,13 @@ cdef int _on_timer(Program program, ExecutionState state, list out, object paylo
     timer_id = state.timer
     if step is not None and step.kind == S_ACTION and waiting == WAIT_ACTION:
         state.timer = None
+        _release_limit(state, step)
         return _action_failed(program, state, out, step, action_timed_out(step.timeout_text), now_ms, timer_id)
     if step is not None and step.kind == S_ACTION and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
+        if step.limits is not None:
+            return _wait_for_limit(state, out, step)
         if _request(program, state, out, step, now_ms):
             _run(program, state, out, now_ms)
         return 0
@@ -807,7 +883,7 @@ cdef int _on_event(Program program, ExecutionState state, list out, object paylo
     return _resume(program, state, out, step.next, now_ms)
 
 
-cdef int _on_cancel(ExecutionState state, list out, object payload) except -1:
+cdef int _on_cancel(Program program, ExecutionState state, list out, object payload) except -1:
     status = state.status
     if status == COMPLETED or status == FAILED or status == CANCELLED:
         return 0
@@ -816,6 +892,11 @@ cdef int _on_cancel(ExecutionState state, list out, object payload) except -1:
     _clear_timer(state)
     if status == WAITING and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
         state.effects.append((EFFECT_CLEAR_WAIT, None))
+    cdef _Step step
+    if status == WAITING and (state.waiting == WAIT_LIMIT or state.waiting == WAIT_ACTION):
+        step = _waiting_step(program, state, S_ACTION)
+        if step is not None:
+            _release_limit(state, step)
     state.status = CANCELLED
     state.waiting = None
     return 0
@@ -837,6 +918,8 @@ cdef int _on_retry(Program program, ExecutionState state, list out, object now_m
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
+    if step.limits is not None:
+        return _wait_for_limit(state, out, step)
     if _request(program, state, out, step, now_ms):
         _run(program, state, out, now_ms)
     return 0
@@ -878,7 +961,10 @@ cdef bint _park(Program program, ExecutionState state, list out, _Step step, obj
     if step.kind == S_ACTION:
         state.attempt = 1
         state.failures = []
-        return _request(program, state, out, step, now_ms)
+        if step.limits is None:
+            return _request(program, state, out, step, now_ms)
+        _wait_for_limit(state, out, step)
+        return False
     if step.kind == S_WAIT:
         if step.until is None:
             until_ms = now_ms + step.duration_ms

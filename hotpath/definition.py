@@ -36,6 +36,9 @@ DEFAULT_MAX_VISITS = 100
 MAX_MAX_VISITS = 1_000_000
 NO_STEP = -1  # a target that is not set (on_failure, on_timeout)
 ACTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+#: A rate limit: calls per second, minute or hour.
+RATE = re.compile(r"^([1-9][0-9]*)/(s|m|h)$")
+_RATE_PERIOD_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class DefinitionError(ValueError):
@@ -189,6 +192,15 @@ class WaitForSignalStep(NamedTuple):
     signal: str
 
 
+class ActionLimits(NamedTuple):
+    """An action step's `limits`: its calls share a rate and a concurrency across all workers."""
+
+    rate_per_s: float | None  # None: no rate limit
+    rate_text: str | None  # the rate as written ("50/s")
+    concurrency: int | None  # None: no concurrency limit
+    key: Template | None  # None: one limit per tenant; else also per rendered key
+
+
 class ActionStep(NamedTuple):
     id: str
     next: int
@@ -204,6 +216,7 @@ class ActionStep(NamedTuple):
     jitter: float
     non_retryable: tuple[str, ...]  # error codes that are never retried
     on_failure: int  # step index or NO_STEP
+    limits: ActionLimits | None = None  # None: the call is made at once
 
 
 class WaitStep(NamedTuple):
@@ -510,6 +523,43 @@ class _Resolver:
             jitter=self.number(policy, "jitter", 0.2, 0.0, 1.0),
             non_retryable=tuple(non_retryable),
             on_failure=self.target(step, "on_failure", NO_STEP, index_of),
+            limits=self.action_limits(step["limits"]) if "limits" in step else None,
+        )
+
+    def action_limits(self, limits: Any) -> ActionLimits | None:
+        if not isinstance(limits, dict):
+            self.error(f"'limits' must be an object with 'rate', 'concurrency' and/or 'key', got {limits!r}")
+            return None
+        unknown = sorted(set(limits) - {"rate", "concurrency", "key"})
+        if unknown:
+            self.error(
+                f"'limits' has unknown field(s) {', '.join(map(repr, unknown))} (expected rate, concurrency, key)"
+            )
+        if "rate" not in limits and "concurrency" not in limits:
+            self.error("'limits' needs a 'rate', a 'concurrency' or both")
+        rate = limits.get("rate")
+        rate_per_s = None
+        if rate is not None:
+            match = RATE.match(rate) if isinstance(rate, str) else None
+            if match is None:
+                self.error(f"'limits.rate' must be a positive count per s, m or h such as '50/s', got {rate!r}")
+            else:
+                rate_per_s = int(match.group(1)) / _RATE_PERIOD_S[match.group(2)]
+        concurrency = limits.get("concurrency")
+        if concurrency is not None and (
+            not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+        ):
+            self.error(f"'limits.concurrency' must be an integer >= 1, got {concurrency!r}")
+            concurrency = None
+        key = limits.get("key")
+        if key is not None and (not isinstance(key, str) or not key):
+            self.error(f"'limits.key' must be a non-empty template string, got {key!r}")
+            key = None
+        return ActionLimits(
+            rate_per_s=rate_per_s,
+            rate_text=rate if rate_per_s is not None else None,
+            concurrency=concurrency,
+            key=None if key is None else self.template(key),
         )
 
     def wait_step(self, step: dict[str, Any], following: int, index_of: dict[str, int]) -> WaitStep:

@@ -74,6 +74,8 @@ from hotpath.vocabulary import (
     EFFECT_CLEAR_WAIT,
     EFFECT_DEAD_LETTER,
     EFFECT_EMIT,
+    EFFECT_LIMIT_RELEASE,
+    EFFECT_LIMIT_WAIT,
     EFFECT_SET_TIMER,
     EFFECT_WAIT_EVENT,
     EMITTED,
@@ -82,6 +84,8 @@ from hotpath.vocabulary import (
     FAILED,
     GOTO,
     LATE_RESULT,
+    LIMIT_GRANTED,
+    LIMIT_WAITING,
     NOT_FAILED_AT_ACTION,
     PURPOSE_ACTION_TIMEOUT,
     PURPOSE_EVENT_TIMEOUT,
@@ -101,6 +105,7 @@ from hotpath.vocabulary import (
     TIMER_FIRED,
     WAIT_ACTION,
     WAIT_EVENT,
+    WAIT_LIMIT,
     WAIT_RETRY,
     WAIT_TIMER,
     WAITING,
@@ -113,9 +118,11 @@ from hotpath.vocabulary import (
     already_started,
     bad_action_result,
     bad_event,
+    bad_limit_grant,
     bad_signal,
     bad_timer,
     bad_until,
+    limit_bucket,
     no_error_object,
     pc_outside_steps,
     program_repr,
@@ -296,9 +303,11 @@ def advance(program: Program, state: ExecutionState, kind: str, payload: Any, no
     elif kind == EVENT:
         _on_event(program, state, out, payload, now_ms)
     elif kind == CANCEL:
-        _on_cancel(state, out, payload)
+        _on_cancel(program, state, out, payload)
     elif kind == RETRY:
         _on_retry(program, state, out, now_ms)
+    elif kind == LIMIT_GRANTED:
+        _on_limit_granted(program, state, out, payload, now_ms)
     else:
         raise ValueError(unknown_event_kind(kind))
     return out
@@ -362,26 +371,91 @@ def _request(program: Program, state: ExecutionState, out: list[Transition], ste
     try:
         rendered = render(step.input, roots)
     except TemplateError as exc:
+        _release_limit(state, step)
         return _template_failed(program, state, out, step, exc)
     _emit(state, out, step.id, ACTION_REQUESTED, {"attempt": state.attempt, "action": step.action})
-    state.effects.append(
-        (
-            EFFECT_ACTION,
-            {
-                "step_id": step.id,
-                "attempt": state.attempt,
-                "action": step.action,
-                "major": step.major,
-                "input": rendered,
-                "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
-                "timeout_ms": step.timeout_ms,
-            },
-        )
-    )
+    request = {
+        "step_id": step.id,
+        "attempt": state.attempt,
+        "action": step.action,
+        "major": step.major,
+        "input": rendered,
+        "idempotency_key": f"{state.execution_id}:{step.id}:{state.visits.get(step.id, 0)}",
+        "timeout_ms": step.timeout_ms,
+    }
+    if step.limits is not None and step.limits.rate_per_s is not None:
+        # The call itself takes a rate token when it is made (daemon/effects.py): exact at the provider.
+        request["rate_limit"] = {"bucket": _bucket(state, step), "rate_per_s": step.limits.rate_per_s}
+    state.effects.append((EFFECT_ACTION, request))
     _set_timer(state, step.id, PURPOSE_ACTION_TIMEOUT, now_ms + step.timeout_ms)
     state.status = WAITING
     state.waiting = WAIT_ACTION
     return False
+
+
+def _wait_for_limit(state: ExecutionState, out: list[Transition], step: ActionStep) -> None:
+    """Queue attempt `state.attempt` behind the step's limits; a grant (`_on_limit_granted`) requests it.
+
+    The wait is not an attempt and has no deadline: the action's timeout starts when the call is
+    requested. The queue entry is a ledger row, written with this commit.
+    """
+    limits = step.limits
+    assert limits is not None
+    bucket = _bucket(state, step)
+    _emit(state, out, step.id, LIMIT_WAITING, {"attempt": state.attempt, "bucket": bucket})
+    state.effects.append(
+        (
+            EFFECT_LIMIT_WAIT,
+            {
+                "step_id": step.id,
+                "attempt": state.attempt,
+                "bucket": bucket,
+                "action": step.action,
+                "rate_per_s": limits.rate_per_s,
+                "concurrency": limits.concurrency,
+                "lease_ms": step.timeout_ms,
+            },
+        )
+    )
+    state.status = WAITING
+    state.waiting = WAIT_LIMIT
+
+
+def _bucket(state: ExecutionState, step: ActionStep) -> str:
+    assert step.limits is not None
+    key = None
+    if step.limits.key is not None:
+        roots = {"context": state.context, "subject": state.subject, "event": state.event}
+        key = render(step.limits.key, roots, False)
+    return limit_bucket(step.action, step.major, state.tenant, key)
+
+
+def _release_limit(state: ExecutionState, step: ActionStep) -> None:
+    """The step's call is over (or will not be made): give back its slot or its place in the queue."""
+    if step.limits is not None:
+        state.effects.append((EFFECT_LIMIT_RELEASE, None))
+
+
+def _on_limit_granted(
+    program: Program, state: ExecutionState, out: list[Transition], payload: Any, now_ms: int
+) -> None:
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("step_id"), str)
+        or type(payload.get("attempt")) is not int
+    ):
+        raise ValueError(bad_limit_grant(payload))
+    step = _waiting_step(program, state, ActionStep)
+    if (
+        step is None
+        or state.waiting != WAIT_LIMIT
+        or step.id != payload["step_id"]
+        or state.attempt != payload["attempt"]
+    ):
+        return  # stale (the execution moved on, or a repeated grant): changes nothing
+    _emit(state, out, step.id, LIMIT_GRANTED, {"attempt": state.attempt})
+    if _request(program, state, out, step, now_ms):
+        _run(program, state, out, now_ms)
 
 
 def _template_failed(
@@ -406,6 +480,7 @@ def _on_action_result(
         # Late (after a timeout or a retry) or for another step: recorded, changes nothing.
         _emit(state, out, step_id, LATE_RESULT, {"attempt": attempt, "ok": ok})
         return
+    _release_limit(state, step)
     if ok:
         output = payload.get("output")
         state.context[step.id] = output
@@ -464,11 +539,14 @@ def _on_timer(program: Program, state: ExecutionState, out: list[Transition], pa
     timer_id = state.timer
     if type(step) is ActionStep and waiting == WAIT_ACTION:
         state.timer = None
+        _release_limit(state, step)
         _action_failed(program, state, out, step, action_timed_out(step.timeout_text), now_ms, timer_id)
     elif type(step) is ActionStep and waiting == WAIT_RETRY:
         state.timer = None
         state.attempt += 1
-        if _request(program, state, out, step, now_ms):
+        if step.limits is not None:
+            _wait_for_limit(state, out, step)
+        elif _request(program, state, out, step, now_ms):
             _run(program, state, out, now_ms)
     elif type(step) is WaitStep and waiting == WAIT_TIMER:
         state.timer = None
@@ -507,7 +585,7 @@ def _on_event(program: Program, state: ExecutionState, out: list[Transition], pa
     _resume(program, state, out, step.next, now_ms)
 
 
-def _on_cancel(state: ExecutionState, out: list[Transition], payload: Any) -> None:
+def _on_cancel(program: Program, state: ExecutionState, out: list[Transition], payload: Any) -> None:
     if state.status in CLOSED:
         return
     reason = payload.get("reason") if isinstance(payload, dict) else None
@@ -515,6 +593,10 @@ def _on_cancel(state: ExecutionState, out: list[Transition], payload: Any) -> No
     _clear_timer(state)
     if state.status == WAITING and isinstance(state.waiting, str) and state.waiting.startswith(WAIT_EVENT):
         state.effects.append((EFFECT_CLEAR_WAIT, None))
+    if state.status == WAITING and state.waiting in (WAIT_LIMIT, WAIT_ACTION):
+        step = _waiting_step(program, state, ActionStep)
+        if step is not None:
+            _release_limit(state, step)
     state.status = CANCELLED
     state.waiting = None
 
@@ -531,7 +613,9 @@ def _on_retry(program: Program, state: ExecutionState, out: list[Transition], no
     # The same step visit again (visits unchanged): the idempotency key stays the same.
     state.steps += 1
     state.attempt = 1
-    if _request(program, state, out, step, now_ms):
+    if step.limits is not None:
+        _wait_for_limit(state, out, step)
+    elif _request(program, state, out, step, now_ms):
         _run(program, state, out, now_ms)
 
 
@@ -635,7 +719,10 @@ def _run(program: Program, state: ExecutionState, out: list[Transition], now_ms:
         elif type(step) is ActionStep:
             state.attempt = 1
             state.failures = []
-            _request(program, state, out, step, now_ms)  # waiting, or at the failure branch, or failed
+            if step.limits is None:
+                _request(program, state, out, step, now_ms)  # waiting, or at the failure branch, or failed
+            else:
+                _wait_for_limit(state, out, step)
         elif type(step) is WaitStep:
             if step.until is None:
                 until_ms = now_ms + step.duration_ms

@@ -221,6 +221,7 @@ EXEC_KINDS = {
     "event": (),
     "cancel": (),
     "retry": (),
+    "limit_granted": ("step_id",),  # an action step's turn under its limits (daemon/limits.py)
 }
 
 
@@ -240,6 +241,8 @@ def decode_exec(body: bytes, max_bytes: int) -> dict[str, Any]:
             error = require_field(doc, "error", (dict,), "an object {code, retryable, message}")
             if type(error.get("code")) is not str or type(error.get("retryable")) is not bool:
                 raise BadMessage("wrong_type", "field 'error' needs a string 'code' and a boolean 'retryable'")
+    elif kind == "limit_granted":
+        require_field(doc, "attempt", (int,), "an integer")
     elif kind == "event":
         event = require_field(doc, "event", (dict,), "an object (a trigger event)")
         if type(event.get("type")) is not str or type(event.get("event_id")) is not str:

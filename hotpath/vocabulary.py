@@ -32,7 +32,8 @@ TIMER = "timer"
 EVENT = "event"
 CANCEL = "cancel"
 RETRY = "retry"
-EVENT_KINDS = (START, SIGNAL, ACTION_RESULT, TIMER, EVENT, CANCEL, RETRY)
+LIMIT_GRANTED = "limit_granted"  # also the transition that records the grant
+EVENT_KINDS = (START, SIGNAL, ACTION_RESULT, TIMER, EVENT, CANCEL, RETRY, LIMIT_GRANTED)
 
 # -- an execution's status (the last four are also transitions) -------------------
 RUNNING = "running"
@@ -44,6 +45,8 @@ CLOSED = (COMPLETED, FAILED, CANCELLED)
 
 # What a waiting execution waits for (state.waiting), besides a signal's name.
 WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "event:"
+# An action step with limits waits for its turn (a grant) before its call is requested.
+WAIT_LIMIT = "limit"
 
 # -- what advance() records: transition kinds --------------------------------------
 STARTED = "started"
@@ -60,6 +63,7 @@ TIMED_OUT = "timed_out"
 EVENT_RECEIVED = "event_received"
 RETRIED = "retried"
 STEP_FAILED = "step_failed"
+LIMIT_WAITING = "limit_waiting"
 
 # -- what the worker does once the transitions have committed: effect kinds -------
 EFFECT_ACTION = "action"
@@ -69,6 +73,10 @@ EFFECT_WAIT_EVENT = "wait_event"
 EFFECT_CLEAR_WAIT = "clear_wait"
 EFFECT_EMIT = "emit"
 EFFECT_DEAD_LETTER = "dead_letter"
+# Queue the call of a limited step in the ledger (written with the commit), and give
+# back its place or its slot when the step is left.
+EFFECT_LIMIT_WAIT = "limit_wait"
+EFFECT_LIMIT_RELEASE = "limit_release"
 
 # The purpose of a timer (set_timer effect, timer_fired transition).
 PURPOSE_ACTION_TIMEOUT = "action_timeout"
@@ -150,6 +158,16 @@ def too_many_visits(step_id: str, max_visits: int) -> dict[str, Any]:
 
 # -- inputs advance() refuses (ValueError) ---------------------------------------
 NOT_FAILED_AT_ACTION = "execution is not failed at an action step"
+
+
+def limit_bucket(action: str, major: int, tenant: str, key: Any) -> str:
+    """The name of the limits a call counts against: per action, per tenant, and per rendered key if any."""
+    bucket = f"{action}@{major}|{tenant}"
+    return bucket if key is None else f"{bucket}|{key}"
+
+
+def bad_limit_grant(payload: Any) -> str:
+    return f"a limit grant needs a string 'step_id' and an integer 'attempt', got {payload!r}"
 
 
 def unknown_event_kind(kind: object) -> str:

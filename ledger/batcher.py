@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from ledger import leases
+from ledger import leases, limits
 from ledger import timers as ledger_timers
 
 log = logging.getLogger("ordo.ledger")
@@ -278,6 +278,11 @@ class ExecutionChange:
     wait: tuple[str, str, str, str, str] | None = None
     drop_wait: bool = False
     letters: list[DeadLetter] = field(default_factory=list)
+    #: An action call queued behind its limits (ledger/limits.py: bucket, step_id, attempt, action,
+    #: rate_per_s, concurrency, lease_ms), and whether the execution gives back its queue row and
+    #: its concurrency slot (written before the new wait, if both).
+    limit_wait: tuple[str, str, int, str, float | None, int | None, int] | None = None
+    limit_release: bool = False
     #: Effects on the world (action requests, emitted events), for after the commit: (kind, data).
     after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: The trigger's `ts` (epoch ms) when this change ends the execution: end-to-end latency.
@@ -760,6 +765,12 @@ class LedgerBatcher:
             await conn.execute(_SET_WAITS, *map(list, zip(*waits, strict=True)), self.deployment)
         if letters:
             await _insert_letters(conn, letters)
+        releases = [c.execution_id for c in changes if c.limit_release]
+        if releases:
+            await limits.release(conn, releases)
+        limit_waits = [(c.execution_id, *c.limit_wait) for c in changes if c.limit_wait]
+        if limit_waits:
+            await limits.queue(conn, limit_waits)
 
     async def _copy_new(self, conn: asyncpg.Connection, new: list[ExecutionChange]) -> None:
         """The fast path: COPY new executions straight into the ledger's tables.

@@ -64,6 +64,13 @@ CHECKS = {
         "timers more than $1 seconds past due that never fired",
         "SELECT count(*) FROM ordo.timers WHERE fire_at < now() - make_interval(secs => $1)",
     ),
+    "limits_of_ended": (
+        "limit queue rows or concurrency slots left behind by an execution that ended (migration 014)",
+        """SELECT (SELECT count(*) FROM ordo.limit_queue q JOIN ordo.executions e USING (execution_id)
+                   WHERE e.status IN ('completed', 'failed', 'cancelled'))
+              + (SELECT count(*) FROM ordo.limit_slots s JOIN ordo.executions e USING (execution_id)
+                   WHERE e.status IN ('completed', 'failed', 'cancelled'))""",
+    ),
     "timers_of_ended": (
         "timer rows or event waits left behind by an execution that ended",
         """SELECT (SELECT count(*) FROM ordo.timers t JOIN ordo.executions e USING (execution_id)

@@ -164,6 +164,19 @@ class ExecutionRecord:
                 change.wait, change.drop_wait = None, True
             elif kind == "dead_letter":
                 change.letters.append(self._step_letter(data))
+            elif kind == "limit_release":
+                change.limit_release, change.limit_wait = True, None
+            elif kind == "limit_wait":
+                change.limit_wait = (
+                    data["bucket"],
+                    data["step_id"],
+                    data["attempt"],
+                    data["action"],
+                    data["rate_per_s"],
+                    data["concurrency"],
+                    data["lease_ms"],
+                )
+                change.after_commit.append((kind, data))  # counted by the worker (daemon/effects.py)
             elif kind in AFTER_COMMIT:
                 if kind == "action":
                     # Attempts restart at 1 after an operator retry; the seq of

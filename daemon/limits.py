@@ -1,0 +1,149 @@
+"""Action limits in a worker: grant queued calls their turn, as the shared limits allow.
+
+An action step with `limits` does not request its call at once: its commit
+queues it in the ledger (`ledger/limits.py`) and the execution waits (its
+state says `limit`). This loop, in every worker, walks the buckets that have
+calls waiting and takes each one's turn in a Postgres transaction (rate
+tokens and concurrency slots are rows, so two workers share one limit
+exactly), then publishes each granted call's `limit_granted` message onto its
+execution's subject. The execution applies it in order with its other
+messages and only then requests the call, with the step's timeout starting
+there; so a wait is not a failure, uses no attempt, and however many calls
+wait, they cost ledger rows, not worker memory.
+"""
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+import orjson
+
+from ledger import limits as ledger_limits
+
+from . import logs, metrics
+from .topology import Topology
+
+log = logging.getLogger("ordo.limits")
+
+#: Seconds between two turns while calls wait (a 50/s limit earns a token every 20 ms).
+TURN_S = 0.01
+#: Seconds between two reads of which buckets have calls waiting: while some wait, and while none do.
+SCAN_BUSY_S = 1.0
+SCAN_IDLE_S = 0.1
+#: The most calls one turn of one bucket grants.
+MOST_PER_TURN = 1000
+
+
+class CallTokens:
+    """The rate tokens calls take as they are made, one worker's calls of a bucket in line.
+
+    The grant that let a call out of the queue took a token already; this one
+    is taken as the call is made, so that no delay between the two (a commit,
+    a busy event loop) can bunch calls up at the provider. A worker's calls of
+    one bucket queue on a lock, so that one of them at a time asks Postgres
+    (and sleeps until the next token is due), not all of them at once.
+    """
+
+    def __init__(self, pool):
+        self._pool = pool
+        self._lines: dict[str, asyncio.Lock] = {}
+
+    async def take(self, bucket: str, rate_per_s: float) -> None:
+        line = self._lines.get(bucket)
+        if line is None:
+            line = self._lines[bucket] = asyncio.Lock()
+        async with line:
+            while True:
+                try:
+                    wait = await ledger_limits.take_call_token(self._pool, bucket, rate_per_s)
+                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                    log.warning("rate token for %s not taken (%s); trying again", bucket, exc)
+                    wait = 0.1
+                if wait <= 0:
+                    return
+                await asyncio.sleep(wait)
+
+
+def grant_message(grant: ledger_limits.Grant) -> tuple[bytes, str]:
+    """The `limit_granted` message for one grant, and its message id (the same for a repeat)."""
+    body = {
+        "v": 1,
+        "kind": "limit_granted",
+        "execution_id": grant.execution_id,
+        "step_id": grant.step_id,
+        "attempt": grant.attempt,
+    }
+    queued_us = int(grant.queued_at.timestamp() * 1_000_000)
+    return orjson.dumps(body), f"grant:{grant.execution_id}:{grant.step_id}:{grant.attempt}:{queued_us}"
+
+
+class LimitGrants:
+    """The loop that grants queued calls, and the metrics of what waits."""
+
+    def __init__(self, dsn: str, js, topology: Topology):
+        self._dsn = dsn
+        self._js = js
+        self._topology = topology
+        self._conn: asyncpg.Connection | None = None
+        #: Actions whose waiting gauge is set (to zero them once nothing of theirs waits).
+        self._exported: set[str] = set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        buckets: list[ledger_limits.Waiting] = []
+        next_scan = 0.0
+        while not stopping.is_set():
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(self._dsn, timeout=10)
+                if time.monotonic() >= next_scan:
+                    buckets = await ledger_limits.waiting(self._conn)
+                    self._export(buckets)
+                    next_scan = time.monotonic() + (SCAN_BUSY_S if buckets else SCAN_IDLE_S)
+                for bucket in buckets:
+                    await self.turn(bucket.bucket)
+                await asyncio.sleep(TURN_S if buckets else SCAN_IDLE_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Postgres or NATS away: nothing was granted; try again shortly
+                log.warning("limit grants failed: %s; trying again", exc, extra=logs.failure("limit_grants", exc))
+                await self._close()
+                await asyncio.sleep(1.0)
+        await self._close()
+
+    async def turn(self, bucket: str) -> int:
+        """Grant what the bucket's limits allow now; how many calls were granted."""
+        assert self._conn is not None
+        grants = await ledger_limits.grant(self._conn, bucket, MOST_PER_TURN, self._deliver)
+        for grant in grants or ():
+            metrics.limit_grants.labels(grant.action).inc()
+        return len(grants or ())
+
+    async def _deliver(self, grants: list[ledger_limits.Grant]) -> None:
+        """Publish the grants onto their executions' subjects; raises if JetStream did not store one."""
+
+        async def publish(grant: ledger_limits.Grant) -> None:
+            body, msg_id = grant_message(grant)
+            await self._js.publish(
+                self._topology.exec_subject(grant.execution_id), body, headers={"Nats-Msg-Id": msg_id}
+            )
+
+        await asyncio.gather(*(publish(grant) for grant in grants))
+
+    def _export(self, buckets: list[ledger_limits.Waiting]) -> None:
+        per_action: dict[str, int] = {}
+        for bucket in buckets:
+            per_action[bucket.action] = per_action.get(bucket.action, 0) + bucket.count
+        for action in self._exported - per_action.keys():
+            metrics.limit_waiting.labels(action).set(0)
+        for action, count in per_action.items():
+            metrics.limit_waiting.labels(action).set(count)
+        self._exported = set(per_action)
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close(timeout=5)
+            except Exception:  # closing a broken connection: nothing left to do with it
+                conn.terminate()

@@ -1,0 +1,201 @@
+"""Action limits in the ledger: the queue of calls waiting their turn, the token buckets, the slots.
+
+A call of an action step with `limits` is queued by the commit that made its
+execution wait (`queue`, run by the batcher), so a worker killed after that
+commit loses nothing, and nothing of the wait is held in a worker's memory. Any
+worker may then take a bucket's turn (`grant`): in one transaction it locks
+the bucket's row (a worker that finds it locked skips it: another is granting),
+refills the tokens for the time since the last refill, counts the bucket's
+live slots, takes that many queue rows in queue order, and hands them to
+`deliver` before it commits. Crash windows:
+
+- Killed before `deliver` returns: the transaction rolls back; the rows are
+  granted again later.
+- Killed after `deliver`, before COMMIT: the rows are granted again, and
+  delivered again. The repeat carries the same message id (JetStream drops it
+  within its duplicate window) and, past that, finds its execution no longer
+  waiting for it and changes nothing. The tokens it took are lost, so the rate
+  stays under its limit, never over it.
+
+A rate is kept twice: a grant takes a token of the bucket, and the call,
+when the worker makes it, takes one of the bucket's `#calls` twin
+(`take_call_token`): the grants bound how many calls leave the queue (and so
+the memory they take), and the call tokens keep the rate exact at the
+provider, whatever delays a granted call on its way (a commit, a busy loop).
+
+Tokens: a call bucket holds at most `burst_of(rate)` (20 ms worth, at least
+one), so that no 1 s window sees more than rate + burst calls; grants may run
+100 ms ahead (`grant_burst_of`), since a turn takes a few round trips. A concurrency slot
+is a row from the grant until the commit that applies the call's result,
+timeout or cancel (`release`); a slot whose worker died before any of those
+stops counting at `lease_until` (the step's timeout plus `LEASE_MARGIN_S`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from asyncpg import Record
+
+from ledger.connection import Queryable, Transactional
+
+#: A bucket holds at most this many seconds' worth of tokens (and at least one token).
+BURST_S = 0.02
+#: A bucket's grants may run this many seconds' worth of tokens ahead (see `grant_burst_of`).
+GRANT_BURST_S = 0.1
+#: What a bucket's name ends with for the tokens its calls take when they are made (`take_call_token`).
+CALLS = "#calls"
+#: How long past its step's timeout a granted call's concurrency slot still counts.
+LEASE_MARGIN_S = 60.0
+
+_QUEUE = """
+INSERT INTO ordo.limit_queue (execution_id, bucket, step_id, attempt, action, rate_per_s, concurrency, lease_ms)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::float8[], $7::int[], $8::bigint[])
+ON CONFLICT (execution_id) DO UPDATE
+SET bucket = EXCLUDED.bucket, step_id = EXCLUDED.step_id, attempt = EXCLUDED.attempt, action = EXCLUDED.action,
+    rate_per_s = EXCLUDED.rate_per_s, concurrency = EXCLUDED.concurrency, lease_ms = EXCLUDED.lease_ms
+"""
+
+_WAITING = "SELECT bucket, min(action) AS action, count(*) AS waiting FROM ordo.limit_queue GROUP BY bucket"
+
+_LOCK_BUCKET = """
+SELECT tokens, refilled_at, clock_timestamp() AS now FROM ordo.limit_buckets WHERE bucket = $1 FOR UPDATE SKIP LOCKED
+"""
+
+_HEAD = """
+SELECT id, execution_id::text, step_id, attempt, action, rate_per_s, concurrency, lease_ms, queued_at
+FROM ordo.limit_queue WHERE bucket = $1 ORDER BY id LIMIT $2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A queued call whose turn has come: its execution may now request it."""
+
+    execution_id: str
+    step_id: str
+    attempt: int
+    action: str
+    queued_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """How many calls wait in one bucket (and of which action)."""
+
+    bucket: str
+    action: str
+    count: int
+
+
+def burst_of(rate_per_s: float) -> float:
+    return max(1.0, rate_per_s * BURST_S)
+
+
+def grant_burst_of(rate_per_s: float) -> float:
+    """Grants may run ahead of the calls by `GRANT_BURST_S` (a turn takes a few round trips; the
+    call tokens keep the calls themselves to the rate)."""
+    return max(1.0, rate_per_s * GRANT_BURST_S)
+
+
+def refill(tokens: float, elapsed_s: float, rate_per_s: float) -> float:
+    """The tokens a bucket's grants hold after `elapsed_s` seconds of refilling, capped at its burst."""
+    return min(grant_burst_of(rate_per_s), tokens + max(0.0, elapsed_s) * rate_per_s)
+
+
+async def queue(
+    conn: Queryable, waits: Sequence[tuple[str, str, str, int, str, float | None, int | None, int]]
+) -> None:
+    """Queue calls: (execution_id, bucket, step_id, attempt, action, rate_per_s, concurrency, lease_ms)."""
+    await conn.execute(_QUEUE, *map(list, zip(*waits, strict=True)))
+
+
+async def release(conn: Queryable, execution_ids: list[str]) -> None:
+    """The executions' limited calls are over: drop their queue rows (a cancel) and their slots."""
+    await conn.execute("DELETE FROM ordo.limit_queue WHERE execution_id = ANY($1::uuid[])", execution_ids)
+    await conn.execute("DELETE FROM ordo.limit_slots WHERE execution_id = ANY($1::uuid[])", execution_ids)
+
+
+async def waiting(conn: Queryable) -> list[Waiting]:
+    """Every bucket with calls waiting, and how many."""
+    return [Waiting(r["bucket"], r["action"], r["waiting"]) for r in await conn.fetch(_WAITING)]
+
+
+async def grant(
+    conn: Transactional, bucket: str, most: int, deliver: Callable[[list[Grant]], Awaitable[None]]
+) -> list[Grant] | None:
+    """Grant the calls at the head of `bucket`'s queue that its limits allow now (at most `most`).
+
+    `deliver` hands the grants to their executions before the commit (see the
+    module's crash windows). None when another worker holds the bucket.
+    """
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO ordo.limit_buckets (bucket, tokens, refilled_at) VALUES ($1, 1, clock_timestamp())"
+            " ON CONFLICT (bucket) DO NOTHING",
+            bucket,
+        )
+        row = await conn.fetchrow(_LOCK_BUCKET, bucket)
+        if row is None:
+            return None
+        now: datetime = row["now"]
+        head = await conn.fetch(_HEAD, bucket, most)
+        if not head:
+            return []
+        rate: float | None = head[0]["rate_per_s"]
+        concurrency: int | None = head[0]["concurrency"]
+        allowed = len(head)
+        tokens = 0.0
+        if rate is not None:
+            tokens = refill(row["tokens"], (now - row["refilled_at"]).total_seconds(), rate)
+            allowed = min(allowed, int(tokens))
+        if concurrency is not None and allowed > 0:
+            in_use: int = await conn.fetchval(
+                "SELECT count(*) FROM ordo.limit_slots WHERE bucket = $1 AND lease_until > $2", bucket, now
+            )
+            allowed = min(allowed, concurrency - in_use)
+        granted: list[Record] = head[: max(0, allowed)]
+        if granted:
+            await conn.execute("DELETE FROM ordo.limit_queue WHERE id = ANY($1::bigint[])", [r["id"] for r in granted])
+            if concurrency is not None:
+                await _take_slots(conn, bucket, now, granted)
+        if rate is not None:
+            await conn.execute(
+                "UPDATE ordo.limit_buckets SET tokens = $2, refilled_at = $3 WHERE bucket = $1",
+                bucket,
+                tokens - len(granted),
+                now,
+            )
+        grants = [Grant(r["execution_id"], r["step_id"], r["attempt"], r["action"], r["queued_at"]) for r in granted]
+        if grants:
+            await deliver(grants)
+        return grants
+
+
+async def _take_slots(conn: Queryable, bucket: str, now: datetime, granted: list[Record]) -> None:
+    await conn.execute(
+        "INSERT INTO ordo.limit_slots (execution_id, bucket, lease_until)"
+        " SELECT e, $2, u FROM unnest($1::uuid[], $3::timestamptz[]) AS g(e, u)"
+        " ON CONFLICT (execution_id) DO UPDATE SET bucket = EXCLUDED.bucket, lease_until = EXCLUDED.lease_until",
+        [r["execution_id"] for r in granted],
+        bucket,
+        [now + timedelta(milliseconds=r["lease_ms"], seconds=LEASE_MARGIN_S) for r in granted],
+    )
+
+
+async def in_flight(conn: Queryable, bucket: str) -> int:
+    """The bucket's concurrency slots that count now."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM ordo.limit_slots WHERE bucket = $1 AND lease_until > clock_timestamp()", bucket
+    )
+    return count
+
+
+async def take_call_token(conn: Queryable, bucket: str, rate_per_s: float) -> float:
+    """Take a rate token for a call about to be made: 0.0 when taken, else the seconds until one will be."""
+    wait: float = await conn.fetchval(
+        "SELECT ordo.take_limit_token($1, $2, $3)", bucket + CALLS, rate_per_s, burst_of(rate_per_s)
+    )
+    return wait
