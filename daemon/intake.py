@@ -221,6 +221,7 @@ class Intake:
         counted in the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
         consumer, lanes = lane.consumer, self.lanes
         try:
+            await lanes.opened.wait()
             while True:
                 stopping = self.stopping.is_set() or lane.stopping
                 if consumer.outstanding == 0:

@@ -189,6 +189,9 @@ class Lanes:
         self._weights = lane_weights(parse_weights(config.tenant_weights), topology.lanes)
         #: lane index -> the Lane being consumed.
         self.running: dict[int, Lane] = {}
+        #: Set once the worker's first claims have all started: until then no lane pulls, so
+        #: that the lanes started first do not take a head start over the others.
+        self.opened = asyncio.Event()
 
     async def start(self, partition: int, epoch: int, subscribe) -> list[asyncio.Task]:
         """Consume the partition's lanes under its epoch (after earlier owners' consumers settled);

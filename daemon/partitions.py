@@ -117,6 +117,7 @@ class Partitions:
                 self._starter = asyncio.get_running_loop().create_task(self._start_unstarted())
             elif self._starter is None or self._starter.done():
                 self.ready.set()  # nothing claimed to start (else the starter says when it is done)
+                self.intake.lanes.opened.set()
             self._give_back_surplus(share)
             metrics.owned_partitions.set(len(self.ownership.owned))
             try:
@@ -165,6 +166,7 @@ class Partitions:
             if self.unstarted.get(p) == claim:
                 del self.unstarted[p]
         self.ready.set()  # the first claims are fetching (or will be retried next round)
+        self.intake.lanes.opened.set()  # all at once: no lane of the first claims gets a head start
 
     def _give_back_surplus(self, share: int) -> None:
         for p in self.ownership.surplus(share):
