@@ -31,6 +31,7 @@ from aiohttp import web
 
 from bench.generator import batch_message, publish_events, trigger_event
 from daemon import config as config_module
+from daemon.lanes import lane_of
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
 from ledger import workflows
@@ -277,6 +278,11 @@ class Harness:
         epochs = {r["partition"]: r["epoch"] for r in rows}
         t = self.topology
         return [t.lane_consumer(lane, epochs.get(lane % t.partitions, 0)) for lane in range(t.lanes)]
+
+    async def tenant_lane_consumer(self, tenant: str) -> str:
+        """The consumer of the trigger lane `tenant` is filed under, under its current owner."""
+        lane = lane_of(tenant, self.topology.lanes)
+        return (await self.lane_consumers())[lane]
 
     async def triggers_info(self) -> dict:
         """The trigger lanes' current consumers summed: num_pending, num_ack_pending, num_waiting
