@@ -7,6 +7,7 @@ acme -> 15, echo -> 4.
 """
 
 import asyncio
+import os
 from types import SimpleNamespace
 
 import nats
@@ -249,3 +250,27 @@ async def test_a_lane_moves_to_another_worker_when_its_owner_dies_and_nothing_is
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE workflow_id = 'welcome'") == len(events)
         assert await _received(h, execution_id) == stored_order
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_sighup_reloads_tenant_weights_and_a_malformed_setting_changes_nothing(
+    nats_server_url, pg_dsn, prefix, tmp_path, monkeypatch
+):
+    """The reload SIGHUP runs (daemon/service.py) gives the running lanes their new weights."""
+    from daemon.service import _Service
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_welcome("heavy"))
+        async with h.worker() as worker:
+            lanes = worker.intake.lanes
+            heavy_lane = lanes.running[lane_of("heavy", h.topology.lanes)]
+            assert heavy_lane.weight == 1
+            config_file = tmp_path / "ordo.toml"
+            service = _Service(worker.config, worker, str(config_file))
+            for name in [n for n in os.environ if n.startswith("ORDO_")]:
+                monkeypatch.delenv(name)  # the file alone is under test
+            config_file.write_text('tenant_weights = "heavy=5"\n')
+            await service._reload()
+            assert heavy_lane.weight == 5
+            config_file.write_text('tenant_weights = "heavy=lots"\n')
+            await service._reload()
+            assert heavy_lane.weight == 5
