@@ -118,6 +118,9 @@ class FairShare:
         self.probe = max(1, min(16, config.max_ack_pending // (4 * max(1, config.trigger_lanes))))
         self._turns: deque[Lane] = deque()
         self._queued = asyncio.Event()
+        #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
+        #: take a whole pull per turn, as the one consumer of before did, instead of a quantum.
+        self.busy: set[int] = set()
 
     async def turn(self, lane: Lane) -> int:
         """Wait for the lane's turn; the messages its next pull may ask for (0: the lane is stopping)."""
@@ -152,6 +155,8 @@ class FairShare:
                 # than granted skips turns until it has paid that back. No lane banks more than
                 # a couple of turns: credit is for a backlog being taken, not for idle time.
                 share = self.quantum * lane.weight
+                if len(self.busy) <= 1:
+                    share = max(share, self.most)  # no one else to be fair to: small pulls only cost round trips
                 lane.deficit = min(lane.deficit + share, 2 * share)
                 if lane.deficit <= 0:
                     self._turns.append(lane)
@@ -216,6 +221,7 @@ class Lanes:
             lane = self.running.get(index)
             if lane is not None:
                 lane.stopping = True
+                self.fair.busy.discard(index)
                 self.fair.leave(lane)
 
     async def drain(self, partition: int, timeout: float) -> None:
@@ -271,6 +277,9 @@ class Lanes:
             lane.idle = lane.taken < lane.granted
             if lane.idle:
                 lane.deficit = min(lane.deficit, 0)  # an emptied lane keeps its debt, not its credit
+                self.fair.busy.discard(lane.index)
+            else:
+                self.fair.busy.add(lane.index)
         lane.granted = lane.taken = 0
         return unused
 

@@ -151,7 +151,7 @@ async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_
 
 
 async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
-    """FairShare alone: grants go round by weight, and a lane waits while the window is full."""
+    """FairShare alone: grants go round by weight among busy lanes, and a lane waits while the window is full."""
     from daemon.config import Config
     from daemon.intake import Window
     from daemon.lanes import Lane
@@ -163,6 +163,12 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     assert fair.probe == 15  # 1000 // (4 x 16): every lane can keep one open
     runner = asyncio.create_task(fair.run())
     heavy, light = Lane(0, 0, 1, 3), Lane(1, 1, 1, 1)
+    # Alone with a backlog, a lane takes a whole pull per turn: there is no one to be fair to.
+    fair.busy = {0}
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 500
+    window.release(500)
+    heavy.deficit = 0
+    fair.busy = {0, 1}
     grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
     assert grants == [300, 100] and window.in_flight == 400
     # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
