@@ -55,6 +55,8 @@ class Window:
     def __init__(self, config: Config):
         self.config = config
         self.in_flight = 0
+        #: Granted to trigger lanes' open pulls and not arrived yet (daemon/lanes.py): counted for room.
+        self.reserved = 0
         self._room = asyncio.Event()
         self._room.set()
         #: The in-process action calls, which share the window (set once they are made: they call back here).
@@ -70,12 +72,27 @@ class Window:
         if self.has_room(self.config.fetch_batch):
             self._room.set()
 
+    def reserve(self, count: int) -> None:
+        """A lane's pull may bring `count` messages: room is kept for them before they arrive."""
+        self.reserved += count
+
+    def arrived(self, count: int) -> None:
+        """Reserved messages came: they are in flight now."""
+        self.reserved -= count
+        self.in_flight += count
+
+    def unreserve(self, count: int) -> None:
+        """A lane's pull ended without bringing all it may have."""
+        self.reserved -= count
+        if count and self.has_room(self.config.fetch_batch):
+            self._room.set()
+
     def action_call_done(self) -> None:
         if self.has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
     def has_room(self, batch: int, *, new_work: bool = False) -> bool:
-        if self.in_flight + batch > self.config.max_ack_pending:
+        if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
             return False
         if not new_work:
             return True
@@ -217,23 +234,21 @@ class Intake:
                 metrics.redeliveries.labels(d.stream).inc()
 
     async def _lane_loop(self, lane: Lane) -> None:
-        """A trigger lane's fetch loop: a pull opens for what the lane was granted, already
-        counted in the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
+        """A trigger lane's fetch loop: a pull opens for what the lane was granted, reserved in
+        the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
         consumer, lanes = lane.consumer, self.lanes
         try:
             await lanes.opened.wait()
             while True:
                 stopping = self.stopping.is_set() or lane.stopping
                 if consumer.outstanding == 0:
-                    unused = lanes.pull_ended(lane)
-                    if unused:
-                        self.window.release(unused)
+                    self.window.unreserve(lanes.pull_ended(lane))
                     if stopping:
                         return  # drained: no pull request left open to deliver into nowhere
                     if lane.idle:
                         grant = lanes.fair.probe
                         await self.window.wait_for_room(grant, new_work=True)
-                        self.window.add(grant)
+                        self.window.reserve(grant)
                     else:
                         grant = await lanes.fair.turn(lane)
                         if grant == 0:
@@ -264,12 +279,13 @@ class Intake:
                 published_subject = self.topology.published_subject
                 for d in deliveries:
                     d.subject = published_subject(d.subject)  # as published: dead letters and retries use it
+                self.window.arrived(len(deliveries))
                 self._count_metrics(deliveries)
                 events = await self._take_triggers(deliveries)
                 lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns)
         finally:
             if lane.granted > lane.taken:
-                self.window.release(lane.granted - lane.taken)
+                self.window.unreserve(lane.granted - lane.taken)
                 lane.granted = lane.taken = 0
             await consumer.unsubscribe()
 

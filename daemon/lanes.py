@@ -14,7 +14,7 @@ Within a worker the lanes share the in-flight window by deficit round-robin
 grant), never for the whole window. A lane that went quiet keeps a small pull
 open (`probe`) that bypasses the turns, so its next event is taken at once
 instead of after another lane's backlog. What a lane has not been granted
-waits in JetStream; what it was granted counts in the window before it
+waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 """
 
@@ -171,7 +171,7 @@ class FairShare:
                 if lane.waiter is None or lane.waiter.done():
                     continue  # it left while the window filled up
                 # Charged by what the pull brings (Lanes.took), in events, not by the grant.
-                self.window.add(grant)
+                self.window.reserve(grant)
                 lane.waiter.set_result(grant)
         finally:
             stopped.cancel()

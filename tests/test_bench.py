@@ -429,6 +429,7 @@ async def test_list_and_unknown_scenario():
         "w4-retries",
         "w5-actions",
         "w6-webhooks",
+        "w7-noisy",
     ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "nope", cwd=ROOT, stderr=asyncio.subprocess.PIPE

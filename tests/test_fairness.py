@@ -166,21 +166,23 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     # Alone with a backlog, a lane takes a whole pull per turn: there is no one to be fair to.
     fair.busy = {0}
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 500
-    window.release(500)
+    window.unreserve(500)
     heavy.deficit = 0
     fair.busy = {0, 1}
     grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
-    assert grants == [300, 100] and window.in_flight == 400
+    assert grants == [300, 100] and window.reserved == 400
+    window.arrived(400)  # the pulls brought all of it
     # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
     heavy.deficit, light.deficit = heavy.deficit - 300, light.deficit - 100
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 300
     heavy.deficit -= 300
-    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight == 1000
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
+    window.arrived(600)
     blocked = asyncio.create_task(fair.turn(light))
     await asyncio.sleep(0.05)
     assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
     window.release(500)  # the window wakes its waiters once a whole fetch_batch fits again
-    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight == 600
+    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
     stopping.set()
     await runner
 
