@@ -972,6 +972,8 @@ class NoisyNeighbour(Scenario):
         return [dict(definition, tenant=tenant) for tenant in [self.tenant, *self.quiet]]
 
     async def generate(self, js, topology, run_id: str, count: int, **kwargs) -> dict:
+        """`count` is the run's whole load (`expected()`): the burst is what the quiet tenants leave of it."""
+        count -= self.quiet_count()
         started = time.time()
         quiet = asyncio.create_task(self._quiet_load(js, topology, run_id, started))
         await asyncio.sleep(self.options["seconds"] / 4)
