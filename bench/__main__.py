@@ -6,6 +6,7 @@
     python -m bench w3-timers [-n 1000000] [--wait 1-60 | --due-over S] [--hold S]
     python -m bench w4-retries [-n 20000] [--transient 0.05] [--permanent 0.005]
     python -m bench w5-actions [-n 20000] [--external 1]
+    python -m bench w7-noisy [-n 500000] [--seconds 60] [--quiet-tenants 20] [--quiet-rate 100]
     python -m bench w6-webhooks [-n 10000] [--delay 20]
     python -m bench w8-limits [-n 10000] [--limit 500]
     python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
@@ -209,13 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--limit", type=int, default=None, metavar="N", help="w8-limits: the step's rate limit, calls/s (default 500)"
     )
+    options.add_argument("--seconds", type=float, default=None, help="w7-noisy: seconds of quiet load (default 60)")
+    options.add_argument("--quiet-tenants", type=int, default=None, help="w7-noisy: quiet tenants (default 20)")
+    options.add_argument(
+        "--quiet-rate", type=float, default=None, help="w7-noisy: events/s of each quiet tenant (default 100)"
+    )
     return parser
 
 
 def scenario_options(args) -> dict:
     return {
         name: getattr(args, name)
-        for name in ("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay", "limit")
+        for name in (
+            *("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay", "limit"),
+            *("seconds", "quiet_tenants", "quiet_rate"),
+        )
         if getattr(args, name) is not None
     }
 
@@ -399,7 +408,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     run_id = f"{scenario.name}-{token}"
     run_config = config.with_(prefix=f"bench{token}")
     open_mode = args.rate is not None
-    expected = round(args.rate * args.duration) if open_mode else args.count
+    expected = round(args.rate * args.duration) if open_mode else scenario.expected(args.count)
     run = RunResult(
         scenario=scenario.name,
         mode="open" if open_mode else "closed",

@@ -39,6 +39,7 @@ import orjson
 from ledger import run_checks, runs
 
 from .generator import publish_atomic, publish_events, publish_messages, trigger_event
+from .histogram import Histogram
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 EXAMPLES = Path(__file__).resolve().parent.parent / "daemon" / "examples"
@@ -191,6 +192,10 @@ class Scenario:
 
     def timeout(self, expected: int) -> float:
         return max(120.0, expected / 100.0)
+
+    def expected(self, count: int) -> int:
+        """Executions a closed run of -n `count` makes (w7-noisy adds its quiet tenants' to the burst)."""
+        return count
 
     def stall_grace(self) -> float:
         """Seconds a run may legitimately show no progress beyond the stall timeout (long waits)."""
@@ -922,9 +927,165 @@ class Webhooks(ActionSteps):
         ]
 
 
+# -- w7: a noisy neighbour ------------------------------------------------------------------
+
+
+class NoisyNeighbour(Scenario):
+    """Tenant A publishes a burst of -n events (closed, as fast as it can) while quiet tenants
+    publish `quiet_rate` events/s each for `seconds` (open, on a schedule), all running W1's
+    five steps. The burst starts a quarter into the quiet load, so the quiet tenants' latency
+    is measured before and during it, in one run.
+
+    The quiet tenants are picked in lanes other than A's (with 16 lanes, one in 16 tenants
+    shares A's lane and waits behind its burst; tests/test_fairness.py shows that case).
+    """
+
+    name = "w7-noisy"
+    description = "noisy neighbour: tenant A's burst of -n beside quiet tenants' steady load (linear-5)"
+    workflow_file = str(EXAMPLES / "linear5.json")
+    steps = 5
+    tenant = "noisy-a"
+    default_count = 500_000
+    defaults = {"seconds": 60.0, "quiet_tenants": 20, "quiet_rate": 100.0}
+    median_fields = ("quiet_p99_before_ms", "quiet_p99_during_ms", "burst_drain_per_s", "total_per_s")
+
+    @property
+    def quiet(self) -> list[str]:
+        from daemon.lanes import lane_of
+
+        names, i = [], 0
+        while len(names) < int(self.options["quiet_tenants"]):
+            name = f"quiet-{i:02d}"
+            if lane_of(name, 16) != lane_of(self.tenant, 16):
+                names.append(name)
+            i += 1
+        return names
+
+    def quiet_count(self) -> int:
+        return round(len(self.quiet) * self.options["quiet_rate"] * self.options["seconds"])
+
+    def expected(self, count: int) -> int:
+        return count + self.quiet_count()
+
+    def definitions(self, run_id: str) -> list[dict]:
+        [definition] = super().definitions(run_id)
+        return [dict(definition, tenant=tenant) for tenant in [self.tenant, *self.quiet]]
+
+    async def generate(self, js, topology, run_id: str, count: int, **kwargs) -> dict:
+        """`count` is the run's whole load (`expected()`): the burst is what the quiet tenants leave of it."""
+        count -= self.quiet_count()
+        started = time.time()
+        quiet = asyncio.create_task(self._quiet_load(js, topology, run_id, started))
+        await asyncio.sleep(self.options["seconds"] / 4)
+        burst_start = time.time()
+        # The burst: W1's closed publisher (atomic batches where the stream allows them).
+        event_type = self.trigger_type(run_id)
+        events = (trigger_event(run_id, i, tenant=self.tenant, event_type=event_type) for i in range(count))
+        kwargs.pop("rate", None)
+        kwargs.pop("pubacks", None)
+        sent = await publish_events(js, topology, events, **kwargs)
+        burst_published = time.time()
+        sent += await quiet
+        return {
+            "published": sent,
+            "first_publish": started,
+            "burst_start": burst_start,
+            "burst_published": burst_published,
+        }
+
+    async def _quiet_load(self, js, topology, run_id: str, started: float) -> int:
+        """Each quiet tenant's events on a fixed schedule, round-robin; an event's ts is its intended send time."""
+        tenants, total = self.quiet, self.quiet_count()
+        rate = len(tenants) * self.options["quiet_rate"]
+        event_type = self.trigger_type(run_id)
+        subject_of = {t: topology.trigger_subject(t, self.trigger_type(run_id)) for t in tenants}
+        pending: set = set()
+        sent = 0
+        while sent < total:
+            due = min(total, int((time.time() - started) * rate) + 1)
+            while sent < due:
+                tenant = tenants[sent % len(tenants)]
+                ts_ms = (started + sent / rate) * 1000.0
+                # Ids above any burst's: the event ids of one run are unique across its tenants.
+                event = trigger_event(run_id, 10**9 + sent, tenant=tenant, event_type=event_type, ts_ms=ts_ms)
+                msg_id = f"{tenant}:{event['event_id']}"
+                task = asyncio.ensure_future(
+                    js.publish(subject_of[tenant], orjson.dumps(event), headers={"Nats-Msg-Id": msg_id})
+                )
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                sent += 1
+            await asyncio.sleep(0.005)
+        if pending:
+            await asyncio.gather(*pending)
+        return sent
+
+    async def progress(self, pool, run_id: str) -> dict:
+        totals = {"finished": 0, "waiting": 0, "total": 0}
+        for tenant in [self.tenant, *self.quiet]:
+            row = await runs.workflow_progress(pool, tenant, self.workflow_id(run_id))
+            for key in totals:
+                totals[key] += row[key]
+        return totals
+
+    async def finish_times(self, pool, run_id: str) -> list:
+        rows = []
+        for tenant in [self.tenant, *self.quiet]:
+            rows += await runs.workflow_finish_times(pool, tenant, self.workflow_id(run_id))
+        return rows
+
+    async def verify(self, conn, run_id: str, expected: int, done: dict | None = None):
+        sums: dict = {}
+        for tenant in [self.tenant, *self.quiet]:
+            r = await run_checks.step_histories(conn, tenant, run_id, self.steps, self.step_kind)
+            for key in ("executions", "distinct_events", "completed", "expected_steps", "expected_history"):
+                sums[key] = sums.get(key, 0) + r[key]
+        return Verification(expected=expected, **sums)
+
+    async def measure(self, pool, run, done: dict | None) -> dict:
+        if not done or "burst_start" not in done:
+            return {}
+        wid = self.workflow_id(run.run_id)
+        burst = await runs.workflow_finish_times(pool, self.tenant, wid)
+        quiet = []
+        for tenant in self.quiet:
+            quiet += await runs.workflow_finish_times(pool, tenant, wid)
+        burst_start_ms = done["burst_start"] * 1000.0
+        burst_end = max((r["finished"] for r in burst), default=done["burst_start"])
+        before, during = Histogram(), Histogram()
+        for r in quiet:
+            latency = r["finished"] * 1000.0 - r["ts"]
+            if r["ts"] < burst_start_ms:
+                before.record(latency)
+            elif r["ts"] <= burst_end * 1000.0:
+                during.record(latency)
+        last = max((r["finished"] for r in [*burst, *quiet]), default=done["burst_start"])
+        out = {
+            "quiet_p50_before_ms": before.percentile(50) if before.total else 0.0,
+            "quiet_p99_before_ms": before.percentile(99) if before.total else 0.0,
+            "quiet_p50_during_ms": during.percentile(50) if during.total else 0.0,
+            "quiet_p99_during_ms": during.percentile(99) if during.total else 0.0,
+            "quiet_during": during.total,
+            "burst_drain_s": burst_end - done["burst_start"],
+            "burst_drain_per_s": len(burst) / max(1e-3, burst_end - done["burst_start"]),
+            "total_per_s": (len(burst) + len(quiet)) / max(1e-3, last - done["first_publish"]),
+        }
+        return out
+
+    def summary(self, metrics: dict) -> list[str]:
+        m = metrics
+        return [
+            f"quiet tenants  trigger->completed p50/p99 before the burst "
+            f"{m['quiet_p50_before_ms']:,.0f}/{m['quiet_p99_before_ms']:,.0f} ms, during it "
+            f"{m['quiet_p50_during_ms']:,.0f}/{m['quiet_p99_during_ms']:,.0f} ms ({m['quiet_during']:,} events)",
+            f"tenant A       burst drained in {m['burst_drain_s']:,.1f} s ({m['burst_drain_per_s']:,.0f}/s); "
+            f"total {m['total_per_s']:,.0f} executions/s",
+        ]
+
+
 #: Every scenario by name; `python -m bench --list` prints them.
 SCENARIOS: dict[str, type[Scenario]] = {
-    cls.name: cls for cls in (LinearFive, Signals, Timers, Retries, ActionSteps, Webhooks)
+    cls.name: cls for cls in (LinearFive, Signals, Timers, Retries, ActionSteps, Webhooks, NoisyNeighbour)
 }
 
 

@@ -88,6 +88,14 @@ class Config(Settings):
     trace_sample: float = 0.0
     #: Where spans are exported over OTLP/HTTP (protobuf): a collector's base URL; /v1/traces is added.
     otlp_endpoint: str = "http://127.0.0.1:4318"
+    #: Trigger lanes (daemon/lanes.py): the triggers stream files each tenant's events under one of
+    #: this many lanes, by NATS's partition() of the tenant token. Fixed at set-up, like partitions.
+    trigger_lanes: int = 16
+    #: Each busy lane gets trigger_quantum x its weight events per turn of the fair round-robin.
+    trigger_quantum: int = 256
+    #: A paying tier's share: comma-separated TENANT=WEIGHT (an integer >= 1; others weigh 1).
+    #: A lane weighs as much as the heaviest tenant in it. SIGHUP reloads it.
+    tenant_weights: str = ""
 
 
 def load(path: str | None = None, **overrides) -> Config:

@@ -130,7 +130,7 @@ def decode(delivery, max_bytes: int) -> tuple[list, list]:
 
 
 async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
-    """(execution id, event) for every execution waiting for one of these events.
+    """(execution id, event) for every execution waiting for one of these events, in the events' order.
 
     An execution waits for an event about its own subject: the same type and id (an opportunity's
     event never wakes a contact's execution that has the same id).
@@ -144,7 +144,9 @@ async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
         [subject_id for _, subject_id in keys],
         [e["type"] for e in events],
     )
-    return [(execution_id, events[i]) for execution_id, i in await event_waits.waiting(conn, *columns)]
+    # In the events' (stream) order: an execution's events are routed to it in that order.
+    rows = sorted(await event_waits.waiting(conn, *columns), key=lambda row: row["i"])
+    return [(execution_id, events[i]) for execution_id, i in rows]
 
 
 def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:

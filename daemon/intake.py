@@ -1,12 +1,13 @@
 """What comes into a worker: fetched messages and due timers, within the in-flight window.
 
-    triggers consumer ──decode──> enrol (dispatch the first steps) ──> ledger batcher
-    exec-p<N>-e<epoch> ─decode──> ordering ring ──> daemon/dispatch.py
-    due timers ─────────────────> ordering ring
+    triggers-l<L>-e<epoch> ──decode──> route, enrol (dispatch the first steps) ──> ledger batcher
+    exec-p<N>-e<epoch> ─────decode──> ordering ring ──> daemon/dispatch.py
+    due timers ──────────────────────> ordering ring
 
-One fetch loop per consumer: the triggers' (started by the worker) and one per
-owned partition (started and stopped by daemon/partitions.py), each with at
-most one pull request open. A new execution needs no hop through JetStream:
+One fetch loop per consumer: one per trigger lane and one per owned partition
+(both started and stopped by daemon/partitions.py with the partition that
+serves them), each with at most one pull request open. The lanes' pulls open
+in the fair order of daemon/lanes.py. A new execution needs no hop through JetStream:
 its first steps run where its trigger is consumed, and a duplicate trigger
 loses on the ledger's primary key. Messages addressed to an existing
 execution pass through the ordering ring, so that at most one of an
@@ -35,6 +36,7 @@ from . import enrolment, logs, metrics
 from .config import Config
 from .definitions import WorkflowRegistry
 from .effects import Effects, publish_stored
+from .lanes import Lane, Lanes
 from .progress import PartitionProgress
 from .pull import Delivery, PullConsumer
 from .timers import DueTimers
@@ -53,6 +55,8 @@ class Window:
     def __init__(self, config: Config):
         self.config = config
         self.in_flight = 0
+        #: Granted to trigger lanes' open pulls and not arrived yet (daemon/lanes.py): counted for room.
+        self.reserved = 0
         self._room = asyncio.Event()
         self._room.set()
         #: The in-process action calls, which share the window (set once they are made: they call back here).
@@ -68,12 +72,27 @@ class Window:
         if self.has_room(self.config.fetch_batch):
             self._room.set()
 
+    def reserve(self, count: int) -> None:
+        """A lane's pull may bring `count` messages: room is kept for them before they arrive."""
+        self.reserved += count
+
+    def arrived(self, count: int) -> None:
+        """Reserved messages came: they are in flight now."""
+        self.reserved -= count
+        self.in_flight += count
+
+    def unreserve(self, count: int) -> None:
+        """A lane's pull ended without bringing all it may have."""
+        self.reserved -= count
+        if count and self.has_room(self.config.fetch_batch):
+            self._room.set()
+
     def action_call_done(self) -> None:
         if self.has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
     def has_room(self, batch: int, *, new_work: bool = False) -> bool:
-        if self.in_flight + batch > self.config.max_ack_pending:
+        if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
             return False
         if not new_work:
             return True
@@ -136,8 +155,10 @@ class Intake:
         self._fetch_max_bytes = max(config.fetch_max_bytes, self._min_pull_bytes)
         #: Bytes per trigger event lately (a moving average): sizes the triggers' pulls in events.
         self._event_bytes = 512.0
-        #: The running fetch loops: "triggers", and one per owned partition.
+        #: The running fetch loops: one per owned partition, and ("lane", L) per trigger lane.
         self.fetchers: dict = {}
+        #: The trigger lanes this worker takes, and their fair order.
+        self.lanes = Lanes(config, topology=topology, window=window, stopping=stopping, js=js, fetch=self.fetch_lane)
 
     # -- fetch ----------------------------------------------------------------
 
@@ -145,14 +166,25 @@ class Intake:
         return PullConsumer(self._nc, stream, name, max_bytes=self._fetch_max_bytes)
 
     async def fetch_triggers(self) -> asyncio.Task:
-        """Start the triggers' fetch loop."""
-        t = self.topology
-        triggers = self.consumer(t.triggers_stream, t.triggers_consumer)
-        await triggers.subscribe()
-        self.fetchers["triggers"] = task = asyncio.create_task(
-            self._fetch_loop(triggers, self._take_triggers, metrics.fetch_triggers_seconds, "triggers")
-        )
+        """Start handing out the trigger lanes' turns; each lane's fetch loop starts with the
+        partition that serves it (daemon/partitions.py)."""
+        return asyncio.create_task(self.lanes.fair.run())
+
+    async def subscribe_lane(self, durable: str) -> PullConsumer:
+        consumer = self.consumer(self.topology.triggers_stream, durable)
+        await consumer.subscribe()
+        return consumer
+
+    def fetch_lane(self, lane: Lane) -> asyncio.Task:
+        """Start the fetch loop of a trigger lane (subscribed); it returns once the lane is stopping."""
+        self.fetchers[("lane", lane.index)] = task = asyncio.create_task(self._lane_loop(lane))
+        task.add_done_callback(lambda _: self._lane_ended(lane))
         return task
+
+    def _lane_ended(self, lane: Lane) -> None:
+        if self.fetchers.get(("lane", lane.index)) is lane.task:
+            del self.fetchers[("lane", lane.index)]
+        self.lanes.forget(lane)
 
     def fetch_partition(self, p: int, consumer: PullConsumer) -> asyncio.Task:
         """Start the fetch loop of an owned partition (subscribed); it returns once the partition is closing."""
@@ -169,12 +201,10 @@ class Intake:
                 if stopping:
                     return  # drained: no pull request left open to deliver into nowhere
                 # Backpressure: a new request never takes in_flight past max_ack_pending.
-                await self.window.wait_for_room(batch, new_work=name == "triggers")
+                await self.window.wait_for_room(batch, new_work=False)
                 await self.batcher.wait_for_space()
             started = time.monotonic()
             try:
-                if name == "triggers":  # used if this take opens a request
-                    consumer.max_bytes = self._trigger_pull_bytes()
                 deliveries = await consumer.take(batch, request_more=not stopping)
             except nats.errors.ConnectionClosedError:
                 return
@@ -194,33 +224,95 @@ class Intake:
 
     def _count_in(self, deliveries: list[Delivery]) -> None:
         self.window.add(len(deliveries))
+        self._count_metrics(deliveries)
+
+    def _count_metrics(self, deliveries: list[Delivery]) -> None:
         metrics.in_flight.set(self.window.in_flight)
         metrics.ring_occupancy.set(len(self.ring))
         for d in deliveries:
             if d.delivered > 1:
                 metrics.redeliveries.labels(d.stream).inc()
 
-    def _trigger_pull_bytes(self) -> int:
-        """Bytes for the next triggers pull: about the events the window has room for.
+    async def _lane_loop(self, lane: Lane) -> None:
+        """A trigger lane's fetch loop: a pull opens for what the lane was granted, reserved in
+        the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
+        consumer, lanes = lane.consumer, self.lanes
+        try:
+            await lanes.opened.wait()
+            while True:
+                stopping = self.stopping.is_set() or lane.stopping
+                if consumer.outstanding == 0:
+                    self.window.unreserve(lanes.pull_ended(lane))
+                    if stopping:
+                        return  # drained: no pull request left open to deliver into nowhere
+                    if lane.idle:
+                        grant = lanes.fair.probe
+                        await self.window.wait_for_room(grant, new_work=True)
+                        self.window.reserve(grant)
+                    else:
+                        grant = await lanes.fair.turn(lane)
+                        if grant == 0:
+                            continue  # stopping: the loop ends above
+                    lane.granted = grant
+                    await self.batcher.wait_for_space()
+                    consumer.max_bytes = self._trigger_pull_bytes(grant)
+                started = time.monotonic()
+                try:
+                    deliveries = await consumer.take(lane.granted, request_more=not stopping)
+                except nats.errors.ConnectionClosedError:
+                    return
+                except nats.errors.Error as exc:
+                    log.warning(
+                        "pull from %s failed (%s); retrying",
+                        consumer.consumer,
+                        exc,
+                        extra=logs.failure("nats_pull", exc),
+                    )
+                    consumer.outstanding = 0  # whatever was asked for is given up: released above
+                    await asyncio.sleep(0.5)
+                    continue
+                if not deliveries:
+                    if consumer.refused:
+                        await asyncio.sleep(0.1)
+                    continue
+                metrics.fetch_triggers_seconds.observe(time.monotonic() - started)
+                published_subject = self.topology.published_subject
+                for d in deliveries:
+                    d.subject = published_subject(d.subject)  # as published: dead letters and retries use it
+                self.window.arrived(len(deliveries))
+                self._count_metrics(deliveries)
+                events = await self._take_triggers(deliveries)
+                lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns)
+        finally:
+            if lane.granted > lane.taken:
+                self.window.unreserve(lane.granted - lane.taken)
+                lane.granted = lane.taken = 0
+            await consumer.unsubscribe()
+
+    def _trigger_pull_bytes(self, grant: int) -> int:
+        """Bytes for the next pull of a lane: about the events it was granted.
 
         A pull is bounded in messages and bytes, not events; a message may be a
         batch of up to 1,000 events. Sized by the recent bytes per event, a
-        pull of batches brings in about what the window has room for.
+        pull of batches brings in about the grant (never less than one largest
+        message; what it brings beyond is charged to the lane's next turns).
         """
-        room = max(1, self.config.max_ack_pending - self.window.in_flight)
-        return min(self._fetch_max_bytes, max(self._min_pull_bytes, int(room * self._event_bytes)))
+        return min(self._fetch_max_bytes, max(self._min_pull_bytes, int(grant * self._event_bytes)))
 
     # -- enrol: triggers ------------------------------------------------------
 
-    async def _take_triggers(self, batch: list[Delivery]) -> None:
+    async def _take_triggers(self, batch: list[Delivery]) -> int:
+        """Route and enrol a pull's trigger messages; returns the events they held."""
         now, now_ms = datetime.now(UTC), self.clock_ms()
         decoded = []
+        taken = 0
         for delivery in batch:
             events, bad = enrolment.decode(delivery, self.config.max_message_bytes)
             for unit in bad:
                 self.batcher.add(unit)
             decoded += events
             parts = len(events) + len(bad)
+            taken += parts
             metrics.triggers_received.inc(parts)
             self._event_bytes += (len(delivery.data) / parts - self._event_bytes) / 16
             # The in-flight window counts events: each part of a batch is settled (released) on its own.
@@ -232,17 +324,25 @@ class Intake:
         events = [event for _, event in decoded if awaited(event["tenant"], event["type"])]
         routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing") if events else ()
         if routes:
-            await asyncio.gather(*(self._route(execution_id, event) for execution_id, event in routes))
+            # One execution's events one after the other, in stream order (a retried publish
+            # must not let a younger one overtake it); different executions' at once.
+            by_execution: dict[str, list[dict]] = {}
+            for execution_id, event in routes:
+                by_execution.setdefault(execution_id, []).append(event)
+            await asyncio.gather(*(self._route(execution_id, evs) for execution_id, evs in by_execution.items()))
         for source, event in decoded:
             self.batcher.add(
                 enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, self.config.max_context_bytes)
             )
         metrics.advance_timings.flush()
+        return taken
 
-    async def _route(self, execution_id: str, event: dict) -> None:
-        body, msg_id = enrolment.event_message(execution_id, event)
-        await publish_stored(self._js, self.topology.exec_subject(execution_id), body, msg_id)
-        metrics.events_routed.inc()
+    async def _route(self, execution_id: str, events: list[dict]) -> None:
+        subject = self.topology.exec_subject(execution_id)
+        for event in events:
+            body, msg_id = enrolment.event_message(execution_id, event)
+            await publish_stored(self._js, subject, body, msg_id)
+            metrics.events_routed.inc()
 
     # -- order: messages and timers addressed to executions ------------------
 

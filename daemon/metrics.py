@@ -240,3 +240,12 @@ read_ledger = resident_reads.labels("ledger")
 # failure rate (failed / finished) reads 0 rather than "no data" before the first failure.
 for _status in ("completed", "failed", "cancelled"):
     executions_finished.labels(_status)
+
+# Trigger lanes (daemon/lanes.py): labelled by lane number, so at most `trigger_lanes` children each.
+lane_taken = Counter("ordo_trigger_lane_taken_total", "Trigger events taken from each lane.", ["lane"])
+lane_backlog = Gauge("ordo_trigger_lane_backlog", "Trigger messages waiting in each lane this worker takes.", ["lane"])
+lane_behind = Gauge(
+    "ordo_trigger_lane_behind_seconds",
+    "How far behind each lane with a backlog is: now minus when the newest trigger taken from it was stored.",
+    ["lane"],
+)

@@ -117,6 +117,7 @@ class Partitions:
                 self._starter = asyncio.get_running_loop().create_task(self._start_unstarted())
             elif self._starter is None or self._starter.done():
                 self.ready.set()  # nothing claimed to start (else the starter says when it is done)
+                self.intake.lanes.opened.set()
             self._give_back_surplus(share)
             metrics.owned_partitions.set(len(self.ownership.owned))
             try:
@@ -165,6 +166,7 @@ class Partitions:
             if self.unstarted.get(p) == claim:
                 del self.unstarted[p]
         self.ready.set()  # the first claims are fetching (or will be retried next round)
+        self.intake.lanes.opened.set()  # all at once: no lane of the first claims gets a head start
 
     def _give_back_surplus(self, share: int) -> None:
         for p in self.ownership.surplus(share):
@@ -186,6 +188,11 @@ class Partitions:
         if not self._holds(p, epoch):
             await consumer.unsubscribe()
             return
+        try:
+            await self._start_lanes(p, epoch)
+        except BaseException:
+            await consumer.unsubscribe()  # the start is tried again next round, with a subscription of its own
+            raise
         self.timers.own(p)
         task = self.intake.fetch_partition(p, consumer)
         task.add_done_callback(self._on_fetcher_ended)
@@ -197,11 +204,25 @@ class Partitions:
             extra={"partition": p, "epoch": epoch},
         )
 
+    async def _start_lanes(self, p: int, epoch: int) -> None:
+        """The trigger lanes the partition serves (daemon/lanes.py), under the same epoch."""
+        if not self._holds(p, epoch):
+            return
+
+        async def subscribe(durable: str):
+            return await self.intake.subscribe_lane(durable)
+
+        for task in await self.intake.lanes.start(p, epoch, subscribe):
+            task.add_done_callback(self._on_fetcher_ended)
+        if not self._holds(p, epoch):
+            self.intake.lanes.stop(p)
+
     def _holds(self, p: int, epoch: int) -> bool:
         return self.ownership.owned.get(p) == epoch and p not in self.closing
 
     def stop(self, p: int) -> None:
         self.closing.add(p)
+        self.intake.lanes.stop(p)
         self.unstarted.pop(p, None)
         self.timers.disown(p)
         self.resident.drop_partition(p)
@@ -212,6 +233,7 @@ class Partitions:
         fetcher = self.intake.fetchers.pop(p, None)
         if fetcher is not None:
             await asyncio.gather(fetcher, return_exceptions=True)
+        await self.intake.lanes.drain(p, timeout=self.config.ack_wait_s)
         while len(self.progress.get(p, ())) and not self.stopping.is_set():
             await asyncio.sleep(0.05)
         if self.stopping.is_set():
@@ -240,13 +262,13 @@ class Partitions:
     async def _measure_lag(self) -> None:
         """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered."""
         t = self.topology
+        triggers = await self.intake.lanes.measure(time.time_ns())
         try:
-            triggers = await self._js.consumer_info(t.triggers_stream, t.triggers_consumer)
             exec_lag = 0
             for p, epoch in list(self.ownership.owned.items()):
                 exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p, epoch))).num_pending
         except Exception as exc:  # a metric is not worth a crash
             log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
             return
-        metrics.consumer_lag.labels(t.triggers_stream).set(triggers.num_pending)
+        metrics.consumer_lag.labels(t.triggers_stream).set(triggers)
         metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)

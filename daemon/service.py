@@ -42,7 +42,7 @@ EXIT_NO_PORT = 1
 EXIT_FENCED = 3
 
 #: Settings SIGHUP applies; every other one takes a restart (the worker sized its ring, pools, partitions by them).
-RELOADABLE = ("log_level", "log_format")
+RELOADABLE = ("log_level", "log_format", "tenant_weights")
 
 
 class _Service:
@@ -87,6 +87,9 @@ class _Service:
             notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
         try:
             fresh = config_module.load(self.config_path)
+            intake = getattr(self.worker, "intake", None)  # made once the worker's connections are up
+            if intake is not None:
+                intake.lanes.reweigh(fresh.tenant_weights)  # a malformed one raises: nothing changed
             logs.configure(fresh.log_level, fresh.log_format)
             changed = [
                 f.name

@@ -69,11 +69,40 @@ class Topology(Subjects):
     def __init__(self, config: Config):
         super().__init__(config.prefix, config.partitions)
         self.triggers_stream = f"{self.stream_prefix}_TRIGGERS"
-        self.triggers_consumer = "triggers"
+        self.lanes = config.trigger_lanes
         self._config = config
 
     def trigger_subject(self, tenant: str, event_type: str) -> str:
         return f"{self.prefix}.triggers.{tenant}.{event_type}"
+
+    def trigger_transform(self) -> jsapi.SubjectTransform:
+        """The triggers stream files `<prefix>.triggers.<tenant>.<rest>` as `<prefix>.triggers.<lane>.<tenant>.<rest>`.
+
+        The lane is NATS's own partition() of the tenant token (FNV-1a % lanes,
+        daemon/lanes.py `lane_of`): publishers keep their subjects, and every
+        event of a tenant lands in one lane, in the order the stream stored it.
+        """
+        head = f"{self.prefix}.triggers"
+        return jsapi.SubjectTransform(
+            src=f"{head}.*.>", dest=f"{head}.{{{{partition({self.lanes},1)}}}}.{{{{wildcard(1)}}}}.>"
+        )
+
+    def lane_filter(self, lane: int) -> str:
+        return f"{self.prefix}.triggers.{lane}.>"
+
+    def lane_consumer(self, lane: int, epoch: int) -> str:
+        """The durable consumer of one lane under one ownership (epoch) of the partition that serves it."""
+        return f"triggers-l{lane}-e{epoch}"
+
+    def lanes_of(self, partition: int) -> list[int]:
+        """The lanes the owner of `partition` consumes: lane i is served by partition i % partitions."""
+        return list(range(partition, self.lanes, self.partitions))
+
+    def published_subject(self, stored: str) -> str:
+        """The subject a trigger was published to, from the one the stream stored (the lane token dropped)."""
+        head = f"{self.prefix}.triggers."
+        rest = stored[len(head) :]
+        return head + rest[rest.index(".") + 1 :]
 
     def partition_consumer(self, partition: int, epoch: int) -> str:
         """The durable consumer of one ownership (epoch) of a partition.
@@ -103,7 +132,8 @@ class Topology(Subjects):
         atomic = parse_version(js._nc._server_info.get("version", "0.0.0")) >= ATOMIC_PUBLISH_SERVER
         day = 24 * 3600
         streams = [
-            (self.triggers_stream, f"{self.prefix}.triggers.>", 1 * day),
+            # A tenant token and at least one more: a subject the lanes' transform cannot file is refused.
+            (self.triggers_stream, f"{self.prefix}.triggers.*.>", 1 * day),
             (self.exec_stream, f"{self.prefix}.exec.>", 7 * day),
             (self.dlq_stream, f"{self.prefix}.dlq.>", 30 * day),
         ]
@@ -124,6 +154,7 @@ class Topology(Subjects):
                 allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
                 num_replicas=self._config.stream_replicas,
                 placement=self._placement(),
+                subject_transform=self.trigger_transform() if name == self.triggers_stream else None,
             )
             try:
                 await self._ensure_stream(js, config)
@@ -133,8 +164,8 @@ class Topology(Subjects):
                     f"{f' on servers tagged {config.placement.tags} (stream_placement)' if config.placement else ''} "
                     f"refused by NATS: {exc.description}"
                 ) from exc
-        # A partition's consumer is created by the worker that claims it (resume_partition).
-        await self._ensure_consumer(js, self.triggers_stream, self.triggers_consumer, None)
+        # A partition's consumer, and its lanes' consumers, are created by the worker that
+        # claims it (resume_partition, resume_lane).
 
     def _placement(self) -> jsapi.Placement | None:
         tags = [tag.strip() for tag in self._config.stream_placement.split(",") if tag.strip()]
@@ -159,6 +190,9 @@ class Topology(Subjects):
         wanted_tags = sorted(config.placement.tags or []) if config.placement else []
         if sorted((info.config.placement.tags or []) if info.config.placement else []) != wanted_tags:
             changes["placement"] = config.placement or jsapi.Placement()
+        if config.subject_transform is not None and info.config.subject_transform != config.subject_transform:
+            changes["subject_transform"] = config.subject_transform
+            changes["subjects"] = config.subjects
         if changes:
             await js.update_stream(replace(info.config, **changes))
 
@@ -184,6 +218,41 @@ class Topology(Subjects):
             js, self.exec_stream, durable, self.partition_filter(partition), start_seq=after_seq + 1
         )
 
+    async def resume_lane(self, js, lane: int, epoch: int) -> str:
+        """Create this epoch's consumer of a trigger lane, delivering from where the earlier
+        owners' consumers had settled everything, and delete those; returns its name.
+
+        Where a partition resumes after its ledger watermark, a lane resumes after the
+        ack floor of the newest earlier consumer (everything at or below it was enrolled,
+        routed, committed and acked). Whatever an earlier owner left unacked above it comes
+        again, in stream order and before anything younger: enrolments dedupe on the
+        ledger's primary key, routed events on their Nats-Msg-Id.
+        """
+        durable = self.lane_consumer(lane, epoch)
+        prefix = f"triggers-l{lane}-e"
+        settled = 0
+        older = []
+        for name in await self._consumer_names(js, self.triggers_stream):
+            tail = name[len(prefix) :]
+            if name.startswith(prefix) and tail.isdigit() and int(tail) < epoch:
+                older.append(name)
+        for name in older:
+            try:
+                info = await js.consumer_info(self.triggers_stream, name)
+            except NotFoundError:
+                continue
+            start = info.config.opt_start_seq or 1
+            settled = max(settled, info.ack_floor.stream_seq or 0, start - 1)
+        await self._ensure_consumer(
+            js, self.triggers_stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8
+        )
+        for name in older:
+            try:
+                await js.delete_consumer(self.triggers_stream, name)
+            except NotFoundError:
+                pass
+        return durable
+
     @staticmethod
     async def _consumer_names(js, stream: str) -> list[str]:
         names: list[str] = []
@@ -193,7 +262,9 @@ class Topology(Subjects):
             if len(page) < 256:
                 return names
 
-    async def _ensure_consumer(self, js, stream: str, durable: str, filter_subject, start_seq: int = 0) -> None:
+    async def _ensure_consumer(
+        self, js, stream: str, durable: str, filter_subject, start_seq: int = 0, max_waiting: int = 512
+    ) -> None:
         try:
             await js.consumer_info(stream, durable)
             return
@@ -210,7 +281,7 @@ class Topology(Subjects):
             # dead-lettered by the worker, with its reason, not by the server.
             max_deliver=-1,
             filter_subject=filter_subject,
-            max_waiting=512,
+            max_waiting=max_waiting,
         )
         try:
             await js.add_consumer(stream, config)

@@ -327,7 +327,8 @@ class Worker:
         self._limit_grants.cancel()
         await asyncio.gather(owner, lag, rollout_loop, upkeep, self._limit_grants, return_exceptions=True)
         fetchers = list(self.intake.fetchers.values())
-        await asyncio.wait(fetchers, timeout=5)
+        if fetchers:  # none when the worker owned no partition (and so took no trigger lane)
+            await asyncio.wait(fetchers, timeout=5)
         for task in fetchers:
             task.cancel()
         await asyncio.gather(*fetchers, return_exceptions=True)

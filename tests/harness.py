@@ -25,11 +25,13 @@ from pathlib import Path
 
 import asyncpg
 import nats
+import nats.js.errors
 import orjson
 from aiohttp import web
 
 from bench.generator import batch_message, publish_events, trigger_event
 from daemon import config as config_module
+from daemon.lanes import lane_of
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
 from ledger import workflows
@@ -268,9 +270,45 @@ class Harness:
                 )
             await asyncio.sleep(0.05)
 
+    async def lane_consumers(self) -> list[str]:
+        """Each trigger lane's consumer under the current owner of the partition that serves it."""
+        rows = await self.db.fetch(
+            "SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", self.config.prefix
+        )
+        epochs = {r["partition"]: r["epoch"] for r in rows}
+        t = self.topology
+        return [t.lane_consumer(lane, epochs.get(lane % t.partitions, 0)) for lane in range(t.lanes)]
+
+    async def tenant_lane_consumer(self, tenant: str) -> str:
+        """The consumer of the trigger lane `tenant` is filed under, under its current owner."""
+        lane = lane_of(tenant, self.topology.lanes)
+        return (await self.lane_consumers())[lane]
+
+    async def triggers_info(self) -> dict:
+        """The trigger lanes' current consumers summed: num_pending, num_ack_pending, num_waiting
+        (a lane whose owner has not set its consumer up yet counts its messages as pending)."""
+        totals = {"num_pending": 0, "num_ack_pending": 0, "num_waiting": 0, "missing": 0}
+        for name in await self.lane_consumers():
+            try:
+                info = await self.js.consumer_info(self.topology.triggers_stream, name)
+            except nats.js.errors.NotFoundError:
+                totals["missing"] += 1
+                continue
+            totals["num_pending"] += info.num_pending
+            totals["num_ack_pending"] += info.num_ack_pending
+            totals["num_waiting"] += info.num_waiting
+        return totals
+
     async def wait_triggers_drained(self, timeout: float = 30.0) -> None:
         """Until every trigger published so far was taken, routed or enrolled, committed and acked."""
-        await self.wait_drained(self.topology.triggers_stream, self.topology.triggers_consumer, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.triggers_info()
+            if info["num_pending"] == 0 and info["num_ack_pending"] == 0 and info["missing"] == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"trigger lanes not drained after {timeout}s: {info}")
+            await asyncio.sleep(0.05)
 
     async def wait_partition_drained(self, partition: int, timeout: float = 30.0) -> None:
         """Until every message on the partition's execution subjects so far was applied (or

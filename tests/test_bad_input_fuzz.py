@@ -202,7 +202,7 @@ async def test_poison_beyond_max_ack_pending_never_stalls_the_consumers(nats_ser
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=good)
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=len(bad))
             t = h.topology
-            consumers = [(t.triggers_stream, t.triggers_consumer)]
+            consumers = [(t.triggers_stream, name) for name in await h.lane_consumers()]
             consumers += [(t.exec_stream, await h.partition_consumer(p)) for p in range(h.config.partitions)]
             for stream, consumer in consumers:
                 await h.wait_drained(stream, consumer)

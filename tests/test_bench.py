@@ -430,6 +430,7 @@ async def test_list_and_unknown_scenario():
         "w5-actions",
         "w6-webhooks",
         "w8-limits",
+        "w7-noisy",
     ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "nope", cwd=ROOT, stderr=asyncio.subprocess.PIPE

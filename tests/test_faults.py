@@ -105,7 +105,7 @@ async def test_sigterm_drains_commits_acks_and_exits_zero(nats_server_url, pg_ds
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
         # Drained: nothing the worker took is left unacked on the server.
-        info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+        info = await h.js.consumer_info(h.topology.triggers_stream, await h.tenant_lane_consumer("acme"))
         assert info.num_ack_pending == 0
         done_at_stop = await _completed(h)
         assert done_at_stop + info.num_pending == len(events)
@@ -294,12 +294,12 @@ async def test_acks_that_cannot_be_written_mean_redelivery_not_a_dead_worker(nat
             await h.publish_triggers([trigger_event("welcome", i, tenant="acme") for i in range(count)])
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count)
             # Redelivered after AckWait, deduplicated by the ledger, and acked this time.
-            triggers = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+            triggers = await h.triggers_info()
             deadline = asyncio.get_running_loop().time() + 30
-            while triggers.num_ack_pending and asyncio.get_running_loop().time() < deadline:
+            while triggers["num_ack_pending"] and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.2)
-                triggers = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
-            assert triggers.num_ack_pending == 0
+                triggers = await h.triggers_info()
+            assert triggers["num_ack_pending"] == 0
             assert worker.fatal is None and not worker.stopping.is_set()
         assert refused and metrics.acks_not_sent._value.get() > unsent_before
         assert await h.db.fetchval("SELECT count(*) FROM ordo.transitions WHERE kind = 'started'") == count

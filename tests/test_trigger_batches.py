@@ -3,6 +3,7 @@
 import asyncio
 import time
 
+import nats.js.api as jsapi
 import orjson
 from harness import NO_PROBLEMS, WELCOME, Harness
 
@@ -105,7 +106,8 @@ async def _until_intake_stopped(
     while True:
         taken = metrics.triggers_received._value.get() - received
         if taken + config.fetch_batch > config.max_ack_pending:
-            info = await h.js.consumer_info(h.topology.triggers_stream, h.topology.triggers_consumer)
+            # acme's lane (the other lanes keep their probes open: num_waiting is theirs too).
+            info = await h.js.consumer_info(h.topology.triggers_stream, await h.tenant_lane_consumer("acme"))
             if info.num_waiting == 0 and info.num_ack_pending * events_per_message == taken:
                 return taken
         assert time.monotonic() < deadline, f"the worker's intake did not stop ({taken} events taken)"
@@ -151,9 +153,10 @@ async def test_a_pull_stops_at_its_byte_limit_and_the_next_one_goes_on(nats_serv
             subject, body, msg_id = batch_message(t, [_good(i) for i in range(start, start + 20)])
             sizes.append(len(body))
             await h.publish_raw(subject, body, msg_id)
-        consumer = PullConsumer(
-            h.nc, t.triggers_stream, t.triggers_consumer, expires=0.5, max_bytes=3 * max(sizes) + 1024
+        await h.js.add_consumer(
+            t.triggers_stream, jsapi.ConsumerConfig(durable_name="pulls", ack_policy=jsapi.AckPolicy.EXPLICIT)
         )
+        consumer = PullConsumer(h.nc, t.triggers_stream, "pulls", expires=0.5, max_bytes=3 * max(sizes) + 1024)
         await consumer.subscribe()
         taken = []
         for _ in range(10):

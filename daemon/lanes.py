@@ -1,0 +1,300 @@
+"""Trigger lanes: every tenant's triggers in one lane, and the lanes taken in a fair order.
+
+The triggers stream files each event under a lane, by NATS's own partition()
+of the subject's tenant token (daemon/topology.py `trigger_transform`):
+publishers keep their subjects. Lane i is consumed only by the owner of
+partition i % partitions, through a durable consumer of its own per ownership
+epoch (`triggers-l<i>-e<epoch>`), so one tenant's events pass through one
+worker at a time, in stream order: the events it routes to a waiting
+execution reach the execution's subject in that order.
+
+Within a worker the lanes share the in-flight window by deficit round-robin
+(`FairShare`): a busy lane, in its turn, may open a pull for its deficit
+(`trigger_quantum` x its weight, less what its last pulls brought beyond their
+grant), never for the whole window. A lane that went quiet keeps a small pull
+open (`probe`) that bypasses the turns, so its next event is taken at once
+instead of after another lane's backlog. What a lane has not been granted
+waits in JetStream; what it was granted is reserved in the window before it
+arrives, so the window stays bounded as before.
+"""
+
+import asyncio
+import logging
+from collections import deque
+
+from . import logs, metrics
+from .config import Config
+
+log = logging.getLogger("ordo.lanes")
+
+
+def lane_of(tenant: str, lanes: int) -> int:
+    """The lane of a tenant's triggers: nats-server's partition(lanes, tenant token), FNV-1a 32 mod lanes."""
+    h = 0x811C9DC5
+    for byte in tenant.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % lanes
+
+
+def parse_weights(text: str) -> dict[str, int]:
+    """`tenant_weights` ("acme=4,bigco=2") as {tenant: weight}; a malformed entry is an error naming it."""
+    weights: dict[str, int] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        tenant, sep, raw = item.partition("=")
+        tenant = tenant.strip()
+        try:
+            weight = int(raw.strip()) if sep else 0
+        except ValueError:
+            weight = 0
+        if not tenant or weight < 1:
+            raise ValueError(f"tenant_weights: {item!r} is not TENANT=WEIGHT with an integer weight >= 1")
+        weights[tenant] = weight
+    return weights
+
+
+def lane_weights(weights: dict[str, int], lanes: int) -> dict[int, int]:
+    """Each lane's weight: its heaviest configured tenant's (lanes without one weigh 1)."""
+    out: dict[int, int] = {}
+    for tenant, weight in weights.items():
+        lane = lane_of(tenant, lanes)
+        out[lane] = max(out.get(lane, 1), weight)
+    return out
+
+
+class Lane:
+    """One lane this worker consumes under one epoch: its pull's grant and its standing in the turns."""
+
+    __slots__ = (
+        "index",
+        "partition",
+        "epoch",
+        "weight",
+        "deficit",
+        "idle",
+        "granted",
+        "taken",
+        "stopping",
+        "waiter",
+        "task",
+        "consumer",
+        "last_stored_ns",
+        "taken_total",
+    )
+
+    def __init__(self, index: int, partition: int, epoch: int, weight: int):
+        self.index = index
+        self.partition = partition
+        self.epoch = epoch
+        self.weight = weight
+        #: Events the lane may still take in this turn (negative: taken beyond its grants, paid back in turns).
+        self.deficit = 0
+        #: Its last pull came back short: it has no backlog, and keeps a probe open instead of taking turns.
+        self.idle = True
+        #: Messages the open pull was granted (counted in the window) and how many of them have come.
+        self.granted = 0
+        self.taken = 0
+        self.stopping = False
+        self.waiter: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
+        self.consumer = None
+        #: When the stream stored the newest trigger taken from the lane (how far behind the lane is).
+        self.last_stored_ns = 0
+        self.taken_total = metrics.lane_taken.labels(str(index))
+
+
+class FairShare:
+    """Deficit round-robin over this worker's busy lanes: whose pull opens next, and for how many messages."""
+
+    def __init__(self, config: Config, window, stopping: asyncio.Event):
+        self.window = window
+        self.stopping = stopping
+        self.quantum = max(1, config.trigger_quantum)
+        #: No grant is above this: a pull of a whole window would shut the other lanes out.
+        self.most = max(1, min(config.fetch_batch, config.max_ack_pending // 2))
+        #: A quiet lane's standing pull: small, so that every lane can keep one open.
+        self.probe = max(1, min(16, config.max_ack_pending // (4 * max(1, config.trigger_lanes))))
+        self._turns: deque[Lane] = deque()
+        self._queued = asyncio.Event()
+        #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
+        #: take a whole pull per turn, as the one consumer of before did, instead of a quantum.
+        self.busy: set[int] = set()
+
+    async def turn(self, lane: Lane) -> int:
+        """Wait for the lane's turn; the messages its next pull may ask for (0: the lane is stopping)."""
+        lane.waiter = waiter = asyncio.get_running_loop().create_future()
+        self._turns.append(lane)
+        self._queued.set()
+        try:
+            return await waiter
+        finally:
+            lane.waiter = None
+
+    def leave(self, lane: Lane) -> None:
+        """A stopping lane gives up its place in the turns."""
+        if lane.waiter is not None and not lane.waiter.done():
+            lane.waiter.set_result(0)
+
+    async def run(self) -> None:
+        """Hand out turns until the worker stops: each busy lane in order, for its deficit, as the window has room."""
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                if not self._turns:
+                    self._queued.clear()
+                    queued = asyncio.ensure_future(self._queued.wait())
+                    await asyncio.wait([queued, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    queued.cancel()
+                    continue
+                lane = self._turns.popleft()
+                if lane.waiter is None or lane.waiter.done():
+                    continue  # it left while waiting
+                # Each turn adds a quantum by weight; a lane whose batches brought more events
+                # than granted skips turns until it has paid that back. No lane banks more than
+                # a couple of turns: credit is for a backlog being taken, not for idle time.
+                share = self.quantum * lane.weight
+                if len(self.busy) <= 1:
+                    share = max(share, self.most)  # no one else to be fair to: small pulls only cost round trips
+                lane.deficit = min(lane.deficit + share, 2 * share)
+                if lane.deficit <= 0:
+                    self._turns.append(lane)
+                    continue
+                grant = min(lane.deficit, self.most)
+                if not self.window.has_room(grant, new_work=True):
+                    room = asyncio.ensure_future(self.window.wait_for_room(grant, new_work=True))
+                    await asyncio.wait([room, stopped], return_when=asyncio.FIRST_COMPLETED)
+                    if not room.done():
+                        room.cancel()
+                        break
+                if lane.waiter is None or lane.waiter.done():
+                    continue  # it left while the window filled up
+                # Charged by what the pull brings (Lanes.took), in events, not by the grant.
+                self.window.reserve(grant)
+                lane.waiter.set_result(grant)
+        finally:
+            stopped.cancel()
+            for lane in self._turns:
+                self.leave(lane)
+            self._turns.clear()
+
+
+class Lanes:
+    """The lanes this worker consumes: started and stopped with the partitions that serve them."""
+
+    def __init__(self, config: Config, *, topology, window, stopping: asyncio.Event, js, fetch):
+        self.config = config
+        self.topology = topology
+        self.window = window
+        self.fair = FairShare(config, window, stopping)
+        self._js = js
+        #: fetch(lane, consumer) -> the lane's fetch-loop task (daemon/intake.py).
+        self._fetch = fetch
+        self._weights = lane_weights(parse_weights(config.tenant_weights), topology.lanes)
+        #: lane index -> the Lane being consumed.
+        self.running: dict[int, Lane] = {}
+        #: Set once the worker's first claims have all started: until then no lane pulls, so
+        #: that the lanes started first do not take a head start over the others.
+        self.opened = asyncio.Event()
+
+    async def start(self, partition: int, epoch: int, subscribe) -> list[asyncio.Task]:
+        """Consume the partition's lanes under its epoch (after earlier owners' consumers settled);
+        returns the fetch loops started (an earlier, failed attempt may have started some)."""
+        started = []
+        for index in self.topology.lanes_of(partition):
+            current = self.running.get(index)
+            if current is not None and current.epoch == epoch and not current.stopping:
+                continue  # started by an earlier attempt
+            durable = await self.topology.resume_lane(self._js, index, epoch)
+            lane = Lane(index, partition, epoch, self._weights.get(index, 1))
+            lane.consumer = await subscribe(durable)
+            self.running[index] = lane
+            lane.task = self._fetch(lane)
+            started.append(lane.task)
+            log.info("takes trigger lane %d (epoch %d)", index, epoch, extra={"lane": index, "epoch": epoch})
+        return started
+
+    def stop(self, partition: int) -> None:
+        """The partition is being given back or was lost: its lanes' fetch loops finish and stop."""
+        for index in self.topology.lanes_of(partition):
+            lane = self.running.get(index)
+            if lane is not None:
+                lane.stopping = True
+                self.fair.busy.discard(index)
+                self.fair.leave(lane)
+
+    async def drain(self, partition: int, timeout: float) -> None:
+        """Until the partition's lanes have stopped fetching and what they took has settled (acked),
+        so that the next owner resumes after it rather than taking it again."""
+        lanes = [lane for lane in self.running.values() if lane.partition == partition]
+        for lane in lanes:
+            if lane.task is not None:
+                await asyncio.gather(lane.task, return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + timeout
+        for lane in lanes:
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    info = await self._js.consumer_info(self.topology.triggers_stream, lane.consumer.consumer)
+                except Exception:  # gone or unreachable: the next owner resumes from its ack floor anyway
+                    break
+                if info.num_ack_pending == 0:
+                    break
+                await asyncio.sleep(0.05)
+        for lane in lanes:
+            if self.running.get(lane.index) is lane:
+                del self.running[lane.index]
+                metrics.lane_backlog.remove(str(lane.index))
+                metrics.lane_behind.remove(str(lane.index))
+
+    def forget(self, lane: Lane) -> None:
+        """A lane's fetch loop ended (stopping): it is no longer this worker's."""
+        if self.running.get(lane.index) is lane and lane.stopping:
+            del self.running[lane.index]
+            for gauge in (metrics.lane_backlog, metrics.lane_behind):
+                try:
+                    gauge.remove(str(lane.index))
+                except KeyError:
+                    pass
+
+    def reweigh(self, tenant_weights: str) -> None:
+        """New `tenant_weights` (SIGHUP): from the next turn on. A malformed setting raises and changes nothing."""
+        self._weights = lane_weights(parse_weights(tenant_weights), self.topology.lanes)
+        for lane in self.running.values():
+            lane.weight = self._weights.get(lane.index, 1)
+
+    def took(self, lane: Lane, messages: int, events: int, stored_ns: int) -> None:
+        """A pull brought `messages` of its grant, holding `events` trigger events: charge the lane."""
+        lane.taken += messages
+        lane.deficit -= events
+        lane.last_stored_ns = max(lane.last_stored_ns, stored_ns)
+        lane.taken_total.inc(events)
+
+    def pull_ended(self, lane: Lane) -> int:
+        """The lane's pull ended: whether it has a backlog, and the grant it left unused (to release)."""
+        unused = max(0, lane.granted - lane.taken)
+        if lane.granted:
+            lane.idle = lane.taken < lane.granted
+            if lane.idle:
+                lane.deficit = min(lane.deficit, 0)  # an emptied lane keeps its debt, not its credit
+                self.fair.busy.discard(lane.index)
+            else:
+                self.fair.busy.add(lane.index)
+        lane.granted = lane.taken = 0
+        return unused
+
+    async def measure(self, now_ns: int) -> int:
+        """Each running lane's backlog and how far behind it is (metrics); returns the total backlog."""
+        total = 0
+        for lane in list(self.running.values()):
+            try:
+                info = await self._js.consumer_info(self.topology.triggers_stream, lane.consumer.consumer)
+            except Exception as exc:  # a metric is not worth a crash
+                log.debug("lane %d not measured: %s", lane.index, exc, extra=logs.failure("consumer_info", exc))
+                continue
+            total += info.num_pending
+            label = str(lane.index)
+            metrics.lane_backlog.labels(label).set(info.num_pending)
+            behind = (now_ns - lane.last_stored_ns) / 1e9 if info.num_pending and lane.last_stored_ns else 0.0
+            metrics.lane_behind.labels(label).set(max(0.0, behind))
+        return total

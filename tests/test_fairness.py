@@ -1,0 +1,284 @@
+"""Tenant fairness for triggers: lanes, fair turns, and per-contact routing order (real NATS and Postgres).
+
+Tenants here and their lanes (16 lanes, the default; the harness has 4
+partitions, so lane L is served by the owner of partition L % 4):
+noisy -> 5, quiet -> 7, n6 -> 5 (shares noisy's lane), heavy -> 0, kilo -> 0,
+acme -> 15, echo -> 4.
+"""
+
+import asyncio
+import os
+from types import SimpleNamespace
+
+import nats
+import orjson
+import pytest
+from harness import NO_PROBLEMS, QUICK_LEASES, Harness
+
+from bench.generator import trigger_event
+from daemon.lanes import FairShare, lane_of, lane_weights, parse_weights
+
+
+def _welcome(tenant: str) -> dict:
+    return {
+        "id": "welcome",
+        "tenant": tenant,
+        "trigger": {"event": "contact.created"},
+        "steps": [{"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}}],
+    }
+
+
+#: Waits for a contact's `contact.updated` events, one after another, for as long as they come.
+LISTENER = {
+    "id": "listener",
+    "tenant": "acme",
+    "trigger": {"event": "session.started"},
+    "limits": {"max_visits": 10000},
+    "steps": [
+        {"id": "listen", "type": "wait_for_event", "event": "contact.updated", "timeout": "1h"},
+        {"id": "again", "type": "goto", "target": "listen"},
+    ],
+}
+
+
+def _update(contact_id: str, event_id: str) -> dict:
+    return {
+        "v": 1,
+        "event_id": event_id,
+        "tenant": "acme",
+        "type": "contact.updated",
+        "contact": {"id": contact_id},
+        "data": {"event_id": event_id},
+        "ts": 0,
+    }
+
+
+async def _received(h: Harness, execution_id: str) -> list[str]:
+    rows = await h.db.fetch(
+        "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq",
+        execution_id,
+    )
+    return [orjson.loads(r["detail"])["event_id"] for r in rows]
+
+
+async def _publish_interleaved(h: Harness, contact_id: str, per_publisher: int) -> list[str]:
+    """Two publishers on connections of their own send one contact's events at once; returns
+    the event ids in the order the triggers stream stored them."""
+    subject = h.topology.trigger_subject("acme", "contact.updated")
+    stored: list[tuple[int, str]] = []
+
+    async def publisher(name: str) -> None:
+        nc = await nats.connect(h.config.nats_servers)
+        js = nc.jetstream()
+        try:
+            for i in range(per_publisher):
+                event = _update(contact_id, f"{name}-{i}")
+                ack = await js.publish(subject, orjson.dumps(event), headers={"Nats-Msg-Id": f"acme:{name}-{i}"})
+                stored.append((ack.seq, event["event_id"]))
+        finally:
+            await nc.close()
+
+    await asyncio.gather(publisher("a"), publisher("b"))
+    return [event_id for _, event_id in sorted(stored)]
+
+
+async def test_a_tenants_triggers_are_filed_under_the_lane_nats_partitions_its_token_into(
+    nats_server_url, pg_dsn, prefix
+):
+    """The stream's transform and daemon/lanes.py's lane_of agree; publishers keep their subjects,
+    and a subject without a tenant and an event type is refused to the publisher, not lost."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        t = h.topology
+        for tenant in ("noisy", "quiet", "n6", "acme", "tenant-17", "a"):
+            seq = await h.publish_raw(t.trigger_subject(tenant, "contact.created"), b"{}")
+            stored = (await h.js.get_msg(t.triggers_stream, seq)).subject
+            assert stored == f"{prefix}.triggers.{lane_of(tenant, t.lanes)}.{tenant}.contact.created"
+            assert t.published_subject(stored) == t.trigger_subject(tenant, "contact.created")
+        assert lane_of("noisy", 16) == lane_of("n6", 16) != lane_of("quiet", 16)
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await h.js.publish(f"{prefix}.triggers.notenant", b"{}")
+
+
+def test_tenant_weights_are_parsed_with_an_error_naming_the_bad_entry():
+    assert parse_weights(" acme=4, bigco=2 ,") == {"acme": 4, "bigco": 2}
+    assert lane_weights({"noisy": 3, "n6": 5, "quiet": 2}, 16) == {5: 5, 7: 2}
+    for bad in ("acme", "acme=0", "acme=x", "=3"):
+        with pytest.raises(ValueError, match="tenant_weights"):
+            parse_weights(bad)
+
+
+async def test_a_noisy_tenants_backlog_does_not_delay_a_quiet_tenant_in_another_lane(nats_server_url, pg_dsn, prefix):
+    """10,000 queued triggers of `noisy`, then one of `quiet` (another lane) and one of `n6`
+    (noisy's lane). Bound: quiet's trigger is taken before the worker has taken more than one
+    window plus one pull of noisy's (max_ack_pending + fetch_batch = 500 events, 5% of the
+    backlog); in one FIFO it came after all 10,000. A tenant that shares the noisy tenant's lane
+    waits behind its backlog, in stream order: n6's trigger comes after (nearly) all of it."""
+    window, batch = 400, 100
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        for tenant in ("noisy", "quiet", "n6"):
+            await h.deploy(_welcome(tenant))
+        noisy = [trigger_event("burst", i, tenant="noisy") for i in range(10_000)]
+        await h.publish_triggers(noisy)
+        await h.publish_triggers([trigger_event("q", 0, tenant="quiet"), trigger_event("n", 0, tenant="n6")])
+        async with h.worker(max_ack_pending=window, fetch_batch=batch, trigger_quantum=50):
+            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=10_002, timeout=120)
+            await h.wait_triggers_drained()
+        ahead = """SELECT count(*) FROM ordo.executions n, ordo.executions x
+                   WHERE n.tenant = 'noisy' AND x.tenant = $1 AND n.created_at < x.created_at"""
+        quiet_ahead = await h.db.fetchval(ahead, "quiet")
+        neighbour_ahead = await h.db.fetchval(ahead, "n6")
+        assert quiet_ahead <= window + batch, f"{quiet_ahead} of noisy's triggers were taken before quiet's"
+        assert neighbour_ahead >= 9_000, f"n6 shares noisy's lane, yet only {neighbour_ahead} came before it"
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_url, pg_dsn, prefix):
+    """`heavy` (weight 3, lane 0) and `echo` (weight 1, lane 4), 3,000 queued triggers each:
+    while both have a backlog the worker takes about three of heavy's for one of echo's."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        for tenant in ("heavy", "echo"):
+            await h.deploy(_welcome(tenant))
+        events = [trigger_event("h", i, tenant="heavy") for i in range(3000)]
+        events += [trigger_event("e", i, tenant="echo") for i in range(3000)]
+        await h.publish_triggers(events)
+        async with h.worker(max_ack_pending=400, fetch_batch=100, trigger_quantum=40, tenant_weights="heavy=3"):
+            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=6000, timeout=120)
+        # The first 2,000 taken: both lanes still had a backlog then (heavy's lasts ~4,000 at 3:1).
+        first = await h.db.fetch("SELECT tenant FROM ordo.executions ORDER BY created_at LIMIT 2000")
+        heavy = sum(1 for r in first if r["tenant"] == "heavy")
+        ratio = heavy / (len(first) - heavy)
+        assert 2.2 <= ratio <= 4.0, f"heavy:echo was {ratio:.2f} in the first 2,000 ({heavy} heavy)"
+
+
+async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
+    """FairShare alone: grants go round by weight among busy lanes, and a lane waits while the window is full."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane
+
+    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)  # no in-process action calls waiting
+    fair = FairShare(config, window, stopping)
+    assert fair.probe == 15  # 1000 // (4 x 16): every lane can keep one open
+    runner = asyncio.create_task(fair.run())
+    heavy, light = Lane(0, 0, 1, 3), Lane(1, 1, 1, 1)
+    # Alone with a backlog, a lane takes a whole pull per turn: there is no one to be fair to.
+    fair.busy = {0}
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 500
+    window.unreserve(500)
+    heavy.deficit = 0
+    fair.busy = {0, 1}
+    grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
+    assert grants == [300, 100] and window.reserved == 400
+    window.arrived(400)  # the pulls brought all of it
+    # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
+    heavy.deficit, light.deficit = heavy.deficit - 300, light.deficit - 100
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300
+    heavy.deficit -= 300
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
+    window.arrived(600)
+    blocked = asyncio.create_task(fair.turn(light))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
+    window.release(500)  # the window wakes its waiters once a whole fetch_batch fits again
+    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
+    stopping.set()
+    await runner
+
+
+async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_stream_order(
+    nats_server_url, pg_dsn, prefix
+):
+    """Two workers run; two publishers interleave 40 events each for one contact while its
+    execution waits for them: the execution receives them in the order the stream stored them
+    (acme's lane is served by one worker, which routes them in that order)."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(LISTENER)
+        async with h.worker(0, 2), h.worker(1, 2):
+            start = {**_update("c-1", "start"), "type": "session.started"}
+            await h.publish_triggers([start])
+            execution_id = h.execution_id("acme", "listener", "start")
+            await h.wait_status(execution_id, "waiting")
+            stored_order = await _publish_interleaved(h, "c-1", 40)
+            await h.wait_until(
+                "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received'",
+                execution_id,
+                expect=80,
+            )
+        assert await _received(h, execution_id) == stored_order
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_lane_moves_to_another_worker_when_its_owner_dies_and_nothing_is_lost_or_doubled(
+    nats_server_url, pg_dsn, prefix
+):
+    """Two worker processes take 8 tenants' triggers (every partition serves some lanes) and
+    one contact's events; one is killed -9 midway and a new one joins. Every trigger enrolled
+    once, the ledger sound, and the listener saw the contact's events in stream order."""
+    tenants = ["noisy", "quiet", "heavy", "echo", "acme", "kilo", "n6", "golf"]
+    settings = {**QUICK_LEASES, "ack_wait_s": 2.0, "fetch_batch": 50, "max_ack_pending": 400, "batch_max_ms": 10.0}
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        for tenant in tenants:
+            if tenant != "acme":
+                await h.deploy(_welcome(tenant))
+        await h.deploy({**_welcome("acme"), "id": "welcome"})
+        await h.deploy(LISTENER)
+        first = h.spawn_worker(0, 2, **settings)
+        second = h.spawn_worker(1, 2, **settings)
+        start = {**_update("c-9", "start"), "type": "session.started"}
+        await h.publish_triggers([start])
+        execution_id = h.execution_id("acme", "listener", "start")
+        await h.wait_status(execution_id, "waiting")
+        events = [trigger_event("ho", i, tenant=tenants[i % len(tenants)]) for i in range(8000)]
+        publishing = asyncio.create_task(h.publish_triggers(events))
+        updates = asyncio.create_task(_publish_interleaved(h, "c-9", 30))
+        await h.wait_until(
+            "SELECT count(*) >= 1500 FROM ordo.executions WHERE workflow_id = 'welcome'", expect=True, timeout=60
+        )
+        h.kill(first)
+        third = h.spawn_worker(0, 2, **settings)
+        await publishing
+        stored_order = await updates
+        await h.wait_until(
+            "SELECT count(DISTINCT event_id) FROM ordo.executions WHERE workflow_id = 'welcome'",
+            expect=len(events),
+            timeout=120,
+        )
+        await h.wait_until(
+            "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received'",
+            execution_id,
+            expect=60,
+            timeout=60,
+        )
+        await h.wait_triggers_drained(timeout=60)
+        for proc in (second, third):
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE workflow_id = 'welcome'") == len(events)
+        assert await _received(h, execution_id) == stored_order
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_sighup_reloads_tenant_weights_and_a_malformed_setting_changes_nothing(
+    nats_server_url, pg_dsn, prefix, tmp_path, monkeypatch
+):
+    """The reload SIGHUP runs (daemon/service.py) gives the running lanes their new weights."""
+    from daemon.service import _Service
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_welcome("heavy"))
+        async with h.worker() as worker:
+            lanes = worker.intake.lanes
+            heavy_lane = lanes.running[lane_of("heavy", h.topology.lanes)]
+            assert heavy_lane.weight == 1
+            config_file = tmp_path / "ordo.toml"
+            service = _Service(worker.config, worker, str(config_file))
+            for name in [n for n in os.environ if n.startswith("ORDO_")]:
+                monkeypatch.delenv(name)  # the file alone is under test
+            config_file.write_text('tenant_weights = "heavy=5"\n')
+            await service._reload()
+            assert heavy_lane.weight == 5
+            config_file.write_text('tenant_weights = "heavy=lots"\n')
+            await service._reload()
+            assert heavy_lane.weight == 5
