@@ -1,6 +1,6 @@
 """One worker process: fetch -> order -> dispatch -> commit -> ack.
 
-    triggers consumer ──decode──> enrol (dispatch the first steps) ─────────┐
+    trigger lanes ──────decode──> enrol (dispatch the first steps) ─────────┐
     exec-p<N>-e<epoch> ─decode──> ordering ring ──> load, dispatch ────────┤
                                                                            v
                                        ledger batcher (one transaction per batch)
