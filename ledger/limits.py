@@ -193,9 +193,17 @@ async def in_flight(conn: Queryable, bucket: str) -> int:
     return count
 
 
-async def take_call_token(conn: Queryable, bucket: str, rate_per_s: float) -> float:
-    """Take a rate token for a call about to be made: 0.0 when taken, else the seconds until one will be."""
-    wait: float = await conn.fetchval(
-        "SELECT ordo.take_limit_token($1, $2, $3)", bucket + CALLS, rate_per_s, burst_of(rate_per_s)
+async def take_call_tokens(conn: Queryable, bucket: str, rate_per_s: float, want: int) -> tuple[int, float]:
+    """Take up to `want` rate tokens for calls about to be made: (how many were taken, and when none
+    were, the seconds until one will be)."""
+    row = await conn.fetchrow(
+        "SELECT taken, wait FROM ordo.take_limit_tokens($1, $2, $3, $4)",
+        bucket + CALLS,
+        rate_per_s,
+        burst_of(rate_per_s),
+        want,
     )
-    return wait
+    assert row is not None, "a function call returns one row"
+    taken: int = row["taken"]
+    wait: float = row["wait"]
+    return taken, wait
