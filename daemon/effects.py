@@ -216,7 +216,7 @@ class Effects:
         self, action, request: dict, requested_at: float, traceparent: str | None, paced=None
     ) -> None:
         if paced is not None:
-            await paced
+            await paced  # its rate token (a wait for it holds no slot of the action's)
         slots = self.limits.of(action.name, action.major)
         if not slots.try_acquire():
             await slots.wait_for_slot()

@@ -19,7 +19,7 @@ live slots, takes that many queue rows in queue order, and hands them to
 
 A rate is kept twice: a grant takes a token of the bucket, and the call,
 when the worker makes it, takes one of the bucket's `#calls` twin
-(`take_call_token`): the grants bound how many calls leave the queue (and so
+(`take_call_tokens`): the grants bound how many calls leave the queue (and so
 the memory they take), and the call tokens keep the rate exact at the
 provider, whatever delays a granted call on its way (a commit, a busy loop).
 
@@ -45,7 +45,7 @@ from ledger.connection import Queryable, Transactional
 BURST_S = 0.02
 #: A bucket's grants may run this many seconds' worth of tokens ahead (see `grant_burst_of`).
 GRANT_BURST_S = 0.1
-#: What a bucket's name ends with for the tokens its calls take when they are made (`take_call_token`).
+#: What a bucket's name ends with for the tokens its calls take when they are made (`take_call_tokens`).
 CALLS = "#calls"
 #: How long past its step's timeout a granted call's concurrency slot still counts.
 LEASE_MARGIN_S = 60.0
@@ -193,9 +193,17 @@ async def in_flight(conn: Queryable, bucket: str) -> int:
     return count
 
 
-async def take_call_token(conn: Queryable, bucket: str, rate_per_s: float) -> float:
-    """Take a rate token for a call about to be made: 0.0 when taken, else the seconds until one will be."""
-    wait: float = await conn.fetchval(
-        "SELECT ordo.take_limit_token($1, $2, $3)", bucket + CALLS, rate_per_s, burst_of(rate_per_s)
+async def take_call_tokens(conn: Queryable, bucket: str, rate_per_s: float, want: int) -> tuple[int, float]:
+    """Take up to `want` rate tokens for calls about to be made: (how many were taken, and when none
+    were, the seconds until one will be)."""
+    row = await conn.fetchrow(
+        "SELECT taken, wait FROM ordo.take_limit_tokens($1, $2, $3, $4)",
+        bucket + CALLS,
+        rate_per_s,
+        burst_of(rate_per_s),
+        want,
     )
-    return wait
+    assert row is not None, "a function call returns one row"
+    taken: int = row["taken"]
+    wait: float = row["wait"]
+    return taken, wait

@@ -38,12 +38,15 @@ CREATE TABLE ordo.limit_slots (
 );
 CREATE INDEX limit_slots_by_bucket ON ordo.limit_slots (bucket, lease_until);
 
--- A rate token for a call about to be made (its bucket is the grant bucket's
--- name + '#calls'): 0 when one was taken, else the seconds until one will be.
+-- Rate tokens for calls about to be made (their bucket is the grant bucket's
+-- name + '#calls'): up to `p_want` of them, as many as the bucket holds now;
+-- when it holds none, `wait` says in how many seconds it will hold one.
 -- Grants pace how many calls are let out of the queue; this makes the calls
 -- themselves keep the rate, whatever delays them between grant and call.
-CREATE FUNCTION ordo.take_limit_token(p_bucket text, p_rate double precision, p_burst double precision)
-RETURNS double precision LANGUAGE plpgsql AS $$
+CREATE FUNCTION ordo.take_limit_tokens(
+    p_bucket text, p_rate double precision, p_burst double precision, p_want int,
+    OUT taken int, OUT wait double precision
+) LANGUAGE plpgsql AS $$
 DECLARE
     held double precision;
     since timestamptz;
@@ -55,11 +58,8 @@ BEGIN
     -- The time is read once the row is ours: a waiter must not refill for time another has counted.
     at := clock_timestamp();
     held := least(p_burst, held + greatest(0, extract(epoch FROM at - since)) * p_rate);
-    IF held >= 1 THEN
-        UPDATE ordo.limit_buckets SET tokens = held - 1, refilled_at = at WHERE bucket = p_bucket;
-        RETURN 0;
-    END IF;
-    UPDATE ordo.limit_buckets SET tokens = held, refilled_at = at WHERE bucket = p_bucket;
-    RETURN (1 - held) / p_rate;
+    taken := least(p_want, floor(held))::int;
+    UPDATE ordo.limit_buckets SET tokens = held - taken, refilled_at = at WHERE bucket = p_bucket;
+    wait := CASE WHEN taken > 0 THEN 0 ELSE (1 - held) / p_rate END;
 END
 $$;
