@@ -203,7 +203,7 @@ def _earliest_timers(enrolled: list[ExecutionChange], owned: dict[int, int]) -> 
     this worker does not own: their owners' walks may have passed it (ledger/timers.py)."""
     earliest: dict[int, int] = {}
     for change in enrolled:
-        if change.partition not in owned:
+        if change.partition not in owned and change.timer is not None:
             us = int(change.timer[1].timestamp() * 1_000_000)
             earliest[change.partition] = min(us, earliest.get(change.partition, us))
     return earliest

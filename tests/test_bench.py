@@ -429,8 +429,8 @@ async def test_list_and_unknown_scenario():
         "w4-retries",
         "w5-actions",
         "w6-webhooks",
-        "w8-limits",
         "w7-noisy",
+        "w8-limits",
     ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "nope", cwd=ROOT, stderr=asyncio.subprocess.PIPE
