@@ -137,15 +137,20 @@ class Provider:
 
     def most_in_any_second(self) -> int:
         """The most calls that arrived within any 1 s window (each window starting at a call)."""
-        times = sorted(self.arrivals)
-        most, first = 0, 0
-        for last, at in enumerate(times):
-            while at - times[first] >= 1.0:
-                first += 1
-            most = max(most, last - first + 1)
-        return most
+        return most_in_any_second(self.arrivals)
 
     def cpu_percent(self) -> float:
         """CPU of the process it runs in (the bench's: the provider and the bench's polling) since start."""
         wall = time.monotonic() - self._wall_started
         return 100.0 * (time.process_time() - self._cpu_started) / wall if self._wall_started and wall > 0 else 0.0
+
+
+def most_in_any_second(arrivals: list[float]) -> int:
+    """The most of these arrival times (seconds) within any 1 s window (a window starting at each arrival)."""
+    times = sorted(arrivals)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most

@@ -160,7 +160,7 @@ class Harness:
     def spawn_worker(self, index: int = 0, workers: int = 1, **settings) -> subprocess.Popen:
         """A worker as a real process (`ordo run --worker-index`), to be killed for real."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(workers)],
+            worker_command(index, workers),
             env=self.env(**settings),
             cwd=ROOT,
         )
@@ -401,6 +401,11 @@ class Target:
 
 
 # -- the command line and HTTP ---------------------------------------------------------
+
+
+def worker_command(index: int = 0, workers: int = 1) -> list[str]:
+    """The command line of one worker process: `ordo run --worker-index I --workers N`."""
+    return [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(workers)]
 
 
 def ordo(*args, env_extra=None, check=False) -> subprocess.CompletedProcess:

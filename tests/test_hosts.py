@@ -25,7 +25,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
-from harness import NO_PROBLEMS, ROOT, Harness, Load, fault_scale
+from harness import NO_PROBLEMS, ROOT, Harness, Load, fault_scale, worker_command
 
 from daemon.servers import EmbeddedNats
 
@@ -199,20 +198,7 @@ class HostWorkers:
         env["ORDO_LOG_LEVEL"] = "info"
         log = open(self.logs / f"host{i}-{len(self.procs)}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.hosts.namespace(i),
-                sys.executable,
-                "-m",
-                "daemon",
-                "run",
-                "--worker-index",
-                "0",
-                "--workers",
-                "1",
-            ],
+            ["ip", "netns", "exec", self.hosts.namespace(i), *worker_command()],
             env=env,
             cwd=ROOT,
             stdout=log,

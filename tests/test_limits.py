@@ -16,18 +16,8 @@ from harness import NO_PROBLEMS, engine, ordo
 
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
+from bench.provider import most_in_any_second
 from hotpath.vocabulary import LIMIT_GRANTED, LIMIT_WAITING, WAIT_LIMIT
-
-
-def most_in_any_second(arrivals: list[float]) -> int:
-    """The most calls that arrived within any 1 s window (a window starting at each arrival)."""
-    times = sorted(arrivals)
-    most, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= 1.0:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 class Provider:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from harness import NO_PROBLEMS, Harness, importable, pip_install_how_to, readme_how_to
+from harness import NO_PROBLEMS, Harness, importable, pip_install_how_to, readme_how_to, worker_command
 
 from actions import plugins
 from actions.contract import ActionContext, invoke
@@ -373,14 +373,7 @@ async def test_a_worker_process_with_a_bad_plug_in_exits_at_start_up_naming_it(n
     """`ordo run` with a bad ORDO_ACTION_PLUGINS: one line naming the plug-in and why, exit 1, no traceback."""
     env = Harness(nats_server_url, pg_dsn, prefix).env(action_plugins="ordo_missing:Greet")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon",
-        "run",
-        "--worker-index",
-        "0",
-        "--workers",
-        "1",
+        *worker_command(),
         env=env,
         cwd=ROOT,
         stderr=asyncio.subprocess.PIPE,
