@@ -53,9 +53,12 @@ from pathlib import Path
 
 import orjson
 
+from ledger.runs import ledger_sizes
+
 from . import (
     limits,  # noqa: F401  (registers the `w8-limits` scenario)
     report,
+    soak,
     storage,
     worker_counts,
 )
@@ -561,6 +564,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
+    if open_mode:
+        run.soak = soak.report(run.timeline, run.rss_series(points=len(run.trace)), run.ledger_mb, args.duration)
     if before is not None and after is not None:
         run.storage = storage.growth(
             before, after, run.finished, scenario.action_steps(run), shared_server=not _postgres_embedded(env)
@@ -674,7 +679,7 @@ async def _wait(
     prev_t = started
     marker = None
     state: dict = {}
-    next_ledger_read = 0.0
+    next_ledger_read = next_size_read = 0.0
     while True:
         # The workers' counters every POLL_S; the ledger, whose count is a scan,
         # every LEDGER_POLL_S (or 20 times what reading it costs), and whenever
@@ -689,6 +694,11 @@ async def _wait(
         sampler.sample()
         rss = sampler.rss.get("workers")
         run.trace.append({"t": time.time(), **state, "finished": finished, "workers_rss_mb": rss[-1] if rss else None})
+        if now >= next_size_read and run.first_publish is not None:
+            next_size_read = now + soak.LEDGER_SAMPLE_S
+            tables = await ledger_sizes(pool)
+            total_mb = sum(t.table_bytes + t.index_bytes for t in tables) / 2**20
+            run.ledger_mb.append([round(time.time() - run.first_publish, 1), round(total_mb, 1)])
         published = outcome["published"]
         # Progress is anything moving: publishing, enrolling, finishing.
         if (finished, state.get("total"), published) != marker:

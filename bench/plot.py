@@ -76,6 +76,14 @@ def draw(runs: list[RunResult], path: str, title: str) -> None:
     peak = max((mb for run in runs for _, mb in run.rss_series()), default=0.0)
     memory.set_ylim(0, max(peak * 1.25, 1.0))
     memory.grid(alpha=0.3)
+    if any(run.ledger_mb for run in runs):  # a soak: is the ledger's growth steady (and flat once retention drops)?
+        ledger = memory.twinx()
+        for number, run in enumerate(runs, 1):
+            if run.ledger_mb:
+                xs, ys = [t for t, _ in run.ledger_mb], [mb for _, mb in run.ledger_mb]
+                ledger.plot(xs, ys, linestyle="--", label=f"run {number} ledger")
+        ledger.set_ylabel("ledger tables + indexes, MB (dashed)")
+        ledger.set_ylim(bottom=0)
     if any(run.trace for run in runs):
         memory.legend(loc="lower right")
     fig.tight_layout()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import soak
 from .histogram import Histogram
 
 
@@ -180,6 +181,10 @@ class RunResult:
     finish_offsets: list = field(default_factory=list)
     #: One entry per progress poll: {"t": epoch s, "finished", ..., "workers_rss_mb"}.
     trace: list = field(default_factory=list)
+    #: [[seconds since the first publish, the ledger's tables + indexes in MB], ...] (bench.soak).
+    ledger_mb: list = field(default_factory=list)
+    #: An open-mode run of whole minutes: its per-minute rates, RSS and ledger drift (bench.soak.report).
+    soak: dict | None = None
     #: The workers' ledger commits at the end of the run (worker_counts.commits_in), if they could be read.
     commits: dict | None = None
     #: WAL written and ledger tables + indexes grown over the run's window, totals and per
@@ -252,6 +257,8 @@ class RunResult:
             "resources": self.resources,
             "completions_per_s": self.timeline,
             "workers_rss_mb": self.rss_series(),
+            "ledger_mb": self.ledger_mb,
+            "soak": self.soak,
             "commits": self.commits,
             "storage": self.storage,
         }
@@ -354,6 +361,8 @@ def run_table(run: RunResult, title: str) -> str:
                 f"    {label:<10} p50 {share['p50_ms']:.1f} ms  p95 {share['p95_ms']:.1f} ms  "
                 f"p99 {share['p99_ms']:.1f} ms  max {share['max_ms']:.1f} ms  ({span})"
             )
+    if run.soak:
+        lines += soak.lines(run.soak)
     if run.commits:
         c = run.commits
         lines.append(

@@ -17,7 +17,7 @@ from harness import ROOT
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import Histogram as PromHistogram
 
-from bench import report, storage, worker_counts
+from bench import report, soak, storage, worker_counts
 from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
 from daemon import config as config_module
@@ -152,6 +152,9 @@ async def test_w1_open_mode_measures_latency_from_the_schedule(nats_server_url, 
     rss = run["workers_rss_mb"]
     assert len(rss) >= 2 and all(mb > 0 for _, mb in rss)
     assert [t for t, _ in rss] == sorted(t for t, _ in rss)
+    # The ledger's size is sampled from the first publish on (a soak's disk use); two seconds hold no minute.
+    assert run["ledger_mb"] and all(mb > 0 for _, mb in run["ledger_mb"])
+    assert run["soak"] is None
 
 
 async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
@@ -506,3 +509,22 @@ def test_histogram_buckets_tile_the_value_range():
         assert _index(low) == index and _index(high - 1) == index
         assert (high - low) / max(low, 1) <= 1 / 128 or high - low == 1
         previous_high = high
+
+
+def test_a_soak_reports_each_minute_and_flags_one_that_strays_from_the_median():
+    steady = [100] * 60 + [200] * 60 * 4  # a slow first minute is start-up, not judged
+    rss, ledger = [[30.0, 90.0], [250.0, 92.0]], [[60.0, 10.0], [240.0, 40.0]]
+    found = soak.report(steady, rss=rss, ledger_mb=ledger, duration_s=300)
+    assert found["per_minute"] == [100.0, 200.0, 200.0, 200.0, 200.0]
+    assert found["median_per_s"] == 200.0 and found["worst_deviation"] == 0.0 and found["steady"]
+    assert found["workers_rss_mb"] == {"first_minute": 90.0, "last_minute": 92.0}
+    assert found["ledger_growth_mb_per_min"] == 10.0
+
+    dip = [200] * 60 * 3 + [150] * 60 + [200] * 60  # one minute 25% under
+    found = soak.report(dip, rss=[], ledger_mb=[], duration_s=300)
+    assert found["worst_deviation"] == 0.25 and not found["steady"]
+    assert found["workers_rss_mb"] is None and found["ledger_growth_mb_per_min"] is None
+    assert any("NOT steady" in line for line in soak.lines(found))
+    # Minutes after the offered load (the tail draining) are not judged; under three minutes, nothing is.
+    assert soak.report(dip + [10] * 120, rss=[], ledger_mb=[], duration_s=300)["worst_deviation"] == 0.25
+    assert soak.report([200] * 150, rss=[], ledger_mb=[], duration_s=150) is None
