@@ -9,6 +9,7 @@
     python -m bench w7-noisy [-n 500000] [--seconds 60] [--quiet-tenants 20] [--quiet-rate 100]
     python -m bench w6-webhooks [-n 10000] [--delay 20]
     python -m bench w8-limits [-n 10000] [--limit 500]
+    python -m bench w9-mix --rate 4000 --duration 1800 [--wait 1-600] [--signals 3]   a soak's mix
     python -m bench w1 --inject-faults seed=7,nats=0.03,pg=0.03   throughput under injected faults
     python -m bench w1 --trace-sample 0.01                         throughput with 1% of executions traced
     python -m bench --list
@@ -57,6 +58,7 @@ from ledger.runs import ledger_sizes
 
 from . import (
     limits,  # noqa: F401  (registers the `w8-limits` scenario)
+    mix,  # noqa: F401  (registers the `w9-mix` scenario)
     report,
     soak,
     storage,
@@ -163,12 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
         "local OTLP/HTTP collector the bench runs (needs the otel extra)",
     )
     options = parser.add_argument_group("scenario options")
-    options.add_argument("--signals", type=int, default=None, help="w2-signals: signals per execution (default 20)")
+    options.add_argument(
+        "--signals",
+        type=int,
+        default=None,
+        help="w2-signals: signals per execution (default 20); w9-mix: per signalled execution (default 3)",
+    )
+    options.add_argument(
+        "--signal-delay",
+        type=float,
+        default=None,
+        metavar="S",
+        help="w9-mix: a signalled execution's first signal goes S seconds after its trigger (default 5)",
+    )
     options.add_argument(
         "--wait",
         default=None,
         metavar="MIN-MAX",
-        help="w3-timers: whole seconds each execution waits, uniform (default 1-60)",
+        help="w3-timers: whole seconds each execution waits, uniform (default 1-60); w9-mix: those that wait "
+        "(default 1-600)",
     )
     options.add_argument(
         "--hold",
@@ -226,7 +241,7 @@ def scenario_options(args) -> dict:
         name: getattr(args, name)
         for name in (
             *("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay", "limit"),
-            *("seconds", "quiet_tenants", "quiet_rate"),
+            *("seconds", "quiet_tenants", "quiet_rate", "signal_delay"),
         )
         if getattr(args, name) is not None
     }

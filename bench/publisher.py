@@ -28,7 +28,10 @@ import orjson
 from daemon import config as config_module
 from daemon.topology import Topology
 
-from . import limits  # noqa: F401  (registers the `w8-limits` scenario)
+from . import (
+    limits,  # noqa: F401  (registers the `w8-limits` scenario)
+    mix,  # noqa: F401  (registers the `w9-mix` scenario)
+)
 from .generator import PubAcks
 from .scenarios import get as get_scenario
 

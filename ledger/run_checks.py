@@ -87,6 +87,28 @@ SELECT count(*) AS executions,
 FROM e LEFT JOIN t USING (execution_id)
 """
 
+# w9-mix: the signals of the signalled executions ($3) count as recorded (a `signal`
+# transition, in the order sent: data.n ascending) or dead-lettered (sent before the
+# enrolment committed, or after the execution ended).
+_MIX = """
+WITH e AS (
+    SELECT execution_id, status FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
+)
+SELECT count(*) AS executions,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       (SELECT count(*) FROM ordo.transitions t JOIN e USING (execution_id) WHERE t.kind = 'signal') AS signals,
+       (SELECT count(*) FROM (
+            SELECT (t.detail->'data'->>'n')::int AS n,
+                   lag((t.detail->'data'->>'n')::int) OVER (PARTITION BY t.execution_id ORDER BY t.seq) AS before
+            FROM ordo.transitions t JOIN e USING (execution_id) WHERE t.kind = 'signal') s
+         WHERE s.n < s.before) AS signals_out_of_order,
+       (SELECT count(*) FROM ordo.timers tm JOIN e USING (execution_id)) AS timers_left,
+       (SELECT count(*) FROM ordo.dead_letters d
+         WHERE d.reason IN ('unknown_execution', 'execution_closed')
+           AND d.execution_id = ANY($3::uuid[])) AS signals_dead_lettered
+FROM e
+"""
+
 # Lateness of each fire: from the intended time (the `waiting` transition's
 # until_ms) to the `timer_fired` transition (dispatch) and to its commit.
 _TIMER_LATENESS = """
@@ -178,6 +200,14 @@ async def signal_order_regressions(conn: Queryable, tenant: str, workflow_id: st
 async def timer_histories(conn: Queryable, tenant: str, workflow_id: str) -> Record:
     """w3: executions, completed, with the wait-then-fire history, and timer rows left behind."""
     row = await conn.fetchrow(_TIMERS, tenant, workflow_id)
+    assert row is not None, "an aggregate query returns one row"
+    return row
+
+
+async def mix_outcomes(conn: Queryable, tenant: str, workflow_id: str, signalled: list[str]) -> Record:
+    """w9: executions, completed, timers left, and the signalled executions' signals recorded, out of
+    order and dead-lettered."""
+    row = await conn.fetchrow(_MIX, tenant, workflow_id, signalled)
     assert row is not None, "an aggregate query returns one row"
     return row
 

@@ -185,6 +185,23 @@ async def test_w2_signals_apply_in_publish_order(nats_server_url, pg_dsn):
     assert metrics["applied_per_s"] > 0
 
 
+async def test_w9_mix_completes_every_kind_and_accounts_for_every_signal(nats_server_url, pg_dsn):
+    code, doc, output = await _bench(
+        nats_server_url, pg_dsn, "w9-mix", "-n", "200", "--wait", "1-3", "--signals", "2", "--signal-delay", "0.5",
+        "--workers", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, output
+    (run,) = doc["runs"]
+    check = run["verification"]
+    assert check["problems"] == [] and check["completed"] == 200 and check["timers_left"] == 0
+    metrics = run["metrics"]
+    signalled = metrics["signals_published"] // 2
+    assert signalled > 0 and metrics["signals_published"] == 2 * signalled
+    assert metrics["signals_recorded"] + metrics["signals_dead_lettered"] == metrics["signals_published"]
+    assert check["signals_out_of_order"] == 0
+    assert run["published"] == 200 + metrics["signals_published"]
+
+
 async def test_w3_timers_fire_and_report_lateness(nats_server_url, pg_dsn):
     code, doc, output = await _bench(
         nats_server_url, pg_dsn, "w3-timers", "-n", "200", "--wait", "1-3", "--workers", "1", "--json"
