@@ -330,7 +330,11 @@ async def _main(args, scenario: Scenario) -> int:
         print(f"bench {scenario.name}", file=sys.stderr)
         with redirect_stdout(sys.stderr):
             config = env.start()
-        pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2, command_timeout=120)
+        # Reading a run back (verify, finish times) scans its executions: a soak's millions take minutes.
+        expected = round(args.rate * args.duration) if args.rate else scenario.expected(args.count or 0)
+        pool = await asyncpg.create_pool(
+            config.pg_dsn, min_size=1, max_size=2, command_timeout=max(120.0, expected / 2_000)
+        )
         try:
             workers = args.workers or config.workers or os.cpu_count() or 1
             for number in range(1, args.repeat + 1):
