@@ -11,6 +11,10 @@ A candidate build is shipped beside them as a package of its own and named
 `ordo replay --engine NAME` runs the recorded inputs through that build and
 diffs its decisions with the ones production made: an engine upgrade, or a
 fork of the step semantics, is dual-run on history before it takes traffic.
+`ordo rollout start --engine NAME` then gives it live traffic, stage by stage
+(ledger/rollouts.py): the workers load it by the same name, an execution
+enrolled on it records the name (`executions.engine`) and every later step of
+it runs on this build, whose state class it is given (`adopt`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,23 @@ from hotpath import implementations
 GROUP = "ordo.engines"
 #: What an engine module must have.
 _API = ("Program", "ExecutionState", "advance")
+#: An execution state's fields after its id, each a keyword of every engine's ExecutionState.
+_STATE_FIELDS = (
+    "status",
+    "pc",
+    "seq",
+    "context",
+    "subject",
+    "event",
+    "steps",
+    "waiting",
+    "attempt",
+    "timer",
+    "visits",
+    "failures",
+    "tenant",
+    "effects",
+)
 
 
 class EngineError(ValueError):
@@ -62,3 +83,14 @@ def _from_module(name: str, module_name: str) -> SimpleNamespace:
             f"engine {name!r}: {module_name} lacks {', '.join(missing)} (an engine has {', '.join(_API)})"
         )
     return SimpleNamespace(**{attr: getattr(module, attr) for attr in _API})
+
+
+def adopt(state, build: SimpleNamespace):
+    """`state` as an instance of the engine's own ExecutionState (itself when it is one already).
+
+    A record read from the ledger is built with the worker's own state class; a compiled engine's
+    `advance` takes only its own, so an execution on another engine gets a copy of its fields.
+    """
+    if type(state) is build.ExecutionState:
+        return state
+    return build.ExecutionState(state.execution_id, **{name: getattr(state, name) for name in _STATE_FIELDS})
