@@ -20,10 +20,16 @@ it runs on this build, whose state class it is given (`adopt`).
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib import metadata
 from types import SimpleNamespace
 
-from hotpath import implementations
+from hotpath import ExecutionState, implementations
+from hotpath.vocabulary import FAILED, STARTED
+
+from . import logs
+
+log = logging.getLogger("ordo.engines")
 
 GROUP = "ordo.engines"
 #: What an engine module must have.
@@ -94,3 +100,35 @@ def adopt(state, build: SimpleNamespace):
     if type(state) is build.ExecutionState:
         return state
     return build.ExecutionState(state.execution_id, **{name: getattr(state, name) for name in _STATE_FIELDS})
+
+
+def crash_safe_start(entry, record, now_ms: int) -> list:
+    """The first advance of a new execution on a candidate engine (`entry.build`), whose crash fails it.
+
+    A candidate build that raises is the candidate's failure, not a poison trigger: the execution is
+    recorded as started and failed (code `engine_error`, the exception in its detail), on a fresh state
+    (what the engine left half done is dropped), so the rollout counts it in the candidate's failure
+    rate and rolls it back, and no trigger is held back by it.
+    """
+    state = record.state
+    try:
+        transitions: list = entry.build.advance(entry.program, state, "start", None, now_ms)
+        return transitions
+    except Exception as exc:  # the candidate's own failure, whatever it is
+        error = f"engine {entry.engine!r} raised {type(exc).__name__}: {exc}"
+        log.error(
+            "execution %s fails: %s",
+            state.execution_id,
+            error,
+            extra=logs.execution(
+                state.execution_id, entry.tenant, workflow_id=entry.workflow_id, **logs.failure("engine_error", exc)
+            ),
+        )
+    failed = record.state = ExecutionState(
+        state.execution_id, subject=state.subject, event=state.event, tenant=state.tenant
+    )
+    failed.seq, failed.status = 2, FAILED
+    return [
+        (1, "", STARTED, {"workflow_id": entry.workflow_id, "version": entry.version}),
+        (2, "", FAILED, {"error": error, "code": "engine_error"}),
+    ]

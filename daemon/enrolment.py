@@ -25,7 +25,8 @@ that version (`workflow_version`) to its end; a share of those on the
 baseline also run the candidate beside, in shadow (daemon/rollout_shadow.py).
 Under an engine rollout the entry chosen may be the version on the candidate
 engine (`entry.build`): the execution runs on that build and records its name
-(`engine`), which every later message of it runs on.
+(`engine`), which every later message of it runs on; a candidate engine that
+raises on a new execution fails it (`engine_error`), which the rollout judges.
 
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
@@ -47,6 +48,7 @@ from ledger.partitioning import day_of
 
 from . import logs, metrics
 from .config import Config
+from .engines import crash_safe_start
 from .rollout_shadow import dual_run
 from .topology import Topology, execution_id_for, partition_of
 from .trace_context import EVENT_KEY, trigger_traceparent
@@ -236,7 +238,11 @@ def enrol(
                 engine=entry.engine,
             )
             started = time.perf_counter()
-            transitions = (advance if build is None else build.advance)(entry.program, state, "start", None, now_ms)
+            if build is None:
+                transitions = advance(entry.program, state, "start", None, now_ms)
+            else:
+                transitions = crash_safe_start(entry, record, now_ms)
+                state = record.state  # a fresh one if the engine crashed: none of its effects is carried out
             metrics.advance_timings.add(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
             log.exception(

@@ -249,6 +249,46 @@ async def test_a_candidate_engine_that_raises_changes_nothing_of_the_primary(
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def test_a_candidate_engine_that_raises_on_traffic_fails_only_its_own_executions_and_is_rolled_back(
+    nats_server_url, pg_dsn, prefix, candidates
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        cohorts = Cohorts(h, "raise-live")
+        plan = Plan(
+            "welcome", None, stages=(100, 10_000), min_dwell_s=3600, min_sample=2, engine="module:raising_engine"
+        )
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            on_candidate, on_baseline = cohorts.take(2, below=100), cohorts.take(4, at_least=100)
+            await h.publish_triggers([_event(i) for i in on_candidate + on_baseline])
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back")
+            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=6)
+        rows = await h.db.fetch("SELECT event_id, execution_id::text, status, engine FROM ordo.executions")
+        assert {r["event_id"]: (r["status"], r["engine"]) for r in rows} == {
+            **{i: ("failed", "module:raising_engine") for i in on_candidate},
+            **{i: ("completed", None) for i in on_baseline},
+        }
+        histories = await _histories(h)
+        assert all(histories[i] == ["started:", "failed:"] for i in on_candidate)
+        assert all(histories[i] == WELCOME_HISTORY for i in on_baseline)
+        (failed,) = {
+            r["detail"] for r in await h.db.fetch("SELECT detail::text FROM ordo.transitions WHERE kind = 'failed'")
+        }
+        assert orjson.loads(failed) == {
+            "error": "engine 'module:raising_engine' raised RuntimeError: candidate engine crashed",
+            "code": "engine_error",
+        }
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (detail["metric"], detail["candidate"]["failure_rate"]) == ("failure_rate", 1.0)
+        ids = {r["event_id"]: r["execution_id"] for r in rows}
+        assert sorted(detail["failed_executions"]) == sorted(ids[i] for i in on_candidate)
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
 async def test_engine_rollouts_that_cannot_be_are_refused_with_one_line_and_change_nothing(
     nats_server_url, pg_dsn, prefix, candidates, tmp_path
 ):
