@@ -17,6 +17,8 @@ from test_engines import CANDIDATE as BRANCH_AS_GOTO
 from test_rollout import Cohorts, _event, _rollout, _seen_by
 
 from daemon.definitions import cohort
+from daemon.engines import adopt
+from hotpath import implementations
 from ledger import rollouts
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
 
@@ -335,3 +337,33 @@ async def test_engine_rollouts_that_cannot_be_are_refused_with_one_line_and_chan
             await rollouts.start(h.db, Plan("welcome", None, engine="pure"), "test")
         assert await ledger_rows() == before
         assert (await _rollout(h))["engine"] == "module:same_engine"
+
+
+@pytest.mark.parametrize("into", [name for name, build in implementations() if build is not None])
+def test_a_state_read_back_moves_to_the_engine_that_runs_it_field_for_field(into):
+    build = dict(implementations())[into]
+    for _, origin in implementations():
+        if origin is None:
+            continue
+        state = origin.ExecutionState(
+            "e-1",
+            status="waiting",
+            pc=2,
+            seq=7,
+            context={"a": 1},
+            subject={"id": "c-1"},
+            event={"type": "t"},
+            steps=3,
+            waiting="action",
+            attempt=2,
+            timer="t-1",
+            visits={"send": 1},
+            failures=[{"attempt": 1}],
+            tenant="acme",
+        )
+        moved = adopt(state, build)
+        assert type(moved) is build.ExecutionState
+        fields = ("execution_id", "status", "pc", "seq", "context", "subject", "event", "steps", "waiting")
+        fields += ("attempt", "timer", "visits", "failures", "tenant", "effects")
+        assert [getattr(moved, f) for f in fields] == [getattr(state, f) for f in fields]
+        assert (moved is state) == (origin.ExecutionState is build.ExecutionState)
