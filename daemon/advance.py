@@ -19,6 +19,7 @@ from ledger.executions import CLOSED, ExecutionRecord, UnreadableRecord, take_ef
 
 from . import logs, metrics
 from .config import Config
+from .engines import adopt
 from .work_items import WorkItem
 
 log = logging.getLogger("ordo.advance")
@@ -92,14 +93,21 @@ def apply(
             workflow_id=record.workflow_id,
         )
         return unit
-    entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)
+    run = advance
+    if record.engine is None:
+        entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)
+    else:  # enrolled on an engine rollout's candidate: every step of it runs on that engine
+        entry = registry.on_engine(record.tenant, record.workflow_id, record.workflow_version, record.engine)
+        if entry is not None and entry.build is not None:
+            state = record.state = adopt(state, entry.build)
+            run = entry.build.advance
     if entry is None or entry.program is None:
         error = entry.error if entry else f"workflow {record.workflow_id} v{record.workflow_version} is not deployed"
         unit.dead_letter("invalid_definition", error, tenant=record.tenant, workflow_id=record.workflow_id)
         return unit
     try:
         started = time.perf_counter()
-        transitions = advance(entry.program, state, kind, payload_of(doc), now_ms)
+        transitions = run(entry.program, state, kind, payload_of(doc), now_ms)
         metrics.advance_timings.add(time.perf_counter() - started)
     except Exception as exc:
         steps = entry.program.step_ids

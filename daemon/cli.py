@@ -15,7 +15,7 @@
     ordo dlq list|show ID|retry ID|--all
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
-    ordo rollout start --workflow W (--to-version N | --definition FILE) [--stages 1,5,25,50,100 ...]
+    ordo rollout start --workflow W (--to-version N | --definition FILE | --engine NAME) [--stages 1,5,25,50,100 ...]
     ordo rollout status [--workflow W] [--json]     ordo rollout pause|resume|abort --workflow W
     ordo ledger maintain           create the day partitions a week ahead, move rows out of DEFAULT
     ordo ledger retention [--keep 14d]             drop the days older than that (open executions stay)
@@ -384,7 +384,8 @@ def cmd_rollout(args, config) -> int:
             definition = _read_definition(args.definition) if args.definition else None
             plan = commands.plan_of(args, definition)
             context_types = registered.registry(config, config.context_type_plugins)
-            row = await rollouts.start(conn, plan, commands.actor(), context_types)
+            check = commands.engine_check(args.engine) if args.engine else None
+            row = await rollouts.start(conn, plan, commands.actor(), context_types, check)
         else:
             reason = args.reason or f"{args.action} by the operator"
             row = await rollouts.operate(conn, args.workflow, args.tenant, args.action, commands.actor(), reason)
@@ -581,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-version", type=int, metavar="N", help="start: the candidate, a deployed version")
     p.add_argument("--definition", metavar="FILE", help="start: deploy this definition as the candidate")
     p.add_argument("--from-version", type=int, metavar="N", help="start: the baseline (default: what runs now)")
+    p.add_argument(
+        "--engine", metavar="NAME", help="start: a candidate engine (dispatcher build) for the version that runs now"
+    )
     p.add_argument("--stages", default="1,5,25,50,100", help="start: the candidate's share at each stage, in %%")
     p.add_argument("--min-dwell", default="60s", help="start: the least time at each stage (default 60s)")
     p.add_argument("--min-sample", type=int, default=100, help="start: finished candidate executions per stage")

@@ -13,18 +13,26 @@ rollback or an abort the baseline keeps them all, until a version newer than
 both is deployed. A rollout with a shadow share also has the candidate run
 beside the primary, its effects dropped, for the executions on the baseline
 whose cohort is in the top `shadow_share` (daemon/rollout_shadow.py).
+
+An engine rollout keeps the version and changes the dispatcher build: its
+candidate is the same version compiled by the candidate engine (`on_engine`,
+daemon/engines.py), an entry that names the engine (`engine`) and carries the
+build that runs it (`build`). Enrolment runs a new execution on that build and
+records the engine with it; every later message of the execution runs on
+`on_engine` too. Every other entry has neither, and runs on the worker's own.
 """
 
 import hashlib
 import logging
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 from hotpath import Program
 from hotpath.context_types import CONTACT, ContextType
 from hotpath.definition import DefinitionError, validate
 
 from . import context_types as registered_context_types
-from . import logs
+from . import engines, logs
 from .rollout_shadow import ShadowResults, bounded
 
 log = logging.getLogger("ordo.definitions")
@@ -44,6 +52,15 @@ class WorkflowEntry:
     subject_type: str = CONTACT
     #: Set on the entry that stands for a workflow under rollout: which version a new execution runs.
     split: "Split | None" = None
+    #: The candidate engine this entry runs on (an engine rollout's, `on_engine`); None: the worker's own.
+    engine: str | None = None
+    #: That engine's Program, ExecutionState and advance (daemon/engines.py); None with `engine`.
+    build: SimpleNamespace | None = None
+
+    @property
+    def rollout_label(self) -> str:
+        """The version as the rollout metrics label it: '3', or '3@pure' on a candidate engine."""
+        return str(self.version) if self.engine is None else f"{self.version}@{self.engine}"
 
 
 def cohort(execution_id: str) -> int:
@@ -125,6 +142,8 @@ class WorkflowRegistry:
         self._rollouts: dict = {}
         self._definitions: dict = {}
         self._shadow_programs: dict = {}
+        #: (tenant, workflow_id, version, engine) -> that version compiled by that engine (`on_engine`).
+        self._on_engine: dict = {}
         #: What shadow runs found, for the rollout controller to write to the ledger.
         self.shadow_results = ShadowResults()
 
@@ -171,7 +190,10 @@ class WorkflowRegistry:
         if rollout is None or latest.version > max(rollout["from_version"], rollout["to_version"]):
             return latest  # no rollout, or a version deployed after it: the latest runs, as after any deploy
         baseline = self.version(latest.tenant, latest.workflow_id, rollout["from_version"])
-        candidate = self.version(latest.tenant, latest.workflow_id, rollout["to_version"])
+        if rollout["engine"] is None:
+            candidate = self.version(latest.tenant, latest.workflow_id, rollout["to_version"])
+        else:
+            candidate = self.on_engine(latest.tenant, latest.workflow_id, rollout["to_version"], rollout["engine"])
         if rollout["state"] == "completed" and candidate is not None:
             return candidate
         if baseline is None:
@@ -196,15 +218,53 @@ class WorkflowRegistry:
         """The candidate's program for shadow runs, bounded by the baseline's max_steps; compiled once."""
         if baseline.program is None:
             return None
-        key = (candidate.tenant, candidate.workflow_id, candidate.version, baseline.program.max_steps)
+        max_steps = baseline.program.max_steps
+        key = (candidate.tenant, candidate.workflow_id, candidate.version, max_steps, candidate.engine)
         if key not in self._shadow_programs:
             definition = self._definitions.get(key[:3])
+            program_class = Program if candidate.build is None else candidate.build.Program
             try:
-                program = None if definition is None else bounded(definition, baseline.program.max_steps)
-            except (DefinitionError, ValueError, TypeError, KeyError):
+                program = None if definition is None else bounded(definition, max_steps, program_class)
+            except Exception:  # a candidate (engine) that cannot compile it has no shadow
                 program = None
             self._shadow_programs[key] = program
         return self._shadow_programs[key]
+
+    def on_engine(self, tenant: str, workflow_id: str, version: int, engine: str) -> WorkflowEntry | None:
+        """The version compiled by the engine called `engine`; compiled once. None: the version is not deployed.
+
+        An engine that cannot be loaded here, or that fails to compile the version, gives an entry
+        without a program whose error says so: its executions are dead-lettered with it (and can be
+        retried once the engine is installed), the rest flows.
+        """
+        key = (tenant, workflow_id, version, engine)
+        entry = self._on_engine.get(key)
+        if entry is None:
+            base = self.version(tenant, workflow_id, version)
+            if base is None:
+                return None
+            entry = self._on_engine[key] = self._compile_on(base, engine)
+        return entry
+
+    def _compile_on(self, base: WorkflowEntry, name: str) -> WorkflowEntry:
+        if base.program is None:
+            return replace(base, engine=name)
+        definition = self._definitions.get((base.tenant, base.workflow_id, base.version))
+        try:
+            build = engines.engine(name)
+            program = build.Program(definition)
+        except engines.EngineError as exc:
+            error = f"engine {name!r} cannot be loaded on this worker: {exc}"
+        except Exception as exc:  # the candidate's own failure, reported as its entry's error
+            error = f"engine {name!r} cannot compile {base.workflow_id} v{base.version}: {type(exc).__name__}: {exc}"
+        else:
+            return replace(base, program=program, engine=name, build=build, split=None)
+        log.error(
+            "%s",
+            error,
+            extra=logs.execution(None, base.tenant, workflow_id=base.workflow_id, version=base.version),
+        )
+        return replace(base, program=None, error=error, engine=name, split=None)
 
     def rollouts(self) -> list:
         """Each workflow's most recent rollout, as last read from the ledger."""

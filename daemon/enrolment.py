@@ -23,6 +23,10 @@ A workflow under rollout (daemon/definitions.py) enrols each new execution
 into the version its id and the rollout's stage choose; the execution keeps
 that version (`workflow_version`) to its end; a share of those on the
 baseline also run the candidate beside, in shadow (daemon/rollout_shadow.py).
+Under an engine rollout the entry chosen may be the version on the candidate
+engine (`entry.build`): the execution runs on that build and records its name
+(`engine`), which every later message of it runs on; a candidate engine that
+raises on a new execution fails it (`engine_error`), which the rollout judges.
 
 A trigger message may be a batch of events ({v, events: [...]}): each event is
 enrolled in a unit of its own (`BatchPart`), as if it had come alone.
@@ -44,6 +48,7 @@ from ledger.partitioning import day_of
 
 from . import logs, metrics
 from .config import Config
+from .engines import crash_safe_start
 from .rollout_shadow import dual_run
 from .topology import Topology, execution_id_for, partition_of
 from .trace_context import EVENT_KEY, trigger_traceparent
@@ -212,7 +217,10 @@ def enrol(
             matched = True
             if execution_id is None:
                 execution_id = execution_id_for(tenant, entry.workflow_id, event["event_id"])
-            state = ExecutionState(execution_id, subject=subject, event=event, tenant=tenant)
+            build = entry.build  # None but on an engine rollout's candidate: the worker's own build
+            state = (ExecutionState if build is None else build.ExecutionState)(
+                execution_id, subject=subject, event=event, tenant=tenant
+            )
             record = ExecutionRecord(
                 execution_id,
                 tenant,
@@ -227,9 +235,14 @@ def enrol(
                 event_json=source.data.decode() if keep_raw else None,
                 subject_type=subject_type,
                 ledger_day=ledger_day,
+                engine=entry.engine,
             )
             started = time.perf_counter()
-            transitions = advance(entry.program, state, "start", None, now_ms)
+            if build is None:
+                transitions = advance(entry.program, state, "start", None, now_ms)
+            else:
+                transitions = crash_safe_start(entry, record, now_ms)
+                state = record.state  # a fresh one if the engine crashed: none of its effects is carried out
             metrics.advance_timings.add(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
             log.exception(
@@ -250,11 +263,18 @@ def enrol(
         effects = take_effects(state)
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
         if split is not None:
-            metrics.rollout_started(entry.tenant, entry.workflow_id, entry.version).inc()
+            metrics.rollout_started(entry.tenant, entry.workflow_id, entry.rollout_label).inc()
             if shadowed:
                 split.shadow_results.add(
                     dual_run(
-                        split.rollout_id, split.shadow_program, execution_id, event, transitions, state.status, now_ms
+                        split.rollout_id,
+                        split.shadow_program,
+                        execution_id,
+                        event,
+                        transitions,
+                        state.status,
+                        now_ms,
+                        split.candidate.build,
                     )
                 )
     if not matched and not unit.dead_letters:

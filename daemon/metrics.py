@@ -205,8 +205,9 @@ _action_outcomes: dict = {}
 _rollout_started: dict = {}
 
 
-def rollout_started(tenant: str, workflow_id: str, version: int):
-    """ordo_rollout_started_total's child for the workflow and version, bound once."""
+def rollout_started(tenant: str, workflow_id: str, version: int | str):
+    """ordo_rollout_started_total's child for the workflow and version ('3', or '3@pure' on a candidate
+    engine), bound once."""
     key = (tenant, workflow_id, version)
     child = _rollout_started.get(key)
     if child is None:

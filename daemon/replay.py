@@ -33,8 +33,11 @@ import orjson
 from hotpath import ExecutionState, Program, advance
 from hotpath.definition import DefinitionError, validate
 from hotpath.durations import parse_duration
-from ledger import history
+from ledger import history, rollouts
 from ledger.executions import RUNTIME_DEFAULTS, subject_from
+
+from .engines import EngineError
+from .engines import engine as engine_named
 
 #: Transitions that an input made first; every other transition follows one of these in the same advance.
 _HEADS = frozenset(
@@ -375,11 +378,19 @@ async def replay(
 
     `definition`: None for the version it ran on, an int for another deployed version of its
     workflow, or a definition (dict) that need not be deployed. `engine`: the dispatcher build to
-    run them through (daemon/engines.py, called `engine_name`); None for this worker's own.
+    run them through (daemon/engines.py, called `engine_name`); None for the one the execution ran
+    on (the candidate engine it was enrolled on under an engine rollout, else this worker's own).
     """
     row = await history.trigger_and_state(conn, execution_id)
     if row is None:
         return ReplayResult(execution_id, "", 0, None, error=f"no execution {execution_id}")
+    if engine is None:
+        engine_name = await rollouts.engine_of(conn, execution_id)
+        if engine_name is not None:
+            try:
+                engine = engine_named(engine_name)
+            except EngineError as exc:
+                return ReplayResult(execution_id, row["workflow_id"], row["workflow_version"], None, error=str(exc))
     tenant, workflow_id, recorded_version = row["tenant"], row["workflow_id"], row["workflow_version"]
     result = ReplayResult(execution_id, workflow_id, recorded_version, None, engine=engine_name)
     recorded_definition = await history.definition(conn, tenant, workflow_id, recorded_version)

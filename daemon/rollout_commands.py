@@ -1,11 +1,14 @@
 """`ordo rollout start|status|pause|resume|abort`: what the operator types, read and shown.
 
 Every refusal is a `RolloutRefused` with one line saying why; the command
-prints it as `ordo: ...` and exits 1, having changed nothing.
+prints it as `ordo: ...` and exits 1, having changed nothing. A candidate
+engine (`--engine`) is loaded here first (`engine_check`): one that cannot be
+imported, lacks the engine API or fails to compile the version is refused.
 """
 
 import getpass
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -13,6 +16,8 @@ import orjson
 from hotpath.durations import parse_duration
 from ledger import rollouts
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
+
+from .engines import EngineError, engine
 
 
 def actor() -> str:
@@ -69,9 +74,9 @@ def parse_limit(option: str, text: str | None) -> float | None:
 
 
 def plan_of(args, definition: dict[str, Any] | None) -> Plan:
-    """The rollout `ordo rollout start` asks for."""
-    if (args.to_version is None) == (definition is None):
-        raise RolloutRefused("rollout start takes --to-version N or --definition FILE (one of them)")
+    """The rollout `ordo rollout start` asks for (ledger.rollouts.start refuses an engine with a version)."""
+    if args.engine is None and (args.to_version is None) == (definition is None):
+        raise RolloutRefused("rollout start takes --to-version N, --definition FILE or --engine NAME (one of them)")
     return Plan(
         workflow_id=args.workflow,
         to_version=args.to_version,
@@ -87,7 +92,26 @@ def plan_of(args, definition: dict[str, Any] | None) -> Plan:
         ),
         shadow_share=parse_share("--shadow", args.shadow),
         definition=definition,
+        engine=args.engine,
     )
+
+
+def engine_check(name: str) -> Callable[[dict[str, Any]], None]:
+    """Load the candidate engine now (RolloutRefused when it cannot be); the check that it compiles a version."""
+    try:
+        build = engine(name)
+    except EngineError as exc:
+        raise RolloutRefused(f"the candidate engine cannot be used: {exc}") from None
+
+    def compiles(definition: dict[str, Any]) -> None:
+        try:
+            build.Program(definition)
+        except Exception as exc:  # the candidate's own failure, reported as the refusal
+            raise RolloutRefused(
+                f"engine {name!r} cannot compile version {definition.get('version')}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    return compiles
 
 
 def percent(share: int) -> str:
@@ -99,24 +123,29 @@ def describe(row) -> str:
     stages = " -> ".join(percent(s) for s in row["stages"])
     shadow = f", shadow {percent(row['shadow_share'])}" if row["shadow_share"] else ""
     return (
-        f"rollout {row['rollout_id']}  {row['tenant']}/{row['workflow_id']}  v{row['from_version']} -> "
-        f"v{row['to_version']}  {row['state']}  candidate share {percent(row['share'])}{shadow}  (stages {stages})"
+        f"rollout {row['rollout_id']}  {row['tenant']}/{row['workflow_id']}  {rollouts.side_label(row, False)} -> "
+        f"{rollouts.side_label(row, True)}  {row['state']}  candidate share {percent(row['share'])}{shadow}  "
+        f"(stages {stages})"
     )
 
 
 async def report(conn, row) -> dict[str, Any]:
     """One rollout as `ordo rollout status --json` shows it (and the console draws it): the row,
-    its stage's numbers per version, the shadow runs' outcomes and divergences, its logged changes."""
+    its stage's numbers per version, the shadow runs' outcomes and divergences, its logged changes.
+
+    `stage` is keyed by version ('2'), an engine rollout's candidate by its label ('2@pure')."""
     versions = (row["from_version"], row["to_version"])
     since = row["stage_started_at"]
     counts = await rollouts.stage_counts(conn, row["rollout_id"], since)
     p99 = await rollouts.step_p99_ms(conn, row["tenant"], row["workflow_id"], versions, since)
+    keys = dict(zip(rollouts.sides(row), (stage_key(row, False), stage_key(row, True)), strict=True))
     return {
         "rollout": {
             k: (v if isinstance(v, (int, float, str, list, type(None))) else str(v)) for k, v in dict(row).items()
         },
         "stage": {
-            str(v): dict(counts[v]) | {"p99_step_ms": p99.get(v)} if v in counts else {"started": 0} for v in versions
+            label: dict(counts[k]) | {"p99_step_ms": p99.get(k)} if k in counts else {"started": 0}
+            for k, label in keys.items()
         },
         "shadow": await rollouts.shadow_counts(conn, row["rollout_id"], since),
         "divergences": [
@@ -169,12 +198,13 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
             f"p99 step latency {_or_off(row['max_p99_ms'], 1, ' ms')}; shadow divergence rate "
             f"{_or_off(row['max_divergence_rate'], 100, '%', 'at most ')}"
         )
-        for version in (row["from_version"], row["to_version"]):
-            stage = doc["stage"][str(version)]
-            role = "baseline " if version == row["from_version"] else "candidate"
+        for candidate in (False, True):
+            stage = doc["stage"][stage_key(row, candidate)]
+            role = "candidate" if candidate else "baseline "
             p99 = stage.get("p99_step_ms")
             lines.append(
-                f"  {role} v{version}: started {stage['started']}, completed {stage.get('completed', 0)}, "
+                f"  {role} {rollouts.side_label(row, candidate)}: started {stage['started']}, "
+                f"completed {stage.get('completed', 0)}, "
                 f"failed {stage.get('failed', 0)}" + (f", p99 step {p99:.1f} ms" if p99 is not None else "")
             )
         if row["shadow_share"]:
@@ -200,6 +230,11 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
             if failed:
                 lines.append(f"       failed executions: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
     return 0, "\n".join(lines)
+
+
+def stage_key(row, candidate: bool) -> str:
+    """The key of a side's numbers in `report`'s `stage`: its version, or 'N@ENGINE' for a candidate engine."""
+    return rollouts.side_label(row, candidate).removeprefix("v")
 
 
 def _decision(decision: dict | None) -> str:

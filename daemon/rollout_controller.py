@@ -25,6 +25,11 @@ over the executions started in the current stage, read from the ledger:
 
 Each round also writes the worker's shadow runs to the ledger, and replays
 the pending ones whose execution has ended through the candidate.
+
+An engine rollout is judged alike: its baseline is the version on the
+workers' own build, its candidate the same version on the candidate engine
+(counted apart, `ledger.rollouts.sides`), and its pending shadow runs are
+replayed on the candidate engine.
 """
 
 import asyncio
@@ -37,6 +42,7 @@ from ledger import rollouts
 
 from . import logs, metrics
 from .definitions import WorkflowRegistry
+from .engines import EngineError, engine
 from .replay import replay
 from .rollout_shadow import from_replay
 from .rollout_tally import RolloutTally
@@ -73,14 +79,21 @@ def _rates(counts) -> dict[str, Any]:
 def judge(rollout, counts: dict, p99_ms: dict[int, float], shadow: dict[str, int] | None = None) -> Verdict | None:
     """What to do with a rollout in progress given its stage's numbers; None: wait for more.
 
-    `counts` and `p99_ms` are by version (ledger.rollouts.stage_counts, step_p99_ms), `shadow` the stage's
+    `counts` and `p99_ms` are by version (ledger.rollouts.stage_counts, step_p99_ms; an engine rollout's
+    candidate under `ledger.rollouts.CANDIDATE_ENGINE`), `shadow` the stage's
     shadow runs by outcome (ledger.rollouts.shadow_counts); `rollout` has `dwelt_s`, the seconds its
     stage has lasted.
     """
-    candidate, baseline = _rates(counts.get(rollout["to_version"])), _rates(counts.get(rollout["from_version"]))
-    for values, version in ((candidate, rollout["to_version"]), (baseline, rollout["from_version"])):
+    baseline_key, candidate_key = rollouts.sides(rollout)
+    candidate, baseline = _rates(counts.get(candidate_key)), _rates(counts.get(baseline_key))
+    for values, version, key in (
+        (candidate, rollout["to_version"], candidate_key),
+        (baseline, rollout["from_version"], baseline_key),
+    ):
         values["version"] = version
-        values["p99_step_ms"] = p99_ms.get(version)
+        values["p99_step_ms"] = p99_ms.get(key)
+    if rollout.get("engine") is not None:
+        candidate["engine"] = rollout["engine"]
     shadow = shadow or {}
     diverged = shadow.get("diverged", 0) + shadow.get("error", 0)
     compared = diverged + shadow.get("identical", 0)
@@ -209,8 +222,15 @@ class RolloutController:
 
     async def _replay_pending(self, conn, rollout) -> None:
         """Replay through the candidate the whole history of shadowed executions that have ended since."""
+        build, name = None, rollout["engine"]
+        if name is not None:
+            try:
+                build = engine(name)
+            except EngineError as exc:
+                log.error("rollout %s: %s", rollout["rollout_id"], exc, extra=logs.failure("engine_unavailable", exc))
+                return  # pending until a worker that has the engine replays them
         for execution_id in await rollouts.pending_shadow_runs(conn, rollout["rollout_id"], REPLAYS_PER_ROUND):
-            result = await replay(conn, execution_id, rollout["to_version"])
+            result = await replay(conn, execution_id, rollout["to_version"], build, name)
             await rollouts.settle_shadow_run(conn, from_replay(rollout["rollout_id"], execution_id, result))
 
     async def _judge_one(self, conn, rollout) -> None:
@@ -239,7 +259,9 @@ class RolloutController:
                 r["execution_id"] for r in await rollouts.shadow_divergences(conn, rollout["rollout_id"], 100)
             ]
         elif verdict.action == "rolled_back":
-            failed = await rollouts.failed_executions(conn, *args, rollout["to_version"], since)
+            failed = await rollouts.failed_executions(
+                conn, *args, rollout["to_version"], since, engine=rollout["engine"]
+            )
             verdict.detail["failed_executions"] = failed
         await rollouts.move(conn, rollout, verdict.action, verdict.reason, verdict.detail)
         done = "completed" if verdict.action == "advanced" and rollout["stage"] + 2 == len(rollout["stages"]) else None
@@ -247,10 +269,11 @@ class RolloutController:
         level = logging.ERROR if verdict.action == "rolled_back" else logging.INFO
         log.log(
             level,
-            "rollout %s of %s/%s v%s -> v%s %s: %s",
+            "rollout %s of %s/%s %s -> %s %s: %s",
             rollout["rollout_id"],
             *args,
-            *versions,
+            rollouts.side_label(rollout, candidate=False),
+            rollouts.side_label(rollout, candidate=True),
             done or verdict.action,
             verdict.reason,
             extra=logs.execution(None, rollout["tenant"], workflow_id=rollout["workflow_id"]),

@@ -5,6 +5,8 @@ the candidate's program on a copy of the trigger, on a state of its own,
 right after the primary's first steps: its effects (action requests, timers,
 emits) are collected on that state and dropped, so nothing it decides is
 carried out; its transitions are compared with the primary's, one by one.
+The candidate is another version, or, in an engine rollout, the same version
+on the candidate engine (its own Program, ExecutionState and advance).
 The primary is never touched: it ran first, on its own objects, and whatever
 the candidate does (raise, or loop until its loop guard, bounded by the
 primary's own `max_steps`) ends in the shadow run's outcome, never in the
@@ -23,6 +25,7 @@ dropped (counted), never the primary's work held back.
 """
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -95,10 +98,12 @@ def dual_run(
     primary: list,
     primary_status: str,
     now_ms: int,
+    build: SimpleNamespace | None = None,
 ) -> ShadowRun:
     """Run `candidate` on a copy of the trigger and compare its first transitions with the primary's.
 
-    `primary` are the primary's transitions of its first advance and `primary_status` its status after.
+    `primary` are the primary's transitions of its first advance and `primary_status` its status after;
+    `build` is the candidate engine that compiled `candidate` (daemon/engines.py), None for the worker's own.
     """
     try:
         # Its own copy of the inputs: nothing the candidate does can reach the primary's objects.
@@ -109,8 +114,9 @@ def dual_run(
             return ShadowRun(
                 rollout_id, execution_id, "diverged", 0, 1, "", first, {"kind": "not_enrolled", "detail": None}
             )
-        state = ExecutionState(execution_id, subject=subject, event=event, tenant=event["tenant"])
-        transitions = advance(candidate, state, "start", None, now_ms)
+        new_state, run = (ExecutionState, advance) if build is None else (build.ExecutionState, build.advance)
+        state = new_state(execution_id, subject=subject, event=event, tenant=event["tenant"])
+        transitions = run(candidate, state, "start", None, now_ms)
     except Exception as exc:  # the candidate's failure is the shadow run's outcome, never the primary's
         return ShadowRun(rollout_id, execution_id, "error", 0, error=f"{type(exc).__name__}: {exc}")
     compared, at = first_divergence(primary, transitions)
@@ -154,8 +160,11 @@ def from_replay(rollout_id: int, execution_id: str, result: ReplayResult) -> Sha
     )
 
 
-def bounded(definition: dict, max_steps: int) -> Program:
-    """The candidate's program for shadow runs: at most `max_steps` steps per input (the primary's bound)."""
+def bounded(definition: dict, max_steps: int, program_class=Program):
+    """The candidate's program for shadow runs: at most `max_steps` steps per input (the primary's bound).
+
+    `program_class` is the candidate engine's Program for an engine rollout (daemon/engines.py).
+    """
     limits = dict(definition.get("limits") or {})
     limits["max_steps"] = min(limits.get("max_steps", max_steps), max_steps)
-    return Program(dict(definition, limits=limits))
+    return program_class(dict(definition, limits=limits))

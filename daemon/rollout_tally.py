@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from ledger.rollouts import CANDIDATE_ENGINE
+
 from . import metrics
 
 _IN_PROGRESS = ("running", "paused")
@@ -46,7 +48,9 @@ class RolloutTally:
         stage = self._stages.get((record.tenant, record.workflow_id))
         if stage is None or record.created_at < stage.started_at:
             return
-        key = (stage.rollout_id, stage.started_at, record.workflow_version)
+        # An engine rollout's candidate runs its baseline's version: it is counted apart (ledger.rollouts.sides).
+        version = record.workflow_version if record.engine is None else CANDIDATE_ENGINE
+        key = (stage.rollout_id, stage.started_at, version)
         counts = self._counts.get(key)
         if counts is None:
             counts = self._counts[key] = [0, 0, 0]
@@ -55,7 +59,8 @@ class RolloutTally:
         if change.finished and change.status in ("completed", "failed"):
             counts[1 if change.status == "completed" else 2] += 1
             workflow = f"{record.tenant}/{record.workflow_id}"
-            metrics.rollout_ended_total.labels(workflow, str(record.workflow_version), change.status).inc()
+            label = str(record.workflow_version) + ("" if record.engine is None else f"@{record.engine}")
+            metrics.rollout_ended_total.labels(workflow, label, change.status).inc()
 
     def take(self) -> list[tuple[int, datetime, int, int, int, int]]:
         """The counts since the last take, as rows for `ledger.rollouts.add_stage_counts`."""

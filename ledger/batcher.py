@@ -196,6 +196,13 @@ ON CONFLICT (execution_id) DO UPDATE
 SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
     event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
 """
+# The engine of executions enrolled on a candidate engine (migration 017), set on the rows just
+# written: the enrolment COPY stays the same for every execution outside an engine rollout.
+_SET_ENGINES = """
+UPDATE ordo.executions e SET engine = s.engine
+FROM unnest($1::uuid[], $2::date[], $3::text[]) AS s(execution_id, ledger_day, engine)
+WHERE e.execution_id = s.execution_id AND e.ledger_day = s.ledger_day
+"""
 
 
 def _earliest_timers(enrolled: list[ExecutionChange], owned: dict[int, int]) -> dict[int, int]:
@@ -299,6 +306,8 @@ class ExecutionChange:
     #: An enrolment whose trigger may have enrolled on the day before its own (ledger/partitioning.py
     #: `may_be_enrolled_the_day_before`): the commit looks there.
     check_day_before: bool = False
+    #: An enrolment on a candidate engine (an engine rollout): its name, written with the execution.
+    engine: str | None = None
 
     @property
     def is_new(self) -> bool:
@@ -749,7 +758,7 @@ class LedgerBatcher:
         return accepted
 
     async def _apply_effects(self, conn: asyncpg.Connection, changes: list[ExecutionChange]) -> None:
-        """Timers, event waits and step dead letters of the accepted changes."""
+        """Timers, event waits, step dead letters and enrolments' engines of the accepted changes."""
         drop_timers = [c.execution_id for c in changes if c.drop_timer]
         timers = [(c.execution_id, c.partition, *c.timer) for c in changes if c.timer]
         drop_waits = [c.execution_id for c in changes if c.drop_wait]
@@ -771,6 +780,9 @@ class LedgerBatcher:
         limit_waits = [(c.execution_id, *c.limit_wait) for c in changes if c.limit_wait]
         if limit_waits:
             await limits.queue(conn, limit_waits)
+        engines = [(c.execution_id, c.ledger_day, c.engine) for c in changes if c.engine is not None]
+        if engines:
+            await conn.execute(_SET_ENGINES, *map(list, zip(*engines, strict=True)))
 
     async def _copy_new(self, conn: asyncpg.Connection, new: list[ExecutionChange]) -> None:
         """The fast path: COPY new executions straight into the ledger's tables.

@@ -92,6 +92,7 @@ class ExecutionRecord:
         "loaded_context",
         "state",
         "event_json",
+        "engine",
     )
 
     def __init__(
@@ -110,6 +111,7 @@ class ExecutionRecord:
         loaded_context: str = "{}",
         subject_type: str = "contact",
         ledger_day: date | None = None,
+        engine: str | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -133,6 +135,8 @@ class ExecutionRecord:
         self.loaded_context = loaded_context
         self.state = state
         self.event_json = event_json
+        #: The engine it was enrolled on under an engine rollout (daemon/engines.py); None: the worker's own.
+        self.engine = engine
 
     def change(
         self,
@@ -232,6 +236,7 @@ class ExecutionRecord:
             event = state.event
             ts = event.get("ts") if isinstance(event, dict) else None
             change.check_day_before = may_be_enrolled_the_day_before(self.ledger_day, ts)
+            change.engine = self.engine
         if change.finished:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
@@ -364,7 +369,8 @@ def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
 
 _LOAD = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
-       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day
+       status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day,
+       engine
 FROM ordo.executions WHERE execution_id = ANY($1::uuid[]) AND ledger_day >= $2
 """
 #: A message names its execution by id alone, and each day partition has its own primary key to
@@ -442,4 +448,5 @@ def _record(r: Record) -> ExecutionRecord:
         loaded_context=r["context"],
         subject_type=r["subject_type"],
         ledger_day=r["ledger_day"],
+        engine=r["engine"],
     )

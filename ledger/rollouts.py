@@ -1,16 +1,18 @@
 """Progressive rollouts in the ledger: start, change and read them; the numbers they are judged on.
 
 A rollout moves a workflow's new executions from a baseline version to a
-candidate version in stages; the candidate's share is in basis points (100 =
-1%). Every change of a rollout (started, advanced, paused, resumed,
-completed, rolled back, aborted) is a row of `ordo.rollout_transitions` with
+candidate version in stages, or, an engine rollout, from the worker's own
+dispatcher build to a candidate engine on the same version (`engine`, see
+daemon/engines.py); the candidate's share is in basis points (100 = 1%).
+Every change of a rollout (started, advanced, paused, resumed, completed,
+rolled back, aborted) is a row of `ordo.rollout_transitions` with
 who made it, why and the values it was decided on, written in the same
 transaction as the change, so a rollout's history can always be read back.
 Each change NOTIFYs `ROLLOUT_CHANNEL`: the workers pick the new share up at
 once (and poll besides, should a notification be lost).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,6 +30,9 @@ ROLLOUT_CHANNEL = "ordo_rollouts"
 #: The whole of new executions, in basis points.
 ALL = 10_000
 IN_PROGRESS = ("running", "paused")
+#: The version under which an engine rollout counts its candidate's executions (ordo.rollout_counts):
+#: both its sides run one version, and no workflow has a version 0 (migration 017).
+CANDIDATE_ENGINE = 0
 #: Any fixed number: the advisory lock of the worker that judges the rollouts this round.
 _CONTROLLER_LOCK = 0x726F6C6C
 
@@ -62,22 +67,39 @@ class Plan:
     shadow_share: int = 0
     #: A definition to deploy as the candidate, in the same transaction (instead of to_version).
     definition: dict[str, Any] | None = None
+    #: An engine rollout: the candidate engine's name, on the version new executions run now.
+    engine: str | None = None
 
 
 # -- starting and changing --------------------------------------------------------
 
 
 async def start(
-    conn: Transactional, plan: Plan, actor: str, context_types: Mapping[str, ContextType] | None = None
+    conn: Transactional,
+    plan: Plan,
+    actor: str,
+    context_types: Mapping[str, ContextType] | None = None,
+    engine_check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Record:
     """Start a rollout; its row. Raises RolloutRefused, having changed nothing, when it cannot be one.
 
     Refused: stages that are not ascending shares ending at 100%, a workflow or version that is not
     deployed, a candidate that fails validation (against the registered `context_types`) or is
     triggered by another event or about another subject type than its baseline, and a workflow
-    that has a rollout in progress already.
+    that has a rollout in progress already. An engine rollout (`plan.engine`) runs the version new
+    executions run now on the candidate engine: it takes no version or definition of its own (one
+    change at a time), and is refused when `engine_check(definition)` raises RolloutRefused (the
+    daemon loads the engine and compiles the version with it).
     """
     _check_stages(plan.stages, plan.shadow_share)
+    if plan.engine is not None and (
+        plan.to_version is not None or plan.definition is not None or plan.from_version is not None
+    ):
+        raise RolloutRefused(
+            "an engine rollout runs the version new executions run now on the candidate engine: "
+            "roll out one change at a time (the version first, then the engine), without --to-version, "
+            "--definition or --from-version"
+        )
     if plan.min_sample < 1 or plan.min_dwell_s < 0:
         raise RolloutRefused("the minimum sample must be at least 1 and the minimum dwell not negative")
     async with conn.transaction():
@@ -103,8 +125,8 @@ async def start(
                 to_version, _ = await workflows.deploy(conn, plan.definition, context_types)
             except DefinitionError as exc:
                 raise RolloutRefused(f"the candidate fails validation: {exc}") from None
-        if to_version is None:
-            raise RolloutRefused("a rollout needs a candidate: a version or a definition")
+        if to_version is None and plan.engine is None:
+            raise RolloutRefused("a rollout needs a candidate: a version, a definition or an engine")
         versions = {
             r["version"]: orjson.loads(r["definition"])
             for r in await conn.fetch(
@@ -116,6 +138,10 @@ async def start(
         from_version = plan.from_version
         if from_version is None:
             from_version = await _serving_version(conn, tenant, plan.workflow_id, to_version, set(versions))
+        if plan.engine is not None:
+            to_version = from_version
+            if engine_check is not None:
+                engine_check(versions[to_version])
         for role, version in (("candidate", to_version), ("baseline", from_version)):
             if version not in versions:
                 deployed = ", ".join(str(v) for v in sorted(versions))
@@ -123,7 +149,7 @@ async def start(
                     f"version {version} of workflow {tenant}/{plan.workflow_id} (the {role}) is not deployed "
                     f"(deployed: {deployed})"
                 )
-        if from_version == to_version:
+        if from_version == to_version and plan.engine is None:
             raise RolloutRefused(f"the candidate and the baseline are both version {to_version}")
         candidate, baseline = versions[to_version], versions[from_version]
         try:
@@ -141,8 +167,8 @@ async def start(
         row = await conn.fetchrow(
             """
             INSERT INTO ordo.rollouts (tenant, workflow_id, from_version, to_version, stages, share, min_dwell_s,
-                min_sample, max_failure_rate, max_p99_ms, max_divergence_rate, shadow_share, state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'running')
+                min_sample, max_failure_rate, max_p99_ms, max_divergence_rate, shadow_share, engine, state)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'running')
             RETURNING *
             """,
             tenant,
@@ -157,6 +183,7 @@ async def start(
             thresholds.max_p99_ms,
             thresholds.max_divergence_rate,
             plan.shadow_share,
+            plan.engine,
         )
         assert row is not None
         await _log(conn, row["rollout_id"], "started", 0, plan.stages[0], actor, "started", None)
@@ -293,8 +320,10 @@ async def _tenant_of(conn: Queryable, workflow_id: str, tenant: str | None) -> s
     return tenant_of
 
 
-async def _serving_version(conn: Queryable, tenant: str, workflow_id: str, to_version: int, deployed: set[int]) -> int:
-    """The version new executions run now, as the baseline of a rollout to `to_version`.
+async def _serving_version(
+    conn: Queryable, tenant: str, workflow_id: str, to_version: int | None, deployed: set[int]
+) -> int:
+    """The version new executions run now, as the baseline of a rollout to `to_version` (None: an engine's).
 
     The outcome of the workflow's last rollout when no version was deployed after its two; else the
     newest version other than the candidate (before the candidate was deployed, that one ran).
@@ -322,11 +351,12 @@ async def _serving_version(conn: Queryable, tenant: str, workflow_id: str, to_ve
 
 async def latest_per_workflow(conn: Queryable) -> list[Record]:
     """Each workflow's most recent rollout: rollout_id, tenant, workflow_id, from_version, to_version, state, share,
-    shadow_share, stage_started_at."""
+    shadow_share, stage_started_at, engine."""
     return await conn.fetch(
         """
         SELECT DISTINCT ON (tenant, workflow_id)
-               rollout_id, tenant, workflow_id, from_version, to_version, state, share, shadow_share, stage_started_at
+               rollout_id, tenant, workflow_id, from_version, to_version, state, share, shadow_share, stage_started_at,
+               engine
         FROM ordo.rollouts ORDER BY tenant, workflow_id, rollout_id DESC
         """
     )
@@ -358,6 +388,22 @@ async def newest_version(conn: Queryable, tenant: str, workflow_id: str) -> int 
         "SELECT max(version) FROM ordo.workflows WHERE tenant = $1 AND workflow_id = $2", tenant, workflow_id
     )
     return version
+
+
+def sides(rollout: Mapping[str, Any]) -> tuple[int, int]:
+    """The keys of the baseline's and the candidate's numbers (stage_counts, step_p99_ms): their versions,
+    or for an engine rollout its version and CANDIDATE_ENGINE."""
+    if rollout.get("engine") is None:
+        return rollout["from_version"], rollout["to_version"]
+    return rollout["from_version"], CANDIDATE_ENGINE
+
+
+def side_label(rollout: Mapping[str, Any], candidate: bool) -> str:
+    """How a side of the rollout is named to an operator: 'v3', or 'v3@pure' for a candidate engine."""
+    if not candidate:
+        return f"v{rollout['from_version']}"
+    engine = rollout.get("engine")
+    return f"v{rollout['to_version']}" + ("" if engine is None else f"@{engine}")
 
 
 async def stage_counts(conn: Queryable, rollout_id: int, since: datetime) -> dict[int, Record]:
@@ -403,10 +449,11 @@ async def step_p99_ms(
     """Per version: the p99 of its action steps' latency (request committed -> result committed), in ms.
 
     Over the executions started since `since`; a version without a finished action step is absent.
+    Executions on a candidate engine count as CANDIDATE_ENGINE (see `sides`).
     """
     rows = await conn.fetch(
         """
-        SELECT e.workflow_version AS version,
+        SELECT CASE WHEN e.engine IS NULL THEN e.workflow_version ELSE 0 END AS version,
                percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM d.at - r.at) * 1000) AS p99
         FROM ordo.executions e
         JOIN ordo.transitions r ON r.execution_id = e.execution_id AND r.kind = 'action_requested'
@@ -414,7 +461,7 @@ async def step_p99_ms(
              AND d.kind IN ('action_completed', 'action_failed')
              AND (d.detail ->> 'attempt') = (r.detail ->> 'attempt')
         WHERE e.tenant = $1 AND e.workflow_id = $2 AND e.workflow_version = ANY($3::int[]) AND e.created_at >= $4
-        GROUP BY e.workflow_version
+        GROUP BY 1
         """,
         tenant,
         workflow_id,
@@ -425,13 +472,21 @@ async def step_p99_ms(
 
 
 async def failed_executions(
-    conn: Queryable, tenant: str, workflow_id: str, version: int, since: datetime, limit: int = 100
+    conn: Queryable,
+    tenant: str,
+    workflow_id: str,
+    version: int,
+    since: datetime,
+    limit: int = 100,
+    engine: str | None = None,
 ) -> list[str]:
-    """Ids of the version's executions started since `since` that failed, oldest first (at most `limit`)."""
+    """Ids of the version's executions (on `engine`, or the worker's own build) started since `since` that
+    failed, oldest first (at most `limit`)."""
     rows = await conn.fetch(
         """
         SELECT execution_id::text FROM ordo.executions
         WHERE tenant = $1 AND workflow_id = $2 AND workflow_version = $3 AND created_at >= $4 AND status = 'failed'
+              AND engine IS NOT DISTINCT FROM $6
         ORDER BY created_at LIMIT $5
         """,
         tenant,
@@ -439,8 +494,17 @@ async def failed_executions(
         version,
         since,
         limit,
+        engine,
     )
     return [r["execution_id"] for r in rows]
+
+
+async def engine_of(conn: Queryable, execution_id: str) -> str | None:
+    """The engine an execution was enrolled on (an engine rollout's candidate), or None: the worker's own."""
+    engine: str | None = await conn.fetchval(
+        "SELECT engine FROM ordo.executions WHERE execution_id = $1::uuid", execution_id
+    )
+    return engine
 
 
 # -- shadow runs ----------------------------------------------------------------------

@@ -496,7 +496,9 @@ def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
     )
 
     def change(workflow_id, version, created, *, new=False, status="running"):
-        record = SimpleNamespace(tenant="acme", workflow_id=workflow_id, workflow_version=version, created_at=created)
+        record = SimpleNamespace(
+            tenant="acme", workflow_id=workflow_id, workflow_version=version, created_at=created, engine=None
+        )
         return SimpleNamespace(record=record, is_new=new, finished=status in CLOSED, status=status)
 
     later, before = began + timedelta(seconds=5), began - timedelta(seconds=5)

@@ -22,7 +22,7 @@ from ledger import rollouts
 from ..inspect import _brief as brief
 from ..inspect import _span as span
 from ..inspect import inspect
-from ..rollout_commands import percent, report
+from ..rollout_commands import percent, report, stage_key
 from ..topology import execution_id_for
 from .html import bar, chart, esc, link, page, post_button, segment, table, url, when
 from .state import CONSOLE, csrf_of, identity_of
@@ -444,7 +444,7 @@ def _rollout_section(doc: dict) -> str:
     """The workflow's latest rollout: state and share, each stage, both versions' numbers this stage,
     shadow runs, and every logged change (what `ordo rollout status` prints)."""
     r = doc["rollout"]
-    baseline, candidate = r["from_version"], r["to_version"]
+    baseline, candidate = stage_key(r, False), stage_key(r, True)
     stages = " → ".join(
         f"<b>{esc(percent(share))}</b>" if i == r["stage"] else esc(percent(share))
         for i, share in enumerate(r["stages"])
@@ -456,8 +456,8 @@ def _rollout_section(doc: dict) -> str:
         + f"; stage {esc(r['stage'] + 1)} since {esc(_seconds(r['stage_started_at']))}.</p>"
     )
 
-    def numbers(version: int, role: str) -> list[str]:
-        stage = doc["stage"][str(version)]
+    def numbers(version: str, role: str) -> list[str]:
+        stage = doc["stage"][version]
         started = stage.get("started", 0)
         failed = stage.get("failed", 0)
         p99 = stage.get("p99_step_ms")
