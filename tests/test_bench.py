@@ -451,6 +451,7 @@ async def test_list_and_unknown_scenario():
         "w6-webhooks",
         "w7-noisy",
         "w8-limits",
+        "w9-mix",
     ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "nope", cwd=ROOT, stderr=asyncio.subprocess.PIPE
