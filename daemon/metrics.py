@@ -177,6 +177,13 @@ rollout_ended_total = Counter(
     "failed): the numbers the rollout is judged on, as this worker counted them.",
     ["workflow", "version", "status"],
 )
+rollout_execution_seconds = Histogram(
+    "ordo_rollout_execution_seconds",
+    "How long the executions of a rollout's stage took, enrolment to end, by workflow (tenant/id) and "
+    "version: the candidate's latency beside the baseline's.",
+    ["workflow", "version"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 86400),
+)
 rollout_share = Gauge(
     "ordo_rollout_candidate_share",
     "The share of new executions (0 to 1) that the candidate of the workflow's last rollout takes now.",

@@ -5,14 +5,15 @@ of the current stage (created at or after the stage began) that its commits
 enrol and end, per version. The rollout controller adds the counts to the
 ledger once a round (`ledger.rollouts.add_stage_counts`), where the judge,
 `ordo rollout status` and the console sum them; the ended ones are also the
-`ordo_rollout_ended_total` metric. Counting costs an execution of a workflow
+`ordo_rollout_ended_total` metric, and their time from enrolment to end
+`ordo_rollout_execution_seconds`. Counting costs an execution of a workflow
 without a rollout one dictionary look-up, and only when it starts or ends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ledger.rollouts import CANDIDATE_ENGINE
 
@@ -61,6 +62,8 @@ class RolloutTally:
             workflow = f"{record.tenant}/{record.workflow_id}"
             label = str(record.workflow_version) + ("" if record.engine is None else f"@{record.engine}")
             metrics.rollout_ended_total.labels(workflow, label, change.status).inc()
+            took = (datetime.now(UTC) - record.created_at).total_seconds()
+            metrics.rollout_execution_seconds.labels(workflow, label).observe(max(took, 0.0))
 
     def take(self) -> list[tuple[int, datetime, int, int, int, int]]:
         """The counts since the last take, as rows for `ledger.rollouts.add_stage_counts`."""

@@ -503,6 +503,11 @@ def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
 
     later, before = began + timedelta(seconds=5), began - timedelta(seconds=5)
     ended = metrics.rollout_ended_total.labels("acme/welcome", "2", "failed")._value.get()
+
+    def durations(version):
+        return metrics.rollout_execution_seconds.labels("acme/welcome", version)._sum.get()
+
+    timed = durations("2")
     for c in (
         change("welcome", 1, later, new=True),  # enrolled and still running
         change("welcome", 2, later, new=True, status="completed"),  # enrolled and ended in one commit
@@ -516,6 +521,8 @@ def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
     assert sorted(rows) == [(7, began, 1, 1, 0, 0), (7, began, 2, 1, 1, 1)]
     assert tally.take() == []
     assert metrics.rollout_ended_total.labels("acme/welcome", "2", "failed")._value.get() == ended + 1
+    # Their time from enrolment to end, per version: the two v2 executions that ended, created at `later`.
+    assert durations("2") - timed >= 2 * (datetime.now(UTC) - later).total_seconds() - 1
     # Counts the ledger did not take go with the next round's.
     tally.give_back(rows)
     tally.observe(change("welcome", 1, later, status="completed"))
