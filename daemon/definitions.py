@@ -13,6 +13,10 @@ rollback or an abort the baseline keeps them all, until a version newer than
 both is deployed. A rollout with a shadow share also has the candidate run
 beside the primary, its effects dropped, for the executions on the baseline
 whose cohort is in the top `shadow_share` (daemon/rollout_shadow.py).
+
+Each version is compiled with its tenant's limits from the config
+(`tenant_limits`, daemon/tenant_limits.py): its enrolment rate and max_running
+become the program's start gates, its action limits replace the steps'.
 """
 
 import hashlib
@@ -26,6 +30,7 @@ from hotpath.definition import DefinitionError, validate
 from . import context_types as registered_context_types
 from . import logs
 from .rollout_shadow import ShadowResults, bounded
+from .tenant_limits import TenantLimits
 
 log = logging.getLogger("ordo.definitions")
 
@@ -79,8 +84,14 @@ class Split:
         return self.baseline, place >= 10_000 - self.shadow_share and self.shadow_program is not None
 
 
-def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
+def compile_entry(
+    definition: dict, context_types: dict[str, ContextType], tenant_limits: TenantLimits | None = None
+) -> WorkflowEntry:
     tenant = str(definition.get("tenant"))
+    enrolment_rate = None
+    if tenant_limits is not None:
+        definition = tenant_limits.applied(definition)
+        enrolment_rate = tenant_limits.enrolment_rate(tenant)
     workflow_id = str(definition.get("id"))
     version = definition.get("version") if isinstance(definition.get("version"), int) else 0
     trigger = definition.get("trigger")
@@ -88,7 +99,7 @@ def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> Wo
     subject_type = definition.get("subject", CONTACT)
     try:
         validate(definition, context_types)
-        program = Program(definition)
+        program = Program(definition, enrolment_rate)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
         log.error(
             "workflow %s/%s v%s cannot be loaded: %s",
@@ -125,6 +136,10 @@ class WorkflowRegistry:
         self._rollouts: dict = {}
         self._definitions: dict = {}
         self._shadow_programs: dict = {}
+        #: The config's per-tenant limits the versions are compiled with.
+        self.tenant_limits = TenantLimits()
+        #: Tenants whose versions the next `load` compiles again (their limits changed).
+        self._recompile: set = set()
         #: What shadow runs found, for the rollout controller to write to the ledger.
         self.shadow_results = ShadowResults()
 
@@ -132,12 +147,14 @@ class WorkflowRegistry:
         versions, latest = {}, {}
         for definition in definitions:
             key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
-            entry = self._versions.get(key) or compile_entry(definition, self.context_types)
+            entry = None if key[0] in self._recompile else self._versions.get(key)
+            entry = entry or compile_entry(definition, self.context_types, self.tenant_limits)
             versions[key] = entry
             current = latest.get(key[:2])
             if current is None or entry.version > current.version:
                 latest[key[:2]] = entry
         self._versions, self._latest, self._tenants = versions, latest, set(tenants)
+        self._recompile = set()
         self._definitions = {
             (d.get("tenant"), d.get("id"), d.get("version")): d for d in definitions if isinstance(d, dict)
         }
@@ -151,6 +168,17 @@ class WorkflowRegistry:
             for step in definition["steps"]
             if isinstance(step, dict) and step.get("type") == "wait_for_event"
         )
+
+    def set_tenant_limits(self, tenant_limits: TenantLimits) -> None:
+        """New per-tenant limits (SIGHUP): the next `load` compiles again the versions of the tenants
+        whose limits changed; until then the programs compiled before serve."""
+        changed = {
+            tenant
+            for (tenant, _workflow_id, _version) in self._versions
+            if tenant_limits.fingerprint(tenant) != self.tenant_limits.fingerprint(tenant)
+        }
+        self.tenant_limits = tenant_limits
+        self._recompile |= changed
 
     def set_rollouts(self, rollouts) -> None:
         """Take the rollouts' current state (each workflow's most recent rollout) for new executions."""
