@@ -234,6 +234,11 @@ class WorkflowRegistry:
             self._shadow_programs[key] = program
         return self._shadow_programs[key]
 
+    def max_running(self, tenant: str, workflow_id: str) -> int | None:
+        """The max_running new executions of the workflow start under (its latest version's, as compiled)."""
+        entry = self._latest.get((tenant, workflow_id))
+        return None if entry is None or entry.program is None else entry.program.max_running
+
     def rollouts(self) -> list:
         """Each workflow's most recent rollout, as last read from the ledger."""
         return list(self._rollouts.values())

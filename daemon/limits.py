@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 import orjson
@@ -102,12 +103,20 @@ class CallTokens:
 ENROLMENTS = "enrolments|"
 
 
-async def requeue(conn: asyncpg.Connection, before: TenantLimits, after: TenantLimits) -> int:
+async def requeue(
+    conn: asyncpg.Connection,
+    before: TenantLimits,
+    after: TenantLimits,
+    max_running: Callable[[str, str], int | None],
+) -> int:
     """Give what waits at the start gates and action limits the config's new per-tenant limits
-    (a SIGHUP): queued rows carry their limits, and the head's rule a bucket's turn. How many rows."""
+    (a SIGHUP): queued rows carry their limits, and the head's rule a bucket's turn. How many rows.
+
+    `max_running` is a workflow's as compiled now (the config's, else its definition's).
+    """
     changed = 0
     async with conn.transaction():
-        for bucket, rate_per_s, concurrency in after.gate_limits(before):
+        for bucket, rate_per_s, concurrency in after.gate_limits(before, max_running):
             changed += await ledger_limits.relimit_gate(conn, bucket, rate_per_s, concurrency)
         for tenant, action, rate_per_s, concurrency in after.action_limits():
             changed += await ledger_limits.relimit_action(conn, tenant, action, rate_per_s, concurrency)

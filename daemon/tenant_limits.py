@@ -21,6 +21,7 @@ already waiting the new limits (`daemon/limits.py`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,16 +75,17 @@ class TenantLimits:
             sorted((w, n) for (t, w), n in self.max_running.items() if t == tenant),
         )
 
-    def gate_limits(self, before: TenantLimits) -> list[tuple[str, float | None, int | None]]:
+    def gate_limits(
+        self, before: TenantLimits, max_running: Callable[[str, str], int | None]
+    ) -> list[tuple[str, float | None, int | None]]:
         """(bucket, rate_per_s, concurrency) of each start gate whose limit this config sets or
-        `before` set: what executions already waiting there take on a reload. A `max_running`
-        dropped from the config goes back to none here; the definition's, if any, comes back
-        with the next execution queued."""
+        `before` set: what executions already waiting there take on a reload. `max_running` is
+        a workflow's as now compiled (the config's, else its definition's, else None)."""
         out: list[tuple[str, float | None, int | None]] = []
         for tenant in self.enrolments.keys() | before.enrolments.keys():
             out.append((enrolment_bucket(tenant), self.enrolments.get(tenant), None))
         for tenant, workflow_id in self.max_running.keys() | before.max_running.keys():
-            out.append((running_bucket(tenant, workflow_id), None, self.max_running.get((tenant, workflow_id))))
+            out.append((running_bucket(tenant, workflow_id), None, max_running(tenant, workflow_id)))
         return out
 
     def action_limits(self) -> list[tuple[str, str, float | None, int | None]]:

@@ -287,10 +287,12 @@ class Worker:
         self.rollout_controller.tally.set_rollouts(latest_rollouts)
 
     async def set_tenant_limits(self, limits: tenant_limits.TenantLimits) -> None:
-        """New per-tenant limits (SIGHUP): for what is enrolled from now on, and for what waits already."""
+        """New per-tenant limits (SIGHUP): the definitions compiled again with them, for what is
+        enrolled from now on, and what waits already given them."""
         before = self.registry.tenant_limits
         self.registry.set_tenant_limits(limits)
-        await self._on_pool(lambda conn: requeue(conn, before, limits), "tenant limits")
+        await self.reload_definitions()
+        await self._on_pool(lambda conn: requeue(conn, before, limits, self.registry.max_running), "tenant limits")
 
     def _on_timers_set(self, _conn, _pid, _channel, payload: str) -> None:
         """Timers another worker's enrolments set in partitions it does not own: ours, maybe."""

@@ -291,3 +291,79 @@ def test_tenant_limits_apply_to_the_tenants_definitions_only():
     assert applied["steps"][0]["limits"] == {"rate": "50/s"}
     other = workflow("http://x") | {"tenant": "bigco"}
     assert limits.applied(other) is other
+
+
+# -- the start gates in the dispatcher, compiled and pure ------------------------------------
+
+
+def _stored(transitions: list) -> list[dict]:
+    return [
+        {"seq": seq, "step_id": step_id, "kind": kind, "detail": detail, "at_ms": 0, "source_seq": None}
+        for seq, step_id, kind, detail in transitions
+    ]
+
+
+def test_a_new_execution_passes_its_gates_in_order_then_runs_and_gives_its_slot_back_when_it_ends(impl):
+    program = impl.Program(workflow("http://example.com/send", {"max_running": 3}), 10.0)
+    assert [g["bucket"] for g in program.gates] == ["enrolments|acme", "running|acme|onboard"]
+    state = impl.ExecutionState("exec-1", subject={"first_name": "Ada"}, tenant="acme")
+    made = list(impl.advance(program, state, "start", None))
+    assert [(s, k) for _, s, k, _ in made] == [("", "started"), (START_GATED, LIMIT_WAITING)]
+    assert state.effects == [
+        (
+            "limit_wait",
+            {
+                "step_id": START_GATED,
+                "attempt": 1,
+                "bucket": "enrolments|acme",
+                "action": "(enrolment)",
+                "rate_per_s": 10.0,
+                "concurrency": None,
+                "lease_ms": None,
+            },
+        )
+    ]
+    assert (state.status, state.waiting, state.attempt) == ("waiting", WAIT_START, 1)
+
+    def apply(kind, payload):
+        state.effects = []
+        out = impl.advance(program, state, kind, payload, 1_000)
+        made.extend(out)
+        return [k for _, _, k, _ in out]
+
+    assert apply("limit_granted", {"step_id": START_GATED, "attempt": 2}) == []  # not its gate: stale
+    assert apply("limit_granted", {"step_id": "send", "attempt": 1}) == []
+    assert apply("signal", {"name": "note"}) == ["signal"]  # recorded in order, changes nothing
+    assert apply("limit_granted", {"step_id": START_GATED, "attempt": 1}) == [LIMIT_GRANTED, LIMIT_WAITING]
+    assert state.effects[0][1]["bucket"] == "running|acme|onboard" and state.effects[0][1]["concurrency"] == 3
+    assert apply("limit_granted", {"step_id": START_GATED, "attempt": 2}) == [LIMIT_GRANTED, "action_requested"]
+    assert apply("limit_granted", {"step_id": START_GATED, "attempt": 2}) == []  # a repeat changes nothing
+    assert ("limit_release", None) not in state.effects  # the start slot stays while it runs
+    assert apply("action_result", {"step_id": "send", "attempt": 1, "ok": True, "output": {}}) == [
+        "action_completed",
+        "completed",
+    ]
+    assert ("limit_release", None) in state.effects and START_GATED not in state.visits
+
+    # Replay reads the grants back from the history and makes the same transitions.
+    from daemon import replay
+
+    inputs, incomplete = replay.inputs_of(_stored(made))
+    again = replay.rerun(program, "exec-1", "acme", {"first_name": "Ada"}, {}, inputs, impl=impl)
+    assert not incomplete and not again.errors
+    assert [t[1:3] for t in again.transitions] == [t[1:3] for t in made]
+
+
+def test_a_cancel_at_a_start_gate_gives_its_place_back_and_a_workflow_without_gates_pays_nothing(impl):
+    program = impl.Program(workflow("http://example.com/send", {"max_running": 1}))
+    state = impl.ExecutionState("exec-1", tenant="acme")
+    impl.advance(program, state, "start", None)
+    state.effects = []
+    impl.advance(program, state, "cancel", {"reason": "operator"})
+    assert state.effects == [("limit_release", None)] and state.status == "cancelled"
+
+    free = impl.Program(workflow("http://example.com/send"))
+    assert free.gates == () and free.max_running is None
+    state = impl.ExecutionState("exec-2", subject={"first_name": "Ada"}, tenant="acme")
+    assert [k for _, _, k, _ in impl.advance(free, state, "start", None)] == ["started", "action_requested"]
+    assert state.visits == {"send": 1}
