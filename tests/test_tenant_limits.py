@@ -83,7 +83,7 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
 async def test_max_running_2_runs_10_executions_never_more_than_2_at_once_in_enrolment_order(
     nats_server_url, pg_dsn, prefix, provider
 ):
-    provider.delay = 0.1
+    provider.delay = 0.3  # long beside a grant's way to its execution: turns are seen in their order
     triggers = events("run", 10)
     async with engine(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(workflow(provider.url, {"max_running": 2}))
@@ -95,8 +95,11 @@ async def test_max_running_2_runs_10_executions_never_more_than_2_at_once_in_enr
         assert sorted(spans) == sorted(ids)  # all 10 started and completed
         assert most_at_once(list(spans.values())) == 2  # never more than 2, and the limit was reached
         assert provider.most_in_flight == 2
-        # They started in the order they were enrolled (the triggers' order, one lane, one worker).
-        assert sorted(ids, key=lambda i: spans[i][0]) == ids
+        # They took their turns in the order they were enrolled (the triggers' order: one lane, one
+        # worker). Two slots freed at once are granted together, and those two executions apply their
+        # grants side by side: none starts before one enrolled more than one place ahead of it.
+        started = sorted(ids, key=lambda i: spans[i][0])
+        assert all(set(started[:k]) <= set(ids[: k + 1]) for k in range(len(ids))), (started, ids)
         assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_slots") == 0  # every slot given back
         assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_queue") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
