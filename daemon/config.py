@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from actions import settings
 from actions.settings import DEFAULT_CONFIG_FILE, Settings
 
+from . import tenant_limits
+
 __all__ = ["DEFAULT_CONFIG_FILE", "Config", "load"]
 
 
@@ -96,6 +98,10 @@ class Config(Settings):
     #: A paying tier's share: comma-separated TENANT=WEIGHT (an integer >= 1; others weigh 1).
     #: A lane weighs as much as the heaviest tenant in it. SIGHUP reloads it.
     tenant_weights: str = ""
+    #: Limits per tenant (daemon/tenant_limits.py), one entry per line or `;`: an enrolment rate
+    #: ("acme enrolments=200/s"), an action's rate and concurrency ("acme action=sms.send rate=50/s"),
+    #: a workflow's max_running ("acme workflow=onboarding max_running=100"). SIGHUP reloads it.
+    tenant_limits: str = ""
 
 
 def load(path: str | None = None, **overrides) -> Config:
@@ -104,6 +110,7 @@ def load(path: str | None = None, **overrides) -> Config:
     A setting in the file that Config does not know is an error (a typo).
     """
     config = settings.load(Config, path, **overrides)
+    tenant_limits.parse(config.tenant_limits)  # a malformed entry is an error naming it
     if not 0.0 <= config.trace_sample <= 1.0:
         raise ValueError(f"trace_sample must be between 0 and 1, not {config.trace_sample!r}")
     return config

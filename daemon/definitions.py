@@ -20,6 +20,10 @@ daemon/engines.py), an entry that names the engine (`engine`) and carries the
 build that runs it (`build`). Enrolment runs a new execution on that build and
 records the engine with it; every later message of the execution runs on
 `on_engine` too. Every other entry has neither, and runs on the worker's own.
+
+Each version is compiled with its tenant's limits from the config
+(`tenant_limits`, daemon/tenant_limits.py): its enrolment rate and max_running
+become the program's start gates, its action limits replace the steps'.
 """
 
 import hashlib
@@ -34,6 +38,7 @@ from hotpath.definition import DefinitionError, validate
 from . import context_types as registered_context_types
 from . import engines, logs
 from .rollout_shadow import ShadowResults, bounded
+from .tenant_limits import TenantLimits
 
 log = logging.getLogger("ordo.definitions")
 
@@ -96,8 +101,14 @@ class Split:
         return self.baseline, place >= 10_000 - self.shadow_share and self.shadow_program is not None
 
 
-def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> WorkflowEntry:
+def compile_entry(
+    definition: dict, context_types: dict[str, ContextType], tenant_limits: TenantLimits | None = None
+) -> WorkflowEntry:
     tenant = str(definition.get("tenant"))
+    enrolment_rate = None
+    if tenant_limits is not None:
+        definition = tenant_limits.applied(definition)
+        enrolment_rate = tenant_limits.enrolment_rate(tenant)
     workflow_id = str(definition.get("id"))
     version = definition.get("version") if isinstance(definition.get("version"), int) else 0
     trigger = definition.get("trigger")
@@ -105,7 +116,7 @@ def compile_entry(definition: dict, context_types: dict[str, ContextType]) -> Wo
     subject_type = definition.get("subject", CONTACT)
     try:
         validate(definition, context_types)
-        program = Program(definition)
+        program = Program(definition, enrolment_rate)
     except (DefinitionError, ValueError, TypeError, KeyError) as exc:
         log.error(
             "workflow %s/%s v%s cannot be loaded: %s",
@@ -144,6 +155,10 @@ class WorkflowRegistry:
         self._shadow_programs: dict = {}
         #: (tenant, workflow_id, version, engine) -> that version compiled by that engine (`on_engine`).
         self._on_engine: dict = {}
+        #: The config's per-tenant limits the versions are compiled with.
+        self.tenant_limits = TenantLimits()
+        #: Tenants whose versions the next `load` compiles again (their limits changed).
+        self._recompile: set = set()
         #: What shadow runs found, for the rollout controller to write to the ledger.
         self.shadow_results = ShadowResults()
 
@@ -151,12 +166,16 @@ class WorkflowRegistry:
         versions, latest = {}, {}
         for definition in definitions:
             key = (definition.get("tenant"), definition.get("id"), definition.get("version"))
-            entry = self._versions.get(key) or compile_entry(definition, self.context_types)
+            entry = None if key[0] in self._recompile else self._versions.get(key)
+            entry = entry or compile_entry(definition, self.context_types, self.tenant_limits)
             versions[key] = entry
             current = latest.get(key[:2])
             if current is None or entry.version > current.version:
                 latest[key[:2]] = entry
         self._versions, self._latest, self._tenants = versions, latest, set(tenants)
+        if self._recompile:  # their candidate engines' compilations carry the old limits too
+            self._on_engine = {k: e for k, e in self._on_engine.items() if k[0] not in self._recompile}
+        self._recompile = set()
         self._definitions = {
             (d.get("tenant"), d.get("id"), d.get("version")): d for d in definitions if isinstance(d, dict)
         }
@@ -170,6 +189,17 @@ class WorkflowRegistry:
             for step in definition["steps"]
             if isinstance(step, dict) and step.get("type") == "wait_for_event"
         )
+
+    def set_tenant_limits(self, tenant_limits: TenantLimits) -> None:
+        """New per-tenant limits (SIGHUP): the next `load` compiles again the versions of the tenants
+        whose limits changed; until then the programs compiled before serve."""
+        changed = {
+            tenant
+            for (tenant, _workflow_id, _version) in self._versions
+            if tenant_limits.fingerprint(tenant) != self.tenant_limits.fingerprint(tenant)
+        }
+        self.tenant_limits = tenant_limits
+        self._recompile |= changed
 
     def set_rollouts(self, rollouts) -> None:
         """Take the rollouts' current state (each workflow's most recent rollout) for new executions."""
@@ -252,7 +282,11 @@ class WorkflowRegistry:
         definition = self._definitions.get((base.tenant, base.workflow_id, base.version))
         try:
             build = engines.engine(name)
-            program = build.Program(definition)
+            # The same tenant limits as the worker's own build: its action limits and max_running are the
+            # definition's; an enrolment rate is a gate only a build that takes one is given.
+            definition = self.tenant_limits.applied(definition)
+            rate = self.tenant_limits.enrolment_rate(base.tenant)
+            program = build.Program(definition) if rate is None else build.Program(definition, rate)
         except engines.EngineError as exc:
             error = f"engine {name!r} cannot be loaded on this worker: {exc}"
         except Exception as exc:  # the candidate's own failure, reported as its entry's error
@@ -265,6 +299,11 @@ class WorkflowRegistry:
             extra=logs.execution(None, base.tenant, workflow_id=base.workflow_id, version=base.version),
         )
         return replace(base, program=None, error=error, engine=name, split=None)
+
+    def max_running(self, tenant: str, workflow_id: str) -> int | None:
+        """The max_running new executions of the workflow start under (its latest version's, as compiled)."""
+        entry = self._latest.get((tenant, workflow_id))
+        return None if entry is None or entry.program is None else entry.program.max_running
 
     def rollouts(self) -> list:
         """Each workflow's most recent rollout, as last read from the ledger."""

@@ -10,12 +10,18 @@ execution's subject. The execution applies it in order with its other
 messages and only then requests the call, with the step's timeout starting
 there; so a wait is not a failure, uses no attempt, and however many calls
 wait, they cost ledger rows, not worker memory.
+
+A new execution behind start gates (a tenant's enrolment rate, a workflow's
+max_running) waits in the same queue before its first step, and is granted
+by the same loop; `requeue` gives what waits the config's new limits on a
+reload.
 """
 
 import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 import orjson
@@ -23,6 +29,7 @@ import orjson
 from ledger import limits as ledger_limits
 
 from . import logs, metrics
+from .tenant_limits import TenantLimits
 from .topology import Topology
 
 log = logging.getLogger("ordo.limits")
@@ -92,6 +99,30 @@ class CallTokens:
             del self._lines[bucket]
 
 
+#: A tenant's enrolment gate's bucket is this and the tenant (hotpath.vocabulary.enrolment_bucket).
+ENROLMENTS = "enrolments|"
+
+
+async def requeue(
+    conn: asyncpg.Connection,
+    before: TenantLimits,
+    after: TenantLimits,
+    max_running: Callable[[str, str], int | None],
+) -> int:
+    """Give what waits at the start gates and action limits the config's new per-tenant limits
+    (a SIGHUP): queued rows carry their limits, and the head's rule a bucket's turn. How many rows.
+
+    `max_running` is a workflow's as compiled now (the config's, else its definition's).
+    """
+    changed = 0
+    async with conn.transaction():
+        for bucket, rate_per_s, concurrency in after.gate_limits(before, max_running):
+            changed += await ledger_limits.relimit_gate(conn, bucket, rate_per_s, concurrency)
+        for tenant, action, rate_per_s, concurrency in after.action_limits():
+            changed += await ledger_limits.relimit_action(conn, tenant, action, rate_per_s, concurrency)
+    return changed
+
+
 def grant_message(grant: ledger_limits.Grant) -> tuple[bytes, str]:
     """The `limit_granted` message for one grant, and its message id (the same for a repeat)."""
     body = {
@@ -115,6 +146,8 @@ class LimitGrants:
         self._conn: asyncpg.Connection | None = None
         #: Actions whose waiting gauge is set (to zero them once nothing of theirs waits).
         self._exported: set[str] = set()
+        #: Tenants whose enrolment gauges are set (likewise).
+        self._tenants_exported: set[str] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
         buckets: list[ledger_limits.Waiting] = []
@@ -159,8 +192,20 @@ class LimitGrants:
 
     def _export(self, buckets: list[ledger_limits.Waiting]) -> None:
         per_action: dict[str, int] = {}
+        behind: dict[str, tuple[int, float]] = {}
         for bucket in buckets:
+            if bucket.bucket.startswith(ENROLMENTS):
+                # One series per tenant with an enrolment rate and executions waiting at it: bounded
+                # by the config, not by the tenants.
+                behind[bucket.bucket[len(ENROLMENTS) :]] = (bucket.count, bucket.oldest_s)
             per_action[bucket.action] = per_action.get(bucket.action, 0) + bucket.count
+        for tenant in self._tenants_exported - behind.keys():
+            metrics.tenant_enrolment_waiting.labels(tenant).set(0)
+            metrics.tenant_enrolment_behind.labels(tenant).set(0)
+        for tenant, (count, oldest_s) in behind.items():
+            metrics.tenant_enrolment_waiting.labels(tenant).set(count)
+            metrics.tenant_enrolment_behind.labels(tenant).set(oldest_s)
+        self._tenants_exported = set(behind)
         for action in self._exported - per_action.keys():
             metrics.limit_waiting.labels(action).set(0)
         for action, count in per_action.items():

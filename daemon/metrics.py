@@ -74,6 +74,15 @@ limit_waits = Counter("ordo_limit_waits_total", "Calls of limited action steps q
 limit_grants = Counter(
     "ordo_limit_tokens_granted_total", "Queued calls granted their turn (a rate token and/or a slot).", ["action"]
 )
+# Start gates (a tenant's enrolment rate): only tenants with a rate set and executions waiting at it.
+tenant_enrolment_waiting = Gauge(
+    "ordo_tenant_enrolment_waiting", "New executions waiting at their tenant's enrolment rate.", ["tenant"]
+)
+tenant_enrolment_behind = Gauge(
+    "ordo_tenant_enrolment_behind_seconds",
+    "How long the oldest new execution waiting at its tenant's enrolment rate has waited.",
+    ["tenant"],
+)
 action_concurrency_limit = Gauge(
     "ordo_action_concurrency_limit",
     "In-process calls of an action that may run at once in this worker, following its latency (daemon/call_limits.py).",

@@ -29,7 +29,7 @@ from dataclasses import fields
 from ledger.batcher import Fenced
 
 from . import config as config_module
-from . import logs
+from . import logs, tenant_limits
 from .config import Config
 from .health import HealthServer
 from .notify import notify, watchdog, watchdog_interval
@@ -42,7 +42,7 @@ EXIT_NO_PORT = 1
 EXIT_FENCED = 3
 
 #: Settings SIGHUP applies; every other one takes a restart (the worker sized its ring, pools, partitions by them).
-RELOADABLE = ("log_level", "log_format", "tenant_weights")
+RELOADABLE = ("log_level", "log_format", "tenant_weights", "tenant_limits")
 
 
 class _Service:
@@ -87,6 +87,7 @@ class _Service:
             notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
         try:
             fresh = config_module.load(self.config_path)
+            limits = tenant_limits.parse(fresh.tenant_limits)  # a malformed entry raises: nothing changed
             intake = getattr(self.worker, "intake", None)  # made once the worker's connections are up
             if intake is not None:
                 intake.lanes.reweigh(fresh.tenant_weights)  # a malformed one raises: nothing changed
@@ -100,7 +101,9 @@ class _Service:
                 log.warning("SIGHUP: %s changed; they take effect on restart", ", ".join(changed))
             # Before the worker is ready, start() is loading the definitions anyway.
             if self.worker.ready.is_set() and not self.worker.stopping.is_set():
-                await self.worker.reload_definitions()
+                await self.worker.set_tenant_limits(limits)  # and the workflow definitions again
+            else:
+                self.worker.registry.set_tenant_limits(limits)
             log.info("SIGHUP: reloaded (log level %s, workflow definitions)", fresh.log_level)
         except Exception as exc:
             log.error("SIGHUP: reload failed, running on as before: %s", exc, extra=logs.failure("reload", exc))

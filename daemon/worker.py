@@ -46,13 +46,13 @@ from ledger import timers as ledger_timers
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
-from . import context_types, faults, logs
+from . import context_types, faults, logs, tenant_limits
 from .config import Config
 from .definitions import WorkflowRegistry
 from .dispatch import Dispatch
 from .effects import Effects
 from .intake import Intake, Window
-from .limits import CallTokens, LimitGrants
+from .limits import CallTokens, LimitGrants, requeue
 from .local_results import LocalResults
 from .ownership import Ownership
 from .partitions import Partitions
@@ -105,6 +105,7 @@ class Worker:
             lease_renew_s=config.lease_renew_s,
         )
         self.registry = WorkflowRegistry()
+        self.registry.set_tenant_limits(tenant_limits.parse(config.tenant_limits))
         # The most messages fetched and not yet settled: a pull request opens while
         # in_flight + fetch_batch <= max_ack_pending, and then every open request (the
         # triggers' and one per partition) may still deliver a whole batch.
@@ -284,6 +285,14 @@ class Worker:
         definitions, tenants, latest_rollouts = await self._on_pool(read, "definitions")
         self.registry.load(definitions, tenants, latest_rollouts)
         self.rollout_controller.tally.set_rollouts(latest_rollouts)
+
+    async def set_tenant_limits(self, limits: tenant_limits.TenantLimits) -> None:
+        """New per-tenant limits (SIGHUP): the definitions compiled again with them, for what is
+        enrolled from now on, and what waits already given them."""
+        before = self.registry.tenant_limits
+        self.registry.set_tenant_limits(limits)
+        await self.reload_definitions()
+        await self._on_pool(lambda conn: requeue(conn, before, limits, self.registry.max_running), "tenant limits")
 
     def _on_timers_set(self, _conn, _pid, _channel, payload: str) -> None:
         """Timers another worker's enrolments set in partitions it does not own: ours, maybe."""

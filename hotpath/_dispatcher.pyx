@@ -55,6 +55,7 @@ from hotpath.vocabulary import (
     limit_bucket,
     no_error_object,
     pc_outside_steps,
+    start_gates,
     program_repr,
     state_repr,
     timer_without_wait,
@@ -110,6 +111,8 @@ cdef str WAIT_RETRY = vocabulary.WAIT_RETRY
 cdef str WAIT_TIMER = vocabulary.WAIT_TIMER
 cdef str WAIT_EVENT = vocabulary.WAIT_EVENT
 cdef str WAIT_LIMIT = vocabulary.WAIT_LIMIT
+cdef str WAIT_START = vocabulary.WAIT_START
+cdef str START_GATED = vocabulary.START_GATED
 
 cdef str STARTED = vocabulary.STARTED
 cdef str SET = vocabulary.SET
@@ -491,12 +494,16 @@ cdef class Program:
     cdef readonly str subject_type
     cdef readonly Py_ssize_t max_steps
     cdef readonly Py_ssize_t max_visits
+    cdef readonly object max_running
+    cdef readonly tuple gates
     cdef readonly Py_ssize_t on_failure  # workflow-level failure branch: a step index, or -1
     cdef readonly tuple step_ids
     cdef _Condition _filter
     cdef tuple _steps
 
-    def __init__(self, definition):
+    def __init__(self, definition, enrolment_rate_per_s=None):
+        """`enrolment_rate_per_s`: the tenant's enrolment rate (from the config), a start gate of every
+        new execution besides the definition's `limits.max_running`."""
         resolved = resolve(definition)
         self.workflow_id = resolved.workflow_id
         self.version = resolved.version
@@ -505,6 +512,9 @@ cdef class Program:
         self.subject_type = resolved.subject_type
         self.max_steps = resolved.max_steps
         self.max_visits = resolved.max_visits
+        self.max_running = resolved.max_running
+        # What a new execution passes before its first step (empty: it starts at once).
+        self.gates = start_gates(resolved.tenant, resolved.workflow_id, enrolment_rate_per_s, resolved.max_running)
         self.on_failure = resolved.on_failure
         self.step_ids = tuple([step.id for step in resolved.steps])
         self._filter = None if resolved.trigger_filter is None else _lower_condition(resolved.trigger_filter)
@@ -539,10 +549,12 @@ cdef class ExecutionState:
       waiting   while status == "waiting": the awaited signal's name (wait_for_signal),
                 "action" (a result), "retry" (a back-off), "timer" (a wait step) or
                 "event:<type>" (wait_for_event)
-      attempt   the current attempt of the action step at pc (1-based; 0 elsewhere)
+      attempt   the current attempt of the action step at pc (1-based), or the start gate
+                waited at ("start"); 0 elsewhere
       timer     the id of the one timer the execution waits on, or None
       visits    {step id: times entered}; the action idempotency key and emitted
-                event ids use it, and limits.max_visits bounds it
+                event ids use it, and limits.max_visits bounds it; "#start" once the
+                execution entered start gates (its slot is given back when it ends)
       failures  the failed attempts of the current action step visit,
                 [{"attempt", "error"}], reset when the step is left or retried
       tenant    the execution's tenant (set by the caller; emitted events carry it)
@@ -598,7 +610,12 @@ def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
             raise ValueError(already_started(state.execution_id, state.seq))
         state.seq += 1
         out.append((state.seq, "", STARTED, {"workflow_id": program.workflow_id, "version": program.version}))
-        _run(program, state, out, now_ms)
+        if program.gates:
+            state.visits[START_GATED] = 1
+            state.attempt = 1
+            _wait_at_gate(program, state, out)
+        else:
+            _run(program, state, out, now_ms)
     elif kind == SIGNAL:
         status = state.status
         if status == COMPLETED or status == FAILED or status == CANCELLED:
@@ -634,6 +651,12 @@ def advance(Program program, ExecutionState state, kind, payload, now_ms=0):
         _on_limit_granted(program, state, out, payload, now_ms)
     else:
         raise ValueError(unknown_event_kind(kind))
+    if START_GATED in state.visits:
+        status = state.status
+        if status == COMPLETED or status == FAILED or status == CANCELLED:
+            # Its start slot (or its place at a gate) is given back, once: the mark goes with it.
+            del state.visits[START_GATED]
+            state.effects.append((EFFECT_LIMIT_RELEASE, None))
     return out
 
 
@@ -754,6 +777,27 @@ cdef inline int _release_limit(ExecutionState state, _Step step) except -1:
     return 0
 
 
+cdef int _wait_at_gate(Program program, ExecutionState state, list out) except -1:
+    """Queue the new execution at start gate `state.attempt` (a ledger row written with this commit)."""
+    gate = program.gates[state.attempt - 1]
+    _emit(state, out, START_GATED, LIMIT_WAITING, {"attempt": state.attempt, "bucket": gate["bucket"]})
+    state.effects.append((EFFECT_LIMIT_WAIT, {"step_id": START_GATED, "attempt": state.attempt, **gate}))
+    state.status = WAITING
+    state.waiting = WAIT_START
+    return 0
+
+
+cdef int _on_gate_granted(Program program, ExecutionState state, list out, object now_ms) except -1:
+    """Its turn at a start gate: on to the next gate, or to the first step (the gates read now: a
+    reload may have changed them meanwhile)."""
+    _emit(state, out, START_GATED, LIMIT_GRANTED, {"attempt": state.attempt})
+    if state.attempt < len(program.gates):
+        state.attempt += 1
+        return _wait_at_gate(program, state, out)
+    state.attempt = 0
+    return _resume(program, state, out, 0, now_ms)
+
+
 cdef int _on_limit_granted(Program program, ExecutionState state, list out, object payload, object now_ms) except -1:
     if (
         not PyDict_Check(payload)
@@ -761,6 +805,10 @@ cdef int _on_limit_granted(Program program, ExecutionState state, list out, obje
         or type(payload.get("attempt")) is not int
     ):
         raise ValueError(bad_limit_grant(payload))
+    if state.waiting == WAIT_START and state.status == WAITING:
+        if payload["step_id"] == START_GATED and payload["attempt"] == state.attempt:
+            _on_gate_granted(program, state, out, now_ms)
+        return 0  # else stale: changes nothing
     cdef _Step step = _waiting_step(program, state, S_ACTION)
     if (
         step is None

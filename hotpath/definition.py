@@ -280,6 +280,7 @@ class ResolvedDefinition(NamedTuple):
     max_visits: int = DEFAULT_MAX_VISITS
     on_failure: int = NO_STEP  # the workflow-level failure branch
     subject_type: str = CONTACT  # the context type its executions are about
+    max_running: int | None = None  # None: any number of its executions may run at once
 
 
 class _Problems(DefinitionError):
@@ -686,6 +687,16 @@ def resolve(definition: object, context_types: Mapping[str, ContextType] | None 
     if not isinstance(max_visits, int) or isinstance(max_visits, bool) or not 1 <= max_visits <= MAX_MAX_VISITS:
         r.error(f"'max_visits' must be an integer from 1 to {MAX_MAX_VISITS}, got {max_visits!r}")
         max_visits = DEFAULT_MAX_VISITS
+    max_running = limits.get("max_running") if isinstance(limits, dict) else None
+    if max_running is not None and (
+        not isinstance(max_running, int) or isinstance(max_running, bool) or max_running < 1
+    ):
+        r.error(f"'limits.max_running' must be an integer >= 1, got {max_running!r}")
+        max_running = None
+    unknown = sorted(set(limits) - {"max_steps", "max_visits", "max_running"}) if isinstance(limits, dict) else []
+    if unknown:
+        expected = "expected max_steps, max_visits, max_running"
+        r.error(f"'limits' has unknown field(s) {', '.join(map(repr, unknown))} ({expected})")
 
     r.where = "subject"
     subject = definition.get("subject", CONTACT)
@@ -754,4 +765,5 @@ def resolve(definition: object, context_types: Mapping[str, ContextType] | None 
         max_visits=max_visits,
         on_failure=on_failure,
         subject_type=r.subject,
+        max_running=max_running,
     )

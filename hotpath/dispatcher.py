@@ -98,6 +98,7 @@ from hotpath.vocabulary import (
     SET,
     SIGNAL,
     START,
+    START_GATED,
     STARTED,
     STEP_FAILED,
     TIMED_OUT,
@@ -107,6 +108,7 @@ from hotpath.vocabulary import (
     WAIT_EVENT,
     WAIT_LIMIT,
     WAIT_RETRY,
+    WAIT_START,
     WAIT_TIMER,
     WAITING,
     Effect,
@@ -126,6 +128,7 @@ from hotpath.vocabulary import (
     no_error_object,
     pc_outside_steps,
     program_repr,
+    start_gates,
     state_repr,
     timer_without_wait,
     too_many_steps,
@@ -154,13 +157,17 @@ class Program:
         "subject_type",
         "max_steps",
         "max_visits",
+        "max_running",
+        "gates",
         "on_failure",
         "step_ids",
         "_filter",
         "_steps",
     )
 
-    def __init__(self, definition: object):
+    def __init__(self, definition: object, enrolment_rate_per_s: float | None = None):
+        """`enrolment_rate_per_s`: the tenant's enrolment rate (from the config), a start gate of every
+        new execution besides the definition's `limits.max_running`."""
         resolved = resolve(definition)
         self.workflow_id = resolved.workflow_id
         self.version = resolved.version
@@ -169,6 +176,9 @@ class Program:
         self.subject_type = resolved.subject_type
         self.max_steps = resolved.max_steps
         self.max_visits = resolved.max_visits
+        self.max_running = resolved.max_running
+        # What a new execution passes before its first step (empty: it starts at once).
+        self.gates = start_gates(resolved.tenant, resolved.workflow_id, enrolment_rate_per_s, resolved.max_running)
         self.on_failure = resolved.on_failure  # workflow-level failure branch: a step index, or -1
         self.step_ids = tuple(step.id for step in resolved.steps)
         self._filter = resolved.trigger_filter
@@ -203,10 +213,12 @@ class ExecutionState:
       waiting   while status == "waiting": the awaited signal's name (wait_for_signal),
                 "action" (a result), "retry" (a back-off), "timer" (a wait step) or
                 "event:<type>" (wait_for_event)
-      attempt   the current attempt of the action step at pc (1-based; 0 elsewhere)
+      attempt   the current attempt of the action step at pc (1-based), or the start gate
+                waited at ("start"); 0 elsewhere
       timer     the id of the one timer the execution waits on, or None
       visits    {step id: times entered}; the action idempotency key and emitted
-                event ids use it, and limits.max_visits bounds it
+                event ids use it, and limits.max_visits bounds it; "#start" once the
+                execution entered start gates (its slot is given back when it ends)
       failures  the failed attempts of the current action step visit,
                 [{"attempt", "error"}], reset when the step is left or retried
       subject   the record the execution is about (a contact, an opportunity, ...: the
@@ -279,7 +291,12 @@ def advance(program: Program, state: ExecutionState, kind: str, payload: Any, no
         if state.seq != 0:
             raise ValueError(already_started(state.execution_id, state.seq))
         _emit(state, out, "", STARTED, {"workflow_id": program.workflow_id, "version": program.version})
-        _run(program, state, out, now_ms)
+        if program.gates:
+            state.visits[START_GATED] = 1
+            state.attempt = 1
+            _wait_at_gate(program, state, out)
+        else:
+            _run(program, state, out, now_ms)
     elif kind == SIGNAL:
         if state.status in CLOSED:
             return out
@@ -310,6 +327,10 @@ def advance(program: Program, state: ExecutionState, kind: str, payload: Any, no
         _on_limit_granted(program, state, out, payload, now_ms)
     else:
         raise ValueError(unknown_event_kind(kind))
+    if START_GATED in state.visits and state.status in CLOSED:
+        # Its start slot (or its place at a gate) is given back, once: the mark goes with it.
+        del state.visits[START_GATED]
+        state.effects.append((EFFECT_LIMIT_RELEASE, None))
     return out
 
 
@@ -436,6 +457,27 @@ def _release_limit(state: ExecutionState, step: ActionStep) -> None:
         state.effects.append((EFFECT_LIMIT_RELEASE, None))
 
 
+def _wait_at_gate(program: Program, state: ExecutionState, out: list[Transition]) -> None:
+    """Queue the new execution at start gate `state.attempt` (a ledger row written with this commit)."""
+    gate = program.gates[state.attempt - 1]
+    _emit(state, out, START_GATED, LIMIT_WAITING, {"attempt": state.attempt, "bucket": gate["bucket"]})
+    state.effects.append((EFFECT_LIMIT_WAIT, {"step_id": START_GATED, "attempt": state.attempt, **gate}))
+    state.status = WAITING
+    state.waiting = WAIT_START
+
+
+def _on_gate_granted(program: Program, state: ExecutionState, out: list[Transition], now_ms: int) -> None:
+    """Its turn at a start gate: on to the next gate, or to the first step (the gates read now: a
+    reload may have changed them meanwhile)."""
+    _emit(state, out, START_GATED, LIMIT_GRANTED, {"attempt": state.attempt})
+    if state.attempt < len(program.gates):
+        state.attempt += 1
+        _wait_at_gate(program, state, out)
+        return
+    state.attempt = 0
+    _resume(program, state, out, 0, now_ms)
+
+
 def _on_limit_granted(
     program: Program, state: ExecutionState, out: list[Transition], payload: Any, now_ms: int
 ) -> None:
@@ -445,6 +487,10 @@ def _on_limit_granted(
         or type(payload.get("attempt")) is not int
     ):
         raise ValueError(bad_limit_grant(payload))
+    if state.waiting == WAIT_START and state.status == WAITING:
+        if payload["step_id"] == START_GATED and payload["attempt"] == state.attempt:
+            _on_gate_granted(program, state, out, now_ms)
+        return  # else stale: changes nothing
     step = _waiting_step(program, state, ActionStep)
     if (
         step is None

@@ -47,6 +47,13 @@ CLOSED = (COMPLETED, FAILED, CANCELLED)
 WAIT_ACTION, WAIT_RETRY, WAIT_TIMER, WAIT_EVENT = "action", "retry", "timer", "event:"
 # An action step with limits waits for its turn (a grant) before its call is requested.
 WAIT_LIMIT = "limit"
+# A new execution behind start gates (a tenant's enrolment rate, a workflow's max_running) waits
+# its turn before its first step; state.attempt is then the gate it waits at (1-based).
+WAIT_START = "start"
+# The start gates' step id in their transitions, queue rows and grants (never a step's: not an
+# identifier), and the mark in state.visits of an execution that entered them: when it ends, its
+# start slot and any queue row are given back (EFFECT_LIMIT_RELEASE).
+START_GATED = "#start"
 
 # -- what advance() records: transition kinds --------------------------------------
 STARTED = "started"
@@ -164,6 +171,49 @@ def limit_bucket(action: str, major: int, tenant: str, key: Any) -> str:
     """The name of the limits a call counts against: per action, per tenant, and per rendered key if any."""
     bucket = f"{action}@{major}|{tenant}"
     return bucket if key is None else f"{bucket}|{key}"
+
+
+def enrolment_bucket(tenant: str) -> str:
+    """The start gate a tenant's new executions share under its enrolment rate (never an action's: no '@')."""
+    return f"enrolments|{tenant}"
+
+
+def running_bucket(tenant: str, workflow_id: str) -> str:
+    """The start gate whose slots are a workflow's running executions (its `max_running`)."""
+    return f"running|{tenant}|{workflow_id}"
+
+
+#: What a gate's queue rows name as their action (a metric label), by the kind of gate.
+GATE_ENROLMENT, GATE_RUNNING = "(enrolment)", "(max_running)"
+
+
+def start_gates(
+    tenant: str, workflow_id: str, enrolment_rate_per_s: float | None, max_running: int | None
+) -> tuple[dict[str, Any], ...]:
+    """The gates a new execution passes in order before its first step: each a limit_wait effect's
+    fields but step_id and attempt. A running slot is held until the execution ends (no lease)."""
+    gates: list[dict[str, Any]] = []
+    if enrolment_rate_per_s:
+        gates.append(
+            {
+                "bucket": enrolment_bucket(tenant),
+                "action": GATE_ENROLMENT,
+                "rate_per_s": enrolment_rate_per_s,
+                "concurrency": None,
+                "lease_ms": None,
+            }
+        )
+    if max_running:
+        gates.append(
+            {
+                "bucket": running_bucket(tenant, workflow_id),
+                "action": GATE_RUNNING,
+                "rate_per_s": None,
+                "concurrency": max_running,
+                "lease_ms": None,
+            }
+        )
+    return tuple(gates)
 
 
 def bad_limit_grant(payload: Any) -> str:

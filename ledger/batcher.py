@@ -288,7 +288,7 @@ class ExecutionChange:
     #: An action call queued behind its limits (ledger/limits.py: bucket, step_id, attempt, action,
     #: rate_per_s, concurrency, lease_ms), and whether the execution gives back its queue row and
     #: its concurrency slot (written before the new wait, if both).
-    limit_wait: tuple[str, str, int, str, float | None, int | None, int] | None = None
+    limit_wait: tuple[str, str, int, str, float | None, int | None, int | None] | None = None
     limit_release: bool = False
     #: Effects on the world (action requests, emitted events), for after the commit: (kind, data).
     after_commit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -776,7 +776,7 @@ class LedgerBatcher:
             await _insert_letters(conn, letters)
         releases = [c.execution_id for c in changes if c.limit_release]
         if releases:
-            await limits.release(conn, releases)
+            await limits.release(conn, releases, [c.execution_id for c in changes if c.limit_release and c.finished])
         limit_waits = [(c.execution_id, *c.limit_wait) for c in changes if c.limit_wait]
         if limit_waits:
             await limits.queue(conn, limit_waits)

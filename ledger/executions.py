@@ -283,6 +283,7 @@ class ExecutionRecord:
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
         change.drop_wait = True
+        change.limit_release = True  # it ended: a queue row, an action's slot or its start slot go back
         change.letters.append(
             DeadLetter(
                 reason="context_too_large",

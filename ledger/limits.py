@@ -29,6 +29,12 @@ one), so that no 1 s window sees more than rate + burst calls; grants may run
 is a row from the grant until the commit that applies the call's result,
 timeout or cancel (`release`); a slot whose worker died before any of those
 stops counting at `lease_until` (the step's timeout plus `LEASE_MARGIN_S`).
+
+Start gates (migration 019) are buckets too: `enrolments|<tenant>` (a rate) and
+`running|<tenant>|<workflow>` (a concurrency, `max_running`), whose rows a new
+execution's first commit queues (step_id '#start', the gate's number as attempt). A
+running slot has no lease: it counts until the commit that ends its execution
+deletes it (`release` with the execution among `ended`).
 """
 
 from __future__ import annotations
@@ -58,7 +64,16 @@ SET bucket = EXCLUDED.bucket, step_id = EXCLUDED.step_id, attempt = EXCLUDED.att
     rate_per_s = EXCLUDED.rate_per_s, concurrency = EXCLUDED.concurrency, lease_ms = EXCLUDED.lease_ms
 """
 
-_WAITING = "SELECT bucket, min(action) AS action, count(*) AS waiting FROM ordo.limit_queue GROUP BY bucket"
+#: What a start gate's bucket begins with (an action's bucket begins with "<action>@").
+GATES = ("enrolments|", "running|")
+#: The start gate whose slot an execution holds until it ends.
+RUNNING = "running|"
+
+_WAITING = """
+SELECT bucket, min(action) AS action, count(*) AS waiting,
+       extract(epoch FROM clock_timestamp() - min(queued_at))::float8 AS oldest_s
+FROM ordo.limit_queue GROUP BY bucket
+"""
 
 _LOCK_BUCKET = """
 SELECT tokens, refilled_at, clock_timestamp() AS now FROM ordo.limit_buckets WHERE bucket = $1 FOR UPDATE SKIP LOCKED
@@ -88,6 +103,8 @@ class Waiting:
     bucket: str
     action: str
     count: int
+    #: Seconds the oldest of them (the head) has waited.
+    oldest_s: float = 0.0
 
 
 def burst_of(rate_per_s: float) -> float:
@@ -106,21 +123,30 @@ def refill(tokens: float, elapsed_s: float, rate_per_s: float) -> float:
 
 
 async def queue(
-    conn: Queryable, waits: Sequence[tuple[str, str, str, int, str, float | None, int | None, int]]
+    conn: Queryable, waits: Sequence[tuple[str, str, str, int, str, float | None, int | None, int | None]]
 ) -> None:
     """Queue calls: (execution_id, bucket, step_id, attempt, action, rate_per_s, concurrency, lease_ms)."""
     await conn.execute(_QUEUE, *map(list, zip(*waits, strict=True)))
 
 
-async def release(conn: Queryable, execution_ids: list[str]) -> None:
-    """The executions' limited calls are over: drop their queue rows (a cancel) and their slots."""
+async def release(conn: Queryable, execution_ids: list[str], ended: Sequence[str] = ()) -> None:
+    """The executions' limited calls are over: drop their queue rows (a cancel) and their slots.
+
+    The start slot (`running|...`) stays with an execution that goes on; those `ended` give it back too.
+    """
     await conn.execute("DELETE FROM ordo.limit_queue WHERE execution_id = ANY($1::uuid[])", execution_ids)
-    await conn.execute("DELETE FROM ordo.limit_slots WHERE execution_id = ANY($1::uuid[])", execution_ids)
+    await conn.execute(
+        "DELETE FROM ordo.limit_slots WHERE execution_id = ANY($1::uuid[])"
+        " AND (NOT starts_with(bucket, $2) OR execution_id = ANY($3::uuid[]))",
+        execution_ids,
+        RUNNING,
+        list(ended),
+    )
 
 
 async def waiting(conn: Queryable) -> list[Waiting]:
     """Every bucket with calls waiting, and how many."""
-    return [Waiting(r["bucket"], r["action"], r["waiting"]) for r in await conn.fetch(_WAITING)]
+    return [Waiting(r["bucket"], r["action"], r["waiting"], r["oldest_s"]) for r in await conn.fetch(_WAITING)]
 
 
 async def grant(
@@ -177,11 +203,14 @@ async def grant(
 async def _take_slots(conn: Queryable, bucket: str, now: datetime, granted: list[Record]) -> None:
     await conn.execute(
         "INSERT INTO ordo.limit_slots (execution_id, bucket, lease_until)"
-        " SELECT e, $2, u FROM unnest($1::uuid[], $3::timestamptz[]) AS g(e, u)"
-        " ON CONFLICT (execution_id) DO UPDATE SET bucket = EXCLUDED.bucket, lease_until = EXCLUDED.lease_until",
+        " SELECT e, $2, coalesce(u, 'infinity') FROM unnest($1::uuid[], $3::timestamptz[]) AS g(e, u)"
+        " ON CONFLICT (execution_id, bucket) DO UPDATE SET lease_until = EXCLUDED.lease_until",
         [r["execution_id"] for r in granted],
         bucket,
-        [now + timedelta(milliseconds=r["lease_ms"], seconds=LEASE_MARGIN_S) for r in granted],
+        [
+            None if r["lease_ms"] is None else now + timedelta(milliseconds=r["lease_ms"], seconds=LEASE_MARGIN_S)
+            for r in granted
+        ],
     )
 
 
@@ -207,3 +236,30 @@ async def take_call_tokens(conn: Queryable, bucket: str, rate_per_s: float, want
     taken: int = row["taken"]
     wait: float = row["wait"]
     return taken, wait
+
+
+async def relimit_gate(conn: Queryable, bucket: str, rate_per_s: float | None, concurrency: int | None) -> int:
+    """The executions waiting at a start gate take its new limit (a config reload); how many rows."""
+    status: str = await conn.execute(
+        "UPDATE ordo.limit_queue SET rate_per_s = $2, concurrency = $3 WHERE bucket = $1",
+        bucket,
+        rate_per_s,
+        concurrency,
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def relimit_action(
+    conn: Queryable, tenant: str, action: str, rate_per_s: float | None, concurrency: int | None
+) -> int:
+    """The tenant's calls of `action` waiting their turn take new limits (None: each keeps its own);
+    how many rows. A bucket is "<action>@<major>|<tenant>[|<key>]"."""
+    status: str = await conn.execute(
+        "UPDATE ordo.limit_queue SET rate_per_s = coalesce($3, rate_per_s), concurrency = coalesce($4, concurrency)"
+        " WHERE split_part(bucket, '|', 2) = $1 AND split_part(split_part(bucket, '|', 1), '@', 1) = $2",
+        tenant,
+        action,
+        rate_per_s,
+        concurrency,
+    )
+    return int(status.rsplit(" ", 1)[-1])
