@@ -20,7 +20,7 @@ from asyncpg import Record
 
 from hotpath import ExecutionState
 from hotpath.envelope import subject_of
-from hotpath.vocabulary import Effect, Transition
+from hotpath.vocabulary import STARTED, Effect, Transition
 from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
@@ -53,6 +53,11 @@ def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
+def _steps(transitions: Sequence[Transition]) -> list[tuple[Any, ...]]:
+    """The steps of a history row: [step_id, kind], or [step_id, kind, detail] when there is a detail."""
+    return [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
+
+
 def history_rows(
     execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None, ledger_day: date
 ) -> list[HistoryRow]:
@@ -68,8 +73,23 @@ def history_rows(
         raise ValueError(
             f"transitions of {execution_id} are not consecutive: seqs {first} to {last}, {len(transitions)}"
         )
-    steps = [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
-    return [(execution_id, first, at, source_seq, _json(steps), ledger_day)]
+    return [(execution_id, first, at, source_seq, _json(_steps(transitions)), ledger_day)]
+
+
+def enrolment_steps(transitions: Sequence[Transition], workflow_id: str, version: int) -> str | None:
+    """The `enrolment_steps` of an execution that ends in the commit that enrols it (migration 016):
+    its transitions, seqs 1..n, in history's encoding, the first `started` written ["", "started"]
+    when its detail names the row's own workflow and version (as the view reads it back).
+
+    None when they do not start at seq 1 with a `started`, or it has no detail (that would read
+    back with one): they go to ordo.history.
+    """
+    if not transitions or transitions[0][0] != 1 or transitions[0][2] != STARTED or transitions[0][3] is None:
+        return None
+    steps = _steps(transitions)
+    if transitions[0][3] == {"workflow_id": workflow_id, "version": version}:
+        steps[0] = (transitions[0][1], STARTED)
+    return _json(steps)
 
 
 class ExecutionRecord:
@@ -151,8 +171,7 @@ class ExecutionRecord:
         context = _json(state.context)
         if max_context_bytes and len(context) > max_context_bytes:
             return self._too_large(transitions, now, source_seq, context, max_context_bytes)
-        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day))
-        change.transitions = len(transitions)
+        change = self._change(context, transitions, now, source_seq)
         for kind, data in effects:
             if kind == "set_timer":
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=UTC)
@@ -200,9 +219,19 @@ class ExecutionRecord:
         self.loaded_timer = self.state.timer
         self.loaded_context = change.context_json
 
-    def _change(self, context: str, rows: list[HistoryRow]) -> ExecutionChange:
+    def _change(
+        self, context: str, transitions: Sequence[Transition], now: datetime, source_seq: int | None
+    ) -> ExecutionChange:
         state = self.state
         is_new = self.loaded_seq == 0
+        rows = history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day)
+        # Ended in the commit that enrols it: its transitions go into its row (migration 016), read
+        # back at created_at with no source_seq, so only when they are that.
+        in_row = (
+            enrolment_steps(transitions, self.workflow_id, self.workflow_version)
+            if is_new and state.status in CLOSED and source_seq is None and now == self.created_at
+            else None
+        )
         row = (
             self.execution_id,
             self.tenant,
@@ -224,10 +253,13 @@ class ExecutionRecord:
             self.created_at,
             _json(runtime_of(state)),
             self.ledger_day,
+            in_row,
         )
         change = ExecutionChange(
             self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
         )
+        change.transitions = len(transitions)
+        change.history_in_row = in_row is not None
         if is_new:
             event = state.event
             ts = event.get("ts") if isinstance(event, dict) else None
@@ -271,10 +303,7 @@ class ExecutionRecord:
         state.waiting = None
         state.timer = None
         state.context = orjson.loads(self.loaded_context)
-        change = self._change(
-            self.loaded_context, history_rows(self.execution_id, kept, now, source_seq, self.ledger_day)
-        )
-        change.transitions = len(kept)
+        change = self._change(self.loaded_context, kept, now, source_seq)
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
         change.drop_wait = True

@@ -101,15 +101,22 @@ WHERE ledger_day < $1 AND status IN ('completed', 'failed', 'cancelled') AND exe
 ORDER BY execution_id
 LIMIT $3
 """
-# The history of a page of them, each execution's day said, so that Postgres reads only those days.
+# The history of a page of them, each execution's day said, so that Postgres reads only those days:
+# their ordo.history rows, and the transitions kept in their own rows (migration 016).
 _TRANSITIONS_OF = """
+WITH k AS (SELECT * FROM unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day))
 SELECT h.execution_id::text, (h.first_seq + s.position - 1)::int AS seq, s.step ->> 0 AS step_id,
        s.step ->> 1 AS kind, h.at, (s.step -> 2)::jsonb AS detail, h.source_seq
 FROM ordo.history h
-JOIN unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day) USING (execution_id, ledger_day)
+JOIN k USING (execution_id, ledger_day)
 CROSS JOIN LATERAL json_array_elements(h.steps) WITH ORDINALITY AS s(step, position)
 WHERE h.ledger_day < $3
-ORDER BY h.execution_id, seq
+UNION ALL
+SELECT t.execution_id::text, t.seq, t.step_id, t.kind, t.at, t.detail, t.source_seq
+FROM ordo.enrolment_transitions t
+JOIN k USING (execution_id, ledger_day)
+WHERE t.ledger_day < $3
+ORDER BY 1, 2
 """
 _OPEN_LETTERS_OF = """
 SELECT execution_id::text, id, at, reason, error, step_id, attempts FROM ordo.dead_letters
