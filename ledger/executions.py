@@ -249,7 +249,7 @@ class ExecutionRecord:
             self.last_stream_seq,
             context,
             stored_subject(state) if is_new else None,
-            (self.event_json or _json(state.event)) if is_new else "{}",
+            stored_event(state.event, self.tenant, self.event_id, self.event_json) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
             self.ledger_day,
@@ -377,6 +377,29 @@ def stored_subject(state: State) -> str | None:
     return None if derived is state.subject or derived == state.subject else _json(state.subject)
 
 
+def stored_event(event: Any, tenant: str, event_id: str, as_received: str | None = None) -> str:
+    """What the `event` column holds for a new execution: its trigger event less `tenant` and
+    `event_id` where they are the row's own columns' values (~47 bytes of a W1 row, and of its WAL;
+    migration 016), which a read puts back (`event_from`). `as_received`: the event's JSON as it
+    came, kept as is when there is nothing to leave out."""
+    if type(event) is not dict or (event.get("tenant") != tenant and event.get("event_id") != event_id):
+        return as_received or _json(event)
+    return _json({key: value for key, value in event.items() if not _in_columns(key, value, tenant, event_id)})
+
+
+def _in_columns(key: str, value: object, tenant: str, event_id: str) -> bool:
+    return (key == "tenant" and value == tenant) or (key == "event_id" and value == event_id)
+
+
+def event_from(stored: str, tenant: str, event_id: str) -> Any:
+    """An execution's trigger event from its row: the `event` column with what `stored_event` left out put back."""
+    event = orjson.loads(stored)
+    if type(event) is dict:
+        event.setdefault("tenant", tenant)
+        event.setdefault("event_id", event_id)
+    return event
+
+
 def subject_from(stored: str | None, event: dict[str, Any]) -> dict[str, Any]:
     """An execution's subject from its row: the `subject` column, or when that is NULL its event's (stored_subject)."""
     if stored is None:
@@ -440,7 +463,7 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
 
 
 def _record(r: Record) -> ExecutionRecord:
-    event = orjson.loads(r["event"])
+    event = event_from(r["event"], r["tenant"], r["event_id"])
     state: State = ExecutionState(
         r["execution_id"],
         status=r["status"],

@@ -23,9 +23,12 @@ _TRANSITIONS = """
 SELECT seq, step_id, kind, at, detail, source_seq
 FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
 """
-_TRIGGER_AND_STATE = """
+# The trigger event with what the row stores only in its columns put back (migration 016,
+# ledger/executions.py `stored_event`); the event's own keys win where it kept them.
+_EVENT = "jsonb_build_object('tenant', tenant, 'event_id', event_id) || event"
+_TRIGGER_AND_STATE = f"""
 SELECT execution_id::text, tenant, workflow_id, workflow_version, status, seq, pc, waiting,
-       context, subject, event, runtime
+       context, subject, {_EVENT} AS event, runtime
 FROM ordo.executions WHERE execution_id = $1::uuid
 """
 _TRANSITIONS_MS = """
@@ -81,11 +84,15 @@ async def finished_sample(
     return [r[0] for r in await conn.fetch(_FINISHED, workflow_id, tenant, seed_text, n)]
 
 
-_WHOLE_ROW = "SELECT * FROM ordo.executions WHERE execution_id = $1::uuid"
+# Every column, whichever migrations added them, the event as `trigger_and_state` reads it.
+_WHOLE_ROW = f"""
+SELECT (json_populate_record(e, json_build_object('event', {_EVENT}))).*
+FROM ordo.executions e WHERE execution_id = $1::uuid
+"""
 
 
 async def execution_as_stored(conn: Queryable, execution_id: str) -> Record | None:
-    """Every column of the execution's row, as stored (`ordo execution show`), or None."""
+    """Every column of the execution's row as stored, its trigger event whole (`ordo execution show`), or None."""
     return await conn.fetchrow(_WHOLE_ROW, execution_id)
 
 
