@@ -10,7 +10,9 @@ ONE transaction:
 2. COPY (binary) the executions' new state into per-session temp tables:
    updates (only what an update changes) into `stage_upd`, new executions
    that take this path (whole rows) into `stage_exec`, and their transitions
-   (one `ordo.history` row per execution) into `stage_history`.
+   (one `ordo.history` row per execution) into `stage_history`. An execution
+   that ends in the commit that enrols it has no history row: its row holds
+   its transitions (`enrolment_steps`, migration 016).
 3. One merge statement: insert new executions (a duplicate enrolment loses on
    the primary key), update existing ones only where the stored `seq` is the
    one the change was computed from (optimistic concurrency), and append the
