@@ -119,10 +119,9 @@ async def test_a_ledger_written_before_016_migrates_forward_reads_as_before_and_
         # What 015 wrote reads back as it was: its history rows, its whole event.
         for execution_id, transitions in before.items():
             assert await _transitions(h.db, execution_id) == transitions
-        assert dict(await history.execution_as_stored(h.db, ended_id)) == {
-            **dict(shown_before),
-            "enrolment_steps": None,
-        }
+        shown = await history.execution_as_stored(h.db, ended_id)
+        assert {key: shown[key] for key in shown_before.keys()} == dict(shown_before)
+        assert shown["enrolment_steps"] is None
         assert orjson.loads((await history.trigger_and_state(h.db, ended_id))["event"]) == ended
         old = await replaying.replay(h.db, ended_id)
         assert old.outcome == "identical", replaying.render(old)

@@ -26,6 +26,10 @@ ALTER TABLE ordo.executions ADD COLUMN enrolment_steps json;
 DROP INDEX ordo.executions_by_workflow;
 CREATE INDEX executions_by_workflow ON ordo.executions (tenant, workflow_id, status) WHERE status <> 'completed';
 
+-- 3. (No DDL.) From here on a new execution's `event` leaves out `tenant` and `event_id` where
+--    they are its row's own columns' values: 47 bytes of a W1 row. Every reader puts them back
+--    (ledger/executions.py `event_from`, ledger/history.py); rows written before keep them.
+
 -- The transitions of an execution kept in its row, one row per transition, with the
 -- columns of ordo.transitions and the row's day (what the archive joins on).
 CREATE VIEW ordo.enrolment_transitions AS
