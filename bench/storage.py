@@ -53,6 +53,11 @@ async def after_backends_exit(pool, application_name: str) -> Snapshot:
     return await Snapshot.read(pool)
 
 
+def lsn(position: int) -> str:
+    """A WAL position (bytes since 0/0) as Postgres writes an LSN: what `pg_waldump -s/-e` take."""
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
 def _per(value: int | None, count: int | None) -> float | None:
     return value / count if value is not None and count else None
 
@@ -72,6 +77,9 @@ def growth(before: Snapshot, after: Snapshot, executions: int, action_steps: int
         "records": records,
         "fpi": fpi,
         "lsn_bytes": wal_a.lsn_bytes - wal_b.lsn_bytes,
+        # The run's window of WAL, for `pg_waldump -s START -e END` on a kept data dir (--data-dir).
+        "lsn_start": lsn(wal_b.lsn_bytes),
+        "lsn_end": lsn(wal_a.lsn_bytes),
         "checkpoints": wal_a.checkpoints - wal_b.checkpoints,
         "bytes_per_execution": _per(wal_bytes, executions),
         "records_per_execution": _per(records, executions),

@@ -10,7 +10,9 @@ ONE transaction:
 2. COPY (binary) the executions' new state into per-session temp tables:
    updates (only what an update changes) into `stage_upd`, new executions
    that take this path (whole rows) into `stage_exec`, and their transitions
-   (one `ordo.history` row per execution) into `stage_history`.
+   (one `ordo.history` row per execution) into `stage_history`. An execution
+   that ends in the commit that enrols it has no history row: its row holds
+   its transitions (`enrolment_steps`, migration 016).
 3. One merge statement: insert new executions (a duplicate enrolment loses on
    the primary key), update existing ones only where the stored `seq` is the
    one the change was computed from (optimistic concurrency), and append the
@@ -85,6 +87,7 @@ EXEC_COLUMNS = (
     "created_at",
     "runtime",
     "ledger_day",
+    "enrolment_steps",
 )
 #: A commit's transitions of one execution as one row of ordo.history (migration 007), in the
 #: table's column order; `ledger_day` is its execution's (migration 008).
@@ -205,6 +208,11 @@ WHERE e.execution_id = s.execution_id AND e.ledger_day = s.ledger_day
 """
 
 
+def _history_to_write(changes: list[ExecutionChange]) -> list[tuple[Any, ...]]:
+    """The ordo.history rows of these changes: those whose execution's row does not hold them."""
+    return [h for c in changes if not c.history_in_row for h in c.history]
+
+
 def _earliest_timers(enrolled: list[ExecutionChange], owned: dict[int, int]) -> dict[int, int]:
     """Partition -> the earliest fire time (epoch µs) of the timers these enrolments set in partitions
     this worker does not own: their owners' walks may have passed it (ledger/timers.py)."""
@@ -303,6 +311,9 @@ class ExecutionChange:
     record: object = None
     #: How many transitions the history row holds.
     transitions: int = 0
+    #: The row's `enrolment_steps` hold them (an execution that ends in the commit that enrols it,
+    #: migration 016): `history` is what they are, and nothing is written to ordo.history.
+    history_in_row: bool = False
     #: An enrolment whose trigger may have enrolled on the day before its own (ledger/partitioning.py
     #: `may_be_enrolled_the_day_before`): the commit looks there.
     check_day_before: bool = False
@@ -715,9 +726,9 @@ class LedgerBatcher:
                         "stage_upd", records=[c.update_row() for c in updates], columns=_STAGE_UPDATE_COLUMNS
                     )
                 if merged:
-                    await conn.copy_records_to_table(
-                        "stage_history", records=[h for c in merged for h in c.history], columns=HISTORY_COLUMNS
-                    )
+                    history = _history_to_write(merged)
+                    if history:
+                        await conn.copy_records_to_table("stage_history", records=history, columns=HISTORY_COLUMNS)
                     rows = await conn.fetch(_MERGE)
                     accepted.update(r[0] for r in rows)
                     # An enrolment the merge did not insert is a duplicate, even when its execution
@@ -797,9 +808,9 @@ class LedgerBatcher:
             await conn.copy_records_to_table(
                 "executions", schema_name="ordo", records=running, columns=EXEC_COLUMNS + ("finished_at",)
             )
-        await conn.copy_records_to_table(
-            "history", schema_name="ordo", records=[h for c in new for h in c.history], columns=HISTORY_COLUMNS
-        )
+        history = _history_to_write(new)
+        if history:
+            await conn.copy_records_to_table("history", schema_name="ordo", records=history, columns=HISTORY_COLUMNS)
 
     async def _check_epochs(self, conn: asyncpg.Connection, partitions: list[int], epochs: dict[int, int]) -> None:
         # FOR SHARE: a claim (UPDATE of the epoch) waits for this commit, and a

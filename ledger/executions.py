@@ -20,7 +20,7 @@ from asyncpg import Record
 
 from hotpath import ExecutionState
 from hotpath.envelope import subject_of
-from hotpath.vocabulary import Effect, Transition
+from hotpath.vocabulary import STARTED, Effect, Transition
 from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
@@ -53,6 +53,11 @@ def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
+def _steps(transitions: Sequence[Transition]) -> list[tuple[Any, ...]]:
+    """The steps of a history row: [step_id, kind], or [step_id, kind, detail] when there is a detail."""
+    return [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
+
+
 def history_rows(
     execution_id: str, transitions: Sequence[Transition], at: datetime, source_seq: int | None, ledger_day: date
 ) -> list[HistoryRow]:
@@ -68,8 +73,23 @@ def history_rows(
         raise ValueError(
             f"transitions of {execution_id} are not consecutive: seqs {first} to {last}, {len(transitions)}"
         )
-    steps = [(step_id, kind) if detail is None else (step_id, kind, detail) for _, step_id, kind, detail in transitions]
-    return [(execution_id, first, at, source_seq, _json(steps), ledger_day)]
+    return [(execution_id, first, at, source_seq, _json(_steps(transitions)), ledger_day)]
+
+
+def enrolment_steps(transitions: Sequence[Transition], workflow_id: str, version: int) -> str | None:
+    """The `enrolment_steps` of an execution that ends in the commit that enrols it (migration 016):
+    its transitions, seqs 1..n, in history's encoding, the first `started` written ["", "started"]
+    when its detail names the row's own workflow and version (as the view reads it back).
+
+    None when they do not start at seq 1 with a `started`, or it has no detail (that would read
+    back with one): they go to ordo.history.
+    """
+    if not transitions or transitions[0][0] != 1 or transitions[0][2] != STARTED or transitions[0][3] is None:
+        return None
+    steps = _steps(transitions)
+    if transitions[0][3] == {"workflow_id": workflow_id, "version": version}:
+        steps[0] = (transitions[0][1], STARTED)
+    return _json(steps)
 
 
 class ExecutionRecord:
@@ -155,8 +175,7 @@ class ExecutionRecord:
         context = _json(state.context)
         if max_context_bytes and len(context) > max_context_bytes:
             return self._too_large(transitions, now, source_seq, context, max_context_bytes)
-        change = self._change(context, history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day))
-        change.transitions = len(transitions)
+        change = self._change(context, transitions, now, source_seq)
         for kind, data in effects:
             if kind == "set_timer":
                 fire_at = datetime.fromtimestamp(data["fire_at_ms"] / 1000.0, tz=UTC)
@@ -204,9 +223,19 @@ class ExecutionRecord:
         self.loaded_timer = self.state.timer
         self.loaded_context = change.context_json
 
-    def _change(self, context: str, rows: list[HistoryRow]) -> ExecutionChange:
+    def _change(
+        self, context: str, transitions: Sequence[Transition], now: datetime, source_seq: int | None
+    ) -> ExecutionChange:
         state = self.state
         is_new = self.loaded_seq == 0
+        rows = history_rows(self.execution_id, transitions, now, source_seq, self.ledger_day)
+        # Ended in the commit that enrols it: its transitions go into its row (migration 016), read
+        # back at created_at with no source_seq, so only when they are that.
+        in_row = (
+            enrolment_steps(transitions, self.workflow_id, self.workflow_version)
+            if is_new and state.status in CLOSED and source_seq is None and now == self.created_at
+            else None
+        )
         row = (
             self.execution_id,
             self.tenant,
@@ -224,14 +253,17 @@ class ExecutionRecord:
             self.last_stream_seq,
             context,
             stored_subject(state) if is_new else None,
-            (self.event_json or _json(state.event)) if is_new else "{}",
+            stored_event(state.event, self.tenant, self.event_id, self.event_json) if is_new else "{}",
             self.created_at,
             _json(runtime_of(state)),
             self.ledger_day,
+            in_row,
         )
         change = ExecutionChange(
             self.execution_id, self.partition, row, rows, self.loaded_seq, state.status in CLOSED, record=self
         )
+        change.transitions = len(transitions)
+        change.history_in_row = in_row is not None
         if is_new:
             event = state.event
             ts = event.get("ts") if isinstance(event, dict) else None
@@ -276,10 +308,7 @@ class ExecutionRecord:
         state.waiting = None
         state.timer = None
         state.context = orjson.loads(self.loaded_context)
-        change = self._change(
-            self.loaded_context, history_rows(self.execution_id, kept, now, source_seq, self.ledger_day)
-        )
-        change.transitions = len(kept)
+        change = self._change(self.loaded_context, kept, now, source_seq)
         change.drop_timer = self.loaded_timer is not None
         change.replaced_timer = self.loaded_timer
         change.drop_wait = True
@@ -354,6 +383,29 @@ def stored_subject(state: State) -> str | None:
     return None if derived is state.subject or derived == state.subject else _json(state.subject)
 
 
+def stored_event(event: Any, tenant: str, event_id: str, as_received: str | None = None) -> str:
+    """What the `event` column holds for a new execution: its trigger event less `tenant` and
+    `event_id` where they are the row's own columns' values (~47 bytes of a W1 row, and of its WAL;
+    migration 016), which a read puts back (`event_from`). `as_received`: the event's JSON as it
+    came, kept as is when there is nothing to leave out."""
+    if type(event) is not dict or (event.get("tenant") != tenant and event.get("event_id") != event_id):
+        return as_received or _json(event)
+    return _json({key: value for key, value in event.items() if not _in_columns(key, value, tenant, event_id)})
+
+
+def _in_columns(key: str, value: object, tenant: str, event_id: str) -> bool:
+    return (key == "tenant" and value == tenant) or (key == "event_id" and value == event_id)
+
+
+def event_from(stored: str, tenant: str, event_id: str) -> Any:
+    """An execution's trigger event from its row: the `event` column with what `stored_event` left out put back."""
+    event = orjson.loads(stored)
+    if type(event) is dict:
+        event.setdefault("tenant", tenant)
+        event.setdefault("event_id", event_id)
+    return event
+
+
 def subject_from(stored: str | None, event: dict[str, Any]) -> dict[str, Any]:
     """An execution's subject from its row: the `subject` column, or when that is NULL its event's (stored_subject)."""
     if stored is None:
@@ -418,7 +470,7 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
 
 
 def _record(r: Record) -> ExecutionRecord:
-    event = orjson.loads(r["event"])
+    event = event_from(r["event"], r["tenant"], r["event_id"])
     state: State = ExecutionState(
         r["execution_id"],
         status=r["status"],

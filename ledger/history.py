@@ -23,9 +23,12 @@ _TRANSITIONS = """
 SELECT seq, step_id, kind, at, detail, source_seq
 FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq
 """
-_TRIGGER_AND_STATE = """
+# The trigger event with what the row stores only in its columns put back (migration 016,
+# ledger/executions.py `stored_event`); the event's own keys win where it kept them.
+_EVENT = "jsonb_build_object('tenant', tenant, 'event_id', event_id) || event"
+_TRIGGER_AND_STATE = f"""
 SELECT execution_id::text, tenant, workflow_id, workflow_version, status, seq, pc, waiting,
-       context, subject, event, runtime
+       context, subject, {_EVENT} AS event, runtime
 FROM ordo.executions WHERE execution_id = $1::uuid
 """
 _TRANSITIONS_MS = """
@@ -81,11 +84,15 @@ async def finished_sample(
     return [r[0] for r in await conn.fetch(_FINISHED, workflow_id, tenant, seed_text, n)]
 
 
-_WHOLE_ROW = "SELECT * FROM ordo.executions WHERE execution_id = $1::uuid"
+# Every column, whichever migrations added them, the event as `trigger_and_state` reads it.
+_WHOLE_ROW = f"""
+SELECT (json_populate_record(e, json_build_object('event', {_EVENT}))).*
+FROM ordo.executions e WHERE execution_id = $1::uuid
+"""
 
 
 async def execution_as_stored(conn: Queryable, execution_id: str) -> Record | None:
-    """Every column of the execution's row, as stored (`ordo execution show`), or None."""
+    """Every column of the execution's row as stored, its trigger event whole (`ordo execution show`), or None."""
     return await conn.fetchrow(_WHOLE_ROW, execution_id)
 
 
@@ -101,15 +108,22 @@ WHERE ledger_day < $1 AND status IN ('completed', 'failed', 'cancelled') AND exe
 ORDER BY execution_id
 LIMIT $3
 """
-# The history of a page of them, each execution's day said, so that Postgres reads only those days.
+# The history of a page of them, each execution's day said, so that Postgres reads only those days:
+# their ordo.history rows, and the transitions kept in their own rows (migration 016).
 _TRANSITIONS_OF = """
+WITH k AS (SELECT * FROM unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day))
 SELECT h.execution_id::text, (h.first_seq + s.position - 1)::int AS seq, s.step ->> 0 AS step_id,
        s.step ->> 1 AS kind, h.at, (s.step -> 2)::jsonb AS detail, h.source_seq
 FROM ordo.history h
-JOIN unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day) USING (execution_id, ledger_day)
+JOIN k USING (execution_id, ledger_day)
 CROSS JOIN LATERAL json_array_elements(h.steps) WITH ORDINALITY AS s(step, position)
 WHERE h.ledger_day < $3
-ORDER BY h.execution_id, seq
+UNION ALL
+SELECT t.execution_id::text, t.seq, t.step_id, t.kind, t.at, t.detail, t.source_seq
+FROM ordo.enrolment_transitions t
+JOIN k USING (execution_id, ledger_day)
+WHERE t.ledger_day < $3
+ORDER BY 1, 2
 """
 _OPEN_LETTERS_OF = """
 SELECT execution_id::text, id, at, reason, error, step_id, attempts FROM ordo.dead_letters
