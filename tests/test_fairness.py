@@ -150,6 +150,12 @@ async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_
         assert 2.2 <= ratio <= 4.0, f"heavy:echo was {ratio:.2f} in the first 2,000 ({heavy} heavy)"
 
 
+async def _loop_turns() -> None:
+    """A few turns of the event loop: enough for FairShare to hand out a turn the window has room for."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     """FairShare alone: grants go round by weight among busy lanes, and a lane waits while the window is full."""
     from daemon.config import Config
@@ -172,19 +178,76 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
     assert grants == [300, 100] and window.reserved == 400
     window.arrived(400)  # the pulls brought all of it
-    # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
+    # Each pull brought what it was granted (Lanes.took charges it).
     heavy.deficit, light.deficit = heavy.deficit - 300, light.deficit - 100
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 300
     heavy.deficit -= 300
-    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
-    window.arrived(600)
+    window.arrived(300)
     blocked = asyncio.create_task(fair.turn(light))
-    await asyncio.sleep(0.05)
+    await _loop_turns()
     assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
-    window.release(500)  # the window wakes its waiters once a whole fetch_batch fits again
-    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
+    window.release(20)  # room for less than a quantum: still waiting
+    await _loop_turns()
+    assert not blocked.done()
+    window.release(200)  # a quantum fits: the turn takes it
+    assert await asyncio.wait_for(blocked, 1) == 100
     stopping.set()
     await runner
+
+
+async def test_busy_lanes_never_hold_the_room_a_quiet_lanes_probe_needs():
+    """The bound: busy lanes' turns hold at most max_ack_pending less every lane's probe
+    (FairShare.kept); a turn that finds less room than its grant takes what there is (at least
+    a quantum) instead of holding up the turns behind it, and a quiet lane's probe always fits."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane
+
+    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    fair = FairShare(config, window, stopping)
+    assert fair.kept == 16 * fair.probe == 240
+    runner = asyncio.create_task(fair.run())
+    noisy = Lane(5, 1, 1, 1)
+    fair.busy = {5}
+    grants = []
+    while True:  # the noisy lane's pulls bring all they were granted, and nothing settles
+        turn = asyncio.create_task(fair.turn(noisy))
+        await _loop_turns()
+        if not turn.done():
+            break
+        grants.append(turn.result())
+        window.arrived(grants[-1])
+        noisy.deficit -= grants[-1]
+        assert window.in_flight + window.reserved <= 1000 - fair.kept
+    assert grants == [500, 260]  # the second took the room left, short of its grant
+    assert window.in_flight == 760
+    # Every lane's probe still fits; the noisy lane's next turn waits for its events to settle.
+    for _ in range(16):
+        assert window.has_room(fair.probe, new_work=True)
+        window.reserve(fair.probe)
+    window.unreserve(16 * fair.probe)
+    window.release(100)
+    assert await asyncio.wait_for(turn, 1) == 100
+    assert window.in_flight + window.reserved == 1000 - fair.kept
+    stopping.set()
+    await runner
+
+
+async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog():
+    """LedgerBatcher.add(ahead=True): a quiet lane's trigger goes into the next batch before the
+    units queued without; each queue keeps its own order, and a batch still holds at most max_rows."""
+    from ledger.batcher import LedgerBatcher, Unit
+
+    batcher = LedgerBatcher("postgresql://unused", max_rows=4, max_ms=0.0)
+    for name in ("a", "b", "c", "d", "e"):
+        batcher.add(Unit(token=name))  # one row each
+    batcher.add(Unit(token="quiet-1"), ahead=True)
+    batcher.add(Unit(token="quiet-2"), ahead=True)
+    taken = [[u.token for u in await asyncio.wait_for(batcher.next_batch(), 1)] for _ in range(2)]
+    assert taken == [["quiet-1", "quiet-2", "a", "b"], ["c", "d", "e"]]
+    assert batcher.pending_rows == 0
 
 
 async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_stream_order(
