@@ -16,6 +16,11 @@ open (`probe`) that bypasses the turns, so its next event is taken at once
 instead of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
+
+Busy lanes' turns leave every lane's probe room in the window (`kept`), so a
+quiet lane's next event never waits for a burst's events to commit before it
+is taken; and what a probe brings goes into the next commit ahead of the
+busy lanes' backlog (daemon/intake.py, `LedgerBatcher.add(ahead=True)`).
 """
 
 import asyncio
