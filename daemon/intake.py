@@ -73,7 +73,9 @@ class Window:
 
     def release(self, count: int) -> None:
         self.in_flight -= count
-        self._room.set()  # its waiters check whether what they wait for fits now
+        # Every waiter checks whether what it waits for fits now: a quiet lane's probe needs a
+        # few slots, not a pull's worth (daemon/lanes.py).
+        self._room.set()
 
     def reserve(self, count: int) -> None:
         """A lane's pull may bring `count` messages: room is kept for them before they arrive."""
@@ -94,13 +96,8 @@ class Window:
         if self.has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
-    def room(self, *, keep: int = 0) -> int:
-        """How many more may come in and leave `keep` of the window free."""
-        return self.config.max_ack_pending - keep - self.in_flight - self.reserved
-
-    def has_room(self, batch: int, *, new_work: bool = False, keep: int = 0) -> bool:
-        """Whether `batch` more may come in, leaving `keep` free (the quiet lanes' probes: daemon/lanes.py)."""
-        if batch > self.room(keep=keep):
+    def has_room(self, batch: int, *, new_work: bool = False) -> bool:
+        if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
             return False
         if not new_work:
             return True
@@ -111,8 +108,8 @@ class Window:
         pending_calls = self.effects.pending
         return pending_calls == 0 or self.in_flight + pending_calls < self.effects.backlog
 
-    async def wait_for_room(self, batch: int, *, new_work: bool, keep: int = 0) -> None:
-        while not self.has_room(batch, new_work=new_work, keep=keep):
+    async def wait_for_room(self, batch: int, *, new_work: bool) -> None:
+        while not self.has_room(batch, new_work=new_work):
             self._room.clear()
             await self._room.wait()
 
@@ -254,9 +251,8 @@ class Intake:
                     self.window.unreserve(lanes.pull_ended(lane))
                     if stopping:
                         return  # drained: no pull request left open to deliver into nowhere
-                    # A quiet lane's probe takes the room busy lanes leave (FairShare.kept), and
-                    # its events go into the next commit ahead of their backlog: a burst elsewhere
-                    # costs a quiet tenant's trigger at most the commit under way and its own.
+                    # A quiet lane's probe waits for room for itself only, and its events go into the
+                    # next commit ahead of the busy lanes' backlog.
                     probing = lane.idle
                     if probing:
                         grant = lanes.fair.probe

@@ -17,10 +17,10 @@ instead of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 
-Busy lanes' turns leave every lane's probe room in the window (`kept`), so a
-quiet lane's next event never waits for a burst's events to commit before it
-is taken; and what a probe brings goes into the next commit ahead of the
-busy lanes' backlog (daemon/intake.py, `LedgerBatcher.add(ahead=True)`).
+A probe waits for room for itself only, not for a busy lane's pull's worth
+(`Window.release` wakes every waiter), and what it brings goes into the next
+commit ahead of the busy lanes' backlog (daemon/intake.py,
+`LedgerBatcher.add(ahead=True)`).
 """
 
 import asyncio
@@ -121,9 +121,6 @@ class FairShare:
         self.most = max(1, min(config.fetch_batch, config.max_ack_pending // 2))
         #: A quiet lane's standing pull: small, so that every lane can keep one open.
         self.probe = max(1, min(16, config.max_ack_pending // (4 * max(1, config.trigger_lanes))))
-        #: Room in the window that busy lanes' turns leave free: every lane's probe fits in it, so a
-        #: quiet lane's next event never waits for a burst's events to commit before it is taken.
-        self.kept = min(self.probe * max(1, config.trigger_lanes), config.max_ack_pending // 4)
         self._turns: deque[Lane] = deque()
         self._queued = asyncio.Event()
         #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
@@ -169,18 +166,14 @@ class FairShare:
                 if lane.deficit <= 0:
                     self._turns.append(lane)
                     continue
-                # A turn waits for room for a quantum, not for its whole grant, and takes what there
-                # is: while the window is nearly full, the turns behind it are not held up.
                 grant = min(lane.deficit, self.most)
-                least = min(grant, self.quantum)
-                while not self.window.has_room(least, new_work=True, keep=self.kept):
-                    room = asyncio.ensure_future(self.window.wait_for_room(least, new_work=True, keep=self.kept))
+                while not self.window.has_room(grant, new_work=True):
+                    room = asyncio.ensure_future(self.window.wait_for_room(grant, new_work=True))
                     await asyncio.wait([room, stopped], return_when=asyncio.FIRST_COMPLETED)
                     if not room.done():
                         room.cancel()
                         self.leave(lane)
                         return
-                grant = min(grant, self.window.room(keep=self.kept))
                 if lane.waiter is None or lane.waiter.done():
                     continue  # it left while the window filled up
                 # Charged by what the pull brings (Lanes.took), in events, not by the grant.

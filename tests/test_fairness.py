@@ -178,27 +178,25 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
     assert grants == [300, 100] and window.reserved == 400
     window.arrived(400)  # the pulls brought all of it
-    # Each pull brought what it was granted (Lanes.took charges it).
+    # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
     heavy.deficit, light.deficit = heavy.deficit - 300, light.deficit - 100
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 300
     heavy.deficit -= 300
-    window.arrived(300)
+    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
+    window.arrived(600)
     blocked = asyncio.create_task(fair.turn(light))
     await _loop_turns()
     assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
-    window.release(20)  # room for less than a quantum: still waiting
-    await _loop_turns()
-    assert not blocked.done()
-    window.release(200)  # a quantum fits: the turn takes it
-    assert await asyncio.wait_for(blocked, 1) == 100
+    window.release(500)  # its whole grant fits again
+    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
     stopping.set()
     await runner
 
 
-async def test_busy_lanes_never_hold_the_room_a_quiet_lanes_probe_needs():
-    """The bound: busy lanes' turns hold at most max_ack_pending less every lane's probe
-    (FairShare.kept); a turn that finds less room than its grant takes what there is (at least
-    a quantum) instead of holding up the turns behind it, and a quiet lane's probe always fits."""
+async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lanes_pull():
+    """The window full of a burst: a quiet lane's probe opens once its 15 slots are free, while
+    the busy lane's turn waits until its whole grant fits (as before, the window was told of
+    room only once a fetch_batch fitted, and the probe waited for 500 events to settle)."""
     from daemon.config import Config
     from daemon.intake import Window
     from daemon.lanes import Lane
@@ -207,30 +205,21 @@ async def test_busy_lanes_never_hold_the_room_a_quiet_lanes_probe_needs():
     window, stopping = Window(config), asyncio.Event()
     window.effects = SimpleNamespace(pending=0, backlog=0)
     fair = FairShare(config, window, stopping)
-    assert fair.kept == 16 * fair.probe == 240
     runner = asyncio.create_task(fair.run())
     noisy = Lane(5, 1, 1, 1)
     fair.busy = {5}
-    grants = []
-    while True:  # the noisy lane's pulls bring all they were granted, and nothing settles
-        turn = asyncio.create_task(fair.turn(noisy))
-        await _loop_turns()
-        if not turn.done():
-            break
-        grants.append(turn.result())
-        window.arrived(grants[-1])
-        noisy.deficit -= grants[-1]
-        assert window.in_flight + window.reserved <= 1000 - fair.kept
-    assert grants == [500, 260]  # the second took the room left, short of its grant
-    assert window.in_flight == 760
-    # Every lane's probe still fits; the noisy lane's next turn waits for its events to settle.
-    for _ in range(16):
-        assert window.has_room(fair.probe, new_work=True)
-        window.reserve(fair.probe)
-    window.unreserve(16 * fair.probe)
-    window.release(100)
-    assert await asyncio.wait_for(turn, 1) == 100
-    assert window.in_flight + window.reserved == 1000 - fair.kept
+    window.add(1000)  # the burst's events, taken and not yet committed
+    turn = asyncio.create_task(fair.turn(noisy))
+    probe = asyncio.create_task(window.wait_for_room(fair.probe, new_work=True))
+    await _loop_turns()
+    assert not turn.done() and not probe.done()
+    window.release(fair.probe)  # 15 of the burst's events committed
+    await _loop_turns()
+    assert probe.done() and not turn.done()
+    window.reserve(fair.probe)
+    window.release(500)
+    assert await asyncio.wait_for(turn, 1) == 500
+    assert window.in_flight + window.reserved == 1000
     stopping.set()
     await runner
 
