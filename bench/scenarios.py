@@ -39,11 +39,10 @@ import orjson
 from ledger import run_checks, runs
 
 from .generator import (
-    AtomicBatches,
+    PubAcks,
     publish_atomic,
     publish_events,
     publish_messages,
-    supports_atomic_batches,
     trigger_event,
 )
 from .histogram import Histogram
@@ -979,10 +978,15 @@ class NoisyNeighbour(Scenario):
         return [dict(definition, tenant=tenant) for tenant in [self.tenant, *self.quiet]]
 
     async def generate(self, js, topology, run_id: str, count: int, **kwargs) -> dict:
-        """`count` is the run's whole load (`expected()`): the burst is what the quiet tenants leave of it."""
+        """`count` is the run's whole load (`expected()`): the burst is what the quiet tenants leave of it.
+
+        The quiet tenants publish from a process of their own (bench/quiet_load.py), as other
+        tenants' services would: sharing this one's event loop, their ticks waited for the burst's.
+        """
         count -= self.quiet_count()
-        started = time.time()
-        quiet = asyncio.create_task(self._quiet_load(js, topology, run_id, started))
+        quiet = await self._start_quiet_load(run_id)
+        assert quiet.stdout is not None
+        started = orjson.loads(await quiet.stdout.readline())["started"]
         await asyncio.sleep(self.options["seconds"] / 4)
         burst_start = time.time()
         # The burst: W1's closed publisher (atomic batches where the stream allows them).
@@ -992,7 +996,10 @@ class NoisyNeighbour(Scenario):
         kwargs.pop("pubacks", None)
         sent = await publish_events(js, topology, events, **kwargs)
         burst_published = time.time()
-        sent += await quiet
+        out, _ = await quiet.communicate()
+        if quiet.returncode != 0:
+            raise RuntimeError(f"the quiet tenants' publisher failed (exit status {quiet.returncode})")
+        sent += orjson.loads(out.splitlines()[-1])["sent"]
         return {
             "published": sent,
             "first_publish": started,
@@ -1000,42 +1007,29 @@ class NoisyNeighbour(Scenario):
             "burst_published": burst_published,
         }
 
-    async def _quiet_load(self, js, topology, run_id: str, started: float) -> int:
-        """Each quiet tenant's events on a fixed schedule, round-robin; an event's ts is its intended send time.
+    async def _start_quiet_load(self, run_id: str):
+        import sys
 
-        The events due in each 5 ms tick go out as one atomic batch where the stream allows it
-        (one fsync per tick: single publishes queue from about 3,000/s on this disk, and the
-        burst shares it), else one publish each.
-        """
-        tenants, total = self.quiet, self.quiet_count()
-        rate = len(tenants) * self.options["quiet_rate"]
-        event_type = self.trigger_type(run_id)
-        subject_of = {t: topology.trigger_subject(t, event_type) for t in tenants}
-        batches = AtomicBatches(js, in_flight=64) if await supports_atomic_batches(js, topology) else None
-        pending: set = set()
-        sent = 0
-        while sent < total:
-            due = min(total, int((time.time() - started) * rate) + 1)
-            tick = []
-            while sent < due:
-                tenant = tenants[sent % len(tenants)]
-                ts_ms = (started + sent / rate) * 1000.0
-                # Ids above any burst's: the event ids of one run are unique across its tenants.
-                event = trigger_event(run_id, 10**9 + sent, tenant=tenant, event_type=event_type, ts_ms=ts_ms)
-                tick.append((subject_of[tenant], orjson.dumps(event), f"{tenant}:{event['event_id']}"))
-                sent += 1
-            if batches is not None and tick:
-                await batches.send(tick)
-            for subject, body, msg_id in tick if batches is None else ():
-                task = asyncio.ensure_future(js.publish(subject, body, headers={"Nats-Msg-Id": msg_id}))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.sleep(0.005)
-        if batches is not None:
-            await batches.close()
-        if pending:
-            await asyncio.gather(*pending)
-        return sent
+        from .quiet_load import pubacks_path
+
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.quiet_load",
+            "--run-id",
+            run_id,
+            "--event-type",
+            self.trigger_type(run_id),
+            "--tenants",
+            ",".join(self.quiet),
+            "--rate",
+            str(self.options["quiet_rate"]),
+            "--seconds",
+            str(self.options["seconds"]),
+            "--pubacks",
+            pubacks_path(run_id),
+        ]
+        return await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
 
     async def progress(self, pool, run_id: str) -> dict:
         totals = {"finished": 0, "waiting": 0, "total": 0}
@@ -1060,29 +1054,52 @@ class NoisyNeighbour(Scenario):
         return Verification(expected=expected, **sums)
 
     async def measure(self, pool, run, done: dict | None) -> dict:
+        """The quiet tenants' latency before and during the burst, and where it went: trigger ts ->
+        PubAck (`published`: the publisher and JetStream), -> taken by a worker (`taken`, from
+        created_at: it adds the wait in the lane), -> committed (finished_at); `worker` is taken ->
+        committed alone (the enrolment, the wait for a batch and its commit)."""
+        import os
+
+        from .quiet_load import pubacks_path
+
         if not done or "burst_start" not in done:
             return {}
         wid = self.workflow_id(run.run_id)
         burst = await runs.workflow_finish_times(pool, self.tenant, wid)
         quiet = []
         for tenant in self.quiet:
-            quiet += await runs.workflow_finish_times(pool, tenant, wid)
+            quiet += await runs.workflow_stage_times(pool, tenant, wid)
+        path = pubacks_path(run.run_id)
+        pubacks = PubAcks.load(path) if os.path.exists(path) else {}
+        if os.path.exists(path):
+            os.unlink(path)
         burst_start_ms = done["burst_start"] * 1000.0
         burst_end = max((r["finished"] for r in burst), default=done["burst_start"])
-        before, during = Histogram(), Histogram()
+        stages = ("published", "taken", "worker", "committed")
+        before = {stage: Histogram() for stage in stages}
+        during = {stage: Histogram() for stage in stages}
         for r in quiet:
-            latency = r["finished"] * 1000.0 - r["ts"]
-            if r["ts"] < burst_start_ms:
-                before.record(latency)
-            elif r["ts"] <= burst_end * 1000.0:
-                during.record(latency)
+            ts = r["ts"]
+            if ts < burst_start_ms:
+                into = before
+            elif ts <= burst_end * 1000.0:
+                into = during
+            else:
+                continue
+            if ts in pubacks:
+                into["published"].record(pubacks[ts] - ts)
+            into["taken"].record(r["taken"] * 1000.0 - ts)
+            into["worker"].record((r["finished"] - r["taken"]) * 1000.0)
+            into["committed"].record(r["finished"] * 1000.0 - ts)
         last = max((r["finished"] for r in [*burst, *quiet]), default=done["burst_start"])
-        out = {
-            "quiet_p50_before_ms": before.percentile(50) if before.total else 0.0,
-            "quiet_p99_before_ms": before.percentile(99) if before.total else 0.0,
-            "quiet_p50_during_ms": during.percentile(50) if during.total else 0.0,
-            "quiet_p99_during_ms": during.percentile(99) if during.total else 0.0,
-            "quiet_during": during.total,
+        out = {}
+        for when, histograms in (("before", before), ("during", during)):
+            for stage, h in histograms.items():
+                name = "" if stage == "committed" else f"{stage}_"
+                for q in (50, 99):
+                    out[f"quiet_{name}p{q}_{when}_ms"] = h.percentile(q) if h.total else 0.0
+        out |= {
+            "quiet_during": during["committed"].total,
             "burst_drain_s": burst_end - done["burst_start"],
             "burst_drain_per_s": len(burst) / max(1e-3, burst_end - done["burst_start"]),
             "total_per_s": (len(burst) + len(quiet)) / max(1e-3, last - done["first_publish"]),
@@ -1091,10 +1108,18 @@ class NoisyNeighbour(Scenario):
 
     def summary(self, metrics: dict) -> list[str]:
         m = metrics
+
+        def stages(when: str) -> str:
+            return (
+                f"{m[f'quiet_p50_{when}_ms']:,.0f}/{m[f'quiet_p99_{when}_ms']:,.0f} ms (stored "
+                f"{m[f'quiet_published_p50_{when}_ms']:,.0f}/{m[f'quiet_published_p99_{when}_ms']:,.0f}, taken "
+                f"{m[f'quiet_taken_p50_{when}_ms']:,.0f}/{m[f'quiet_taken_p99_{when}_ms']:,.0f}; in the worker "
+                f"{m[f'quiet_worker_p50_{when}_ms']:,.0f}/{m[f'quiet_worker_p99_{when}_ms']:,.0f})"
+            )
+
         return [
-            f"quiet tenants  trigger->completed p50/p99 before the burst "
-            f"{m['quiet_p50_before_ms']:,.0f}/{m['quiet_p99_before_ms']:,.0f} ms, during it "
-            f"{m['quiet_p50_during_ms']:,.0f}/{m['quiet_p99_during_ms']:,.0f} ms ({m['quiet_during']:,} events)",
+            f"quiet tenants  trigger->completed p50/p99 before the burst {stages('before')}",
+            f"               during it {stages('during')} ({m['quiet_during']:,} events)",
             f"tenant A       burst drained in {m['burst_drain_s']:,.1f} s ({m['burst_drain_per_s']:,.0f}/s); "
             f"total {m['total_per_s']:,.0f} executions/s",
         ]

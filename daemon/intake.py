@@ -44,6 +44,10 @@ from .topology import Topology
 
 log = logging.getLogger("ordo.worker")
 
+#: Events enrolled between two turns of the event loop: a pull of thousands would hold it for a
+#: hundred milliseconds and more.
+_ENROL_SLICE = 256
+
 
 class Window:
     """The in-flight window: what was taken in and has not settled yet (daemon/settle.py releases it).
@@ -69,8 +73,9 @@ class Window:
 
     def release(self, count: int) -> None:
         self.in_flight -= count
-        if self.has_room(self.config.fetch_batch):
-            self._room.set()
+        # Every waiter checks whether what it waits for fits now: a quiet lane's probe needs a
+        # few slots, not a pull's worth (daemon/lanes.py).
+        self._room.set()
 
     def reserve(self, count: int) -> None:
         """A lane's pull may bring `count` messages: room is kept for them before they arrive."""
@@ -84,7 +89,7 @@ class Window:
     def unreserve(self, count: int) -> None:
         """A lane's pull ended without bringing all it may have."""
         self.reserved -= count
-        if count and self.has_room(self.config.fetch_batch):
+        if count:
             self._room.set()
 
     def action_call_done(self) -> None:
@@ -237,6 +242,7 @@ class Intake:
         """A trigger lane's fetch loop: a pull opens for what the lane was granted, reserved in
         the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
         consumer, lanes = lane.consumer, self.lanes
+        probing = True
         try:
             await lanes.opened.wait()
             while True:
@@ -245,7 +251,10 @@ class Intake:
                     self.window.unreserve(lanes.pull_ended(lane))
                     if stopping:
                         return  # drained: no pull request left open to deliver into nowhere
-                    if lane.idle:
+                    # A quiet lane's probe waits for room for itself only, and its events go into the
+                    # next commit ahead of the busy lanes' backlog.
+                    probing = lane.idle
+                    if probing:
                         grant = lanes.fair.probe
                         await self.window.wait_for_room(grant, new_work=True)
                         self.window.reserve(grant)
@@ -253,8 +262,8 @@ class Intake:
                         grant = await lanes.fair.turn(lane)
                         if grant == 0:
                             continue  # stopping: the loop ends above
+                        await self.batcher.wait_for_space()
                     lane.granted = grant
-                    await self.batcher.wait_for_space()
                     consumer.max_bytes = self._trigger_pull_bytes(grant)
                 started = time.monotonic()
                 try:
@@ -281,7 +290,7 @@ class Intake:
                     d.subject = published_subject(d.subject)  # as published: dead letters and retries use it
                 self.window.arrived(len(deliveries))
                 self._count_metrics(deliveries)
-                events = await self._take_triggers(deliveries)
+                events = await self._take_triggers(deliveries, ahead=probing)
                 lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns)
         finally:
             if lane.granted > lane.taken:
@@ -301,8 +310,9 @@ class Intake:
 
     # -- enrol: triggers ------------------------------------------------------
 
-    async def _take_triggers(self, batch: list[Delivery]) -> int:
-        """Route and enrol a pull's trigger messages; returns the events they held."""
+    async def _take_triggers(self, batch: list[Delivery], *, ahead: bool) -> int:
+        """Route and enrol a pull's trigger messages; returns the events they held. A quiet lane's
+        (`ahead`) go into the batcher before the others' (LedgerBatcher.add)."""
         now, now_ms = datetime.now(UTC), self.clock_ms()
         decoded = []
         taken = 0
@@ -330,10 +340,12 @@ class Intake:
             for execution_id, event in routes:
                 by_execution.setdefault(execution_id, []).append(event)
             await asyncio.gather(*(self._route(execution_id, evs) for execution_id, evs in by_execution.items()))
-        for source, event in decoded:
-            self.batcher.add(
-                enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, self.config.max_context_bytes)
-            )
+        most_context = self.config.max_context_bytes
+        for n, (source, event) in enumerate(decoded, 1):
+            unit = enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, most_context)
+            self.batcher.add(unit, ahead=ahead)
+            if n % _ENROL_SLICE == 0:
+                await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events that came meanwhile
         metrics.advance_timings.flush()
         return taken
 

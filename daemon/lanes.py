@@ -16,6 +16,11 @@ open (`probe`) that bypasses the turns, so its next event is taken at once
 instead of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
+
+A probe waits for room for itself only, not for a busy lane's pull's worth
+(`Window.release` wakes every waiter), and what it brings goes into the next
+commit ahead of the busy lanes' backlog (daemon/intake.py,
+`LedgerBatcher.add(ahead=True)`).
 """
 
 import asyncio
@@ -162,12 +167,13 @@ class FairShare:
                     self._turns.append(lane)
                     continue
                 grant = min(lane.deficit, self.most)
-                if not self.window.has_room(grant, new_work=True):
+                while not self.window.has_room(grant, new_work=True):
                     room = asyncio.ensure_future(self.window.wait_for_room(grant, new_work=True))
                     await asyncio.wait([room, stopped], return_when=asyncio.FIRST_COMPLETED)
                     if not room.done():
                         room.cancel()
-                        break
+                        self.leave(lane)
+                        return
                 if lane.waiter is None or lane.waiter.done():
                     continue  # it left while the window filled up
                 # Charged by what the pull brings (Lanes.took), in events, not by the grant.

@@ -211,6 +211,12 @@ SELECT extract(epoch FROM finished_at)::float8 AS finished, (event->>'ts')::floa
 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
 """
 
+_WORKFLOW_STAGE_TIMES = """
+SELECT (event->>'ts')::float8 AS ts, extract(epoch FROM created_at)::float8 AS taken,
+       extract(epoch FROM finished_at)::float8 AS finished
+FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2 AND finished_at IS NOT NULL
+"""
+
 _WORKFLOW_LAST_COMMIT = """
 SELECT extract(epoch FROM max(finished_at))::float8 FROM ordo.executions WHERE tenant = $1 AND workflow_id = $2
 """
@@ -231,6 +237,12 @@ async def workflow_progress(conn: Queryable, tenant: str, workflow_id: str) -> R
 async def workflow_finish_times(conn: Queryable, tenant: str, workflow_id: str) -> list[Record]:
     """(finished_at in epoch s, trigger ts in epoch ms, steps) of every finished execution of the workflow."""
     return await conn.fetch(_WORKFLOW_FINISH_TIMES, tenant, workflow_id)
+
+
+async def workflow_stage_times(conn: Queryable, tenant: str, workflow_id: str) -> list[Record]:
+    """(trigger ts in epoch ms, taken and finished in epoch s) of every finished execution of the workflow:
+    `taken` is when a worker took its trigger (created_at), `finished` when its commit ran."""
+    return await conn.fetch(_WORKFLOW_STAGE_TIMES, tenant, workflow_id)
 
 
 async def workflow_last_commit(conn: Queryable, tenant: str, workflow_id: str) -> float | None:

@@ -150,6 +150,12 @@ async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_
         assert 2.2 <= ratio <= 4.0, f"heavy:echo was {ratio:.2f} in the first 2,000 ({heavy} heavy)"
 
 
+async def _loop_turns() -> None:
+    """A few turns of the event loop: enough for FairShare to hand out a turn the window has room for."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     """FairShare alone: grants go round by weight among busy lanes, and a lane waits while the window is full."""
     from daemon.config import Config
@@ -179,12 +185,58 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
     window.arrived(600)
     blocked = asyncio.create_task(fair.turn(light))
-    await asyncio.sleep(0.05)
+    await _loop_turns()
     assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
-    window.release(500)  # the window wakes its waiters once a whole fetch_batch fits again
+    window.release(500)  # its whole grant fits again
     assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
     stopping.set()
     await runner
+
+
+async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lanes_pull():
+    """The window full of a burst: a quiet lane's probe opens once its 15 slots are free, while
+    the busy lane's turn waits until its whole grant fits (as before, the window was told of
+    room only once a fetch_batch fitted, and the probe waited for 500 events to settle)."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane
+
+    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    fair = FairShare(config, window, stopping)
+    runner = asyncio.create_task(fair.run())
+    noisy = Lane(5, 1, 1, 1)
+    fair.busy = {5}
+    window.add(1000)  # the burst's events, taken and not yet committed
+    turn = asyncio.create_task(fair.turn(noisy))
+    probe = asyncio.create_task(window.wait_for_room(fair.probe, new_work=True))
+    await _loop_turns()
+    assert not turn.done() and not probe.done()
+    window.release(fair.probe)  # 15 of the burst's events committed
+    await _loop_turns()
+    assert probe.done() and not turn.done()
+    window.reserve(fair.probe)
+    window.release(500)
+    assert await asyncio.wait_for(turn, 1) == 500
+    assert window.in_flight + window.reserved == 1000
+    stopping.set()
+    await runner
+
+
+async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog():
+    """LedgerBatcher.add(ahead=True): a quiet lane's trigger goes into the next batch before the
+    units queued without; each queue keeps its own order, and a batch still holds at most max_rows."""
+    from ledger.batcher import LedgerBatcher, Unit
+
+    batcher = LedgerBatcher("postgresql://unused", max_rows=4, max_ms=0.0)
+    for name in ("a", "b", "c", "d", "e"):
+        batcher.add(Unit(token=name))  # one row each
+    batcher.add(Unit(token="quiet-1"), ahead=True)
+    batcher.add(Unit(token="quiet-2"), ahead=True)
+    taken = [[u.token for u in await asyncio.wait_for(batcher.next_batch(), 1)] for _ in range(2)]
+    assert taken == [["quiet-1", "quiet-2", "a", "b"], ["c", "d", "e"]]
+    assert batcher.pending_rows == 0
 
 
 async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_stream_order(
