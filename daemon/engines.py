@@ -25,6 +25,7 @@ from importlib import metadata
 from types import SimpleNamespace
 
 from hotpath import ExecutionState, implementations
+from hotpath import dispatcher as pure_dispatcher
 from hotpath.vocabulary import FAILED, STARTED
 
 from . import logs
@@ -34,23 +35,9 @@ log = logging.getLogger("ordo.engines")
 GROUP = "ordo.engines"
 #: What an engine module must have.
 _API = ("Program", "ExecutionState", "advance")
-#: An execution state's fields after its id, each a keyword of every engine's ExecutionState.
-_STATE_FIELDS = (
-    "status",
-    "pc",
-    "seq",
-    "context",
-    "subject",
-    "event",
-    "steps",
-    "waiting",
-    "attempt",
-    "timer",
-    "visits",
-    "failures",
-    "tenant",
-    "effects",
-)
+#: An execution state's fields after its id, each a keyword of every engine's ExecutionState (the
+#: pure twin's slots, which the compiled build's match: tests/test_dispatcher.py).
+_STATE_FIELDS = tuple(name for name in pure_dispatcher.ExecutionState.__slots__ if name != "execution_id")
 
 
 class EngineError(ValueError):

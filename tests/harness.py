@@ -34,6 +34,7 @@ from daemon import config as config_module
 from daemon.lanes import lane_of
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
+from hotpath.vocabulary import LIMIT_GRANTED, LIMIT_WAITING
 from ledger import workflows
 from ledger.check import CHECKS, check
 from ledger.schema import migrate
@@ -701,3 +702,26 @@ def importable(project: Path, target: Path, monkeypatch):
         if str(getattr(module, "__file__", None) or "").startswith(str(project.parent)):
             del sys.modules[name]
     importlib.invalidate_caches()
+
+
+async def assert_signals_recorded_while_limited(db, execution_id: str) -> None:
+    """The history of an execution that waited its turn at a limit while signals note {n: 0, 1, 2}
+    came, then made its call and waited for `go`: the three in the order sent, all before the grant."""
+    rows = await db.fetch(
+        "SELECT kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", execution_id
+    )
+    assert [r["kind"] for r in rows] == [
+        "started",
+        LIMIT_WAITING,
+        "signal",
+        "signal",
+        "signal",
+        LIMIT_GRANTED,
+        "action_requested",
+        "action_completed",
+        "waiting",
+        "signal",
+        "completed",
+    ]
+    notes = [orjson.loads(r["detail"])["data"] for r in rows if r["kind"] == "signal"][:3]
+    assert notes == [{"n": 0}, {"n": 1}, {"n": 2}]

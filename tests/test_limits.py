@@ -12,7 +12,7 @@ import time
 import orjson
 import pytest
 from aiohttp import web
-from harness import NO_PROBLEMS, engine, ordo
+from harness import NO_PROBLEMS, assert_signals_recorded_while_limited, engine, ordo
 
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
@@ -236,25 +236,7 @@ async def test_an_execution_waiting_on_a_limit_applies_its_signals_in_order(nats
                 await h.signal(execution_id, "go")
             await _completed(h, 2)
 
-        rows = await h.db.fetch(
-            "SELECT kind, detail FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", second_id
-        )
-        kinds = [r["kind"] for r in rows]
-        assert kinds == [
-            "started",
-            LIMIT_WAITING,
-            "signal",
-            "signal",
-            "signal",
-            LIMIT_GRANTED,
-            "action_requested",
-            "action_completed",
-            "waiting",
-            "signal",
-            "completed",
-        ]
-        notes = [orjson.loads(r["detail"])["data"] for r in rows if r["kind"] == "signal"][:3]
-        assert notes == [{"n": 0}, {"n": 1}, {"n": 2}]
+        await assert_signals_recorded_while_limited(h.db, second_id)
         assert await h.ledger_problems() == NO_PROBLEMS
 
 

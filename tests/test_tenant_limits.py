@@ -12,7 +12,7 @@ import os
 
 import orjson
 import pytest
-from harness import NO_PROBLEMS, engine, ordo
+from harness import NO_PROBLEMS, assert_signals_recorded_while_limited, engine, ordo
 from test_limits import Provider
 
 from bench.generator import trigger_event
@@ -137,31 +137,7 @@ async def test_an_execution_waiting_its_start_turn_records_signals_in_order_and_
                 await h.signal(execution_id, "go")
             await _completed(h, 2)
 
-        kinds = [
-            r["kind"]
-            for r in await h.db.fetch(
-                "SELECT kind FROM ordo.transitions WHERE execution_id = $1::uuid ORDER BY seq", second_id
-            )
-        ]
-        assert kinds == [
-            "started",
-            LIMIT_WAITING,
-            "signal",
-            "signal",
-            "signal",
-            LIMIT_GRANTED,
-            "action_requested",
-            "action_completed",
-            "waiting",
-            "signal",
-            "completed",
-        ]
-        notes = await h.db.fetch(
-            "SELECT detail->'data' AS data FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'signal'"
-            " ORDER BY seq LIMIT 3",
-            second_id,
-        )
-        assert [orjson.loads(r["data"]) for r in notes] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        await assert_signals_recorded_while_limited(h.db, second_id)
         assert len(provider.keys) == 2  # the cancelled one never ran
         assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_slots") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
