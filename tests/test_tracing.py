@@ -298,7 +298,6 @@ async def test_an_emitted_event_carries_the_trace_on_to_the_executions_it_enrols
     assert by_name["step note"]["parent_id"] == by_name["execution follower"]["span_id"]
 
 
-
 def _split_by_sampling(h, workflow_id: str, prefix: str, rate: float, each: int, **event) -> tuple[list, list]:
     """Trigger events whose executions are sampled at `rate`, and as many whose executions are not."""
     sampled_events, unsampled_events = [], []
