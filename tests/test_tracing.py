@@ -21,7 +21,14 @@ from harness import ROOT, WAITER, engine
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
 from daemon import config, tracing
-from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
+from daemon.trace_context import (
+    execution_trace_id,
+    format_traceparent,
+    parse_traceparent,
+    sampled,
+    span_id,
+    trigger_traceparent,
+)
 from daemon.trace_spans import Execution, Transition, closed_spans
 from hotpath import dispatcher
 
@@ -581,6 +588,16 @@ def test_a_valid_traceparent_is_read_and_an_invalid_one_ignored():
     assert parse_traceparent(parent) == (0xABC, 0xDEF)
     for bad in ("", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "01-abc", "00-xyz", None, 7):
         assert parse_traceparent(bad) is None, bad
+    # What a trigger continues: its header's, else its event's, lowercase and trimmed; an invalid one is none.
+    upstream = format_traceparent(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7)
+    for sent in (upstream, upstream.upper(), f" {upstream}\n", upstream.encode()):
+        assert trigger_traceparent({"traceparent": sent}, {}) == upstream, sent
+        assert trigger_traceparent(None, {"traceparent": sent}) == upstream, sent
+    assert trigger_traceparent({"traceparent": "00-xyz"}, {"traceparent": upstream}) == upstream
+    zero_span = upstream[:36] + "0" * 16 + "-01"
+    for bad in (zero_span, "00-" + "0" * 32 + upstream[35:], upstream[:-1], upstream + "0", "ff" + upstream[2:], 7):
+        assert trigger_traceparent({"traceparent": bad}, {}) is None, bad
+    assert trigger_traceparent({"Nats-Msg-Id": "x"}, {}) is None and trigger_traceparent(None, {}) is None
 
 
 def test_a_sample_rate_outside_0_to_1_is_refused_naming_the_setting(monkeypatch):
