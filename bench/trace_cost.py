@@ -83,7 +83,7 @@ def measure_unsampled(count: int, rate: float) -> float:
         committed(change)
     spent = time.thread_time() - start
     start = time.thread_time()
-    for change in changes:  # the loop alone
+    for _change in changes:  # the loop alone
         pass
     loop = time.thread_time() - start
     return _per_execution(max(0.0, spent - loop), count)
