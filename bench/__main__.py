@@ -503,6 +503,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
 
         sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
         sampler.add("generator", lambda: [publisher.pid] if publisher else [])
+        sampler.add("collector", lambda: [sink.pid] if sink else [])  # the OTLP collector's process (--trace-sample)
         for server in env.embedded:
             if type(server).__name__ == "EmbeddedNatsCluster":
                 sampler.add("nats", lambda server=server: [node.pid for node in server.nodes if node.pid])

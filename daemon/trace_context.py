@@ -86,15 +86,37 @@ def format_traceparent(trace_id: int, parent_id: int, sampled_flag: bool = True)
 
 def trigger_traceparent(headers: dict | None, event: dict) -> str | None:
     """The trace context a trigger event continues: its message's `traceparent` header, else the event's
-    own `traceparent` field (how each event of a batch can carry one); None when neither is valid."""
+    own `traceparent` field (how each event of a batch can carry one); None when neither is valid.
+
+    Every trigger pays for this, traced or not, tracing on or off: a well-formed value is checked
+    with one match and two comparisons, not parsed (trace_of parses it, for sampled executions only).
+    """
     if headers:
         value = headers.get("traceparent")
-        if value is not None and parse_traceparent(value) is not None:
-            return value.strip().lower()
+        if value is not None:
+            value = _valid_traceparent(value)
+            if value is not None:
+                return value
     value = event.get(EVENT_KEY)
-    if value is not None and parse_traceparent(value) is not None:
-        return value.strip().lower()
-    return None
+    return None if value is None else _valid_traceparent(value)
+
+
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def _valid_traceparent(value: object) -> str | None:
+    """`value` as a lowercase, trimmed W3C traceparent, or None when it is not a valid one."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    if _TRACEPARENT.fullmatch(value) is None:  # not already lowercase and trimmed, or not valid at all
+        value = value.strip().lower()
+        if _TRACEPARENT.fullmatch(value) is None:
+            return None
+    if value[3:35] == _ZERO_TRACE or value[36:52] == _ZERO_SPAN:  # all zeros is invalid (W3C)
+        return None
+    return value
 
 
 def trace_of(execution_id: str, event: object) -> tuple[int, int | None]:

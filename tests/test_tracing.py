@@ -21,7 +21,14 @@ from harness import ROOT, WAITER, engine
 from actions.sdk import ActionWorker, action
 from bench.generator import trigger_event
 from daemon import config, tracing
-from daemon.trace_context import execution_trace_id, format_traceparent, parse_traceparent, sampled, span_id
+from daemon.trace_context import (
+    execution_trace_id,
+    format_traceparent,
+    parse_traceparent,
+    sampled,
+    span_id,
+    trigger_traceparent,
+)
 from daemon.trace_spans import Execution, Transition, closed_spans
 from hotpath import dispatcher
 
@@ -298,6 +305,71 @@ async def test_an_emitted_event_carries_the_trace_on_to_the_executions_it_enrols
     assert by_name["step note"]["parent_id"] == by_name["execution follower"]["span_id"]
 
 
+def _split_by_sampling(h, workflow_id: str, prefix: str, rate: float, each: int, **event) -> tuple[list, list]:
+    """Trigger events whose executions are sampled at `rate`, and as many whose executions are not."""
+    sampled_events, unsampled_events = [], []
+    for i in range(1_000):
+        e = trigger_event(prefix, i, tenant="acme", **event)
+        kind = sampled_events if sampled(h.execution_id("acme", workflow_id, e["event_id"]), rate) else unsampled_events
+        if len(kind) < each:
+            kind.append(e)
+        if len(sampled_events) == len(unsampled_events) == each:
+            return sampled_events, unsampled_events
+    raise AssertionError("no split found")
+
+
+@needs_otel
+async def test_an_unsampled_execution_makes_no_span_and_sends_no_traceparent(
+    nats_server_url, pg_dsn, prefix, collector
+):
+    seen: dict[str, str] = {}
+
+    @action("sms.send", major=1)
+    async def send_sms(ctx, input):
+        seen[ctx.execution_id] = ctx.traceparent  # "" when the request came without the header
+        return {"sent": True}
+
+    async with engine(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(_traced(f"{collector.endpoint}/hook"))
+        await h.deploy(EXTERNAL)
+        hooked = _split_by_sampling(h, "traced", "hook", 0.5, 3)
+        texted = _split_by_sampling(h, "external", "text", 0.5, 3, event_type="order.placed")
+        runs = [("traced", e) for e in hooked[0] + hooked[1]] + [("external", e) for e in texted[0] + texted[1]]
+        ids = {e["event_id"]: h.execution_id("acme", workflow, e["event_id"]) for workflow, e in runs}
+        roots = {ids[e["event_id"]]: "execution traced" for e in hooked[0]}
+        roots |= {ids[e["event_id"]]: "execution external" for e in texted[0]}
+        traced_ids = set(roots)
+        built = observations(tracing.spans_exported)
+        provider = ActionWorker.from_config(h.config, [send_sms])
+        stop = asyncio.Event()
+        serving = asyncio.create_task(provider.run(stop))
+        try:
+            async with h.worker(trace_sample=0.5, otlp_endpoint=collector.endpoint) as worker:
+                for _, event in runs:
+                    await _publish(h, event)
+                for execution_id in ids.values():
+                    await h.wait_status(execution_id, "completed")
+                for execution_id, root in roots.items():  # exported on the worker's own schedule
+                    await collector.wait_for(f"{execution_trace_id(execution_id):032x}", root)
+                # Every unsampled commit returned before building anything: no span left the worker for them.
+                assert observations(tracing.spans_exported) - built == 8 * 3 + 4 * 3
+                assert worker.settlement.tracing is not None
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, 30)
+
+    traces = {s["trace_id"] for s in collector.spans}
+    assert traces == {f"{execution_trace_id(i):032x}" for i in traced_ids}
+    # The webhook's HTTP request and the external action's JetStream message: a header only when sampled.
+    hook_headers = {hook["headers"]["X-Ordo-Execution"]: hook["headers"] for hook in collector.hooks}
+    assert set(hook_headers) == {ids[e["event_id"]] for e in hooked[0] + hooked[1]}
+    assert set(seen) == {ids[e["event_id"]] for e in texted[0] + texted[1]}
+    for execution_id, headers in hook_headers.items():
+        assert ("traceparent" in {k.lower() for k in headers}) == (execution_id in traced_ids), execution_id
+    for execution_id, traceparent in seen.items():
+        assert bool(traceparent) == (execution_id in traced_ids), execution_id
+
+
 @needs_otel
 async def test_sampling_zero_sends_nothing(nats_server_url, pg_dsn, prefix, collector):
     async with engine(nats_server_url, pg_dsn, prefix) as h:
@@ -516,6 +588,16 @@ def test_a_valid_traceparent_is_read_and_an_invalid_one_ignored():
     assert parse_traceparent(parent) == (0xABC, 0xDEF)
     for bad in ("", "00-" + "0" * 32 + "-" + "1" * 16 + "-01", "01-abc", "00-xyz", None, 7):
         assert parse_traceparent(bad) is None, bad
+    # What a trigger continues: its header's, else its event's, lowercase and trimmed; an invalid one is none.
+    upstream = format_traceparent(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7)
+    for sent in (upstream, upstream.upper(), f" {upstream}\n", upstream.encode()):
+        assert trigger_traceparent({"traceparent": sent}, {}) == upstream, sent
+        assert trigger_traceparent(None, {"traceparent": sent}) == upstream, sent
+    assert trigger_traceparent({"traceparent": "00-xyz"}, {"traceparent": upstream}) == upstream
+    zero_span = upstream[:36] + "0" * 16 + "-01"
+    for bad in (zero_span, "00-" + "0" * 32 + upstream[35:], upstream[:-1], upstream + "0", "ff" + upstream[2:], 7):
+        assert trigger_traceparent({"traceparent": bad}, {}) is None, bad
+    assert trigger_traceparent({"Nats-Msg-Id": "x"}, {}) is None and trigger_traceparent(None, {}) is None
 
 
 def test_a_sample_rate_outside_0_to_1_is_refused_naming_the_setting(monkeypatch):
