@@ -213,6 +213,16 @@ class Harness:
             self.topology.exec_subject(execution_id), orjson.dumps(body), msg_id=f"{execution_id}:{body['signal_id']}"
         )
 
+    async def signal_once_waiting(self, execution_id: str, name: str) -> None:
+        """Send signal `name` once the execution waits for it (a wait_for_signal step)."""
+        await self.wait_until(
+            "SELECT count(*) FROM ordo.executions WHERE execution_id = $1::uuid AND waiting = $2",
+            execution_id,
+            name,
+            expect=1,
+        )
+        await self.signal(execution_id, name)
+
     def execution_id(self, tenant: str, workflow_id: str, event_id: str) -> str:
         return execution_id_for(tenant, workflow_id, event_id)
 

@@ -129,12 +129,7 @@ async def test_an_execution_waiting_its_start_turn_records_signals_in_order_and_
             assert len(provider.keys) == 1
             provider.gate.set()
             for execution_id in (first_id, second_id):
-                await h.wait_until(
-                    "SELECT count(*) FROM ordo.executions WHERE execution_id = $1::uuid AND waiting = 'go'",
-                    execution_id,
-                    expect=1,
-                )
-                await h.signal(execution_id, "go")
+                await h.signal_once_waiting(execution_id, "go")
             await _completed(h, 2)
 
         await assert_signals_recorded_while_limited(h.db, second_id)
