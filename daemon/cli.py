@@ -404,9 +404,13 @@ def cmd_ledger(args, config) -> int:
 
     from ledger import partitioning
 
-    from .upkeep import retention_keep
+    from .upkeep import ledger_day_s, retention_keep
 
     now = datetime.now(UTC)
+    try:
+        partitioning.use_day_length(ledger_day_s(config))
+    except ValueError as exc:
+        sys.exit(f"ordo: {exc}")
     if args.action == "retention":
         try:
             keep = retention_keep(config.with_(retention_keep=args.keep or config.retention_keep))
@@ -433,7 +437,7 @@ def cmd_ledger(args, config) -> int:
             print("ordo: another maintainer (a worker or ordo ledger) is at work; try again", file=sys.stderr)
             return 1
         if args.action == "maintain":
-            made = await partitioning.maintain(conn, now.date(), args.ahead)
+            made = await partitioning.maintain(conn, partitioning.day_at(now), args.ahead)
             print(f"created: {', '.join(made.created)}" if made.created else "every partition is there already")
             for table, rows in made.rescued.items():
                 print(f"moved {rows} row(s) of ordo.{table} out of its DEFAULT partition")

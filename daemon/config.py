@@ -85,6 +85,10 @@ class Config(Settings):
     #: what is still running or waiting. Empty: nothing is dropped (`ordo ledger retention`
     #: still can be run by hand).
     retention_keep: str = ""
+    #: How long one ledger day (one partition) lasts: "1d". Shorter days (at least "1m") are for
+    #: soaks and tests that show retention at work within minutes, on a fresh ledger only: their
+    #: partitions are named by dates counted one per short day (ledger/partitioning.py).
+    ledger_day: str = "1d"
     #: The share of executions traced with OpenTelemetry, 0 to 1 (0: tracing off). Which ones is
     #: decided by the execution id, the same on every worker (daemon/tracing.py); needs `ordo[otel]`.
     trace_sample: float = 0.0

@@ -42,6 +42,10 @@ ledger_default_rows = Gauge(
     ["table"],
 )
 ledger_upkeep = Counter("ordo_ledger_upkeep_total", "Ledger upkeep runs by outcome.", ["outcome"])
+ledger_retention_dropped = Counter(
+    "ordo_ledger_retention_dropped_executions",
+    "Finished executions dropped by retention with their day partitions (`retention_keep`).",
+)
 
 
 events_routed = Counter("ordo_events_routed_total", "Trigger events handed to executions waiting for them.")

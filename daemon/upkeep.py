@@ -24,8 +24,24 @@ from .config import Config
 
 log = logging.getLogger("ordo.upkeep")
 
-#: Seconds between two runs: partitions are made a week ahead, so an hour is plenty.
+#: Seconds between two runs: partitions are made a week ahead, so an hour is plenty
+#: (a quarter of a ledger day where days are short, `ledger_day`).
 UPKEEP_INTERVAL_S = 3600.0
+
+
+def upkeep_interval_s() -> float:
+    return min(UPKEEP_INTERVAL_S, partitioning.day_length().total_seconds() / 4)
+
+
+def ledger_day_s(config: Config) -> int:
+    """The `ledger_day` setting in seconds; ValueError names what is wrong."""
+    try:
+        seconds = parse_duration(config.ledger_day) // 1000
+    except ValueError as exc:
+        raise ValueError(f"ledger_day: {exc}") from None
+    if not partitioning.SHORTEST_DAY_S <= seconds <= partitioning.DAY_S:
+        raise ValueError(f"ledger_day must be between 1m and 1d, not {config.ledger_day!r}")
+    return seconds
 
 
 def retention_keep(config: Config) -> timedelta | None:
@@ -36,8 +52,10 @@ def retention_keep(config: Config) -> timedelta | None:
         keep = timedelta(milliseconds=parse_duration(config.retention_keep))
     except ValueError as exc:
         raise ValueError(f"retention_keep: {exc}") from None
-    if keep < timedelta(days=1):
-        raise ValueError(f"retention_keep must be at least 1d, not {config.retention_keep!r}")
+    if keep < timedelta(seconds=ledger_day_s(config)):
+        raise ValueError(
+            f"retention_keep must be at least one ledger day ({config.ledger_day}), not {config.retention_keep!r}"
+        )
     return keep
 
 
@@ -50,17 +68,20 @@ async def run_once(dsn: str, now: datetime, keep: timedelta | None) -> bool:
     try:
         if not await partitioning.try_lock(conn):
             return False
-        made = await partitioning.maintain(conn, now.astimezone(UTC).date())
+        made = await partitioning.maintain(conn, partitioning.day_at(now))
         if made.created:
             log.info("ledger partitions created: %s", ", ".join(made.created))
         if made.rescued:
             log.warning("rows moved out of the ledger's DEFAULT partitions: %s", made.rescued)
         if keep is not None:
             dropped = await partitioning.retention(conn, keep, now)
+            metrics.ledger_retention_dropped.inc(dropped.dropped_executions)
             if dropped.dropped:
                 log.info(
-                    "ledger retention dropped %s; carried %d executions forward (%d history rows)",
+                    "ledger retention dropped %s (%d finished executions); "
+                    "carried %d executions forward (%d history rows)",
                     ", ".join(dropped.dropped),
+                    dropped.dropped_executions,
                     dropped.carried,
                     dropped.carried_history,
                 )
@@ -84,6 +105,6 @@ async def upkeep_loop(dsn: str, keep: timedelta | None, clock_ms, stopping: asyn
             metrics.ledger_upkeep.labels("failed").inc()
             log.exception("ledger upkeep failed: %s; trying again later", exc, extra=logs.failure("ledger_upkeep", exc))
         try:
-            await asyncio.wait_for(stopping.wait(), UPKEEP_INTERVAL_S)
+            await asyncio.wait_for(stopping.wait(), upkeep_interval_s())
         except TimeoutError:
             pass

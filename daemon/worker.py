@@ -41,7 +41,7 @@ import asyncpg
 import nats
 
 from hotpath import OrderingRing
-from ledger import event_waits, rollouts, workflows
+from ledger import event_waits, partitioning, rollouts, workflows
 from ledger import timers as ledger_timers
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
@@ -64,7 +64,7 @@ from .settle import Settlement
 from .timers import DueTimers
 from .topology import Topology
 from .tracing import OtlpExport, Tracing
-from .upkeep import retention_keep, upkeep_loop
+from .upkeep import ledger_day_s, retention_keep, upkeep_loop
 
 log = logging.getLogger("ordo.worker")
 
@@ -117,6 +117,7 @@ class Worker:
         #: Epoch milliseconds; injectable so that tests can make "wait 2d" pass in a moment.
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         #: The `retention_keep` setting, checked at start-up (a bad one is an error naming it).
+        partitioning.use_day_length(ledger_day_s(config))
         self.retention_keep = retention_keep(config)
         self.timers = DueTimers(deployment=config.prefix, horizon_s=config.timer_horizon_s)
         #: Executions waiting for an in-process action's result, kept between their messages.

@@ -24,7 +24,7 @@ from hotpath.vocabulary import STARTED, Effect, Transition
 from ledger.connection import Queryable
 
 from .batcher import DeadLetter, ExecutionChange
-from .partitioning import may_be_enrolled_the_day_before
+from .partitioning import day_at, days_per_real_day, may_be_enrolled_the_day_before
 
 if TYPE_CHECKING:
     from hotpath import _dispatcher, dispatcher
@@ -145,7 +145,7 @@ class ExecutionRecord:
         self.created_at = created_at
         #: Its partition key (ledger/partitions.py): set at enrolment from the trigger, read back with the
         #: row, and said by every update, so that Postgres reads one partition. None: the UTC day of created_at.
-        self.ledger_day = ledger_day or (created_at or datetime.now(UTC)).astimezone(UTC).date()
+        self.ledger_day = ledger_day or day_at(created_at or datetime.now(UTC))
         self.last_stream_seq = last_stream_seq
         #: The seq as stored; an update commits only if the ledger still has it.
         self.loaded_seq = state.seq
@@ -426,10 +426,14 @@ SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, 
        engine
 FROM ordo.executions WHERE execution_id = ANY($1::uuid[]) AND ledger_day >= $2
 """
-#: A message names its execution by id alone, and each day partition has its own primary key to
-#: probe: a load looks in the days since yesterday first (most executions a message is for are
-#: that young, and retention carries older open ones forward into today), then everywhere.
-_RECENT_DAYS = timedelta(days=1)
+
+
+def _recent_days() -> timedelta:
+    """A message names its execution by id alone, and each day partition has its own primary key to
+    probe: a load looks in the days since yesterday first (most executions a message is for are
+    that young, and retention carries older open ones forward into today), then everywhere.
+    Where ledger days are short (`ledger_day`), "since yesterday" is a real day's worth of them."""
+    return timedelta(days=days_per_real_day())
 
 
 class UnreadableRecord:
@@ -457,7 +461,7 @@ async def load(conn: Queryable, execution_ids: Iterable[str | None]) -> dict[str
     wanted = [eid for eid in execution_ids if isinstance(eid, str) and _EXECUTION_ID.match(eid)]
     if not wanted:
         return records
-    rows = await conn.fetch(_LOAD, wanted, datetime.now(UTC).date() - _RECENT_DAYS)
+    rows = await conn.fetch(_LOAD, wanted, day_at(datetime.now(UTC)) - _recent_days())
     if len(rows) < len(wanted):
         found = {r["execution_id"] for r in rows}
         rows += await conn.fetch(_LOAD, [eid for eid in wanted if eid not in found], date.min)

@@ -6,6 +6,12 @@ fixed at enrolment and the same on every redelivery, so a duplicate
 enrolment still collides on the primary key (execution_id, ledger_day). An
 execution's history rows carry its day: one execution sits in one partition.
 
+A ledger day is a UTC day, except where the `ledger_day` setting makes it
+shorter (`use_day_length`): a soak that shows retention keeping the disk flat
+within minutes runs with one-minute ledger days. Short days are counted from
+SHORT_DAYS_ORIGIN, one date per day, so their dates lie centuries ahead of
+the calendar's; set it on a fresh ledger only.
+
 `maintain` creates the day partitions a week ahead (never on the commit path)
 and moves rows that landed in the DEFAULT partition (a day nobody made) into
 a partition of their own. `retention` drops the days older than `keep`,
@@ -50,12 +56,58 @@ _OPEN = "status IN ('running', 'waiting')"
 _BOUND = re.compile(r"FOR VALUES FROM \((.+?)\) TO \((.+?)\)")
 
 
+DAY_S = 86400
+#: Where short ledger days are counted from: ledger day SHORT_DAYS_ORIGIN + n spans
+#: [origin + n * length, origin + (n + 1) * length).
+SHORT_DAYS_ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
+#: The shortest ledger day: partitions and retention are made for days, not for seconds.
+SHORTEST_DAY_S = 60
+_day_s = DAY_S
+
+
+def use_day_length(seconds: int) -> None:
+    """Make a ledger day last `seconds` in this process (the `ledger_day` setting); a UTC day by default."""
+    global _day_s
+    if not SHORTEST_DAY_S <= seconds <= DAY_S:
+        raise ValueError(f"ledger_day must be between 1m and 1d, not {seconds} s")
+    _day_s = int(seconds)
+    _first_hour_ms.cache_clear()
+
+
+def day_length() -> timedelta:
+    """How long one ledger day lasts in this process."""
+    return timedelta(seconds=_day_s)
+
+
 def day_of(timestamp_ns: int) -> date:
-    """The ledger day (UTC) of a JetStream timestamp in nanoseconds: an execution's partition key."""
-    return datetime.fromtimestamp(timestamp_ns / 1e9, tz=UTC).date()
+    """The ledger day of a JetStream timestamp in nanoseconds: an execution's partition key."""
+    if _day_s == DAY_S:
+        return datetime.fromtimestamp(timestamp_ns / 1e9, tz=UTC).date()
+    offset = (timestamp_ns // 1_000_000_000 - int(SHORT_DAYS_ORIGIN.timestamp())) // _day_s
+    return SHORT_DAYS_ORIGIN.date() + timedelta(days=offset)
 
 
-#: How far a publisher's clock (a trigger's `ts`) may run ahead of the NATS server's.
+def day_at(instant: datetime) -> date:
+    """The ledger day an instant falls in (today's, for `now`)."""
+    if _day_s == DAY_S:
+        return instant.astimezone(UTC).date()
+    return SHORT_DAYS_ORIGIN.date() + timedelta(days=int((instant - SHORT_DAYS_ORIGIN).total_seconds()) // _day_s)
+
+
+def start_of(day: date) -> datetime:
+    """When a ledger day begins."""
+    if _day_s == DAY_S:
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return SHORT_DAYS_ORIGIN + (day - SHORT_DAYS_ORIGIN.date()).days * timedelta(seconds=_day_s)
+
+
+def days_per_real_day() -> int:
+    """How many ledger days one real day holds (1, unless days are short)."""
+    return -(-DAY_S // _day_s)
+
+
+#: How far a publisher's clock (a trigger's `ts`) may run ahead of the NATS server's
+#: (a 24th of the ledger day where days are short, so that most triggers need no look-up).
 PUBLISHER_SKEW = timedelta(hours=1)
 
 
@@ -76,7 +128,7 @@ def may_be_enrolled_the_day_before(ledger_day: date, ts: object) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _first_hour_ms(day: date) -> float:
-    return (datetime(day.year, day.month, day.day, tzinfo=UTC) + PUBLISHER_SKEW).timestamp() * 1000
+    return (start_of(day) + min(PUBLISHER_SKEW, day_length() / 24)).timestamp() * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +251,9 @@ class Retention:
     carried: int = 0
     #: Their history rows, carried with them.
     carried_history: int = 0
+    #: Finished executions dropped with their partitions (counted just before each drop; each drop
+    #: is recorded in ordo.retention_drops, migration 020).
+    dropped_executions: int = 0
 
 
 async def _columns(conn: Queryable, table: str) -> list[str]:
@@ -274,15 +329,15 @@ async def retention(conn: Transactional, keep: timedelta, now: datetime) -> Rete
     whatever is open in them by now (a look-up on the `executions_open`
     index), and drop them.
     """
-    if keep < timedelta(days=1):
-        raise ValueError(f"retention must keep at least one day of history, not {keep}")
+    if keep < day_length():
+        raise ValueError(f"retention must keep at least one ledger day of history ({day_length()}), not {keep}")
     cutoff = now - keep
-    today = now.astimezone(UTC).date()
+    today = day_at(now)
     done = Retention(cutoff)
     await maintain(conn, today)
     executions = [p for p in await partitions(conn, "executions") if not p.default]
     history = {(p.low, p.high): p for p in await partitions(conn, "history") if not p.default}
-    cutoff_day = cutoff.astimezone(UTC).date()
+    cutoff_day = day_at(cutoff)
     for part in executions:
         if part.high is None or part.high > cutoff_day or part.holds(today):
             continue
@@ -299,7 +354,12 @@ async def retention(conn: Transactional, keep: timedelta, now: datetime) -> Rete
             done.carried += moved
             done.carried_history += rows
 
-        async def drop(conn: Transactional, part: DayPartition = part, peer: DayPartition = peer) -> None:
+        # Counted outside the drop's transaction, which holds the parents' locks: a scan of the day.
+        finished = await conn.fetchval(f"SELECT count(*) FROM ordo.{part.name} WHERE NOT ({_OPEN})")
+
+        async def drop(
+            conn: Transactional, part: DayPartition = part, peer: DayPartition = peer, finished: int = finished
+        ) -> None:
             await conn.execute(f"ALTER TABLE ordo.executions DETACH PARTITION ordo.{part.name}")
             await conn.execute(f"ALTER TABLE ordo.history DETACH PARTITION ordo.{peer.name}")
             # Detached, nothing can enter them any more: what opened since the carrying above
@@ -310,7 +370,15 @@ async def retention(conn: Transactional, keep: timedelta, now: datetime) -> Rete
             done.carried_history += rows
             await conn.execute(f"DROP TABLE ordo.{part.name}")
             await conn.execute(f"DROP TABLE ordo.{peer.name}")
+            await conn.execute(
+                "INSERT INTO ordo.retention_drops (partition, low, high, executions) VALUES ($1, $2, $3, $4)",
+                part.name,
+                part.low,
+                part.high,
+                finished,
+            )
 
         await _with_lock_timeout(conn, drop)
         done.dropped += [part.name, peer.name]
+        done.dropped_executions += finished
     return done

@@ -232,3 +232,14 @@ async def action_histories(conn: Queryable, tenant: str, workflow_id: str, steps
     row = await conn.fetchrow(_ACTION_STEPS, tenant, workflow_id, steps)
     assert row is not None, "an aggregate query returns one row"
     return row
+
+
+async def retained_run(conn: Queryable) -> Record:
+    """A run with retention at work, on a ledger of its own: the finished executions retention dropped
+    (`dropped`, ordo.retention_drops) and the dead letters (`dead_letters`) of the whole ledger."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT coalesce(sum(executions), 0) FROM ordo.retention_drops)::bigint AS dropped,
+                  (SELECT count(*) FROM ordo.dead_letters) AS dead_letters"""
+    )
+    assert row is not None, "an aggregate query returns one row"
+    return row

@@ -20,7 +20,7 @@ from daemon.export import export, read_archived
 from daemon.inspect import inspect, render
 from daemon.upkeep import retention_keep
 from hotpath import ExecutionState
-from ledger import partitioning
+from ledger import partitioning, run_checks
 from ledger.batcher import LedgerBatcher, Unit
 from ledger.check import check
 from ledger.executions import ExecutionRecord
@@ -234,7 +234,7 @@ async def test_retention_refuses_to_keep_less_than_a_day(pg_dsn):
         try:
             await partitioning.retention(conn, timedelta(hours=12), datetime.now(UTC))
         except ValueError as exc:
-            assert "at least one day" in str(exc)
+            assert "at least one ledger day of history" in str(exc)
         else:
             raise AssertionError("retention kept 12 hours")
     finally:
@@ -259,7 +259,7 @@ async def test_the_ledger_commands_maintain_export_and_keep_what_is_recent(nats_
         assert kept.returncode == 0, kept.stderr
         assert "dropped: nothing" in kept.stdout
         too_short = ordo("ledger", "retention", "--keep", "2h", env_extra=env)
-        assert too_short.returncode != 0 and "at least 1d" in too_short.stderr
+        assert too_short.returncode != 0 and "at least one ledger day (1d)" in too_short.stderr
         out = str(tmp_path / "archive.jsonl.gz")
         tomorrow = datetime.now(UTC).date() + timedelta(days=1)
         exported = ordo("ledger", "export", "--before", tomorrow.isoformat(), "--out", out, env_extra=env)
@@ -341,7 +341,10 @@ async def test_workers_with_retention_keep_drop_old_days_and_keep_what_waits(nat
 
 
 def test_a_bad_retention_keep_is_an_error_that_names_it():
-    for value, message in (("2h", "at least 1d"), ("fortnight", "retention_keep: 'fortnight' is not a duration")):
+    for value, message in (
+        ("2h", "at least one ledger day (1d)"),
+        ("fortnight", "retention_keep: 'fortnight' is not a duration"),
+    ):
         try:
             retention_keep(Config(retention_keep=value))
         except ValueError as exc:
@@ -361,3 +364,67 @@ def test_only_a_trigger_from_around_midnight_is_looked_for_on_the_day_before():
     assert partitioning.may_be_enrolled_the_day_before(day, int((noon - timedelta(days=1)).timestamp() * 1000))
     assert partitioning.may_be_enrolled_the_day_before(day, "yesterday")
     assert partitioning.may_be_enrolled_the_day_before(day, None)
+
+
+def test_short_ledger_days_cut_time_into_consecutive_dates():
+    """A soak's one-minute ledger days: every instant in exactly one day, days in order, each a minute."""
+    try:
+        partitioning.use_day_length(60)
+        noon = datetime(2026, 12, 6, 12, 0, 30, tzinfo=UTC)
+        day = partitioning.day_at(noon)
+        assert partitioning.day_of(int(noon.timestamp()) * 1_000_000_000) == day
+        assert partitioning.start_of(day) == datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+        assert partitioning.day_at(noon + timedelta(seconds=30)) == day + timedelta(days=1)
+        assert partitioning.days_per_real_day() == 1440
+        # The publisher's skew shrinks with the day: only a trigger from its first 2.5 s is looked for.
+        assert partitioning.may_be_enrolled_the_day_before(day, "2026-12-06T12:00:02Z")
+        assert not partitioning.may_be_enrolled_the_day_before(day, "2026-12-06T12:00:03Z")
+        for seconds in (59, 86_401):
+            try:
+                partitioning.use_day_length(seconds)
+            except ValueError as exc:
+                assert "between 1m and 1d" in str(exc)
+            else:
+                raise AssertionError(f"a ledger day of {seconds} s was taken")
+    finally:
+        partitioning.use_day_length(partitioning.DAY_S)
+    assert partitioning.day_at(noon) == date(2026, 12, 6)
+
+
+async def test_with_one_minute_days_retention_drops_minutes_and_keeps_what_waits(nats_server_url, pg_dsn, prefix):
+    """What a soak relies on: with `ledger_day = "1m"` and a keep of minutes, the finished executions'
+    minutes are dropped (and counted), while a waiting execution is carried forward and finishes."""
+    assert retention_keep(Config(ledger_day="1m", retention_keep="5m")) == timedelta(minutes=5)
+    try:
+        async with Harness(nats_server_url, pg_dsn, prefix) as h:
+            for definition in (WELCOME, WAITER):
+                await h.deploy(definition)
+            finished = [trigger_event("done", i, tenant="acme", event_type="contact.created") for i in range(20)]
+            waiter = trigger_event("wait", 0, tenant="acme", event_type="session.started")
+            waiter_id = h.execution_id("acme", "waiter", waiter["event_id"])
+            async with h.worker(ledger_day="1m"):
+                await h.publish_triggers([*finished, waiter])
+                await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=20)
+                await h.wait_status(waiter_id, "waiting")
+                enrolled = (await _place(h.db, waiter_id))[1]
+                assert enrolled == partitioning.day_at(datetime.now(UTC)) or enrolled > date(3000, 1, 1)
+
+                now = datetime.now(UTC) + timedelta(minutes=10)
+                done = await partitioning.retention(h.db, timedelta(minutes=5), now)
+
+                today = partitioning.day_at(now)
+                assert done.dropped_executions == 20
+                assert (await run_checks.retained_run(h.db))["dropped"] == 20
+                assert done.carried == 1
+                assert await _place(h.db, waiter_id) == (
+                    f"ordo.executions_{today:%Y%m%d}",
+                    today,
+                    [f"ordo.history_{today:%Y%m%d}"],
+                )
+                assert all(p.low is None or p.low > enrolled for p in await partitioning.partitions(h.db, "executions"))
+                await h.signal(waiter_id, "done")
+                await h.wait_status(waiter_id, "completed")
+            assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
+            assert await h.ledger_problems() == NO_PROBLEMS
+    finally:
+        partitioning.use_day_length(partitioning.DAY_S)
