@@ -68,9 +68,11 @@ from .generator import PubAcks
 from .histogram import Histogram
 from .otlp_sink import OtlpSink
 from .report import ProcessSampler, RunResult
-from .scenarios import SCENARIOS, Scenario
+from .scenarios import SCENARIOS, Checks, Scenario
 from .scenarios import get as get_scenario
 
+#: The ledger day of a run with --retention: retention then works by the minute.
+SOAK_LEDGER_DAY = "1m"
 #: How often the workers' counters are read for progress while a run goes.
 POLL_S = 0.25
 #: How often the ledger is (at most: see _wait).
@@ -155,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PERCENT",
         help="a rollout of the run's workflow to an identical candidate runs it in shadow beside this share of "
         "the executions (what dual-running costs; the candidate takes no traffic)",
+    )
+    parser.add_argument(
+        "--retention",
+        metavar="KEEP",
+        help="a soak with retention at work: the workers run with one-minute ledger days (ledger_day) and drop "
+        "the finished executions older than KEEP (retention_keep, e.g. 5m); the run then ends on the workers' "
+        "counters and is verified as 'every execution is in the ledger or counted in ordo.retention_drops' "
+        "(the bench's own embedded Postgres only)",
     )
     parser.add_argument(
         "--trace-sample",
@@ -273,6 +283,16 @@ def main(argv=None) -> int:
         parser.error("--hold must not be negative")
     if args.due_over is not None and args.due_over < 0:
         parser.error("--due-over must not be negative")
+    if args.retention is not None:
+        from daemon.config import Config
+        from daemon.upkeep import retention_keep
+
+        try:
+            retention_keep(Config(ledger_day=SOAK_LEDGER_DAY, retention_keep=args.retention))
+        except ValueError as exc:
+            parser.error(f"--retention: {exc}")
+        if os.environ.get("ORDO_PG_DSN"):
+            parser.error("--retention drops the ledger's old days: it runs on the bench's own embedded Postgres only")
     if not 0.0 <= args.trace_sample <= 1.0:
         parser.error("--trace-sample must be between 0 and 1")
     if args.inject_faults is not None:
@@ -331,7 +351,7 @@ async def _main(args, scenario: Scenario) -> int:
         with redirect_stdout(sys.stderr):
             config = env.start()
         # Reading a run back (verify, finish times) scans its executions: a soak's millions take minutes.
-        expected = round(args.rate * args.duration) if args.rate else scenario.expected(args.count or 0)
+        expected = _expected(args, scenario)
         pool = await asyncpg.create_pool(
             config.pg_dsn, min_size=1, max_size=2, command_timeout=max(120.0, expected / 2_000)
         )
@@ -430,7 +450,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     run_id = f"{scenario.name}-{token}"
     run_config = config.with_(prefix=f"bench{token}")
     open_mode = args.rate is not None
-    expected = round(args.rate * args.duration) if open_mode else scenario.expected(args.count)
+    expected = _expected(args, scenario)
     run = RunResult(
         scenario=scenario.name,
         mode="open" if open_mode else "closed",
@@ -452,6 +472,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         "ORDO_STREAM_REPLICAS": str(run_config.stream_replicas),
     }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
+    if args.retention:
+        worker_settings |= {"ORDO_LEDGER_DAY": SOAK_LEDGER_DAY, "ORDO_RETENTION_KEEP": args.retention}
     sink = None
     if args.trace_sample > 0:  # what tracing costs: spans built and exported to a collector on 127.0.0.1
         sink = OtlpSink().start()
@@ -535,6 +557,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             timeout,
             args.stall_timeout + scenario.stall_grace(),
             metrics_ports,
+            retaining=bool(args.retention),
         )
         run.commits = await worker_counts.commits_by_workers(METRICS_HOST, metrics_ports)
         sampler.sample()
@@ -570,17 +593,23 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
     after = await storage.after_backends_exit(pool, application_name) if before is not None else None
 
-    verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
+    if args.retention:
+        verification = await _verify_retained(pool, scenario, run_id, expected)
+    else:
+        verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
     run.verification = verification.as_dict()
     run.verified = verification.ok
     rows = await scenario.finish_times(pool, run_id)
-    run.finished = len(rows)
+    run.finished = len(rows) + verification.facts.get("dropped_by_retention", 0) if args.retention else len(rows)
     run.complete = run.finished >= expected and run.failure is None
     pubacks = {}
     if pubacks_file and os.path.exists(pubacks_file):
         pubacks = PubAcks.load(pubacks_file)
         os.unlink(pubacks_file)
     _collect(run, rows, pubacks)
+    if args.retention and run.first_publish is not None:
+        # The ledger holds the run's last KEEP only (latency is over those): the rate comes from the counters.
+        run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
@@ -591,6 +620,27 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             before, after, run.finished, scenario.action_steps(run), shared_server=not _postgres_embedded(env)
         )
     return run
+
+
+async def _verify_retained(pool, scenario: Scenario, run_id: str, expected: int) -> Checks:
+    """A run with retention at work keeps only its last KEEP in the ledger: each of its executions must be
+    there, finished, or counted in ordo.retention_drops (the bench's own Postgres holds this run only),
+    and none may be left open or dead-lettered."""
+    from ledger.run_checks import retained_run
+
+    progress = await scenario.progress(pool, run_id)
+    ledger = await retained_run(pool)
+    checks = Checks(expected)
+    checks.add("finished_or_dropped", progress["finished"] + ledger["dropped"], expected)
+    checks.add("open", progress.get("total", progress["finished"]) - progress["finished"], 0)
+    checks.add("dead_letters", ledger["dead_letters"], 0)
+    checks.facts["dropped_by_retention"] = ledger["dropped"]
+    return checks
+
+
+def _expected(args, scenario: Scenario) -> int:
+    """The executions a run makes: what the open mode offers over its duration, or the scenario's closed count."""
+    return round(args.rate * args.duration) if args.rate is not None else scenario.expected(args.count or 0)
 
 
 def _postgres_embedded(env) -> bool:
@@ -689,8 +739,12 @@ async def _wait(
     timeout: float,
     stall_timeout: float,
     metrics_ports: list[int],
+    retaining: bool = False,
 ) -> None:
-    """Poll until the ledger says the run's executions have all finished, or give up; live progress on stderr."""
+    """Poll until the ledger says the run's executions have all finished, or give up; live progress on stderr.
+
+    With retention at work (`retaining`) the ledger drops what finished minutes ago: the workers'
+    counters, which count the whole run, say when it is done."""
     out = sys.stderr
     tty = out.isatty()
     started = last_change = time.monotonic()
@@ -709,7 +763,10 @@ async def _wait(
         if counted is None or counted >= run.expected or asked >= next_ledger_read:
             state = await scenario.progress(pool, run.run_id)
             next_ledger_read = time.monotonic() + max(LEDGER_POLL_S, 20.0 * (time.monotonic() - asked))
-        finished = max(state["finished"], counted or 0)
+        if retaining:
+            finished = counted if counted is not None else finished
+        else:
+            finished = max(state["finished"], counted or 0)
         now = time.monotonic()
         sampler.sample()
         rss = sampler.rss.get("workers")
@@ -737,7 +794,7 @@ async def _wait(
         elif now - last_line >= 5.0 or finished >= run.expected:
             out.write(line + "\n")
             last_line = now
-        if state["finished"] >= run.expected:
+        if (finished if retaining else state["finished"]) >= run.expected:
             break
         if publisher.returncode not in (None, 0):
             run.failure = f"the generator exited with {publisher.returncode}"

@@ -340,6 +340,12 @@ def run_table(run: RunResult, title: str) -> str:
         lines.append(f"  INCOMPLETE   {run.failure}")
     if not run.verified and run.verification.get("problems"):
         lines.append(f"  ledger       {'; '.join(run.verification['problems'])}")
+    dropped = run.verification.get("facts", {}).get("dropped_by_retention")
+    if dropped is not None:
+        lines.append(
+            f"  retention    {dropped:,} finished executions dropped with their minutes (ordo.retention_drops); "
+            "latency and steps are over the rest"
+        )
     if run.mode == "open":
         lines.append(f"  offered      {run.offered_rate:,.0f}/s, published at {run.publish_rate:,.0f}/s")
     else:

@@ -34,6 +34,28 @@ def per_minute(timeline: list[int], minutes: int) -> list[float]:
     return [sum(timeline[m * 60 : (m + 1) * 60]) / 60.0 for m in range(whole)]
 
 
+def timeline_from_counts(samples: list[tuple[float, int]], t0: float) -> list[int]:
+    """Completions per second since `t0` from (time, finished so far) samples, such as the workers'
+    counters read while a run goes: the count at each whole second is interpolated between the
+    samples around it. Used where the ledger no longer holds every finish time (retention)."""
+    points = sorted((t - t0, count) for t, count in samples if t >= t0)
+    if not points:
+        return []
+    at_second = []
+    i = 0
+    previous = (0.0, 0)
+    for second in range(int(points[-1][0]) + 1):
+        while i < len(points) and points[i][0] <= second:
+            previous = points[i]
+            i += 1
+        if i == len(points):
+            at_second.append(previous[1])
+            continue
+        (t1, c1), (t2, c2) = previous, points[i]
+        at_second.append(round(c1 + (c2 - c1) * (second - t1) / (t2 - t1)) if t2 > t1 else c2)
+    return [max(0, at_second[s + 1] - at_second[s]) for s in range(len(at_second) - 1)]
+
+
 def steadiness(timeline: list[int], duration_s: float) -> dict | None:
     """The per-minute rates over the offered load and how far the worst one strays from their
     median after the first minute; None when the run is too short to tell."""

@@ -546,3 +546,33 @@ def test_a_soak_reports_each_minute_and_flags_one_that_strays_from_the_median():
     # Minutes after the offered load (the tail draining) are not judged; under three minutes, nothing is.
     assert soak.report(dip + [10] * 120, rss=[], ledger_mb=[], duration_s=300)["worst_deviation"] == 0.25
     assert soak.report([200] * 150, rss=[], ledger_mb=[], duration_s=150) is None
+
+
+def test_a_soak_with_retention_takes_its_rate_from_the_counters_read_while_it_ran():
+    """The ledger drops a retaining soak's early minutes: the per-second rate is interpolated from the
+    workers' counters, read at uneven times, and adds up to what they counted."""
+    samples = [(1000.0, 0), (1000.5, 50), (1002.0, 200), (1003.2, 320), (999.0, 0)]
+    assert soak.timeline_from_counts(samples, 1000.0) == [100, 100, 100]
+    minutes = [(1000.0 + t, 100 * t) for t in range(0, 301, 7)] + [(1300.0, 30_000)]
+    timeline = soak.timeline_from_counts(minutes, 1000.0)
+    assert sum(timeline) == 30_000 and set(timeline) == {100}
+    assert soak.report(timeline, rss=[], ledger_mb=[], duration_s=300)["per_minute"] == [100.0] * 5
+    assert soak.timeline_from_counts([], 1000.0) == []
+
+
+async def test_retention_is_refused_below_a_minute_and_on_a_shared_postgres():
+    for argv, env, message in (
+        (["w1", "--retention", "30s"], {}, b"--retention: retention_keep must be at least one ledger day (1m)"),
+        (["w1", "--retention", "5m"], {"ORDO_PG_DSN": "postgresql://x@127.0.0.1/y"}, b"embedded Postgres only"),
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench",
+            *argv,
+            cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE,
+            env={k: v for k, v in os.environ.items() if k != "ORDO_PG_DSN"} | env,
+        )
+        _, err = await proc.communicate()
+        assert proc.returncode != 0 and message in err, err
