@@ -236,10 +236,15 @@ async def action_histories(conn: Queryable, tenant: str, workflow_id: str, steps
 
 async def retained_run(conn: Queryable) -> Record:
     """A run with retention at work, on a ledger of its own: the finished executions retention dropped
-    (`dropped`, ordo.retention_drops) and the dead letters (`dead_letters`) of the whole ledger."""
+    (`dropped`, ordo.retention_drops) and the dead letters of the whole ledger: those of signals for an
+    execution not enrolled yet or ended already (`unroutable`, which w9-mix's signals may be) apart
+    from the others (`dead_letters`)."""
     row = await conn.fetchrow(
         """SELECT (SELECT coalesce(sum(executions), 0) FROM ordo.retention_drops)::bigint AS dropped,
-                  (SELECT count(*) FROM ordo.dead_letters) AS dead_letters"""
+                  (SELECT count(*) FROM ordo.dead_letters
+                   WHERE reason NOT IN ('unknown_execution', 'execution_closed')) AS dead_letters,
+                  (SELECT count(*) FROM ordo.dead_letters
+                   WHERE reason IN ('unknown_execution', 'execution_closed')) AS unroutable"""
     )
     assert row is not None, "an aggregate query returns one row"
     return row
