@@ -610,6 +610,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     if args.retention and run.first_publish is not None:
         # The ledger holds the run's last KEEP only (latency is over those): the rate comes from the counters.
         run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
+        run.finish_offsets = []  # those of the last KEEP only: the plot draws the timeline instead
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))

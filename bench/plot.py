@@ -22,10 +22,13 @@ def require() -> None:
 
 
 def _throughput(run: RunResult) -> tuple[list[float], list[float]]:
-    """Completions per second, in bins of 0.1 s for runs shorter than 20 s (else 1 s)."""
+    """Completions per second, in bins of 0.1 s for runs shorter than 20 s (else 1 s); the per-second
+    timeline where the run's finish times are not all in the ledger (a soak with retention)."""
     offsets = run.finish_offsets
     if not offsets:
-        return [], []
+        if not run.timeline:
+            return [], []
+        return list(range(len(run.timeline) + 1)), [float(c) for c in run.timeline + run.timeline[-1:]]
     width = 0.1 if max(offsets) < 20 else 1.0
     counts = [0] * (int(max(offsets) / width) + 1)
     for offset in offsets:
