@@ -260,6 +260,10 @@ CONNECTION_ERRORS = (
     # in progress"): the connection is unusable, a new one is the cure.
     asyncpg.InternalClientError,
 )
+#: A transaction Postgres rolled back because of another one (deadlock_detected, serialization_failure),
+#: or one that waited too long for a lock (lock_not_available: retention's lock_timeout): nothing is
+#: wrong with the units, and the whole commit is tried again as it was (never bisected as poison).
+CONFLICT_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.LockNotAvailableError)
 
 
 class Fenced(RuntimeError):
@@ -587,7 +591,8 @@ class LedgerBatcher:
         self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int], stop: asyncio.Event | None = None
     ) -> CommitResult:
         """Commit the units; retries lost connections with backoff (a slow or
-        restarting Postgres slows intake, it loses nothing).
+        restarting Postgres slows intake, it loses nothing), and a transaction
+        rolled back by a conflict with another (CONFLICT_ERRORS) at once.
 
         `epochs`: partition -> the epoch the caller claimed it under, checked by
         every transaction that touches the partition (read when the check runs:
@@ -620,13 +625,21 @@ class LedgerBatcher:
                 await self.close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except CONFLICT_ERRORS as exc:
+                log.warning(
+                    "ledger commit rolled back by a conflict (%s: %s); trying it again",
+                    type(exc).__name__,
+                    exc,
+                    extra={"reason": "ledger_conflict", "error": f"{type(exc).__name__}: {exc}"},
+                )
+                await asyncio.sleep(0.01 * min(attempts, 20))
 
     async def _commit_isolating_poison(
         self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int]
     ) -> set[str]:
         try:
             return await self._commit_once(units, epochs, watermarks)
-        except (Fenced, *CONNECTION_ERRORS):
+        except (Fenced, *CONNECTION_ERRORS, *CONFLICT_ERRORS):
             raise
         except asyncpg.PostgresError as exc:
             if len(units) == 1:

@@ -50,8 +50,11 @@ MAINTAIN_LOCK = 0x6F726470
 #: How long a partition change waits for the parent's lock before it gives way to the commits (and retries).
 LOCK_TIMEOUT = "500ms"
 _LOCK_ATTEMPTS = 20
-#: Executions carried forward per transaction, so that no transaction holds many row locks for long.
-_CARRY_CHUNK = 5000
+#: Executions carried forward per transaction, so that no transaction holds many row locks for long
+#: (a commit that changes one of them waits for it).
+_CARRY_CHUNK = 1000
+#: Passes over the executions a carry skipped because a commit was changing them.
+_CARRY_PASSES = 5
 _OPEN = "status IN ('running', 'waiting')"
 _BOUND = re.compile(r"FOR VALUES FROM \((.+?)\) TO \((.+?)\)")
 
@@ -267,24 +270,28 @@ async def _columns(conn: Queryable, table: str) -> list[str]:
 
 async def _carry(
     conn: Queryable, executions: str, history: str, ids: list[str], where: str, today: date, *args: object
-) -> tuple[int, int]:
+) -> tuple[set[str], int]:
     """Move the executions `ids` of partition `executions` that (still) match `where`, with their rows of
-    partition `history`, into `today`'s partitions; (executions, history rows) moved.
+    partition `history`, into `today`'s partitions; (the ids moved, the history rows moved).
 
-    Two statements, in the caller's transaction. The first deletes and re-inserts the executions: a
-    commit changing one of them at the same time either commits first (the DELETE then takes the
-    row as it committed, and checks `where` on it) or waits for this transaction and then finds no
-    row under its old key (0 rows: stale), so the worker loads the execution again and applies its
-    message on the moved row. The second runs after the first, on a snapshot that has every history
-    row committed before it, and no commit can add one since (each waits on its execution's row lock).
+    Two statements, in the caller's transaction. The first locks the executions it can (SKIP LOCKED:
+    one a commit is changing right now is left for the next pass, so that this transaction never
+    waits for a commit, and a commit that waits for it cannot deadlock with it), then deletes and
+    re-inserts them: a commit that meanwhile waits for one of them finds no row under its old key
+    (0 rows: stale), so the worker loads the execution again and applies its message on the moved
+    row. The second runs after the first, on a snapshot that has every history row committed before
+    it, and no commit can add one since (each waits on its execution's row lock).
     """
     if not ids:
-        return 0, 0
+        return set(), 0
     columns = await _columns(conn, "executions")
     values = ", ".join("$1::date" if c == "ledger_day" else c for c in columns)
     moved = await conn.fetch(
-        f"""WITH moved AS (
-                DELETE FROM ordo.{executions} WHERE execution_id = ANY($2::uuid[]) AND ({where}) RETURNING *
+        f"""WITH locked AS (
+                SELECT execution_id FROM ordo.{executions}
+                WHERE execution_id = ANY($2::uuid[]) AND ({where}) FOR UPDATE SKIP LOCKED
+            ), moved AS (
+                DELETE FROM ordo.{executions} e USING locked WHERE e.execution_id = locked.execution_id RETURNING e.*
             ), inserted AS (
                 INSERT INTO ordo.executions ({", ".join(columns)}) SELECT {values} FROM moved RETURNING execution_id
             )
@@ -294,7 +301,7 @@ async def _carry(
         *args,
     )
     if not moved:
-        return 0, 0
+        return set(), 0
     columns = await _columns(conn, "history")
     values = ", ".join("$1::date" if c == "ledger_day" else c for c in columns)
     status = await conn.execute(
@@ -303,7 +310,7 @@ async def _carry(
         today,
         [r[0] for r in moved],
     )
-    return len(moved), int(status.rsplit(" ", 1)[-1])
+    return {r[0] for r in moved}, int(status.rsplit(" ", 1)[-1])
 
 
 async def _open_or_after(conn: Queryable, executions: str, cutoff: datetime | None) -> list[str]:
@@ -345,14 +352,21 @@ async def retention(conn: Transactional, keep: timedelta, now: datetime) -> Rete
         if peer is None:
             raise RuntimeError(f"partition ordo.{part.name} has no history partition with the same days")
         keep_where = f"{_OPEN} OR finished_at >= $3::timestamptz"
-        ids = await _open_or_after(conn, part.name, cutoff)
-        for i in range(0, len(ids), _CARRY_CHUNK):
-            async with conn.transaction():
-                moved, rows = await _carry(
-                    conn, part.name, peer.name, ids[i : i + _CARRY_CHUNK], keep_where, today, cutoff
-                )
-            done.carried += moved
-            done.carried_history += rows
+        left = await _open_or_after(conn, part.name, cutoff)
+        for attempt in range(1, _CARRY_PASSES + 1):
+            skipped = []
+            for i in range(0, len(left), _CARRY_CHUNK):
+                chunk = left[i : i + _CARRY_CHUNK]
+                async with conn.transaction():
+                    moved, rows = await _carry(conn, part.name, peer.name, chunk, keep_where, today, cutoff)
+                done.carried += len(moved)
+                done.carried_history += rows
+                skipped += [eid for eid in chunk if eid not in moved]
+            # Those a commit was changing: again in a moment (what is still open at the drop goes then).
+            left = skipped
+            if not left:
+                break
+            await asyncio.sleep(0.05 * attempt)
 
         # Counted outside the drop's transaction, which holds the parents' locks: a scan of the day.
         finished = await conn.fetchval(f"SELECT count(*) FROM ordo.{part.name} WHERE NOT ({_OPEN})")
@@ -366,7 +380,7 @@ async def retention(conn: Transactional, keep: timedelta, now: datetime) -> Rete
             # (nothing, unless a trigger older than the cutoff was delivered) goes forward now.
             ids = await _open_or_after(conn, part.name, None)
             moved, rows = await _carry(conn, part.name, peer.name, ids, _OPEN, today)
-            done.carried += moved
+            done.carried += len(moved)
             done.carried_history += rows
             await conn.execute(f"DROP TABLE ordo.{part.name}")
             await conn.execute(f"DROP TABLE ordo.{peer.name}")

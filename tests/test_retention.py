@@ -428,3 +428,77 @@ async def test_with_one_minute_days_retention_drops_minutes_and_keeps_what_waits
             assert await h.ledger_problems() == NO_PROBLEMS
     finally:
         partitioning.use_day_length(partitioning.DAY_S)
+
+
+async def test_a_carry_skips_an_execution_a_commit_is_changing_instead_of_waiting_for_it(
+    nats_server_url, pg_dsn, prefix
+):
+    """Retention's carry takes the executions it can lock at once: one whose row a commit holds is left
+    for a later pass (never waited for: a carry that waits for a commit while the commit waits for the
+    carry is the deadlock a 30-minute soak met). Once the commit is done, it is carried."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        waiter = trigger_event("wait", 0, tenant="acme", event_type="session.started")
+        waiter_id = h.execution_id("acme", "waiter", waiter["event_id"])
+        async with h.worker():
+            await h.publish_triggers([waiter])
+            await h.wait_status(waiter_id, "waiting")
+        part, day, (history,) = await _place(h.db, waiter_id)
+        today = day + timedelta(days=3)
+        await partitioning.maintain(h.db, today, ahead=0)
+        uid = await h.db.fetchval("SELECT execution_id FROM ordo.executions WHERE execution_id = $1::uuid", waiter_id)
+        committer = await asyncpg.connect(pg_dsn)
+        try:
+            commit = committer.transaction()
+            await commit.start()
+            await committer.execute("SELECT 1 FROM ordo.executions WHERE execution_id = $1::uuid FOR UPDATE", waiter_id)
+            async with h.db.transaction():
+                moved, rows = await asyncio.wait_for(
+                    partitioning._carry(
+                        h.db, part.split(".")[1], history.split(".")[1], [uid], partitioning._OPEN, today
+                    ),
+                    30,
+                )
+            assert (moved, rows) == (set(), 0)
+            assert (await _place(h.db, waiter_id))[1] == day
+            await commit.rollback()
+        finally:
+            await committer.close()
+        async with h.db.transaction():
+            moved, rows = await partitioning._carry(
+                h.db, part.split(".")[1], history.split(".")[1], [uid], partitioning._OPEN, today
+            )
+        assert moved == {uid} and rows > 0
+        assert await _place(h.db, waiter_id) == (
+            f"ordo.executions_{today:%Y%m%d}",
+            today,
+            [f"ordo.history_{today:%Y%m%d}"],
+        )
+
+
+async def test_a_commit_rolled_back_by_a_deadlock_is_committed_again_not_dead_lettered(nats_server_url, pg_dsn, prefix):
+    """Postgres rolls back one of two deadlocked transactions; when that is a worker's commit, nothing is
+    wrong with its messages: the whole commit is tried again (not split up as if a message were poison,
+    and no message dead-lettered). A trigger here rolls back the first three enrolling transactions with
+    the deadlock's own error code."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.db.execute(
+            """CREATE SEQUENCE ordo.test_conflicts;
+               CREATE FUNCTION ordo.test_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   IF nextval('ordo.test_conflicts') <= 3 THEN  -- a sequence is not rolled back
+                       RAISE EXCEPTION 'deadlock detected (a test)' USING ERRCODE = '40P01';
+                   END IF;
+                   RETURN NEW;
+               END $$;
+               CREATE TRIGGER test_conflict BEFORE INSERT ON ordo.executions
+                   FOR EACH ROW EXECUTE FUNCTION ordo.test_conflict();"""
+        )
+        events = [trigger_event("c", i, tenant="acme", event_type="contact.created") for i in range(5)]
+        async with h.worker():
+            await h.publish_triggers(events)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=5)
+        assert await h.db.fetchval("SELECT last_value FROM ordo.test_conflicts") > 3
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
+        assert await h.ledger_problems() == NO_PROBLEMS
