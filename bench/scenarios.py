@@ -962,12 +962,8 @@ class NoisyNeighbour(Scenario):
         "burst_drain_per_s",
         "total_per_s",
     )
-    #: The burst's atomic batches awaiting their commit at once. W1's closed publisher keeps 4
-    #: out (800 events): a quiet tenant's publish queued behind them in the triggers stream's
-    #: ingest, which stores them in arrival order, and that wait was most of the quiet p99. A
-    #: bulk importer bounds what it has in flight; 2 keeps the server busy (one batch stored
-    #: while the next is sent) with half the queue ahead of everyone else.
-    burst_in_flight = 2
+    #: The burst's atomic batches awaiting their commit at once (W1's closed publisher has 4).
+    burst_in_flight = 4
 
     @property
     def quiet(self) -> list[str]:
