@@ -962,7 +962,8 @@ class NoisyNeighbour(Scenario):
         "burst_drain_per_s",
         "total_per_s",
     )
-    #: The burst's atomic batches awaiting their commit at once (W1's closed publisher has 4).
+    #: The burst's atomic batches awaiting their commit at once, as W1's closed publisher (2 was
+    #: tried for #18: the quiet p99 no better and A stored more slowly; README, w7-noisy).
     burst_in_flight = 4
 
     @property
