@@ -11,8 +11,10 @@ from that median; the worker RSS of the first and the last minute; and how
 fast the ledger's tables and indexes grew (`ledger_growth_mb_per_min`),
 sampled every LEDGER_SAMPLE_S. A steady engine keeps every minute within
 15% of the median, its RSS flat, and its growth at the rate the traffic
-writes until retention drops a day (retention works by whole days: see the
-README's "Retention").
+writes until retention drops a day. With `--retention 5m` the workers run
+with one-minute ledger days and drop each minute older than five: the ledger
+then stays flat within a soak; its early minutes are gone by the end, so the
+run's rate comes from the workers' counters (`timeline_from_counts`).
 """
 
 from __future__ import annotations
