@@ -43,6 +43,17 @@ async def _days(db, table: str) -> dict[str, date | None]:
     return {p.name: p.low for p in await partitioning.partitions(db, table)}
 
 
+async def _run_one(h: Harness, definition: dict, event_type: str, status: str) -> str:
+    """Deploy `definition`, enrol one execution of it, and run a worker until it is `status`; its id."""
+    await h.deploy(definition)
+    event = trigger_event(definition["id"], 0, tenant="acme", event_type=event_type)
+    execution_id = h.execution_id("acme", definition["id"], event["event_id"])
+    async with h.worker():
+        await h.publish_triggers([event])
+        await h.wait_status(execution_id, status)
+    return execution_id
+
+
 async def _place(db, execution_id: str) -> tuple:
     """(the execution's partition, its day, the partitions of its history rows)."""
     row = await db.fetchrow(
@@ -244,12 +255,7 @@ async def test_retention_refuses_to_keep_less_than_a_day(pg_dsn):
 async def test_the_ledger_commands_maintain_export_and_keep_what_is_recent(nats_server_url, pg_dsn, prefix, tmp_path):
     """`ordo ledger ...` as an operator runs it, on today's clock: nothing is old enough to drop."""
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
-        await h.deploy(WELCOME)
-        event = trigger_event("cli", 0, tenant="acme", event_type="contact.created")
-        execution_id = h.execution_id("acme", "welcome", event["event_id"])
-        async with h.worker():
-            await h.publish_triggers([event])
-            await h.wait_status(execution_id, "completed")
+        execution_id = await _run_one(h, WELCOME, "contact.created", "completed")
         env = {"ORDO_PG_DSN": pg_dsn}
         maintained = ordo("ledger", "maintain", "--ahead", "9", env_extra=env)
         assert maintained.returncode == 0, maintained.stderr
@@ -437,12 +443,7 @@ async def test_a_carry_skips_an_execution_a_commit_is_changing_instead_of_waitin
     for a later pass (never waited for: a carry that waits for a commit while the commit waits for the
     carry is the deadlock a 30-minute soak met). Once the commit is done, it is carried."""
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
-        await h.deploy(WAITER)
-        waiter = trigger_event("wait", 0, tenant="acme", event_type="session.started")
-        waiter_id = h.execution_id("acme", "waiter", waiter["event_id"])
-        async with h.worker():
-            await h.publish_triggers([waiter])
-            await h.wait_status(waiter_id, "waiting")
+        waiter_id = await _run_one(h, WAITER, "session.started", "waiting")
         part, day, (history,) = await _place(h.db, waiter_id)
         today = day + timedelta(days=3)
         await partitioning.maintain(h.db, today, ahead=0)
