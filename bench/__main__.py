@@ -593,14 +593,16 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
     after = await storage.after_backends_exit(pool, application_name) if before is not None else None
 
+    dropped = 0  # finished executions that retention took out of the ledger before the end
     if args.retention:
         verification = await _verify_retained(pool, scenario, run_id, expected)
+        dropped = verification.facts["dropped_by_retention"]
     else:
         verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
     run.verification = verification.as_dict()
     run.verified = verification.ok
     rows = await scenario.finish_times(pool, run_id)
-    run.finished = len(rows) + verification.facts.get("dropped_by_retention", 0) if args.retention else len(rows)
+    run.finished = len(rows) + dropped
     run.complete = run.finished >= expected and run.failure is None
     pubacks = {}
     if pubacks_file and os.path.exists(pubacks_file):
