@@ -609,10 +609,13 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         pubacks = PubAcks.load(pubacks_file)
         os.unlink(pubacks_file)
     _collect(run, rows, pubacks)
-    if args.retention and run.first_publish is not None:
-        # The ledger holds the run's last KEEP only (latency is over those): the rate comes from the counters.
-        run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
-        run.finish_offsets = []  # those of the last KEEP only: the plot draws the timeline instead
+    if run.first_publish is not None:
+        if args.retention:
+            # The ledger holds the run's last KEEP only (latency and steps are over those): the rate comes
+            # from the workers' counters read while the run went, and the plot draws that timeline.
+            run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
+        else:
+            run.timeline, run.finish_offsets = _per_second(rows, run.first_publish)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
@@ -817,7 +820,7 @@ async def _wait(
 
 
 def _collect(run: RunResult, rows, pubacks: dict) -> None:
-    """Latency histograms, steps, last commit and per-second completions from the ledger's rows.
+    """Latency histograms, steps and the last commit from the ledger's rows.
 
     `pubacks` maps an event's intended send time to its PubAck time (open
     mode): intended send -> PubAck is the publish share of the latency,
@@ -828,11 +831,8 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
     for ts, acked in pubacks.items():
         stored.record(acked - ts)
     engine = Histogram()
-    timeline: list[int] = []
-    offsets: list[float] = []
     steps = 0
     last = None
-    t0 = run.first_publish
     for row in rows:
         finished, ts = row["finished"], row["ts"]
         steps += row["steps"]
@@ -842,19 +842,26 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
             if acked is not None:
                 engine.record(finished * 1000.0 - acked)
         last = finished if last is None or finished > last else last
-        if t0 is not None:
-            offsets.append(finished - t0)
-            second = max(0, int(finished - t0))
-            if second >= len(timeline):
-                timeline.extend([0] * (second + 1 - len(timeline)))
-            timeline[second] += 1
     run.latency = hist
     run.stored_latency = stored if stored.total else None
     run.engine_latency = engine if engine.total else None
     run.steps = steps
     run.last_commit = last
-    run.timeline = timeline
-    run.finish_offsets = offsets
+
+
+def _per_second(rows, t0: float) -> tuple[list[int], list[float]]:
+    """Completions per second since `t0` (the first publish), and each finish's offset from it for the
+    plot, from the ledger's rows: a run whose every finish time the ledger still holds."""
+    timeline: list[int] = []
+    offsets: list[float] = []
+    for row in rows:
+        offset = row["finished"] - t0
+        offsets.append(offset)
+        second = max(0, int(offset))
+        if second >= len(timeline):
+            timeline.extend([0] * (second + 1 - len(timeline)))
+        timeline[second] += 1
+    return timeline, offsets
 
 
 async def _delete_streams(nats_url: str, topology) -> None:
