@@ -49,8 +49,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -501,6 +503,29 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     pubacks_file = os.path.join(tempfile.gettempdir(), f"ordo-{run_id}.pubacks") if open_mode else None
     outcome: dict = {}
     before = None
+
+    async def stop_the_run() -> None:
+        """The generator, the workers, the scenario's own processes and the run's streams, in that order."""
+        if watcher is not None:
+            watcher.cancel()
+        if publisher is not None and publisher.returncode is None:
+            publisher.kill()
+            await publisher.wait()
+        if publisher is not None:
+            outcome["reader"].cancel()
+        # Workers drain before the ledger is read: what they commit late is checked too.
+        drained = supervisor.stop(timeout=30)
+        if not drained and run.failure is None:
+            run.failure = "a worker did not stop cleanly"
+        await scenario.stop()
+        if sink is not None:
+            print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
+            sink.stop()
+        try:
+            await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
+        except Exception as exc:  # noqa: BLE001 - clean-up is best effort
+            print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+
     await scenario.start()
     try:
         # The run's streams are new: the workers see that the partitions' watermarks
@@ -572,25 +597,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             run.last_ack = done["last_ack"]
             run.published = done["published"]
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        if publisher is not None and publisher.returncode is None:
-            publisher.kill()
-            await publisher.wait()
-        if publisher is not None:
-            outcome["reader"].cancel()
-        # Workers drain before the ledger is read: what they commit late is checked too.
-        drained = supervisor.stop(timeout=30)
-        if not drained and run.failure is None:
-            run.failure = "a worker did not stop cleanly"
-        await scenario.stop()
-        if sink is not None:
-            print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
-            sink.stop()
-        try:
-            await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
-        except Exception as exc:  # noqa: BLE001 - clean-up is best effort
-            print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+        await _uninterrupted(stop_the_run())
     after = await storage.after_backends_exit(pool, application_name) if before is not None else None
 
     dropped = 0  # finished executions that retention took out of the ledger before the end
@@ -626,6 +633,24 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             before, after, run.finished, scenario.action_steps(run), shared_server=not _postgres_embedded(env)
         )
     return run
+
+
+async def _uninterrupted(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Await `cleanup` to its end even if the run is cancelled meanwhile, and then pass the cancellation on.
+
+    A second Ctrl-C (or SIGTERM) cancels the run again while it is stopping: cut short at its first await,
+    the clean-up never stopped the workers, and _main then stopped the servers under them, so that they
+    ran on, reconnecting for ever."""
+    task = asyncio.ensure_future(cleanup)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            interrupted = True
+    task.result()  # the clean-up's own error, if it had one
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def _verify_retained(pool, scenario: Scenario, run_id: str, expected: int) -> Checks:
