@@ -49,8 +49,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -501,6 +503,29 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     pubacks_file = os.path.join(tempfile.gettempdir(), f"ordo-{run_id}.pubacks") if open_mode else None
     outcome: dict = {}
     before = None
+
+    async def stop_the_run() -> None:
+        """The generator, the workers, the scenario's own processes and the run's streams, in that order."""
+        if watcher is not None:
+            watcher.cancel()
+        if publisher is not None and publisher.returncode is None:
+            publisher.kill()
+            await publisher.wait()
+        if publisher is not None:
+            outcome["reader"].cancel()
+        # Workers drain before the ledger is read: what they commit late is checked too.
+        drained = supervisor.stop(timeout=30)
+        if not drained and run.failure is None:
+            run.failure = "a worker did not stop cleanly"
+        await scenario.stop()
+        if sink is not None:
+            print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
+            sink.stop()
+        try:
+            await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
+        except Exception as exc:  # noqa: BLE001 - clean-up is best effort
+            print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+
     await scenario.start()
     try:
         # The run's streams are new: the workers see that the partitions' watermarks
@@ -572,45 +597,32 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             run.last_ack = done["last_ack"]
             run.published = done["published"]
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        if publisher is not None and publisher.returncode is None:
-            publisher.kill()
-            await publisher.wait()
-        if publisher is not None:
-            outcome["reader"].cancel()
-        # Workers drain before the ledger is read: what they commit late is checked too.
-        drained = supervisor.stop(timeout=30)
-        if not drained and run.failure is None:
-            run.failure = "a worker did not stop cleanly"
-        await scenario.stop()
-        if sink is not None:
-            print(f"bench: trace collector received {sink.summary()}", file=sys.stderr)
-            sink.stop()
-        try:
-            await asyncio.wait_for(_delete_streams(run_config.nats_url, Topology(run_config)), 30)
-        except Exception as exc:  # noqa: BLE001 - clean-up is best effort
-            print(f"bench: could not delete the run's streams: {exc}", file=sys.stderr)
+        await _uninterrupted(stop_the_run())
     after = await storage.after_backends_exit(pool, application_name) if before is not None else None
 
+    dropped = 0  # finished executions that retention took out of the ledger before the end
     if args.retention:
         verification = await _verify_retained(pool, scenario, run_id, expected)
+        dropped = verification.facts["dropped_by_retention"]
     else:
         verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
     run.verification = verification.as_dict()
     run.verified = verification.ok
     rows = await scenario.finish_times(pool, run_id)
-    run.finished = len(rows) + verification.facts.get("dropped_by_retention", 0) if args.retention else len(rows)
+    run.finished = len(rows) + dropped
     run.complete = run.finished >= expected and run.failure is None
     pubacks = {}
     if pubacks_file and os.path.exists(pubacks_file):
         pubacks = PubAcks.load(pubacks_file)
         os.unlink(pubacks_file)
     _collect(run, rows, pubacks)
-    if args.retention and run.first_publish is not None:
-        # The ledger holds the run's last KEEP only (latency is over those): the rate comes from the counters.
-        run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
-        run.finish_offsets = []  # those of the last KEEP only: the plot draws the timeline instead
+    if run.first_publish is not None:
+        if args.retention:
+            # The ledger holds the run's last KEEP only (latency and steps are over those): the rate comes
+            # from the workers' counters read while the run went, and the plot draws that timeline.
+            run.timeline = soak.timeline_from_counts([(s["t"], s["finished"]) for s in run.trace], run.first_publish)
+        else:
+            run.timeline, run.finish_offsets = _per_second(rows, run.first_publish)
     run.resources = sampler.report(since=run.first_publish, until=run.last_commit)
     run.usage = sampler.report
     run.metrics = await scenario.measure(pool, run, outcome.get("done"))
@@ -621,6 +633,24 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
             before, after, run.finished, scenario.action_steps(run), shared_server=not _postgres_embedded(env)
         )
     return run
+
+
+async def _uninterrupted(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Await `cleanup` to its end even if the run is cancelled meanwhile, and then pass the cancellation on.
+
+    A second Ctrl-C (or SIGTERM) cancels the run again while it is stopping: cut short at its first await,
+    the clean-up never stopped the workers, and _main then stopped the servers under them, so that they
+    ran on, reconnecting for ever."""
+    task = asyncio.ensure_future(cleanup)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            interrupted = True
+    task.result()  # the clean-up's own error, if it had one
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def _verify_retained(pool, scenario: Scenario, run_id: str, expected: int) -> Checks:
@@ -815,7 +845,7 @@ async def _wait(
 
 
 def _collect(run: RunResult, rows, pubacks: dict) -> None:
-    """Latency histograms, steps, last commit and per-second completions from the ledger's rows.
+    """Latency histograms, steps and the last commit from the ledger's rows.
 
     `pubacks` maps an event's intended send time to its PubAck time (open
     mode): intended send -> PubAck is the publish share of the latency,
@@ -826,11 +856,8 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
     for ts, acked in pubacks.items():
         stored.record(acked - ts)
     engine = Histogram()
-    timeline: list[int] = []
-    offsets: list[float] = []
     steps = 0
     last = None
-    t0 = run.first_publish
     for row in rows:
         finished, ts = row["finished"], row["ts"]
         steps += row["steps"]
@@ -840,19 +867,26 @@ def _collect(run: RunResult, rows, pubacks: dict) -> None:
             if acked is not None:
                 engine.record(finished * 1000.0 - acked)
         last = finished if last is None or finished > last else last
-        if t0 is not None:
-            offsets.append(finished - t0)
-            second = max(0, int(finished - t0))
-            if second >= len(timeline):
-                timeline.extend([0] * (second + 1 - len(timeline)))
-            timeline[second] += 1
     run.latency = hist
     run.stored_latency = stored if stored.total else None
     run.engine_latency = engine if engine.total else None
     run.steps = steps
     run.last_commit = last
-    run.timeline = timeline
-    run.finish_offsets = offsets
+
+
+def _per_second(rows, t0: float) -> tuple[list[int], list[float]]:
+    """Completions per second since `t0` (the first publish), and each finish's offset from it for the
+    plot, from the ledger's rows: a run whose every finish time the ledger still holds."""
+    timeline: list[int] = []
+    offsets: list[float] = []
+    for row in rows:
+        offset = row["finished"] - t0
+        offsets.append(offset)
+        second = max(0, int(offset))
+        if second >= len(timeline):
+            timeline.extend([0] * (second + 1 - len(timeline)))
+        timeline[second] += 1
+    return timeline, offsets
 
 
 async def _delete_streams(nats_url: str, topology) -> None:

@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from hotpath.durations import parse_instant
+from hotpath.durations import format_duration, parse_instant
 from ledger.connection import Queryable, Transactional
 
 log = logging.getLogger("ordo.ledger")
@@ -68,12 +68,19 @@ SHORTEST_DAY_S = 60
 _day_s = DAY_S
 
 
+def checked_day_length(seconds: int) -> int:
+    """`seconds` if a ledger day may last that long (the `ledger_day` setting): from a minute to a UTC day.
+
+    ValueError names the setting and the length it was given."""
+    if not SHORTEST_DAY_S <= seconds <= DAY_S:
+        raise ValueError(f"ledger_day must be between 1m and 1d, not {format_duration(int(seconds) * 1000)!r}")
+    return int(seconds)
+
+
 def use_day_length(seconds: int) -> None:
     """Make a ledger day last `seconds` in this process (the `ledger_day` setting); a UTC day by default."""
     global _day_s
-    if not SHORTEST_DAY_S <= seconds <= DAY_S:
-        raise ValueError(f"ledger_day must be between 1m and 1d, not {seconds} s")
-    _day_s = int(seconds)
+    _day_s = checked_day_length(seconds)
     _first_hour_ms.cache_clear()
 
 

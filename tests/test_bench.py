@@ -9,7 +9,9 @@ import asyncio
 import math
 import os
 import random
+import signal
 import sys
+import time
 
 import orjson
 import pytest
@@ -166,6 +168,61 @@ async def test_repeat_reports_each_run_and_the_median(nats_server_url, pg_dsn):
     assert doc["runs"][0]["run_id"] != doc["runs"][1]["run_id"]
     assert doc["runs"][0]["prefix"] != doc["runs"][1]["prefix"]
     assert all(run["executions"] == 50 and run["verified"] for run in doc["runs"])
+
+
+def _interrupt_repeatedly(pid: int, times: int) -> None:
+    for _ in range(times):
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:  # it has exited (and been reaped)
+            return
+        time.sleep(0.0005)
+
+
+async def test_an_interrupt_during_the_interrupt_still_stops_every_worker(nats_server_url, pg_dsn):
+    """Ctrl-C pressed again while the bench stops its run must not cut the stop short: the second
+    interrupt once cancelled the clean-up before it stopped the workers, and they ran on (on embedded
+    servers, reconnecting for ever). The signals go to the bench alone: a worker stops only if it is stopped."""
+    psutil = pytest.importorskip("psutil")
+    env = dict(os.environ, ORDO_NATS_URL=nats_server_url, ORDO_PG_DSN=pg_dsn, ORDO_LOG_LEVEL="warning")
+    # Open mode, so that the generator is still publishing when the interrupts come.
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bench", "w1", "--rate", "200", "--duration", "600", "--workers", "2"),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    workers = []
+    rest = None
+    try:
+        lines = []
+        # The first progress line comes once every worker owns its partitions.
+        while not any(b" published " in line for line in lines):
+            line = await asyncio.wait_for(proc.stderr.readline(), 120)
+            assert line, b"".join(lines).decode(errors="replace")
+            lines.append(line)
+        workers = [p for p in psutil.Process(proc.pid).children() if p.cmdline()[1:4] == ["-m", "daemon", "run"]]
+        assert len(workers) == 2
+        # One interrupt, and more while it is being handled (a Ctrl-C pressed again and again), so
+        # that some land while the clean-up awaits the generator's exit, the first thing it awaits.
+        rest = asyncio.create_task(proc.stderr.read())  # so that its output never fills the pipe
+        await asyncio.to_thread(_interrupt_repeatedly, proc.pid, 200)
+        await asyncio.wait_for(proc.wait(), 120)
+        running = [p.pid for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert running == [], f"workers {running} outlived the interrupted bench"
+        output = b"".join(lines).decode(errors="replace") + (await asyncio.wait_for(rest, 30)).decode(errors="replace")
+        assert proc.returncode == 130, output
+        assert "interrupted" in output
+    finally:
+        for p in [proc, *workers]:
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.Error):
+                pass
+        await proc.wait()
+        if rest is not None:
+            await asyncio.wait_for(rest, 30)
 
 
 async def test_w2_signals_apply_in_publish_order(nats_server_url, pg_dsn):

@@ -18,7 +18,7 @@ from daemon import metrics
 from daemon.config import Config
 from daemon.export import export, read_archived
 from daemon.inspect import inspect, render
-from daemon.upkeep import retention_keep
+from daemon.upkeep import ledger_day_s, retention_keep
 from hotpath import ExecutionState
 from ledger import partitioning, run_checks
 from ledger.batcher import LedgerBatcher, Unit
@@ -359,6 +359,23 @@ def test_a_bad_retention_keep_is_an_error_that_names_it():
             raise AssertionError(f"retention_keep = {value!r} was taken")
     assert retention_keep(Config(retention_keep="14d")) == timedelta(days=14)
     assert retention_keep(Config()) is None
+
+
+def test_a_bad_ledger_day_is_an_error_that_names_it():
+    """The setting is parsed in daemon/upkeep.py; its range is the ledger's (partitioning.checked_day_length)."""
+    for value, message in (
+        ("30s", "ledger_day must be between 1m and 1d, not '30s'"),
+        ("2d", "ledger_day must be between 1m and 1d, not '2d'"),
+        ("fortnight", "ledger_day: 'fortnight' is not a duration"),
+    ):
+        try:
+            ledger_day_s(Config(ledger_day=value))
+        except ValueError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"ledger_day = {value!r} was taken")
+    assert ledger_day_s(Config(ledger_day="1m")) == 60
+    assert ledger_day_s(Config()) == partitioning.DAY_S
 
 
 def test_only_a_trigger_from_around_midnight_is_looked_for_on_the_day_before():
