@@ -123,8 +123,8 @@ def _count(kind: str) -> str:
     return kind
 
 
-def install(spec: str, nc, js, batchers, *, worker: int = 0) -> FaultInjector | None:
-    """Wrap the worker's NATS client and JetStream context and hook its batchers, when `spec` asks for faults."""
+def install(spec: str, nc, js, batcher, *, worker: int = 0) -> FaultInjector | None:
+    """Wrap the worker's NATS client and JetStream context and hook its batcher, when `spec` asks for faults."""
     parsed = parse(spec)
     if parsed is None:
         return None
@@ -156,6 +156,5 @@ def install(spec: str, nc, js, batchers, *, worker: int = 0) -> FaultInjector | 
 
     nc.publish = publish_with_faults
     js.publish = js_publish_with_faults
-    for batcher in batchers:
-        batcher.fault_hook = injector.commit_fault
+    batcher.fault_hook = injector.commit_fault
     return injector

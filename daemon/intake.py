@@ -1,7 +1,6 @@
 """What comes into a worker: fetched messages and due timers, within the in-flight window.
 
     triggers-l<L>-e<epoch> ──decode──> route, enrol (dispatch the first steps) ──> ledger batcher
-                                       (a quiet lane's probe: the express batcher)
     exec-p<N>-e<epoch> ─────decode──> ordering ring ──> daemon/dispatch.py
     due timers ──────────────────────> ordering ring
 
@@ -127,7 +126,6 @@ class Intake:
         ring: OrderingRing,
         ring_ready: asyncio.Event,
         batcher: LedgerBatcher,
-        express: LedgerBatcher,
         window: Window,
         progress: dict[int, PartitionProgress],
         closing: set,
@@ -145,8 +143,6 @@ class Intake:
         self.ring = ring
         self.ring_ready = ring_ready
         self.batcher = batcher
-        #: Commits a quiet lane's enrolments on a connection of their own, beside the burst's commits.
-        self.express = express
         self.window = window
         self.progress = progress
         #: Partitions being given back or lost (daemon/partitions.py): their fetch loops finish and stop.
@@ -255,8 +251,8 @@ class Intake:
                     self.window.unreserve(lanes.pull_ended(lane))
                     if stopping:
                         return  # drained: no pull request left open to deliver into nowhere
-                    # A quiet lane's probe waits for room for itself only, and its events commit on
-                    # the express connection, beside the busy lanes' commits, not behind them.
+                    # A quiet lane's probe waits for room for itself only, and its events go into the
+                    # next commit ahead of the busy lanes' backlog.
                     probing = lane.idle
                     if probing:
                         grant = lanes.fair.probe
@@ -294,7 +290,7 @@ class Intake:
                     d.subject = published_subject(d.subject)  # as published: dead letters and retries use it
                 self.window.arrived(len(deliveries))
                 self._count_metrics(deliveries)
-                events = await self._take_triggers(deliveries, express=probing)
+                events = await self._take_triggers(deliveries, ahead=probing)
                 lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns)
         finally:
             if lane.granted > lane.taken:
@@ -314,10 +310,9 @@ class Intake:
 
     # -- enrol: triggers ------------------------------------------------------
 
-    async def _take_triggers(self, batch: list[Delivery], *, express: bool) -> int:
+    async def _take_triggers(self, batch: list[Delivery], *, ahead: bool) -> int:
         """Route and enrol a pull's trigger messages; returns the events they held. A quiet lane's
-        (`express`) enrolments commit on the express batcher, which waits for no commit of the
-        others'."""
+        (`ahead`) go into the batcher before the others' (LedgerBatcher.add)."""
         now, now_ms = datetime.now(UTC), self.clock_ms()
         decoded = []
         taken = 0
@@ -346,10 +341,9 @@ class Intake:
                 by_execution.setdefault(execution_id, []).append(event)
             await asyncio.gather(*(self._route(execution_id, evs) for execution_id, evs in by_execution.items()))
         most_context = self.config.max_context_bytes
-        batcher = self.express if express else self.batcher
         for n, (source, event) in enumerate(decoded, 1):
             unit = enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, most_context)
-            batcher.add(unit)
+            self.batcher.add(unit, ahead=ahead)
             if n % _ENROL_SLICE == 0:
                 await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events that came meanwhile
         metrics.advance_timings.flush()

@@ -18,9 +18,9 @@ waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 
 A probe waits for room for itself only, not for a busy lane's pull's worth
-(`Window.release` wakes every waiter), and what it brings commits on the
-worker's express batcher, a ledger connection of its own, so it waits for
-none of the busy lanes' commits (daemon/intake.py, daemon/settle.py).
+(`Window.release` wakes every waiter), and what it brings goes into the next
+commit ahead of the busy lanes' backlog (daemon/intake.py,
+`LedgerBatcher.add(ahead=True)`).
 """
 
 import asyncio

@@ -112,19 +112,16 @@ class Settlement:
 
     # -- commit ---------------------------------------------------------------
 
-    async def commit_loop(self, batcher: LedgerBatcher) -> None:
-        """Commit `batcher`'s batches one after the other, settling each. The worker runs two: its
-        batcher's, which also records the partitions' watermarks, and the express batcher's (new
-        executions of quiet trigger lanes), so that those wait for none of the other's commits."""
-        watermarks_of = self._watermarks if batcher is self.batcher else dict
+    async def commit_loop(self) -> None:
         while True:
-            units = await batcher.next_batch(self.stopping)
+            units = await self.batcher.next_batch(self.stopping)
             if not units:
                 if self.window.closed and self.window.in_flight == 0:
                     return
                 continue
+            watermarks = {p: progress.watermark for p, progress in self.progress.items()}
             try:
-                result = await batcher.commit(units, self.epochs, watermarks_of())
+                result = await self.batcher.commit(units, self.epochs, watermarks)
             except Fenced:
                 metrics.fenced.inc()
                 raise
@@ -133,9 +130,6 @@ class Settlement:
             if result.attempts > 1:
                 metrics.commit_retries.inc(result.attempts - 1)
             await self.settle(result)
-
-    def _watermarks(self) -> dict[int, int]:
-        return {p: progress.watermark for p, progress in self.progress.items()}
 
     # -- settle a committed batch ---------------------------------------------
 

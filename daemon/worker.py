@@ -129,10 +129,14 @@ class Worker:
         self.epochs: dict[int, int] = {}
         #: Partitions being given back or lost: their fetch loops finish and stop.
         self._closing: set = set()
-        self.batcher = self._new_batcher(config)
-        #: A quiet trigger lane's enrolments commit here, on a connection of their own: beside a
-        #: burst's commits, not after the one under way (daemon/lanes.py). Only new executions.
-        self.express = self._new_batcher(config)
+        self.batcher = LedgerBatcher(
+            config.pg_dsn,
+            max_rows=config.batch_max_rows,
+            max_ms=config.batch_max_ms,
+            deployment=config.prefix,
+            # Within the lease: a cut-off owner's open commit lets go of its partitions before they expire.
+            idle_in_transaction_s=config.lease_ttl_s / 2,
+        )
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._ring_ready = asyncio.Event()
@@ -144,17 +148,6 @@ class Worker:
         self._tracing: Tracing | None = None
         self.fatal: BaseException | None = None
 
-    @staticmethod
-    def _new_batcher(config: Config) -> LedgerBatcher:
-        return LedgerBatcher(
-            config.pg_dsn,
-            max_rows=config.batch_max_rows,
-            max_ms=config.batch_max_ms,
-            deployment=config.prefix,
-            # Within the lease: a cut-off owner's open commit lets go of its partitions before they expire.
-            idle_in_transaction_s=config.lease_ttl_s / 2,
-        )
-
     # -- start and stop -------------------------------------------------------
 
     async def start(self) -> None:
@@ -164,7 +157,7 @@ class Worker:
         )
         check_nats_server(self._nc._server_info)
         self._js = self._nc.jetstream(timeout=10)
-        faults.install(self.config.inject_faults, self._nc, self._js, [self.batcher, self.express], worker=self.index)
+        faults.install(self.config.inject_faults, self._nc, self._js, self.batcher, worker=self.index)
         await self.topology.ensure(self._js)
         self._stream_created = str((await self._js.stream_info(self.topology.exec_stream)).created)
         if self._actions is None:
@@ -204,7 +197,6 @@ class Worker:
             topology=self.topology,
             registry=self.registry,
             batcher=self.batcher,
-            express=self.express,
             window=window,
             progress=self.progress,
             closing=self._closing,
@@ -315,8 +307,7 @@ class Worker:
         """Run until `stopping` is set, then drain: stop fetching, commit and ack what is in flight."""
         triggers = await self.intake.fetch_triggers()
         pump = asyncio.create_task(self.dispatch.pump())
-        committer = asyncio.create_task(self.settlement.commit_loop(self.batcher))
-        express = asyncio.create_task(self.settlement.commit_loop(self.express))
+        committer = asyncio.create_task(self.settlement.commit_loop())
         timer_loop = asyncio.create_task(self.intake.timer_loop())
         owner = asyncio.create_task(self.partitions.ownership_loop())
         lag = asyncio.create_task(self.partitions.lag_loop())
@@ -327,15 +318,15 @@ class Worker:
         )
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait(
-            [stop, committer, express, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
+            [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
         )
         self.stopping.set()
         for task in done:
             if task is not stop and task.exception() is not None:
                 self.fatal = task.exception()
-        await self._drain(owner, lag, rollout_loop, pump, [committer, express], timer_loop, upkeep)
+        await self._drain(owner, lag, rollout_loop, pump, committer, timer_loop, upkeep)
 
-    async def _drain(self, owner, lag, rollout_loop, pump, committers, timer_loop, upkeep) -> None:
+    async def _drain(self, owner, lag, rollout_loop, pump, committer, timer_loop, upkeep) -> None:
         # Drain: each fetch loop finishes the fetch it has open (at most its
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
@@ -354,12 +345,11 @@ class Worker:
         self.window.closed = True
         self._ring_ready.set()
         self.batcher.nudge()
-        self.express.nudge()
         if self.fatal is None:
-            await asyncio.wait(committers, timeout=self.config.ack_wait_s)
-        for task in (pump, *committers, timer_loop):
+            await asyncio.wait([committer], timeout=self.config.ack_wait_s)
+        for task in (pump, committer, timer_loop):
             task.cancel()
-        await asyncio.gather(pump, *committers, timer_loop, return_exceptions=True)
+        await asyncio.gather(pump, committer, timer_loop, return_exceptions=True)
         await self.effects.close()
         if self.fatal is None:
             # Everything settled: hand the partitions back now rather than when the leases run out.
@@ -411,7 +401,6 @@ class Worker:
         if self._listener is not None:
             await self._listener.close()
         await self.batcher.close()
-        await self.express.close()
         if self._pool is not None:
             await self._pool.close()
         if self._nc is not None and not self._nc.is_closed:

@@ -474,6 +474,8 @@ class LedgerBatcher:
         self.max_delay = max_ms / 1000.0
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
         self._pending: list[tuple[Unit, int]] = []
+        #: Likewise, the units that go before all of those (`add(..., ahead=True)`).
+        self._ahead: list[tuple[Unit, int]] = []
         self._rows = 0
         self._first_at = 0.0
         self._wakeup = asyncio.Event()
@@ -495,15 +497,18 @@ class LedgerBatcher:
     def pending_rows(self) -> int:
         return self._rows
 
-    def add(self, unit: Unit) -> None:
-        """Queue a unit for the next batches."""
-        if not self._pending:
+    def add(self, unit: Unit, *, ahead: bool = False) -> None:
+        """Queue a unit for the next batches; one `ahead` goes before every unit queued without
+        (a quiet tenant's trigger before a burst's backlog: daemon/intake.py). The units of one
+        execution never pass each other either way: the ordering ring holds its next message
+        until this one has committed, and a trigger is an execution's first."""
+        if not self._pending and not self._ahead:
             # The first unit starts the batch's clock: wake next_batch so it
             # waits max_ms from now rather than sleeping out its idle timeout.
             self._first_at = time.monotonic()
             self._wakeup.set()
         rows = unit.rows
-        self._pending.append((unit, rows))
+        (self._ahead if ahead else self._pending).append((unit, rows))
         self._rows += rows
         if self._rows >= self.max_rows:
             self._wakeup.set()
@@ -522,7 +527,7 @@ class LedgerBatcher:
         """
         while True:
             stopping = stop is not None and stop.is_set()
-            if self._pending:
+            if self._pending or self._ahead:
                 age = time.monotonic() - self._first_at
                 if self._rows >= self.max_rows or age >= self.max_delay or stopping:
                     break
@@ -533,20 +538,26 @@ class LedgerBatcher:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except TimeoutError:
-                if stopping and not self._pending:
+                if stopping and not self._pending and not self._ahead:
                     return []
         return self._take()
 
     def _take(self) -> list[Unit]:
-        """The oldest units, up to max_rows rows of them (at least one unit); the rest stay, still due."""
+        """The units queued ahead, then the oldest others, up to max_rows rows of them (at least one
+        unit); the rest stay, still due."""
         units: list[Unit] = []
         rows = 0
-        for unit, unit_rows in self._pending:
-            if units and rows + unit_rows > self.max_rows:
-                break
-            units.append(unit)
-            rows += unit_rows
-        del self._pending[: len(units)]
+        for queue in (self._ahead, self._pending):
+            taken = 0
+            for unit, unit_rows in queue:
+                if units and rows + unit_rows > self.max_rows:
+                    break
+                units.append(unit)
+                rows += unit_rows
+                taken += 1
+            del queue[:taken]
+            if queue:
+                break  # full
         self._rows -= rows
         if self._rows < 2 * self.max_rows:
             self._space.set()

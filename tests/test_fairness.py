@@ -224,35 +224,19 @@ async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lane
     await runner
 
 
-async def test_a_quiet_lanes_trigger_commits_while_a_busy_lanes_commit_is_held(nats_server_url, pg_dsn, prefix):
-    """A quiet lane's events commit on the worker's express batcher (a ledger connection of its
-    own): with the busy lane's commit held mid-way, the quiet tenant's execution still commits.
-    With one commit at a time it waited for the held one."""
-    async with Harness(nats_server_url, pg_dsn, prefix) as h:
-        for tenant in ("noisy", "quiet"):
-            await h.deploy(_welcome(tenant))
-        await h.publish_triggers([trigger_event("burst", i, tenant="noisy") for i in range(2_000)])
-        async with h.worker(max_ack_pending=400, fetch_batch=100, trigger_quantum=50) as worker:
-            held, release = asyncio.Event(), asyncio.Event()
-            commit = worker.batcher.commit
+async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog():
+    """LedgerBatcher.add(ahead=True): a quiet lane's trigger goes into the next batch before the
+    units queued without; each queue keeps its own order, and a batch still holds at most max_rows."""
+    from ledger.batcher import LedgerBatcher, Unit
 
-            async def held_commit(units, *args):
-                held.set()
-                await release.wait()
-                return await commit(units, *args)
-
-            worker.batcher.commit = held_commit
-            await asyncio.wait_for(held.wait(), 30)  # the busy lane's turn is being committed
-            await h.publish_triggers([trigger_event("q", 0, tenant="quiet")])
-            await h.wait_until(
-                "SELECT count(*) FROM ordo.executions WHERE tenant = 'quiet' AND status = 'completed'",
-                expect=1,
-                timeout=30,
-            )
-            release.set()
-            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=2_001, timeout=120)
-            await h.wait_triggers_drained()
-        assert await h.ledger_problems() == NO_PROBLEMS
+    batcher = LedgerBatcher("postgresql://unused", max_rows=4, max_ms=0.0)
+    for name in ("a", "b", "c", "d", "e"):
+        batcher.add(Unit(token=name))  # one row each
+    batcher.add(Unit(token="quiet-1"), ahead=True)
+    batcher.add(Unit(token="quiet-2"), ahead=True)
+    taken = [[u.token for u in await asyncio.wait_for(batcher.next_batch(), 1)] for _ in range(2)]
+    assert taken == [["quiet-1", "quiet-2", "a", "b"], ["c", "d", "e"]]
+    assert batcher.pending_rows == 0
 
 
 async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_stream_order(

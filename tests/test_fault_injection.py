@@ -116,7 +116,7 @@ def test_no_spec_installs_nothing():
         fault_hook = None
 
     nc, js, batcher = Untouched(), Untouched(), Untouched()
-    assert faults.install("", nc, js, [batcher]) is None
+    assert faults.install("", nc, js, batcher) is None
     assert vars(nc) == {} and vars(js) == {} and batcher.fault_hook is None
 
 
