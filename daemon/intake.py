@@ -45,9 +45,8 @@ from .topology import Topology
 log = logging.getLogger("ordo.worker")
 
 #: Events enrolled between two turns of the event loop: a pull of thousands would hold it for a
-#: hundred milliseconds and more. 32 rather than 256: in w7-noisy a quiet tenant's event waited in
-#: the worker for the burst's slices (its p99 there 47 -> ~30 ms; README, Fairness).
-_ENROL_SLICE = 32
+#: hundred milliseconds and more.
+_ENROL_SLICE = 256
 
 
 class Window:

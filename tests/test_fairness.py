@@ -239,43 +239,6 @@ async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog()
     assert batcher.pending_rows == 0
 
 
-async def test_a_big_pull_is_enrolled_in_slices_so_other_work_runs_between_them(nats_server_url, pg_dsn, prefix):
-    """A busy lane's pull of up to 1,000 events is enrolled 32 at a time, with a turn of the event
-    loop between slices (daemon/intake.py _ENROL_SLICE): a quiet lane's delivery, a commit, an ack
-    waits for one slice, not for the whole pull. A task that runs at every turn counts the
-    enrolments between two of its turns; with the 256 of before it saw 256."""
-    async with Harness(nats_server_url, pg_dsn, prefix) as h:
-        await h.deploy(_welcome("noisy"))
-        await h.publish_triggers([trigger_event("burst", i, tenant="noisy") for i in range(3_000)])
-        async with h.worker(max_ack_pending=2_000, fetch_batch=1_000, trigger_quantum=1_000) as worker:
-            added = 0
-            add = worker.batcher.add
-
-            def counted_add(unit, **kwargs):
-                nonlocal added
-                added += 1
-                add(unit, **kwargs)
-
-            worker.batcher.add = counted_add
-            most_between_turns = 0
-
-            async def every_turn() -> None:
-                nonlocal most_between_turns
-                seen = added
-                while True:
-                    await asyncio.sleep(0)
-                    most_between_turns = max(most_between_turns, added - seen)
-                    seen = added
-
-            watcher = asyncio.create_task(every_turn())
-            await h.wait_until("SELECT count(*) FROM ordo.executions", expect=3_000, timeout=120)
-            watcher.cancel()
-            await h.wait_triggers_drained()
-        assert added > 2_000  # most of the burst was enrolled while the counter was in place
-        assert 0 < most_between_turns <= 32
-        assert await h.ledger_problems() == NO_PROBLEMS
-
-
 async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_stream_order(
     nats_server_url, pg_dsn, prefix
 ):
