@@ -1,0 +1,73 @@
+"""A noisy tenant's burst from a process of its own, beside `python -m bench.publish_paths --beside-burst`.
+
+    python -m bench.burst_load --nats-url URL --prefix P --seconds 20
+
+Publishes w1 trigger events of tenant `noisy` into deployment P's triggers
+stream as fast as JetStream takes them, as w7-noisy's tenant A does: atomic
+batches of 200, 4 awaiting their PubAck (bench/scenarios.py,
+`NoisyNeighbour.burst_in_flight`). It prints `{"started": epoch s}` once
+connected and, when `--seconds` are up, `{"stored": n, "seconds": s}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+import orjson
+
+from daemon import config as config_module
+from daemon.topology import Topology, trigger_msg_id
+
+from .generator import AtomicBatches, trigger_event
+
+BATCH = 200
+IN_FLIGHT = 4
+
+
+async def burst(nats_url: str, prefix: str, seconds: float) -> dict:
+    import nats
+
+    topology = Topology(config_module.Config(nats_url=nats_url, prefix=prefix))
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream(timeout=30)
+        await topology.ensure(js)
+        subject = topology.trigger_subject("noisy", "contact.created")
+        batches = AtomicBatches(js, in_flight=IN_FLIGHT)
+        started = time.time()
+        _say({"started": started})
+        stored = 0
+        for first in itertools.count(0, BATCH):
+            if time.time() - started >= seconds:
+                break
+            events = [trigger_event(prefix, i, tenant="noisy") for i in range(first, first + BATCH)]
+            await batches.send([(subject, orjson.dumps(e), trigger_msg_id(e)) for e in events])
+            stored += BATCH
+        await batches.close()
+        return {"stored": stored, "seconds": time.time() - started}
+    finally:
+        await nc.close()
+
+
+def _say(doc: dict) -> None:
+    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.burst_load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nats-url", required=True)
+    parser.add_argument("--prefix", required=True, help="the deployment whose triggers stream takes the burst")
+    parser.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args(argv)
+    import uvloop
+
+    _say(uvloop.run(burst(args.nats_url, args.prefix, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
