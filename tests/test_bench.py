@@ -335,25 +335,26 @@ async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_u
     assert metrics["provider_process_cpu_percent"] > 0
 
 
-async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
-    env = dict(os.environ, ORDO_NATS_URL=nats_server_url)
+async def _publish_paths(nats_server_url: str, *argv: str) -> tuple[int, list[dict]]:
+    """Run `python -m bench.publish_paths ARGV --json` on the test's server: its pid and results."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.publish_paths",
-        "--rate",
-        "200",
-        "--duration",
-        "1",
+        *argv,
         "--json",
         cwd=ROOT,
-        env=env,
+        env=dict(os.environ, ORDO_NATS_URL=nats_server_url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
-    ways = orjson.loads(out)["ways"]
+    return proc.pid, orjson.loads(out)["ways"]
+
+
+async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
+    _, ways = await _publish_paths(nats_server_url, "--rate", "200", "--duration", "1")
     assert [w["way"] for w in ways] == ["single", "atomic", "batch"]
     for way in ways:
         lat = way["puback_latency"]
@@ -364,29 +365,16 @@ async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(n
 async def test_publish_paths_measures_beside_a_burst_in_the_same_stream_or_another(nats, nats_server_url):
     """#18's question without an engine: a noisy tenant's burst (its own process) publishes meanwhile,
     into the same triggers stream or another deployment's; each run reports the rate it was stored at."""
-    env = dict(os.environ, ORDO_NATS_URL=nats_server_url)
-    argv = ["--way", "single", "--rate", "200", "--duration", "1", "--json"]
+    argv = ["--way", "single", "--rate", "200", "--duration", "1"]
     for beside in ("none", "same", "other"):
         argv += ["--beside-burst", beside]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.publish_paths",
-        *argv,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
-    runs = orjson.loads(out)["ways"]
+    pid, runs = await _publish_paths(nats_server_url, *argv)
     assert [r["beside"] for r in runs] == ["none", "same", "other"]
     assert all(r["events"] == r["puback_latency"]["count"] == 200 for r in runs), runs
     assert "burst_stored_rate" not in runs[0]
     assert runs[1]["burst_stored_rate"] > 0 and runs[2]["burst_stored_rate"] > 0
     names = [info.config.name for info in await nats.jetstream().streams_info()]
-    assert not [n for n in names if n.startswith(f"PP{proc.pid}")], names  # the runs' streams are gone
+    assert not [n for n in names if n.startswith(f"PP{pid}")], names  # the runs' streams are gone
 
 
 async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_server_url, prefix):
