@@ -19,9 +19,9 @@ import time
 import orjson
 
 from daemon import config as config_module
-from daemon.topology import Topology, trigger_msg_id
+from daemon.topology import Topology
 
-from .generator import AtomicBatches, trigger_event
+from .generator import as_message, publish_atomic, trigger_event
 
 BATCH = 200
 IN_FLIGHT = 4
@@ -35,18 +35,17 @@ async def burst(nats_url: str, prefix: str, seconds: float) -> dict:
     try:
         js = nc.jetstream(timeout=30)
         await topology.ensure(js)
-        subject = topology.trigger_subject("noisy", "contact.created")
-        batches = AtomicBatches(js, in_flight=IN_FLIGHT)
         started = time.time()
         _say({"started": started})
-        stored = 0
-        for first in itertools.count(0, BATCH):
-            if time.time() - started >= seconds:
-                break
-            events = [trigger_event(prefix, i, tenant="noisy") for i in range(first, first + BATCH)]
-            await batches.send([(subject, orjson.dumps(e), trigger_msg_id(e)) for e in events])
-            stored += BATCH
-        await batches.close()
+
+        def events_until_time_is_up():
+            for i in itertools.count():
+                if i % BATCH == 0 and time.time() - started >= seconds:
+                    return
+                yield trigger_event(prefix, i, tenant="noisy")
+
+        messages = (as_message(topology, e) for e in events_until_time_is_up())
+        stored = await publish_atomic(js, messages, batch=BATCH, in_flight=IN_FLIGHT)
         return {"stored": stored, "seconds": time.time() - started}
     finally:
         await nc.close()

@@ -213,7 +213,8 @@ async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_pro
     return sent
 
 
-def _as_message(topology, event: dict) -> tuple:
+def as_message(topology, event: dict) -> tuple:
+    """(subject, body, Nats-Msg-Id) of a trigger event, as every publish here sends it."""
     return topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event), trigger_msg_id(event)
 
 
@@ -288,14 +289,16 @@ async def publish_events(
     rate: float | None = None,
     on_progress=None,
     atomic_batch: int = 0,
+    atomic_in_flight: int = 4,
     trigger_batch: int = 0,
     pubacks: PubAcks | None = None,
 ) -> int:
     """Publish trigger events (dicts).
 
     Closed (no `rate`): as fast as possible, in atomic batches of
-    `atomic_batch` when the stream allows them, else one publish each with at
-    most `window` awaiting their PubAck. Open (`rate` events/s): on a fixed
+    `atomic_batch` when the stream allows them (`atomic_in_flight` awaiting
+    their commit), else one publish each with at most `window` awaiting their
+    PubAck. Open (`rate` events/s): on a fixed
     schedule; with `atomic_batch` > 1 the events due in each 5 ms tick go out
     as one atomic batch, else one publish each. In open mode `pubacks`
     records when each event's PubAck came back.
@@ -311,9 +314,11 @@ async def publish_events(
         )
     atomic = atomic_batch > 1 and await supports_atomic_batches(js, topology)
     if not rate:
-        messages = (_as_message(topology, e) for e in events)
+        messages = (as_message(topology, e) for e in events)
         if atomic:
-            return await publish_atomic(js, messages, batch=atomic_batch, on_progress=on_progress)
+            return await publish_atomic(
+                js, messages, batch=atomic_batch, in_flight=atomic_in_flight, on_progress=on_progress
+            )
         return await publish_messages(js, messages, window=window, on_progress=on_progress)
     if atomic:
         batches = AtomicBatches(js, in_flight=16, pubacks=pubacks)
@@ -322,7 +327,7 @@ async def publish_events(
             # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
             for i in range(0, len(chunk), _MAX_ATOMIC_BATCH):
                 part = chunk[i : i + _MAX_ATOMIC_BATCH]
-                await batches.send([_as_message(topology, e) for e in part], [e["ts"] for e in part])
+                await batches.send([as_message(topology, e) for e in part], [e["ts"] for e in part])
 
         sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
         await batches.close()
@@ -331,7 +336,7 @@ async def publish_events(
 
     async def send_each(chunk):
         for event in chunk:
-            message = _as_message(topology, event)
+            message = as_message(topology, event)
             await in_flight.add(_publish_stamped(js, message, [event["ts"]], pubacks))
 
     sent = await _paced(events, rate, send_each, tick_s=0.001, on_progress=on_progress)

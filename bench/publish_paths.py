@@ -27,6 +27,7 @@ tells the ways apart.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
@@ -98,8 +99,6 @@ async def measure(nats_url: str, way: str, rate: float, duration: float, beside:
 
 async def _start_burst(nats_url: str, prefix: str, seconds: float):
     """bench/burst_load.py in a process of its own, once it has connected and starts publishing."""
-    import asyncio
-
     argv = [sys.executable, "-m", "bench.burst_load", "--nats-url", nats_url, "--prefix", prefix]
     proc = await asyncio.create_subprocess_exec(*argv, "--seconds", str(seconds), stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None

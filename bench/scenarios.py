@@ -36,7 +36,6 @@ from pathlib import Path
 
 import orjson
 
-from daemon.topology import trigger_msg_id
 from ledger import run_checks, runs
 
 from .generator import (
@@ -44,7 +43,6 @@ from .generator import (
     publish_atomic,
     publish_events,
     publish_messages,
-    supports_atomic_batches,
     trigger_event,
 )
 from .histogram import Histogram
@@ -1006,16 +1004,7 @@ class NoisyNeighbour(Scenario):
         events = (trigger_event(run_id, i, tenant=self.tenant, event_type=event_type) for i in range(count))
         kwargs.pop("rate", None)
         kwargs.pop("pubacks", None)
-        atomic_batch = kwargs.get("atomic_batch", 0)
-        if atomic_batch > 1 and not kwargs.get("trigger_batch") and await supports_atomic_batches(js, topology):
-            messages = (
-                (topology.trigger_subject(e["tenant"], e["type"]), orjson.dumps(e), trigger_msg_id(e)) for e in events
-            )
-            sent = await publish_atomic(
-                js, messages, batch=atomic_batch, in_flight=self.burst_in_flight, on_progress=kwargs.get("on_progress")
-            )
-        else:
-            sent = await publish_events(js, topology, events, **kwargs)
+        sent = await publish_events(js, topology, events, atomic_in_flight=self.burst_in_flight, **kwargs)
         burst_published = time.time()
         out, _ = await quiet.communicate()
         if quiet.returncode != 0:
