@@ -45,8 +45,9 @@ from .topology import Topology
 log = logging.getLogger("ordo.worker")
 
 #: Events enrolled between two turns of the event loop: a pull of thousands would hold it for a
-#: hundred milliseconds and more.
-_ENROL_SLICE = 256
+#: hundred milliseconds and more, and a quiet lane's pull that came meanwhile would wait behind it
+#: (LedgerBatcher.filling keeps the slices in one group commit).
+_ENROL_SLICE = 32
 
 
 class Window:
@@ -341,11 +342,12 @@ class Intake:
                 by_execution.setdefault(execution_id, []).append(event)
             await asyncio.gather(*(self._route(execution_id, evs) for execution_id, evs in by_execution.items()))
         most_context = self.config.max_context_bytes
-        for n, (source, event) in enumerate(decoded, 1):
-            unit = enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, most_context)
-            self.batcher.add(unit, ahead=ahead)
-            if n % _ENROL_SLICE == 0:
-                await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events that came meanwhile
+        with self.batcher.filling():
+            for n, (source, event) in enumerate(decoded, 1):
+                unit = enrolment.enrol(self.registry, self.topology, source, event, now, now_ms, most_context)
+                self.batcher.add(unit, ahead=ahead)
+                if n % _ENROL_SLICE == 0:
+                    await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events
         metrics.advance_timings.flush()
         return taken
 

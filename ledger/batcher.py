@@ -50,9 +50,10 @@ good input).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -457,10 +458,22 @@ class LedgerBatcher:
     it is due at once, so a batch is whatever came in while the previous
     commit ran: small and quick when load is light, big when it is heavy
     (group commit). A wait only adds latency while the connection is idle.
+
+    While a pull is being enrolled (`filling()`), a batch is not cut before it
+    is full or `most_fill_wait_ms` old: intake yields the event loop between
+    slices of a pull so that a quiet lane's events are not held behind it, and
+    the commit loop would otherwise commit each slice on its own.
     """
 
     def __init__(
-        self, dsn: str, *, max_rows: int, max_ms: float, deployment: str = "ordo", idle_in_transaction_s: float = 5.0
+        self,
+        dsn: str,
+        *,
+        max_rows: int,
+        max_ms: float,
+        deployment: str = "ordo",
+        idle_in_transaction_s: float = 5.0,
+        most_fill_wait_ms: float = 20.0,
     ):
         self._dsn = dsn
         #: The longest a commit's transaction may wait for this worker's next statement before Postgres
@@ -472,6 +485,10 @@ class LedgerBatcher:
         self.deployment = deployment
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
+        #: The longest a batch waits for the pulls being enrolled to end (`filling`).
+        self.most_fill_wait = max(self.max_delay, most_fill_wait_ms / 1000.0)
+        #: How many pulls are being enrolled now.
+        self._filling = 0
         #: (unit, its rows) in arrival order; the rows counted once, when the unit comes in.
         self._pending: list[tuple[Unit, int]] = []
         #: Likewise, the units that go before all of those (`add(..., ahead=True)`).
@@ -516,6 +533,18 @@ class LedgerBatcher:
             if self._rows >= 2 * self.max_rows:
                 self._space.clear()
 
+    @contextlib.contextmanager
+    def filling(self) -> Iterator[None]:
+        """While this is open, a pull is being enrolled: its next slices are on their way, so a
+        batch waits for them (up to most_fill_wait) rather than being cut at each slice."""
+        self._filling += 1
+        try:
+            yield
+        finally:
+            self._filling -= 1
+            if not self._filling:
+                self._wakeup.set()
+
     async def wait_for_space(self) -> None:
         await self._space.wait()
 
@@ -529,9 +558,10 @@ class LedgerBatcher:
             stopping = stop is not None and stop.is_set()
             if self._pending or self._ahead:
                 age = time.monotonic() - self._first_at
-                if self._rows >= self.max_rows or age >= self.max_delay or stopping:
+                due_at = self.most_fill_wait if self._filling else self.max_delay
+                if self._rows >= self.max_rows or age >= due_at or stopping:
                     break
-                timeout = self.max_delay - age
+                timeout = due_at - age
             else:
                 timeout = 0.05 if stopping else 0.25
             self._wakeup.clear()

@@ -78,3 +78,32 @@ async def test_a_batch_holds_at_most_max_rows_and_the_rest_stays_due():
     assert await _taken(batcher) == ["big"]  # bigger than a batch: alone, not split, not stuck
     # The one left is a lone unit that is neither full nor old: it waits for company again.
     assert batcher.pending_rows == 1
+
+
+async def test_while_a_pull_is_being_enrolled_a_batch_waits_for_the_rest_of_it():
+    batcher = LedgerBatcher("postgresql://unused", max_rows=10_000, max_ms=0, most_fill_wait_ms=60_000)
+    taker = asyncio.create_task(batcher.next_batch())
+    with batcher.filling():
+        # Intake yields between slices of a pull; the commit loop does not cut a batch at each one.
+        for name in ("a", "b"):
+            batcher.add(_unit(name))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not taker.done()
+    # The pull is in: the batch holds all of it, due at once.
+    assert [u.token for u in await asyncio.wait_for(taker, 1.0)] == ["a", "b"]
+
+    # Full is due at once, pull or no pull.
+    batcher.max_rows = 2
+    with batcher.filling():
+        batcher.add(_unit("c"))
+        batcher.add(_unit("d"))
+        assert await _taken(batcher) == ["c", "d"]
+
+
+async def test_a_batch_waits_for_a_pull_being_enrolled_only_so_long():
+    batcher = LedgerBatcher("postgresql://unused", max_rows=10_000, max_ms=0, most_fill_wait_ms=1)
+    with batcher.filling():
+        batcher.add(_unit("a"))
+        batch = await asyncio.wait_for(batcher.next_batch(), 1.0)
+    assert [u.token for u in batch] == ["a"]
