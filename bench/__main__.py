@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=None, help="open mode: seconds of offered load")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--partitions", type=int, default=None, help="partitions (default: the config's)")
+    parser.add_argument(
+        "--trigger-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="triggers streams the lanes are spread over (default: the config's); the embedded "
+        "NATS gets the lanes' subject mapping",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run K times and report each and the median")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput over time and latency (matplotlib)")
@@ -340,7 +348,9 @@ async def _main(args, scenario: Scenario) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, main_task.cancel)
 
-    config = config_module.load(partitions=args.partitions, log_level=args.log_level)
+    config = config_module.load(
+        partitions=args.partitions, trigger_streams=args.trigger_streams, log_level=args.log_level
+    )
     temp_dir = None
     if args.data_dir:
         data_dir = Path(args.data_dir).resolve()
@@ -413,6 +423,7 @@ async def _main(args, scenario: Scenario) -> int:
                 "repeat": args.repeat,
                 "workers": workers,
                 "partitions": config.partitions,
+                "trigger_streams": config.trigger_streams,
                 "fetch_batch": config.fetch_batch,
                 "max_ack_pending": config.max_ack_pending,
                 "batch_max_rows": config.batch_max_rows,
@@ -465,6 +476,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
     timeout = args.timeout or (args.duration + 120.0 if open_mode else scenario.timeout(expected))
 
     with redirect_stdout(sys.stderr):
+        env.map_triggers(run_config)
         await asyncio.wait_for(prepare(run_config), 60)
     settings = {
         "ORDO_NATS_URL": run_config.nats_url,
@@ -472,6 +484,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         "ORDO_PREFIX": run_config.prefix,
         "ORDO_PARTITIONS": str(run_config.partitions),
         "ORDO_STREAM_REPLICAS": str(run_config.stream_replicas),
+        "ORDO_TRIGGER_STREAMS": str(run_config.trigger_streams),
     }
     worker_settings = {"ORDO_INJECT_FAULTS": args.inject_faults} if args.inject_faults else {}
     if args.retention:
@@ -896,7 +909,7 @@ async def _delete_streams(nats_url: str, topology) -> None:
     nc = await nats.connect(nats_url.split(","))
     try:
         js = nc.jetstream()
-        for name in (topology.triggers_stream, topology.exec_stream, topology.dlq_stream, topology.actions_stream):
+        for name in topology.stream_names():
             try:
                 await js.delete_stream(name)
             except NotFoundError:

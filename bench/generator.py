@@ -104,7 +104,7 @@ _MAX_ATOMIC_BATCH = 500
 
 
 async def supports_atomic_batches(js, topology) -> bool:
-    info = await js.stream_info(topology.triggers_stream)
+    info = await js.stream_info(topology.trigger_stream_names()[0])
     return bool(info.config.allow_atomic)
 
 
@@ -198,11 +198,12 @@ class AtomicBatches:
             await self._settle(*self._pending.pop(0))
 
 
-async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_progress=None) -> int:
-    """(subject, body, msg id) in atomic batches of `batch`."""
+async def publish_atomic(js, messages, *, batch: int, in_flight: int = 4, on_progress=None, stream_of=None) -> int:
+    """(subject, body, msg id) in atomic batches of `batch`; with `stream_of` (a message -> the
+    stream that stores it), each batch holds one stream's messages, as JetStream requires."""
     batches = AtomicBatches(js, in_flight=in_flight)
     sent = 0
-    for chunk in _batches(messages, batch):
+    for chunk in in_batches(messages, batch, stream_of):
         await batches.send(chunk)
         sent += len(chunk)
         if on_progress:
@@ -218,15 +219,34 @@ def as_message(topology, event: dict) -> tuple:
     return topology.trigger_subject(event["tenant"], event["type"]), orjson.dumps(event), trigger_msg_id(event)
 
 
-def _batches(events, size: int):
-    batch = []
-    for event in events:
-        batch.append(event)
+def in_batches(items, size: int, key=None):
+    """Batches of `size` items in their order; with `key`, each batch holds items of one key
+    (the order of one key's items is kept, not the order between keys)."""
+    open_batches: dict = {}
+    for item in items:
+        k = key(item) if key is not None else None
+        batch = open_batches.setdefault(k, [])
+        batch.append(item)
         if len(batch) == size:
             yield batch
-            batch = []
-    if batch:
-        yield batch
+            del open_batches[k]
+    yield from open_batches.values()
+
+
+def message_stream(topology):
+    """None with one triggers stream; else a (subject, body, msg id) -> the triggers stream that
+    stores it (the stream of its tenant's lane: JetStream's atomic batches are per stream)."""
+    if topology.trigger_streams == 1:
+        return None
+    from daemon.lanes import lane_of
+
+    head = len(f"{topology.prefix}.triggers.")
+
+    def stream_of(message: tuple) -> str:
+        tenant = message[0][head:].partition(".")[0]
+        return topology.trigger_stream_of(lane_of(tenant, topology.lanes))
+
+    return stream_of
 
 
 async def _paced(events, rate: float, send, *, tick_s: float, gather: bool = False, on_progress=None) -> int:
@@ -317,17 +337,24 @@ async def publish_events(
         messages = (as_message(topology, e) for e in events)
         if atomic:
             return await publish_atomic(
-                js, messages, batch=atomic_batch, in_flight=atomic_in_flight, on_progress=on_progress
+                js,
+                messages,
+                batch=atomic_batch,
+                in_flight=atomic_in_flight,
+                on_progress=on_progress,
+                stream_of=message_stream(topology),
             )
         return await publish_messages(js, messages, window=window, on_progress=on_progress)
     if atomic:
         batches = AtomicBatches(js, in_flight=16, pubacks=pubacks)
+        stream_of = message_stream(topology)
 
         async def send(chunk):
             # JetStream refuses an atomic batch over 1,000 messages; a late tick can hold more.
-            for i in range(0, len(chunk), _MAX_ATOMIC_BATCH):
-                part = chunk[i : i + _MAX_ATOMIC_BATCH]
-                await batches.send([as_message(topology, e) for e in part], [e["ts"] for e in part])
+            stamped = [(as_message(topology, e), e["ts"]) for e in chunk]
+            key = (lambda pair: stream_of(pair[0])) if stream_of is not None else None
+            for part in in_batches(stamped, _MAX_ATOMIC_BATCH, key):
+                await batches.send([message for message, _ in part], [ts for _, ts in part])
 
         sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
         await batches.close()
@@ -351,7 +378,7 @@ async def _publish_trigger_batches(
     size = min(size, MAX_BATCH_EVENTS)
 
     async def send(chunk):
-        for batch in _batches(chunk, size):
+        for batch in in_batches(chunk, size):
             message = batch_message(topology, batch)
             await in_flight.add(_publish_stamped(js, message, [e["ts"] for e in batch], pubacks))
 
@@ -359,7 +386,7 @@ async def _publish_trigger_batches(
         sent = await _paced(events, rate, send, tick_s=0.005, gather=True, on_progress=on_progress)
     else:
         sent = 0
-        for batch in _batches(events, size):
+        for batch in in_batches(events, size):
             await send(batch)
             sent += len(batch)
             if on_progress:

@@ -74,7 +74,7 @@ async def measure(nats_url: str, way: str, rate: float, duration: float, beside:
         await publish_events(js, topology, events, rate=rate, pubacks=pubacks, **WAYS[way])
         burst_done = await _burst_done(burst) if burst is not None else None
         for t in topologies:
-            for name in (t.triggers_stream, t.exec_stream, t.dlq_stream, t.actions_stream):
+            for name in t.stream_names():
                 await js.delete_stream(name)
     finally:
         if burst is not None and burst.returncode is None:

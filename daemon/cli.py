@@ -363,6 +363,16 @@ def cmd_check(args, config) -> int:
     return _on_ledger(config, go)
 
 
+def cmd_nats_mapping(args, config) -> int:
+    from .topology import Topology
+
+    topology = Topology(config)
+    print(f"# Ordo {config.prefix!r}: the triggers subjects filed under {config.trigger_lanes} lanes,")
+    print(f"# for trigger_streams = {config.trigger_streams} (needed when it is more than 1).")
+    print(topology.nats_mapping(), end="")
+    return 0
+
+
 def cmd_rollout(args, config) -> int:
     """Start, show or change a workflow's progressive rollout; a refusal is one `ordo:` line and exit 1."""
     from ledger.rollouts import RolloutRefused
@@ -622,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("nats-mapping", help="print the NATS account mapping that trigger_streams > 1 needs")
+    p.set_defaults(func=cmd_nats_mapping)
+
     p = sub.add_parser("ledger", help="the ledger's day partitions: maintain, retention, export")
     p.add_argument("action", choices=["maintain", "retention", "export"])
     p.add_argument("--ahead", type=int, default=7, metavar="DAYS", help="maintain: days ahead (default 7)")
@@ -645,6 +658,7 @@ def main(argv=None) -> int:
     from actions.plugins import PluginError
 
     from .servers import ServerVersionError
+    from .topology import StreamSetupError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -658,10 +672,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         sys.exit(f"ordo: bad configuration: {exc}")
     _setup_logging(args, config)
-    # What the operator must fix outside Ordo (a server too old, a plug-in that does not load)
-    # is one line naming it, not a traceback; PluginError's message names the plug-in,
-    # where it was declared and why it failed.
+    # What the operator must fix outside Ordo (a server too old, a stream NATS refused or a
+    # subject mapping it lacks, a plug-in that does not load) is a message naming it, not a
+    # traceback; PluginError's message names the plug-in, where it was declared and why it failed.
     try:
         return args.func(args, config) or 0
-    except (ServerVersionError, PluginError) as exc:
+    except (ServerVersionError, StreamSetupError, PluginError) as exc:
         sys.exit(f"ordo: {exc}")

@@ -97,6 +97,12 @@ class Config(Settings):
     #: Trigger lanes (daemon/lanes.py): the triggers stream files each tenant's events under one of
     #: this many lanes, by NATS's partition() of the tenant token. Fixed at set-up, like partitions.
     trigger_lanes: int = 16
+    #: Triggers streams (daemon/topology.py): 1 keeps every lane in one stream, which files each
+    #: event under its lane itself. N > 1 spreads the lanes over N streams (lane i in stream
+    #: i % N), so that a burst in one lane's stream does not hold up the others' PubAcks; the lane
+    #: must then be chosen before a stream stores the event, by a subject mapping in the NATS
+    #: account (`ordo nats-mapping` prints it), which the workers check at start-up.
+    trigger_streams: int = 1
     #: Each busy lane gets trigger_quantum x its weight events per turn of the fair round-robin.
     trigger_quantum: int = 256
     #: A paying tier's share: comma-separated TENANT=WEIGHT (an integer >= 1; others weigh 1).
@@ -115,6 +121,11 @@ def load(path: str | None = None, **overrides) -> Config:
     """
     config = settings.load(Config, path, **overrides)
     tenant_limits.parse(config.tenant_limits)  # a malformed entry is an error naming it
+    if not 1 <= config.trigger_streams <= config.trigger_lanes:
+        raise ValueError(
+            f"trigger_streams must be between 1 and trigger_lanes ({config.trigger_lanes}), "
+            f"not {config.trigger_streams!r}"
+        )
     if not 0.0 <= config.trace_sample <= 1.0:
         raise ValueError(f"trace_sample must be between 0 and 1, not {config.trace_sample!r}")
     return config

@@ -82,6 +82,17 @@ class Environment:
         for server in reversed(self.embedded):
             server.stop()
 
+    def map_triggers(self, config: Config) -> None:
+        """trigger_streams > 1 needs the NATS account to file the triggers under their lanes: the
+        embedded servers get the mapping (and reload); an external one must have it already
+        (the workers check at start-up)."""
+        if config.trigger_streams == 1:
+            return
+        src, dest = Topology(config).trigger_lane_mapping()
+        for server in self.embedded:
+            if isinstance(server, EmbeddedNats | EmbeddedNatsCluster):
+                server.add_mappings({src: dest})
+
 
 async def prepare(config: Config) -> None:
     """Check the NATS server, create the streams, migrate the ledger, deploy the examples."""
@@ -129,6 +140,7 @@ async def run_dev(
     config = env.start()
     supervisor = None
     try:
+        env.map_triggers(config)
         await prepare(config)
         workers = workers or config.workers or os.cpu_count() or 1
         since = time.time() - 1
@@ -140,6 +152,7 @@ async def run_dev(
                 "ORDO_PREFIX": config.prefix,
                 "ORDO_PARTITIONS": str(config.partitions),
                 "ORDO_STREAM_REPLICAS": str(config.stream_replicas),
+                "ORDO_TRIGGER_STREAMS": str(config.trigger_streams),
             },
         )
         supervisor.start()

@@ -176,8 +176,8 @@ class Intake:
         partition that serves it (daemon/partitions.py)."""
         return asyncio.create_task(self.lanes.fair.run())
 
-    async def subscribe_lane(self, durable: str) -> PullConsumer:
-        consumer = self.consumer(self.topology.triggers_stream, durable)
+    async def subscribe_lane(self, lane: int, durable: str) -> PullConsumer:
+        consumer = self.consumer(self.topology.trigger_stream_of(lane), durable)
         await consumer.subscribe()
         return consumer
 

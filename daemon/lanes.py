@@ -1,8 +1,9 @@
 """Trigger lanes: every tenant's triggers in one lane, and the lanes taken in a fair order.
 
-The triggers stream files each event under a lane, by NATS's own partition()
-of the subject's tenant token (daemon/topology.py `trigger_transform`):
-publishers keep their subjects. Lane i is consumed only by the owner of
+Each event is filed under a lane, by NATS's own partition() of the subject's
+tenant token (daemon/topology.py `trigger_lane_mapping`): publishers keep
+their subjects. The lanes share one triggers stream, or are spread over
+`trigger_streams` of them. Lane i is consumed only by the owner of
 partition i % partitions, through a durable consumer of its own per ownership
 epoch (`triggers-l<i>-e<epoch>`), so one tenant's events pass through one
 worker at a time, in stream order: the events it routes to a waiting
@@ -214,7 +215,7 @@ class Lanes:
                 continue  # started by an earlier attempt
             durable = await self.topology.resume_lane(self._js, index, epoch)
             lane = Lane(index, partition, epoch, self._weights.get(index, 1))
-            lane.consumer = await subscribe(durable)
+            lane.consumer = await subscribe(index, durable)
             self.running[index] = lane
             lane.task = self._fetch(lane)
             started.append(lane.task)
@@ -241,7 +242,7 @@ class Lanes:
         for lane in lanes:
             while asyncio.get_running_loop().time() < deadline:
                 try:
-                    info = await self._js.consumer_info(self.topology.triggers_stream, lane.consumer.consumer)
+                    info = await self._js.consumer_info(lane.consumer.stream, lane.consumer.consumer)
                 except Exception:  # gone or unreachable: the next owner resumes from its ack floor anyway
                     break
                 if info.num_ack_pending == 0:
@@ -294,7 +295,7 @@ class Lanes:
         total = 0
         for lane in list(self.running.values()):
             try:
-                info = await self._js.consumer_info(self.topology.triggers_stream, lane.consumer.consumer)
+                info = await self._js.consumer_info(lane.consumer.stream, lane.consumer.consumer)
             except Exception as exc:  # a metric is not worth a crash
                 log.debug("lane %d not measured: %s", lane.index, exc, extra=logs.failure("consumer_info", exc))
                 continue

@@ -209,8 +209,8 @@ class Partitions:
         if not self._holds(p, epoch):
             return
 
-        async def subscribe(durable: str):
-            return await self.intake.subscribe_lane(durable)
+        async def subscribe(lane: int, durable: str):
+            return await self.intake.subscribe_lane(lane, durable)
 
         for task in await self.intake.lanes.start(p, epoch, subscribe):
             task.add_done_callback(self._on_fetcher_ended)

@@ -328,6 +328,8 @@ class EmbeddedNats(_Embedded):
         self.routes = routes
         self.monitor_port = monitor_port
         self.server_info: dict = {}
+        #: The global account's subject mappings, source -> destination (`add_mappings`).
+        self.mappings: dict[str, str] = {}
 
     @classmethod
     def binary(cls) -> Path:
@@ -383,6 +385,9 @@ class EmbeddedNats(_Embedded):
             "  sync_interval: always\n"
             "}\n"
         )
+        if self.mappings:
+            pairs = "".join(f"  {json.dumps(src)}: {json.dumps(dest)}\n" for src, dest in self.mappings.items())
+            text += f"mappings {{\n{pairs}}}\n"
         if self.monitor_port:
             text += f"http: {json.dumps(f'{self.host}:{self.monitor_port}')}\n"
         if self.server_tags:
@@ -397,6 +402,23 @@ class EmbeddedNats(_Embedded):
                 "}\n"
             )
         self.config_path.write_text(text)
+
+    def add_mappings(self, mappings: dict[str, str]) -> None:
+        """Add subject mappings to the global account (e.g. Topology.trigger_lane_mapping), rewrite
+        the config and, if running, reload it; returns once the server says it reloaded."""
+        if all(self.mappings.get(src) == dest for src, dest in mappings.items()):
+            return
+        self.mappings.update(mappings)
+        self._write_config()
+        if not self.running():
+            return
+        reloaded = self.log_path.read_bytes().count(_RELOADED) if self.log_path.exists() else 0
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + _START_TIMEOUT_NATS
+        while self.log_path.read_bytes().count(_RELOADED) <= reloaded:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self._fail("nats-server did not reload its configuration")
+            time.sleep(0.02)
 
     def start(self) -> None:
         """Write the config, spawn nats-server, wait until it sends INFO."""
@@ -426,6 +448,9 @@ class EmbeddedNats(_Embedded):
             return
         self._fail(f"nats-server did not answer on {self.url} within {_START_TIMEOUT_NATS:.0f} s")
 
+
+#: What nats-server logs once a reload (SIGHUP) took effect.
+_RELOADED = b"Reloaded server configuration"
 
 #: The name of the embedded cluster (its nodes' `cluster { name }`).
 CLUSTER_NAME = "ordo"
@@ -502,6 +527,11 @@ class EmbeddedNatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+    def add_mappings(self, mappings: dict[str, str]) -> None:
+        """The same subject mappings on every node (an account's mappings are per server)."""
+        for node in self.nodes:
+            node.add_mappings(mappings)
 
     def __enter__(self) -> EmbeddedNatsCluster:
         self.start()

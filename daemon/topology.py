@@ -6,12 +6,14 @@ subjects, partitions) are defined in actions/transport.py; `Topology` adds
 the engine's own and creates the streams and consumers.
 """
 
+import asyncio
 import hashlib
+import json
 import uuid
 from dataclasses import replace
 
 import nats.js.api as jsapi
-from nats.js.errors import BadRequestError, NotFoundError, ServerError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError, ServerError
 
 from actions.transport import Subjects, partition_of
 
@@ -22,6 +24,7 @@ __all__ = [
     "EXECUTION_NAMESPACE",
     "StreamSetupError",
     "Topology",
+    "TriggerMappingError",
     "execution_id_for",
     "partition_of",
     "trigger_msg_id",
@@ -63,6 +66,20 @@ class StreamSetupError(RuntimeError):
     """JetStream refused one of Ordo's streams as configured (e.g. more replicas than servers)."""
 
 
+class TriggerMappingError(StreamSetupError):
+    """trigger_streams > 1, and the NATS account does not file the triggers subjects under their lanes."""
+
+
+#: The event type of the publishes that check the lanes' subject mapping: each is refused by the
+#: stream it reaches (an impossible Nats-Expected-Last-Sequence), so none is ever stored.
+_MAPPING_PROBE_TYPE = "ordo-mapping-probe"
+_NEVER_A_SEQUENCE = str(2**63)
+#: JetStream's error codes: the stream that got a publish is not the one it expected; the
+#: stream's last sequence is not the one expected (the probe's answer when the mapping is right).
+_STREAM_NOT_MATCH = 10060
+_WRONG_LAST_SEQUENCE = 10071
+
+
 class Topology(Subjects):
     """Stream, subject and consumer names under one configured prefix, and the JetStream set-up."""
 
@@ -70,22 +87,50 @@ class Topology(Subjects):
         super().__init__(config.prefix, config.partitions)
         self.triggers_stream = f"{self.stream_prefix}_TRIGGERS"
         self.lanes = config.trigger_lanes
+        #: 1: every lane in `triggers_stream`; N > 1: lane i in `<triggers_stream>_<i % N>`.
+        self.trigger_streams = config.trigger_streams
         self._config = config
 
     def trigger_subject(self, tenant: str, event_type: str) -> str:
         return f"{self.prefix}.triggers.{tenant}.{event_type}"
 
-    def trigger_transform(self) -> jsapi.SubjectTransform:
-        """The triggers stream files `<prefix>.triggers.<tenant>.<rest>` as `<prefix>.triggers.<lane>.<tenant>.<rest>`.
+    def trigger_lane_mapping(self) -> tuple[str, str]:
+        """`<prefix>.triggers.<tenant>.<rest>` is filed as `<prefix>.triggers.<lane>.<tenant>.<rest>`.
 
         The lane is NATS's own partition() of the tenant token (FNV-1a % lanes,
         daemon/lanes.py `lane_of`): publishers keep their subjects, and every
         event of a tenant lands in one lane, in the order the stream stored it.
+        With one triggers stream, the stream applies this itself (`trigger_transform`);
+        with more, the NATS account must (`nats_mapping`), before a stream is chosen.
         """
         head = f"{self.prefix}.triggers"
-        return jsapi.SubjectTransform(
-            src=f"{head}.*.>", dest=f"{head}.{{{{partition({self.lanes},1)}}}}.{{{{wildcard(1)}}}}.>"
-        )
+        return f"{head}.*.>", f"{head}.{{{{partition({self.lanes},1)}}}}.{{{{wildcard(1)}}}}.>"
+
+    def trigger_transform(self) -> jsapi.SubjectTransform:
+        """The one triggers stream's own filing of each event under its lane (trigger_streams = 1)."""
+        src, dest = self.trigger_lane_mapping()
+        return jsapi.SubjectTransform(src=src, dest=dest)
+
+    def nats_mapping(self) -> str:
+        """The NATS server configuration that trigger_streams > 1 needs: the account's mapping of the
+        triggers subjects to their lanes (top level for the global account, else in the account)."""
+        src, dest = self.trigger_lane_mapping()
+        return f"mappings {{\n  {json.dumps(src)}: {json.dumps(dest)}\n}}\n"
+
+    def trigger_stream_of(self, lane: int) -> str:
+        """The stream that holds a lane's events."""
+        if self.trigger_streams == 1:
+            return self.triggers_stream
+        return f"{self.triggers_stream}_{lane % self.trigger_streams}"
+
+    def trigger_stream_names(self) -> list[str]:
+        if self.trigger_streams == 1:
+            return [self.triggers_stream]
+        return [f"{self.triggers_stream}_{group}" for group in range(self.trigger_streams)]
+
+    def stream_names(self) -> list[str]:
+        """Every stream of this deployment."""
+        return [*self.trigger_stream_names(), self.exec_stream, self.dlq_stream, self.actions_stream]
 
     def lane_filter(self, lane: int) -> str:
         return f"{self.prefix}.triggers.{lane}.>"
@@ -131,17 +176,27 @@ class Topology(Subjects):
 
         atomic = parse_version(js._nc._server_info.get("version", "0.0.0")) >= ATOMIC_PUBLISH_SERVER
         day = 24 * 3600
-        streams = [
+        head = f"{self.prefix}.triggers"
+        if self.trigger_streams == 1:
             # A tenant token and at least one more: a subject the lanes' transform cannot file is refused.
-            (self.triggers_stream, f"{self.prefix}.triggers.*.>", 1 * day),
-            (self.exec_stream, f"{self.prefix}.exec.>", 7 * day),
-            (self.dlq_stream, f"{self.prefix}.dlq.>", 30 * day),
+            triggers = [(self.triggers_stream, [f"{head}.*.>"])]
+        else:
+            triggers = [
+                (name, [self.lane_filter(lane) for lane in range(group, self.lanes, self.trigger_streams)])
+                for group, name in enumerate(self.trigger_stream_names())
+            ]
+        await self._retire_triggers_streams(js, dict(triggers))
+        streams = [(name, subjects, 1 * day) for name, subjects in triggers]
+        streams += [
+            (self.exec_stream, [f"{self.prefix}.exec.>"], 7 * day),
+            (self.dlq_stream, [f"{self.prefix}.dlq.>"], 30 * day),
+            (self.actions_stream, [f"{self.prefix}.actions.>"], 7 * day),
         ]
-        streams.append((self.actions_stream, f"{self.prefix}.actions.>", 7 * day))
-        for name, subject, max_age in streams:
+        for name, subjects, max_age in streams:
+            is_triggers = name.startswith(self.triggers_stream)
             config = jsapi.StreamConfig(
                 name=name,
-                subjects=[subject],
+                subjects=subjects,
                 storage=jsapi.StorageType.FILE,
                 # Action requests are a work queue: a request is gone once an action worker acked it.
                 retention=jsapi.RetentionPolicy.WORK_QUEUE
@@ -151,7 +206,7 @@ class Topology(Subjects):
                 duplicate_window=120,
                 max_msg_size=self._config.max_message_bytes * 4,
                 # Publishers of triggers, signals and results may batch (one fsync per batch).
-                allow_atomic=True if atomic and name in (self.triggers_stream, self.exec_stream) else None,
+                allow_atomic=True if atomic and (is_triggers or name == self.exec_stream) else None,
                 num_replicas=self._config.stream_replicas,
                 placement=self._placement(),
                 subject_transform=self.trigger_transform() if name == self.triggers_stream else None,
@@ -164,8 +219,138 @@ class Topology(Subjects):
                     f"{f' on servers tagged {config.placement.tags} (stream_placement)' if config.placement else ''} "
                     f"refused by NATS: {exc.description}"
                 ) from exc
+        if self.trigger_streams > 1:
+            await self.check_trigger_mapping(js)
         # A partition's consumer, and its lanes' consumers, are created by the worker that
         # claims it (resume_partition, resume_lane).
+
+    async def _retire_triggers_streams(self, js, wanted: dict[str, list[str]]) -> None:
+        """Delete the triggers streams of another trigger_streams setting, once drained.
+
+        Going from one triggers stream to N (or from N to M) moves lanes to other
+        streams, and the new streams' subjects overlap the old ones'. A stream whose
+        every event was enrolled (its lanes' consumers have nothing pending or unacked)
+        is deleted; one that still holds events that were not is refused, naming it:
+        its workers must drain it under the old setting first (README, Fairness).
+        """
+        names = [info.config.name for info in await self._streams_info(js)]
+        group = f"{self.triggers_stream}_"
+        stale = [
+            name
+            for name in names
+            if (name == self.triggers_stream or (name.startswith(group) and name[len(group) :].isdigit()))
+            and name not in wanted
+        ]
+        for name in names:
+            if name in wanted and name != self.triggers_stream:
+                info = await js.stream_info(name)
+                if sorted(info.config.subjects or []) != sorted(wanted[name]):
+                    stale.append(name)  # a group stream of another N: its lanes move
+        for name in stale:
+            if await self._still_consumed(js, name):
+                raise StreamSetupError(
+                    f"the triggers stream {name} is still being consumed by workers with another "
+                    f"trigger_streams setting than {self.trigger_streams}: stop every worker before changing it"
+                )
+            left = await self._not_enrolled(js, name)
+            if left:
+                raise StreamSetupError(
+                    f"the triggers stream {name} still holds {left} event(s) not yet enrolled, and "
+                    f"trigger_streams = {self.trigger_streams} would file their lanes elsewhere: run the "
+                    "workers with the trigger_streams setting that made it until it is drained "
+                    "(stop the publishers first), then change it"
+                )
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                pass
+
+    async def _still_consumed(self, js, stream: str, grace_s: float = 3.0) -> bool:
+        """Whether a worker still pulls from the stream: one of its consumers has a pull waiting
+        after `grace_s` (longer than a pull's expiry, so that a worker that just stopped is not one)."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            try:
+                consumers = await self._consumers_info(js, stream)
+            except NotFoundError:
+                return False
+            if not any(c.num_waiting for c in consumers):
+                return False
+            if asyncio.get_running_loop().time() >= deadline:
+                return True
+            await asyncio.sleep(0.1)
+
+    async def _not_enrolled(self, js, stream: str) -> int:
+        """How many of a triggers stream's events its lanes' consumers have not settled; an event
+        in a lane that has no consumer counts as not enrolled."""
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            return 0
+        if not info.state.messages:
+            return 0
+        newest: dict[int, object] = {}  # lane -> its newest epoch's consumer
+        for consumer in await self._consumers_info(js, stream):
+            lane, _, epoch = consumer.name.removeprefix("triggers-l").partition("-e")
+            if lane.isdigit() and epoch.isdigit():
+                held = newest.get(int(lane))
+                if held is None or int(epoch) > int(held.name.rpartition("-e")[2]):
+                    newest[int(lane)] = consumer
+        left = sum(c.num_pending + c.num_ack_pending for c in newest.values())
+        lanes = (
+            range(self.lanes)
+            if stream == self.triggers_stream
+            else {int(subject.split(".")[-2]) for subject in info.config.subjects or []}
+        )
+        if any(lane not in newest for lane in lanes):
+            left = max(left, info.state.messages)
+        return left
+
+    async def check_trigger_mapping(self, js) -> None:
+        """With trigger_streams > 1, check that the NATS account files each lane's events into the
+        lane's stream: one probe per lane, published as a tenant of that lane and refused by the
+        stream it reaches, so nothing is stored. Without the mapping, an event reaches no stream
+        (or the wrong one) and its publisher's PubAck says so; the workers refuse to start instead."""
+        from .lanes import lane_of
+
+        probes: dict[int, str] = {}
+        n = 0
+        while len(probes) < self.lanes:
+            tenant = f"ordo-probe-{n}"
+            probes.setdefault(lane_of(tenant, self.lanes), tenant)
+            n += 1
+        for lane, tenant in sorted(probes.items()):
+            stream = self.trigger_stream_of(lane)
+            subject = self.trigger_subject(tenant, _MAPPING_PROBE_TYPE)
+            try:
+                await js.publish(
+                    subject, b"", stream=stream, headers={"Nats-Expected-Last-Sequence": _NEVER_A_SEQUENCE}
+                )
+            except NoStreamResponseError:
+                why = f"a publish to {subject} reached no stream"
+            except APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    continue  # reached the lane's stream, which refused it as it should
+                if exc.err_code != _STREAM_NOT_MATCH:
+                    raise
+                why = f"a publish to {subject} (lane {lane}) reached another stream than {stream}"
+            else:
+                why = f"a publish to {subject} was stored: the stream ignored Nats-Expected-Last-Sequence"
+            raise TriggerMappingError(
+                f"trigger_streams = {self.trigger_streams} needs the NATS account to file the triggers "
+                f"subjects under their lanes, and {why}. Add this to the NATS server configuration "
+                f"(`ordo nats-mapping` prints it) and reload the server:\n{self.nats_mapping()}"
+            )
+
+    @staticmethod
+    async def _streams_info(js) -> list:
+        infos: list = []
+        while True:  # STREAM.LIST is paged
+            page = await js.streams_info_iterator(offset=len(infos))
+            batch = list(page)
+            infos += batch
+            if not batch or len(infos) >= page.total:
+                return infos
 
     def _placement(self) -> jsapi.Placement | None:
         tags = [tag.strip() for tag in self._config.stream_placement.split(",") if tag.strip()]
@@ -229,38 +414,41 @@ class Topology(Subjects):
         ledger's primary key, routed events on their Nats-Msg-Id.
         """
         durable = self.lane_consumer(lane, epoch)
+        stream = self.trigger_stream_of(lane)
         prefix = f"triggers-l{lane}-e"
         settled = 0
         older = []
-        for name in await self._consumer_names(js, self.triggers_stream):
+        for name in await self._consumer_names(js, stream):
             tail = name[len(prefix) :]
             if name.startswith(prefix) and tail.isdigit() and int(tail) < epoch:
                 older.append(name)
         for name in older:
             try:
-                info = await js.consumer_info(self.triggers_stream, name)
+                info = await js.consumer_info(stream, name)
             except NotFoundError:
                 continue
             start = info.config.opt_start_seq or 1
             settled = max(settled, info.ack_floor.stream_seq or 0, start - 1)
-        await self._ensure_consumer(
-            js, self.triggers_stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8
-        )
+        await self._ensure_consumer(js, stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8)
         for name in older:
             try:
-                await js.delete_consumer(self.triggers_stream, name)
+                await js.delete_consumer(stream, name)
             except NotFoundError:
                 pass
         return durable
 
+    @classmethod
+    async def _consumer_names(cls, js, stream: str) -> list[str]:
+        return [info.name for info in await cls._consumers_info(js, stream)]
+
     @staticmethod
-    async def _consumer_names(js, stream: str) -> list[str]:
-        names: list[str] = []
+    async def _consumers_info(js, stream: str) -> list:
+        infos: list = []
         while True:  # JetStream lists 256 consumers a page
-            page = await js.consumers_info(stream, offset=len(names) or None)
-            names += [info.name for info in page]
+            page = await js.consumers_info(stream, offset=len(infos) or None)
+            infos += page
             if len(page) < 256:
-                return names
+                return infos
 
     async def _ensure_consumer(
         self, js, stream: str, durable: str, filter_subject, start_seq: int = 0, max_waiting: int = 512

@@ -43,15 +43,37 @@ else:  # pragma: no cover - old pytest-asyncio
 
 # -- servers -------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def nats_server_url(tmp_path_factory):
+def nats_embedded(tmp_path_factory):
+    """The session's embedded nats-server, or None when ORDO_NATS_URL names another."""
+    if os.environ.get("ORDO_NATS_URL"):
+        yield None
+        return
+    with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_server_url(nats_embedded):
     """URL of the session's NATS server (checked: >= 2.10 with JetStream)."""
     url = os.environ.get("ORDO_NATS_URL")
     if url:
         check_nats_server(read_nats_info(url))
-        yield url
-        return
-    with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
-        yield server.url
+        return url
+    return nats_embedded.url
+
+
+@pytest.fixture
+def map_triggers(nats_embedded):
+    """Gives the session's nats-server a deployment's lanes mapping (trigger_streams > 1 needs it);
+    skips the test on an external server, whose configuration a test does not write."""
+
+    def add(topology) -> None:
+        if nats_embedded is None:
+            pytest.skip("needs the embedded nats-server: the test writes its subject mappings")
+        src, dest = topology.trigger_lane_mapping()
+        nats_embedded.add_mappings({src: dest})
+
+    return add
 
 
 @pytest.fixture(scope="session")

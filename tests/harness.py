@@ -299,9 +299,9 @@ class Harness:
         """The trigger lanes' current consumers summed: num_pending, num_ack_pending, num_waiting
         (a lane whose owner has not set its consumer up yet counts its messages as pending)."""
         totals = {"num_pending": 0, "num_ack_pending": 0, "num_waiting": 0, "missing": 0}
-        for name in await self.lane_consumers():
+        for lane, name in enumerate(await self.lane_consumers()):
             try:
-                info = await self.js.consumer_info(self.topology.triggers_stream, name)
+                info = await self.js.consumer_info(self.topology.trigger_stream_of(lane), name)
             except nats.js.errors.NotFoundError:
                 totals["missing"] += 1
                 continue
@@ -350,6 +350,16 @@ class Harness:
         """SIGCONT a stopped worker and wait for it to exit: its exit code."""
         proc.send_signal(signal.SIGCONT)
         return await asyncio.to_thread(proc.wait, timeout)
+
+
+def welcome_workflow(tenant: str) -> dict:
+    """A tenant's one-step workflow, enrolled by its `contact.created` triggers."""
+    return {
+        "id": "welcome",
+        "tenant": tenant,
+        "trigger": {"event": "contact.created"},
+        "steps": [{"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}}],
+    }
 
 
 def engine(nats_url: str, pg_dsn: str, prefix: str, **settings) -> Harness:

@@ -13,20 +13,10 @@ from types import SimpleNamespace
 import nats
 import orjson
 import pytest
-from harness import NO_PROBLEMS, QUICK_LEASES, Harness
+from harness import NO_PROBLEMS, QUICK_LEASES, Harness, welcome_workflow
 
 from bench.generator import trigger_event
 from daemon.lanes import FairShare, lane_of, lane_weights, parse_weights
-
-
-def _welcome(tenant: str) -> dict:
-    return {
-        "id": "welcome",
-        "tenant": tenant,
-        "trigger": {"event": "contact.created"},
-        "steps": [{"id": "greet", "type": "set", "values": {"greeting": "Hi {{contact.first_name}}"}}],
-    }
-
 
 #: Waits for a contact's `contact.updated` events, one after another, for as long as they come.
 LISTENER = {
@@ -116,7 +106,7 @@ async def test_a_noisy_tenants_backlog_does_not_delay_a_quiet_tenant_in_another_
     window, batch = 400, 100
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         for tenant in ("noisy", "quiet", "n6"):
-            await h.deploy(_welcome(tenant))
+            await h.deploy(welcome_workflow(tenant))
         noisy = [trigger_event("burst", i, tenant="noisy") for i in range(10_000)]
         await h.publish_triggers(noisy)
         await h.publish_triggers([trigger_event("q", 0, tenant="quiet"), trigger_event("n", 0, tenant="n6")])
@@ -137,7 +127,7 @@ async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_
     while both have a backlog the worker takes about three of heavy's for one of echo's."""
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         for tenant in ("heavy", "echo"):
-            await h.deploy(_welcome(tenant))
+            await h.deploy(welcome_workflow(tenant))
         events = [trigger_event("h", i, tenant="heavy") for i in range(3000)]
         events += [trigger_event("e", i, tenant="echo") for i in range(3000)]
         await h.publish_triggers(events)
@@ -273,8 +263,8 @@ async def test_a_lane_moves_to_another_worker_when_its_owner_dies_and_nothing_is
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         for tenant in tenants:
             if tenant != "acme":
-                await h.deploy(_welcome(tenant))
-        await h.deploy({**_welcome("acme"), "id": "welcome"})
+                await h.deploy(welcome_workflow(tenant))
+        await h.deploy({**welcome_workflow("acme"), "id": "welcome"})
         await h.deploy(LISTENER)
         first = h.spawn_worker(0, 2, **settings)
         second = h.spawn_worker(1, 2, **settings)
@@ -319,7 +309,7 @@ async def test_sighup_reloads_tenant_weights_and_a_malformed_setting_changes_not
     from daemon.service import _Service
 
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
-        await h.deploy(_welcome("heavy"))
+        await h.deploy(welcome_workflow("heavy"))
         async with h.worker() as worker:
             lanes = worker.intake.lanes
             heavy_lane = lanes.running[lane_of("heavy", h.topology.lanes)]
