@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--quiet-rate", type=float, default=None, help="w7-noisy: events/s of each quiet tenant (default 100)"
     )
+    options.add_argument(
+        "--quiet-publish",
+        choices=["batched", "single"],
+        default=None,
+        help="w7-noisy: the quiet tenants' events due together go out as atomic batches (one per "
+        "triggers stream; the default), or each tenant publishes each of its events alone",
+    )
     return parser
 
 
@@ -261,7 +268,7 @@ def scenario_options(args) -> dict:
         name: getattr(args, name)
         for name in (
             *("signals", "wait", "hold", "due_over", "transient", "permanent", "external", "delay", "limit"),
-            *("seconds", "quiet_tenants", "quiet_rate", "signal_delay"),
+            *("seconds", "quiet_tenants", "quiet_rate", "quiet_publish", "signal_delay"),
         )
         if getattr(args, name) is not None
     }

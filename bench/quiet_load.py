@@ -126,7 +126,7 @@ async def _run(args) -> int:
     js = nc.jetstream(timeout=30)
     topology = Topology(config)
     try:
-        atomic = await supports_atomic_batches(js, topology)
+        atomic = args.publish == "batched" and await supports_atomic_batches(js, topology)
         sent, pubacks = await publish_quiet(
             js,
             topology,
@@ -153,6 +153,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, required=True, help="events/s of each tenant")
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--pubacks", required=True, metavar="FILE")
+    parser.add_argument(
+        "--publish",
+        choices=["batched", "single"],
+        default="batched",
+        help="the events due together as atomic batches (one per triggers stream), or each alone",
+    )
     args = parser.parse_args(argv)
     import uvloop
 

@@ -952,7 +952,7 @@ class NoisyNeighbour(Scenario):
     steps = 5
     tenant = "noisy-a"
     default_count = 500_000
-    defaults = {"seconds": 60.0, "quiet_tenants": 20, "quiet_rate": 100.0}
+    defaults = {"seconds": 60.0, "quiet_tenants": 20, "quiet_rate": 100.0, "quiet_publish": "batched"}
     median_fields = (
         "quiet_p99_before_ms",
         "quiet_p99_during_ms",
@@ -1038,6 +1038,8 @@ class NoisyNeighbour(Scenario):
             str(self.options["seconds"]),
             "--pubacks",
             pubacks_path(run_id),
+            "--publish",
+            self.options["quiet_publish"],
         ]
         return await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
 

@@ -367,8 +367,9 @@ def cmd_nats_mapping(args, config) -> int:
     from .topology import Topology
 
     topology = Topology(config)
-    print(f"# Ordo {config.prefix!r}: the triggers subjects filed under {config.trigger_lanes} lanes,")
-    print(f"# for trigger_streams = {config.trigger_streams} (needed when it is more than 1).")
+    lanes, streams = config.trigger_lanes, config.trigger_streams
+    print(f"# Ordo {config.prefix!r}: {lanes} trigger lanes, trigger_streams = {streams}.")
+    print("# The NATS account mapping that trigger_streams > 1 needs (with 1, the stream files the lanes itself):")
     print(topology.nats_mapping(), end="")
     return 0
 

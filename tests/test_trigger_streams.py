@@ -9,6 +9,7 @@ start-up, and a change of the setting moves lanes only out of drained streams.
 import asyncio
 from collections import Counter
 
+import nats
 import pytest
 from harness import NO_PROBLEMS, Harness, ordo, welcome_workflow
 
@@ -140,3 +141,28 @@ async def test_ordo_run_without_the_mapping_stops_with_one_message_naming_it_and
     assert "ordo: trigger_streams = 4 needs the NATS account" in run.stderr
     mapping = await asyncio.to_thread(ordo, "nats-mapping", env_extra=settings, check=True)
     assert _mapping_line(prefix) in mapping.stdout
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["batched", "single"])
+async def test_the_benchs_quiet_tenants_publish_into_their_lanes_streams(nats_server_url, prefix, map_triggers, atomic):
+    """w7-noisy's quiet load: the events due together go out as one atomic batch per stream, or each alone."""
+    import time
+
+    from bench.quiet_load import publish_quiet
+    from daemon.config import Config
+
+    topology = Topology(Config(nats_url=nats_server_url, prefix=prefix, trigger_streams=4))
+    map_triggers(topology)
+    nc = await nats.connect(nats_server_url)
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js)
+        sent, pubacks = await publish_quiet(
+            js, topology, "quiet", "contact.created", TENANTS, 40.0, 1.0, atomic=atomic, started=time.time()
+        )
+        assert sent == 40 * len(TENANTS) == len(list(pubacks.pairs()))
+        expected = Counter(topology.trigger_stream_of(lane_of(tenant, topology.lanes)) for tenant in TENANTS)
+        for name in topology.trigger_stream_names():
+            assert (await js.stream_info(name)).state.messages == 40 * expected[name]
+    finally:
+        await nc.close()
