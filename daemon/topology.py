@@ -11,6 +11,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import replace
+from typing import Any
 
 import nats.js.api as jsapi
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError, ServerError
@@ -233,26 +234,25 @@ class Topology(Subjects):
         is deleted; one that still holds events that were not is refused, naming it:
         its workers must drain it under the old setting first (README, Fairness).
         """
-        names = [info.config.name for info in await self._streams_info(js)]
         group = f"{self.triggers_stream}_"
-        stale = [
-            name
-            for name in names
-            if (name == self.triggers_stream or (name.startswith(group) and name[len(group) :].isdigit()))
-            and name not in wanted
-        ]
-        for name in names:
-            if name in wanted and name != self.triggers_stream:
-                info = await js.stream_info(name)
-                if sorted(info.config.subjects or []) != sorted(wanted[name]):
-                    stale.append(name)  # a group stream of another N: its lanes move
-        for name in stale:
+        stale = []
+        for info in await self._streams_info(js):
+            name = info.config.name
+            if name in wanted:
+                # A group stream of another N keeps its name, and its lanes move.
+                moved = name != self.triggers_stream and sorted(info.config.subjects or []) != sorted(wanted[name])
+            else:
+                moved = name == self.triggers_stream or (name.startswith(group) and name[len(group) :].isdigit())
+            if moved:
+                stale.append(info)
+        for info in stale:
+            name = info.config.name
             if await self._still_consumed(js, name):
                 raise StreamSetupError(
                     f"the triggers stream {name} is still being consumed by workers with another "
                     f"trigger_streams setting than {self.trigger_streams}: stop every worker before changing it"
                 )
-            left = await self._not_enrolled(js, name)
+            left = await self._not_enrolled(js, info)
             if left:
                 raise StreamSetupError(
                     f"the triggers stream {name} still holds {left} event(s) not yet enrolled, and "
@@ -280,23 +280,22 @@ class Topology(Subjects):
                 return True
             await asyncio.sleep(0.1)
 
-    async def _not_enrolled(self, js, stream: str) -> int:
-        """How many of a triggers stream's events its lanes' consumers have not settled; an event
-        in a lane that has no consumer counts as not enrolled."""
-        try:
-            info = await js.stream_info(stream)
-        except NotFoundError:
-            return 0
+    async def _not_enrolled(self, js, info) -> int:
+        """How many of a triggers stream's events (`info`, as listed) its lanes' consumers have not
+        settled; an event in a lane that has no consumer counts as not enrolled."""
+        stream = info.config.name
         if not info.state.messages:
             return 0
-        newest: dict[int, object] = {}  # lane -> its newest epoch's consumer
-        for consumer in await self._consumers_info(js, stream):
+        newest: dict[int, tuple[int, Any]] = {}  # lane -> (epoch, its newest epoch's consumer)
+        try:
+            consumers = await self._consumers_info(js, stream)
+        except NotFoundError:
+            return 0
+        for consumer in consumers:
             lane, _, epoch = consumer.name.removeprefix("triggers-l").partition("-e")
-            if lane.isdigit() and epoch.isdigit():
-                held = newest.get(int(lane))
-                if held is None or int(epoch) > int(held.name.rpartition("-e")[2]):
-                    newest[int(lane)] = consumer
-        left = sum(c.num_pending + c.num_ack_pending for c in newest.values())
+            if lane.isdigit() and epoch.isdigit() and int(epoch) > newest.get(int(lane), (-1, None))[0]:
+                newest[int(lane)] = (int(epoch), consumer)
+        left = sum(c.num_pending + c.num_ack_pending for _, c in newest.values())
         lanes = (
             range(self.lanes)
             if stream == self.triggers_stream
