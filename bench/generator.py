@@ -238,13 +238,10 @@ def message_stream(topology):
     stores it (the stream of its tenant's lane: JetStream's atomic batches are per stream)."""
     if topology.trigger_streams == 1:
         return None
-    from daemon.lanes import lane_of
-
     head = len(f"{topology.prefix}.triggers.")
 
     def stream_of(message: tuple) -> str:
-        tenant = message[0][head:].partition(".")[0]
-        return topology.trigger_stream_of(lane_of(tenant, topology.lanes))
+        return topology.tenant_stream(message[0][head:].partition(".")[0])
 
     return stream_of
 

@@ -124,6 +124,12 @@ class Topology(Subjects):
             return self.triggers_stream
         return f"{self.triggers_stream}_{lane % self.trigger_streams}"
 
+    def tenant_stream(self, tenant: str) -> str:
+        """The stream that holds a tenant's events (its lane's)."""
+        from .lanes import lane_of
+
+        return self.trigger_stream_of(lane_of(tenant, self.lanes))
+
     def trigger_stream_names(self) -> list[str]:
         if self.trigger_streams == 1:
             return [self.triggers_stream]

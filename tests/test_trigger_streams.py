@@ -50,8 +50,8 @@ async def test_each_lane_is_stored_in_its_own_stream_and_every_event_is_enrolled
             seq = await h.publish_raw(t.trigger_subject(tenant, "other.event"), b"{}")
             stored = (await h.js.get_msg(t.trigger_stream_of(lane), seq)).subject
             assert stored == f"{prefix}.triggers.{lane}.{tenant}.other.event"
-        per_stream = Counter(t.trigger_stream_of(lane_of(e["tenant"], t.lanes)) for e in events)
-        per_stream.update(t.trigger_stream_of(lane_of(tenant, t.lanes)) for tenant in TENANTS[:3])
+        per_stream = Counter(t.tenant_stream(e["tenant"]) for e in events)
+        per_stream.update(t.tenant_stream(tenant) for tenant in TENANTS[:3])
         assert {name: await _stored(h, name) for name in t.trigger_stream_names()} == {
             name: per_stream[name] for name in t.trigger_stream_names()
         }
@@ -161,7 +161,7 @@ async def test_the_benchs_quiet_tenants_publish_into_their_lanes_streams(nats_se
             js, topology, "quiet", "contact.created", TENANTS, 40.0, 1.0, atomic=atomic, started=time.time()
         )
         assert sent == 40 * len(TENANTS) == len(list(pubacks.pairs()))
-        expected = Counter(topology.trigger_stream_of(lane_of(tenant, topology.lanes)) for tenant in TENANTS)
+        expected = Counter(topology.tenant_stream(tenant) for tenant in TENANTS)
         for name in topology.trigger_stream_names():
             assert (await js.stream_info(name)).state.messages == 40 * expected[name]
     finally:
