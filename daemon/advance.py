@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 
 from hotpath import advance
-from ledger.batcher import Unit
+from ledger.batcher import DispatchFailure, Unit
 from ledger.executions import CLOSED, ExecutionRecord, UnreadableRecord, take_effects
 
 from . import logs, metrics
@@ -124,6 +124,16 @@ def apply(
         )
         unit.dead_letter(
             "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=record.tenant, workflow_id=record.workflow_id
+        )
+        unit.dispatch_failures.append(
+            DispatchFailure(
+                record.tenant,
+                record.workflow_id,
+                record.workflow_version,
+                record.engine,
+                record.created_at,
+                enrolling=False,
+            )
         )
         return unit
     if kind == "action_result":

@@ -42,7 +42,7 @@ import orjson
 from hotpath import ExecutionState, advance
 from hotpath.envelope import BadEvent, BadMessage, decode_triggers, subject_key, subject_of
 from ledger import event_waits
-from ledger.batcher import Unit
+from ledger.batcher import DispatchFailure, Unit
 from ledger.executions import ExecutionRecord, take_effects
 from ledger.partitioning import day_of
 
@@ -258,6 +258,9 @@ def enrol(
             )
             unit.dead_letter(
                 "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant, workflow_id=entry.workflow_id
+            )
+            unit.dispatch_failures.append(
+                DispatchFailure(tenant, entry.workflow_id, entry.version, entry.engine, now, enrolling=True)
             )
             continue
         effects = take_effects(state)

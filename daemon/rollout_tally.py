@@ -2,7 +2,8 @@
 
 For each workflow with a rollout in progress, the worker counts the executions
 of the current stage (created at or after the stage began) that its commits
-enrol and end, per version. The rollout controller adds the counts to the
+enrol and end, per version, and counts as failed those its dispatcher raised
+on (dead-lettered `dispatch_error`). The rollout controller adds the counts to the
 ledger once a round (`ledger.rollouts.add_stage_counts`), where the judge,
 `ordo rollout status` and the console sum them; the ended ones are also the
 `ordo_rollout_ended_total` metric, and their time from enrolment to end
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ledger.batcher import DispatchFailure
 from ledger.rollouts import CANDIDATE_ENGINE
 
 from . import metrics
@@ -43,18 +45,22 @@ class RolloutTally:
             if r["state"] in _IN_PROGRESS
         }
 
+    def _counts_of(self, stage: _Stage, version: int, engine: str | None) -> list[int]:
+        """The stage's counts an execution of `version` on `engine` adds to."""
+        # An engine rollout's candidate runs its baseline's version: it is counted apart (ledger.rollouts.sides).
+        key = (stage.rollout_id, stage.started_at, version if engine is None else CANDIDATE_ENGINE)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0, 0, 0]
+        return counts
+
     def observe(self, change) -> None:
         """A committed change that enrolled or ended an execution (ledger.batcher.ExecutionChange)."""
         record = change.record
         stage = self._stages.get((record.tenant, record.workflow_id))
         if stage is None or record.created_at < stage.started_at:
             return
-        # An engine rollout's candidate runs its baseline's version: it is counted apart (ledger.rollouts.sides).
-        version = record.workflow_version if record.engine is None else CANDIDATE_ENGINE
-        key = (stage.rollout_id, stage.started_at, version)
-        counts = self._counts.get(key)
-        if counts is None:
-            counts = self._counts[key] = [0, 0, 0]
+        counts = self._counts_of(stage, record.workflow_version, record.engine)
         if change.is_new:
             counts[0] += 1
         if change.finished and change.status in ("completed", "failed"):
@@ -64,6 +70,23 @@ class RolloutTally:
             metrics.rollout_ended_total.labels(workflow, label, change.status).inc()
             took = (datetime.now(UTC) - record.created_at).total_seconds()
             metrics.rollout_execution_seconds.labels(workflow, label).observe(max(took, 0.0))
+
+    def dispatch_failed(self, failure: DispatchFailure) -> None:
+        """A committed `dispatch_error` dead letter: a failure of its execution's version.
+
+        The dispatcher that raised left the execution where it was, unended, and the judge weighs
+        ended executions only: uncounted, a candidate that crashes on a later step would never be
+        rolled back (or, crashing on some executions, would advance on the others). One that raised
+        on enrolment counts as started too, as a candidate engine's `engine_error` does
+        (daemon/engines.py). Each message the dispatcher raises on counts once.
+        """
+        stage = self._stages.get((failure.tenant, failure.workflow_id))
+        if stage is None or failure.created_at < stage.started_at:
+            return
+        counts = self._counts_of(stage, failure.workflow_version, failure.engine)
+        if failure.enrolling:
+            counts[0] += 1
+        counts[2] += 1
 
     def take(self) -> list[tuple[int, datetime, int, int, int, int]]:
         """The counts since the last take, as rows for `ledger.rollouts.add_stage_counts`."""

@@ -152,7 +152,13 @@ class Settlement:
         self._count(tally)
 
     def _committed_changes(self, unit: Unit, accepted: set, tally: _Tally) -> bool:
-        """Count the unit's changes and carry out what the accepted ones ask; True if one was stale."""
+        """Count the unit's changes and carry out what the accepted ones ask; True if one was stale.
+
+        Its dispatch failures are counted too: under a rollout they are failures of their version.
+        """
+        if self.rollout_tally is not None:
+            for failure in unit.dispatch_failures:
+                self.rollout_tally.dispatch_failed(failure)
         stale = False
         for change in unit.changes:
             if change.is_new:

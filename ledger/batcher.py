@@ -368,6 +368,25 @@ class DeadLetter:
     batch_index: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DispatchFailure:
+    """An execution whose dispatcher raised on the unit's message, dead-lettered `dispatch_error`.
+
+    Not written: once the batch commits, the worker counts it under its workflow's rollout as a
+    failed execution of its version (daemon/rollout_tally.py), so a candidate that crashes is rolled
+    back as one that fails is.
+    """
+
+    tenant: str
+    workflow_id: str
+    workflow_version: int
+    #: The candidate engine it runs on (None: the worker's own build).
+    engine: str | None
+    created_at: datetime
+    #: It raised on the execution's first steps, so nothing of it was recorded: it counts as started too.
+    enrolling: bool
+
+
 class Source(Protocol):
     """What a unit stands for: one message, or one event of a batch message, or another item of work.
 
@@ -411,6 +430,8 @@ class Unit:
     #: A timer fire that could not be applied now (its execution's row cannot be read) and
     #: keeps its row: fire it again after this many ms (0: the fire is done).
     retry_timer_after_ms: int = 0
+    #: The executions the dispatcher raised on for this message (each has its `dispatch_error` dead letter).
+    dispatch_failures: list[DispatchFailure] = field(default_factory=list)
 
     def dead_letter(self, reason: str, error: str, **where: str | None) -> None:
         """Dead-letter the message this unit stands for (it names its source).

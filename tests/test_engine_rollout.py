@@ -53,6 +53,21 @@ def advance(program, state, kind, payload, now_ms):
     raise RuntimeError("candidate engine crashed")
 '''
 
+#: A fork that starts an execution as Ordo's build does, then crashes on every message of it.
+RAISING_LATER = '''
+"""A candidate build that crashes on every message after the first step of an execution."""
+from hotpath import dispatcher as pure
+
+Program = pure.Program
+ExecutionState = pure.ExecutionState
+
+
+def advance(program, state, kind, payload, now_ms):
+    if kind != "start":
+        raise RuntimeError(f"candidate engine crashed on a {kind}")
+    return pure.advance(program, state, kind, payload, now_ms)
+'''
+
 #: WELCOME's history on Ordo's own build, for a German contact.
 WELCOME_HISTORY = ["started:", "set:greet", "branch:by-country", "set:german", "completed:done"]
 
@@ -65,6 +80,7 @@ def candidates(tmp_path, monkeypatch):
         ("goto_engine", BRANCH_AS_GOTO),
         ("marking_engine", MARKING),
         ("raising_engine", RAISING),
+        ("later_raising_engine", RAISING_LATER),
     ):
         (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -289,6 +305,39 @@ async def test_a_candidate_engine_that_raises_on_traffic_fails_only_its_own_exec
         assert sorted(detail["failed_executions"]) == sorted(ids[i] for i in on_candidate)
         assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 0
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_candidate_engine_that_raises_on_a_later_step_counts_it_as_failed_and_is_rolled_back(
+    nats_server_url, pg_dsn, prefix, candidates
+):
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        cohorts = Cohorts(h, "raise-later", "waiter")
+        plan = Plan(
+            "waiter", None, stages=(100, 10_000), min_dwell_s=3600, min_sample=2, engine="module:later_raising_engine"
+        )
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            on_candidate, on_baseline = cohorts.take(2, below=100), cohorts.take(2, at_least=100)
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in on_candidate + on_baseline])
+            for event_id in on_candidate + on_baseline:
+                await h.signal_once_waiting(h.execution_id("acme", "waiter", event_id), "done")
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters WHERE reason = 'dispatch_error'", expect=2)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2)
+            # Judged about every second: the candidate's two dispatch errors are its sample.
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back", timeout=15)
+        rows = await h.db.fetch("SELECT event_id, status, engine FROM ordo.executions")
+        # The candidate's executions wait where they were (`ordo dlq retry` applies the signal again).
+        assert {r["event_id"]: (r["status"], r["engine"]) for r in rows} == {
+            **{i: ("waiting", "module:later_raising_engine") for i in on_candidate},
+            **{i: ("completed", None) for i in on_baseline},
+        }
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (detail["metric"], detail["candidate"]["failure_rate"]) == ("failure_rate", 1.0)
+        assert (detail["candidate"]["started"], detail["candidate"]["failed"]) == (2, 2)
+        assert (detail["baseline"]["completed"], detail["baseline"]["failed"]) == (2, 0)
 
 
 async def test_engine_rollouts_that_cannot_be_are_refused_with_one_line_and_change_nothing(

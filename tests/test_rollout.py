@@ -16,13 +16,14 @@ import orjson
 import pytest
 from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
-from daemon import metrics
+from daemon import enrolment, metrics
 from daemon.definitions import cohort
 from daemon.rollout_controller import judge
 from daemon.rollout_shadow import dual_run
 from daemon.rollout_tally import RolloutTally
 from hotpath.vocabulary import CLOSED
 from ledger import rollouts
+from ledger.batcher import DispatchFailure
 from ledger.rollouts import Plan, RolloutRefused, Thresholds
 
 #: WELCOME with one more (harmless) value: a candidate that does what its baseline does, and a little more.
@@ -71,12 +72,13 @@ def _event(event_id: str, flaky: bool = False) -> dict:
 class Cohorts:
     """Event ids whose executions fall below a share of new executions, or at or above it."""
 
-    def __init__(self, h: Harness, run: str):
+    def __init__(self, h: Harness, run: str, workflow_id: str = "welcome"):
         self._h = h
+        self._workflow_id = workflow_id
         self._ids = (f"{run}-{i}" for i in itertools.count())
 
     def cohort(self, event_id: str) -> int:
-        return cohort(self._h.execution_id("acme", "welcome", event_id))
+        return cohort(self._h.execution_id("acme", self._workflow_id, event_id))
 
     def take(self, count: int, below: int | None = None, at_least: int | None = None) -> list[str]:
         found = []
@@ -218,6 +220,40 @@ async def test_a_candidate_failing_one_execution_in_ten_is_rolled_back_at_its_fi
         status = ordo("rollout", "status", "--workflow", "welcome", env_extra={"ORDO_PG_DSN": pg_dsn})
         assert status.returncode == 0, status.stderr
         assert "rolled_back" in status.stdout and "failure rate 10.00%" in status.stdout
+
+
+async def test_a_candidate_version_the_dispatcher_raises_on_at_enrolment_is_rolled_back(
+    nats_server_url, pg_dsn, prefix, monkeypatch
+):
+    """The trigger is dead-lettered (`dispatch_error`) and counts as a started and failed execution of v2."""
+    own_build = enrolment.advance
+
+    def raising_on_v2(program, state, kind, payload, now_ms):
+        if program.version == 2:
+            raise RuntimeError("the dispatcher crashed on v2")
+        return own_build(program, state, kind, payload, now_ms)
+
+    monkeypatch.setattr(enrolment, "advance", raising_on_v2)
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WELCOME)
+        await h.deploy(SAME_V2)
+        cohorts = Cohorts(h, "crash-on-enrolment")
+        plan = Plan("welcome", 2, stages=(100, 10_000), min_dwell_s=3600, min_sample=2)
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            candidate, baseline = cohorts.take(2, below=100), cohorts.take(2, at_least=100)
+            await h.publish_triggers([_event(i) for i in candidate + baseline])
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters WHERE reason = 'dispatch_error'", expect=2)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2)
+            # Judged about every second: the candidate's two dispatch errors are its sample.
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back", timeout=15)
+        assert await _versions(h) == {i: 1 for i in baseline}
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (detail["metric"], detail["candidate"]["failure_rate"]) == ("failure_rate", 1.0)
+        assert (detail["candidate"]["started"], detail["candidate"]["failed"]) == (2, 2)
+        assert (detail["baseline"]["completed"], detail["baseline"]["failed"]) == (2, 0)
 
 
 async def test_the_version_chosen_is_the_same_on_every_worker_and_after_a_restart(nats_server_url, pg_dsn, prefix):
@@ -527,3 +563,29 @@ def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
     tally.give_back(rows)
     tally.observe(change("welcome", 1, later, status="completed"))
     assert sorted(tally.take()) == [(7, began, 1, 1, 1, 0), (7, began, 2, 1, 1, 1)]
+
+
+def test_a_dispatch_error_counts_as_a_failure_of_its_executions_version_on_either_side():
+    began = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    later, before = began + timedelta(seconds=5), began - timedelta(seconds=5)
+    tally = RolloutTally()
+    stage = {"rollout_id": 7, "tenant": "acme", "workflow_id": "welcome", "state": "running"}
+    tally.set_rollouts([dict(stage, stage_started_at=began)])
+
+    def raised(version, created, *, engine=None, enrolling=False, workflow_id="welcome"):
+        return DispatchFailure("acme", workflow_id, version, engine, created, enrolling=enrolling)
+
+    for failure in (
+        raised(2, later, enrolling=True),  # on the candidate's first steps: never recorded, so started too
+        raised(2, later),  # on a later step of an execution counted as started when it enrolled
+        raised(1, later),  # the baseline's count as the baseline's
+        raised(1, later, engine="module:fork"),  # an engine rollout's candidate, apart from its version
+        raised(1, before),  # created in the stage before: not this one's
+        raised(2, later, workflow_id="other"),  # no rollout
+    ):
+        tally.dispatch_failed(failure)
+    assert sorted(tally.take()) == [
+        (7, began, rollouts.CANDIDATE_ENGINE, 0, 0, 1),
+        (7, began, 1, 0, 0, 1),
+        (7, began, 2, 1, 0, 2),
+    ]
