@@ -97,8 +97,10 @@ class Window:
         if self.has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
-    def has_room(self, batch: int, *, new_work: bool = False) -> bool:
-        if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
+    def has_room(self, batch: int, *, new_work: bool = False, limit: int | None = None) -> bool:
+        """Whether `batch` more fit in the window (or in the first `limit` of it: busy lanes beside quiet ones)."""
+        most = self.config.max_ack_pending if limit is None else min(limit, self.config.max_ack_pending)
+        if self.in_flight + self.reserved + batch > most:
             return False
         if not new_work:
             return True
@@ -109,8 +111,8 @@ class Window:
         pending_calls = self.effects.pending
         return pending_calls == 0 or self.in_flight + pending_calls < self.effects.backlog
 
-    async def wait_for_room(self, batch: int, *, new_work: bool) -> None:
-        while not self.has_room(batch, new_work=new_work):
+    async def wait_for_room(self, batch: int, *, new_work: bool, limit: int | None = None) -> None:
+        while not self.has_room(batch, new_work=new_work, limit=limit):
             self._room.clear()
             await self._room.wait()
 

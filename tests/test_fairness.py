@@ -214,6 +214,62 @@ async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lane
     await runner
 
 
+async def test_beside_a_quiet_lanes_events_a_busy_lane_keeps_at_most_the_shared_in_flight(monkeypatch):
+    """A probe that brought events holds a busy lane to trigger_shared_in_flight, in grants of its
+    quantum; once the quiet lane has been silent for SHARED_FOR_S, it fills the window again."""
+    from daemon import lanes as lanes_module
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane, Lanes
+
+    monkeypatch.setattr(lanes_module, "SHARED_FOR_S", 0.2)
+    config = Config(
+        max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16, trigger_shared_in_flight=300
+    )
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
+    fair = lanes.fair
+    runner = asyncio.create_task(fair.run())
+    noisy, quiet = Lane(5, 1, 1, 1), Lane(6, 2, 1, 1)
+    noisy.idle = False
+    fair.busy = {5}
+    assert fair.busy_limit() is None
+    assert await asyncio.wait_for(fair.turn(noisy), 1) == 500  # alone: a whole pull
+    window.arrived(500)
+    noisy.deficit = 0
+    lanes.took(quiet, 3, 3, 0)  # the quiet lane's probe brought 3 events
+    assert fair.busy_limit() == 300
+    window.release(500)
+    assert await asyncio.wait_for(fair.turn(noisy), 1) == 100  # its quantum, not a whole pull
+    window.arrived(100)
+    noisy.deficit -= 100
+    assert await asyncio.wait_for(fair.turn(noisy), 1) == 100
+    window.arrived(100)
+    noisy.deficit -= 100
+    window.add(3)  # the quiet lane's events are in flight too
+    blocked = asyncio.create_task(fair.turn(noisy))
+    await _loop_turns()
+    assert not blocked.done()  # 203 in flight: another 100 would pass 300
+    window.release(3)
+    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 300
+    await asyncio.sleep(0.25)  # the quiet lane went silent
+    assert fair.busy_limit() is None
+    window.arrived(100)
+    window.release(300)
+    noisy.deficit = 0
+    assert await asyncio.wait_for(fair.turn(noisy), 1) == 500
+    stopping.set()
+    await runner
+
+
+def test_a_negative_shared_in_flight_is_refused_by_name():
+    from daemon.config import load
+
+    with pytest.raises(ValueError, match="trigger_shared_in_flight"):
+        load(trigger_shared_in_flight=-1)
+
+
 async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog():
     """LedgerBatcher.add(ahead=True): a quiet lane's trigger goes into the next batch before the
     units queued without; each queue keeps its own order, and a batch still holds at most max_rows."""
