@@ -98,9 +98,13 @@ class Window:
             self._room.set()
 
     def has_room(self, batch: int, *, new_work: bool = False, limit: int | None = None) -> bool:
-        """Whether `batch` more fit in the window (or in the first `limit` of it: busy lanes beside quiet ones)."""
-        most = self.config.max_ack_pending if limit is None else min(limit, self.config.max_ack_pending)
-        if self.in_flight + self.reserved + batch > most:
+        """Whether `batch` more fit in the window; with a `limit` (busy lanes beside quiet ones), also
+        whether what has come in stays under it with them. Only what has come in: the other lanes'
+        open pulls hold grants they may fill slowly or never, and counting those held a lane of a
+        few hundred events/s waiting for pulls of the others to expire."""
+        if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
+            return False
+        if limit is not None and self.in_flight + batch > limit:
             return False
         if not new_work:
             return True
