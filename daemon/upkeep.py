@@ -36,10 +36,10 @@ def upkeep_interval_s() -> float:
 def ledger_day_s(config: Config) -> int:
     """The `ledger_day` setting in seconds; ValueError names what is wrong (its range is the ledger's to say)."""
     try:
-        seconds = parse_duration(config.ledger_day) // 1000
+        milliseconds = parse_duration(config.ledger_day)
     except ValueError as exc:
         raise ValueError(f"ledger_day: {exc}") from None
-    return partitioning.checked_day_length(seconds)
+    return partitioning.checked_day_length(milliseconds / 1000)
 
 
 def retention_keep(config: Config) -> timedelta | None:

@@ -68,12 +68,13 @@ SHORTEST_DAY_S = 60
 _day_s = DAY_S
 
 
-def checked_day_length(seconds: int) -> int:
+def checked_day_length(seconds: float) -> int:
     """`seconds` if a ledger day may last that long (the `ledger_day` setting): from a minute to a UTC day.
 
-    ValueError names the setting and the length it was given."""
+    ValueError names the setting and the length it was given, to the millisecond: a
+    setting of '250ms' is refused as '250ms', not as the '0s' of its whole seconds."""
     if not SHORTEST_DAY_S <= seconds <= DAY_S:
-        raise ValueError(f"ledger_day must be between 1m and 1d, not {format_duration(int(seconds) * 1000)!r}")
+        raise ValueError(f"ledger_day must be between 1m and 1d, not {format_duration(round(seconds * 1000))!r}")
     return int(seconds)
 
 

@@ -364,6 +364,10 @@ def test_a_bad_ledger_day_is_an_error_that_names_it():
     for value, message in (
         ("30s", "ledger_day must be between 1m and 1d, not '30s'"),
         ("2d", "ledger_day must be between 1m and 1d, not '2d'"),
+        # Said to the millisecond, as given: not in whole seconds (250ms was '0s', and 1d1ms passed as 1d).
+        ("250ms", "ledger_day must be between 1m and 1d, not '250ms'"),
+        ("59999ms", "ledger_day must be between 1m and 1d, not '59s999ms'"),
+        ("86400001ms", "ledger_day must be between 1m and 1d, not '1d1ms'"),
         ("fortnight", "ledger_day: 'fortnight' is not a duration"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
