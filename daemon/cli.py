@@ -156,24 +156,28 @@ def cmd_workflow(args, config) -> int:
 
 
 def _send_to_execution(config, message) -> int:
-    """Publish an operator's message (daemon/operator_messages.py) and say what was sent."""
+    """Publish an operator's message (daemon/operator_messages.py) and say what was sent; 1 if it was refused
+    (no such execution, or another deployment's: the ledger says whose)."""
     _require(config, "nats_url")
 
-    async def go():
+    async def go(conn):
         import nats
 
         from . import operator_messages
 
         nc = await nats.connect(config.nats_servers)
         try:
-            seq = await operator_messages.send(nc.jetstream(), Topology(config), message)
-            what = f"signal {message.body['name']!r}" if message.kind == "signal" else message.kind
-            print(f"{what} sent to {message.execution_id} (stream seq {seq})")
+            seq = await operator_messages.send(nc.jetstream(), conn, Topology(config), message)
+        except operator_messages.NotSent as exc:
+            print(f"ordo: {exc}", file=sys.stderr)
+            return 1
         finally:
             await nc.close()
+        what = f"signal {message.body['name']!r}" if message.kind == "signal" else message.kind
+        print(f"{what} sent to {message.execution_id} (stream seq {seq})")
+        return 0
 
-    _run_async(go())
-    return 0
+    return _on_ledger(config, go)
 
 
 def cmd_signal(args, config) -> int:

@@ -4,6 +4,11 @@ Each goes onto the execution's subject with a message id that makes a repeat
 one message (JetStream's duplicate window): a cancel per execution, a signal
 per signal id. The dispatcher applies it in order with the execution's other
 messages.
+
+Only to an execution of the sending deployment: deployments that share a ledger
+share its executions, and a message on this deployment's subjects for another's
+execution would be applied here, by this deployment's owner of that partition
+number, to the row both share. The ledger says whose it is (migration 021).
 """
 
 from dataclasses import dataclass
@@ -11,7 +16,14 @@ from typing import Any
 
 import orjson
 
+from ledger.connection import Queryable
+from ledger.executions import deployment_of
+
 from .topology import Topology
+
+
+class NotSent(Exception):
+    """The message was refused before anything was published: no such execution, or another deployment's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +49,24 @@ def signal(execution_id: str, name: str, data: Any, signal_id: str) -> OperatorM
     return OperatorMessage(execution_id, body, f"signal:{execution_id}:{signal_id}")
 
 
-async def send(js: Any, topology: Topology, message: OperatorMessage) -> int:
-    """Publish `message` onto its execution's subject; the stream sequence it got."""
+async def send(js: Any, conn: Queryable, topology: Topology, message: OperatorMessage) -> int:
+    """Publish `message` onto its execution's subject; the stream sequence it got.
+
+    NotSent, and nothing published, unless the ledger holds the execution as this
+    deployment's (`topology.prefix`).
+    """
+    exists, deployment = await deployment_of(conn, message.execution_id)
+    if not exists:
+        raise NotSent(f"no execution {message.execution_id}")
+    if deployment != topology.prefix:
+        owner = (
+            f"deployment {deployment!r}"
+            if deployment
+            else "a deployment the ledger cannot name (enrolled before migration 021 by one of several)"
+        )
+        raise NotSent(
+            f"execution {message.execution_id} belongs to {owner}, not to this one ({topology.prefix!r}): not sent"
+        )
     ack = await js.publish(
         topology.exec_subject(message.execution_id), orjson.dumps(message.body), headers={"Nats-Msg-Id": message.msg_id}
     )

@@ -502,7 +502,8 @@ class LedgerBatcher:
         #: cut off mid-commit would otherwise keep its partitions from everyone, lease or no lease, until
         #: Postgres noticed the dead connection (hours of TCP keepalive, never behind a proxy).
         self.idle_in_transaction_s = idle_in_transaction_s
-        #: Whose partitions the epochs and watermarks are (the prefix; ledger/leases.py).
+        #: Whose partitions the epochs and watermarks are (the prefix; ledger/leases.py), and whose
+        #: the executions it enrols, timers and waits it writes are.
         self.deployment = deployment
         self.max_rows = max_rows
         self.max_delay = max_ms / 1000.0
@@ -624,11 +625,16 @@ class LedgerBatcher:
         if self._conn is None or self._conn.is_closed():
             # A statement that outlives this (a connection a restart left half-dead) fails and
             # is retried on a new connection instead of holding every commit behind it.
+            # `ordo.deployment`: the executions this connection enrols are written as this
+            # deployment's (the column's default, migration 021).
             self._conn = await asyncpg.connect(
                 self._dsn,
                 timeout=10,
                 command_timeout=120,
-                server_settings={"idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_s * 1000))},
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_s * 1000)),
+                    "ordo.deployment": self.deployment,
+                },
             )
             await self._conn.execute(_CREATE_STAGING)
         return self._conn

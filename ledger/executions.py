@@ -507,3 +507,23 @@ def _record(r: Record) -> ExecutionRecord:
         ledger_day=r["ledger_day"],
         engine=r["engine"],
     )
+
+
+# -- whose execution it is -----------------------------------------------------------------------
+
+# The deployment that enrolled the execution (migration 021). A row written before that names
+# none: it is the ledger's deployment if the ledger has only one, as migration 013 settled the
+# timers and waits of before, and NULL where several share it (no one can tell whose it was).
+_DEPLOYMENT = """
+SELECT coalesce(e.deployment, (SELECT min(p.deployment) FROM ordo.partitions p WHERE p.deployment <> ''
+                               HAVING count(DISTINCT p.deployment) = 1)) AS deployment
+FROM ordo.executions e WHERE e.execution_id = $1::uuid
+"""
+
+
+async def deployment_of(conn: Queryable, execution_id: str) -> tuple[bool, str | None]:
+    """(whether the execution exists, the deployment it belongs to: None when that cannot be told)."""
+    if not _EXECUTION_ID.match(execution_id):
+        return False, None
+    row = await conn.fetchrow(_DEPLOYMENT, execution_id)
+    return (False, None) if row is None else (True, row["deployment"])

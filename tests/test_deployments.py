@@ -1,16 +1,25 @@
 """Two deployments (two prefixes: their own streams) sharing one ledger.
 
 Each has its own partitions, leases, epochs and watermarks (migration 011),
-and its workers' fair share counts only its own live workers.
+and its workers' fair share counts only its own live workers. An operator's
+cancel or signal goes only to an execution of the deployment it is sent from
+(migration 021).
 """
 
 import asyncio
+import html
 import time
 
+import asyncpg
 import nats as nats_py
-from harness import NO_PROBLEMS, WELCOME, Clock, Harness
+from aiohttp.test_utils import TestClient, TestServer
+from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
 
 from bench.generator import trigger_event
+from daemon.console.app import make_app
+from daemon.console.auth import Sessions, Tokens
+from daemon.console.state import Console
+from ledger.executions import deployment_of
 
 
 async def _owners(h: Harness) -> dict[tuple[str, str], int]:
@@ -227,3 +236,83 @@ async def test_two_deployments_fire_their_own_timers_once_and_route_events_only_
             assert await a.ledger_problems() == NO_PROBLEMS
         finally:
             await _delete_streams(nats_server_url, b)
+
+
+async def test_a_cancel_or_signal_for_another_deployments_execution_is_refused_not_sent_to_this_one(
+    nats_server_url, pg_dsn, prefix
+):
+    """The ledger is shared, so B's `ordo` and console find A's execution; sent on B's subjects, B's
+    worker would apply it to the row both share. It is refused, naming the execution and its deployment."""
+    other = f"{prefix}x"
+    a = Harness(nats_server_url, pg_dsn, prefix)
+    b = Harness(nats_server_url, pg_dsn, other)
+    operator = "op-0123456789abcdef"
+    async with a, b:
+        try:
+            await a.deploy(WAITER)
+            async with a.worker(), b.worker():
+                await a.publish_triggers([trigger_event("op", 0, tenant="acme", event_type="session.started")])
+                execution_id = a.execution_id("acme", "waiter", "op-0")
+                await a.wait_status(execution_id, "waiting")
+                refusal = f"execution {execution_id} belongs to deployment {prefix!r}, not to this one ({other!r})"
+
+                for command in (("execution", "cancel", execution_id), ("signal", execution_id, "done")):
+                    refused = ordo(*command, env_extra=b.env())
+                    assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
+                pool = await asyncpg.create_pool(b.config.pg_dsn, min_size=1, max_size=2)
+                console = Console(pool, b.js, b.topology, Tokens(f"alice:{operator}"), Sessions())
+                try:
+                    async with TestClient(TestServer(make_app(console))) as client:
+                        headers = {"Authorization": f"Bearer {operator}"}
+                        for change, form in (("cancel", {}), ("signal", {"name": "done"})):
+                            page = await client.post(f"/executions/{execution_id}/{change}", data=form, headers=headers)
+                            assert page.status == 409 and html.escape(refusal) in await page.text()
+                finally:
+                    await pool.close()
+                outcomes = await a.db.fetch("SELECT action, outcome FROM ordo.console_audit ORDER BY id")
+                assert [(r["action"], r["outcome"]) for r in outcomes] == [
+                    ("cancel", f"refused: {refusal}: not sent"),
+                    ("signal", f"refused: {refusal}: not sent"),
+                ]
+                # Nothing reached B's execution stream, and A's execution still waits.
+                assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
+                assert (
+                    await a.db.fetchval(
+                        "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id
+                    )
+                    == "waiting"
+                )
+
+                # From A, the same cancel is sent, and A's worker applies it.
+                sent = ordo("execution", "cancel", execution_id, env_extra=a.env())
+                assert sent.returncode == 0 and f"cancel sent to {execution_id}" in sent.stdout, sent.stderr
+                await a.wait_status(execution_id, "cancelled")
+                # A row of before migration 021 names no deployment: of two on the ledger, none can tell whose.
+                await a.db.execute(
+                    "UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id
+                )
+                legacy = ordo("signal", execution_id, "done", env_extra=a.env())
+                assert legacy.returncode == 1 and "a deployment the ledger cannot name" in legacy.stderr
+                unknown = ordo("signal", "00000000-0000-0000-0000-000000000000", "done", env_extra=a.env())
+                assert unknown.returncode == 1 and "no execution 00000000-0000-0000-0000-000000000000" in unknown.stderr
+        finally:
+            await _delete_streams(nats_server_url, b)
+
+
+async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_the_only_deployments(
+    nats_server_url, pg_dsn, prefix
+):
+    """Migration 021: the batcher's connection names the deployment and the column's default records it;
+    a row of before it names none, and on a ledger of one deployment it is that one's."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker():
+            await h.publish_triggers([trigger_event("own", 0, tenant="acme", event_type="session.started")])
+            execution_id = h.execution_id("acme", "waiter", "own-0")
+            await h.wait_status(execution_id, "waiting")
+        stored = "SELECT deployment FROM ordo.executions WHERE execution_id = $1::uuid"
+        assert await h.db.fetchval(stored, execution_id) == prefix
+        assert await deployment_of(h.db, execution_id) == (True, prefix)
+        await h.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id)
+        assert await deployment_of(h.db, execution_id) == (True, prefix)
+        assert await deployment_of(h.db, "not-an-execution-id") == (False, None)

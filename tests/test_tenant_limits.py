@@ -123,7 +123,7 @@ async def test_an_execution_waiting_its_start_turn_records_signals_in_order_and_
             )  # the first runs (its call held at the provider); two wait their turn
             for n in range(3):
                 await h.signal(second_id, "note", {"n": n})
-            await operator_messages.send(h.js, h.topology, operator_messages.cancel(third_id, "test"))
+            await operator_messages.send(h.js, h.db, h.topology, operator_messages.cancel(third_id, "test"))
             await h.wait_status(third_id, "cancelled")
             assert await h.db.fetchval("SELECT count(*) FROM ordo.limit_queue") == 1  # the third's place is gone
             assert len(provider.keys) == 1

@@ -5,7 +5,8 @@ Each is what the command line does (`ordo execution cancel`, `ordo signal`,
 messages, daemon/dlq.py's `retry_letters`. Before anything is
 sent the change is written to the audit trail (who, what, which execution or
 letter), and its outcome after; a tenant token's change to what is not its
-tenant's is "not found", like a page.
+tenant's is "not found", like a page. A cancel or signal for another
+deployment's execution (the ledger is shared) is refused, 409, and audited as such.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ async def _audited(
         )
     try:
         done = await change(console)
+    except operator_messages.NotSent as exc:
+        async with console.pool.acquire() as conn:
+            await queries.audit_end(conn, audit_id, f"refused: {exc}")
+        return html_page(request, "Not sent", f'<p class="error">{esc(exc)}</p>', 409)
     except Exception as exc:
         async with console.pool.acquire() as conn:
             await queries.audit_end(conn, audit_id, f"error: {exc}")
@@ -75,7 +80,9 @@ async def cancel(request: web.Request) -> web.Response:
     reason = str(form.get("reason") or "") or f"cancelled in the console by {identity_of(request).name}"
 
     async def change(console: Console) -> str:
-        seq = await operator_messages.send(console.js, console.topology, operator_messages.cancel(execution_id, reason))
+        message = operator_messages.cancel(execution_id, reason)
+        async with console.pool.acquire() as conn:
+            seq = await operator_messages.send(console.js, conn, console.topology, message)
         return f"cancel sent to {execution_id} (stream seq {seq})"
 
     return await _audited(request, "cancel", execution_id, None, {"reason": reason}, change)
@@ -100,7 +107,8 @@ async def signal(request: web.Request) -> web.Response:
 
     async def change(console: Console) -> str:
         message = operator_messages.signal(execution_id, name, data, signal_id)
-        seq = await operator_messages.send(console.js, console.topology, message)
+        async with console.pool.acquire() as conn:
+            seq = await operator_messages.send(console.js, conn, console.topology, message)
         return f"signal {name!r} sent to {execution_id} (stream seq {seq})"
 
     detail = {"name": name, "data": data, "signal_id": signal_id}
