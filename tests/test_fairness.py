@@ -8,6 +8,7 @@ acme -> 15, echo -> 4.
 
 import asyncio
 import os
+import time
 from types import SimpleNamespace
 
 import nats
@@ -215,8 +216,9 @@ async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lane
 
 
 async def test_beside_a_quiet_lanes_events_a_busy_lane_keeps_at_most_the_shared_in_flight(monkeypatch):
-    """A probe that brought events holds a busy lane to trigger_shared_in_flight, in grants of its
-    quantum; once the quiet lane has been silent for SHARED_FOR_S, it fills the window again."""
+    """A probe that brought events holds a busy lane working off a backlog to trigger_shared_in_flight,
+    in grants of its quantum (not a busy lane taking its events as they come); once the quiet lane
+    has been silent for SHARED_FOR_S, the backlog fills the window again."""
     from daemon import lanes as lanes_module
     from daemon.config import Config
     from daemon.intake import Window
@@ -231,15 +233,17 @@ async def test_beside_a_quiet_lanes_events_a_busy_lane_keeps_at_most_the_shared_
     lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
     fair = lanes.fair
     runner = asyncio.create_task(fair.run())
-    noisy, quiet = Lane(5, 1, 1, 1), Lane(6, 2, 1, 1)
-    noisy.idle = False
+    noisy, quiet, lively = Lane(5, 1, 1, 1), Lane(6, 2, 1, 1), Lane(7, 3, 1, 1)
+    noisy.idle = lively.idle = False
+    noisy.last_stored_ns = time.time_ns() - 5 * 10**9  # 5 s behind: a backlog
+    lively.last_stored_ns = time.time_ns()  # takes its events as they are stored
     fair.busy = {5}
-    assert fair.busy_limit() is None
+    assert fair.busy_limit(noisy) is None
     assert await asyncio.wait_for(fair.turn(noisy), 1) == 500  # alone: a whole pull
     window.arrived(500)
     noisy.deficit = 0
     lanes.took(quiet, 3, 3, 0)  # the quiet lane's probe brought 3 events
-    assert fair.busy_limit() == 300
+    assert fair.busy_limit(noisy) == 300 and fair.busy_limit(lively) is None
     window.release(500)
     assert await asyncio.wait_for(fair.turn(noisy), 1) == 100  # its quantum, not a whole pull
     window.arrived(100)
@@ -255,9 +259,14 @@ async def test_beside_a_quiet_lanes_events_a_busy_lane_keeps_at_most_the_shared_
     window.release(3)
     assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 300 + fair.probe
     window.unreserve(fair.probe)
-    await asyncio.sleep(0.25)  # the quiet lane went silent
-    assert fair.busy_limit() is None
     window.arrived(100)
+    fair.busy = {5, 7}
+    lively_turn = asyncio.create_task(fair.turn(lively))
+    assert await asyncio.wait_for(lively_turn, 1) == 100  # 300 in flight, and it is not held to that
+    window.unreserve(100)
+    fair.busy = {5}
+    await asyncio.sleep(0.25)  # the quiet lane went silent
+    assert fair.busy_limit(noisy) is None
     window.release(300)
     noisy.deficit = 0
     assert await asyncio.wait_for(fair.turn(noisy), 1) == 500
