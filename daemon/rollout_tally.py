@@ -45,8 +45,14 @@ class RolloutTally:
             if r["state"] in _IN_PROGRESS
         }
 
-    def _counts_of(self, stage: _Stage, version: int, engine: str | None) -> list[int]:
-        """The stage's counts an execution of `version` on `engine` adds to."""
+    def _counts_of(
+        self, tenant: str, workflow_id: str, created_at: datetime, version: int, engine: str | None
+    ) -> list[int] | None:
+        """The current stage's counts an execution of `version` on `engine` adds to; None when its
+        workflow has no rollout in progress or it was enrolled before the stage began."""
+        stage = self._stages.get((tenant, workflow_id))
+        if stage is None or created_at < stage.started_at:
+            return None
         # An engine rollout's candidate runs its baseline's version: it is counted apart (ledger.rollouts.sides).
         key = (stage.rollout_id, stage.started_at, version if engine is None else CANDIDATE_ENGINE)
         counts = self._counts.get(key)
@@ -57,10 +63,11 @@ class RolloutTally:
     def observe(self, change) -> None:
         """A committed change that enrolled or ended an execution (ledger.batcher.ExecutionChange)."""
         record = change.record
-        stage = self._stages.get((record.tenant, record.workflow_id))
-        if stage is None or record.created_at < stage.started_at:
+        counts = self._counts_of(
+            record.tenant, record.workflow_id, record.created_at, record.workflow_version, record.engine
+        )
+        if counts is None:
             return
-        counts = self._counts_of(stage, record.workflow_version, record.engine)
         if change.is_new:
             counts[0] += 1
         if change.finished and change.status in ("completed", "failed"):
@@ -80,10 +87,11 @@ class RolloutTally:
         on enrolment counts as started too, as a candidate engine's `engine_error` does
         (daemon/engines.py). Each message the dispatcher raises on counts once.
         """
-        stage = self._stages.get((failure.tenant, failure.workflow_id))
-        if stage is None or failure.created_at < stage.started_at:
+        counts = self._counts_of(
+            failure.tenant, failure.workflow_id, failure.created_at, failure.workflow_version, failure.engine
+        )
+        if counts is None:
             return
-        counts = self._counts_of(stage, failure.workflow_version, failure.engine)
         if failure.enrolling:
             counts[0] += 1
         counts[2] += 1
