@@ -105,11 +105,6 @@ class Config(Settings):
     trigger_streams: int = 1
     #: Each busy lane gets trigger_quantum x its weight events per turn of the fair round-robin.
     trigger_quantum: int = 256
-    #: While quiet lanes' events are coming in, the busy lanes open a pull only while the worker
-    #: holds fewer than this many messages in flight (0: they may fill the whole window, as when
-    #: they are alone). Everything in flight is work the worker does before a quiet lane's next
-    #: event can commit; a burst gives up that queue, not its share of the worker (daemon/lanes.py).
-    trigger_shared_in_flight: int = 1024
     #: A paying tier's share: comma-separated TENANT=WEIGHT (an integer >= 1; others weigh 1).
     #: A lane weighs as much as the heaviest tenant in it. SIGHUP reloads it.
     tenant_weights: str = ""
@@ -131,8 +126,6 @@ def load(path: str | None = None, **overrides) -> Config:
             f"trigger_streams must be between 1 and trigger_lanes ({config.trigger_lanes}), "
             f"not {config.trigger_streams!r}"
         )
-    if config.trigger_shared_in_flight < 0:
-        raise ValueError(f"trigger_shared_in_flight must be 0 (off) or more, not {config.trigger_shared_in_flight!r}")
     if not 0.0 <= config.trace_sample <= 1.0:
         raise ValueError(f"trace_sample must be between 0 and 1, not {config.trace_sample!r}")
     return config

@@ -97,14 +97,8 @@ class Window:
         if self.has_room(self.config.fetch_batch, new_work=True):
             self._room.set()
 
-    def has_room(self, batch: int, *, new_work: bool = False, limit: int | None = None) -> bool:
-        """Whether `batch` more fit in the window; with a `limit` (busy lanes beside quiet ones), also
-        whether what has come in stays under it with them. Only what has come in: the other lanes'
-        open pulls hold grants they may fill slowly or never, and counting those held a lane of a
-        few hundred events/s waiting for pulls of the others to expire."""
+    def has_room(self, batch: int, *, new_work: bool = False) -> bool:
         if self.in_flight + self.reserved + batch > self.config.max_ack_pending:
-            return False
-        if limit is not None and self.in_flight + batch > limit:
             return False
         if not new_work:
             return True
@@ -115,8 +109,8 @@ class Window:
         pending_calls = self.effects.pending
         return pending_calls == 0 or self.in_flight + pending_calls < self.effects.backlog
 
-    async def wait_for_room(self, batch: int, *, new_work: bool, limit: int | None = None) -> None:
-        while not self.has_room(batch, new_work=new_work, limit=limit):
+    async def wait_for_room(self, batch: int, *, new_work: bool) -> None:
+        while not self.has_room(batch, new_work=new_work):
             self._room.clear()
             await self._room.wait()
 

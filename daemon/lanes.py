@@ -18,15 +18,6 @@ instead of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 
-While quiet lanes' events are coming in (a probe brought some within the
-last second), a busy lane that works off a backlog (the newest event it took
-was stored over a second ago) opens pulls only while the worker holds fewer
-than `trigger_shared_in_flight` messages in flight, in grants of its
-quantum. Whatever is in flight is work the worker's one event loop and its
-commits get through before a quiet lane's next event is committed; on the
-bench the burst drained as fast held to 1,024 as with the whole window of
-8,192 (README, Fairness). Alone, a busy lane fills the window as before.
-
 A probe waits for room for itself only, not for a busy lane's pull's worth
 (`Window.release` wakes every waiter), and what it brings goes into the next
 commit ahead of the busy lanes' backlog (daemon/intake.py,
@@ -35,17 +26,12 @@ commit ahead of the busy lanes' backlog (daemon/intake.py,
 
 import asyncio
 import logging
-import time
 from collections import deque
 
 from . import logs, metrics
 from .config import Config
 
 log = logging.getLogger("ordo.lanes")
-
-#: How long after a quiet lane's probe last brought events the busy lanes stay held to
-#: `trigger_shared_in_flight`: a tenant sending an event a second is still there.
-SHARED_FOR_S = 1.0
 
 
 def lane_of(tenant: str, lanes: int) -> int:
@@ -141,25 +127,6 @@ class FairShare:
         #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
         #: take a whole pull per turn, as the one consumer of before did, instead of a quantum.
         self.busy: set[int] = set()
-        #: What the busy lanes may hold in flight while quiet lanes' events come in (0: the window).
-        self.shared_in_flight = max(0, config.trigger_shared_in_flight)
-        #: When a quiet lane's probe last brought events (time.monotonic()).
-        self._quiet_took_at = float("-inf")
-
-    def quiet_lane_took(self) -> None:
-        """A quiet lane's probe brought events: hold the busy lanes to `shared_in_flight` for a while."""
-        self._quiet_took_at = time.monotonic()
-
-    def busy_limit(self, lane: Lane) -> int | None:
-        """The in-flight bound of a busy lane's next pull: `shared_in_flight` while quiet lanes'
-        events are coming in and this lane works off a backlog (the newest event it took was stored
-        over SHARED_FOR_S ago), else None (the whole window). A lane that takes its events as they
-        come, only too many for a probe, is not a burst: held, it would wait behind the burst."""
-        if not self.shared_in_flight or time.monotonic() - self._quiet_took_at >= SHARED_FOR_S:
-            return None
-        if not lane.last_stored_ns or time.time_ns() - lane.last_stored_ns < SHARED_FOR_S * 1e9:
-            return None
-        return self.shared_in_flight
 
     async def turn(self, lane: Lane) -> int:
         """Wait for the lane's turn; the messages its next pull may ask for (0: the lane is stopping)."""
@@ -194,17 +161,15 @@ class FairShare:
                 # than granted skips turns until it has paid that back. No lane banks more than
                 # a couple of turns: credit is for a backlog being taken, not for idle time.
                 share = self.quantum * lane.weight
-                limit = self.busy_limit(lane)
-                metrics.lanes_shared.set(limit is not None)
-                if len(self.busy) <= 1 and limit is None:
+                if len(self.busy) <= 1:
                     share = max(share, self.most)  # no one else to be fair to: small pulls only cost round trips
                 lane.deficit = min(lane.deficit + share, 2 * share)
                 if lane.deficit <= 0:
                     self._turns.append(lane)
                     continue
-                grant = min(lane.deficit, self.most, limit or self.most)
-                while not self.window.has_room(grant, new_work=True, limit=limit):
-                    room = asyncio.ensure_future(self.window.wait_for_room(grant, new_work=True, limit=limit))
+                grant = min(lane.deficit, self.most)
+                while not self.window.has_room(grant, new_work=True):
+                    room = asyncio.ensure_future(self.window.wait_for_room(grant, new_work=True))
                     await asyncio.wait([room, stopped], return_when=asyncio.FIRST_COMPLETED)
                     if not room.done():
                         room.cancel()
@@ -308,8 +273,6 @@ class Lanes:
     def took(self, lane: Lane, messages: int, events: int, stored_ns: int) -> None:
         """A pull brought `messages` of its grant, holding `events` trigger events: charge the lane."""
         lane.taken += messages
-        if lane.idle and events:
-            self.fair.quiet_lane_took()  # it was a probe: lane.idle is what its pull opened as
         lane.deficit -= events
         lane.last_stored_ns = max(lane.last_stored_ns, stored_ns)
         lane.taken_total.inc(events)

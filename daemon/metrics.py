@@ -264,10 +264,6 @@ for _status in ("completed", "failed", "cancelled"):
 
 # Trigger lanes (daemon/lanes.py): labelled by lane number, so at most `trigger_lanes` children each.
 lane_taken = Counter("ordo_trigger_lane_taken_total", "Trigger events taken from each lane.", ["lane"])
-lanes_shared = Gauge(
-    "ordo_trigger_lanes_shared",
-    "1 while quiet lanes' events are coming in and the busy lanes are held to trigger_shared_in_flight.",
-)
 lane_backlog = Gauge("ordo_trigger_lane_backlog", "Trigger messages waiting in each lane this worker takes.", ["lane"])
 lane_behind = Gauge(
     "ordo_trigger_lane_behind_seconds",

@@ -8,7 +8,6 @@ acme -> 15, echo -> 4.
 
 import asyncio
 import os
-import time
 from types import SimpleNamespace
 
 import nats
@@ -213,72 +212,6 @@ async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lane
     assert window.in_flight + window.reserved == 1000
     stopping.set()
     await runner
-
-
-async def test_beside_a_quiet_lanes_events_a_busy_lane_keeps_at_most_the_shared_in_flight(monkeypatch):
-    """A probe that brought events holds a busy lane working off a backlog to trigger_shared_in_flight,
-    in grants of its quantum (not a busy lane taking its events as they come); once the quiet lane
-    has been silent for SHARED_FOR_S, the backlog fills the window again."""
-    from daemon import lanes as lanes_module
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane, Lanes
-
-    monkeypatch.setattr(lanes_module, "SHARED_FOR_S", 0.2)
-    config = Config(
-        max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16, trigger_shared_in_flight=300
-    )
-    window, stopping = Window(config), asyncio.Event()
-    window.effects = SimpleNamespace(pending=0, backlog=0)
-    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
-    fair = lanes.fair
-    runner = asyncio.create_task(fair.run())
-    noisy, quiet, lively = Lane(5, 1, 1, 1), Lane(6, 2, 1, 1), Lane(7, 3, 1, 1)
-    noisy.idle = lively.idle = False
-    noisy.last_stored_ns = time.time_ns() - 5 * 10**9  # 5 s behind: a backlog
-    lively.last_stored_ns = time.time_ns()  # takes its events as they are stored
-    fair.busy = {5}
-    assert fair.busy_limit(noisy) is None
-    assert await asyncio.wait_for(fair.turn(noisy), 1) == 500  # alone: a whole pull
-    window.arrived(500)
-    noisy.deficit = 0
-    lanes.took(quiet, 3, 3, 0)  # the quiet lane's probe brought 3 events
-    assert fair.busy_limit(noisy) == 300 and fair.busy_limit(lively) is None
-    window.release(500)
-    assert await asyncio.wait_for(fair.turn(noisy), 1) == 100  # its quantum, not a whole pull
-    window.arrived(100)
-    noisy.deficit -= 100
-    assert await asyncio.wait_for(fair.turn(noisy), 1) == 100
-    window.arrived(100)
-    noisy.deficit -= 100
-    window.add(3)  # the quiet lane's events are in flight too
-    blocked = asyncio.create_task(fair.turn(noisy))
-    await _loop_turns()
-    assert not blocked.done()  # 203 in flight: another 100 would pass 300
-    window.reserve(fair.probe)  # the quiet lane's probe is open again: a grant, not yet work
-    window.release(3)
-    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 300 + fair.probe
-    window.unreserve(fair.probe)
-    window.arrived(100)
-    fair.busy = {5, 7}
-    lively_turn = asyncio.create_task(fair.turn(lively))
-    assert await asyncio.wait_for(lively_turn, 1) == 100  # 300 in flight, and it is not held to that
-    window.unreserve(100)
-    fair.busy = {5}
-    await asyncio.sleep(0.25)  # the quiet lane went silent
-    assert fair.busy_limit(noisy) is None
-    window.release(300)
-    noisy.deficit = 0
-    assert await asyncio.wait_for(fair.turn(noisy), 1) == 500
-    stopping.set()
-    await runner
-
-
-def test_a_negative_shared_in_flight_is_refused_by_name():
-    from daemon.config import load
-
-    with pytest.raises(ValueError, match="trigger_shared_in_flight"):
-        load(trigger_shared_in_flight=-1)
 
 
 async def test_a_quiet_lanes_events_go_into_the_next_commit_ahead_of_a_backlog():
