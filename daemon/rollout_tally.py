@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from ledger.batcher import DispatchFailure
 from ledger.rollouts import CANDIDATE_ENGINE
@@ -22,6 +23,21 @@ from ledger.rollouts import CANDIDATE_ENGINE
 from . import metrics
 
 _IN_PROGRESS = ("running", "paused")
+
+
+class _Execution(Protocol):
+    """What the tally reads of an execution: its record (ledger.executions) or a DispatchFailure."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def workflow_id(self) -> str: ...
+    @property
+    def workflow_version(self) -> int: ...
+    @property
+    def engine(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +61,15 @@ class RolloutTally:
             if r["state"] in _IN_PROGRESS
         }
 
-    def _counts_of(
-        self, tenant: str, workflow_id: str, created_at: datetime, version: int, engine: str | None
-    ) -> list[int] | None:
-        """The current stage's counts an execution of `version` on `engine` adds to; None when its
-        workflow has no rollout in progress or it was enrolled before the stage began."""
-        stage = self._stages.get((tenant, workflow_id))
-        if stage is None or created_at < stage.started_at:
+    def _counts_of(self, execution: _Execution) -> list[int] | None:
+        """The current stage's counts the execution adds to; None when its workflow has no rollout
+        in progress or it was enrolled before the stage began."""
+        stage = self._stages.get((execution.tenant, execution.workflow_id))
+        if stage is None or execution.created_at < stage.started_at:
             return None
         # An engine rollout's candidate runs its baseline's version: it is counted apart (ledger.rollouts.sides).
-        key = (stage.rollout_id, stage.started_at, version if engine is None else CANDIDATE_ENGINE)
+        side = execution.workflow_version if execution.engine is None else CANDIDATE_ENGINE
+        key = (stage.rollout_id, stage.started_at, side)
         counts = self._counts.get(key)
         if counts is None:
             counts = self._counts[key] = [0, 0, 0]
@@ -63,9 +78,7 @@ class RolloutTally:
     def observe(self, change) -> None:
         """A committed change that enrolled or ended an execution (ledger.batcher.ExecutionChange)."""
         record = change.record
-        counts = self._counts_of(
-            record.tenant, record.workflow_id, record.created_at, record.workflow_version, record.engine
-        )
+        counts = self._counts_of(record)
         if counts is None:
             return
         if change.is_new:
@@ -87,9 +100,7 @@ class RolloutTally:
         on enrolment counts as started too, as a candidate engine's `engine_error` does
         (daemon/engines.py). Each message the dispatcher raises on counts once.
         """
-        counts = self._counts_of(
-            failure.tenant, failure.workflow_id, failure.created_at, failure.workflow_version, failure.engine
-        )
+        counts = self._counts_of(failure)
         if counts is None:
             return
         if failure.enrolling:
