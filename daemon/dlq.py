@@ -10,11 +10,19 @@ Two kinds of letters, two kinds of retry:
   to its original subject, under a new message id, after the operator fixed
   what was wrong.
 A retried letter is marked `retried`, so `--all` does not retry it twice.
+
+Deployments that share a ledger share its dead-letter table. A failed step's
+retry goes onto the retrying deployment's own execution subject, where its
+worker would apply it to another deployment's execution: so only the
+deployment's own letters are retried (a failed step of its own execution,
+migration 021; a message taken from its own subjects), and another's stay
+open for that deployment's own `ordo dlq retry`.
 """
 
 import orjson
 
 from ledger import dead_letters
+from ledger.executions import deployment_of
 
 
 async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str]:
@@ -66,10 +74,15 @@ async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
 
 
 async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None) -> list[str]:
-    """Retry open letters (one by id, or all that match); returns a line per letter."""
+    """Retry open letters (one by id, or all that match) of this deployment; returns a line per letter,
+    and one for the other deployments' letters left open."""
     done = []
+    others = 0
     async with conn.transaction():
         for r in await dead_letters.pick_for_retry(conn, letter_id, reason, tenant, action):
+            if not await _is_ours(conn, topology, r):
+                others += 1
+                continue
             if r["reason"] == "step_failed" and r["execution_id"]:
                 body = {"v": 1, "kind": "retry", "execution_id": r["execution_id"], "step_id": r["step_id"]}
                 await js.publish(
@@ -85,4 +98,18 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
                 done.append(f"{r['id']}: nothing to retry it with (no subject)")
                 continue
             await dead_letters.mark_retried(conn, r["id"])
+    if others:
+        done.append(
+            f"{others} letter(s) of another deployment than {topology.prefix!r} left open: "
+            "retry them from their own deployment"
+        )
     return done
+
+
+async def _is_ours(conn, topology, letter) -> bool:
+    """Whether the letter is this deployment's to retry: a failed step of its own execution (a row of
+    before migration 021 counts as the ledger's one deployment's), or a message from its subjects."""
+    if letter["reason"] == "step_failed" and letter["execution_id"]:
+        _, deployment = await deployment_of(conn, letter["execution_id"])
+        return deployment == topology.prefix
+    return not letter["subject"] or letter["subject"].startswith(f"{topology.prefix}.")

@@ -2,8 +2,8 @@
 
 Each has its own partitions, leases, epochs and watermarks (migration 011),
 and its workers' fair share counts only its own live workers. An operator's
-cancel or signal goes only to an execution of the deployment it is sent from
-(migration 021).
+cancel, signal or dead-letter retry goes only to an execution of the
+deployment it is sent from (migration 021).
 """
 
 import asyncio
@@ -19,6 +19,7 @@ from bench.generator import trigger_event
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
+from daemon.dlq import retry_letters
 from ledger.executions import deployment_of
 
 
@@ -316,3 +317,56 @@ async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_t
         await h.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id)
         assert await deployment_of(h.db, execution_id) == (True, prefix)
         assert await deployment_of(h.db, "not-an-execution-id") == (False, None)
+
+
+#: A step that fails for good at once: the SSRF guard refuses the metadata address.
+FAILING = {
+    "id": "failing",
+    "tenant": "acme",
+    "trigger": {"event": "order.placed"},
+    "steps": [
+        {
+            "id": "call",
+            "type": "action",
+            "action": "webhook",
+            "input": {"url": "http://169.254.169.254/latest"},
+            "retry": {"max_attempts": 1},
+        },
+    ],
+}
+
+
+async def _statuses(h: Harness, letter_ids: list[int]) -> list[str]:
+    rows = await h.db.fetch("SELECT status FROM ordo.dead_letters WHERE id = ANY($1::bigint[]) ORDER BY id", letter_ids)
+    return [r["status"] for r in rows]
+
+
+async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_server_url, pg_dsn, prefix):
+    """The dead-letter table is shared too: B's `ordo dlq retry --all` would have put a retry of A's
+    failed step onto B's execution subject, for B's worker to apply to A's execution. B leaves A's
+    letters open, says so, and publishes nothing; A retries its own."""
+    other = f"{prefix}x"
+    a = Harness(nats_server_url, pg_dsn, prefix)
+    b = Harness(nats_server_url, pg_dsn, other)
+    async with a, b:
+        try:
+            await a.deploy(FAILING)
+            async with a.worker(), b.worker():
+                await a.publish_triggers([trigger_event("dlq", 0, tenant="acme", event_type="order.placed")])
+                await a.publish_raw(a.topology.trigger_subject("acme", "order.placed"), b"{not json", msg_id="bad-0")
+                await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=2)
+
+                letters = [r["id"] for r in await a.db.fetch("SELECT id FROM ordo.dead_letters")]
+                left = await retry_letters(b.db, b.js, b.topology)
+                assert left == [
+                    f"2 letter(s) of another deployment than {other!r} left open: retry them from their own deployment"
+                ]
+                assert await _statuses(a, letters) == ["open", "open"]
+                assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
+
+                execution_id = a.execution_id("acme", "failing", "dlq-0")
+                retried = await retry_letters(a.db, a.js, a.topology)
+                assert len(retried) == 2 and any(f"execution {execution_id} resumes at step call" in r for r in retried)
+                assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
+        finally:
+            await _delete_streams(nats_server_url, b)
