@@ -81,6 +81,22 @@ WAITER = {
     ],
 }
 
+#: A step that fails for good at once: the SSRF guard refuses the metadata address (a dead letter).
+FAILING = {
+    "id": "failing",
+    "tenant": "acme",
+    "trigger": {"event": "order.placed"},
+    "steps": [
+        {
+            "id": "call",
+            "type": "action",
+            "action": "webhook",
+            "input": {"url": "http://169.254.169.254/latest"},
+            "retry": {"max_attempts": 1},
+        },
+    ],
+}
+
 
 class Clock:
     """Epoch milliseconds that move only when the test says (plus real time, slowly)."""

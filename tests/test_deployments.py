@@ -13,7 +13,7 @@ import time
 import asyncpg
 import nats as nats_py
 from aiohttp.test_utils import TestClient, TestServer
-from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
+from harness import FAILING, NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
 
 from bench.generator import trigger_event
 from daemon.console.app import make_app
@@ -317,23 +317,6 @@ async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_t
         await h.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id)
         assert await deployment_of(h.db, execution_id) == (True, prefix)
         assert await deployment_of(h.db, "not-an-execution-id") == (False, None)
-
-
-#: A step that fails for good at once: the SSRF guard refuses the metadata address.
-FAILING = {
-    "id": "failing",
-    "tenant": "acme",
-    "trigger": {"event": "order.placed"},
-    "steps": [
-        {
-            "id": "call",
-            "type": "action",
-            "action": "webhook",
-            "input": {"url": "http://169.254.169.254/latest"},
-            "retry": {"max_attempts": 1},
-        },
-    ],
-}
 
 
 async def _statuses(h: Harness, letter_ids: list[int]) -> list[str]:

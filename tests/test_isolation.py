@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
-from harness import NO_PROBLEMS, ROOT, WAITER, Harness
+from harness import FAILING, NO_PROBLEMS, ROOT, WAITER, Harness
 
 from bench.generator import trigger_event
 from daemon.dlq import list_letters, retry_letters, show_letter
@@ -31,21 +31,6 @@ REPLIER = {
     "steps": [
         {"id": "reply", "type": "wait_for_event", "event": "contact.replied", "timeout": "1h"},
         {"id": "thanks", "type": "set", "values": {"replied": True}},
-    ],
-}
-
-#: A step that fails for good at once: the SSRF guard refuses the metadata address.
-FAILING = {
-    "id": "failing",
-    "trigger": {"event": "order.placed"},
-    "steps": [
-        {
-            "id": "call",
-            "type": "action",
-            "action": "webhook",
-            "input": {"url": "http://169.254.169.254/latest"},
-            "retry": {"max_attempts": 1},
-        },
     ],
 }
 
