@@ -12,9 +12,11 @@ execution reach the execution's subject in that order.
 Within a worker the lanes share the in-flight window by deficit round-robin
 (`FairShare`): a busy lane, in its turn, may open a pull for its deficit
 (`trigger_quantum` x its weight, less what its last pulls brought beyond their
-grant), never for the whole window. A lane that went quiet keeps a small pull
-open (`probe`) that bypasses the turns, so its next event is taken at once
-instead of after another lane's backlog. What a lane has not been granted
+grant), never for the whole window. When the heaviest busy lane's share would
+be more than one pull (`fetch_batch`), every lane's quantum is scaled down so
+that it fits: the lanes' shares keep the ratio of their weights. A lane that
+went quiet keeps a small pull open (`probe`) that bypasses the turns, so its
+next event is taken at once instead of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 
@@ -127,10 +129,19 @@ class FairShare:
         #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
         #: take a whole pull per turn, as the one consumer of before did, instead of a quantum.
         self.busy: set[int] = set()
+        #: The weight of each lane that has taken turns (lane index -> weight).
+        self._weights: dict[int, int] = {}
+        #: Turns go in rounds: a busy lane has one turn a round, and one that comes back for
+        #: another before every other busy lane has had its turn waits in `_held`. Else a lane
+        #: whose pulls come back sooner (smaller ones: a lighter weight) would take more turns.
+        self._round = 0
+        self._served: dict[int, int] = {}  # lane index -> the round of its last turn
+        self._held: list[Lane] = []
 
     async def turn(self, lane: Lane) -> int:
         """Wait for the lane's turn; the messages its next pull may ask for (0: the lane is stopping)."""
         lane.waiter = waiter = asyncio.get_running_loop().create_future()
+        self._weights[lane.index] = lane.weight
         self._turns.append(lane)
         self._queued.set()
         try:
@@ -143,11 +154,40 @@ class FairShare:
         if lane.waiter is not None and not lane.waiter.done():
             lane.waiter.set_result(0)
 
+    def quiet(self, index: int) -> None:
+        """The lane has no backlog any more (or stops): it takes no more turns, and the round
+        need not wait for it."""
+        self.busy.discard(index)
+        self._queued.set()
+
+    def _quantum(self) -> int:
+        """The quantum of this turn: `trigger_quantum`, or less if the heaviest busy lane's share
+        would be more than one pull. A lane opens one pull per turn, so a bigger share would be
+        cut to a pull and the weights above it would all count the same."""
+        heaviest = max((self._weights.get(index, 1) for index in self.busy), default=1)
+        return max(1, min(self.quantum, self.most // heaviest))
+
+    def _had_its_turn(self, lane: Lane) -> bool:
+        """The lane had its turn in this round, and another busy lane has not yet."""
+        return (
+            lane.index in self.busy
+            and self._served.get(lane.index) == self._round
+            and any(self._served.get(index) != self._round for index in self.busy)
+        )
+
+    def _next_round_if_all_served(self) -> None:
+        """Every busy lane has had its turn: a new round, the held lanes first, in their order."""
+        if all(self._served.get(index) == self._round for index in self.busy):
+            self._round += 1
+            self._turns.extendleft(reversed(self._held))
+            self._held.clear()
+
     async def run(self) -> None:
         """Hand out turns until the worker stops: each busy lane in order, for its deficit, as the window has room."""
         stopped = asyncio.ensure_future(self.stopping.wait())
         try:
             while not self.stopping.is_set():
+                self._next_round_if_all_served()
                 if not self._turns:
                     self._queued.clear()
                     queued = asyncio.ensure_future(self._queued.wait())
@@ -157,10 +197,14 @@ class FairShare:
                 lane = self._turns.popleft()
                 if lane.waiter is None or lane.waiter.done():
                     continue  # it left while waiting
+                if self._had_its_turn(lane):
+                    self._held.append(lane)
+                    continue
+                self._served[lane.index] = self._round
                 # Each turn adds a quantum by weight; a lane whose batches brought more events
                 # than granted skips turns until it has paid that back. No lane banks more than
                 # a couple of turns: credit is for a backlog being taken, not for idle time.
-                share = self.quantum * lane.weight
+                share = self._quantum() * lane.weight
                 if len(self.busy) <= 1:
                     share = max(share, self.most)  # no one else to be fair to: small pulls only cost round trips
                 lane.deficit = min(lane.deficit + share, 2 * share)
@@ -182,9 +226,10 @@ class FairShare:
                 lane.waiter.set_result(grant)
         finally:
             stopped.cancel()
-            for lane in self._turns:
+            for lane in (*self._turns, *self._held):
                 self.leave(lane)
             self._turns.clear()
+            self._held.clear()
 
 
 class Lanes:
@@ -228,7 +273,7 @@ class Lanes:
             lane = self.running.get(index)
             if lane is not None:
                 lane.stopping = True
-                self.fair.busy.discard(index)
+                self.fair.quiet(index)
                 self.fair.leave(lane)
 
     async def drain(self, partition: int, timeout: float) -> None:
@@ -256,7 +301,10 @@ class Lanes:
 
     def forget(self, lane: Lane) -> None:
         """A lane's fetch loop ended (stopping): it is no longer this worker's."""
-        if self.running.get(lane.index) is lane and lane.stopping:
+        current = self.running.get(lane.index)
+        if current is None or current is lane:
+            self.fair.quiet(lane.index)  # the turns' round does not wait for it
+        if current is lane and lane.stopping:
             del self.running[lane.index]
             for gauge in (metrics.lane_backlog, metrics.lane_behind):
                 try:
@@ -284,7 +332,7 @@ class Lanes:
             lane.idle = lane.taken < lane.granted
             if lane.idle:
                 lane.deficit = min(lane.deficit, 0)  # an emptied lane keeps its debt, not its credit
-                self.fair.busy.discard(lane.index)
+                self.fair.quiet(lane.index)
             else:
                 self.fair.busy.add(lane.index)
         lane.granted = lane.taken = 0

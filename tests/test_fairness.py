@@ -168,17 +168,53 @@ async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     grants = [await asyncio.wait_for(fair.turn(heavy), 1), await asyncio.wait_for(fair.turn(light), 1)]
     assert grants == [300, 100] and window.reserved == 400
     window.arrived(400)  # the pulls brought all of it
-    # Each pull brought what it was granted (Lanes.took charges it): heavy fills the window in two turns.
+    # Each pull brought what it was granted (Lanes.took charges it). Heavy's next turn is the next
+    # round's; the one after waits until light has had its turn in that round too.
     heavy.deficit, light.deficit = heavy.deficit - 300, light.deficit - 100
     assert await asyncio.wait_for(fair.turn(heavy), 1) == 300
     heavy.deficit -= 300
-    assert await asyncio.wait_for(fair.turn(heavy), 1) == 300 and window.in_flight + window.reserved == 1000
-    window.arrived(600)
-    blocked = asyncio.create_task(fair.turn(light))
+    held = asyncio.create_task(fair.turn(heavy))
     await _loop_turns()
-    assert not blocked.done()  # over-quota work waits in JetStream, not in the worker
+    assert not held.done()  # its pull came back before light's: it does not take light's turn
+    assert await asyncio.wait_for(fair.turn(light), 1) == 100 and window.in_flight + window.reserved == 800
+    window.arrived(400)
+    await _loop_turns()
+    assert not held.done()  # a new round, but over-quota work waits in JetStream, not in the worker
     window.release(500)  # its whole grant fits again
-    assert await asyncio.wait_for(blocked, 1) == 100 and window.in_flight + window.reserved == 600
+    assert await asyncio.wait_for(held, 1) == 300 and window.in_flight + window.reserved == 600
+    stopping.set()
+    await runner
+
+
+async def test_a_weight_whose_share_is_more_than_one_pull_still_counts_in_full():
+    """heavy (weight 3) and light (weight 1), a quantum of 40 and pulls of at most 100: heavy's
+    share of 120 does not fit one pull, so the quantum is scaled to 33 and the lanes, pulling as
+    fast as they can, get 3:1 (99:33), not the 100:40 of a share cut to one pull."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane
+
+    config = Config(max_ack_pending=400, fetch_batch=100, trigger_quantum=40, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    fair = FairShare(config, window, stopping)
+    runner = asyncio.create_task(fair.run())
+    heavy, light = Lane(0, 0, 1, 3), Lane(1, 1, 1, 1)
+    fair.busy = {0, 1}
+    taken = {0: 0, 1: 0}
+
+    async def pull_while_busy(lane: Lane) -> None:
+        while sum(taken.values()) < 4000:
+            grant = await fair.turn(lane)
+            await asyncio.sleep(0)  # the pull's round trip
+            window.arrived(grant)  # it brought all it was granted (Lanes.took charges it)
+            lane.deficit -= grant
+            taken[lane.index] += grant
+            window.release(grant)  # committed
+
+    await asyncio.wait_for(asyncio.gather(pull_while_busy(heavy), pull_while_busy(light)), 10)
+    ratio = taken[0] / taken[1]
+    assert 2.8 <= ratio <= 3.2, f"heavy:light was {ratio:.2f} ({taken})"
     stopping.set()
     await runner
 
