@@ -74,11 +74,20 @@ class Partitions:
         self.unstarted: dict = {}
         #: The task starting them, apart from the rounds.
         self._starter: asyncio.Task | None = None
-        self._releasing: set = set()
+        #: Partitions being let go (given back, or lost): until what they had in flight has
+        #: settled they stay `closing`, and a new claim of one waits to be started.
+        self._letting_go: set = set()
 
     def owns(self, partition: int) -> bool:
         """Whether this worker owns the partition and keeps applying its messages."""
         return partition in self.ownership.owned and partition not in self.closing
+
+    def watermarks(self) -> dict[int, int]:
+        """Each partition's watermark for the next commit to write: of those still held under the
+        epoch they were started with. A lost partition's (or one lost and claimed again, not yet
+        started afresh) would be fenced, and stop the worker for nothing its commit carried."""
+        owned, epochs = self.ownership.owned, self.epochs
+        return {p: progress.watermark for p, progress in self.progress.items() if owned.get(p) == epochs.get(p)}
 
     # -- ownership rounds -----------------------------------------------------
 
@@ -146,11 +155,16 @@ class Partitions:
         )
         for p in lost:
             self.stop(p)
+            if p not in self._letting_go:
+                self._letting_go.add(p)
+                asyncio.get_running_loop().create_task(self._let_go(p))
 
     async def _start_unstarted(self) -> None:
         for p, claim in sorted(self.unstarted.items()):
             if self.unstarted.get(p) != claim:
                 continue  # lost meanwhile (and perhaps claimed again: the next start takes that)
+            if p in self._letting_go:
+                continue  # its last ownership is still settling: started in a later round
             epoch, watermark = claim
             try:
                 await self._start(p, epoch, watermark)
@@ -170,14 +184,20 @@ class Partitions:
 
     def _give_back_surplus(self, share: int) -> None:
         for p in self.ownership.surplus(share):
-            if p not in self._releasing:
-                self._releasing.add(p)
+            if p not in self._letting_go:
+                self._letting_go.add(p)
                 asyncio.get_running_loop().create_task(self._release(p))
 
     # -- one partition --------------------------------------------------------
 
     async def _start(self, p: int, epoch: int, watermark: int) -> None:
-        """A claimed partition: fence with its epoch, resume its consumer after the watermark."""
+        """A claimed partition: fence with its epoch, resume its consumer after the watermark.
+
+        Every wait on JetStream here is followed by a check that the partition is still held: it
+        may have been lost, or given back above the fair share, meanwhile (and its progress dropped).
+        """
+        if not self._holds(p, epoch):
+            return
         self.epochs[p] = epoch
         self.progress[p] = PartitionProgress(watermark)
         await self.topology.resume_partition(self._js, p, epoch, watermark)
@@ -193,6 +213,9 @@ class Partitions:
         except BaseException:
             await consumer.unsubscribe()  # the start is tried again next round, with a subscription of its own
             raise
+        if not self._holds(p, epoch):
+            await consumer.unsubscribe()
+            return
         self.timers.own(p)
         task = self.intake.fetch_partition(p, consumer)
         task.add_done_callback(self._on_fetcher_ended)
@@ -230,22 +253,36 @@ class Partitions:
     async def _release(self, p: int) -> None:
         """Above the fair share: stop fetching, let what is in flight settle, then give it back."""
         self.stop(p)
+        if not await self._settled(p):
+            return
+        async with self._pool.acquire() as conn:
+            await self.ownership.release(conn, p)
+        self._forget(p)
+        log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
+
+    async def _let_go(self, p: int) -> None:
+        """A lost partition (stopped): once what it had in flight has settled, or been fenced, it is
+        forgotten, so that a later claim of it starts afresh instead of finding it still closing."""
+        if await self._settled(p):
+            self._forget(p)
+
+    async def _settled(self, p: int) -> bool:
+        """Until the stopped partition's fetch loops have ended and what they took has settled;
+        False if the worker began to stop meanwhile."""
         fetcher = self.intake.fetchers.pop(p, None)
         if fetcher is not None:
             await asyncio.gather(fetcher, return_exceptions=True)
         await self.intake.lanes.drain(p, timeout=self.config.ack_wait_s)
         while len(self.progress.get(p, ())) and not self.stopping.is_set():
             await asyncio.sleep(0.05)
-        if self.stopping.is_set():
-            return
-        async with self._pool.acquire() as conn:
-            await self.ownership.release(conn, p)
+        return not self.stopping.is_set()
+
+    def _forget(self, p: int) -> None:
         self.epochs.pop(p, None)
         self.progress.pop(p, None)
         self.resident.drop_partition(p)  # what settled after it stopped
         self.closing.discard(p)
-        self._releasing.discard(p)
-        log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
+        self._letting_go.discard(p)
 
     # -- consumer lag ---------------------------------------------------------
 

@@ -77,6 +77,7 @@ class Settlement:
         resident: ResidentExecutions,
         effects: Effects,
         owns,
+        watermarks,
         stopping: asyncio.Event,
         clock_ms,
         nc,
@@ -98,6 +99,8 @@ class Settlement:
         self.rollout_tally = None
         #: Whether this worker owns a partition and keeps applying its messages (daemon/partitions.py).
         self.owns = owns
+        #: The watermarks each commit writes (daemon/partitions.py `Partitions.watermarks`).
+        self.watermarks = watermarks
         self.stopping = stopping
         self.clock_ms = clock_ms
         self._nc = nc
@@ -119,7 +122,7 @@ class Settlement:
                 if self.window.closed and self.window.in_flight == 0:
                     return
                 continue
-            watermarks = {p: progress.watermark for p, progress in self.progress.items()}
+            watermarks = self.watermarks()
             try:
                 result = await self.batcher.commit(units, self.epochs, watermarks)
             except Fenced:

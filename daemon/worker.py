@@ -249,6 +249,7 @@ class Worker:
             resident=self.resident,
             effects=self.effects,
             owns=self.partitions.owns,
+            watermarks=self.partitions.watermarks,
             clock_ms=self.clock_ms,
             nc=self._nc,
             js=self._js,

@@ -421,3 +421,104 @@ async def test_a_message_whose_execution_changed_since_it_was_loaded_is_applied_
             await h.wait_until("SELECT status FROM ordo.executions", expect="completed", timeout=30)
         assert made_stale
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def _serves_every_partition(h: Harness, worker, tag: str, count: int = 40) -> None:
+    """Executions spread over all partitions start, wait for a signal and complete."""
+    events = [trigger_event(tag, i, tenant="acme", event_type="session.started") for i in range(count)]
+    await h.publish_triggers(events)
+    await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=count, timeout=30)
+    for event in events:
+        await h.signal(h.execution_id("acme", "waiter", event["event_id"]), "done", {})
+    await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=count, timeout=30)
+    assert worker.fatal is None
+
+
+async def test_a_partition_lost_and_claimed_again_is_served_again(nats_server_url, pg_dsn, prefix):
+    """Another worker takes partition 0 (its epoch moves on) and gives it back; the worker claims
+    it again in a later round and serves it under the new epoch. Before, a lost partition stayed
+    `closing` for good: its new claim was never started, and its executions stalled while the
+    worker kept renewing the lease."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker(**QUICK_LEASES) as worker:
+            first = worker.ownership.owned[0]
+            await _taken_over(h, 0)
+            await _until(lambda: 0 not in worker.ownership.owned, "the worker never noticed the loss")
+            await h.db.execute(
+                "UPDATE ordo.partitions SET owner = NULL, lease_until = NULL WHERE deployment = $1 AND partition = 0",
+                h.config.prefix,
+            )
+            await _until(lambda: worker.ownership.owned.get(0, first) > first + 1, "partition 0 never claimed again")
+            await _serves_every_partition(h, worker, "reclaimed")
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_partition_given_back_while_it_is_being_started_is_not_started(nats_server_url, pg_dsn, prefix):
+    """A partition above the fair share is given back while its start still waits on JetStream
+    (its trigger lanes' consumers): the start must not go on to open a fetch loop for a partition
+    no longer held, whose progress the release has dropped. Before, that loop's first message
+    raised KeyError and stopped the worker ("a partition fetch loop failed: KeyError(3)")."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker(**QUICK_LEASES) as worker:
+            partitions, topology = worker.partitions, worker.topology
+            p = max(worker.ownership.owned)
+            # Give p back by hand, as the test of a flaky set-up does, so that the next round claims it again.
+            partitions.stop(p)
+            await asyncio.gather(worker._fetchers.pop(p), return_exceptions=True)
+            await worker.intake.lanes.drain(p, timeout=5)
+            worker.progress.pop(p, None)
+            worker._closing.discard(p)
+            async with worker._pool.acquire() as conn:
+                await worker.ownership.release(conn, p)
+            # Its next start waits while setting up its lanes' consumers.
+            real_resume_lane, lanes_of_p = topology.resume_lane, set(topology.lanes_of(p))
+            held = asyncio.Event()
+            starting = asyncio.Event()
+
+            async def resume_lane(js, lane, epoch):
+                if lane in lanes_of_p and not held.is_set():
+                    starting.set()
+                    await held.wait()
+                return await real_resume_lane(js, lane, epoch)
+
+            topology.resume_lane = resume_lane
+            await asyncio.wait_for(starting.wait(), 10)
+            # Above the fair share now (say): given back while the start waits, and taken by another
+            # worker, so that this one does not claim it again at once.
+            await partitions._release(p)
+            assert p not in worker.ownership.owned
+            await _taken_over(h, p)
+            held.set()
+            await asyncio.wait_for(asyncio.shield(partitions._starter), 10)
+            assert p not in worker._fetchers, "a fetch loop was opened for a partition given back"
+            await h.db.execute(
+                "UPDATE ordo.partitions SET owner = NULL, lease_until = NULL WHERE deployment = $1 AND partition = $2",
+                h.config.prefix,
+                p,
+            )
+            await _until(lambda: worker.ownership.owned.get(p) is not None, f"partition {p} never claimed again")
+            await _serves_every_partition(h, worker, "restarted")
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def _taken_over(h: Harness, partition: int) -> None:
+    """Another worker claims the partition, as daemon/partitions.py does: a new epoch, and its
+    consumers (of the partition and of its trigger lanes) in place of the earlier epochs'."""
+    epoch = await h.db.fetchval(
+        "UPDATE ordo.partitions SET epoch = epoch + 1, owner = 'another', lease_until = now() + interval '1 h'"
+        " WHERE deployment = $1 AND partition = $2 RETURNING epoch",
+        h.config.prefix,
+        partition,
+    )
+    await h.topology.resume_partition(h.js, partition, epoch, 0)
+    for lane in h.topology.lanes_of(partition):
+        await h.topology.resume_lane(h.js, lane, epoch)
+
+
+async def _until(condition, failure: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.05)
