@@ -245,19 +245,22 @@ def enrol(
                 state = record.state  # a fresh one if the engine crashed: none of its effects is carried out
             metrics.advance_timings.add(time.perf_counter() - started)
         except Exception as exc:  # a definition the dispatcher cannot run: poison, not fatal
+            # The letter names the execution it would have enrolled, so a rollback can list it.
+            raised_on = execution_id or execution_id_for(tenant, entry.workflow_id, event["event_id"])
             log.exception(
                 "dispatch failed for %s/%s",
                 tenant,
                 entry.workflow_id,
                 extra=logs.execution(
-                    execution_id_for(tenant, entry.workflow_id, event["event_id"]),
-                    tenant,
-                    workflow_id=entry.workflow_id,
-                    **logs.failure("dispatch_error", exc),
+                    raised_on, tenant, workflow_id=entry.workflow_id, **logs.failure("dispatch_error", exc)
                 ),
             )
             unit.dead_letter(
-                "dispatch_error", f"{type(exc).__name__}: {exc}", tenant=tenant, workflow_id=entry.workflow_id
+                "dispatch_error",
+                f"{type(exc).__name__}: {exc}",
+                tenant=tenant,
+                workflow_id=entry.workflow_id,
+                execution_id=raised_on,
             )
             unit.dispatch_failures.append(
                 DispatchFailure(tenant, entry.workflow_id, entry.version, entry.engine, now, enrolling=True)

@@ -226,9 +226,17 @@ async def status(conn, workflow_id: str | None, tenant: str | None, as_json: boo
                 f"  {t['seq']:>3}  {t['at']}  {t['action']:<11} {percent(t['share_before'])} -> "
                 f"{percent(t['share_after'])}  by {t['actor']}: {t['reason']}"
             )
-            failed = (t["detail"] or {}).get("failed_executions")
+            detail = t["detail"] or {}
+            failed = detail.get("failed_executions")
             if failed:
-                lines.append(f"       failed executions: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
+                raised = set(detail.get("dispatch_error_executions") or ())
+                shown = [f"{i} (dispatch_error)" if i in raised else i for i in failed[:10]]
+                lines.append(f"       failed executions: {', '.join(shown)}{' ...' if len(failed) > 10 else ''}")
+                if raised:
+                    lines.append(
+                        "       dispatch_error: the dispatcher raised on it, its messages are dead letters "
+                        "(ordo dlq list --reason dispatch_error)"
+                    )
     return 0, "\n".join(lines)
 
 

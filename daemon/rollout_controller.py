@@ -14,7 +14,8 @@ over the executions started in the current stage, read from the ledger:
 - once the candidate has `min_sample` finished executions, a failure rate or
   a p99 action step latency worse than the baseline's by more than the
   rollout's threshold rolls it back to 0% at once (paused or not), recording
-  the metric, both values, the threshold and the failed executions;
+  the metric, both values, the threshold and the failed executions (those
+  the dispatcher raised on marked as such: their messages are dead letters);
 - once `min_sample` shadow runs have an outcome, a divergence rate (diverged
   or failed shadow runs) above the threshold does the same;
 - once the stage has also lasted `min_dwell_s` (and the rollout is not
@@ -33,6 +34,7 @@ replayed on the candidate engine.
 """
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +43,7 @@ from typing import Any
 from ledger import rollouts
 
 from . import logs, metrics
-from .definitions import WorkflowRegistry
+from .definitions import WorkflowRegistry, cohort
 from .engines import EngineError, engine
 from .replay import replay
 from .rollout_shadow import from_replay
@@ -53,6 +55,10 @@ log = logging.getLogger("ordo.rollouts")
 WATCH_INTERVAL_S = 1.0
 #: Pending shadow runs replayed per rollout per round, at most.
 REPLAYS_PER_ROUND = 200
+#: The candidate's failed executions a rollback lists, at most.
+FAILED_LISTED = 100
+#: Executions with a dispatch_error letter a rollback reads to find the candidate's among (of either side).
+DISPATCH_ERRORS_READ = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,33 @@ def judge(rollout, counts: dict, p99_ms: dict[int, float], shadow: dict[str, int
     if rollout["state"] != "running" or rollout["dwelt_s"] < rollout["min_dwell_s"]:
         return None
     return Verdict("advanced", f"{sample} executions over {rollout['dwelt_s']:.0f} s within the thresholds", numbers)
+
+
+async def failed_of_candidate(conn, rollout) -> tuple[list[str], list[str]]:
+    """The candidate's executions of the stage that failed, and those of them the dispatcher raised on.
+
+    Failed are those that ended failed and those with a `dispatch_error` dead letter (they wait unended,
+    or were never enrolled), as the judge counts them: at most FAILED_LISTED, either kind taken in
+    turn so that neither hides the other.
+    """
+    args = (rollout["tenant"], rollout["workflow_id"])
+    since, candidate = rollout["stage_started_at"], rollouts.sides(rollout)[1]
+    ended = await rollouts.failed_executions(
+        conn, *args, rollout["to_version"], since, FAILED_LISTED, engine=rollout["engine"]
+    )
+    raised = []
+    for execution_id, row in await rollouts.dispatch_errored(conn, *args, since, DISPATCH_ERRORS_READ):
+        if row is None:  # raised on enrolment, never recorded: its cohort chose its side (Split.choose)
+            on_candidate = cohort(execution_id) < rollout["share"]
+        else:
+            side = row["workflow_version"] if row["engine"] is None else rollouts.CANDIDATE_ENGINE
+            on_candidate = side == candidate and row["created_at"] >= since
+        if on_candidate:
+            raised.append(execution_id)
+    taken_in_turn = (i for pair in itertools.zip_longest(ended, raised) for i in pair if i is not None)
+    failed = list(itertools.islice(dict.fromkeys(taken_in_turn), FAILED_LISTED))
+    raised_on = set(raised)
+    return failed, [i for i in failed if i in raised_on]
 
 
 class RolloutController:
@@ -259,10 +292,9 @@ class RolloutController:
                 r["execution_id"] for r in await rollouts.shadow_divergences(conn, rollout["rollout_id"], 100)
             ]
         elif verdict.action == "rolled_back":
-            failed = await rollouts.failed_executions(
-                conn, *args, rollout["to_version"], since, engine=rollout["engine"]
-            )
+            failed, raised = await failed_of_candidate(conn, rollout)
             verdict.detail["failed_executions"] = failed
+            verdict.detail["dispatch_error_executions"] = raised
         await rollouts.move(conn, rollout, verdict.action, verdict.reason, verdict.detail)
         done = "completed" if verdict.action == "advanced" and rollout["stage"] + 2 == len(rollout["stages"]) else None
         metrics.rollout_decisions.labels(done or verdict.action).inc()

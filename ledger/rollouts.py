@@ -499,6 +499,37 @@ async def failed_executions(
     return [r["execution_id"] for r in rows]
 
 
+async def dispatch_errored(
+    conn: Queryable, tenant: str, workflow_id: str, since: datetime, limit: int
+) -> list[tuple[str, Record | None]]:
+    """The first `limit` executions of the workflow its dispatcher raised on since `since` (each has a
+    `dispatch_error` dead letter), first raised on first, each with its row (workflow_version, engine,
+    created_at), or None when it raised on enrolment and was never recorded.
+
+    Of both sides: the caller tells them apart. Two statements rather than a join, as dead_letters is
+    not distributed by execution (docs/citus.md).
+    """
+    letters = await conn.fetch(
+        """
+        SELECT execution_id::text FROM ordo.dead_letters
+        WHERE reason = 'dispatch_error' AND tenant = $1 AND workflow_id = $2 AND at >= $3 AND execution_id IS NOT NULL
+        GROUP BY execution_id ORDER BY min(id) LIMIT $4
+        """,
+        tenant,
+        workflow_id,
+        since,
+        limit,
+    )
+    ids = [r["execution_id"] for r in letters]
+    rows = await conn.fetch(
+        "SELECT execution_id::text, workflow_version, engine, created_at FROM ordo.executions "
+        "WHERE execution_id = ANY($1::uuid[])",
+        ids,
+    )
+    found = {r["execution_id"]: r for r in rows}
+    return [(execution_id, found.get(execution_id)) for execution_id in ids]
+
+
 async def engine_of(conn: Queryable, execution_id: str) -> str | None:
     """The engine an execution was enrolled on (an engine rollout's candidate), or None: the worker's own."""
     engine: str | None = await conn.fetchval(

@@ -338,6 +338,9 @@ async def test_a_candidate_engine_that_raises_on_a_later_step_counts_it_as_faile
         assert (detail["metric"], detail["candidate"]["failure_rate"]) == ("failure_rate", 1.0)
         assert (detail["candidate"]["started"], detail["candidate"]["failed"]) == (2, 2)
         assert (detail["baseline"]["completed"], detail["baseline"]["failed"]) == (2, 0)
+        # Listed as failed, and as dispatch errors: their signals are dead letters.
+        raised = sorted(h.execution_id("acme", "waiter", i) for i in on_candidate)
+        assert sorted(detail["failed_executions"]) == sorted(detail["dispatch_error_executions"]) == raised
 
 
 async def test_engine_rollouts_that_cannot_be_are_refused_with_one_line_and_change_nothing(

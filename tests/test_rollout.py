@@ -16,7 +16,7 @@ import orjson
 import pytest
 from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
-from daemon import enrolment, metrics
+from daemon import advance, enrolment, metrics
 from daemon.definitions import cohort
 from daemon.rollout_controller import judge
 from daemon.rollout_shadow import dual_run
@@ -44,6 +44,8 @@ LOOPING_V2 = dict(
     WELCOME,
     steps=[WELCOME["steps"][0], {"id": "again", "type": "goto", "target": "greet"}],
 )
+#: WAITER redeployed unchanged: its version 2.
+WAITER_V2 = dict(WAITER, description="the same, redeployed")
 #: A candidate that fails every execution about a contact marked flaky.
 FLAKY_V2 = dict(
     WELCOME,
@@ -254,6 +256,76 @@ async def test_a_candidate_version_the_dispatcher_raises_on_at_enrolment_is_roll
         assert (detail["metric"], detail["candidate"]["failure_rate"]) == ("failure_rate", 1.0)
         assert (detail["candidate"]["started"], detail["candidate"]["failed"]) == (2, 2)
         assert (detail["baseline"]["completed"], detail["baseline"]["failed"]) == (2, 0)
+
+
+async def test_a_rollback_on_dispatch_errors_names_the_candidates_executions_the_dispatcher_raised_on(
+    nats_server_url, pg_dsn, prefix, monkeypatch
+):
+    """Raised on at enrolment (never recorded) or on a later message, they are listed with the failed
+    executions and marked as dispatch errors; the baseline's dispatch errors are not listed."""
+    crash_on_start: set[str] = set()
+    own_start, own_advance = enrolment.advance, advance.advance
+
+    def raising_on_start(program, state, kind, payload, now_ms):
+        if state.execution_id in crash_on_start:
+            raise RuntimeError("the dispatcher crashed on a start")
+        return own_start(program, state, kind, payload, now_ms)
+
+    def raising_on_crash(program, state, kind, payload, now_ms):
+        if kind == "signal" and payload["name"] == "crash":
+            raise RuntimeError("the dispatcher crashed on a signal")
+        return own_advance(program, state, kind, payload, now_ms)
+
+    monkeypatch.setattr(enrolment, "advance", raising_on_start)
+    monkeypatch.setattr(advance, "advance", raising_on_crash)
+    letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'dispatch_error'"
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        await h.deploy(WAITER_V2)
+        cohorts = Cohorts(h, "raised-on", "waiter")
+        plan = Plan("waiter", 2, stages=(100, 10_000), min_dwell_s=3600, min_sample=2)
+
+        def execution(event_id: str) -> str:
+            return h.execution_id("acme", "waiter", event_id)
+
+        async def crash(event_id: str) -> None:
+            """A signal the dispatcher raises on, once the execution waits (for `done`)."""
+            await h.wait_until("SELECT waiting FROM ordo.executions WHERE event_id = $1", event_id, expect="done")
+            await h.signal(execution(event_id), "crash")
+
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            base_start, base_signal, *base_done = cohorts.take(4, at_least=100)
+            cand_start, cand_signal = cohorts.take(2, below=100)
+            crash_on_start.update(execution(i) for i in (base_start, cand_start))
+            # The baseline's dispatch errors first, before the candidate has a sample to be judged on.
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in (base_start, base_signal)])
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in base_done])
+            await crash(base_signal)
+            for event_id in base_done:
+                await h.signal_once_waiting(execution(event_id), "done")
+            await h.wait_until(letters, expect=2)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2)
+            await h.publish_triggers([dict(_event(i), type="session.started") for i in (cand_start, cand_signal)])
+            await crash(cand_signal)
+            await h.wait_until(letters, expect=4)
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back", timeout=15)
+        # Each dispatch_error letter names its execution, the one raised on at enrolment too.
+        named = await h.db.fetch("SELECT execution_id::text FROM ordo.dead_letters WHERE reason = 'dispatch_error'")
+        assert sorted(r["execution_id"] for r in named) == sorted(
+            execution(i) for i in (base_start, base_signal, cand_start, cand_signal)
+        )
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (detail["candidate"]["failed"], detail["baseline"]["failed"]) == (2, 2)
+        raised = sorted(execution(i) for i in (cand_start, cand_signal))
+        assert sorted(detail["failed_executions"]) == raised
+        assert sorted(detail["dispatch_error_executions"]) == raised
+        status = ordo("rollout", "status", "--workflow", "waiter", env_extra={"ORDO_PG_DSN": pg_dsn})
+        assert status.returncode == 0, status.stderr
+        assert all(f"{i} (dispatch_error)" in status.stdout for i in raised), status.stdout
+        assert "ordo dlq list --reason dispatch_error" in status.stdout
 
 
 async def test_the_version_chosen_is_the_same_on_every_worker_and_after_a_restart(nats_server_url, pg_dsn, prefix):
