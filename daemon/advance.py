@@ -127,6 +127,7 @@ def apply(
         )
         unit.dispatch_failures.append(
             DispatchFailure(
+                record.execution_id,
                 record.tenant,
                 record.workflow_id,
                 record.workflow_version,

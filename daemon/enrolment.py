@@ -263,7 +263,7 @@ def enrol(
                 execution_id=raised_on,
             )
             unit.dispatch_failures.append(
-                DispatchFailure(tenant, entry.workflow_id, entry.version, entry.engine, now, enrolling=True)
+                DispatchFailure(raised_on, tenant, entry.workflow_id, entry.version, entry.engine, now, enrolling=True)
             )
             continue
         effects = take_effects(state)

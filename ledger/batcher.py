@@ -377,6 +377,7 @@ class DispatchFailure:
     back as one that fails is.
     """
 
+    execution_id: str
     tenant: str
     workflow_id: str
     workflow_version: int

@@ -343,6 +343,40 @@ async def test_a_candidate_engine_that_raises_on_a_later_step_counts_it_as_faile
         assert sorted(detail["failed_executions"]) == sorted(detail["dispatch_error_executions"]) == raised
 
 
+async def test_an_execution_the_candidate_engine_raises_on_again_and_again_is_one_failed_execution(
+    nats_server_url, pg_dsn, prefix, candidates
+):
+    """Three signals the candidate raises on, of one execution, are one failure in a sample of one."""
+    letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'dispatch_error'"
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        cohorts = Cohorts(h, "raise-again", "waiter")
+        plan = Plan(
+            "waiter", None, stages=(100, 10_000), min_dwell_s=3600, min_sample=2, engine="module:later_raising_engine"
+        )
+
+        def execution(event_id: str) -> str:
+            return h.execution_id("acme", "waiter", event_id)
+
+        async with h.worker() as worker:
+            started = await rollouts.start(h.db, plan, "test")
+            await _seen_by(worker, "running", 100)
+            first, second = cohorts.take(2, below=100)
+            await h.publish_triggers([dict(_event(first), type="session.started")])
+            for _ in range(3):
+                await h.signal_once_waiting(execution(first), "done")
+            await h.wait_until(letters, expect=3)
+            # Not a sample of two yet: the candidate keeps its share, and the next one runs on it too.
+            await h.publish_triggers([dict(_event(second), type="session.started")])
+            await h.signal_once_waiting(execution(second), "done")
+            await h.wait_until(letters, expect=4, timeout=15)
+            await h.wait_until("SELECT state FROM ordo.rollouts", expect="rolled_back", timeout=15)
+        (rolled,) = [t for t in await rollouts.transitions(h.db, started["rollout_id"]) if t["action"] != "started"]
+        detail = orjson.loads(rolled["detail"])
+        assert (detail["candidate"]["started"], detail["candidate"]["failed"]) == (2, 2)
+        assert sorted(detail["dispatch_error_executions"]) == sorted(map(execution, (first, second)))
+
+
 async def test_engine_rollouts_that_cannot_be_are_refused_with_one_line_and_change_nothing(
     nats_server_url, pg_dsn, prefix, candidates, tmp_path
 ):

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from harness import NO_PROBLEMS, WAITER, WELCOME, Harness, ordo
 
-from daemon import advance, enrolment, metrics
+from daemon import advance, enrolment, metrics, rollout_tally
 from daemon.definitions import cohort
 from daemon.rollout_controller import judge
 from daemon.rollout_shadow import dual_run
@@ -603,9 +603,16 @@ def test_a_worker_counts_each_stage_by_version_from_what_it_commits():
         ]
     )
 
+    ids = (f"execution-{n}" for n in itertools.count())
+
     def change(workflow_id, version, created, *, new=False, status="running"):
         record = SimpleNamespace(
-            tenant="acme", workflow_id=workflow_id, workflow_version=version, created_at=created, engine=None
+            execution_id=next(ids),
+            tenant="acme",
+            workflow_id=workflow_id,
+            workflow_version=version,
+            created_at=created,
+            engine=None,
         )
         return SimpleNamespace(record=record, is_new=new, finished=status in CLOSED, status=status)
 
@@ -644,8 +651,10 @@ def test_a_dispatch_error_counts_as_a_failure_of_its_executions_version_on_eithe
     stage = {"rollout_id": 7, "tenant": "acme", "workflow_id": "welcome", "state": "running"}
     tally.set_rollouts([dict(stage, stage_started_at=began)])
 
+    ids = (f"execution-{n}" for n in itertools.count())
+
     def raised(version, created, *, engine=None, enrolling=False, workflow_id="welcome"):
-        return DispatchFailure("acme", workflow_id, version, engine, created, enrolling=enrolling)
+        return DispatchFailure(next(ids), "acme", workflow_id, version, engine, created, enrolling=enrolling)
 
     for failure in (
         raised(2, later, enrolling=True),  # on the candidate's first steps: never recorded, so started too
@@ -661,3 +670,53 @@ def test_a_dispatch_error_counts_as_a_failure_of_its_executions_version_on_eithe
         (7, began, 1, 0, 0, 1),
         (7, began, 2, 1, 0, 2),
     ]
+
+
+def test_an_execution_counts_once_however_many_of_its_messages_the_dispatcher_raises_on(monkeypatch):
+    """The judge weighs executions (failed / finished), not messages: an execution counts failed once in
+    its stage, at its first dispatch error or failed end, and its later dispatch errors and end no more."""
+    monkeypatch.setattr(rollout_tally, "FAILED_REMEMBERED", 3)
+    began = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    later = began + timedelta(seconds=5)
+    tally = RolloutTally()
+    stage = {"rollout_id": 7, "tenant": "acme", "workflow_id": "welcome", "state": "running"}
+    tally.set_rollouts([dict(stage, stage_started_at=began)])
+
+    def raised(execution_id, version=2, *, enrolling=False):
+        return DispatchFailure(execution_id, "acme", "welcome", version, None, later, enrolling=enrolling)
+
+    def ended(execution_id, status):
+        record = SimpleNamespace(
+            execution_id=execution_id,
+            tenant="acme",
+            workflow_id="welcome",
+            workflow_version=2,
+            created_at=later,
+            engine=None,
+        )
+        return SimpleNamespace(record=record, is_new=False, finished=True, status=status)
+
+    for failure in (
+        raised("a"),
+        raised("a"),  # a second signal it raised on
+        raised("b", enrolling=True),
+        raised("b", enrolling=True),  # its trigger again (`ordo dlq retry`): started and failed once
+        raised("c", version=1),
+        raised("c", version=1),
+    ):
+        tally.dispatch_failed(failure)
+    tally.observe(ended("a", "completed"))  # a timer took it on to its end: counted already
+    tally.set_rollouts([dict(stage, stage_started_at=began)])  # a refresh of the same stage forgets nothing
+    tally.dispatch_failed(raised("a"))
+    assert sorted(tally.take()) == [(7, began, 1, 0, 0, 1), (7, began, 2, 1, 0, 2)]
+    # Ended failed, then raised on when its step was retried: one failure.
+    tally.observe(ended("e", "failed"))
+    tally.dispatch_failed(raised("e"))
+    assert tally.take() == [(7, began, 2, 0, 0, 1)]
+    # Bounded: a stage remembers its last FAILED_REMEMBERED failed executions; "a" was the first of four.
+    tally.dispatch_failed(raised("a"))
+    assert tally.take() == [(7, began, 2, 0, 0, 1)]
+    # The next stage counts its own executions afresh.
+    tally.set_rollouts([dict(stage, stage_started_at=later)])
+    tally.dispatch_failed(raised("b"))
+    assert tally.take() == [(7, later, 2, 0, 0, 1)]
