@@ -113,6 +113,7 @@ class ExecutionRecord:
         "state",
         "event_json",
         "engine",
+        "deployment",
     )
 
     def __init__(
@@ -132,6 +133,7 @@ class ExecutionRecord:
         subject_type: str = "contact",
         ledger_day: date | None = None,
         engine: str | None = None,
+        deployment: str | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -157,6 +159,9 @@ class ExecutionRecord:
         self.event_json = event_json
         #: The engine it was enrolled on under an engine rollout (daemon/engines.py); None: the worker's own.
         self.engine = engine
+        #: The deployment whose row this is (migration 021): a worker applies nothing to another's
+        #: (daemon/advance.py). None: this worker's own (it enrols it now), or a row of before 021.
+        self.deployment = deployment
 
     def change(
         self,
@@ -423,7 +428,7 @@ def restore_runtime(state: State, runtime: dict[str, Any]) -> None:
 _LOAD = """
 SELECT execution_id::text, tenant, workflow_id, workflow_version, subject_type, subject_id, event_id, partition,
        status, seq, pc, steps, waiting, last_stream_seq, context, subject, event, created_at, runtime, ledger_day,
-       engine
+       engine, deployment
 FROM ordo.executions WHERE execution_id = ANY($1::uuid[]) AND ledger_day >= $2
 """
 
@@ -506,6 +511,7 @@ def _record(r: Record) -> ExecutionRecord:
         subject_type=r["subject_type"],
         ledger_day=r["ledger_day"],
         engine=r["engine"],
+        deployment=r["deployment"],
     )
 
 
