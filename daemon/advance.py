@@ -4,9 +4,10 @@ The ordering ring guarantees the caller holds the only in-flight message of
 this execution and that the record was read after its previous message
 committed; this module decides what the message does: nothing (a redelivery
 of a committed message, a stale timer), a dead letter (an execution that does
-not exist or has ended, a definition that cannot run), or the dispatcher's
-transitions and effects as one change for the batcher (which fails the
-execution instead when its context outgrows `max_context_bytes`).
+not exist, has ended or is another deployment's, a definition that cannot
+run), or the dispatcher's transitions and effects as one change for the
+batcher (which fails the execution instead when its context outgrows
+`max_context_bytes`).
 """
 
 import logging
@@ -52,11 +53,14 @@ def apply(
     now: datetime,
     now_ms: int,
     max_context_bytes: int = Config.max_context_bytes,
+    *,
+    deployment: str,
 ) -> Unit | None:
     """The unit this message commits; None when it is a redelivery of a committed one.
 
     `source` is a stream message, a timer fire or an in-process action's result
-    (daemon/work_items.py), holding its execution's ring key.
+    (daemon/work_items.py), holding its execution's ring key. `deployment` is
+    this worker's (its prefix): an execution of another is not applied.
     """
     unit = Unit(source)
     is_timer = source.kind == "timer"
@@ -76,6 +80,8 @@ def apply(
         else:
             unit.dead_letter("unreadable_execution", f"execution {record.execution_id} cannot be read: {record.error}")
         return unit
+    if record.deployment and record.deployment != deployment:
+        return _other_deployment(unit, record, source, deployment)
     if from_stream and source.stream_seq <= record.last_stream_seq:
         return None  # committed before: a redelivery, nothing to apply
     state = record.state
@@ -154,6 +160,28 @@ def apply(
         unit.changes.append(record.change(transitions, now, effects, source.stream_seq, max_context_bytes))
     else:
         unit.changes.append(record.change(transitions, now, effects, max_context_bytes=max_context_bytes))
+    return unit
+
+
+def _other_deployment(unit: Unit, record: ExecutionRecord, source: WorkItem, deployment: str) -> Unit:
+    """Dead-letter a message for another deployment's execution (`other_deployment`), applying nothing.
+
+    Deployments that share a ledger share its executions, so one that reached this deployment's
+    subjects without `ordo` (which refuses it) would otherwise advance the other's row under this
+    one's fencing and out of its order. This comes before the redelivery check: the row's last
+    stream seq counts in the other deployment's stream. A row that names no deployment (written
+    before migration 021) is this worker's: its own timers and results must go on applying, and
+    telling whose it is would cost a query per load (see `ledger.executions.deployment_of`).
+    """
+    unit.dead_letter(
+        "other_deployment",
+        f"execution {record.execution_id} belongs to deployment {record.deployment!r}, "
+        f"not to this one ({deployment!r})",
+        tenant=record.tenant,
+        workflow_id=record.workflow_id,
+    )
+    if source.kind == "timer":  # a row of this deployment's that it should never have set: it goes
+        unit.stale_timers.append((source.key, source.timer_id))
     return unit
 
 

@@ -75,7 +75,14 @@ class Dispatch:
         now, now_ms = datetime.now(UTC), self.clock_ms()
         for source, doc in items:
             unit = advance.apply(
-                self.registry, records.get(source.key), source, doc, now, now_ms, self.config.max_context_bytes
+                self.registry,
+                records.get(source.key),
+                source,
+                doc,
+                now,
+                now_ms,
+                self.config.max_context_bytes,
+                deployment=self.config.prefix,
             )
             if unit is None:
                 metrics.exec_duplicate.inc()

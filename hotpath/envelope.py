@@ -32,6 +32,7 @@ REASONS = (
     "unknown_execution",
     "execution_closed",
     "unreadable_execution",
+    "other_deployment",
     "dispatch_error",
     # An execution's own failures (dead-lettered with the execution, not a message):
     "step_failed",

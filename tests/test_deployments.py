@@ -3,7 +3,8 @@
 Each has its own partitions, leases, epochs and watermarks (migration 011),
 and its workers' fair share counts only its own live workers. An operator's
 cancel, signal or dead-letter retry goes only to an execution of the
-deployment it is sent from (migration 021).
+deployment it is sent from (migration 021), and a worker applies nothing to
+another deployment's execution that reaches its subjects some other way.
 """
 
 import asyncio
@@ -16,11 +17,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from harness import FAILING, NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
 
 from bench.generator import trigger_event
+from daemon import metrics
+from daemon.advance import apply
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
 from daemon.dlq import retry_letters
-from ledger.executions import deployment_of
+from daemon.timers import TimerFire
+from hotpath import ExecutionState
+from ledger.executions import ExecutionRecord, deployment_of
 
 
 async def _owners(h: Harness) -> dict[tuple[str, str], int]:
@@ -353,3 +358,94 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
                 assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
         finally:
             await _delete_streams(nats_server_url, b)
+
+
+async def _dead_lettered_metric(reason: str, expect: float, timeout: float = 10.0) -> None:
+    """Until ordo_dead_letters_total{reason} reads `expect` (it counts after the commit, with the DLQ copy)."""
+    deadline = time.monotonic() + timeout
+    while (value := metrics.dead_letters.labels(reason)._value.get()) != expect:
+        assert time.monotonic() < deadline, f"ordo_dead_letters_total{{reason={reason!r}}} is {value}, not {expect}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_message_on_this_deployments_subject_for_anothers_execution_is_dead_lettered_not_applied(
+    nats_server_url, pg_dsn, prefix
+):
+    """A message that reaches B's execution subject for A's execution some other way than `ordo` (a raw
+    publish, an old script, a mis-set prefix): B's worker would apply it to the row both share, under B's
+    fencing and out of A's order. It dead-letters it (`other_deployment`), acks it and goes on with its own
+    work; A's worker applies A's, and takes a row of before migration 021 (no deployment) as its own."""
+    other = f"{prefix}x"
+    a = Harness(nats_server_url, pg_dsn, prefix)
+    b = Harness(nats_server_url, pg_dsn, other)
+    async with a, b:
+        try:
+            await a.deploy(WAITER)
+            async with a.worker(), b.worker():
+                await a.publish_triggers([trigger_event("theirs", 0, tenant="acme", event_type="session.started")])
+                await b.publish_triggers([trigger_event("ours", 0, tenant="acme", event_type="session.started")])
+                theirs = a.execution_id("acme", "waiter", "theirs-0")
+                ours = b.execution_id("acme", "waiter", "ours-0")
+                await a.wait_status(theirs, "waiting")
+                await b.wait_status(ours, "waiting")
+                row = "SELECT seq, last_stream_seq FROM ordo.executions WHERE execution_id = $1::uuid"
+                seq, last_stream_seq = await a.db.fetchrow(row, theirs)
+                counted = metrics.dead_letters.labels("other_deployment")._value.get()
+                letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'other_deployment'"
+
+                # A raw signal on B's subject for A's execution, then B's own signal for its own.
+                await b.signal(theirs, "done")
+                await b.signal(ours, "done")
+                await b.wait_status(ours, "completed")
+                await a.wait_until(letters, expect=1)
+                # A's row counts its last message in A's stream: another of B's, at a lower seq of
+                # B's own stream, is no redelivery of it (nor settled quietly as one).
+                await a.db.execute(
+                    "UPDATE ordo.executions SET last_stream_seq = 1000 WHERE execution_id = $1::uuid", theirs
+                )
+                await b.signal(theirs, "done")
+                await a.wait_until(letters, expect=2)
+                for p in range(b.config.partitions):
+                    await b.wait_partition_drained(p)  # acked: not redelivered
+                await _dead_lettered_metric("other_deployment", counted + 2)
+                rows = await a.db.fetch(
+                    "SELECT error, execution_id::text, tenant, workflow_id, subject, stream FROM ordo.dead_letters"
+                    " WHERE reason = 'other_deployment'"
+                )
+                refusal = f"execution {theirs} belongs to deployment {prefix!r}, not to this one ({other!r})"
+                assert {tuple(r) for r in rows} == {
+                    (refusal, theirs, "acme", "waiter", b.topology.exec_subject(theirs), b.topology.exec_stream)
+                }
+                # A's execution is as A left it: still waiting, no step of B's in its history.
+                assert tuple(await a.db.fetchrow(row, theirs)) == (seq, 1000)
+                assert await _kinds(a, [theirs]) == {theirs: ["waiting"]}
+
+                # From A, its own signal is applied; and so is one for a row of before migration 021.
+                await a.db.execute(
+                    "UPDATE ordo.executions SET last_stream_seq = $2, deployment = NULL WHERE execution_id = $1::uuid",
+                    theirs,
+                    last_stream_seq,
+                )
+                await a.signal(theirs, "done")
+                await a.wait_status(theirs, "completed")
+            assert await a.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 2
+        finally:
+            await _delete_streams(nats_server_url, b)
+
+
+def test_a_timer_of_anothers_execution_is_dead_lettered_and_its_row_goes():
+    """A timer this deployment's walk found for another's execution (one its worker set on that
+    execution before migration 021's check) is not fired: it is dead-lettered, and its row goes
+    with the letter, so that it is not fired again at every load."""
+    execution_id = "00000000-0000-0000-0000-000000000021"
+    record = ExecutionRecord(
+        execution_id, "acme", "waiter", 1, "c-0", "e-0", 0, None, 0, ExecutionState(execution_id), deployment="a"
+    )
+    fire = TimerFire(execution_id, "t-1", 0)
+    doc = {"kind": "timer", "execution_id": execution_id, "timer_id": "t-1"}
+    unit = apply(None, record, fire, doc, None, 0, deployment="b")
+    assert unit is not None and not unit.changes
+    assert [(d.reason, d.error, d.execution_id) for d in unit.dead_letters] == [
+        ("other_deployment", f"execution {execution_id} belongs to deployment 'a', not to this one ('b')", execution_id)
+    ]
+    assert unit.stale_timers == [(execution_id, "t-1")]
