@@ -10,6 +10,7 @@ another deployment's execution that reaches its subjects some other way.
 import asyncio
 import html
 import time
+from contextlib import asynccontextmanager
 
 import asyncpg
 import nats as nats_py
@@ -47,6 +48,19 @@ async def _until_shares(h: Harness, wanted: dict[str, list[int]], timeout: float
         await asyncio.sleep(0.1)
 
 
+@asynccontextmanager
+async def _two_deployments(nats_url: str, pg_dsn: str, prefix: str):
+    """Deployments A (the fixture's prefix) and B on one ledger. B's prefix is not under the
+    fixture's stream prefix: its streams are deleted here."""
+    a = Harness(nats_url, pg_dsn, prefix)
+    b = Harness(nats_url, pg_dsn, f"{prefix}x")
+    async with a, b:
+        try:
+            yield a, b
+        finally:
+            await _delete_streams(nats_url, b)
+
+
 async def _delete_streams(nats_url: str, h: Harness) -> None:
     nc = await nats_py.connect(nats_url)
     try:
@@ -61,46 +75,37 @@ async def _delete_streams(nats_url: str, h: Harness) -> None:
 async def test_two_prefixes_on_one_ledger_own_their_own_partitions_and_count_their_own_workers(
     nats_server_url, pg_dsn, prefix
 ):
-    other = f"{prefix}x"  # not under the fixture's stream prefix: its streams are deleted below
-    a = Harness(nats_server_url, pg_dsn, prefix)
-    b = Harness(nats_server_url, pg_dsn, other)
-    async with a, b:
-        try:
-            await a.deploy(WELCOME)  # one ledger: the workflows are both deployments'
-            async with a.worker(0, 2), a.worker(1, 2):
-                await _until_shares(a, {prefix: [2, 2]})
-                epochs_before = dict(
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(WELCOME)  # one ledger: the workflows are both deployments'
+        async with a.worker(0, 2), a.worker(1, 2):
+            await _until_shares(a, {prefix: [2, 2]})
+            epochs_before = dict(
+                await a.db.fetch("SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", prefix)
+            )
+            async with b.worker(0, 1):
+                # Three live workers on the ledger, but B's one takes all of B's partitions,
+                # and A's two keep theirs: nobody's share is ceil(4 / 3).
+                await _until_shares(a, {prefix: [2, 2], other: [4]})
+                # Distinct event ids: the two deployments share the ledger's executions too.
+                a_events = [trigger_event("dep-a", i, tenant="acme", event_type="contact.created") for i in range(200)]
+                b_events = [trigger_event("dep-b", i, tenant="acme", event_type="contact.created") for i in range(200)]
+                await a.publish_triggers(a_events)
+                await b.publish_triggers(b_events)
+                await a.wait_until(
+                    "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=400, timeout=60
+                )
+                await a.wait_triggers_drained()
+                await b.wait_triggers_drained()
+                # B's claims bumped none of A's epochs: A's workers were never fenced.
+                epochs_after = dict(
                     await a.db.fetch("SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", prefix)
                 )
-                async with b.worker(0, 1):
-                    # Three live workers on the ledger, but B's one takes all of B's partitions,
-                    # and A's two keep theirs: nobody's share is ceil(4 / 3).
-                    await _until_shares(a, {prefix: [2, 2], other: [4]})
-                    # Distinct event ids: the two deployments share the ledger's executions too.
-                    a_events = [
-                        trigger_event("dep-a", i, tenant="acme", event_type="contact.created") for i in range(200)
-                    ]
-                    b_events = [
-                        trigger_event("dep-b", i, tenant="acme", event_type="contact.created") for i in range(200)
-                    ]
-                    await a.publish_triggers(a_events)
-                    await b.publish_triggers(b_events)
-                    await a.wait_until(
-                        "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=400, timeout=60
-                    )
-                    await a.wait_triggers_drained()
-                    await b.wait_triggers_drained()
-                    # B's claims bumped none of A's epochs: A's workers were never fenced.
-                    epochs_after = dict(
-                        await a.db.fetch("SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1", prefix)
-                    )
-                    assert epochs_after == epochs_before
-            assert await a.ledger_problems() == NO_PROBLEMS
-            # Each deployment's watermarks count in its own execution stream.
-            streams = await a.db.fetch("SELECT DISTINCT deployment, stream_created FROM ordo.partitions")
-            assert len({r["stream_created"] for r in streams}) == 2
-        finally:
-            await _delete_streams(nats_server_url, b)
+                assert epochs_after == epochs_before
+        assert await a.ledger_problems() == NO_PROBLEMS
+        # Each deployment's watermarks count in its own execution stream.
+        streams = await a.db.fetch("SELECT DISTINCT deployment, stream_created FROM ordo.partitions")
+        assert len({r["stream_created"] for r in streams}) == 2
 
 
 async def test_the_partitions_of_before_migration_011_are_adopted_by_the_first_deployment(pg_dsn):
@@ -182,66 +187,59 @@ async def test_two_deployments_fire_their_own_timers_once_and_route_events_only_
 ):
     """The same partition numbers, the same contacts waiting in both: each deployment's timers fire
     by its own clock, once, and a page view published to one wakes only that one's sessions."""
-    other = f"{prefix}x"
-    a = Harness(nats_server_url, pg_dsn, prefix)
-    b = Harness(nats_server_url, pg_dsn, other)
     contacts = 24
-    async with a, b:
-        try:
-            await a.deploy(VIEWER)
-            a_sessions, a_ids = _sessions(a, "sess-a", contacts)
-            b_sessions, b_ids = _sessions(b, "sess-b", contacts)
-            waits = "SELECT count(*) FROM ordo.event_waits w JOIN ordo.timers t USING (execution_id, deployment)"
-            a_clock, b_clock = Clock(), Clock()
-            async with a.worker(clock_ms=a_clock), b.worker(clock_ms=b_clock):
-                await _until_shares(a, {prefix: [4], other: [4]})
-                await a.publish_triggers(a_sessions)
-                await b.publish_triggers(b_sessions)
-                await a.wait_until(waits, expect=2 * contacts)
-                # Both deployments wait in every partition number, on the same contacts' page views.
-                rows = await a.db.fetch(
-                    "SELECT w.deployment, e.partition, w.execution_id::text FROM ordo.event_waits w"
-                    " JOIN ordo.executions e USING (execution_id)"
-                )
-                assert {r["execution_id"] for r in rows if r["deployment"] == prefix} == set(a_ids)
-                assert {r["execution_id"] for r in rows if r["deployment"] == other} == set(b_ids)
-                assert {r["partition"] for r in rows if r["deployment"] == prefix} == set(range(4))
-                assert {r["partition"] for r in rows if r["deployment"] == other} == set(range(4))
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(VIEWER)
+        a_sessions, a_ids = _sessions(a, "sess-a", contacts)
+        b_sessions, b_ids = _sessions(b, "sess-b", contacts)
+        waits = "SELECT count(*) FROM ordo.event_waits w JOIN ordo.timers t USING (execution_id, deployment)"
+        a_clock, b_clock = Clock(), Clock()
+        async with a.worker(clock_ms=a_clock), b.worker(clock_ms=b_clock):
+            await _until_shares(a, {prefix: [4], other: [4]})
+            await a.publish_triggers(a_sessions)
+            await b.publish_triggers(b_sessions)
+            await a.wait_until(waits, expect=2 * contacts)
+            # Both deployments wait in every partition number, on the same contacts' page views.
+            rows = await a.db.fetch(
+                "SELECT w.deployment, e.partition, w.execution_id::text FROM ordo.event_waits w"
+                " JOIN ordo.executions e USING (execution_id)"
+            )
+            assert {r["execution_id"] for r in rows if r["deployment"] == prefix} == set(a_ids)
+            assert {r["execution_id"] for r in rows if r["deployment"] == other} == set(b_ids)
+            assert {r["partition"] for r in rows if r["deployment"] == prefix} == set(range(4))
+            assert {r["partition"] for r in rows if r["deployment"] == other} == set(range(4))
 
-                # Page views of the first half of the contacts, published to A only: A's sessions of
-                # those contacts see them, B's (same contacts, same tenant) go on waiting.
-                seen = range(contacts // 2)
-                await a.publish_triggers(_views("view-a", seen))
-                await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(seen))
-                await a.wait_triggers_drained()
+            # Page views of the first half of the contacts, published to A only: A's sessions of
+            # those contacts see them, B's (same contacts, same tenant) go on waiting.
+            seen = range(contacts // 2)
+            await a.publish_triggers(_views("view-a", seen))
+            await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=len(seen))
+            await a.wait_triggers_drained()
 
-                # An hour passes for A alone: A's other sessions time out; B's, in the same
-                # partition numbers and due by A's clock, are not A's to fire.
-                a_clock.advance(2 * 3600 * 1000)
-                await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=contacts)
-                for p in range(4):
-                    await a.wait_partition_drained(p)
-                a_kinds = await _kinds(a, a_ids)
-                assert [a_kinds[e] for e in a_ids] == [
-                    ["waiting", "event_received", "set", "completed"]
-                    if i in seen
-                    else ["waiting", "timed_out", "set", "completed"]
-                    for i in range(contacts)
-                ]
-                assert await a.db.fetchval(waits) == contacts  # B's waits and timers, all of them
-                assert all(kinds == ["waiting"] for kinds in (await _kinds(b, b_ids)).values())
+            # An hour passes for A alone: A's other sessions time out; B's, in the same
+            # partition numbers and due by A's clock, are not A's to fire.
+            a_clock.advance(2 * 3600 * 1000)
+            await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=contacts)
+            for p in range(4):
+                await a.wait_partition_drained(p)
+            a_kinds = await _kinds(a, a_ids)
+            assert [a_kinds[e] for e in a_ids] == [
+                ["waiting", "event_received", "set", "completed"]
+                if i in seen
+                else ["waiting", "timed_out", "set", "completed"]
+                for i in range(contacts)
+            ]
+            assert await a.db.fetchval(waits) == contacts  # B's waits and timers, all of them
+            assert all(kinds == ["waiting"] for kinds in (await _kinds(b, b_ids)).values())
 
-                # Then B's hour: each of B's timers fires once, in B.
-                b_clock.advance(2 * 3600 * 1000)
-                await a.wait_until(
-                    "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2 * contacts
-                )
-                b_kinds = await _kinds(b, b_ids)
-                assert all(b_kinds[e] == ["waiting", "timed_out", "set", "completed"] for e in b_ids)
-            assert await a.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
-            assert await a.ledger_problems() == NO_PROBLEMS
-        finally:
-            await _delete_streams(nats_server_url, b)
+            # Then B's hour: each of B's timers fires once, in B.
+            b_clock.advance(2 * 3600 * 1000)
+            await a.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=2 * contacts)
+            b_kinds = await _kinds(b, b_ids)
+            assert all(b_kinds[e] == ["waiting", "timed_out", "set", "completed"] for e in b_ids)
+        assert await a.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
+        assert await a.ledger_problems() == NO_PROBLEMS
 
 
 async def test_a_cancel_or_signal_for_another_deployments_execution_is_refused_not_sent_to_this_one(
@@ -249,60 +247,53 @@ async def test_a_cancel_or_signal_for_another_deployments_execution_is_refused_n
 ):
     """The ledger is shared, so B's `ordo` and console find A's execution; sent on B's subjects, B's
     worker would apply it to the row both share. It is refused, naming the execution and its deployment."""
-    other = f"{prefix}x"
-    a = Harness(nats_server_url, pg_dsn, prefix)
-    b = Harness(nats_server_url, pg_dsn, other)
     operator = "op-0123456789abcdef"
-    async with a, b:
-        try:
-            await a.deploy(WAITER)
-            async with a.worker(), b.worker():
-                await a.publish_triggers([trigger_event("op", 0, tenant="acme", event_type="session.started")])
-                execution_id = a.execution_id("acme", "waiter", "op-0")
-                await a.wait_status(execution_id, "waiting")
-                refusal = f"execution {execution_id} belongs to deployment {prefix!r}, not to this one ({other!r})"
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(WAITER)
+        async with a.worker(), b.worker():
+            await a.publish_triggers([trigger_event("op", 0, tenant="acme", event_type="session.started")])
+            execution_id = a.execution_id("acme", "waiter", "op-0")
+            await a.wait_status(execution_id, "waiting")
+            refusal = f"execution {execution_id} belongs to deployment {prefix!r}, not to this one ({other!r})"
 
-                for command in (("execution", "cancel", execution_id), ("signal", execution_id, "done")):
-                    refused = ordo(*command, env_extra=b.env())
-                    assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
-                pool = await asyncpg.create_pool(b.config.pg_dsn, min_size=1, max_size=2)
-                console = Console(pool, b.js, b.topology, Tokens(f"alice:{operator}"), Sessions())
-                try:
-                    async with TestClient(TestServer(make_app(console))) as client:
-                        headers = {"Authorization": f"Bearer {operator}"}
-                        for change, form in (("cancel", {}), ("signal", {"name": "done"})):
-                            page = await client.post(f"/executions/{execution_id}/{change}", data=form, headers=headers)
-                            assert page.status == 409 and html.escape(refusal) in await page.text()
-                finally:
-                    await pool.close()
-                outcomes = await a.db.fetch("SELECT action, outcome FROM ordo.console_audit ORDER BY id")
-                assert [(r["action"], r["outcome"]) for r in outcomes] == [
-                    ("cancel", f"refused: {refusal}: not sent"),
-                    ("signal", f"refused: {refusal}: not sent"),
-                ]
-                # Nothing reached B's execution stream, and A's execution still waits.
-                assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
-                assert (
-                    await a.db.fetchval(
-                        "SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id
-                    )
-                    == "waiting"
-                )
+            for command in (("execution", "cancel", execution_id), ("signal", execution_id, "done")):
+                refused = ordo(*command, env_extra=b.env())
+                assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
+            pool = await asyncpg.create_pool(b.config.pg_dsn, min_size=1, max_size=2)
+            console = Console(pool, b.js, b.topology, Tokens(f"alice:{operator}"), Sessions())
+            try:
+                async with TestClient(TestServer(make_app(console))) as client:
+                    headers = {"Authorization": f"Bearer {operator}"}
+                    for change, form in (("cancel", {}), ("signal", {"name": "done"})):
+                        page = await client.post(f"/executions/{execution_id}/{change}", data=form, headers=headers)
+                        assert page.status == 409 and html.escape(refusal) in await page.text()
+            finally:
+                await pool.close()
+            outcomes = await a.db.fetch("SELECT action, outcome FROM ordo.console_audit ORDER BY id")
+            assert [(r["action"], r["outcome"]) for r in outcomes] == [
+                ("cancel", f"refused: {refusal}: not sent"),
+                ("signal", f"refused: {refusal}: not sent"),
+            ]
+            # Nothing reached B's execution stream, and A's execution still waits.
+            assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
+            assert (
+                await a.db.fetchval("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+                == "waiting"
+            )
 
-                # From A, the same cancel is sent, and A's worker applies it.
-                sent = ordo("execution", "cancel", execution_id, env_extra=a.env())
-                assert sent.returncode == 0 and f"cancel sent to {execution_id}" in sent.stdout, sent.stderr
-                await a.wait_status(execution_id, "cancelled")
-                # A row of before migration 021 names no deployment: of two on the ledger, none can tell whose.
-                await a.db.execute(
-                    "UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id
-                )
-                legacy = ordo("signal", execution_id, "done", env_extra=a.env())
-                assert legacy.returncode == 1 and "a deployment the ledger cannot name" in legacy.stderr
-                unknown = ordo("signal", "00000000-0000-0000-0000-000000000000", "done", env_extra=a.env())
-                assert unknown.returncode == 1 and "no execution 00000000-0000-0000-0000-000000000000" in unknown.stderr
-        finally:
-            await _delete_streams(nats_server_url, b)
+            # From A, the same cancel is sent, and A's worker applies it.
+            sent = ordo("execution", "cancel", execution_id, env_extra=a.env())
+            assert sent.returncode == 0 and f"cancel sent to {execution_id}" in sent.stdout, sent.stderr
+            await a.wait_status(execution_id, "cancelled")
+            # A row of before migration 021 names no deployment: of two on the ledger, none can tell whose.
+            await a.db.execute(
+                "UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id
+            )
+            legacy = ordo("signal", execution_id, "done", env_extra=a.env())
+            assert legacy.returncode == 1 and "a deployment the ledger cannot name" in legacy.stderr
+            unknown = ordo("signal", "00000000-0000-0000-0000-000000000000", "done", env_extra=a.env())
+            assert unknown.returncode == 1 and "no execution 00000000-0000-0000-0000-000000000000" in unknown.stderr
 
 
 async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_the_only_deployments(
@@ -333,31 +324,26 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
     """The dead-letter table is shared too: B's `ordo dlq retry --all` would have put a retry of A's
     failed step onto B's execution subject, for B's worker to apply to A's execution. B leaves A's
     letters open, says so, and publishes nothing; A retries its own."""
-    other = f"{prefix}x"
-    a = Harness(nats_server_url, pg_dsn, prefix)
-    b = Harness(nats_server_url, pg_dsn, other)
-    async with a, b:
-        try:
-            await a.deploy(FAILING)
-            async with a.worker(), b.worker():
-                await a.publish_triggers([trigger_event("dlq", 0, tenant="acme", event_type="order.placed")])
-                await a.publish_raw(a.topology.trigger_subject("acme", "order.placed"), b"{not json", msg_id="bad-0")
-                await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=2)
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(FAILING)
+        async with a.worker(), b.worker():
+            await a.publish_triggers([trigger_event("dlq", 0, tenant="acme", event_type="order.placed")])
+            await a.publish_raw(a.topology.trigger_subject("acme", "order.placed"), b"{not json", msg_id="bad-0")
+            await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=2)
 
-                letters = [r["id"] for r in await a.db.fetch("SELECT id FROM ordo.dead_letters")]
-                left = await retry_letters(b.db, b.js, b.topology)
-                assert left == [
-                    f"2 letter(s) of another deployment than {other!r} left open: retry them from their own deployment"
-                ]
-                assert await _statuses(a, letters) == ["open", "open"]
-                assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
+            letters = [r["id"] for r in await a.db.fetch("SELECT id FROM ordo.dead_letters")]
+            left = await retry_letters(b.db, b.js, b.topology)
+            assert left == [
+                f"2 letter(s) of another deployment than {other!r} left open: retry them from their own deployment"
+            ]
+            assert await _statuses(a, letters) == ["open", "open"]
+            assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
 
-                execution_id = a.execution_id("acme", "failing", "dlq-0")
-                retried = await retry_letters(a.db, a.js, a.topology)
-                assert len(retried) == 2 and any(f"execution {execution_id} resumes at step call" in r for r in retried)
-                assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
-        finally:
-            await _delete_streams(nats_server_url, b)
+            execution_id = a.execution_id("acme", "failing", "dlq-0")
+            retried = await retry_letters(a.db, a.js, a.topology)
+            assert len(retried) == 2 and any(f"execution {execution_id} resumes at step call" in r for r in retried)
+            assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
 
 
 async def _dead_lettered_metric(reason: str, expect: float, timeout: float = 10.0) -> None:
@@ -375,62 +361,57 @@ async def test_a_message_on_this_deployments_subject_for_anothers_execution_is_d
     publish, an old script, a mis-set prefix): B's worker would apply it to the row both share, under B's
     fencing and out of A's order. It dead-letters it (`other_deployment`), acks it and goes on with its own
     work; A's worker applies A's, and takes a row of before migration 021 (no deployment) as its own."""
-    other = f"{prefix}x"
-    a = Harness(nats_server_url, pg_dsn, prefix)
-    b = Harness(nats_server_url, pg_dsn, other)
-    async with a, b:
-        try:
-            await a.deploy(WAITER)
-            async with a.worker(), b.worker():
-                await a.publish_triggers([trigger_event("theirs", 0, tenant="acme", event_type="session.started")])
-                await b.publish_triggers([trigger_event("ours", 0, tenant="acme", event_type="session.started")])
-                theirs = a.execution_id("acme", "waiter", "theirs-0")
-                ours = b.execution_id("acme", "waiter", "ours-0")
-                await a.wait_status(theirs, "waiting")
-                await b.wait_status(ours, "waiting")
-                row = "SELECT seq, last_stream_seq FROM ordo.executions WHERE execution_id = $1::uuid"
-                seq, last_stream_seq = await a.db.fetchrow(row, theirs)
-                counted = metrics.dead_letters.labels("other_deployment")._value.get()
-                letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'other_deployment'"
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(WAITER)
+        async with a.worker(), b.worker():
+            await a.publish_triggers([trigger_event("theirs", 0, tenant="acme", event_type="session.started")])
+            await b.publish_triggers([trigger_event("ours", 0, tenant="acme", event_type="session.started")])
+            theirs = a.execution_id("acme", "waiter", "theirs-0")
+            ours = b.execution_id("acme", "waiter", "ours-0")
+            await a.wait_status(theirs, "waiting")
+            await b.wait_status(ours, "waiting")
+            row = "SELECT seq, last_stream_seq FROM ordo.executions WHERE execution_id = $1::uuid"
+            seq, last_stream_seq = await a.db.fetchrow(row, theirs)
+            counted = metrics.dead_letters.labels("other_deployment")._value.get()
+            letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'other_deployment'"
 
-                # A raw signal on B's subject for A's execution, then B's own signal for its own.
-                await b.signal(theirs, "done")
-                await b.signal(ours, "done")
-                await b.wait_status(ours, "completed")
-                await a.wait_until(letters, expect=1)
-                # A's row counts its last message in A's stream: another of B's, at a lower seq of
-                # B's own stream, is no redelivery of it (nor settled quietly as one).
-                await a.db.execute(
-                    "UPDATE ordo.executions SET last_stream_seq = 1000 WHERE execution_id = $1::uuid", theirs
-                )
-                await b.signal(theirs, "done")
-                await a.wait_until(letters, expect=2)
-                for p in range(b.config.partitions):
-                    await b.wait_partition_drained(p)  # acked: not redelivered
-                await _dead_lettered_metric("other_deployment", counted + 2)
-                rows = await a.db.fetch(
-                    "SELECT error, execution_id::text, tenant, workflow_id, subject, stream FROM ordo.dead_letters"
-                    " WHERE reason = 'other_deployment'"
-                )
-                refusal = f"execution {theirs} belongs to deployment {prefix!r}, not to this one ({other!r})"
-                assert {tuple(r) for r in rows} == {
-                    (refusal, theirs, "acme", "waiter", b.topology.exec_subject(theirs), b.topology.exec_stream)
-                }
-                # A's execution is as A left it: still waiting, no step of B's in its history.
-                assert tuple(await a.db.fetchrow(row, theirs)) == (seq, 1000)
-                assert await _kinds(a, [theirs]) == {theirs: ["waiting"]}
+            # A raw signal on B's subject for A's execution, then B's own signal for its own.
+            await b.signal(theirs, "done")
+            await b.signal(ours, "done")
+            await b.wait_status(ours, "completed")
+            await a.wait_until(letters, expect=1)
+            # A's row counts its last message in A's stream: another of B's, at a lower seq of
+            # B's own stream, is no redelivery of it (nor settled quietly as one).
+            await a.db.execute(
+                "UPDATE ordo.executions SET last_stream_seq = 1000 WHERE execution_id = $1::uuid", theirs
+            )
+            await b.signal(theirs, "done")
+            await a.wait_until(letters, expect=2)
+            for p in range(b.config.partitions):
+                await b.wait_partition_drained(p)  # acked: not redelivered
+            await _dead_lettered_metric("other_deployment", counted + 2)
+            rows = await a.db.fetch(
+                "SELECT error, execution_id::text, tenant, workflow_id, subject, stream FROM ordo.dead_letters"
+                " WHERE reason = 'other_deployment'"
+            )
+            refusal = f"execution {theirs} belongs to deployment {prefix!r}, not to this one ({other!r})"
+            assert {tuple(r) for r in rows} == {
+                (refusal, theirs, "acme", "waiter", b.topology.exec_subject(theirs), b.topology.exec_stream)
+            }
+            # A's execution is as A left it: still waiting, no step of B's in its history.
+            assert tuple(await a.db.fetchrow(row, theirs)) == (seq, 1000)
+            assert await _kinds(a, [theirs]) == {theirs: ["waiting"]}
 
-                # From A, its own signal is applied; and so is one for a row of before migration 021.
-                await a.db.execute(
-                    "UPDATE ordo.executions SET last_stream_seq = $2, deployment = NULL WHERE execution_id = $1::uuid",
-                    theirs,
-                    last_stream_seq,
-                )
-                await a.signal(theirs, "done")
-                await a.wait_status(theirs, "completed")
-            assert await a.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 2
-        finally:
-            await _delete_streams(nats_server_url, b)
+            # From A, its own signal is applied; and so is one for a row of before migration 021.
+            await a.db.execute(
+                "UPDATE ordo.executions SET last_stream_seq = $2, deployment = NULL WHERE execution_id = $1::uuid",
+                theirs,
+                last_stream_seq,
+            )
+            await a.signal(theirs, "done")
+            await a.wait_status(theirs, "completed")
+        assert await a.db.fetchval("SELECT count(*) FROM ordo.dead_letters") == 2
 
 
 def test_a_timer_of_anothers_execution_is_dead_lettered_and_its_row_goes():
