@@ -354,18 +354,19 @@ class Lanes:
         lane.granted = lane.taken = 0
         return unused
 
-    async def measure(self, now_ns: int) -> int:
-        """Each running lane's backlog and how far behind it is (metrics); returns the total backlog."""
-        total = 0
+    async def measure(self, now_ns: int) -> dict[str, int]:
+        """Each running lane's backlog and how far behind it is (metrics); returns the backlog of
+        this worker's lanes in each triggers stream (stream -> messages)."""
+        totals: dict[str, int] = {}
         for lane in list(self.running.values()):
             try:
                 info = await self._js.consumer_info(lane.consumer.stream, lane.consumer.consumer)
             except Exception as exc:  # a metric is not worth a crash
                 log.debug("lane %d not measured: %s", lane.index, exc, extra=logs.failure("consumer_info", exc))
                 continue
-            total += info.num_pending
+            totals[lane.consumer.stream] = totals.get(lane.consumer.stream, 0) + info.num_pending
             label = str(lane.index)
             metrics.lane_backlog.labels(label).set(info.num_pending)
             behind = (now_ns - lane.last_stored_ns) / 1e9 if info.num_pending and lane.last_stored_ns else 0.0
             metrics.lane_behind.labels(label).set(max(0.0, behind))
-        return total
+        return totals

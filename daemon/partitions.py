@@ -297,7 +297,8 @@ class Partitions:
                 pass
 
     async def _measure_lag(self) -> None:
-        """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered."""
+        """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered
+        (summed over the workers, a stream's whole backlog: each worker reports its own lanes)."""
         t = self.topology
         triggers = await self.intake.lanes.measure(time.time_ns())
         try:
@@ -307,5 +308,6 @@ class Partitions:
         except Exception as exc:  # a metric is not worth a crash
             log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
             return
-        metrics.consumer_lag.labels(t.triggers_stream).set(triggers)
+        for stream in t.trigger_stream_names():  # (0 for a stream none of this worker's lanes is in)
+            metrics.consumer_lag.labels(stream).set(triggers.get(stream, 0))
         metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)

@@ -67,6 +67,38 @@ async def test_each_lane_is_stored_in_its_own_stream_and_every_event_is_enrolled
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def test_the_lag_of_a_workers_lanes_is_reported_per_triggers_stream(
+    nats_server_url, pg_dsn, prefix, map_triggers
+):
+    """Each triggers stream's lag is what waits there for this worker's lanes (before, one
+    `ORDO_TRIGGERS` series held the sum over all streams, under a name none of them has)."""
+    from types import SimpleNamespace
+
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lanes
+
+    h = Harness(nats_server_url, pg_dsn, prefix, trigger_streams=4)
+    map_triggers(h.topology)
+    async with h:
+        t = h.topology
+        events = [trigger_event("lag", i, tenant=TENANTS[i % len(TENANTS)]) for i in range(240)]
+        assert await publish_events(h.js, t, iter(events), atomic_batch=50) == 240
+        config = Config(trigger_streams=4)
+        window, stopping = Window(config), asyncio.Event()
+        lanes = Lanes(config, topology=t, window=window, stopping=stopping, js=h.js, fetch=lambda lane: None)
+
+        async def subscribe(lane: int, durable: str):  # consumers that nobody pulls from: all of it waits
+            return SimpleNamespace(stream=t.trigger_stream_of(lane), consumer=durable)
+
+        for partition in (0, 1):  # this worker's: half the lanes, in two of the four streams
+            await lanes.start(partition, 1, subscribe)
+        ours = set(t.lanes_of(0) + t.lanes_of(1))
+        waiting = Counter(t.tenant_stream(e["tenant"]) for e in events if lane_of(e["tenant"], t.lanes) in ours)
+        assert await lanes.measure(0) == {stream: n for stream, n in waiting.items() if n}
+        assert len(waiting) > 1
+
+
 async def test_a_worker_refuses_several_streams_without_the_mapping_and_prints_it(nats_server_url, prefix, nats):
     from daemon.config import Config
 
