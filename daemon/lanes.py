@@ -41,7 +41,7 @@ log = logging.getLogger("ordo.lanes")
 
 #: How many turns a busy lane may take beyond another busy lane's while that one's pull is out.
 #: In w7-noisy, 1 (strict rounds) was worse than 2 on both counts: A drained no faster and the
-#: quiet tenants' p99 was higher (README, "Fairness and limits").
+#: quiet tenants' p99 was higher (README, "Weights that hold").
 TURNS_AHEAD = 2
 
 
@@ -164,8 +164,8 @@ class FairShare:
             lane.waiter.set_result(0)
 
     def quiet(self, index: int) -> None:
-        """The lane has no backlog any more (or stops): it takes no more turns, and the round
-        need not wait for it."""
+        """The lane has no backlog any more (or stops): it takes no more turns, and no busy lane
+        is held behind it."""
         self.busy.discard(index)
         self._queued.set()
 
@@ -319,7 +319,7 @@ class Lanes:
         """A lane's fetch loop ended (stopping): it is no longer this worker's."""
         current = self.running.get(lane.index)
         if current is None or current is lane:
-            self.fair.quiet(lane.index)  # the turns' round does not wait for it
+            self.fair.quiet(lane.index)  # no busy lane is held behind it
         if current is lane and lane.stopping:
             del self.running[lane.index]
             for gauge in (metrics.lane_backlog, metrics.lane_behind):
