@@ -46,14 +46,22 @@ def _is_free(host: str, port: int) -> bool:
 
 
 async def scrape(host: str, port: int, timeout: float = 2.0) -> str:
-    """The /metrics text of the worker on `port`."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    """The /metrics text of the worker on `port`.
+
+    One deadline covers connecting, sending and reading (TimeoutError past it), so that
+    a worker that accepts and never answers costs `timeout`, not one per step; the
+    connection is closed on every way out.
+    """
+    writer = None
     try:
-        writer.write(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        await writer.drain()
-        response = await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            response = await reader.read()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.") or head.split(b" ", 2)[1] != b"200":
         raise ConnectionError(f"GET /metrics on port {port}: {head[:60]!r}")

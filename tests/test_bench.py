@@ -509,6 +509,27 @@ async def test_worker_counts_scrape_a_worker_and_none_when_one_is_missing():
         await server.wait_closed()
 
 
+async def test_worker_counts_scrape_of_a_worker_that_never_answers_times_out_and_hangs_up():
+    """A worker that accepts and never answers: the scrape gives up (scrape_all's None) and closes its end."""
+    requests: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def accept_and_never_answer(reader, writer):
+        await requests.put(await reader.read())  # read() returns once the scraper closed its end: EOF
+        writer.close()
+
+    port = worker_counts.free_port_range(1)
+    server = await asyncio.start_server(accept_and_never_answer, "127.0.0.1", port)
+    try:
+        with pytest.raises(TimeoutError):
+            await worker_counts.scrape("127.0.0.1", port, timeout=0.2)
+        assert (await asyncio.wait_for(requests.get(), 10)).startswith(b"GET /metrics ")
+        assert await worker_counts.scrape_all("127.0.0.1", [port]) is None
+        assert (await asyncio.wait_for(requests.get(), 10)).startswith(b"GET /metrics ")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_list_and_unknown_scenario():
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench", "--list", cwd=ROOT, stdout=asyncio.subprocess.PIPE
