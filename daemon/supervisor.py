@@ -82,6 +82,12 @@ class Supervisor:
             clean = clean and child.returncode == 0
         return clean
 
+    async def stop_async(self, timeout: float = 60.0) -> bool:
+        """stop() in a thread, for callers on an event loop: the loop runs on while the workers drain."""
+        import asyncio
+
+        return await asyncio.to_thread(self.stop, timeout)
+
 
 def run_supervisor(workers: int) -> int:
     supervisor = Supervisor(workers)
