@@ -534,7 +534,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         if publisher is not None:
             outcome["reader"].cancel()
         # Workers drain before the ledger is read: what they commit late is checked too.
-        drained = supervisor.stop(timeout=30)
+        drained = await supervisor.stop_async(timeout=30)
         if not drained and run.failure is None:
             run.failure = "a worker did not stop cleanly"
         await scenario.stop()
