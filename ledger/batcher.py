@@ -186,11 +186,15 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT DO NOTHING
 """
 
+# A timer or wait written in place of a stored one is the committing deployment's, as a new one is:
+# the stored one may be another's (a row of before migration 021, which every deployment's workers
+# take as their own) or no one's ('', migration 013), and would fire or be woken where it is not run.
 _SET_TIMERS = """
 INSERT INTO ordo.timers (execution_id, partition, timer_id, fire_at, purpose, step_id, deployment)
 SELECT *, $7 FROM unnest($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
-SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED.purpose, step_id = EXCLUDED.step_id
+SET timer_id = EXCLUDED.timer_id, fire_at = EXCLUDED.fire_at, purpose = EXCLUDED.purpose, step_id = EXCLUDED.step_id,
+    deployment = EXCLUDED.deployment
 """
 
 _SET_WAITS = """
@@ -198,7 +202,7 @@ INSERT INTO ordo.event_waits (execution_id, tenant, subject_type, subject_id, ev
 SELECT *, $7 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
 ON CONFLICT (execution_id) DO UPDATE
 SET tenant = EXCLUDED.tenant, subject_type = EXCLUDED.subject_type, subject_id = EXCLUDED.subject_id,
-    event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id
+    event_type = EXCLUDED.event_type, step_id = EXCLUDED.step_id, deployment = EXCLUDED.deployment
 """
 # The engine of executions enrolled on a candidate engine (migration 017), set on the rows just
 # written: the enrolment COPY stays the same for every execution outside an engine rollout.

@@ -24,6 +24,7 @@ from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
 from daemon.dlq import retry_letters
+from daemon.enrolment import event_message
 from daemon.timers import TimerFire
 from hotpath import ExecutionState
 from ledger.executions import ExecutionRecord, deployment_of
@@ -313,6 +314,60 @@ async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_t
         await h.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id)
         assert await deployment_of(h.db, execution_id) == (True, prefix)
         assert await deployment_of(h.db, "not-an-execution-id") == (False, None)
+
+
+# A session waits for a page view, then for a form: each wait with its timeout.
+FOLLOW_UP = {
+    "id": "follow-up",
+    "tenant": "acme",
+    "trigger": {"event": "session.started"},
+    "steps": [
+        {"id": "view", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h", "on_timeout": "gone"},
+        {"id": "form", "type": "wait_for_event", "event": "form.sent", "timeout": "2h", "on_timeout": "gone"},
+        {"id": "sent", "type": "set", "values": {"outcome": "sent"}, "next": "done"},
+        {"id": "gone", "type": "set", "values": {"outcome": "gone"}},
+        {"id": "done", "type": "end"},
+    ],
+}
+
+
+async def test_a_timer_and_wait_rewritten_by_another_deployments_commit_are_filed_under_it(
+    nats_server_url, pg_dsn, prefix
+):
+    """A row of before migration 021 names no deployment, and every deployment's worker takes it as its
+    own. When B's worker advances it past A's wait, the timer and wait its commit writes in place of A's
+    are B's: B's walk fires the timer and B's triggers wake the wait (not A's, which never sees them)."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(FOLLOW_UP)
+        async with a.worker(), b.worker():
+            session = trigger_event("legacy", 0, tenant="acme", event_type="session.started")
+            session["contact"] = {"id": "c-0"}
+            execution_id = a.execution_id("acme", "follow-up", session["event_id"])
+            await a.publish_triggers([session])
+            await a.wait_timer(execution_id, "event_timeout")
+            filed = (
+                "SELECT t.deployment, w.deployment, w.event_type FROM ordo.timers t"
+                " JOIN ordo.event_waits w USING (execution_id) WHERE execution_id = $1::uuid"
+            )
+            assert tuple(await a.db.fetchrow(filed, execution_id)) == (prefix, prefix, "page.viewed")
+            await a.db.execute(
+                "UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", execution_id
+            )
+
+            # The page view reaches B's subject for it; B's commit replaces the timer and the wait.
+            (view,) = _views("legacy-view", range(1))
+            await b.publish_raw(b.topology.exec_subject(execution_id), *event_message(execution_id, view))
+            waiting_for = "SELECT event_type FROM ordo.event_waits WHERE execution_id = $1::uuid"
+            await a.wait_until(waiting_for, execution_id, expect="form.sent")
+            assert tuple(await a.db.fetchrow(filed, execution_id)) == (other, other, "form.sent")
+
+            # B's form wakes it: B's trigger routing finds the wait as B's.
+            form = trigger_event("legacy-form", 0, tenant="acme", event_type="form.sent")
+            form["contact"] = {"id": "c-0"}
+            await b.publish_triggers([form])
+            await a.wait_status(execution_id, "completed")
+        assert await a.db.fetchval("SELECT count(*) FROM ordo.timers") == 0
 
 
 async def _statuses(h: Harness, letter_ids: list[int]) -> list[str]:
