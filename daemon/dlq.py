@@ -9,6 +9,9 @@ Two kinds of letters, two kinds of retry:
   definition that could not load): its original payload is published again
   to its original subject, under a new message id, after the operator fixed
   what was wrong.
+A message that reached this deployment's execution subject for another
+deployment's execution (`other_deployment`) is published to where it belongs
+instead: that execution's subject in its own deployment.
 A retried letter is marked `retried`, so `--all` does not retry it twice.
 
 Deployments that share a ledger share its dead-letter table. A failed step's
@@ -21,7 +24,8 @@ open for that deployment's own `ordo dlq retry`.
 
 import orjson
 
-from ledger import dead_letters
+from actions.transport import Subjects
+from ledger import dead_letters, leases
 from ledger.executions import deployment_of
 
 
@@ -91,6 +95,13 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
                     headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"},
                 )
                 done.append(f"{r['id']}: execution {r['execution_id']} resumes at step {r['step_id']}")
+            elif r["reason"] == "other_deployment":
+                home, line = await _home_subject(conn, r["execution_id"])
+                if home is None:
+                    done.append(f"{r['id']}: left open: {line}")
+                    continue
+                await js.publish(home, bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
+                done.append(f"{r['id']}: sent to {home}, {line}")
             elif r["subject"]:
                 await js.publish(r["subject"], bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
                 done.append(f"{r['id']}: republished to {r['subject']}")
@@ -104,6 +115,25 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
             "retry them from their own deployment"
         )
     return done
+
+
+async def _home_subject(conn, execution_id: str | None) -> tuple[str | None, str]:
+    """The execution subject of the execution in its own deployment, or None; and a line that says whose
+    it is, or why it cannot be told. Republished to its letter's subject, the message would be
+    dead-lettered again: that is the subject of a deployment the execution does not belong to."""
+    exists, deployment = await deployment_of(conn, execution_id) if execution_id else (False, None)
+    if not exists:
+        return None, f"no execution {execution_id} to send it to"
+    if not deployment:
+        return None, (
+            f"execution {execution_id} belongs to a deployment the ledger cannot name "
+            "(enrolled before migration 021 by one of several): assign it, then retry"
+        )
+    partitions = await leases.partition_count(conn, deployment)
+    if not partitions:
+        return None, f"execution {execution_id} belongs to deployment {deployment!r}, which has no partitions"
+    subject = Subjects(deployment, partitions).exec_subject(execution_id)
+    return subject, f"the subject of execution {execution_id} in its deployment {deployment!r}"
 
 
 async def _is_ours(conn, topology, letter) -> bool:

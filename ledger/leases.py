@@ -126,6 +126,16 @@ async def partitions_claimed_since(conn: Queryable, deployment: str, since: floa
     return {r["owner"]: r["n"] for r in await conn.fetch(_OWNERS_SINCE, deployment, since)}
 
 
+_PARTITION_COUNT = "SELECT count(*) FROM ordo.partitions WHERE deployment = $1"
+
+
+async def partition_count(conn: Queryable, deployment: str) -> int:
+    """How many partitions the deployment has (its `partitions` setting, fixed at set-up, which decides
+    its execution subjects); 0 when none of its workers ever started on this ledger."""
+    count: int = await conn.fetchval(_PARTITION_COUNT, deployment)
+    return count
+
+
 _EPOCHS = """
 SELECT partition, epoch FROM ordo.partitions WHERE deployment = $1 AND partition = ANY($2::int[]) FOR SHARE
 """

@@ -401,6 +401,48 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
             assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
 
 
+async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):
+    """A signal that reached B's subject for A's execution is dead-lettered there (`other_deployment`).
+    Its retry goes to A's subject for it, where A's worker applies it; republished to its own subject,
+    B's, it was dead-lettered again. One for an execution whose deployment cannot be told stays open."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        await a.deploy(WAITER)
+        async with a.worker(), b.worker():
+            events = [trigger_event("home", i, tenant="acme", event_type="session.started") for i in range(2)]
+            await a.publish_triggers(events)
+            theirs, legacy = (a.execution_id("acme", "waiter", e["event_id"]) for e in events)
+            for execution_id in (theirs, legacy):
+                await a.wait_status(execution_id, "waiting")
+                await b.signal(execution_id, "done")
+            letters = "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'other_deployment'"
+            await a.wait_until(letters, expect=2)
+            ids = {
+                r["execution_id"]: r["id"]
+                for r in await a.db.fetch("SELECT id, execution_id::text FROM ordo.dead_letters")
+            }
+            # A row of before migration 021, on a ledger of two deployments: whose it is cannot be told.
+            await a.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", legacy)
+            sent_before = (await a.js.stream_info(a.topology.exec_stream)).state.messages
+
+            lines = await retry_letters(b.db, b.js, b.topology)
+            assert sorted(lines) == sorted(
+                [
+                    f"{ids[theirs]}: sent to {a.topology.exec_subject(theirs)}, "
+                    f"the subject of execution {theirs} in its deployment {prefix!r}",
+                    f"{ids[legacy]}: left open: execution {legacy} belongs to a deployment the ledger cannot name "
+                    "(enrolled before migration 021 by one of several): assign it, then retry",
+                ]
+            )
+            await a.wait_status(theirs, "completed")
+            assert (await a.js.stream_info(a.topology.exec_stream)).state.messages == sent_before + 1
+            assert [await _statuses(a, [ids[e]]) for e in (theirs, legacy)] == [["retried"], ["open"]]
+            assert await a.db.fetchval(letters) == 2  # not dead-lettered again
+            assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 2  # B's two signals only
+            assert await a.db.fetchval("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", legacy) == (
+                "waiting"
+            )
+
+
 async def _dead_lettered_metric(reason: str, expect: float, timeout: float = 10.0) -> None:
     """Until ordo_dead_letters_total{reason} reads `expect` (it counts after the commit, with the DLQ copy)."""
     deadline = time.monotonic() + timeout
