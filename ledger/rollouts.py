@@ -499,6 +499,14 @@ async def failed_executions(
     return [r["execution_id"] for r in rows]
 
 
+# On the dispatch errors' own index (migration 022): a rollback reads its workflow's, not the table.
+_DISPATCH_ERRORED = """
+SELECT execution_id::text FROM ordo.dead_letters
+WHERE reason = 'dispatch_error' AND tenant = $1 AND workflow_id = $2 AND at >= $3 AND execution_id IS NOT NULL
+GROUP BY execution_id ORDER BY min(id) LIMIT $4
+"""
+
+
 async def dispatch_errored(
     conn: Queryable, tenant: str, workflow_id: str, since: datetime, limit: int
 ) -> list[tuple[str, Record | None]]:
@@ -509,17 +517,7 @@ async def dispatch_errored(
     Of both sides: the caller tells them apart. Two statements rather than a join, as dead_letters is
     not distributed by execution (docs/citus.md).
     """
-    letters = await conn.fetch(
-        """
-        SELECT execution_id::text FROM ordo.dead_letters
-        WHERE reason = 'dispatch_error' AND tenant = $1 AND workflow_id = $2 AND at >= $3 AND execution_id IS NOT NULL
-        GROUP BY execution_id ORDER BY min(id) LIMIT $4
-        """,
-        tenant,
-        workflow_id,
-        since,
-        limit,
-    )
+    letters = await conn.fetch(_DISPATCH_ERRORED, tenant, workflow_id, since, limit)
     ids = [r["execution_id"] for r in letters]
     rows = await conn.fetch(
         "SELECT execution_id::text, workflow_version, engine, created_at FROM ordo.executions "

@@ -328,6 +328,56 @@ async def test_a_rollback_on_dispatch_errors_names_the_candidates_executions_the
         assert "ordo dlq list --reason dispatch_error" in status.stdout
 
 
+def _letters_read(node: dict) -> int:
+    """Rows the scans of a plan (EXPLAIN ANALYZE, JSON) read from ordo.dead_letters: returned or filtered out."""
+    read = 0
+    if node.get("Relation Name") == "dead_letters":
+        read += (
+            node["Actual Rows"] + node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+        )
+    return read + sum(_letters_read(child) for child in node.get("Plans", []))
+
+
+async def test_a_rollback_reads_its_workflows_dispatch_errors_not_the_whole_dead_letter_table(pg_dsn):
+    """`dispatch_errored` runs on every rollback: on 20,000 letters of every reason, tenant and workflow,
+    it reads the workflow's dispatch errors since the stage began, and no other letter."""
+    import asyncpg
+
+    from ledger.schema import migrate
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        began = datetime.now(UTC) - timedelta(hours=1)
+        # One letter in four a dispatch error; 5 tenants x 8 workflows; a third of them before the stage began.
+        await conn.execute(
+            """INSERT INTO ordo.dead_letters (at, reason, error, tenant, workflow_id, execution_id, subject, stream,
+                   stream_seq, payload)
+               SELECT $1::timestamptz + (i % 3 > 0)::int * interval '2 hours',
+                      CASE WHEN i % 4 = 0 THEN 'dispatch_error' ELSE 'bad_input' END, 'x',
+                      'tenant-' || (i / 4) % 5, 'workflow-' || (i / 20) % 8,
+                      md5(i::text)::uuid, 'subject', 'stream', i, ''::bytea
+               FROM generate_series(1, 20000) AS i""",
+            began - timedelta(hours=1),
+        )
+        await conn.execute("VACUUM ANALYZE ordo.dead_letters")
+        key = ("tenant-3", "workflow-5")
+        wanted = await conn.fetchval(
+            "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'dispatch_error' AND tenant = $1"
+            " AND workflow_id = $2 AND at >= $3",
+            *key,
+            began,
+        )
+        assert wanted > 0
+        assert len(await rollouts.dispatch_errored(conn, *key, began, 1000)) == wanted
+        plan = orjson.loads(
+            await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + rollouts._DISPATCH_ERRORED, *key, began, 1000)
+        )
+        assert _letters_read(plan[0]["Plan"]) == wanted
+    finally:
+        await conn.close()
+
+
 async def test_the_version_chosen_is_the_same_on_every_worker_and_after_a_restart(nats_server_url, pg_dsn, prefix):
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(WELCOME)
