@@ -70,7 +70,7 @@ from .generator import PubAcks
 from .histogram import Histogram
 from .otlp_sink import OtlpSink
 from .report import ProcessSampler, RunResult
-from .scenarios import SCENARIOS, Checks, Scenario
+from .scenarios import SCENARIOS, Checks, Scenario, check_routing
 from .scenarios import get as get_scenario
 
 #: The ledger day of a run with --retention: retention then works by the minute.
@@ -626,6 +626,7 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         dropped = verification.facts["dropped_by_retention"]
     else:
         verification = await scenario.verify(pool, run_id, expected, outcome.get("done"))
+    await check_routing(pool, verification, Topology(run_config).exec_stream, scenario.workflow_id(run_id))
     run.verification = verification.as_dict()
     run.verified = verification.ok
     rows = await scenario.finish_times(pool, run_id)

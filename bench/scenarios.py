@@ -61,6 +61,11 @@ class Verification:
     completed: int
     expected_steps: int
     expected_history: int
+    #: Checks of every run beside these (`check_routing`): name -> (found, wanted).
+    checks: dict = field(default_factory=dict)
+
+    def add(self, name: str, found, wanted) -> None:
+        self.checks[name] = (found, wanted)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +76,7 @@ class Verification:
             and self.completed == n
             and self.expected_steps == n
             and self.expected_history == n
+            and not _mismatches(self.checks)
         )
 
     def problems(self) -> list[str]:
@@ -80,7 +86,7 @@ class Verification:
             value = getattr(self, name)
             if value != n:
                 found.append(f"{name} {value} of {n}")
-        return found
+        return found + _mismatches(self.checks)
 
     def as_dict(self) -> dict:
         return {
@@ -91,6 +97,7 @@ class Verification:
             "completed": self.completed,
             "expected_steps": self.expected_steps,
             "expected_history": self.expected_history,
+            **{name: found for name, (found, _) in self.checks.items()},
             "problems": self.problems(),
         }
 
@@ -99,7 +106,7 @@ class Verification:
 class Checks:
     """Named ledger facts against what they must be; `ok` when every one matches.
 
-    Same interface as Verification (ok, problems(), as_dict()); `facts` are
+    Same interface as Verification (add(), ok, problems(), as_dict()); `facts` are
     reported but not checked.
     """
 
@@ -112,12 +119,10 @@ class Checks:
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and all(found == wanted for found, wanted in self.checks.values())
+        return bool(self.checks) and not _mismatches(self.checks)
 
     def problems(self) -> list[str]:
-        return [
-            f"{name} {found} (expected {wanted})" for name, (found, wanted) in self.checks.items() if found != wanted
-        ]
+        return _mismatches(self.checks)
 
     def as_dict(self) -> dict:
         return {
@@ -128,6 +133,22 @@ class Checks:
             "facts": self.facts,
             "problems": self.problems(),
         }
+
+
+def _mismatches(checks: dict) -> list[str]:
+    """`name found (expected wanted)` of each check (name -> (found, wanted)) whose found is not its wanted."""
+    return [f"{name} {found} (expected {wanted})" for name, (found, wanted) in checks.items() if found != wanted]
+
+
+async def check_routing(conn, verification: Verification | Checks, exec_stream: str, workflow_id: str | None) -> None:
+    """Every run's check beside its scenario's: no message went to a deployment its execution is not of.
+
+    The worker that takes one dead-letters it (`other_deployment`) and acks it: a copy that went astray
+    while the message itself was applied leaves every execution as the scenario expects, and a message
+    that went astray alone is counted as missing, not as misrouted. A run is one deployment (its own
+    prefix): it has none."""
+    found = await run_checks.other_deployment_letters(conn, exec_stream, workflow_id)
+    verification.add("other_deployment_letters", found, 0)
 
 
 class Scenario:

@@ -238,13 +238,31 @@ async def retained_run(conn: Queryable) -> Record:
     """A run with retention at work, on a ledger of its own: the finished executions retention dropped
     (`dropped`, ordo.retention_drops) and the dead letters of the whole ledger: those of signals for an
     execution not enrolled yet or ended already (`unroutable`, which w9-mix's signals may be) apart
-    from the others (`dead_letters`)."""
+    from the others (`dead_letters`) but for `other_deployment`'s, which every run checks
+    (`other_deployment_letters`)."""
     row = await conn.fetchrow(
         """SELECT (SELECT coalesce(sum(executions), 0) FROM ordo.retention_drops)::bigint AS dropped,
                   (SELECT count(*) FROM ordo.dead_letters
-                   WHERE reason NOT IN ('unknown_execution', 'execution_closed')) AS dead_letters,
+                   WHERE reason NOT IN ('unknown_execution', 'execution_closed', 'other_deployment'))
+                   AS dead_letters,
                   (SELECT count(*) FROM ordo.dead_letters
                    WHERE reason IN ('unknown_execution', 'execution_closed')) AS unroutable"""
     )
     assert row is not None, "an aggregate query returns one row"
     return row
+
+
+# A message of the run's execution stream for another deployment's execution, or a message for one of
+# the run's executions that reached another deployment (the letter names the execution's workflow).
+_OTHER_DEPLOYMENT = """
+SELECT count(*) FROM ordo.dead_letters
+WHERE reason = 'other_deployment' AND (stream = $1 OR workflow_id = $2)
+"""
+
+
+async def other_deployment_letters(conn: Queryable, exec_stream: str, workflow_id: str | None) -> int:
+    """The `other_deployment` dead letters (daemon/advance.py) of a run whose execution stream and
+    workflow these are: a message that went to a deployment its execution does not belong to. A run
+    is one deployment (its own prefix), so it has none."""
+    count: int = await conn.fetchval(_OTHER_DEPLOYMENT, exec_stream, workflow_id)
+    return count

@@ -15,16 +15,18 @@ import time
 
 import orjson
 import pytest
-from harness import ROOT
+from harness import ROOT, WAITER, Harness
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import Histogram as PromHistogram
 
 from bench import report, soak, storage, worker_counts
 from bench.generator import PubAcks, publish_events, trigger_event
 from bench.histogram import PRECISION, Histogram, _bounds, _index
+from bench.scenarios import Checks, Verification, check_routing
 from daemon import config as config_module
 from daemon import metrics
 from daemon.topology import Topology
+from ledger import run_checks
 from ledger.runs import TableSize, WalCounters
 
 
@@ -72,7 +74,7 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
     (run,) = doc["runs"]
     assert run["mode"] == "closed"
     assert run["published"] == 200 and run["executions"] == 200 and run["steps"] == 1000
-    assert run["verification"]["problems"] == []
+    assert run["verification"]["problems"] == [] and run["verification"]["other_deployment_letters"] == 0
     assert run["latency"]["count"] == 200
     assert sum(run["completions_per_s"]) == 200
     assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
@@ -257,6 +259,43 @@ async def test_w9_mix_completes_every_kind_and_accounts_for_every_signal(nats_se
     assert metrics["signals_recorded"] + metrics["signals_dead_lettered"] == metrics["signals_published"]
     assert check["signals_out_of_order"] == 0
     assert run["published"] == 200 + metrics["signals_published"]
+
+
+async def test_a_message_that_went_to_another_deployment_fails_the_runs_checks(nats_server_url, pg_dsn, prefix):
+    """A run is one deployment: an `other_deployment` dead letter, of a message its workers took from its
+    execution stream or of one for its workflow's execution, fails its checks by name, whatever its
+    scenario's own checks found; the dead letters a retention run counts leave it to this check."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker():
+            await h.publish_triggers([trigger_event("astray", 0, tenant="acme", event_type="session.started")])
+            execution_id = h.execution_id("acme", "waiter", "astray-0")
+            await h.wait_status(execution_id, "waiting")
+
+            def verified() -> list:
+                checks = Checks(1)
+                checks.add("completed", 1, 1)
+                return [checks, Verification(1, 1, 1, 1, 1, 1)]
+
+            for verification in verified():
+                await check_routing(h.db, verification, h.topology.exec_stream, "waiter")
+                assert verification.ok and verification.as_dict()["other_deployment_letters"] == 0
+
+            # The execution is another deployment's: this one's worker dead-letters a signal for it.
+            await h.db.execute(
+                "UPDATE ordo.executions SET deployment = 'elsewhere' WHERE execution_id = $1::uuid", execution_id
+            )
+            await h.signal(execution_id, "done")
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters WHERE reason = 'other_deployment'", expect=1)
+        assert await run_checks.other_deployment_letters(h.db, h.topology.exec_stream, None) == 1
+        assert await run_checks.other_deployment_letters(h.db, "ELSEWHERE_EXEC", "waiter") == 1
+        assert await run_checks.other_deployment_letters(h.db, "ELSEWHERE_EXEC", "welcome") == 0
+        for verification in verified():
+            await check_routing(h.db, verification, h.topology.exec_stream, "waiter")
+            assert not verification.ok
+            assert verification.problems() == ["other_deployment_letters 1 (expected 0)"]
+            assert verification.as_dict()["other_deployment_letters"] == 1
+        assert (await run_checks.retained_run(h.db))["dead_letters"] == 0
 
 
 async def test_w3_timers_fire_and_report_lateness(nats_server_url, pg_dsn):
