@@ -89,6 +89,7 @@ class Delivery:
         "stream_seq",
         "delivered",
         "timestamp_ns",
+        "pending",
         "key",
         "partition",
     )
@@ -105,17 +106,20 @@ class Delivery:
         self.headers = msg.headers
         tokens = reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the
-        # v2 form with <domain>.<account hash> after ACK and a random suffix.
+        # v2 form with <domain>.<account hash> after ACK and a random suffix. <pending> is what the
+        # consumer still held after this message: above 0, its consumer has a backlog.
         if len(tokens) == 9:
             self.stream = tokens[2]
             self.delivered = int(tokens[4])
             self.stream_seq = int(tokens[5])
             self.timestamp_ns = int(tokens[7])
+            self.pending = int(tokens[8])
         else:
             self.stream = tokens[4]
             self.delivered = int(tokens[6])
             self.stream_seq = int(tokens[7])
             self.timestamp_ns = int(tokens[9])
+            self.pending = int(tokens[10])
         #: When the stream stored it (the same on every redelivery): a new execution's ledger day.
         #: The ordering-ring key (an execution id) while the message holds it.
         self.key = None

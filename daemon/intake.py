@@ -292,7 +292,7 @@ class Intake:
                 self.window.arrived(len(deliveries))
                 self._count_metrics(deliveries)
                 events = await self._take_triggers(deliveries, ahead=probing)
-                lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns)
+                lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns, deliveries[-1].pending)
         finally:
             if lane.granted > lane.taken:
                 self.window.unreserve(lane.granted - lane.taken)

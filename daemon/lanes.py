@@ -16,11 +16,16 @@ grant), never for the whole window. When the heaviest busy lane's share would
 be more than one pull (`fetch_batch`), every lane's quantum is scaled down so
 that it fits: the lanes' shares keep the ratio of their weights. A lane whose
 pull comes back sooner (a lighter share) may not take more than TURNS_AHEAD
-turns beyond another busy lane's, whose pull is still open (a lane that just
-turned busy counts until its pull ends, full or short: a burst's lane then
-yields turns to a quiet lane's few events). A quiet lane keeps a small pull
-open (`probe`) that bypasses the turns, so its next event is taken at once
-instead of after another lane's backlog. What a lane has not been granted
+turns beyond another busy lane's, whose pull is still open.
+
+A lane is busy while its consumer holds a backlog: each delivery says how many
+messages its consumer still had (`pending`). A lane whose delivery says none is
+quiet at once, though its pull stays open for what is published next: no lane
+waits in the turns for a pull that is only waiting for new events (the turns
+are work-conserving), and a quiet lane's probe that fills up as its events
+trickle in does not make it busy. A quiet lane keeps a small pull open
+(`probe`) that bypasses the turns, so its next event is taken at once instead
+of after another lane's backlog. What a lane has not been granted
 waits in JetStream; what it was granted is reserved in the window before it
 arrives, so the window stays bounded as before.
 
@@ -97,6 +102,7 @@ class Lane:
         "waiter",
         "task",
         "consumer",
+        "pending",
         "last_stored_ns",
         "taken_total",
     )
@@ -108,11 +114,13 @@ class Lane:
         self.weight = weight
         #: Events the lane may still take in this turn (negative: taken beyond its grants, paid back in turns).
         self.deficit = 0
-        #: Its last pull came back short: it has no backlog, and keeps a probe open instead of taking turns.
+        #: Its consumer held nothing more after its last pull: no backlog, it keeps a probe open, takes no turns.
         self.idle = True
         #: Messages the open pull was granted (counted in the window) and how many of them have come.
         self.granted = 0
         self.taken = 0
+        #: What the lane's consumer still held after the last message taken (its backlog).
+        self.pending = 0
         self.stopping = False
         self.waiter: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
@@ -135,8 +143,9 @@ class FairShare:
         self.probe = max(1, min(16, config.max_ack_pending // (4 * max(1, config.trigger_lanes))))
         self._turns: deque[Lane] = deque()
         self._queued = asyncio.Event()
-        #: Lanes with a backlog (their last pull came back full): while there is one alone, it may
-        #: take a whole pull per turn, as the one consumer of before did, instead of a quantum.
+        #: Lanes with a backlog (their consumer held more after their last delivery): while there is
+        #: one alone, it may take a whole pull per turn, as the one consumer of before did, instead
+        #: of a quantum.
         self.busy: set[int] = set()
         #: The weight of each lane that has taken turns (lane index -> weight).
         self._weights: dict[int, int] = {}
@@ -177,7 +186,7 @@ class FairShare:
         return max(1, min(self.quantum, self.most // heaviest))
 
     def backlogged(self, index: int) -> None:
-        """The lane's pull came back full: it takes turns, level with the busy lanes if it was not one."""
+        """The lane has a backlog: it takes turns, level with the busy lanes if it was not one."""
         if index not in self.busy:
             fewest = min((self._taken.get(other, 0) for other in self.busy), default=0)
             self._taken[index] = max(self._taken.get(index, 0), fewest)
@@ -334,18 +343,28 @@ class Lanes:
         for lane in self.running.values():
             lane.weight = self._weights.get(lane.index, 1)
 
-    def took(self, lane: Lane, messages: int, events: int, stored_ns: int) -> None:
-        """A pull brought `messages` of its grant, holding `events` trigger events: charge the lane."""
+    def took(self, lane: Lane, messages: int, events: int, stored_ns: int, pending: int) -> None:
+        """A pull brought `messages` of its grant, holding `events` trigger events, and left `pending`
+        messages in the lane's consumer: charge the lane."""
         lane.taken += messages
         lane.deficit -= events
+        lane.pending = pending
+        if pending == 0 and lane.index in self.fair.busy:
+            # Its backlog is taken; what its pull may still bring comes as it is published. No busy
+            # lane waits in the turns for that pull to fill up or expire.
+            self.fair.quiet(lane.index)
         lane.last_stored_ns = max(lane.last_stored_ns, stored_ns)
         lane.taken_total.inc(events)
 
     def pull_ended(self, lane: Lane) -> int:
-        """The lane's pull ended: whether it has a backlog, and the grant it left unused (to release)."""
+        """The lane's pull ended: whether it has a backlog, and the grant it left unused (to release).
+
+        A backlog is what the consumer still held after the pull's last message, not a pull that
+        came back full: a quiet lane's probe fills up as its events trickle in, and turns for it
+        would hold the busy lanes behind a pull that lingers until it expires."""
         unused = max(0, lane.granted - lane.taken)
         if lane.granted:
-            lane.idle = lane.taken < lane.granted
+            lane.idle = lane.taken == 0 or lane.pending == 0
             if lane.idle:
                 lane.deficit = min(lane.deficit, 0)  # an emptied lane keeps its debt, not its credit
                 self.fair.quiet(lane.index)

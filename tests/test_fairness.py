@@ -224,6 +224,81 @@ async def test_a_weight_whose_share_is_more_than_one_pull_still_counts_in_full()
     await runner
 
 
+async def test_a_lane_takes_turns_while_its_consumer_holds_more_not_when_its_pull_came_back_full():
+    """What the consumer still held after a pull's last message (the delivery's `pending`) says
+    whether a lane has a backlog. A quiet lane's probe fills up as its events trickle in: were it
+    a backlog, the lane would take turns, and a busy lane would be held behind a pull that lingers
+    until it expires. A pull of batches comes back short of its grant in messages (bounded by
+    bytes) with a backlog behind it: that lane takes turns."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane, Lanes
+
+    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
+    quiet, burst = Lane(3, 3, 1, 1), Lane(5, 1, 1, 1)
+
+    quiet.granted = lanes.fair.probe
+    lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=1, pending=0)
+    assert lanes.pull_ended(quiet) == 0
+    assert quiet.idle and lanes.fair.busy == set()  # full, and nothing behind it: it keeps probing
+
+    burst.granted = 256
+    lanes.took(burst, 2, 400, stored_ns=1, pending=900)  # two batches of 200 events filled the bytes
+    assert lanes.pull_ended(burst) == 254
+    assert not burst.idle and lanes.fair.busy == {5}
+
+    quiet.granted = lanes.fair.probe
+    lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=2, pending=30)  # a spike of its own
+    lanes.pull_ended(quiet)
+    assert not quiet.idle and lanes.fair.busy == {3, 5}
+
+    burst.granted = 100
+    lanes.took(burst, 1, 200, stored_ns=2, pending=0)  # the backlog's last batch; its pull stays open
+    assert lanes.fair.busy == {3}  # from now on: no lane waits in the turns for that pull
+    lanes.pull_ended(burst)
+    assert burst.idle and lanes.fair.busy == {3}
+
+
+async def test_a_busy_lane_is_not_held_behind_a_pull_whose_backlog_has_come():
+    """Two busy lanes; the burst's pulls come back at once, the other's stays open. The burst may
+    be TURNS_AHEAD turns ahead, then waits, until the other's pull brings the last of its backlog:
+    what that pull may still bring comes as it is published, so the burst takes turns again (it
+    used to wait up to the pull's expiry, a second, with capacity idle)."""
+    from daemon.config import Config
+    from daemon.intake import Window
+    from daemon.lanes import Lane, Lanes
+
+    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
+    window, stopping = Window(config), asyncio.Event()
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
+    fair = lanes.fair
+    runner = asyncio.create_task(fair.run())
+    burst, other = Lane(5, 1, 1, 1), Lane(3, 3, 1, 1)
+    fair.backlogged(5)
+    fair.backlogged(3)
+    other.granted = await asyncio.wait_for(fair.turn(other), 1)  # its pull is out
+    for _ in range(TURNS_AHEAD + 1):  # level with the other's one turn, then TURNS_AHEAD beyond
+        grant = await asyncio.wait_for(fair.turn(burst), 1)
+        window.arrived(grant)
+        window.release(grant)
+        burst.deficit -= grant
+    held = asyncio.create_task(fair.turn(burst))
+    await _loop_turns()
+    assert not held.done()  # TURNS_AHEAD turns ahead of a lane with a backlog
+    window.arrived(3)
+    lanes.took(other, 3, 3, stored_ns=1, pending=20)  # some of it came, more is there
+    await _loop_turns()
+    assert not held.done()
+    window.arrived(20)
+    lanes.took(other, 20, 20, stored_ns=2, pending=0)  # the rest: its pull now waits for new events
+    assert await asyncio.wait_for(held, 1) == 500  # the one busy lane now: a whole pull
+    stopping.set()
+    await runner
+
+
 async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lanes_pull():
     """The window full of a burst: a quiet lane's probe opens once its 15 slots are free, while
     the busy lane's turn waits until its whole grant fits (as before, the window was told of
