@@ -242,6 +242,13 @@ class Harness:
     def execution_id(self, tenant: str, workflow_id: str, event_id: str) -> str:
         return execution_id_for(tenant, workflow_id, event_id)
 
+    async def enrol_waiter(self, run: str) -> str:
+        """acme's WAITER (deployed, a worker running) enrolled by trigger `run`-0, and waiting: its id."""
+        await self.publish_triggers([trigger_event(run, 0, tenant="acme", event_type="session.started")])
+        execution_id = self.execution_id("acme", "waiter", f"{run}-0")
+        await self.wait_status(execution_id, "waiting")
+        return execution_id
+
     # -- reading the ledger back ----------------------------------------------
 
     async def wait_until(self, sql: str, *args, expect, timeout: float = 60.0):

@@ -268,9 +268,7 @@ async def test_a_message_that_went_to_another_deployment_fails_the_runs_checks(n
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(WAITER)
         async with h.worker():
-            await h.publish_triggers([trigger_event("astray", 0, tenant="acme", event_type="session.started")])
-            execution_id = h.execution_id("acme", "waiter", "astray-0")
-            await h.wait_status(execution_id, "waiting")
+            execution_id = await h.enrol_waiter("astray")
 
             def verified() -> list:
                 checks = Checks(1)

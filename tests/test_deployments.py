@@ -305,9 +305,7 @@ async def test_an_execution_is_written_as_its_deployments_and_one_of_before_as_t
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(WAITER)
         async with h.worker():
-            await h.publish_triggers([trigger_event("own", 0, tenant="acme", event_type="session.started")])
-            execution_id = h.execution_id("acme", "waiter", "own-0")
-            await h.wait_status(execution_id, "waiting")
+            execution_id = await h.enrol_waiter("own")
         stored = "SELECT deployment FROM ordo.executions WHERE execution_id = $1::uuid"
         assert await h.db.fetchval(stored, execution_id) == prefix
         assert await deployment_of(h.db, execution_id) == (True, prefix)
