@@ -37,6 +37,7 @@ commit ahead of the busy lanes' backlog (daemon/intake.py,
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from . import logs, metrics
@@ -48,6 +49,11 @@ log = logging.getLogger("ordo.lanes")
 #: In w7-noisy, 1 (strict rounds) was worse than 2 on both counts: A drained no faster and the
 #: quiet tenants' p99 was higher (README, "Weights that hold").
 TURNS_AHEAD = 2
+
+#: A lane that took events this recently is active: a busy lane beside it takes quanta, not whole
+#: pulls, even when it is the only busy one, so that pulls of thousands do not hold up the active
+#: lane's few events in the worker.
+ACTIVE_S = 1.0
 
 
 def lane_of(tenant: str, lanes: int) -> int:
@@ -155,6 +161,8 @@ class FairShare:
         #: would take more turns. A lane that turns busy starts level with the busy lanes.
         self._taken: dict[int, int] = {}
         self._held: list[Lane] = []
+        #: When each lane last took events (lane index -> time.monotonic()).
+        self._took_at: dict[int, float] = {}
 
     async def turn(self, lane: Lane) -> int:
         """Wait for the lane's turn; the messages its next pull may ask for (0: the lane is stopping)."""
@@ -184,6 +192,17 @@ class FairShare:
         cut to a pull and the weights above it would all count the same."""
         heaviest = max((self._weights.get(index, 1) for index in self.busy), default=1)
         return max(1, min(self.quantum, self.most // heaviest))
+
+    def took(self, index: int) -> None:
+        """The lane took events: it is active for ACTIVE_S."""
+        self._took_at[index] = time.monotonic()
+
+    def _alone(self, index: int) -> bool:
+        """No other lane is busy or took events within ACTIVE_S: no one to be fair to."""
+        if len(self.busy - {index}) > 0:
+            return False
+        recently = time.monotonic() - ACTIVE_S
+        return not any(at > recently for other, at in self._took_at.items() if other != index)
 
     def backlogged(self, index: int) -> None:
         """The lane has a backlog: it takes turns, level with the busy lanes if it was not one."""
@@ -230,7 +249,7 @@ class FairShare:
                 # than granted skips turns until it has paid that back. No lane banks more than
                 # a couple of turns: credit is for a backlog being taken, not for idle time.
                 share = self._quantum() * lane.weight
-                if len(self.busy) <= 1:
+                if self._alone(lane.index):
                     share = max(share, self.most)  # no one else to be fair to: small pulls only cost round trips
                 lane.deficit = min(lane.deficit + share, 2 * share)
                 if lane.deficit <= 0:
@@ -349,6 +368,8 @@ class Lanes:
         lane.taken += messages
         lane.deficit -= events
         lane.pending = pending
+        if events:
+            self.fair.took(lane.index)
         if pending == 0 and lane.index in self.fair.busy:
             # Its backlog is taken; what its pull may still bring comes as it is published. No busy
             # lane waits in the turns for that pull to fill up or expire.

@@ -16,7 +16,7 @@ import pytest
 from harness import NO_PROBLEMS, QUICK_LEASES, Harness, welcome_workflow
 
 from bench.generator import trigger_event
-from daemon.lanes import TURNS_AHEAD, FairShare, lane_of, lane_weights, parse_weights
+from daemon.lanes import ACTIVE_S, TURNS_AHEAD, FairShare, lane_of, lane_weights, parse_weights
 
 #: Waits for a contact's `contact.updated` events, one after another, for as long as they come.
 LISTENER = {
@@ -265,7 +265,8 @@ async def test_a_busy_lane_is_not_held_behind_a_pull_whose_backlog_has_come():
     """Two busy lanes; the burst's pulls come back at once, the other's stays open. The burst may
     be TURNS_AHEAD turns ahead, then waits, until the other's pull brings the last of its backlog:
     what that pull may still bring comes as it is published, so the burst takes turns again (it
-    used to wait up to the pull's expiry, a second, with capacity idle)."""
+    used to wait up to the pull's expiry, a second, with capacity idle). Its pulls stay quanta
+    while the other lane takes events, and are whole pulls once it has been still for ACTIVE_S."""
     from daemon.config import Config
     from daemon.intake import Window
     from daemon.lanes import Lane, Lanes
@@ -294,7 +295,14 @@ async def test_a_busy_lane_is_not_held_behind_a_pull_whose_backlog_has_come():
     assert not held.done()
     window.arrived(20)
     lanes.took(other, 20, 20, stored_ns=2, pending=0)  # the rest: its pull now waits for new events
-    assert await asyncio.wait_for(held, 1) == 500  # the one busy lane now: a whole pull
+    # The one busy lane now, but the other took events within ACTIVE_S: a quantum, not a whole pull.
+    grant = await asyncio.wait_for(held, 1)
+    assert grant == 100
+    window.arrived(grant)
+    window.release(grant)
+    burst.deficit -= grant
+    fair._took_at[3] -= ACTIVE_S  # the other lane has taken nothing since
+    assert await asyncio.wait_for(fair.turn(burst), 1) == 500  # no one to be fair to: a whole pull
     stopping.set()
     await runner
 
