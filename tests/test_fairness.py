@@ -16,7 +16,9 @@ import pytest
 from harness import NO_PROBLEMS, QUICK_LEASES, Harness, welcome_workflow
 
 from bench.generator import trigger_event
-from daemon.lanes import ACTIVE_S, TURNS_AHEAD, FairShare, lane_of, lane_weights, parse_weights
+from daemon.config import Config
+from daemon.intake import Window
+from daemon.lanes import ACTIVE_S, TURNS_AHEAD, FairShare, Lane, Lanes, lane_of, lane_weights, parse_weights
 
 #: Waits for a contact's `contact.updated` events, one after another, for as long as they come.
 LISTENER = {
@@ -141,6 +143,27 @@ async def test_busy_lanes_share_the_window_by_their_tenants_weights(nats_server_
         assert 2.4 <= ratio <= 3.6, f"heavy:echo was {ratio:.2f} in the first 3,600 ({heavy} heavy)"
 
 
+def _window(**settings) -> tuple[Config, Window, asyncio.Event]:
+    """A worker's config (16 lanes, as the tenants above), its in-flight window with no in-process
+    action calls waiting, and its stop event."""
+    config = Config(trigger_lanes=16, **settings)
+    window = Window(config)
+    window.effects = SimpleNamespace(pending=0, backlog=0)
+    return config, window, asyncio.Event()
+
+
+def _lanes(config: Config, window: Window, stopping: asyncio.Event) -> Lanes:
+    """The worker's lanes with no JetStream behind them: their turns and their pulls' accounts only."""
+    return Lanes(
+        config,
+        topology=SimpleNamespace(lanes=config.trigger_lanes),
+        window=window,
+        stopping=stopping,
+        js=None,
+        fetch=None,
+    )
+
+
 async def _loop_turns() -> None:
     """A few turns of the event loop: enough for FairShare to hand out a turn the window has room for."""
     for _ in range(5):
@@ -149,13 +172,7 @@ async def _loop_turns() -> None:
 
 async def test_a_quiet_lane_keeps_a_probe_open_and_a_busy_one_takes_turns():
     """FairShare alone: grants go round by weight among busy lanes, and a lane waits while the window is full."""
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane
-
-    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
-    window, stopping = Window(config), asyncio.Event()
-    window.effects = SimpleNamespace(pending=0, backlog=0)  # no in-process action calls waiting
+    config, window, stopping = _window(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100)
     fair = FairShare(config, window, stopping)
     assert fair.probe == 15  # 1000 // (4 x 16): every lane can keep one open
     runner = asyncio.create_task(fair.run())
@@ -195,13 +212,7 @@ async def test_a_weight_whose_share_is_more_than_one_pull_still_counts_in_full()
     """heavy (weight 3) and light (weight 1), a quantum of 40 and pulls of at most 100: heavy's
     share of 120 does not fit one pull, so the quantum is scaled to 33 and the lanes, pulling as
     fast as they can, get 3:1 (99:33), not the 100:40 of a share cut to one pull."""
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane
-
-    config = Config(max_ack_pending=400, fetch_batch=100, trigger_quantum=40, trigger_lanes=16)
-    window, stopping = Window(config), asyncio.Event()
-    window.effects = SimpleNamespace(pending=0, backlog=0)
+    config, window, stopping = _window(max_ack_pending=400, fetch_batch=100, trigger_quantum=40)
     fair = FairShare(config, window, stopping)
     runner = asyncio.create_task(fair.run())
     heavy, light = Lane(0, 0, 1, 3), Lane(1, 1, 1, 1)
@@ -230,13 +241,8 @@ async def test_a_lane_takes_turns_while_its_consumer_holds_more_not_when_its_pul
     a backlog, the lane would take turns, and a busy lane would be held behind a pull that lingers
     until it expires. A pull of batches comes back short of its grant in messages (bounded by
     bytes) with a backlog behind it: that lane takes turns."""
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane, Lanes
-
-    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
-    window, stopping = Window(config), asyncio.Event()
-    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
+    config, window, stopping = _window(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100)
+    lanes = _lanes(config, window, stopping)
     quiet, burst = Lane(3, 3, 1, 1), Lane(5, 1, 1, 1)
 
     quiet.granted = lanes.fair.probe
@@ -267,14 +273,8 @@ async def test_a_busy_lane_is_not_held_behind_a_pull_whose_backlog_has_come():
     what that pull may still bring comes as it is published, so the burst takes turns again (it
     used to wait up to the pull's expiry, a second, with capacity idle). Its pulls stay quanta
     while the other lane takes events, and are whole pulls once it has been still for ACTIVE_S."""
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane, Lanes
-
-    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
-    window, stopping = Window(config), asyncio.Event()
-    window.effects = SimpleNamespace(pending=0, backlog=0)
-    lanes = Lanes(config, topology=SimpleNamespace(lanes=16), window=window, stopping=stopping, js=None, fetch=None)
+    config, window, stopping = _window(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100)
+    lanes = _lanes(config, window, stopping)
     fair = lanes.fair
     runner = asyncio.create_task(fair.run())
     burst, other = Lane(5, 1, 1, 1), Lane(3, 3, 1, 1)
@@ -311,13 +311,7 @@ async def test_a_quiet_lanes_probe_waits_for_room_for_itself_not_for_a_busy_lane
     """The window full of a burst: a quiet lane's probe opens once its 15 slots are free, while
     the busy lane's turn waits until its whole grant fits (as before, the window was told of
     room only once a fetch_batch fitted, and the probe waited for 500 events to settle)."""
-    from daemon.config import Config
-    from daemon.intake import Window
-    from daemon.lanes import Lane
-
-    config = Config(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100, trigger_lanes=16)
-    window, stopping = Window(config), asyncio.Event()
-    window.effects = SimpleNamespace(pending=0, backlog=0)
+    config, window, stopping = _window(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100)
     fair = FairShare(config, window, stopping)
     runner = asyncio.create_task(fair.run())
     noisy = Lane(5, 1, 1, 1)
