@@ -12,7 +12,7 @@
     ordo replay --sample N --workflow W [--tenant T] [--definition FILE | --version N] [--json]
     ordo replay --import FILE.jsonl [--definition FILE | --version N] [--json]
     ordo replay ... --engine NAME       the same on another dispatcher build (daemon/engines.py)
-    ordo dlq list|show ID|retry ID|--all
+    ordo dlq list [--all-deployments]|show ID|retry ID|--all   this deployment's letters (list: or everyone's)
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
     ordo rollout start --workflow W (--to-version N | --definition FILE | --engine NAME) [--stages 1,5,25,50,100 ...]
@@ -315,8 +315,18 @@ def cmd_dlq(args, config) -> int:
     async def go(conn):
         from .dlq import list_letters, retry_letters, show_letter
 
+        if args.all_deployments and args.action != "list":
+            sys.exit("ordo: --all-deployments is for dlq list: show and retry take a letter as it is")
         if args.action == "list":
-            for line in await list_letters(conn, reason=args.reason, tenant=args.tenant, limit=args.limit):
+            lines = await list_letters(
+                conn,
+                Topology(config),
+                all_deployments=args.all_deployments,
+                reason=args.reason,
+                tenant=args.tenant,
+                limit=args.limit,
+            )
+            for line in lines:
                 print(line)
             return 0
         if args.action == "show":
@@ -584,10 +594,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("dlq", help="dead letters: list, show ID, retry ID | --all")
+    p = sub.add_parser(
+        "dlq", help="this deployment's dead letters: list [--all-deployments], show ID, retry ID | --all"
+    )
     p.add_argument("action", choices=["list", "show", "retry"])
     p.add_argument("id", nargs="?", help="a dead letter's id")
-    p.add_argument("--all", action="store_true", help="retry every open letter (narrow it with --reason/--action)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="retry every open letter of this deployment (narrow it with --reason/--action)",
+    )
+    p.add_argument(
+        "--all-deployments",
+        action="store_true",
+        help="list the letters of every deployment sharing the ledger, each with its deployment (default: this one's)",
+    )
     p.add_argument("--reason")
     p.add_argument("--action", dest="only_action", metavar="ACTION", help="only failed steps of this action")
     p.add_argument("--tenant", help="only this tenant's letters")

@@ -19,7 +19,9 @@ retry goes onto the retrying deployment's own execution subject, where its
 worker would apply it to another deployment's execution: so only the
 deployment's own letters are retried (a failed step of its own execution,
 migration 021; a message taken from its own subjects), and another's stay
-open for that deployment's own `ordo dlq retry`.
+open for that deployment's own `ordo dlq retry`. `list` shows the same
+letters, or everyone's with the deployment of each (ledger/dead_letters.py
+tells whose a letter is, for both).
 """
 
 import orjson
@@ -29,16 +31,20 @@ from ledger import dead_letters, leases
 from ledger.executions import deployment_of
 
 
-async def list_letters(conn, *, reason=None, tenant=None, limit=100) -> list[str]:
+async def list_letters(conn, topology, *, all_deployments=False, reason=None, tenant=None, limit=100) -> list[str]:
+    """A line per open letter of this deployment, the ones its `retry` would take; of every deployment
+    sharing the ledger with `all_deployments`, each line naming whose it is (`-`: that cannot be told)."""
+    deployment = None if all_deployments else topology.prefix
     lines = []
-    for r in await dead_letters.open_letters(conn, reason, tenant, limit):
+    for r in await dead_letters.open_letters(conn, deployment, reason, tenant, limit):
         if r["step_id"]:
             where = f"{r['execution_id']} step {r['step_id']}"
         else:  # a message, or one event of a trigger batch message
             where = f"{r['stream']}:{r['stream_seq']}" + ("" if r["batch_index"] is None else f"[{r['batch_index']}]")
+        whose = f"{r['deployment'] or '-':<12} " if all_deployments else ""
         lines.append(
             f"{r['id']:>6}  {r['at'].isoformat(timespec='seconds')}  {r['reason']:<20} "
-            f"{r['tenant'] or '-':<12} {where}  {r['error']}"
+            f"{whose}{r['tenant'] or '-':<12} {where}  {r['error']}"
         )
     return lines
 
@@ -83,8 +89,8 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
     done = []
     others = 0
     async with conn.transaction():
-        for r in await dead_letters.pick_for_retry(conn, letter_id, reason, tenant, action):
-            if not await _is_ours(conn, topology, r):
+        for r in await dead_letters.pick_for_retry(conn, topology.prefix, letter_id, reason, tenant, action):
+            if not r["ours"]:
                 others += 1
                 continue
             if r["reason"] == "step_failed" and r["execution_id"]:
@@ -134,12 +140,3 @@ async def _home_subject(conn, execution_id: str | None) -> tuple[str | None, str
         return None, f"execution {execution_id} belongs to deployment {deployment!r}, which has no partitions"
     subject = Subjects(deployment, partitions).exec_subject(execution_id)
     return subject, f"the subject of execution {execution_id} in its deployment {deployment!r}"
-
-
-async def _is_ours(conn, topology, letter) -> bool:
-    """Whether the letter is this deployment's to retry: a failed step of its own execution (a row of
-    before migration 021 counts as the ledger's one deployment's), or a message from its subjects."""
-    if letter["reason"] == "step_failed" and letter["execution_id"]:
-        _, deployment = await deployment_of(conn, letter["execution_id"])
-        return deployment == topology.prefix
-    return not letter["subject"] or letter["subject"].startswith(f"{topology.prefix}.")

@@ -1,32 +1,65 @@
 """Reads of the dead-letter table for the operator tools, and the mark a retry leaves.
 
 The batcher writes the letters as part of each commit; daemon/dlq.py decides
-how a letter is shown and how it is retried.
+how a letter is shown and how it is retried. Whose letter it is, where
+deployments share the ledger, is told here in one SQL rule (`_belongs_to`)
+that `ordo dlq list` and `ordo dlq retry` both read.
 """
 
 from asyncpg import Record
 
 from ledger.connection import Queryable
+from ledger.executions import DEPLOYMENT_OF_ROW
 
-_OPEN = """
-SELECT id, at, reason, tenant, workflow_id, execution_id::text, step_id, stream, stream_seq, batch_index, error
-FROM ordo.dead_letters
-WHERE status = 'open' AND ($1::text IS NULL OR reason = $1) AND ($2::text IS NULL OR tenant = $2)
-ORDER BY id LIMIT $3
+# A failed step's execution `e`, to tell whose letter it is: looked up by its key, letter by letter
+# (LIMIT 1 keeps the planner from joining every execution of the ledger to the letters instead).
+_EXECUTION = """
+LEFT JOIN LATERAL (SELECT x.execution_id, x.deployment FROM ordo.executions x
+                   WHERE x.execution_id = d.execution_id AND d.reason = 'step_failed' LIMIT 1) e ON true
+"""
+
+
+def _belongs_to(deployment: str) -> str:
+    """SQL: whether the letter `d` belongs to the deployment `deployment` (SQL) names: its to list and retry.
+
+    Deployments that share a ledger share this table, and a retry goes onto the retrying deployment's
+    subjects. A failed step is its execution's deployment's (`e`, joined by `_EXECUTION`; none when the
+    execution is gone); a message is the deployment's whose subjects it was taken from; a letter that
+    names no subject is every deployment's.
+    """
+    return f"""(CASE WHEN d.reason = 'step_failed' AND d.execution_id IS NOT NULL
+                     THEN e.execution_id IS NOT NULL AND {DEPLOYMENT_OF_ROW} = {deployment}
+                     ELSE d.subject = '' OR starts_with(d.subject, {deployment} || '.') END) IS TRUE"""
+
+
+# The one deployment whose letter it is, by the same rule over the deployments the ledger knows; NULL
+# when that cannot be told (a failed step of a gone or unassigned execution, a letter of no subject).
+_DEPLOYMENT = f"""
+(SELECT min(k.deployment) FROM (SELECT DISTINCT deployment FROM ordo.partitions WHERE deployment <> '') k
+ WHERE {_belongs_to("k.deployment")} HAVING count(*) = 1)
+"""
+
+_OPEN = f"""
+SELECT d.id, d.at, d.reason, d.tenant, d.workflow_id, d.execution_id::text, d.step_id, d.stream, d.stream_seq,
+       d.batch_index, d.error, {_DEPLOYMENT} AS deployment
+FROM ordo.dead_letters d {_EXECUTION}
+WHERE d.status = 'open' AND ($1::text IS NULL OR d.reason = $1) AND ($2::text IS NULL OR d.tenant = $2)
+  AND ($4::text IS NULL OR {_belongs_to("$4::text")})
+ORDER BY d.id LIMIT $3
 """
 
 _LETTER = "SELECT * FROM ordo.dead_letters WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
 
-_PICK = """
-SELECT id, reason, execution_id::text, step_id, subject, payload
-FROM ordo.dead_letters
-WHERE status = 'open'
-  AND ($1::bigint IS NULL OR id = $1)
-  AND ($2::text IS NULL OR reason = $2)
-  AND ($3::text IS NULL OR tenant = $3)
-  AND ($4::text IS NULL OR (reason = 'step_failed' AND convert_from(payload, 'UTF8')::jsonb->>'action' = $4))
-ORDER BY id
-FOR UPDATE SKIP LOCKED
+_PICK = f"""
+SELECT d.id, d.reason, d.execution_id::text, d.step_id, d.subject, d.payload, {_belongs_to("$5::text")} AS ours
+FROM ordo.dead_letters d {_EXECUTION}
+WHERE d.status = 'open'
+  AND ($1::bigint IS NULL OR d.id = $1)
+  AND ($2::text IS NULL OR d.reason = $2)
+  AND ($3::text IS NULL OR d.tenant = $3)
+  AND ($4::text IS NULL OR (d.reason = 'step_failed' AND convert_from(d.payload, 'UTF8')::jsonb->>'action' = $4))
+ORDER BY d.id
+FOR UPDATE OF d SKIP LOCKED
 """
 
 _OPEN_OF_EXECUTION = """
@@ -37,9 +70,12 @@ WHERE execution_id = $1::uuid AND status = 'open' ORDER BY id
 _RETRIED = "UPDATE ordo.dead_letters SET status = 'retried', retried_at = now() WHERE id = $1"
 
 
-async def open_letters(conn: Queryable, reason: str | None, tenant: str | None, limit: int) -> list[Record]:
-    """The first `limit` open letters, oldest first, of one reason and one tenant if given."""
-    return await conn.fetch(_OPEN, reason, tenant, limit)
+async def open_letters(
+    conn: Queryable, deployment: str | None, reason: str | None, tenant: str | None, limit: int
+) -> list[Record]:
+    """The first `limit` open letters, oldest first, of one deployment (None: of every deployment), one
+    reason and one tenant if given; each with the deployment whose it is (None: that cannot be told)."""
+    return await conn.fetch(_OPEN, reason, tenant, limit, deployment)
 
 
 async def letter(conn: Queryable, letter_id: int, tenant: str | None) -> Record | None:
@@ -48,13 +84,14 @@ async def letter(conn: Queryable, letter_id: int, tenant: str | None) -> Record 
 
 
 async def pick_for_retry(
-    conn: Queryable, letter_id: int | None, reason: str | None, tenant: str | None, action: str | None
+    conn: Queryable, deployment: str, letter_id: int | None, reason: str | None, tenant: str | None, action: str | None
 ) -> list[Record]:
-    """The open letters to retry, locked until the caller's transaction ends (others skip them).
+    """The open letters to retry, locked until the caller's transaction ends (others skip them), each
+    with `ours`: whether it is the deployment's to retry.
 
     `action` picks the failed steps of one action. Every filter that is None matches all.
     """
-    return await conn.fetch(_PICK, letter_id, reason, tenant, action)
+    return await conn.fetch(_PICK, letter_id, reason, tenant, action, deployment)
 
 
 async def mark_retried(conn: Queryable, letter_id: int) -> None:

@@ -517,14 +517,14 @@ def _record(r: Record) -> ExecutionRecord:
 
 # -- whose execution it is -----------------------------------------------------------------------
 
-# The deployment that enrolled the execution (migration 021). A row written before that names
-# none: it is the ledger's deployment if the ledger has only one, as migration 013 settled the
-# timers and waits of before, and NULL where several share it (no one can tell whose it was).
-_DEPLOYMENT = """
-SELECT coalesce(e.deployment, (SELECT min(p.deployment) FROM ordo.partitions p WHERE p.deployment <> ''
-                               HAVING count(DISTINCT p.deployment) = 1)) AS deployment
-FROM ordo.executions e WHERE e.execution_id = $1::uuid
-"""
+#: SQL: the deployment that enrolled the execution row `e` (migration 021). A row written before
+#: that names none: it is the ledger's deployment if the ledger has only one, as migration 013
+#: settled the timers and waits of before, and NULL where several share it (no one can tell whose
+#: it was). ledger/dead_letters.py tells a failed step's letter by it too.
+DEPLOYMENT_OF_ROW = """coalesce(e.deployment, (SELECT min(p.deployment) FROM ordo.partitions p WHERE p.deployment <> ''
+                                      HAVING count(DISTINCT p.deployment) = 1))"""
+
+_DEPLOYMENT = f"SELECT {DEPLOYMENT_OF_ROW} AS deployment FROM ordo.executions e WHERE e.execution_id = $1::uuid"
 
 
 async def deployment_of(conn: Queryable, execution_id: str) -> tuple[bool, str | None]:

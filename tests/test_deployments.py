@@ -23,7 +23,7 @@ from daemon.advance import apply
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
-from daemon.dlq import retry_letters
+from daemon.dlq import list_letters, retry_letters
 from daemon.enrolment import event_message
 from daemon.timers import TimerFire
 from hotpath import ExecutionState
@@ -397,6 +397,38 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
             retried = await retry_letters(a.db, a.js, a.topology)
             assert len(retried) == 2 and any(f"execution {execution_id} resumes at step call" in r for r in retried)
             assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
+
+
+async def test_a_dead_letter_list_shows_its_own_deployments_letters_and_everyones_on_request(
+    nats_server_url, pg_dsn, prefix
+):
+    """`ordo dlq list` shows the letters its `retry` would take: a failed step of its own execution and a
+    message from its own subjects, not the other deployment's in the shared table. `--all-deployments`
+    shows both deployments' letters, each naming whose it is."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        other = b.config.prefix
+        await a.deploy(FAILING)
+        async with a.worker(), b.worker():
+            for h in (a, b):
+                run = f"list-{h.config.prefix}"
+                await h.publish_triggers([trigger_event(run, 0, tenant="acme", event_type="order.placed")])
+                subject = h.topology.trigger_subject("acme", "order.placed")
+                await h.publish_raw(subject, b"{not json", msg_id=f"bad-{run}")
+            await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
+
+        theirs = {a.execution_id("acme", "failing", f"list-{prefix}-0"), a.topology.triggers_stream}
+        rows = await a.db.fetch("SELECT id, execution_id::text, stream FROM ordo.dead_letters")
+        whose = {r["id"]: prefix if theirs & {r["execution_id"], r["stream"]} else other for r in rows}
+        assert sorted(whose.values()) == sorted([prefix, prefix, other, other])
+
+        def listed(lines: list[str]) -> set[int]:
+            return {int(line.split()[0]) for line in lines}
+
+        assert listed(await list_letters(a.db, a.topology)) == {i for i, d in whose.items() if d == prefix}
+        assert listed(await list_letters(b.db, b.topology)) == {i for i, d in whose.items() if d == other}
+        # The deployment stands after the reason: id, at, reason, deployment, tenant, ...
+        everyone = await list_letters(b.db, b.topology, all_deployments=True)
+        assert {int(fields[0]): fields[3] for fields in map(str.split, everyone)} == whose
 
 
 async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):

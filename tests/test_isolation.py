@@ -132,7 +132,7 @@ async def test_two_tenants_with_the_same_ids_never_touch_each_other(nats_server_
             await h.wait_until("SELECT count(*) FROM ordo.dead_letters WHERE reason = 'step_failed'", expect=2)
             letters = {r["tenant"]: r for r in await h.db.fetch("SELECT * FROM ordo.dead_letters")}
             assert set(letters) == set(TENANTS)
-            listed = await list_letters(h.db, tenant="acme")
+            listed = await list_letters(h.db, h.topology, tenant="acme")
             assert len(listed) == 1 and failing["acme"] in listed[0] and failing["globex"] not in listed[0]
             # `dlq show ID --tenant A` does not show B's letter.
             assert await show_letter(h.db, letters["globex"]["id"], tenant="acme") is None

@@ -75,7 +75,7 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         assert "events[22] is a JSON str" in by_index[22]["error"]
         # An operator sees which event of which message: `ordo dlq list` and `show` name its index.
         stream = h.topology.triggers_stream
-        listed = "\n".join(await list_letters(h.db))
+        listed = "\n".join(await list_letters(h.db, h.topology))
         assert all(f"{stream}:{seq}[{i}]" in listed for i in bad), listed
         shown = await show_letter(h.db, by_index[22]["id"])
         assert "batch_index   22" in shown and 'payload       "not an event"' in shown, shown
