@@ -170,7 +170,7 @@ async def run_dev(
             await pool.close()
     finally:
         if supervisor is not None:
-            supervisor.stop()
+            await supervisor.stop_async()
         env.stop()
 
 
