@@ -32,6 +32,8 @@ _STATUS = "Status"
 _DESCRIPTION = "Description"
 #: The 409 that ends a request whose `max_bytes` is used up: a normal end, not a refusal.
 _BYTES_DELIVERED = "Message Size Exceeds MaxBytes"
+#: The status header that says how many messages an ended pull request will not bring.
+_PENDING_MESSAGES = "Nats-Pending-Messages"
 
 
 def stream_prefix(prefix: str) -> str:
@@ -128,7 +130,17 @@ class Delivery:
 
 
 class PullConsumer:
-    """Takes messages from one durable pull consumer, at most one pull request open at a time."""
+    """Takes messages from one durable pull consumer, through pull requests it opens.
+
+    Usually one request is open at a time; a caller may open another before
+    the last has delivered all it asked for (daemon/intake.py does, for a
+    trigger lane with a backlog), so that the server always has one to serve.
+    JetStream serves a consumer's open requests in turns, one message each,
+    in stream order: the messages come in that order whichever request
+    brought them. A request that ends short (it expired, or reached its
+    bytes) says in its status how many of its messages it will not bring
+    (`Nats-Pending-Messages`).
+    """
 
     def __init__(self, nc, stream: str, consumer: str, *, expires: float = 1.0, max_bytes: int = 0):
         self._nc = nc
@@ -141,8 +153,12 @@ class PullConsumer:
         self._inbox = None
         self._queue: asyncio.Queue | None = None
         self._sub = None
-        #: Messages the open request may still deliver (0: no request open).
+        #: Messages the open requests may still deliver (0: no request open).
         self.outstanding = 0
+        #: Since the consumer was made: messages that came of its requests, and messages its requests
+        #: ended without bringing (a caller that keeps room for what it asked for releases the latter).
+        self.received = 0
+        self.given_up = 0
         #: The server refused the last request (its consumer is gone, or busy): pause before the next.
         self.refused = False
 
@@ -155,29 +171,35 @@ class PullConsumer:
         if self._sub is not None:
             await self._sub.unsubscribe()
 
-    async def _request(self, batch: int) -> None:
+    async def open(self, batch: int) -> None:
+        """Open a request for at most `batch` messages: `take` returns them as they come."""
         request = {"batch": batch, "expires": int(self.expires * 1e9)}
         if self.max_bytes:
             request["max_bytes"] = self.max_bytes
         body = orjson.dumps(request)
         await self._nc.publish(self._next_subject, body, reply=self._inbox)
-        self.outstanding = batch
+        self.outstanding += batch
+
+    def give_up(self) -> None:
+        """Count what the open requests may still bring as given up (they were lost, or failed)."""
+        self.given_up += self.outstanding
+        self.outstanding = 0
 
     async def take(self, room: int, *, request_more: bool = True) -> list[Delivery]:
         """Messages that have arrived; opens a request for at most `room` when none is open.
 
-        Returns [] when the open request ended without messages (or there is
+        Returns [] when the open requests ended without messages (or there is
         none and `request_more` is False).
         """
         if self.outstanding == 0:
             if not request_more or room <= 0:
                 return []
-            await self._request(room)
+            await self.open(room)
         queue = self._queue
         try:
             first = await asyncio.wait_for(queue.get(), self.expires + 1.0)
         except TimeoutError:
-            self.outstanding = 0  # the request was lost (a reconnect): open a new one
+            self.give_up()  # the requests were lost (a reconnect): open a new one
             return []
         taken = []
         sub = self._sub
@@ -187,8 +209,8 @@ class PullConsumer:
             headers = msg.headers
             if headers is not None and _STATUS in headers:
                 status = headers[_STATUS]
-                if status != "100":  # anything but a heartbeat ends the request
-                    self.outstanding = 0
+                if status != "100":  # anything but a heartbeat ends a request
+                    self._ended(headers.get(_PENDING_MESSAGES))
                     # 404/408: nothing there (yet); 409: consumer deleted, too many waiting, ...;
                     # 503: no consumer. A worker that lost the partition sees the latter until it notices.
                     self.refused = status == "503" or (
@@ -196,10 +218,20 @@ class PullConsumer:
                     )
             elif msg.reply:
                 taken.append(Delivery(msg))
-                self.outstanding -= 1
+                if self.outstanding > 0:  # else a late message of a request given up as lost
+                    self.outstanding -= 1
+                    self.received += 1
             if queue.empty():
                 break
             msg = queue.get_nowait()
-        if self.outstanding < 0:
-            self.outstanding = 0
         return taken
+
+    def _ended(self, pending: str | None) -> None:
+        """A request ended short: with the count of messages it will not bring, or (a refusal, a
+        deleted consumer: no count) ending every open request."""
+        if pending is None:
+            self.give_up()
+            return
+        unbrought = min(self.outstanding, int(pending))
+        self.outstanding -= unbrought
+        self.given_up += unbrought
