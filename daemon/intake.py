@@ -50,6 +50,24 @@ log = logging.getLogger("ordo.worker")
 _ENROL_SLICE = 32
 
 
+class _Seen:
+    """What a lane's consumer has brought and given up, as far as the window was told: room is
+    reserved for what a pull may bring; what came is in flight then, what will not come is freed."""
+
+    __slots__ = ("received", "given_up")
+
+    def __init__(self):
+        self.received = 0
+        self.given_up = 0
+
+    def settle(self, consumer: PullConsumer, window: "Window", delivered: int) -> None:
+        came = consumer.received - self.received
+        window.arrived(came)
+        window.add(delivered - came)  # late messages of a request given up as lost: in flight, never reserved
+        window.unreserve(consumer.given_up - self.given_up)
+        self.received, self.given_up = consumer.received, consumer.given_up
+
+
 class Window:
     """The in-flight window: what was taken in and has not settled yet (daemon/settle.py releases it).
 
@@ -240,47 +258,50 @@ class Intake:
                 metrics.redeliveries.labels(d.stream).inc()
 
     async def _lane_loop(self, lane: Lane) -> None:
-        """A trigger lane's fetch loop: a pull opens for what the lane was granted, reserved in
-        the window (a probe while the lane is quiet, else a turn of daemon/lanes.py)."""
+        """A trigger lane's fetch loop: pulls open for what the lane was granted, reserved in the
+        window (a probe while the lane is quiet, else a turn of daemon/lanes.py). A lane with a
+        backlog keeps more than one pull open (Lanes.wants_pull), each its own turn; the next
+        opens while what came is enrolled, and what they bring is enrolled in stream order."""
         consumer, lanes = lane.consumer, self.lanes
-        probing = True
+        opening: asyncio.Future | None = None
+        seen = _Seen()
+
+        def open_if_wanted() -> bool:
+            """Open the lane's next pull if it wants one (Lanes.wants_pull); False: NATS is closed."""
+            nonlocal opening
+            if opening is not None and opening.done():
+                try:
+                    opening.result()  # a failure other than a refused request (_open_pull) ends the loop
+                except nats.errors.ConnectionClosedError:
+                    return False
+                opening = None
+            stopping = self.stopping.is_set() or lane.stopping
+            if opening is None and not stopping and lanes.wants_pull(lane, consumer.outstanding):
+                opening = asyncio.ensure_future(self._open_pull(lane))
+            return True
+
         try:
             await lanes.opened.wait()
             while True:
-                stopping = self.stopping.is_set() or lane.stopping
+                if not open_if_wanted():
+                    return
                 if consumer.outstanding == 0:
-                    self.window.unreserve(lanes.pull_ended(lane))
-                    if stopping:
-                        return  # drained: no pull request left open to deliver into nowhere
-                    # A quiet lane's probe waits for room for itself only, and its events go into the
-                    # next commit ahead of the busy lanes' backlog.
-                    probing = lane.idle
-                    if probing:
-                        grant = lanes.fair.probe
-                        await self.window.wait_for_room(grant, new_work=True)
-                        self.window.reserve(grant)
-                    else:
-                        grant = await lanes.fair.turn(lane)
-                        if grant == 0:
-                            continue  # stopping: the loop ends above
-                        await self.batcher.wait_for_space()
-                    lane.granted = grant
-                    consumer.max_bytes = self._trigger_pull_bytes(grant)
+                    if opening is None:
+                        return  # stopping, drained: no pull request left open to deliver into nowhere
+                    await asyncio.wait([opening])
+                    continue
                 started = time.monotonic()
                 try:
-                    deliveries = await consumer.take(lane.granted, request_more=not stopping)
+                    deliveries = await consumer.take(0, request_more=False)
                 except nats.errors.ConnectionClosedError:
                     return
                 except nats.errors.Error as exc:
-                    log.warning(
-                        "pull from %s failed (%s); retrying",
-                        consumer.consumer,
-                        exc,
-                        extra=logs.failure("nats_pull", exc),
-                    )
-                    consumer.outstanding = 0  # whatever was asked for is given up: released above
+                    self._pull_failed(consumer, exc)
+                    consumer.give_up()  # whatever was asked for is given up: its room is released
+                    seen.settle(consumer, self.window, 0)
                     await asyncio.sleep(0.5)
                     continue
+                seen.settle(consumer, self.window, len(deliveries))
                 if not deliveries:
                     if consumer.refused:
                         await asyncio.sleep(0.1)
@@ -289,15 +310,59 @@ class Intake:
                 published_subject = self.topology.published_subject
                 for d in deliveries:
                     d.subject = published_subject(d.subject)  # as published: dead letters and retries use it
-                self.window.arrived(len(deliveries))
                 self._count_metrics(deliveries)
-                events = await self._take_triggers(deliveries, ahead=probing)
+                decoded, events = self._decode_triggers(deliveries)
+                ahead = lane.idle  # a probe's events go into the next commit ahead of the backlog
                 lanes.took(lane, len(deliveries), events, deliveries[-1].timestamp_ns, deliveries[-1].pending)
+                if not open_if_wanted():  # the next pull is on its way while these are enrolled
+                    return
+                await self._enrol_triggers(decoded, ahead=ahead)
         finally:
-            if lane.granted > lane.taken:
-                self.window.unreserve(lane.granted - lane.taken)
-                lane.granted = lane.taken = 0
+            if opening is not None and not opening.done():
+                opening.cancel()
+                await asyncio.wait([opening])
+            consumer.give_up()
+            seen.settle(consumer, self.window, 0)
             await consumer.unsubscribe()
+
+    async def _open_pull(self, lane: Lane) -> bool:
+        """Open the lane's next pull: a probe while the lane is quiet (it waits for room for itself
+        only, and its events go into the next commit ahead of the busy lanes' backlog), else a pull
+        for its turn's grant. False: the lane is stopping."""
+        lanes = self.lanes
+        lanes.pull_opens(lane)
+        if lane.idle:
+            grant = lanes.fair.probe
+            await self.window.wait_for_room(grant, new_work=True)
+            self.window.reserve(grant)
+        else:
+            grant = await lanes.fair.turn(lane)  # reserved in the window once granted
+            if grant == 0:
+                return False  # stopping
+        try:
+            if not lane.idle:
+                await self.batcher.wait_for_space()
+            if self.stopping.is_set() or lane.stopping:
+                self.window.unreserve(grant)
+                return False
+            lane.granted = grant
+            lane.consumer.max_bytes = self._trigger_pull_bytes(grant)
+            await lane.consumer.open(grant)
+        except nats.errors.ConnectionClosedError:
+            self.window.unreserve(grant)
+            raise
+        except nats.errors.Error as exc:  # not sent: the loop asks again
+            self.window.unreserve(grant)
+            self._pull_failed(lane.consumer, exc)
+            await asyncio.sleep(0.5)
+        except BaseException:
+            self.window.unreserve(grant)
+            raise
+        return True
+
+    @staticmethod
+    def _pull_failed(consumer: PullConsumer, exc: Exception) -> None:
+        log.warning("pull from %s failed (%s); retrying", consumer.consumer, exc, extra=logs.failure("nats_pull", exc))
 
     def _trigger_pull_bytes(self, grant: int) -> int:
         """Bytes for the next pull of a lane: about the events it was granted.
@@ -311,10 +376,9 @@ class Intake:
 
     # -- enrol: triggers ------------------------------------------------------
 
-    async def _take_triggers(self, batch: list[Delivery], *, ahead: bool) -> int:
-        """Route and enrol a pull's trigger messages; returns the events they held. A quiet lane's
-        (`ahead`) go into the batcher before the others' (LedgerBatcher.add)."""
-        now, now_ms = datetime.now(UTC), self.clock_ms()
+    def _decode_triggers(self, batch: list[Delivery]) -> tuple[list, int]:
+        """A pull's trigger messages as (source, event) pairs, and the events they held (a malformed
+        one goes to the batcher as its dead letter)."""
         decoded = []
         taken = 0
         for delivery in batch:
@@ -328,6 +392,12 @@ class Intake:
             self._event_bytes += (len(delivery.data) / parts - self._event_bytes) / 16
             # The in-flight window counts events: each part of a batch is settled (released) on its own.
             self.window.add(parts - 1)
+        return decoded, taken
+
+    async def _enrol_triggers(self, decoded: list, *, ahead: bool) -> None:
+        """Route and enrol a pull's decoded trigger events. A quiet lane's (`ahead`) go into the
+        batcher before the others' (LedgerBatcher.add)."""
+        now, now_ms = datetime.now(UTC), self.clock_ms()
         # Executions waiting for these events get them on their own subjects
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
         # Only events some workflow waits for can have an execution waiting (the registry knows).
@@ -349,7 +419,6 @@ class Intake:
                 if n % _ENROL_SLICE == 0:
                     await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events
         metrics.advance_timings.flush()
-        return taken
 
     async def _route(self, execution_id: str, events: list[dict]) -> None:
         subject = self.topology.exec_subject(execution_id)

@@ -18,7 +18,17 @@ from harness import NO_PROBLEMS, QUICK_LEASES, Harness, welcome_workflow
 from bench.generator import trigger_event
 from daemon.config import Config
 from daemon.intake import Window
-from daemon.lanes import ACTIVE_S, TURNS_AHEAD, FairShare, Lane, Lanes, lane_of, lane_weights, parse_weights
+from daemon.lanes import (
+    ACTIVE_S,
+    PULLS_AHEAD,
+    TURNS_AHEAD,
+    FairShare,
+    Lane,
+    Lanes,
+    lane_of,
+    lane_weights,
+    parse_weights,
+)
 
 #: Waits for a contact's `contact.updated` events, one after another, for as long as they come.
 LISTENER = {
@@ -45,7 +55,13 @@ def _update(contact_id: str, event_id: str) -> dict:
     }
 
 
-async def _received(h: Harness, execution_id: str) -> list[str]:
+async def _received(h: Harness, execution_id: str, count: int) -> list[str]:
+    """Once the execution has received `count` events: their ids, in the order it received them."""
+    await h.wait_until(
+        "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received'",
+        execution_id,
+        expect=count,
+    )
     rows = await h.db.fetch(
         "SELECT detail FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq",
         execution_id,
@@ -247,24 +263,52 @@ async def test_a_lane_takes_turns_while_its_consumer_holds_more_not_when_its_pul
 
     quiet.granted = lanes.fair.probe
     lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=1, pending=0)
-    assert lanes.pull_ended(quiet) == 0
+    lanes.pull_opens(quiet)
     assert quiet.idle and lanes.fair.busy == set()  # full, and nothing behind it: it keeps probing
 
     burst.granted = 256
     lanes.took(burst, 2, 400, stored_ns=1, pending=900)  # two batches of 200 events filled the bytes
-    assert lanes.pull_ended(burst) == 254
+    lanes.pull_opens(burst)
     assert not burst.idle and lanes.fair.busy == {5}
 
     quiet.granted = lanes.fair.probe
     lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=2, pending=30)  # a spike of its own
-    lanes.pull_ended(quiet)
+    lanes.pull_opens(quiet)
     assert not quiet.idle and lanes.fair.busy == {3, 5}
 
     burst.granted = 100
     lanes.took(burst, 1, 200, stored_ns=2, pending=0)  # the backlog's last batch; its pull stays open
     assert lanes.fair.busy == {3}  # from now on: no lane waits in the turns for that pull
-    lanes.pull_ended(burst)
+    lanes.pull_opens(burst)
     assert burst.idle and lanes.fair.busy == {3}
+
+
+async def test_the_one_lane_with_a_backlog_keeps_more_than_one_pull_open():
+    """The one busy lane asks for its next turn until PULLS_AHEAD grants are asked for, so that
+    JetStream has more than one of its requests to serve; a probing lane opens one pull at a
+    time, and so do a lane beside another busy one and a lane whose backlog has all come."""
+    config, window, stopping = _window(max_ack_pending=1000, fetch_batch=500, trigger_quantum=100)
+    lanes = _lanes(config, window, stopping)
+    burst, quiet = Lane(5, 1, 1, 1), Lane(3, 3, 1, 1)
+    assert lanes.wants_pull(quiet, outstanding=0) and lanes.wants_pull(burst, outstanding=0)
+
+    lanes.pull_opens(quiet)
+    quiet.granted = lanes.fair.probe
+    lanes.took(quiet, 1, 1, stored_ns=1, pending=0)
+    assert not lanes.wants_pull(quiet, outstanding=lanes.fair.probe - 1)  # its probe stays open alone
+
+    burst.granted = 100
+    lanes.took(burst, 100, 100, stored_ns=1, pending=5000)
+    lanes.pull_opens(burst)  # a backlog: it takes turns
+    assert lanes.wants_pull(burst, outstanding=100)  # one grant asked for: the next turn's pull opens too
+    assert not lanes.wants_pull(burst, outstanding=PULLS_AHEAD * 100)
+    lanes.took(burst, 1, 1, stored_ns=2, pending=4999)
+    assert lanes.wants_pull(burst, outstanding=PULLS_AHEAD * 100 - 1)
+    lanes.fair.backlogged(quiet.index)
+    assert not lanes.wants_pull(burst, outstanding=1)  # beside another busy lane: one pull at a time
+    lanes.fair.quiet(quiet.index)
+    lanes.took(burst, 1, 1, stored_ns=3, pending=0)
+    assert not lanes.wants_pull(burst, outstanding=100)  # all of it came: no more until these end
 
 
 async def test_a_busy_lane_is_not_held_behind_a_pull_whose_backlog_has_come():
@@ -361,12 +405,25 @@ async def test_one_contacts_events_from_two_publishers_reach_its_execution_in_st
             execution_id = h.execution_id("acme", "listener", "start")
             await h.wait_status(execution_id, "waiting")
             stored_order = await _publish_interleaved(h, "c-1", 40)
-            await h.wait_until(
-                "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received'",
-                execution_id,
-                expect=80,
-            )
-        assert await _received(h, execution_id) == stored_order
+            assert await _received(h, execution_id, 80) == stored_order
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_backlog_taken_through_several_open_pulls_reaches_its_execution_in_stream_order(
+    nats_server_url, pg_dsn, prefix
+):
+    """300 of one contact's events wait in the lane before a worker takes it, with pulls of 10:
+    the lane keeps more than one pull open (PULLS_AHEAD), and its events still reach the
+    waiting execution one after another, in the order the triggers stream stored them."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(LISTENER)
+        execution_id = h.execution_id("acme", "listener", "start")
+        async with h.worker():
+            await h.publish_triggers([{**_update("c-1", "start"), "type": "session.started"}])
+            await h.wait_status(execution_id, "waiting")
+        stored_order = await _publish_interleaved(h, "c-1", 150)
+        async with h.worker(fetch_batch=10, trigger_quantum=10):
+            assert await _received(h, execution_id, 300) == stored_order
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
@@ -405,18 +462,13 @@ async def test_a_lane_moves_to_another_worker_when_its_owner_dies_and_nothing_is
             expect=len(events),
             timeout=120,
         )
-        await h.wait_until(
-            "SELECT count(*) FROM ordo.transitions WHERE execution_id = $1::uuid AND kind = 'event_received'",
-            execution_id,
-            expect=60,
-            timeout=60,
-        )
+        received = await _received(h, execution_id, 60)
         await h.wait_triggers_drained(timeout=60)
         for proc in (second, third):
             proc.terminate()
             await asyncio.to_thread(proc.wait, 30)
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions WHERE workflow_id = 'welcome'") == len(events)
-        assert await _received(h, execution_id) == stored_order
+        assert received == stored_order
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
