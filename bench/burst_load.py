@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import orjson
 
 from daemon import config as config_module
+from daemon.servers import EmbeddedNats
 from daemon.topology import Topology
 
 from .generator import as_message, publish_atomic, trigger_event
@@ -49,6 +54,16 @@ async def burst(nats_url: str, prefix: str, seconds: float) -> dict:
         return {"stored": stored, "seconds": time.time() - started}
     finally:
         await nc.close()
+
+
+def nats_url(stack: ExitStack, name: str) -> str:
+    """ORDO_NATS_URL, else an embedded nats-server (`sync_interval: always`, the wheel's) in a temporary
+    directory `ordo-<name>-*` that `stack` stops and removes: where the burst tools publish."""
+    url = os.environ.get("ORDO_NATS_URL")
+    if url:
+        return url
+    data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"ordo-{name}-")))
+    return stack.enter_context(EmbeddedNats(data_dir)).url
 
 
 def _say(doc: dict) -> None:

@@ -30,17 +30,15 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 import orjson
 
 from daemon import config as config_module
-from daemon.servers import EmbeddedNats
 from daemon.topology import Topology
 
+from .burst_load import nats_url as burst_nats_url
 from .generator import PubAcks, publish_events, trigger_event
 from .histogram import Histogram
 
@@ -119,10 +117,7 @@ async def _burst_done(proc) -> dict:
 
 async def main_async(args) -> list[dict]:
     with ExitStack() as stack:
-        nats_url = os.environ.get("ORDO_NATS_URL")
-        if not nats_url:
-            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ordo-publish-paths-")))
-            nats_url = stack.enter_context(EmbeddedNats(data_dir)).url
+        nats_url = burst_nats_url(stack, "publish-paths")
         results = []
         for way in args.way or list(WAYS):
             for beside in args.beside_burst or ["none"]:

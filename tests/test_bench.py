@@ -372,12 +372,12 @@ async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_u
     assert metrics["provider_process_cpu_percent"] > 0
 
 
-async def _publish_paths(nats_server_url: str, *argv: str) -> tuple[int, list[dict]]:
-    """Run `python -m bench.publish_paths ARGV --json` on the test's server: its pid and results."""
+async def _burst_tool(nats_server_url: str, tool: str, *argv: str) -> tuple[int, dict]:
+    """Run `python -m bench.TOOL ARGV --json` on the test's server: its pid and its document."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.publish_paths",
+        f"bench.{tool}",
         *argv,
         "--json",
         cwd=ROOT,
@@ -387,7 +387,12 @@ async def _publish_paths(nats_server_url: str, *argv: str) -> tuple[int, list[di
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
-    return proc.pid, orjson.loads(out)["ways"]
+    return proc.pid, orjson.loads(out)
+
+
+async def _publish_paths(nats_server_url: str, *argv: str) -> tuple[int, list[dict]]:
+    pid, doc = await _burst_tool(nats_server_url, "publish_paths", *argv)
+    return pid, doc["ways"]
 
 
 async def test_publish_paths_measures_each_way_of_publishing_without_an_engine(nats_server_url):
@@ -412,6 +417,18 @@ async def test_publish_paths_measures_beside_a_burst_in_the_same_stream_or_anoth
     assert runs[1]["burst_stored_rate"] > 0 and runs[2]["burst_stored_rate"] > 0
     names = [info.config.name for info in await nats.jetstream().streams_info()]
     assert not [n for n in names if n.startswith(f"PP{pid}")], names  # the runs' streams are gone
+
+
+async def test_pull_depth_takes_a_lanes_backlog_during_a_burst_by_pull_size_and_pulls_open(nats, nats_server_url):
+    """The burst (its own process) is stored while the engine's pull consumer takes its lane, with
+    one pull and then two asked for at a time: each measurement took messages, and its streams are gone."""
+    argv = ["--seconds", "1", "--grant", "50", "--open", "1", "--open", "2"]
+    pid, doc = await _burst_tool(nats_server_url, "pull_depth", *argv)
+    runs = doc["measurements"]
+    assert [(r["grant"], r["pulls_open"]) for r in runs] == [(50, 1), (50, 2)]
+    assert all(r["taken_per_s"] > 0 and r["burst_stored_per_s"] > 0 for r in runs), runs
+    names = [info.config.name for info in await nats.jetstream().streams_info()]
+    assert not [n for n in names if n.startswith(f"PD{pid}")], names
 
 
 async def test_open_mode_trigger_batches_hold_each_ticks_events(nats, nats_server_url, prefix):
