@@ -1132,14 +1132,15 @@ class NoisyNeighbour(Scenario):
                 name = "" if stage == "committed" else f"{stage}_"
                 for q in (50, 99):
                     out[f"quiet_{name}p{q}_{when}_ms"] = h.percentile(q) if h.total else 0.0
+        drain_s = max(1e-3, burst_end - done["burst_start"])
         out |= {
             "quiet_during": during["committed"].total,
             "burst_drain_s": burst_end - done["burst_start"],
-            "burst_drain_per_s": len(burst) / max(1e-3, burst_end - done["burst_start"]),
+            "burst_drain_per_s": len(burst) / drain_s,
             # Everyone's executions while the burst drained: the engine's throughput under the
             # noisy neighbour, to hold against W1 closed (the whole run's total is bounded by the
             # quiet load's schedule, before and after the burst).
-            "burst_total_per_s": (len(burst) + during["committed"].total) / max(1e-3, burst_end - done["burst_start"]),
+            "burst_total_per_s": (len(burst) + during["committed"].total) / drain_s,
             # How fast A's publisher got its burst stored: a bound on A's in-flight publishes
             # must not buy the quiet tenants' latency with A's ingest.
             "burst_publish_per_s": len(burst) / max(1e-3, done["burst_published"] - done["burst_start"]),

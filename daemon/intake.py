@@ -325,10 +325,11 @@ class Intake:
             seen.settle(consumer, self.window, 0)
             await consumer.unsubscribe()
 
-    async def _open_pull(self, lane: Lane) -> bool:
+    async def _open_pull(self, lane: Lane) -> None:
         """Open the lane's next pull: a probe while the lane is quiet (it waits for room for itself
         only, and its events go into the next commit ahead of the busy lanes' backlog), else a pull
-        for its turn's grant. False: the lane is stopping."""
+        for its turn's grant. None opens once the worker or the lane is stopping, and a request
+        NATS refused to take is not retried here: the lane's loop asks again."""
         lanes = self.lanes
         lanes.pull_opens(lane)
         if lane.idle:
@@ -338,13 +339,13 @@ class Intake:
         else:
             grant = await lanes.fair.turn(lane)  # reserved in the window once granted
             if grant == 0:
-                return False  # stopping
+                return  # stopping
         try:
             if not lane.idle:
                 await self.batcher.wait_for_space()
             if self.stopping.is_set() or lane.stopping:
                 self.window.unreserve(grant)
-                return False
+                return
             lane.granted = grant
             lane.consumer.max_bytes = self._trigger_pull_bytes(grant)
             await lane.consumer.open(grant)
@@ -358,7 +359,6 @@ class Intake:
         except BaseException:
             self.window.unreserve(grant)
             raise
-        return True
 
     @staticmethod
     def _pull_failed(consumer: PullConsumer, exc: Exception) -> None:

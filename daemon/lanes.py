@@ -60,7 +60,6 @@ TURNS_AHEAD = 2
 #: lane's few events in the worker.
 ACTIVE_S = 1.0
 
-
 #: The one lane with a backlog keeps this many of its grants asked for, in pulls open at once.
 #: JetStream serves a consumer's pull after a delay while the stream is being written to (a burst
 #: still being published): one pull of 256 at a time, a lane was taken at 60% of the rate of two
@@ -210,9 +209,13 @@ class FairShare:
         """The lane took events: it is active for ACTIVE_S."""
         self._took_at[index] = time.monotonic()
 
+    def others_busy(self, index: int) -> bool:
+        """Another lane than this one has a backlog."""
+        return bool(self.busy - {index})
+
     def _alone(self, index: int) -> bool:
         """No other lane is busy or took events within ACTIVE_S: no one to be fair to."""
-        if len(self.busy - {index}) > 0:
+        if self.others_busy(index):
             return False
         recently = time.monotonic() - ACTIVE_S
         return not any(at > recently for other, at in self._took_at.items() if other != index)
@@ -399,7 +402,7 @@ class Lanes:
         against a weight-1 lane's spread from 2.5-2.9 to 2.4-3.8 in tests/test_fairness.py)."""
         if outstanding == 0:
             return True
-        if lane.idle or lane.pending == 0 or self.fair.busy - {lane.index}:
+        if lane.idle or lane.pending == 0 or self.fair.others_busy(lane.index):
             return False
         return outstanding < PULLS_AHEAD * lane.granted
 

@@ -261,22 +261,18 @@ async def test_a_lane_takes_turns_while_its_consumer_holds_more_not_when_its_pul
     lanes = _lanes(config, window, stopping)
     quiet, burst = Lane(3, 3, 1, 1), Lane(5, 1, 1, 1)
 
-    quiet.granted = lanes.fair.probe
     lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=1, pending=0)
     lanes.pull_opens(quiet)
     assert quiet.idle and lanes.fair.busy == set()  # full, and nothing behind it: it keeps probing
 
-    burst.granted = 256
     lanes.took(burst, 2, 400, stored_ns=1, pending=900)  # two batches of 200 events filled the bytes
     lanes.pull_opens(burst)
     assert not burst.idle and lanes.fair.busy == {5}
 
-    quiet.granted = lanes.fair.probe
     lanes.took(quiet, lanes.fair.probe, lanes.fair.probe, stored_ns=2, pending=30)  # a spike of its own
     lanes.pull_opens(quiet)
     assert not quiet.idle and lanes.fair.busy == {3, 5}
 
-    burst.granted = 100
     lanes.took(burst, 1, 200, stored_ns=2, pending=0)  # the backlog's last batch; its pull stays open
     assert lanes.fair.busy == {3}  # from now on: no lane waits in the turns for that pull
     lanes.pull_opens(burst)
