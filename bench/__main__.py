@@ -569,7 +569,8 @@ async def run_once(args, scenario: Scenario, config, env, pool, workers: int) ->
         await scenario.start_beside_workers(settings)
 
         sampler.add("workers", lambda: [child.pid for child in supervisor.children.values()])
-        sampler.add("generator", lambda: [publisher.pid] if publisher else [])
+        # The load publishers: the generator and any it starts (w7-noisy's quiet tenants).
+        sampler.add("generator", lambda: [publisher.pid] if publisher else [], children=True)
         sampler.add("collector", lambda: [sink.pid] if sink else [])  # the OTLP collector's process (--trace-sample)
         for server in env.embedded:
             if type(server).__name__ == "EmbeddedNatsCluster":

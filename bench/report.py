@@ -123,6 +123,22 @@ class ProcessSampler:
         return out
 
 
+def cpu_per_event(resources: dict, events_per_s: float) -> dict | None:
+    """µs of CPU each event cost, by process group and in `all`: the groups' cores over the events
+    per second of the same window (ProcessSampler.report). None without either."""
+    if events_per_s <= 0 or not resources:
+        return None
+    cost = {name: 1e4 * group["cpu_percent"] / events_per_s for name, group in resources.items()}
+    return {**cost, "all": sum(cost.values())}
+
+
+def cores_line(resources: dict) -> str:
+    """'1.16 cores (workers 0.50, nats 0.45, ...)': what a window's process groups used."""
+    used = {name: group["cpu_percent"] / 100 for name, group in resources.items() if group["cpu_percent"] >= 0.5}
+    parts = ", ".join(f"{name} {cores:.2f}" for name, cores in sorted(used.items(), key=lambda kv: -kv[1]))
+    return f"{sum(used.values()):.2f} cores ({parts})"
+
+
 def machine() -> dict:
     model = platform.processor() or ""
     try:
@@ -255,6 +271,7 @@ class RunResult:
             "stored_latency": self.stored_latency.summary() if self.stored_latency else None,
             "engine_latency": self.engine_latency.summary() if self.engine_latency else None,
             "resources": self.resources,
+            "cpu_us_per_execution": cpu_per_event(self.resources, self.executions_per_s),
             "completions_per_s": self.timeline,
             "workers_rss_mb": self.rss_series(),
             "ledger_mb": self.ledger_mb,
@@ -284,6 +301,7 @@ MEDIAN_FIELDS = (
     ("nats_cpu_percent", ("resources", "nats", "cpu_percent")),
     ("postgres_cpu_percent", ("resources", "postgres", "cpu_percent")),
     ("generator_cpu_percent", ("resources", "generator", "cpu_percent")),
+    ("cpu_us_per_execution", ("cpu_us_per_execution", "all")),
     ("wal_bytes_per_execution", ("storage", "wal", "bytes_per_execution")),
     ("wal_records_per_execution", ("storage", "wal", "records_per_execution")),
     ("wal_fpi_per_execution", ("storage", "wal", "fpi_per_execution")),
@@ -377,6 +395,10 @@ def run_table(run: RunResult, title: str) -> str:
             "(workers' histograms)"
         )
     lines.append(f"  CPU          {_resources_line(run.resources)}")
+    cost = cpu_per_event(run.resources, run.executions_per_s)
+    if cost:
+        groups = ", ".join(f"{name} {us:,.0f}" for name, us in cost.items() if name != "all")
+        lines.append(f"    {'':<10} {cost['all']:,.0f} µs of CPU per execution ({groups})")
     if run.storage:
         lines += storage_lines(run.storage)
     return "\n".join(lines)

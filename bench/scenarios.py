@@ -46,6 +46,7 @@ from .generator import (
     trigger_event,
 )
 from .histogram import Histogram
+from .report import cores_line, cpu_per_event
 
 WORKFLOWS = Path(__file__).resolve().parent / "workflows"
 EXAMPLES = Path(__file__).resolve().parent.parent / "daemon" / "examples"
@@ -324,7 +325,7 @@ async def _allow_atomic(js, stream: str) -> bool:
     """Let the run's execution stream take atomic batch publishes (nats-server 2.12+).
 
     Signals from a service that sends many at once go out as atomic batches,
-    one fsync per batch under `sync_interval: always`, as the generator's
+    a few fsyncs per batch under `sync_interval: always`, not one per message, as the generator's
     trigger events do; the engine enables that only on the triggers stream.
     """
     from dataclasses import replace
@@ -981,6 +982,7 @@ class NoisyNeighbour(Scenario):
         "burst_drain_per_s",
         "burst_total_per_s",
         "total_per_s",
+        "quiet_event_cpu_us",
     )
     #: The burst's atomic batches awaiting their commit at once, as W1's closed publisher (2 was
     #: tried for #18: the quiet p99 no better and A stored more slowly; README, w7-noisy).
@@ -1146,7 +1148,22 @@ class NoisyNeighbour(Scenario):
             "burst_publish_per_s": len(burst) / max(1e-3, done["burst_published"] - done["burst_start"]),
             "total_per_s": (len(burst) + len(quiet)) / max(1e-3, last - done["first_publish"]),
         }
-        return out
+        return out | self._cpu(run, done["first_publish"], done["burst_start"], burst_end)
+
+    def _cpu(self, run, first_publish: float, burst_start: float, burst_end: float) -> dict:
+        """What the quiet load alone costs per event (before the burst), and the cores the
+        processes used while A's burst drained: "everyone meanwhile" can come near W1 closed only
+        if a quiet event costs about what a W1 execution does (W1's `cpu_us_per_execution`)."""
+        if run.usage is None:
+            return {}
+        quiet_alone = run.usage(first_publish + 1.0, burst_start)  # the first second: connecting
+        cost = cpu_per_event(quiet_alone, len(self.quiet) * self.options["quiet_rate"])
+        return {
+            "quiet_alone_resources": quiet_alone,
+            "quiet_cpu_us_per_event": cost,
+            "quiet_event_cpu_us": cost["all"] if cost else None,
+            "burst_resources": run.usage(burst_start, burst_end),
+        }
 
     def summary(self, metrics: dict) -> list[str]:
         m = metrics
@@ -1165,6 +1182,17 @@ class NoisyNeighbour(Scenario):
             f"tenant A       burst stored at {m['burst_publish_per_s']:,.0f}/s ({self.burst_in_flight} batches "
             f"in flight), drained in {m['burst_drain_s']:,.1f} s ({m['burst_drain_per_s']:,.0f}/s); "
             f"everyone meanwhile {m['burst_total_per_s']:,.0f} executions/s, the whole run {m['total_per_s']:,.0f}/s",
+        ] + self._cpu_lines(m)
+
+    @staticmethod
+    def _cpu_lines(m: dict) -> list[str]:
+        cost = m.get("quiet_cpu_us_per_event")
+        if not cost:
+            return []
+        return [
+            f"CPU            the quiet load alone {cores_line(m['quiet_alone_resources'])}: "
+            f"{cost['all']:,.0f} µs per quiet event",
+            f"               while A's burst drained {cores_line(m['burst_resources'])}",
         ]
 
 

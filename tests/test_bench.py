@@ -79,6 +79,8 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
     assert sum(run["completions_per_s"]) == 200
     assert run["executions_per_s"] > 0 and run["steps_per_s"] == pytest.approx(5 * run["executions_per_s"])
     assert run["resources"]["workers"]["processes"] == 1
+    cost = run["cpu_us_per_execution"]  # the groups the bench sees (here workers and generator: servers configured)
+    assert cost["workers"] > 0 and cost["all"] == pytest.approx(sum(v for k, v in cost.items() if k != "all"))
     assert run["stored_latency"] is None and run["engine_latency"] is None  # no schedule to measure from
     # The worker's own view of its ledger commits: per execution at least its unit,
     # its executions row and one history row (all five steps of one commit).
@@ -90,6 +92,45 @@ async def test_w1_closed_mode_verifies_every_execution(nats_server_url, pg_dsn, 
     _assert_storage_is_plausible(run["storage"], executions=200, shared=True)
     assert run["storage"]["wal"]["bytes_per_action_step"] is None  # w1's steps are not actions
     assert doc["median"]["wal_bytes_per_execution"] == run["storage"]["wal"]["bytes_per_execution"]
+
+
+def test_cpu_per_event_is_each_groups_cores_over_the_events_per_second():
+    resources = {"workers": {"cpu_percent": 50.0}, "nats": {"cpu_percent": 40.0}, "postgres": {"cpu_percent": 0.2}}
+    assert report.cpu_per_event(resources, 2000) == pytest.approx(
+        {"workers": 250.0, "nats": 200.0, "postgres": 1.0, "all": 451.0}
+    )
+    assert report.cpu_per_event(resources, 0) is None and report.cpu_per_event({}, 2000) is None
+    # Groups under half a percent of a core are left out of the line, not of the sum above.
+    assert report.cores_line(resources) == "0.90 cores (workers 0.50, nats 0.40)"
+
+
+def test_w7_noisy_costs_the_quiet_load_alone_per_quiet_event():
+    """The window before the burst (less its first second) holds the quiet load alone: its cores over
+    the quiet tenants' events/s; the drain's window gives the cores used meanwhile."""
+    from bench.scenarios import NoisyNeighbour
+
+    windows = []
+
+    def usage(since, until):
+        windows.append((since, until))
+        return {"workers": {"cpu_percent": 50.0 if until == 110.0 else 150.0}, "nats": {"cpu_percent": 50.0}}
+
+    class Run:
+        pass
+
+    run = Run()
+    run.usage = usage
+    scenario = NoisyNeighbour({"quiet_tenants": 4, "quiet_rate": 250.0})
+    cpu = scenario._cpu(run, first_publish=100.0, burst_start=110.0, burst_end=130.0)
+    assert windows == [(101.0, 110.0), (110.0, 130.0)]
+    assert cpu["quiet_cpu_us_per_event"] == pytest.approx({"workers": 500.0, "nats": 500.0, "all": 1000.0})
+    assert cpu["quiet_event_cpu_us"] == pytest.approx(1000.0)
+    assert cpu["burst_resources"]["workers"]["cpu_percent"] == 150.0
+    lines = NoisyNeighbour._cpu_lines(cpu)
+    assert "the quiet load alone 1.00 cores (workers 0.50, nats 0.50): 1,000 µs per quiet event" in lines[0]
+    assert "while A's burst drained 2.00 cores (workers 1.50, nats 0.50)" in lines[1]
+    run.usage = None
+    assert scenario._cpu(run, 100.0, 110.0, 130.0) == {}
 
 
 def _assert_storage_is_plausible(found: dict, executions: int, shared: bool) -> None:
