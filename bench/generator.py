@@ -147,8 +147,11 @@ class AtomicBatches:
     """JetStream atomic batch publishes (nats-server 2.12+, `allow_atomic` streams).
 
     Every message stays its own message with its own Nats-Msg-Id; the server
-    stores a batch at once and, under `sync_interval: always`, fsyncs once per
-    batch instead of once per message. Only the commit gets a PubAck; at most
+    stores a batch at once. On one server (R1, file storage) it first stages the
+    batch in a store of its own, a directory it creates, writes and removes:
+    under `sync_interval: always` that is four fsyncs per batch whatever its
+    size, against one per message published alone (README, "What an atomic
+    batch costs"); worth it from about five messages. Only the commit gets a PubAck; at most
     `in_flight` batches await theirs.
     """
 

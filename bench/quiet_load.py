@@ -68,7 +68,7 @@ async def publish_quiet(
     started: float,
 ) -> tuple[int, PubAcks]:
     """Each tenant's events on a fixed schedule, round-robin; the events due go out as one atomic
-    batch where the stream allows it (one fsync each), else one publish each."""
+    batch where the stream allows it (four fsyncs each on one server), else one publish each."""
     total = round(len(tenants) * rate_each * seconds)
     rate = len(tenants) * rate_each
     subject_of = {t: topology.trigger_subject(t, event_type) for t in tenants}
