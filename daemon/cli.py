@@ -12,7 +12,7 @@
     ordo replay --sample N --workflow W [--tenant T] [--definition FILE | --version N] [--json]
     ordo replay --import FILE.jsonl [--definition FILE | --version N] [--json]
     ordo replay ... --engine NAME       the same on another dispatcher build (daemon/engines.py)
-    ordo dlq list [--all-deployments]|show ID|retry ID|--all   this deployment's letters (list: or everyone's)
+    ordo dlq list|show ID [--all-deployments]|retry ID|--all   this deployment's letters (list, show: or anyone's)
     ordo execution cancel ID
     ordo check                     the ledger's invariants (lost, duplicated, out of order, stuck)
     ordo rollout start --workflow W (--to-version N | --definition FILE | --engine NAME) [--stages 1,5,25,50,100 ...]
@@ -313,10 +313,10 @@ def cmd_replay(args, config) -> int:
 def cmd_dlq(args, config) -> int:
 
     async def go(conn):
-        from .dlq import list_letters, retry_letters, show_letter
+        from .dlq import OthersLetter, list_letters, retry_letters, show_letter
 
-        if args.all_deployments and args.action != "list":
-            sys.exit("ordo: --all-deployments is for dlq list: show and retry take a letter as it is")
+        if args.all_deployments and args.action == "retry":
+            sys.exit("ordo: --all-deployments is for dlq list and show: retry takes only this deployment's letters")
         if args.action == "list":
             lines = await list_letters(
                 conn,
@@ -332,7 +332,13 @@ def cmd_dlq(args, config) -> int:
         if args.action == "show":
             if not args.id:
                 sys.exit("ordo: dlq show needs an ID")
-            text = await show_letter(conn, int(args.id), tenant=args.tenant)
+            try:
+                text = await show_letter(
+                    conn, Topology(config), int(args.id), all_deployments=args.all_deployments, tenant=args.tenant
+                )
+            except OthersLetter as exc:
+                print(f"ordo: {exc}: pass --all-deployments to show it", file=sys.stderr)
+                return 1
             if text is None:
                 print(f"ordo: no dead letter {args.id}", file=sys.stderr)
                 return 1
@@ -595,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
-        "dlq", help="this deployment's dead letters: list [--all-deployments], show ID, retry ID | --all"
+        "dlq", help="this deployment's dead letters: list, show ID [--all-deployments], retry ID | --all"
     )
     p.add_argument("action", choices=["list", "show", "retry"])
     p.add_argument("id", nargs="?", help="a dead letter's id")
@@ -607,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all-deployments",
         action="store_true",
-        help="list the letters of every deployment sharing the ledger, each with its deployment (default: this one's)",
+        help="list or show the letters of every deployment sharing the ledger, each with its deployment "
+        "(default: this one's)",
     )
     p.add_argument("--reason")
     p.add_argument("--action", dest="only_action", metavar="ACTION", help="only failed steps of this action")

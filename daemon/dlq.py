@@ -20,8 +20,9 @@ worker would apply it to another deployment's execution: so only the
 deployment's own letters are retried (a failed step of its own execution,
 migration 021; a message taken from its own subjects), and another's stay
 open for that deployment's own `ordo dlq retry`. `list` shows the same
-letters, or everyone's with the deployment of each (ledger/dead_letters.py
-tells whose a letter is, for both).
+letters, or everyone's with the deployment of each; `show` shows one of them,
+or anyone's with its deployment (ledger/dead_letters.py tells whose a letter
+is, for all three).
 """
 
 import orjson
@@ -49,16 +50,36 @@ async def list_letters(conn, topology, *, all_deployments=False, reason=None, te
     return lines
 
 
-async def show_letter(conn, letter_id: int, *, tenant=None) -> str | None:
-    r = await dead_letters.letter(conn, letter_id, tenant)
+class OthersLetter(Exception):
+    """The letter `show` was asked for is another deployment's: shown only when every deployment's are
+    asked for, as `list` lists it only then."""
+
+    def __init__(self, letter_id: int, deployment: str | None, this_deployment: str):
+        whose = (
+            f"belongs to deployment {deployment!r}, not to this one"
+            if deployment
+            else "is not this deployment's, and whose it is cannot be told"
+        )
+        super().__init__(f"dead letter {letter_id} {whose} ({this_deployment!r})")
+
+
+async def show_letter(conn, topology, letter_id: int, *, all_deployments=False, tenant=None) -> str | None:
+    """The letter, every field and its payload; None if there is none (of the tenant, if given). Another
+    deployment's letter raises OthersLetter, unless `all_deployments`: then it is shown with the deployment
+    whose it is (`-`: that cannot be told)."""
+    r = await dead_letters.letter(conn, letter_id, topology.prefix, tenant)
     if r is None:
         return None
+    if not r["ours"] and not all_deployments:
+        raise OthersLetter(letter_id, r["deployment"], topology.prefix)
     payload = bytes(r["payload"])
     try:
         body = payload.decode()
     except UnicodeDecodeError:
         body = repr(payload)
     lines = [f"dead letter {r['id']}  ({r['status']})"]
+    if all_deployments:
+        lines.append(f"  {'deployment':<13} {r['deployment'] or '-'}")
     for name in (
         "at",
         "reason",

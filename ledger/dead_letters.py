@@ -3,7 +3,7 @@
 The batcher writes the letters as part of each commit; daemon/dlq.py decides
 how a letter is shown and how it is retried. Whose letter it is, where
 deployments share the ledger, is told here in one SQL rule (`_belongs_to`)
-that `ordo dlq list` and `ordo dlq retry` both read.
+that `ordo dlq list`, `show` and `retry` all read.
 """
 
 from asyncpg import Record
@@ -48,7 +48,11 @@ WHERE d.status = 'open' AND ($1::text IS NULL OR d.reason = $1) AND ($2::text IS
 ORDER BY d.id LIMIT $3
 """
 
-_LETTER = "SELECT * FROM ordo.dead_letters WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
+_LETTER = f"""
+SELECT d.*, {_belongs_to("$3::text")} AS ours, {_DEPLOYMENT} AS deployment
+FROM ordo.dead_letters d {_EXECUTION}
+WHERE d.id = $1 AND ($2::text IS NULL OR d.tenant = $2)
+"""
 
 _PICK = f"""
 SELECT d.id, d.reason, d.execution_id::text, d.step_id, d.subject, d.payload, {_belongs_to("$5::text")} AS ours
@@ -78,9 +82,10 @@ async def open_letters(
     return await conn.fetch(_OPEN, reason, tenant, limit, deployment)
 
 
-async def letter(conn: Queryable, letter_id: int, tenant: str | None) -> Record | None:
-    """One letter, every column, or None (also when it is another tenant's)."""
-    return await conn.fetchrow(_LETTER, letter_id, tenant)
+async def letter(conn: Queryable, letter_id: int, deployment: str, tenant: str | None) -> Record | None:
+    """One letter, every column, or None (also when it is another tenant's); with `ours`, whether it is
+    the deployment's, and the deployment whose it is (None: that cannot be told), as `open_letters` has."""
+    return await conn.fetchrow(_LETTER, letter_id, tenant, deployment)
 
 
 async def pick_for_retry(

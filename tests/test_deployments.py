@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import nats as nats_py
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from harness import FAILING, NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
 
@@ -23,7 +24,7 @@ from daemon.advance import apply
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
-from daemon.dlq import list_letters, retry_letters
+from daemon.dlq import OthersLetter, list_letters, retry_letters, show_letter
 from daemon.enrolment import event_message
 from daemon.timers import TimerFire
 from hotpath import ExecutionState
@@ -399,6 +400,25 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
             assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
 
 
+async def _letters_of_both(a: Harness, b: Harness) -> dict[int, str]:
+    """Two open letters of each deployment, a failed step of its execution and a message taken from its
+    subjects, in the shared table; each letter's id with the prefix of the deployment whose it is."""
+    await a.deploy(FAILING)
+    async with a.worker(), b.worker():
+        for h in (a, b):
+            run = f"list-{h.config.prefix}"
+            await h.publish_triggers([trigger_event(run, 0, tenant="acme", event_type="order.placed")])
+            subject = h.topology.trigger_subject("acme", "order.placed")
+            await h.publish_raw(subject, b"{not json", msg_id=f"bad-{run}")
+        await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
+    prefix, other = a.config.prefix, b.config.prefix
+    theirs = {a.execution_id("acme", "failing", f"list-{prefix}-0"), a.topology.triggers_stream}
+    rows = await a.db.fetch("SELECT id, execution_id::text, stream FROM ordo.dead_letters")
+    whose = {r["id"]: prefix if theirs & {r["execution_id"], r["stream"]} else other for r in rows}
+    assert sorted(whose.values()) == sorted([prefix, prefix, other, other])
+    return whose
+
+
 async def test_a_dead_letter_list_shows_its_own_deployments_letters_and_everyones_on_request(
     nats_server_url, pg_dsn, prefix
 ):
@@ -406,20 +426,8 @@ async def test_a_dead_letter_list_shows_its_own_deployments_letters_and_everyone
     message from its own subjects, not the other deployment's in the shared table. `--all-deployments`
     shows both deployments' letters, each naming whose it is."""
     async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        whose = await _letters_of_both(a, b)
         other = b.config.prefix
-        await a.deploy(FAILING)
-        async with a.worker(), b.worker():
-            for h in (a, b):
-                run = f"list-{h.config.prefix}"
-                await h.publish_triggers([trigger_event(run, 0, tenant="acme", event_type="order.placed")])
-                subject = h.topology.trigger_subject("acme", "order.placed")
-                await h.publish_raw(subject, b"{not json", msg_id=f"bad-{run}")
-            await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
-
-        theirs = {a.execution_id("acme", "failing", f"list-{prefix}-0"), a.topology.triggers_stream}
-        rows = await a.db.fetch("SELECT id, execution_id::text, stream FROM ordo.dead_letters")
-        whose = {r["id"]: prefix if theirs & {r["execution_id"], r["stream"]} else other for r in rows}
-        assert sorted(whose.values()) == sorted([prefix, prefix, other, other])
 
         def listed(lines: list[str]) -> set[int]:
             return {int(line.split()[0]) for line in lines}
@@ -429,6 +437,40 @@ async def test_a_dead_letter_list_shows_its_own_deployments_letters_and_everyone
         # The deployment stands after the reason: id, at, reason, deployment, tenant, ...
         everyone = await list_letters(b.db, b.topology, all_deployments=True)
         assert {int(fields[0]): fields[3] for fields in map(str.split, everyone)} == whose
+
+
+async def test_a_dead_letter_of_another_deployment_is_shown_only_on_request(nats_server_url, pg_dsn, prefix):
+    """`ordo dlq show ID` is `list`'s letter in full: another deployment's letter is refused, naming its
+    id and whose it is, as `list` leaves it out; `--all-deployments` shows it with its deployment."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        whose = await _letters_of_both(a, b)
+        other = b.config.prefix
+        theirs = min(i for i, d in whose.items() if d == prefix)
+        ours = min(i for i, d in whose.items() if d == other)
+
+        refused = ordo("dlq", "show", str(theirs), env_extra=b.env())
+        assert refused.returncode == 1 and refused.stdout == "", refused
+        assert (
+            f"ordo: dead letter {theirs} belongs to deployment {prefix!r}, not to this one ({other!r}): "
+            "pass --all-deployments to show it"
+        ) in refused.stderr
+        shown = ordo("dlq", "show", str(theirs), "--all-deployments", env_extra=b.env())
+        assert shown.returncode == 0, shown.stderr
+        assert f"dead letter {theirs}  (open)" in shown.stdout and f"  deployment    {prefix}\n" in shown.stdout
+        own = ordo("dlq", "show", str(ours), env_extra=b.env())
+        assert own.returncode == 0 and f"dead letter {ours}  (open)" in own.stdout, own.stderr
+        retry = ordo("dlq", "retry", "--all", "--all-deployments", env_extra=b.env())
+        assert retry.returncode == 1 and "retry takes only this deployment's letters" in retry.stderr
+
+        # B's message, as if taken from a prefix no deployment on the ledger has: nobody's, whose cannot be told.
+        message = await b.db.fetchval("SELECT id FROM ordo.dead_letters WHERE stream = $1", b.topology.triggers_stream)
+        await b.db.execute("UPDATE ordo.dead_letters SET subject = 'gone.triggers.acme.x' WHERE id = $1", message)
+        with pytest.raises(OthersLetter) as nobodys:
+            await show_letter(b.db, b.topology, message)
+        assert str(nobodys.value) == (
+            f"dead letter {message} is not this deployment's, and whose it is cannot be told ({other!r})"
+        )
+        assert "  deployment    -\n" in await show_letter(b.db, b.topology, message, all_deployments=True)
 
 
 async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):

@@ -135,8 +135,8 @@ async def test_two_tenants_with_the_same_ids_never_touch_each_other(nats_server_
             listed = await list_letters(h.db, h.topology, tenant="acme")
             assert len(listed) == 1 and failing["acme"] in listed[0] and failing["globex"] not in listed[0]
             # `dlq show ID --tenant A` does not show B's letter.
-            assert await show_letter(h.db, letters["globex"]["id"], tenant="acme") is None
-            assert await show_letter(h.db, letters["acme"]["id"], tenant="acme") is not None
+            assert await show_letter(h.db, h.topology, letters["globex"]["id"], tenant="acme") is None
+            assert await show_letter(h.db, h.topology, letters["acme"]["id"], tenant="acme") is not None
             # `dlq retry --all --tenant A` retries A's letter only; nor does `retry ID --tenant A` take B's.
             assert await retry_letters(h.db, h.js, h.topology, letter_id=letters["globex"]["id"], tenant="acme") == []
             retried = await retry_letters(h.db, h.js, h.topology, tenant="acme")

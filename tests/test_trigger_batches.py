@@ -77,7 +77,7 @@ async def test_each_event_of_a_batch_is_enrolled_once_and_a_bad_one_is_dead_lett
         stream = h.topology.triggers_stream
         listed = "\n".join(await list_letters(h.db, h.topology))
         assert all(f"{stream}:{seq}[{i}]" in listed for i in bad), listed
-        shown = await show_letter(h.db, by_index[22]["id"])
+        shown = await show_letter(h.db, h.topology, by_index[22]["id"])
         assert "batch_index   22" in shown and 'payload       "not an event"' in shown, shown
         whole_letter = await h.db.fetchrow("SELECT * FROM ordo.dead_letters WHERE stream_seq = $1", whole_seq)
         assert whole_letter["batch_index"] is None and whole_letter["reason"] == "wrong_type"
