@@ -2,8 +2,9 @@
 
 The batcher writes the letters as part of each commit; daemon/dlq.py decides
 how a letter is shown and how it is retried. Whose letter it is, where
-deployments share the ledger, is told here in one SQL rule (`_belongs_to`)
-that `ordo dlq list`, `show` and `retry` all read.
+deployments share the ledger, is told here in one SQL rule (`belongs_to`)
+that `ordo dlq list`, `show` and `retry` all read, and the console's
+dead-letter page too (ledger/console.py joins the same fragments).
 """
 
 from asyncpg import Record
@@ -13,19 +14,19 @@ from ledger.executions import DEPLOYMENT_OF_ROW
 
 # A failed step's execution `e`, to tell whose letter it is: looked up by its key, letter by letter
 # (LIMIT 1 keeps the planner from joining every execution of the ledger to the letters instead).
-_EXECUTION = """
+EXECUTION_OF_LETTER = """
 LEFT JOIN LATERAL (SELECT x.execution_id, x.deployment FROM ordo.executions x
                    WHERE x.execution_id = d.execution_id AND d.reason = 'step_failed' LIMIT 1) e ON true
 """
 
 
-def _belongs_to(deployment: str) -> str:
+def belongs_to(deployment: str) -> str:
     """SQL: whether the letter `d` belongs to the deployment `deployment` (SQL) names: its to list and retry.
 
     Deployments that share a ledger share this table, and a retry goes onto the retrying deployment's
-    subjects. A failed step is its execution's deployment's (`e`, joined by `_EXECUTION`; none when the
-    execution is gone); a message is the deployment's whose subjects it was taken from; a letter that
-    names no subject is every deployment's.
+    subjects. A failed step is its execution's deployment's (`e`, joined by `EXECUTION_OF_LETTER`; none
+    when the execution is gone); a message is the deployment's whose subjects it was taken from; a letter
+    that names no subject is every deployment's.
     """
     return f"""(CASE WHEN d.reason = 'step_failed' AND d.execution_id IS NOT NULL
                      THEN e.execution_id IS NOT NULL AND {DEPLOYMENT_OF_ROW} = {deployment}
@@ -34,29 +35,29 @@ def _belongs_to(deployment: str) -> str:
 
 # The one deployment whose letter it is, by the same rule over the deployments the ledger knows; NULL
 # when that cannot be told (a failed step of a gone or unassigned execution, a letter of no subject).
-_DEPLOYMENT = f"""
+DEPLOYMENT_OF_LETTER = f"""
 (SELECT min(k.deployment) FROM (SELECT DISTINCT deployment FROM ordo.partitions WHERE deployment <> '') k
- WHERE {_belongs_to("k.deployment")} HAVING count(*) = 1)
+ WHERE {belongs_to("k.deployment")} HAVING count(*) = 1)
 """
 
 _OPEN = f"""
 SELECT d.id, d.at, d.reason, d.tenant, d.workflow_id, d.execution_id::text, d.step_id, d.stream, d.stream_seq,
-       d.batch_index, d.error, {_DEPLOYMENT} AS deployment
-FROM ordo.dead_letters d {_EXECUTION}
+       d.batch_index, d.error, {DEPLOYMENT_OF_LETTER} AS deployment
+FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
 WHERE d.status = 'open' AND ($1::text IS NULL OR d.reason = $1) AND ($2::text IS NULL OR d.tenant = $2)
-  AND ($4::text IS NULL OR {_belongs_to("$4::text")})
+  AND ($4::text IS NULL OR {belongs_to("$4::text")})
 ORDER BY d.id LIMIT $3
 """
 
 _LETTER = f"""
-SELECT d.*, {_belongs_to("$3::text")} AS ours, {_DEPLOYMENT} AS deployment
-FROM ordo.dead_letters d {_EXECUTION}
+SELECT d.*, {belongs_to("$3::text")} AS ours, {DEPLOYMENT_OF_LETTER} AS deployment
+FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
 WHERE d.id = $1 AND ($2::text IS NULL OR d.tenant = $2)
 """
 
 _PICK = f"""
-SELECT d.id, d.reason, d.execution_id::text, d.step_id, d.subject, d.payload, {_belongs_to("$5::text")} AS ours
-FROM ordo.dead_letters d {_EXECUTION}
+SELECT d.id, d.reason, d.execution_id::text, d.step_id, d.subject, d.payload, {belongs_to("$5::text")} AS ours
+FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
 WHERE d.status = 'open'
   AND ($1::bigint IS NULL OR d.id = $1)
   AND ($2::text IS NULL OR d.reason = $2)
