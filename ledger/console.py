@@ -24,6 +24,7 @@ import orjson
 from asyncpg import Record
 
 from ledger.connection import Queryable
+from ledger.dead_letters import EXECUTION_OF_LETTER, belongs_to
 
 #: The execution statuses a search can ask for.
 STATUSES = ("running", "waiting", "completed", "failed", "cancelled")
@@ -171,11 +172,12 @@ GROUP BY 1, 2, 3
 ORDER BY count(*) DESC, 1, 2, 3
 """
 
+# A group retry takes the console's deployment's letters ($5) only, by ledger/dead_letters.py's rule.
 _GROUP_LETTERS = f"""
-SELECT id FROM ordo.dead_letters
-WHERE status = 'open' AND reason = $1 AND {_ACTION} IS NOT DISTINCT FROM $2::text
-  AND tenant IS NOT DISTINCT FROM $3::text
-ORDER BY id LIMIT $4
+SELECT d.id FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
+WHERE d.status = 'open' AND d.reason = $1 AND {_ACTION} IS NOT DISTINCT FROM $2::text
+  AND d.tenant IS NOT DISTINCT FROM $3::text AND {belongs_to("$5::text")}
+ORDER BY d.id LIMIT $4
 """
 
 _LETTERS = f"""
@@ -199,10 +201,11 @@ async def letter_groups(conn: Queryable, tenants: tuple[str, ...] | None) -> lis
 
 
 async def group_letter_ids(
-    conn: Queryable, reason: str, action: str | None, tenant: str | None, limit: int
+    conn: Queryable, deployment: str, reason: str, action: str | None, tenant: str | None, limit: int
 ) -> list[int]:
-    """The ids of a group's open letters, oldest first (None matches a letter without action or tenant)."""
-    return [r["id"] for r in await conn.fetch(_GROUP_LETTERS, reason, action, tenant, limit)]
+    """The ids of a group's open letters that are the deployment's, oldest first (None matches a letter
+    without action or tenant): another deployment's are not its to retry, nor to take up the limit."""
+    return [r["id"] for r in await conn.fetch(_GROUP_LETTERS, reason, action, tenant, limit, deployment)]
 
 
 async def open_letters(

@@ -473,6 +473,42 @@ async def test_a_dead_letter_of_another_deployment_is_shown_only_on_request(nats
         assert "  deployment    -\n" in await show_letter(b.db, b.topology, message, all_deployments=True)
 
 
+OPERATOR = "op-0123456789abcdef"
+
+
+@asynccontextmanager
+async def _console(h: Harness):
+    """The console of `h`'s deployment, and the headers of an operator's request to it."""
+    pool = await asyncpg.create_pool(h.config.pg_dsn, min_size=1, max_size=2)
+    console = Console(pool, h.js, h.topology, Tokens(f"alice:{OPERATOR}"), Sessions())
+    try:
+        async with TestClient(TestServer(make_app(console))) as client:
+            yield client, {"Authorization": f"Bearer {OPERATOR}"}
+    finally:
+        await pool.close()
+
+
+async def test_a_retry_from_the_console_leaves_another_deployments_letters_open(nats_server_url, pg_dsn, prefix):
+    """The console retries as `ordo dlq retry` does: B's console leaves A's letter open and says so; a
+    group retry takes B's letters of the group alone, and counts only those (A's once counted as retried,
+    and could fill the group's limit)."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        whose = await _letters_of_both(a, b)
+        other = b.config.prefix
+        theirs = [i for i, d in whose.items() if d == prefix]
+        async with _console(b) as (client, headers):
+            one = await client.post(f"/dead-letters/{theirs[0]}/retry", headers=headers)
+            assert one.status == 200
+            assert f"1 letter(s) of another deployment than {other!r} left open" in html.unescape(await one.text())
+            group = {"reason": "step_failed", "action": "webhook", "tenant": "acme"}
+            retried = await client.post("/dead-letters/retry-group", data=group, headers=headers)
+            assert retried.status == 200 and "1 dead letter(s) retried" in await retried.text()
+        rows = await a.db.fetch("SELECT id, reason, status FROM ordo.dead_letters")
+        assert {r["id"]: r["status"] for r in rows if r["id"] in theirs} == dict.fromkeys(theirs, "open")
+        b_step = next(r for r in rows if whose[r["id"]] == other and r["reason"] == "step_failed")
+        assert b_step["status"] == "retried"
+
+
 async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):
     """A signal that reached B's subject for A's execution is dead-lettered there (`other_deployment`).
     Its retry goes to A's subject for it, where A's worker applies it; republished to its own subject,

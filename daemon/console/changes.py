@@ -6,7 +6,8 @@ messages, daemon/dlq.py's `retry_letters`. Before anything is
 sent the change is written to the audit trail (who, what, which execution or
 letter), and its outcome after; a tenant token's change to what is not its
 tenant's is "not found", like a page. A cancel or signal for another
-deployment's execution (the ledger is shared) is refused, 409, and audited as such.
+deployment's execution (the ledger is shared) is refused, 409, and audited as such;
+a retry leaves another deployment's letters open, as `ordo dlq retry` does.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ async def retry_letter(request: web.Request) -> web.Response:
 
 
 async def retry_group(request: web.Request) -> web.Response:
-    """Retry every open letter of one (reason, action, tenant) group, up to GROUP_RETRY_LIMIT."""
+    """Retry every open letter of one (reason, action, tenant) group that is this deployment's, up to
+    GROUP_RETRY_LIMIT: what the dead-letter page counts in it (another deployment's are that one's to retry)."""
     identity = identity_of(request)
     form = await request.post()
     reason = str(form.get("reason") or "")
@@ -148,7 +150,8 @@ async def retry_group(request: web.Request) -> web.Response:
 
     async def change(console: Console) -> str:
         async with console.pool.acquire() as conn:
-            ids = await queries.group_letter_ids(conn, reason, action, tenant, GROUP_RETRY_LIMIT)
+            deployment = console.topology.prefix
+            ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, GROUP_RETRY_LIMIT)
             done = []
             for letter_id in ids:
                 done += await retry_letters(conn, console.js, console.topology, letter_id=letter_id)
