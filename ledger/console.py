@@ -24,7 +24,7 @@ import orjson
 from asyncpg import Record
 
 from ledger.connection import Queryable
-from ledger.dead_letters import EXECUTION_OF_LETTER, belongs_to
+from ledger.dead_letters import DEPLOYMENT_OF_LETTER, EXECUTION_OF_LETTER, belongs_to
 
 #: The execution statuses a search can ask for.
 STATUSES = ("running", "waiting", "completed", "failed", "cancelled")
@@ -162,17 +162,23 @@ async def execution_tenant(conn: Queryable, execution_id: str) -> str | None:
 
 # A failed step's letter carries the action request it failed on (JSON); other letters carry
 # whatever payload was refused, which need not even be text: only the first is read.
-_ACTION = "CASE WHEN reason = 'step_failed' THEN convert_from(payload, 'UTF8')::jsonb ->> 'action' END"
+_ACTION = "CASE WHEN d.reason = 'step_failed' THEN convert_from(d.payload, 'UTF8')::jsonb ->> 'action' END"
 
+# Deployments that share the ledger share its letters. Which are the console's deployment's ($2), its
+# retry's to take, is ledger/dead_letters.py's rule; every deployment's are read only when asked ($3),
+# each then with the deployment whose it is.
 _LETTER_GROUPS = f"""
-SELECT reason, {_ACTION} AS action, tenant, count(*) AS letters, min(at) AS first_at, max(at) AS last_at
-FROM ordo.dead_letters
-WHERE status = 'open' AND ($1::text[] IS NULL OR tenant = ANY($1::text[]))
-GROUP BY 1, 2, 3
-ORDER BY count(*) DESC, 1, 2, 3
+SELECT reason, action, tenant, deployment, ours, count(*) AS letters, min(at) AS first_at, max(at) AS last_at
+FROM (SELECT d.reason, {_ACTION} AS action, d.tenant, d.at, {belongs_to("$2::text")} AS ours,
+             CASE WHEN $3::boolean THEN {DEPLOYMENT_OF_LETTER} END AS deployment
+      FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
+      WHERE d.status = 'open' AND ($1::text[] IS NULL OR d.tenant = ANY($1::text[]))) letter
+WHERE ours OR $3::boolean
+GROUP BY reason, action, tenant, deployment, ours
+ORDER BY count(*) DESC, reason, action, tenant, deployment
 """
 
-# A group retry takes the console's deployment's letters ($5) only, by ledger/dead_letters.py's rule.
+# A group retry takes the console's deployment's letters only: what the page counts in the group.
 _GROUP_LETTERS = f"""
 SELECT d.id FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
 WHERE d.status = 'open' AND d.reason = $1 AND {_ACTION} IS NOT DISTINCT FROM $2::text
@@ -181,23 +187,29 @@ ORDER BY d.id LIMIT $4
 """
 
 _LETTERS = f"""
-SELECT id, at, reason, {_ACTION} AS action, tenant, workflow_id, execution_id::text AS execution_id, step_id,
-       error, status
-FROM ordo.dead_letters
-WHERE status = 'open' AND ($1::text[] IS NULL OR tenant = ANY($1::text[]))
-  AND ($2::text IS NULL OR reason = $2)
-ORDER BY id DESC LIMIT $3
+SELECT d.id, d.at, d.reason, {_ACTION} AS action, d.tenant, d.workflow_id, d.execution_id::text AS execution_id,
+       d.step_id, d.error, d.status, {belongs_to("$4::text")} AS ours,
+       CASE WHEN $5::boolean THEN {DEPLOYMENT_OF_LETTER} END AS deployment
+FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
+WHERE d.status = 'open' AND ($1::text[] IS NULL OR d.tenant = ANY($1::text[]))
+  AND ($2::text IS NULL OR d.reason = $2) AND ($5::boolean OR {belongs_to("$4::text")})
+ORDER BY d.id DESC LIMIT $3
 """
 
 _LETTER_TENANT = "SELECT tenant FROM ordo.dead_letters WHERE id = $1"
 
 
-async def letter_groups(conn: Queryable, tenants: tuple[str, ...] | None) -> list[Record]:
-    """Open dead letters counted by (reason, action, tenant), the largest group first.
+async def letter_groups(
+    conn: Queryable, tenants: tuple[str, ...] | None, deployment: str, *, all_deployments: bool = False
+) -> list[Record]:
+    """Open dead letters of the deployment counted by (reason, action, tenant), the largest group first;
+    with `all_deployments`, every deployment's, counted by whose they are too.
 
-    Each row: reason, action (a failed step's action, else None), tenant, letters, first_at, last_at.
+    Each row: reason, action (a failed step's action, else None), tenant, deployment (with
+    `all_deployments`, whose the letters are; None: that cannot be told), ours (the deployment's to
+    retry), letters, first_at, last_at.
     """
-    return await conn.fetch(_LETTER_GROUPS, None if tenants is None else list(tenants))
+    return await conn.fetch(_LETTER_GROUPS, None if tenants is None else list(tenants), deployment, all_deployments)
 
 
 async def group_letter_ids(
@@ -209,10 +221,19 @@ async def group_letter_ids(
 
 
 async def open_letters(
-    conn: Queryable, tenants: tuple[str, ...] | None, reason: str | None, limit: int
+    conn: Queryable,
+    tenants: tuple[str, ...] | None,
+    deployment: str,
+    reason: str | None,
+    limit: int,
+    *,
+    all_deployments: bool = False,
 ) -> list[Record]:
-    """The newest open letters of these tenants (all for None), of one reason if given."""
-    return await conn.fetch(_LETTERS, None if tenants is None else list(tenants), reason, limit)
+    """The newest open letters of the deployment (of every deployment with `all_deployments`, each with
+    its deployment as `letter_groups` has it, and `ours`), of these tenants (all for None), of one reason
+    if given."""
+    tenants_or_all = None if tenants is None else list(tenants)
+    return await conn.fetch(_LETTERS, tenants_or_all, reason, limit, deployment, all_deployments)
 
 
 async def letter_tenant(conn: Queryable, letter_id: int) -> tuple[bool, str | None]:

@@ -9,6 +9,7 @@ another deployment's execution that reaches its subjects some other way.
 
 import asyncio
 import html
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -486,6 +487,45 @@ async def _console(h: Harness):
             yield client, {"Authorization": f"Bearer {OPERATOR}"}
     finally:
         await pool.close()
+
+
+def _rows(page: str) -> list[list[str]]:
+    """Each table row of the page as the text of its cells (tags dropped, entities read)."""
+    return [
+        [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r"<td>(.*?)</td>", row, re.DOTALL)]
+        for body in re.findall(r"<tbody>.*?</tbody>", page, re.DOTALL)
+        for row in re.findall(r"<tr>(.*?)</tr>", body, re.DOTALL)
+    ]
+
+
+async def test_the_consoles_dead_letters_are_its_deployments_and_everyones_on_request(nats_server_url, pg_dsn, prefix):
+    """B's console lists and counts B's letters, those its retry takes, as `ordo dlq list` does; `all=1`
+    lists and counts both deployments', each naming whose it is, with a Retry button on B's only."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        whose = await _letters_of_both(a, b)
+        other = b.config.prefix
+        async with _console(b) as (client, headers):
+
+            async def page(path: str) -> tuple[str, list[list[str]], list[list[str]]]:
+                """The page; its group rows (the first cell a reason) and its letter rows (an id)."""
+                text = await (await client.get(path, headers=headers)).text()
+                rows = _rows(text)
+                return text, [r for r in rows if not r[0].isdigit()], [r for r in rows if r[0].isdigit()]
+
+            text, groups, letters = await page("/dead-letters")
+            assert {int(r[0]) for r in letters} == {i for i, d in whose.items() if d == other}
+            # reason, action, tenant, letters, first, last, retry
+            assert sum(int(g[3]) for g in groups) == 2 and all(g[6] == f"Retry {g[3]}" for g in groups)
+            assert "<th>deployment</th>" not in text and 'href="/dead-letters?all=1"' in text
+
+            text, groups, letters = await page("/dead-letters?all=1")
+            # id, at, reason, deployment, ..., retry
+            assert {int(r[0]): r[3] for r in letters} == whose
+            assert all((r[-1] == "Retry") == (r[3] == other) for r in letters)
+            # reason, deployment, action, tenant, letters, first, last, retry
+            assert sum(int(g[4]) for g in groups) == 4 and {g[1] for g in groups} == {prefix, other}
+            assert all((g[7] == f"Retry {g[4]}") == (g[1] == other) for g in groups)
+            assert f"Only deployment {other}" in text and text.count("<th>deployment</th>") == 2
 
 
 async def test_a_retry_from_the_console_leaves_another_deployments_letters_open(nats_server_url, pg_dsn, prefix):

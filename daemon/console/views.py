@@ -298,26 +298,43 @@ def _transitions(doc: dict) -> str:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    """Open dead letters by (reason, action, tenant) with counts, each group retried at once; then the newest."""
+    """Open dead letters by (reason, action, tenant) with counts, each group retried at once; then the newest.
+
+    The console's own deployment's letters, the ones its retry takes, as `ordo dlq list` shows them; with
+    `all=1` every deployment's sharing the ledger, each naming whose it is, and a Retry button only on
+    this deployment's (another's is retried from its own console).
+    """
     console = request.app[CONSOLE]
     identity = identity_of(request)
     csrf = csrf_of(request)
     reason = request.query.get("reason") or None
+    everyone = request.query.get("all") == "1"
+    deployment = console.topology.prefix
     async with console.pool.acquire() as conn:
-        groups = await queries.letter_groups(conn, identity.tenants)
-        letters = await queries.open_letters(conn, identity.tenants, reason, 100)
+        groups = await queries.letter_groups(conn, identity.tenants, deployment, all_deployments=everyone)
+        letters = await queries.open_letters(conn, identity.tenants, deployment, reason, 100, all_deployments=everyone)
+
+    def whose(r) -> list[str]:
+        """The deployment column, on the page of every deployment's letters (`-`: that cannot be told)."""
+        return [esc(r["deployment"] or "-")] if everyone else []
+
+    def retry_button(r, action: str, label: str, fields: dict[str, object] | None = None) -> str:
+        """A Retry button where the letters are this deployment's: its retry leaves another's open."""
+        return post_button(action, label, csrf, fields) if r["ours"] else ""
+
     group_rows = [
         [
-            link(url("/dead-letters", reason=g["reason"]), g["reason"]),
+            link(url("/dead-letters", reason=g["reason"], all="1" if everyone else None), g["reason"]),
+            *whose(g),
             esc(g["action"] or "-"),
             esc(g["tenant"] or "-"),
             esc(g["letters"]),
             esc(when(g["first_at"])),
             esc(when(g["last_at"])),
-            post_button(
+            retry_button(
+                g,
                 "/dead-letters/retry-group",
                 f"Retry {g['letters']}",
-                csrf,
                 {"reason": g["reason"], "action": g["action"] or "", "tenant": g["tenant"] or ""},
             ),
         ]
@@ -328,22 +345,49 @@ async def dead_letters(request: web.Request) -> web.Response:
             esc(r["id"]),
             esc(when(r["at"])),
             esc(r["reason"]),
+            *whose(r),
             esc(r["action"] or "-"),
             esc(r["tenant"] or "-"),
             link(f"/executions/{r['execution_id']}", r["execution_id"]) if r["execution_id"] else "-",
             esc(r["step_id"] or "-"),
             esc(r["error"]),
-            post_button(f"/dead-letters/{r['id']}/retry", "Retry", csrf),
+            retry_button(r, f"/dead-letters/{r['id']}/retry", "Retry"),
         ]
         for r in letters
     ]
+    deployment_column = ["deployment"] if everyone else []
     body = (
-        "<h2>Open, by reason, action and tenant</h2>"
-        + table(["reason", "action", "tenant", "letters", "first", "last", ""], group_rows, "No open dead letter.")
+        _letters_scope(deployment, everyone, reason)
+        + "<h2>Open, by reason, action and tenant</h2>"
+        + table(
+            ["reason", *deployment_column, "action", "tenant", "letters", "first", "last", ""],
+            group_rows,
+            "No open dead letter.",
+        )
         + f"<h2>Newest open letters{esc(' (' + reason + ')') if reason else ''}</h2>"
-        + table(["id", "at", "reason", "action", "tenant", "execution", "step", "error", ""], letter_rows, "None.")
+        + table(
+            ["id", "at", "reason", *deployment_column, "action", "tenant", "execution", "step", "error", ""],
+            letter_rows,
+            "None.",
+        )
     )
     return html_page(request, "Dead letters", body)
+
+
+def _letters_scope(deployment: str, everyone: bool, reason: str | None) -> str:
+    """Whose letters the page shows, and the link to the other choice (the reason filter kept): deployments
+    that share the ledger share its dead-letter table, and each retries only its own letters."""
+    if everyone:
+        return (
+            "<p>Every deployment's letters on this ledger; each is retried from its own deployment. "
+            + link(url("/dead-letters", reason=reason), f"Only deployment {deployment}'s")
+            + "</p>"
+        )
+    return (
+        f"<p>Deployment <b>{esc(deployment)}</b>'s letters, the ones its retry takes. "
+        + link(url("/dead-letters", reason=reason, all="1"), "All deployments")
+        + "</p>"
+    )
 
 
 # -- workflows -------------------------------------------------------------------------------
