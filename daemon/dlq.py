@@ -19,11 +19,15 @@ retry goes onto the retrying deployment's own execution subject, where its
 worker would apply it to another deployment's execution: so only the
 deployment's own letters are retried (a failed step of its own execution,
 migration 021; a message taken from its own subjects), and another's stay
-open for that deployment's own `ordo dlq retry`. `list` shows the same
-letters, or everyone's with the deployment of each; `show` shows one of them,
-or anyone's with its deployment (ledger/dead_letters.py tells whose a letter
-is, for all three).
+open for that deployment's own `ordo dlq retry`; the console, asked to retry
+one letter by id that is another's, refuses it (`refuse_others`), as it
+refuses a cancel of another's execution. `list` shows the same letters, or
+everyone's with the deployment of each; `show` shows one of them, or anyone's
+with its deployment (ledger/dead_letters.py tells whose a letter is, for all
+three).
 """
+
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -51,16 +55,19 @@ async def list_letters(conn, topology, *, all_deployments=False, reason=None, te
 
 
 class OthersLetter(Exception):
-    """The letter `show` was asked for is another deployment's: shown only when every deployment's are
-    asked for, as `list` lists it only then."""
+    """The letter asked for by id is another deployment's: `show` shows it only when every deployment's
+    are asked for, as `list` lists it only then; a retry with `refuse_others` refuses it, and it stays
+    open. `then`, if given, ends the message: what came of it."""
 
-    def __init__(self, letter_id: int, deployment: str | None, this_deployment: str):
+    def __init__(self, letter_id: int, deployment: str | None, this_deployment: str, then: str = ""):
         whose = (
             f"belongs to deployment {deployment!r}, not to this one"
             if deployment
             else "is not this deployment's, and whose it is cannot be told"
         )
-        super().__init__(f"dead letter {letter_id} {whose} ({this_deployment!r})")
+        super().__init__(f"dead letter {letter_id} {whose} ({this_deployment!r})" + (f": {then}" if then else ""))
+        self.letter_id = letter_id
+        self.deployment = deployment
 
 
 async def show_letter(conn, topology, letter_id: int, *, all_deployments=False, tenant=None) -> str | None:
@@ -104,15 +111,50 @@ async def show_letter(conn, topology, letter_id: int, *, all_deployments=False, 
     return "\n".join(lines)
 
 
+@dataclass(slots=True)
+class Retries:
+    """What a retry did."""
+
+    #: What `ordo dlq retry` prints: a line per letter, then one for the other deployments' letters left open.
+    lines: list[str] = field(default_factory=list)
+    #: How many letters were retried (marked `retried`: no longer open).
+    retried: int = 0
+    #: A line per letter taken and left open, saying why (another deployment's among them).
+    left_open: list[str] = field(default_factory=list)
+
+
 async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None) -> list[str]:
     """Retry open letters (one by id, or all that match) of this deployment; returns a line per letter,
     and one for the other deployments' letters left open."""
-    done = []
+    done = await retry(conn, js, topology, letter_id=letter_id, reason=reason, action=action, tenant=tenant)
+    return done.lines
+
+
+async def retry(
+    conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None, refuse_others=False
+) -> Retries:
+    """Retry open letters (one by id, or all that match) of this deployment: `retry_letters`, counted.
+
+    With `refuse_others`, a letter asked for by id that is another deployment's raises OthersLetter
+    (naming whose it is, if that can be told) and nothing is published or marked; without, it is left
+    open and counted among the other deployments' letters, as every letter `--all` leaves to its own.
+    """
+    done = Retries()
     others = 0
     async with conn.transaction():
         for r in await dead_letters.pick_for_retry(conn, topology.prefix, letter_id, reason, tenant, action):
             if not r["ours"]:
+                if refuse_others and letter_id is not None:
+                    # Whose it is, by the rule that just said it is not ours (NULL: that cannot be told).
+                    theirs = await dead_letters.letter(conn, r["id"], topology.prefix, None)
+                    raise OthersLetter(
+                        r["id"],
+                        theirs["deployment"] if theirs else None,
+                        topology.prefix,
+                        "left open, for its own deployment to retry",
+                    )
                 others += 1
+                done.left_open.append(f"{r['id']}: another deployment's: retry it from its own deployment")
                 continue
             if r["reason"] == "step_failed" and r["execution_id"]:
                 body = {"v": 1, "kind": "retry", "execution_id": r["execution_id"], "step_id": r["step_id"]}
@@ -121,27 +163,35 @@ async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, acti
                     orjson.dumps(body),
                     headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"},
                 )
-                done.append(f"{r['id']}: execution {r['execution_id']} resumes at step {r['step_id']}")
+                line = f"{r['id']}: execution {r['execution_id']} resumes at step {r['step_id']}"
             elif r["reason"] == "other_deployment":
-                home, line = await _home_subject(conn, r["execution_id"])
+                home, why = await _home_subject(conn, r["execution_id"])
                 if home is None:
-                    done.append(f"{r['id']}: left open: {line}")
+                    _leave_open(done, f"{r['id']}: left open: {why}")
                     continue
                 await js.publish(home, bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
-                done.append(f"{r['id']}: sent to {home}, {line}")
+                line = f"{r['id']}: sent to {home}, {why}"
             elif r["subject"]:
                 await js.publish(r["subject"], bytes(r["payload"]), headers={"Nats-Msg-Id": f"dlq-retry:{r['id']}"})
-                done.append(f"{r['id']}: republished to {r['subject']}")
+                line = f"{r['id']}: republished to {r['subject']}"
             else:
-                done.append(f"{r['id']}: nothing to retry it with (no subject)")
+                _leave_open(done, f"{r['id']}: nothing to retry it with (no subject)")
                 continue
             await dead_letters.mark_retried(conn, r["id"])
+            done.lines.append(line)
+            done.retried += 1
     if others:
-        done.append(
+        done.lines.append(
             f"{others} letter(s) of another deployment than {topology.prefix!r} left open: "
             "retry them from their own deployment"
         )
     return done
+
+
+def _leave_open(done: Retries, line: str) -> None:
+    """One of this deployment's letters stays open: `line` says why."""
+    done.lines.append(line)
+    done.left_open.append(line)
 
 
 async def _home_subject(conn, execution_id: str | None) -> tuple[str | None, str]:

@@ -528,18 +528,59 @@ async def test_the_consoles_dead_letters_are_its_deployments_and_everyones_on_re
             assert f"Only deployment {other}" in text and text.count("<th>deployment</th>") == 2
 
 
-async def test_a_retry_from_the_console_leaves_another_deployments_letters_open(nats_server_url, pg_dsn, prefix):
-    """The console retries as `ordo dlq retry` does: B's console leaves A's letter open and says so; a
-    group retry takes B's letters of the group alone, and counts only those (A's once counted as retried,
-    and could fill the group's limit)."""
+async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audited(nats_server_url, pg_dsn, prefix):
+    """B's console refuses to retry A's letter as it refuses to cancel A's execution: 409, naming the
+    letter and whose it is (or that it cannot be told), audited "refused", nothing published and the
+    letter left open for A. It once answered 200 "Done", audited "ok". B's own letter still retries."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        whose = await _letters_of_both(a, b)
+        other = b.config.prefix
+        rows = await a.db.fetch("SELECT id, reason, stream FROM ordo.dead_letters ORDER BY id")
+        theirs = next(r["id"] for r in rows if whose[r["id"]] == prefix and r["reason"] == "step_failed")
+        nobodys = next(r["id"] for r in rows if whose[r["id"]] == prefix and r["reason"] != "step_failed")
+        ours = next(r["id"] for r in rows if whose[r["id"]] == other and r["reason"] != "step_failed")
+        # A's message, as if taken from a prefix no deployment on the ledger has: whose it is cannot be told.
+        await a.db.execute("UPDATE ordo.dead_letters SET subject = 'gone.triggers.acme.x' WHERE id = $1", nobodys)
+        refusals = {
+            theirs: f"dead letter {theirs} belongs to deployment {prefix!r}, not to this one ({other!r}): "
+            "left open, for its own deployment to retry",
+            nobodys: f"dead letter {nobodys} is not this deployment's, and whose it is cannot be told ({other!r}): "
+            "left open, for its own deployment to retry",
+        }
+        streams = (b.topology.exec_stream, b.topology.triggers_stream)
+
+        async def published() -> list[int]:
+            return [(await b.js.stream_info(stream)).state.messages for stream in streams]
+
+        before = await published()
+        async with _console(b) as (client, headers):
+            for letter_id, refusal in refusals.items():
+                page = await client.post(f"/dead-letters/{letter_id}/retry", headers=headers)
+                assert page.status == 409, await page.text()
+                assert html.escape(refusal) in await page.text()
+            assert await published() == before
+            assert await _statuses(a, [theirs, nobodys]) == ["open", "open"]
+
+            own = await client.post(f"/dead-letters/{ours}/retry", headers=headers)
+            assert own.status == 200
+            assert f"{ours}: republished to {b.topology.trigger_subject('acme', 'order.placed')}" in await own.text()
+        assert await _statuses(a, [ours]) == ["retried"]
+        trail = await a.db.fetch("SELECT action, dead_letter_id, outcome FROM ordo.console_audit ORDER BY id")
+        assert [tuple(r) for r in trail] == [
+            ("dlq_retry", theirs, f"refused: {refusals[theirs]}"),
+            ("dlq_retry", nobodys, f"refused: {refusals[nobodys]}"),
+            ("dlq_retry", ours, "ok"),
+        ]
+
+
+async def test_a_group_retry_from_the_console_takes_its_deployments_letters(nats_server_url, pg_dsn, prefix):
+    """A group retry takes B's letters of the group alone, and counts only those (A's once counted as
+    retried, and could fill the group's limit)."""
     async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
         whose = await _letters_of_both(a, b)
         other = b.config.prefix
         theirs = [i for i, d in whose.items() if d == prefix]
         async with _console(b) as (client, headers):
-            one = await client.post(f"/dead-letters/{theirs[0]}/retry", headers=headers)
-            assert one.status == 200
-            assert f"1 letter(s) of another deployment than {other!r} left open" in html.unescape(await one.text())
             group = {"reason": "step_failed", "action": "webhook", "tenant": "acme"}
             retried = await client.post("/dead-letters/retry-group", data=group, headers=headers)
             assert retried.status == 200 and "1 dead letter(s) retried" in await retried.text()

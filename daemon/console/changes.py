@@ -2,12 +2,13 @@
 
 Each is what the command line does (`ordo execution cancel`, `ordo signal`,
 `ordo dlq retry`), through the same functions: daemon/operator_messages.py's
-messages, daemon/dlq.py's `retry_letters`. Before anything is
+messages, daemon/dlq.py's `retry`. Before anything is
 sent the change is written to the audit trail (who, what, which execution or
 letter), and its outcome after; a tenant token's change to what is not its
 tenant's is "not found", like a page. A cancel or signal for another
-deployment's execution (the ledger is shared) is refused, 409, and audited as such;
-a retry leaves another deployment's letters open, as `ordo dlq retry` does.
+deployment's execution (the ledger is shared) is refused, 409, and audited as such,
+and so is a retry of another deployment's letter: it stays open, for that
+deployment to retry (daemon/dlq.py's `retry` tells whose it is, by the ledger's rule).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiohttp import web
 from ledger import console as queries
 
 from .. import operator_messages
-from ..dlq import retry_letters
+from ..dlq import OthersLetter, retry, retry_letters
 from .html import esc, link
 from .state import CONSOLE, Console, identity_of
 from .views import bad_request, execution_uuid, html_page, not_found
@@ -50,7 +51,7 @@ async def _audited(
         )
     try:
         done = await change(console)
-    except operator_messages.NotSent as exc:
+    except (operator_messages.NotSent, OthersLetter) as exc:  # refused before anything was sent
         async with console.pool.acquire() as conn:
             await queries.audit_end(conn, audit_id, f"refused: {exc}")
         return html_page(request, "Not sent", f'<p class="error">{esc(exc)}</p>', 409)
@@ -117,7 +118,10 @@ async def signal(request: web.Request) -> web.Response:
 
 
 async def retry_letter(request: web.Request) -> web.Response:
-    """Retry one open dead letter (daemon/dlq.py: a failed step resumes, a refused message is republished)."""
+    """Retry one open dead letter (daemon/dlq.py: a failed step resumes, a refused message is republished).
+
+    Another deployment's letter is refused, 409, as a cancel of its execution is: it stays open.
+    """
     raw = request.match_info["letter_id"]
     if not raw.isdigit():
         raise not_found(request, f"Dead letter {raw}")
@@ -129,8 +133,8 @@ async def retry_letter(request: web.Request) -> web.Response:
 
     async def change(console: Console) -> str:
         async with console.pool.acquire() as conn:
-            done = await retry_letters(conn, console.js, console.topology, letter_id=letter_id)
-        return "; ".join(done) or f"dead letter {letter_id} is not open (retried already?)"
+            done = await retry(conn, console.js, console.topology, letter_id=letter_id, refuse_others=True)
+        return "; ".join(done.lines) or f"dead letter {letter_id} is not open (retried already?)"
 
     return await _audited(request, "dlq_retry", None, letter_id, {}, change)
 
