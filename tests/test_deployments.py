@@ -573,21 +573,35 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
         ]
 
 
-async def test_a_group_retry_from_the_console_takes_its_deployments_letters(nats_server_url, pg_dsn, prefix):
+async def test_a_group_retry_from_the_console_takes_its_deployments_letters_and_counts_what_it_left_open(
+    nats_server_url, pg_dsn, prefix
+):
     """A group retry takes B's letters of the group alone, and counts only those (A's once counted as
-    retried, and could fill the group's limit)."""
+    retried, and could fill the group's limit). A letter it takes but cannot retry (no subject to
+    republish it to) stays open, and the count says so and why: it once counted as retried."""
     async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
         whose = await _letters_of_both(a, b)
         other = b.config.prefix
         theirs = [i for i, d in whose.items() if d == prefix]
+        rows = await a.db.fetch("SELECT id, reason, tenant FROM ordo.dead_letters ORDER BY id")
+        message = next(r for r in rows if whose[r["id"]] == other and r["reason"] != "step_failed")
+        # B's refused message, as if its subject was lost: B's still (a letter of no subject is everyone's).
+        await a.db.execute("UPDATE ordo.dead_letters SET subject = '' WHERE id = $1", message["id"])
         async with _console(b) as (client, headers):
             group = {"reason": "step_failed", "action": "webhook", "tenant": "acme"}
             retried = await client.post("/dead-letters/retry-group", data=group, headers=headers)
-            assert retried.status == 200 and "1 dead letter(s) retried" in await retried.text()
+            assert retried.status == 200 and "1 dead letter(s) retried</p>" in await retried.text()
+            group = {"reason": message["reason"], "action": "", "tenant": message["tenant"] or ""}
+            left = await client.post("/dead-letters/retry-group", data=group, headers=headers)
+            assert left.status == 200
+            assert (
+                f"0 dead letter(s) retried, 1 left open: {message['id']}: nothing to retry it with (no subject)"
+            ) in html.unescape(await left.text())
         rows = await a.db.fetch("SELECT id, reason, status FROM ordo.dead_letters")
         assert {r["id"]: r["status"] for r in rows if r["id"] in theirs} == dict.fromkeys(theirs, "open")
         b_step = next(r for r in rows if whose[r["id"]] == other and r["reason"] == "step_failed")
         assert b_step["status"] == "retried"
+        assert next(r for r in rows if r["id"] == message["id"])["status"] == "open"
 
 
 async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):

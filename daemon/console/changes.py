@@ -23,7 +23,7 @@ from aiohttp import web
 from ledger import console as queries
 
 from .. import operator_messages
-from ..dlq import OthersLetter, retry, retry_letters
+from ..dlq import OthersLetter, retry
 from .html import esc, link
 from .state import CONSOLE, Console, identity_of
 from .views import bad_request, execution_uuid, html_page, not_found
@@ -141,7 +141,8 @@ async def retry_letter(request: web.Request) -> web.Response:
 
 async def retry_group(request: web.Request) -> web.Response:
     """Retry every open letter of one (reason, action, tenant) group that is this deployment's, up to
-    GROUP_RETRY_LIMIT: what the dead-letter page counts in it (another deployment's are that one's to retry)."""
+    GROUP_RETRY_LIMIT: what the dead-letter page counts in it (another deployment's are that one's to retry).
+    The answer counts the letters retried, and those left open with why (e.g. no subject to republish to)."""
     identity = identity_of(request)
     form = await request.post()
     reason = str(form.get("reason") or "")
@@ -156,11 +157,15 @@ async def retry_group(request: web.Request) -> web.Response:
         async with console.pool.acquire() as conn:
             deployment = console.topology.prefix
             ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, GROUP_RETRY_LIMIT)
-            done = []
+            retried, left_open = 0, []
             for letter_id in ids:
-                done += await retry_letters(conn, console.js, console.topology, letter_id=letter_id)
-        left = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
-        return f"{len(done)} dead letter(s) retried{left}"
+                done = await retry(conn, console.js, console.topology, letter_id=letter_id)
+                retried += done.retried
+                left_open += done.left_open
+        # A letter taken and not retried (one of no subject to republish it to) is not counted as retried.
+        why = f", {len(left_open)} left open: " + "; ".join(left_open) if left_open else ""
+        more = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
+        return f"{retried} dead letter(s) retried{why}{more}"
 
     detail = {"reason": reason, "action": action, "tenant": tenant}
     return await _audited(request, "dlq_retry_group", None, None, detail, change)
