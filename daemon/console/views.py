@@ -319,7 +319,7 @@ async def dead_letters(request: web.Request) -> web.Response:
         return [esc(r["deployment"] or "-")] if everyone else []
 
     def retry_button(r, action: str, label: str, fields: dict[str, object] | None = None) -> str:
-        """A Retry button where the letters are this deployment's: its retry leaves another's open."""
+        """A Retry button where the letters are this deployment's: its retry refuses another's."""
         return post_button(action, label, csrf, fields) if r["ours"] else ""
 
     group_rows = [
