@@ -313,7 +313,7 @@ def cmd_replay(args, config) -> int:
 def cmd_dlq(args, config) -> int:
 
     async def go(conn):
-        from .dlq import OthersLetter, list_letters, retry_letters, show_letter
+        from .dlq import OthersLetter, list_letters, retry, show_letter
 
         if args.all_deployments and args.action == "retry":
             sys.exit("ordo: --all-deployments is for dlq list and show: retry takes only this deployment's letters")
@@ -349,23 +349,32 @@ def cmd_dlq(args, config) -> int:
             sys.exit("ordo: dlq retry needs an ID or --all")
         import nats
 
+        letter_id = int(args.id) if args.id else None
         nc = await nats.connect(config.nats_servers)
         try:
-            retried = await retry_letters(
+            # One letter by id that is another deployment's is refused, as `show` refuses it and the
+            # console does; `--all` leaves the other deployments' letters open and says how many.
+            done = await retry(
                 conn,
                 nc.jetstream(),
                 Topology(config),
-                letter_id=int(args.id) if args.id else None,
+                letter_id=letter_id,
                 reason=args.reason,
                 action=args.only_action,
                 tenant=args.tenant,
+                refuse_others=True,
             )
+        except OthersLetter as exc:
+            print(f"ordo: {exc}", file=sys.stderr)
+            return 1
         finally:
             await nc.close()
-        for line in retried:
+        for line in done.lines:
             print(line)
-        print(f"{len(retried)} dead letter(s) retried")
-        return 0
+        left = f", {len(done.left_open)} left open" if done.left_open else ""
+        print(f"{done.retried} dead letter(s) retried{left}")
+        # A letter asked for by id and not retried (none such, or it stayed open) is a failure.
+        return 1 if letter_id is not None and done.retried == 0 else 0
 
     return _on_ledger(config, go)
 

@@ -123,17 +123,11 @@ class Retries:
     left_open: list[str] = field(default_factory=list)
 
 
-async def retry_letters(conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None) -> list[str]:
-    """Retry open letters (one by id, or all that match) of this deployment; returns a line per letter,
-    and one for the other deployments' letters left open."""
-    done = await retry(conn, js, topology, letter_id=letter_id, reason=reason, action=action, tenant=tenant)
-    return done.lines
-
-
 async def retry(
     conn, js, topology, *, letter_id=None, reason=None, action=None, tenant=None, refuse_others=False
 ) -> Retries:
-    """Retry open letters (one by id, or all that match) of this deployment: `retry_letters`, counted.
+    """Retry open letters (one by id, or all that match) of this deployment: a line per letter, and one
+    for the other deployments' letters left open; counted.
 
     With `refuse_others`, a letter asked for by id that is another deployment's raises OthersLetter
     (naming whose it is, if that can be told) and nothing is published or marked; without, it is left

@@ -25,7 +25,7 @@ from daemon.advance import apply
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
-from daemon.dlq import OthersLetter, list_letters, retry_letters, show_letter
+from daemon.dlq import OthersLetter, list_letters, retry, show_letter
 from daemon.enrolment import event_message
 from daemon.timers import TimerFire
 from hotpath import ExecutionState
@@ -388,7 +388,7 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
             await a.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=2)
 
             letters = [r["id"] for r in await a.db.fetch("SELECT id FROM ordo.dead_letters")]
-            left = await retry_letters(b.db, b.js, b.topology)
+            left = (await retry(b.db, b.js, b.topology)).lines
             assert left == [
                 f"2 letter(s) of another deployment than {other!r} left open: retry them from their own deployment"
             ]
@@ -396,7 +396,7 @@ async def test_a_dead_letter_retry_takes_only_its_own_deployments_letters(nats_s
             assert (await b.js.stream_info(b.topology.exec_stream)).state.messages == 0
 
             execution_id = a.execution_id("acme", "failing", "dlq-0")
-            retried = await retry_letters(a.db, a.js, a.topology)
+            retried = (await retry(a.db, a.js, a.topology)).lines
             assert len(retried) == 2 and any(f"execution {execution_id} resumes at step call" in r for r in retried)
             assert await _statuses(a, letters) == ["retried", "retried"]  # (and fail again: new letters)
 
@@ -462,6 +462,20 @@ async def test_a_dead_letter_of_another_deployment_is_shown_only_on_request(nats
         assert own.returncode == 0 and f"dead letter {ours}  (open)" in own.stdout, own.stderr
         retry = ordo("dlq", "retry", "--all", "--all-deployments", env_extra=b.env())
         assert retry.returncode == 1 and "retry takes only this deployment's letters" in retry.stderr
+        # A retry by id of another deployment's letter is refused as `show` is, and the letter stays open.
+        retry = ordo("dlq", "retry", str(theirs), env_extra=b.env())
+        assert retry.returncode == 1 and retry.stdout == "", retry
+        assert (
+            f"ordo: dead letter {theirs} belongs to deployment {prefix!r}, not to this one ({other!r}): "
+            "left open, for its own deployment to retry"
+        ) in retry.stderr
+        assert await b.db.fetchval("SELECT retried_at IS NULL FROM ordo.dead_letters WHERE id = $1", theirs)
+        # B's `--all` counts what it retried, and says how many it left open (A's among them).
+        retry = ordo("dlq", "retry", "--all", env_extra=b.env())
+        assert retry.returncode == 0, retry.stderr
+        retried = sum(1 for d in whose.values() if d == other)
+        left = len(whose) - retried
+        assert retry.stdout.endswith(f"{retried} dead letter(s) retried, {left} left open\n"), retry.stdout
 
         # B's message, as if taken from a prefix no deployment on the ledger has: nobody's, whose cannot be told.
         message = await b.db.fetchval("SELECT id FROM ordo.dead_letters WHERE stream = $1", b.topology.triggers_stream)
@@ -627,7 +641,7 @@ async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_depl
             await a.db.execute("UPDATE ordo.executions SET deployment = NULL WHERE execution_id = $1::uuid", legacy)
             sent_before = (await a.js.stream_info(a.topology.exec_stream)).state.messages
 
-            lines = await retry_letters(b.db, b.js, b.topology)
+            lines = (await retry(b.db, b.js, b.topology)).lines
             assert sorted(lines) == sorted(
                 [
                     f"{ids[theirs]}: sent to {a.topology.exec_subject(theirs)}, "

@@ -19,7 +19,7 @@ import orjson
 from harness import FAILING, NO_PROBLEMS, ROOT, WAITER, Harness
 
 from bench.generator import trigger_event
-from daemon.dlq import list_letters, retry_letters, show_letter
+from daemon.dlq import list_letters, retry, show_letter
 from daemon.servers import free_port
 from daemon.topology import partition_of
 
@@ -138,8 +138,8 @@ async def test_two_tenants_with_the_same_ids_never_touch_each_other(nats_server_
             assert await show_letter(h.db, h.topology, letters["globex"]["id"], tenant="acme") is None
             assert await show_letter(h.db, h.topology, letters["acme"]["id"], tenant="acme") is not None
             # `dlq retry --all --tenant A` retries A's letter only; nor does `retry ID --tenant A` take B's.
-            assert await retry_letters(h.db, h.js, h.topology, letter_id=letters["globex"]["id"], tenant="acme") == []
-            retried = await retry_letters(h.db, h.js, h.topology, tenant="acme")
+            assert (await retry(h.db, h.js, h.topology, letter_id=letters["globex"]["id"], tenant="acme")).lines == []
+            retried = (await retry(h.db, h.js, h.topology, tenant="acme")).lines
             assert len(retried) == 1 and failing["acme"] in retried[0]
             statuses = {
                 r["tenant"]: r["status"]

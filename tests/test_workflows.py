@@ -288,7 +288,7 @@ async def test_a_timer_of_an_unreadable_execution_is_tried_again_a_minute_later_
 async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_retry_resumes(
     nats_server_url, pg_dsn, prefix, target
 ):
-    from daemon.dlq import retry_letters
+    from daemon.dlq import retry
 
     strict = {
         "id": "strict",
@@ -312,7 +312,7 @@ async def test_a_400_is_not_retried_fails_to_the_dead_letters_and_an_operator_re
             assert "http_400" in letter["error"]
             assert len(orjson.loads(letter["attempts"])) == 1
             assert len(target.named("charge")) == 1
-            retried = await retry_letters(h.db, h.js, h.topology, letter_id=letter["id"])
+            retried = (await retry(h.db, h.js, h.topology, letter_id=letter["id"])).lines
             assert len(retried) == 1
             await h.wait_status(execution_id, "completed")
         calls = target.named("charge")
