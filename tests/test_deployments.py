@@ -449,12 +449,14 @@ async def test_a_dead_letter_of_another_deployment_is_shown_only_on_request(nats
         theirs = min(i for i, d in whose.items() if d == prefix)
         ours = min(i for i, d in whose.items() if d == other)
 
-        refused = ordo("dlq", "show", str(theirs), env_extra=b.env())
-        assert refused.returncode == 1 and refused.stdout == "", refused
-        assert (
-            f"ordo: dead letter {theirs} belongs to deployment {prefix!r}, not to this one ({other!r}): "
-            "pass --all-deployments to show it"
-        ) in refused.stderr
+        def refused(*argv: str, then: str) -> None:
+            """B's `ordo` about A's letter: exit 1, nothing on stdout, a refusal naming the letter and A."""
+            result = ordo(*argv, env_extra=b.env())
+            assert result.returncode == 1 and result.stdout == "", result
+            whose = f"belongs to deployment {prefix!r}, not to this one ({other!r})"
+            assert f"ordo: dead letter {theirs} {whose}: {then}" in result.stderr
+
+        refused("dlq", "show", str(theirs), then="pass --all-deployments to show it")
         shown = ordo("dlq", "show", str(theirs), "--all-deployments", env_extra=b.env())
         assert shown.returncode == 0, shown.stderr
         assert f"dead letter {theirs}  (open)" in shown.stdout and f"  deployment    {prefix}\n" in shown.stdout
@@ -463,12 +465,7 @@ async def test_a_dead_letter_of_another_deployment_is_shown_only_on_request(nats
         retry = ordo("dlq", "retry", "--all", "--all-deployments", env_extra=b.env())
         assert retry.returncode == 1 and "retry takes only this deployment's letters" in retry.stderr
         # A retry by id of another deployment's letter is refused as `show` is, and the letter stays open.
-        retry = ordo("dlq", "retry", str(theirs), env_extra=b.env())
-        assert retry.returncode == 1 and retry.stdout == "", retry
-        assert (
-            f"ordo: dead letter {theirs} belongs to deployment {prefix!r}, not to this one ({other!r}): "
-            "left open, for its own deployment to retry"
-        ) in retry.stderr
+        refused("dlq", "retry", str(theirs), then="left open, for its own deployment to retry")
         assert await b.db.fetchval("SELECT retried_at IS NULL FROM ordo.dead_letters WHERE id = $1", theirs)
         # B's `--all` counts what it retried, and says how many it left open (A's among them).
         retry = ordo("dlq", "retry", "--all", env_extra=b.env())
