@@ -19,9 +19,9 @@ retry goes onto the retrying deployment's own execution subject, where its
 worker would apply it to another deployment's execution: so only the
 deployment's own letters are retried (a failed step of its own execution,
 migration 021; a message taken from its own subjects), and another's stay
-open for that deployment's own `ordo dlq retry`; the console, asked to retry
-one letter by id that is another's, refuses it (`refuse_others`), as it
-refuses a cancel of another's execution. `list` shows the same letters, or
+open for that deployment's own `ordo dlq retry`; asked to retry one letter
+by id that is another's, `ordo dlq retry ID` and the console refuse it
+(`refuse_others`), as they refuse a cancel of another's execution. `list` shows the same letters, or
 everyone's with the deployment of each; `show` shows one of them, or anyone's
 with its deployment (ledger/dead_letters.py tells whose a letter is, for all
 three).
