@@ -542,7 +542,7 @@ async def test_the_consoles_dead_letters_are_its_deployments_and_everyones_on_re
 async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audited(nats_server_url, pg_dsn, prefix):
     """B's console refuses to retry A's letter as it refuses to cancel A's execution: 409, naming the
     letter and whose it is (or that it cannot be told), audited "refused", nothing published and the
-    letter left open for A. It once answered 200 "Done", audited "ok". B's own letter still retries."""
+    letter left open for A. It once answered 200 "Done", audited "ok". B's own letter still retries, once."""
     async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
         whose = await _letters_of_both(a, b)
         other = b.config.prefix
@@ -575,12 +575,16 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
             own = await client.post(f"/dead-letters/{ours}/retry", headers=headers)
             assert own.status == 200
             assert f"{ours}: republished to {b.topology.trigger_subject('acme', 'order.placed')}" in await own.text()
+            # Once more: nothing to retry, so nothing is sent, and it says so (it once answered "Done", "ok").
+            again = await client.post(f"/dead-letters/{ours}/retry", headers=headers)
+            assert again.status == 409 and f"dead letter {ours} is not open (retried already?)" in await again.text()
         assert await _statuses(a, [ours]) == ["retried"]
         trail = await a.db.fetch("SELECT action, dead_letter_id, outcome FROM ordo.console_audit ORDER BY id")
         assert [tuple(r) for r in trail] == [
             ("dlq_retry", theirs, f"refused: {refusals[theirs]}"),
             ("dlq_retry", nobodys, f"refused: {refusals[nobodys]}"),
             ("dlq_retry", ours, "ok"),
+            ("dlq_retry", ours, f"refused: dead letter {ours} is not open (retried already?)"),
         ]
 
 

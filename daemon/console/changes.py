@@ -120,7 +120,8 @@ async def signal(request: web.Request) -> web.Response:
 async def retry_letter(request: web.Request) -> web.Response:
     """Retry one open dead letter (daemon/dlq.py: a failed step resumes, a refused message is republished).
 
-    Another deployment's letter is refused, 409, as a cancel of its execution is: it stays open.
+    Another deployment's letter is refused, 409, as a cancel of its execution is: it stays open. So is a
+    letter that is not retried (not open, or nothing to retry it with), saying why.
     """
     raw = request.match_info["letter_id"]
     if not raw.isdigit():
@@ -134,7 +135,11 @@ async def retry_letter(request: web.Request) -> web.Response:
     async def change(console: Console) -> str:
         async with console.pool.acquire() as conn:
             done = await retry(conn, console.js, console.topology, letter_id=letter_id, refuse_others=True)
-        return "; ".join(done.lines) or f"dead letter {letter_id} is not open (retried already?)"
+        if not done.retried:  # nothing sent: refused, and audited so, with why (as `ordo dlq retry ID` exits 1)
+            raise operator_messages.NotSent(
+                "; ".join(done.lines) or f"dead letter {letter_id} is not open (retried already?)"
+            )
+        return "; ".join(done.lines)
 
     return await _audited(request, "dlq_retry", None, letter_id, {}, change)
 
