@@ -187,13 +187,15 @@ ORDER BY d.id LIMIT $4
 """
 
 _LETTERS = f"""
-SELECT d.id, d.at, d.reason, {_ACTION} AS action, d.tenant, d.workflow_id, d.execution_id::text AS execution_id,
-       d.step_id, d.error, d.status, {belongs_to("$4::text")} AS ours,
-       CASE WHEN $5::boolean THEN {DEPLOYMENT_OF_LETTER} END AS deployment
-FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
-WHERE d.status = 'open' AND ($1::text[] IS NULL OR d.tenant = ANY($1::text[]))
-  AND ($2::text IS NULL OR d.reason = $2) AND ($5::boolean OR {belongs_to("$4::text")})
-ORDER BY d.id DESC LIMIT $3
+SELECT * FROM (
+  SELECT d.id, d.at, d.reason, {_ACTION} AS action, d.tenant, d.workflow_id, d.execution_id::text AS execution_id,
+         d.step_id, d.error, d.status, {belongs_to("$4::text")} AS ours,
+         CASE WHEN $5::boolean THEN {DEPLOYMENT_OF_LETTER} END AS deployment
+  FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
+  WHERE d.status = 'open' AND ($1::text[] IS NULL OR d.tenant = ANY($1::text[]))
+    AND ($2::text IS NULL OR d.reason = $2)) letter
+WHERE ours OR $5::boolean
+ORDER BY id DESC LIMIT $3
 """
 
 _LETTER_TENANT = "SELECT tenant FROM ordo.dead_letters WHERE id = $1"
