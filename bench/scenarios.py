@@ -985,7 +985,7 @@ class NoisyNeighbour(Scenario):
         "quiet_event_cpu_us",
     )
     #: The burst's atomic batches awaiting their commit at once, as W1's closed publisher (2 was
-    #: tried for #18: the quiet p99 no better and A stored more slowly; README, w7-noisy).
+    #: tried for #18: the quiet p99 no better and A stored more slowly; docs/fairness.md).
     burst_in_flight = 4
 
     @property

@@ -52,7 +52,7 @@ log = logging.getLogger("ordo.lanes")
 
 #: How many turns a busy lane may take beyond another busy lane's while that one's pull is out.
 #: In w7-noisy, 1 (strict rounds) was worse than 2 on both counts: A drained no faster and the
-#: quiet tenants' p99 was higher (README, "Weights that hold").
+#: quiet tenants' p99 was higher (docs/fairness.md, "Weights that hold").
 TURNS_AHEAD = 2
 
 #: A lane that took events this recently is active: a busy lane beside it takes quanta, not whole
