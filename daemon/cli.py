@@ -96,7 +96,10 @@ def cmd_run(args, config) -> int:
         return _run_async(run_worker(config, args.worker_index, workers, config_path=args.config))
     from .supervisor import run_supervisor
 
-    return run_supervisor(args.workers or config.workers or os.cpu_count() or 1)
+    # The workers read the file this command was given, at start and on SIGHUP, and log as told.
+    options = ["--config", os.path.abspath(args.config)] if args.config else []
+    options += ["--log-level", args.log_level] if args.log_level else []
+    return run_supervisor(args.workers or config.workers or os.cpu_count() or 1, options)
 
 
 def cmd_migrate(args, config) -> int:

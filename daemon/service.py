@@ -3,9 +3,11 @@
 Signals, mapped the way nats-server maps them:
 
     SIGTERM, SIGINT  drain: stop fetching, commit and ack what is in flight, exit 0
-    SIGHUP           reload what can change without a restart: the log level
-                     (from the config file and ORDO_* environment) and the
-                     workflow definitions
+    SIGHUP           reload what can change without a restart (RELOADABLE):
+                     the log level and format, tenant weights and tenant
+                     limits, read again from the config file (the ORDO_*
+                     environment is the one the worker started with), and
+                     the workflow definitions
     SIGUSR1          reopen log files: a no-op, since a worker logs to stderr
                      and journald owns the files; it logs a line so that a
                      logrotate hook sending it is visible

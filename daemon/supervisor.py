@@ -2,6 +2,10 @@
 
 `ordo run` uses it; under systemd each worker is its own unit instance
 (`ordo run --worker-index I`) and systemd is the supervisor instead.
+
+Its workers run with the options it was given (`--config`, `--log-level`), so
+they read the same file, and SIGHUP re-reads it in every worker: the
+supervisor passes the signal on (signals as daemon/service.py maps them).
 """
 
 import logging
@@ -21,15 +25,18 @@ def _worker_name(index: int, pid: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, workers: int, extra_env: dict | None = None):
+    def __init__(self, workers: int, extra_env: dict | None = None, worker_options: list[str] | None = None):
         self.workers = workers
         self.env = dict(os.environ, **(extra_env or {}))
+        #: `ordo`'s own options for every worker, before `run` (`--config FILE`, `--log-level LEVEL`).
+        self.worker_options = list(worker_options or [])
         self.children: dict[int, subprocess.Popen] = {}
         self._restarts: dict[int, float] = {}
         self.stopping = False
 
     def _spawn(self, index: int) -> None:
-        cmd = [sys.executable, "-m", "daemon", "run", "--worker-index", str(index), "--workers", str(self.workers)]
+        cmd = [sys.executable, "-m", "daemon", *self.worker_options, "run"]
+        cmd += ["--worker-index", str(index), "--workers", str(self.workers)]
         self.children[index] = subprocess.Popen(cmd, env=self.env)
         pid = self.children[index].pid
         log.info("worker %d started (pid %d)", index, pid, extra={"worker": _worker_name(index, pid)})
@@ -64,6 +71,13 @@ class Supervisor:
             self.check()
             await asyncio.sleep(0.2)
 
+    def reload(self) -> None:
+        """SIGHUP every running worker: each re-reads its config file (daemon/service.py)."""
+        running = [child for child in self.children.values() if child.poll() is None]
+        for child in running:
+            child.send_signal(signal.SIGHUP)
+        log.info("SIGHUP: passed on to %d worker(s)", len(running))
+
     def stop(self, timeout: float = 60.0) -> bool:
         """SIGTERM every worker (they drain) and wait; SIGKILL what is left. True if all drained."""
         self.stopping = True
@@ -89,11 +103,13 @@ class Supervisor:
         return await asyncio.to_thread(self.stop, timeout)
 
 
-def run_supervisor(workers: int) -> int:
-    supervisor = Supervisor(workers)
+def run_supervisor(workers: int, worker_options: list[str] | None = None) -> int:
+    supervisor = Supervisor(workers, worker_options=worker_options)
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
+    # Left to its default, SIGHUP would end the supervisor and leave its workers running unwatched.
+    signal.signal(signal.SIGHUP, lambda *_: supervisor.reload())
     supervisor.start()
     while not stop:
         supervisor.check()

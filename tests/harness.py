@@ -162,17 +162,30 @@ class Harness:
             worker.stopping.set()
             await asyncio.wait_for(task, 60)
 
-    def env(self, **settings) -> dict:
-        """The environment of a worker process with this harness's settings (every one that differs)."""
+    def settings(self, **settings) -> dict:
+        """This harness's settings that a worker process must be given: every one that differs from
+        the defaults, and where its servers are."""
         config = self.config.with_(**settings)
-        env = dict(os.environ)
         defaults = config_module.Config()
-        for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
-            if value != getattr(defaults, field.name) or field.name in ("nats_url", "pg_dsn", "prefix"):
-                env[f"ORDO_{field.name.upper()}"] = str(value)
+        return {
+            field.name: getattr(config, field.name)
+            for field in dataclasses.fields(config)
+            if getattr(config, field.name) != getattr(defaults, field.name)
+            or field.name in ("nats_url", "pg_dsn", "prefix", *settings)
+        }
+
+    def env(self, **settings) -> dict:
+        """The environment of a worker process with this harness's settings."""
+        env = dict(os.environ)
+        env.update((f"ORDO_{name.upper()}", str(value)) for name, value in self.settings(**settings).items())
         env["ORDO_LOG_LEVEL"] = "warning"
         return env
+
+    def config_file(self, path: Path, **settings) -> Path:
+        """This harness's settings as a worker's config file, at `path` (JSON's values are TOML's)."""
+        lines = [f"{name} = {orjson.dumps(value).decode()}" for name, value in self.settings(**settings).items()]
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def spawn_worker(self, index: int = 0, workers: int = 1, **settings) -> subprocess.Popen:
         """A worker as a real process (`ordo run --worker-index`), to be killed for real."""
