@@ -24,7 +24,7 @@ import orjson
 from asyncpg import Record
 
 from ledger.connection import Queryable
-from ledger.dead_letters import DEPLOYMENT_OF_LETTER, EXECUTION_OF_LETTER, belongs_to
+from ledger.dead_letters import DEPLOYMENT_OF_LETTER, EXECUTION_OF_LETTER, WHY_RETRY_LEAVES_OPEN, belongs_to
 
 #: The execution statuses a search can ask for.
 STATUSES = ("running", "waiting", "completed", "failed", "cancelled")
@@ -178,12 +178,26 @@ GROUP BY reason, action, tenant, deployment, ours
 ORDER BY count(*) DESC, reason, action, tenant, deployment
 """
 
-# A group retry takes the console's deployment's letters only: what the page counts in the group.
+# The open letters of one (reason, action, tenant) group that are the console's deployment's: what the page
+# counts in the group, and what a group retry takes (another deployment's are that one's to retry).
+_IN_GROUP = f"""d.status = 'open' AND d.reason = $1 AND {_ACTION} IS NOT DISTINCT FROM $2::text
+  AND d.tenant IS NOT DISTINCT FROM $3::text AND {belongs_to("$5::text")}"""
+
+# A group retry takes, up to its limit, those that a retry would not leave open: taken, the oldest that cannot
+# be retried (no subject to republish to) would fill the limit at every group retry, and the rest never be retried.
 _GROUP_LETTERS = f"""
 SELECT d.id FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
-WHERE d.status = 'open' AND d.reason = $1 AND {_ACTION} IS NOT DISTINCT FROM $2::text
-  AND d.tenant IS NOT DISTINCT FROM $3::text AND {belongs_to("$5::text")}
+WHERE {_IN_GROUP} AND {WHY_RETRY_LEAVES_OPEN} IS NULL
 ORDER BY d.id LIMIT $4
+"""
+
+# The others, which it leaves open: the first few, each with why, and how many there are in all.
+_GROUP_LETTERS_LEFT_OPEN = f"""
+SELECT id, why, count(*) OVER () AS letters FROM (
+  SELECT d.id, {WHY_RETRY_LEAVES_OPEN} AS why FROM ordo.dead_letters d {EXECUTION_OF_LETTER} WHERE {_IN_GROUP}
+) letter
+WHERE why IS NOT NULL
+ORDER BY id LIMIT $4
 """
 
 _LETTERS = f"""
@@ -217,9 +231,19 @@ async def letter_groups(
 async def group_letter_ids(
     conn: Queryable, deployment: str, reason: str, action: str | None, tenant: str | None, limit: int
 ) -> list[int]:
-    """The ids of a group's open letters that are the deployment's, oldest first (None matches a letter
-    without action or tenant): another deployment's are not its to retry, nor to take up the limit."""
+    """The ids of a group's open letters that are the deployment's and that a retry would not leave open,
+    oldest first (None matches a letter without action or tenant): another deployment's are not its to retry,
+    and neither they nor those it cannot retry take up the limit."""
     return [r["id"] for r in await conn.fetch(_GROUP_LETTERS, reason, action, tenant, limit, deployment)]
+
+
+async def group_letters_left_open(
+    conn: Queryable, deployment: str, reason: str, action: str | None, tenant: str | None, limit: int
+) -> tuple[int, list[str]]:
+    """How many of a group's open letters of the deployment a retry would leave open (`group_letter_ids`
+    leaves them out), and the first `limit` of them, oldest first, each as `ordo dlq retry` says it."""
+    rows = await conn.fetch(_GROUP_LETTERS_LEFT_OPEN, reason, action, tenant, limit, deployment)
+    return (rows[0]["letters"] if rows else 0), [f"{r['id']}: {r['why']}" for r in rows]
 
 
 async def open_letters(

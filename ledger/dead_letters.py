@@ -4,7 +4,9 @@ The batcher writes the letters as part of each commit; daemon/dlq.py decides
 how a letter is shown and how it is retried. Whose letter it is, where
 deployments share the ledger, is told here in one SQL rule (`belongs_to`)
 that `ordo dlq list`, `show` and `retry` all read, and the console's
-dead-letter page too (ledger/console.py joins the same fragments).
+dead-letter page too (ledger/console.py joins the same fragments). Which of
+its own letters a retry would leave open, and why, is told here in SQL too
+(`WHY_RETRY_LEAVES_OPEN`), for a pick of many letters to leave them out.
 """
 
 from asyncpg import Record
@@ -38,6 +40,32 @@ def belongs_to(deployment: str) -> str:
 DEPLOYMENT_OF_LETTER = f"""
 (SELECT min(k.deployment) FROM (SELECT DISTINCT deployment FROM ordo.partitions WHERE deployment <> '') k
  WHERE {belongs_to("k.deployment")} HAVING count(*) = 1)
+"""
+
+# Why daemon/dlq.py's `retry` would leave a letter `d` of the deployment's open, in the words of its line (NULL: it
+# would retry it): a message with no subject to republish it to, or one for another deployment's execution with
+# no subject to send it to (the execution is gone, or its deployment cannot be told or has no partitions). It
+# tests what `retry` tests, in its order; `retry` still tests it itself when it sends. A pick of many letters
+# leaves these out, or the oldest of them would fill its limit again at every retry and the rest never be taken.
+# (The lateral join's `e` is the letter's execution, for DEPLOYMENT_OF_ROW: it hides EXECUTION_OF_LETTER's `e`.)
+WHY_RETRY_LEAVES_OPEN = f"""
+(CASE WHEN d.reason = 'step_failed' AND d.execution_id IS NOT NULL THEN NULL
+      WHEN d.reason = 'other_deployment' THEN
+        (SELECT CASE WHEN home.execution_id IS NULL
+                     THEN format('left open: no execution %s to send it to', d.execution_id)
+                     WHEN coalesce(home.deployment, '') = ''
+                     THEN format('left open: execution %s belongs to a deployment the ledger cannot name '
+                                 '(enrolled before migration 021 by one of several): assign it, then retry',
+                                 d.execution_id)
+                     WHEN NOT EXISTS (SELECT FROM ordo.partitions k WHERE k.deployment = home.deployment)
+                     THEN format('left open: execution %s belongs to deployment %L, which has no partitions',
+                                 d.execution_id, home.deployment)
+                END
+         FROM (SELECT) one
+         LEFT JOIN LATERAL (SELECT e.execution_id, {DEPLOYMENT_OF_ROW} AS deployment
+                            FROM ordo.executions e WHERE e.execution_id = d.execution_id) home ON true)
+      WHEN d.subject = '' THEN 'nothing to retry it with (no subject)'
+ END)
 """
 
 _OPEN = f"""

@@ -11,6 +11,7 @@ import asyncio
 import html
 import re
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -22,6 +23,7 @@ from harness import FAILING, NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, ordo
 from bench.generator import trigger_event
 from daemon import metrics
 from daemon.advance import apply
+from daemon.console import changes
 from daemon.console.app import make_app
 from daemon.console.auth import Sessions, Tokens
 from daemon.console.state import Console
@@ -619,6 +621,62 @@ async def test_a_group_retry_from_the_console_takes_its_deployments_letters_and_
         assert next(r for r in rows if r["id"] == message["id"])["status"] == "open"
 
 
+async def test_a_group_retry_passes_over_the_letters_it_cannot_retry_and_says_why(
+    nats_server_url, pg_dsn, prefix, monkeypatch
+):
+    """A group retry takes at most GROUP_RETRY_LIMIT letters, oldest first. It once took them whether it could
+    retry them or not: a group whose oldest letters had no subject to republish to took those at every retry,
+    left them open again, and never reached the rest. It takes the ones it can retry; the others it counts as
+    left open, naming the first few with why, in the words of `ordo dlq retry` (other_deployment's too)."""
+    monkeypatch.setattr(changes, "GROUP_RETRY_LIMIT", 2)
+    monkeypatch.setattr(changes, "LEFT_OPEN_NAMED", 2)
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker():
+            subject = h.topology.trigger_subject("acme", "order.placed")
+            for i in range(4):
+                await h.publish_raw(subject, b"{not json", msg_id=f"bad-{i}")
+            await h.wait_until("SELECT count(*) FROM ordo.dead_letters", expect=4)
+            elsewhere = await h.enrol_waiter("elsewhere")
+        letters = await h.db.fetch("SELECT id, reason, tenant FROM ordo.dead_letters ORDER BY id")
+        ids = [r["id"] for r in letters]
+        # The three oldest, as if their subject was lost: more than the limit, before the one that can be retried.
+        await h.db.execute("UPDATE ordo.dead_letters SET subject = '' WHERE id = ANY($1::bigint[])", ids[:3])
+        group = {"reason": letters[0]["reason"], "action": "", "tenant": letters[0]["tenant"] or ""}
+        # Two messages for executions with no subject to send them to: one gone, one of a deployment with no
+        # partitions (the worker checks each message's execution when it takes it: these are made up here).
+        gone = str(uuid.uuid4())
+        await h.db.execute(
+            "UPDATE ordo.executions SET deployment = 'elsewhere' WHERE execution_id = $1::uuid", elsewhere
+        )
+        for seq, execution_id in enumerate((gone, elsewhere)):
+            await h.db.execute(
+                "INSERT INTO ordo.dead_letters (reason, error, tenant, execution_id, subject, stream, stream_seq,"
+                " payload) VALUES ('other_deployment', 'made up', 'acme', $1::uuid, $2, $3, $4, '{}')",
+                execution_id,
+                h.topology.exec_subject(execution_id),
+                h.topology.exec_stream,
+                seq,
+            )
+        no_subject = "nothing to retry it with (no subject)"
+        async with _console(h) as (client, headers):
+            page = await client.post("/dead-letters/retry-group", data=group, headers=headers)
+            assert page.status == 200
+            assert (
+                f"1 dead letter(s) retried, 3 left open: {ids[0]}: {no_subject}; {ids[1]}: {no_subject}; 1 more</p>"
+            ) in html.unescape(await page.text())
+            assert await _statuses(h, ids) == ["open", "open", "open", "retried"]
+            again = await client.post("/dead-letters/retry-group", data=group, headers=headers)
+            assert "0 dead letter(s) retried, 3 left open: " in html.unescape(await again.text())
+
+            others = {"reason": "other_deployment", "action": "", "tenant": "acme"}
+            page = await client.post("/dead-letters/retry-group", data=others, headers=headers)
+            told = html.unescape(await page.text())
+        said = (await retry(h.db, h.js, h.topology, reason="other_deployment")).left_open
+        assert len(said) == 2 and f"0 dead letter(s) retried, 2 left open: {'; '.join(said)}</p>" in told
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.dead_letters WHERE status = 'open'") == 5
+
+
 async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_deployment(nats_server_url, pg_dsn, prefix):
     """A signal that reached B's subject for A's execution is dead-lettered there (`other_deployment`).
     Its retry goes to A's subject for it, where A's worker applies it; republished to its own subject,
@@ -659,6 +717,12 @@ async def test_a_retried_other_deployment_letter_goes_to_its_executions_own_depl
             assert await a.db.fetchval("SELECT status FROM ordo.executions WHERE execution_id = $1::uuid", legacy) == (
                 "waiting"
             )
+            # B's console's group retry passes it over, and says why in the words `ordo dlq retry` just said it.
+            async with _console(b) as (client, headers):
+                group = {"reason": "other_deployment", "action": "", "tenant": "acme"}
+                page = await client.post("/dead-letters/retry-group", data=group, headers=headers)
+                told = next(line for line in lines if line.startswith(f"{ids[legacy]}: "))
+                assert f"0 dead letter(s) retried, 1 left open: {told}</p>" in html.unescape(await page.text())
 
 
 async def _dead_lettered_metric(reason: str, expect: float, timeout: float = 10.0) -> None:

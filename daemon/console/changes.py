@@ -30,6 +30,8 @@ from .views import bad_request, execution_uuid, html_page, not_found
 
 #: The most letters one group retry takes; what is left stays open for the next.
 GROUP_RETRY_LIMIT = 1000
+#: The most letters a group retry leaves open that its answer names, with why (it counts them all).
+LEFT_OPEN_NAMED = 10
 
 
 async def _audited(
@@ -147,7 +149,8 @@ async def retry_letter(request: web.Request) -> web.Response:
 async def retry_group(request: web.Request) -> web.Response:
     """Retry every open letter of one (reason, action, tenant) group that is this deployment's, up to
     GROUP_RETRY_LIMIT: what the dead-letter page counts in it (another deployment's are that one's to retry).
-    The answer counts the letters retried, and those left open with why (e.g. no subject to republish to)."""
+    Letters a retry would leave open (e.g. no subject to republish to) are not taken, so they never fill the
+    limit; the answer counts the letters retried, and those left open, the first few with why."""
     identity = identity_of(request)
     form = await request.post()
     reason = str(form.get("reason") or "")
@@ -162,13 +165,18 @@ async def retry_group(request: web.Request) -> web.Response:
         async with console.pool.acquire() as conn:
             deployment = console.topology.prefix
             ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, GROUP_RETRY_LIMIT)
+            skipped, skipped_why = await queries.group_letters_left_open(
+                conn, deployment, reason, action, tenant, LEFT_OPEN_NAMED
+            )
             retried, left_open = 0, []
             for letter_id in ids:
                 done = await retry(conn, console.js, console.topology, letter_id=letter_id)
                 retried += done.retried
-                left_open += done.left_open
-        # A letter taken and not retried (one of no subject to republish it to) is not counted as retried.
-        why = f", {len(left_open)} left open: " + "; ".join(left_open) if left_open else ""
+                left_open += done.left_open  # picked, but left open all the same (it changed since): not retried
+        left = len(left_open) + skipped
+        named = left_open + skipped_why
+        unnamed = f"; {left - len(named)} more" if left > len(named) else ""
+        why = f", {left} left open: " + "; ".join(named) + unnamed if left else ""
         more = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
         return f"{retried} dead letter(s) retried{why}{more}"
 
