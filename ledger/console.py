@@ -214,6 +214,13 @@ ORDER BY id DESC LIMIT $3
 
 _LETTER_TENANT = "SELECT tenant FROM ordo.dead_letters WHERE id = $1"
 
+# Whose each of some letters is: the console's deployment's ($2), or which other's, by the same rule.
+_WHOSE_LETTERS = f"""
+SELECT d.id, {belongs_to("$2::text")} AS ours, {DEPLOYMENT_OF_LETTER} AS deployment
+FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
+WHERE d.id = ANY($1::bigint[])
+"""
+
 
 async def letter_groups(
     conn: Queryable, tenants: tuple[str, ...] | None, deployment: str, *, all_deployments: bool = False
@@ -260,6 +267,12 @@ async def open_letters(
     if given."""
     tenants_or_all = None if tenants is None else list(tenants)
     return await conn.fetch(_LETTERS, tenants_or_all, reason, limit, deployment, all_deployments)
+
+
+async def whose_letters(conn: Queryable, letter_ids: list[int], deployment: str) -> dict[int, Record]:
+    """Per letter of these that exists: ours (the deployment's to retry) and deployment (whose it is; None:
+    that cannot be told), as `open_letters` has them."""
+    return {r["id"]: r for r in await conn.fetch(_WHOSE_LETTERS, letter_ids, deployment)}
 
 
 async def letter_tenant(conn: Queryable, letter_id: int) -> tuple[bool, str | None]:

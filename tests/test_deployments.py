@@ -590,6 +590,31 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
         ]
 
 
+async def test_an_executions_page_shows_a_retry_button_on_its_deployments_letters_only(nats_server_url, pg_dsn, prefix):
+    """An execution's page showed a Retry button on each of its letters, though the console refuses to retry
+    another deployment's (409): on another's it shows whose the letter is instead, as the dead-letter page
+    shows another's letter without a button. Each console's page of each deployment's failed execution."""
+    async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
+        await _letters_of_both(a, b)
+        failed = {h.config.prefix: h.execution_id("acme", "failing", f"list-{h.config.prefix}-0") for h in (a, b)}
+        letter_of = {
+            deployment: await a.db.fetchval("SELECT id FROM ordo.dead_letters WHERE execution_id = $1::uuid", e)
+            for deployment, e in failed.items()
+        }
+        for h in (a, b):
+            async with _console(h) as (client, headers):
+                for deployment, execution_id in failed.items():
+                    page = await (await client.get(f"/executions/{execution_id}", headers=headers)).text()
+                    letters = _rows(page.split("<h2>Dead letters</h2>")[1].split("<h2>Steps</h2>")[0])
+                    # id, at, reason, step, attempts, error, retry or whose
+                    assert [r[0] for r in letters] == [str(letter_of[deployment])]
+                    button = f'action="/dead-letters/{letter_of[deployment]}/retry"' in page
+                    if deployment == h.config.prefix:
+                        assert button and letters[0][-1] == "Retry"
+                    else:
+                        assert not button and letters[0][-1] == f"deployment {deployment}'s"
+
+
 async def test_a_group_retry_from_the_console_takes_its_deployments_letters_and_counts_what_it_left_open(
     nats_server_url, pg_dsn, prefix
 ):

@@ -175,8 +175,10 @@ async def execution(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     identity = identity_of(request)
     execution_id = execution_uuid(request)
-    async with console.pool.acquire() as conn:
-        doc = await inspect(conn, execution_id)
+    async with console.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        doc = await inspect(conn, execution_id)  # in this snapshot, so that `whose` has each of its letters
+        letter_ids = [d["id"] for d in doc["dead_letters"]] if doc else []
+        whose = await queries.whose_letters(conn, letter_ids, console.topology.prefix) if letter_ids else {}
     if doc is None or not identity.may_see(doc["tenant"]):
         raise not_found(request, f"Execution {execution_id}")
     csrf = csrf_of(request)
@@ -211,7 +213,7 @@ async def execution(request: web.Request) -> web.Response:
                     esc(d["step"]),
                     esc(d["attempts"]),
                     esc(d["error"]),
-                    post_button(f"/dead-letters/{d['id']}/retry", "Retry", csrf),
+                    _retry_or_whose(whose[d["id"]], csrf),
                 ]
                 for d in doc["dead_letters"]
             ),
@@ -221,6 +223,16 @@ async def execution(request: web.Request) -> web.Response:
     context = orjson.dumps(doc["context"], option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     body += f'<h2>Context</h2><pre class="json">{esc(context)}</pre>'
     return html_page(request, f"Execution {execution_id}", body)
+
+
+def _retry_or_whose(letter, csrf: str) -> str:
+    """A Retry button on the console's deployment's letter; on another's, whose it is instead: an execution's
+    letters need not all be its deployment's (a message for it taken from another's subjects is that one's),
+    and the console refuses to retry another deployment's letter, which stays open for that one to retry."""
+    if letter["ours"]:
+        return post_button(f"/dead-letters/{letter['id']}/retry", "Retry", csrf)
+    whose = f"deployment {letter['deployment']}'s" if letter["deployment"] else "another deployment's"
+    return f'<span title="retried from its own deployment">{esc(whose)}</span>'
 
 
 def _execution_actions(doc: dict, csrf: str) -> str:
