@@ -544,7 +544,8 @@ async def test_the_consoles_dead_letters_are_its_deployments_and_everyones_on_re
 async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audited(nats_server_url, pg_dsn, prefix):
     """B's console refuses to retry A's letter as it refuses to cancel A's execution: 409, naming the
     letter and whose it is (or that it cannot be told), audited "refused", nothing published and the
-    letter left open for A. It once answered 200 "Done", audited "ok". B's own letter still retries, once."""
+    letter left open for A. It once answered 200 "Done", audited "ok"; then "Not sent", every refusal's
+    title, and now a title that says what happened. B's own letter still retries, once."""
     async with _two_deployments(nats_server_url, pg_dsn, prefix) as (a, b):
         whose = await _letters_of_both(a, b)
         other = b.config.prefix
@@ -571,6 +572,8 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
                 page = await client.post(f"/dead-letters/{letter_id}/retry", headers=headers)
                 assert page.status == 409, await page.text()
                 assert html.escape(refusal) in await page.text()
+                title = "Not retried: another deployment's letter"
+                assert f"<title>{html.escape(title)} · Ordo</title>" in await page.text()
             assert await published() == before
             assert await _statuses(a, [theirs, nobodys]) == ["open", "open"]
 
@@ -580,6 +583,7 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
             # Once more: nothing to retry, so nothing is sent, and it says so (it once answered "Done", "ok").
             again = await client.post(f"/dead-letters/{ours}/retry", headers=headers)
             assert again.status == 409 and f"dead letter {ours} is not open (retried already?)" in await again.text()
+            assert "<title>Not sent · Ordo</title>" in await again.text()
         assert await _statuses(a, [ours]) == ["retried"]
         trail = await a.db.fetch("SELECT action, dead_letter_id, outcome FROM ordo.console_audit ORDER BY id")
         assert [tuple(r) for r in trail] == [

@@ -56,7 +56,9 @@ async def _audited(
     except (operator_messages.NotSent, OthersLetter) as exc:  # refused before anything was sent
         async with console.pool.acquire() as conn:
             await queries.audit_end(conn, audit_id, f"refused: {exc}")
-        return html_page(request, "Not sent", f'<p class="error">{esc(exc)}</p>', 409)
+        # A retry of another deployment's letter was refused for whose it is, not for anything it could send.
+        title = "Not retried: another deployment's letter" if isinstance(exc, OthersLetter) else "Not sent"
+        return html_page(request, title, f'<p class="error">{esc(exc)}</p>', 409)
     except Exception as exc:
         async with console.pool.acquire() as conn:
             await queries.audit_end(conn, audit_id, f"error: {exc}")
