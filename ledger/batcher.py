@@ -53,7 +53,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -672,7 +672,7 @@ class LedgerBatcher:
                 landed = {id(unit) for done, _ in self._landed for unit in done}
                 remaining = [unit for unit in units if id(unit) not in landed]
                 if remaining:
-                    await self._commit_isolating_poison(remaining, epochs, watermarks)
+                    await self._until_connection_lost(self._commit_isolating_poison, remaining, epochs, watermarks)
                 accepted = set().union(*(accepted for _, accepted in self._landed))
                 rows = sum(u.rows for u in units)
                 return CommitResult(units, accepted, time.monotonic() - started, rows, attempts)
@@ -695,6 +695,42 @@ class LedgerBatcher:
                     extra={"reason": "ledger_conflict", "error": f"{type(exc).__name__}: {exc}"},
                 )
                 await asyncio.sleep(0.01 * min(attempts, 20))
+
+    async def _until_connection_lost(self, attempt: Callable[..., Coroutine[Any, Any, set[str]]], *args: Any) -> None:
+        """Await `attempt(*args)`, a commit attempt, given up as soon as the connection it runs on is lost.
+
+        asyncpg's COPY waits, with no timeout, for the socket to take more data (its
+        command_timeout does not cover that wait), and a connection lost meanwhile never
+        takes any: a backend terminated during a COPY bigger than asyncpg's 512 KiB
+        buffer could leave the commit loop waiting for good, the worker alive and silent,
+        its partitions leased and none of their messages committed. Given up, the attempt
+        is a lost connection like any other, retried on a new one: what it committed is
+        in `_landed`, and a COMMIT it had sent is in `_in_doubt`.
+        """
+        conn = await self.connect()
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_lost(_conn: object) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        conn.add_termination_listener(on_lost)
+        if conn.is_closed():
+            on_lost(conn)  # lost before the listener was there to hear it
+        running = asyncio.ensure_future(attempt(*args))
+        either: list[asyncio.Future[Any]] = [running, lost]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if running.done():
+                running.result()
+                return
+        finally:
+            conn.remove_termination_listener(on_lost)
+            if not running.done():
+                running.cancel()
+                await asyncio.wait([running])  # on a closed connection, whatever it awaits next fails at once
+        cause = None if running.cancelled() else running.exception()
+        raise asyncpg.ConnectionDoesNotExistError("the ledger connection was lost during the commit") from cause
 
     async def _commit_isolating_poison(
         self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int]

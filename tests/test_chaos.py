@@ -13,12 +13,18 @@ for 5 minutes; `-s` shows the numbers each test prints).
 import asyncio
 import random
 import time
+import uuid
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import asyncpg
 from harness import LOADED, Fleet, Harness, Load, fault_scale
 
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
+from hotpath import ExecutionState
+from ledger.batcher import EXEC_COLUMNS, ExecutionChange, LedgerBatcher, Unit
+from ledger.executions import ExecutionRecord
+from ledger.schema import migrate
 
 
 @asynccontextmanager
@@ -171,6 +177,75 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
         f"{numbers['executions'] / (finished - started):.0f} executions/s"
     )
     assert copies + everything > 0, "no backend was terminated: the test did not test anything"
+
+
+class _Trigger:
+    """A unit's source, as the batcher sees one: a trigger message on the triggers stream."""
+
+    key = None
+    subject = "ordo.triggers.acme.x"
+    stream = "ORDO_TRIGGERS"
+    data = b"{}"
+    batch_index = None
+
+    def __init__(self, stream_seq: int):
+        self.stream_seq = stream_seq
+
+
+def _finished_enrolment(n: int, pad: str) -> ExecutionChange:
+    """A new execution that ends in its first commit, its context padded with `pad`."""
+    execution_id = str(uuid.UUID(int=n + 1))
+    state = ExecutionState(execution_id, subject={"id": "c"}, event={"event_id": f"e{n}"}, tenant="acme")
+    record = ExecutionRecord(execution_id, "acme", "w", 1, "c", f"e{n}", 0, datetime.now(UTC), 0, state)
+    state.status, state.seq, state.context = "completed", 2, {"pad": pad}  # as its first steps leave it
+    return record.change([(1, "", "started", None), (2, "", "completed", None)], datetime.now(UTC))
+
+
+async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_lost_connection(pg_dsn):
+    """asyncpg's COPY waits, with no timeout, for the socket to take more data. Here the COPY
+    cannot go on: its first row's key is another transaction's uncommitted enrolment, its backend
+    waits for that one and stops reading, and the batcher's writes fill the socket. Its backend
+    terminated then, the commit must be retried on a new connection, not wait for good."""
+    db = await asyncpg.connect(pg_dsn)
+    blocker = await asyncpg.connect(pg_dsn)
+    batcher = LedgerBatcher(pg_dsn, max_rows=100_000, max_ms=0)
+    commit = None
+    try:
+        await migrate(db)
+        # ~16 MB to COPY: more than the socket buffers of both ends hold (~5 MB here).
+        changes = [_finished_enrolment(n, "x" * 8000) for n in range(2000)]
+        held = blocker.transaction()
+        await held.start()
+        await blocker.copy_records_to_table(
+            "executions", schema_name="ordo", records=[changes[0].row], columns=EXEC_COLUMNS
+        )
+        commit = asyncio.create_task(batcher.commit([Unit(_Trigger(n), [c]) for n, c in enumerate(changes)], {}, {}))
+        deadline = time.monotonic() + 10
+        while (
+            copying := await db.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY%'"
+                " AND wait_event_type = 'Lock'"
+            )
+        ) is None:
+            assert time.monotonic() < deadline, "the batcher's COPY never waited for the held enrolment"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the batcher's writes fill the socket meanwhile
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", copying)
+        await held.rollback()
+        # Not wait_for: its cancellation would be what ends the wait.
+        await asyncio.wait([commit], timeout=15)
+        assert commit.done(), "the commit still waits on the terminated connection's COPY"
+        result = commit.result()
+        assert result.accepted == {c.execution_id for c in changes}
+        assert result.attempts > 1
+        assert await db.fetchval("SELECT count(*) FROM ordo.executions") == len(changes)
+    finally:
+        if commit is not None and not commit.done():
+            commit.cancel()
+            await asyncio.wait([commit])
+        await batcher.close()
+        await blocker.close()
+        await db.close()
 
 
 # -- 4. seeded soak ------------------------------------------------------------------------
