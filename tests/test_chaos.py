@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import asyncpg
-from harness import LOADED, Fleet, Harness, Load, fault_scale
+from harness import LOADED, Fleet, Harness, Load, TriggerSource, fault_scale
 
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
 from hotpath import ExecutionState
@@ -179,19 +179,6 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
     assert copies + everything > 0, "no backend was terminated: the test did not test anything"
 
 
-class _Trigger:
-    """A unit's source, as the batcher sees one: a trigger message on the triggers stream."""
-
-    key = None
-    subject = "ordo.triggers.acme.x"
-    stream = "ORDO_TRIGGERS"
-    data = b"{}"
-    batch_index = None
-
-    def __init__(self, stream_seq: int):
-        self.stream_seq = stream_seq
-
-
 def _finished_enrolment(n: int, pad: str) -> ExecutionChange:
     """A new execution that ends in its first commit, its context padded with `pad`."""
     execution_id = str(uuid.UUID(int=n + 1))
@@ -219,7 +206,9 @@ async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_los
         await blocker.copy_records_to_table(
             "executions", schema_name="ordo", records=[changes[0].row], columns=EXEC_COLUMNS
         )
-        commit = asyncio.create_task(batcher.commit([Unit(_Trigger(n), [c]) for n, c in enumerate(changes)], {}, {}))
+        commit = asyncio.create_task(
+            batcher.commit([Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)], {}, {})
+        )
         deadline = time.monotonic() + 10
         while (
             copying := await db.fetchval(

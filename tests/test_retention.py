@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
-from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, engine, ordo
+from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, TriggerSource, engine, ordo
 
 from bench.generator import trigger_event
 from daemon import metrics
@@ -279,19 +279,6 @@ async def test_the_ledger_commands_maintain_export_and_keep_what_is_recent(nats_
         assert await h.db.fetchval("SELECT count(*) FROM ordo.executions") == 1
 
 
-class _Trigger:
-    """A unit's source, as the batcher sees one: a trigger message on the triggers stream."""
-
-    key = None
-    subject = "ordo.triggers.acme.x"
-    stream = "ORDO_TRIGGERS"
-    data = b"{}"
-    batch_index = None
-
-    def __init__(self, stream_seq: int):
-        self.stream_seq = stream_seq
-
-
 async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn):
     """Past JetStream's duplicate window a publisher's retry is a new message; after midnight UTC its
     day, the partition key, is the next one, and the primary key (execution_id, ledger_day) cannot
@@ -312,7 +299,7 @@ async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn
             )
             state.status, state.seq = "completed", 2  # as the dispatcher leaves a one-commit execution
             change = record.change([(1, "", "started", None), (2, "", "completed", None)], datetime.now(UTC))
-            committed = await batcher.commit([Unit(_Trigger(seq), [change])], {}, {})
+            committed = await batcher.commit([Unit(TriggerSource(seq), [change])], {}, {})
             results.append((committed.accepted, change.duplicate))
         assert results == [({execution_id}, False), (set(), True)]
         assert await conn.fetchval("SELECT count(*) FROM ordo.executions") == 1
