@@ -40,6 +40,9 @@ transaction takes its id (txid_current) first; the retry asks Postgres
 (txid_status) and, when that transaction did commit, keeps its result instead
 of committing its units again: a second time their changes would be refused as
 stale, and the actions and events they ask for would never be carried out.
+A commit attempt is given up as soon as its connection is lost, wherever it
+waits (`_until_connection_lost`): a COPY waiting for the socket would wait for
+good.
 
 A batch that fails for a reason other than the connection is split in halves
 until the unit that causes the failure is alone; that unit is dead-lettered
