@@ -109,9 +109,13 @@ def run_supervisor(workers: int, worker_options: list[str] | None = None) -> int
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
     # Left to its default, SIGHUP would end the supervisor and leave its workers running unwatched.
-    signal.signal(signal.SIGHUP, lambda *_: supervisor.reload())
+    reload = []
+    signal.signal(signal.SIGHUP, lambda *_: reload.append(True))
     supervisor.start()
     while not stop:
+        if reload:
+            reload.clear()
+            supervisor.reload()
         supervisor.check()
         time.sleep(0.2)
     return 0 if supervisor.stop() else 1
