@@ -147,6 +147,12 @@ class DueTimers:
         key = (fire_at_us - 1, ledger_timers.START[1])
         self._behind[partition] = min(self._behind.get(partition, key), key)
 
+    def walk_again(self) -> None:
+        """Timers may have been set elsewhere unannounced (the worker's listener was lost): the next
+        load goes back to the start of every owned partition, as `set_elsewhere` does for one."""
+        for p in self.partitions:
+            self._behind[p] = ledger_timers.START
+
     def add(self, execution_id: str, timer_id: str, fire_at_ms: int, partition: int) -> bool:
         if fire_at_ms is None or partition not in self.partitions:
             return False

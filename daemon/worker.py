@@ -29,6 +29,7 @@ Postgres.
 - daemon/dispatch.py: what the ordering ring hands out, applied to its executions;
 - daemon/settle.py: the commit loop, and settling each committed batch: effects, acks, dead-letter copies;
 - daemon/upkeep.py: the ledger's day partitions made ahead and, with `retention_keep`, old days dropped.
+- daemon/listener.py: the LISTEN connection (deploys, rollouts, timers set elsewhere), opened again when lost.
 """
 
 import asyncio
@@ -53,6 +54,7 @@ from .dispatch import Dispatch
 from .effects import Effects
 from .intake import Intake, Window
 from .limits import CallTokens, LimitGrants, requeue
+from .listener import Listener
 from .local_results import LocalResults
 from .ownership import Ownership
 from .partitions import Partitions
@@ -143,7 +145,8 @@ class Worker:
         self._nc = None
         self._js = None
         self._pool = None
-        self._listener = None
+        #: The LISTEN connection (deploys, rollouts, timers set elsewhere), opened again when lost.
+        self.listener: Listener | None = None
         #: Spans of sampled executions (daemon/tracing.py); None while trace_sample is 0.
         self._tracing: Tracing | None = None
         self.fatal: BaseException | None = None
@@ -182,11 +185,18 @@ class Worker:
             await event_waits.adopt(conn, self.config.prefix)
 
         await self._on_pool(prepare, "start")  # a backend terminated at start-up is retried, not fatal
+        self.listener = Listener(
+            self.config.pg_dsn,
+            {
+                workflows.DEPLOY_CHANNEL: self._on_deploy,
+                rollouts.ROLLOUT_CHANNEL: self.rollout_controller.changed,
+                ledger_timers.elsewhere_channel(self.config.prefix): self._on_timers_set,
+            },
+            catch_up=self._catch_up_after_deafness,
+        )
+        await self.listener.open()
+        # After listening: a deploy that commits in between is either read here or told.
         await self.reload_definitions()
-        self._listener = await asyncpg.connect(self.config.pg_dsn)
-        await self._listener.add_listener(workflows.DEPLOY_CHANNEL, self._on_deploy)
-        await self._listener.add_listener(rollouts.ROLLOUT_CHANNEL, self.rollout_controller.changed)
-        await self._listener.add_listener(ledger_timers.elsewhere_channel(self.config.prefix), self._on_timers_set)
 
     def _assemble(self) -> None:
         """Make the jobs, each given what it shares with the others."""
@@ -304,6 +314,15 @@ class Worker:
     def _on_deploy(self, *_):
         asyncio.get_running_loop().create_task(self.reload_definitions())
 
+    async def _catch_up_after_deafness(self) -> None:
+        """The listener was lost and is back: do what a notification missed meanwhile would have made
+        happen. Nothing else would: definitions are read only on a deploy's, and a timer set
+        elsewhere behind the walk waited for the partition to change hands (the rollouts' loop
+        reads them every second anyway)."""
+        self.rollout_controller.changed()
+        self.timers.walk_again()
+        await self.reload_definitions()
+
     async def run(self) -> None:
         """Run until `stopping` is set, then drain: stop fetching, commit and ack what is in flight."""
         triggers = await self.intake.fetch_triggers()
@@ -313,30 +332,33 @@ class Worker:
         owner = asyncio.create_task(self.partitions.ownership_loop())
         lag = asyncio.create_task(self.partitions.lag_loop())
         rollout_loop = asyncio.create_task(self.rollout_controller.run())
+        listening = asyncio.create_task(self.listener.run())
         upkeep = asyncio.create_task(upkeep_loop(self.config.pg_dsn, self.retention_keep, self.clock_ms, self.stopping))
         self._limit_grants = asyncio.create_task(
             LimitGrants(self.config.pg_dsn, self._js, self.topology).run(self.stopping)
         )
         stop = asyncio.create_task(self.stopping.wait())
+        # The listener's loop among them: a worker that cannot listen any more must not run on deaf.
         done, _ = await asyncio.wait(
-            [stop, committer, pump, timer_loop, owner, triggers], return_when=asyncio.FIRST_COMPLETED
+            [stop, committer, pump, timer_loop, owner, triggers, listening], return_when=asyncio.FIRST_COMPLETED
         )
         self.stopping.set()
         for task in done:
             if task is not stop and task.exception() is not None:
                 self.fatal = task.exception()
-        await self._drain(owner, lag, rollout_loop, pump, committer, timer_loop, upkeep)
+        await self._drain(owner, lag, rollout_loop, listening, pump, committer, timer_loop, upkeep)
 
-    async def _drain(self, owner, lag, rollout_loop, pump, committer, timer_loop, upkeep) -> None:
+    async def _drain(self, owner, lag, rollout_loop, listening, pump, committer, timer_loop, upkeep) -> None:
         # Drain: each fetch loop finishes the fetch it has open (at most its
         # 1 s expiry) and hands over what it got; then the ring and the
         # batcher empty out and the last batch commits and is acked.
         owner.cancel()
         lag.cancel()
         rollout_loop.cancel()
+        listening.cancel()  # before close(): the listener closed then is not lost, nor opened again
         upkeep.cancel()
         self._limit_grants.cancel()
-        await asyncio.gather(owner, lag, rollout_loop, upkeep, self._limit_grants, return_exceptions=True)
+        await asyncio.gather(owner, lag, rollout_loop, listening, upkeep, self._limit_grants, return_exceptions=True)
         fetchers = list(self.intake.fetchers.values())
         if fetchers:  # none when the worker owned no partition (and so took no trigger lane)
             await asyncio.wait(fetchers, timeout=5)
@@ -399,8 +421,8 @@ class Worker:
     async def close(self) -> None:
         if self._tracing is not None:  # its last history reads need the pool
             await self._tracing.close()
-        if self._listener is not None:
-            await self._listener.close()
+        if self.listener is not None:
+            await self.listener.close()
         await self.batcher.close()
         if self._pool is not None:
             await self._pool.close()

@@ -503,6 +503,75 @@ async def test_a_partition_given_back_while_it_is_being_started_is_not_started(n
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def _terminate_listener(h: Harness) -> int:
+    """Terminate the backend of the worker's LISTEN connection (deploys, rollouts, timers set
+    elsewhere), as an admin or a Postgres restart would, and wait until it is gone; returns its pid."""
+    pid = await h.db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+    assert pid is not None, "no backend listens"
+    assert await h.db.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+    return pid
+
+
+async def test_a_worker_whose_listening_connection_was_terminated_still_hears_of_deploys(
+    nats_server_url, pg_dsn, prefix
+):
+    """Deploys, rollout changes and timers set elsewhere reach a worker as NOTIFYs on one connection.
+    Its backend terminated, the worker must listen again: before, it never did, and ran the
+    versions it knew until it was restarted (there is no periodic reload of the definitions)."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker() as worker:
+            await _terminate_listener(h)
+            assert await h.deploy(dict(WAITER, name="v2")) == 2
+            await _until(
+                lambda: worker.registry.version("acme", "waiter", 2) is not None,
+                "the worker never heard of version 2",
+            )
+            assert worker.fatal is None
+
+
+async def test_what_was_deployed_while_the_worker_could_not_listen_is_loaded_once_it_listens_again(
+    nats_server_url, pg_dsn, prefix
+):
+    """A deploy made while the listening connection is down is told to no one: the worker reloads
+    the definitions once it listens again, and from then on hears the deploys themselves."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker() as worker:
+            listener, reopen, may_reopen = worker.listener, worker.listener.open, asyncio.Event()
+
+            async def open_when_allowed():
+                await may_reopen.wait()
+                await reopen()
+
+            listener.open = open_when_allowed  # deaf until the test says
+            old_pid = await _terminate_listener(h)
+            assert await h.deploy(dict(WAITER, name="v2")) == 2
+            await asyncio.sleep(0.5)
+            assert worker.registry.version("acme", "waiter", 2) is None  # nothing told it
+            may_reopen.set()
+            await _until(
+                lambda: worker.registry.version("acme", "waiter", 2) is not None,
+                "version 2, deployed while the worker could not listen, was never loaded",
+            )
+            assert listener.connection.get_server_pid() != old_pid
+            # The catch-up has read the definitions: only a NOTIFY heard can bring version 3 in.
+            assert await h.deploy(dict(WAITER, name="v3")) == 3
+            await _until(
+                lambda: worker.registry.version("acme", "waiter", 3) is not None,
+                "the worker listens again but did not hear of version 3",
+            )
+            assert worker.fatal is None
+        # Closed on stopping, and not opened again.
+        await h.wait_until(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            expect=0,
+            timeout=10,
+        )
+
+
 async def _taken_over(h: Harness, partition: int) -> None:
     """Another worker claims the partition, as daemon/partitions.py does: a new epoch, and its
     consumers (of the partition and of its trigger lanes) in place of the earlier epochs'."""

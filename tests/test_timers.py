@@ -162,6 +162,24 @@ async def test_a_page_read_under_an_earlier_claim_does_not_move_the_walk_of_the_
     assert [e for e, _ in _drain(timers, NOW_MS + 10)] == ids[:2]
 
 
+async def test_a_walk_started_again_reads_what_was_set_behind_it_unannounced(db):
+    """A timer another worker sets behind the walk is read only if the owner is told (`set_elsewhere`).
+    When it may not have been (its listening connection was lost), every owned partition's walk goes
+    back to its start; what it holds already it holds once."""
+    timers = DueTimers(horizon_s=5)
+    timers.own(0)
+    timers.own(1)
+    (held,) = _ids(1)
+    await _store(db, [(held, 0, "t", NOW_MS + 3000)])
+    assert await timers.load(db, NOW_MS) == 1  # both walks have passed NOW_MS + 5 s
+    behind = _ids(2)
+    await _store(db, [(behind[0], 0, "t", NOW_MS + 2000), (behind[1], 1, "t", NOW_MS + 1000)])
+    assert await timers.load(db, NOW_MS + 1000) == 0  # untold, the walks do not go back for them
+    timers.walk_again()
+    assert await timers.load(db, NOW_MS + 1000) == 2
+    assert [e for e, _ in _drain(timers, NOW_MS + 3000)] == [behind[1], behind[0], held]
+
+
 # -- fires through a worker -----------------------------------------------------------
 
 
