@@ -147,6 +147,7 @@ class Worker:
         self._pool = None
         #: The LISTEN connection (deploys, rollouts, timers set elsewhere), opened again when lost.
         self.listener: Listener | None = None
+        self._reloading = asyncio.Lock()
         #: Spans of sampled executions (daemon/tracing.py); None while trace_sample is 0.
         self._tracing: Tracing | None = None
         self.fatal: BaseException | None = None
@@ -285,6 +286,13 @@ class Worker:
         self.settlement.rollout_tally = self.rollout_controller.tally
 
     async def reload_definitions(self) -> None:
+        """Load the definitions as the ledger has them now. One reload at a time, in the order asked
+        (a deploy's NOTIFY, the listener's catch-up, SIGHUP): two at once, the one that read the older
+        snapshot could finish last and leave the older definitions loaded until the next deploy."""
+        async with self._reloading:
+            await self._reload_definitions()
+
+    async def _reload_definitions(self) -> None:
         async def read(conn):
             # One snapshot: a candidate deployed with its rollout is seen with it.
             async with conn.transaction(isolation="repeatable_read", readonly=True):

@@ -9,6 +9,7 @@ from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_s
 
 from bench.generator import trigger_event
 from daemon.servers import free_port
+from ledger import workflows
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:
@@ -530,6 +531,39 @@ async def test_a_worker_whose_listening_connection_was_terminated_still_hears_of
                 "the worker never heard of version 2",
             )
             assert worker.fatal is None
+
+
+async def test_reloads_that_overlap_leave_the_newest_definitions_loaded(nats_server_url, pg_dsn, prefix, monkeypatch):
+    """Each deploy's NOTIFY starts a reload. A reload that read its snapshot before a deploy and
+    finishes after the deploy's own reload must not leave the older definitions loaded."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker() as worker:
+            reads, first_read, first_may_finish = [], asyncio.Event(), asyncio.Event()
+            load_all = workflows.load_all
+
+            async def first_read_held(conn):
+                rows = await load_all(conn)
+                reads.append(rows)
+                if len(reads) == 1:  # its snapshot taken: v1 only
+                    first_read.set()
+                    await first_may_finish.wait()
+                return rows
+
+            monkeypatch.setattr(workflows, "load_all", first_read_held)
+            first = asyncio.create_task(worker.reload_definitions())
+            await first_read.wait()
+            assert await h.deploy(dict(WAITER, name="v2")) == 2  # its NOTIFY starts a reload of its own
+            deadline = time.monotonic() + 2  # time for that one to read v2 and load it, if it may
+            while len(reads) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            first_may_finish.set()
+            await first
+            await _until(lambda: len(reads) >= 2, "the deploy's reload never read the definitions")
+            await _until(
+                lambda: worker.registry.version("acme", "waiter", 2) is not None,
+                "version 2 is not loaded: the reload that read the older snapshot finished last",
+            )
 
 
 async def test_what_was_deployed_while_the_worker_could_not_listen_is_loaded_once_it_listens_again(
