@@ -356,8 +356,11 @@ class Lanes:
         for lane in lanes:
             if self.running.get(lane.index) is lane:
                 del self.running[lane.index]
-                metrics.lane_backlog.remove(str(lane.index))
-                metrics.lane_behind.remove(str(lane.index))
+                for gauge in (metrics.lane_backlog, metrics.lane_behind):
+                    try:  # not measured yet: prometheus-client < 0.22 raises (this drain ending a give-back)
+                        gauge.remove(str(lane.index))
+                    except KeyError:
+                        pass
 
     def forget(self, lane: Lane) -> None:
         """A lane's fetch loop ended (stopping): it is no longer this worker's."""

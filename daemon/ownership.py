@@ -79,10 +79,20 @@ class Ownership:
         extra = len(self.owned) - share
         return sorted(self.owned, reverse=True)[:extra] if extra > 0 else []
 
+    def let_go(self, partition: int) -> int | None:
+        """Stop holding the partition: no round renews its lease from now on. Returns the epoch to
+        give it back with (`give_back`), None if it was not held (lost meanwhile)."""
+        return self.owned.pop(partition, None)
+
+    async def give_back(self, conn, partition: int, epoch: int) -> None:
+        """End the lease held under `epoch`. Safe to retry, and to run late: a claim made since, by any
+        worker (this one too), has a newer epoch and is left alone."""
+        await leases.release(conn, self.deployment, self.name, partition, epoch)
+
     async def release(self, conn, partition: int) -> None:
-        epoch = self.owned.pop(partition, None)
+        epoch = self.let_go(partition)
         if epoch is not None:
-            await leases.release(conn, self.deployment, self.name, partition, epoch)
+            await self.give_back(conn, partition, epoch)
 
     async def leave(self, conn) -> None:
         """On a clean exit: give every partition back at once and stop counting as live."""

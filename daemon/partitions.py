@@ -75,8 +75,14 @@ class Partitions:
         #: The task starting them, apart from the rounds.
         self._starter: asyncio.Task | None = None
         #: Partitions being let go (given back, or lost): until what they had in flight has
-        #: settled they stay `closing`, and a new claim of one waits to be started.
+        #: settled they stay `closing`, and a new claim of one waits to be started. Each has a task
+        #: (`_letting_go_of`) that ends by forgetting it, or fails and stops the worker: none stays
+        #: here for good, which would leave a claim of it renewed round after round and never started.
         self._letting_go: set = set()
+        #: Those tasks, held until they end (the loop keeps only weak references to tasks).
+        self._let_go_tasks: set[asyncio.Task] = set()
+        #: The first of them to fail: the next round raises it, and the worker stops.
+        self._let_go_failure: BaseException | None = None
 
     def owns(self, partition: int) -> bool:
         """Whether this worker owns the partition and keeps applying its messages."""
@@ -117,7 +123,7 @@ class Partitions:
             if lost:
                 self._lost(lost)
             self.unstarted.update(gained)
-            failed = self._starter_failure()
+            failed = self._starter_failure() or self._let_go_failure
             if failed is not None:
                 raise failed  # the worker stops, as it did when a start failed within the round
             if self.unstarted and (self._starter is None or self._starter.done()):
@@ -155,9 +161,7 @@ class Partitions:
         )
         for p in lost:
             self.stop(p)
-            if p not in self._letting_go:
-                self._letting_go.add(p)
-                asyncio.get_running_loop().create_task(self._let_go(p))
+            self._letting_go_of(p, self._let_go)
 
     async def _start_unstarted(self) -> None:
         for p, claim in sorted(self.unstarted.items()):
@@ -184,9 +188,32 @@ class Partitions:
 
     def _give_back_surplus(self, share: int) -> None:
         for p in self.ownership.surplus(share):
-            if p not in self._letting_go:
-                self._letting_go.add(p)
-                asyncio.get_running_loop().create_task(self._release(p))
+            self._letting_go_of(p, self._release)
+
+    def _letting_go_of(self, p: int, let_go) -> None:
+        """`let_go(p)` as a task of its own, unless p is being let go already; held, and its failure
+        never dropped: logged, and raised by the next round (a partition it left in `_letting_go`
+        would never be started again while this worker holds it)."""
+        if p in self._letting_go:
+            return
+        self._letting_go.add(p)
+        task = asyncio.get_running_loop().create_task(let_go(p))
+        self._let_go_tasks.add(task)
+        task.add_done_callback(lambda task: self._let_go_ended(p, task))
+
+    def _let_go_ended(self, p: int, task: asyncio.Task) -> None:
+        self._let_go_tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error(
+            "letting go of partition %d failed: %r; stopping the worker",
+            p,
+            exc,
+            extra=logs.failure("partition_let_go", exc, partition=p),
+        )
+        if self._let_go_failure is None:
+            self._let_go_failure = exc
 
     # -- one partition --------------------------------------------------------
 
@@ -254,10 +281,36 @@ class Partitions:
         """Above the fair share: stop fetching, let what is in flight settle, then give it back."""
         self.stop(p)
         if not await self._settled(p):
+            return  # the worker is stopping: it gives back what it still owns as it leaves
+        # Settled: nothing of ours needs the lease any more, and from here on no round renews it,
+        # whether or not the UPDATE giving it back lands. If it cannot be written, the lease lapses
+        # within lease_ttl_s and the partition is claimable as a dead worker's is (the next claim,
+        # this worker's too, bumps the epoch and starts it afresh). Keeping it owned and renewed until
+        # the UPDATE lands would hold a partition nobody serves for as long as the ledger refuses us
+        # that one statement, and count it in this worker's share, so that it claims none in its place.
+        epoch = self.ownership.let_go(p)
+        try:
+            if epoch is not None:  # else lost meanwhile: nothing to give back
+                await self._give_back(p, epoch)
+        finally:
+            self._forget(p)  # a later claim of it is started, whatever became of the UPDATE
+
+    async def _give_back(self, p: int, epoch: int) -> None:
+        """The UPDATE ending the lease, retried on a lost connection as the rounds' statements are, for
+        as long as that lease can last: after that it has lapsed anyway."""
+        try:
+            await asyncio.wait_for(
+                self._on_pool(lambda conn: self.ownership.give_back(conn, p, epoch), f"release of partition {p}"),
+                self.config.lease_ttl_s,
+            )
+        except CONNECTION_ERRORS as exc:  # a lease's time of retries, or the worker is stopping
+            log.warning(
+                "partition %d not given back (%r): its lease lapses instead",
+                p,
+                exc,
+                extra=logs.failure("partition_release", exc, partition=p),
+            )
             return
-        async with self._pool.acquire() as conn:
-            await self.ownership.release(conn, p)
-        self._forget(p)
         log.info("gave partition %d back (above its fair share)", p, extra={"partition": p})
 
     async def _let_go(self, p: int) -> None:

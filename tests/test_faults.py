@@ -5,6 +5,7 @@ import signal
 import time
 
 import orjson
+import pytest
 from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, worker_metric
 
 from bench.generator import trigger_event
@@ -625,3 +626,82 @@ async def _until(condition, failure: str, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, failure
         await asyncio.sleep(0.05)
+
+
+async def test_a_partition_whose_release_loses_its_connection_is_not_left_stalled(
+    nats_server_url, pg_dsn, prefix, monkeypatch, caplog
+):
+    """Above the fair share, a partition is stopped, settles, and is given back; the UPDATE that gives
+    it back loses its connection (its backend terminated). The release is retried, and the partition,
+    claimed again once the share allows, is started and served. Before, the release task died with
+    the connection (nothing but asyncio's "Task exception was never retrieved"), the partition stayed
+    closing for good, and after the worker claimed it again every round skipped its start while
+    renewing its lease: a silent stall of its executions that no other worker could take over."""
+    import asyncpg
+
+    from ledger import leases
+
+    real_release = leases.release
+    cut: list[int] = []
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        killer = await asyncpg.connect(h.config.pg_dsn)
+
+        async def release_on_a_lost_connection(conn, deployment, worker, partition, epoch):
+            if not cut:  # the first release only: its backend is terminated before the UPDATE is sent
+                cut.append(partition)
+                pid = conn.get_server_pid()
+                await killer.execute("SELECT pg_terminate_backend($1)", pid)
+                while await killer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                    await asyncio.sleep(0.01)
+            return await real_release(conn, deployment, worker, partition, epoch)
+
+        monkeypatch.setattr(leases, "release", release_on_a_lost_connection)
+        try:
+            async with h.worker(**QUICK_LEASES) as worker:
+                assert len(worker.ownership.owned) == 4
+                # Another worker joins (its heartbeat is all a fair share counts): the share falls to 2,
+                # and partitions 3 and 2 are given back, the first of them on a connection that is lost.
+                await h.db.execute(
+                    "INSERT INTO ordo.workers (deployment, name, heartbeat_at)"
+                    " VALUES ($1, 'another', now() + interval '1 h')",
+                    h.config.prefix,
+                )
+                await _until(lambda: cut and len(worker.ownership.owned) == 2, "the surplus was never given back")
+                # It leaves before taking any: the worker's share is all 4 again, and it claims them back.
+                await h.db.execute(
+                    "DELETE FROM ordo.workers WHERE deployment = $1 AND name = 'another'", h.config.prefix
+                )
+                p = cut[0]
+                await _until(lambda: p in worker._fetchers, f"partition {p} was never started again")
+                await _serves_every_partition(h, worker, "released")
+        finally:
+            await killer.close()
+        retried = [r for r in caplog.records if getattr(r, "reason", None) == "ledger_connection"]
+        assert any("release" in r.getMessage() for r in retried), "the lost connection was not logged"
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_partition_that_cannot_be_let_go_stops_the_worker(nats_server_url, pg_dsn, prefix, caplog):
+    """Letting go of a partition above the fair share fails for a reason no retry mends (here the
+    drain of its trigger lanes raises): the failure is logged and stops the worker, whose leases then
+    lapse for others to claim. Before, the task died unnoticed, leaving the partition owned, renewed
+    every round, closing, and never to be given back or served again."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        with pytest.raises(RuntimeError, match="the drain broke"):
+            async with h.worker(**QUICK_LEASES) as worker:
+
+                async def drain(partition, timeout):
+                    raise RuntimeError("the drain broke")
+
+                worker.intake.lanes.drain = drain
+                await h.db.execute(
+                    "INSERT INTO ordo.workers (deployment, name, heartbeat_at)"
+                    " VALUES ($1, 'another', now() + interval '1 h')",
+                    h.config.prefix,
+                )
+                await _until(worker.stopping.is_set, "the worker went on without the partitions it could not let go")
+        failed = [r for r in caplog.records if getattr(r, "reason", None) == "partition_let_go"]
+        assert failed and "the drain broke" in failed[0].error
