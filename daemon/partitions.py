@@ -47,7 +47,6 @@ class Partitions:
         stopping: asyncio.Event,
         ready: asyncio.Event,
         on_pool,
-        pool,
         js,
         stream_created: str,
         on_fetcher_ended,
@@ -66,7 +65,6 @@ class Partitions:
         self.stopping = stopping
         self.ready = ready
         self._on_pool = on_pool
-        self._pool = pool
         self._js = js
         self._stream_created = stream_created
         self._on_fetcher_ended = on_fetcher_ended

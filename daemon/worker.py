@@ -232,7 +232,6 @@ class Worker:
             stopping=self.stopping,
             ready=self.ready,
             on_pool=self._on_pool,
-            pool=self._pool,
             js=self._js,
             stream_created=self._stream_created,
             on_fetcher_ended=self._fetcher_ended,
