@@ -5,6 +5,10 @@ connection that is lost (Postgres restarted, its backend terminated) hears
 nothing more and says nothing about it. So a lost one is opened again, with
 back-off, for as long as the worker runs; then the worker makes up for what it
 may have missed meanwhile (`catch_up`), since nothing will say it again.
+
+A connection cut without a word (the host gone, an address a failover moved)
+is not told lost by anything: the connection is asked to answer every
+`check_every_s` it has been quiet, and one that does not is taken as lost.
 """
 
 import asyncio
@@ -14,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from ledger.batcher import CONNECTION_ERRORS
+from ledger.connection import responds
 
 from . import logs
 
@@ -24,11 +29,26 @@ log = logging.getLogger("ordo.worker")
 _NOT_YET = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
+#: How often the listening connection is asked whether it is still there, and how long it has to answer.
+CHECK_EVERY_S = 10.0
+CHECK_TIMEOUT_S = 5.0
+
+
 class Listener:
     """One connection listening on `channels` (channel -> callback, asyncpg's `add_listener`)."""
 
-    def __init__(self, dsn: str, channels: dict[str, Callable], catch_up: Callable[[], Awaitable[None]]):
+    def __init__(
+        self,
+        dsn: str,
+        channels: dict[str, Callable],
+        catch_up: Callable[[], Awaitable[None]],
+        *,
+        check_every_s: float = CHECK_EVERY_S,
+        check_timeout_s: float = CHECK_TIMEOUT_S,
+    ):
         self._dsn = dsn
+        self.check_every_s = check_every_s
+        self.check_timeout_s = check_timeout_s
         self._channels = channels
         self._catch_up = catch_up
         self._lost = asyncio.Event()
@@ -55,7 +75,7 @@ class Listener:
     async def run(self) -> None:
         """Open the connection again each time it is lost, until cancelled (the worker drains)."""
         while True:
-            await self._lost.wait()
+            await self._until_lost()
             self.connection = None
             log.warning(
                 "lost the ledger connection that listens for deploys, rollouts and timers set elsewhere; "
@@ -73,8 +93,23 @@ class Listener:
             # Listening again first, so that what the catch-up does not see is told from now on.
             await self._catch_up()
 
+    async def _until_lost(self) -> None:
+        """Until the connection is lost: told by asyncpg, or found not answering."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.check_every_s)
+                return
+            except TimeoutError:
+                conn = self.connection
+                if conn is not None and not await responds(conn, self.check_timeout_s):
+                    conn.terminate()  # its termination listener tells `_lost`
+
     async def close(self) -> None:
         conn, self.connection = self.connection, None
         if conn is not None:
             conn.remove_termination_listener(self._on_lost)  # closed on purpose: not lost
-            await conn.close()
+            try:
+                # One cut without a word would never answer the goodbye: past the timeout asyncpg aborts it.
+                await conn.close(timeout=self.check_timeout_s)
+            except CONNECTION_ERRORS:
+                pass

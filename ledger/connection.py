@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import asyncpg
 from asyncpg import Record
 from asyncpg.transaction import Transaction
 
@@ -30,3 +31,17 @@ class Transactional(Queryable, Protocol):
     """A connection of its own or a pool's (not a pool): statements in one transaction."""
 
     def transaction(self) -> Transaction: ...
+
+
+async def responds(conn: asyncpg.Connection, timeout: float) -> bool:
+    """Whether the server answers on this connection within `timeout` seconds.
+
+    A connection cut without a word (its host gone, its address moved by a
+    failover) fails only the statements sent on it; one that only listens sends
+    none, and asyncpg sets no TCP keepalive, so nothing else would notice.
+    """
+    try:
+        await conn.execute("SELECT 1", timeout=timeout)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    return True
