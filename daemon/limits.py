@@ -27,8 +27,9 @@ import asyncpg
 import orjson
 
 from ledger import limits as ledger_limits
+from ledger.batcher import CONNECTION_ERRORS
 
-from . import logs, metrics
+from . import background, logs, metrics
 from .tenant_limits import TenantLimits
 from .topology import Topology
 
@@ -74,7 +75,7 @@ class CallTokens:
         line = self._lines.get(bucket)
         if line is None:
             line = self._lines[bucket] = collections.deque()
-            asyncio.get_running_loop().create_task(self._serve(bucket, rate_per_s, line))
+            background.start(self._serve(bucket, rate_per_s, line), f"handing out rate-limit tokens of {bucket}")
         ready = asyncio.get_running_loop().create_future()
         line.append(ready)
         await ready
@@ -86,7 +87,7 @@ class CallTokens:
                 try:
                     want = min(len(line), block_of(rate_per_s))
                     taken, wait = await ledger_limits.take_call_tokens(self._pool, bucket, rate_per_s, want)
-                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     log.warning("rate tokens for %s not taken (%s); trying again", bucket, exc)
                     taken, wait = 0, 0.1
                 for _ in range(taken):
@@ -97,6 +98,9 @@ class CallTokens:
                     await asyncio.sleep(wait)
         finally:
             del self._lines[bucket]
+            for ready in line:  # left by an error (logged by background.start): failed, not waiting for good
+                if not ready.done():
+                    ready.set_exception(RuntimeError(f"the rate-limit line of {bucket} stopped"))
 
 
 #: A tenant's enrolment gate's bucket is this and the tenant (hotpath.vocabulary.enrolment_bucket).

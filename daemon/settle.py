@@ -21,7 +21,7 @@ from hotpath import OrderingRing
 from hotpath.vocabulary import WAIT_ACTION
 from ledger.batcher import CommitResult, Fenced, LedgerBatcher, Unit
 
-from . import logs, metrics
+from . import background, logs, metrics
 from .config import Config
 from .effects import Effects
 from .intake import Window
@@ -276,7 +276,7 @@ class Settlement:
     def settle_now(self, source: WorkItem) -> None:
         """Settle an item that commits nothing (a redelivery of what has committed) at once."""
         if source.kind == "message":
-            asyncio.get_running_loop().create_task(self._reply_all([(source.reply, _ACK)]))
+            background.start(self._reply_all([(source.reply, _ACK)]), "acking a redelivery of what has committed")
         else:
             self.timers.done(source)
         self.settled(source)

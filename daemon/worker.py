@@ -47,7 +47,7 @@ from ledger import timers as ledger_timers
 from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
 from ledger.schema import require_current
 
-from . import context_types, faults, logs, tenant_limits
+from . import background, context_types, faults, logs, tenant_limits
 from .config import Config
 from .definitions import WorkflowRegistry
 from .dispatch import Dispatch
@@ -319,7 +319,7 @@ class Worker:
             self.timers.set_elsewhere(partition, fire_at_us)
 
     def _on_deploy(self, *_):
-        asyncio.get_running_loop().create_task(self.reload_definitions())
+        background.start(self.reload_definitions(), "reloading the workflow definitions on a deploy")
 
     async def _catch_up_after_deafness(self) -> None:
         """The listener was lost and is back: do what a notification missed meanwhile would have made

@@ -654,6 +654,29 @@ async def test_reloads_that_overlap_leave_the_newest_definitions_loaded(nats_ser
             )
 
 
+async def test_a_reload_on_a_deploy_that_fails_is_logged(nats_server_url, pg_dsn, prefix, monkeypatch, caplog):
+    """A deploy's NOTIFY starts a reload nobody awaits: one that fails must say so, not leave the worker
+    on its old definitions with nothing said (asyncio reports an unawaited task's error only when the
+    task is garbage collected)."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker() as worker:
+
+            async def unreadable(conn):
+                raise ValueError("a definitions row this worker cannot read")
+
+            monkeypatch.setattr(workflows, "load_all", unreadable)
+            assert await h.deploy(dict(WAITER, name="v2")) == 2
+            await _until(
+                lambda: any(getattr(r, "reason", None) == "background_task" for r in caplog.records),
+                "the failed reload was not logged",
+            )
+            failed = [r for r in caplog.records if getattr(r, "reason", None) == "background_task"]
+            assert "reloading the workflow definitions on a deploy failed" in failed[0].getMessage()
+            assert "a definitions row this worker cannot read" in failed[0].error
+            assert worker.registry.version("acme", "waiter", 2) is None
+
+
 async def test_what_was_deployed_while_the_worker_could_not_listen_is_loaded_once_it_listens_again(
     nats_server_url, pg_dsn, prefix
 ):
