@@ -383,8 +383,14 @@ class Worker:
         await self.effects.close()
         if self.fatal is None:
             # Everything settled: hand the partitions back now rather than when the leases run out.
-            async with self._pool.acquire() as conn:
-                await self.ownership.leave(conn)
+            try:
+                await self._on_pool(self.ownership.leave, "leave")
+            except CONNECTION_ERRORS as exc:  # the ledger went away as we left: the leases lapse instead
+                log.warning(
+                    "partitions not handed back (%r): their leases lapse instead",
+                    exc,
+                    extra=logs.failure("partition_release", exc),
+                )
         await self.close()
         if self.fatal is not None:
             raise self.fatal

@@ -677,6 +677,22 @@ async def test_a_reload_on_a_deploy_that_fails_is_logged(nats_server_url, pg_dsn
             assert worker.registry.version("acme", "waiter", 2) is None
 
 
+async def test_a_worker_whose_ledger_goes_away_as_it_leaves_still_closes(
+    nats_server_url, pg_dsn, prefix, monkeypatch, caplog
+):
+    """On a clean stop the worker hands its partitions back; if the ledger is gone just then, the
+    leases lapse instead, and the worker still closes its connections and stops without an error."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        async with h.worker() as worker:
+
+            async def ledger_gone(conn):
+                raise asyncpg.ConnectionDoesNotExistError("the ledger went away as the worker left")
+
+            monkeypatch.setattr(worker.ownership, "leave", ledger_gone)
+        assert worker.batcher._conn is None  # closed: close() ran after the failed hand-back
+        assert any(getattr(r, "reason", None) == "partition_release" for r in caplog.records)
+
+
 async def test_what_was_deployed_while_the_worker_could_not_listen_is_loaded_once_it_listens_again(
     nats_server_url, pg_dsn, prefix
 ):
