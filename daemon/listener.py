@@ -8,7 +8,7 @@ may have missed meanwhile (`catch_up`), since nothing will say it again.
 
 A connection cut without a word (the host gone, an address a failover moved)
 is not told lost by anything: the connection is asked to answer every
-`check_every_s` it has been quiet, and one that does not is taken as lost.
+`check_every_s`, and one that does not is taken as lost.
 """
 
 import asyncio
