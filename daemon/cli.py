@@ -316,7 +316,7 @@ def cmd_replay(args, config) -> int:
 def cmd_dlq(args, config) -> int:
 
     async def go(conn):
-        from .dlq import OthersLetter, list_letters, retry, show_letter
+        from .dlq import OthersLetter, list_letters, retry, show_letter, summary
 
         if args.all_deployments and args.action == "retry":
             sys.exit("ordo: --all-deployments is for dlq list and show: retry takes only this deployment's letters")
@@ -374,8 +374,7 @@ def cmd_dlq(args, config) -> int:
             await nc.close()
         for line in done.lines:
             print(line)
-        left = f", {len(done.left_open)} left open" if done.left_open else ""
-        print(f"{done.retried} dead letter(s) retried{left}")
+        print(summary(done.retried, len(done.left_open)))
         # A letter asked for by id and not retried (none such, or it stayed open) is a failure.
         return 1 if letter_id is not None and done.retried == 0 else 0
 

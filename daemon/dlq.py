@@ -182,6 +182,16 @@ async def retry(
     return done
 
 
+def summary(retried: int, left_open: int, named: list[str] | None = None) -> str:
+    """A retry's last line, for `ordo dlq retry` and the console: how many letters were retried and how
+    many left open, and, if `named` (lines saying why, perhaps of only the first few), those."""
+    left = f", {left_open} left open" if left_open else ""
+    if left_open and named:
+        unnamed = f"; {left_open - len(named)} more" if left_open > len(named) else ""
+        left += ": " + "; ".join(named) + unnamed
+    return f"{retried} dead letter(s) retried{left}"
+
+
 def _leave_open(done: Retries, line: str) -> None:
     """One of this deployment's letters stays open: `line` says why."""
     done.lines.append(line)

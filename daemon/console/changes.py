@@ -23,7 +23,7 @@ from aiohttp import web
 from ledger import console as queries
 
 from .. import operator_messages
-from ..dlq import OthersLetter, retry
+from ..dlq import OthersLetter, retry, summary
 from .html import esc, link
 from .state import CONSOLE, Console, identity_of
 from .views import bad_request, execution_uuid, html_page, not_found
@@ -175,12 +175,8 @@ async def retry_group(request: web.Request) -> web.Response:
                 done = await retry(conn, console.js, console.topology, letter_id=letter_id)
                 retried += done.retried
                 left_open += done.left_open  # picked, but left open all the same (it changed since): not retried
-        left = len(left_open) + skipped
-        named = left_open + skipped_why
-        unnamed = f"; {left - len(named)} more" if left > len(named) else ""
-        why = f", {left} left open: " + "; ".join(named) + unnamed if left else ""
         more = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
-        return f"{retried} dead letter(s) retried{why}{more}"
+        return summary(retried, len(left_open) + skipped, left_open + skipped_why) + more
 
     detail = {"reason": reason, "action": action, "tenant": tenant}
     return await _audited(request, "dlq_retry_group", None, None, detail, change)
