@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 
 from ledger import limits as ledger_limits
-from ledger.batcher import CONNECTION_ERRORS
+from ledger.connection import CONNECTION_ERRORS
 
 from . import background, logs, metrics
 from .tenant_limits import TenantLimits

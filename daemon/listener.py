@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from ledger.batcher import CONNECTION_ERRORS
-from ledger.connection import responds
+from ledger.connection import CONNECTION_ERRORS, responds, when_lost
 
 from . import logs
 
@@ -64,9 +63,7 @@ class Listener:
             conn.terminate()
             raise
         self._lost.clear()
-        conn.add_termination_listener(self._on_lost)
-        if conn.is_closed():
-            self._lost.set()  # lost before the listener was there to hear it
+        when_lost(conn, self._on_lost)
         self.connection = conn
 
     def _on_lost(self, _conn) -> None:

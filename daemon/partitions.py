@@ -15,7 +15,7 @@ import time
 
 import nats.errors
 
-from ledger.batcher import CONNECTION_ERRORS
+from ledger.connection import CONNECTION_ERRORS
 
 from . import logs, metrics
 from .config import Config

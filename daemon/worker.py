@@ -44,7 +44,8 @@ import nats
 from hotpath import OrderingRing
 from ledger import event_waits, partitioning, rollouts, workflows
 from ledger import timers as ledger_timers
-from ledger.batcher import CONNECTION_ERRORS, LedgerBatcher
+from ledger.batcher import LedgerBatcher
+from ledger.connection import CONNECTION_ERRORS
 from ledger.schema import require_current
 
 from . import background, context_types, faults, logs, tenant_limits

@@ -65,6 +65,7 @@ import asyncpg
 
 from ledger import leases, limits
 from ledger import timers as ledger_timers
+from ledger.connection import CONNECTION_ERRORS, when_lost
 
 log = logging.getLogger("ordo.ledger")
 
@@ -255,19 +256,6 @@ async def _insert_letters(conn: asyncpg.Connection, letters: list[DeadLetter]) -
     )
 
 
-CONNECTION_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    # The protocol state left behind when the server shut down mid-statement (seen
-    # under a Postgres restart: "cannot switch to state 15; another operation is
-    # in progress"): the connection is unusable, a new one is the cure.
-    asyncpg.InternalClientError,
-)
 #: A transaction Postgres rolled back because of another one (deadlock_detected, serialization_failure),
 #: or one that waited too long for a lock (lock_not_available: retention's lock_timeout): nothing is
 #: wrong with the units, and the whole commit is tried again as it was (never bisected as poison).
@@ -717,9 +705,7 @@ class LedgerBatcher:
             if not lost.done():
                 lost.set_result(None)
 
-        conn.add_termination_listener(on_lost)
-        if conn.is_closed():
-            on_lost(conn)  # lost before the listener was there to hear it
+        when_lost(conn, on_lost)
         running = asyncio.ensure_future(attempt(*args))
         either: list[asyncio.Future[Any]] = [running, lost]
         try:

@@ -1,4 +1,4 @@
-"""What the ledger's queries run on, as the type checker sees it.
+"""What the ledger's queries run on, as the type checker sees it, and how it is lost.
 
 asyncpg's Connection, Pool and a pool's connection (PoolConnectionProxy)
 share no base class, yet the ledger's reads and writes are called with each
@@ -8,11 +8,28 @@ any of the three (or a test's stand-in) fits structurally.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import asyncpg
 from asyncpg import Record
 from asyncpg.transaction import Transaction
+
+#: What a lost connection raises (a new connection is the cure, and the work is tried again on it).
+CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    # The protocol state left behind when the server shut down mid-statement (seen
+    # under a Postgres restart: "cannot switch to state 15; another operation is
+    # in progress"): the connection is unusable, a new one is the cure.
+    asyncpg.InternalClientError,
+)
 
 
 class Queryable(Protocol):
@@ -42,6 +59,14 @@ async def responds(conn: asyncpg.Connection, timeout: float) -> bool:
     """
     try:
         await conn.execute("SELECT 1", timeout=timeout)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError):
         return False
     return True
+
+
+def when_lost(conn: asyncpg.Connection, callback: Callable[[object], None]) -> None:
+    """Call `callback(conn)` once the connection is lost (asyncpg's termination listener), or now if it
+    is lost already: a listener added to a closed connection is never called."""
+    conn.add_termination_listener(callback)
+    if conn.is_closed():
+        callback(conn)
