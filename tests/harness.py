@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import nats
@@ -96,6 +97,77 @@ FAILING = {
         },
     ],
 }
+
+
+class PostgresRelay:
+    """A TCP relay from `host`:<port> to the Postgres server, for hosts that cannot reach its loopback,
+    or for connections to be cut without a word (`cut`)."""
+
+    def __init__(self, host: str, upstream_host: str, upstream_port: int):
+        self.host = host
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        #: Per connection relayed: set once it is cut (`cut`).
+        self._cuts: list[asyncio.Event] = []
+        #: The local port of each upstream connection -> the address of the host it relays for: what
+        #: Postgres sees as a session's client_port names the host behind it.
+        self.hosts_by_port: dict[int, str] = {}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        self.hosts_by_port[up_writer.get_extra_info("sockname")[1]] = writer.get_extra_info("peername")[0]
+        cut = asyncio.Event()
+        self._cuts.append(cut)
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_writer, cut)),
+            asyncio.create_task(self._pump(up_reader, writer, cut)),
+        ]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+            self._tasks.discard(task)
+        for w in (writer, up_writer):
+            w.close()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: asyncio.Event) -> None:
+        try:
+            while data := await reader.read(65536):
+                if cut.is_set():
+                    await asyncio.Event().wait()  # swallowed: never passed on, never closed
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    def cut(self) -> None:
+        """Cut the connections relayed so far without a word, as a host gone or an address moved by a
+        failover leaves a client's: no byte passes either way, and nothing is closed. Later ones pass."""
+        for cut in self._cuts:
+            cut.set()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def with_host(dsn: str, host: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
 
 
 class TriggerSource:

@@ -3,12 +3,22 @@
 import asyncio
 import signal
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 import pytest
-from harness import NO_PROBLEMS, QUICK_LEASES, WAITER, WELCOME, Harness, fault_scale, worker_metric
+from harness import (
+    NO_PROBLEMS,
+    QUICK_LEASES,
+    WAITER,
+    WELCOME,
+    Harness,
+    PostgresRelay,
+    fault_scale,
+    with_host,
+    worker_metric,
+)
 
 from bench.generator import trigger_event
 from daemon.listener import Listener
@@ -519,55 +529,6 @@ async def _terminate_listener(h: Harness) -> int:
     return pid
 
 
-class _SilentCut:
-    """A TCP proxy to Postgres whose connections can be cut without a word: it stops passing bytes
-    either way and keeps their sockets open, as a host gone or an address moved by a failover
-    leaves a client's connections. Connections made after the cut pass as before."""
-
-    def __init__(self, dsn: str):
-        self._target = urlsplit(dsn)
-        self._pipes: list[tuple[asyncio.Task, asyncio.Task, list[bool]]] = []
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-        self.dsn = ""
-
-    async def __aenter__(self) -> "_SilentCut":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.dsn = urlunsplit(self._target._replace(netloc=f"{self._target.username}@127.0.0.1:{port}"))
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self._target.hostname, self._target.port)
-        self._writers += [writer, up_writer]
-        cut = [False]
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                if cut[0]:
-                    await asyncio.Event().wait()  # swallowed: never passed on, never closed
-                sink.write(data)
-                await sink.drain()
-            sink.close()  # one end closed: so is the other
-
-        self._pipes.append(
-            (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer)), cut)
-        )
-
-    def cut(self) -> None:
-        for _, _, cut in self._pipes:
-            cut[0] = True
-
-    async def __aexit__(self, *exc) -> None:
-        for down, up, _ in self._pipes:
-            down.cancel()
-            up.cancel()
-        for writer in self._writers:
-            writer.close()
-        assert self._server is not None
-        self._server.close()
-
-
 async def test_a_listening_connection_cut_without_a_word_is_found_and_opened_again(pg_dsn):
     """No error tells a listening connection cut without a word (nothing is sent on it): asked to
     answer after a quiet spell, it does not, and it is opened again, and what was missed caught up."""
@@ -577,9 +538,12 @@ async def test_a_listening_connection_cut_without_a_word_is_found_and_opened_aga
         caught_up.set()
 
     db = await asyncpg.connect(pg_dsn)
-    async with _SilentCut(pg_dsn) as proxy:
+    upstream = urlsplit(pg_dsn)
+    relay = PostgresRelay("127.0.0.1", upstream.hostname or "127.0.0.1", upstream.port or 5432)
+    await relay.start()
+    try:
         listener = Listener(
-            proxy.dsn,
+            with_host(pg_dsn, relay.host, relay.port),
             {"ordo_test_cut": lambda *args: heard.append(args[-1])},
             catch_up,
             check_every_s=0.5,
@@ -590,7 +554,7 @@ async def test_a_listening_connection_cut_without_a_word_is_found_and_opened_aga
         try:
             await db.execute("NOTIFY ordo_test_cut, 'before'")
             await _until(lambda: heard == ["before"], "the listener did not hear what it listens for")
-            proxy.cut()
+            relay.cut()
             await db.execute("NOTIFY ordo_test_cut, 'while cut'")
             await asyncio.wait_for(caught_up.wait(), 30)  # found lost, opened again, caught up
             await db.execute("NOTIFY ordo_test_cut, 'after'")
@@ -600,7 +564,9 @@ async def test_a_listening_connection_cut_without_a_word_is_found_and_opened_aga
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             await listener.close()
-            await db.close()
+    finally:
+        await relay.stop()
+        await db.close()
 
 
 async def test_a_worker_whose_listening_connection_was_terminated_still_hears_of_deploys(

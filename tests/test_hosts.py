@@ -29,11 +29,11 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from harness import NO_PROBLEMS, ROOT, Harness, Load, fault_scale, worker_command
+from harness import NO_PROBLEMS, ROOT, Harness, Load, PostgresRelay, fault_scale, with_host, worker_command
 
 from daemon.servers import EmbeddedNats
 
@@ -124,61 +124,6 @@ class Hosts:
 
     def reconnect(self, i: int) -> None:
         _ip("link", "set", self.veth(i), "up")
-
-
-class PostgresRelay:
-    """A TCP relay from `host`:<port> to the Postgres server, for hosts that cannot reach its loopback."""
-
-    def __init__(self, host: str, upstream_host: str, upstream_port: int):
-        self.host = host
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
-        #: The local port of each upstream connection -> the address of the host it relays for: what
-        #: Postgres sees as a session's client_port names the host behind it.
-        self.hosts_by_port: dict[int, str] = {}
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self.hosts_by_port[up_writer.get_extra_info("sockname")[1]] = writer.get_extra_info("peername")[0]
-        pumps = [asyncio.create_task(self._pump(reader, up_writer)), asyncio.create_task(self._pump(up_reader, writer))]
-        self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pumps:
-            task.cancel()
-            self._tasks.discard(task)
-        for w in (writer, up_writer):
-            w.close()
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-
-
-def _with_host(dsn: str, host: str, port: int) -> str:
-    parts = urlsplit(dsn)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
 
 
 class HostWorkers:
@@ -386,7 +331,7 @@ async def test_hosts_share_partitions_hand_them_over_and_a_cut_off_host_is_fence
     async with _servers(hosts, tmp_path, pg_dsn) as (nats_server, relay):
         prefix = "h" + secrets.token_hex(5)
         h = Harness(nats_server.url, pg_dsn, prefix, partitions=PARTITIONS)
-        relayed_dsn = _with_host(pg_dsn, relay.host, relay.port)
+        relayed_dsn = with_host(pg_dsn, relay.host, relay.port)
         async with h:
             load = Load(h, "hosts", welcome=fault_scale(3000, 20000), waiters=fault_scale(150, 200))
             await load.prepare()
