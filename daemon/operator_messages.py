@@ -26,6 +26,11 @@ class NotSent(Exception):
     """The message was refused before anything was published: no such execution, or another deployment's."""
 
 
+class OthersExecution(NotSent):
+    """Refused for whose the execution is: another deployment's, or one the ledger cannot name (the console
+    titles this refusal by it, as it does a retry of another deployment's letter)."""
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorMessage:
     execution_id: str
@@ -53,7 +58,7 @@ async def send(js: Any, conn: Queryable, topology: Topology, message: OperatorMe
     """Publish `message` onto its execution's subject; the stream sequence it got.
 
     NotSent, and nothing published, unless the ledger holds the execution as this
-    deployment's (`topology.prefix`).
+    deployment's (`topology.prefix`): OthersExecution when it holds it as another's.
     """
     exists, deployment = await deployment_of(conn, message.execution_id)
     if not exists:
@@ -64,7 +69,7 @@ async def send(js: Any, conn: Queryable, topology: Topology, message: OperatorMe
             if deployment
             else "a deployment the ledger cannot name (enrolled before migration 021 by one of several)"
         )
-        raise NotSent(
+        raise OthersExecution(
             f"execution {message.execution_id} belongs to {owner}, not to this one ({topology.prefix!r}): not sent"
         )
     ack = await js.publish(

@@ -314,6 +314,31 @@ async def test_changes_need_the_csrf_token_and_each_is_audited(nats_server_url, 
         assert (await c.get("/executions", allow_redirects=False)).status == 303
 
 
+async def test_a_refused_cancel_or_signal_of_another_deployments_execution_is_titled_for_what_and_why(
+    nats_server_url, pg_dsn, prefix, target
+):
+    """A cancel or signal of another deployment's execution (the ledger is shared) is refused, 409: the page
+    was titled "Not sent", as any refusal, where a retry of another deployment's letter says what it did not
+    do and why. Each says so too, and nothing reaches the execution."""
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        theirs = s.waiting[1]
+        await s.h.db.execute("UPDATE ordo.executions SET deployment = 'elsewhere' WHERE execution_id = $1", theirs)
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+        for change, form, title in [
+            ("cancel", {}, "Not cancelled: another deployment&#x27;s execution"),
+            ("signal", {"name": "done"}, "Not signalled: another deployment&#x27;s execution"),
+        ]:
+            page = await s.client.post(f"/executions/{theirs}/{change}", data=form, headers=headers)
+            text = await page.text()
+            assert page.status == 409 and f"<title>{title} · Ordo</title>" in text, text
+            assert "belongs to deployment &#x27;elsewhere&#x27;" in text
+        trail = await s.h.db.fetch("SELECT action, outcome FROM ordo.console_audit ORDER BY id")
+        assert [r["action"] for r in trail] == ["cancel", "signal"]
+        assert all(r["outcome"].startswith(f"refused: execution {theirs} belongs to") for r in trail)
+        status = await s.h.db.fetchval("SELECT status FROM ordo.executions WHERE execution_id = $1", theirs)
+        assert status == "waiting"
+
+
 def _cells(page: str, first: str) -> list[str]:
     """The cells of the table row whose first cell is `first`, as text."""
     row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", page, re.DOTALL)

@@ -9,6 +9,7 @@ tenant's is "not found", like a page. A cancel or signal for another
 deployment's execution (the ledger is shared) is refused, 409, and audited as such,
 and so is a retry of another deployment's letter: it stays open, for that
 deployment to retry (daemon/dlq.py's `retry` tells whose it is, by the ledger's rule).
+Each such refusal's page is titled with what was not done and why (`REFUSED_FOR_WHOSE`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ GROUP_RETRY_LIMIT = 1000
 #: The most letters a group retry leaves open that its answer names, with why (it counts them all).
 LEFT_OPEN_NAMED = 10
 
+#: The title of a change refused for whose its execution or letter is (another deployment's), by the change and
+#: the refusal: what was not done, and why. Any other refusal (nothing to send) is "Not sent".
+REFUSED_FOR_WHOSE = {
+    ("cancel", operator_messages.OthersExecution): "Not cancelled: another deployment's execution",
+    ("signal", operator_messages.OthersExecution): "Not signalled: another deployment's execution",
+    ("dlq_retry", OthersLetter): "Not retried: another deployment's letter",
+}
+
 
 async def _audited(
     request: web.Request,
@@ -56,8 +65,7 @@ async def _audited(
     except (operator_messages.NotSent, OthersLetter) as exc:  # refused before anything was sent
         async with console.pool.acquire() as conn:
             await queries.audit_end(conn, audit_id, f"refused: {exc}")
-        # A retry of another deployment's letter was refused for whose it is, not for anything it could send.
-        title = "Not retried: another deployment's letter" if isinstance(exc, OthersLetter) else "Not sent"
+        title = REFUSED_FOR_WHOSE.get((action, type(exc)), "Not sent")
         return html_page(request, title, f'<p class="error">{esc(exc)}</p>', 409)
     except Exception as exc:
         async with console.pool.acquire() as conn:
