@@ -166,10 +166,13 @@ _ACTION = "CASE WHEN d.reason = 'step_failed' THEN convert_from(d.payload, 'UTF8
 
 # Deployments that share the ledger share its letters. Which are the console's deployment's ($2), its
 # retry's to take, is ledger/dead_letters.py's rule; every deployment's are read only when asked ($3),
-# each then with the deployment whose it is.
+# each then with the deployment whose it is. Of the deployment's, those a group retry takes (`_GROUP_LETTERS`)
+# are counted apart: the rest it leaves open, and a count of all would offer to retry them too.
 _LETTER_GROUPS = f"""
-SELECT reason, action, tenant, deployment, ours, count(*) AS letters, min(at) AS first_at, max(at) AS last_at
+SELECT reason, action, tenant, deployment, ours, count(*) AS letters,
+       count(*) FILTER (WHERE ours AND retriable) AS retriable, min(at) AS first_at, max(at) AS last_at
 FROM (SELECT d.reason, {_ACTION} AS action, d.tenant, d.at, {belongs_to("$2::text")} AS ours,
+             {WHY_RETRY_LEAVES_OPEN} IS NULL AS retriable,
              CASE WHEN $3::boolean THEN {DEPLOYMENT_OF_LETTER} END AS deployment
       FROM ordo.dead_letters d {EXECUTION_OF_LETTER}
       WHERE d.status = 'open' AND ($1::text[] IS NULL OR d.tenant = ANY($1::text[]))) letter
@@ -230,7 +233,8 @@ async def letter_groups(
 
     Each row: reason, action (a failed step's action, else None), tenant, deployment (with
     `all_deployments`, whose the letters are; None: that cannot be told), ours (the deployment's to
-    retry), letters, first_at, last_at.
+    retry), letters, retriable (how many of them a retry of the group takes, as `group_letter_ids` picks
+    them, bar its limit; 0 for another deployment's), first_at, last_at.
     """
     return await conn.fetch(_LETTER_GROUPS, None if tenants is None else list(tenants), deployment, all_deployments)
 

@@ -46,7 +46,8 @@ DEPLOYMENT_OF_LETTER = f"""
 # would retry it): a message with no subject to republish it to, or one for another deployment's execution with
 # no subject to send it to (the execution is gone, or its deployment cannot be told or has no partitions). It
 # tests what `retry` tests, in its order; `retry` still tests it itself when it sends. A pick of many letters
-# leaves these out, or the oldest of them would fill its limit again at every retry and the rest never be taken.
+# leaves these out, or the oldest of them would fill its limit again at every retry and the rest never be taken;
+# the console's count of what a group retry takes leaves them out too (ledger/console.py).
 # (The lateral join's `e` is the letter's execution, for DEPLOYMENT_OF_ROW: it hides EXECUTION_OF_LETTER's `e`.)
 WHY_RETRY_LEAVES_OPEN = f"""
 (CASE WHEN d.reason = 'step_failed' AND d.execution_id IS NOT NULL THEN NULL

@@ -339,11 +339,45 @@ async def test_a_refused_cancel_or_signal_of_another_deployments_execution_is_ti
         assert status == "waiting"
 
 
+async def test_a_groups_retry_button_counts_the_letters_a_group_retry_takes(nats_server_url, pg_dsn, prefix, target):
+    """A group's Retry button counted every open letter of the group, those a group retry passes over (no
+    subject to republish to) among them: "Retry 3" retried 2. It offers the letters it retries, next to the
+    group's count of them all; a group with none it can retry has no button, and says why."""
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        subject = s.h.topology.trigger_subject("acme", "session.started")
+        for seq, (tenant, to) in enumerate([("acme", subject), ("acme", subject), ("acme", ""), ("globex", "")]):
+            await s.h.db.execute(
+                "INSERT INTO ordo.dead_letters (reason, error, tenant, subject, stream, stream_seq, payload)"
+                " VALUES ('invalid_subject', 'made up', $1, $2, $3, $4, '{}')",
+                tenant,
+                to,
+                s.h.topology.triggers_stream,
+                seq,
+            )
+        page = await (await s.client.get("/dead-letters", headers={"Authorization": f"Bearer {OPERATOR}"})).text()
+        groups = {(r[0], r[2]): r for r in _rows(page) if r[0] == "invalid_subject"}
+        # reason, action, tenant, letters, first, last, retry
+        assert groups["invalid_subject", "acme"][3] == "3" and groups["invalid_subject", "acme"][6] == "Retry 2"
+        assert groups["invalid_subject", "globex"][3] == "1"
+        assert groups["invalid_subject", "globex"][6] == "None to retry"
+        assert 'title="a retry would leave each of them open' in page
+        assert page.count('action="/dead-letters/retry-group"') == 2  # the webhook's failed step, and acme's
+
+
 def _cells(page: str, first: str) -> list[str]:
     """The cells of the table row whose first cell is `first`, as text."""
     row = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", page, re.DOTALL)
     assert row, f"no row {first!r} on the page"
     return [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row.group(1), re.DOTALL)]
+
+
+def _rows(page: str) -> list[list[str]]:
+    """Each table body row of the page as the text of its cells (tags dropped)."""
+    return [
+        [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", row, re.DOTALL)]
+        for body in re.findall(r"<tbody>.*?</tbody>", page, re.DOTALL)
+        for row in re.findall(r"<tr>(.*?)</tr>", body, re.DOTALL)
+    ]
 
 
 async def test_workflows_show_their_versions_a_diff_their_open_executions_and_rollout(

@@ -310,7 +310,8 @@ def _transitions(doc: dict) -> str:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    """Open dead letters by (reason, action, tenant) with counts, each group retried at once; then the newest.
+    """Open dead letters by (reason, action, tenant) with counts, each group retried at once (its button
+    counts the letters that retry takes); then the newest.
 
     The console's own deployment's letters, the ones its retry takes, as `ordo dlq list` shows them; with
     `all=1` every deployment's sharing the ledger, each naming whose it is, and a Retry button only on
@@ -334,6 +335,15 @@ async def dead_letters(request: web.Request) -> web.Response:
         """A Retry button where the letters are this deployment's: its retry refuses another's."""
         return post_button(action, label, csrf, fields) if r["ours"] else ""
 
+    def group_retry_button(g) -> str:
+        """A group's Retry button offers the letters its retry takes: it passes over those it cannot retry
+        (they stay open), so a group of those alone has none, and says why instead."""
+        if g["ours"] and not g["retriable"]:
+            why = "a retry would leave each of them open (e.g. a message with no subject to republish it to)"
+            return f'<span title="{esc(why)}">None to retry</span>'
+        fields = {"reason": g["reason"], "action": g["action"] or "", "tenant": g["tenant"] or ""}
+        return retry_button(g, "/dead-letters/retry-group", f"Retry {g['retriable']}", fields)
+
     group_rows = [
         [
             link(url("/dead-letters", reason=g["reason"], all="1" if everyone else None), g["reason"]),
@@ -343,12 +353,7 @@ async def dead_letters(request: web.Request) -> web.Response:
             esc(g["letters"]),
             esc(when(g["first_at"])),
             esc(when(g["last_at"])),
-            retry_button(
-                g,
-                "/dead-letters/retry-group",
-                f"Retry {g['letters']}",
-                {"reason": g["reason"], "action": g["action"] or "", "tenant": g["tenant"] or ""},
-            ),
+            group_retry_button(g),
         ]
         for g in groups
     ]
