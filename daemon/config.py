@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from actions import settings
 from actions.settings import DEFAULT_CONFIG_FILE, Settings
+from ledger import connection
 
 from . import tenant_limits
 
@@ -20,6 +21,13 @@ __all__ = ["DEFAULT_CONFIG_FILE", "Config", "load"]
 @dataclass(frozen=True)
 class Config(Settings):
     pg_dsn: str = ""
+    #: Seconds of silence after which a worker gives up a Postgres connection (TCP keepalive and
+    #: TCP_USER_TIMEOUT, ledger/connection.py): one cut without a word (a host gone, a NAT or proxy
+    #: dropping the flow, a failover moving an address) fails then, and its work is retried on a
+    #: new one, instead of after the 120 s command timeout, or ~15 minutes for a COPY. Also how long
+    #: Postgres may leave sent data unacknowledged, or stop reading a COPY (a lock wait), before
+    #: the connection is given up. At least 1.
+    pg_tcp_timeout_s: float = connection.TCP_TIMEOUT_S
     workers: int = 0  # 0: one per core
     worker_index: int = -1  # -1: the supervisor; >= 0: one worker
     #: JetStream fetch size and the bound on messages held by one worker (backpressure).
@@ -126,6 +134,8 @@ def load(path: str | None = None, **overrides) -> Config:
             f"trigger_streams must be between 1 and trigger_lanes ({config.trigger_lanes}), "
             f"not {config.trigger_streams!r}"
         )
+    if config.pg_tcp_timeout_s < 1:
+        raise ValueError(f"pg_tcp_timeout_s must be at least 1, not {config.pg_tcp_timeout_s!r}")
     if not 0.0 <= config.trace_sample <= 1.0:
         raise ValueError(f"trace_sample must be between 0 and 1, not {config.trace_sample!r}")
     return config

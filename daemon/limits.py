@@ -26,6 +26,7 @@ from collections.abc import Callable
 import asyncpg
 import orjson
 
+from ledger import connection
 from ledger import limits as ledger_limits
 from ledger.connection import CONNECTION_ERRORS
 
@@ -143,8 +144,9 @@ def grant_message(grant: ledger_limits.Grant) -> tuple[bytes, str]:
 class LimitGrants:
     """The loop that grants queued calls, and the metrics of what waits."""
 
-    def __init__(self, dsn: str, js, topology: Topology):
+    def __init__(self, dsn: str, js, topology: Topology, *, tcp_timeout_s: float):
         self._dsn = dsn
+        self._tcp_timeout_s = tcp_timeout_s
         self._js = js
         self._topology = topology
         self._conn: asyncpg.Connection | None = None
@@ -159,7 +161,7 @@ class LimitGrants:
         while not stopping.is_set():
             try:
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(self._dsn, timeout=10)
+                    self._conn = await connection.connect(self._dsn, tcp_timeout_s=self._tcp_timeout_s, timeout=10)
                 if time.monotonic() >= next_scan:
                     buckets = await ledger_limits.waiting(self._conn)
                     self._export(buckets)

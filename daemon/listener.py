@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from ledger import connection
 from ledger.connection import CONNECTION_ERRORS, responds, when_lost
 
 from . import logs
@@ -44,8 +45,10 @@ class Listener:
         *,
         check_every_s: float = CHECK_EVERY_S,
         check_timeout_s: float = CHECK_TIMEOUT_S,
+        tcp_timeout_s: float = connection.TCP_TIMEOUT_S,
     ):
         self._dsn = dsn
+        self._tcp_timeout_s = tcp_timeout_s
         self.check_every_s = check_every_s
         self.check_timeout_s = check_timeout_s
         self._channels = channels
@@ -55,7 +58,7 @@ class Listener:
         self.connection: asyncpg.Connection | None = None
 
     async def open(self) -> None:
-        conn = await asyncpg.connect(self._dsn)
+        conn = await connection.connect(self._dsn, tcp_timeout_s=self._tcp_timeout_s)
         try:
             for channel, callback in self._channels.items():
                 await conn.add_listener(channel, callback)

@@ -14,10 +14,8 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from hotpath.durations import parse_duration
-from ledger import partitioning
+from ledger import connection, partitioning
 
 from . import logs, metrics
 from .config import Config
@@ -57,12 +55,12 @@ def retention_keep(config: Config) -> timedelta | None:
     return keep
 
 
-async def run_once(dsn: str, now: datetime, keep: timedelta | None) -> bool:
+async def run_once(dsn: str, now: datetime, keep: timedelta | None, *, tcp_timeout_s: float) -> bool:
     """One run under the maintainer lock: maintain, then retention when `keep` is set.
 
     False when another maintainer holds the lock (nothing was done).
     """
-    conn = await asyncpg.connect(dsn, timeout=10)
+    conn = await connection.connect(dsn, tcp_timeout_s=tcp_timeout_s, timeout=10)
     try:
         if not await partitioning.try_lock(conn):
             return False
@@ -92,12 +90,14 @@ async def run_once(dsn: str, now: datetime, keep: timedelta | None) -> bool:
         await conn.close()
 
 
-async def upkeep_loop(dsn: str, keep: timedelta | None, clock_ms, stopping: asyncio.Event) -> None:
+async def upkeep_loop(
+    dsn: str, keep: timedelta | None, clock_ms, stopping: asyncio.Event, *, tcp_timeout_s: float
+) -> None:
     """Run the upkeep now and then every UPKEEP_INTERVAL_S until `stopping`; a failed run is logged and retried."""
     while not stopping.is_set():
         now = datetime.fromtimestamp(clock_ms() / 1000.0, tz=UTC)
         try:
-            ran = await run_once(dsn, now, keep)
+            ran = await run_once(dsn, now, keep, tcp_timeout_s=tcp_timeout_s)
             metrics.ledger_upkeep.labels("done" if ran else "skipped").inc()
         except Exception as exc:  # the upkeep must not die quietly, nor take the worker with it
             metrics.ledger_upkeep.labels("failed").inc()

@@ -38,11 +38,10 @@ import os
 import socket
 import time
 
-import asyncpg
 import nats
 
 from hotpath import OrderingRing
-from ledger import event_waits, partitioning, rollouts, workflows
+from ledger import connection, event_waits, partitioning, rollouts, workflows
 from ledger import timers as ledger_timers
 from ledger.batcher import LedgerBatcher
 from ledger.connection import CONNECTION_ERRORS
@@ -139,6 +138,7 @@ class Worker:
             deployment=config.prefix,
             # Within the lease: a cut-off owner's open commit lets go of its partitions before they expire.
             idle_in_transaction_s=config.lease_ttl_s / 2,
+            tcp_timeout_s=config.pg_tcp_timeout_s,
         )
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -171,8 +171,9 @@ class Worker:
         # Bounded: a read or lease renewal on a connection that a Postgres restart
         # left half-dead must fail (and be retried), not hang the worker.
         # `ordo.deployment`: the trigger path routes events to this deployment's waits only (ledger/event_waits.py).
-        self._pool = await asyncpg.create_pool(
+        self._pool = await connection.create_pool(
             self.config.pg_dsn,
+            tcp_timeout_s=self.config.pg_tcp_timeout_s,
             min_size=1,
             max_size=4,
             command_timeout=_POOL_COMMAND_TIMEOUT_S,
@@ -195,6 +196,7 @@ class Worker:
                 ledger_timers.elsewhere_channel(self.config.prefix): self._on_timers_set,
             },
             catch_up=self._catch_up_after_deafness,
+            tcp_timeout_s=self.config.pg_tcp_timeout_s,
         )
         await self.listener.open()
         # After listening: a deploy that commits in between is either read here or told.
@@ -341,9 +343,12 @@ class Worker:
         lag = asyncio.create_task(self.partitions.lag_loop())
         rollout_loop = asyncio.create_task(self.rollout_controller.run())
         listening = asyncio.create_task(self.listener.run())
-        upkeep = asyncio.create_task(upkeep_loop(self.config.pg_dsn, self.retention_keep, self.clock_ms, self.stopping))
+        dsn, tcp_timeout_s = self.config.pg_dsn, self.config.pg_tcp_timeout_s
+        upkeep = asyncio.create_task(
+            upkeep_loop(dsn, self.retention_keep, self.clock_ms, self.stopping, tcp_timeout_s=tcp_timeout_s)
+        )
         self._limit_grants = asyncio.create_task(
-            LimitGrants(self.config.pg_dsn, self._js, self.topology).run(self.stopping)
+            LimitGrants(dsn, self._js, self.topology, tcp_timeout_s=tcp_timeout_s).run(self.stopping)
         )
         stop = asyncio.create_task(self.stopping.wait())
         # The listener's loop among them: a worker that cannot listen any more must not run on deaf.

@@ -63,7 +63,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from ledger import leases, limits
+from ledger import connection, leases, limits
 from ledger import timers as ledger_timers
 from ledger.connection import CONNECTION_ERRORS, when_lost
 
@@ -491,8 +491,12 @@ class LedgerBatcher:
         deployment: str = "ordo",
         idle_in_transaction_s: float = 5.0,
         most_fill_wait_ms: float = 20.0,
+        tcp_timeout_s: float = connection.TCP_TIMEOUT_S,
     ):
         self._dsn = dsn
+        #: Seconds of silence after which the connection is given up (ledger/connection.py): a commit
+        #: on a connection cut without a word is then retried on a new one, not held for minutes.
+        self.tcp_timeout_s = tcp_timeout_s
         #: The longest a commit's transaction may wait for this worker's next statement before Postgres
         #: ends it: its partition rows stay locked meanwhile, and a claim skips locked rows, so a worker
         #: cut off mid-commit would otherwise keep its partitions from everyone, lease or no lease, until
@@ -623,8 +627,9 @@ class LedgerBatcher:
             # is retried on a new connection instead of holding every commit behind it.
             # `ordo.deployment`: the executions this connection enrols are written as this
             # deployment's (the column's default, migration 021).
-            self._conn = await asyncpg.connect(
+            self._conn = await connection.connect(
                 self._dsn,
+                tcp_timeout_s=self.tcp_timeout_s,
                 timeout=10,
                 command_timeout=120,
                 server_settings={

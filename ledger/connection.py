@@ -4,12 +4,21 @@ asyncpg's Connection, Pool and a pool's connection (PoolConnectionProxy)
 share no base class, yet the ledger's reads and writes are called with each
 of them: these Protocols name the few methods a function really uses, so that
 any of the three (or a test's stand-in) fits structurally.
+
+A connection cut without a word (its host gone, a NAT or proxy dropping the
+flow, a failover moving an address: no FIN or RST ever arrives) is found lost
+only by TCP itself, and asyncpg asks TCP for nothing but TCP_NODELAY: a
+statement then fails at its command_timeout, and a COPY waiting for the socket
+(with no timeout in asyncpg) at the kernel's retransmission limit, ~15
+minutes. `connect` and `create_pool` open the worker's connections with the
+kernel told to give such a connection up after `tcp_timeout_s` of silence.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import asyncpg
@@ -70,3 +79,70 @@ def when_lost(conn: asyncpg.Connection, callback: Callable[[object], None]) -> N
     conn.add_termination_listener(callback)
     if conn.is_closed():
         callback(conn)
+
+
+#: The default `pg_tcp_timeout_s`: seconds of silence after which a connection is taken as cut.
+TCP_TIMEOUT_S = 30.0
+
+
+def _keepalive(tcp_timeout_s: float) -> tuple[int, int]:
+    """The keepalive idle time (= the interval between probes) and probe count that give up a
+    silent peer after about `tcp_timeout_s`: a probe every quarter, three unanswered ones."""
+    return max(1, int(tcp_timeout_s / 4)), 3
+
+
+def _tcp_socket(conn: asyncpg.Connection) -> Any:
+    """The connection's TCP socket (asyncio's or uvloop's socket-like object); None for a Unix socket.
+
+    Reaches into asyncpg: it offers no keepalive option and no public way to its
+    socket, so this reads its transport (the private `_transport`) as asyncpg
+    itself does to set TCP_NODELAY (`transport.get_extra_info('socket')`).
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return sock
+
+
+def fail_when_silent(conn: asyncpg.Connection, tcp_timeout_s: float) -> None:
+    """Have the kernel end `conn` once its peer has been silent for about `tcp_timeout_s` seconds.
+
+    Keepalive probes find a silent peer while nothing is being sent; TCP_USER_TIMEOUT
+    bounds how long sent data may go unacknowledged, or a zero window last (a COPY
+    paused on a full socket). Either ends the connection as lost (asyncpg's termination
+    listeners are told, what awaits it fails). Options the platform lacks are skipped.
+    """
+    sock = _tcp_socket(conn)
+    if sock is None:
+        return
+    every, count = _keepalive(tcp_timeout_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", every),
+        ("TCP_KEEPINTVL", every),
+        ("TCP_KEEPCNT", count),
+        ("TCP_USER_TIMEOUT", int(tcp_timeout_s * 1000)),
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+async def connect(dsn: str, *, tcp_timeout_s: float, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect, the connection given up after `tcp_timeout_s` of silence."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+    fail_when_silent(conn, tcp_timeout_s)
+    return conn
+
+
+async def create_pool(dsn: str, *, tcp_timeout_s: float, **kwargs: Any) -> asyncpg.Pool:
+    """asyncpg.create_pool, each of its connections given up after `tcp_timeout_s` of silence
+    (set by the pool's `init`, before any `init` of the caller's)."""
+    then: Callable[[asyncpg.Connection], Awaitable[None]] | None = kwargs.pop("init", None)
+
+    async def init(conn: asyncpg.Connection) -> None:
+        fail_when_silent(conn, tcp_timeout_s)
+        if then is not None:
+            await then(conn)
+
+    return await asyncpg.create_pool(dsn, init=init, **kwargs)
