@@ -111,6 +111,10 @@ class PostgresRelay:
         self._tasks: set[asyncio.Task] = set()
         #: Per connection relayed: set once it is cut (`cut`).
         self._cuts: list[asyncio.Event] = []
+        #: Bytes passed toward Postgres so far, on all connections.
+        self._sent = 0
+        #: A cut to come (`cut(after_bytes=...)`): at what count of `_sent`, and the connections it cuts.
+        self._cut_later: tuple[int, list[asyncio.Event]] | None = None
         #: The local port of each upstream connection -> the address of the host it relays for: what
         #: Postgres sees as a session's client_port names the host behind it.
         self.hosts_by_port: dict[int, str] = {}
@@ -129,7 +133,7 @@ class PostgresRelay:
         cut = asyncio.Event()
         self._cuts.append(cut)
         pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, cut)),
+            asyncio.create_task(self._pump(reader, up_writer, cut, toward_postgres=True)),
             asyncio.create_task(self._pump(up_reader, writer, cut)),
         ]
         self._tasks.update(pumps)
@@ -140,10 +144,17 @@ class PostgresRelay:
         for w in (writer, up_writer):
             w.close()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: asyncio.Event) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: asyncio.Event, toward_postgres=False
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if toward_postgres:
+                    self._sent += len(data)
+                    if self._cut_later is not None and self._sent >= self._cut_later[0]:
+                        for later in self._cut_later[1]:
+                            later.set()
+                        self._cut_later = None
                 if cut.is_set():
                     await asyncio.Event().wait()  # swallowed: never passed on, never closed
                 writer.write(data)
@@ -151,9 +162,17 @@ class PostgresRelay:
         except (ConnectionError, OSError):
             pass
 
-    def cut(self) -> None:
+    def cut(self, after_bytes: int = 0) -> None:
         """Cut the connections relayed so far without a word, as a host gone or an address moved by a
-        failover leaves a client's: no byte passes either way, and nothing is closed. Later ones pass."""
+        failover leaves a client's: no byte passes either way, and nothing is closed. Later ones pass.
+
+        `after_bytes`: not now but once that many more bytes have passed toward Postgres, so that the cut
+        falls in the middle of what a client sends (a COPY). The relay's own kernel still acknowledges
+        what it is sent until its buffers are full: the client then sees a zero window, not silence.
+        """
+        if after_bytes:
+            self._cut_later = (self._sent + after_bytes, list(self._cuts))
+            return
         for cut in self._cuts:
             cut.set()
 

@@ -16,13 +16,15 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import asyncpg
-from harness import LOADED, Fleet, Harness, Load, TriggerSource, fault_scale
+from harness import LOADED, Fleet, Harness, Load, PostgresRelay, TriggerSource, fault_scale, with_host
 
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
 from hotpath import ExecutionState
 from ledger.batcher import EXEC_COLUMNS, ExecutionChange, LedgerBatcher, Unit
+from ledger.connection import when_lost
 from ledger.executions import ExecutionRecord
 from ledger.schema import migrate
 
@@ -234,6 +236,55 @@ async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_los
             await asyncio.wait([commit])
         await batcher.close()
         await blocker.close()
+        await db.close()
+
+
+async def test_a_commit_whose_connection_is_cut_without_a_word_mid_copy_is_retried_on_a_new_one(pg_dsn):
+    """A path to Postgres cut without a word (a host gone, a NAT dropping the flow) sends no FIN or RST.
+    A COPY under way then waits for the socket with no timeout of asyncpg's, and the kernel would retry
+    for ~15 minutes: here, through a relay that stops passing bytes mid-COPY and whose kernel, its
+    buffers full, answers with a zero window. With a short `tcp_timeout_s` the kernel gives the
+    connection up (TCP_USER_TIMEOUT covers a zero window that lasts), and the commit is retried on a
+    new connection and commits once."""
+    db = await asyncpg.connect(pg_dsn)
+    upstream = urlsplit(pg_dsn)
+    relay = PostgresRelay("127.0.0.1", upstream.hostname or "127.0.0.1", upstream.port or 5432)
+    await relay.start()
+    batcher = LedgerBatcher(with_host(pg_dsn, relay.host, relay.port), max_rows=100_000, max_ms=0, tcp_timeout_s=2)
+    conn = commit = None
+    try:
+        await migrate(db)
+        # ~16 MB to COPY: more than the socket buffers of both ends hold.
+        changes = [_finished_enrolment(n, "x" * 8000) for n in range(2000)]
+        conn = await batcher.connect()
+        cut_backend = conn.get_server_pid()
+        lost = asyncio.Event()
+        when_lost(conn, lambda _conn: lost.set())
+        relay.cut(after_bytes=1 << 20)  # a MB into the commit: in its COPY
+        commit = asyncio.create_task(
+            batcher.commit([Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)], {}, {})
+        )
+        try:
+            await asyncio.wait_for(lost.wait(), 30)  # not a measure of speed: only that it ends
+        except TimeoutError:
+            raise AssertionError("the connection cut mid-COPY is not given up") from None
+        # Its backend still waits for the rest of the COPY, the rows it inserted locked: across a real
+        # cut, Postgres's own keepalive would end it; here the relay answers for the client.
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", cut_backend)
+        await asyncio.wait([commit], timeout=30)  # not wait_for: its cancellation would end the wait
+        assert commit.done(), "the commit still waits after its connection was given up"
+        result = commit.result()
+        assert result.accepted == {c.execution_id for c in changes}
+        assert result.attempts > 1
+        assert await db.fetchval("SELECT count(*) FROM ordo.executions") == len(changes)
+    finally:
+        if commit is not None and not commit.done():
+            if conn is not None:
+                conn.terminate()  # or the cancelled commit's ROLLBACK waits for the command timeout
+            commit.cancel()
+            await asyncio.wait([commit])
+        await batcher.close()
+        await relay.stop()
         await db.close()
 
 
