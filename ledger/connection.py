@@ -10,8 +10,8 @@ flow, a failover moving an address: no FIN or RST ever arrives) is found lost
 only by TCP itself, and asyncpg asks TCP for nothing but TCP_NODELAY: a
 statement then fails at its command_timeout, and a COPY waiting for the socket
 (with no timeout in asyncpg) at the kernel's retransmission limit, ~15
-minutes. `connect` and `create_pool` open the worker's connections with the
-kernel told to give such a connection up after `tcp_timeout_s` of silence.
+minutes. `connect` and `create_pool` open the worker's connections with both
+ends told to give such a connection up after `tcp_timeout_s` of silence.
 """
 
 from __future__ import annotations
@@ -128,16 +128,35 @@ def fail_when_silent(conn: asyncpg.Connection, tcp_timeout_s: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def server_side_timeout(tcp_timeout_s: float) -> dict[str, str]:
+    """The same bound on Postgres' end of the connection, as session settings (server_settings).
+
+    A backend whose client was cut mid-transaction otherwise keeps the transaction, and its
+    locks (the partition rows a commit holds FOR SHARE, the rows it inserted), until the
+    server's own keepalive gives up (2 hours by default): idle_in_transaction_session_timeout
+    does not cover a backend waiting for the rest of a COPY. Ignored on a Unix socket.
+    """
+    every, count = _keepalive(tcp_timeout_s)
+    return {
+        "tcp_keepalives_idle": str(every),
+        "tcp_keepalives_interval": str(every),
+        "tcp_keepalives_count": str(count),
+        "tcp_user_timeout": str(int(tcp_timeout_s * 1000)),
+    }
+
+
 async def connect(dsn: str, *, tcp_timeout_s: float, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect, the connection given up after `tcp_timeout_s` of silence."""
-    conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+    """asyncpg.connect, the connection given up by both ends after `tcp_timeout_s` of silence."""
+    server_settings = {**server_side_timeout(tcp_timeout_s), **kwargs.pop("server_settings", {})}
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=server_settings, **kwargs)
     fail_when_silent(conn, tcp_timeout_s)
     return conn
 
 
 async def create_pool(dsn: str, *, tcp_timeout_s: float, **kwargs: Any) -> asyncpg.Pool:
-    """asyncpg.create_pool, each of its connections given up after `tcp_timeout_s` of silence
-    (set by the pool's `init`, before any `init` of the caller's)."""
+    """asyncpg.create_pool, each of its connections given up by both ends after `tcp_timeout_s` of
+    silence (this end's options set by the pool's `init`, before any `init` of the caller's)."""
+    server_settings = {**server_side_timeout(tcp_timeout_s), **kwargs.pop("server_settings", {})}
     then: Callable[[asyncpg.Connection], Awaitable[None]] | None = kwargs.pop("init", None)
 
     async def init(conn: asyncpg.Connection) -> None:
@@ -145,4 +164,4 @@ async def create_pool(dsn: str, *, tcp_timeout_s: float, **kwargs: Any) -> async
         if then is not None:
             await then(conn)
 
-    return await asyncpg.create_pool(dsn, init=init, **kwargs)
+    return await asyncpg.create_pool(dsn, server_settings=server_settings, init=init, **kwargs)
