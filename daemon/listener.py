@@ -7,8 +7,9 @@ back-off, for as long as the worker runs; then the worker makes up for what it
 may have missed meanwhile (`catch_up`), since nothing will say it again.
 
 A connection cut without a word (the host gone, an address a failover moved)
-is not told lost by anything: the connection is asked to answer every
-`check_every_s`, and one that does not is taken as lost.
+is told lost only by the TCP keepalive of `pg_tcp_timeout_s` (ledger/connection.py),
+and sooner by asking it: the connection is asked to answer every `check_every_s`,
+and one that does not is taken as lost.
 """
 
 import asyncio

@@ -64,7 +64,8 @@ async def responds(conn: asyncpg.Connection, timeout: float) -> bool:
 
     A connection cut without a word (its host gone, its address moved by a
     failover) fails only the statements sent on it; one that only listens sends
-    none, and asyncpg sets no TCP keepalive, so nothing else would notice.
+    none, and asyncpg sets no TCP keepalive, so nothing else would notice before
+    the keepalive `fail_when_silent` sets gives up (`tcp_timeout_s`).
     """
     try:
         await conn.execute("SELECT 1", timeout=timeout)
