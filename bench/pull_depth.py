@@ -50,7 +50,8 @@ async def measure(nats_url: str, grant: int, pulls_open: int, seconds: float, ru
         js = nc.jetstream(timeout=30)
         await topology.ensure(js)
         lane = lane_of("noisy", topology.lanes)
-        consumer = PullConsumer(nc, topology.trigger_stream_of(lane), await topology.resume_lane(js, lane, 1))
+        durable, _ = await topology.resume_lane(js, lane, 1)
+        consumer = PullConsumer(nc, topology.trigger_stream_of(lane), durable)
         await consumer.subscribe()
         burst = await asyncio.create_subprocess_exec(
             sys.executable,

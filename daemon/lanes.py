@@ -45,8 +45,11 @@ import logging
 import time
 from collections import deque
 
+from nats.js.errors import NotFoundError
+
 from . import logs, metrics
 from .config import Config
+from .topology import settled_by
 
 log = logging.getLogger("ordo.lanes")
 
@@ -122,6 +125,7 @@ class Lane:
         "pending",
         "last_stored_ns",
         "taken_total",
+        "settled",
     )
 
     def __init__(self, index: int, partition: int, epoch: int, weight: int):
@@ -146,6 +150,9 @@ class Lane:
         #: When the stream stored the newest trigger taken from the lane (how far behind the lane is).
         self.last_stored_ns = 0
         self.taken_total = metrics.lane_taken.labels(str(index))
+        #: The stream sequence at or below which its consumer had settled everything, when last
+        #: asked (`Lanes.measure`): where its consumer resumes if JetStream loses it.
+        self.settled = 0
 
 
 class FairShare:
@@ -318,8 +325,9 @@ class Lanes:
             current = self.running.get(index)
             if current is not None and current.epoch == epoch and not current.stopping:
                 continue  # started by an earlier attempt
-            durable = await self.topology.resume_lane(self._js, index, epoch)
+            durable, settled = await self.topology.resume_lane(self._js, index, epoch)
             lane = Lane(index, partition, epoch, self._weights.get(index, 1))
+            lane.settled = settled
             lane.consumer = await subscribe(index, durable)
             self.running[index] = lane
             lane.task = self._fetch(lane)
@@ -423,19 +431,33 @@ class Lanes:
             self.fair.backlogged(lane.index)
         lane.taken = 0
 
-    async def measure(self, now_ns: int) -> dict[str, int]:
-        """Each running lane's backlog and how far behind it is (metrics); returns the backlog of
-        this worker's lanes in each triggers stream (stream -> messages)."""
+    async def measure(self, now_ns: int) -> tuple[dict[str, int], list[Lane]]:
+        """Each running lane's backlog and how far behind it is (metrics), and where its consumer
+        has settled; returns the backlog of this worker's lanes in each triggers stream (stream ->
+        messages), and the lanes whose consumer JetStream no longer has (`create_again`)."""
         totals: dict[str, int] = {}
+        gone: list[Lane] = []
         for lane in list(self.running.values()):
             try:
                 info = await self._js.consumer_info(lane.consumer.stream, lane.consumer.consumer)
+            except NotFoundError:
+                if not lane.stopping:
+                    gone.append(lane)
+                continue
             except Exception as exc:  # a metric is not worth a crash
                 log.debug("lane %d not measured: %s", lane.index, exc, extra=logs.failure("consumer_info", exc))
                 continue
+            lane.settled = max(lane.settled, settled_by(info))
             totals[lane.consumer.stream] = totals.get(lane.consumer.stream, 0) + info.num_pending
             label = str(lane.index)
             metrics.lane_backlog.labels(label).set(info.num_pending)
             behind = (now_ns - lane.last_stored_ns) / 1e9 if info.num_pending and lane.last_stored_ns else 0.0
             metrics.lane_behind.labels(label).set(max(0.0, behind))
-        return totals
+        return totals, gone
+
+    async def create_again(self, lane: Lane) -> int:
+        """The lane's consumer, which JetStream lost, created again under the same name, to resume
+        after where it had settled when last asked; returns that sequence. The lane's pulls, which
+        the lost consumer will never answer, expire and are asked for again (daemon/pull.py)."""
+        _, settled = await self.topology.resume_lane(self._js, lane.index, lane.epoch, after_seq=lane.settled)
+        return settled

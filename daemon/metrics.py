@@ -33,6 +33,12 @@ acks_not_sent = Counter(
     "ordo_acks_not_sent_total",
     "Acks or naks of committed messages that could not be written to NATS (the message is redelivered and deduped).",
 )
+consumers_created_again = Counter(
+    "ordo_consumers_created_again_total",
+    "Consumers of this worker's partitions and trigger lanes that JetStream no longer had (deleted, or lost"
+    " with a server's state), created again where their work had settled.",
+    ["kind"],
+)
 in_flight = Gauge("ordo_messages_in_flight", "Messages fetched and not yet acked.")
 ring_occupancy = Gauge("ordo_ring_occupancy", "Items held by the ordering ring.")
 owned_partitions = Gauge("ordo_owned_partitions", "Partitions this worker owns.")

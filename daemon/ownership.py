@@ -74,6 +74,11 @@ class Ownership:
             self.owned[p] = epoch
         return gained
 
+    async def still_holds(self, conn, partition: int, epoch: int) -> bool:
+        """Whether the ledger still holds the partition as ours under `epoch` (its lease renewed:
+        the question is asked before acting as its owner, and the answer holds for a lease)."""
+        return partition in await leases.renew(conn, self.deployment, self.name, self.ttl, [partition], [epoch])
+
     def surplus(self, share: int) -> list[int]:
         """Partitions above the fair share, highest first, to be drained and released."""
         extra = len(self.owned) - share

@@ -6,7 +6,7 @@ the surplus. A claimed partition is fenced with its epoch (every commit that
 touches it checks it, ledger/batcher.py) and its consumer resumes after the
 partition's watermark (daemon/topology.py); a partition given back first lets
 what is in flight settle. Consumer lag is measured here too, on a loop of its
-own.
+own, which also creates again a consumer JetStream has lost.
 """
 
 import asyncio
@@ -14,6 +14,7 @@ import logging
 import time
 
 import nats.errors
+from nats.js.errors import NotFoundError
 
 from ledger.connection import CONNECTION_ERRORS
 
@@ -339,7 +340,8 @@ class Partitions:
 
     async def lag_loop(self) -> None:
         """Consumer lag, on its own: NATS round trips must not delay the ownership
-        rounds, whose lease renewals keep the partitions (and are Postgres only)."""
+        rounds, whose lease renewals keep the partitions (and are Postgres only). What it
+        asks JetStream also tells it which consumers are gone (`_create_again`)."""
         while not self.stopping.is_set():
             await self._measure_lag()
             try:
@@ -349,16 +351,93 @@ class Partitions:
 
     async def _measure_lag(self) -> None:
         """Consumer lag per stream: what JetStream holds for this worker's consumers, not yet delivered
-        (summed over the workers, a stream's whole backlog: each worker reports its own lanes)."""
+        (summed over the workers, a stream's whole backlog: each worker reports its own lanes). A
+        consumer it finds gone is created again (`_create_again`)."""
         t = self.topology
-        triggers = await self.intake.lanes.measure(time.time_ns())
+        triggers, lanes_gone = await self.intake.lanes.measure(time.time_ns())
+        exec_lag, gone = 0, []
         try:
-            exec_lag = 0
             for p, epoch in list(self.ownership.owned.items()):
-                exec_lag += (await self._js.consumer_info(t.exec_stream, t.partition_consumer(p, epoch))).num_pending
+                try:
+                    exec_lag += (
+                        await self._js.consumer_info(t.exec_stream, t.partition_consumer(p, epoch))
+                    ).num_pending
+                except NotFoundError:
+                    if self._started(p, epoch):
+                        gone.append((p, epoch))
         except Exception as exc:  # a metric is not worth a crash
             log.debug("consumer lag not measured: %s", exc, extra=logs.failure("consumer_info", exc))
+        else:
+            for stream in t.trigger_stream_names():  # (0 for a stream none of this worker's lanes is in)
+                metrics.consumer_lag.labels(stream).set(triggers.get(stream, 0))
+            metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)
+        if gone or lanes_gone:
+            try:
+                await self._create_again(gone, lanes_gone)
+            except Exception as exc:  # tried again at the next measurement; the loop must go on
+                log.warning("consumers not created again: %r", exc, extra=logs.failure("consumer_create_again", exc))
+
+    def _started(self, p: int, epoch: int) -> bool:
+        """Whether the partition is held and was started under `epoch` (its consumer set up)."""
+        return (
+            self._holds(p, epoch) and self.epochs.get(p) == epoch and p in self.progress and p in self.intake.fetchers
+        )
+
+    async def _create_again(self, partitions: list[tuple[int, int]], lanes: list) -> None:
+        """Consumers of this worker's partitions and lanes that JetStream no longer has (deleted by
+        hand, lost with a server's state) are created again, each to resume after where its work
+        had settled: a partition after its watermark, a lane after its consumer's ack floor when last
+        measured (what came since is delivered again and deduped, as after a handover). Without this
+        their fetch loops would be refused for as long as the worker held them.
+
+        Only once the ledger confirms the ownership: a worker that lost the partition (and has not
+        noticed yet) finds its consumer deleted by the new owner, and must not bring it back.
+        """
+        for p, epoch in partitions:
+            if await self._confirmed(p, epoch):
+                watermark = self.progress[p].watermark
+
+                async def resume(p=p, epoch=epoch, watermark=watermark) -> int:
+                    await self.topology.resume_partition(self._js, p, epoch, watermark)
+                    return watermark
+
+                await self._create_one_again("partition", f"partition {p}", resume, partition=p)
+        for lane in lanes:
+            if not lane.stopping and await self._confirmed(lane.partition, lane.epoch):
+                await self._create_one_again(
+                    "lane",
+                    f"trigger lane {lane.index}",
+                    lambda lane=lane: self.intake.lanes.create_again(lane),
+                    lane=lane.index,
+                )
+
+    async def _create_one_again(self, kind: str, what: str, create, **where) -> None:
+        """`await create()` (the sequence the consumer resumes after), counted and logged; a NATS
+        failure is logged, and the next measurement finds the consumer gone again."""
+        try:
+            after = await create()
+        except nats.errors.Error as exc:
+            log.warning(
+                "%s's consumer not created again (%s); trying again",
+                what,
+                exc,
+                extra=logs.failure("consumer_create_again", exc, **where),
+            )
             return
-        for stream in t.trigger_stream_names():  # (0 for a stream none of this worker's lanes is in)
-            metrics.consumer_lag.labels(stream).set(triggers.get(stream, 0))
-        metrics.consumer_lag.labels(t.exec_stream).set(exec_lag)
+        metrics.consumers_created_again.labels(kind).inc()
+        log.warning(
+            "%s's consumer was gone from JetStream: created again, resuming after %d",
+            what,
+            after,
+            extra=logs.failure("consumer_gone", **where),
+        )
+
+    async def _confirmed(self, p: int, epoch: int) -> bool:
+        """Whether the partition is still held under `epoch`, by this worker's view and the ledger's."""
+        if not self._holds(p, epoch):
+            return False
+        try:
+            held = await self._on_pool(lambda conn: self.ownership.still_holds(conn, p, epoch), "ownership check")
+        except CONNECTION_ERRORS:  # stopping: nothing to create again
+            return False
+        return held and self._holds(p, epoch)

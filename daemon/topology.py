@@ -63,6 +63,12 @@ def trigger_msg_id(event: dict) -> str:
     return f"{event['tenant']}:{event['event_id']}"
 
 
+def settled_by(info) -> int:
+    """The stream sequence at or below which a consumer has settled everything (its ack floor;
+    before its first ack, the sequence before the one it was created to start at)."""
+    return max(info.ack_floor.stream_seq or 0, (info.config.opt_start_seq or 1) - 1)
+
+
 class StreamSetupError(RuntimeError):
     """JetStream refused one of Ordo's streams as configured (e.g. more replicas than servers)."""
 
@@ -408,20 +414,22 @@ class Topology(Subjects):
             js, self.exec_stream, durable, self.partition_filter(partition), start_seq=after_seq + 1
         )
 
-    async def resume_lane(self, js, lane: int, epoch: int) -> str:
+    async def resume_lane(self, js, lane: int, epoch: int, after_seq: int = 0) -> tuple[str, int]:
         """Create this epoch's consumer of a trigger lane, delivering from where the earlier
-        owners' consumers had settled everything, and delete those; returns its name.
+        owners' consumers had settled everything (or after `after_seq`, if that is later), and
+        delete those; returns its name and the sequence it resumes after.
 
         Where a partition resumes after its ledger watermark, a lane resumes after the
         ack floor of the newest earlier consumer (everything at or below it was enrolled,
         routed, committed and acked). Whatever an earlier owner left unacked above it comes
         again, in stream order and before anything younger: enrolments dedupe on the
-        ledger's primary key, routed events on their Nats-Msg-Id.
+        ledger's primary key, routed events on their Nats-Msg-Id. `after_seq` is where this
+        epoch's own consumer had settled, when JetStream lost it (daemon/partitions.py).
         """
         durable = self.lane_consumer(lane, epoch)
         stream = self.trigger_stream_of(lane)
         prefix = f"triggers-l{lane}-e"
-        settled = 0
+        settled = after_seq
         older = []
         for name in await self._consumer_names(js, stream):
             tail = name[len(prefix) :]
@@ -432,15 +440,14 @@ class Topology(Subjects):
                 info = await js.consumer_info(stream, name)
             except NotFoundError:
                 continue
-            start = info.config.opt_start_seq or 1
-            settled = max(settled, info.ack_floor.stream_seq or 0, start - 1)
+            settled = max(settled, settled_by(info))
         await self._ensure_consumer(js, stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8)
         for name in older:
             try:
                 await js.delete_consumer(stream, name)
             except NotFoundError:
                 pass
-        return durable
+        return durable, settled
 
     @classmethod
     async def _consumer_names(cls, js, stream: str) -> list[str]:

@@ -360,6 +360,83 @@ async def test_a_partition_whose_consumer_cannot_be_set_up_yet_is_retried_not_fa
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
+async def test_consumers_jetstream_lost_under_their_worker_are_created_again_where_their_work_had_settled(
+    nats_server_url, pg_dsn, prefix
+):
+    """Every consumer of a running worker's partitions and lanes is deleted (by hand, or lost
+    with a server's state): before, their pulls were refused for as long as the worker held
+    them, and nothing published afterwards was ever taken. Now each is created again, the lane
+    after where it had settled (not from the stream's start), and every trigger and signal,
+    before and after, is applied exactly once."""
+    from daemon import metrics
+
+    def created_again(kind: str) -> float:
+        return metrics.consumers_created_again.labels(kind)._value.get()
+
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        lanes_before, partitions_before = created_again("lane"), created_again("partition")
+        first = [trigger_event("before", i, tenant="acme", event_type="session.started") for i in range(20)]
+        second = [trigger_event("after", i, tenant="acme", event_type="session.started") for i in range(20)]
+        ids = [h.execution_id("acme", "waiter", e["event_id"]) for e in first + second]
+        async with h.worker(**QUICK_LEASES) as worker:
+            await h.publish_triggers(first)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=20)
+            for execution_id in ids[:10]:
+                await h.signal(execution_id, "done")
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=10)
+            lane = next(lane for lane in worker.intake.lanes.running.values() if lane.taken_total._value.get())
+            last = (await h.js.stream_info(lane.consumer.stream)).state.last_seq
+            deadline = time.monotonic() + 30
+            while lane.settled < last:  # the worker has measured its lane settled up to the 20 triggers
+                assert time.monotonic() < deadline, f"lane {lane.index} settled {lane.settled}, not {last}"
+                await asyncio.sleep(0.1)
+            for stream in [*h.topology.trigger_stream_names(), h.topology.exec_stream]:
+                for info in await h.js.consumers_info(stream):
+                    await h.js.delete_consumer(stream, info.name)
+
+            await h.publish_triggers(second)
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=30, timeout=60)
+            for execution_id in ids[10:]:
+                await h.signal(execution_id, "done")
+            await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=40, timeout=60)
+            again = await h.js.consumer_info(lane.consumer.stream, lane.consumer.consumer)
+            assert again.config.opt_start_seq == last + 1  # after what it had settled, not the stream's start
+            assert created_again("lane") > lanes_before and created_again("partition") > partitions_before
+            assert worker.fatal is None
+        assert await h.db.fetchval("SELECT count(*) FROM ordo.executions") == 40
+        assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_a_consumer_deleted_by_a_new_owner_is_not_created_again_by_the_worker_that_lost_it(
+    nats_server_url, pg_dsn, prefix
+):
+    """Another worker claimed partition 0 (a newer epoch in the ledger) and deleted the old
+    epoch's consumers, and this worker has not noticed yet: it must not bring them back, or
+    it would take the new owner's messages again beside it."""
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        await h.deploy(WAITER)
+        async with h.worker(**QUICK_LEASES) as worker:
+            epoch = worker.ownership.owned[0]
+            lanes = [lane for lane in worker.intake.lanes.running.values() if lane.partition == 0]
+            await h.db.execute(
+                "UPDATE ordo.partitions SET owner = 'another', epoch = epoch + 1,"
+                " lease_until = now() + interval '1 hour' WHERE deployment = $1 AND partition = 0",
+                h.topology.prefix,
+            )
+            await h.js.delete_consumer(h.topology.exec_stream, h.topology.partition_consumer(0, epoch))
+            for lane in lanes:
+                await h.js.delete_consumer(lane.consumer.stream, lane.consumer.consumer)
+            await worker.partitions._create_again([(0, epoch)], lanes)
+            names = {
+                info.name
+                for stream in [*h.topology.trigger_stream_names(), h.topology.exec_stream]
+                for info in await h.js.consumers_info(stream)
+            }
+            assert h.topology.partition_consumer(0, epoch) not in names
+            assert lanes and not names & {lane.consumer.consumer for lane in lanes}
+
+
 async def test_a_worker_that_lost_a_partition_takes_nothing_from_the_new_owners_consumer(
     nats_server_url, pg_dsn, prefix
 ):
