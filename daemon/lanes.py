@@ -317,15 +317,19 @@ class Lanes:
         #: that the lanes started first do not take a head start over the others.
         self.opened = asyncio.Event()
 
-    async def start(self, partition: int, epoch: int, subscribe) -> list[asyncio.Task]:
-        """Consume the partition's lanes under its epoch (after earlier owners' consumers settled);
-        returns the fetch loops started (an earlier, failed attempt may have started some)."""
+    async def start(
+        self, partition: int, epoch: int, subscribe, floors: dict[int, int] | None = None
+    ) -> list[asyncio.Task]:
+        """Consume the partition's lanes under its epoch (after earlier owners' consumers settled, or
+        after a lane's floor in the ledger, `floors`, if that is later); returns the fetch loops started
+        (an earlier, failed attempt may have started some)."""
         started = []
         for index in self.topology.lanes_of(partition):
             current = self.running.get(index)
             if current is not None and current.epoch == epoch and not current.stopping:
                 continue  # started by an earlier attempt
-            durable, settled = await self.topology.resume_lane(self._js, index, epoch)
+            after = (floors or {}).get(index, 0)
+            durable, settled = await self.topology.resume_lane(self._js, index, epoch, after_seq=after)
             lane = Lane(index, partition, epoch, self._weights.get(index, 1))
             lane.settled = settled
             lane.consumer = await subscribe(index, durable)

@@ -16,6 +16,7 @@ import time
 import nats.errors
 from nats.js.errors import NotFoundError
 
+from ledger import lane_floors
 from ledger.connection import CONNECTION_ERRORS
 
 from . import logs, metrics
@@ -50,6 +51,7 @@ class Partitions:
         on_pool,
         js,
         stream_created: str,
+        lanes_stream_created: dict[int, str],
         on_fetcher_ended,
     ):
         self.config = config
@@ -68,6 +70,10 @@ class Partitions:
         self._on_pool = on_pool
         self._js = js
         self._stream_created = stream_created
+        self._lanes_stream_created = lanes_stream_created
+        #: Lane -> the floor last recorded in the ledger (ledger/lane_floors.py), so that only those
+        #: that moved on are written.
+        self._floors_recorded: dict[int, int] = {}
         self._on_fetcher_ended = on_fetcher_ended
         #: Partitions claimed whose consumer could not be set up yet: partition -> (epoch, watermark).
         self.unstarted: dict = {}
@@ -261,7 +267,11 @@ class Partitions:
         async def subscribe(lane: int, durable: str):
             return await self.intake.subscribe_lane(lane, durable)
 
-        for task in await self.intake.lanes.start(p, epoch, subscribe):
+        created = {lane: self._lanes_stream_created[lane] for lane in self.topology.lanes_of(p)}
+        floors = await self._on_pool(
+            lambda conn: lane_floors.settled(conn, self.ownership.deployment, created), "lane floors"
+        )
+        for task in await self.intake.lanes.start(p, epoch, subscribe, floors):
             task.add_done_callback(self._on_fetcher_ended)
         if not self._holds(p, epoch):
             self.intake.lanes.stop(p)
@@ -355,6 +365,7 @@ class Partitions:
         consumer it finds gone is created again (`_create_again`)."""
         t = self.topology
         triggers, lanes_gone = await self.intake.lanes.measure(time.time_ns())
+        await self._record_lane_floors()
         exec_lag, gone = 0, []
         try:
             for p, epoch in list(self.ownership.owned.items()):
@@ -376,6 +387,22 @@ class Partitions:
                 await self._create_again(gone, lanes_gone)
             except Exception as exc:  # tried again at the next measurement; the loop must go on
                 log.warning("consumers not created again: %r", exc, extra=logs.failure("consumer_create_again", exc))
+
+    async def _record_lane_floors(self) -> None:
+        """Where this worker's lanes had settled, as just measured, into the ledger: a lane whose
+        consumers JetStream lost (they keep their state in memory) resumes after it."""
+        floors = {
+            lane.index: (self._lanes_stream_created[lane.index], lane.settled)
+            for lane in self.intake.lanes.running.values()
+            if not lane.stopping and lane.settled > self._floors_recorded.get(lane.index, 0)
+        }
+        if not floors:
+            return
+        try:
+            await self._on_pool(lambda conn: lane_floors.record(conn, self.ownership.deployment, floors), "lane floors")
+        except CONNECTION_ERRORS:  # stopping
+            return
+        self._floors_recorded.update({lane: settled for lane, (_, settled) in floors.items()})
 
     def _started(self, p: int, epoch: int) -> bool:
         """Whether the partition is held and was started under `epoch` (its consumer set up)."""

@@ -423,8 +423,12 @@ class Topology(Subjects):
         ack floor of the newest earlier consumer (everything at or below it was enrolled,
         routed, committed and acked). Whatever an earlier owner left unacked above it comes
         again, in stream order and before anything younger: enrolments dedupe on the
-        ledger's primary key, routed events on their Nats-Msg-Id. `after_seq` is where this
-        epoch's own consumer had settled, when JetStream lost it (daemon/partitions.py).
+        ledger's primary key, routed events on their Nats-Msg-Id.
+
+        A lane's consumers keep their state in memory (JetStream writes and fsyncs a durable
+        consumer's state up to ten times a second otherwise), so a server restart loses them:
+        `after_seq` is then where the lane had settled by the ledger (ledger/lane_floors.py),
+        or by this epoch's own consumer when last measured (daemon/partitions.py).
         """
         durable = self.lane_consumer(lane, epoch)
         stream = self.trigger_stream_of(lane)
@@ -441,7 +445,9 @@ class Topology(Subjects):
             except NotFoundError:
                 continue
             settled = max(settled, settled_by(info))
-        await self._ensure_consumer(js, stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8)
+        await self._ensure_consumer(
+            js, stream, durable, self.lane_filter(lane), start_seq=settled + 1, max_waiting=8, in_memory=True
+        )
         for name in older:
             try:
                 await js.delete_consumer(stream, name)
@@ -463,7 +469,14 @@ class Topology(Subjects):
                 return infos
 
     async def _ensure_consumer(
-        self, js, stream: str, durable: str, filter_subject, start_seq: int = 0, max_waiting: int = 512
+        self,
+        js,
+        stream: str,
+        durable: str,
+        filter_subject,
+        start_seq: int = 0,
+        max_waiting: int = 512,
+        in_memory: bool = False,
     ) -> None:
         try:
             await js.consumer_info(stream, durable)
@@ -482,6 +495,9 @@ class Topology(Subjects):
             max_deliver=-1,
             filter_subject=filter_subject,
             max_waiting=max_waiting,
+            # Its state (what it delivered, its acks) kept in memory, not written and fsynced to
+            # disk up to ten times a second: for a consumer whose position the ledger also keeps.
+            mem_storage=in_memory or None,
         )
         try:
             await js.add_consumer(stream, config)

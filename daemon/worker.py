@@ -165,6 +165,13 @@ class Worker:
         faults.install(self.config.inject_faults, self._nc, self._js, self.batcher, worker=self.index)
         await self.topology.ensure(self._js)
         self._stream_created = str((await self._js.stream_info(self.topology.exec_stream)).created)
+        triggers_created = {
+            name: str((await self._js.stream_info(name)).created) for name in self.topology.trigger_stream_names()
+        }
+        #: Lane -> the creation time of its triggers stream (ledger/lane_floors.py: a lane's floor counts in it).
+        self._lanes_stream_created = {
+            lane: triggers_created[self.topology.trigger_stream_of(lane)] for lane in range(self.topology.lanes)
+        }
         if self._actions is None:
             self._actions = _in_process_actions(self.config)
         self.registry.context_types = context_types.registry(self.config, self.config.context_type_plugins)
@@ -237,6 +244,7 @@ class Worker:
             on_pool=self._on_pool,
             js=self._js,
             stream_created=self._stream_created,
+            lanes_stream_created=self._lanes_stream_created,
             on_fetcher_ended=self._fetcher_ended,
         )
         self.local_results = LocalResults(config, window=window, owns=self.partitions.owns, **shared)

@@ -19,8 +19,22 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
-from harness import LOADED, Fleet, Harness, Load, PostgresRelay, TriggerSource, fault_scale, with_host
+from harness import (
+    LOADED,
+    NO_PROBLEMS,
+    QUICK_LEASES,
+    Fleet,
+    Harness,
+    Load,
+    PostgresRelay,
+    TriggerSource,
+    fault_scale,
+    welcome_workflow,
+    with_host,
+)
 
+from bench.generator import trigger_event
+from daemon.lanes import lane_of
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
 from hotpath import ExecutionState
 from ledger.batcher import EXEC_COLUMNS, ExecutionChange, LedgerBatcher, Unit
@@ -91,6 +105,41 @@ async def test_nats_server_restarts_under_load_lose_and_duplicate_nothing(tmp_pa
             f"{numbers['executions'] / (finished - started):.0f} executions/s"
         )
         assert fleet.exits == [], f"workers exited on a NATS restart: {fleet.exits}"
+
+
+async def test_a_lane_whose_consumer_a_nats_restart_lost_resumes_after_its_floor_in_the_ledger(
+    tmp_path, pg_dsn, prefix
+):
+    """A lane's consumer keeps its state in memory, so a nats-server restart loses it; with the
+    worker restarted too, nothing in memory says where the lane had settled. The new consumer
+    resumes after the floor the worker recorded in the ledger, not from the stream's start,
+    and every trigger, before and after, is enrolled once."""
+    async with _own_nats(tmp_path) as server:
+        async with Harness(server.url, pg_dsn, prefix) as h:
+            await h.deploy(welcome_workflow("acme"))
+            lane = lane_of("acme", h.topology.lanes)
+            stream = h.topology.trigger_stream_of(lane)
+            await h.publish_triggers([trigger_event("before", i, tenant="acme") for i in range(50)])
+            last = (await h.js.stream_info(stream)).state.last_seq
+            async with h.worker(**QUICK_LEASES) as worker:
+                await h.wait_until("SELECT count(*) FROM ordo.executions", expect=50)
+                consumer = worker.intake.lanes.running[lane].consumer.consumer
+                assert (await h.js.consumer_info(stream, consumer)).config.mem_storage
+                await h.wait_until(
+                    "SELECT settled FROM ordo.lane_floors WHERE deployment = $1 AND lane = $2",
+                    h.topology.prefix,
+                    lane,
+                    expect=last,
+                )
+            await asyncio.to_thread(server.restart)
+            assert not await h.js.consumers_info(stream)  # in memory: gone with the server
+            await h.publish_triggers([trigger_event("after", i, tenant="acme") for i in range(50)])
+            async with h.worker(**QUICK_LEASES) as worker:
+                await h.wait_until("SELECT count(*) FROM ordo.executions", expect=100)
+                consumer = worker.intake.lanes.running[lane].consumer.consumer
+                assert (await h.js.consumer_info(stream, consumer)).config.opt_start_seq == last + 1
+            assert await h.db.fetchval("SELECT count(DISTINCT event_id) FROM ordo.executions") == 100
+            assert await h.ledger_problems() == NO_PROBLEMS
 
 
 # -- 2. Postgres restarts and crashes -------------------------------------------------

@@ -141,6 +141,32 @@ async def test_the_partitions_of_before_migration_011_are_adopted_by_the_first_d
         await conn.close()
 
 
+async def test_a_lanes_floor_only_moves_forward_in_its_stream_and_is_its_deployments_own(pg_dsn):
+    """ledger/lane_floors.py: a late, lower floor never moves a lane back; a floor of another
+    incarnation of the triggers stream is neither used nor kept; deployments sharing the ledger
+    each have their own lanes' floors."""
+    from ledger import lane_floors
+    from ledger.schema import migrate
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(conn)
+        await lane_floors.record(conn, "ordo", {0: ("stream-a", 100), 1: ("stream-a", 7)})
+        await lane_floors.record(conn, "staging", {0: ("stream-a", 5)})
+        await lane_floors.record(conn, "ordo", {0: ("stream-a", 90)})  # a worker that measured earlier
+        assert await lane_floors.settled(conn, "ordo", {0: "stream-a", 1: "stream-a", 2: "stream-a"}) == {
+            0: 100,
+            1: 7,
+        }
+        assert await lane_floors.settled(conn, "staging", {0: "stream-a"}) == {0: 5}
+        # The stream was created again: its sequences start again, and the old floor means nothing.
+        assert await lane_floors.settled(conn, "ordo", {0: "stream-b"}) == {}
+        await lane_floors.record(conn, "ordo", {0: ("stream-b", 3)})
+        assert await lane_floors.settled(conn, "ordo", {0: "stream-b", 1: "stream-a"}) == {0: 3, 1: 7}
+    finally:
+        await conn.close()
+
+
 # A session waits an hour for a page view about its contact, then ends either way.
 VIEWER = {
     "id": "viewer",

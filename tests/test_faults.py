@@ -569,11 +569,11 @@ async def test_a_partition_given_back_while_it_is_being_started_is_not_started(n
             held = asyncio.Event()
             starting = asyncio.Event()
 
-            async def resume_lane(js, lane, epoch):
+            async def resume_lane(js, lane, epoch, after_seq=0):
                 if lane in lanes_of_p and not held.is_set():
                     starting.set()
                     await held.wait()
-                return await real_resume_lane(js, lane, epoch)
+                return await real_resume_lane(js, lane, epoch, after_seq)
 
             topology.resume_lane = resume_lane
             await asyncio.wait_for(starting.wait(), 10)
