@@ -399,7 +399,10 @@ class Topology(Subjects):
         Called by the worker that just claimed the partition, with the ledger's
         watermark: whatever an earlier owner left unacked is forgotten by
         JetStream and delivered again in order, instead of being redelivered
-        after AckWait behind younger messages of the same execution.
+        after AckWait behind younger messages of the same execution. The ledger
+        keeps the partition's position, so its consumer keeps its state in memory
+        (a server restart loses it, and the worker creates it again after the
+        watermark: daemon/partitions.py).
         """
         durable = self.partition_consumer(partition, epoch)
         prefix = f"exec-p{partition}-e"
@@ -411,7 +414,7 @@ class Topology(Subjects):
                 except NotFoundError:
                     pass
         await self._ensure_consumer(
-            js, self.exec_stream, durable, self.partition_filter(partition), start_seq=after_seq + 1
+            js, self.exec_stream, durable, self.partition_filter(partition), start_seq=after_seq + 1, in_memory=True
         )
 
     async def resume_lane(self, js, lane: int, epoch: int, after_seq: int = 0) -> tuple[str, int]:

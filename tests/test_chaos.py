@@ -23,6 +23,7 @@ from harness import (
     LOADED,
     NO_PROBLEMS,
     QUICK_LEASES,
+    WAITER,
     Fleet,
     Harness,
     Load,
@@ -107,16 +108,21 @@ async def test_nats_server_restarts_under_load_lose_and_duplicate_nothing(tmp_pa
         assert fleet.exits == [], f"workers exited on a NATS restart: {fleet.exits}"
 
 
-async def test_a_lane_whose_consumer_a_nats_restart_lost_resumes_after_its_floor_in_the_ledger(
-    tmp_path, pg_dsn, prefix
-):
-    """A lane's consumer keeps its state in memory, so a nats-server restart loses it; with the
-    worker restarted too, nothing in memory says where the lane had settled. The new consumer
-    resumes after the floor the worker recorded in the ledger, not from the stream's start,
-    and every trigger, before and after, is enrolled once."""
+async def test_consumers_a_nats_restart_lost_resume_after_the_ledgers_floor_and_watermark(tmp_path, pg_dsn, prefix):
+    """Lane and partition consumers keep their state in memory, so a nats-server restart loses
+    them. With the worker restarted too, nothing in memory says where a lane had settled: its
+    new consumer resumes after the floor the worker recorded in the ledger, not from the
+    stream's start. With the worker running through the restart, it creates its consumers
+    again. Every trigger and signal, before and after, is applied once."""
+    from daemon import metrics
+
+    def created_again(kind: str) -> float:
+        return metrics.consumers_created_again.labels(kind)._value.get()
+
     async with _own_nats(tmp_path) as server:
         async with Harness(server.url, pg_dsn, prefix) as h:
             await h.deploy(welcome_workflow("acme"))
+            await h.deploy(WAITER)
             lane = lane_of("acme", h.topology.lanes)
             stream = h.topology.trigger_stream_of(lane)
             await h.publish_triggers([trigger_event("before", i, tenant="acme") for i in range(50)])
@@ -132,13 +138,28 @@ async def test_a_lane_whose_consumer_a_nats_restart_lost_resumes_after_its_floor
                     expect=last,
                 )
             await asyncio.to_thread(server.restart)
-            assert not await h.js.consumers_info(stream)  # in memory: gone with the server
+            for name in [stream, h.topology.exec_stream]:
+                assert not await h.js.consumers_info(name)  # in memory: gone with the server
+
             await h.publish_triggers([trigger_event("after", i, tenant="acme") for i in range(50)])
             async with h.worker(**QUICK_LEASES) as worker:
                 await h.wait_until("SELECT count(*) FROM ordo.executions", expect=100)
                 consumer = worker.intake.lanes.running[lane].consumer.consumer
                 assert (await h.js.consumer_info(stream, consumer)).config.opt_start_seq == last + 1
-            assert await h.db.fetchval("SELECT count(DISTINCT event_id) FROM ordo.executions") == 100
+                waiters = [trigger_event("w", i, tenant="acme", event_type="session.started") for i in range(5)]
+                await h.publish_triggers(waiters)
+                await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'waiting'", expect=5)
+                lanes_before, partitions_before = created_again("lane"), created_again("partition")
+                await asyncio.to_thread(server.restart)  # the worker runs on through it
+                for event in waiters:
+                    await h.signal(h.execution_id("acme", "waiter", event["event_id"]), "done")
+                await h.publish_triggers([trigger_event("later", i, tenant="acme") for i in range(10)])
+                await h.wait_until(
+                    "SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=115, timeout=60
+                )
+                assert created_again("lane") > lanes_before and created_again("partition") > partitions_before
+                assert worker.fatal is None
+            assert await h.db.fetchval("SELECT count(DISTINCT event_id) FROM ordo.executions") == 115
             assert await h.ledger_problems() == NO_PROBLEMS
 
 
