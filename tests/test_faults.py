@@ -21,6 +21,7 @@ from harness import (
 )
 
 from bench.generator import trigger_event
+from daemon.lanes import lane_of
 from daemon.listener import Listener
 from daemon.servers import free_port
 from ledger import workflows
@@ -385,7 +386,7 @@ async def test_consumers_jetstream_lost_under_their_worker_are_created_again_whe
             for execution_id in ids[:10]:
                 await h.signal(execution_id, "done")
             await h.wait_until("SELECT count(*) FROM ordo.executions WHERE status = 'completed'", expect=10)
-            lane = next(lane for lane in worker.intake.lanes.running.values() if lane.taken_total._value.get())
+            lane = worker.intake.lanes.running[lane_of("acme", h.topology.lanes)]
             last = (await h.js.stream_info(lane.consumer.stream)).state.last_seq
             deadline = time.monotonic() + 30
             while lane.settled < last:  # the worker has measured its lane settled up to the 20 triggers
