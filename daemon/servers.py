@@ -476,8 +476,15 @@ class EmbeddedNatsCluster:
         if size < 1:
             raise ValueError(f"a cluster needs at least one node, not {size}")
         self.data_dir = Path(data_dir).resolve()
-        cluster_ports = [free_port() for _ in range(size)]
-        self.nodes = [
+        self._size = size
+        self._tags = tags
+        self.nodes = self._nodes_on_free_ports()
+        #: Once started, the nodes keep their ports (a restarted node is where its peers expect it).
+        self._started = False
+
+    def _nodes_on_free_ports(self) -> list[EmbeddedNats]:
+        cluster_ports = [free_port() for _ in range(self._size)]
+        return [
             EmbeddedNats(
                 self.data_dir / f"n{i}",
                 port=free_port(),
@@ -485,9 +492,9 @@ class EmbeddedNatsCluster:
                 routes=tuple(p for j, p in enumerate(cluster_ports) if j != i),
                 monitor_port=free_port(),
                 server_name=f"n{i}",
-                server_tags=tags[i] if tags else (),
+                server_tags=self._tags[i] if self._tags else (),
             )
-            for i in range(size)
+            for i in range(self._size)
         ]
 
     @property
@@ -507,9 +514,24 @@ class EmbeddedNatsCluster:
         raise KeyError(f"no node named {server_name!r} in {[n.server_name for n in self.nodes]}")
 
     def start(self) -> None:
-        """Start every node, then wait until each one's JetStream is part of the cluster."""
-        for node in self.nodes:
-            node.start()
+        """Start every node, then wait until each one's JetStream is part of the cluster.
+
+        The ports were free when picked, not held: another process may bind one
+        meanwhile (an outgoing connection's ephemeral port, say), and its node
+        then fails to listen. At the first start every port is picked again (the
+        routes name each node's cluster port), up to three times.
+        """
+        for attempt in range(3):
+            try:
+                for node in self.nodes:
+                    node.start()
+                break
+            except ServerStartError as err:
+                if self._started or attempt == 2 or "address already in use" not in str(err).lower():
+                    raise
+                self.stop()
+                self.nodes = self._nodes_on_free_ports()
+        self._started = True
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = _START_TIMEOUT_CLUSTER) -> None:

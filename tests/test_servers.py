@@ -166,6 +166,26 @@ async def test_an_embedded_cluster_keeps_an_r3_stream_through_a_node_kill_and_re
     assert not any(node.running() for node in cluster.nodes)
 
 
+def test_an_embedded_cluster_whose_picked_port_was_taken_meanwhile_picks_its_ports_again(tmp_path, monkeypatch):
+    """A port picked free may be bound by another process before its node listens on it (CI once lost
+    a cluster port to an outgoing connection): the first start picks every port again."""
+    from daemon import servers
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    picks = iter([taken_port])
+    real_free_port = servers.free_port
+    monkeypatch.setattr(servers, "free_port", lambda host="127.0.0.1": next(picks, None) or real_free_port(host))
+    try:
+        with EmbeddedNatsCluster(tmp_path / "cluster", 3) as cluster:
+            assert all(node.running() for node in cluster.nodes)
+            assert taken_port not in {node.cluster_port for node in cluster.nodes}
+    finally:
+        taken.close()
+
+
 def test_embedded_nats_context_manager_and_fixed_port(tmp_path):
     port = free_port()
     with EmbeddedNats(tmp_path, port=port) as server:
