@@ -418,10 +418,19 @@ class Partitions:
         their fetch loops would be refused for as long as the worker held them.
 
         Only once the ledger confirms the ownership: a worker that lost the partition (and has not
-        noticed yet) finds its consumer deleted by the new owner, and must not bring it back.
+        noticed yet) finds its consumer deleted by the new owner, and must not bring it back. The
+        ledger is asked once per partition: a server restart loses a partition's consumer and all
+        of its lanes' at once.
         """
+        asked: dict[tuple[int, int], bool] = {}
+
+        async def confirmed(p: int, epoch: int) -> bool:
+            if (p, epoch) not in asked:
+                asked[p, epoch] = await self._confirmed(p, epoch)
+            return asked[p, epoch] and self._holds(p, epoch)
+
         for p, epoch in partitions:
-            if await self._confirmed(p, epoch):
+            if await confirmed(p, epoch):
                 watermark = self.progress[p].watermark
 
                 async def resume(p=p, epoch=epoch, watermark=watermark) -> int:
@@ -430,7 +439,7 @@ class Partitions:
 
                 await self._create_one_again("partition", f"partition {p}", resume, partition=p)
         for lane in lanes:
-            if not lane.stopping and await self._confirmed(lane.partition, lane.epoch):
+            if not lane.stopping and await confirmed(lane.partition, lane.epoch):
                 await self._create_one_again(
                     "lane",
                     f"trigger lane {lane.index}",
