@@ -99,6 +99,9 @@ def apply(
             workflow_id=record.workflow_id,
         )
         return unit
+    event_id = doc["event"]["event_id"] if kind == "event" else None
+    if event_id is not None and record.has_taken(event_id):
+        return unit  # a routed copy of an event it took already (routed again after a restart)
     run = advance
     if record.engine is None:
         entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)
@@ -155,6 +158,8 @@ def apply(
         if is_timer:
             unit.stale_timers.append((source.key, source.timer_id))
         return unit
+    if event_id is not None:
+        record.took_event(event_id)
     if from_stream:
         record.last_stream_seq = source.stream_seq
         unit.changes.append(record.change(transitions, now, effects, source.stream_seq, max_context_bytes))

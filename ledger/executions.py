@@ -38,6 +38,11 @@ CLOSED = frozenset(("completed", "failed", "cancelled"))
 #: Dispatcher state persisted in executions.runtime (jsonb), with the value a new ExecutionState has.
 RUNTIME_DEFAULTS: dict[str, object] = {"attempt": 0, "timer": None, "visits": {}, "failures": []}
 RUNTIME_FIELDS = tuple(RUNTIME_DEFAULTS)
+#: The runtime key of the ids of the last events routed to an execution that it took (ExecutionRecord.has_taken).
+RECEIVED = "received"
+#: How many of them are kept: a copy routed again comes within the span a lane takes again after a
+#: restart, a few seconds of its events, so what an execution took meanwhile is far fewer.
+RECEIVED_KEPT = 16
 #: Effects the worker carries out after the commit; the others are ledger rows.
 AFTER_COMMIT = frozenset(("action", "emit"))
 #: Transitions that write into the context (the step that grew it is the last of these).
@@ -114,6 +119,7 @@ class ExecutionRecord:
         "event_json",
         "engine",
         "deployment",
+        "received",
     )
 
     def __init__(
@@ -134,6 +140,7 @@ class ExecutionRecord:
         ledger_day: date | None = None,
         engine: str | None = None,
         deployment: str | None = None,
+        received: list[str] | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -162,6 +169,22 @@ class ExecutionRecord:
         #: The deployment whose row this is (migration 021): a worker applies nothing to another's
         #: (daemon/advance.py). None: this worker's own (it enrols it now), or a row of before 021.
         self.deployment = deployment
+        #: The ids of the last RECEIVED_KEPT events routed to it that it took, oldest first (`took_event`).
+        self.received = received or []
+
+    def has_taken(self, event_id: str) -> bool:
+        """The event with this id enrolled it, or is one of the last events routed to it that it took.
+
+        A trigger event taken from its lane again (a redelivery after a worker or
+        server restart, a publisher's retry) is routed again to an execution that
+        waits for its type once more; JetStream drops the copy only within the
+        execution stream's duplicate window (120 s), so the execution must.
+        """
+        return event_id == self.event_id or event_id in self.received
+
+    def took_event(self, event_id: str) -> None:
+        """A routed event advanced it: kept (with its runtime) so that a copy routed again is not taken."""
+        self.received = [*self.received[-(RECEIVED_KEPT - 1) :], event_id]
 
     def change(
         self,
@@ -260,7 +283,7 @@ class ExecutionRecord:
             stored_subject(state) if is_new else None,
             stored_event(state.event, self.tenant, self.event_id, self.event_json) if is_new else "{}",
             self.created_at,
-            _json(runtime_of(state)),
+            _json(self._runtime()),
             self.ledger_day,
             in_row,
         )
@@ -278,6 +301,14 @@ class ExecutionRecord:
             ts = state.event.get("ts") if isinstance(state.event, dict) else None
             change.trigger_ts_ms = ts if isinstance(ts, (int, float)) else None
         return change
+
+    def _runtime(self) -> dict[str, Any]:
+        """What the `runtime` column holds: the dispatcher's state (`runtime_of`) and the events it
+        took while it can still take more."""
+        runtime = runtime_of(self.state)
+        if self.received and self.state.status not in CLOSED:
+            runtime[RECEIVED] = self.received
+        return runtime
 
     def _too_large(
         self, transitions: Sequence[Transition], now: datetime, source_seq: int | None, context: str, limit: int
@@ -496,6 +527,9 @@ def _record(r: Record) -> ExecutionRecord:
         raise TypeError(f"runtime is a JSON {type(runtime).__name__}, an object is required")
     restore_runtime(state, runtime)
     state.tenant = r["tenant"]
+    received = runtime.get(RECEIVED, [])
+    if type(received) is not list or not all(type(event_id) is str for event_id in received):
+        raise TypeError(f"runtime's {RECEIVED!r} is not a list of event ids")
     return ExecutionRecord(
         r["execution_id"],
         r["tenant"],
@@ -512,6 +546,7 @@ def _record(r: Record) -> ExecutionRecord:
         ledger_day=r["ledger_day"],
         engine=r["engine"],
         deployment=r["deployment"],
+        received=received,
     )
 
 

@@ -21,6 +21,7 @@ from harness import (
 )
 
 from bench.generator import trigger_event
+from daemon.enrolment import event_message
 from daemon.lanes import lane_of
 from daemon.listener import Listener
 from daemon.servers import free_port
@@ -875,3 +876,54 @@ async def test_a_partition_that_cannot_be_let_go_stops_the_worker(nats_server_ur
                 await _until(worker.stopping.is_set, "the worker went on without the partitions it could not let go")
         failed = [r for r in caplog.records if getattr(r, "reason", None) == "partition_let_go"]
         assert failed and "the drain broke" in failed[0].error
+
+
+# Three page views of one contact: the first enrols it, the next two are waited for.
+VIEWS = {
+    "id": "views",
+    "tenant": "acme",
+    "trigger": {"event": "page.viewed"},
+    "steps": [
+        {"id": "second", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
+        {"id": "third", "type": "wait_for_event", "event": "page.viewed", "timeout": "1h"},
+        {"id": "seen", "type": "set", "values": {"views": 3}},
+    ],
+}
+
+
+async def test_an_event_routed_again_after_the_duplicate_window_is_not_taken_twice(nats_server_url, pg_dsn, prefix):
+    """A trigger taken from its lane again (after a worker and server restart, the span since the lane's
+    last recorded floor; or a publisher's retry) is routed again to an execution that waits for its type
+    once more. JetStream drops the copy only within the execution stream's 120 s duplicate window; after
+    it, the copy (here published under another msg id) reaches the execution, which must not take it:
+    neither the event that enrolled it nor one it took already, also once read back from its row."""
+    views = [trigger_event("again", i, tenant="acme", event_type="page.viewed") for i in range(3)]
+    for view in views:
+        view["contact"] = {"id": "c-0"}
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        execution_id = h.execution_id("acme", "views", views[0]["event_id"])
+        subject = h.topology.exec_subject(execution_id)
+        waiting_at = "SELECT step_id FROM ordo.event_waits WHERE execution_id = $1::uuid"
+
+        async def routed_again(view: dict) -> None:
+            body, msg_id = event_message(execution_id, view)
+            await h.publish_raw(subject, body, f"{msg_id}:after-the-window")
+
+        await h.deploy(VIEWS)
+        async with h.worker():
+            await h.publish_triggers(views[:1])
+            await h.wait_until(waiting_at, execution_id, expect="second")
+            await routed_again(views[0])
+            await h.publish_triggers(views[1:2])
+            await h.wait_until(waiting_at, execution_id, expect="third", timeout=20)
+        async with h.worker():  # the execution is read back from its row
+            await routed_again(views[1])
+            await h.publish_triggers(views[2:])
+            await h.wait_status(execution_id, "completed")
+        taken = await h.db.fetch(
+            "SELECT detail->>'event_id' AS event_id FROM ordo.transitions"
+            " WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq",
+            execution_id,
+        )
+        assert [r["event_id"] for r in taken] == [views[1]["event_id"], views[2]["event_id"]]
+        assert await h.ledger_problems() == NO_PROBLEMS
