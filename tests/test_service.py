@@ -192,6 +192,9 @@ async def test_health_server_routes():
         assert status == 200 and f"Content-Type: {CONTENT_TYPE_LATEST}" in head
         assert b"# TYPE ordo_transitions_total counter" in body
         assert "Connection: close" in head
+        status, _, body = await http(server.port, "/metrics?name[]=ordo_executions_finished_total")
+        families = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")}
+        assert status == 200 and families == {"ordo_executions_finished_total"}
         assert (await http(server.port, "/healthz"))[0] == 200
         assert (await http(server.port, "/readyz"))[0] == 503
         ready["value"] = True
