@@ -100,8 +100,8 @@ def apply(
         )
         return unit
     event_id = doc["event"]["event_id"] if kind == "event" else None
-    if event_id is not None and record.has_taken(event_id):
-        return unit  # a routed copy of an event it took already (routed again after a restart)
+    if event_id is not None and (record.has_taken(event_id) or record.enrolled_after(doc.get("stored"))):
+        return unit  # routed again after a restart: an event it took already, or one from before it
     run = advance
     if record.engine is None:
         entry = registry.version(record.tenant, record.workflow_id, record.workflow_version)

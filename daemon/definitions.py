@@ -61,6 +61,9 @@ class WorkflowEntry:
     engine: str | None = None
     #: That engine's Program, ExecutionState and advance (daemon/engines.py); None with `engine`.
     build: SimpleNamespace | None = None
+    #: It has a wait_for_event step: its executions keep where their trigger was stored
+    #: (ExecutionRecord.trigger_stored), to refuse events stored before it.
+    waits_for_events: bool = False
 
     @property
     def rollout_label(self) -> str:
@@ -132,7 +135,18 @@ def compile_entry(
             tenant, workflow_id, version, event, None, f"invalid definition: {exc}", subject_type=str(subject_type)
         )
     step_actions = {s["id"]: s["action"] for s in definition["steps"] if s.get("type") == "action"}
-    return WorkflowEntry(tenant, workflow_id, version, event, program, None, step_actions, program.subject_type)
+    waits_for_events = any(s.get("type") == "wait_for_event" for s in definition["steps"])
+    return WorkflowEntry(
+        tenant,
+        workflow_id,
+        version,
+        event,
+        program,
+        None,
+        step_actions,
+        program.subject_type,
+        waits_for_events=waits_for_events,
+    )
 
 
 class WorkflowRegistry:

@@ -134,8 +134,9 @@ def decode(delivery, max_bytes: int) -> tuple[list, list]:
     return events, bad
 
 
-async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
-    """(execution id, event) for every execution waiting for one of these events, in the events' order.
+async def waiting_for(conn, events: list[dict]) -> list[tuple[str, int]]:
+    """(execution id, the event's index) for every execution waiting for one of these events, in the
+    events' order.
 
     An execution waits for an event about its own subject: the same type and id (an opportunity's
     event never wakes a contact's execution that has the same id).
@@ -151,12 +152,22 @@ async def waiting_for(conn, events: list[dict]) -> list[tuple[str, dict]]:
     )
     # In the events' (stream) order: an execution's events are routed to it in that order.
     rows = sorted(await event_waits.waiting(conn, *columns), key=lambda row: row["i"])
-    return [(execution_id, events[i]) for execution_id, i in rows]
+    return [(execution_id, i) for execution_id, i in rows]
 
 
-def event_message(execution_id: str, event: dict) -> tuple[bytes, str]:
-    """The exec-subject message that hands `event` to a waiting execution, and its msg id."""
+def stored_position(source) -> list:
+    """Where the triggers stream stored a trigger (a delivery, or an event of a batch message):
+    [stream, seq, ns], the same on every redelivery."""
+    return [source.stream, source.stream_seq, source.timestamp_ns]
+
+
+def event_message(execution_id: str, event: dict, stored: list | None = None) -> tuple[bytes, str]:
+    """The exec-subject message that hands `event` to a waiting execution, and its msg id; `stored`:
+    where its trigger was stored (`stored_position`), so that an execution enrolled by a later
+    trigger refuses it (ExecutionRecord.enrolled_after)."""
     body = {"v": 1, "kind": "event", "execution_id": execution_id, "event": event}
+    if stored is not None:
+        body["stored"] = stored
     return orjson.dumps(body), f"event:{event['event_id']}:{execution_id}"
 
 
@@ -236,6 +247,7 @@ def enrol(
                 subject_type=subject_type,
                 ledger_day=ledger_day,
                 engine=entry.engine,
+                trigger_stored=stored_position(source) if entry.waits_for_events else None,
             )
             started = time.perf_counter()
             if build is None:

@@ -402,14 +402,15 @@ class Intake:
         # before the trigger is acked (a redelivery re-routes; msg ids dedupe).
         # Only events some workflow waits for can have an execution waiting (the registry knows).
         awaited = self.registry.awaited
-        events = [event for _, event in decoded if awaited(event["tenant"], event["type"])]
+        waited = [(source, event) for source, event in decoded if awaited(event["tenant"], event["type"])]
+        events = [event for _, event in waited]
         routes = await self._on_pool(lambda conn: enrolment.waiting_for(conn, events), "routing") if events else ()
         if routes:
             # One execution's events one after the other, in stream order (a retried publish
             # must not let a younger one overtake it); different executions' at once.
-            by_execution: dict[str, list[dict]] = {}
-            for execution_id, event in routes:
-                by_execution.setdefault(execution_id, []).append(event)
+            by_execution: dict[str, list[tuple]] = {}
+            for execution_id, i in routes:
+                by_execution.setdefault(execution_id, []).append(waited[i])
             await asyncio.gather(*(self._route(execution_id, evs) for execution_id, evs in by_execution.items()))
         most_context = self.config.max_context_bytes
         with self.batcher.filling():
@@ -420,10 +421,11 @@ class Intake:
                     await asyncio.sleep(0)  # a busy lane's pull does not hold up a quiet lane's events
         metrics.advance_timings.flush()
 
-    async def _route(self, execution_id: str, events: list[dict]) -> None:
+    async def _route(self, execution_id: str, events: list[tuple]) -> None:
+        """Each (source, event) onto the execution's subject, with where its trigger was stored."""
         subject = self.topology.exec_subject(execution_id)
-        for event in events:
-            body, msg_id = enrolment.event_message(execution_id, event)
+        for source, event in events:
+            body, msg_id = enrolment.event_message(execution_id, event, enrolment.stored_position(source))
             await publish_stored(self._js, subject, body, msg_id)
             metrics.events_routed.inc()
 

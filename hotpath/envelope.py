@@ -248,7 +248,21 @@ def decode_exec(body: bytes, max_bytes: int) -> dict[str, Any]:
         event = require_field(doc, "event", (dict,), "an object (a trigger event)")
         if type(event.get("type")) is not str or type(event.get("event_id")) is not str:
             raise BadMessage("wrong_type", "field 'event' needs string 'type' and 'event_id'")
+        stored = doc.get("stored")
+        if stored is not None and not is_stored_position(stored):
+            raise BadMessage("wrong_type", "field 'stored' must be [stream, seq, ns]: a string and two integers")
     return doc
+
+
+def is_stored_position(value: object) -> bool:
+    """Where a stream stored a trigger, as a routed event and an execution's row carry it: [stream, seq, ns]."""
+    return (
+        type(value) is list
+        and len(value) == 3
+        and type(value[0]) is str
+        and type(value[1]) is int
+        and type(value[2]) is int
+    )
 
 
 def encode(doc: dict[str, Any]) -> bytes:

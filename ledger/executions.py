@@ -19,7 +19,7 @@ import orjson
 from asyncpg import Record
 
 from hotpath import ExecutionState
-from hotpath.envelope import subject_of
+from hotpath.envelope import is_stored_position, subject_of
 from hotpath.vocabulary import STARTED, Effect, Transition
 from ledger.connection import Queryable
 
@@ -40,6 +40,8 @@ RUNTIME_DEFAULTS: dict[str, object] = {"attempt": 0, "timer": None, "visits": {}
 RUNTIME_FIELDS = tuple(RUNTIME_DEFAULTS)
 #: The runtime key of the ids of the last events routed to an execution that it took (ExecutionRecord.has_taken).
 RECEIVED = "received"
+#: The runtime key of where the stream stored its trigger (ExecutionRecord.enrolled_after).
+TRIGGER_STORED = "trigger_stored"
 #: How many of them are kept: a copy routed again comes within the span a lane takes again after a
 #: restart, a few seconds of its events, so what an execution took meanwhile is far fewer.
 RECEIVED_KEPT = 16
@@ -120,6 +122,7 @@ class ExecutionRecord:
         "engine",
         "deployment",
         "received",
+        "trigger_stored",
     )
 
     def __init__(
@@ -141,6 +144,7 @@ class ExecutionRecord:
         engine: str | None = None,
         deployment: str | None = None,
         received: list[str] | None = None,
+        trigger_stored: list[Any] | None = None,
     ) -> None:
         self.execution_id = execution_id
         self.tenant = tenant
@@ -171,6 +175,25 @@ class ExecutionRecord:
         self.deployment = deployment
         #: The ids of the last RECEIVED_KEPT events routed to it that it took, oldest first (`took_event`).
         self.received = received or []
+        #: Where the triggers stream stored the event that enrolled it, [stream, seq, ns], kept while it
+        #: runs when its workflow waits for events (`enrolled_after`); None: not kept (or enrolled before).
+        self.trigger_stored = trigger_stored
+
+    def enrolled_after(self, stored: list[Any] | None) -> bool:
+        """An event stored there (a routed event's [stream, seq, ns]) came before the trigger that enrolled it.
+
+        Such an event was routed only because its trigger was taken again (the
+        span after a lane's last recorded floor, when nats-server and the worker
+        restart together): the first time, this execution did not exist yet,
+        and it must not take the event now. Both the sequence and the time must
+        say so: a stream created again starts its sequences again, and a
+        server's clock may step back; a lane moved to another stream compares
+        nothing.
+        """
+        mine = self.trigger_stored
+        if stored is None or mine is None or stored[0] != mine[0]:
+            return False
+        return bool(stored[1] < mine[1] and stored[2] < mine[2])
 
     def has_taken(self, event_id: str) -> bool:
         """The event with this id enrolled it, or is one of the last events routed to it that it took.
@@ -306,8 +329,11 @@ class ExecutionRecord:
         """What the `runtime` column holds: the dispatcher's state (`runtime_of`) and the events it
         took while it can still take more."""
         runtime = runtime_of(self.state)
-        if self.received and self.state.status not in CLOSED:
-            runtime[RECEIVED] = self.received
+        if self.state.status not in CLOSED:
+            if self.received:
+                runtime[RECEIVED] = self.received
+            if self.trigger_stored is not None:
+                runtime[TRIGGER_STORED] = self.trigger_stored
         return runtime
 
     def _too_large(
@@ -530,6 +556,9 @@ def _record(r: Record) -> ExecutionRecord:
     received = runtime.get(RECEIVED, [])
     if type(received) is not list or not all(type(event_id) is str for event_id in received):
         raise TypeError(f"runtime's {RECEIVED!r} is not a list of event ids")
+    trigger_stored = runtime.get(TRIGGER_STORED)
+    if trigger_stored is not None and not is_stored_position(trigger_stored):
+        raise TypeError(f"runtime's {TRIGGER_STORED!r} is not [stream, seq, ns]")
     return ExecutionRecord(
         r["execution_id"],
         r["tenant"],
@@ -547,6 +576,7 @@ def _record(r: Record) -> ExecutionRecord:
         engine=r["engine"],
         deployment=r["deployment"],
         received=received,
+        trigger_stored=trigger_stored,
     )
 
 

@@ -927,3 +927,43 @@ async def test_an_event_routed_again_after_the_duplicate_window_is_not_taken_twi
         )
         assert [r["event_id"] for r in taken] == [views[1]["event_id"], views[2]["event_id"]]
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+async def test_triggers_taken_again_after_a_lost_lane_reach_only_executions_that_took_none_of_them(
+    nats_server_url, pg_dsn, prefix
+):
+    """A lane whose consumer JetStream lost (a server restart) resumes after the floor the ledger
+    recorded, which may lag: the triggers settled since come again, and are routed to the executions
+    now waiting for their type. Here the floor is gone altogether, so the lane takes every trigger
+    again. The first view enrolled X; the second moved X on and enrolled Y. Neither may take a view
+    again: X took both (one enrolled it), and Y did not exist when the first was stored."""
+    views = [trigger_event("lost-lane", i, tenant="acme", event_type="page.viewed") for i in range(3)]
+    for view in views:
+        view["contact"] = {"id": "c-0"}
+    async with Harness(nats_server_url, pg_dsn, prefix) as h:
+        x, y = (h.execution_id("acme", "views", view["event_id"]) for view in views[:2])
+        waiting_at = "SELECT step_id FROM ordo.event_waits WHERE execution_id = $1::uuid"
+        await h.deploy(VIEWS)
+        async with h.worker():
+            await h.publish_triggers(views[:1])
+            await h.wait_until(waiting_at, x, expect="second")
+            await h.publish_triggers(views[1:2])
+            await h.wait_until(waiting_at, y, expect="second")
+            await h.wait_until(waiting_at, x, expect="third")
+            await h.wait_triggers_drained()
+            lane = lane_of("acme", h.topology.lanes)
+            stream, consumer = h.topology.trigger_stream_of(lane), await h.tenant_lane_consumer("acme")
+        await h.js.delete_consumer(stream, consumer)
+        await h.db.execute("DELETE FROM ordo.lane_floors WHERE deployment = $1", h.config.prefix)
+
+        async with h.worker():
+            await h.publish_triggers(views[2:])
+            await h.wait_status(x, "completed")
+            await h.wait_until(waiting_at, y, expect="third")
+        taken = (
+            "SELECT detail->>'event_id' AS event_id FROM ordo.transitions"
+            " WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq"
+        )
+        assert [r["event_id"] for r in await h.db.fetch(taken, x)] == [views[1]["event_id"], views[2]["event_id"]]
+        assert [r["event_id"] for r in await h.db.fetch(taken, y)] == [views[2]["event_id"]]
+        assert await h.ledger_problems() == NO_PROBLEMS
