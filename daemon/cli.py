@@ -63,13 +63,14 @@ def _require(config, *names) -> None:
 
 
 def _on_ledger(config, work) -> int:
-    """Run `await work(conn)` on a connection to the ledger; its result is the exit code."""
+    """Run `await work(conn)` on a connection to the ledger, given up after `pg_tcp_timeout_s` of silence as a
+    worker's is (a command waiting on a cut connection would otherwise hang); its result is the exit code."""
     _require(config, "pg_dsn")
 
     async def go():
-        import asyncpg
+        from ledger import connection
 
-        conn = await asyncpg.connect(config.pg_dsn)
+        conn = await connection.connect(config.pg_dsn, tcp_timeout_s=config.pg_tcp_timeout_s)
         try:
             return await work(conn)
         finally:

@@ -21,12 +21,12 @@ __all__ = ["DEFAULT_CONFIG_FILE", "Config", "load"]
 @dataclass(frozen=True)
 class Config(Settings):
     pg_dsn: str = ""
-    #: Seconds of silence after which a worker and Postgres give up a connection between them
-    #: (TCP keepalive and TCP_USER_TIMEOUT on both ends, ledger/connection.py): one cut without
-    #: a word (a host gone, a NAT or proxy dropping the flow, a failover moving an address) fails
-    #: then, and its work is retried on a new one, instead of after the 120 s command timeout, or
-    #: ~15 minutes for a COPY. Also how long Postgres may leave sent data unacknowledged, or stop
-    #: reading a COPY (a lock wait), before the connection is given up. At least 1.
+    #: Seconds of silence after which a worker (and `ordo`, `ordo dev`, the console) and Postgres give up
+    #: a connection between them (TCP keepalive and TCP_USER_TIMEOUT on both ends, ledger/connection.py):
+    #: one cut without a word (a host gone, a NAT or proxy dropping the flow, a failover moving an
+    #: address) fails then, and its work is retried on a new one, instead of after the 120 s command
+    #: timeout, or ~15 minutes for a COPY. Also how long Postgres may leave sent data unacknowledged, or
+    #: stop reading a COPY (a lock wait), before the connection is given up. At least 1.
     pg_tcp_timeout_s: float = connection.TCP_TIMEOUT_S
     workers: int = 0  # 0: one per core
     worker_index: int = -1  # -1: the supervisor; >= 0: one worker

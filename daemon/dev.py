@@ -18,11 +18,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import asyncpg
 import nats
 import orjson
 
-from ledger import leases, workflows
+from ledger import connection, leases, workflows
 from ledger.schema import migrate
 
 from .config import Config
@@ -102,7 +101,7 @@ async def prepare(config: Config) -> None:
         await Topology(config).ensure(nc.jetstream())
     finally:
         await nc.close()
-    conn = await asyncpg.connect(config.pg_dsn)
+    conn = await connection.connect(config.pg_dsn, tcp_timeout_s=config.pg_tcp_timeout_s)
     try:
         await migrate(conn)
         for definition in example_definitions():
@@ -157,7 +156,9 @@ async def run_dev(
         )
         supervisor.start()
         watcher = asyncio.create_task(supervisor.watch())
-        pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=2)
+        pool = await connection.create_pool(
+            config.pg_dsn, tcp_timeout_s=config.pg_tcp_timeout_s, min_size=1, max_size=2
+        )
         try:
             await wait_for_workers(pool, config, since, workers)
             print(f"  {workers} worker(s) running")

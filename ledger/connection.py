@@ -10,8 +10,9 @@ flow, a failover moving an address: no FIN or RST ever arrives) is found lost
 only by TCP itself, and asyncpg asks TCP for nothing but TCP_NODELAY: a
 statement then fails at its command_timeout, and a COPY waiting for the socket
 (with no timeout in asyncpg) at the kernel's retransmission limit, ~15
-minutes. `connect` and `create_pool` open the worker's connections with both
-ends told to give such a connection up after `tcp_timeout_s` of silence.
+minutes. `connect` and `create_pool` open the worker's connections (and those
+of `ordo`'s commands, `ordo dev` and the console) with both ends told to give
+such a connection up after `tcp_timeout_s` of silence.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from daemon.lanes import lane_of
 from daemon.topology import Topology, execution_id_for
 from daemon.worker import Worker
 from hotpath.vocabulary import LIMIT_GRANTED, LIMIT_WAITING
-from ledger import workflows
+from ledger import connection, workflows
 from ledger.check import CHECKS, check
 from ledger.schema import migrate
 
@@ -187,6 +188,34 @@ def with_host(dsn: str, host: str, port: int) -> str:
     parts = urlsplit(dsn)
     user = f"{parts.username}@" if parts.username else ""
     return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
+
+
+async def silence_limits(conn) -> dict[str, int]:
+    """How each end of a Postgres connection (a pool's too) gives up a silent peer, read back: this end's
+    socket options from the kernel, Postgres' end from its session's settings (ledger/connection.py sets both)."""
+    sock = connection._tcp_socket(conn)
+    assert sock is not None, "not a TCP connection: it has no keepalive to read"
+    limits = {"SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
+    for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT"):
+        limits[name] = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+    for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"):
+        limits[name] = int(await conn.fetchval("SELECT setting FROM pg_settings WHERE name = $1", name))
+    return limits
+
+
+#: What `silence_limits` reads on a connection opened with `pg_tcp_timeout_s` = 8: a keepalive probe every
+#: 2 s, given up after three unanswered, and 8 s for sent data to go unacknowledged, on both ends.
+GIVEN_UP_AFTER_8_S = {
+    "SO_KEEPALIVE": 1,
+    "TCP_KEEPIDLE": 2,
+    "TCP_KEEPINTVL": 2,
+    "TCP_KEEPCNT": 3,
+    "TCP_USER_TIMEOUT": 8000,
+    "tcp_keepalives_idle": 2,
+    "tcp_keepalives_interval": 2,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 8000,
+}
 
 
 class TriggerSource:

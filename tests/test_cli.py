@@ -7,9 +7,10 @@ import socket
 
 import orjson
 import pytest
-from harness import WAITER, Harness, ordo
+from harness import GIVEN_UP_AFTER_8_S, WAITER, Harness, ordo, silence_limits
 
 from bench.generator import trigger_event
+from daemon.config import Config
 
 
 def test_validate_points_at_the_offending_step(tmp_path):
@@ -151,6 +152,68 @@ async def test_dev_is_ready_once_workers_started_after_it_own_every_partition(pg
             await wait_for_workers(pool, Config(partitions=4), since, workers=3, timeout=0.5)
     finally:
         await pool.close()
+
+
+async def test_a_commands_ledger_connection_is_given_up_after_pg_tcp_timeout_s_of_silence(pg_dsn):
+    """`ordo`'s commands on the ledger (migrate, inspect, dlq, export, ...) opened their connection with asyncpg
+    alone: no keepalive on either end, so one cut without a word held the command for minutes, or for good.
+    It is opened as a worker's is."""
+    from daemon.cli import _on_ledger
+
+    seen = []
+
+    async def work(conn) -> int:
+        seen.append(await silence_limits(conn))
+        return 0
+
+    # In a thread: _on_ledger runs its own event loop, as the command does.
+    assert await asyncio.to_thread(_on_ledger, Config(pg_dsn=pg_dsn, pg_tcp_timeout_s=8), work) == 0
+    assert seen == [GIVEN_UP_AFTER_8_S]
+
+
+async def test_devs_ledger_connections_are_given_up_after_pg_tcp_timeout_s_of_silence(
+    nats_server_url, pg_dsn, prefix, tmp_path, monkeypatch
+):
+    """`ordo dev` opened its connections (the one that migrates and deploys the examples, the pool that waits
+    for the workers and runs the demo) with asyncpg alone: no keepalive on either end. They are opened as a
+    worker's are. Read on each, with no workers started (theirs are the worker's own)."""
+    from daemon import dev
+
+    seen = {}
+    migrate = dev.migrate
+
+    async def read_then_migrate(conn) -> None:
+        seen["prepare"] = await silence_limits(conn)
+        await migrate(conn)
+
+    async def read_the_pool(config, pool, events) -> int:
+        async with pool.acquire() as conn:
+            seen["pool"] = await silence_limits(conn)
+        return 0
+
+    class NoWorkers:
+        def __init__(self, workers, extra_env=None):
+            pass
+
+        def start(self) -> None:
+            pass
+
+        async def watch(self) -> None:
+            pass
+
+        async def stop_async(self) -> bool:
+            return True
+
+    async def ready_at_once(pool, config, since, workers) -> None:
+        pass
+
+    monkeypatch.setattr(dev, "migrate", read_then_migrate)
+    monkeypatch.setattr(dev, "run_demo", read_the_pool)
+    monkeypatch.setattr(dev, "Supervisor", NoWorkers)
+    monkeypatch.setattr(dev, "wait_for_workers", ready_at_once)
+    config = Config(nats_url=nats_server_url, pg_dsn=pg_dsn, prefix=prefix, pg_tcp_timeout_s=8)
+    assert await dev.run_dev(config, demo=1, workers=1, data_dir=str(tmp_path)) == 0
+    assert seen == {"prepare": GIVEN_UP_AFTER_8_S, "pool": GIVEN_UP_AFTER_8_S}
 
 
 async def test_deploy_and_validate_refuse_a_subject_type_no_worker_has_registered(pg_dsn, tmp_path):

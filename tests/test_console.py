@@ -25,10 +25,11 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from harness import ROOT, WAITER, WELCOME, engine, http
+from harness import GIVEN_UP_AFTER_8_S, ROOT, WAITER, WELCOME, engine, http, silence_limits
 
 from bench.generator import trigger_event
-from daemon.console.app import make_app
+from daemon.config import Config
+from daemon.console.app import make_app, open_console
 from daemon.console.auth import Identity, Sessions, TokenError, Tokens
 from daemon.console.live import Live
 from daemon.console.state import Console
@@ -609,6 +610,20 @@ async def test_the_console_command_serves_on_loopback_by_default(pg_dsn):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
+
+
+async def test_the_consoles_connections_are_given_up_after_pg_tcp_timeout_s_of_silence(pg_dsn):
+    """The console's pool opened its connections with asyncpg alone: no keepalive on either end, so a page read
+    on a connection cut without a word waited for the command timeout. They are opened as a worker's are, JIT
+    still off."""
+    console, nc = await open_console(Config(pg_dsn=pg_dsn, pg_tcp_timeout_s=8), Tokens(TOKENS))
+    try:
+        assert nc is None
+        async with console.pool.acquire() as conn:
+            assert await silence_limits(conn) == GIVEN_UP_AFTER_8_S
+            assert await conn.fetchval("SHOW jit") == "off"
+    finally:
+        await console.pool.close()
 
 
 async def test_live_draws_the_workers_throughput_from_their_metrics(nats_server_url, pg_dsn, prefix):

@@ -15,8 +15,9 @@ import os
 import signal
 from importlib import resources
 
-import asyncpg
 from aiohttp import web
+
+from ledger import connection
 
 from ..config import Config
 from ..topology import Topology
@@ -136,8 +137,11 @@ def make_app(console: Console) -> web.Application:
 
 async def open_console(config: Config, tokens: Tokens) -> tuple[Console, object | None]:
     """The ledger pool and, when NATS is configured, a JetStream context: (console, nats client or None)."""
-    # The console's statements read a page each: JIT compiling them costs more than it saves.
-    pool = await asyncpg.create_pool(config.pg_dsn, min_size=1, max_size=4, server_settings={"jit": "off"})
+    # The console's statements read a page each: JIT compiling them costs more than it saves. Its connections
+    # are given up after pg_tcp_timeout_s of silence, as a worker's are: a page would otherwise wait on a cut one.
+    pool = await connection.create_pool(
+        config.pg_dsn, tcp_timeout_s=config.pg_tcp_timeout_s, min_size=1, max_size=4, server_settings={"jit": "off"}
+    )
     nc = None
     js = None
     if config.nats_url:
