@@ -23,12 +23,16 @@ from .topology import Topology
 
 
 class NotSent(Exception):
-    """The message was refused before anything was published: no such execution, or another deployment's."""
+    """The message was refused before anything was published: no such execution, or another deployment's (the
+    console titles and answers each by its kind)."""
+
+
+class NoSuchExecution(NotSent):
+    """Refused for there is no such execution (none ever, or gone since it was looked up: retention)."""
 
 
 class OthersExecution(NotSent):
-    """Refused for whose the execution is: another deployment's, or one the ledger cannot name (the console
-    titles this refusal by it, as it does a retry of another deployment's letter)."""
+    """Refused for whose the execution is: another deployment's, or one the ledger cannot name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +62,12 @@ async def send(js: Any, conn: Queryable, topology: Topology, message: OperatorMe
     """Publish `message` onto its execution's subject; the stream sequence it got.
 
     NotSent, and nothing published, unless the ledger holds the execution as this
-    deployment's (`topology.prefix`): OthersExecution when it holds it as another's.
+    deployment's (`topology.prefix`): NoSuchExecution when it holds none, OthersExecution
+    when it holds it as another's.
     """
     exists, deployment = await deployment_of(conn, message.execution_id)
     if not exists:
-        raise NotSent(f"no execution {message.execution_id}")
+        raise NoSuchExecution(f"no execution {message.execution_id}")
     if deployment != topology.prefix:
         owner = (
             f"deployment {deployment!r}"

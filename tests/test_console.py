@@ -340,6 +340,69 @@ async def test_a_refused_cancel_or_signal_of_another_deployments_execution_is_ti
         assert status == "waiting"
 
 
+async def test_a_cancel_or_signal_of_an_execution_gone_since_the_console_looked_is_titled_for_what_and_why(
+    nats_server_url, pg_dsn, prefix, target, monkeypatch
+):
+    """An execution can go between the console's look at it and the send (retention drops its day): the send
+    is refused, and the page was titled "Not sent", 409, as any refusal. It says what was not done and why,
+    404: there is no such execution. Nothing is published."""
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        looked = queries.execution_tenant
+
+        async def looked_then_gone(conn, execution_id: str) -> str | None:
+            tenant = await looked(conn, execution_id)
+            await conn.execute("DELETE FROM ordo.executions WHERE execution_id = $1::uuid", execution_id)
+            return tenant
+
+        monkeypatch.setattr(queries, "execution_tenant", looked_then_gone)
+        before = (await s.h.js.stream_info(s.h.topology.exec_stream)).state.messages
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+        for execution_id, change, form, title in [
+            (s.waiting[1], "cancel", {}, "Not cancelled: no such execution"),
+            (s.waiting[2], "signal", {"name": "done"}, "Not signalled: no such execution"),
+        ]:
+            page = await s.client.post(f"/executions/{execution_id}/{change}", data=form, headers=headers)
+            text = await page.text()
+            assert page.status == 404 and f"<title>{title} · Ordo</title>" in text, text
+            assert f"no execution {execution_id}" in text
+        trail = await s.h.db.fetch("SELECT action, outcome FROM ordo.console_audit ORDER BY id")
+        assert [tuple(r) for r in trail] == [
+            ("cancel", f"refused: no execution {s.waiting[1]}"),
+            ("signal", f"refused: no execution {s.waiting[2]}"),
+        ]
+        assert (await s.h.js.stream_info(s.h.topology.exec_stream)).state.messages == before
+
+
+async def test_a_refused_retry_of_a_letter_is_titled_for_what_and_why(nats_server_url, pg_dsn, prefix, target):
+    """A retry of a letter that is no longer open, or that a retry leaves open (nowhere to send it), is refused,
+    409: the page was titled "Not sent", though nothing was to be sent. It says what was not done and why."""
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+        retried = await s.h.db.fetchval("SELECT id FROM ordo.dead_letters WHERE execution_id = $1", s.failed)
+        nowhere = await s.h.db.fetchval(
+            "INSERT INTO ordo.dead_letters (reason, error, tenant, subject, stream, stream_seq, payload)"
+            " VALUES ('invalid_subject', 'made up', 'acme', '', $1, 1, '{}') RETURNING id",
+            s.h.topology.triggers_stream,
+        )
+        assert (await s.client.post(f"/dead-letters/{retried}/retry", headers=headers)).status == 200
+        await s.h.wait_status(s.failed, "completed")
+        for letter_id, title, why in [
+            (retried, "Not retried: the letter is no longer open", f"dead letter {retried} is not open"),
+            (nowhere, "Not retried: nowhere to send it", f"{nowhere}: nothing to retry it with (no subject)"),
+        ]:
+            page = await s.client.post(f"/dead-letters/{letter_id}/retry", headers=headers)
+            text = await page.text()
+            assert page.status == 409 and f"<title>{title} · Ordo</title>" in text, text
+            assert why in text
+        trail = await s.h.db.fetch("SELECT dead_letter_id, outcome FROM ordo.console_audit ORDER BY id")
+        assert [r["dead_letter_id"] for r in trail] == [retried, retried, nowhere]
+        assert [r["outcome"].split(":")[0] for r in trail] == ["ok", "refused", "refused"]
+        statuses = await s.h.db.fetch(
+            "SELECT status FROM ordo.dead_letters WHERE id = ANY($1) ORDER BY id", [retried, nowhere]
+        )
+        assert [r[0] for r in statuses] == ["retried", "open"]
+
+
 async def test_a_groups_retry_button_counts_the_letters_a_group_retry_takes(nats_server_url, pg_dsn, prefix, target):
     """A group's Retry button counted every open letter of the group, those a group retry passes over (no
     subject to republish to) among them: "Retry 3" retried 2. It offers the letters it retries, next to the

@@ -609,7 +609,7 @@ async def test_a_console_retry_of_another_deployments_letter_is_refused_and_audi
             # Once more: nothing to retry, so nothing is sent, and it says so (it once answered "Done", "ok").
             again = await client.post(f"/dead-letters/{ours}/retry", headers=headers)
             assert again.status == 409 and f"dead letter {ours} is not open (retried already?)" in await again.text()
-            assert "<title>Not sent · Ordo</title>" in await again.text()
+            assert "<title>Not retried: the letter is no longer open · Ordo</title>" in await again.text()
         assert await _statuses(a, [ours]) == ["retried"]
         trail = await a.db.fetch("SELECT action, dead_letter_id, outcome FROM ordo.console_audit ORDER BY id")
         assert [tuple(r) for r in trail] == [

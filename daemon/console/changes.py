@@ -9,7 +9,9 @@ tenant's is "not found", like a page. A cancel or signal for another
 deployment's execution (the ledger is shared) is refused, 409, and audited as such,
 and so is a retry of another deployment's letter: it stays open, for that
 deployment to retry (daemon/dlq.py's `retry` tells whose it is, by the ledger's rule).
-Each such refusal's page is titled with what was not done and why (`REFUSED_FOR_WHOSE`).
+So is a change that finds nothing to do it to: an execution gone since the console looked
+(404), a letter no longer open or with nowhere to send it (409). Each refusal's page
+is titled with what was not done and why, and answered with its status (`REFUSALS`).
 """
 
 from __future__ import annotations
@@ -34,13 +36,33 @@ GROUP_RETRY_LIMIT = 1000
 #: The most letters a group retry leaves open that its answer names, with why (it counts them all).
 LEFT_OPEN_NAMED = 10
 
-#: The title of a change refused for whose its execution or letter is (another deployment's), by the change and
-#: the refusal: what was not done, and why. Any other refusal (nothing to send) is "Not sent".
-REFUSED_FOR_WHOSE = {
-    ("cancel", operator_messages.OthersExecution): "Not cancelled: another deployment's execution",
-    ("signal", operator_messages.OthersExecution): "Not signalled: another deployment's execution",
-    ("dlq_retry", OthersLetter): "Not retried: another deployment's letter",
+
+class LetterNotOpen(Exception):
+    """The letter asked for was not open when its retry looked (retried since, or being retried): nothing sent."""
+
+
+class NowhereToSend(Exception):
+    """The letter asked for was left open: a retry has nowhere to send it (no subject to republish it to, no
+    execution or deployment of one to send it to), said in the words of `ordo dlq retry`."""
+
+
+#: A refused change's page by the change and the refusal (the exception that said so): its title, what was not
+#: done and why, and its status. Nothing was sent or marked; any other exception is the change failing.
+REFUSALS: dict[tuple[str, type[Exception]], tuple[str, int]] = {
+    ("cancel", operator_messages.NoSuchExecution): ("Not cancelled: no such execution", 404),
+    ("cancel", operator_messages.OthersExecution): ("Not cancelled: another deployment's execution", 409),
+    ("signal", operator_messages.NoSuchExecution): ("Not signalled: no such execution", 404),
+    ("signal", operator_messages.OthersExecution): ("Not signalled: another deployment's execution", 409),
+    ("dlq_retry", OthersLetter): ("Not retried: another deployment's letter", 409),
+    ("dlq_retry", LetterNotOpen): ("Not retried: the letter is no longer open", 409),
+    ("dlq_retry", NowhereToSend): ("Not retried: nowhere to send it", 409),
 }
+
+
+def _refusal(action: str, exc: Exception) -> tuple[str, int] | None:
+    """The title and status of `action` refused by `exc` (`REFUSALS`, its most specific kind); None if `exc`
+    is no refusal."""
+    return next((REFUSALS[action, kind] for kind in type(exc).__mro__ if (action, kind) in REFUSALS), None)
 
 
 async def _audited(
@@ -62,15 +84,14 @@ async def _audited(
         )
     try:
         done = await change(console)
-    except (operator_messages.NotSent, OthersLetter) as exc:  # refused before anything was sent
-        async with console.pool.acquire() as conn:
-            await queries.audit_end(conn, audit_id, f"refused: {exc}")
-        title = REFUSED_FOR_WHOSE.get((action, type(exc)), "Not sent")
-        return html_page(request, title, f'<p class="error">{esc(exc)}</p>', 409)
     except Exception as exc:
+        refusal = _refusal(action, exc)
         async with console.pool.acquire() as conn:
-            await queries.audit_end(conn, audit_id, f"error: {exc}")
-        return html_page(request, "Failed", f'<p class="error">{esc(action)} failed: {esc(exc)}</p>', 502)
+            await queries.audit_end(conn, audit_id, f"{'error' if refusal is None else 'refused'}: {exc}")
+        if refusal is None:
+            return html_page(request, "Failed", f'<p class="error">{esc(action)} failed: {esc(exc)}</p>', 502)
+        title, status = refusal
+        return html_page(request, title, f'<p class="error">{esc(exc)}</p>', status)
     async with console.pool.acquire() as conn:
         await queries.audit_end(conn, audit_id, "ok")
     back = link(f"/executions/{execution_id}", "Back to the execution") if execution_id else ""
@@ -133,7 +154,7 @@ async def retry_letter(request: web.Request) -> web.Response:
     """Retry one open dead letter (daemon/dlq.py: a failed step resumes, a refused message is republished).
 
     Another deployment's letter is refused, 409, as a cancel of its execution is: it stays open. So is a
-    letter that is not retried (not open, or nothing to retry it with), saying why.
+    letter that is not retried (no longer open, or nowhere to send it), saying why.
     """
     raw = request.match_info["letter_id"]
     if not raw.isdigit():
@@ -148,9 +169,9 @@ async def retry_letter(request: web.Request) -> web.Response:
         async with console.pool.acquire() as conn:
             done = await retry(conn, console.js, console.topology, letter_id=letter_id, refuse_others=True)
         if not done.retried:  # nothing sent: refused, and audited so, with why (as `ordo dlq retry ID` exits 1)
-            raise operator_messages.NotSent(
-                "; ".join(done.lines) or f"dead letter {letter_id} is not open (retried already?)"
-            )
+            if done.left_open:
+                raise NowhereToSend("; ".join(done.lines))
+            raise LetterNotOpen(f"dead letter {letter_id} is not open (retried already?)")
         return "; ".join(done.lines)
 
     return await _audited(request, "dlq_retry", None, letter_id, {}, change)
