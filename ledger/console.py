@@ -29,6 +29,10 @@ from ledger.dead_letters import DEPLOYMENT_OF_LETTER, EXECUTION_OF_LETTER, WHY_R
 #: The execution statuses a search can ask for.
 STATUSES = ("running", "waiting", "completed", "failed", "cancelled")
 
+#: The most letters one group retry takes (`group_letter_ids`' limit): what is left stays open for the next.
+#: The dead-letter page's Retry button says how many of a group one click retries; the change takes that many.
+GROUP_RETRY_LIMIT = 1000
+
 
 @dataclass(frozen=True)
 class ExecutionSearch:

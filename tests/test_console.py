@@ -29,6 +29,7 @@ from harness import GIVEN_UP_AFTER_8_S, ROOT, WAITER, WELCOME, engine, http, sil
 
 from bench.generator import trigger_event
 from daemon.config import Config
+from daemon.console import views
 from daemon.console.app import make_app, open_console
 from daemon.console.auth import Identity, Sessions, TokenError, Tokens
 from daemon.console.live import Live
@@ -426,6 +427,41 @@ async def test_a_groups_retry_button_counts_the_letters_a_group_retry_takes(nats
         assert groups["invalid_subject", "globex"][6] == "None to retry"
         assert 'title="a retry would leave each of them open' in page
         assert page.count('action="/dead-letters/retry-group"') == 2  # the webhook's failed step, and acme's
+
+
+async def test_a_groups_retry_button_says_how_many_of_its_letters_one_click_retries(
+    nats_server_url, pg_dsn, prefix, target, monkeypatch
+):
+    """A group retry takes at most GROUP_RETRY_LIMIT letters a click, but the button offered them all: "Retry
+    5" retried 3. It says "Retry 3 of 5", the answer that more remain, and the next click's button the rest."""
+    monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 3)
+    async with scene(nats_server_url, pg_dsn, prefix, target) as s:
+        subject = s.h.topology.trigger_subject("acme", "session.started")
+        for seq in range(5):
+            await s.h.db.execute(
+                "INSERT INTO ordo.dead_letters (reason, error, tenant, subject, stream, stream_seq, payload)"
+                " VALUES ('invalid_subject', 'made up', 'acme', $1, $2, $3, '{}')",
+                subject,
+                s.h.topology.triggers_stream,
+                seq,
+            )
+        headers = {"Authorization": f"Bearer {OPERATOR}"}
+
+        async def button() -> str:
+            """The group's button: reason, action, tenant, letters, first, last, retry."""
+            page = await (await s.client.get("/dead-letters", headers=headers)).text()
+            return next(r[6] for r in _rows(page) if r[0] == "invalid_subject")
+
+        group = {"reason": "invalid_subject", "action": "", "tenant": "acme"}
+        assert await button() == "Retry 3 of 5"
+        first = await s.client.post("/dead-letters/retry-group", data=group, headers=headers)
+        assert "3 dead letter(s) retried (more remain: retry the group again)" in await first.text()
+        assert await button() == "Retry 2"
+        second = await s.client.post("/dead-letters/retry-group", data=group, headers=headers)
+        assert "2 dead letter(s) retried</p>" in await second.text()
+        assert views.group_retry_label(1234) == "Retry 3 of 1,234"
+        monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 1000)
+        assert views.group_retry_label(1234) == "Retry 1,000 of 1,234"
 
 
 def _cells(page: str, first: str) -> list[str]:

@@ -31,6 +31,7 @@ from daemon.dlq import OthersLetter, list_letters, retry, show_letter
 from daemon.enrolment import event_message
 from daemon.timers import TimerFire
 from hotpath import ExecutionState
+from ledger import console as console_queries
 from ledger.executions import ExecutionRecord, deployment_of
 
 
@@ -683,7 +684,7 @@ async def test_a_group_retry_passes_over_the_letters_it_cannot_retry_and_says_wh
     retry them or not: a group whose oldest letters had no subject to republish to took those at every retry,
     left them open again, and never reached the rest. It takes the ones it can retry; the others it counts as
     left open, naming the first few with why, in the words of `ordo dlq retry` (other_deployment's too)."""
-    monkeypatch.setattr(changes, "GROUP_RETRY_LIMIT", 2)
+    monkeypatch.setattr(console_queries, "GROUP_RETRY_LIMIT", 2)
     monkeypatch.setattr(changes, "LEFT_OPEN_NAMED", 2)
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         await h.deploy(WAITER)

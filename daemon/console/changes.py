@@ -31,8 +31,6 @@ from .html import esc, link
 from .state import CONSOLE, Console, identity_of
 from .views import bad_request, execution_uuid, html_page, not_found
 
-#: The most letters one group retry takes; what is left stays open for the next.
-GROUP_RETRY_LIMIT = 1000
 #: The most letters a group retry leaves open that its answer names, with why (it counts them all).
 LEFT_OPEN_NAMED = 10
 
@@ -179,9 +177,10 @@ async def retry_letter(request: web.Request) -> web.Response:
 
 async def retry_group(request: web.Request) -> web.Response:
     """Retry every open letter of one (reason, action, tenant) group that is this deployment's, up to
-    GROUP_RETRY_LIMIT: what the dead-letter page counts in it (another deployment's are that one's to retry).
-    Letters a retry would leave open (e.g. no subject to republish to) are not taken, so they never fill the
-    limit; the answer counts the letters retried, and those left open, the first few with why."""
+    GROUP_RETRY_LIMIT (ledger/console.py): what the dead-letter page's button offers (another deployment's
+    are that one's to retry). Letters a retry would leave open (e.g. no subject to republish to) are not
+    taken, so they never fill the limit; the answer counts the letters retried, and those left open, the
+    first few with why."""
     identity = identity_of(request)
     form = await request.post()
     reason = str(form.get("reason") or "")
@@ -195,7 +194,8 @@ async def retry_group(request: web.Request) -> web.Response:
     async def change(console: Console) -> str:
         async with console.pool.acquire() as conn:
             deployment = console.topology.prefix
-            ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, GROUP_RETRY_LIMIT)
+            limit = queries.GROUP_RETRY_LIMIT
+            ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, limit)
             skipped, skipped_why = await queries.group_letters_left_open(
                 conn, deployment, reason, action, tenant, LEFT_OPEN_NAMED
             )
@@ -204,7 +204,7 @@ async def retry_group(request: web.Request) -> web.Response:
                 done = await retry(conn, console.js, console.topology, letter_id=letter_id)
                 retried += done.retried
                 left_open += done.left_open  # picked, but left open all the same (it changed since): not retried
-        more = " (more remain: retry the group again)" if len(ids) == GROUP_RETRY_LIMIT else ""
+        more = " (more remain: retry the group again)" if len(ids) == limit else ""
         return summary(retried, len(left_open) + skipped, left_open + skipped_why) + more
 
     detail = {"reason": reason, "action": action, "tenant": tenant}

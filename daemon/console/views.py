@@ -311,7 +311,7 @@ def _transitions(doc: dict) -> str:
 
 async def dead_letters(request: web.Request) -> web.Response:
     """Open dead letters by (reason, action, tenant) with counts, each group retried at once (its button
-    counts the letters that retry takes); then the newest.
+    counts the letters that retry takes, up to a click's worth); then the newest.
 
     The console's own deployment's letters, the ones its retry takes, as `ordo dlq list` shows them; with
     `all=1` every deployment's sharing the ledger, each naming whose it is, and a Retry button only on
@@ -342,7 +342,7 @@ async def dead_letters(request: web.Request) -> web.Response:
             why = "a retry would leave each of them open (e.g. a message with no subject to republish it to)"
             return f'<span title="{esc(why)}">None to retry</span>'
         fields = {"reason": g["reason"], "action": g["action"] or "", "tenant": g["tenant"] or ""}
-        return retry_button(g, "/dead-letters/retry-group", f"Retry {g['retriable']}", fields)
+        return retry_button(g, "/dead-letters/retry-group", group_retry_label(g["retriable"]), fields)
 
     group_rows = [
         [
@@ -389,6 +389,13 @@ async def dead_letters(request: web.Request) -> web.Response:
         )
     )
     return html_page(request, "Dead letters", body)
+
+
+def group_retry_label(retriable: int) -> str:
+    """A group's Retry button says how many letters one click retries: of a group larger than a group retry
+    takes, that many of all (the rest stay open for the next click)."""
+    limit = queries.GROUP_RETRY_LIMIT
+    return f"Retry {limit:,} of {retriable:,}" if retriable > limit else f"Retry {retriable:,}"
 
 
 def _letters_scope(deployment: str, everyone: bool, reason: str | None) -> str:
