@@ -433,11 +433,12 @@ async def test_a_groups_retry_button_says_how_many_of_its_letters_one_click_retr
     nats_server_url, pg_dsn, prefix, target, monkeypatch
 ):
     """A group retry takes at most GROUP_RETRY_LIMIT letters a click, but the button offered them all: "Retry
-    5" retried 3. It says "Retry 3 of 5", the answer that more remain, and the next click's button the rest."""
+    6" retried 3. It says "Retry 3 of 6", the answer that more remain, and the next click's button the rest;
+    that click's answer says no more remain (a group of exactly the limit once answered that more did)."""
     monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 3)
     async with scene(nats_server_url, pg_dsn, prefix, target) as s:
         subject = s.h.topology.trigger_subject("acme", "session.started")
-        for seq in range(5):
+        for seq in range(6):
             await s.h.db.execute(
                 "INSERT INTO ordo.dead_letters (reason, error, tenant, subject, stream, stream_seq, payload)"
                 " VALUES ('invalid_subject', 'made up', 'acme', $1, $2, $3, '{}')",
@@ -453,12 +454,16 @@ async def test_a_groups_retry_button_says_how_many_of_its_letters_one_click_retr
             return next(r[6] for r in _rows(page) if r[0] == "invalid_subject")
 
         group = {"reason": "invalid_subject", "action": "", "tenant": "acme"}
-        assert await button() == "Retry 3 of 5"
+        assert await button() == "Retry 3 of 6"
         first = await s.client.post("/dead-letters/retry-group", data=group, headers=headers)
-        assert "3 dead letter(s) retried (more remain: retry the group again)" in await first.text()
-        assert await button() == "Retry 2"
+        assert "3 dead letter(s) retried (more remain: retry the group again)</p>" in await first.text()
+        assert await button() == "Retry 3"
         second = await s.client.post("/dead-letters/retry-group", data=group, headers=headers)
-        assert "2 dead letter(s) retried</p>" in await second.text()
+        assert "3 dead letter(s) retried</p>" in await second.text()
+        opened = await s.h.db.fetchval(
+            "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'invalid_subject' AND status = 'open'"
+        )
+        assert opened == 0
         assert views.group_retry_label(1234) == "Retry 3 of 1,234"
         monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 1000)
         assert views.group_retry_label(1234) == "Retry 1,000 of 1,234"

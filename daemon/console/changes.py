@@ -195,16 +195,17 @@ async def retry_group(request: web.Request) -> web.Response:
         async with console.pool.acquire() as conn:
             deployment = console.topology.prefix
             limit = queries.GROUP_RETRY_LIMIT
-            ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, limit)
+            # One more than it takes: whether more remain (a group of exactly the limit leaves none).
+            ids = await queries.group_letter_ids(conn, deployment, reason, action, tenant, limit + 1)
             skipped, skipped_why = await queries.group_letters_left_open(
                 conn, deployment, reason, action, tenant, LEFT_OPEN_NAMED
             )
             retried, left_open = 0, []
-            for letter_id in ids:
+            for letter_id in ids[:limit]:
                 done = await retry(conn, console.js, console.topology, letter_id=letter_id)
                 retried += done.retried
                 left_open += done.left_open  # picked, but left open all the same (it changed since): not retried
-        more = " (more remain: retry the group again)" if len(ids) == limit else ""
+        more = " (more remain: retry the group again)" if len(ids) > limit else ""
         return summary(retried, len(left_open) + skipped, left_open + skipped_why) + more
 
     detail = {"reason": reason, "action": action, "tenant": tenant}
