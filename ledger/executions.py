@@ -326,10 +326,10 @@ class ExecutionRecord:
         return change
 
     def _runtime(self) -> dict[str, Any]:
-        """What the `runtime` column holds: the dispatcher's state (`runtime_of`) and the events it
-        took while it can still take more."""
+        """What the `runtime` column holds: the dispatcher's state (`runtime_of`), and what tells the
+        events it must not take, kept as long as that is (a failed execution may be retried)."""
         runtime = runtime_of(self.state)
-        if self.state.status not in CLOSED:
+        if self.state.status != "completed":
             if self.received:
                 runtime[RECEIVED] = self.received
             if self.trigger_stored is not None:
