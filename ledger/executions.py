@@ -175,8 +175,8 @@ class ExecutionRecord:
         self.deployment = deployment
         #: The ids of the last RECEIVED_KEPT events routed to it that it took, oldest first (`took_event`).
         self.received = received or []
-        #: Where the triggers stream stored the event that enrolled it, [stream, seq, ns], kept while it
-        #: runs when its workflow waits for events (`enrolled_after`); None: not kept (or enrolled before).
+        #: Where the triggers stream stored the event that enrolled it, [stream, seq, ns], kept until it
+        #: completes when its workflow waits for events (`enrolled_after`); None: not kept.
         self.trigger_stored = trigger_stored
 
     def enrolled_after(self, stored: list[Any] | None) -> bool:

@@ -891,15 +891,30 @@ VIEWS = {
 }
 
 
+def _views_of_one_contact(run_id: str) -> list[dict]:
+    views = [trigger_event(run_id, i, tenant="acme", event_type="page.viewed") for i in range(3)]
+    for view in views:
+        view["contact"] = {"id": "c-0"}
+    return views
+
+
+async def _events_taken(h: Harness, execution_id: str) -> list[str]:
+    """The ids of the events the execution took, in order."""
+    rows = await h.db.fetch(
+        "SELECT detail->>'event_id' AS event_id FROM ordo.transitions"
+        " WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq",
+        execution_id,
+    )
+    return [r["event_id"] for r in rows]
+
+
 async def test_an_event_routed_again_after_the_duplicate_window_is_not_taken_twice(nats_server_url, pg_dsn, prefix):
     """A trigger taken from its lane again (after a worker and server restart, the span since the lane's
     last recorded floor; or a publisher's retry) is routed again to an execution that waits for its type
     once more. JetStream drops the copy only within the execution stream's 120 s duplicate window; after
     it, the copy (here published under another msg id) reaches the execution, which must not take it:
     neither the event that enrolled it nor one it took already, also once read back from its row."""
-    views = [trigger_event("again", i, tenant="acme", event_type="page.viewed") for i in range(3)]
-    for view in views:
-        view["contact"] = {"id": "c-0"}
+    views = _views_of_one_contact("again")
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         execution_id = h.execution_id("acme", "views", views[0]["event_id"])
         subject = h.topology.exec_subject(execution_id)
@@ -920,12 +935,7 @@ async def test_an_event_routed_again_after_the_duplicate_window_is_not_taken_twi
             await routed_again(views[1])
             await h.publish_triggers(views[2:])
             await h.wait_status(execution_id, "completed")
-        taken = await h.db.fetch(
-            "SELECT detail->>'event_id' AS event_id FROM ordo.transitions"
-            " WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq",
-            execution_id,
-        )
-        assert [r["event_id"] for r in taken] == [views[1]["event_id"], views[2]["event_id"]]
+        assert await _events_taken(h, execution_id) == [views[1]["event_id"], views[2]["event_id"]]
         assert await h.ledger_problems() == NO_PROBLEMS
 
 
@@ -937,9 +947,7 @@ async def test_triggers_taken_again_after_a_lost_lane_reach_only_executions_that
     now waiting for their type. Here the floor is gone altogether, so the lane takes every trigger
     again. The first view enrolled X; the second moved X on and enrolled Y. Neither may take a view
     again: X took both (one enrolled it), and Y did not exist when the first was stored."""
-    views = [trigger_event("lost-lane", i, tenant="acme", event_type="page.viewed") for i in range(3)]
-    for view in views:
-        view["contact"] = {"id": "c-0"}
+    views = _views_of_one_contact("lost-lane")
     async with Harness(nats_server_url, pg_dsn, prefix) as h:
         x, y = (h.execution_id("acme", "views", view["event_id"]) for view in views[:2])
         waiting_at = "SELECT step_id FROM ordo.event_waits WHERE execution_id = $1::uuid"
@@ -960,10 +968,6 @@ async def test_triggers_taken_again_after_a_lost_lane_reach_only_executions_that
             await h.publish_triggers(views[2:])
             await h.wait_status(x, "completed")
             await h.wait_until(waiting_at, y, expect="third")
-        taken = (
-            "SELECT detail->>'event_id' AS event_id FROM ordo.transitions"
-            " WHERE execution_id = $1::uuid AND kind = 'event_received' ORDER BY seq"
-        )
-        assert [r["event_id"] for r in await h.db.fetch(taken, x)] == [views[1]["event_id"], views[2]["event_id"]]
-        assert [r["event_id"] for r in await h.db.fetch(taken, y)] == [views[2]["event_id"]]
+        assert await _events_taken(h, x) == [views[1]["event_id"], views[2]["event_id"]]
+        assert await _events_taken(h, y) == [views[2]["event_id"]]
         assert await h.ledger_problems() == NO_PROBLEMS
