@@ -155,10 +155,12 @@ async def waiting_for(conn, events: list[dict]) -> list[tuple[str, int]]:
     return [(execution_id, i) for execution_id, i in rows]
 
 
-def stored_position(source) -> list:
-    """Where the triggers stream stored a trigger (a delivery, or an event of a batch message):
-    [stream, seq, ns], the same on every redelivery."""
-    return [source.stream, source.stream_seq, source.timestamp_ns]
+def stored_position(source, topology: Topology) -> list:
+    """Where the triggers stream stored a trigger (a delivery, or an event of a batch message), the
+    same on every redelivery: [stream, the tenant token of its subject, seq, ns]. The token names
+    the lane it was filed under, whose order the seq is (a stream holds several lanes, and an
+    event whose tenant is not its subject's is in another lane than its tenant's other events)."""
+    return [source.stream, topology.published_tenant(source.subject), source.stream_seq, source.timestamp_ns]
 
 
 def event_message(execution_id: str, event: dict, stored: list | None = None) -> tuple[bytes, str]:
@@ -247,7 +249,7 @@ def enrol(
                 subject_type=subject_type,
                 ledger_day=ledger_day,
                 engine=entry.engine,
-                trigger_stored=stored_position(source) if entry.waits_for_events else None,
+                trigger_stored=stored_position(source, topology) if entry.waits_for_events else None,
             )
             started = time.perf_counter()
             if build is None:

@@ -423,9 +423,10 @@ class Intake:
 
     async def _route(self, execution_id: str, events: list[tuple]) -> None:
         """Each (source, event) onto the execution's subject, with where its trigger was stored."""
-        subject = self.topology.exec_subject(execution_id)
+        topology = self.topology
+        subject = topology.exec_subject(execution_id)
         for source, event in events:
-            body, msg_id = enrolment.event_message(execution_id, event, enrolment.stored_position(source))
+            body, msg_id = enrolment.event_message(execution_id, event, enrolment.stored_position(source, topology))
             await publish_stored(self._js, subject, body, msg_id)
             metrics.events_routed.inc()
 

@@ -156,6 +156,10 @@ class Topology(Subjects):
         """The lanes the owner of `partition` consumes: lane i is served by partition i % partitions."""
         return list(range(partition, self.lanes, self.partitions))
 
+    def published_tenant(self, published: str) -> str:
+        """The tenant token of the subject a trigger was published to: what filed it under its lane."""
+        return published[len(f"{self.prefix}.triggers.") :].split(".", 1)[0]
+
     def published_subject(self, stored: str) -> str:
         """The subject a trigger was published to, from the one the stream stored (the lane token dropped)."""
         head = f"{self.prefix}.triggers."

@@ -250,18 +250,22 @@ def decode_exec(body: bytes, max_bytes: int) -> dict[str, Any]:
             raise BadMessage("wrong_type", "field 'event' needs string 'type' and 'event_id'")
         stored = doc.get("stored")
         if stored is not None and not is_stored_position(stored):
-            raise BadMessage("wrong_type", "field 'stored' must be [stream, seq, ns]: a string and two integers")
+            raise BadMessage(
+                "wrong_type", "field 'stored' must be [stream, tenant token, seq, ns]: two strings and two integers"
+            )
     return doc
 
 
 def is_stored_position(value: object) -> bool:
-    """Where a stream stored a trigger, as a routed event and an execution's row carry it: [stream, seq, ns]."""
+    """Where a stream stored a trigger, as a routed event and an execution's row carry it:
+    [stream, the tenant token of its subject, seq, ns]."""
     return (
         type(value) is list
-        and len(value) == 3
+        and len(value) == 4
         and type(value[0]) is str
-        and type(value[1]) is int
+        and type(value[1]) is str
         and type(value[2]) is int
+        and type(value[3]) is int
     )
 
 

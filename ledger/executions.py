@@ -175,25 +175,28 @@ class ExecutionRecord:
         self.deployment = deployment
         #: The ids of the last RECEIVED_KEPT events routed to it that it took, oldest first (`took_event`).
         self.received = received or []
-        #: Where the triggers stream stored the event that enrolled it, [stream, seq, ns], kept until it
+        #: Where the triggers stream stored the event that enrolled it, [stream, token, seq, ns], kept until it
         #: completes when its workflow waits for events (`enrolled_after`); None: not kept.
         self.trigger_stored = trigger_stored
 
     def enrolled_after(self, stored: list[Any] | None) -> bool:
-        """An event stored there (a routed event's [stream, seq, ns]) came before the trigger that enrolled it.
+        """An event stored there (a routed event's [stream, token, seq, ns]) came before the trigger that
+        enrolled it, in the same lane.
 
         Such an event was routed only because its trigger was taken again (the
         span after a lane's last recorded floor, when nats-server and the worker
         restart together): the first time, this execution did not exist yet,
         and it must not take the event now. Both the sequence and the time must
         say so: a stream created again starts its sequences again, and a
-        server's clock may step back; a lane moved to another stream compares
-        nothing.
+        server's clock may step back. Only one lane's order counts, and only
+        through one tenant token: another stream (a lane moved by
+        trigger_streams) or another token (maybe another lane: an event whose
+        tenant is not its subject's) compares nothing.
         """
         mine = self.trigger_stored
-        if stored is None or mine is None or stored[0] != mine[0]:
+        if stored is None or mine is None or stored[:2] != mine[:2]:
             return False
-        return bool(stored[1] < mine[1] and stored[2] < mine[2])
+        return bool(stored[2] < mine[2] and stored[3] < mine[3])
 
     def has_taken(self, event_id: str) -> bool:
         """The event with this id enrolled it, or is one of the last events routed to it that it took.
@@ -558,7 +561,7 @@ def _record(r: Record) -> ExecutionRecord:
         raise TypeError(f"runtime's {RECEIVED!r} is not a list of event ids")
     trigger_stored = runtime.get(TRIGGER_STORED)
     if trigger_stored is not None and not is_stored_position(trigger_stored):
-        raise TypeError(f"runtime's {TRIGGER_STORED!r} is not [stream, seq, ns]")
+        raise TypeError(f"runtime's {TRIGGER_STORED!r} is not [stream, token, seq, ns]")
     return ExecutionRecord(
         r["execution_id"],
         r["tenant"],

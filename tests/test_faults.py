@@ -25,7 +25,9 @@ from daemon.enrolment import event_message
 from daemon.lanes import lane_of
 from daemon.listener import Listener
 from daemon.servers import free_port
+from hotpath import ExecutionState
 from ledger import workflows
+from ledger.executions import ExecutionRecord
 
 
 async def _ack_pending(h: Harness, partition: int) -> int:
@@ -971,3 +973,33 @@ async def test_triggers_taken_again_after_a_lost_lane_reach_only_executions_that
         assert await _events_taken(h, x) == [views[1]["event_id"], views[2]["event_id"]]
         assert await _events_taken(h, y) == [views[2]["event_id"]]
         assert await h.ledger_problems() == NO_PROBLEMS
+
+
+@pytest.mark.parametrize(
+    ("event", "before"),
+    [
+        (["ORDO_TRIGGERS", "acme", 4, 40], True),  # earlier in the same lane
+        (["ORDO_TRIGGERS", "acme", 6, 60], False),  # later
+        (["ORDO_TRIGGERS", "beta", 4, 40], False),  # another lane of the stream (its subject's tenant token)
+        (["ORDO_TRIGGERS_1", "acme", 4, 40], False),  # another stream (trigger_streams moved the lane)
+        (["ORDO_TRIGGERS", "acme", 4, 60], False),  # an earlier seq stored later: the stream was created again
+        (None, False),  # routed without a place (by an older worker, an operator)
+    ],
+)
+def test_an_execution_refuses_only_events_its_own_lane_stored_before_its_trigger(event, before):
+    """An event whose tenant is not its subject's is filed in another lane than its tenant's other
+    events, where the seq says nothing about order: refusing it would lose it."""
+    record = ExecutionRecord(
+        "x",
+        "acme",
+        "views",
+        1,
+        "c-0",
+        "v-0",
+        0,
+        None,
+        0,
+        ExecutionState("x"),
+        trigger_stored=["ORDO_TRIGGERS", "acme", 5, 50],
+    )
+    assert record.enrolled_after(event) is before
