@@ -360,6 +360,7 @@ async def _cut_mid_copy(pg_dsn: str) -> bool:
         # Its backend still waits for the rest of the COPY, the rows it inserted locked: across a real
         # cut, Postgres's own keepalive would end it; here the relay answers for the client.
         await db.fetchval("SELECT pg_terminate_backend($1)", cut_backend)
+        cut_backend = 0  # ended: its pid is not to be terminated again (it may be another's by then)
         await _retried_and_committed_once(commit, changes, db, timeout=30)
         return True
     finally:
