@@ -144,6 +144,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _port_taken(err: ServerStartError) -> bool:
+    """The server did not start because another process bound its port first (lost the race a picked
+    free port runs until it is listened on): worth picking again."""
+    return "address already in use" in str(err).lower()
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -284,7 +290,7 @@ class _Embedded:
                 launch()
                 return
             except ServerStartError as err:
-                if not (chosen and "address already in use" in str(err).lower()):
+                if not (chosen and _port_taken(err)):
                     raise
         raise ServerStartError(f"no free port for {type(self).__name__} after 3 tries")
 
@@ -527,7 +533,7 @@ class EmbeddedNatsCluster:
                     node.start()
                 break
             except ServerStartError as err:
-                if self._started or attempt == 2 or "address already in use" not in str(err).lower():
+                if self._started or attempt == 2 or not _port_taken(err):
                     raise
                 self.stop()
                 self.nodes = self._nodes_on_free_ports()
