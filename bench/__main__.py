@@ -56,6 +56,7 @@ from typing import Any
 
 import orjson
 
+from ledger import connection
 from ledger.runs import ledger_sizes
 
 from . import (
@@ -342,7 +343,6 @@ def main(argv=None) -> int:
 
 # -- the whole invocation ---------------------------------------------------------------
 async def _main(args, scenario: Scenario) -> int:
-    import asyncpg
 
     from daemon import config as config_module
     from daemon.dev import Environment
@@ -371,8 +371,12 @@ async def _main(args, scenario: Scenario) -> int:
             config = env.start()
         # Reading a run back (verify, finish times) scans its executions: a soak's millions take minutes.
         expected = _expected(args, scenario)
-        pool = await asyncpg.create_pool(
-            config.pg_dsn, min_size=1, max_size=2, command_timeout=max(120.0, expected / 2_000)
+        pool = await connection.create_pool(
+            config.pg_dsn,
+            tcp_timeout_s=config.pg_tcp_timeout_s,
+            min_size=1,
+            max_size=2,
+            command_timeout=max(120.0, expected / 2_000),
         )
         try:
             workers = args.workers or config.workers or os.cpu_count() or 1

@@ -24,12 +24,11 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import orjson
 
 from daemon import config as config_module
+from ledger import connection, workflows
 from ledger import console as queries
-from ledger import workflows
 from ledger.schema import migrate, schema_version
 
 CHUNK = 1_000_000
@@ -106,11 +105,14 @@ async def measure(conn, search, cursor, repeat: int) -> dict:
 
 
 async def main_async(args) -> dict:
-    dsn = config_module.load().pg_dsn
+    config = config_module.load()
+    dsn = config.pg_dsn
     if not dsn:
         sys.exit("bench.console_search: set ORDO_PG_DSN (an empty database of its own)")
     # As the console's own pool connects (daemon/console/app.py): no JIT.
-    conn = await asyncpg.connect(dsn, command_timeout=3600, server_settings={"jit": "off"})
+    conn = await connection.connect(
+        dsn, tcp_timeout_s=config.pg_tcp_timeout_s, command_timeout=3600, server_settings={"jit": "off"}
+    )
     try:
         start = datetime(2026, 1, 1, tzinfo=UTC)
         spacing_s = SPAN.total_seconds() / args.executions

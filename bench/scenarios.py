@@ -36,7 +36,7 @@ from pathlib import Path
 
 import orjson
 
-from ledger import run_checks, runs
+from ledger import connection, run_checks, runs
 
 from .generator import (
     PubAcks,
@@ -386,7 +386,6 @@ class Signals(Scenario):
         on_progress=None,
         pubacks=None,
     ) -> dict:
-        import asyncpg
 
         from daemon import config as config_module
         from daemon.topology import execution_id_for
@@ -403,7 +402,8 @@ class Signals(Scenario):
         )
         # A signal for an execution that has not committed its enrolment would be
         # dead-lettered (unknown execution): wait until all wait for the first one.
-        conn = await asyncpg.connect(config_module.load().pg_dsn)
+        config = config_module.load()
+        conn = await connection.connect(config.pg_dsn, tcp_timeout_s=config.pg_tcp_timeout_s)
         try:
             while (await runs.workflow_progress(conn, self.tenant, run_id))["waiting"] < count:
                 await asyncio.sleep(0.2)

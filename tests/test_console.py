@@ -434,7 +434,8 @@ async def test_a_groups_retry_button_says_how_many_of_its_letters_one_click_retr
 ):
     """A group retry takes at most GROUP_RETRY_LIMIT letters a click, but the button offered them all: "Retry
     6" retried 3. It says "Retry 3 of 6", the answer that more remain, and the next click's button the rest;
-    that click's answer says no more remain (a group of exactly the limit once answered that more did)."""
+    that click's answer says no more remain (a group of exactly the limit once answered that more did). The
+    letters column says 1,234 as the button does, not 1234."""
     monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 3)
     async with scene(nats_server_url, pg_dsn, prefix, target) as s:
         subject = s.h.topology.trigger_subject("acme", "session.started")
@@ -464,7 +465,16 @@ async def test_a_groups_retry_button_says_how_many_of_its_letters_one_click_retr
             "SELECT count(*) FROM ordo.dead_letters WHERE reason = 'invalid_subject' AND status = 'open'"
         )
         assert opened == 0
-        assert views.group_retry_label(1234) == "Retry 3 of 1,234"
+        # The letters column counts as the button does: "1,234" beside "Retry 3 of 1,234", not "1234".
+        await s.h.db.execute(
+            "INSERT INTO ordo.dead_letters (reason, error, tenant, subject, stream, stream_seq, payload)"
+            " SELECT 'invalid_subject', 'made up', 'acme', $1, $2, 100 + n, '{}' FROM generate_series(1, 1234) n",
+            subject,
+            s.h.topology.triggers_stream,
+        )
+        page = await (await s.client.get("/dead-letters", headers=headers)).text()
+        row = next(r for r in _rows(page) if r[0] == "invalid_subject")
+        assert (row[3], row[6]) == ("1,234", "Retry 3 of 1,234")
         monkeypatch.setattr(queries, "GROUP_RETRY_LIMIT", 1000)
         assert views.group_retry_label(1234) == "Retry 1,000 of 1,234"
 

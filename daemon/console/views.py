@@ -350,7 +350,7 @@ async def dead_letters(request: web.Request) -> web.Response:
             *whose(g),
             esc(g["action"] or "-"),
             esc(g["tenant"] or "-"),
-            esc(g["letters"]),
+            esc(f"{g['letters']:,}"),
             esc(when(g["first_at"])),
             esc(when(g["last_at"])),
             group_retry_button(g),
