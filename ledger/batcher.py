@@ -35,11 +35,19 @@ Only after COMMIT returns does the worker ack the messages. A crash anywhere
 before that leaves the messages unacked; their redelivery recomputes the same
 changes, which the unique keys and the seq check turn into no-ops.
 
+A batch of enrolments alone, each ending in the commit that enrols it and
+asking for nothing more (no timer, wait, limit, letter, engine or effect on
+the world: W1's five set steps), is one COPY into `executions` in autocommit,
+with no transaction around it: one statement commits all of it or none, and
+BEGIN, txid_current() and COMMIT were three of its five round trips.
+
 A connection that fails during COMMIT leaves the outcome in doubt. Each
 transaction takes its id (txid_current) first; the retry asks Postgres
 (txid_status) and, when that transaction did commit, keeps its result instead
 of committing its units again: a second time their changes would be refused as
 stale, and the actions and events they ask for would never be carried out.
+A lone COPY has no id to ask about: once its backend has ended, its rows are
+there or not, all of them or none.
 A commit attempt is given up as soon as its connection is lost, wherever it
 waits (`_until_connection_lost`): a COPY waiting for the socket would wait for
 good.
@@ -525,8 +533,8 @@ class LedgerBatcher:
         self._written: dict[int, int] = {}
         #: Soaks only (daemon/faults.py): called with "before_commit" and "after_commit"; may raise.
         self.fault_hook: Callable[[str], None] | None = None
-        #: (xid, backend pid, units, accepted) of the transaction whose COMMIT went out and did not return.
-        self._in_doubt: tuple[int, int, list[Unit], set[str]] | None = None
+        #: The transaction whose COMMIT, or the lone COPY whose rows, went out and did not return.
+        self._in_doubt: _InDoubt | None = None
         #: (units, accepted) of each transaction of the current commit() that committed.
         self._landed: list[tuple[list[Unit], set[str]]] = []
 
@@ -757,24 +765,30 @@ class LedgerBatcher:
             ) | await self._commit_isolating_poison(units[half:], epochs, watermarks)
 
     async def _resolve_in_doubt(self) -> None:
-        """After a failure during COMMIT: ask Postgres whether that transaction committed."""
-        if self._in_doubt is None:
+        """After a failure during COMMIT, or during a lone COPY: ask Postgres whether it committed."""
+        doubt = self._in_doubt
+        if doubt is None:
             return
-        xid, pid, units, accepted = self._in_doubt
         conn = await self.connect()
-        for _ in range(100):
-            status = await conn.fetchval("SELECT txid_status($1)", xid)
-            if status != "in progress":
-                break
-            # Its backend has not noticed that the client is gone: ending it settles the transaction.
-            await conn.execute("SELECT pg_terminate_backend($1)", pid)
-            await asyncio.sleep(0.05)
+        if doubt.xid is None:
+            committed = await _lone_copy_landed(conn, doubt)
+            what = "lone COPY"
         else:
-            log.warning("ledger transaction %d is still in progress; committing its units again", xid)
+            for _ in range(100):
+                status = await conn.fetchval("SELECT txid_status($1)", doubt.xid)
+                if status != "in progress":
+                    break
+                # Its backend has not noticed that the client is gone: ending it settles the transaction.
+                await conn.execute("SELECT pg_terminate_backend($1)", doubt.pid)
+                await asyncio.sleep(0.05)
+            else:
+                log.warning("ledger transaction %d is still in progress; committing its units again", doubt.xid)
+            committed = status == "committed"
+            what = f"transaction {doubt.xid}"
         self._in_doubt = None
-        if status == "committed":
-            log.warning("the ledger commit in doubt (transaction %d) did commit; keeping its result", xid)
-            self._landed.append((units, accepted))
+        if committed:
+            log.warning("the ledger commit in doubt (%s) did commit; keeping its result", what)
+            self._landed.append((doubt.units, doubt.accepted))
 
     async def _commit_once(
         self, units: list[Unit], epochs: dict[int, int], watermarks: dict[int, int], *, copy_new: bool = True
@@ -806,6 +820,8 @@ class LedgerBatcher:
         accepted = set()
         progress = {p: w for p, w in watermarks.items() if w > self._written.get(p, -1)}
         touched.update(progress)
+        if copy_new and new and not (updates or letters or stale or touched) and all(map(_alone_in_copy, new)):
+            return await self._copy_alone(conn, units, epochs, watermarks, new, enrolled)
         try:
             async with conn.transaction():
                 looked_up = [c for c in new if c.check_day_before]
@@ -872,7 +888,7 @@ class LedgerBatcher:
                     )
                 if self.fault_hook is not None:
                     self.fault_hook("before_commit")
-                self._in_doubt = (xid, conn.get_server_pid(), units, accepted)
+                self._in_doubt = _InDoubt(conn.get_server_pid(), units, accepted, xid=xid)
         except asyncpg.UniqueViolationError:
             if not (copy_new and new):
                 raise
@@ -883,6 +899,40 @@ class LedgerBatcher:
         self._in_doubt = None
         self._landed.append((units, accepted))
         self._written.update(progress)
+        return accepted
+
+    async def _copy_alone(
+        self,
+        conn: asyncpg.Connection,
+        units: list[Unit],
+        epochs: dict[int, int],
+        watermarks: dict[int, int],
+        new: list[ExecutionChange],
+        enrolled: set[str],
+    ) -> set[str]:
+        """Commit enrolments that need nothing but their rows (`_alone_in_copy`) as one COPY in autocommit.
+
+        A duplicate among them fails the COPY, all of it, and the batch is committed again through the
+        merge, as on the transaction's fast path.
+        """
+        if self.fault_hook is not None:
+            self.fault_hook("before_commit")
+        accepted = set(enrolled)
+        self._in_doubt = _InDoubt(conn.get_server_pid(), units, accepted, copied=new)
+        try:
+            await conn.copy_records_to_table(
+                "executions", schema_name="ordo", records=[c.row for c in new], columns=EXEC_COLUMNS
+            )
+        except asyncpg.PostgresError as exc:
+            if not isinstance(exc, CONNECTION_ERRORS):
+                self._in_doubt = None  # Postgres answered: the statement did not commit
+            if not isinstance(exc, asyncpg.UniqueViolationError):
+                raise
+            return await self._commit_once(units, epochs, watermarks, copy_new=False)
+        if self.fault_hook is not None:
+            self.fault_hook("after_commit")
+        self._in_doubt = None
+        self._landed.append((units, accepted))
         return accepted
 
     async def _apply_effects(self, conn: asyncpg.Connection, changes: list[ExecutionChange]) -> None:
@@ -936,6 +986,62 @@ class LedgerBatcher:
         stale = [p for p in partitions if current.get(p) != epochs.get(p)]
         if stale:
             raise Fenced(stale)
+
+
+@dataclass(slots=True)
+class _InDoubt:
+    """A commit whose outcome the connection lost: a transaction that sent its COMMIT (`xid`), or a
+    lone COPY in autocommit (`copied`, its new executions)."""
+
+    pid: int
+    units: list[Unit]
+    accepted: set[str]
+    xid: int | None = None
+    copied: list[ExecutionChange] = field(default_factory=list)
+
+
+def _alone_in_copy(change: ExecutionChange) -> bool:
+    """An enrolment whose commit is its row alone: it ends in this commit (its transitions in the row),
+    and asks for nothing else in the ledger or of the world.
+
+    Nothing it does after the commit depends on being told apart from a duplicate, then: a lone COPY
+    in doubt whose rows all exist counts as committed, although an earlier delivery of every one of
+    its triggers could have written them (it would have failed on the primary key).
+    """
+    return (
+        change.finished
+        and change.history_in_row
+        and not change.check_day_before
+        and change.timer is None
+        and not change.drop_timer
+        and change.wait is None
+        and not change.drop_wait
+        and not change.letters
+        and change.limit_wait is None
+        and not change.limit_release
+        and not change.after_commit
+        and change.engine is None
+    )
+
+
+async def _lone_copy_landed(conn: asyncpg.Connection, doubt: _InDoubt) -> bool:
+    """Whether a lone COPY whose connection was lost committed: once its backend has ended (a COPY whose
+    end had reached it commits or fails on its own), all of its rows exist, or none of them do."""
+    for _ in range(100):
+        gone = "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND pid <> pg_backend_pid())"
+        if await conn.fetchval(gone, doubt.pid):
+            break
+        await conn.execute("SELECT pg_terminate_backend($1)", doubt.pid)
+        await asyncio.sleep(0.05)
+    else:
+        log.warning("the backend of a lone COPY in doubt (pid %d) is still there; looking at its rows", doubt.pid)
+    found = await conn.fetchval(
+        "SELECT count(*) FROM ordo.executions e JOIN unnest($1::uuid[], $2::date[]) AS k(execution_id, ledger_day)"
+        " ON e.execution_id = k.execution_id AND e.ledger_day = k.ledger_day",
+        [c.execution_id for c in doubt.copied],
+        [c.ledger_day for c in doubt.copied],
+    )
+    return bool(found == len(doubt.copied))
 
 
 def _is_uuid(value: object) -> bool:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
+import pytest
 from harness import (
     LOADED,
     NO_PROBLEMS,
@@ -251,20 +252,96 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
     assert copies + everything > 0, "no backend was terminated: the test did not test anything"
 
 
-def _finished_enrolment(n: int, pad: str) -> ExecutionChange:
-    """A new execution that ends in its first commit, its context padded with `pad`."""
+def _finished_enrolment(n: int, pad: str, *, effect: bool = False) -> ExecutionChange:
+    """A new execution that ends in its first commit, its context padded with `pad`: one that needs only
+    its row (a lone COPY commits it), or with `effect` one that asks for an effect on the world too (a
+    transaction commits it). Its trigger's time is noon of its day: one near midnight is looked up on
+    the day before, in a transaction."""
     execution_id = str(uuid.UUID(int=n + 1))
-    state = ExecutionState(execution_id, subject={"id": "c"}, event={"event_id": f"e{n}"}, tenant="acme")
-    record = ExecutionRecord(execution_id, "acme", "w", 1, "c", f"e{n}", 0, datetime.now(UTC), 0, state)
+    now = datetime.now(UTC)
+    noon_ms = now.replace(hour=12, minute=0, second=0, microsecond=0).timestamp() * 1000
+    event = {"event_id": f"e{n}", "ts": noon_ms}
+    state = ExecutionState(execution_id, subject={"id": "c"}, event=event, tenant="acme")
+    record = ExecutionRecord(execution_id, "acme", "w", 1, "c", f"e{n}", 0, now, 0, state)
     state.status, state.seq, state.context = "completed", 2, {"pad": pad}  # as its first steps leave it
-    return record.change([(1, "", "started", None), (2, "", "completed", None)], datetime.now(UTC))
+    started = (1, "", "started", {"workflow_id": "w", "version": 1})  # as enrolment writes it
+    change = record.change([started, (2, "", "completed", None)], now)
+    if effect:
+        change.after_commit = [("emit", {"event": "done"})]
+    return change
 
 
-async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_lost_connection(pg_dsn):
+def _units(changes: list[ExecutionChange]) -> list[Unit]:
+    return [Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)]
+
+
+async def test_enrolments_that_need_only_their_rows_commit_as_one_copy_outside_a_transaction(pg_dsn):
+    """A batch of enrolments that end in their first commit and ask for nothing else is one COPY in
+    autocommit (no BEGIN, txid_current() or COMMIT); one that asks for more is a transaction. Both
+    commit every execution once, and a batch delivered again commits none of them twice."""
+    db = await asyncpg.connect(pg_dsn)
+    batcher = LedgerBatcher(pg_dsn, max_rows=100_000, max_ms=0)
+    in_transaction: list[bool] = []
+
+    def look(phase: str) -> None:
+        if phase == "before_commit":
+            assert batcher._conn is not None
+            in_transaction.append(batcher._conn.is_in_transaction())
+
+    batcher.fault_hook = look
+    try:
+        await migrate(db)
+        alone = [_finished_enrolment(n, "") for n in range(10)]
+        result = await batcher.commit(_units(alone), {}, {})
+        assert result.accepted == {c.execution_id for c in alone} and in_transaction == [False]
+
+        again = [_finished_enrolment(n, "") for n in range(10)]  # the same triggers, delivered again
+        result = await batcher.commit(_units(again), {}, {})
+        assert result.accepted == set() and all(c.duplicate for c in again)
+        assert in_transaction[1:] == [False, True]  # the COPY refused on the key, then the merge
+
+        effects = [_finished_enrolment(n, "", effect=n == 10) for n in range(10, 20)]  # one asks for more
+        result = await batcher.commit(_units(effects), {}, {})
+        assert result.accepted == {c.execution_id for c in effects} and in_transaction[3:] == [True]
+        assert await db.fetchval("SELECT count(*) FROM ordo.executions") == 20
+    finally:
+        await batcher.close()
+        await db.close()
+
+
+async def test_a_lone_copy_whose_answer_is_lost_after_it_committed_keeps_its_result(pg_dsn):
+    """The lone COPY committed, but the worker saw an error: the retry finds all its rows and keeps its
+    result. Committed again, each enrolment would be refused as a duplicate and not counted as enrolled."""
+    db = await asyncpg.connect(pg_dsn)
+    batcher = LedgerBatcher(pg_dsn, max_rows=100_000, max_ms=0)
+    failed: list[str] = []
+
+    def answer_lost(phase: str) -> None:
+        if phase == "after_commit" and not failed:
+            failed.append(phase)
+            raise TimeoutError("injected: the COPY's answer was lost")
+
+    batcher.fault_hook = answer_lost
+    try:
+        await migrate(db)
+        changes = [_finished_enrolment(n, "") for n in range(10)]
+        result = await batcher.commit(_units(changes), {}, {})
+        assert failed and result.attempts == 2
+        assert result.accepted == {c.execution_id for c in changes}
+        assert not any(c.duplicate for c in changes)
+        assert await db.fetchval("SELECT count(*) FROM ordo.executions") == len(changes)
+    finally:
+        await batcher.close()
+        await db.close()
+
+
+@pytest.mark.parametrize("effect", [False, True], ids=["lone COPY", "in a transaction"])
+async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_lost_connection(pg_dsn, effect):
     """asyncpg's COPY waits, with no timeout, for the socket to take more data. Here the COPY
     cannot go on: its first row's key is another transaction's uncommitted enrolment, its backend
     waits for that one and stops reading, and the batcher's writes fill the socket. Its backend
-    terminated then, the commit must be retried on a new connection, not wait for good."""
+    terminated then, the commit must be retried on a new connection, not wait for good, and commit
+    once: as a lone COPY, and as a transaction's."""
     db = await asyncpg.connect(pg_dsn)
     blocker = await asyncpg.connect(pg_dsn)
     batcher = LedgerBatcher(pg_dsn, max_rows=100_000, max_ms=0)
@@ -272,15 +349,13 @@ async def test_a_backend_terminated_while_its_copy_waits_for_the_socket_is_a_los
     try:
         await migrate(db)
         # ~16 MB to COPY: more than the socket buffers of both ends hold (~5 MB here).
-        changes = [_finished_enrolment(n, "x" * 8000) for n in range(2000)]
+        changes = [_finished_enrolment(n, "x" * 8000, effect=effect) for n in range(2000)]
         held = blocker.transaction()
         await held.start()
         await blocker.copy_records_to_table(
             "executions", schema_name="ordo", records=[changes[0].row], columns=EXEC_COLUMNS
         )
-        commit = asyncio.create_task(
-            batcher.commit([Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)], {}, {})
-        )
+        commit = asyncio.create_task(batcher.commit(_units(changes), {}, {}))
         deadline = time.monotonic() + 10
         while (
             copying := await db.fetchval(
@@ -350,9 +425,7 @@ async def _cut_mid_copy(pg_dsn: str) -> bool:
         lost = asyncio.Event()
         when_lost(conn, lambda _conn: lost.set())
         relay.cut(after_bytes=1 << 20)  # a MB into the commit: in its COPY
-        commit = asyncio.create_task(
-            batcher.commit([Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)], {}, {})
-        )
+        commit = asyncio.create_task(batcher.commit(_units(changes), {}, {}))
         try:
             await asyncio.wait_for(lost.wait(), 10)  # five timeouts: not a measure of speed
         except TimeoutError:
