@@ -1,6 +1,6 @@
 """Micro-benchmarks of the hot path, compiled against pure (pytest-benchmark), and the envelope.
 
-Run with `pytest bench/test_micro_hotpath.py --benchmark-only`; each benchmark
+Run with `pytest -n 0 bench/test_micro_hotpath.py --benchmark-only`; each benchmark
 records in `extra_info` how many operations one call does, so that ops/s is
 `ops_per_call / median`.
 """

@@ -1,5 +1,6 @@
-"""Shared fixtures: one NATS and one Postgres server per test session, and
-per-test isolation on them (a fresh database, a unique subject/stream prefix).
+"""Shared fixtures: one NATS and one Postgres server per test session (per test process:
+pytest-xdist runs the suite in four), and per-test isolation on them (a fresh database, a
+unique subject/stream prefix).
 
 ``ORDO_NATS_URL`` / ``ORDO_PG_DSN`` select existing servers; when unset, the
 embedded ones from ``daemon.servers`` are started in a session tmp dir.

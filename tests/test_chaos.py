@@ -6,7 +6,7 @@ publish order.
 
 The servers that get restarted are the test's OWN (EmbeddedNats / EmbeddedPostgres
 in tmp_path), never the session's. Counts and durations are CI-sized; run the full
-ones with ``ORDO_FAULT_SCALE=full pytest tests/test_chaos.py -s`` (the soak then runs
+ones with ``ORDO_FAULT_SCALE=full pytest -n 0 tests/test_chaos.py -s`` (the soak then runs
 for 5 minutes; `-s` shows the numbers each test prints).
 """
 

@@ -6,7 +6,7 @@ session's server. The failover test kills the node that leads the execution
 stream while two worker processes are under load, restarts it later, and ends
 with the exact check that every execution exists once, completed, with its
 signals in publish order, and with `ordo check`'s invariants at zero. Counts
-are CI-sized; ``ORDO_FAULT_SCALE=full pytest -s tests/test_cluster.py`` runs
+are CI-sized; ``ORDO_FAULT_SCALE=full pytest -n 0 -s tests/test_cluster.py`` runs
 the full ones and prints the stall the failover caused.
 """
 
