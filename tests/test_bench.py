@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 from harness import ROOT, WAITER, Harness
@@ -451,6 +452,34 @@ async def test_publish_paths_measures_beside_a_burst_in_the_same_stream_or_anoth
     assert runs[1]["burst_stored_rate"] > 0 and runs[2]["burst_stored_rate"] > 0
     names = [info.config.name for info in await nats.jetstream().streams_info()]
     assert not [n for n in names if n.startswith(f"PP{pid}")], names  # the runs' streams are gone
+
+
+async def test_commit_paths_commits_every_enrolment_each_way(pg_dsn):
+    """`bench.commit_paths` commits its batches each way (it fails if a commit accepts fewer than all)
+    and reports both per commit; every enrolment is in the ledger once."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.commit_paths",
+        *("--rows", "3", "--commits", "20", "--repeat", "1", "--json"),
+        cwd=ROOT,
+        env=dict(os.environ, ORDO_PG_DSN=pg_dsn),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    report = orjson.loads(out)
+    assert sorted(report["medians"]) == ["lone COPY", "transaction"]
+    for way, runs in report["runs"].items():
+        assert [(r["way"], r["rows"], r["commits"]) for r in runs] == [(way, 3, 20)]
+        assert runs[0]["wall_ms"] > 0 and runs[0]["backend_cpu_us"] >= 0
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await db.fetchval("SELECT count(*) FROM ordo.executions WHERE status = 'completed'")
+    finally:
+        await db.close()
+    assert rows == 2 * 3 * 20
 
 
 async def test_pull_depth_takes_a_lanes_backlog_during_a_burst_by_pull_size_and_pulls_open(nats, nats_server_url):
