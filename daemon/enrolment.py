@@ -108,11 +108,17 @@ class BatchPart:
         return self._left[0] == 0
 
 
-def decode(delivery, max_bytes: int) -> tuple[list, list]:
+def decode(delivery, max_bytes: int, published_tenant: str | None = None) -> tuple[list, list]:
     """(source, event) for each trigger event of the message, and the units that dead-letter bad ones.
 
     The source is the delivery itself for a single event, a `BatchPart` for
     each event of a batch.
+
+    `published_tenant`: the tenant token of the subject the message was published to. A single
+    event of another tenant is dead-lettered (`tenant_mismatch`): the token filed it under that
+    tenant's lane, where it would take the other tenant's turns and weight and pass its own
+    tenant's other events out of order. A batch may be published under any subject (contract 1.1)
+    and is filed under its subject's tenant whatever its events' tenants.
     """
     try:
         items = decode_triggers(delivery.data, max_bytes)
@@ -121,6 +127,16 @@ def decode(delivery, max_bytes: int) -> tuple[list, list]:
         unit.dead_letter(exc.reason, str(exc))
         return [], [unit]
     if type(items) is dict:
+        tenant = items["tenant"]
+        if published_tenant is not None and tenant != published_tenant:
+            unit = Unit(delivery)
+            unit.dead_letter(
+                "tenant_mismatch",
+                f"an event of tenant {tenant!r} published to {delivery.subject!r}, tenant {published_tenant!r}'s"
+                f" subject: publish it to {tenant!r}'s (<prefix>.triggers.<tenant>.<event_type>)",
+                tenant=tenant,
+            )
+            return [], [unit]
         return [(delivery, items)], []
     left = [len(items)]
     events, bad = [], []

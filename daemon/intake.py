@@ -381,8 +381,9 @@ class Intake:
         one goes to the batcher as its dead letter)."""
         decoded = []
         taken = 0
+        published_tenant = self.topology.published_tenant
         for delivery in batch:
-            events, bad = enrolment.decode(delivery, self.config.max_message_bytes)
+            events, bad = enrolment.decode(delivery, self.config.max_message_bytes, published_tenant(delivery.subject))
             for unit in bad:
                 self.batcher.add(unit)
             decoded += events

@@ -26,6 +26,7 @@ REASONS = (
     "wrong_type",
     "unknown_kind",
     "unknown_tenant",
+    "tenant_mismatch",
     "unknown_subject_type",
     "invalid_subject",
     "invalid_definition",

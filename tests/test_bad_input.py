@@ -27,6 +27,7 @@ def _bad_triggers() -> list[tuple[str, bytes, str]]:
     broken_wf = trigger_event("bad", 2, tenant="acme", event_type="broken.thing")
     nul = _good(9004)
     nul["contact"]["first_name"] = "nul\u0000byte"
+    mismatch = _good(9005)  # acme's event, published to globex's subject (below)
     return [
         ("malformed_json", b'{"v": 1, "event_id": ', "not valid JSON"),
         ("invalid_utf8", b'{"v": 1, "event_id": "\xff\xfe"}', "UTF-8"),
@@ -36,6 +37,7 @@ def _bad_triggers() -> list[tuple[str, bytes, str]]:
         ("wrong_type", orjson.dumps(wrong_contact), "'contact'"),
         ("oversized", orjson.dumps(huge), "the limit is 4096"),
         ("unknown_tenant", orjson.dumps(stranger), "'nobody'"),
+        ("tenant_mismatch", orjson.dumps(mismatch), "an event of tenant 'acme' published to"),
         ("invalid_definition", orjson.dumps(broken_wf), "points at unknown step"),
         # Postgres refuses a NUL in jsonb: the batch is split until this one is
         # alone, it is dead-lettered, and its batch-mates commit.
@@ -65,11 +67,16 @@ async def test_bad_triggers_are_dead_lettered_and_good_ones_complete(nats_server
         before = {reason: metrics.dead_letters.labels(reason)._value.get() for reason, _, _ in bad}
         good = 0
         subject = h.topology.trigger_subject("acme", "contact.created")
-        for n, (_reason, body, _) in enumerate(bad):
+        # Each to its tenant's subject, but for the event published to another tenant's.
+        subject_of = {
+            "unknown_tenant": h.topology.trigger_subject("nobody", "contact.created"),
+            "tenant_mismatch": h.topology.trigger_subject("globex", "contact.created"),
+        }
+        for n, (reason, body, _) in enumerate(bad):
             for _ in range(20):
                 await h.publish_raw(subject, orjson.dumps(_good(good)))
                 good += 1
-            await h.publish_raw(subject, body, msg_id=f"bad-{n}")
+            await h.publish_raw(subject_of.get(reason, subject), body, msg_id=f"bad-{n}")
         for _ in range(20):
             await h.publish_raw(subject, orjson.dumps(_good(good)))
             good += 1
@@ -88,6 +95,9 @@ async def test_bad_triggers_are_dead_lettered_and_good_ones_complete(nats_server
             assert metrics.dead_letters.labels(reason)._value.get() == before[reason] + 1, reason
         assert letters["invalid_definition"]["workflow_id"] == "broken"
         assert letters["unknown_tenant"]["tenant"] == "nobody"
+        # Named after its own tenant, whose operators see it; the letter keeps the subject it came on.
+        assert letters["tenant_mismatch"]["tenant"] == "acme"
+        assert letters["tenant_mismatch"]["subject"] == subject_of["tenant_mismatch"]
 
         # The DLQ stream holds a copy of each, labelled with its reason.
         sub = await h.js.pull_subscribe(f"{h.config.prefix}.dlq.>", durable=None, stream=h.topology.dlq_stream)
