@@ -894,10 +894,7 @@ class LedgerBatcher:
                 raise
             # A duplicate among the new: merge them all.
             return await self._commit_once(units, epochs, watermarks, copy_new=False)
-        if self.fault_hook is not None:
-            self.fault_hook("after_commit")
-        self._in_doubt = None
-        self._landed.append((units, accepted))
+        self._kept(units, accepted)
         self._written.update(progress)
         return accepted
 
@@ -929,11 +926,16 @@ class LedgerBatcher:
             if not isinstance(exc, asyncpg.UniqueViolationError):
                 raise
             return await self._commit_once(units, epochs, watermarks, copy_new=False)
+        self._kept(units, accepted)
+        return accepted
+
+    def _kept(self, units: list[Unit], accepted: set[str]) -> None:
+        """The COMMIT, or the lone COPY, returned: its units landed with these accepted (after the soaks'
+        "after_commit" fault, which leaves it in doubt)."""
         if self.fault_hook is not None:
             self.fault_hook("after_commit")
         self._in_doubt = None
         self._landed.append((units, accepted))
-        return accepted
 
     async def _apply_effects(self, conn: asyncpg.Connection, changes: list[ExecutionChange]) -> None:
         """Timers, event waits, step dead letters and enrolments' engines of the accepted changes."""

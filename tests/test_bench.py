@@ -407,8 +407,8 @@ async def test_w6_webhooks_call_the_delayed_provider_once_per_step(nats_server_u
     assert metrics["provider_process_cpu_percent"] > 0
 
 
-async def _burst_tool(nats_server_url: str, tool: str, *argv: str) -> tuple[int, dict]:
-    """Run `python -m bench.TOOL ARGV --json` on the test's server: its pid and its document."""
+async def _bench_tool(tool: str, *argv: str, **env: str) -> tuple[int, dict]:
+    """Run `python -m bench.TOOL ARGV --json` with `env` set: its pid and its document."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -416,13 +416,18 @@ async def _burst_tool(nats_server_url: str, tool: str, *argv: str) -> tuple[int,
         *argv,
         "--json",
         cwd=ROOT,
-        env=dict(os.environ, ORDO_NATS_URL=nats_server_url),
+        env=dict(os.environ, **env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     return proc.pid, orjson.loads(out)
+
+
+async def _burst_tool(nats_server_url: str, tool: str, *argv: str) -> tuple[int, dict]:
+    """A bench tool on the test's NATS server."""
+    return await _bench_tool(tool, *argv, ORDO_NATS_URL=nats_server_url)
 
 
 async def _publish_paths(nats_server_url: str, *argv: str) -> tuple[int, list[dict]]:
@@ -457,19 +462,7 @@ async def test_publish_paths_measures_beside_a_burst_in_the_same_stream_or_anoth
 async def test_commit_paths_commits_every_enrolment_each_way(pg_dsn):
     """`bench.commit_paths` commits its batches each way (it fails if a commit accepts fewer than all)
     and reports both per commit; every enrolment is in the ledger once."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.commit_paths",
-        *("--rows", "3", "--commits", "20", "--repeat", "1", "--json"),
-        cwd=ROOT,
-        env=dict(os.environ, ORDO_PG_DSN=pg_dsn),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
-    report = orjson.loads(out)
+    _, report = await _bench_tool("commit_paths", "--rows", "3", "--commits", "20", "--repeat", "1", ORDO_PG_DSN=pg_dsn)
     assert sorted(report["medians"]) == ["lone COPY", "transaction"]
     for way, runs in report["runs"].items():
         assert [(r["way"], r["rows"], r["commits"]) for r in runs] == [(way, 3, 20)]
