@@ -48,8 +48,8 @@ WAYS = ("lone COPY", "transaction")
 STEPS = 5
 
 
-class _Trigger:
-    """A unit's source as the batcher sees it: a trigger message."""
+class TriggerMessage:
+    """A unit's source as the batcher sees it: a trigger message (tests commit with it too)."""
 
     key = None
     subject = "ordo.triggers.bench.contact.created"
@@ -61,10 +61,13 @@ class _Trigger:
         self.stream_seq = stream_seq
 
 
-def _enrolment(n: int, *, effect: bool) -> ExecutionChange:
-    """A new execution that ran W1's five steps and ended in the commit that enrols it; with `effect`,
-    it also asks for an event to be emitted once it has committed."""
-    execution_id = str(uuid.uuid4())
+def finished_enrolment(
+    n: int, *, effect: bool = False, context: dict | None = None, execution_id: str | None = None
+) -> ExecutionChange:
+    """A new execution that ran W1's five steps and ended in the commit that enrols it, with `context`
+    (its last step's by default): it needs only its row, and a lone COPY commits it. With `effect`, it
+    also asks for an event to be emitted once it has committed, and a transaction commits it."""
+    execution_id = execution_id or str(uuid.uuid4())
     now = datetime.now(UTC)
     # A trigger of noon: one from the first hour of its day is also looked up on the day before.
     noon_ms = now.replace(hour=12, minute=0, second=0, microsecond=0).timestamp() * 1000
@@ -72,7 +75,8 @@ def _enrolment(n: int, *, effect: bool) -> ExecutionChange:
         execution_id, subject={"id": f"c{n}"}, event={"event_id": f"e{n}", "ts": noon_ms}, tenant="bench"
     )
     record = ExecutionRecord(execution_id, "bench", "linear5", 1, "contact", f"e{n}", 0, now, 0, state)
-    state.status, state.seq, state.context = "completed", STEPS + 2, {"step": STEPS}
+    state.status, state.seq = "completed", STEPS + 2
+    state.context = {"step": STEPS} if context is None else context
     transitions = [(1, "", "started", {"workflow_id": "linear5", "version": 1})]
     transitions += [(i + 2, f"s{i}", "step_completed", None) for i in range(STEPS)]
     transitions.append((STEPS + 2, "", "completed", None))
@@ -92,7 +96,7 @@ def _cpu_s(pid: int) -> float:
 async def measure(dsn: str, way: str, rows: int, commits: int) -> dict:
     """Commit `commits` batches of `rows` enrolments `way`; per commit: wall ms, client and backend CPU µs."""
     batches = [
-        [Unit(_Trigger(i), [_enrolment(i, effect=way == "transaction" and i == 0)]) for i in range(rows)]
+        [Unit(TriggerMessage(i), [finished_enrolment(i, effect=way == "transaction" and i == 0)]) for i in range(rows)]
         for _ in range(commits)
     ]
     batcher = LedgerBatcher(dsn, max_rows=rows, max_ms=0)

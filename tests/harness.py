@@ -218,19 +218,6 @@ GIVEN_UP_AFTER_8_S = {
 }
 
 
-class TriggerSource:
-    """A unit's source, as the batcher sees one: a trigger message on the triggers stream."""
-
-    key = None
-    subject = "ordo.triggers.acme.x"
-    stream = "ORDO_TRIGGERS"
-    data = b"{}"
-    batch_index = None
-
-    def __init__(self, stream_seq: int):
-        self.stream_seq = stream_seq
-
-
 class Clock:
     """Epoch milliseconds that move only when the test says (plus real time, slowly)."""
 

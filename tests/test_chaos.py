@@ -15,7 +15,6 @@ import random
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -29,19 +28,17 @@ from harness import (
     Harness,
     Load,
     PostgresRelay,
-    TriggerSource,
     fault_scale,
     welcome_workflow,
     with_host,
 )
 
+from bench.commit_paths import TriggerMessage, finished_enrolment
 from bench.generator import trigger_event
 from daemon.lanes import lane_of
 from daemon.servers import EmbeddedNats, EmbeddedPostgres
-from hotpath import ExecutionState
 from ledger.batcher import EXEC_COLUMNS, ExecutionChange, LedgerBatcher, Unit
 from ledger.connection import when_lost
-from ledger.executions import ExecutionRecord
 from ledger.schema import migrate
 
 
@@ -253,26 +250,13 @@ async def test_terminating_the_ledger_backends_during_copy_commits_all_or_nothin
 
 
 def _finished_enrolment(n: int, pad: str, *, effect: bool = False) -> ExecutionChange:
-    """A new execution that ends in its first commit, its context padded with `pad`: one that needs only
-    its row (a lone COPY commits it), or with `effect` one that asks for an effect on the world too (a
-    transaction commits it). Its trigger's time is noon of its day: one near midnight is looked up on
-    the day before, in a transaction."""
-    execution_id = str(uuid.UUID(int=n + 1))
-    now = datetime.now(UTC)
-    noon_ms = now.replace(hour=12, minute=0, second=0, microsecond=0).timestamp() * 1000
-    event = {"event_id": f"e{n}", "ts": noon_ms}
-    state = ExecutionState(execution_id, subject={"id": "c"}, event=event, tenant="acme")
-    record = ExecutionRecord(execution_id, "acme", "w", 1, "c", f"e{n}", 0, now, 0, state)
-    state.status, state.seq, state.context = "completed", 2, {"pad": pad}  # as its first steps leave it
-    started = (1, "", "started", {"workflow_id": "w", "version": 1})  # as enrolment writes it
-    change = record.change([started, (2, "", "completed", None)], now)
-    if effect:
-        change.after_commit = [("emit", {"event": "done"})]
-    return change
+    """bench.commit_paths' enrolment that ends in its first commit (a lone COPY's; with `effect`, a
+    transaction's), its context padded with `pad`, its id the same for the same `n` (a delivery again)."""
+    return finished_enrolment(n, effect=effect, context={"pad": pad}, execution_id=str(uuid.UUID(int=n + 1)))
 
 
 def _units(changes: list[ExecutionChange]) -> list[Unit]:
-    return [Unit(TriggerSource(n), [c]) for n, c in enumerate(changes)]
+    return [Unit(TriggerMessage(n), [c]) for n, c in enumerate(changes)]
 
 
 async def test_enrolments_that_need_only_their_rows_commit_as_one_copy_outside_a_transaction(pg_dsn):

@@ -13,8 +13,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
-from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, TriggerSource, engine, ordo
+from harness import NO_PROBLEMS, WAITER, WELCOME, Clock, Harness, engine, ordo
 
+from bench.commit_paths import TriggerMessage
 from bench.generator import trigger_event
 from daemon import metrics
 from daemon.config import Config
@@ -299,7 +300,7 @@ async def test_a_trigger_published_again_the_next_day_enrols_nobody_twice(pg_dsn
             )
             state.status, state.seq = "completed", 2  # as the dispatcher leaves a one-commit execution
             change = record.change([(1, "", "started", None), (2, "", "completed", None)], datetime.now(UTC))
-            committed = await batcher.commit([Unit(TriggerSource(seq), [change])], {}, {})
+            committed = await batcher.commit([Unit(TriggerMessage(seq), [change])], {}, {})
             results.append((committed.accepted, change.duplicate))
         assert results == [({execution_id}, False), (set(), True)]
         assert await conn.fetchval("SELECT count(*) FROM ordo.executions") == 1
